@@ -1,0 +1,77 @@
+"""The attention backend interface.
+
+A step's batch is a flat run of query tokens, sequence after sequence. Sequence i
+contributes `query_lens[i]` tokens at positions
+[context_lens[i] - query_lens[i], context_lens[i]), and attends causally over its first
+`context_lens[i]` tokens of KV, which live in the blocks `block_tables[i]`. The current
+tokens' K/V are written to the cache (at `slot_mapping`) before attention reads it, so
+a prefill chunk attends over cached prefix blocks and itself alike.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """Host-side description of one step's sequences (see module docstring)."""
+
+    query_lens: list[int]
+    context_lens: list[int]
+    block_tables: list[list[int]]
+    block_size: int
+
+    def __post_init__(self) -> None:
+        if not len(self.query_lens) == len(self.context_lens) == len(self.block_tables):
+            raise ValueError("query_lens, context_lens and block_tables differ in length")
+
+
+class AttentionBackend(ABC):
+    """Paged attention: writes a step's K/V into the cache and attends over block tables.
+
+    `prepare` runs once per step and returns backend-specific metadata (device tensors);
+    `write_kv` and `attend` run once per layer with that metadata.
+    """
+
+    name: str
+
+    @abstractmethod
+    def prepare(self, layout: BatchLayout, slot_mapping: torch.Tensor, device: torch.device) -> Any:
+        """Build the per-step metadata that `write_kv` and `attend` need."""
+
+    @abstractmethod
+    def write_kv(
+        self,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: Any,
+    ) -> None:
+        """Store k, v ([tokens, kv_heads, head_dim]) at the step's slots of one layer."""
+
+    @abstractmethod
+    def attend(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: Any,
+        scale: float,
+    ) -> torch.Tensor:
+        """q: [tokens, heads, head_dim] -> output of the same shape."""
+
+
+def get_backend(name: str) -> AttentionBackend:
+    """The backend registered under `name`."""
+    from strata.attention.reference import ReferenceAttention
+
+    backends: dict[str, type[AttentionBackend]] = {ReferenceAttention.name: ReferenceAttention}
+    if name not in backends:
+        raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(backends)}")
+    return backends[name]()

@@ -1,0 +1,161 @@
+"""Frozen configuration dataclasses. Each validates itself on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+SUPPORTED_ARCHITECTURES: dict[str, str] = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "mistral": "MistralForCausalLM",
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a Llama-family decoder, read from a transformers config."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    hidden_act: str
+    hf_config: Any = field(repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.model_type not in SUPPORTED_ARCHITECTURES:
+            from strata.errors import UnsupportedModelError
+
+            supported = ", ".join(
+                f"{k} ({v})" for k, v in SUPPORTED_ARCHITECTURES.items()
+            )
+            raise UnsupportedModelError(
+                f"model_type {self.model_type!r} is not supported; supported: {supported}"
+            )
+        if self.num_heads % self.num_kv_heads != 0:
+            raise ValueError(
+                f"num_attention_heads ({self.num_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})"
+            )
+        if self.hidden_act not in ("silu", "swish"):
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (only silu)")
+
+    @classmethod
+    def from_hf(cls, hf_config: Any) -> ModelConfig:
+        model_type = getattr(hf_config, "model_type", None) or "unknown"
+        num_heads = hf_config.num_attention_heads
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
+        return cls(
+            model_type=model_type,
+            vocab_size=hf_config.vocab_size,
+            hidden_size=hf_config.hidden_size,
+            intermediate_size=hf_config.intermediate_size,
+            num_layers=hf_config.num_hidden_layers,
+            num_heads=num_heads,
+            num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or num_heads,
+            head_dim=head_dim,
+            rms_norm_eps=hf_config.rms_norm_eps,
+            max_position_embeddings=hf_config.max_position_embeddings,
+            tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+            # Qwen2 always has q/k/v biases; Llama and Mistral only when attention_bias is set.
+            qkv_bias=model_type == "qwen2" or bool(getattr(hf_config, "attention_bias", False)),
+            hidden_act=getattr(hf_config, "hidden_act", "silu"),
+            hf_config=hf_config,
+        )
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of K and V per token over all layers, per byte of element size."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV cache.
+
+    kv_cache_memory: GiB for the block pool. None picks a default: on CUDA,
+    gpu_memory_utilization of the device memory minus the peak measured in a warm-up;
+    on CPU, DEFAULT_CPU_KV_GIB.
+    num_blocks: an exact block count; overrides kv_cache_memory (tests, reproductions).
+    """
+
+    block_size: int = 16
+    kv_cache_memory: float | None = None
+    num_blocks: int | None = None
+    gpu_memory_utilization: float = 0.90
+    enable_prefix_caching: bool = True
+
+    DEFAULT_CPU_KV_GIB = 2.0
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be > 0 GiB, got {self.kv_cache_memory}")
+        if self.num_blocks is not None and self.num_blocks <= 0:
+            raise ValueError(f"num_blocks must be > 0, got {self.num_blocks}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits.
+
+    max_num_batched_tokens: tokens computed in one step, prefill chunks and decodes together.
+    max_num_seqs: sequences running at once.
+    max_model_len: longest sequence (prompt + output); None means the model's context.
+    """
+
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+    max_model_len: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens <= 0:
+            raise ValueError(
+                f"max_num_batched_tokens must be > 0, got {self.max_num_batched_tokens}"
+            )
+        if self.max_num_seqs <= 0:
+            raise ValueError(f"max_num_seqs must be > 0, got {self.max_num_seqs}")
+        if self.max_model_len is not None and self.max_model_len <= 1:
+            raise ValueError(f"max_model_len must be > 1, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine is built from.
+
+    model: a Hugging Face folder, a .gguf file, "random:PRESET" or "random:CONFIG.json";
+    None is the embedded SmolLM2-135M-Instruct.
+    device: "cpu", "cuda", "cuda:N" or None (CUDA when available).
+    dtype: "auto" (float32 on CPU, bfloat16 on CUDA), "float32", "bfloat16" or "float16".
+    """
+
+    model: str | None = None
+    device: str | None = None
+    dtype: str = "auto"
+    seed: int = 0
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+    def __post_init__(self) -> None:
+        if self.dtype not in self.DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(self.DTYPES)}; got {self.dtype!r}")
+        if self.device is not None and not (
+            self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")
+        ):
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N'; got {self.device!r}")

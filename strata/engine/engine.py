@@ -1,0 +1,321 @@
+"""LLMEngine: one loop of schedule -> run -> sample -> update, shared by every front end."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+from collections.abc import Sequence as Seq
+from typing import Any
+
+import torch
+
+from strata.attention.backend import get_backend
+from strata.config import EngineConfig
+from strata.engine.detokenizer import Detokenizer
+from strata.engine.outputs import RequestOutput, TokenLogprobs
+from strata.engine.plan import StepPlan
+from strata.engine.runner import ModelRunner
+from strata.engine.sampler import SamplerOutput
+from strata.engine.sampling_params import SamplingParams
+from strata.engine.scheduler import Scheduler
+from strata.engine.sequence import Sequence, SequenceStatus
+from strata.errors import InvalidRequestError, KVCacheTooSmallError
+from strata.kv.cache import KVCache
+from strata.kv.manager import KVIntegrityError, KVManager
+from strata.kv.prefix import root_key
+from strata.models.loader import LoadedModel, load_model
+
+logger = logging.getLogger("strata.engine")
+
+GIB = 1 << 30
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        requested_len = config.scheduler.max_model_len
+        self.loaded: LoadedModel = load_model(
+            config.model, self.device, self.dtype, requested_len, config.seed
+        )
+        self.model_config = self.loaded.config
+        self.tokenizer = self.loaded.tokenizer
+        self.max_model_len = min(
+            requested_len or self.model_config.max_position_embeddings,
+            self.model_config.max_position_embeddings,
+        )
+        num_params = sum(p.numel() for p in self.loaded.model.parameters())
+        logger.info(
+            "model %s: %s, %d layers, %.1fM parameters, %s on %s",
+            self.loaded.name, self.model_config.model_type, self.model_config.num_layers,
+            num_params / 1e6, str(self.dtype).removeprefix("torch."), self.device,
+        )  # fmt: skip
+        self.backend = get_backend("reference")
+        block_size = config.cache.block_size
+        num_blocks = self._decide_num_blocks()
+        self.kv_cache = KVCache(self.model_config, num_blocks, block_size, self.dtype, self.device)
+        kv_layout = f"{str(self.dtype).removeprefix('torch.')}/bs{block_size}"
+        self.kv = KVManager(
+            num_blocks,
+            block_size,
+            root_key(self.loaded.fingerprint, kv_layout),
+            config.cache.enable_prefix_caching,
+        )
+        self.scheduler = Scheduler(config.scheduler, self.kv)
+        self.runner = ModelRunner(self.loaded.model, self.kv_cache, self.backend, self.device)
+        self._seqs: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+        self._rng = random.Random(config.seed)
+        self.num_prompt_tokens = 0
+        self.num_generated_tokens = 0
+
+    # ---- KV pool sizing -------------------------------------------------------------------
+
+    def _decide_num_blocks(self) -> int:
+        cache = self.config.cache
+        per_block = KVCache.bytes_per_block(self.model_config, cache.block_size, self.dtype)
+        if cache.num_blocks is not None:
+            num_blocks, source = cache.num_blocks, "num_blocks"
+        elif cache.kv_cache_memory is not None:
+            num_blocks = int(cache.kv_cache_memory * GIB) // per_block
+            source = f"kv_cache_memory={cache.kv_cache_memory} GiB"
+        elif self.device.type == "cuda":
+            budget = self._measure_free_gpu_memory()
+            num_blocks = max(0, budget) // per_block
+            source = (
+                f"{cache.gpu_memory_utilization:.0%} of GPU memory minus the warm-up peak"
+            )
+        else:
+            num_blocks = int(cache.DEFAULT_CPU_KV_GIB * GIB) // per_block
+            source = f"CPU default {cache.DEFAULT_CPU_KV_GIB} GiB"
+        capacity = num_blocks * cache.block_size
+        needed_blocks = -(-self.max_model_len // cache.block_size)
+        if num_blocks < needed_blocks:
+            raise KVCacheTooSmallError(
+                f"the KV pool ({source}) holds {num_blocks} blocks = {capacity} tokens "
+                f"({num_blocks * per_block / GIB:.3f} GiB), but one sequence of max_model_len="
+                f"{self.max_model_len} needs {needed_blocks} blocks "
+                f"({needed_blocks * per_block / GIB:.3f} GiB); raise kv_cache_memory or lower "
+                "max_model_len"
+            )
+        logger.info(
+            "KV pool: %d blocks x %d tokens = %d tokens, %.3f GiB (%s); max_model_len %d, "
+            "max_num_batched_tokens %d, max_num_seqs %d, prefix caching %s",
+            num_blocks, cache.block_size, capacity, num_blocks * per_block / GIB, source,
+            self.max_model_len, self.config.scheduler.max_num_batched_tokens,
+            self.config.scheduler.max_num_seqs, "on" if cache.enable_prefix_caching else "off",
+        )  # fmt: skip
+        return num_blocks
+
+    def _measure_free_gpu_memory(self) -> int:
+        """Bytes left for KV after a warm-up step of the largest batch the scheduler allows."""
+        from strata.engine.warmup import warmup_peak_bytes
+
+        peak = warmup_peak_bytes(self)
+        free, total = torch.cuda.mem_get_info(self.device)
+        others = total - free - torch.cuda.memory_reserved(self.device)
+        return int(total * self.config.cache.gpu_memory_utilization) - peak - others
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str | Seq[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequestError(
+                    f"model {self.loaded.name} has no tokenizer: pass prompts as token ids"
+                )
+            return prompt, list(self.tokenizer(prompt).input_ids)
+        ids = list(prompt)
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(
+                f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}"
+            )
+        return None, ids
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        """Check a request against the context; returns its resolved max_tokens."""
+        n, limit = len(prompt_ids), self.max_model_len
+        if n == 0:
+            raise InvalidRequestError("the prompt is empty; it must contain at least one token")
+        if n >= limit:
+            raise InvalidRequestError(
+                f"the prompt has {n} tokens but the context holds {limit} (max_model_len), "
+                "including at least one generated token"
+            )
+        max_tokens = params.max_tokens if params.max_tokens is not None else limit - n
+        if n + max_tokens > limit:
+            raise InvalidRequestError(
+                f"prompt ({n} tokens) + max_tokens ({max_tokens}) = {n + max_tokens} exceeds the "
+                f"context length {limit} (max_model_len); lower max_tokens to at most {limit - n}"
+            )
+        return max_tokens
+
+    def add_request(
+        self,
+        prompt: str | Seq[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        stream: bool = False,
+    ) -> str:
+        """Queue a request; raises InvalidRequestError (and changes nothing) if it is bad."""
+        params = params or SamplingParams()
+        text, ids = self.encode_prompt(prompt)
+        max_tokens = self.validate(ids, params)
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self._seqs:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        detokenizer = None
+        if self.tokenizer is not None and (stream or params.stop):
+            detokenizer = Detokenizer(self.tokenizer, params.skip_special_tokens, params.stop)
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
+        seq = Sequence(
+            request_id=request_id,
+            prompt=text,
+            prompt_token_ids=ids,
+            params=params,
+            seed=seed & 0xFFFFFFFF,
+            max_tokens=max_tokens,
+            detokenizer=detokenizer,
+        )
+        self._seqs[request_id] = seq
+        self.scheduler.add(seq)
+        self.num_prompt_tokens += len(ids)
+        return request_id
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and return its blocks to the pool. None if unknown."""
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq, "abort")
+        return self._output(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled step; returns outputs of the requests that got a token."""
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return []
+        sampled = self.runner.execute(plan)
+        tokens = [] if sampled is None else sampled.token_ids.tolist()  # the one host sync
+        got_token = self.scheduler.update(plan, tokens)
+        if sampled is not None and sampled.logprobs is not None:
+            self._record_logprobs(plan, got_token, sampled)
+        outputs = []
+        for seq in got_token:
+            self.num_generated_tokens += 1
+            reason = self._stop_reason(seq)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                del self._seqs[seq.request_id]
+            outputs.append(self._output(seq, delta_tokens=1))
+        return outputs
+
+    def _stop_reason(self, seq: Sequence) -> str | None:
+        token = seq.token_ids[-1]
+        params = seq.params
+        if seq.detokenizer is not None and seq.detokenizer.add(token):
+            return "stop"
+        if not params.ignore_eos and token in self.loaded.eos_token_ids:
+            return "stop"
+        if token in params.stop_token_ids:
+            return "stop"
+        if seq.num_output_tokens >= seq.max_tokens:
+            return "length"
+        return None
+
+    def _record_logprobs(
+        self, plan: StepPlan, seqs: list[Sequence], sampled: SamplerOutput
+    ) -> None:
+        assert sampled.logprobs is not None and sampled.top_ids is not None
+        assert sampled.top_logprobs is not None
+        chosen = sampled.logprobs.tolist()
+        top_ids = sampled.top_ids.tolist()
+        top_lp = sampled.top_logprobs.tolist()
+        for row, seq in enumerate(seqs):
+            n = seq.params.logprobs
+            if n is None:
+                continue
+            top = tuple(zip(top_ids[row][:n], top_lp[row][:n], strict=True))
+            seq.logprobs.append(TokenLogprobs(seq.token_ids[-1], chosen[row], top))
+
+    def _output(self, seq: Sequence, delta_tokens: int = 0) -> RequestOutput:
+        finished = seq.status is SequenceStatus.FINISHED
+        output_ids = seq.output_token_ids
+        if seq.detokenizer is not None:
+            text = seq.detokenizer.text
+            delta = seq.detokenizer.take_delta(finished)
+        else:
+            text = self._decode(output_ids, seq.params) if finished else ""
+            delta = ""
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt=seq.prompt,
+            prompt_token_ids=seq.prompt_token_ids,
+            text=text,
+            token_ids=output_ids,
+            finished=finished,
+            finish_reason=seq.finish_reason,
+            logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+            num_cached_tokens=max(seq.num_cached_tokens, 0),
+            delta_text=delta,
+            delta_token_ids=output_ids[len(output_ids) - delta_tokens :] if delta_tokens else [],
+        )
+
+    def _decode(self, ids: list[int], params: SamplingParams) -> str:
+        if self.tokenizer is None:
+            return ""
+        vocab = len(self.tokenizer)
+        ids = [i for i in ids if i < vocab]
+        return self.tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
+
+    # ---- introspection --------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            **self.kv.stats(),
+            "num_preemptions": self.scheduler.num_preemptions,
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "num_prompt_tokens": self.num_prompt_tokens,
+            "num_generated_tokens": self.num_generated_tokens,
+        }
+
+    def check_integrity(self) -> None:
+        """Raise KVIntegrityError unless the KV manager and the scheduler's queues agree."""
+        self.kv.check_integrity()
+        for seq in self.scheduler.running:
+            table = self.kv.block_table(seq.request_id)
+            if len(table) * self.kv.block_size < seq.num_computed:
+                raise KVIntegrityError(
+                    f"running {seq.request_id!r} has {seq.num_computed} computed tokens "
+                    f"but {len(table)} blocks"
+                )
+        for seq in self.scheduler.waiting:
+            if self.kv.has(seq.request_id):
+                raise KVIntegrityError(f"waiting {seq.request_id!r} holds blocks")
+        live = {s.request_id for s in (*self.scheduler.running, *self.scheduler.waiting)}
+        if live != set(self._seqs):
+            raise KVIntegrityError(f"engine tracks {set(self._seqs)} but scheduler has {live}")

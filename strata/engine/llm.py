@@ -1,0 +1,169 @@
+"""LLM: the offline Python API over LLMEngine."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from strata.config import CacheConfig, EngineConfig, SchedulerConfig
+from strata.engine.engine import LLMEngine
+from strata.engine.outputs import RequestOutput
+from strata.engine.sampling_params import SamplingParams
+from strata.errors import InvalidRequestError
+
+Prompt = str | Sequence[int]
+Message = dict[str, str]
+
+
+class LLM:
+    """Generate from a model offline.
+
+    model: a Hugging Face folder, a .gguf file, "random:PRESET" or None for the
+    embedded SmolLM2-135M-Instruct. kv_cache_memory is in GiB.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        device: str | None = None,
+        dtype: str = "auto",
+        kv_cache_memory: float | None = None,
+        block_size: int = 16,
+        num_kv_blocks: int | None = None,
+        gpu_memory_utilization: float = 0.90,
+        enable_prefix_caching: bool = True,
+        max_num_batched_tokens: int = 2048,
+        max_num_seqs: int = 256,
+        max_model_len: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        config = EngineConfig(
+            model=model,
+            device=device,
+            dtype=dtype,
+            seed=seed,
+            cache=CacheConfig(
+                block_size=block_size,
+                kv_cache_memory=kv_cache_memory,
+                num_blocks=num_kv_blocks,
+                gpu_memory_utilization=gpu_memory_utilization,
+                enable_prefix_caching=enable_prefix_caching,
+            ),
+            scheduler=SchedulerConfig(
+                max_num_batched_tokens=max_num_batched_tokens,
+                max_num_seqs=max_num_seqs,
+                max_model_len=max_model_len,
+            ),
+        )
+        self.engine = LLMEngine(config)
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def stats(self) -> dict[str, Any]:
+        return self.engine.stats()
+
+    def check_integrity(self) -> None:
+        self.engine.check_integrity()
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Complete each prompt (a string or a list of token ids); outputs in prompt order.
+
+        Every prompt is checked before any is queued: one bad prompt fails the call and
+        leaves the engine as it was.
+        """
+        batch = _as_prompt_list(prompts)
+        param_list = _broadcast(params, len(batch))
+        checked = []
+        for prompt, p in zip(batch, param_list, strict=True):
+            _, ids = self.engine.encode_prompt(prompt)
+            self.engine.validate(ids, p)
+            checked.append((prompt, p))
+        ids = [self.engine.add_request(prompt, p) for prompt, p in checked]
+        return self._run(ids, use_tqdm)
+
+    def chat(
+        self,
+        messages: Sequence[Message] | Sequence[Sequence[Message]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Reply to one conversation (a list of messages) or to several; one output each."""
+        conversations = (
+            [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        )
+        prompts = [self.chat_prompt_ids(list(c)) for c in conversations]  # type: ignore[arg-type]
+        return self.generate(prompts, params, use_tqdm)
+
+    def chat_prompt_ids(self, messages: list[Message]) -> list[int]:
+        """Token ids of a conversation rendered by the model's chat template."""
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise InvalidRequestError(f"model {self.engine.loaded.name} has no chat template")
+        if not messages:
+            raise InvalidRequestError("a conversation needs at least one message")
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise InvalidRequestError(f"each message needs 'role' and 'content', got {m!r}")
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+    def stream(
+        self, prompt: Prompt, params: SamplingParams | None = None
+    ) -> Iterator[RequestOutput]:
+        """Yield one request's output after every step that gives it a token."""
+        request_id = self.engine.add_request(prompt, params, stream=True)
+        try:
+            while True:
+                for out in self.engine.step():
+                    if out.request_id == request_id:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            self.engine.abort(request_id)
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        pending = set(request_ids)
+        done: dict[str, RequestOutput] = {}
+        with tqdm(total=len(request_ids), desc="Generating", disable=not use_tqdm) as bar:
+            try:
+                while pending:
+                    for out in self.engine.step():
+                        if out.finished and out.request_id in pending:
+                            pending.discard(out.request_id)
+                            done[out.request_id] = out
+                            bar.update(1)
+            finally:
+                for request_id in pending:
+                    self.engine.abort(request_id)
+        return [done[r] for r in request_ids]
+
+
+def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    items = list(prompts)
+    if items and all(isinstance(t, int) for t in items):
+        return [items]  # one prompt given as token ids
+    return items
+
+
+def _broadcast(
+    params: SamplingParams | Sequence[SamplingParams] | None, n: int
+) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * n
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    if len(params) != n:
+        raise InvalidRequestError(f"got {len(params)} SamplingParams for {n} prompts")
+    return list(params)

@@ -1,0 +1,36 @@
+"""What the engine returns for a request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """The chosen token's log-probability and the `n` most likely tokens' at one step."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+@dataclass
+class RequestOutput:
+    """A request's output so far; `finished` once it has stopped.
+
+    text and token_ids are cumulative; delta_text and delta_token_ids hold what the
+    last engine step added (for streaming). finish_reason: "stop" (EOS, stop token or
+    stop string), "length" (max_tokens or context), or "abort".
+    """
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprobs] | None = None
+    num_cached_tokens: int = 0
+    delta_text: str = ""
+    delta_token_ids: list[int] = field(default_factory=list)

@@ -1,0 +1,95 @@
+"""Token sampling for a batch of rows with per-row parameters, without host syncs.
+
+Random draws are counter-based: the noise for (request seed, output index, token id) is
+a fixed integer hash, so a seeded request samples the same tokens whatever batch it
+runs in and however often it is preempted and recomputed. Sampling uses the
+exponential race: argmax(p / E) with E ~ Exp(1) picks token i with probability p_i.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class SamplingBatch:
+    """Per-row sampling parameters as device tensors, plus host-known batch-wide flags."""
+
+    temperature: torch.Tensor  # [rows] float32; 0 = greedy
+    top_p: torch.Tensor  # [rows] float32
+    top_k: torch.Tensor  # [rows] int64; 0 = disabled
+    seed: torch.Tensor  # [rows] int64 in [0, 2^32)
+    step: torch.Tensor  # [rows] int64: index of the token being sampled in the output
+    all_greedy: bool
+    any_top_p_or_k: bool
+    max_logprobs: int  # -1: no row wants logprobs
+
+
+@dataclass(frozen=True)
+class SamplerOutput:
+    token_ids: torch.Tensor  # [rows] int64
+    logprobs: torch.Tensor | None  # [rows] chosen token's log-probability
+    top_ids: torch.Tensor | None  # [rows, max_logprobs]
+    top_logprobs: torch.Tensor | None  # [rows, max_logprobs]
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """An avalanche hash of 32-bit values held in int64 (products wrap; low bits are exact)."""
+    x = x & _MASK32
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & _MASK32
+    x = ((x ^ (x >> 15)) * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def uniform_noise(seed: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[rows, vocab] float32 in (0, 1), a pure function of (seed, step, token id)."""
+    row = _mix32(_mix32(seed) ^ _mix32(step + 0x9E3779B9))
+    col = torch.arange(vocab, device=seed.device, dtype=torch.int64)
+    bits = _mix32(row[:, None] ^ (col[None, :] * 0x85EBCA6B))
+    # 24 high-quality bits -> (0, 1), never exactly 0 or 1.
+    return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        """logits: [rows, vocab] float32 -> chosen tokens (and logprobs if asked)."""
+        greedy = logits.argmax(dim=-1)
+        if batch.all_greedy:
+            tokens = greedy
+        else:
+            tokens = torch.where(batch.temperature == 0, greedy, self._sample(logits, batch))
+        if batch.max_logprobs < 0:
+            return SamplerOutput(tokens, None, None, None)
+        logprobs = torch.log_softmax(logits, dim=-1)
+        chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)
+        top_lp, top_ids = logprobs.topk(max(batch.max_logprobs, 1), dim=-1)
+        return SamplerOutput(tokens, chosen, top_ids, top_lp)
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        temperature = torch.where(batch.temperature > 0, batch.temperature, 1.0)
+        scaled = logits / temperature[:, None]
+        if batch.any_top_p_or_k:
+            scaled = _apply_top_k_top_p(scaled, batch.top_k, batch.top_p)
+        probs = torch.softmax(scaled, dim=-1)
+        exp_noise = -torch.log(uniform_noise(batch.seed, batch.step, logits.shape[-1]))
+        return (probs / exp_noise).argmax(dim=-1)
+
+
+def _apply_top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
+    """Set logits outside each row's top-k and top-p nucleus to -inf (keeps >= 1 token)."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    vocab = logits.shape[-1]
+    rank = torch.arange(vocab, device=logits.device)[None, :]
+    k = torch.where(top_k > 0, top_k, vocab)[:, None]
+    sorted_logits = sorted_logits.masked_fill(rank >= k, float("-inf"))
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    sorted_logits = sorted_logits.masked_fill(mass_before > top_p[:, None], float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)

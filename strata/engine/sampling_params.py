@@ -1,0 +1,67 @@
+"""SamplingParams: how one request's tokens are chosen and when it stops."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from strata.errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling and stopping.
+
+    temperature: 0 is greedy. top_p in (0, 1]; top_k of -1 or 0 disables it.
+    seed: makes this request's samples reproducible whatever else runs beside it.
+    max_tokens: tokens to generate; None fills the context.
+    stop: strings that end generation; they are not included in the text.
+    stop_token_ids: token ids that end generation (included in token_ids).
+    ignore_eos: keep generating past end-of-sequence tokens.
+    logprobs: return the log-probabilities of the N most likely tokens at each step,
+    beside the chosen token's (None: none; 0: only the chosen token's).
+    """
+
+    max_tokens: int | None = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    MAX_LOGPROBS = 20
+
+    def __post_init__(self) -> None:
+        # Accept a single string or any sequence for stop / stop_token_ids; store tuples.
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        object.__setattr__(self, "stop", stop)
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        if self.max_tokens is not None and (
+            not isinstance(self.max_tokens, int) or self.max_tokens <= 0
+        ):
+            raise InvalidRequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            raise InvalidRequestError(f"top_k must be -1 (disabled) or >= 0, got {self.top_k}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise InvalidRequestError(f"seed must be an integer, got {self.seed!r}")
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise InvalidRequestError(f"stop strings must be non-empty strings, got {stop!r}")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            raise InvalidRequestError(
+                f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}"
+            )
+        if self.logprobs is not None and not 0 <= self.logprobs <= self.MAX_LOGPROBS:
+            raise InvalidRequestError(
+                f"logprobs must be in [0, {self.MAX_LOGPROBS}], got {self.logprobs}"
+            )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0

@@ -1,0 +1,65 @@
+"""A request as the scheduler sees it: tokens, how many are computed, and its state.
+
+    token_ids  | prompt ............ | output ...... |
+    computed   |<-- num_computed -->|                 KV exists for these tokens
+    pending    |                    |<- to compute ->|   num_tokens - num_computed
+
+A sequence runs until num_computed == num_tokens; the step that gets there samples one
+more token. Prefill, chunked prefill, decode and recompute after preemption all follow.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from strata.engine.detokenizer import Detokenizer
+from strata.engine.outputs import TokenLogprobs
+from strata.engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seed: int  # sampling noise is a function of (seed, output index): batch-independent
+    max_tokens: int  # resolved against the context length
+    detokenizer: Detokenizer | None = None
+    token_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: str | None = None
+    num_cached_tokens: int = -1  # prefix-cache hit at first admission; -1 before
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_token_ids) :]
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED

@@ -1,0 +1,54 @@
+"""GPU warm-up: the peak memory of the largest step, measured before sizing the KV pool."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from strata.attention.backend import BatchLayout
+from strata.engine.sampler import Sampler, SamplingBatch
+from strata.engine.sampling_params import SamplingParams
+from strata.kv.cache import KVCache
+
+if TYPE_CHECKING:
+    from strata.engine.engine import LLMEngine
+
+
+def warmup_peak_bytes(engine: LLMEngine) -> int:
+    """Run one full-budget prefill step plus sampling on a scratch KV cache; return the
+    peak bytes allocated by torch, scratch cache excluded."""
+    device = engine.device
+    sched = engine.config.scheduler
+    block_size = engine.config.cache.block_size
+    tokens = min(sched.max_num_batched_tokens, engine.max_model_len)
+    rows = min(sched.max_num_seqs, tokens)
+    num_blocks = -(-tokens // block_size)
+    scratch = KVCache(engine.model_config, num_blocks, block_size, engine.dtype, device)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    layout = BatchLayout([tokens], [tokens], [list(range(num_blocks))], block_size)
+    slots = torch.arange(tokens, device=device)
+    meta = engine.backend.prepare(layout, slots, device)
+    ids = torch.randint(0, engine.model_config.vocab_size, (tokens,), device=device)
+    logits_rows = torch.arange(tokens - rows, tokens, device=device)
+    logits = engine.loaded.model(ids, slots, scratch, engine.backend, meta, logits_rows)
+    batch = SamplingBatch(
+        temperature=torch.full((rows,), 0.7, device=device),
+        top_p=torch.full((rows,), 0.9, device=device),
+        top_k=torch.full((rows,), 50, device=device, dtype=torch.long),
+        seed=torch.arange(rows, device=device),
+        step=torch.zeros(rows, device=device, dtype=torch.long),
+        all_greedy=False,
+        any_top_p_or_k=True,
+        max_logprobs=SamplingParams.MAX_LOGPROBS,
+    )
+    Sampler()(logits, batch)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - scratch.nbytes
+    del scratch, logits, meta
+    torch.cuda.empty_cache()
+    return max(peak, before)
+
+

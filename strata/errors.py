@@ -1,0 +1,24 @@
+"""Exceptions that Strata raises for problems a user can fix.
+
+Each message names the problem and the limit it broke, so it can be shown to a user as is.
+"""
+
+
+class StrataError(Exception):
+    """Base class of every error Strata raises on purpose."""
+
+
+class InvalidRequestError(StrataError, ValueError):
+    """A request (prompt or sampling parameters) that cannot be served as given."""
+
+
+class ModelLoadError(StrataError):
+    """A model path that does not exist, cannot be read, or holds no usable weights."""
+
+
+class UnsupportedModelError(ModelLoadError):
+    """A model whose architecture Strata does not implement."""
+
+
+class KVCacheTooSmallError(StrataError):
+    """A KV block pool that cannot hold even one sequence of the configured length."""

@@ -1,0 +1,57 @@
+"""A fixed set of KV block ids with reference counts and an ordered free list.
+
+Free list order is eviction order: `allocate` takes the front, `release` appends at the
+back. A released block keeps its contents (and its prefix key, held by the PrefixIndex)
+until `allocate` hands it out again, so a prefix hit can revive it with `acquire`.
+
+    free list:  front [least recently released ... most recently released] back
+                  ^ allocate() pops here               release() appends here ^
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+
+class BlockPool:
+    """Reference counts and the ordered free list of `num_blocks` block ids."""
+
+    def __init__(self, num_blocks: int) -> None:
+        if num_blocks <= 0:
+            raise ValueError(f"num_blocks must be > 0, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.refcount: list[int] = [0] * num_blocks
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def free_order(self) -> list[int]:
+        """Free block ids, the next to be allocated first."""
+        return list(self._free)
+
+    def is_free(self, block_id: int) -> bool:
+        return block_id in self._free
+
+    def allocate(self) -> int:
+        """Take the least recently released block; the caller owns one reference."""
+        if not self._free:
+            raise RuntimeError("BlockPool.allocate called with no free block")
+        block_id, _ = self._free.popitem(last=False)
+        self.refcount[block_id] = 1
+        return block_id
+
+    def acquire(self, block_id: int) -> None:
+        """Add a reference to a block, taking it off the free list if it was there."""
+        if self.refcount[block_id] == 0:
+            del self._free[block_id]
+        self.refcount[block_id] += 1
+
+    def release(self, block_id: int) -> None:
+        """Drop a reference; at zero the block goes to the back of the free list."""
+        if self.refcount[block_id] <= 0:
+            raise RuntimeError(f"block {block_id} released more often than acquired")
+        self.refcount[block_id] -= 1
+        if self.refcount[block_id] == 0:
+            self._free[block_id] = None

@@ -1,0 +1,221 @@
+"""KVManager: block tables of running sequences over one BlockPool and PrefixIndex.
+
+For one sequence, with block size 4 and 10 tokens of which 7 are computed:
+
+    tokens    | t0 t1 t2 t3 | t4 t5 t6 t7 | t8 t9 .. .. |
+    table     |  block 12   |  block 3    |  block 40   |
+    computed  |<------- 7 ------->|
+    indexed   |<-- 1 full -->|              block 3 fills up once t7 is computed
+
+Invariants (checked by `check_integrity`):
+- refcount(b) == number of block tables holding b; refcount(b) == 0 <=> b is on the free list.
+- Only full blocks whose every token is computed are in the prefix index.
+- A sequence's first `len(keys)` blocks are indexed (by it or by an earlier sequence)
+  under the chain keys `keys`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from strata.errors import StrataError
+from strata.kv.blocks import BlockPool
+from strata.kv.prefix import PrefixIndex, chain_key
+
+
+class KVIntegrityError(StrataError, RuntimeError):
+    """The block pool, block tables and prefix index disagree: a bug, never user error."""
+
+
+@dataclass
+class _SeqBlocks:
+    table: list[int] = field(default_factory=list)
+    keys: list[bytes] = field(default_factory=list)  # chain keys of the first len(keys) blocks
+
+
+@dataclass(frozen=True)
+class PrefixMatch:
+    """Cached blocks found for a sequence's leading full blocks."""
+
+    block_ids: tuple[int, ...]
+    keys: tuple[bytes, ...]
+    block_size: int
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.block_ids) * self.block_size
+
+
+class KVManager:
+    """Allocates, shares and frees KV blocks for sequences; owns the prefix index."""
+
+    def __init__(
+        self, num_blocks: int, block_size: int, root: bytes, enable_prefix_caching: bool = True
+    ) -> None:
+        self.block_size = block_size
+        self.root = root
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks)
+        self.index = PrefixIndex()
+        self._seqs: dict[str, _SeqBlocks] = {}
+        self.prefix_cache_queried_tokens = 0
+        self.prefix_cache_hit_tokens = 0
+
+    # ---- queries -------------------------------------------------------------------------
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def block_table(self, seq_id: str) -> list[int]:
+        """The sequence's block ids, in token order. Read-only for callers."""
+        return self._seqs[seq_id].table
+
+    def has(self, seq_id: str) -> bool:
+        return seq_id in self._seqs
+
+    # ---- prefix matching -----------------------------------------------------------------
+
+    def match_prefix(self, token_ids: Sequence[int]) -> PrefixMatch:
+        """The longest run of leading full blocks found in the index. Takes no reference.
+
+        At least one token is always left to compute, so the step that finishes the
+        prompt has logits to sample from.
+        """
+        if not self.enable_prefix_caching:
+            return PrefixMatch((), (), self.block_size)
+        bs = self.block_size
+        max_blocks = (len(token_ids) - 1) // bs
+        parent = self.root
+        block_ids: list[int] = []
+        keys: list[bytes] = []
+        for i in range(max_blocks):
+            chunk = token_ids[i * bs : (i + 1) * bs]
+            key = chain_key(parent, chunk)
+            block_id = self.index.lookup(key, chunk)
+            if block_id is None:
+                break
+            block_ids.append(block_id)
+            keys.append(key)
+            parent = key
+        return PrefixMatch(tuple(block_ids), tuple(keys), bs)
+
+    # ---- allocation ----------------------------------------------------------------------
+
+    def admit(self, seq_id: str, match: PrefixMatch, num_tokens: int, num_prompt: int) -> bool:
+        """Give a new sequence its cached prefix blocks plus fresh blocks up to `num_tokens`.
+
+        All or nothing: returns False and changes nothing if the free blocks do not suffice.
+        """
+        if seq_id in self._seqs:
+            raise KVIntegrityError(f"sequence {seq_id!r} admitted twice")
+        num_new = self.blocks_for(num_tokens) - len(match.block_ids)
+        revived = sum(1 for b in match.block_ids if self.pool.refcount[b] == 0)
+        if num_new > self.pool.num_free - revived:
+            return False
+        state = _SeqBlocks()
+        for block_id in match.block_ids:
+            self.pool.acquire(block_id)
+            state.table.append(block_id)
+        state.keys.extend(match.keys)
+        for _ in range(num_new):
+            state.table.append(self._allocate_block())
+        self._seqs[seq_id] = state
+        if self.enable_prefix_caching:
+            self.prefix_cache_queried_tokens += num_prompt
+            self.prefix_cache_hit_tokens += match.num_tokens
+        return True
+
+    def grow(self, seq_id: str, num_tokens: int) -> bool:
+        """Extend a running sequence's table to hold `num_tokens`. All or nothing."""
+        state = self._seqs[seq_id]
+        num_new = self.blocks_for(num_tokens) - len(state.table)
+        if num_new > self.pool.num_free:
+            return False
+        for _ in range(num_new):
+            state.table.append(self._allocate_block())
+        return True
+
+    def _allocate_block(self) -> int:
+        block_id = self.pool.allocate()
+        self.index.remove_block(block_id)  # its old contents are about to be overwritten
+        return block_id
+
+    def commit(self, seq_id: str, token_ids: Sequence[int], num_computed: int) -> None:
+        """Index the sequence's full blocks whose tokens are all computed."""
+        if not self.enable_prefix_caching:
+            return
+        state = self._seqs[seq_id]
+        bs = self.block_size
+        for i in range(len(state.keys), num_computed // bs):
+            parent = state.keys[-1] if state.keys else self.root
+            chunk = token_ids[i * bs : (i + 1) * bs]
+            key = chain_key(parent, chunk)
+            # If another sequence indexed the same content first, this block stays unindexed.
+            self.index.insert(key, chunk, state.table[i])
+            state.keys.append(key)
+
+    def free(self, seq_id: str) -> None:
+        """Drop the sequence's references, last block first.
+
+        Releasing in reverse puts a sequence's tail blocks nearer the front of the free
+        list, so they are evicted before its head blocks, which other requests share more.
+        """
+        state = self._seqs.pop(seq_id, None)
+        if state is None:
+            return
+        for block_id in reversed(state.table):
+            self.pool.release(block_id)
+
+    # ---- checks and stats ----------------------------------------------------------------
+
+    def check_integrity(self) -> None:
+        """Raise KVIntegrityError unless refcounts, free list and prefix index agree."""
+        problems: list[str] = []
+        held = [0] * self.pool.num_blocks
+        for seq_id, state in self._seqs.items():
+            if len(set(state.table)) != len(state.table):
+                problems.append(f"sequence {seq_id!r} holds a block twice: {state.table}")
+            for block_id in state.table:
+                if not 0 <= block_id < self.pool.num_blocks:
+                    problems.append(f"sequence {seq_id!r} holds invalid block {block_id}")
+                else:
+                    held[block_id] += 1
+            for i, key in enumerate(state.keys):
+                indexed = self.index._block_of.get(key)
+                if indexed is not None and indexed != state.table[i]:
+                    problems.append(
+                        f"sequence {seq_id!r} block {i} is {state.table[i]} but its key "
+                        f"is indexed at block {indexed}"
+                    )
+        free = self.pool.free_order()
+        if len(set(free)) != len(free):
+            problems.append("free list holds a block twice")
+        free_set = set(free)
+        for block_id in range(self.pool.num_blocks):
+            rc = self.pool.refcount[block_id]
+            if rc != held[block_id]:
+                problems.append(f"block {block_id}: refcount {rc} but held by {held[block_id]}")
+            if (rc == 0) != (block_id in free_set):
+                problems.append(f"block {block_id}: refcount {rc} but free={block_id in free_set}")
+        problems.extend(self.index.check())
+        if problems:
+            raise KVIntegrityError("KV integrity check failed:\n  " + "\n  ".join(problems))
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "kv_blocks_total": self.pool.num_blocks,
+            "kv_blocks_free": self.pool.num_free,
+            "kv_blocks_cached": len(self.index),
+            "kv_block_size": self.block_size,
+            "prefix_cache_queried_tokens": self.prefix_cache_queried_tokens,
+            "prefix_cache_hit_tokens": self.prefix_cache_hit_tokens,
+        }

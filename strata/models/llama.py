@@ -1,0 +1,203 @@
+"""Llama-family decoder (Llama 2/3, Qwen2, Mistral, SmolLM) over the paged KV cache.
+
+The model sees a flat batch of tokens from many sequences; the attention backend and
+its per-step metadata say which KV each token attends over. Q/K/V and gate/up are
+fused into one projection each; weights load from the transformers naming.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from strata.attention.backend import AttentionBackend
+from strata.config import ModelConfig
+from strata.kv.cache import KVCache
+from strata.models.rope import RotaryEmbedding
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 and scale in the input dtype, as transformers does.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.scale = cfg.head_dim**-0.5
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rope: RotaryEmbedding,
+        kv: KVCache,
+        backend: AttentionBackend,
+        meta: Any,
+    ) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        q, k = rope(positions, q, k)
+        k_cache, v_cache = kv.k[self.layer_index], kv.v[self.layer_index]
+        backend.write_kv(k_cache, v_cache, k, v, meta)
+        out = backend.attend(q, k_cache, v_cache, meta, self.scale)
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate_size = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_index)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rope: RotaryEmbedding,
+        kv: KVCache,
+        backend: AttentionBackend,
+        meta: Any,
+    ) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), positions, rope, kv, backend, meta)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder layers, final norm and LM head."""
+
+    def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rope = RotaryEmbedding(cfg.hf_config, cfg.head_dim, max_positions)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv: KVCache,
+        backend: AttentionBackend,
+        meta: Any,
+        logits_rows: torch.Tensor,
+    ) -> torch.Tensor:
+        """Logits [len(logits_rows), vocab] (float32) for the chosen rows of the flat batch."""
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, positions, self.rope, kv, backend, meta)
+        x = self.norm(x[logits_rows])
+        return self.lm_head(x).float()
+
+    # ---- weights ---------------------------------------------------------------------------
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy transformers-named tensors into the fused parameters; check all were set."""
+        cfg = self.config
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        qkv_slices = {"q_proj": (0, q), "k_proj": (q, q + kv), "v_proj": (q + kv, q + 2 * kv)}
+        gate_up_slices = {
+            "gate_proj": (0, cfg.intermediate_size),
+            "up_proj": (cfg.intermediate_size, 2 * cfg.intermediate_size),
+        }
+        params = dict(self.named_parameters())
+        expected = _expected_hf_names(self, qkv_slices, gate_up_slices)
+        seen: set[str] = set()
+        for name, tensor in weights:
+            if name.startswith("model."):
+                name = name[len("model.") :]
+            if "rotary_emb" in name:
+                continue
+            if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue
+            target, rows = name, None
+            for part, span in (*qkv_slices.items(), *gate_up_slices.items()):
+                if f".{part}." in name:
+                    fused = "qkv_proj" if part in qkv_slices else "gate_up_proj"
+                    target, rows = name.replace(part, fused), span
+                    break
+            if target not in params:
+                raise KeyError(f"unexpected weight {name!r} for {cfg.model_type}")
+            param = params[target]
+            dest = param.data if rows is None else param.data[rows[0] : rows[1]]
+            if dest.shape != tensor.shape:
+                raise ValueError(
+                    f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}"
+                )
+            dest.copy_(tensor)
+            seen.add(name)
+        missing = sorted(expected - seen)
+        if missing:
+            shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise KeyError(f"{len(missing)} weights missing from the checkpoint: {shown}")
+
+    def init_random(self, seed: int, std: float = 0.02) -> None:
+        """Random weights for speed work: normal(0, std) matrices, unit norms, zero biases."""
+        gen = torch.Generator(device=self.embed_tokens.weight.device).manual_seed(seed)
+        for name, param in self.named_parameters():
+            if name.endswith("layernorm.weight") or name == "norm.weight":
+                param.data.fill_(1.0)
+            elif name.endswith(".bias"):
+                param.data.zero_()
+            else:
+                param.data.normal_(0.0, std, generator=gen)
+
+
+def _expected_hf_names(
+    model: LlamaModel,
+    qkv_slices: dict[str, tuple[int, int]],
+    gate_up_slices: dict[str, tuple[int, int]],
+) -> set[str]:
+    names: set[str] = set()
+    for name, _ in model.named_parameters():
+        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue
+        if ".qkv_proj." in name:
+            names.update(name.replace("qkv_proj", part) for part in qkv_slices)
+        elif ".gate_up_proj." in name:
+            names.update(name.replace("gate_up_proj", part) for part in gate_up_slices)
+        else:
+            names.add(name)
+    return names

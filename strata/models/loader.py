@@ -1,0 +1,273 @@
+"""Load a model from a Hugging Face folder, a GGUF file, or `random:NAME`.
+
+GGUF files are converted once by transformers (which de-quantizes to float32 and
+restores the Hugging Face tensor layout) into a cached Hugging Face folder, so later
+starts read plain safetensors:
+
+    <cache>/gguf/<file stem>-<content digest>/{config.json, model.safetensors, tokenizer*}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from strata.config import SUPPORTED_ARCHITECTURES, ModelConfig
+from strata.errors import ModelLoadError, UnsupportedModelError
+from strata.models.embedded import embedded_model_path
+from strata.models.fingerprint import weights_fingerprint
+from strata.models.llama import LlamaModel
+from strata.models.presets import random_config_dict
+
+logger = logging.getLogger("strata.loader")
+
+CONVERSION_FORMAT = "strata-gguf/1"
+
+
+@dataclass
+class LoadedModel:
+    model: LlamaModel
+    config: ModelConfig
+    tokenizer: Any | None
+    eos_token_ids: frozenset[int]
+    fingerprint: str
+    name: str
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("STRATA_CACHE_DIR", Path.home() / ".cache" / "strata"))
+
+
+def load_model(
+    spec: str | None, device: torch.device, dtype: torch.dtype, max_positions: int | None, seed: int
+) -> LoadedModel:
+    """Build the model `spec` names on `device` in `dtype`. None is the embedded model."""
+    if spec is None:
+        path = embedded_model_path()
+        return _load_hf_folder(gguf_to_folder(path), device, dtype, max_positions, "smollm2-135m")
+    if spec.startswith("random:"):
+        return _load_random(spec[len("random:") :], device, dtype, max_positions, seed)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model path does not exist: {path}")
+    if not os.access(path, os.R_OK):
+        raise ModelLoadError(f"model path is not readable: {path}")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"{path} is a file but not a .gguf; pass a model folder or GGUF")
+        path = gguf_to_folder(path)
+    return _load_hf_folder(path, device, dtype, max_positions, spec)
+
+
+# ---- Hugging Face folders --------------------------------------------------------------------
+
+
+def _load_hf_folder(
+    path: Path, device: torch.device, dtype: torch.dtype, max_positions: int | None, name: str
+) -> LoadedModel:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"{path} has no config.json; is it a Hugging Face model folder?")
+    try:
+        raw = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read {config_file}: {e}") from e
+    hf_config = _hf_config_from_dict(raw)
+    cfg = ModelConfig.from_hf(hf_config)
+    files = _safetensors_files(path)
+    model = _build(cfg, device, dtype, max_positions)
+    model.load_weights(_iter_safetensors(files, device))
+    tokenizer = _load_tokenizer(path)
+    return LoadedModel(
+        model=model,
+        config=cfg,
+        tokenizer=tokenizer,
+        eos_token_ids=_eos_ids(path, hf_config, tokenizer),
+        fingerprint=weights_fingerprint(list(model.named_parameters())),
+        name=name,
+    )
+
+
+def _hf_config_from_dict(raw: dict[str, Any]) -> Any:
+    from transformers import AutoConfig
+
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        supported = ", ".join(f"{k} ({v})" for k, v in SUPPORTED_ARCHITECTURES.items())
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} (architectures {raw.get('architectures')}) is not "
+            f"supported; supported: {supported}"
+        )
+    fields = {k: v for k, v in raw.items() if k != "model_type"}
+    return AutoConfig.for_model(model_type, **fields)
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [path / s for s in shards]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ModelLoadError(f"{path} is missing shards listed in its index: {missing}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{path} holds no *.safetensors weights")
+    return files
+
+
+def _iter_safetensors(files: list[Path], device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    for file in tqdm(files, desc="Loading weights", unit="file", disable=len(files) < 2):
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                    yield key, f.get_tensor(key).to(device)
+        except OSError as e:
+            raise ModelLoadError(f"cannot read {file}: {e}") from e
+
+
+def _load_tokenizer(path: Path) -> Any | None:
+    from transformers import AutoTokenizer
+
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        logger.info("no tokenizer in %s: prompts must be token ids", path)
+        return None
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def _eos_ids(path: Path | None, hf_config: Any, tokenizer: Any | None) -> frozenset[int]:
+    ids: set[int] = set()
+
+    def add(value: Any) -> None:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(v for v in value if isinstance(v, int))
+
+    add(getattr(hf_config, "eos_token_id", None))
+    if path is not None and (path / "generation_config.json").is_file():
+        add(json.loads((path / "generation_config.json").read_text()).get("eos_token_id"))
+    if tokenizer is not None:
+        add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+# ---- random weights --------------------------------------------------------------------------
+
+
+def _load_random(
+    name: str, device: torch.device, dtype: torch.dtype, max_positions: int | None, seed: int
+) -> LoadedModel:
+    hf_config = _hf_config_from_dict(random_config_dict(name))
+    cfg = ModelConfig.from_hf(hf_config)
+    model = _build(cfg, device, dtype, max_positions)
+    model.init_random(seed, std=getattr(hf_config, "initializer_range", 0.02))
+    tokenizer = _embedded_tokenizer_if_fits(cfg.vocab_size)
+    return LoadedModel(
+        model=model,
+        config=cfg,
+        tokenizer=tokenizer,
+        eos_token_ids=_eos_ids(None, hf_config, None),
+        fingerprint=weights_fingerprint(list(model.named_parameters())),
+        name=f"random:{name}",
+    )
+
+
+def _embedded_tokenizer_if_fits(vocab_size: int) -> Any | None:
+    """Random models borrow the embedded tokenizer when its ids fit in their vocabulary."""
+    try:
+        tokenizer = _load_tokenizer(gguf_to_folder(embedded_model_path()))
+    except Exception as e:  # noqa: BLE001 - any failure just means token-id prompts only
+        logger.info("random model without tokenizer (embedded one unavailable: %s)", e)
+        return None
+    if tokenizer is None or len(tokenizer) > vocab_size:
+        return None
+    return tokenizer
+
+
+def _build(
+    cfg: ModelConfig, device: torch.device, dtype: torch.dtype, max_positions: int | None
+) -> LlamaModel:
+    positions = max_positions or cfg.max_position_embeddings
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters are created in `dtype`: no float32 detour
+    try:
+        with torch.device("meta"):
+            model = LlamaModel(cfg, positions)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    model = model.to_empty(device=device)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    # Buffers do not survive to_empty; rope tables stay float32 whatever the weights' dtype.
+    from strata.models.rope import RotaryEmbedding
+
+    model.rope = RotaryEmbedding(cfg.hf_config, cfg.head_dim, positions).to(device)
+    return model.eval()
+
+
+# ---- GGUF ------------------------------------------------------------------------------------
+
+
+def gguf_to_folder(path: Path) -> Path:
+    """The cached Hugging Face folder converted from a GGUF file (made on first use)."""
+    dest = cache_dir() / "gguf" / f"{path.stem}-{_file_digest(path)}"
+    if (dest / "model.safetensors").is_file():
+        return dest
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting %s to %s (once; later starts read the cache)", path.name, dest)
+    kwargs = {"gguf_file": path.name}
+    try:
+        hf_config = AutoConfig.from_pretrained(str(path.parent), **kwargs)
+    except Exception as e:
+        raise ModelLoadError(f"cannot read GGUF metadata of {path}: {e}") from e
+    _hf_config_from_dict(hf_config.to_dict())  # raises for unsupported architectures
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), dtype=torch.float32, **kwargs
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
+    except Exception as e:
+        raise ModelLoadError(f"cannot convert GGUF {path}: {e}") from e
+    from safetensors.torch import save_file
+
+    tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    hf_model.config.save_pretrained(tmp)
+    if hf_model.generation_config is not None:
+        hf_model.generation_config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    state = {k: v.contiguous() for k, v in hf_model.state_dict().items()}
+    if hf_model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    return dest
+
+
+def _file_digest(path: Path) -> str:
+    """SHA-256 of the conversion format, size and first and last 4 MiB of the file."""
+    size = path.stat().st_size
+    h = hashlib.sha256(f"{CONVERSION_FORMAT}|{size}|".encode())
+    with path.open("rb") as f:
+        h.update(f.read(4 << 20))
+        if size > 8 << 20:
+            f.seek(size - (4 << 20))
+            h.update(f.read())
+    return h.hexdigest()[:16]
