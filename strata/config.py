@@ -35,9 +35,7 @@ class ModelConfig:
         if self.model_type not in SUPPORTED_ARCHITECTURES:
             from strata.errors import UnsupportedModelError
 
-            supported = ", ".join(
-                f"{k} ({v})" for k, v in SUPPORTED_ARCHITECTURES.items()
-            )
+            supported = ", ".join(f"{k} ({v})" for k, v in SUPPORTED_ARCHITECTURES.items())
             raise UnsupportedModelError(
                 f"model_type {self.model_type!r} is not supported; supported: {supported}"
             )

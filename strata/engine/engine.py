@@ -31,6 +31,10 @@ logger = logging.getLogger("strata.engine")
 GIB = 1 << 30
 
 
+def format_bytes(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / (1 << 20):.2f} MiB"
+
+
 def resolve_device(device: str | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -98,9 +102,7 @@ class LLMEngine:
         elif self.device.type == "cuda":
             budget = self._measure_free_gpu_memory()
             num_blocks = max(0, budget) // per_block
-            source = (
-                f"{cache.gpu_memory_utilization:.0%} of GPU memory minus the warm-up peak"
-            )
+            source = f"{cache.gpu_memory_utilization:.0%} of GPU memory minus the warm-up peak"
         else:
             num_blocks = int(cache.DEFAULT_CPU_KV_GIB * GIB) // per_block
             source = f"CPU default {cache.DEFAULT_CPU_KV_GIB} GiB"
@@ -109,15 +111,15 @@ class LLMEngine:
         if num_blocks < needed_blocks:
             raise KVCacheTooSmallError(
                 f"the KV pool ({source}) holds {num_blocks} blocks = {capacity} tokens "
-                f"({num_blocks * per_block / GIB:.3f} GiB), but one sequence of max_model_len="
+                f"({format_bytes(num_blocks * per_block)}), but one sequence of max_model_len="
                 f"{self.max_model_len} needs {needed_blocks} blocks "
-                f"({needed_blocks * per_block / GIB:.3f} GiB); raise kv_cache_memory or lower "
+                f"({format_bytes(needed_blocks * per_block)}); raise kv_cache_memory or lower "
                 "max_model_len"
             )
         logger.info(
-            "KV pool: %d blocks x %d tokens = %d tokens, %.3f GiB (%s); max_model_len %d, "
+            "KV pool: %d blocks x %d tokens = %d tokens, %s (%s); max_model_len %d, "
             "max_num_batched_tokens %d, max_num_seqs %d, prefix caching %s",
-            num_blocks, cache.block_size, capacity, num_blocks * per_block / GIB, source,
+            num_blocks, cache.block_size, capacity, format_bytes(num_blocks * per_block), source,
             self.max_model_len, self.config.scheduler.max_num_batched_tokens,
             self.config.scheduler.max_num_seqs, "on" if cache.enable_prefix_caching else "off",
         )  # fmt: skip

@@ -97,9 +97,7 @@ class LLM:
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
         """Reply to one conversation (a list of messages) or to several; one output each."""
-        conversations = (
-            [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        )
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = [self.chat_prompt_ids(list(c)) for c in conversations]  # type: ignore[arg-type]
         return self.generate(prompts, params, use_tqdm)
 

@@ -38,6 +38,13 @@ class ModelRunner:
 
     def execute(self, plan: StepPlan) -> SamplerOutput | None:
         """Run one step. Returns sampled tokens for the plan's sampling chunks, in order."""
+        logits = self.compute_logits(plan)
+        if logits is None:
+            return None
+        return self.sampler(logits, self._sampling_batch(plan))
+
+    def compute_logits(self, plan: StepPlan) -> torch.Tensor | None:
+        """Run the model for one step; float32 logits of the sampling chunks, in order."""
         bs = self.kv.block_size
         ids: list[int] = []
         positions: list[np.ndarray] = []
@@ -70,9 +77,7 @@ class ModelRunner:
             meta,
             self._to_device(logits_rows, torch.long),
         )
-        if not logits_rows:
-            return None
-        return self.sampler(logits, self._sampling_batch(plan))
+        return logits if logits_rows else None
 
     def _sampling_batch(self, plan: StepPlan) -> SamplingBatch:
         seqs = [c.seq for c in plan.chunks if c.samples]

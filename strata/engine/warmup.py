@@ -50,5 +50,3 @@ def warmup_peak_bytes(engine: LLMEngine) -> int:
     del scratch, logits, meta
     torch.cuda.empty_cache()
     return max(peak, before)
-
-

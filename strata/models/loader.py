@@ -28,6 +28,7 @@ from strata.models.embedded import embedded_model_path
 from strata.models.fingerprint import weights_fingerprint
 from strata.models.llama import LlamaModel
 from strata.models.presets import random_config_dict
+from strata.models.rope import RotaryEmbedding
 
 logger = logging.getLogger("strata.loader")
 
@@ -127,15 +128,17 @@ def _safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def _iter_safetensors(files: list[Path], device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
+def _iter_safetensors(
+    files: list[Path], device: torch.device
+) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import SafetensorError, safe_open
 
     for file in tqdm(files, desc="Loading weights", unit="file", disable=len(files) < 2):
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
                     yield key, f.get_tensor(key).to(device)
-        except OSError as e:
+        except (OSError, SafetensorError) as e:
             raise ModelLoadError(f"cannot read {file}: {e}") from e
 
 
@@ -190,7 +193,7 @@ def _embedded_tokenizer_if_fits(vocab_size: int) -> Any | None:
     """Random models borrow the embedded tokenizer when its ids fit in their vocabulary."""
     try:
         tokenizer = _load_tokenizer(gguf_to_folder(embedded_model_path()))
-    except Exception as e:  # noqa: BLE001 - any failure just means token-id prompts only
+    except Exception as e:
         logger.info("random model without tokenizer (embedded one unavailable: %s)", e)
         return None
     if tokenizer is None or len(tokenizer) > vocab_size:
@@ -213,8 +216,6 @@ def _build(
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     # Buffers do not survive to_empty; rope tables stay float32 whatever the weights' dtype.
-    from strata.models.rope import RotaryEmbedding
-
     model.rope = RotaryEmbedding(cfg.hf_config, cfg.head_dim, positions).to(device)
     return model.eval()
 

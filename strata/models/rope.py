@@ -46,9 +46,10 @@ class RotaryEmbedding(torch.nn.Module):
 
     def __init__(self, hf_config: Any, head_dim: int, max_positions: int) -> None:
         super().__init__()
-        inv_freq, scaling = inverse_frequencies(hf_config, head_dim)
-        freqs = torch.arange(max_positions).float()[:, None] * inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
+        with torch.device("cpu"):  # real values even while a model is built on "meta"
+            inv_freq, scaling = inverse_frequencies(hf_config, head_dim)
+            freqs = torch.arange(max_positions).float()[:, None] * inv_freq[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos() * scaling, persistent=False)
         self.register_buffer("sin", emb.sin() * scaling, persistent=False)
 

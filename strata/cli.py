@@ -1,0 +1,271 @@
+"""The `strata` command: generate, chat and bench."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from strata.bench.workload import parse_range
+from strata.engine.llm import LLM
+from strata.engine.sampling_params import SamplingParams
+from strata.errors import StrataError
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and engine")
+    g.add_argument(
+        "--model",
+        default=None,
+        help="a Hugging Face model folder (config.json + safetensors), a .gguf file, "
+        "random:PRESET (llama-3-8b, llama-3.2-1b, qwen2.5-7b, qwen2.5-0.5b, mistral-7b, "
+        "smollm2-135m) or random:CONFIG.json for random weights of that shape. "
+        "Default: the embedded SmolLM2-135M-Instruct.",
+    )
+    g.add_argument(
+        "--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)"
+    )
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights and KV dtype; auto = float32 on CPU, bfloat16 on CUDA",
+    )
+    g.add_argument(
+        "--kv-cache-memory",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="GiB for the KV block pool (default: 2 on CPU; on CUDA what is left of "
+        "--gpu-memory-utilization after the weights and a warm-up)",
+    )
+    g.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.90,
+        help="fraction of GPU memory Strata may use in all (default 0.90)",
+    )
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
+    g.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=2048,
+        help="tokens computed per step, prefill chunks and decodes together (default 2048)",
+    )
+    g.add_argument(
+        "--max-num-seqs", type=int, default=256, help="sequences running at once (default 256)"
+    )
+    g.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="longest sequence, prompt plus output (default: the model's context length)",
+    )
+    g.add_argument(
+        "--no-prefix-caching", action="store_true", help="do not reuse KV blocks across requests"
+    )
+    g.add_argument(
+        "--seed", type=int, default=0, help="engine seed (random weights, unseeded requests)"
+    )
+    g.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log level of the engine's messages on stderr (default INFO)",
+    )  # fmt: skip
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument(
+        "--max-tokens",
+        type=int,
+        default=max_tokens,
+        help=f"tokens to generate (default {max_tokens})",
+    )
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default 0)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
+    g.add_argument("--top-k", type=int, default=-1, help="sample among the k most likely; -1 = off")
+    g.add_argument("--request-seed", type=int, default=None, help="seed of the request's sampling")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
+    g.add_argument(
+        "--logprobs", type=int, default=None, metavar="N",
+        help="print the N most likely tokens' log-probabilities at each step",
+    )  # fmt: skip
+
+
+def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.request_seed,
+        stop=tuple(args.stop),
+        ignore_eos=args.ignore_eos,
+        logprobs=args.logprobs,
+    )
+
+
+def llm_from_args(args: argparse.Namespace) -> LLM:
+    return LLM(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        kv_cache_memory=args.kv_cache_memory,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        block_size=args.block_size,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len,
+        enable_prefix_caching=not args.no_prefix_caching,
+        seed=args.seed,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    params = sampling_from_args(args)
+    if any(not p.strip() for p in args.prompt):
+        raise ValueError("a prompt is empty; give at least one non-blank prompt text")
+    llm = llm_from_args(args)
+    use_template = not args.no_chat_template and getattr(llm.get_tokenizer(), "chat_template", None)
+    prompts = [
+        llm.chat_prompt_ids([{"role": "user", "content": p}]) if use_template else p
+        for p in args.prompt
+    ]
+    outs = llm.generate(prompts, params)
+    tokenizer = llm.get_tokenizer()
+    for out in outs:
+        if len(outs) > 1:
+            print(f"--- {out.request_id} ({out.finish_reason})")
+        print(out.text)
+        for lp in out.logprobs or []:
+            top = ", ".join(f"{_tok(tokenizer, t)!r}: {v:.3f}" for t, v in lp.top)
+            print(f"  {_tok(tokenizer, lp.token_id)!r} {lp.logprob:.3f}  [{top}]")
+    return 0
+
+
+def _tok(tokenizer: object, token_id: int) -> str:
+    if tokenizer is None:
+        return str(token_id)
+    return tokenizer.decode([token_id])  # type: ignore[attr-defined]
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    params = sampling_from_args(args)
+    llm = llm_from_args(args)
+    history: list[dict[str, str]] = []
+    if args.system:
+        history.append({"role": "system", "content": args.system})
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Chat with the model. /reset clears the conversation, /exit (or Ctrl-D) quits.")
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        history.append({"role": "user", "content": text})
+        reply = ""
+        try:
+            for out in llm.stream(llm.chat_prompt_ids(history), params):
+                print(out.delta_text, end="", flush=True)
+                reply = out.text
+        except StrataError as e:
+            history.pop()
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        print()
+        history.append({"role": "assistant", "content": reply})
+
+
+def cmd_bench_throughput(args: argparse.Namespace) -> int:
+    from strata.bench.throughput import run
+
+    run(args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="strata",
+        description="Strata: LLM inference for models whose working memory does not fit "
+        "on the GPU.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="complete prompts and print the results")
+    gen.add_argument("prompt", nargs="+", help="one or more prompts")
+    gen.add_argument(
+        "--no-chat-template",
+        action="store_true",
+        help="send the prompt as raw text (default: wrap it as a user message in the "
+        "model's chat template, when it has one)",
+    )
+    add_engine_args(gen)
+    add_sampling_args(gen, max_tokens=256)
+    gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="interactive chat that streams the reply")
+    chat.add_argument("--system", default=None, help="system message")
+    add_engine_args(chat)
+    add_sampling_args(chat, max_tokens=512)
+    chat.set_defaults(func=cmd_chat)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    tp = bench_sub.add_parser(
+        "throughput",
+        help="offline throughput on random prompts (optionally against HF transformers)",
+    )
+    tp.add_argument("--num-requests", type=int, default=64, help="requests (default 64)")
+    tp.add_argument(
+        "--input-len", type=parse_range, default=(100, 1024), metavar="LOW-HIGH",
+        help="prompt length range, uniform (default 100-1024)",
+    )  # fmt: skip
+    tp.add_argument(
+        "--output-len", type=parse_range, default=(100, 1024), metavar="LOW-HIGH",
+        help="output length range, uniform; EOS is ignored (default 100-1024)",
+    )  # fmt: skip
+    tp.add_argument(
+        "--concurrency", type=int, nargs="+", default=[256], metavar="N",
+        help="requests in flight at once; several values run one after another (default 256)",
+    )  # fmt: skip
+    tp.add_argument(
+        "--compare-hf", action="store_true",
+        help="also run HF transformers generate on the same model, device and requests, "
+        "in batches of each --concurrency",
+    )  # fmt: skip
+    tp.add_argument("--json", default=None, metavar="PATH", help="also write results as JSON")
+    add_engine_args(tp)
+    tp.set_defaults(func=cmd_bench_throughput)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(args, "log_level", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    try:
+        return args.func(args)
+    except (StrataError, ValueError) as e:
+        print(f"strata: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
