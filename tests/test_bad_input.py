@@ -61,7 +61,7 @@ def test_max_tokens_beyond_context(llm: LLM) -> None:
     [
         ({"max_tokens": 0}, "max_tokens must be an integer >= 1"),
         ({"max_tokens": -5}, "max_tokens must be an integer >= 1"),
-        ({"temperature": -0.1}, "temperature must be >= 0"),
+        ({"temperature": -0.1}, "temperature must be a finite number >= 0"),
         ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
         ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
         ({"top_k": -2}, "top_k must be -1"),

@@ -33,7 +33,10 @@ def _stream(
     for i, token in enumerate(ids):
         stopped = detok.add(token)
         stops.append(stopped)
-        deltas.append(detok.take_delta(finished=stopped or i == len(ids) - 1))
+        last = stopped or i == len(ids) - 1
+        if last:
+            detok.flush()  # as the engine does when a sequence finishes
+        deltas.append(detok.take_delta(finished=last))
         if stopped:
             break
     return deltas, stops, detok
@@ -206,17 +209,9 @@ def test_hold_uses_longest_stop_string(tok: Any) -> None:
     assert detok_one.take_delta(finished=False) == "hello"
 
 
-# ---- source bugs --------------------------------------------------------------------------
+# ---- regressions ------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "source bug: Detokenizer.add cuts at the first stop string in `stop` order that "
-        "occurs, not at the earliest occurrence; stop=('lo', 'he') on 'hello' leaves "
-        "text 'hel', which still contains the stop string 'he'"
-    ),
-)
 def test_text_is_cut_at_earliest_stop_string(tok: Any) -> None:
     (hello,) = _ids(tok, "hello")
     detok = Detokenizer(tok, True, ("lo", "he"))
@@ -224,15 +219,6 @@ def test_text_is_cut_at_earliest_stop_string(tok: Any) -> None:
     assert detok.text == ""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "source bug: a sequence that ends on an incomplete character (e.g. max_tokens hit "
-        "mid-character) never emits its last piece: take_delta(finished=True) returns "
-        "'héllo wörld —' while tokenizer.decode gives 'héllo wörld — \\ufffd', so a "
-        "streamed/stop-string request's final text differs from the non-streamed one"
-    ),
-)
 def test_finished_text_includes_trailing_incomplete_character(tok: Any) -> None:
     ids = _ids(tok, MULTIBYTE)[:9]  # stops after two of the three tokens of " 日"
     deltas, _, _ = _stream(tok, ids)

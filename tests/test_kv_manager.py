@@ -548,12 +548,11 @@ def test_integrity_detects_index_disagreement() -> None:
         kv.check_integrity()
 
 
-def test_integrity_detects_key_indexed_at_other_block() -> None:
+def test_integrity_detects_block_indexed_under_another_key() -> None:
     kv = _busy_manager()
-    key0 = kv._seqs["a"].keys[0]
     kv.index.remove_block(0)
-    assert kv.index.insert(key0, [1, 2], 6)
-    with pytest.raises(KVIntegrityError, match=r"sequence 'a' block 0 is 0 but its key"):
+    assert kv.index.insert(b"\1" * 32, [1, 2], 0)
+    with pytest.raises(KVIntegrityError, match=r"sequence 'a' block 0 \(id 0\) is indexed under"):
         kv.check_integrity()
 
 
@@ -564,15 +563,6 @@ def test_integrity_error_is_strata_and_runtime_error() -> None:
     assert issubclass(KVIntegrityError, RuntimeError)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "source bug: two sequences with the same prompt admitted in the same step both "
-        "miss the prefix cache and both commit; the second commit leaves its block "
-        "unindexed (by design) but appends the key to its keys, and check_integrity "
-        "then reports 'block N is X but its key is indexed at block Y' for a legal state"
-    ),
-)
 def test_integrity_passes_when_same_prompt_committed_twice() -> None:
     kv = _manager(num_blocks=8, block_size=2)
     prompt = [1, 2, 3]

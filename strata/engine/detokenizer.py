@@ -23,6 +23,7 @@ class Detokenizer:
         self._prefix_offset = 0
         self._read_offset = 0
         self.text = ""  # all text decoded so far (stop string cut off once matched)
+        self.stopped = False
         self._emitted = 0  # characters of `text` handed out as deltas
 
     def _decode(self, ids: list[int]) -> str:
@@ -35,18 +36,27 @@ class Detokenizer:
         self._ids.append(token_id)
         before = self._decode(self._ids[self._prefix_offset : self._read_offset])
         after = self._decode(self._ids[self._prefix_offset :])
-        if after.endswith("\ufffd") or len(after) <= len(before):
-            return False
+        if self.stopped or after.endswith("\ufffd") or len(after) <= len(before):
+            return self.stopped
         search_from = max(0, len(self.text) - self._hold)
         self.text += after[len(before) :]
         self._prefix_offset = max(0, len(self._ids) - _WINDOW)
         self._read_offset = len(self._ids)
-        for s in self.stop:
-            at = self.text.find(s, search_from)
-            if at != -1:
-                self.text = self.text[:at]
-                return True
-        return False
+        hits = [at for s in self.stop if (at := self.text.find(s, search_from)) != -1]
+        if hits:
+            self.text = self.text[: min(hits)]  # the earliest stop string wins
+            self.stopped = True
+        return self.stopped
+
+    def flush(self) -> None:
+        """At the end of a sequence, keep what an incomplete character decoded to, as a
+        decode of all tokens at once would."""
+        if self.stopped or self._read_offset == len(self._ids):
+            return
+        before = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        after = self._decode(self._ids[self._prefix_offset :])
+        self.text += after[len(before) :]
+        self._read_offset = len(self._ids)
 
     def take_delta(self, finished: bool) -> str:
         """New text since the last call. Holds back a tail that could begin a stop string."""

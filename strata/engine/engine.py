@@ -230,6 +230,8 @@ class LLMEngine:
             self.num_generated_tokens += 1
             reason = self._stop_reason(seq)
             if reason is not None:
+                if seq.detokenizer is not None:
+                    seq.detokenizer.flush()
                 self.scheduler.finish(seq, reason)
                 del self._seqs[seq.request_id]
             outputs.append(self._output(seq, delta_tokens=1))

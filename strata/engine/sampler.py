@@ -50,8 +50,8 @@ def uniform_noise(seed: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.T
     row = _mix32(_mix32(seed) ^ _mix32(step + 0x9E3779B9))
     col = torch.arange(vocab, device=seed.device, dtype=torch.int64)
     bits = _mix32(row[:, None] ^ (col[None, :] * 0x85EBCA6B))
-    # 24 high-quality bits -> (0, 1), never exactly 0 or 1.
-    return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
+    # 23 bits -> (0, 1): (k + 0.5) / 2^23 is exact in float32, so never 0 or 1.
+    return ((bits >> 9).float() + 0.5) * (1.0 / (1 << 23))
 
 
 class Sampler:
@@ -91,5 +91,7 @@ def _apply_top_k_top_p(
     sorted_logits = sorted_logits.masked_fill(rank >= k, float("-inf"))
     probs = torch.softmax(sorted_logits, dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
-    sorted_logits = sorted_logits.masked_fill(mass_before > top_p[:, None], float("-inf"))
+    # Rows with top_p == 1 mask nothing (float32 cumsums can exceed 1 in the tail).
+    outside = (mass_before > top_p[:, None]) & (top_p[:, None] < 1.0)
+    sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)

@@ -43,9 +43,11 @@ class SamplingParams:
             not isinstance(self.max_tokens, int) or self.max_tokens <= 0
         ):
             raise InvalidRequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
+        if not self.temperature >= 0 or self.temperature == float("inf"):
+            raise InvalidRequestError(
+                f"temperature must be a finite number >= 0, got {self.temperature}"
+            )
+        if not 0.0 < self.top_p <= 1.0:  # also rejects NaN
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
         if not isinstance(self.top_k, int) or self.top_k < -1:
             raise InvalidRequestError(f"top_k must be -1 (disabled) or >= 0, got {self.top_k}")

@@ -10,8 +10,8 @@ For one sequence, with block size 4 and 10 tokens of which 7 are computed:
 Invariants (checked by `check_integrity`):
 - refcount(b) == number of block tables holding b; refcount(b) == 0 <=> b is on the free list.
 - Only full blocks whose every token is computed are in the prefix index.
-- A sequence's first `len(keys)` blocks are indexed (by it or by an earlier sequence)
-  under the chain keys `keys`.
+- A sequence's first `len(keys)` blocks are full and computed, with chain keys `keys`;
+  each is indexed under its key, or unindexed when another block held that key first.
 """
 
 from __future__ import annotations
@@ -190,11 +190,13 @@ class KVManager:
                 else:
                     held[block_id] += 1
             for i, key in enumerate(state.keys):
-                indexed = self.index._block_of.get(key)
-                if indexed is not None and indexed != state.table[i]:
+                # A duplicate of already-indexed content stays unindexed; an indexed block
+                # must be indexed under the key of the tokens this sequence put there.
+                indexed_key = self.index.key_of(state.table[i])
+                if indexed_key is not None and indexed_key != key:
                     problems.append(
-                        f"sequence {seq_id!r} block {i} is {state.table[i]} but its key "
-                        f"is indexed at block {indexed}"
+                        f"sequence {seq_id!r} block {i} (id {state.table[i]}) is indexed "
+                        "under another prefix's key"
                     )
         free = self.pool.free_order()
         if len(set(free)) != len(free):
