@@ -29,6 +29,7 @@ class ModelConfig:
     tie_word_embeddings: bool
     qkv_bias: bool
     hidden_act: str
+    sliding_window: int | None  # attention span limit; Strata caps the context at it
     hf_config: Any = field(repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -67,13 +68,29 @@ class ModelConfig:
             # Qwen2 always has q/k/v biases; Llama and Mistral only when attention_bias is set.
             qkv_bias=model_type == "qwen2" or bool(getattr(hf_config, "attention_bias", False)),
             hidden_act=getattr(hf_config, "hidden_act", "silu"),
+            sliding_window=_sliding_window(model_type, hf_config),
             hf_config=hf_config,
         )
+
+    @property
+    def context_limit(self) -> int:
+        """Longest sequence served exactly: inside the sliding window, full attention
+        and sliding-window attention are the same function."""
+        if self.sliding_window is None:
+            return self.max_position_embeddings
+        return min(self.max_position_embeddings, self.sliding_window)
 
     @property
     def kv_bytes_per_token(self) -> int:
         """Bytes of K and V per token over all layers, per byte of element size."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim
+
+
+def _sliding_window(model_type: str, hf_config: Any) -> int | None:
+    window = getattr(hf_config, "sliding_window", None)
+    if model_type == "qwen2" and not getattr(hf_config, "use_sliding_window", False):
+        return None
+    return int(window) if window else None
 
 
 @dataclass(frozen=True)

@@ -78,3 +78,15 @@ def test_logprobs_match_hf(tiny_models: dict[str, Any]) -> None:
         assert (
             max(abs(a - b) for (_, a), b in zip(step.top, top.values.tolist(), strict=True)) < 1e-4
         )
+
+
+def test_sliding_window_caps_the_context(tmp_path: Any) -> None:
+    from transformers import MistralConfig
+
+    from tests.conftest import TINY, make_hf_model
+
+    make_hf_model(MistralConfig(**{**TINY, "sliding_window": 32})).save_pretrained(tmp_path)
+    llm = LLM(str(tmp_path), device="cpu", kv_cache_memory=0.01)
+    assert llm.engine.max_model_len == 32
+    with pytest.raises(ValueError, match=r"exceeds the context length 32"):
+        llm.generate([[5] * 20], SamplingParams(max_tokens=20))

@@ -126,36 +126,12 @@ def load_hf_twin(llm: LLM) -> Any:
     engine = llm.engine
     hf_config = engine.model_config.hf_config
     model = AutoModelForCausalLM.from_config(hf_config, dtype=engine.dtype)
-    missing, unexpected = model.load_state_dict(
-        _hf_state_from_strata(engine.loaded.model), strict=False
-    )
+    missing, unexpected = model.load_state_dict(engine.loaded.model.hf_state_dict(), strict=False)
     if unexpected or any(not name.startswith("lm_head") for name in missing):
         raise RuntimeError(f"HF twin weights do not line up: {missing} {unexpected}")
     if engine.model_config.tie_word_embeddings:
         model.tie_weights()
     return model.to(engine.device).eval()
-
-
-def _hf_state_from_strata(model: Any) -> dict[str, torch.Tensor]:
-    cfg = model.config
-    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    inter = cfg.intermediate_size
-    state: dict[str, torch.Tensor] = {}
-    for name, param in model.named_parameters():
-        full = f"model.{name}" if not name.startswith("lm_head") else name
-        if ".qkv_proj." in name:
-            for part, (a, b) in {
-                "q_proj": (0, q),
-                "k_proj": (q, q + kv),
-                "v_proj": (q + kv, q + 2 * kv),
-            }.items():
-                state[full.replace("qkv_proj", part)] = param.data[a:b]
-        elif ".gate_up_proj." in name:
-            state[full.replace("gate_up_proj", "gate_proj")] = param.data[:inter]
-            state[full.replace("gate_up_proj", "up_proj")] = param.data[inter:]
-        else:
-            state[full] = param.data
-    return state
 
 
 def _sync(device: torch.device) -> None:

@@ -13,6 +13,12 @@ from typing import Any
 _WINDOW = 6  # tokens of left context kept for joining rules
 
 
+def decode_ids(tokenizer: Any, ids: list[int], skip_special_tokens: bool) -> str:
+    """Decode, ignoring ids beyond the tokenizer (random models may sample them)."""
+    vocab = len(tokenizer)
+    return tokenizer.decode([i for i in ids if i < vocab], skip_special_tokens=skip_special_tokens)
+
+
 class Detokenizer:
     def __init__(self, tokenizer: Any, skip_special_tokens: bool, stop: tuple[str, ...]) -> None:
         self.tokenizer = tokenizer
@@ -27,9 +33,7 @@ class Detokenizer:
         self._emitted = 0  # characters of `text` handed out as deltas
 
     def _decode(self, ids: list[int]) -> str:
-        vocab = len(self.tokenizer)
-        ids = [i for i in ids if i < vocab]  # random models may sample ids beyond the tokenizer
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        return decode_ids(self.tokenizer, ids, self.skip_special_tokens)
 
     def add(self, token_id: int) -> bool:
         """Append a token. True if a stop string now appears (text is cut before it)."""

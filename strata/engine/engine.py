@@ -12,7 +12,7 @@ import torch
 
 from strata.attention.backend import get_backend
 from strata.config import EngineConfig
-from strata.engine.detokenizer import Detokenizer
+from strata.engine.detokenizer import Detokenizer, decode_ids
 from strata.engine.outputs import RequestOutput, TokenLogprobs
 from strata.engine.plan import StepPlan
 from strata.engine.runner import ModelRunner
@@ -60,10 +60,14 @@ class LLMEngine:
         )
         self.model_config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
-        self.max_model_len = min(
-            requested_len or self.model_config.max_position_embeddings,
-            self.model_config.max_position_embeddings,
-        )
+        limit = self.model_config.context_limit
+        self.max_model_len = min(requested_len or limit, limit)
+        if limit < self.model_config.max_position_embeddings:
+            logger.info(
+                "context capped at the sliding window, %d tokens (sliding-window attention "
+                "is not implemented; within the window it equals full attention)",
+                limit,
+            )
         num_params = sum(p.numel() for p in self.loaded.model.parameters())
         logger.info(
             "model %s: %s, %d layers, %.1fM parameters, %s on %s",
@@ -291,9 +295,7 @@ class LLMEngine:
     def _decode(self, ids: list[int], params: SamplingParams) -> str:
         if self.tokenizer is None:
             return ""
-        vocab = len(self.tokenizer)
-        ids = [i for i in ids if i < vocab]
-        return self.tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
+        return decode_ids(self.tokenizer, ids, params.skip_special_tokens)
 
     # ---- introspection --------------------------------------------------------------------
 

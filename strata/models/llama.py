@@ -133,17 +133,38 @@ class LlamaModel(nn.Module):
 
     # ---- weights ---------------------------------------------------------------------------
 
+    def fused_rows(self) -> dict[str, tuple[str, int, int]]:
+        """transformers projection name -> (fused projection, first row, end row)."""
+        cfg = self.config
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        inter = cfg.intermediate_size
+        return {
+            "q_proj": ("qkv_proj", 0, q),
+            "k_proj": ("qkv_proj", q, q + kv),
+            "v_proj": ("qkv_proj", q + kv, q + 2 * kv),
+            "gate_proj": ("gate_up_proj", 0, inter),
+            "up_proj": ("gate_up_proj", inter, 2 * inter),
+        }
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights under transformers' names (views; tied lm_head left out)."""
+        state: dict[str, torch.Tensor] = {}
+        for name, param in self.named_parameters():
+            full = name if name.startswith("lm_head") else f"model.{name}"
+            parts = [(p, a, b) for p, (f, a, b) in self.fused_rows().items() if f".{f}." in name]
+            if not parts:
+                state[full] = param.data
+            for part, first, end in parts:
+                fused = ".qkv_proj." if ".qkv_proj." in name else ".gate_up_proj."
+                state[full.replace(fused, f".{part}.")] = param.data[first:end]
+        return state
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy transformers-named tensors into the fused parameters; check all were set."""
         cfg = self.config
-        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        qkv_slices = {"q_proj": (0, q), "k_proj": (q, q + kv), "v_proj": (q + kv, q + 2 * kv)}
-        gate_up_slices = {
-            "gate_proj": (0, cfg.intermediate_size),
-            "up_proj": (cfg.intermediate_size, 2 * cfg.intermediate_size),
-        }
         params = dict(self.named_parameters())
-        expected = _expected_hf_names(self, qkv_slices, gate_up_slices)
+        expected = {name.removeprefix("model.") for name in self.hf_state_dict()}
+        fused_rows = self.fused_rows()
         seen: set[str] = set()
         for name, tensor in weights:
             if name.startswith("model."):
@@ -153,10 +174,9 @@ class LlamaModel(nn.Module):
             if name == "lm_head.weight" and cfg.tie_word_embeddings:
                 continue
             target, rows = name, None
-            for part, span in (*qkv_slices.items(), *gate_up_slices.items()):
+            for part, (fused, first, end) in fused_rows.items():
                 if f".{part}." in name:
-                    fused = "qkv_proj" if part in qkv_slices else "gate_up_proj"
-                    target, rows = name.replace(part, fused), span
+                    target, rows = name.replace(f".{part}.", f".{fused}."), (first, end)
                     break
             if target not in params:
                 raise KeyError(f"unexpected weight {name!r} for {cfg.model_type}")
@@ -183,21 +203,3 @@ class LlamaModel(nn.Module):
                 param.data.zero_()
             else:
                 param.data.normal_(0.0, std, generator=gen)
-
-
-def _expected_hf_names(
-    model: LlamaModel,
-    qkv_slices: dict[str, tuple[int, int]],
-    gate_up_slices: dict[str, tuple[int, int]],
-) -> set[str]:
-    names: set[str] = set()
-    for name, _ in model.named_parameters():
-        if name == "lm_head.weight" and model.config.tie_word_embeddings:
-            continue
-        if ".qkv_proj." in name:
-            names.update(name.replace("qkv_proj", part) for part in qkv_slices)
-        elif ".gate_up_proj." in name:
-            names.update(name.replace("gate_up_proj", part) for part in gate_up_slices)
-        else:
-            names.add(name)
-    return names
