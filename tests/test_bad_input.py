@@ -129,3 +129,13 @@ def test_kv_pool_too_small(tiny_models: dict[str, Any]) -> None:
 def test_invalid_engine_config() -> None:
     with pytest.raises(ValueError, match="block_size must be a positive power of two"):
         LLM("random:smollm2-135m", device="cpu", block_size=12)
+
+
+def test_duplicate_request_id(llm: LLM) -> None:
+    engine = llm.engine
+    engine.add_request([5, 6], SamplingParams(max_tokens=2), request_id="same")
+    with pytest.raises(InvalidRequestError, match="request id 'same' is already in use"):
+        engine.add_request([7, 8], SamplingParams(max_tokens=2), request_id="same")
+    while engine.has_unfinished():
+        engine.step()
+    _still_serves(llm)

@@ -181,18 +181,26 @@ class LLMEngine:
         request_id: str | None = None,
         stream: bool = False,
     ) -> str:
-        """Queue a request; raises InvalidRequestError (and changes nothing) if it is bad."""
+        """Queue a request; raises InvalidRequestError (and queues nothing) if it is bad."""
+        return self.enqueue(self.prepare(prompt, params, request_id, stream))
+
+    def prepare(
+        self,
+        prompt: str | Seq[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        stream: bool = False,
+    ) -> Sequence:
+        """Tokenize and check a request without queueing it."""
         params = params or SamplingParams()
         text, ids = self.encode_prompt(prompt)
         max_tokens = self.validate(ids, params)
         request_id = request_id if request_id is not None else str(next(self._ids))
-        if request_id in self._seqs:
-            raise InvalidRequestError(f"request id {request_id!r} is already in use")
         detokenizer = None
         if self.tokenizer is not None and (stream or params.stop):
             detokenizer = Detokenizer(self.tokenizer, params.skip_special_tokens, params.stop)
         seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
-        seq = Sequence(
+        return Sequence(
             request_id=request_id,
             prompt=text,
             prompt_token_ids=ids,
@@ -201,10 +209,15 @@ class LLMEngine:
             max_tokens=max_tokens,
             detokenizer=detokenizer,
         )
-        self._seqs[request_id] = seq
+
+    def enqueue(self, seq: Sequence) -> str:
+        """Queue a sequence made by `prepare`."""
+        if seq.request_id in self._seqs:
+            raise InvalidRequestError(f"request id {seq.request_id!r} is already in use")
+        self._seqs[seq.request_id] = seq
         self.scheduler.add(seq)
-        self.num_prompt_tokens += len(ids)
-        return request_id
+        self.num_prompt_tokens += seq.num_prompt_tokens
+        return seq.request_id
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and return its blocks to the pool. None if unknown."""

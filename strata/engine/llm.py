@@ -82,13 +82,8 @@ class LLM:
         """
         batch = _as_prompt_list(prompts)
         param_list = _broadcast(params, len(batch))
-        checked = []
-        for prompt, p in zip(batch, param_list, strict=True):
-            _, ids = self.engine.encode_prompt(prompt)
-            self.engine.validate(ids, p)
-            checked.append((prompt, p))
-        ids = [self.engine.add_request(prompt, p) for prompt, p in checked]
-        return self._run(ids, use_tqdm)
+        seqs = [self.engine.prepare(prompt, p) for prompt, p in zip(batch, param_list, strict=True)]
+        return self._run([self.engine.enqueue(seq) for seq in seqs], use_tqdm)
 
     def chat(
         self,

@@ -148,15 +148,15 @@ class LlamaModel(nn.Module):
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights under transformers' names (views; tied lm_head left out)."""
+        fused_rows = self.fused_rows()
         state: dict[str, torch.Tensor] = {}
         for name, param in self.named_parameters():
             full = name if name.startswith("lm_head") else f"model.{name}"
-            parts = [(p, a, b) for p, (f, a, b) in self.fused_rows().items() if f".{f}." in name]
+            parts = [(p, f, a, b) for p, (f, a, b) in fused_rows.items() if f".{f}." in name]
             if not parts:
                 state[full] = param.data
-            for part, first, end in parts:
-                fused = ".qkv_proj." if ".qkv_proj." in name else ".gate_up_proj."
-                state[full.replace(fused, f".{part}.")] = param.data[first:end]
+            for part, fused, first, end in parts:
+                state[full.replace(f".{fused}.", f".{part}.")] = param.data[first:end]
         return state
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
