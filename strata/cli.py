@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from strata.bench.workload import parse_range
 from strata.engine.llm import LLM
@@ -107,20 +109,24 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
     )
 
 
+def llm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "model": args.model,
+        "device": args.device,
+        "dtype": args.dtype,
+        "kv_cache_memory": args.kv_cache_memory,
+        "gpu_memory_utilization": args.gpu_memory_utilization,
+        "block_size": args.block_size,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "max_num_seqs": args.max_num_seqs,
+        "max_model_len": args.max_model_len,
+        "enable_prefix_caching": not args.no_prefix_caching,
+        "seed": args.seed,
+    }
+
+
 def llm_from_args(args: argparse.Namespace) -> LLM:
-    return LLM(
-        args.model,
-        device=args.device,
-        dtype=args.dtype,
-        kv_cache_memory=args.kv_cache_memory,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        block_size=args.block_size,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_num_seqs=args.max_num_seqs,
-        max_model_len=args.max_model_len,
-        enable_prefix_caching=not args.no_prefix_caching,
-        seed=args.seed,
-    )
+    return LLM(**llm_kwargs(args))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -188,6 +194,27 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": reply})
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from strata.models.loader import model_name
+    from strata.server.serve import serve
+
+    if args.max_waiting_requests is not None and args.max_waiting_requests < 1:
+        raise ValueError(f"--max-waiting-requests must be >= 1, got {args.max_waiting_requests}")
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    kwargs = llm_kwargs(args)
+    return serve(
+        lambda: LLM(**kwargs).engine,
+        model_name=args.served_model_name or model_name(args.model),
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or os.environ.get("STRATA_API_KEY") or None,
+        max_waiting_requests=args.max_waiting_requests,
+        shutdown_timeout_s=args.shutdown_timeout,
+        log_level=args.log_level,
+    )
+
+
 def cmd_bench_throughput(args: argparse.Namespace) -> int:
     from strata.bench.throughput import run
 
@@ -220,6 +247,34 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(chat)
     add_sampling_args(chat, max_tokens=512)
     chat.set_defaults(func=cmd_chat)
+
+    srv = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, "
+        "/v1/models, /health, /metrics)",
+    )
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
+    srv.add_argument(
+        "--api-key", default=None,
+        help="require 'Authorization: Bearer KEY' on /v1 routes (default: $STRATA_API_KEY; "
+        "unset = no key)",
+    )  # fmt: skip
+    srv.add_argument(
+        "--served-model-name", default=None,
+        help="the model name clients send and /v1/models lists (default: the --model value, "
+        "or smollm2-135m for the embedded model)",
+    )  # fmt: skip
+    srv.add_argument(
+        "--max-waiting-requests", type=int, default=None, metavar="N",
+        help="answer 429 with Retry-After once N requests are waiting (default: unlimited)",
+    )  # fmt: skip
+    srv.add_argument(
+        "--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+        help="on SIGTERM, let requests in flight finish for this long (default 30)",
+    )  # fmt: skip
+    add_engine_args(srv)
+    srv.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)

@@ -12,6 +12,10 @@ class InvalidRequestError(StrataError, ValueError):
     """A request (prompt or sampling parameters) that cannot be served as given."""
 
 
+class ContextLengthError(InvalidRequestError):
+    """A prompt (plus the tokens asked for) longer than the context the engine serves."""
+
+
 class ModelLoadError(StrataError):
     """A model path that does not exist, cannot be read, or holds no usable weights."""
 
@@ -22,3 +26,7 @@ class UnsupportedModelError(ModelLoadError):
 
 class KVCacheTooSmallError(StrataError):
     """A KV block pool that cannot hold even one sequence of the configured length."""
+
+
+class RequestFailedError(StrataError):
+    """A request that the engine failed while running it (an exception in a step)."""

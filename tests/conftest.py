@@ -85,6 +85,21 @@ def embedded_folder() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_chat_folder(embedded_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama with the embedded model's tokenizer and chat template: text in,
+    text out, at a millisecond a step."""
+    from transformers import AutoTokenizer
+
+    config = LlamaConfig(
+        **{**TINY, "vocab_size": 49152, "num_key_value_heads": 2, "max_position_embeddings": 1024}
+    )
+    folder = tmp_path_factory.mktemp("tiny-chat")
+    make_hf_model(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(embedded_folder).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def embedded_hf(embedded_folder: Path) -> Any:
     return AutoModelForCausalLM.from_pretrained(embedded_folder, dtype=torch.float32).eval()
 

@@ -20,7 +20,7 @@ from strata.engine.sampler import SamplerOutput
 from strata.engine.sampling_params import SamplingParams
 from strata.engine.scheduler import Scheduler
 from strata.engine.sequence import Sequence, SequenceStatus
-from strata.errors import InvalidRequestError, KVCacheTooSmallError
+from strata.errors import ContextLengthError, InvalidRequestError, KVCacheTooSmallError
 from strata.kv.cache import KVCache
 from strata.kv.manager import KVIntegrityError, KVManager
 from strata.kv.prefix import root_key
@@ -162,13 +162,13 @@ class LLMEngine:
         if n == 0:
             raise InvalidRequestError("the prompt is empty; it must contain at least one token")
         if n >= limit:
-            raise InvalidRequestError(
+            raise ContextLengthError(
                 f"the prompt has {n} tokens but the context holds {limit} (max_model_len), "
                 "including at least one generated token"
             )
         max_tokens = params.max_tokens if params.max_tokens is not None else limit - n
         if n + max_tokens > limit:
-            raise InvalidRequestError(
+            raise ContextLengthError(
                 f"prompt ({n} tokens) + max_tokens ({max_tokens}) = {n + max_tokens} exceeds the "
                 f"context length {limit} (max_model_len); lower max_tokens to at most {limit - n}"
             )
@@ -233,10 +233,40 @@ class LLMEngine:
     # ---- the loop -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled step; returns outputs of the requests that got a token."""
+        """Run one scheduled step; returns outputs of the requests that got a token.
+
+        If running the step raises, the requests in it are finished with reason "error"
+        (their blocks freed, the message in `RequestOutput.error`) and returned; the
+        engine stays usable for every other request.
+        """
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return []
+        try:
+            return self._run_plan(plan)
+        except Exception as exc:
+            logger.exception("engine step failed; failing the %d requests in it", len(plan.chunks))
+            message = f"the engine failed while running this request: {type(exc).__name__}: {exc}"
+            return self.fail([c.seq.request_id for c in plan.chunks], message)
+
+    def fail(self, request_ids: Seq[str], message: str) -> list[RequestOutput]:
+        """Finish these requests with reason "error" and free their blocks."""
+        outputs = []
+        for request_id in request_ids:
+            seq = self._seqs.pop(request_id, None)
+            if seq is None:
+                continue
+            self.scheduler.finish(seq, "error")
+            out = self._output(seq)
+            out.error = message
+            outputs.append(out)
+        return outputs
+
+    def request_ids(self) -> list[str]:
+        """Ids of every request queued or running."""
+        return list(self._seqs)
+
+    def _run_plan(self, plan: StepPlan) -> list[RequestOutput]:
         sampled = self.runner.execute(plan)
         tokens = [] if sampled is None else sampled.token_ids.tolist()  # the one host sync
         got_token = self.scheduler.update(plan, tokens)

@@ -8,10 +8,11 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from strata.config import CacheConfig, EngineConfig, SchedulerConfig
+from strata.engine.chat import chat_prompt_ids
 from strata.engine.engine import LLMEngine
 from strata.engine.outputs import RequestOutput
 from strata.engine.sampling_params import SamplingParams
-from strata.errors import InvalidRequestError
+from strata.errors import InvalidRequestError, RequestFailedError
 
 Prompt = str | Sequence[int]
 Message = dict[str, str]
@@ -98,16 +99,7 @@ class LLM:
 
     def chat_prompt_ids(self, messages: list[Message]) -> list[int]:
         """Token ids of a conversation rendered by the model's chat template."""
-        tokenizer = self.engine.tokenizer
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise InvalidRequestError(f"model {self.engine.loaded.name} has no chat template")
-        if not messages:
-            raise InvalidRequestError("a conversation needs at least one message")
-        for m in messages:
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise InvalidRequestError(f"each message needs 'role' and 'content', got {m!r}")
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return list(tokenizer(text, add_special_tokens=False).input_ids)
+        return chat_prompt_ids(self.engine.tokenizer, messages, self.engine.loaded.name)
 
     def stream(
         self, prompt: Prompt, params: SamplingParams | None = None
@@ -118,6 +110,8 @@ class LLM:
             while True:
                 for out in self.engine.step():
                     if out.request_id == request_id:
+                        if out.error is not None:
+                            raise RequestFailedError(out.error)
                         yield out
                         if out.finished:
                             return
@@ -131,6 +125,8 @@ class LLM:
             try:
                 while pending:
                     for out in self.engine.step():
+                        if out.error is not None and out.request_id in pending:
+                            raise RequestFailedError(out.error)
                         if out.finished and out.request_id in pending:
                             pending.discard(out.request_id)
                             done[out.request_id] = out

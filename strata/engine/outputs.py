@@ -20,7 +20,8 @@ class RequestOutput:
 
     text and token_ids are cumulative; delta_text and delta_token_ids hold what the
     last engine step added (for streaming). finish_reason: "stop" (EOS, stop token or
-    stop string), "length" (max_tokens or context), or "abort".
+    stop string), "length" (max_tokens or context), "abort", or "error" (the engine
+    failed a step this request was in; `error` says why).
     """
 
     request_id: str
@@ -34,3 +35,4 @@ class RequestOutput:
     num_cached_tokens: int = 0
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
+    error: str | None = None

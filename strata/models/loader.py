@@ -49,13 +49,21 @@ def cache_dir() -> Path:
     return Path(os.environ.get("STRATA_CACHE_DIR", Path.home() / ".cache" / "strata"))
 
 
+EMBEDDED_NAME = "smollm2-135m"
+
+
+def model_name(spec: str | None) -> str:
+    """The name a loaded model reports (and a server serves it under by default)."""
+    return EMBEDDED_NAME if spec is None else spec
+
+
 def load_model(
     spec: str | None, device: torch.device, dtype: torch.dtype, max_positions: int | None, seed: int
 ) -> LoadedModel:
     """Build the model `spec` names on `device` in `dtype`. None is the embedded model."""
     if spec is None:
         path = embedded_model_path()
-        return _load_hf_folder(gguf_to_folder(path), device, dtype, max_positions, "smollm2-135m")
+        return _load_hf_folder(gguf_to_folder(path), device, dtype, max_positions, EMBEDDED_NAME)
     if spec.startswith("random:"):
         return _load_random(spec[len("random:") :], device, dtype, max_positions, seed)
     path = Path(spec).expanduser()

@@ -1,0 +1,29 @@
+"""Render a conversation into prompt token ids with the model's chat template."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from strata.errors import InvalidRequestError
+
+Message = dict[str, Any]
+
+
+def chat_prompt_ids(tokenizer: Any, messages: list[Message], model_name: str) -> list[int]:
+    """Token ids of `messages` rendered by the chat template, with the generation prompt.
+
+    Raises InvalidRequestError for a model without a template, an empty conversation,
+    a malformed message, or one the template itself rejects.
+    """
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise InvalidRequestError(f"model {model_name} has no chat template")
+    if not messages:
+        raise InvalidRequestError("a conversation needs at least one message")
+    for m in messages:
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise InvalidRequestError(f"each message needs 'role' and 'content', got {m!r}")
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as exc:  # jinja2 errors raised by the template (raise_exception, say)
+        raise InvalidRequestError(f"the chat template rejected the messages: {exc}") from exc
+    return list(tokenizer(text, add_special_tokens=False).input_ids)

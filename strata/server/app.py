@@ -1,0 +1,313 @@
+"""The OpenAI-compatible HTTP app: /v1/completions, /v1/chat/completions, /v1/models,
+/health and /metrics, over one AsyncEngine.
+
+A request is checked whole before anything is queued: parameters, model name, every
+prompt's length against the context, and the waiting queue's room for all its choices.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from strata.engine.async_engine import AsyncEngine, EngineStoppedError, QueueFullError
+from strata.engine.chat import chat_prompt_ids
+from strata.engine.outputs import RequestOutput
+from strata.engine.sampling_params import SamplingParams
+from strata.engine.sequence import Sequence as EngineSequence
+from strata.errors import InvalidRequestError
+from strata.server.errors import (
+    APIError,
+    install_error_handlers,
+    invalid_request,
+    server_error,
+    unavailable,
+)
+from strata.server.metrics import ServerMetrics
+from strata.server.protocol import ChatCompletionRequest, CompletionRequest
+from strata.server.request_run import ClientDisconnected, RequestRun
+from strata.server.responses import (
+    SSE_DONE,
+    ChatFormatter,
+    CompletionFormatter,
+    TokenText,
+    sse,
+    usage_of,
+)
+
+logger = logging.getLogger("strata.server")
+
+QUEUE_FULL_RETRY_AFTER_S = 1
+
+
+@dataclass
+class ServerState:
+    """What the routes share. `engine` is None until the model has loaded."""
+
+    model_name: str
+    api_key: str | None = None
+    engine: AsyncEngine | None = None
+    load_error: str | None = None
+    draining: bool = False
+    started: float = field(default_factory=time.time)
+    metrics: ServerMetrics = field(init=False)
+    token_text: TokenText | None = None
+
+    def __post_init__(self) -> None:
+        self.metrics = ServerMetrics(self._stats)
+
+    def _stats(self) -> dict[str, Any] | None:
+        return None if self.engine is None else self.engine.stats_snapshot
+
+    def set_engine(self, engine: AsyncEngine) -> None:
+        self.token_text = TokenText(engine.engine.tokenizer)
+        self.engine = engine
+
+    def ready_engine(self) -> AsyncEngine:
+        if self.draining:
+            raise unavailable("the server is shutting down")
+        if self.engine is None:
+            raise unavailable(self.load_error or "the model is still loading")
+        return self.engine
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(
+                404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                param="model", code="model_not_found",
+            )  # fmt: skip
+
+
+def build_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="Strata", version="0.1.0", description="OpenAI-compatible LLM server")
+    app.state.strata = state
+    install_error_handlers(app)
+
+    async def authorize(request: Request) -> None:
+        if state.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), state.api_key):
+            raise APIError(
+                401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
+                code="invalid_api_key",
+            )  # fmt: skip
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if state.engine is None or state.draining or not state.engine.alive:
+            status = "draining" if state.draining else (state.load_error or "loading")
+            return JSONResponse({"status": status}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def models() -> dict[str, Any]:
+        card = {
+            "id": state.model_name, "object": "model", "created": int(state.started),
+            "owned_by": "strata",
+        }  # fmt: skip
+        if state.engine is not None:
+            card["max_model_len"] = state.engine.engine.max_model_len
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/completions", dependencies=[Depends(authorize)], response_model=None)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        engine = state.ready_engine()
+        state.check_model(body.model)
+        body.check_supported()
+        prompts = body.prompts()
+        params = body.sampling_params(body.max_tokens, body.logprobs)
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        seqs = await _prepare(engine, prompts, params, body.n, request_id, "prompt")
+        run = _submit(state, engine, request_id, seqs)
+        assert state.token_text is not None
+        fmt = CompletionFormatter(request_id, state.model_name, state.token_text)
+        echo = [_prompt_text(engine, s) for s in seqs] if body.echo else None
+        if body.stream:
+            return _stream(_completion_chunks(run, fmt, body, echo), run)
+        finals = await _collect(run, request)
+        choices = []
+        for i, out in enumerate(finals):
+            text = (echo[i] if echo else "") + out.text
+            choices.append(fmt.choice(i, text, out, out.logprobs, body.logprobs))
+        return JSONResponse(fmt.response(choices, usage_of(finals, body.n)))
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)], response_model=None)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        engine = state.ready_engine()
+        state.check_model(body.model)
+        body.check_supported()
+        messages = [m.as_template_message() for m in body.messages]
+        try:
+            prompt_ids = await engine.run_in_tokenizer_thread(
+                chat_prompt_ids, engine.engine.tokenizer, messages, state.model_name
+            )
+        except InvalidRequestError as exc:
+            raise invalid_request(exc, "messages") from exc
+        params = body.sampling_params(body.max_new_tokens, body.num_logprobs)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        seqs = await _prepare(engine, [prompt_ids], params, body.n, request_id, "messages")
+        run = _submit(state, engine, request_id, seqs)
+        assert state.token_text is not None
+        fmt = ChatFormatter(request_id, state.model_name, state.token_text)
+        if body.stream:
+            return _stream(_chat_chunks(run, fmt, body), run)
+        finals = await _collect(run, request)
+        choices = [fmt.choice(i, out, out.logprobs) for i, out in enumerate(finals)]
+        return JSONResponse(fmt.response(choices, usage_of(finals, body.n)))
+
+    return app
+
+
+# ---- request flow ---------------------------------------------------------------------------
+
+
+def _choice_params(params: SamplingParams, k: int) -> SamplingParams:
+    """The k-th of n choices: a seeded request's choices differ by seed, reproducibly."""
+    if k == 0 or params.seed is None:
+        return params
+    return replace(params, seed=params.seed + k)
+
+
+async def _prepare(
+    engine: AsyncEngine,
+    prompts: list[Any],
+    params: SamplingParams,
+    n: int,
+    request_id: str,
+    param_name: str,
+) -> list[EngineSequence]:
+    seqs = []
+    try:
+        for p, prompt in enumerate(prompts):
+            first = await engine.prepare(prompt, params, f"{request_id}-{p * n}")
+            seqs.append(first)
+            for k in range(1, n):
+                copy_params = _choice_params(params, k)
+                copy_id = f"{request_id}-{p * n + k}"
+                seqs.append(await engine.prepare(first.prompt_token_ids, copy_params, copy_id))
+    except InvalidRequestError as exc:
+        raise invalid_request(exc, param_name) from exc
+    return seqs
+
+
+def _submit(
+    state: ServerState, engine: AsyncEngine, request_id: str, seqs: list[EngineSequence]
+) -> RequestRun:
+    try:
+        streams = engine.submit(seqs)
+    except QueueFullError as exc:
+        state.metrics.rejected.labels(status="429").inc()
+        raise APIError(
+            429, str(exc), type_="rate_limit_error", code="queue_full",
+            headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)},
+        ) from exc  # fmt: skip
+    except EngineStoppedError as exc:
+        state.metrics.rejected.labels(status="503").inc()
+        raise unavailable(str(exc)) from exc
+    return RequestRun(request_id, streams, state.metrics)
+
+
+async def _collect(run: RequestRun, request: Request) -> list[RequestOutput]:
+    try:
+        finals = await run.collect(request)
+    except ClientDisconnected:
+        run.close("client disconnected")
+        raise
+    except BaseException:
+        run.close("cancelled")
+        raise
+    errors = [out.error for out in finals if out.error is not None]
+    run.close("error" if errors else "ok")
+    if errors:
+        raise server_error(errors[0])
+    return finals
+
+
+def _prompt_text(engine: AsyncEngine, seq: EngineSequence) -> str:
+    if seq.prompt is not None:
+        return seq.prompt
+    tokenizer = engine.engine.tokenizer
+    return "" if tokenizer is None else tokenizer.decode(seq.prompt_token_ids)
+
+
+def _stream(chunks: AsyncIterator[str], run: RequestRun) -> StreamingResponse:
+    async def body() -> AsyncIterator[str]:
+        status = "client disconnected"
+        try:
+            async for chunk in chunks:
+                yield chunk
+            status = "ok"
+        finally:
+            run.close(status)
+
+    return StreamingResponse(body(), media_type="text/event-stream")
+
+
+def _error_chunk(message: str) -> str:
+    return sse(server_error(message).body())
+
+
+def _delta_logprobs(out: RequestOutput) -> list[Any] | None:
+    if out.logprobs is None:
+        return None
+    n = len(out.delta_token_ids)
+    return out.logprobs[len(out.logprobs) - n :] if n else []
+
+
+async def _completion_chunks(
+    run: RequestRun, fmt: CompletionFormatter, body: CompletionRequest, echo: list[str] | None
+) -> AsyncIterator[str]:
+    echoed: set[int] = set()
+    async for index, out in run.outputs():
+        if out.error is not None:
+            yield _error_chunk(out.error)
+            break
+        text = out.delta_text
+        if echo is not None and index not in echoed:
+            echoed.add(index)
+            text = echo[index] + text
+        if not text and not out.finished and not out.delta_token_ids:
+            continue
+        choice = fmt.choice(index, text, out, _delta_logprobs(out), body.logprobs)
+        yield sse(fmt.chunk(choice, body.include_usage))
+    else:
+        if body.include_usage:
+            finals = [o for o in run.finals if o is not None]
+            yield sse(fmt.usage_chunk(usage_of(finals, body.n)))
+    yield SSE_DONE
+
+
+async def _chat_chunks(
+    run: RequestRun, fmt: ChatFormatter, body: ChatCompletionRequest
+) -> AsyncIterator[str]:
+    usage = body.include_usage
+    for index in range(len(run.streams)):
+        yield sse(fmt.chunk(index, {"role": "assistant", "content": ""}, None, None, usage))
+    async for index, out in run.outputs():
+        if out.error is not None:
+            yield _error_chunk(out.error)
+            break
+        if out.delta_text or out.delta_token_ids:
+            delta = {"content": out.delta_text}
+            yield sse(fmt.chunk(index, delta, None, _delta_logprobs(out), usage))
+        if out.finished:
+            yield sse(fmt.chunk(index, {}, out, None, usage))
+    else:
+        if usage:
+            finals = [o for o in run.finals if o is not None]
+            yield sse(fmt.usage_chunk(usage_of(finals, body.n)))
+    yield SSE_DONE

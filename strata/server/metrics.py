@@ -1,0 +1,92 @@
+"""Prometheus metrics of one server, on a registry of its own.
+
+Engine state (queues, KV blocks, prefix cache, token counters) is read from the engine
+thread's latest stats snapshot when scraped; request latencies are observed by the
+request handlers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+PREFIX = "strata"
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0,
+    2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0,
+)  # fmt: skip
+
+# stats key -> (metric name, help)
+GAUGES = {
+    "num_running": ("num_requests_running", "Requests running in the engine."),
+    "num_waiting": ("num_requests_waiting", "Requests waiting to be scheduled."),
+    "kv_blocks_used": ("kv_blocks_used", "KV blocks held by running requests or the cache."),
+    "kv_blocks_free": ("kv_blocks_free", "KV blocks free in the GPU pool."),
+    "kv_blocks_total": ("kv_blocks_total", "KV blocks in the GPU pool."),
+}
+COUNTERS = {
+    "prefix_cache_queried_tokens": ("prefix_cache_queries", "Prompt tokens looked up."),
+    "prefix_cache_hit_tokens": ("prefix_cache_hits", "Prompt tokens found in the cache."),
+    "num_preemptions": ("num_preemptions", "Sequences preempted for lack of KV blocks."),
+    "num_prompt_tokens": ("prompt_tokens", "Prompt tokens received."),
+    "num_generated_tokens": ("generation_tokens", "Tokens generated."),
+}
+
+
+class _EngineCollector(Collector):
+    def __init__(self, snapshot: Callable[[], dict[str, Any] | None]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._snapshot()
+        if stats is None:
+            return
+        stats = {**stats, "kv_blocks_used": stats["kv_blocks_total"] - stats["kv_blocks_free"]}
+        for key, (name, doc) in GAUGES.items():
+            yield GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=stats[key])
+        for key, (name, doc) in COUNTERS.items():
+            yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=stats[key])
+
+
+class ServerMetrics:
+    def __init__(self, snapshot: Callable[[], dict[str, Any] | None]) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_EngineCollector(snapshot))
+        self.ttft = Histogram(
+            f"{PREFIX}_time_to_first_token_seconds", "Time from arrival to the first token.",
+            registry=self.registry, buckets=LATENCY_BUCKETS,
+        )  # fmt: skip
+        self.tpot = Histogram(
+            f"{PREFIX}_time_per_output_token_seconds",
+            "Mean time between output tokens after the first, per request.",
+            registry=self.registry, buckets=LATENCY_BUCKETS,
+        )  # fmt: skip
+        self.e2e = Histogram(
+            f"{PREFIX}_e2e_request_latency_seconds", "Time from arrival to the last token.",
+            registry=self.registry, buckets=LATENCY_BUCKETS,
+        )  # fmt: skip
+        self.finished = Counter(
+            f"{PREFIX}_request_finished", "Requests finished, by reason.",
+            ["finish_reason"], registry=self.registry,
+        )  # fmt: skip
+        self.rejected = Counter(
+            f"{PREFIX}_request_rejected", "Requests refused before running, by HTTP status.",
+            ["status"], registry=self.registry,
+        )  # fmt: skip
+
+    def observe(
+        self, ttft: float | None, e2e: float, num_output_tokens: int, finish_reason: str | None
+    ) -> None:
+        if ttft is not None:
+            self.ttft.observe(ttft)
+            if num_output_tokens > 1:
+                self.tpot.observe((e2e - ttft) / (num_output_tokens - 1))
+        self.e2e.observe(e2e)
+        self.finished.labels(finish_reason=finish_reason or "unknown").inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,223 @@
+"""Response and stream-chunk bodies in OpenAI's formats, built from engine outputs."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from strata.engine.outputs import RequestOutput, TokenLogprobs
+
+
+class TokenText:
+    """Token id -> its text as a single token, cached (logprobs name tokens by text)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self._cache.get(token_id)
+        if text is None:
+            if self._tokenizer is None:
+                text = f"<{token_id}>"
+            else:
+                text = self._tokenizer.decode([token_id], skip_special_tokens=False)
+            self._cache[token_id] = text
+        return text
+
+
+def sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+        }
+
+
+def usage_of(finals: list[RequestOutput], n: int) -> Usage:
+    """Usage of a request whose choices are `finals`, `n` per prompt in prompt order.
+
+    The prompt counts once per prompt, as OpenAI bills it; its cached tokens are the
+    fewest any of its n copies found in the cache.
+    """
+    usage = Usage()
+    for start in range(0, len(finals), n):
+        group = finals[start : start + n]
+        usage.prompt_tokens += len(group[0].prompt_token_ids)
+        usage.cached_tokens += min(o.num_cached_tokens for o in group)
+    usage.completion_tokens = sum(len(o.token_ids) for o in finals)
+    return usage
+
+
+def finish_reason(out: RequestOutput) -> str | None:
+    if not out.finished:
+        return None
+    return "length" if out.finish_reason == "length" else "stop"
+
+
+@dataclass
+class CompletionFormatter:
+    """Bodies for /v1/completions."""
+
+    request_id: str
+    model: str
+    token_text: TokenText
+    created: int = field(default_factory=lambda: int(time.time()))
+    _text_offsets: dict[int, int] = field(default_factory=dict)
+
+    def logprobs(self, index: int, entries: list[TokenLogprobs], with_top: bool) -> dict[str, Any]:
+        offset = self._text_offsets.get(index, 0)
+        tokens, token_lps, tops, offsets = [], [], [], []
+        for e in entries:
+            text = self.token_text(e.token_id)
+            tokens.append(text)
+            token_lps.append(e.logprob)
+            offsets.append(offset)
+            offset += len(text)
+            if with_top:
+                top: dict[str, float] = {}
+                for token_id, lp in e.top:
+                    key = self.token_text(token_id)
+                    top[key] = max(lp, top.get(key, float("-inf")))
+                tops.append(top)
+        self._text_offsets[index] = offset
+        return {
+            "tokens": tokens,
+            "token_logprobs": token_lps,
+            "top_logprobs": tops if with_top else None,
+            "text_offset": offsets,
+        }
+
+    def choice(
+        self, index: int, text: str, out: RequestOutput, entries: list[TokenLogprobs] | None,
+        num_top: int | None,
+    ) -> dict[str, Any]:  # fmt: skip
+        lp = None
+        if entries is not None:
+            lp = self.logprobs(index, entries, bool(num_top))
+        return {"index": index, "text": text, "logprobs": lp, "finish_reason": finish_reason(out)}
+
+    def response(self, choices: list[dict[str, Any]], usage: Usage) -> dict[str, Any]:
+        return {
+            "id": self.request_id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": usage.body(),
+        }
+
+    def chunk(self, choice: dict[str, Any], include_usage: bool) -> dict[str, Any]:
+        body = {
+            "id": self.request_id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        }
+        if include_usage:
+            body["usage"] = None
+        return body
+
+    def usage_chunk(self, usage: Usage) -> dict[str, Any]:
+        return {
+            "id": self.request_id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [],
+            "usage": usage.body(),
+        }
+
+
+@dataclass
+class ChatFormatter:
+    """Bodies for /v1/chat/completions."""
+
+    request_id: str
+    model: str
+    token_text: TokenText
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
+        text = self.token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    def logprobs(self, entries: list[TokenLogprobs]) -> dict[str, Any]:
+        content = []
+        for e in entries:
+            item = self._entry(e.token_id, e.logprob)
+            item["top_logprobs"] = [self._entry(t, lp) for t, lp in e.top]
+            content.append(item)
+        return {"content": content}
+
+    def choice(
+        self, index: int, out: RequestOutput, entries: list[TokenLogprobs] | None
+    ) -> dict[str, Any]:
+        return {
+            "index": index,
+            "message": {"role": "assistant", "content": out.text},
+            "logprobs": None if entries is None else self.logprobs(entries),
+            "finish_reason": finish_reason(out),
+        }
+
+    def response(self, choices: list[dict[str, Any]], usage: Usage) -> dict[str, Any]:
+        return {
+            "id": self.request_id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": usage.body(),
+        }
+
+    def chunk(
+        self,
+        index: int,
+        delta: dict[str, Any],
+        out: RequestOutput | None,
+        entries: list[TokenLogprobs] | None,
+        include_usage: bool,
+    ) -> dict[str, Any]:
+        choice = {
+            "index": index,
+            "delta": delta,
+            "logprobs": None if entries is None else self.logprobs(entries),
+            "finish_reason": None if out is None else finish_reason(out),
+        }
+        body = {
+            "id": self.request_id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        }
+        if include_usage:
+            body["usage"] = None
+        return body
+
+    def usage_chunk(self, usage: Usage) -> dict[str, Any]:
+        return {
+            "id": self.request_id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [],
+            "usage": usage.body(),
+        }

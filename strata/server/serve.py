@@ -1,0 +1,118 @@
+"""`strata serve`: load the model in the background and serve the HTTP app with uvicorn.
+
+The socket opens at once; /health answers 503 until the model has loaded. On SIGTERM
+or SIGINT the server drains: new requests get 503, requests in flight run to the end
+for up to `shutdown_timeout_s`, then uvicorn stops. A second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from types import FrameType
+
+import uvicorn
+
+from strata.engine.async_engine import AsyncEngine
+from strata.engine.engine import LLMEngine
+from strata.server.app import ServerState, build_app
+
+logger = logging.getLogger("strata.server")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose first exit signal drains in-flight requests before stopping."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, timeout_s: float) -> None:
+        super().__init__(config)
+        self.strata = state
+        self.timeout_s = timeout_s
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.strata.draining or self.strata.engine is None:
+            super().handle_exit(sig, frame)  # a second signal, or nothing to drain
+            return
+        self.strata.draining = True
+        self.strata.engine.stop()
+        logger.info(
+            "received %s: draining %d requests (up to %.0f s); new requests get 503",
+            signal.Signals(sig).name, self.strata.engine.num_in_flight, self.timeout_s,
+        )  # fmt: skip
+        asyncio.get_event_loop().create_task(self._drain(sig, frame))
+
+    async def _drain(self, sig: int, frame: FrameType | None) -> None:
+        assert self.strata.engine is not None
+        deadline = time.monotonic() + self.timeout_s
+        while self.strata.engine.num_in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        left = self.strata.engine.num_in_flight
+        if left:
+            logger.warning("shutdown timeout: aborting %d requests still in flight", left)
+        else:
+            logger.info("all requests finished; stopping")
+        await asyncio.sleep(0.1)  # let the last responses flush
+        super().handle_exit(sig, frame)
+
+
+def start_loading(
+    state: ServerState,
+    make_engine: Callable[[], LLMEngine],
+    max_waiting_requests: int | None,
+    on_error: Callable[[], None],
+) -> threading.Thread:
+    """Build the engine on its own thread; the app serves 503 until it is ready."""
+    async_engine = AsyncEngine(make_engine, max_waiting_requests)
+
+    def wait() -> None:
+        try:
+            engine = async_engine.wait_loaded()
+        except BaseException as exc:
+            state.load_error = f"the model failed to load: {type(exc).__name__}: {exc}"
+            logger.error("%s", state.load_error)
+            on_error()
+            return
+        state.set_engine(async_engine)
+        logger.info(
+            "ready: serving %s, max_model_len %d, max_waiting_requests %s",
+            state.model_name, engine.max_model_len, max_waiting_requests or "unlimited",
+        )  # fmt: skip
+
+    thread = threading.Thread(target=wait, name="strata-load", daemon=True)
+    thread.start()
+    return thread
+
+
+def serve(
+    make_engine: Callable[[], LLMEngine],
+    model_name: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    max_waiting_requests: int | None = None,
+    shutdown_timeout_s: float = 30.0,
+    log_level: str = "info",
+) -> int:
+    """Serve until stopped; returns the process exit code."""
+    state = ServerState(model_name=model_name, api_key=api_key)
+    app = build_app(state)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level.lower(), access_log=False,
+        timeout_graceful_shutdown=max(1, int(shutdown_timeout_s)),
+    )  # fmt: skip
+    server = DrainingServer(config, state, shutdown_timeout_s)
+    failed = threading.Event()
+
+    def stop_on_error() -> None:
+        failed.set()
+        server.should_exit = True
+
+    start_loading(state, make_engine, max_waiting_requests, stop_on_error)
+    logger.info("listening on http://%s:%d (model %s loading)", host, port, model_name)
+    server.run()
+    if state.engine is not None:
+        state.engine.shutdown()
+    return 1 if failed.is_set() else 0

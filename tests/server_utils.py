@@ -1,0 +1,89 @@
+"""Run a real Strata server (uvicorn on a loopback port) inside the test process."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httpx
+import uvicorn
+
+from strata.engine.engine import LLMEngine
+from strata.engine.llm import LLM
+from strata.server.app import ServerState, build_app
+from strata.server.serve import DrainingServer, start_loading
+
+
+@dataclass
+class RunningServer:
+    url: str
+    state: ServerState
+    server: DrainingServer
+    thread: threading.Thread
+
+    @property
+    def engine(self) -> LLMEngine:
+        assert self.state.engine is not None
+        return self.state.engine.engine
+
+    def wait_idle(self, timeout: float = 30.0) -> None:
+        """Wait until the engine has no request queued or running."""
+        assert self.state.engine is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            stats = self.state.engine.stats_snapshot
+            if stats["num_running"] == 0 and stats["num_waiting"] == 0:
+                return
+            time.sleep(0.02)
+        stats = self.state.engine.stats_snapshot
+        raise TimeoutError(f"engine still busy after {timeout} s: {stats}")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        if self.state.engine is not None:
+            self.state.engine.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(
+    make_engine: Callable[[], LLMEngine],
+    model_name: str = "test-model",
+    api_key: str | None = None,
+    max_waiting_requests: int | None = None,
+    shutdown_timeout_s: float = 10.0,
+    wait_ready: bool = True,
+) -> RunningServer:
+    """Start a server; return once /health is 200 (or, without wait_ready, once it answers)."""
+    state = ServerState(model_name=model_name, api_key=api_key)
+    port = free_port()
+    config = uvicorn.Config(build_app(state), host="127.0.0.1", port=port, log_level="warning")
+    server = DrainingServer(config, state, shutdown_timeout_s)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    start_loading(state, make_engine, max_waiting_requests, lambda: None)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            status = httpx.get(f"{url}/health", timeout=1).status_code
+            if status == 200 or not wait_ready:
+                return RunningServer(url, state, server, thread)
+        except httpx.TransportError:
+            pass
+        if state.load_error:
+            raise RuntimeError(state.load_error)
+        time.sleep(0.05)
+    raise TimeoutError("server did not become healthy")
+
+
+def engine_factory(model: str | None, **kwargs: object) -> Callable[[], LLMEngine]:
+    return lambda: LLM(model, device="cpu", **kwargs).engine  # type: ignore[arg-type]
