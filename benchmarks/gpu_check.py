@@ -3,16 +3,20 @@
 1. Tiny random Llama/Qwen2/Mistral configs in float32: greedy tokens must be equal.
 2. random:llama-3.2-1b in bfloat16, same weights in both: greedy tokens compared as the
    length of the common prefix (bf16 rounding may flip a near-tie later on).
+3. The Triton attention backend against the reference, and its speed (gpu_attention.py).
 
-    python benchmarks/gpu_check.py            # prints a table; exit 1 on a float32 mismatch
+    python benchmarks/gpu_check.py            # prints tables; exit 1 on a mismatch
+    python benchmarks/gpu_check.py --only attention [--sweep]
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 
 import torch
+from gpu_attention import attention_section
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
 from strata import LLM, SamplingParams
@@ -43,7 +47,8 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def main() -> int:
+def model_section() -> bool:
+    """Greedy tokens against HF transformers; True when every float32 case matched."""
     device = "cuda"
     rows: list[tuple[str, str, str]] = []
     failed = False
@@ -81,7 +86,20 @@ def main() -> int:
     print(f"{'case':<34} {'check':<20} result")
     for case, check, result in rows:
         print(f"{case:<34} {check:<20} {result}")
-    return 1 if failed else 0
+    return not failed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["models", "attention"], help="run one section")
+    parser.add_argument("--sweep", action="store_true", help="also sweep attention tiles")
+    args = parser.parse_args()
+    ok = True
+    if args.only in (None, "models"):
+        ok &= model_section()
+    if args.only in (None, "attention"):
+        ok &= attention_section(sweep=args.sweep)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

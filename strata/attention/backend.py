@@ -67,11 +67,24 @@ class AttentionBackend(ABC):
         """q: [tokens, heads, head_dim] -> output of the same shape."""
 
 
-def get_backend(name: str) -> AttentionBackend:
-    """The backend registered under `name`."""
+def _reference() -> type[AttentionBackend]:
     from strata.attention.reference import ReferenceAttention
 
-    backends: dict[str, type[AttentionBackend]] = {ReferenceAttention.name: ReferenceAttention}
-    if name not in backends:
-        raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(backends)}")
-    return backends[name]()
+    return ReferenceAttention
+
+
+def _triton() -> type[AttentionBackend]:
+    # Imported on demand: CPU installs without triton still get the reference backend.
+    from strata.attention.triton_backend import TritonAttention
+
+    return TritonAttention
+
+
+_BACKENDS = {"reference": _reference, "triton": _triton}
+
+
+def get_backend(name: str) -> AttentionBackend:
+    """The backend registered under `name`."""
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(_BACKENDS)}")
+    return _BACKENDS[name]()()
