@@ -56,6 +56,10 @@ class DrainingServer(uvicorn.Server):
             logger.info("all requests finished; stopping")
         await asyncio.sleep(0.1)  # let the last responses flush
         super().handle_exit(sig, frame)
+        # A drained shutdown is a clean exit (status 0): uvicorn would re-raise the signal.
+        captured = getattr(self, "_captured_signals", None)
+        if isinstance(captured, list):
+            captured.clear()
 
 
 def start_loading(

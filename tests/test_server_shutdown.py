@@ -1,0 +1,77 @@
+"""`strata serve` as a process: SIGTERM drains requests in flight and refuses new ones."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.server_utils import free_port
+
+
+def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError("server did not become healthy")
+
+
+def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(tiny_chat_folder: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [
+        sys.executable, "-m", "strata.cli", "serve", "--model", str(tiny_chat_folder),
+        "--served-model-name", "tiny", "--port", str(port), "--device", "cpu",
+        "--kv-cache-memory", "0.05", "--max-model-len", "1024", "--shutdown-timeout", "60",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        wait_healthy(url, proc)
+        body = {
+            "model": "tiny", "prompt": "drain me", "max_tokens": 1000, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True},
+        }  # fmt: skip
+        events: list[str] = []
+        started = threading.Event()
+
+        def stream() -> None:
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+                for line in r.iter_lines():
+                    if line:
+                        events.append(line)
+                        started.set()
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        assert started.wait(30)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        refused = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "late"})
+        assert refused.status_code == 503
+        assert refused.json()["error"]["message"] == "the server is shutting down"
+        assert httpx.get(f"{url}/health").status_code == 503
+        reader.join(60)
+        assert events[-1] == "data: [DONE]"
+        usage = json.loads(events[-2].removeprefix("data: "))["usage"]
+        assert usage["completion_tokens"] == 1000
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = proc.stderr.read().decode() if proc.stderr else ""
+    assert "draining 1 requests" in log and "all requests finished" in log
