@@ -9,6 +9,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from strata.bench.http_throughput import add_url_args
+from strata.bench.serve_cli import add_serve_args, cmd_bench_serve
 from strata.bench.workload import parse_range
 from strata.engine.llm import LLM
 from strata.engine.sampling_params import SamplingParams
@@ -302,7 +304,16 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     tp.add_argument("--json", default=None, metavar="PATH", help="also write results as JSON")
     add_engine_args(tp)
+    add_url_args(tp)
     tp.set_defaults(func=cmd_bench_throughput)
+
+    bs = bench_sub.add_parser(
+        "serve",
+        help="load test of a running OpenAI-compatible server (Strata, vLLM): streaming "
+        "requests at Poisson or bursty arrival rates; TTFT, TPOT, ITL, throughput, goodput",
+    )
+    add_serve_args(bs)
+    bs.set_defaults(func=cmd_bench_serve)
     return parser
 
 

@@ -160,7 +160,22 @@ def format_table(results: list[ThroughputResult], header: str) -> str:
 
 
 def run(args: Any) -> list[ThroughputResult]:
-    """Entry point of `strata bench throughput` (args from strata.cli)."""
+    """Entry point of `strata bench throughput` (args from strata.cli): the offline engine,
+    or with --url a running server over HTTP; both print the same table and JSON."""
+    if getattr(args, "url", None):
+        from strata.bench.http_throughput import run_http
+
+        results, header = run_http(args)
+    else:
+        results, header = run_offline(args)
+    print(format_table(results, header))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"header": header, "results": [r.row() for r in results]}, f, indent=2)
+    return results
+
+
+def run_offline(args: Any) -> tuple[list[ThroughputResult], str]:
     from strata.cli import llm_from_args
 
     llm = llm_from_args(args)
@@ -190,8 +205,4 @@ def run(args: Any) -> list[ThroughputResult]:
         f"{args.num_requests} requests, input {args.input_len[0]}-{args.input_len[1]}, "
         f"output {args.output_len[0]}-{args.output_len[1]} tokens, ignore_eos, seed {args.seed}"
     )
-    print(format_table(results, header))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"header": header, "results": [r.row() for r in results]}, f, indent=2)
-    return results
+    return results, header

@@ -1,0 +1,190 @@
+"""`strata bench serve` and `strata bench throughput --url` against real Strata servers.
+
+The servers are uvicorn on a loopback port with the engine on its own thread: the
+embedded model for the 64-stream case, the tiny chat model (a millisecond a step) for
+the command-line cases. Every test ends with the pool intact and no block leaked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from strata.bench.client import BenchRequest, RequestRecord, ServerTarget, http_client, send_request
+from strata.bench.latency import SLO, summarize
+from strata.bench.requests import bench_requests
+from strata.bench.serve import ServeBenchConfig, run_serve_bench
+from strata.cli import main
+from tests.server_utils import RunningServer, engine_factory, start_server
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def embedded_server() -> Iterator[RunningServer]:
+    running = start_server(
+        engine_factory(None, kv_cache_memory=0.5, max_model_len=1024), model_name="smol"
+    )
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_chat_folder: Path) -> Iterator[RunningServer]:
+    factory = engine_factory(str(tiny_chat_folder), kv_cache_memory=0.05, max_model_len=1024)
+    running = start_server(factory, model_name="tiny")
+    yield running
+    running.stop()
+
+
+def assert_idle_and_intact(server: RunningServer) -> None:
+    server.wait_idle()
+    server.engine.check_integrity()
+    stats = server.engine.stats()
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
+
+
+def test_64_concurrent_streams_complete_well_formed(
+    embedded_server: RunningServer, tmp_path: Path
+) -> None:
+    config = ServeBenchConfig(
+        url=embedded_server.url, num_requests=64, input_len=(16, 32), output_len=(8, 16),
+        slo=SLO(ttft_ms=1e7, tpot_ms=1e7), json_path=str(tmp_path / "r.json"),
+        plot_path=str(tmp_path / "r.png"), progress=False,
+    )  # fmt: skip
+    result = run_serve_bench(config)
+    assert result.passed and result.model == "smol"
+    (run,) = result.runs
+    s = run.summary
+    assert (s.completed, s.failed, s.lost) == (64, 0, 0)
+    sent = bench_requests(64, (16, 32), (8, 16), "token-ids", seed=0)
+    for record, request in zip(run.records, sent, strict=True):
+        assert record.index == request.index and record.outcome == "ok", record.error
+        assert record.usage_reported and record.content_chunks >= 1
+        assert record.output_tokens == request.output_len  # ignore_eos: exactly max_tokens
+        assert record.input_tokens == request.prompt_len
+        assert len(record.itl_ms) == record.content_chunks - 1
+        assert 0 < record.ttft_ms <= record.e2e_ms
+    # rate inf: every request was sent before the first one finished, so 64 were in flight
+    assert max(r.sent_s for r in run.records) * 1e3 < min(
+        r.sent_s * 1e3 + r.e2e_ms for r in run.records
+    )
+    assert s.output_tokens == sum(r.output_len for r in sent)
+    assert s.input_tokens == sum(r.prompt_len for r in sent)
+    assert s.goodput == s.request_throughput  # every request meets the loose objectives
+    assert s.ttft_ms.count == 64 and s.ttft_ms.p50 <= s.ttft_ms.p99
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["passed"] and data["config"]["request_rates"] == ["inf"]
+    assert data["runs"][0]["summary"]["completed"] == 64
+    assert len(data["runs"][0]["requests"]) == 64
+    assert (tmp_path / "r.png").read_bytes().startswith(PNG_MAGIC)
+    assert_idle_and_intact(embedded_server)
+
+
+def test_cli_sweep_over_rates_on_chat(
+    tiny_server: RunningServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, plot = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    code = main([
+        "bench", "serve", "--url", tiny_server.url, "--endpoint", "chat",
+        "--num-requests", "12", "--request-rate", "50", "inf", "--burstiness", "0.5",
+        "--max-concurrency", "8", "--input-len", "8-24", "--output-len", "4-8",
+        "--slo-ttft-ms", "60000", "--json", str(out), "--plot", str(plot), "--no-progress",
+    ])  # fmt: skip
+    assert code == 0
+    report = capsys.readouterr().out
+    assert "sweep" in report and "all requests completed" in report
+    data = json.loads(out.read_text())
+    assert data["config"]["prompts"] == "text" and data["model"] == "tiny"
+    assert [r["request_rate"] for r in data["runs"]] == [50, "inf"]
+    for run in data["runs"]:
+        summary = run["summary"]
+        assert (summary["completed"], summary["failed"], summary["lost"]) == (12, 0, 0)
+        assert run["output_len_mismatches"] == 0 and run["failures"] == {}
+        assert summary["goodput"] is not None and summary["tpot_ms"]["p99"] is not None
+    assert plot.read_bytes().startswith(PNG_MAGIC)
+    assert_idle_and_intact(tiny_server)
+
+
+def test_cli_counts_failed_requests_and_exits_nonzero(
+    tiny_server: RunningServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "failed.json"
+    code = main(
+        [
+            "bench",
+            "serve",
+            "--url",
+            tiny_server.url,
+            "--num-requests",
+            "4",
+            "--input-len",
+            "2000",
+            "--output-len",
+            "4",
+            "--json",
+            str(out),
+            "--no-progress",
+        ]
+    )  # fmt: skip  (2000-token prompts: longer than the 1024-token context, so a 400)
+    assert code == 1
+    report = capsys.readouterr().out
+    assert "0 / 4 / 0" in report and "NOT ALL REQUESTS COMPLETED" in report
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["summary"]["failed"] == 4 and run["summary"]["ttft_ms"]["p50"] is None
+    ((reason, count),) = run["failures"].items()
+    assert count == 4 and reason.startswith("failed: HTTP 400")
+    assert_idle_and_intact(tiny_server)
+
+
+def test_cli_wrong_model_fails_before_the_run(
+    tiny_server: RunningServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["bench", "serve", "--url", tiny_server.url, "--model", "nope", "--no-progress"])
+    assert code == 2
+    assert "HTTP 404" in capsys.readouterr().err
+
+
+def test_throughput_over_http_writes_the_offline_json(
+    tiny_server: RunningServer, tmp_path: Path
+) -> None:
+    out = tmp_path / "tp.json"
+    code = main([
+        "bench", "throughput", "--url", tiny_server.url, "--num-requests", "8",
+        "--input-len", "8-16", "--output-len", "4-8", "--concurrency", "1", "4",
+        "--json", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    sent = bench_requests(8, (8, 16), (4, 8), "token-ids", seed=0)
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["engine"], r["concurrency"], r["num_requests"]) for r in rows] == [
+        ("server", 1, 8), ("server", 4, 8),
+    ]  # fmt: skip
+    for row in rows:
+        assert row["output_tokens"] == sum(r.output_len for r in sent)
+        assert row["input_tokens"] == sum(r.prompt_len for r in sent)
+        assert row["output_tokens_per_s"] > 0 and not math.isinf(row["seconds"])
+    assert_idle_and_intact(tiny_server)
+
+
+def test_a_request_past_its_timeout_is_lost_and_the_server_frees_it(
+    tiny_server: RunningServer,
+) -> None:
+    request = BenchRequest(0, list(range(100, 116)), 16, output_len=900)
+    target = ServerTarget(tiny_server.url, "tiny")
+
+    async def send() -> RequestRecord:
+        async with http_client(None, timeout_s=1e-4) as client:  # silent for 0.1 ms: lost
+            return await send_request(client, target, request, time.perf_counter())
+
+    record = asyncio.run(send())
+    assert record.outcome == "lost" and "timeout" in (record.error or "")
+    summary = summarize([], num_requests=1, failed=0, duration_s=1.0, slo=SLO())
+    assert (summary.completed, summary.failed, summary.lost) == (0, 0, 1)
+    assert_idle_and_intact(tiny_server)  # the server aborted it when the client went away
