@@ -73,6 +73,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--seed", type=int, default=0, help="engine seed (random weights, unseeded requests)"
     )
     g.add_argument(
+        "--attention-backend", default="auto", choices=["auto", "reference", "triton"],
+        help="attention kernels; auto = triton on CUDA when triton imports, else reference",
+    )  # fmt: skip
+    g.add_argument(
+        "--no-cuda-graphs", action="store_true",
+        help="run decode steps eagerly instead of replaying captured CUDA graphs",
+    )  # fmt: skip
+    g.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="log level of the engine's messages on stderr (default INFO)",
     )  # fmt: skip
@@ -124,6 +132,8 @@ def llm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "max_model_len": args.max_model_len,
         "enable_prefix_caching": not args.no_prefix_caching,
         "seed": args.seed,
+        "attention_backend": args.attention_backend,
+        "enforce_eager": args.no_cuda_graphs,
     }
 
 

@@ -156,6 +156,10 @@ class EngineConfig:
     None is the embedded SmolLM2-135M-Instruct.
     device: "cpu", "cuda", "cuda:N" or None (CUDA when available).
     dtype: "auto" (float32 on CPU, bfloat16 on CUDA), "float32", "bfloat16" or "float16".
+    attention_backend: "auto" (triton on CUDA when triton imports, else reference),
+    "reference" or "triton".
+    enforce_eager: never capture CUDA graphs (decode steps then run eagerly too).
+    cuda_graph_max_batch: the largest decode batch captured; capped at max_num_seqs.
     """
 
     model: str | None = None
@@ -164,8 +168,12 @@ class EngineConfig:
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    attention_backend: str = "auto"
+    enforce_eager: bool = False
+    cuda_graph_max_batch: int = 256
 
     DTYPES = ("auto", "float32", "bfloat16", "float16")
+    ATTENTION_BACKENDS = ("auto", "reference", "triton")
 
     def __post_init__(self) -> None:
         if self.dtype not in self.DTYPES:
@@ -174,3 +182,10 @@ class EngineConfig:
             self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")
         ):
             raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N'; got {self.device!r}")
+        if self.attention_backend not in self.ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {', '.join(self.ATTENTION_BACKENDS)}; "
+                f"got {self.attention_backend!r}"
+            )
+        if self.cuda_graph_max_batch <= 0:
+            raise ValueError(f"cuda_graph_max_batch must be > 0, got {self.cuda_graph_max_batch}")

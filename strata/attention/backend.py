@@ -88,3 +88,17 @@ def get_backend(name: str) -> AttentionBackend:
     if name not in _BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(_BACKENDS)}")
     return _BACKENDS[name]()()
+
+
+def choose_backend(requested: str, device: torch.device) -> tuple[str, str]:
+    """(backend name, why) for an `attention_backend` setting: "auto" takes triton on
+    CUDA when triton imports, else the reference; a named backend is taken as asked."""
+    if requested != "auto":
+        return requested, "asked for by attention_backend"
+    if device.type != "cuda":
+        return "reference", f"auto: device is {device.type}, triton kernels need CUDA"
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return "reference", f"auto: triton does not import ({exc})"
+    return "triton", "auto: CUDA device and triton imports"

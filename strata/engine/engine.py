@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from strata.attention.backend import get_backend
+from strata.attention.backend import choose_backend, get_backend
 from strata.config import EngineConfig
 from strata.engine.detokenizer import Detokenizer, decode_ids
 from strata.engine.outputs import RequestOutput, TokenLogprobs
@@ -74,7 +74,9 @@ class LLMEngine:
             self.loaded.name, self.model_config.model_type, self.model_config.num_layers,
             num_params / 1e6, str(self.dtype).removeprefix("torch."), self.device,
         )  # fmt: skip
-        self.backend = get_backend("reference")
+        backend_name, why = choose_backend(config.attention_backend, self.device)
+        self.backend = get_backend(backend_name)
+        logger.info("attention backend %s (%s)", backend_name, why)
         block_size = config.cache.block_size
         num_blocks = self._decide_num_blocks()
         self.kv_cache = KVCache(self.model_config, num_blocks, block_size, self.dtype, self.device)
@@ -87,11 +89,23 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(config.scheduler, self.kv)
         self.runner = ModelRunner(self.loaded.model, self.kv_cache, self.backend, self.device)
+        self._maybe_capture_graphs()
         self._seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self._rng = random.Random(config.seed)
         self.num_prompt_tokens = 0
         self.num_generated_tokens = 0
+
+    def _maybe_capture_graphs(self) -> None:
+        """Capture decode CUDA graphs once the KV pool exists (triton backend on CUDA only)."""
+        if self.config.enforce_eager or self.device.type != "cuda":
+            return
+        if self.backend.name != "triton":
+            logger.info("CUDA graphs off: the %s backend is not graph-safe", self.backend.name)
+            return
+        sched = self.config.scheduler
+        max_batch = min(self.config.cuda_graph_max_batch, sched.max_num_seqs)
+        self.runner.capture_graphs(max_batch, self.max_model_len)
 
     # ---- KV pool sizing -------------------------------------------------------------------
 

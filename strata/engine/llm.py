@@ -40,12 +40,16 @@ class LLM:
         max_num_seqs: int = 256,
         max_model_len: int | None = None,
         seed: int = 0,
+        attention_backend: str = "auto",
+        enforce_eager: bool = False,
     ) -> None:
         config = EngineConfig(
             model=model,
             device=device,
             dtype=dtype,
             seed=seed,
+            attention_backend=attention_backend,
+            enforce_eager=enforce_eager,
             cache=CacheConfig(
                 block_size=block_size,
                 kv_cache_memory=kv_cache_memory,

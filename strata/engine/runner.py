@@ -3,8 +3,12 @@
 Per step it builds, for the flat batch of the plan's chunks in order:
     input_ids, positions, slot_mapping  [tokens]
     logits_rows                         [sampling chunks]  last token of each such chunk
-and the attention backend's metadata from the chunks' block tables. Host-side tensors
-are built in pinned memory on CUDA and copied without blocking.
+and the attention backend's metadata from the chunks' block tables. Host-side arrays go
+through persistent pinned buffers (staging.py) in one non-blocking copy per dtype; the
+step's only host sync is the caller's read of the sampled tokens.
+
+A decode-only step (every chunk one token that samples) replays a CUDA graph when graphs
+were captured (cuda_graphs.py) and its batch fits; other steps run eagerly.
 """
 
 from __future__ import annotations
@@ -13,8 +17,11 @@ import numpy as np
 import torch
 
 from strata.attention.backend import AttentionBackend, BatchLayout
+from strata.engine.cuda_graphs import DecodeGraphs
 from strata.engine.plan import StepPlan
 from strata.engine.sampler import Sampler, SamplerOutput, SamplingBatch
+from strata.engine.staging import PinnedStager
+from strata.engine.step_stats import StepStats
 from strata.kv.cache import KVCache
 from strata.models.llama import LlamaModel
 
@@ -28,13 +35,16 @@ class ModelRunner:
         self.backend = backend
         self.device = device
         self.sampler = Sampler()
-        self._pin = device.type == "cuda"
+        self._ints = PinnedStager(device, torch.long)
+        self._floats = PinnedStager(device, torch.float32)
+        self.graphs: DecodeGraphs | None = None
+        self.step_log: list[StepStats] | None = None  # set to a list to record steps
 
-    def _to_device(self, array: np.ndarray | list, dtype: torch.dtype) -> torch.Tensor:
-        t = torch.as_tensor(array, dtype=dtype)
-        if self._pin:
-            t = t.pin_memory()
-        return t.to(self.device, non_blocking=True)
+    def capture_graphs(self, max_batch: int, max_model_len: int) -> None:
+        """Capture decode graphs for batch sizes up to max_batch (CUDA, triton backend)."""
+        self.graphs = DecodeGraphs(
+            self.model, self.kv, self.backend, self.device, max_batch, max_model_len
+        )
 
     def execute(self, plan: StepPlan) -> SamplerOutput | None:
         """Run one step. Returns sampled tokens for the plan's sampling chunks, in order."""
@@ -44,7 +54,20 @@ class ModelRunner:
         return self.sampler(logits, self._sampling_batch(plan))
 
     def compute_logits(self, plan: StepPlan) -> torch.Tensor | None:
-        """Run the model for one step; float32 logits of the sampling chunks, in order."""
+        """Run the model for one step; float32 logits of the sampling chunks, in order.
+
+        From a graph replay the logits are a view valid until the next step."""
+        graphs = self.graphs
+        if (
+            graphs is not None
+            and len(plan.chunks) <= graphs.max_batch
+            and all(c.num_tokens == 1 and c.samples for c in plan.chunks)
+        ):
+            if self.step_log is not None:
+                self.step_log.append(StepStats.of(plan, graph=True))
+            return self._replay(graphs, plan)
+        if self.step_log is not None:
+            self.step_log.append(StepStats.of(plan, graph=False))
         bs = self.kv.block_size
         ids: list[int] = []
         positions: list[np.ndarray] = []
@@ -67,28 +90,55 @@ class ModelRunner:
             block_tables=[c.block_table for c in plan.chunks],
             block_size=bs,
         )
-        slot_mapping = self._to_device(np.concatenate(slots), torch.long)
-        meta = self.backend.prepare(layout, slot_mapping, self.device)
-        logits = self.model(
-            self._to_device(ids, torch.long),
-            self._to_device(np.concatenate(positions), torch.long),
-            self.kv,
-            self.backend,
-            meta,
-            self._to_device(logits_rows, torch.long),
+        ids_t, pos_t, slot_t, rows_t = self._ints.upload(
+            [
+                np.asarray(ids, dtype=np.int64),
+                np.concatenate(positions),
+                np.concatenate(slots),
+                np.asarray(logits_rows, dtype=np.int64),
+            ]
         )
+        meta = self.backend.prepare(layout, slot_t, self.device)
+        logits = self.model(ids_t, pos_t, self.kv, self.backend, meta, rows_t)
         return logits if logits_rows else None
+
+    def _replay(self, graphs: DecodeGraphs, plan: StepPlan) -> torch.Tensor:
+        bs = self.kv.block_size
+        positions = np.fromiter((c.start for c in plan.chunks), np.int64, len(plan.chunks))
+        tables = [c.block_table for c in plan.chunks]
+        slots = np.fromiter(
+            (t[p // bs] * bs + p % bs for t, p in zip(tables, positions.tolist(), strict=True)),
+            np.int64,
+            len(tables),
+        )
+        ids = [c.seq.token_ids[c.start] for c in plan.chunks]
+        return graphs.run(ids, positions, slots, tables)
 
     def _sampling_batch(self, plan: StepPlan) -> SamplingBatch:
         seqs = [c.seq for c in plan.chunks if c.samples]
         params = [s.params for s in seqs]
         wanted = [p.logprobs for p in params if p.logprobs is not None]
+        temperature, top_p = self._floats.upload(
+            [np.array([[p.temperature for p in params], [p.top_p for p in params]], np.float32)]
+        )[0]
+        top_k, seed, step = self._ints.upload(
+            [
+                np.array(
+                    [
+                        [max(p.top_k, 0) for p in params],
+                        [s.seed for s in seqs],
+                        [s.num_output_tokens for s in seqs],
+                    ],
+                    np.int64,
+                ).reshape(3, len(seqs))
+            ]
+        )[0]
         return SamplingBatch(
-            temperature=self._to_device([p.temperature for p in params], torch.float32),
-            top_p=self._to_device([p.top_p for p in params], torch.float32),
-            top_k=self._to_device([max(p.top_k, 0) for p in params], torch.long),
-            seed=self._to_device([s.seed for s in seqs], torch.long),
-            step=self._to_device([s.num_output_tokens for s in seqs], torch.long),
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            step=step,
             all_greedy=all(p.greedy for p in params),
             any_top_p_or_k=any(p.top_p < 1.0 or p.top_k > 0 for p in params),
             max_logprobs=max(wanted, default=-1),

@@ -11,26 +11,29 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from strata.attention.backend import AttentionBackend
 from strata.config import ModelConfig
 from strata.kv.cache import KVCache
 from strata.models.rope import RotaryEmbedding
+from strata.ops.activation import silu_and_mul
+from strata.ops.rmsnorm import add_rmsnorm
 
 
 class RMSNorm(nn.Module):
+    """rmsnorm(x + residual) and the sum (the next residual); fused on CUDA (strata/ops)."""
+
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        self.fused = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 and scale in the input dtype, as transformers does.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return add_rmsnorm(x, residual, self.weight, self.eps, self.fused)
 
 
 class Attention(nn.Module):
@@ -45,6 +48,7 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
         self.scale = cfg.head_dim**-0.5
+        self.fused = True
 
     def forward(
         self,
@@ -56,12 +60,20 @@ class Attention(nn.Module):
         meta: Any,
     ) -> torch.Tensor:
         qkv = self.qkv_proj(x)
+        k_cache, v_cache = kv.k[self.layer_index], kv.v[self.layer_index]
+        if self.fused and qkv.is_cuda and backend.name == "triton":
+            # One launch: RoPE on q and k, k and v stored at the step's slots.
+            from strata.ops.rope_kv import rope_write_kv
+
+            q = rope_write_kv(qkv, positions, rope.cos, rope.sin, k_cache, v_cache,
+                              meta.slot_mapping, self.num_heads, self.num_kv_heads)  # fmt: skip
+            out = backend.attend(q, k_cache, v_cache, meta, self.scale)
+            return self.o_proj(out.reshape(-1, self.q_size))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = rope(positions, q, k)
-        k_cache, v_cache = kv.k[self.layer_index], kv.v[self.layer_index]
         backend.write_kv(k_cache, v_cache, k, v, meta)
         out = backend.attend(q, k_cache, v_cache, meta, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
@@ -73,10 +85,10 @@ class MLP(nn.Module):
         self.intermediate_size = cfg.intermediate_size
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.fused = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x), self.fused))
 
 
 class DecoderLayer(nn.Module):
@@ -90,14 +102,20 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        residual: torch.Tensor | None,
         positions: torch.Tensor,
         rope: RotaryEmbedding,
         kv: KVCache,
         backend: AttentionBackend,
         meta: Any,
-    ) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), positions, rope, kv, backend, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mlp output, residual): the layer's output is their sum, added by the next norm.
+
+        The residual stream is x + residual, as in transformers (residual None: x alone)."""
+        h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, positions, rope, kv, backend, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -126,10 +144,20 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         """Logits [len(logits_rows), vocab] (float32) for the chosen rows of the flat batch."""
         x = self.embed_tokens(input_ids)
+        residual = None
         for layer in self.layers:
-            x = layer(x, positions, self.rope, kv, backend, meta)
-        x = self.norm(x[logits_rows])
+            x, residual = layer(x, residual, positions, self.rope, kv, backend, meta)
+        if residual is not None:
+            residual = residual[logits_rows]
+        x, _ = self.norm(x[logits_rows], residual)
         return self.lm_head(x).float()
+
+    def set_fused_ops(self, enabled: bool) -> None:
+        """Use the fused CUDA kernels of strata/ops (default) or the torch ops: add+RMSNorm,
+        SiLU-and-mul, and RoPE in the KV write (with the triton backend)."""
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, MLP, Attention)):
+                module.fused = enabled
 
     # ---- weights ---------------------------------------------------------------------------
 

@@ -1,0 +1,1 @@
+"""Fused elementwise kernels (Triton on CUDA) with torch fallbacks of identical math."""
