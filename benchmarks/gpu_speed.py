@@ -33,7 +33,7 @@ from strata.bench.throughput import load_hf_twin, run_hf, run_strata
 from strata.bench.workload import Workload, random_workload
 from strata.models.presets import PRESETS
 
-SECTIONS = ("decode", "prefill", "fusion", "syncs", "profile", "offline")
+SECTIONS = ("decode", "prefill", "fusion", "syncs", "profile", "offline", "repeat")
 RESULTS: dict[str, Any] = {}
 
 
@@ -228,6 +228,32 @@ def section_offline(ceil: Ceilings, hf_subset: int, hf_batch: int) -> None:
     RESULTS["offline"] = rows
 
 
+def section_repeat(ceil: Ceilings) -> None:
+    """The 1B offline workload twice in one process: first-run costs (kernel compiles,
+    allocator growth) against the steady state, with a step-time profile of the start."""
+    llm = LLM("random:llama-3.2-1b", kv_cache_memory=40, max_num_batched_tokens=4096,
+              max_model_len=2048)  # fmt: skip
+    vocab = llm.engine.model_config.vocab_size
+    wl = random_workload(256, (100, 1024), (100, 1024), vocab, 0)
+    fresh = random_workload(256, (100, 1024), (100, 1024), vocab, 1)  # no prefix-cache hits
+    rows = [roofline_row("llama-3.2-1b", llm, w, ceil) for w in (wl, fresh)]
+    for i, row in enumerate(rows):
+        print(f"run {i + 1}: {row['output_tok_s']:.0f} out tok/s in {row['seconds']:.2f} s, "
+              f"roofline {row['fraction_of_roofline']:.1%}")  # fmt: skip
+    engine = llm.engine
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    for prompt in wl.prompts:
+        engine.add_request(prompt, params)
+    times = []
+    while engine.has_unfinished():
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        engine.step()
+        times.append((time.perf_counter() - t) * 1e3)
+    print("step ms, 256 prompts then 40 decode steps:", " ".join(f"{x:.1f}" for x in times))
+    RESULTS["repeat"] = {"runs": rows, "step_ms": times}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
@@ -262,6 +288,8 @@ def main() -> int:
             torch.cuda.empty_cache()
         if "offline" in only:
             section_offline(ceil, args.hf_subset, args.hf_batch)
+        if "repeat" in only:
+            section_repeat(ceil)
     finally:
         if args.json:
             with open(args.json, "w") as f:

@@ -41,7 +41,17 @@ def _split_chunk(seq_len, num_splits, BLOCK_N: tl.constexpr):
     return (per_split + BLOCK_N - 1) // BLOCK_N * BLOCK_N
 
 
-@triton.jit
+# Per-step values (split count, table width, metadata views at any offset) are not
+# specialised on: one compiled variant serves every step.
+@triton.jit(
+    do_not_specialize=[
+        "query_rows_ptr",
+        "seq_lens_ptr",
+        "block_tables_ptr",
+        "num_splits",
+        "stride_bt",
+    ]
+)
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     query_rows_ptr, seq_lens_ptr, block_tables_ptr,
@@ -105,7 +115,7 @@ def _decode_split_kernel(
         tl.store(part_ptrs, acc, mask=g_mask[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["query_rows_ptr", "seq_lens_ptr", "num_splits"])
 def _decode_merge_kernel(
     out_ptr, part_out_ptr, part_lse_ptr, query_rows_ptr, seq_lens_ptr,
     num_heads, num_splits, stride_ot, stride_oh,

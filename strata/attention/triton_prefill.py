@@ -67,7 +67,20 @@ def _attend_tile(
     return m_new, l_sum, acc
 
 
-@triton.jit
+# Per-step values (batch counts, table width, metadata views at any offset) are not
+# specialised on: one compiled variant serves every step.
+@triton.jit(
+    do_not_specialize=[
+        "query_rows_ptr",
+        "cu_ptr",
+        "seq_lens_ptr",
+        "block_tables_ptr",
+        "num_seqs",
+        "num_tiles",
+        "search_steps",
+        "stride_bt",
+    ]
+)
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr,
     query_rows_ptr, cu_ptr, seq_lens_ptr, block_tables_ptr,

@@ -23,7 +23,7 @@ def _rope(x, x_rot, cos, sin):
     return (a + b).to(x.dtype)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["pos_ptr", "slot_ptr"])  # views at any offset of the upload
 def _rope_kv_kernel(
     qkv_ptr, pos_ptr, cos_ptr, sin_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     stride_t, stride_cos, stride_cb, stride_ct, stride_ch,
