@@ -239,3 +239,27 @@ def test_each_request_is_logged_once(
     assert len(lines) == 1
     assert "prompt 3 tokens (0 cached), completion 2 tokens" in lines[0]
     assert "ttft" in lines[0] and "e2e" in lines[0]
+
+
+def test_return_token_ids_serves_a_model_without_tokenizer(tiny_models: dict) -> None:
+    folder, _ = tiny_models["llama-gqa"]
+    offline = LLM(str(folder), device="cpu", kv_cache_memory=0.01)
+    expected = offline.generate([3, 4, 5], SamplingParams(max_tokens=6, temperature=0.0))[0]
+    running = start_server(engine_factory(str(folder), kv_cache_memory=0.01), model_name="no-tok")
+    try:
+        body = {"model": "no-tok", "prompt": [3, 4, 5], "max_tokens": 6, "temperature": 0,
+                "return_token_ids": True}  # fmt: skip
+        r = httpx.post(f"{running.url}/v1/completions", json=body, timeout=30).json()
+        assert r["choices"][0]["token_ids"] == expected.token_ids
+        assert r["choices"][0]["text"] == ""
+        with httpx.stream(
+            "POST", f"{running.url}/v1/completions", json={**body, "stream": True}, timeout=30
+        ) as s:
+            events = [line for line in s.iter_lines() if line.startswith("data: {")]
+        streamed = [t for e in events for t in json.loads(e[6:])["choices"][0]["token_ids"]]
+        assert streamed == expected.token_ids
+        chat = {"model": "no-tok", "messages": [{"role": "user", "content": "x"}]}
+        r = httpx.post(f"{running.url}/v1/chat/completions", json=chat, timeout=30)
+        assert r.status_code == 400 and "no chat template" in r.json()["error"]["message"]
+    finally:
+        running.stop()

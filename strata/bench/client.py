@@ -133,7 +133,7 @@ class StreamParser:
             if not isinstance(choice, dict):
                 raise MalformedStreamError("a choice is not a JSON object")
             text = self._content(choice)
-            if text:
+            if text or choice.get("token_ids"):  # token ids: a server model without tokenizer
                 self.content_times.append(now)
             if choice.get("finish_reason") is not None:
                 self.finish_reason = choice["finish_reason"]
@@ -182,6 +182,7 @@ class ServerTarget:
             "model": self.model,
             "temperature": self.temperature,
             "ignore_eos": True,
+            "return_token_ids": True,  # Strata's extension; other servers ignore it
             "stream": True,
             "stream_options": {"include_usage": True},
         }

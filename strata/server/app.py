@@ -142,7 +142,10 @@ def build_app(state: ServerState) -> FastAPI:
         choices = []
         for i, out in enumerate(finals):
             text = (echo[i] if echo else "") + out.text
-            choices.append(fmt.choice(i, text, out, out.logprobs, body.logprobs))
+            choice = fmt.choice(i, text, out, out.logprobs, body.logprobs)
+            if body.return_token_ids:
+                choice["token_ids"] = out.token_ids
+            choices.append(choice)
         return JSONResponse(fmt.response(choices, usage_of(finals, body.n)))
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)], response_model=None)
@@ -167,6 +170,9 @@ def build_app(state: ServerState) -> FastAPI:
             return _stream(_chat_chunks(run, fmt, body), run)
         finals = await _collect(run, request)
         choices = [fmt.choice(i, out, out.logprobs) for i, out in enumerate(finals)]
+        if body.return_token_ids:
+            for choice, out in zip(choices, finals, strict=True):
+                choice["token_ids"] = out.token_ids
         return JSONResponse(fmt.response(choices, usage_of(finals, body.n)))
 
     return app
@@ -283,6 +289,8 @@ async def _completion_chunks(
         if not text and not out.finished and not out.delta_token_ids:
             continue
         choice = fmt.choice(index, text, out, _delta_logprobs(out), body.logprobs)
+        if body.return_token_ids:
+            choice["token_ids"] = out.delta_token_ids
         yield sse(fmt.chunk(choice, body.include_usage))
     else:
         if body.include_usage:
@@ -303,7 +311,10 @@ async def _chat_chunks(
             break
         if out.delta_text or out.delta_token_ids:
             delta = {"content": out.delta_text}
-            yield sse(fmt.chunk(index, delta, None, _delta_logprobs(out), usage))
+            chunk = fmt.chunk(index, delta, None, _delta_logprobs(out), usage)
+            if body.return_token_ids:
+                chunk["choices"][0]["token_ids"] = out.delta_token_ids
+            yield sse(chunk)
         if out.finished:
             yield sse(fmt.chunk(index, {}, out, None, usage))
     else:

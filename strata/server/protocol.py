@@ -3,7 +3,9 @@
 Unknown fields are ignored, as OpenAI does. Fields OpenAI defines but Strata cannot
 honour (penalties, logit_bias, tools, JSON modes, best_of, suffix) are rejected with a
 400 when set to anything but their no-op value, rather than silently ignored.
-Strata's own extensions: top_k, ignore_eos, stop_token_ids, skip_special_tokens.
+Strata's own extensions: top_k, ignore_eos, stop_token_ids, skip_special_tokens, and
+return_token_ids (each choice and stream chunk also carries the generated token ids,
+which is how a model without a tokenizer, a random: one say, can be served and timed).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class _SamplingRequest(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
+    return_token_ids: bool = False
 
     def check_supported(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
