@@ -161,9 +161,7 @@ class ChatCompletionRequest(_SamplingRequest):
                 "response_format", f"response_format {self.response_format.type!r} is not supported"
             )
         if self.top_logprobs is not None and not self.logprobs:
-            raise ParameterError(
-                "top_logprobs", "top_logprobs requires logprobs to be true"
-            )
+            raise ParameterError("top_logprobs", "top_logprobs requires logprobs to be true")
 
     @property
     def max_new_tokens(self) -> int | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from strata.engine.outputs import RequestOutput, TokenLogprobs
 
@@ -72,13 +72,45 @@ def finish_reason(out: RequestOutput) -> str | None:
 
 
 @dataclass
-class CompletionFormatter:
-    """Bodies for /v1/completions."""
+class _Formatter:
+    """The envelope every body of one response shares: id, object, created, model."""
 
     request_id: str
     model: str
     token_text: TokenText
     created: int = field(default_factory=lambda: int(time.time()))
+
+    RESPONSE_OBJECT: ClassVar[str]
+    CHUNK_OBJECT: ClassVar[str]
+
+    def _body(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": self.request_id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+
+    def response(self, choices: list[dict[str, Any]], usage: Usage) -> dict[str, Any]:
+        return {**self._body(self.RESPONSE_OBJECT, choices), "usage": usage.body()}
+
+    def chunk_of(self, choice: dict[str, Any], include_usage: bool) -> dict[str, Any]:
+        body = self._body(self.CHUNK_OBJECT, [choice])
+        if include_usage:
+            body["usage"] = None  # only the last chunk carries usage
+        return body
+
+    def usage_chunk(self, usage: Usage) -> dict[str, Any]:
+        return {**self._body(self.CHUNK_OBJECT, []), "usage": usage.body()}
+
+
+@dataclass
+class CompletionFormatter(_Formatter):
+    """Bodies for /v1/completions."""
+
+    RESPONSE_OBJECT: ClassVar[str] = "text_completion"
+    CHUNK_OBJECT: ClassVar[str] = "text_completion"
     _text_offsets: dict[int, int] = field(default_factory=dict)
 
     def logprobs(self, index: int, entries: list[TokenLogprobs], with_top: bool) -> dict[str, Any]:
@@ -113,47 +145,16 @@ class CompletionFormatter:
             lp = self.logprobs(index, entries, bool(num_top))
         return {"index": index, "text": text, "logprobs": lp, "finish_reason": finish_reason(out)}
 
-    def response(self, choices: list[dict[str, Any]], usage: Usage) -> dict[str, Any]:
-        return {
-            "id": self.request_id,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-            "usage": usage.body(),
-        }
-
     def chunk(self, choice: dict[str, Any], include_usage: bool) -> dict[str, Any]:
-        body = {
-            "id": self.request_id,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": [choice],
-        }
-        if include_usage:
-            body["usage"] = None
-        return body
-
-    def usage_chunk(self, usage: Usage) -> dict[str, Any]:
-        return {
-            "id": self.request_id,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": [],
-            "usage": usage.body(),
-        }
+        return self.chunk_of(choice, include_usage)
 
 
 @dataclass
-class ChatFormatter:
+class ChatFormatter(_Formatter):
     """Bodies for /v1/chat/completions."""
 
-    request_id: str
-    model: str
-    token_text: TokenText
-    created: int = field(default_factory=lambda: int(time.time()))
+    RESPONSE_OBJECT: ClassVar[str] = "chat.completion"
+    CHUNK_OBJECT: ClassVar[str] = "chat.completion.chunk"
 
     def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
         text = self.token_text(token_id)
@@ -177,16 +178,6 @@ class ChatFormatter:
             "finish_reason": finish_reason(out),
         }
 
-    def response(self, choices: list[dict[str, Any]], usage: Usage) -> dict[str, Any]:
-        return {
-            "id": self.request_id,
-            "object": "chat.completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-            "usage": usage.body(),
-        }
-
     def chunk(
         self,
         index: int,
@@ -201,23 +192,4 @@ class ChatFormatter:
             "logprobs": None if entries is None else self.logprobs(entries),
             "finish_reason": None if out is None else finish_reason(out),
         }
-        body = {
-            "id": self.request_id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [choice],
-        }
-        if include_usage:
-            body["usage"] = None
-        return body
-
-    def usage_chunk(self, usage: Usage) -> dict[str, Any]:
-        return {
-            "id": self.request_id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [],
-            "usage": usage.body(),
-        }
+        return self.chunk_of(choice, include_usage)
