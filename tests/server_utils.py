@@ -41,6 +41,13 @@ class RunningServer:
         stats = self.state.engine.stats_snapshot
         raise TimeoutError(f"engine still busy after {timeout} s: {stats}")
 
+    def assert_no_leaks(self) -> None:
+        """Once idle: the engine's KV state is consistent and every block is free."""
+        self.wait_idle()
+        self.engine.check_integrity()
+        stats = self.engine.stats()
+        assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
+
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)

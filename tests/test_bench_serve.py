@@ -43,13 +43,6 @@ def tiny_server(tiny_chat_folder: Path) -> Iterator[RunningServer]:
     running.stop()
 
 
-def assert_idle_and_intact(server: RunningServer) -> None:
-    server.wait_idle()
-    server.engine.check_integrity()
-    stats = server.engine.stats()
-    assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
-
-
 def test_64_concurrent_streams_complete_well_formed(
     embedded_server: RunningServer, tmp_path: Path
 ) -> None:
@@ -84,7 +77,7 @@ def test_64_concurrent_streams_complete_well_formed(
     assert data["runs"][0]["summary"]["completed"] == 64
     assert len(data["runs"][0]["requests"]) == 64
     assert (tmp_path / "r.png").read_bytes().startswith(PNG_MAGIC)
-    assert_idle_and_intact(embedded_server)
+    embedded_server.assert_no_leaks()
 
 
 def test_cli_sweep_over_rates_on_chat(
@@ -109,7 +102,7 @@ def test_cli_sweep_over_rates_on_chat(
         assert run["output_len_mismatches"] == 0 and run["failures"] == {}
         assert summary["goodput"] is not None and summary["tpot_ms"]["p99"] is not None
     assert plot.read_bytes().startswith(PNG_MAGIC)
-    assert_idle_and_intact(tiny_server)
+    tiny_server.assert_no_leaks()
 
 
 def test_cli_counts_failed_requests_and_exits_nonzero(
@@ -140,7 +133,7 @@ def test_cli_counts_failed_requests_and_exits_nonzero(
     assert run["summary"]["failed"] == 4 and run["summary"]["ttft_ms"]["p50"] is None
     ((reason, count),) = run["failures"].items()
     assert count == 4 and reason.startswith("failed: HTTP 400")
-    assert_idle_and_intact(tiny_server)
+    tiny_server.assert_no_leaks()
 
 
 def test_cli_wrong_model_fails_before_the_run(
@@ -170,7 +163,7 @@ def test_throughput_over_http_writes_the_offline_json(
         assert row["output_tokens"] == sum(r.output_len for r in sent)
         assert row["input_tokens"] == sum(r.prompt_len for r in sent)
         assert row["output_tokens_per_s"] > 0 and not math.isinf(row["seconds"])
-    assert_idle_and_intact(tiny_server)
+    tiny_server.assert_no_leaks()
 
 
 def test_a_request_past_its_timeout_is_lost_and_the_server_frees_it(
@@ -187,4 +180,4 @@ def test_a_request_past_its_timeout_is_lost_and_the_server_frees_it(
     assert record.outcome == "lost" and "timeout" in (record.error or "")
     summary = summarize([], num_requests=1, failed=0, duration_s=1.0, slo=SLO())
     assert (summary.completed, summary.failed, summary.lost) == (0, 0, 1)
-    assert_idle_and_intact(tiny_server)  # the server aborted it when the client went away
+    tiny_server.assert_no_leaks()  # the server aborted it when the client went away

@@ -40,14 +40,6 @@ def client(server: RunningServer) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
 
 
-def assert_idle_and_intact(server: RunningServer) -> None:
-    server.wait_idle()
-    engine = server.engine
-    engine.check_integrity()
-    stats = engine.stats()
-    assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
-
-
 def greedy(offline: LLM, prompt: str | list[int], max_tokens: int, **kw: object) -> str:
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw)  # type: ignore[arg-type]
     return offline.generate(prompt, params)[0].text
@@ -143,7 +135,7 @@ def test_async_client_concurrent_requests_match_offline(
 
     texts = asyncio.run(main())
     assert texts == [greedy(offline, p, 8) for p in prompts]
-    assert_idle_and_intact(server)
+    server.assert_no_leaks()
 
 
 def test_cached_tokens_reported_from_prefix_cache(client: openai.OpenAI) -> None:

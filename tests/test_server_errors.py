@@ -40,13 +40,6 @@ def assert_openai_error(r: httpx.Response, status: int, param: str | None = None
     return str(error["message"])
 
 
-def assert_intact(server: RunningServer) -> None:
-    server.wait_idle()
-    server.engine.check_integrity()
-    stats = server.engine.stats()
-    assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
-
-
 @pytest.mark.parametrize(
     ("body", "param"),
     [
@@ -105,7 +98,7 @@ def test_prompt_longer_than_context_names_both_lengths(server: RunningServer) ->
     r = post(server, "/v1/completions", {"model": MODEL, "prompt": [5] * 1000, "max_tokens": 100})
     message = assert_openai_error(r, 400)
     assert "1000" in message and "1024" in message
-    assert_intact(server)
+    server.assert_no_leaks()
 
 
 def test_unknown_model_and_route_are_404(server: RunningServer) -> None:
@@ -165,7 +158,7 @@ def test_full_waiting_queue_is_429_with_retry_after(tiny_chat_folder: Path) -> N
             assert int(r.headers["retry-after"]) >= 1
             for s in streams:
                 s.__exit__(None, None, None)
-        assert_intact(running)
+        running.assert_no_leaks()
     finally:
         running.stop()
 
@@ -181,7 +174,7 @@ def test_client_disconnect_mid_stream_frees_blocks_at_once(server: RunningServer
     server.wait_idle(timeout=5)
     generated = server.engine.stats()["num_generated_tokens"] - before
     assert generated < 1000  # aborted, not run to the end
-    assert_intact(server)
+    server.assert_no_leaks()
 
 
 def test_non_streaming_disconnect_aborts(server: RunningServer) -> None:
@@ -191,7 +184,7 @@ def test_non_streaming_disconnect_aborts(server: RunningServer) -> None:
         post(server, "/v1/completions", body, timeout=0.3)
     server.wait_idle(timeout=5)
     assert server.engine.stats()["num_generated_tokens"] - before < 1000
-    assert_intact(server)
+    server.assert_no_leaks()
 
 
 POISON = 48000
@@ -221,12 +214,12 @@ def test_engine_failure_fails_only_its_requests_with_500(server: RunningServer) 
         with httpx.stream("POST", f"{server.url}/v1/completions", json=body) as s:
             lines = [line for line in s.iter_lines() if line]
         assert "injected fault" in lines[-2] and lines[-1] == "data: [DONE]"
-        assert_intact(server)
+        server.assert_no_leaks()
         ok = post(server, "/v1/completions", {"model": MODEL, "prompt": [7, 8], "max_tokens": 3})
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
     finally:
         del server.engine.runner.execute  # back to the class's method
-    assert_intact(server)
+    server.assert_no_leaks()
 
 
 def test_health_is_503_until_the_model_has_loaded(tiny_chat_folder: Path) -> None:

@@ -50,7 +50,4 @@ def test_no_input_gives_a_server_error(case, fuzz_server: RunningServer) -> None
 
 
 def test_no_blocks_leak_after_fuzzing(fuzz_server: RunningServer) -> None:
-    fuzz_server.wait_idle()
-    fuzz_server.engine.check_integrity()
-    stats = fuzz_server.engine.stats()
-    assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
+    fuzz_server.assert_no_leaks()
