@@ -235,10 +235,13 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and return its blocks to the pool. None if unknown."""
+        return self._finish_now(request_id, "abort")
+
+    def _finish_now(self, request_id: str, reason: str) -> RequestOutput | None:
         seq = self._seqs.pop(request_id, None)
         if seq is None:
             return None
-        self.scheduler.finish(seq, "abort")
+        self.scheduler.finish(seq, reason)
         return self._output(seq)
 
     def has_unfinished(self) -> bool:
@@ -267,13 +270,10 @@ class LLMEngine:
         """Finish these requests with reason "error" and free their blocks."""
         outputs = []
         for request_id in request_ids:
-            seq = self._seqs.pop(request_id, None)
-            if seq is None:
-                continue
-            self.scheduler.finish(seq, "error")
-            out = self._output(seq)
-            out.error = message
-            outputs.append(out)
+            out = self._finish_now(request_id, "error")
+            if out is not None:
+                out.error = message
+                outputs.append(out)
         return outputs
 
     def request_ids(self) -> list[str]:
