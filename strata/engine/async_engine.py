@@ -177,6 +177,11 @@ class AsyncEngine:
         self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
     @property
+    def stopping(self) -> bool:
+        """True once `stop` or `shutdown` was called: new requests are refused."""
+        return self._stopping
+
+    @property
     def num_in_flight(self) -> int:
         return int(self.stats_snapshot["num_running"]) + self.num_waiting()
 

@@ -56,7 +56,6 @@ class ServerState:
     api_key: str | None = None
     engine: AsyncEngine | None = None
     load_error: str | None = None
-    draining: bool = False
     started: float = field(default_factory=time.time)
     metrics: ServerMetrics = field(init=False)
     token_text: TokenText | None = None
@@ -66,6 +65,11 @@ class ServerState:
 
     def _stats(self) -> dict[str, Any] | None:
         return None if self.engine is None else self.engine.stats_snapshot
+
+    @property
+    def draining(self) -> bool:
+        """Shutting down: the engine refuses new requests while those in flight finish."""
+        return self.engine is not None and self.engine.stopping
 
     def set_engine(self, engine: AsyncEngine) -> None:
         self.token_text = TokenText(engine.engine.tokenizer)

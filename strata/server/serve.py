@@ -36,7 +36,6 @@ class DrainingServer(uvicorn.Server):
         if self.strata.draining or self.strata.engine is None:
             super().handle_exit(sig, frame)  # a second signal, or nothing to drain
             return
-        self.strata.draining = True
         self.strata.engine.stop()
         logger.info(
             "received %s: draining %d requests (up to %.0f s); new requests get 503",
