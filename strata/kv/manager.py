@@ -146,8 +146,12 @@ class KVManager:
 
     def _allocate_block(self) -> int:
         block_id = self.pool.allocate()
-        self.index.remove_block(block_id)  # its old contents are about to be overwritten
+        self.evict_cached(block_id)  # its old contents are about to be overwritten
         return block_id
+
+    def evict_cached(self, block_id: int) -> None:
+        """Forget a free block's prefix entry: the one path by which cached KV leaves the GPU."""
+        self.index.remove_block(block_id)
 
     def commit(self, seq_id: str, token_ids: Sequence[int], num_computed: int) -> None:
         """Index the sequence's full blocks whose tokens are all computed."""
