@@ -1,0 +1,1 @@
+"""The tiers below the GPU block pool: pinned CPU memory, local disk, a remote store."""

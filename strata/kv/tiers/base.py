@@ -1,0 +1,175 @@
+"""TierStore: the interface every KV tier below the GPU implements.
+
+A tier maps block keys (the prefix cache's chained SHA-256 keys, 32 bytes) to stored
+blocks. Tiers are ordered (cpu -> disk -> remote); the `TierManager` promotes a hit
+from a lower tier into the ones above it. Every method is called from the KV mover
+thread only, except `contains` on local tiers, which the scheduler may call too, so
+local implementations guard their index with a lock.
+
+Invariants every implementation keeps:
+- `get` never returns a block whose header, key or checksum does not match: such a
+  block is a miss, is removed, and is counted in `stats().corrupt`.
+- A pinned key is never evicted; `pin` on a missing key is a no-op.
+- `used_bytes <= capacity_bytes` after every call.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+
+import torch
+
+KEY_BYTES = 32
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """What one stored block holds; two engines share blocks only if their layouts match."""
+
+    fingerprint: str  # model weights fingerprint (hex SHA-256)
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int  # tokens per block
+    dtype: str  # torch dtype name without "torch.", e.g. "bfloat16"
+    codec: str = "raw"
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int]:
+        """Payload shape: [layers, k|v, tokens, kv heads, head dim], contiguous."""
+        return (self.num_layers, 2, self.block_size, self.num_kv_heads, self.head_dim)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        n = self.num_layers * 2 * self.block_size * self.num_kv_heads * self.head_dim
+        return n * torch.empty((), dtype=self.torch_dtype).element_size()
+
+
+@dataclass
+class StoredBlock:
+    """One full block's KV for all layers, as it travels between tiers.
+
+    payload is a contiguous uint8 CPU tensor of `layout.nbytes` bytes laid out as
+    `layout.shape`; it may be a view into a tier's memory, valid until the next call
+    into that tier.
+    """
+
+    key: bytes
+    token_ids: tuple[int, ...]
+    payload: torch.Tensor
+
+
+@dataclass
+class TierStats:
+    """Counters of one tier; bytes/s are derived from bytes and the seconds spent moving them."""
+
+    hits: int = 0
+    misses: int = 0
+    corrupt: int = 0  # blocks found but rejected (header, key or checksum mismatch)
+    bytes_read: int = 0
+    bytes_written: int = 0
+    read_seconds: float = 0.0
+    write_seconds: float = 0.0
+    evictions: int = 0
+    errors: int = 0  # failed I/O (e.g. remote unreachable); the block counts as a miss
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **deltas: float) -> None:
+        with self._lock:
+            for name, value in deltas.items():
+                setattr(self, name, getattr(self, name) + value)
+
+    def snapshot(self) -> dict[str, float]:
+        with self._lock:
+            out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "_lock"}
+        out["read_bytes_per_s"] = (
+            out["bytes_read"] / out["read_seconds"] if out["read_seconds"] else 0.0
+        )
+        out["write_bytes_per_s"] = (
+            out["bytes_written"] / out["write_seconds"] if out["write_seconds"] else 0.0
+        )
+        return out
+
+
+class Timer:
+    """`with Timer() as t: ...; t.seconds`."""
+
+    def __enter__(self) -> Timer:
+        self._start = time.perf_counter()
+        self.seconds = 0.0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self._start
+
+
+class TierStore(ABC):
+    """A capacity-bounded key -> block store with pins and a pluggable eviction order."""
+
+    name: str
+
+    def __init__(self, layout: BlockLayout, capacity_bytes: int) -> None:
+        if capacity_bytes < layout.nbytes:
+            raise ValueError(
+                f"the {self.name} tier's capacity ({capacity_bytes} bytes) is smaller than one "
+                f"block ({layout.nbytes} bytes)"
+            )
+        self.layout = layout
+        self.capacity_bytes = capacity_bytes
+        self.stats = TierStats()
+
+    @property
+    def capacity_blocks(self) -> int:
+        return self.capacity_bytes // self.layout.nbytes
+
+    @abstractmethod
+    def contains(self, keys: Sequence[bytes]) -> list[bool]:
+        """Whether each key is stored (a cheap check; `get` still validates)."""
+
+    @abstractmethod
+    def get(self, keys: Sequence[bytes]) -> list[StoredBlock | None]:
+        """The blocks, or None for a miss (absent, corrupt or unreachable)."""
+
+    @abstractmethod
+    def put(self, blocks: Sequence[StoredBlock]) -> None:
+        """Store blocks, evicting unpinned ones in eviction order to make room.
+
+        A block that cannot be stored (everything pinned, I/O error) is skipped.
+        """
+
+    @abstractmethod
+    def pin(self, keys: Sequence[bytes]) -> None:
+        """Exclude these keys from eviction until `unpin` (pins nest: a count per key)."""
+
+    @abstractmethod
+    def unpin(self, keys: Sequence[bytes]) -> None: ...
+
+    @abstractmethod
+    def remove(self, keys: Sequence[bytes]) -> None:
+        """Drop blocks (pinned or not); absent keys are ignored."""
+
+    @abstractmethod
+    def evict(self, num_bytes: int) -> int:
+        """Evict unpinned blocks in eviction order until `num_bytes` are free; bytes freed."""
+
+    @property
+    @abstractmethod
+    def used_bytes(self) -> int: ...
+
+    def check_integrity(self) -> list[str]:
+        """Problems with the tier's own bookkeeping (empty when consistent)."""
+        return []
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources (files, sockets); the tier is unusable after."""
+
+    def describe(self) -> str:
+        return f"{self.name} {self.capacity_bytes / (1 << 30):.2f} GiB"

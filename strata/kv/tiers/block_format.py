@@ -1,0 +1,132 @@
+"""The self-describing byte format of a stored block (disk files, remote values).
+
+    offset  size
+    0       8     magic b"STRATAKV"
+    8       2     format version (little-endian u16)
+    10      2     header length H, bytes from offset 0 to the token ids
+    12      16    checksum: xxh3-128 of everything after this field
+    28      32    block key
+    60      32    model fingerprint (raw SHA-256)
+    92      4x5   layers, kv heads, head dim, block size (tokens), token count (u32 each)
+    112     16    dtype name, NUL-padded ASCII
+    128     16    codec name, NUL-padded ASCII
+    144     8     payload length in bytes (u64)
+    H       4*n   token ids (u32 each, n = token count)
+    ...     P     payload: [layers, k|v, tokens, kv heads, head dim] in dtype
+
+A reader accepts a block only if every header field equals what it expects (its own
+layout and the key it asked for), the lengths add up and the checksum matches.
+"""
+
+from __future__ import annotations
+
+import struct
+import warnings
+
+import torch
+import xxhash
+
+from strata.kv.tiers.base import KEY_BYTES, BlockLayout, StoredBlock
+
+MAGIC = b"STRATAKV"
+VERSION = 1
+_HEAD = struct.Struct("<8sHH16s32s32s5I16s16sQ")
+HEADER_BYTES = _HEAD.size  # 152
+
+
+class BlockFormatError(ValueError):
+    """A stored block that must not be used; the message says which check failed."""
+
+
+def _pad(text: str) -> bytes:
+    raw = text.encode("ascii")
+    if len(raw) > 16:
+        raise ValueError(f"{text!r} is longer than 16 bytes")
+    return raw.ljust(16, b"\0")
+
+
+def encoded_size(layout: BlockLayout) -> int:
+    return HEADER_BYTES + 4 * layout.block_size + layout.nbytes
+
+
+def encode(layout: BlockLayout, block: StoredBlock) -> list[memoryview]:
+    """The block as buffers to write in order (header+tokens, payload): no payload copy."""
+    if len(block.key) != KEY_BYTES:
+        raise ValueError(f"block keys are {KEY_BYTES} bytes, got {len(block.key)}")
+    if len(block.token_ids) != layout.block_size:
+        raise ValueError(
+            f"a stored block holds {layout.block_size} tokens, got {len(block.token_ids)}"
+        )
+    payload = memoryview(block.payload.contiguous().view(torch.uint8).numpy()).cast("B")
+    if payload.nbytes != layout.nbytes:
+        raise ValueError(f"payload is {payload.nbytes} bytes, layout says {layout.nbytes}")
+    tokens = struct.pack(f"<{len(block.token_ids)}I", *block.token_ids)
+    fields = (
+        block.key,
+        bytes.fromhex(layout.fingerprint),
+        layout.num_layers,
+        layout.num_kv_heads,
+        layout.head_dim,
+        layout.block_size,
+        len(block.token_ids),
+        _pad(layout.dtype),
+        _pad(layout.codec),
+        payload.nbytes,
+    )
+    body = struct.pack("<32s32s5I16s16sQ", *fields)
+    digest = xxhash.xxh3_128()
+    digest.update(body)
+    digest.update(tokens)
+    digest.update(payload)
+    head = struct.pack("<8sHH16s", MAGIC, VERSION, HEADER_BYTES, digest.digest()) + body
+    return [memoryview(head + tokens), payload]
+
+
+def decode(layout: BlockLayout, data: bytes | memoryview, key: bytes) -> StoredBlock:
+    """Parse and verify a block read back; raises BlockFormatError on any mismatch.
+
+    The returned payload is a uint8 tensor over `data` (no copy): keep `data` alive.
+    """
+    view = memoryview(data).cast("B")
+    if view.nbytes < HEADER_BYTES:
+        raise BlockFormatError(f"truncated: {view.nbytes} bytes, a header alone is {HEADER_BYTES}")
+    (magic, version, head_len, checksum, stored_key, fingerprint, layers, heads, dim, bsize,
+     ntok, dtype, codec, plen) = _HEAD.unpack_from(view)  # fmt: skip
+    if magic != MAGIC:
+        raise BlockFormatError("not a Strata KV block (bad magic)")
+    if version != VERSION or head_len != HEADER_BYTES:
+        raise BlockFormatError(
+            f"format version {version} (header {head_len} B); expected {VERSION}"
+        )
+    expected = {
+        "key": (stored_key, key),
+        "model fingerprint": (fingerprint.hex(), layout.fingerprint),
+        "layers": (layers, layout.num_layers),
+        "kv heads": (heads, layout.num_kv_heads),
+        "head dim": (dim, layout.head_dim),
+        "block size": (bsize, layout.block_size),
+        "token count": (ntok, layout.block_size),
+        "dtype": (dtype.rstrip(b"\0").decode("ascii", "replace"), layout.dtype),
+        "codec": (codec.rstrip(b"\0").decode("ascii", "replace"), layout.codec),
+        "payload length": (plen, layout.nbytes),
+    }
+    for name, (found, want) in expected.items():
+        if found != want:
+            shown = (
+                (found.hex()[:16], want.hex()[:16]) if isinstance(found, bytes) else (found, want)
+            )
+            raise BlockFormatError(f"{name} mismatch: stored {shown[0]}, expected {shown[1]}")
+    total = HEADER_BYTES + 4 * ntok + plen
+    if view.nbytes != total:
+        raise BlockFormatError(f"length {view.nbytes} bytes, header says {total}")
+    digest = xxhash.xxh3_128()
+    digest.update(view[28:])
+    if digest.digest() != checksum:
+        raise BlockFormatError("checksum mismatch")
+    tokens = struct.unpack_from(f"<{ntok}I", view, HEADER_BYTES)
+    with warnings.catch_warnings():  # read-only network buffers: the payload is never written
+        warnings.simplefilter("ignore", UserWarning)
+        payload = torch.frombuffer(
+            view, dtype=torch.uint8, offset=HEADER_BYTES + 4 * ntok, count=plen
+        )
+    return StoredBlock(key=stored_key, token_ids=tuple(tokens), payload=payload)
