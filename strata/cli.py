@@ -80,9 +80,58 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--no-cuda-graphs", action="store_true",
         help="run decode steps eagerly instead of replaying captured CUDA graphs",
     )  # fmt: skip
+    add_tier_args(p)
     g.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="log level of the engine's messages on stderr (default INFO)",
+    )  # fmt: skip
+
+
+def add_tier_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "KV tiers",
+        "Full KV blocks are written through to these tiers as they are computed; a prefix "
+        "found in any tier is loaded back instead of recomputed.",
+    )
+    g.add_argument(
+        "--kv-cpu-memory", type=float, default=None, metavar="GIB",
+        help="a CPU RAM tier of this many GiB (pinned on CUDA hosts); disk and remote tiers "
+        "stage through it and add a 1 GiB one if it is not given",
+    )  # fmt: skip
+    g.add_argument(
+        "--kv-disk-dir", default=None, metavar="PATH",
+        help="a local disk tier in this directory; blocks survive restarts and are found "
+        "again by any engine of the same model, dtype and block size",
+    )  # fmt: skip
+    g.add_argument(
+        "--kv-disk-size", type=float, default=16.0, metavar="GIB",
+        help="cap of the disk tier in GiB (default 16); the least recently used blocks go first",
+    )  # fmt: skip
+    g.add_argument(
+        "--kv-remote", default=None, metavar="URL",
+        help="a remote tier on a Valkey or Redis server (valkey://host:port or "
+        "redis://host:port), shared by every engine that points at it; its size is the "
+        "server's maxmemory",
+    )  # fmt: skip
+    g.add_argument(
+        "--kv-remote-timeout", type=float, default=0.5, metavar="S",
+        help="seconds before a remote call counts as failed (the block is recomputed and the "
+        "tier retried later; default 0.5)",
+    )  # fmt: skip
+    g.add_argument(
+        "--kv-tier-eviction", default="lru", choices=["lru", "fifo"],
+        help="eviction order inside each tier (default lru)",
+    )  # fmt: skip
+    g.add_argument(
+        "--preemption-mode", default="auto", choices=["recompute", "swap", "auto"],
+        help="when the GPU pool runs out: recompute the preempted sequence later, swap (keep "
+        "its blocks pinned in the CPU tier), or auto: swap when reloading is estimated to be "
+        "cheaper (needs a tier; default auto)",
+    )  # fmt: skip
+    g.add_argument(
+        "--session-gpu-fraction", type=float, default=0.25, metavar="F",
+        help="share of the GPU pool that session pins (session_id + cache_ttl_s) may hold; "
+        "beyond it pins go to the CPU tier (default 0.25)",
     )  # fmt: skip
 
 
@@ -134,6 +183,14 @@ def llm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "attention_backend": args.attention_backend,
         "enforce_eager": args.no_cuda_graphs,
+        "kv_cpu_memory": args.kv_cpu_memory,
+        "kv_disk_dir": args.kv_disk_dir,
+        "kv_disk_size": args.kv_disk_size,
+        "kv_remote": args.kv_remote,
+        "kv_remote_timeout_s": args.kv_remote_timeout,
+        "kv_tier_eviction": args.kv_tier_eviction,
+        "preemption_mode": args.preemption_mode,
+        "session_gpu_fraction": args.session_gpu_fraction,
     }
 
 

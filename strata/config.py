@@ -94,6 +94,71 @@ def _sliding_window(model_type: str, hf_config: Any) -> int | None:
 
 
 @dataclass(frozen=True)
+class TierConfig:
+    """The KV tiers below the GPU pool; all off by default.
+
+    cpu_memory: GiB of (pinned, on CUDA hosts) CPU memory for the CPU tier. Disk and
+    remote tiers stage through it, so it defaults to STAGING_GIB when only they are set.
+    disk_dir / disk_size: a local disk tier directory and its cap in GiB.
+    remote: "valkey://host:port" or "redis://host:port[/db]", shared by any number of
+    engines; remote_timeout_s bounds each network call (a slow or dead server is a miss).
+    eviction: the tiers' eviction order ("lru" or "fifo").
+    preemption_mode: "recompute" frees a preempted sequence's blocks; "swap" also pins
+    them in the CPU tier until it resumes; "auto" swaps when reloading is estimated to be
+    cheaper than recomputing.
+    session_gpu_fraction: the share of the GPU pool that session pins may hold.
+    """
+
+    cpu_memory: float | None = None
+    disk_dir: str | None = None
+    disk_size: float = 16.0
+    remote: str | None = None
+    remote_timeout_s: float = 0.5
+    eviction: str = "lru"
+    preemption_mode: str = "auto"
+    session_gpu_fraction: float = 0.25
+
+    STAGING_GIB = 1.0
+    PREEMPTION_MODES = ("recompute", "swap", "auto")
+    EVICTION_ORDERS = ("lru", "fifo")
+
+    def __post_init__(self) -> None:
+        if self.cpu_memory is not None and not self.cpu_memory > 0:
+            raise ValueError(f"kv_cpu_memory must be > 0 GiB, got {self.cpu_memory}")
+        if not self.disk_size > 0:
+            raise ValueError(f"kv_disk_size must be > 0 GiB, got {self.disk_size}")
+        if self.remote is not None and not self.remote.startswith(("valkey://", "redis://")):
+            raise ValueError(
+                f"kv_remote must be a valkey://host:port or redis://host:port URL; "
+                f"got {self.remote!r}"
+            )
+        if not self.remote_timeout_s > 0:
+            raise ValueError(f"kv_remote_timeout_s must be > 0, got {self.remote_timeout_s}")
+        if self.eviction not in self.EVICTION_ORDERS:
+            raise ValueError(
+                f"kv tier eviction must be one of {', '.join(self.EVICTION_ORDERS)}; "
+                f"got {self.eviction!r}"
+            )
+        if self.preemption_mode not in self.PREEMPTION_MODES:
+            raise ValueError(
+                f"preemption_mode must be one of {', '.join(self.PREEMPTION_MODES)}; "
+                f"got {self.preemption_mode!r}"
+            )
+        if not 0.0 <= self.session_gpu_fraction <= 1.0:
+            raise ValueError(
+                f"session_gpu_fraction must be in [0, 1], got {self.session_gpu_fraction}"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return any(x is not None for x in (self.cpu_memory, self.disk_dir, self.remote))
+
+    @property
+    def cpu_gib(self) -> float:
+        return self.cpu_memory if self.cpu_memory is not None else self.STAGING_GIB
+
+
+@dataclass(frozen=True)
 class CacheConfig:
     """The paged KV cache.
 
@@ -108,6 +173,7 @@ class CacheConfig:
     num_blocks: int | None = None
     gpu_memory_utilization: float = 0.90
     enable_prefix_caching: bool = True
+    tiers: TierConfig = field(default_factory=TierConfig)
 
     DEFAULT_CPU_KV_GIB = 2.0
 
@@ -121,6 +187,10 @@ class CacheConfig:
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.tiers.enabled and not self.enable_prefix_caching:
+            raise ValueError(
+                "KV tiers store blocks under their prefix-cache keys: they need prefix caching on"
             )
 
 

@@ -204,7 +204,10 @@ class AsyncEngine:
             return
         finally:
             self._loaded.set()
-        self._loop()
+        try:
+            self._loop()
+        finally:
+            self._engine.close()
 
     def _loop(self) -> None:
         while True:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import time
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -24,6 +25,10 @@ from strata.errors import ContextLengthError, InvalidRequestError, KVCacheTooSma
 from strata.kv.cache import KVCache
 from strata.kv.manager import KVIntegrityError, KVManager
 from strata.kv.prefix import root_key
+from strata.kv.sessions import SessionPins
+from strata.kv.swap_cost import SwapCostModel
+from strata.kv.tier_manager import TierManager
+from strata.kv.tier_setup import build_tiers
 from strata.models.loader import LoadedModel, load_model
 
 logger = logging.getLogger("strata.engine")
@@ -87,7 +92,22 @@ class LLMEngine:
             root_key(self.loaded.fingerprint, kv_layout),
             config.cache.enable_prefix_caching,
         )
-        self.scheduler = Scheduler(config.scheduler, self.kv)
+        self.tiers: TierManager | None = build_tiers(
+            config.cache.tiers, self.kv_cache, self.loaded.fingerprint, self.dtype
+        )
+        self.kv.tiers = self.tiers
+        self.sessions = SessionPins(self.kv, config.cache.tiers.session_gpu_fraction)
+        self.swap_cost = SwapCostModel(
+            KVCache.bytes_per_block(self.model_config, block_size, self.dtype), block_size,
+            self.device,
+        )  # fmt: skip
+        self.scheduler = Scheduler(
+            config.scheduler,
+            self.kv,
+            preemption_mode=config.cache.tiers.preemption_mode,
+            reclaim=self.sessions.reclaim,
+            swap_is_cheaper=self.swap_cost.swap_is_cheaper,
+        )
         self.runner = ModelRunner(self.loaded.model, self.kv_cache, self.backend, self.device)
         self._maybe_capture_graphs()
         self._seqs: dict[str, Sequence] = {}
@@ -256,11 +276,19 @@ class LLMEngine:
         (their blocks freed, the message in `RequestOutput.error`) and returned; the
         engine stays usable for every other request.
         """
+        self.sessions.expire()
         plan = self.scheduler.schedule()
         if plan.is_empty:
+            if self.tiers is not None and self.scheduler.has_unfinished():
+                self.tiers.wait(0.01)  # only loads or lookups in flight: nothing to compute yet
             return []
         try:
-            return self._run_plan(plan)
+            start = time.perf_counter()
+            outputs = self._run_plan(plan)
+            self.swap_cost.observe_step(plan.num_tokens, time.perf_counter() - start)
+            if self.tiers is not None and plan.preempted:
+                self.swap_cost.observe_load_rate(self.tiers.load_bytes_per_s())
+            return outputs
         except Exception as exc:
             logger.exception("engine step failed; failing the %d requests in it", len(plan.chunks))
             message = f"the engine failed while running this request: {type(exc).__name__}: {exc}"
@@ -293,6 +321,9 @@ class LLMEngine:
             if reason is not None:
                 if seq.detokenizer is not None:
                     seq.detokenizer.flush()
+                if seq.params.session_id is not None:
+                    self.sessions.pin(seq.params.session_id, seq.params.cache_ttl_s,
+                                      seq.request_id)  # fmt: skip
                 self.scheduler.finish(seq, reason)
                 del self._seqs[seq.request_id]
             outputs.append(self._output(seq, delta_tokens=1))
@@ -357,8 +388,14 @@ class LLMEngine:
     # ---- introspection --------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
+        tiers = self.tiers.stats() if self.tiers is not None else {}
         return {
             **self.kv.stats(),
+            **tiers,
+            **self.sessions.stats(),
+            "prefix_cache_tier_hit_tokens": self.scheduler.num_tier_hit_tokens,
+            "num_swaps": self.scheduler.num_swaps,
+            "num_loading": len(self.scheduler.loading),
             "num_preemptions": self.scheduler.num_preemptions,
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
@@ -379,6 +416,19 @@ class LLMEngine:
         for seq in self.scheduler.waiting:
             if self.kv.has(seq.request_id):
                 raise KVIntegrityError(f"waiting {seq.request_id!r} holds blocks")
-        live = {s.request_id for s in (*self.scheduler.running, *self.scheduler.waiting)}
+        sched = self.scheduler
+        live = {s.request_id for s in (*sched.running, *sched.waiting, *sched.loading.values())}
         if live != set(self._seqs):
             raise KVIntegrityError(f"engine tracks {set(self._seqs)} but scheduler has {live}")
+        if self.tiers is not None and not sched.loading and not sched._abandoned_loads:
+            self.tiers.flush()
+            problems = self.tiers.check_integrity()
+            if problems:
+                raise KVIntegrityError("KV tier check failed:\n  " + "\n  ".join(problems))
+
+    def close(self) -> None:
+        """Finish writing blocks to the tiers and close them (the engine is unusable after)."""
+        if self.tiers is not None:
+            self.tiers.close(flush=True)
+            self.tiers = None
+            self.kv.tiers = None

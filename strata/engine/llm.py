@@ -7,7 +7,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from strata.config import CacheConfig, EngineConfig, SchedulerConfig
+from strata.config import CacheConfig, EngineConfig, SchedulerConfig, TierConfig
 from strata.engine.chat import chat_prompt_ids
 from strata.engine.engine import LLMEngine
 from strata.engine.outputs import RequestOutput
@@ -22,7 +22,9 @@ class LLM:
     """Generate from a model offline.
 
     model: a Hugging Face folder, a .gguf file, "random:PRESET" or None for the
-    embedded SmolLM2-135M-Instruct. kv_cache_memory is in GiB.
+    embedded SmolLM2-135M-Instruct. kv_cache_memory is in GiB. The kv_* tier arguments
+    and preemption_mode are those of `TierConfig` (kv_cpu_memory and kv_disk_size in GiB).
+    Call `close()` (or use `with LLM(...) as llm:`) to finish writing tier blocks.
     """
 
     def __init__(
@@ -42,6 +44,14 @@ class LLM:
         seed: int = 0,
         attention_backend: str = "auto",
         enforce_eager: bool = False,
+        kv_cpu_memory: float | None = None,
+        kv_disk_dir: str | None = None,
+        kv_disk_size: float = 16.0,
+        kv_remote: str | None = None,
+        kv_remote_timeout_s: float = 0.5,
+        kv_tier_eviction: str = "lru",
+        preemption_mode: str = "auto",
+        session_gpu_fraction: float = 0.25,
     ) -> None:
         config = EngineConfig(
             model=model,
@@ -56,6 +66,16 @@ class LLM:
                 num_blocks=num_kv_blocks,
                 gpu_memory_utilization=gpu_memory_utilization,
                 enable_prefix_caching=enable_prefix_caching,
+                tiers=TierConfig(
+                    cpu_memory=kv_cpu_memory,
+                    disk_dir=kv_disk_dir,
+                    disk_size=kv_disk_size,
+                    remote=kv_remote,
+                    remote_timeout_s=kv_remote_timeout_s,
+                    eviction=kv_tier_eviction,
+                    preemption_mode=preemption_mode,
+                    session_gpu_fraction=session_gpu_fraction,
+                ),
             ),
             scheduler=SchedulerConfig(
                 max_num_batched_tokens=max_num_batched_tokens,
@@ -64,6 +84,16 @@ class LLM:
             ),
         )
         self.engine = LLMEngine(config)
+
+    def close(self) -> None:
+        """Finish writing KV blocks to the tiers and release them."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer

@@ -19,6 +19,9 @@ class SamplingParams:
     ignore_eos: keep generating past end-of-sequence tokens.
     logprobs: return the log-probabilities of the N most likely tokens at each step,
     beside the chosen token's (None: none; 0: only the chosen token's).
+    session_id / cache_ttl_s: a multi-turn session this request is a turn of; when the
+    turn ends its KV stays pinned for cache_ttl_s seconds (default DEFAULT_SESSION_TTL_S)
+    so the next turn reuses it even under memory pressure.
     """
 
     max_tokens: int | None = 16
@@ -31,8 +34,12 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    session_id: str | None = None
+    cache_ttl_s: float | None = None
 
     MAX_LOGPROBS = 20
+    DEFAULT_SESSION_TTL_S = 300.0
+    MAX_SESSION_TTL_S = 86400.0
 
     def __post_init__(self) -> None:
         # Accept a single string or any sequence for stop / stop_token_ids; store tuples.
@@ -63,6 +70,25 @@ class SamplingParams:
             raise InvalidRequestError(
                 f"logprobs must be in [0, {self.MAX_LOGPROBS}], got {self.logprobs}"
             )
+        self._check_session()
+
+    def _check_session(self) -> None:
+        if self.session_id is not None and (
+            not isinstance(self.session_id, str) or not 0 < len(self.session_id) <= 256
+        ):
+            raise InvalidRequestError(
+                f"session_id must be a string of 1 to 256 characters, got {self.session_id!r}"
+            )
+        if self.cache_ttl_s is not None:
+            if self.session_id is None:
+                raise InvalidRequestError("cache_ttl_s needs a session_id to pin the cache for")
+            if not 0 < self.cache_ttl_s <= self.MAX_SESSION_TTL_S:  # also rejects NaN
+                raise InvalidRequestError(
+                    f"cache_ttl_s must be in (0, {self.MAX_SESSION_TTL_S:g}] seconds, "
+                    f"got {self.cache_ttl_s}"
+                )
+        elif self.session_id is not None:
+            object.__setattr__(self, "cache_ttl_s", self.DEFAULT_SESSION_TTL_S)
 
     @property
     def greedy(self) -> bool:

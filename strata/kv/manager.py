@@ -12,16 +12,21 @@ Invariants (checked by `check_integrity`):
 - Only full blocks whose every token is computed are in the prefix index.
 - A sequence's first `len(keys)` blocks are full and computed, with chain keys `keys`;
   each is indexed under its key, or unindexed when another block held that key first.
+- Holds (session pins) own one reference on each of their blocks, like a sequence.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from strata.errors import StrataError
 from strata.kv.blocks import BlockPool
 from strata.kv.prefix import PrefixIndex, chain_key
+
+if TYPE_CHECKING:
+    from strata.kv.tier_manager import BlockRef, TierManager
 
 
 class KVIntegrityError(StrataError, RuntimeError):
@@ -59,6 +64,9 @@ class KVManager:
         self.pool = BlockPool(num_blocks)
         self.index = PrefixIndex()
         self._seqs: dict[str, _SeqBlocks] = {}
+        self._holds: dict[str, list[int]] = {}
+        self.tiers: TierManager | None = None
+        self.newly_indexed: list[tuple[int, BlockRef]] = []  # since the last take_newly_indexed
         self.prefix_cache_queried_tokens = 0
         self.prefix_cache_hit_tokens = 0
 
@@ -108,6 +116,21 @@ class KVManager:
             parent = key
         return PrefixMatch(tuple(block_ids), tuple(keys), bs)
 
+    def block_refs(self, token_ids: Sequence[int], start: int, parent: bytes) -> list[BlockRef]:
+        """Keys and tokens of the full blocks from block `start` on, leaving one token to compute.
+
+        `parent` is the key of block start-1 (the root for start 0).
+        """
+        from strata.kv.tier_manager import BlockRef
+
+        bs = self.block_size
+        refs = []
+        for i in range(start, (len(token_ids) - 1) // bs):
+            chunk = tuple(token_ids[i * bs : (i + 1) * bs])
+            parent = chain_key(parent, chunk)
+            refs.append(BlockRef(parent, chunk))
+        return refs
+
     # ---- allocation ----------------------------------------------------------------------
 
     def admit(self, seq_id: str, match: PrefixMatch, num_tokens: int, num_prompt: int) -> bool:
@@ -150,11 +173,23 @@ class KVManager:
         return block_id
 
     def evict_cached(self, block_id: int) -> None:
-        """Forget a free block's prefix entry: the one path by which cached KV leaves the GPU."""
+        """Forget a free block's prefix entry: the one path by which cached KV leaves the GPU.
+
+        With tiers, the block was written through when it was computed, so it stays
+        findable below; this only waits if that copy is still reading the block.
+        """
+        if self.tiers is not None:
+            self.tiers.before_overwrite(block_id)
         self.index.remove_block(block_id)
 
-    def commit(self, seq_id: str, token_ids: Sequence[int], num_computed: int) -> None:
-        """Index the sequence's full blocks whose tokens are all computed."""
+    def commit(
+        self, seq_id: str, token_ids: Sequence[int], num_computed: int, write_through: bool = True
+    ) -> None:
+        """Index the sequence's full blocks whose tokens are all computed.
+
+        With tiers, newly indexed blocks are queued to be written through unless they
+        came from a tier (`write_through=False`).
+        """
         if not self.enable_prefix_caching:
             return
         state = self._seqs[seq_id]
@@ -164,7 +199,11 @@ class KVManager:
             chunk = token_ids[i * bs : (i + 1) * bs]
             key = chain_key(parent, chunk)
             # If another sequence indexed the same content first, this block stays unindexed.
-            self.index.insert(key, chunk, state.table[i])
+            indexed = self.index.insert(key, chunk, state.table[i])
+            if indexed and write_through and self.tiers is not None:
+                from strata.kv.tier_manager import BlockRef
+
+                self.newly_indexed.append((state.table[i], BlockRef(key, tuple(chunk))))
             state.keys.append(key)
 
     def free(self, seq_id: str) -> None:
@@ -178,6 +217,40 @@ class KVManager:
             return
         for block_id in reversed(state.table):
             self.pool.release(block_id)
+
+    def take_newly_indexed(self) -> list[tuple[int, BlockRef]]:
+        """(block id, ref) of blocks indexed since the last call: the ones to write through."""
+        out, self.newly_indexed = self.newly_indexed, []
+        return out
+
+    def keys_of(self, seq_id: str) -> list[bytes]:
+        """Chain keys of the sequence's full computed blocks."""
+        return list(self._seqs[seq_id].keys)
+
+    def mark_loaded(self, seq_id: str, token_ids: Sequence[int], num_blocks: int) -> None:
+        """Index the first `num_blocks` blocks of a sequence whose KV arrived from a tier."""
+        self.commit(seq_id, token_ids, num_blocks * self.block_size, write_through=False)
+
+    # ---- holds (session pins) ------------------------------------------------------------
+
+    def hold(self, owner: str, block_ids: Sequence[int]) -> None:
+        """Keep these blocks resident for `owner` (one reference each) until `release`."""
+        if owner in self._holds:
+            raise KVIntegrityError(f"hold {owner!r} taken twice")
+        for block_id in block_ids:
+            self.pool.acquire(block_id)
+        self._holds[owner] = list(block_ids)
+
+    def release(self, owner: str) -> None:
+        for block_id in reversed(self._holds.pop(owner, [])):
+            self.pool.release(block_id)
+
+    def held_blocks(self, owner: str) -> list[int]:
+        return list(self._holds.get(owner, []))
+
+    @property
+    def num_held_blocks(self) -> int:
+        return sum(len(b) for b in self._holds.values())
 
     # ---- checks and stats ----------------------------------------------------------------
 
@@ -202,6 +275,12 @@ class KVManager:
                         f"sequence {seq_id!r} block {i} (id {state.table[i]}) is indexed "
                         "under another prefix's key"
                     )
+        for owner, blocks in self._holds.items():
+            for block_id in blocks:
+                if not 0 <= block_id < self.pool.num_blocks:
+                    problems.append(f"hold {owner!r} holds invalid block {block_id}")
+                else:
+                    held[block_id] += 1
         free = self.pool.free_order()
         if len(set(free)) != len(free):
             problems.append("free list holds a block twice")

@@ -118,6 +118,18 @@ class CPUTier(TierStore):
                 if key in self._slot_of:
                     self._pins[key] += 1
 
+    def pin_present(self, keys: Sequence[bytes]) -> list[bytes]:
+        """Pin the keys that are stored; returns them (the ones to unpin later)."""
+        with self._lock:
+            present = [k for k in keys if k in self._slot_of]
+            for key in present:
+                self._pins[key] += 1
+        return present
+
+    @property
+    def num_pinned(self) -> int:
+        return len(self._pins)
+
     def unpin(self, keys: Sequence[bytes]) -> None:
         with self._lock:
             for key in keys:

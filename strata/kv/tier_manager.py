@@ -1,0 +1,418 @@
+"""TierManager: the GPU block pool's link to the tiers below it, off the engine thread.
+
+    engine thread                 mover thread (device <-> cpu)     io thread (cpu <-> disk/remote)
+    -------------                 -----------------------------     -------------------------------
+    store(blocks) ---------------> gather, D2H into cpu slots ----> write-through to disk, remote
+    start_load(seq) -- in cpu ---> H2D, scatter into the pool
+                    \\- below ----------------------------------->  read, verify, promote to cpu
+                                  H2D, scatter <------------------/
+    probe_remote(seq) ------------------------------------------->  EXISTS on the remote
+    poll() <-------------------------- completions ------------------------------/
+
+Every full block the engine computes is written through: to the cpu tier at once and
+from there to disk and remote, so a block the GPU pool evicts already lives below. The
+engine never waits on a tier, with one exception: before overwriting a pool block whose
+store is still being gathered (`before_overwrite`), which takes one copy at most.
+
+Invariants:
+- A block id in `_pending_store` is read by the mover; the pool must not reuse it until
+  its event is set.
+- Keys handed to the mover for a load are pinned in the cpu tier until it has copied
+  them, so they cannot be evicted in between.
+- `poll` reports each load exactly once, with how many of its leading blocks arrived; a
+  load's destination blocks belong to its sequence until then.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from strata.kv.cache import KVCache
+from strata.kv.tiers.base import StoredBlock, TierStore, Timer
+from strata.kv.tiers.cpu import CPUTier
+from strata.kv.transfer import BlockTransfer
+
+logger = logging.getLogger("strata.kv.tiers")
+
+
+@dataclass(frozen=True)
+class BlockRef:
+    """A full block by content: its chain key and token ids."""
+
+    key: bytes
+    token_ids: tuple[int, ...]
+
+
+@dataclass
+class LoadDone:
+    """`num_loaded` leading blocks of `seq_id`'s load are in the pool; the rest failed."""
+
+    seq_id: str
+    num_loaded: int
+
+
+@dataclass
+class ProbeDone:
+    seq_id: str
+    found: list[bool]
+
+
+@dataclass
+class _Load:
+    seq_id: str
+    blocks: list[BlockRef]
+    block_ids: list[int]
+    pinned: list[bytes] = field(default_factory=list)  # cpu pins to drop when copied
+
+
+@dataclass
+class _Store:
+    blocks: list[BlockRef]
+    block_ids: list[int]
+    after: Any  # torch.cuda.Event | None
+    done: threading.Event
+
+
+_STOP = object()
+
+
+class TierManager:
+    def __init__(
+        self,
+        kv_cache: KVCache,
+        cpu: CPUTier,
+        lower: Sequence[TierStore],
+        max_write_backlog: int | None = None,
+    ) -> None:
+        self.cpu = cpu
+        self.lower = list(lower)
+        self.local = [cpu, *(t for t in self.lower if t.name != "remote")]
+        self.remote = next((t for t in self.lower if t.name == "remote"), None)
+        self.transfer = BlockTransfer(kv_cache, cpu.slab)
+        self.max_write_backlog = max_write_backlog or max(1, cpu.capacity_blocks // 2)
+        self._pending_store: dict[int, threading.Event] = {}
+        self._holds: dict[str, list[bytes]] = {}
+        self._mover_q: queue.Queue[Any] = queue.Queue()
+        self._io_q: queue.PriorityQueue[tuple[int, int, Any]] = queue.PriorityQueue()
+        self._io_seq = itertools.count()  # FIFO among equal priorities
+        self._done: queue.SimpleQueue[LoadDone | ProbeDone] = queue.SimpleQueue()
+        self._done_event = threading.Event()
+        self._write_backlog = 0
+        self._backlog_lock = threading.Lock()
+        self.num_stored = 0
+        self.num_store_skipped = 0  # blocks not written through: backlog full or cpu all pinned
+        self.num_loaded_blocks = 0
+        self.num_failed_loads = 0
+        self._failure: BaseException | None = None
+        self._threads = [
+            threading.Thread(target=self._run, args=(self._mover_q, self._mover_job),
+                             name="strata-kv-mover", daemon=True),
+            threading.Thread(target=self._run_io, name="strata-kv-io", daemon=True),
+        ]  # fmt: skip
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def tiers(self) -> list[TierStore]:
+        return [self.cpu, *self.lower]
+
+    def describe(self) -> str:
+        return " -> ".join(t.describe() for t in self.tiers)
+
+    # ---- engine thread --------------------------------------------------------------------
+
+    def find_local(self, keys: Sequence[bytes]) -> list[bool]:
+        """Whether some local tier (cpu or disk) holds each key."""
+        found = [False] * len(keys)
+        for tier in self.local:
+            rest = [i for i, f in enumerate(found) if not f]
+            if not rest:
+                break
+            for i, hit in zip(rest, tier.contains([keys[i] for i in rest]), strict=True):
+                found[i] = hit
+        return found
+
+    def probe_remote(self, seq_id: str, keys: Sequence[bytes]) -> None:
+        """Ask the remote tier which keys it holds; answered by a ProbeDone from `poll`."""
+        self._io_put(0, ("probe", seq_id, list(keys)))
+
+    def start_load(self, seq_id: str, blocks: Sequence[BlockRef], block_ids: Sequence[int]) -> None:
+        """Copy these blocks, found in some tier, into the pool blocks `block_ids`."""
+        job = _Load(seq_id, list(blocks), list(block_ids))
+        keys = [b.key for b in blocks]
+        job.pinned = self.cpu.pin_present(keys)
+        if len(job.pinned) == len(keys):
+            self._mover_q.put(job)
+        else:
+            self._io_put(0, job)
+
+    def store(
+        self, blocks: Sequence[BlockRef], block_ids: Sequence[int], after: Any = None
+    ) -> None:
+        """Write these freshly computed pool blocks through to every tier."""
+        if not blocks:
+            return
+        done = threading.Event()
+        for block_id in block_ids:
+            self._pending_store[block_id] = done
+        self._mover_q.put(_Store(list(blocks), list(block_ids), after, done))
+
+    def before_overwrite(self, block_id: int) -> None:
+        """Wait until a pending store has read `block_id` (the pool is about to reuse it)."""
+        done = self._pending_store.pop(block_id, None)
+        if done is not None:
+            done.wait()
+
+    def hold(self, owner: str, keys: Sequence[bytes]) -> None:
+        """Pin these keys in the cpu tier for `owner` (after every store queued before)."""
+        self._mover_q.put(("hold", owner, list(keys)))
+
+    def release(self, owner: str) -> None:
+        self._mover_q.put(("release", owner))
+
+    def wait(self, timeout_s: float) -> None:
+        """Block until a load or probe completes or `timeout_s` passes."""
+        self._done_event.wait(timeout_s)
+
+    def _post(self, event: LoadDone | ProbeDone) -> None:
+        self._done.put(event)
+        self._done_event.set()
+
+    def poll(self) -> list[LoadDone | ProbeDone]:
+        """Completed loads and probes since the last poll; raises if a mover thread died."""
+        if self._failure is not None:
+            raise RuntimeError("the KV tier mover failed") from self._failure
+        out: list[LoadDone | ProbeDone] = []
+        self._done_event.clear()
+        while True:
+            try:
+                out.append(self._done.get_nowait())
+            except queue.Empty:
+                return out
+
+    def flush(self) -> None:
+        """Wait until every queued store, load and write-through has finished."""
+        while True:
+            self._mover_q.join()
+            self._io_q.join()
+            if self._mover_q.empty() and self._io_q.empty():
+                return
+
+    def close(self, flush: bool = True) -> None:
+        if flush and self._failure is None:
+            self.flush()
+        self._mover_q.put(_STOP)
+        self._io_put(9, _STOP)
+        for thread in self._threads:
+            thread.join(timeout=10)
+        for tier in self.tiers:
+            tier.close()
+
+    # ---- mover thread ---------------------------------------------------------------------
+
+    def _run(self, jobs: queue.Queue[Any], handle: Any) -> None:
+        while True:
+            job = jobs.get()
+            try:
+                if job is _STOP:
+                    return
+                handle(job)
+            except BaseException as exc:  # keep serving; the engine sees it on the next poll
+                logger.exception("KV tier job failed")
+                self._failure = exc
+            finally:
+                jobs.task_done()
+
+    def _mover_job(self, job: Any) -> None:
+        if isinstance(job, _Store):
+            self._do_store(job)
+        elif isinstance(job, _Load):
+            self._do_load(job)
+        elif job[0] == "hold":
+            _, owner, keys = job
+            self._holds.setdefault(owner, []).extend(self.cpu.pin_present(keys))
+        elif job[0] == "release":
+            self.cpu.unpin(self._holds.pop(job[1], []))
+
+    def _do_store(self, job: _Store) -> None:
+        try:
+            present = self.cpu.contains([b.key for b in job.blocks])
+            todo = [(b, i) for b, i, p in zip(job.blocks, job.block_ids, present, strict=True)
+                    if not p]  # fmt: skip
+            slots: list[int] = []
+            for _ in todo:
+                slot = self.cpu.reserve()
+                if slot is None:
+                    break
+                slots.append(slot)
+            self.num_store_skipped += len(todo) - len(slots)
+            todo = todo[: len(slots)]
+            if todo:
+                with Timer() as t:
+                    self.transfer.store([i for _, i in todo], slots, job.after)
+                nbytes = len(todo) * self.cpu.layout.nbytes
+                self.cpu.stats.add(bytes_written=nbytes, write_seconds=t.seconds)
+        finally:
+            job.done.set()
+            for block_id in job.block_ids:
+                if self._pending_store.get(block_id) is job.done:
+                    self._pending_store.pop(block_id, None)
+        for (block, _), slot in zip(todo, slots, strict=True):
+            self.cpu.publish(block.key, block.token_ids, slot)
+        self.num_stored += len(todo)
+        if self.lower and todo:
+            self._write_through([b for b, _ in todo])
+
+    def _write_through(self, blocks: list[BlockRef]) -> None:
+        with self._backlog_lock:
+            room = max(0, self.max_write_backlog - self._write_backlog)
+            blocks, skipped = blocks[:room], len(blocks) - room
+            self._write_backlog += len(blocks)
+        self.num_store_skipped += max(0, skipped)
+        if blocks:
+            pinned = set(self.cpu.pin_present([b.key for b in blocks]))
+            self._io_put(1, ("write", [b for b in blocks if b.key in pinned], len(blocks)))
+
+    def _do_load(self, job: _Load) -> None:
+        slots: list[int] = []
+        for block in job.blocks:
+            slot = self.cpu.slot_of(block.key)
+            if slot is None:
+                break
+            slots.append(slot)
+        try:
+            if slots:
+                with Timer() as t:
+                    self.transfer.load(slots, job.block_ids[: len(slots)])
+                hits = self.cpu.get([b.key for b in job.blocks[: len(slots)]])  # counts hits, LRU
+                nbytes = len(hits) * self.cpu.layout.nbytes
+                self.cpu.stats.add(bytes_read=nbytes, read_seconds=t.seconds)
+        finally:
+            self.cpu.unpin(job.pinned)
+        self.num_loaded_blocks += len(slots)
+        if len(slots) < len(job.blocks):
+            self.num_failed_loads += 1
+        self._post(LoadDone(job.seq_id, len(slots)))
+
+    # ---- io thread ------------------------------------------------------------------------
+
+    def _io_put(self, priority: int, job: Any) -> None:
+        self._io_q.put((priority, next(self._io_seq), job))
+
+    def _run_io(self) -> None:
+        while True:
+            _, _, job = self._io_q.get()
+            try:
+                if job is _STOP:
+                    return
+                self._io_job(job)
+            except BaseException as exc:
+                logger.exception("KV tier I/O job failed")
+                self._failure = exc
+            finally:
+                self._io_q.task_done()
+
+    def _io_job(self, job: Any) -> None:
+        if isinstance(job, _Load):
+            self._fetch_below(job)
+            self._mover_q.put(job)
+        elif job[0] == "probe":
+            _, seq_id, keys = job
+            found = self.remote.contains(keys) if self.remote is not None else [False] * len(keys)
+            self._post(ProbeDone(seq_id, found))
+        elif job[0] == "write":
+            _, blocks, backlog = job
+            try:
+                self._write_lower(blocks)
+            finally:
+                self.cpu.unpin([b.key for b in blocks])
+                with self._backlog_lock:
+                    self._write_backlog -= backlog
+
+    def _write_lower(self, blocks: list[BlockRef]) -> None:
+        stored = [b for b in blocks if self.cpu.slot_of(b.key) is not None]
+        for tier in self.lower:
+            missing = [b for b, p in zip(stored, tier.contains([b.key for b in stored]),
+                                         strict=True) if not p]  # fmt: skip
+            if missing:
+                tier.put([self._cpu_block(b) for b in missing])
+
+    def _cpu_block(self, block: BlockRef) -> StoredBlock:
+        slot = self.cpu.slot_of(block.key)
+        assert slot is not None  # pinned by the caller
+        return StoredBlock(block.key, block.token_ids, self.cpu.slab[slot])
+
+    def _fetch_below(self, job: _Load) -> None:
+        """Bring the job's blocks that are not in the cpu tier up into it, in order.
+
+        Stops at the first block no tier holds intact; a block found in one tier is also
+        promoted into the tiers above it.
+        """
+        for i, block in enumerate(job.blocks):
+            if self.cpu.slot_of(block.key) is not None:
+                continue
+            found = self._read_below(block)
+            if found is None:
+                del job.blocks[i:]
+                return
+            stored, above = found
+            slot = self.cpu.reserve()
+            if slot is None:
+                del job.blocks[i:]
+                return
+            self.cpu.slab[slot].copy_(stored.payload.reshape(-1))
+            self.cpu.publish(block.key, block.token_ids, slot)
+            job.pinned.extend(self.cpu.pin_present([block.key]))
+            for tier in above:
+                tier.put([stored])
+
+    def _read_below(self, block: BlockRef) -> tuple[StoredBlock, list[TierStore]] | None:
+        for depth, tier in enumerate(self.lower):
+            got = tier.get([block.key])[0]
+            if got is None:
+                continue
+            if got.token_ids != block.token_ids:
+                logger.warning("%s tier: block %s holds other tokens; ignored", tier.name,
+                               block.key.hex()[:12])  # fmt: skip
+                tier.remove([block.key])
+                continue
+            return got, self.lower[:depth]
+        return None
+
+    # ---- checks and stats -----------------------------------------------------------------
+
+    def check_integrity(self) -> list[str]:
+        """Problems in the tiers' bookkeeping; call only when the manager is idle (flushed)."""
+        problems: list[str] = []
+        for tier in self.tiers:
+            problems.extend(tier.check_integrity())
+        held = {k for keys in self._holds.values() for k in keys}
+        if self.cpu.num_pinned != len(held):
+            pinned = self.cpu.num_pinned
+            problems.append(f"cpu tier: {pinned} pinned blocks, holds account for {len(held)}")
+        return problems
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "kv_tier_blocks_stored": self.num_stored,
+            "kv_tier_blocks_store_skipped": self.num_store_skipped,
+            "kv_tier_blocks_loaded": self.num_loaded_blocks,
+            "kv_tier_partial_loads": self.num_failed_loads,
+        }
+        for tier in self.tiers:
+            for name, value in tier.stats.snapshot().items():
+                out[f"kv_tier_{tier.name}_{name}"] = value
+            out[f"kv_tier_{tier.name}_used_bytes"] = tier.used_bytes
+            out[f"kv_tier_{tier.name}_capacity_bytes"] = tier.capacity_bytes
+        return out
+
+    def load_bytes_per_s(self) -> float | None:
+        """Measured pool-load rate from the cpu tier, None before the first load."""
+        rate = self.cpu.stats.snapshot()["read_bytes_per_s"]
+        return rate or None

@@ -1,0 +1,60 @@
+"""Build the configured KV tiers for an engine and log what was decided."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from strata.config import TierConfig
+from strata.kv.cache import KVCache
+from strata.kv.tier_manager import TierManager
+from strata.kv.tiers.base import BlockLayout, TierStore
+from strata.kv.tiers.cpu import CPUTier
+
+logger = logging.getLogger("strata.kv.tiers")
+
+GIB = 1 << 30
+
+
+def block_layout(kv_cache: KVCache, fingerprint: str, dtype: torch.dtype) -> BlockLayout:
+    layers, _, block_size, heads, dim = kv_cache.k.shape
+    return BlockLayout(
+        fingerprint=fingerprint,
+        num_layers=layers,
+        num_kv_heads=heads,
+        head_dim=dim,
+        block_size=block_size,
+        dtype=str(dtype).removeprefix("torch."),
+    )
+
+
+def build_tiers(
+    config: TierConfig, kv_cache: KVCache, fingerprint: str, dtype: torch.dtype
+) -> TierManager | None:
+    if not config.enabled:
+        return None
+    layout = block_layout(kv_cache, fingerprint, dtype)
+    pin = kv_cache.k.device.type == "cuda"
+    if config.cpu_memory is None:
+        logger.info("KV tiers stage through CPU memory: a %.1f GiB CPU tier is added",
+                    config.STAGING_GIB)  # fmt: skip
+    cpu = CPUTier(layout, int(config.cpu_gib * GIB), pin_memory=pin, eviction=config.eviction)
+    lower: list[TierStore] = []
+    if config.disk_dir is not None:
+        from strata.kv.tiers.disk import DiskTier
+
+        lower.append(
+            DiskTier(layout, config.disk_dir, int(config.disk_size * GIB), eviction=config.eviction)
+        )
+    if config.remote is not None:
+        from strata.kv.tiers.remote import RemoteTier
+
+        lower.append(RemoteTier(layout, config.remote, timeout_s=config.remote_timeout_s))
+    manager = TierManager(kv_cache, cpu, lower)
+    logger.info(
+        "KV tiers: %s; block %.2f MiB; written through on compute, promoted on hit; "
+        "eviction %s; preemption %s",
+        manager.describe(), layout.nbytes / (1 << 20), config.eviction, config.preemption_mode,
+    )  # fmt: skip
+    return manager
