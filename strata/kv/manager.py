@@ -218,6 +218,18 @@ class KVManager:
         for block_id in reversed(state.table):
             self.pool.release(block_id)
 
+    def evict_all_cached(self) -> int:
+        """Evict every free cached block from the GPU pool (a cold GPU cache); returns how many.
+
+        With tiers the blocks stay findable below, as after any eviction.
+        """
+        evicted = 0
+        for block_id in self.pool.free_order():
+            if self.index.key_of(block_id) is not None:
+                self.evict_cached(block_id)
+                evicted += 1
+        return evicted
+
     def take_newly_indexed(self) -> list[tuple[int, BlockRef]]:
         """(block id, ref) of blocks indexed since the last call: the ones to write through."""
         out, self.newly_indexed = self.newly_indexed, []
