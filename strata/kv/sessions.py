@@ -3,8 +3,8 @@
 When a turn of session S ends, the full blocks of its prompt and output are pinned in
 the highest tier that fits, so the next turn finds them even under memory pressure:
 
-    GPU   while pinned GPU blocks stay within `gpu_fraction` of the pool; the pool gives
-          them back first when it runs out (`reclaim`), demoting the pin to the CPU tier
+    GPU   while pinned GPU blocks stay within `gpu_fraction` of the pool; with a CPU tier
+          the pool takes them back first when it runs out (`reclaim`), demoting the pin
     CPU   otherwise (blocks there were written through when computed)
 
 A new turn of S replaces its pin; a pin is released when its TTL expires.
@@ -94,19 +94,20 @@ class SessionPins:
         return len(expired)
 
     def reclaim(self) -> bool:
-        """Demote the GPU pin that expires first to the CPU tier (or drop it); False if none."""
+        """Demote the GPU pin that expires first to the CPU tier; False if there is none.
+
+        Without a CPU tier a pin is never dropped before its TTL: the pool preempts or
+        queues other work instead.
+        """
         on_gpu = [p for p in self._pins.values() if p.on_gpu]
-        if not on_gpu:
+        if not on_gpu or self.kv.tiers is None:
             return False
         pin = min(on_gpu, key=lambda p: p.expires_at)
-        if self.kv.tiers is not None:
-            self.kv.tiers.hold(pin.owner, pin.keys)
-            pin.in_cpu = True
+        self.kv.tiers.hold(pin.owner, pin.keys)
+        pin.in_cpu = True
         self.kv.release(pin.owner)
         pin.on_gpu = False
         self.num_demoted += 1
-        if not pin.in_cpu:
-            del self._pins[pin.session_id]
         return True
 
     def where(self, session_id: str) -> str | None:
