@@ -35,7 +35,7 @@ class RunningServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             stats = self.state.engine.stats_snapshot
-            if stats["num_running"] == 0 and stats["num_waiting"] == 0:
+            if stats["num_running"] == 0 and stats["num_waiting"] == 0 and not stats["num_loading"]:
                 return
             time.sleep(0.02)
         stats = self.state.engine.stats_snapshot

@@ -34,6 +34,29 @@ COUNTERS = {
     "num_preemptions": ("num_preemptions", "Sequences preempted for lack of KV blocks."),
     "num_prompt_tokens": ("prompt_tokens", "Prompt tokens received."),
     "num_generated_tokens": ("generation_tokens", "Tokens generated."),
+    "prefix_cache_tier_hit_tokens": (
+        "prefix_cache_tier_hits",
+        "Prompt tokens loaded from a KV tier below the GPU.",
+    ),
+    "num_swaps": ("num_swaps", "Preemptions that pinned the victim's blocks in the CPU tier."),
+}
+# per-tier stats key suffix -> (metric name, help, counter?); labelled by tier
+TIER_METRICS = {
+    "hits": ("kv_tier_hits", "Blocks found in the tier.", True),
+    "misses": ("kv_tier_misses", "Blocks looked up and not found in the tier.", True),
+    "corrupt": ("kv_tier_corrupt", "Blocks rejected by header or checksum, then removed.", True),
+    "errors": ("kv_tier_errors", "Failed tier I/O calls (the blocks were recomputed).", True),
+    "evictions": ("kv_tier_evictions", "Blocks evicted from the tier.", True),
+    "bytes_read": ("kv_tier_read_bytes", "Bytes read from the tier.", True),
+    "bytes_written": ("kv_tier_written_bytes", "Bytes written to the tier.", True),
+    "read_bytes_per_s": ("kv_tier_read_bytes_per_second", "Mean read rate while reading.", False),
+    "write_bytes_per_s": (
+        "kv_tier_write_bytes_per_second",
+        "Mean write rate while writing.",
+        False,
+    ),
+    "used_bytes": ("kv_tier_used_bytes", "Bytes held by the tier.", False),
+    "capacity_bytes": ("kv_tier_capacity_bytes", "The tier's size cap in bytes.", False),
 }
 
 
@@ -50,6 +73,20 @@ class _EngineCollector(Collector):
             yield GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=stats[key])
         for key, (name, doc) in COUNTERS.items():
             yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=stats[key])
+        yield from _tier_metrics(stats)
+
+
+def _tier_metrics(stats: dict[str, Any]) -> Iterator[Metric]:
+    tiers = [k[len("kv_tier_") : -len("_capacity_bytes")] for k in stats
+             if k.startswith("kv_tier_") and k.endswith("_capacity_bytes")]  # fmt: skip
+    if not tiers:
+        return
+    for suffix, (name, doc, counter) in TIER_METRICS.items():
+        family_type = CounterMetricFamily if counter else GaugeMetricFamily
+        family = family_type(f"{PREFIX}_{name}", doc, labels=["tier"])
+        for tier in tiers:
+            family.add_metric([tier], stats[f"kv_tier_{tier}_{suffix}"])
+        yield family
 
 
 class ServerMetrics:

@@ -3,9 +3,10 @@
 Unknown fields are ignored, as OpenAI does. Fields OpenAI defines but Strata cannot
 honour (penalties, logit_bias, tools, JSON modes, best_of, suffix) are rejected with a
 400 when set to anything but their no-op value, rather than silently ignored.
-Strata's own extensions: top_k, ignore_eos, stop_token_ids, skip_special_tokens, and
+Strata's own extensions: top_k, ignore_eos, stop_token_ids, skip_special_tokens,
 return_token_ids (each choice and stream chunk also carries the generated token ids,
-which is how a model without a tokenizer, a random: one say, can be served and timed).
+which is how a model without a tokenizer, a random: one say, can be served and timed),
+and session_id with cache_ttl_s (the turn's KV stays pinned for the session's next turn).
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ class _SamplingRequest(BaseModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     return_token_ids: bool = False
+    session_id: str | None = None
+    cache_ttl_s: float | None = None
 
     def check_supported(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
@@ -74,6 +77,8 @@ class _SamplingRequest(BaseModel):
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
+            session_id=self.session_id,
+            cache_ttl_s=self.cache_ttl_s,
         )
 
     @property
