@@ -173,9 +173,8 @@ class Scheduler:
         for event in self.tiers.poll():
             if isinstance(event, ProbeDone):
                 self._probing.discard(event.seq_id)
-                self._remote_found[event.seq_id] = set()
                 seq = next((s for s in self.waiting if s.request_id == event.seq_id), None)
-                if seq is not None:
+                if seq is not None:  # else it finished meanwhile
                     refs = self.kv.block_refs(seq.token_ids, 0, self.kv.root)
                     self._remote_found[event.seq_id] = {
                         r.key for r, hit in zip(refs, event.found, strict=False) if hit
