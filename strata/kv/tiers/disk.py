@@ -1,0 +1,368 @@
+"""The disk tier: one file per block, in a directory private to one model and KV layout.
+
+    <directory>/
+      <fingerprint[:16]>-<layout digest>/      another model or layout never lists these
+        3f/
+          3fa9...e1                            key hex (64 chars): block_format bytes
+          3fa9...e1.<pid>.<random>.tmp         being written; renamed over the final name
+
+Invariants:
+- A file under a final name is complete: writes go to a `.tmp` file in the same shard
+  directory (optionally fsync'ed) and `os.replace` publishes it atomically, so a crash
+  (even `kill -9`) leaves a complete block or none, plus a `.tmp` that the next start
+  deletes.
+- The index (key set + eviction order) is memory only; on start it is rebuilt from the
+  files, oldest mtime first. Files of the wrong size are removed then; headers and
+  checksums are verified on `get`, where a bad block is a logged, removed, counted miss.
+- Every file is `encoded_size(layout)` bytes, so `used_bytes = len(index) * file_bytes`
+  and sizes and byte counters here are file bytes (header + token ids + payload).
+- I/O errors never reach the caller: they are logged once per kind, counted in
+  `stats.errors`, and the block is a miss (get) or skipped (put).
+- Only the KV mover thread calls get/put/evict/remove; the lock guards the index for
+  `contains` from the engine thread, and no I/O happens under it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import secrets
+import threading
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from strata.kv.tiers import block_format
+from strata.kv.tiers.base import BlockLayout, StoredBlock, TierStore, Timer
+from strata.kv.tiers.eviction import make_eviction_order
+
+log = logging.getLogger(__name__)
+
+_KEY_HEX = 64
+_READ_BUFFER_BYTES = 64 << 20  # read buffers kept between calls (at least one)
+
+
+def layout_digest(layout: BlockLayout) -> str:
+    """16 hex chars naming everything about a layout, the full fingerprint and format version."""
+    text = (
+        f"v{block_format.VERSION}|{layout.fingerprint}|{layout.num_layers}|{layout.num_kv_heads}|"
+        f"{layout.head_dim}|{layout.block_size}|{layout.dtype}|{layout.codec}"
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _is_key_name(name: str) -> bool:
+    return len(name) == _KEY_HEX and all(c in "0123456789abcdef" for c in name)
+
+
+def _writer_alive(tmp_name: str) -> bool:
+    """Whether the `.tmp` file's writer (pid in its name) is another live process."""
+    parts = tmp_name.split(".")
+    if len(parts) != 4 or not parts[1].isdigit() or int(parts[1]) == os.getpid():
+        return False
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+class DiskTier(TierStore):
+    name = "disk"
+
+    def __init__(
+        self,
+        layout: BlockLayout,
+        directory: str | os.PathLike[str],
+        capacity_bytes: int,
+        eviction: str = "lru",
+        fsync: bool = False,
+    ) -> None:
+        self.file_bytes = block_format.encoded_size(layout)
+        if capacity_bytes < self.file_bytes:
+            raise ValueError(
+                f"the disk tier's capacity ({capacity_bytes} bytes) is smaller than one block "
+                f"file ({self.file_bytes} bytes)"
+            )
+        super().__init__(layout, capacity_bytes)
+        self.root = Path(directory) / f"{layout.fingerprint[:16]}-{layout_digest(layout)}"
+        self.fsync = fsync
+        self._keys: set[bytes] = set()
+        self._pins: Counter[bytes] = Counter()
+        self._order = make_eviction_order(eviction)
+        self._lock = threading.Lock()
+        self._warned: set[str] = set()
+        self._buffers: list[torch.Tensor] = []
+        self._keep_buffers = max(1, _READ_BUFFER_BYTES // self.file_bytes)
+        self._rebuild()
+
+    @property
+    def capacity_blocks(self) -> int:
+        return self.capacity_bytes // self.file_bytes
+
+    @property
+    def used_bytes(self) -> int:
+        return len(self._keys) * self.file_bytes
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self._keys)
+
+    def path_of(self, key: bytes) -> Path:
+        name = key.hex()
+        return self.root / name[:2] / name
+
+    # ---- start: rebuild the index from the files ----------------------------------------
+
+    def _rebuild(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            found = list(self._scan())
+        except OSError as exc:
+            self._io_error("open the directory", exc)
+            return
+        found.sort()  # (mtime_ns, name): oldest first
+        for _, name in found:
+            key = bytes.fromhex(name)
+            self._keys.add(key)
+            self._order.inserted(key)
+        while self.used_bytes > self.capacity_bytes and self._evict_one():
+            pass  # the cap shrank since the last run
+        log.info("disk tier %s: %d blocks found", self.root, len(self._keys))
+
+    def _scan(self) -> Iterator[tuple[int, str]]:
+        """(mtime_ns, key hex) of each well-sized block; removes leftovers and bad sizes."""
+        for shard in os.scandir(self.root):
+            if not shard.is_dir(follow_symlinks=False):
+                continue
+            for entry in os.scandir(shard.path):
+                if entry.name.endswith(".tmp"):
+                    if not _writer_alive(entry.name):
+                        self._unlink(Path(entry.path))
+                    continue
+                if not _is_key_name(entry.name) or entry.name[:2] != shard.name:
+                    continue  # not ours: neither indexed nor touched
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:  # removed while we list
+                    continue
+                if st.st_size != self.file_bytes:
+                    log.warning(
+                        "disk tier: removing %s: %d bytes, a block file is %d",
+                        entry.path, st.st_size, self.file_bytes,
+                    )  # fmt: skip
+                    self.stats.add(corrupt=1)
+                    self._unlink(Path(entry.path))
+                    continue
+                yield st.st_mtime_ns, entry.name
+
+    # ---- queries ----------------------------------------------------------------------
+
+    def contains(self, keys: Sequence[bytes]) -> list[bool]:
+        with self._lock:
+            return [k in self._keys for k in keys]
+
+    def get(self, keys: Sequence[bytes]) -> list[StoredBlock | None]:
+        """Payloads are views of this tier's read buffers, overwritten by the next `get`."""
+        out: list[StoredBlock | None] = []
+        with self._lock:
+            present = [k in self._keys for k in keys]
+        self._buffers = self._buffers[: self._keep_buffers]  # views of the last call expire
+        hits = 0  # a block's buffer is the hits-th: a failed read's buffer is reused
+        for key, hit in zip(keys, present, strict=True):
+            block = self._read(key, self._buffer(hits)) if hit else None
+            if block is None:
+                self.stats.add(misses=1)
+            else:
+                hits += 1
+                self.stats.add(hits=1)
+                with self._lock:
+                    self._order.accessed(key)
+            out.append(block)
+        return out
+
+    def _buffer(self, i: int) -> torch.Tensor:
+        while len(self._buffers) <= i:
+            self._buffers.append(torch.empty(self.file_bytes, dtype=torch.uint8))
+        return self._buffers[i]
+
+    def _read(self, key: bytes, buf: torch.Tensor) -> StoredBlock | None:
+        path = self.path_of(key)
+        view = memoryview(buf.numpy()).cast("B")
+        try:
+            with Timer() as t, open(path, "rb", buffering=0) as f:
+                n = 0
+                while n < self.file_bytes and (got := f.readinto(view[n:])):
+                    n += got
+                extra = f.read(1)
+        except FileNotFoundError:
+            log.warning("disk tier: %s vanished (removed outside Strata?)", path)
+            self._forget(key)
+            return None
+        except OSError as exc:
+            self._io_error("read a block", exc)
+            return None
+        self.stats.add(bytes_read=n, read_seconds=t.seconds)
+        try:
+            if n != self.file_bytes or extra:
+                raise block_format.BlockFormatError(
+                    f"file is {'longer' if extra else n} bytes, expected {self.file_bytes}"
+                )
+            return block_format.decode(self.layout, view, key)
+        except block_format.BlockFormatError as exc:
+            log.warning("disk tier: rejecting %s: %s", path, exc)
+            self.stats.add(corrupt=1)
+            self.remove([key])
+            return None
+
+    # ---- writes ---------------------------------------------------------------------------
+
+    def put(self, blocks: Sequence[StoredBlock]) -> None:
+        for block in blocks:
+            with self._lock:
+                if block.key in self._keys:
+                    self._order.accessed(block.key)
+                    continue
+            if self.capacity_bytes - self.used_bytes < self.file_bytes and not self._evict_one():
+                continue  # everything is pinned
+            if self._write(block):
+                with self._lock:
+                    self._keys.add(block.key)
+                    self._order.inserted(block.key)
+
+    def _write(self, block: StoredBlock) -> bool:
+        """Write one block file atomically; False (logged, counted) on any I/O error."""
+        path = self.path_of(block.key)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        buffers = block_format.encode(self.layout, block)
+        try:
+            with Timer() as t:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                try:
+                    self._write_all(fd, buffers)
+                    if self.fsync:
+                        os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, path)
+                if self.fsync:
+                    self._fsync_dir(path.parent)
+        except OSError as exc:
+            self._io_error("write a block", exc)
+            with contextlib.suppress(OSError):  # else the next start deletes it
+                tmp.unlink(missing_ok=True)
+            return False
+        self.stats.add(bytes_written=self.file_bytes, write_seconds=t.seconds)
+        return True
+
+    @staticmethod
+    def _write_all(fd: int, buffers: list[memoryview]) -> None:
+        for buf in buffers:
+            while buf.nbytes:
+                buf = buf[os.write(fd, buf) :]
+
+    @staticmethod
+    def _fsync_dir(directory: Path) -> None:
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # ---- pins, removal and eviction -----------------------------------------------------
+
+    def pin(self, keys: Sequence[bytes]) -> None:
+        with self._lock:
+            for key in keys:
+                if key in self._keys:
+                    self._pins[key] += 1
+
+    def unpin(self, keys: Sequence[bytes]) -> None:
+        with self._lock:
+            for key in keys:
+                if self._pins[key] > 0:
+                    self._pins[key] -= 1
+                if self._pins[key] == 0:
+                    del self._pins[key]
+
+    def is_pinned(self, key: bytes) -> bool:
+        return self._pins.get(key, 0) > 0
+
+    def remove(self, keys: Sequence[bytes]) -> None:
+        for key in keys:
+            if self._forget(key):
+                self._unlink(self.path_of(key))
+
+    def evict(self, num_bytes: int) -> int:
+        freed = 0
+        while self.capacity_bytes - self.used_bytes < num_bytes and self._evict_one():
+            freed += self.file_bytes
+        return freed
+
+    def _evict_one(self) -> bool:
+        with self._lock:
+            victim = self._order.victim(self.is_pinned)
+        if victim is None:
+            return False
+        self.remove([victim])
+        self.stats.add(evictions=1)
+        return True
+
+    def _forget(self, key: bytes) -> bool:
+        """Drop a key from the index (not the file); whether it was there."""
+        with self._lock:
+            if key not in self._keys:
+                return False
+            self._keys.discard(key)
+            self._pins.pop(key, None)
+            self._order.removed(key)
+            return True
+
+    def _unlink(self, path: Path) -> None:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            self._io_error("remove a file", exc)
+
+    def _io_error(self, what: str, exc: OSError) -> None:
+        """Count an I/O error; log each kind (errno) once at WARNING, later ones at DEBUG."""
+        self.stats.add(errors=1)
+        kind = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+        level = logging.DEBUG if kind in self._warned else logging.WARNING
+        self._warned.add(kind)
+        log.log(level, "disk tier %s: could not %s (%s); a miss/skip", self.root, what, exc)
+
+    # ---- checks ---------------------------------------------------------------------------
+
+    def check_integrity(self) -> list[str]:
+        problems = []
+        with self._lock:
+            keys = set(self._keys)
+            ordered = set(self._order.candidates())
+            if ordered != keys:
+                problems.append("disk tier: the eviction order and the index disagree")
+            if set(self._pins) - keys:
+                problems.append("disk tier: a pin on a key that is not stored")
+        if self.used_bytes > self.capacity_bytes:
+            problems.append(f"disk tier: {self.used_bytes} bytes used > {self.capacity_bytes}")
+        missing = sum(not self.path_of(k).is_file() for k in keys)
+        if missing:
+            problems.append(f"disk tier: {missing} indexed blocks have no file")
+        return problems
+
+    def close(self) -> None:
+        self._buffers = []
+
+    def describe(self) -> str:
+        return (
+            f"disk {self.capacity_bytes / (1 << 30):.2f} GiB at {self.root}, "
+            f"{self.capacity_blocks} blocks"
+        )

@@ -1,0 +1,261 @@
+"""The remote tier: blocks as values on a Valkey or Redis server that many engines share.
+
+    key    strata:kv:<fingerprint[:16]>:<layout digest>:<block key hex>
+    value  block_format bytes (header + token ids + payload, checksummed)
+
+    contains = pipelined EXISTS    get = one MGET    put = pipelined SET NX    remove = DEL
+
+Capacity and eviction belong to the server: run it with `maxmemory <bytes>` and
+`maxmemory-policy allkeys-lru` (or allkeys-lfu), so old blocks make room for new ones.
+`capacity_bytes` is informative, `evict` frees nothing, and `used_bytes` and
+`stats.evictions` are the server's `used_memory` and `evicted_keys` (all clients' keys)
+as read with INFO at most every `info_interval_s`. Pins are counted here only: keeping a
+key from the server's eviction (PERSIST under a volatile-* policy) would outlive a
+crashed engine and be undone by another engine's unpin, so it is not done.
+
+Degradation, so that the engine never waits on a sick server:
+
+    up --(connection error or timeout, each bounded by timeout_s)--> down   log WARNING once
+    down: every call is an instant miss/skip, counted in stats.errors
+    down --(retry_s elapsed: next call drops the pool's sockets, tries again)--> up   log
+
+A value that does not decode (other model or layout, truncated, bad checksum) is a miss,
+logged, deleted and counted in `stats.corrupt`. Every method (`contains` too: it is a
+network call) runs on the KV mover thread only; returned payloads are views over the
+bytes MGET returned, so they stay valid.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from strata.kv.tiers import block_format
+from strata.kv.tiers.base import BlockLayout, StoredBlock, TierStore, Timer
+from strata.kv.tiers.disk import layout_digest
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+UNBOUNDED = 1 << 60  # capacity_bytes when the server's maxmemory is the only cap
+_SCHEMES = {"valkey://": "redis://", "valkeys://": "rediss://"}
+# Failures that mean "the server is not answering": the tier goes down on these.
+_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+
+def redis_url(url: str) -> str:
+    """The URL redis-py understands: valkey:// and valkeys:// map to redis:// and rediss://."""
+    for scheme, replacement in _SCHEMES.items():
+        if url.startswith(scheme):
+            return replacement + url[len(scheme) :]
+    return url
+
+
+class RemoteTier(TierStore):
+    name = "remote"
+
+    def __init__(
+        self,
+        layout: BlockLayout,
+        url: str,
+        capacity_bytes: int | None = None,
+        timeout_s: float = 0.5,
+        retry_s: float = 2.0,
+        info_interval_s: float = 5.0,
+    ) -> None:
+        super().__init__(layout, UNBOUNDED if capacity_bytes is None else capacity_bytes)
+        self.url = url
+        self.timeout_s = timeout_s
+        self.retry_s = retry_s
+        self.info_interval_s = info_interval_s
+        self.prefix = f"strata:kv:{layout.fingerprint[:16]}:{layout_digest(layout)}:".encode()
+        # One immediate retry on a dropped connection (a restarted server leaves stale
+        # pooled sockets); none on a timeout, so one call costs at most ~2 * timeout_s.
+        self._client = redis.Redis.from_url(
+            redis_url(url),
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+            health_check_interval=0,
+        )
+        self._down = False
+        self._next_try = 0.0
+        self._next_info = 0.0
+        self._evicted_seen: int | None = None  # evicted_keys at the last INFO
+        self._used_memory = 0
+        self._pins: Counter[bytes] = Counter()
+        self._warned: set[str] = set()
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used_memory
+
+    @property
+    def is_up(self) -> bool:
+        return not self._down
+
+    def name_of(self, key: bytes) -> bytes:
+        return self.prefix + key.hex().encode()
+
+    # ---- the one place that talks to the server ----------------------------------------
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T | None:
+        """fn() against the server, or None (counted) if it is down or just failed."""
+        now = time.monotonic()
+        if self._down:
+            if now < self._next_try:
+                self.stats.add(errors=1)
+                return None
+            self._client.connection_pool.disconnect()
+        try:
+            result = fn()
+        except _UNREACHABLE as exc:
+            self.stats.add(errors=1)
+            self._next_try = time.monotonic() + self.retry_s
+            if not self._down:
+                self._down = True
+                log.warning(
+                    "remote KV tier %s unreachable (%s: %s); misses until it is back, retrying "
+                    "every %.1f s", self.url, what, exc, self.retry_s,
+                )  # fmt: skip
+            self._client.connection_pool.disconnect()
+            return None
+        except redis.RedisError as exc:  # the server answered with an error (e.g. OOM)
+            self.stats.add(errors=1)
+            self._warn_once(exc, what)
+            return None
+        if self._down:
+            self._down = False
+            log.warning("remote KV tier %s is back", self.url)
+        return result
+
+    def _warn_once(self, exc: Exception, what: str) -> None:
+        """An error answer from the server: WARNING the first time per kind, then DEBUG."""
+        kind = type(exc).__name__  # e.g. OutOfMemoryError, ResponseError
+        level = logging.DEBUG if kind in self._warned else logging.WARNING
+        self._warned.add(kind)
+        log.log(level, "remote KV tier %s: %s failed (%s); skipped", self.url, what, exc)
+
+    # ---- queries ----------------------------------------------------------------------
+
+    def contains(self, keys: Sequence[bytes]) -> list[bool]:
+        def exists() -> list[bool]:
+            pipe = self._client.pipeline(transaction=False)
+            for key in keys:
+                pipe.exists(self.name_of(key))
+            return [bool(n) for n in pipe.execute()]
+
+        found = self._call("EXISTS", exists) if keys else []
+        return [False] * len(keys) if found is None else found
+
+    def get(self, keys: Sequence[bytes]) -> list[StoredBlock | None]:
+        if not keys:
+            return []
+        with Timer() as t:
+            values = self._call("MGET", lambda: self._client.mget([self.name_of(k) for k in keys]))
+        if values is None:
+            self.stats.add(misses=len(keys))
+            return [None] * len(keys)
+        nbytes = sum(len(v) for v in values if v is not None)
+        self.stats.add(bytes_read=nbytes, read_seconds=t.seconds)
+        out = [
+            self._decode(k, v) if v is not None else None for k, v in zip(keys, values, strict=True)
+        ]
+        hits = sum(b is not None for b in out)
+        self.stats.add(hits=hits, misses=len(keys) - hits)
+        self._refresh_info()
+        return out
+
+    def _decode(self, key: bytes, value: bytes) -> StoredBlock | None:
+        try:
+            return block_format.decode(self.layout, value, key)
+        except block_format.BlockFormatError as exc:
+            log.warning("remote KV tier: rejecting %s: %s", self.name_of(key).decode(), exc)
+            self.stats.add(corrupt=1)
+            self._call("DEL", lambda: self._client.delete(self.name_of(key)))
+            return None
+
+    # ---- writes ---------------------------------------------------------------------------
+
+    def put(self, blocks: Sequence[StoredBlock]) -> None:
+        if not blocks:
+            return
+        values = [b"".join(block_format.encode(self.layout, b)) for b in blocks]
+
+        def set_missing() -> list[object]:
+            pipe = self._client.pipeline(transaction=False)
+            for block, value in zip(blocks, values, strict=True):
+                pipe.set(self.name_of(block.key), value, nx=True)
+            return pipe.execute(raise_on_error=False)
+
+        with Timer() as t:
+            results = self._call("SET", set_missing)
+        if results is None:
+            return
+        written = sum(len(v) for v, r in zip(values, results, strict=True) if r is True)
+        failed = [r for r in results if isinstance(r, Exception)]
+        if failed:  # e.g. OOM under maxmemory-policy noeviction: the block is skipped
+            self.stats.add(errors=len(failed))
+            self._warn_once(failed[0], f"{len(failed)} of {len(blocks)} SETs")
+        self.stats.add(bytes_written=written, write_seconds=t.seconds)
+        self._refresh_info()
+
+    def remove(self, keys: Sequence[bytes]) -> None:
+        for key in keys:
+            self._pins.pop(key, None)
+        if keys:
+            self._call("DEL", lambda: self._client.delete(*[self.name_of(k) for k in keys]))
+
+    # ---- pins and eviction: the server decides ------------------------------------------
+
+    def pin(self, keys: Sequence[bytes]) -> None:
+        for key in keys:
+            self._pins[key] += 1
+
+    def unpin(self, keys: Sequence[bytes]) -> None:
+        for key in keys:
+            if self._pins[key] > 0:
+                self._pins[key] -= 1
+            if self._pins[key] == 0:
+                del self._pins[key]
+
+    def is_pinned(self, key: bytes) -> bool:
+        return self._pins.get(key, 0) > 0
+
+    def evict(self, num_bytes: int) -> int:
+        return 0  # the server evicts by its maxmemory-policy
+
+    def _refresh_info(self) -> None:
+        """used_bytes and stats.evictions from INFO, at most every info_interval_s."""
+        now = time.monotonic()
+        if self._down or now < self._next_info:
+            return
+        self._next_info = now + self.info_interval_s
+        info = self._call(
+            "INFO", lambda: {**self._client.info("memory"), **self._client.info("stats")}
+        )
+        if info is None:
+            return
+        self._used_memory = int(info.get("used_memory", 0))
+        evicted = int(info.get("evicted_keys", 0))
+        if self._evicted_seen is not None and evicted >= self._evicted_seen:
+            self.stats.add(evictions=evicted - self._evicted_seen)
+        self._evicted_seen = evicted  # a restarted server counts from 0 again
+
+    def close(self) -> None:
+        self._client.close()
+
+    def describe(self) -> str:
+        cap = (
+            "server maxmemory"
+            if self.capacity_bytes == UNBOUNDED
+            else (f"{self.capacity_bytes / (1 << 30):.2f} GiB")
+        )
+        return f"remote {self.url} ({cap})"
