@@ -11,6 +11,8 @@ from typing import Any
 
 from strata.bench.http_throughput import add_url_args
 from strata.bench.serve_cli import add_serve_args, cmd_bench_serve
+from strata.bench.tiers_cli import DESCRIPTION as TIERS_DESCRIPTION
+from strata.bench.tiers_cli import add_tiers_args, cmd_bench_tiers
 from strata.bench.workload import parse_range
 from strata.engine.llm import LLM
 from strata.engine.sampling_params import SamplingParams
@@ -381,6 +383,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_serve_args(bs)
     bs.set_defaults(func=cmd_bench_serve)
+
+    bt = bench_sub.add_parser(
+        "tiers",
+        help="KV tiers: TTFT of long-document QA with the context recomputed or loaded from "
+        "the GPU pool, cpu, disk or remote tier, and multi-round chat with tiers off/on",
+        description=TIERS_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_tiers_args(bt)
+    bt.set_defaults(func=cmd_bench_tiers)
     return parser
 
 
