@@ -156,9 +156,9 @@ def plot(measures: Sequence[QAMeasure], chats: Sequence[ChatResult], path: str, 
         ylabel="TTFT (ms)",
         title="long-document QA: TTFT by where the context comes from",
     )
-    ax.set_xticks(
-        sorted({m.length for m in measures}), [str(n) for n in sorted({m.length for m in measures})]
-    )
+    lengths = sorted({m.length for m in measures})
+    ax.minorticks_off()
+    ax.set_xticks(lengths, [str(n) for n in lengths])
     ax.legend()
     if chats:
         for r in chats:
@@ -166,6 +166,7 @@ def plot(measures: Sequence[QAMeasure], chats: Sequence[ChatResult], path: str, 
             axes[1].plot(
                 [t["turn"] for t in turns], [t["mean_ms"] for t in turns], marker="o", label=r.mode
             )
+        axes[1].set_xticks([t["turn"] for t in chats[0].turn_summary()])
         axes[1].set(
             xlabel="turn",
             ylabel="mean TTFT (ms)",
