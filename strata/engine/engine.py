@@ -310,8 +310,10 @@ class LLMEngine:
 
     def _run_plan(self, plan: StepPlan) -> list[RequestOutput]:
         sampled = self.runner.execute(plan)
+        # A step that samples nothing has no host sync: tier stores must wait for its KV.
+        computed = self._record_step_event()
         tokens = [] if sampled is None else sampled.token_ids.tolist()  # the one host sync
-        got_token = self.scheduler.update(plan, tokens)
+        got_token = self.scheduler.update(plan, tokens, computed)
         if sampled is not None and sampled.logprobs is not None:
             self._record_logprobs(plan, got_token, sampled)
         outputs = []
@@ -328,6 +330,14 @@ class LLMEngine:
                 del self._seqs[seq.request_id]
             outputs.append(self._output(seq, delta_tokens=1))
         return outputs
+
+    def _record_step_event(self) -> torch.cuda.Event | None:
+        """An event after this step's kernels, for tier stores to wait on (CUDA with tiers)."""
+        if self.tiers is None or self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
 
     def _stop_reason(self, seq: Sequence) -> str | None:
         token = seq.token_ids[-1]

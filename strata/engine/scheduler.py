@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from strata.config import SchedulerConfig
 from strata.engine.plan import ScheduledChunk, StepPlan
@@ -227,9 +228,11 @@ class Scheduler:
 
     # ---- after the step ----------------------------------------------------------------------
 
-    def update(self, plan: StepPlan, sampled: list[int]) -> list[Sequence]:
+    def update(self, plan: StepPlan, sampled: list[int], computed: Any = None) -> list[Sequence]:
         """Record the step's computed tokens and append sampled ones, in chunk order.
 
+        `computed` (a CUDA event after the step's kernels, or None on CPU) orders the
+        write-through of the blocks this step filled behind the kernels that wrote them.
         Returns the sequences that received a new token.
         """
         got_token: list[Sequence] = []
@@ -243,7 +246,7 @@ class Scheduler:
                 got_token.append(seq)
         if self.tiers is not None:
             stored = self.kv.take_newly_indexed()
-            self.tiers.store([r for _, r in stored], [b for b, _ in stored])
+            self.tiers.store([r for _, r in stored], [b for b, _ in stored], after=computed)
         return got_token
 
     def finish(self, seq: Sequence, reason: str) -> None:
