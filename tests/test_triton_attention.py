@@ -142,6 +142,24 @@ def test_mixed_batch(tb: ModuleType, head_dim: int) -> None:
     run_both(tb, specs, block_size=16, group=4, head_dim=head_dim, num_splits=4, seed=head_dim)
 
 
+def test_short_chunks_over_long_prefixes_run_as_decode_rows(
+    tb: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from strata.attention import triton_meta
+
+    monkeypatch.setattr(triton_meta, "LONG_PREFIX", 40)
+    # (12, 80) and (3, 60) split into decode rows; (20, 80) is too long a chunk and
+    # (5, 30) too short a prefix, so they stay prefill rows beside them.
+    specs = [(12, 80), (1, 50), (20, 80), (3, 60), (5, 30)]
+    layout, slots = make_batch(specs, 8, 60, torch.Generator().manual_seed(0))
+    meta = triton_meta.build_metadata(layout, slots, torch.device("cpu"))
+    assert meta.decode is not None and meta.prefill is not None
+    assert meta.decode.seq_lens.tolist() == [*range(69, 81), 50, 58, 59, 60]
+    assert meta.decode.query_rows.tolist() == [*range(12), 12, 33, 34, 35]
+    assert meta.prefill.cu_query_lens.tolist() == [0, 20, 25]
+    run_both(tb, specs, block_size=8, group=4, num_splits=3, seed=5)
+
+
 def test_non_power_of_two_group(tb: ModuleType) -> None:
     run_both(tb, [(1, 45), (20, 45)], kv_heads=3, group=3)
 

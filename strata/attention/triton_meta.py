@@ -5,6 +5,13 @@ The flat batch splits into two disjoint sets of sequences, each with its own ten
     decode rows   query_len == 1  -> DecodeMetadata  (split-K decode kernel)
     prefill rows  query_len > 1   -> PrefillMetadata (varlen causal prefill kernel)
 
+A short chunk over a long cached prefix (a question after a cached document, a turn
+after a cached history) is split into one decode row per token instead, row t attending
+over prefix + t + 1 keys. The prefill kernel would give it one program per KV head,
+each walking the whole prefix alone; the decode kernel splits the prefix across the GPU
+and pays for it with one read of the prefix per token, which wins below SHORT_CHUNK
+tokens.
+
 All integer tensors are int32 and come from one pinned host buffer copied without
 blocking. Block tables are padded with block 0 to a common width; kernels never read a
 table entry at or past ceil(seq_len / block_size). The host-side ints (`max_seq_len`,
@@ -37,6 +44,9 @@ import numpy as np
 import torch
 
 from strata.attention.backend import BatchLayout
+
+SHORT_CHUNK = 16  # at most this many query tokens ...
+LONG_PREFIX = 1024  # ... over at least this many cached ones run as decode rows
 
 
 @dataclass
@@ -103,11 +113,19 @@ def build_metadata(
 ) -> TritonMetadata:
     """Host lists -> device tensors, with a single host-to-device copy."""
     bs = layout.block_size
-    decode: list[int] = []
+    decode: list[int] = []  # batch index of each decode row (repeated for split chunks)
+    decode_row: list[int] = []  # its flat-batch row
+    decode_len: list[int] = []  # keys it attends over
     prefill: list[int] = []
-    for i, q_len in enumerate(layout.query_lens):
-        (decode if q_len == 1 else prefill).append(i)
     starts = np.concatenate([[0], np.cumsum(layout.query_lens, dtype=np.int64)])
+    for i, (q_len, ctx_len) in enumerate(zip(layout.query_lens, layout.context_lens, strict=True)):
+        if q_len == 1 or (q_len <= SHORT_CHUNK and ctx_len - q_len >= LONG_PREFIX):
+            for t in range(q_len):
+                decode.append(i)
+                decode_row.append(int(starts[i]) + t)
+                decode_len.append(ctx_len - q_len + t + 1)
+        else:
+            prefill.append(i)
 
     parts: list[np.ndarray] = []  # int32 pieces of the one upload, in order
 
@@ -122,7 +140,7 @@ def build_metadata(
     ctx = np.asarray(layout.context_lens, dtype=np.int32)
     q_lens = np.asarray(layout.query_lens, dtype=np.int32)
     if decode:
-        parts += [starts[decode].astype(np.int32), ctx[decode], table(decode)]
+        parts += [np.asarray(decode_row, np.int32), np.asarray(decode_len, np.int32), table(decode)]
     if prefill:
         cu = np.concatenate([[0], np.cumsum(q_lens[prefill])]).astype(np.int32)
         parts += [starts[prefill].astype(np.int32), cu, ctx[prefill], table(prefill)]
@@ -141,7 +159,7 @@ def build_metadata(
     dmeta = pmeta = None
     if decode:
         rows, lens, tables = views[:3]
-        dmeta = DecodeMetadata(rows, lens, tables, int(ctx[decode].max()))
+        dmeta = DecodeMetadata(rows, lens, tables, max(decode_len))
         views = views[3:]
     if prefill:
         rows, cu_t, lens, tables = views
