@@ -51,6 +51,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.loading: dict[str, Sequence] = {}
+        self._loading_refs: dict[str, list[BlockRef]] = {}
         self._abandoned_loads: set[str] = set()  # finished while loading: free on arrival
         self._remote_found: dict[str, set[bytes]] = {}
         self._probing: set[str] = set()
@@ -122,6 +123,7 @@ class Scheduler:
                 first = len(match.block_ids)
                 self._start(seq, match)
                 self.loading[seq.request_id] = seq
+                self._loading_refs[seq.request_id] = refs
                 assert self.tiers is not None
                 self.tiers.start_load(seq.request_id, refs, table[first : first + len(refs)])
                 continue
@@ -186,11 +188,13 @@ class Scheduler:
     def _finish_load(self, event: LoadDone) -> None:
         if event.seq_id in self._abandoned_loads:
             self._abandoned_loads.discard(event.seq_id)
+            self._loading_refs.pop(event.seq_id, None)
             self.kv.free(event.seq_id)
             return
         seq = self.loading.pop(event.seq_id)
+        refs = self._loading_refs.pop(event.seq_id)
         first = seq.num_computed // self.kv.block_size
-        self.kv.mark_loaded(seq.request_id, seq.token_ids, first + event.num_loaded)
+        self.kv.mark_loaded(seq.request_id, refs[: event.num_loaded])
         seq.num_computed += event.num_loaded * self.kv.block_size
         self.num_tier_hit_tokens += event.num_loaded * self.kv.block_size
         if seq.num_cached_tokens >= 0 and seq.num_cached_tokens == first * self.kv.block_size:

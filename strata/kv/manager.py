@@ -239,9 +239,17 @@ class KVManager:
         """Chain keys of the sequence's full computed blocks."""
         return list(self._seqs[seq_id].keys)
 
-    def mark_loaded(self, seq_id: str, token_ids: Sequence[int], num_blocks: int) -> None:
-        """Index the first `num_blocks` blocks of a sequence whose KV arrived from a tier."""
-        self.commit(seq_id, token_ids, num_blocks * self.block_size, write_through=False)
+    def mark_loaded(self, seq_id: str, refs: Sequence[BlockRef]) -> None:
+        """Index the blocks after the sequence's computed ones, whose KV arrived from a tier.
+
+        `refs` are those blocks' keys and tokens, in order; they are not hashed again and
+        not written back down.
+        """
+        state = self._seqs[seq_id]
+        for ref in refs:
+            block_id = state.table[len(state.keys)]
+            self.index.insert(ref.key, ref.token_ids, block_id)
+            state.keys.append(ref.key)
 
     # ---- holds (session pins) ------------------------------------------------------------
 

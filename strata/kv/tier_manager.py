@@ -64,11 +64,23 @@ class ProbeDone:
 
 
 @dataclass
-class _Load:
+class _LoadProgress:
+    """One sequence's load, which may arrive in parts; reported once, when it ends."""
+
     seq_id: str
+    loaded: int = 0  # leading blocks copied into the pool so far
+    reported: bool = False
+
+
+@dataclass
+class _Load:
+    """Blocks to copy into pool blocks `block_ids`; `last` ends the sequence's load."""
+
+    progress: _LoadProgress
     blocks: list[BlockRef]
     block_ids: list[int]
     pinned: list[bytes] = field(default_factory=list)  # cpu pins to drop when copied
+    last: bool = True
 
 
 @dataclass
@@ -144,7 +156,7 @@ class TierManager:
 
     def start_load(self, seq_id: str, blocks: Sequence[BlockRef], block_ids: Sequence[int]) -> None:
         """Copy these blocks, found in some tier, into the pool blocks `block_ids`."""
-        job = _Load(seq_id, list(blocks), list(block_ids))
+        job = _Load(_LoadProgress(seq_id), list(blocks), list(block_ids))
         keys = [b.key for b in blocks]
         job.pinned = self.cpu.pin_present(keys)
         if len(job.pinned) == len(keys):
@@ -280,12 +292,14 @@ class TierManager:
             self._io_put(1, ("write", [b for b in blocks if b.key in pinned], len(blocks)))
 
     def _do_load(self, job: _Load) -> None:
+        progress = job.progress
         slots: list[int] = []
-        for block in job.blocks:
-            slot = self.cpu.slot_of(block.key)
-            if slot is None:
-                break
-            slots.append(slot)
+        if not progress.reported:  # parts after a failed one are not loaded: only unpinned
+            for block in job.blocks:
+                slot = self.cpu.slot_of(block.key)
+                if slot is None:
+                    break
+                slots.append(slot)
         try:
             if slots:
                 with Timer() as t:
@@ -296,9 +310,14 @@ class TierManager:
         finally:
             self.cpu.unpin(job.pinned)
         self.num_loaded_blocks += len(slots)
-        if len(slots) < len(job.blocks):
-            self.num_failed_loads += 1
-        self._post(LoadDone(job.seq_id, len(slots)))
+        progress.loaded += len(slots)
+        if progress.reported:
+            return
+        if len(slots) < len(job.blocks) or job.last:
+            if len(slots) < len(job.blocks):
+                self.num_failed_loads += 1
+            progress.reported = True
+            self._post(LoadDone(progress.seq_id, progress.loaded))
 
     # ---- io thread ------------------------------------------------------------------------
 
@@ -321,7 +340,6 @@ class TierManager:
     def _io_job(self, job: Any) -> None:
         if isinstance(job, _Load):
             self._fetch_below(job)
-            self._mover_q.put(job)
         elif job[0] == "probe":
             _, seq_id, keys = job
             found = self.remote.contains(keys) if self.remote is not None else [False] * len(keys)
@@ -349,41 +367,69 @@ class TierManager:
         return StoredBlock(block.key, block.token_ids, self.cpu.slab[slot])
 
     def _fetch_below(self, job: _Load) -> None:
-        """Bring the job's blocks that are not in the cpu tier up into it, in order.
+        """Bring the job's blocks up into the cpu tier and hand them to the mover in parts.
 
-        Stops at the first block no tier holds intact; a block found in one tier is also
-        promoted into the tiers above it.
+        Part i+1 is read while the mover copies part i to the pool. Reading stops at the
+        first block no tier holds intact; that part is the last. Each part carries the cpu
+        pins of its own keys (the last one also those of every key after it).
         """
-        for i, block in enumerate(job.blocks):
-            if self.cpu.slot_of(block.key) is not None:
-                continue
-            found = self._read_below(block)
-            if found is None:
-                del job.blocks[i:]
-                return
-            stored, above = found
-            slot = self.cpu.reserve()
-            if slot is None:
-                del job.blocks[i:]
-                return
-            self.cpu.slab[slot].copy_(stored.payload.reshape(-1))
-            self.cpu.publish(block.key, block.token_ids, slot)
-            job.pinned.extend(self.cpu.pin_present([block.key]))
-            for tier in above:
-                tier.put([stored])
+        pinned = set(job.pinned)
+        try:
+            self._fetch_parts(job, pinned)
+        except Exception:  # a tier bug must not leave the sequence loading forever
+            logger.exception("reading KV blocks from the lower tiers failed; recomputing")
+            self._mover_q.put(_Load(job.progress, [], [], list(pinned), last=True))
 
-    def _read_below(self, block: BlockRef) -> tuple[StoredBlock, list[TierStore]] | None:
+    def _fetch_parts(self, job: _Load, pinned: set[bytes]) -> None:
+        n = len(job.blocks)
+        for lo in range(0, n, self.transfer.chunk):
+            hi = min(n, lo + self.transfer.chunk)
+            blocks = job.blocks[lo:hi]
+            fetched = self._read_below([b for b in blocks if self.cpu.slot_of(b.key) is None])
+            pinned.update(fetched)
+            avail = 0
+            while avail < len(blocks) and self.cpu.slot_of(blocks[avail].key) is not None:
+                avail += 1
+            last = avail < len(blocks) or hi == n
+            keys = {b.key for b in (job.blocks[lo:] if last else blocks)}
+            part_pins = [k for k in pinned if k in keys]
+            pinned.difference_update(part_pins)
+            part = _Load(job.progress, blocks[:avail], job.block_ids[lo : lo + avail], part_pins,
+                         last)  # fmt: skip
+            self._mover_q.put(part)
+            if last:
+                return
+
+    def _read_below(self, blocks: list[BlockRef]) -> list[bytes]:
+        """Read these blocks from the lower tiers into the cpu tier, pinned; their keys.
+
+        One batched `get` per tier for the keys still missing; a hit in one tier is also
+        promoted into the lower tiers above it.
+        """
+        pinned: list[bytes] = []
+        missing = {b.key: b for b in blocks}
         for depth, tier in enumerate(self.lower):
-            got = tier.get([block.key])[0]
-            if got is None:
-                continue
-            if got.token_ids != block.token_ids:
-                logger.warning("%s tier: block %s holds other tokens; ignored", tier.name,
-                               block.key.hex()[:12])  # fmt: skip
-                tier.remove([block.key])
-                continue
-            return got, self.lower[:depth]
-        return None
+            if not missing:
+                break
+            wanted = list(missing.values())
+            for block, got in zip(wanted, tier.get([b.key for b in wanted]), strict=True):
+                if got is None:
+                    continue
+                if got.token_ids != block.token_ids:
+                    logger.warning("%s tier: block %s holds other tokens; ignored", tier.name,
+                                   block.key.hex()[:12])  # fmt: skip
+                    tier.remove([block.key])
+                    continue
+                slot = self.cpu.reserve()
+                if slot is None:
+                    return pinned
+                self.cpu.slab[slot].copy_(got.payload.reshape(-1))
+                self.cpu.publish(block.key, block.token_ids, slot)
+                pinned.extend(self.cpu.pin_present([block.key]))
+                for above in self.lower[:depth]:
+                    above.put([got])
+                del missing[block.key]
+        return pinned
 
     # ---- checks and stats -----------------------------------------------------------------
 
