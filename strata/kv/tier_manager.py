@@ -29,7 +29,7 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +39,11 @@ from strata.kv.tiers.cpu import CPUTier
 from strata.kv.transfer import BlockTransfer
 
 logger = logging.getLogger("strata.kv.tiers")
+
+# Blocks per lower-tier read call. On an H200 host, Redis on loopback gave 1.2 GB/s with
+# one GET per 2 MiB block but 0.5 GB/s with one MGET per 64-block part (the client
+# parses a huge reply slowly), so reads go in small batches.
+READ_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -412,7 +417,7 @@ class TierManager:
             if not missing:
                 break
             wanted = list(missing.values())
-            for block, got in zip(wanted, tier.get([b.key for b in wanted]), strict=True):
+            for block, got in self._get_batched(tier, wanted):
                 if got is None:
                     continue
                 if got.token_ids != block.token_ids:
@@ -430,6 +435,15 @@ class TierManager:
                     above.put([got])
                 del missing[block.key]
         return pinned
+
+    @staticmethod
+    def _get_batched(
+        tier: TierStore, blocks: list[BlockRef]
+    ) -> Iterator[tuple[BlockRef, StoredBlock | None]]:
+        """`tier.get` in batches of READ_BATCH blocks; each result is valid until the next."""
+        for lo in range(0, len(blocks), READ_BATCH):
+            batch = blocks[lo : lo + READ_BATCH]
+            yield from zip(batch, tier.get([b.key for b in batch]), strict=True)
 
     # ---- checks and stats -----------------------------------------------------------------
 
