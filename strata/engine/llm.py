@@ -7,7 +7,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from strata.config import CacheConfig, EngineConfig, SchedulerConfig
+from strata.config import CacheConfig, EngineConfig, MoEConfig, SchedulerConfig
 from strata.engine.chat import chat_prompt_ids
 from strata.engine.engine import LLMEngine
 from strata.engine.outputs import RequestOutput
@@ -22,7 +22,8 @@ class LLM:
     """Generate from a model offline.
 
     model: a Hugging Face folder, a .gguf file, "random:PRESET" or None for the
-    embedded SmolLM2-135M-Instruct. kv_cache_memory is in GiB.
+    embedded SmolLM2-135M-Instruct. kv_cache_memory is in GiB. moe: expert offloading of
+    a Mixture-of-Experts model (MoEConfig; e.g. MoEConfig(gpu_memory=20)).
     """
 
     def __init__(
@@ -42,6 +43,7 @@ class LLM:
         seed: int = 0,
         attention_backend: str = "auto",
         enforce_eager: bool = False,
+        moe: MoEConfig | None = None,
     ) -> None:
         config = EngineConfig(
             model=model,
@@ -50,6 +52,7 @@ class LLM:
             seed=seed,
             attention_backend=attention_backend,
             enforce_eager=enforce_eager,
+            moe=moe or MoEConfig(),
             cache=CacheConfig(
                 block_size=block_size,
                 kv_cache_memory=kv_cache_memory,

@@ -82,6 +82,12 @@ class Scheduler:
 
         return StepPlan(tuple(chunks), tuple(preempted))
 
+    def preempt(self, seq: Sequence) -> None:
+        """Preempt a running sequence now: its blocks are freed and it is recomputed later."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+            self._preempt(seq)
+
     def _preempt(self, seq: Sequence) -> None:
         self.kv.free(seq.request_id)
         seq.num_computed = 0
