@@ -237,6 +237,82 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    """Expert offloading for Mixture-of-Experts models (ignored by dense models).
+
+    Offloading is on when gpu_memory or expert_slots is set: routed experts live in
+    pinned CPU memory and a GPU expert cache, carved from one arena with the KV blocks,
+    holds some of them.
+
+    gpu_memory: GiB of GPU memory for everything (dense weights, activations, KV blocks
+    and expert slots); the arena gets what the weights and a warm-up leave.
+    expert_slots: the exact number of expert slots at start (tests, reproductions); the
+    KV pool then comes from CacheConfig unless gpu_memory is set too.
+    expert_fraction: share of the arena given to expert slots at start (capped at every
+    expert, and so that one max_model_len sequence fits in KV).
+    policy: expert cache eviction, "lfru" (layer-aware) or "lru".
+    prefetch: copy the experts that layer i+1's router picks from layer i's input early.
+    cpu_compute: "auto" (a start-up cost model decides per miss), "on" (every miss runs on
+    the CPU) or "off".
+    miss_precision: "full", or "int8"/"int4" to keep a low-precision copy of each expert
+    and load it on a miss whose gate weights are all below low_precision_threshold.
+    rebalance_interval: steps between decisions moving memory between KV and experts;
+    0 keeps the split fixed.
+    naive: benchmark baseline: copy every used expert on demand, no cache, no prefetch,
+    no CPU compute.
+    """
+
+    gpu_memory: float | None = None
+    expert_slots: int | None = None
+    expert_fraction: float = 0.5
+    policy: str = "lfru"
+    prefetch: bool = True
+    cpu_compute: str = "auto"
+    miss_precision: str = "full"
+    low_precision_threshold: float = 0.1
+    rebalance_interval: int = 32
+    naive: bool = False
+
+    POLICIES = ("lfru", "lru")
+    CPU_COMPUTE = ("auto", "on", "off")
+    PRECISIONS = ("full", "int8", "int4")
+
+    def __post_init__(self) -> None:
+        if self.gpu_memory is not None and self.gpu_memory <= 0:
+            raise ValueError(f"gpu_memory must be > 0 GiB, got {self.gpu_memory}")
+        if self.expert_slots is not None and self.expert_slots < 1:
+            raise ValueError(f"expert_slots must be >= 1, got {self.expert_slots}")
+        if not 0.0 < self.expert_fraction < 1.0:
+            raise ValueError(f"expert_fraction must be in (0, 1), got {self.expert_fraction}")
+        if self.policy not in self.POLICIES:
+            raise ValueError(
+                f"expert cache policy must be one of {', '.join(self.POLICIES)}; "
+                f"got {self.policy!r}"
+            )
+        if self.cpu_compute not in self.CPU_COMPUTE:
+            raise ValueError(
+                f"cpu_compute must be one of {', '.join(self.CPU_COMPUTE)}; "
+                f"got {self.cpu_compute!r}"
+            )
+        if self.miss_precision not in self.PRECISIONS:
+            raise ValueError(
+                f"miss_precision must be one of {', '.join(self.PRECISIONS)}; "
+                f"got {self.miss_precision!r}"
+            )
+        if not 0.0 <= self.low_precision_threshold <= 1.0:
+            raise ValueError(
+                f"low_precision_threshold is a gate weight in [0, 1], "
+                f"got {self.low_precision_threshold}"
+            )
+        if self.rebalance_interval < 0:
+            raise ValueError(f"rebalance_interval must be >= 0, got {self.rebalance_interval}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.gpu_memory is not None or self.expert_slots is not None
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine is built from.
 
@@ -259,6 +335,7 @@ class EngineConfig:
     attention_backend: str = "auto"
     enforce_eager: bool = False
     cuda_graph_max_batch: int = 256
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
     DTYPES = ("auto", "float32", "bfloat16", "float16")
     ATTENTION_BACKENDS = ("auto", "reference", "triton")

@@ -58,7 +58,7 @@ def build_offload(engine: LLMEngine) -> ExpertOffload:
     else:
         assert cfg.expert_slots is not None
         kv_blocks = engine._decide_num_blocks()
-        slots = cfg.expert_slots
+        slots = min(cfg.expert_slots, max_slots)
         num_blocks = ExpertArena.blocks_for(mc, block_size, kv_blocks, slots, store.expert_numel)
         source = f"{kv_blocks} KV blocks + {slots} expert slots"
     min_kv = -(-engine.max_model_len // block_size)
@@ -74,7 +74,7 @@ def build_offload(engine: LLMEngine) -> ExpertOffload:
     cache = ExpertCache(store, arena.slot, 0, make_policy(cfg.policy, mc.num_layers), device)
     experts = OffloadedExperts(cache, routers, options, cost_model)
     model.set_routed_experts(experts)
-    offload = ExpertOffload(arena, cache, experts, slots, max_slots)
+    offload = ExpertOffload(arena, cache, experts, slots, max_slots, min_kv)
     logger.info(
         "MoE offload: %d MoE layers x %d experts of %.1f MiB in %s host memory (%.2f GiB); "
         "arena %.2f GiB (%s): KV %d blocks, %d expert slots (%.1f per layer, %.0f%% of "

@@ -74,6 +74,9 @@ class ExpertCache:
         self.policy.on_access(key)
         return slot
 
+    def has_free_slot(self) -> bool:
+        return bool(self._free)
+
     def precision_of(self, slot: int) -> str:
         return self._slots[slot].precision
 

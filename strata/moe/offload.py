@@ -36,12 +36,14 @@ class ExpertOffload:
         experts: OffloadedExperts,
         initial_slots: int,
         max_slots: int,
+        min_kv_blocks: int,
         grace_steps: int = 8,
     ) -> None:
         self.arena = arena
         self.cache = cache
         self.experts = experts
-        self.max_slots = max_slots
+        # Never more slots than leave min_kv_blocks (one max_model_len sequence) to KV.
+        self.max_slots = min(max_slots, arena.slots_above(min_kv_blocks))
         self.grace_steps = grace_steps
         self.kv: KVManager | None = None
         self.target_slots = initial_slots
@@ -60,7 +62,7 @@ class ExpertOffload:
         """Move the boundary so the experts get `num_slots` slots (the KV pool the rest).
         With `preempt`, sequences holding blocks in the experts' way are preempted now;
         without, those blocks move when freed (or after grace_steps, see `advance`)."""
-        num_slots = max(1, min(num_slots, self.max_slots, self.arena.max_slots()))
+        num_slots = max(1, min(num_slots, self.max_slots))
         self.target_slots = num_slots
         self._pending_steps = 0
         self._apply(num_slots, preempt)

@@ -124,7 +124,6 @@ class OffloadedExperts:
             starts[e], total = total, total + counts_h[e]
 
         gpu: list[tuple[int, int]] = []  # (expert, slot), pinned
-        cpu: list[int] = []
         misses: list[int] = []
         stats = self.counters.layer(layer)
         for e in used:
@@ -139,11 +138,12 @@ class OffloadedExperts:
                 self._prefetched.discard(key)
                 self.cache.pin(slot)
                 gpu.append((e, slot))
-            elif self._compute_on_cpu(counts_h[e]):
-                stats.cpu += 1
-                cpu.append(e)
             else:
                 misses.append(e)
+        cpu = self._split_cpu(misses, counts_h)
+        if cpu:
+            misses = [e for e in misses if e not in cpu]
+            stats.cpu += len(cpu)
 
         for e in misses:
             precision = "full"
@@ -162,6 +162,10 @@ class OffloadedExperts:
             self.cache.pin(slot)
             gpu.append((e, slot))
 
+        for e in cpu:  # cache CPU-computed experts too, while that evicts nothing
+            if not self.cache.has_free_slot():
+                break
+            self.cache.load((layer, e), "full")
         if pending is not None:
             nxt, _ = pending
             wanted = [e for e, p in enumerate(host[2 * num_experts :]) if p]
@@ -175,11 +179,31 @@ class OffloadedExperts:
 
     # ---- pieces ------------------------------------------------------------------------------
 
-    def _compute_on_cpu(self, num_tokens: int) -> bool:
+    def _split_cpu(self, misses: list[int], counts: list[int]) -> list[int]:
+        """The misses to compute on the CPU. "auto" balances two queues, the link and the
+        CPU: each miss (fewest tokens first) goes where it would finish sooner, so the
+        CPU takes small misses while the link is busy, and none when copying is cheaper."""
         mode = self.options.cpu_compute
-        if self.options.naive or mode == "off":
-            return False
-        return mode == "on" or num_tokens <= self._cpu_cutoff
+        if self.options.naive or mode == "off" or not misses:
+            return []
+        if mode == "on":
+            return list(misses)
+        model = self.cost_model
+        assert model is not None
+        copy_s = model.copy_seconds()
+        link_busy = cpu_busy = 0.0
+        cpu: list[int] = []
+        for e in sorted(misses, key=lambda e: counts[e]):
+            if counts[e] > self._cpu_cutoff:
+                link_busy += copy_s
+                continue
+            cpu_s = model.cpu_compute_seconds(counts[e])
+            if cpu_busy + cpu_s < link_busy + copy_s:
+                cpu.append(e)
+                cpu_busy += cpu_s
+            else:
+                link_busy += copy_s
+        return sorted(cpu)
 
     def _issue_prefetch(self, layer: int, experts: list[int]) -> None:
         for e in experts:
