@@ -324,6 +324,7 @@ class EngineConfig:
     "reference" or "triton".
     enforce_eager: never capture CUDA graphs (decode steps then run eagerly too).
     cuda_graph_max_batch: the largest decode batch captured; capped at max_num_seqs.
+    moe: expert offloading of a Mixture-of-Experts model (MoEConfig; off by default).
     """
 
     model: str | None = None
