@@ -14,6 +14,7 @@ from strata.bench.serve_cli import add_serve_args, cmd_bench_serve
 from strata.bench.tiers_cli import DESCRIPTION as TIERS_DESCRIPTION
 from strata.bench.tiers_cli import add_tiers_args, cmd_bench_tiers
 from strata.bench.workload import parse_range
+from strata.config import MoEConfig
 from strata.engine.llm import LLM
 from strata.engine.sampling_params import SamplingParams
 from strata.errors import StrataError
@@ -26,7 +27,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="a Hugging Face model folder (config.json + safetensors), a .gguf file, "
         "random:PRESET (llama-3-8b, llama-3.2-1b, qwen2.5-7b, qwen2.5-0.5b, mistral-7b, "
-        "smollm2-135m) or random:CONFIG.json for random weights of that shape. "
+        "smollm2-135m, olmoe-1b-7b, qwen3-30b-a3b, mixtral-8x7b, qwen1.5-moe-a2.7b) or "
+        "random:CONFIG.json for random weights of that shape. "
         "Default: the embedded SmolLM2-135M-Instruct.",
     )
     g.add_argument(
@@ -83,6 +85,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="run decode steps eagerly instead of replaying captured CUDA graphs",
     )  # fmt: skip
     add_tier_args(p)
+    add_moe_args(p)
     g.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="log level of the engine's messages on stderr (default INFO)",
@@ -135,6 +138,55 @@ def add_tier_args(p: argparse.ArgumentParser) -> None:
         help="share of the GPU pool that session pins (session_id + cache_ttl_s) may hold; "
         "beyond it pins go to the CPU tier (default 0.25)",
     )  # fmt: skip
+def add_moe_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("MoE expert offloading (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE)")
+    g.add_argument(
+        "--gpu-memory", type=float, default=None, metavar="GIB",
+        help="GiB of GPU memory for weights, activations, KV blocks and expert slots; turns "
+        "expert offloading on: routed experts live in pinned CPU memory, a GPU expert cache "
+        "shares one arena with the KV pool, and the split moves with the workload",
+    )  # fmt: skip
+    g.add_argument(
+        "--expert-slots", type=int, default=None, metavar="N",
+        help="exact number of GPU expert slots at start (also turns offloading on)",
+    )  # fmt: skip
+    g.add_argument(
+        "--expert-cache-policy", default="lfru", choices=list(MoEConfig.POLICIES),
+        help="expert eviction: lfru (layer-aware frequency, default) or lru",
+    )  # fmt: skip
+    g.add_argument(
+        "--no-expert-prefetch", action="store_true",
+        help="do not copy the experts that layer i+1's router predicts from layer i early",
+    )  # fmt: skip
+    g.add_argument(
+        "--expert-cpu-compute", default="auto", choices=list(MoEConfig.CPU_COMPUTE),
+        help="compute missing experts on the CPU: auto (a start-up cost model decides), on, off",
+    )  # fmt: skip
+    g.add_argument(
+        "--expert-miss-precision", default="full", choices=list(MoEConfig.PRECISIONS),
+        help="on a miss of a low-importance expert, load an int8/int4 copy (default full)",
+    )  # fmt: skip
+    g.add_argument(
+        "--expert-low-precision-threshold", type=float, default=0.1, metavar="W",
+        help="a miss loads low precision when all its gate weights are below W (default 0.1)",
+    )  # fmt: skip
+    g.add_argument(
+        "--rebalance-interval", type=int, default=32, metavar="STEPS",
+        help="steps between KV/expert budget decisions; 0 keeps the split fixed (default 32)",
+    )  # fmt: skip
+
+
+def moe_from_args(args: argparse.Namespace) -> MoEConfig:
+    return MoEConfig(
+        gpu_memory=args.gpu_memory,
+        expert_slots=args.expert_slots,
+        policy=args.expert_cache_policy,
+        prefetch=not args.no_expert_prefetch,
+        cpu_compute=args.expert_cpu_compute,
+        miss_precision=args.expert_miss_precision,
+        low_precision_threshold=args.expert_low_precision_threshold,
+        rebalance_interval=args.rebalance_interval,
+    )
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -193,6 +245,7 @@ def llm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "kv_tier_eviction": args.kv_tier_eviction,
         "preemption_mode": args.preemption_mode,
         "session_gpu_fraction": args.session_gpu_fraction,
+        "moe": moe_from_args(args),
     }
 
 
@@ -286,6 +339,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_bench_moe(args: argparse.Namespace) -> int:
+    from strata.bench.moe import run
+
+    run(args)
+    return 0
+
+
 def cmd_bench_throughput(args: argparse.Namespace) -> int:
     from strata.bench.throughput import run
 
@@ -375,6 +435,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(tp)
     add_url_args(tp)
     tp.set_defaults(func=cmd_bench_throughput)
+
+    bm = bench_sub.add_parser(
+        "moe",
+        help="MoE expert offloading: decode tok/s at 25/50/100%% of experts resident, against "
+        "the link-bandwidth bound and a naive copy-on-demand baseline",
+    )
+    from strata.bench.moe import add_args as add_moe_bench_args
+
+    add_moe_bench_args(bm)
+    bm.set_defaults(func=cmd_bench_moe)
 
     bs = bench_sub.add_parser(
         "serve",

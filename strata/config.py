@@ -9,12 +9,26 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "mistral": "MistralForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
 }
+
+# q/k norms: "full" normalises the whole q (and k) projection (OLMoE); "head" each head (Qwen3).
+QK_NORMS: dict[str, str] = {"olmoe": "full", "qwen3_moe": "head"}
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The shape of a Llama-family decoder, read from a transformers config."""
+    """The shape of a Llama-family decoder, dense or Mixture-of-Experts, read from a
+    transformers config.
+
+    MoE fields (num_experts 0 means a dense model): every layer in `moe_layers` replaces
+    its MLP by `num_experts` routed experts of `moe_intermediate_size`, of which each token
+    uses `num_experts_per_tok`, plus (Qwen2-MoE) one shared expert behind a sigmoid gate.
+    Other layers keep a dense MLP of `intermediate_size`.
+    """
 
     model_type: str
     vocab_size: int
@@ -31,6 +45,15 @@ class ModelConfig:
     hidden_act: str
     sliding_window: int | None  # attention span limit; Strata caps the context at it
     hf_config: Any = field(repr=False, compare=False)
+    qk_norm: str | None = None  # None, "full" (OLMoE) or "head" (Qwen3-MoE)
+    o_bias: bool = False  # o_proj has a bias (OLMoE, Qwen3-MoE with attention_bias)
+    clip_qkv: float | None = None  # OLMoE: q, k, v clamped to [-clip_qkv, clip_qkv]
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0  # 0: no shared expert
+    norm_topk_prob: bool = False  # renormalise the top-k probabilities to sum to 1
+    moe_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_ARCHITECTURES:
@@ -47,6 +70,23 @@ class ModelConfig:
             )
         if self.hidden_act not in ("silu", "swish"):
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (only silu)")
+        if self.qk_norm not in (None, "full", "head"):
+            raise ValueError(f"qk_norm must be None, 'full' or 'head'; got {self.qk_norm!r}")
+        if self.num_experts < 0:
+            raise ValueError(f"num_experts must be >= 0, got {self.num_experts}")
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(
+                f"num_experts_per_tok ({self.num_experts_per_tok}) must be in "
+                f"[1, num_experts ({self.num_experts})]"
+            )
+        if self.num_experts and self.moe_intermediate_size <= 0:
+            raise ValueError(f"moe_intermediate_size must be > 0, got {self.moe_intermediate_size}")
+        bad_layers = [i for i in self.moe_layers if not 0 <= i < self.num_layers]
+        if bad_layers or (self.moe_layers and not self.num_experts):
+            raise ValueError(
+                f"moe_layers {list(self.moe_layers)} must name layers in [0, {self.num_layers}) "
+                f"of a model with experts (num_experts={self.num_experts})"
+            )
 
     @classmethod
     def from_hf(cls, hf_config: Any) -> ModelConfig:
@@ -66,11 +106,24 @@ class ModelConfig:
             max_position_embeddings=hf_config.max_position_embeddings,
             tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
             # Qwen2 always has q/k/v biases; Llama and Mistral only when attention_bias is set.
-            qkv_bias=model_type == "qwen2" or bool(getattr(hf_config, "attention_bias", False)),
+            qkv_bias=_qkv_bias(model_type, hf_config),
             hidden_act=getattr(hf_config, "hidden_act", "silu"),
             sliding_window=_sliding_window(model_type, hf_config),
             hf_config=hf_config,
+            qk_norm=QK_NORMS.get(model_type),
+            o_bias=model_type in QK_NORMS and bool(getattr(hf_config, "attention_bias", False)),
+            clip_qkv=getattr(hf_config, "clip_qkv", None),
+            **_moe_fields(model_type, hf_config),
         )
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def expert_params(self) -> int:
+        """Parameters of one routed expert (gate, up and down projections)."""
+        return 3 * self.hidden_size * self.moe_intermediate_size
 
     @property
     def context_limit(self) -> int:
@@ -84,6 +137,41 @@ class ModelConfig:
     def kv_bytes_per_token(self) -> int:
         """Bytes of K and V per token over all layers, per byte of element size."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim
+
+
+def _qkv_bias(model_type: str, hf_config: Any) -> bool:
+    if model_type == "qwen2":  # always has q/k/v biases
+        return True
+    if model_type == "qwen2_moe":
+        return bool(getattr(hf_config, "qkv_bias", True))
+    return bool(getattr(hf_config, "attention_bias", False))
+
+
+def _moe_fields(model_type: str, hf_config: Any) -> dict[str, Any]:
+    """The MoE fields of ModelConfig for a transformers config (empty for dense models)."""
+    num_experts = getattr(hf_config, "num_local_experts", None) or getattr(
+        hf_config, "num_experts", None
+    )
+    if model_type not in ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe") or not num_experts:
+        return {}
+    layers = range(hf_config.num_hidden_layers)
+    if model_type in ("qwen2_moe", "qwen3_moe"):  # some layers may keep a dense MLP
+        dense = set(getattr(hf_config, "mlp_only_layers", None) or ())
+        step = getattr(hf_config, "decoder_sparse_step", 1) or 1
+        layers = [i for i in layers if i not in dense and (i + 1) % step == 0]
+    return {
+        "num_experts": int(num_experts),
+        "num_experts_per_tok": int(hf_config.num_experts_per_tok),
+        "moe_intermediate_size": int(
+            getattr(hf_config, "moe_intermediate_size", None) or hf_config.intermediate_size
+        ),
+        "shared_expert_intermediate_size": int(
+            getattr(hf_config, "shared_expert_intermediate_size", 0) or 0
+        ),
+        # Mixtral always renormalises the top-k probabilities.
+        "norm_topk_prob": model_type == "mixtral" or bool(hf_config.norm_topk_prob),
+        "moe_layers": tuple(layers),
+    }
 
 
 def _sliding_window(model_type: str, hf_config: Any) -> int | None:
@@ -219,6 +307,82 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    """Expert offloading for Mixture-of-Experts models (ignored by dense models).
+
+    Offloading is on when gpu_memory or expert_slots is set: routed experts live in
+    pinned CPU memory and a GPU expert cache, carved from one arena with the KV blocks,
+    holds some of them.
+
+    gpu_memory: GiB of GPU memory for everything (dense weights, activations, KV blocks
+    and expert slots); the arena gets what the weights and a warm-up leave.
+    expert_slots: the exact number of expert slots at start (tests, reproductions); the
+    KV pool then comes from CacheConfig unless gpu_memory is set too.
+    expert_fraction: share of the arena given to expert slots at start (capped at every
+    expert, and so that one max_model_len sequence fits in KV).
+    policy: expert cache eviction, "lfru" (layer-aware) or "lru".
+    prefetch: copy the experts that layer i+1's router picks from layer i's input early.
+    cpu_compute: "auto" (a start-up cost model decides per miss), "on" (every miss runs on
+    the CPU) or "off".
+    miss_precision: "full", or "int8"/"int4" to keep a low-precision copy of each expert
+    and load it on a miss whose gate weights are all below low_precision_threshold.
+    rebalance_interval: steps between decisions moving memory between KV and experts;
+    0 keeps the split fixed.
+    naive: benchmark baseline: copy every used expert on demand, no cache, no prefetch,
+    no CPU compute.
+    """
+
+    gpu_memory: float | None = None
+    expert_slots: int | None = None
+    expert_fraction: float = 0.5
+    policy: str = "lfru"
+    prefetch: bool = True
+    cpu_compute: str = "auto"
+    miss_precision: str = "full"
+    low_precision_threshold: float = 0.1
+    rebalance_interval: int = 32
+    naive: bool = False
+
+    POLICIES = ("lfru", "lru")
+    CPU_COMPUTE = ("auto", "on", "off")
+    PRECISIONS = ("full", "int8", "int4")
+
+    def __post_init__(self) -> None:
+        if self.gpu_memory is not None and self.gpu_memory <= 0:
+            raise ValueError(f"gpu_memory must be > 0 GiB, got {self.gpu_memory}")
+        if self.expert_slots is not None and self.expert_slots < 1:
+            raise ValueError(f"expert_slots must be >= 1, got {self.expert_slots}")
+        if not 0.0 < self.expert_fraction < 1.0:
+            raise ValueError(f"expert_fraction must be in (0, 1), got {self.expert_fraction}")
+        if self.policy not in self.POLICIES:
+            raise ValueError(
+                f"expert cache policy must be one of {', '.join(self.POLICIES)}; "
+                f"got {self.policy!r}"
+            )
+        if self.cpu_compute not in self.CPU_COMPUTE:
+            raise ValueError(
+                f"cpu_compute must be one of {', '.join(self.CPU_COMPUTE)}; "
+                f"got {self.cpu_compute!r}"
+            )
+        if self.miss_precision not in self.PRECISIONS:
+            raise ValueError(
+                f"miss_precision must be one of {', '.join(self.PRECISIONS)}; "
+                f"got {self.miss_precision!r}"
+            )
+        if not 0.0 <= self.low_precision_threshold <= 1.0:
+            raise ValueError(
+                f"low_precision_threshold is a gate weight in [0, 1], "
+                f"got {self.low_precision_threshold}"
+            )
+        if self.rebalance_interval < 0:
+            raise ValueError(f"rebalance_interval must be >= 0, got {self.rebalance_interval}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.gpu_memory is not None or self.expert_slots is not None
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine is built from.
 
@@ -230,6 +394,7 @@ class EngineConfig:
     "reference" or "triton".
     enforce_eager: never capture CUDA graphs (decode steps then run eagerly too).
     cuda_graph_max_batch: the largest decode batch captured; capped at max_num_seqs.
+    moe: expert offloading of a Mixture-of-Experts model (MoEConfig; off by default).
     """
 
     model: str | None = None
@@ -241,6 +406,7 @@ class EngineConfig:
     attention_backend: str = "auto"
     enforce_eager: bool = False
     cuda_graph_max_batch: int = 256
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
     DTYPES = ("auto", "float32", "bfloat16", "float16")
     ATTENTION_BACKENDS = ("auto", "reference", "triton")

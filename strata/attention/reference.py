@@ -79,9 +79,11 @@ class ReferenceAttention(AttentionBackend):
         v: torch.Tensor,
         meta: ReferenceMetadata,
     ) -> None:
-        heads, dim = k_cache.shape[-2:]
-        k_cache.view(-1, heads, dim).index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
-        v_cache.view(-1, heads, dim).index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+        # (block, offset) indexing works for any block stride (the MoE arena's is not bs*H*D).
+        bs = k_cache.shape[1]
+        blocks, offsets = meta.slot_mapping // bs, meta.slot_mapping % bs
+        k_cache[blocks, offsets] = k.to(k_cache.dtype)
+        v_cache[blocks, offsets] = v.to(v_cache.dtype)
 
     def attend(
         self,

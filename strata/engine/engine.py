@@ -30,6 +30,8 @@ from strata.kv.swap_cost import SwapCostModel
 from strata.kv.tier_manager import TierManager
 from strata.kv.tier_setup import build_tiers
 from strata.models.loader import LoadedModel, load_model
+from strata.moe.offload import ExpertOffload
+from strata.moe.rebalancer import Rebalancer
 
 logger = logging.getLogger("strata.engine")
 
@@ -60,8 +62,10 @@ class LLMEngine:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         requested_len = config.scheduler.max_model_len
+        # With expert offloading, routed experts are built in (pinned) CPU memory.
+        expert_device = torch.device("cpu") if config.moe.enabled else None
         self.loaded: LoadedModel = load_model(
-            config.model, self.device, self.dtype, requested_len, config.seed
+            config.model, self.device, self.dtype, requested_len, config.seed, expert_device
         )
         self.model_config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
@@ -83,8 +87,19 @@ class LLMEngine:
         self.backend = get_backend(backend_name)
         logger.info("attention backend %s (%s)", backend_name, why)
         block_size = config.cache.block_size
-        num_blocks = self._decide_num_blocks()
-        self.kv_cache = KVCache(self.model_config, num_blocks, block_size, self.dtype, self.device)
+        self.moe: ExpertOffload | None = None
+        self.rebalancer: Rebalancer | None = None
+        if config.moe.enabled and self.model_config.is_moe:
+            from strata.moe.build import build_offload
+
+            self.moe = build_offload(self)  # the KV pool and the expert slots share an arena
+            num_blocks = self.moe.arena.num_blocks
+            self.kv_cache: KVCache = self.moe.arena.kv_cache
+        else:
+            num_blocks = self._decide_num_blocks()
+            self.kv_cache = KVCache(
+                self.model_config, num_blocks, block_size, self.dtype, self.device
+            )
         kv_layout = f"{str(self.dtype).removeprefix('torch.')}/bs{block_size}"
         self.kv = KVManager(
             num_blocks,
@@ -108,6 +123,14 @@ class LLMEngine:
             reclaim=self.sessions.reclaim,
             swap_is_cheaper=self.swap_cost.swap_is_cheaper,
         )
+        if self.moe is not None:
+            self.moe.attach(self.kv)
+            self.rebalancer = Rebalancer(
+                self.moe,
+                config.moe.rebalance_interval,
+                min_kv_blocks=-(-self.max_model_len // block_size),
+                block_size=block_size,
+            )
         self.runner = ModelRunner(self.loaded.model, self.kv_cache, self.backend, self.device)
         self._maybe_capture_graphs()
         self._seqs: dict[str, Sequence] = {}
@@ -119,6 +142,9 @@ class LLMEngine:
     def _maybe_capture_graphs(self) -> None:
         """Capture decode CUDA graphs once the KV pool exists (triton backend on CUDA only)."""
         if self.config.enforce_eager or self.device.type != "cuda":
+            return
+        if not getattr(self.loaded.model, "supports_cuda_graphs", True):
+            logger.info("CUDA graphs off: the model reads expert routing on the host")
             return
         if self.backend.name != "triton":
             logger.info("CUDA graphs off: the %s backend is not graph-safe", self.backend.name)
@@ -277,6 +303,11 @@ class LLMEngine:
         engine stays usable for every other request.
         """
         self.sessions.expire()
+        if self.rebalancer is not None:
+            seqs = (*self.scheduler.running, *self.scheduler.waiting)
+            self.rebalancer.step(
+                (s.num_tokens for s in seqs), self.scheduler.num_preemptions, self._preempt_ids
+            )
         plan = self.scheduler.schedule()
         if plan.is_empty:
             if self.tiers is not None and self.scheduler.has_unfinished():
@@ -293,6 +324,24 @@ class LLMEngine:
             logger.exception("engine step failed; failing the %d requests in it", len(plan.chunks))
             message = f"the engine failed while running this request: {type(exc).__name__}: {exc}"
             return self.fail([c.seq.request_id for c in plan.chunks], message)
+
+    def _preempt_ids(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            self.scheduler.preempt(self._seqs[request_id])
+
+    def set_expert_slots(self, num_slots: int, preempt: bool = True) -> None:
+        """Move the KV/expert boundary now (MoE offloading): the experts get num_slots
+        slots, the KV pool the rest. With preempt, sequences holding KV blocks in the
+        experts' way are preempted (and recomputed later); without, the blocks move as
+        they are freed."""
+        if self.moe is None:
+            raise InvalidRequestError("set_expert_slots needs a MoE model with expert offloading")
+        self.moe.set_expert_slots(num_slots, self._preempt_ids if preempt else None)
+        self.moe.num_rebalances += 1
+        logger.info(
+            "rebalance (requested): KV %d blocks, expert slots %d (target %d)",
+            self.moe.kv_blocks, self.moe.cache.capacity, self.moe.target_slots,
+        )  # fmt: skip
 
     def fail(self, request_ids: Seq[str], message: str) -> list[RequestOutput]:
         """Finish these requests with reason "error" and free their blocks."""
@@ -406,6 +455,7 @@ class LLMEngine:
             "prefix_cache_tier_hit_tokens": self.scheduler.num_tier_hit_tokens,
             "num_swaps": self.scheduler.num_swaps,
             "num_loading": len(self.scheduler.loading),
+            **(self.moe.stats() if self.moe is not None else {}),
             "num_preemptions": self.scheduler.num_preemptions,
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
@@ -416,6 +466,8 @@ class LLMEngine:
     def check_integrity(self) -> None:
         """Raise KVIntegrityError unless the KV manager and the scheduler's queues agree."""
         self.kv.check_integrity()
+        if self.moe is not None:
+            self.moe.check_integrity()
         for seq in self.scheduler.running:
             table = self.kv.block_table(seq.request_id)
             if len(table) * self.kv.block_size < seq.num_computed:

@@ -7,7 +7,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from strata.config import CacheConfig, EngineConfig, SchedulerConfig, TierConfig
+from strata.config import CacheConfig, EngineConfig, MoEConfig, SchedulerConfig, TierConfig
 from strata.engine.chat import chat_prompt_ids
 from strata.engine.engine import LLMEngine
 from strata.engine.outputs import RequestOutput
@@ -25,6 +25,8 @@ class LLM:
     embedded SmolLM2-135M-Instruct. kv_cache_memory is in GiB. The kv_* tier arguments
     and preemption_mode are those of `TierConfig` (kv_cpu_memory and kv_disk_size in GiB).
     Call `close()` (or use `with LLM(...) as llm:`) to finish writing tier blocks.
+    embedded SmolLM2-135M-Instruct. kv_cache_memory is in GiB. moe: expert offloading of
+    a Mixture-of-Experts model (MoEConfig; e.g. MoEConfig(gpu_memory=20)).
     """
 
     def __init__(
@@ -52,6 +54,7 @@ class LLM:
         kv_tier_eviction: str = "lru",
         preemption_mode: str = "auto",
         session_gpu_fraction: float = 0.25,
+        moe: MoEConfig | None = None,
     ) -> None:
         config = EngineConfig(
             model=model,
@@ -60,6 +63,7 @@ class LLM:
             seed=seed,
             attention_backend=attention_backend,
             enforce_eager=enforce_eager,
+            moe=moe or MoEConfig(),
             cache=CacheConfig(
                 block_size=block_size,
                 kv_cache_memory=kv_cache_memory,

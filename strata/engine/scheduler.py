@@ -204,6 +204,12 @@ class Scheduler:
 
     # ---- preemption -------------------------------------------------------------------------
 
+    def preempt(self, seq: Sequence) -> None:
+        """Preempt a running sequence now: its blocks are freed and it is recomputed later."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+            self._preempt(seq)
+
     def _preempt(self, seq: Sequence) -> None:
         if self._should_swap(seq):
             assert self.tiers is not None

@@ -22,6 +22,8 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.refcount: list[int] = [0] * num_blocks
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        # Free blocks lent to another user of the memory (MoE expert slots): never allocated.
+        self.withdrawn: set[int] = set()
 
     @property
     def num_free(self) -> int:
@@ -55,3 +57,16 @@ class BlockPool:
         self.refcount[block_id] -= 1
         if self.refcount[block_id] == 0:
             self._free[block_id] = None
+
+    def withdraw(self, block_id: int) -> None:
+        """Take a free block out of circulation (its memory is lent, e.g. to expert slots)."""
+        if block_id not in self._free:
+            raise RuntimeError(f"block {block_id} is not free: it cannot be withdrawn")
+        del self._free[block_id]
+        self.withdrawn.add(block_id)
+
+    def restore(self, block_id: int) -> None:
+        """Return a withdrawn block; it holds nothing, so it is allocated first."""
+        self.withdrawn.remove(block_id)
+        self._free[block_id] = None
+        self._free.move_to_end(block_id, last=False)

@@ -271,6 +271,24 @@ class KVManager:
     @property
     def num_held_blocks(self) -> int:
         return sum(len(b) for b in self._holds.values())
+    # ---- lending blocks (MoE expert slots) -----------------------------------------------
+
+    def withdraw(self, block_id: int) -> bool:
+        """Take block_id out of the pool if it is free (its cached KV evicted first through
+        `evict_cached`); False if a sequence holds it."""
+        if not self.pool.is_free(block_id):
+            return False
+        self.evict_cached(block_id)
+        self.pool.withdraw(block_id)
+        return True
+
+    def restore(self, block_id: int) -> None:
+        """Give a withdrawn block back to the pool (empty: it is allocated first)."""
+        self.pool.restore(block_id)
+
+    def holders(self, block_ids: set[int]) -> list[str]:
+        """Sequences whose tables hold any of block_ids."""
+        return [s for s, st in self._seqs.items() if not block_ids.isdisjoint(st.table)]
 
     # ---- checks and stats ----------------------------------------------------------------
 
@@ -309,15 +327,19 @@ class KVManager:
             rc = self.pool.refcount[block_id]
             if rc != held[block_id]:
                 problems.append(f"block {block_id}: refcount {rc} but held by {held[block_id]}")
-            if (rc == 0) != (block_id in free_set):
-                problems.append(f"block {block_id}: refcount {rc} but free={block_id in free_set}")
+            withdrawn = block_id in self.pool.withdrawn
+            is_free = block_id in free_set
+            if (rc == 0) != (is_free or withdrawn) or (withdrawn and is_free):
+                problems.append(
+                    f"block {block_id}: refcount {rc} but free={is_free} withdrawn={withdrawn}"
+                )
         problems.extend(self.index.check())
         if problems:
             raise KVIntegrityError("KV integrity check failed:\n  " + "\n  ".join(problems))
 
     def stats(self) -> dict[str, int]:
         return {
-            "kv_blocks_total": self.pool.num_blocks,
+            "kv_blocks_total": self.pool.num_blocks - len(self.pool.withdrawn),
             "kv_blocks_free": self.pool.num_free,
             "kv_blocks_cached": len(self.index),
             "kv_block_size": self.block_size,

@@ -3,12 +3,14 @@
 The model sees a flat batch of tokens from many sequences; the attention backend and
 its per-step metadata say which KV each token attends over. Q/K/V and gate/up are
 fused into one projection each; weights load from the transformers naming.
+The attention also covers the MoE families' variants (q/k norms, o_proj bias, clipped
+q/k/v); their MoE layers are in moe.py.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -19,6 +21,15 @@ from strata.kv.cache import KVCache
 from strata.models.rope import RotaryEmbedding
 from strata.ops.activation import silu_and_mul
 from strata.ops.rmsnorm import add_rmsnorm
+
+# transformers projection -> the fused projection holding its rows.
+FUSED_INTO: dict[str, str] = {
+    "q_proj": "qkv_proj",
+    "k_proj": "qkv_proj",
+    "v_proj": "qkv_proj",
+    "gate_proj": "gate_up_proj",
+    "up_proj": "gate_up_proj",
+}
 
 
 class RMSNorm(nn.Module):
@@ -46,9 +57,29 @@ class Attention(nn.Module):
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.scale = cfg.head_dim**-0.5
         self.fused = True
+        self.qk_norm = cfg.qk_norm
+        self.clip_qkv = cfg.clip_qkv
+        if cfg.qk_norm is not None:
+            per_head = cfg.qk_norm == "head"
+            eps = cfg.rms_norm_eps
+            self.q_norm = RMSNorm(cfg.head_dim if per_head else self.q_size, eps)
+            self.k_norm = RMSNorm(cfg.head_dim if per_head else self.kv_size, eps)
+
+    def _normed_qkv(self, qkv: torch.Tensor) -> torch.Tensor:
+        """q/k norms and clipping as transformers applies them, before RoPE; same layout."""
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q)[0], self.k_norm(k)[0]
+        elif self.qk_norm == "head":  # rows of head_dim: one norm per head
+            q = self.q_norm(q.reshape(-1, self.head_dim))[0].view(q.shape)
+            k = self.k_norm(k.reshape(-1, self.head_dim))[0].view(k.shape)
+        qkv = torch.cat([q, k, v], dim=-1)
+        if self.clip_qkv is not None:
+            qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
+        return qkv
 
     def forward(
         self,
@@ -60,6 +91,8 @@ class Attention(nn.Module):
         meta: Any,
     ) -> torch.Tensor:
         qkv = self.qkv_proj(x)
+        if self.qk_norm is not None or self.clip_qkv is not None:
+            qkv = self._normed_qkv(qkv)
         k_cache, v_cache = kv.k[self.layer_index], kv.v[self.layer_index]
         if self.fused and qkv.is_cuda and backend.name == "triton":
             # One launch: RoPE on q and k, k and v stored at the step's slots.
@@ -80,11 +113,13 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    """down(silu(gate(x)) * up(x)); also the shared expert of Qwen2-MoE."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
-        self.intermediate_size = cfg.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
         self.fused = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,12 +127,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_index: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer_index: int, mlp: nn.Module) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, layer_index)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = mlp
 
     def forward(
         self,
@@ -121,16 +156,25 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Embedding, decoder layers, final norm and LM head."""
 
+    # The forward has no host syncs: decode steps may be captured in CUDA graphs.
+    supports_cuda_graphs: ClassVar[bool] = True
+
     def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, self.make_mlp(cfg, i)) for i in range(cfg.num_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rope = RotaryEmbedding(cfg.hf_config, cfg.head_dim, max_positions)
+
+    def make_mlp(self, cfg: ModelConfig, layer_index: int) -> nn.Module:
+        """The feed-forward block of layer `layer_index` (MoE models override this)."""
+        return MLP(cfg.hidden_size, cfg.intermediate_size)
 
     @torch.inference_mode()
     def forward(
@@ -161,55 +205,67 @@ class LlamaModel(nn.Module):
 
     # ---- weights ---------------------------------------------------------------------------
 
-    def fused_rows(self) -> dict[str, tuple[str, int, int]]:
-        """transformers projection name -> (fused projection, first row, end row)."""
-        cfg = self.config
-        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        inter = cfg.intermediate_size
-        return {
-            "q_proj": ("qkv_proj", 0, q),
-            "k_proj": ("qkv_proj", q, q + kv),
-            "v_proj": ("qkv_proj", q + kv, q + 2 * kv),
-            "gate_proj": ("gate_up_proj", 0, inter),
-            "up_proj": ("gate_up_proj", inter, 2 * inter),
-        }
+    # Parameter-name fragments that differ from transformers': (strata, transformers).
+    HF_RENAMES: ClassVar[tuple[tuple[str, str], ...]] = ()
 
-    def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        """The weights under transformers' names (views; tied lm_head left out)."""
-        fused_rows = self.fused_rows()
+    def fused_parts(self, name: str, rows: int) -> dict[str, tuple[int, int]]:
+        """transformers projection -> (first row, end row) inside the fused parameter `name`
+        of `rows` rows; empty when `name` is not fused. gate/up: the halves (any MLP size)."""
+        cfg = self.config
+        if ".qkv_proj." in name:
+            q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+            return {"q_proj": (0, q), "k_proj": (q, q + kv), "v_proj": (q + kv, q + 2 * kv)}
+        if ".gate_up_proj." in name:
+            return {"gate_proj": (0, rows // 2), "up_proj": (rows // 2, rows)}
+        return {}
+
+    def dense_hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """The module's parameters under transformers' names (views; tied lm_head left out)."""
         state: dict[str, torch.Tensor] = {}
         for name, param in self.named_parameters():
             full = name if name.startswith("lm_head") else f"model.{name}"
-            parts = [(p, f, a, b) for p, (f, a, b) in fused_rows.items() if f".{f}." in name]
+            for ours, theirs in self.HF_RENAMES:
+                full = full.replace(ours, theirs)
+            parts = self.fused_parts(name, param.shape[0])
             if not parts:
                 state[full] = param.data
-            for part, fused, first, end in parts:
+            for part, (first, end) in parts.items():
+                fused = FUSED_INTO[part]
                 state[full.replace(f".{fused}.", f".{part}.")] = param.data[first:end]
         return state
+
+    def named_weights(self) -> list[tuple[str, torch.Tensor]]:
+        """Every weight of the model (the fingerprint's input)."""
+        return list(self.named_parameters())
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every weight under transformers' names (views; tied lm_head left out)."""
+        return self.dense_hf_state_dict()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy transformers-named tensors into the fused parameters; check all were set."""
         cfg = self.config
         params = dict(self.named_parameters())
-        expected = {name.removeprefix("model.") for name in self.hf_state_dict()}
-        fused_rows = self.fused_rows()
+        expected = {name.removeprefix("model.") for name in self.dense_hf_state_dict()}
         seen: set[str] = set()
         for name, tensor in weights:
-            if name.startswith("model."):
-                name = name[len("model.") :]
+            name = name.removeprefix("model.")
             if "rotary_emb" in name:
                 continue
             if name == "lm_head.weight" and cfg.tie_word_embeddings:
                 continue
-            target, rows = name, None
-            for part, (fused, first, end) in fused_rows.items():
-                if f".{part}." in name:
-                    target, rows = name.replace(f".{part}.", f".{fused}."), (first, end)
-                    break
+            target = name
+            for ours, theirs in self.HF_RENAMES:
+                target = target.replace(theirs, ours)
+            part = next((p for p in FUSED_INTO if f".{p}." in target), None)
+            if part is not None:
+                target = target.replace(f".{part}.", f".{FUSED_INTO[part]}.")
             if target not in params:
                 raise KeyError(f"unexpected weight {name!r} for {cfg.model_type}")
-            param = params[target]
-            dest = param.data if rows is None else param.data[rows[0] : rows[1]]
+            dest = params[target].data
+            if part is not None:
+                first, end = self.fused_parts(target, dest.shape[0])[part]
+                dest = dest[first:end]
             if dest.shape != tensor.shape:
                 raise ValueError(
                     f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}"
@@ -225,7 +281,7 @@ class LlamaModel(nn.Module):
         """Random weights for speed work: normal(0, std) matrices, unit norms, zero biases."""
         gen = torch.Generator(device=self.embed_tokens.weight.device).manual_seed(seed)
         for name, param in self.named_parameters():
-            if name.endswith("layernorm.weight") or name == "norm.weight":
+            if name.endswith("norm.weight"):  # layer norms, final norm, q/k norms
                 param.data.fill_(1.0)
             elif name.endswith(".bias"):
                 param.data.zero_()

@@ -27,8 +27,10 @@ from strata.errors import ModelLoadError, UnsupportedModelError
 from strata.models.embedded import embedded_model_path
 from strata.models.fingerprint import weights_fingerprint
 from strata.models.llama import LlamaModel
+from strata.models.moe import MoeModel
 from strata.models.presets import random_config_dict
 from strata.models.rope import RotaryEmbedding
+from strata.moe.routed import ResidentExperts
 
 logger = logging.getLogger("strata.loader")
 
@@ -57,15 +59,39 @@ def model_name(spec: str | None) -> str:
     return EMBEDDED_NAME if spec is None else spec
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where weights go: the model on `device`; a MoE model's routed experts on
+    `expert_device` (pinned when that is the CPU and `device` is CUDA)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    expert_device: torch.device
+
+    @property
+    def pin_experts(self) -> bool:
+        return self.expert_device.type == "cpu" and self.device.type == "cuda"
+
+
 def load_model(
-    spec: str | None, device: torch.device, dtype: torch.dtype, max_positions: int | None, seed: int
+    spec: str | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_positions: int | None,
+    seed: int,
+    expert_device: torch.device | None = None,
 ) -> LoadedModel:
-    """Build the model `spec` names on `device` in `dtype`. None is the embedded model."""
+    """Build the model `spec` names on `device` in `dtype`. None is the embedded model.
+
+    expert_device: where a MoE model's routed experts are stacked (model.expert_weights);
+    None is `device`. They are computed by ResidentExperts over those weights until
+    model.set_routed_experts swaps in another RoutedExperts (strata/moe/routed.py)."""
+    place = Placement(device, dtype, expert_device or device)
     if spec is None:
         path = embedded_model_path()
-        return _load_hf_folder(gguf_to_folder(path), device, dtype, max_positions, EMBEDDED_NAME)
+        return _load_hf_folder(gguf_to_folder(path), place, max_positions, EMBEDDED_NAME)
     if spec.startswith("random:"):
-        return _load_random(spec[len("random:") :], device, dtype, max_positions, seed)
+        return _load_random(spec[len("random:") :], place, max_positions, seed)
     path = Path(spec).expanduser()
     if not path.exists():
         raise ModelLoadError(f"model path does not exist: {path}")
@@ -75,14 +101,14 @@ def load_model(
         if path.suffix != ".gguf":
             raise ModelLoadError(f"{path} is a file but not a .gguf; pass a model folder or GGUF")
         path = gguf_to_folder(path)
-    return _load_hf_folder(path, device, dtype, max_positions, spec)
+    return _load_hf_folder(path, place, max_positions, spec)
 
 
 # ---- Hugging Face folders --------------------------------------------------------------------
 
 
 def _load_hf_folder(
-    path: Path, device: torch.device, dtype: torch.dtype, max_positions: int | None, name: str
+    path: Path, place: Placement, max_positions: int | None, name: str
 ) -> LoadedModel:
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -94,15 +120,16 @@ def _load_hf_folder(
     hf_config = _hf_config_from_dict(raw)
     cfg = ModelConfig.from_hf(hf_config)
     files = _safetensors_files(path)
-    model = _build(cfg, device, dtype, max_positions)
-    model.load_weights(_iter_safetensors(files, device))
+    model = _build(cfg, place, max_positions)
+    model.load_weights(_iter_safetensors(files))
+    _use_resident_experts(model)
     tokenizer = _load_tokenizer(path)
     return LoadedModel(
         model=model,
         config=cfg,
         tokenizer=tokenizer,
         eos_token_ids=_eos_ids(path, hf_config, tokenizer),
-        fingerprint=weights_fingerprint(list(model.named_parameters())),
+        fingerprint=weights_fingerprint(model.named_weights()),
         name=name,
     )
 
@@ -136,16 +163,15 @@ def _safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def _iter_safetensors(
-    files: list[Path], device: torch.device
-) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, CPU tensor) pairs; load_weights copies each to where it belongs."""
     from safetensors import SafetensorError, safe_open
 
     for file in tqdm(files, desc="Loading weights", unit="file", disable=len(files) < 2):
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                    yield key, f.get_tensor(key).to(device)
+                    yield key, f.get_tensor(key)
         except (OSError, SafetensorError) as e:
             raise ModelLoadError(f"cannot read {file}: {e}") from e
 
@@ -179,20 +205,19 @@ def _eos_ids(path: Path | None, hf_config: Any, tokenizer: Any | None) -> frozen
 # ---- random weights --------------------------------------------------------------------------
 
 
-def _load_random(
-    name: str, device: torch.device, dtype: torch.dtype, max_positions: int | None, seed: int
-) -> LoadedModel:
+def _load_random(name: str, place: Placement, max_positions: int | None, seed: int) -> LoadedModel:
     hf_config = _hf_config_from_dict(random_config_dict(name))
     cfg = ModelConfig.from_hf(hf_config)
-    model = _build(cfg, device, dtype, max_positions)
+    model = _build(cfg, place, max_positions)
     model.init_random(seed, std=getattr(hf_config, "initializer_range", 0.02))
+    _use_resident_experts(model)
     tokenizer = _embedded_tokenizer_if_fits(cfg.vocab_size)
     return LoadedModel(
         model=model,
         config=cfg,
         tokenizer=tokenizer,
         eos_token_ids=_eos_ids(None, hf_config, None),
-        fingerprint=weights_fingerprint(list(model.named_parameters())),
+        fingerprint=weights_fingerprint(model.named_weights()),
         name=f"random:{name}",
     )
 
@@ -209,23 +234,31 @@ def _embedded_tokenizer_if_fits(vocab_size: int) -> Any | None:
     return tokenizer
 
 
-def _build(
-    cfg: ModelConfig, device: torch.device, dtype: torch.dtype, max_positions: int | None
-) -> LlamaModel:
+def _build(cfg: ModelConfig, place: Placement, max_positions: int | None) -> LlamaModel:
+    """The model with uninitialised weights where `place` says (MoE experts included)."""
     positions = max_positions or cfg.max_position_embeddings
+    model_class = MoeModel if cfg.is_moe else LlamaModel
     default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # parameters are created in `dtype`: no float32 detour
+    torch.set_default_dtype(place.dtype)  # parameters are created in dtype: no float32 detour
     try:
         with torch.device("meta"):
-            model = LlamaModel(cfg, positions)
+            model = model_class(cfg, positions)
     finally:
         torch.set_default_dtype(default_dtype)
+    device = place.device
     model = model.to_empty(device=device)
+    if isinstance(model, MoeModel):
+        model.allocate_experts(place.expert_device, place.dtype, place.pin_experts)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     # Buffers do not survive to_empty; rope tables stay float32 whatever the weights' dtype.
     model.rope = RotaryEmbedding(cfg.hf_config, cfg.head_dim, positions).to(device)
     return model.eval()
+
+
+def _use_resident_experts(model: LlamaModel) -> None:
+    if isinstance(model, MoeModel):
+        model.set_routed_experts(ResidentExperts(model.expert_weights))
 
 
 # ---- GGUF ------------------------------------------------------------------------------------

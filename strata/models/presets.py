@@ -61,6 +61,45 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rms_norm_eps": 1e-5, "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0},
         "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2,
     },
+    # Mixture-of-Experts shapes (the config.json of each Hugging Face repository).
+    "olmoe-1b-7b": {  # allenai/OLMoE-1B-7B-0924
+        "model_type": "olmoe", "vocab_size": 50304, "hidden_size": 2048,
+        "intermediate_size": 1024, "num_hidden_layers": 16, "num_attention_heads": 16,
+        "num_key_value_heads": 16, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        "num_experts": 64, "num_experts_per_tok": 8, "norm_topk_prob": False,
+        "clip_qkv": None, "attention_bias": False, "tie_word_embeddings": False,
+        "bos_token_id": None, "eos_token_id": 50279, "pad_token_id": 1,
+    },
+    "qwen3-30b-a3b": {  # Qwen/Qwen3-30B-A3B
+        "model_type": "qwen3_moe", "vocab_size": 151936, "hidden_size": 2048,
+        "intermediate_size": 6144, "moe_intermediate_size": 768, "num_hidden_layers": 48,
+        "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+        "max_position_embeddings": 40960, "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+        "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True,
+        "decoder_sparse_step": 1, "mlp_only_layers": [], "attention_bias": False,
+        "use_sliding_window": False, "tie_word_embeddings": False,
+        "bos_token_id": 151643, "eos_token_id": 151645,
+    },
+    "mixtral-8x7b": {  # mistralai/Mixtral-8x7B-v0.1
+        "model_type": "mixtral", "vocab_size": 32000, "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "max_position_embeddings": 32768, "rms_norm_eps": 1e-5,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+        "num_local_experts": 8, "num_experts_per_tok": 2, "sliding_window": None,
+        "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+    },
+    "qwen1.5-moe-a2.7b": {  # Qwen/Qwen1.5-MoE-A2.7B
+        "model_type": "qwen2_moe", "vocab_size": 151936, "hidden_size": 2048,
+        "intermediate_size": 5632, "moe_intermediate_size": 1408,
+        "shared_expert_intermediate_size": 5632, "num_hidden_layers": 24,
+        "num_attention_heads": 16, "num_key_value_heads": 16, "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-6, "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+        "num_experts": 60, "num_experts_per_tok": 4, "norm_topk_prob": False,
+        "decoder_sparse_step": 1, "mlp_only_layers": [], "use_sliding_window": False,
+        "tie_word_embeddings": False, "bos_token_id": 151643, "eos_token_id": 151643,
+    },
 }  # fmt: skip
 
 

@@ -1,0 +1,1 @@
+"""Mixture-of-Experts: the routed-experts interface, expert cache, prefetch and placement."""
