@@ -12,8 +12,9 @@ so the numbers are the same whichever path computes an expert):
       when every slot is pinned, the pinned experts are computed first ("a wave"),
       which frees their slots: any capacity >= 1 slot is correct, only slower
     3 copies of layer+1's predicted experts are queued behind this layer's misses
-    4 CPU experts' rows go to the host, GPU experts run (each waits only for its own
-      copy), CPU experts run meanwhile and their rows come back
+    4 CPU experts' rows go to the host, GPU experts run (the compute stream waits for the
+      copies of the wave's experts, then one grouped kernel pair computes them all, see
+      grouped.py), CPU experts run meanwhile and their rows come back
     5 the rows are combined in a fixed order (routed.combine)
 
 The naive baseline (`naive=True`) copies every used expert on every forward: no reuse,
@@ -31,6 +32,7 @@ import torch
 
 from strata.moe.cost_model import OffloadCostModel
 from strata.moe.expert_cache import ExpertCache
+from strata.moe.grouped import ExpertRows, run_experts
 from strata.moe.offload_stats import OffloadCounters
 from strata.moe.routed import combine, expert_forward
 
@@ -225,11 +227,14 @@ class OffloadedExperts:
         starts: list[int],
         counts: list[int],
     ) -> None:
+        """Every expert of `work` in one grouped launch (grouped.py) once the compute stream
+        waited for each slot's copy; the torch loop on the CPU."""
+        experts: list[ExpertRows] = []
         for e, slot in work:
-            rows = slice(starts[e], starts[e] + counts[e])
             self.cache.wait_ready(slot)
             gate_up, down = self.store.split(self.cache.view(slot))
-            rows_out[rows] = expert_forward(rows_in[rows], gate_up, down)
+            experts.append(ExpertRows(starts[e], counts[e], gate_up, down))
+        run_experts(rows_in, rows_out, experts)
         self.cache.release_pins()
 
     def _rows_to_host(

@@ -25,9 +25,17 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
-from strata.ops.activation import silu_and_mul
+from strata.moe.grouped import ExpertRows, expert_forward, run_experts
+
+__all__ = [
+    "ExpertWeights",
+    "ResidentExperts",
+    "RoutedExperts",
+    "combine",
+    "expert_forward",
+    "group_by_expert",
+]
 
 
 class RoutedExperts(Protocol):
@@ -100,11 +108,6 @@ class ExpertWeights:
         return cls(layer, gate_up, down)
 
 
-def expert_forward(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """One expert on the rows of x: down(silu(gate(x)) * up(x)); [n, H] -> [n, H]."""
-    return F.linear(silu_and_mul(F.linear(x, gate_up), fused=True), down)
-
-
 def group_by_expert(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, list[int]]:
     """(order, counts): order [T*k] lists the flat (token, slot) rows sorted by expert
     (stable), counts[e] how many rows expert e takes. Reads counts on the host: a sync."""
@@ -129,8 +132,9 @@ def combine(
 class ResidentExperts:
     """Every expert stays where its weights are; computes there (x moves if needed).
 
-    A grouped loop over the experts that have tokens: tokens sorted by expert, one pair of
-    GEMMs per used expert, no loop over tokens. The expert counts are read on the host, so
+    Tokens sorted by expert; on CUDA one grouped kernel pair computes every used expert
+    (grouped.py, slot = expert id in the stacked weights), elsewhere one pair of GEMMs per
+    used expert; no loop over tokens. The expert counts are read on the host, so
     a forward is not CUDA-graph capturable.
     """
 
@@ -150,10 +154,11 @@ class ResidentExperts:
         k = ids.shape[1]
         rows_in = xd[order // k]
         rows_out = torch.empty_like(rows_in)
+        experts: list[ExpertRows] = []
         start = 0
         for expert, n in enumerate(counts):
             if n:
-                rows = slice(start, start + n)
-                rows_out[rows] = expert_forward(rows_in[rows], w.gate_up[expert], w.down[expert])
+                experts.append(ExpertRows(start, n, w.gate_up[expert], w.down[expert]))
                 start += n
+        run_experts(rows_in, rows_out, experts)
         return combine(rows_out, order, topk_weights.to(device), x.dtype).to(x.device)
