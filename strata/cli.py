@@ -54,6 +54,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
     g.add_argument(
+        "--kv-cache-dtype", default="auto", choices=["auto", "fp8", "int8", "int4", "int2"],
+        help="KV block codec: auto = the model dtype; fp8 (e4m3, per-token scales) or "
+        "int8/int4/int2 (KIVI: keys per channel, values per token) store complete blocks "
+        "coded, so the same --kv-cache-memory holds more tokens; each sequence's open block "
+        "stays in full precision",
+    )  # fmt: skip
+    g.add_argument(
         "--max-num-batched-tokens",
         type=int,
         default=2048,
@@ -178,6 +185,7 @@ def llm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "kv_cache_memory": args.kv_cache_memory,
         "gpu_memory_utilization": args.gpu_memory_utilization,
         "block_size": args.block_size,
+        "kv_cache_dtype": args.kv_cache_dtype,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "max_num_seqs": args.max_num_seqs,
         "max_model_len": args.max_model_len,

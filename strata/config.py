@@ -166,6 +166,9 @@ class CacheConfig:
     gpu_memory_utilization of the device memory minus the peak measured in a warm-up;
     on CPU, DEFAULT_CPU_KV_GIB.
     num_blocks: an exact block count; overrides kv_cache_memory (tests, reproductions).
+    kv_cache_dtype: the block codec (strata/kv/codec.py): "auto" stores K/V in the model
+    dtype; "fp8", "int8", "int4", "int2" store complete blocks coded (more blocks per GiB)
+    and keep each sequence's open block in full precision.
     """
 
     block_size: int = 16
@@ -174,8 +177,10 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.90
     enable_prefix_caching: bool = True
     tiers: TierConfig = field(default_factory=TierConfig)
+    kv_cache_dtype: str = "auto"
 
     DEFAULT_CPU_KV_GIB = 2.0
+    KV_CACHE_DTYPES = ("auto", "fp8", "int8", "int4", "int2")
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -187,6 +192,11 @@ class CacheConfig:
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.kv_cache_dtype not in self.KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be one of {', '.join(self.KV_CACHE_DTYPES)}; "
+                f"got {self.kv_cache_dtype!r}"
             )
         if self.tiers.enabled and not self.enable_prefix_caching:
             raise ValueError(

@@ -23,6 +23,7 @@ from strata.engine.scheduler import Scheduler
 from strata.engine.sequence import Sequence, SequenceStatus
 from strata.errors import ContextLengthError, InvalidRequestError, KVCacheTooSmallError
 from strata.kv.cache import KVCache
+from strata.kv.codec import get_codec
 from strata.kv.manager import KVIntegrityError, KVManager
 from strata.kv.prefix import root_key
 from strata.kv.sessions import SessionPins
@@ -83,9 +84,18 @@ class LLMEngine:
         self.backend = get_backend(backend_name)
         logger.info("attention backend %s (%s)", backend_name, why)
         block_size = config.cache.block_size
-        num_blocks = self._decide_num_blocks()
-        self.kv_cache = KVCache(self.model_config, num_blocks, block_size, self.dtype, self.device)
+        self.codec = get_codec(config.cache.kv_cache_dtype)
+        # One full-precision tail row per running sequence holds its open block (codec_tail.py).
+        tail_rows = 0 if self.codec.lossless else config.scheduler.max_num_seqs
+        num_blocks = self._decide_num_blocks(tail_rows)
+        self.kv_cache = KVCache(
+            self.model_config, num_blocks, block_size, self.dtype, self.device, self.codec,
+            tail_rows,
+        )  # fmt: skip
+        # `auto` keeps the layout string (and so the keys of stored blocks) it always had.
         kv_layout = f"{str(self.dtype).removeprefix('torch.')}/bs{block_size}"
+        if not self.codec.lossless:
+            kv_layout += f"/{self.codec.layout_name}"
         self.kv = KVManager(
             num_blocks,
             block_size,
@@ -98,8 +108,7 @@ class LLMEngine:
         self.kv.tiers = self.tiers
         self.sessions = SessionPins(self.kv, config.cache.tiers.session_gpu_fraction)
         self.swap_cost = SwapCostModel(
-            KVCache.bytes_per_block(self.model_config, block_size, self.dtype), block_size,
-            self.device,
+            self.kv_cache.block_bytes, block_size, self.device,
         )  # fmt: skip
         self.scheduler = Scheduler(
             config.scheduler,
@@ -109,6 +118,8 @@ class LLMEngine:
             swap_is_cheaper=self.swap_cost.swap_is_cheaper,
         )
         self.runner = ModelRunner(self.loaded.model, self.kv_cache, self.backend, self.device)
+        if self.kv_cache.tails is not None:
+            self.kv_cache.tails.live_blocks = self._open_blocks
         self._maybe_capture_graphs()
         self._seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
@@ -120,6 +131,10 @@ class LLMEngine:
         """Capture decode CUDA graphs once the KV pool exists (triton backend on CUDA only)."""
         if self.config.enforce_eager or self.device.type != "cuda":
             return
+        if not self.codec.lossless:
+            logger.info("CUDA graphs off: kv_cache_dtype %s plans its reads per step",
+                        self.codec.name)  # fmt: skip
+            return
         if self.backend.name != "triton":
             logger.info("CUDA graphs off: the %s backend is not graph-safe", self.backend.name)
             return
@@ -129,21 +144,35 @@ class LLMEngine:
 
     # ---- KV pool sizing -------------------------------------------------------------------
 
-    def _decide_num_blocks(self) -> int:
+    def _decide_num_blocks(self, tail_rows: int) -> int:
+        """Blocks that fit the KV memory budget, in the codec's bytes per block; a lossy
+        codec's tail rows (full-precision blocks) come out of the same budget."""
         cache = self.config.cache
-        per_block = KVCache.bytes_per_block(self.model_config, cache.block_size, self.dtype)
+        per_block = KVCache.bytes_per_block(
+            self.model_config, cache.block_size, self.dtype, self.codec
+        )
+        raw_block = KVCache.bytes_per_block(self.model_config, cache.block_size, self.dtype)
+        tail_bytes = tail_rows * raw_block
         if cache.num_blocks is not None:
             num_blocks, source = cache.num_blocks, "num_blocks"
         elif cache.kv_cache_memory is not None:
-            num_blocks = int(cache.kv_cache_memory * GIB) // per_block
+            num_blocks = max(0, int(cache.kv_cache_memory * GIB) - tail_bytes) // per_block
             source = f"kv_cache_memory={cache.kv_cache_memory} GiB"
         elif self.device.type == "cuda":
             budget = self._measure_free_gpu_memory()
-            num_blocks = max(0, budget) // per_block
+            num_blocks = max(0, budget - tail_bytes) // per_block
             source = f"{cache.gpu_memory_utilization:.0%} of GPU memory minus the warm-up peak"
         else:
-            num_blocks = int(cache.DEFAULT_CPU_KV_GIB * GIB) // per_block
+            num_blocks = max(0, int(cache.DEFAULT_CPU_KV_GIB * GIB) - tail_bytes) // per_block
             source = f"CPU default {cache.DEFAULT_CPU_KV_GIB} GiB"
+        if not self.codec.lossless:
+            logger.info(
+                "KV codec %s: %d bytes a block (%s: %d), %.2fx the blocks per GiB; %d "
+                "full-precision tail rows for open blocks, %s; attention reads coded blocks "
+                "decoded into a per-layer scratch (%s backend, no fused dequant kernel)",
+                self.codec.name, per_block, str(self.dtype).removeprefix("torch."), raw_block,
+                raw_block / per_block, tail_rows, format_bytes(tail_bytes), self.backend.name,
+            )  # fmt: skip
         capacity = num_blocks * cache.block_size
         needed_blocks = -(-self.max_model_len // cache.block_size)
         if num_blocks < needed_blocks:
@@ -155,10 +184,11 @@ class LLMEngine:
                 "max_model_len"
             )
         logger.info(
-            "KV pool: %d blocks x %d tokens = %d tokens, %s (%s); max_model_len %d, "
+            "KV pool: %d blocks x %d tokens = %d tokens, %s (%s, kv_cache_dtype %s); "
+            "max_model_len %d, "
             "max_num_batched_tokens %d, max_num_seqs %d, prefix caching %s",
             num_blocks, cache.block_size, capacity, format_bytes(num_blocks * per_block), source,
-            self.max_model_len, self.config.scheduler.max_num_batched_tokens,
+            self.codec.name, self.max_model_len, self.config.scheduler.max_num_batched_tokens,
             self.config.scheduler.max_num_seqs, "on" if cache.enable_prefix_caching else "off",
         )  # fmt: skip
         return num_blocks
@@ -171,6 +201,15 @@ class LLMEngine:
         free, total = torch.cuda.mem_get_info(self.device)
         others = total - free - torch.cuda.memory_reserved(self.device)
         return int(total * self.config.cache.gpu_memory_utilization) - peak - others
+
+    def _open_blocks(self) -> set[int]:
+        """Blocks that running sequences have partly computed: the tail rows still needed."""
+        bs = self.kv.block_size
+        return {
+            self.kv.block_table(s.request_id)[s.num_computed // bs]
+            for s in self.scheduler.running
+            if s.num_computed % bs and self.kv.has(s.request_id)
+        }
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -406,6 +445,10 @@ class LLMEngine:
     def check_integrity(self) -> None:
         """Raise KVIntegrityError unless the KV manager and the scheduler's queues agree."""
         self.kv.check_integrity()
+        if self.kv_cache.tails is not None:
+            problems = self.kv_cache.tails.check()
+            if problems:
+                raise KVIntegrityError("KV tail check failed:\n  " + "\n  ".join(problems))
         for seq in self.scheduler.running:
             table = self.kv.block_table(seq.request_id)
             if len(table) * self.kv.block_size < seq.num_computed:

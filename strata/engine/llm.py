@@ -24,6 +24,7 @@ class LLM:
     model: a Hugging Face folder, a .gguf file, "random:PRESET" or None for the
     embedded SmolLM2-135M-Instruct. kv_cache_memory is in GiB. The kv_* tier arguments
     and preemption_mode are those of `TierConfig` (kv_cpu_memory and kv_disk_size in GiB).
+    kv_cache_dtype picks the KV block codec: "auto", "fp8", "int8", "int4" or "int2".
     Call `close()` (or use `with LLM(...) as llm:`) to finish writing tier blocks.
     """
 
@@ -52,6 +53,7 @@ class LLM:
         kv_tier_eviction: str = "lru",
         preemption_mode: str = "auto",
         session_gpu_fraction: float = 0.25,
+        kv_cache_dtype: str = "auto",
     ) -> None:
         config = EngineConfig(
             model=model,
@@ -66,6 +68,7 @@ class LLM:
                 num_blocks=num_kv_blocks,
                 gpu_memory_utilization=gpu_memory_utilization,
                 enable_prefix_caching=enable_prefix_caching,
+                kv_cache_dtype=kv_cache_dtype,
                 tiers=TierConfig(
                     cpu_memory=kv_cpu_memory,
                     disk_dir=kv_disk_dir,

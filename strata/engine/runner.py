@@ -13,6 +13,8 @@ were captured (cuda_graphs.py) and its batch fits; other steps run eagerly.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -23,6 +25,7 @@ from strata.engine.sampler import Sampler, SamplerOutput, SamplingBatch
 from strata.engine.staging import PinnedStager
 from strata.engine.step_stats import StepStats
 from strata.kv.cache import KVCache
+from strata.kv.codec_step import CodedStepMeta, plan_codec_step
 from strata.models.llama import LlamaModel
 
 
@@ -98,9 +101,18 @@ class ModelRunner:
                 np.asarray(logits_rows, dtype=np.int64),
             ]
         )
-        meta = self.backend.prepare(layout, slot_t, self.device)
+        meta = self._attention_metadata(layout, slot_t)
         logits = self.model(ids_t, pos_t, self.kv, self.backend, meta, rows_t)
         return logits if logits_rows else None
+
+    def _attention_metadata(self, layout: BatchLayout, slots: torch.Tensor) -> Any:
+        """The backend's metadata; under a lossy KV codec, wrapped with the codec's step
+        plan and built over the codec's scratch block tables (codec_step.py)."""
+        if self.kv.tails is None:
+            return self.backend.prepare(layout, slots, self.device)
+        step = plan_codec_step(layout, self.kv.tails, self.device)
+        attention = self.backend.prepare(step.attention_layout, slots, self.device)
+        return CodedStepMeta(step, attention)
 
     def _replay(self, graphs: DecodeGraphs, plan: StepPlan) -> torch.Tensor:
         bs = self.kv.block_size

@@ -60,6 +60,11 @@ class Attention(nn.Module):
         meta: Any,
     ) -> torch.Tensor:
         qkv = self.qkv_proj(x)
+        if not kv.codec.lossless:  # meta is a CodedStepMeta (strata/kv/codec_step.py)
+            q, k, v = self._split_rope(qkv, positions, rope)
+            k_all, v_all = kv.write_and_gather(self.layer_index, k, v, meta.codec)
+            out = backend.attend(q, k_all, v_all, meta.attention, self.scale)
+            return self.o_proj(out.reshape(-1, self.q_size))
         k_cache, v_cache = kv.k[self.layer_index], kv.v[self.layer_index]
         if self.fused and qkv.is_cuda and backend.name == "triton":
             # One launch: RoPE on q and k, k and v stored at the step's slots.
@@ -69,14 +74,20 @@ class Attention(nn.Module):
                               meta.slot_mapping, self.num_heads, self.num_kv_heads)  # fmt: skip
             out = backend.attend(q, k_cache, v_cache, meta, self.scale)
             return self.o_proj(out.reshape(-1, self.q_size))
+        q, k, v = self._split_rope(qkv, positions, rope)
+        backend.write_kv(k_cache, v_cache, k, v, meta)
+        out = backend.attend(q, k_cache, v_cache, meta, self.scale)
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+    def _split_rope(
+        self, qkv: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = rope(positions, q, k)
-        backend.write_kv(k_cache, v_cache, k, v, meta)
-        out = backend.attend(q, k_cache, v_cache, meta, self.scale)
-        return self.o_proj(out.reshape(-1, self.q_size))
+        return q, k, v
 
 
 class MLP(nn.Module):
