@@ -14,6 +14,7 @@ import torch
 from strata.attention.backend import choose_backend, get_backend
 from strata.config import EngineConfig
 from strata.engine.detokenizer import Detokenizer, decode_ids
+from strata.engine.kv_policies import KVPolicyDriver
 from strata.engine.outputs import RequestOutput, TokenLogprobs
 from strata.engine.plan import StepPlan
 from strata.engine.runner import ModelRunner
@@ -25,6 +26,7 @@ from strata.errors import ContextLengthError, InvalidRequestError, KVCacheTooSma
 from strata.kv.cache import KVCache
 from strata.kv.codec import get_codec
 from strata.kv.manager import KVIntegrityError, KVManager
+from strata.kv.policies.base import KVShape
 from strata.kv.prefix import root_key
 from strata.kv.sessions import SessionPins
 from strata.kv.swap_cost import SwapCostModel
@@ -118,6 +120,12 @@ class LLMEngine:
             swap_is_cheaper=self.swap_cost.swap_is_cheaper,
         )
         self.runner = ModelRunner(self.loaded.model, self.kv_cache, self.backend, self.device)
+        cfg = self.model_config
+        self.kv_policies = KVPolicyDriver(
+            self.kv, self.kv_cache,
+            KVShape(cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim),
+            config.cache.kv_policy, config.cache.kv_budget, self.device,
+        )  # fmt: skip
         if self.kv_cache.tails is not None:
             self.kv_cache.tails.live_blocks = self._open_blocks
         self._maybe_capture_graphs()
@@ -273,7 +281,7 @@ class LLMEngine:
         if self.tokenizer is not None and (stream or params.stop):
             detokenizer = Detokenizer(self.tokenizer, params.skip_special_tokens, params.stop)
         seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
-        return Sequence(
+        seq = Sequence(
             request_id=request_id,
             prompt=text,
             prompt_token_ids=ids,
@@ -282,6 +290,8 @@ class LLMEngine:
             max_tokens=max_tokens,
             detokenizer=detokenizer,
         )
+        self.kv_policies.attach(seq)
+        return seq
 
     def enqueue(self, seq: Sequence) -> str:
         """Queue a sequence made by `prepare`."""
@@ -351,6 +361,7 @@ class LLMEngine:
         sampled = self.runner.execute(plan)
         tokens = [] if sampled is None else sampled.token_ids.tolist()  # the one host sync
         got_token = self.scheduler.update(plan, tokens)
+        self.kv_policies.after_step(plan)
         if sampled is not None and sampled.logprobs is not None:
             self._record_logprobs(plan, got_token, sampled)
         outputs = []
@@ -432,6 +443,7 @@ class LLMEngine:
             **self.kv.stats(),
             **tiers,
             **self.sessions.stats(),
+            **self.kv_policies.stats(),
             "prefix_cache_tier_hit_tokens": self.scheduler.num_tier_hit_tokens,
             "num_swaps": self.scheduler.num_swaps,
             "num_loading": len(self.scheduler.loading),
@@ -451,9 +463,9 @@ class LLMEngine:
                 raise KVIntegrityError("KV tail check failed:\n  " + "\n  ".join(problems))
         for seq in self.scheduler.running:
             table = self.kv.block_table(seq.request_id)
-            if len(table) * self.kv.block_size < seq.num_computed:
+            if len(table) * self.kv.block_size < seq.num_kv_slots:
                 raise KVIntegrityError(
-                    f"running {seq.request_id!r} has {seq.num_computed} computed tokens "
+                    f"running {seq.request_id!r} has {seq.num_kv_slots} KV slots "
                     f"but {len(table)} blocks"
                 )
         for seq in self.scheduler.waiting:

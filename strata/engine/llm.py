@@ -25,6 +25,8 @@ class LLM:
     embedded SmolLM2-135M-Instruct. kv_cache_memory is in GiB. The kv_* tier arguments
     and preemption_mode are those of `TierConfig` (kv_cpu_memory and kv_disk_size in GiB).
     kv_cache_dtype picks the KV block codec: "auto", "fp8", "int8", "int4" or "int2".
+    kv_policy / kv_budget: the KV eviction policy of requests whose SamplingParams name
+    none (see `SamplingParams.kv_policy`); "full" keeps every token.
     Call `close()` (or use `with LLM(...) as llm:`) to finish writing tier blocks.
     """
 
@@ -53,6 +55,8 @@ class LLM:
         kv_tier_eviction: str = "lru",
         preemption_mode: str = "auto",
         session_gpu_fraction: float = 0.25,
+        kv_policy: str = "full",
+        kv_budget: float | None = None,
         kv_cache_dtype: str = "auto",
     ) -> None:
         config = EngineConfig(
@@ -68,6 +72,8 @@ class LLM:
                 num_blocks=num_kv_blocks,
                 gpu_memory_utilization=gpu_memory_utilization,
                 enable_prefix_caching=enable_prefix_caching,
+                kv_policy=kv_policy,
+                kv_budget=kv_budget,
                 kv_cache_dtype=kv_cache_dtype,
                 tiers=TierConfig(
                     cpu_memory=kv_cpu_memory,

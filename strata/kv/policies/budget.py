@@ -21,7 +21,11 @@ def check_budget(budget: float) -> None:
         )
 
 
+def tokens_allowed(budget: float, context_len: int) -> int:
+    """The budget in tokens for a `context_len`-token context (at least 1)."""
+    return max(1, int(context_len * budget) if budget < 1 else int(budget))
+
+
 def tokens_kept(budget: float, context_len: int) -> int:
     """Tokens of a `context_len`-token context that a budget keeps: at least 1, at most all."""
-    kept = int(context_len * budget) if budget < 1 else int(budget)
-    return max(1, min(kept, context_len))
+    return min(tokens_allowed(budget, context_len), context_len)

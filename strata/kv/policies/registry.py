@@ -15,6 +15,10 @@ FULL = "full"
 
 _POLICIES: dict[str, str] = {
     "streaming": "strata.kv.policies.streaming:StreamingPolicy",
+    "h2o": "strata.kv.policies.h2o:H2OPolicy",
+    "snapkv": "strata.kv.policies.snapkv:SnapKVPolicy",
+    "pyramidkv": "strata.kv.policies.pyramidkv:PyramidKVPolicy",
+    "tova": "strata.kv.policies.tova:TOVAPolicy",
 }
 
 
