@@ -17,6 +17,7 @@ from strata.bench.workload import parse_range
 from strata.engine.llm import LLM
 from strata.engine.sampling_params import SamplingParams
 from strata.errors import StrataError
+from strata.eval.cli import add_eval_parser
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -401,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_tiers_args(bt)
     bt.set_defaults(func=cmd_bench_tiers)
+
+    add_eval_parser(sub, add_engine_args)
     return parser
 
 
