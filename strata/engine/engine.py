@@ -214,9 +214,9 @@ class LLMEngine:
         """Blocks that running sequences have partly computed: the tail rows still needed."""
         bs = self.kv.block_size
         return {
-            self.kv.block_table(s.request_id)[s.num_computed // bs]
+            self.kv.block_table(s.request_id)[s.num_kv_slots // bs]
             for s in self.scheduler.running
-            if s.num_computed % bs and self.kv.has(s.request_id)
+            if s.num_kv_slots % bs and self.kv.has(s.request_id)
         }
 
     # ---- requests -------------------------------------------------------------------------
