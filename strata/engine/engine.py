@@ -15,6 +15,7 @@ from strata.attention.backend import choose_backend, get_backend
 from strata.config import EngineConfig
 from strata.engine.detokenizer import Detokenizer, decode_ids
 from strata.engine.kv_policies import KVPolicyDriver
+from strata.engine.kv_reconstruction import ContextReconstruction
 from strata.engine.outputs import RequestOutput, TokenLogprobs
 from strata.engine.plan import StepPlan
 from strata.engine.runner import ModelRunner
@@ -27,12 +28,14 @@ from strata.kv.cache import KVCache
 from strata.kv.codec import get_codec
 from strata.kv.manager import KVIntegrityError, KVManager
 from strata.kv.policies.base import KVShape
+from strata.kv.policies.model_access import ModelAccess
 from strata.kv.prefix import root_key
 from strata.kv.sessions import SessionPins
 from strata.kv.swap_cost import SwapCostModel
 from strata.kv.tier_manager import TierManager
 from strata.kv.tier_setup import build_tiers
 from strata.models.loader import LoadedModel, load_model
+from strata.models.rope import inverse_frequencies
 
 logger = logging.getLogger("strata.engine")
 
@@ -125,6 +128,10 @@ class LLMEngine:
             self.kv, self.kv_cache,
             KVShape(cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim),
             config.cache.kv_policy, config.cache.kv_budget, self.device,
+            model=self._model_access(),
+            reconstruction=ContextReconstruction(
+                self.runner, self.kv, config.scheduler.max_num_batched_tokens
+            ),
         )  # fmt: skip
         if self.kv_cache.tails is not None:
             self.kv_cache.tails.live_blocks = self._open_blocks
@@ -134,6 +141,11 @@ class LLMEngine:
         self._rng = random.Random(config.seed)
         self.num_prompt_tokens = 0
         self.num_generated_tokens = 0
+
+    def _model_access(self) -> ModelAccess:
+        inv_freq, scaling = inverse_frequencies(self.model_config.hf_config,
+                                                self.model_config.head_dim)  # fmt: skip
+        return ModelAccess(inv_freq.to(self.device), scaling, self.tokenizer)
 
     def _maybe_capture_graphs(self) -> None:
         """Capture decode CUDA graphs once the KV pool exists (triton backend on CUDA only)."""

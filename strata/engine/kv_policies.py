@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from strata.engine.kv_reconstruction import ContextReconstruction
 from strata.engine.plan import StepPlan
 from strata.engine.sequence import Sequence
 from strata.errors import InvalidRequestError
@@ -24,6 +25,7 @@ from strata.kv.cache import KVCache
 from strata.kv.compaction import compact
 from strata.kv.manager import KVManager
 from strata.kv.policies.base import KVShape
+from strata.kv.policies.model_access import ModelAccess
 from strata.kv.policies.registry import FULL, create_policy
 from strata.kv.policies.sequence_kv import SequenceKV
 
@@ -37,8 +39,14 @@ class KVPolicyDriver:
         default_policy: str,
         default_budget: float | None,
         device: torch.device,
+        model: ModelAccess | None = None,
+        reconstruction: ContextReconstruction | None = None,
     ) -> None:
-        """default_policy / default_budget: what a request naming none gets (CacheConfig)."""
+        """default_policy / default_budget: what a request naming none gets (CacheConfig).
+        model: handed to each policy (`KVPolicy.bind`); reconstruction: runs the extra
+        prefill passes a policy asks for at its compression point (KVzip)."""
+        self.model = model
+        self.reconstruction = reconstruction
         self.manager = manager
         self.cache = cache
         self.shape = shape
@@ -73,6 +81,8 @@ class KVPolicyDriver:
             )
         context = prefix if prefix is not None else seq.num_prompt_tokens
         policy = create_policy(name, self.shape)
+        if self.model is not None:
+            policy.bind(self.model)
         seq.kv = SequenceKV(seq, policy, budget, context, seq.num_prompt_tokens, self.device)
 
     def after_step(self, plan: StepPlan) -> None:
@@ -82,11 +92,16 @@ class KVPolicyDriver:
             if kv is None or not self.manager.has(seq.request_id):
                 continue
             budgets = kv.budgets_after(seq.num_computed)
-            if not kv.compressed and seq.num_computed >= kv.context_len:
+            at_compression_point = not kv.compressed and seq.num_computed >= kv.context_len
+            if at_compression_point:
                 kv.compressed = True
                 self.manager.stop_indexing(seq.request_id)
             if budgets is None:
                 continue
+            if at_compression_point and self.reconstruction is not None:
+                passes = kv.policy.reconstruction_passes(seq.token_ids[: kv.context_len])
+                if passes:
+                    self.reconstruction.run(seq, passes)
             masks = kv.policy.select(kv, budgets)
             compaction = compact(self.manager, self.cache, seq.request_id, masks, budgets)
             kv.compacted(compaction)
@@ -98,4 +113,7 @@ class KVPolicyDriver:
         return {
             "kv_compactions": self.num_compactions,
             "kv_tokens_evicted": self.num_tokens_evicted,
+            "kv_reconstruction_tokens": (
+                self.reconstruction.num_tokens if self.reconstruction is not None else 0
+            ),
         }

@@ -44,9 +44,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from strata.kv.policies.model_access import ModelAccess
 
 
 @dataclass(frozen=True)
@@ -189,6 +192,17 @@ class KVPolicy(ABC):
         """Token positions [a, b) within [start, end) whose queries to observe in the step
         that computes tokens [start, end); None for none (the default)."""
         return None
+
+    def bind(self, model: ModelAccess) -> None:
+        """Receive the model pieces beyond attention scores (RoPE, tokenizer) that some
+        policies need (strata/kv/policies/model_access.py). Default: none needed."""
+        return None
+
+    def reconstruction_passes(self, context_ids: list[int]) -> list[list[int]]:
+        """Token ids of extra prefill passes to run after the context, at the compression
+        point and before `select`, with their queries observed (KVzip). Each pass starts
+        at the slot after the context; its KV is dropped. Default: none."""
+        return []
 
     def first_observed_token(self, context_len: int) -> int:
         """The earliest token whose query the policy needs: a prefix-cache hit never covers

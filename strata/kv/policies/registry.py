@@ -19,6 +19,9 @@ _POLICIES: dict[str, str] = {
     "snapkv": "strata.kv.policies.snapkv:SnapKVPolicy",
     "pyramidkv": "strata.kv.policies.pyramidkv:PyramidKVPolicy",
     "tova": "strata.kv.policies.tova:TOVAPolicy",
+    "treekv": "strata.kv.policies.treekv:TreeKVPolicy",
+    "expected_attention": "strata.kv.policies.expected_attention:ExpectedAttentionPolicy",
+    "kvzip": "strata.kv.policies.kvzip:KVzipPolicy",
 }
 
 
