@@ -132,7 +132,9 @@ class Scheduler:
             if seq.kv is not None:
                 n = seq.kv.chunk_limit(match.num_tokens, n)
                 budgets = seq.kv.budgets_after(match.num_tokens + n)
-                spare = 0 if budgets is None else self.kv.blocks_for(max(budgets))
+                if budgets is not None:  # matched blocks already held elsewhere get copied
+                    head = match.block_ids[: self.kv.blocks_for(max(budgets))]
+                    spare = sum(1 for b in head if self.kv.pool.refcount[b] > 0)
             slots = match.num_tokens + n + spare * self.kv.block_size
             if not self._admit_blocks(seq, match, slots):
                 break
@@ -183,15 +185,13 @@ class Scheduler:
         return seq.token_ids[: seq.kv.first_observed_token() + 1]  # one token left to compute
 
     def _spare_blocks(self, seq: Sequence, n: int) -> int:
-        """Blocks a compaction right after this chunk may copy shared head blocks into."""
+        """Blocks a compaction right after this chunk must copy shared head blocks into."""
         if seq.kv is None:
             return 0
         budgets = seq.kv.budgets_after(seq.num_computed + n)
         if budgets is None:
             return 0
-        head_blocks = self.kv.blocks_for(max(budgets))
-        indexed = (seq.num_computed + n) // self.kv.block_size
-        return self.kv.cow_reserve(seq.request_id, head_blocks, indexed)
+        return self.kv.cow_reserve(seq.request_id, self.kv.blocks_for(max(budgets)))
 
     def _collect_tier_events(self) -> None:
         if self.tiers is None:

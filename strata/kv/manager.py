@@ -258,28 +258,23 @@ class KVManager:
         """Compaction may not write into this block: another holder or the index needs it."""
         return self.pool.refcount[block_id] > 1 or self.index.key_of(block_id) is not None
 
-    def cow_reserve(self, seq_id: str, head_blocks: int, indexed_by_step: int) -> int:
-        """Blocks a compaction keeping `head_blocks` blocks may need to copy into, for a
-        step whose commit may index the sequence's first `indexed_by_step` blocks."""
-        state = self._seqs[seq_id]
-        may_index = self.enable_prefix_caching and not state.compressed
-        return sum(
-            1
-            for i in range(head_blocks)
-            if (i < len(state.table) and self.must_copy(state.table[i]))
-            or (may_index and i < indexed_by_step)
-        )
+    def cow_reserve(self, seq_id: str, head_blocks: int) -> int:
+        """Blocks a compaction keeping `head_blocks` blocks must copy shared ones into."""
+        table = self._seqs[seq_id].table
+        return sum(1 for b in table[:head_blocks] if self.pool.refcount[b] > 1)
 
     def compact_table(
         self, seq_id: str, head_blocks: int, data_blocks: int
     ) -> tuple[list[int], list[int], list[tuple[int, int]]]:
         """Shrink a sequence's table to its first `head_blocks` blocks, for compaction.
 
-        A head block that `must_copy` is replaced by a spare block (the table past its
-        first `data_blocks`, which hold no KV yet) or a free one. Returns (old table, new
-        table, [(copied block, its replacement)]). Every block left out is released, but
-        keeps its contents: the caller copies and moves the survivors before any block is
-        allocated again. The sequence is never indexed again.
+        A head block that `must_copy` is replaced by a copy in a spare block (the table
+        past its first `data_blocks`, which hold no KV yet) or a free one, so its cached
+        contents stay valid; with neither, a block only the index needs leaves the index
+        and is compacted in place (the scheduler reserves spares for shared blocks).
+        Returns (old table, new table, [(copied block, its replacement)]). Every block
+        left out is released but keeps its contents: the caller copies and moves the
+        survivors before any block is allocated again. The sequence is never indexed again.
         """
         state = self._seqs[seq_id]
         old = list(state.table)
@@ -294,6 +289,10 @@ class KVManager:
                 target = spares.pop()
             elif self.pool.num_free:
                 target = self._allocate_block()
+            elif self.pool.refcount[block_id] == 1:
+                self.evict_cached(block_id)
+                new.append(block_id)
+                continue
             else:
                 raise KVIntegrityError(
                     f"compacting {seq_id!r}: no block to copy shared block {block_id} into "
