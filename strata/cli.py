@@ -18,6 +18,7 @@ from strata.engine.llm import LLM
 from strata.engine.sampling_params import SamplingParams
 from strata.errors import StrataError
 from strata.eval.cli import add_eval_parser
+from strata.kv.policies.registry import policy_names
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -60,6 +61,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "int8/int4/int2 (KIVI: keys per channel, values per token) store complete blocks "
         "coded, so the same --kv-cache-memory holds more tokens; each sequence's open block "
         "stays in full precision",
+    )  # fmt: skip
+    g.add_argument(
+        "--kv-policy", default="full", choices=policy_names(),
+        help="KV eviction policy of requests that name none (default full: lossless); "
+        "HTTP bodies and SamplingParams may choose their own",
+    )  # fmt: skip
+    g.add_argument(
+        "--kv-budget", type=float, default=None, metavar="B",
+        help="KV the policy keeps: a fraction of the context if < 1, tokens if >= 1",
     )  # fmt: skip
     g.add_argument(
         "--max-num-batched-tokens",
@@ -187,6 +197,8 @@ def llm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "gpu_memory_utilization": args.gpu_memory_utilization,
         "block_size": args.block_size,
         "kv_cache_dtype": args.kv_cache_dtype,
+        "kv_policy": args.kv_policy,
+        "kv_budget": args.kv_budget,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "max_num_seqs": args.max_num_seqs,
         "max_model_len": args.max_model_len,
