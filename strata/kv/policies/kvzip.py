@@ -20,9 +20,11 @@ tokens. Differences: every query's softmax spans the whole context and the pass 
 scored like the rest of the context, and every head of a layer keeps the same number of
 tokens (kvpress spreads one threshold over layers and heads).
 
-Cost: the passes add one prefill of about C + 12 tokens per CHUNK piece, each attending
-over the whole context: about 2x the prefill's attention work and 1x its MLP work, and
-the pass's KV (up to CHUNK + 32 tokens) on top of the context until compaction frees it.
+Cost: the passes add a prefill of about C tokens (+ ~12 per piece), each query attending
+over the whole context: 2x (one piece of C) to 3x (pieces much shorter than C) the
+prefill's attention work, as much again for the scores (LayerObservation, in torch), and
+1x its MLP work; plus the pass's KV (up to CHUNK + 32 tokens) on top of the context until
+compaction frees it.
 A model without a tokenizer gets passes of the bare context tokens.
 """
 
