@@ -21,7 +21,7 @@ scored like the rest of the context, and every head of a layer keeps the same nu
 tokens (kvpress spreads one threshold over layers and heads).
 
 Cost: the passes add a prefill of about C tokens (+ ~12 per piece), each query attending
-over the whole context: 2x (one piece of C) to 3x (pieces much shorter than C) the
+over the whole context: 3x (one piece of C) to 2x (pieces much shorter than C) the
 prefill's attention work, as much again for the scores (LayerObservation, in torch), and
 1x its MLP work; plus the pass's KV (up to CHUNK + 32 tokens) on top of the context until
 compaction frees it.
