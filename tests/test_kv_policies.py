@@ -204,7 +204,6 @@ def test_full_equals_no_policy(llm: LLM) -> None:
 
 MIXED = [
     ("full", 0.5, None),
-    ("streaming", 0.25, None),
     ("snapkv", 80, None),
     ("pyramidkv", 90, None),
     ("h2o", 0.3, None),
@@ -216,7 +215,7 @@ MIXED = [
 
 def test_mixed_batch_equals_solo_runs(llm: LLM, tiny: Any) -> None:
     prompts = [PROMPT[i:] + PROMPT[:i] for i in range(len(MIXED))]
-    batch = [params(p, b, kv_compress_prefix=n) for p, b, n in MIXED]
+    batch = [params(p, b, kv_compress_prefix=n, max_tokens=6) for p, b, n in MIXED]
     together = [o.token_ids for o in llm.generate(prompts, batch)]
     alone = [llm.generate([p], b)[0].token_ids for p, b in zip(prompts, batch, strict=True)]
     assert together == alone
@@ -230,7 +229,7 @@ def test_mixed_batch_equals_solo_runs(llm: LLM, tiny: Any) -> None:
 
 def test_preempted_snapkv_request_recomputes_to_the_same_tokens(tiny: Any) -> None:
     roomy = LLM(str(tiny[0]), device="cpu", num_kv_blocks=200, block_size=BLOCK)
-    tight = LLM(str(tiny[0]), device="cpu", num_kv_blocks=64, block_size=BLOCK)
+    tight = LLM(str(tiny[0]), device="cpu", num_kv_blocks=48, block_size=BLOCK, max_model_len=192)
     prompts = [PROMPT, PROMPT[::-1], PROMPT[5:] + PROMPT[:5]]
     batch = [params("snapkv", 70, max_tokens=40)] * 3
     expected = [o.token_ids for o in roomy.generate(prompts, batch)]
@@ -308,3 +307,15 @@ def test_pyramid_budgets_average_the_budget() -> None:
     assert budgets[0] > budgets[-1] >= SnapKVPolicy.WINDOW
     assert abs(sum(budgets) / 30 - 512) < 1
     assert isinstance(create_policy("h2o", KVShape(2, 4, 2, 16)), H2OPolicy)
+
+
+def test_http_body_fields_reach_sampling_params() -> None:
+    from strata.server.protocol import CompletionRequest
+
+    body = CompletionRequest(
+        model="m", prompt="hi", kv_policy="snapkv", kv_budget=0.125, kv_compress_prefix=7
+    )
+    p = body.sampling_params(max_tokens=4, logprobs=None)
+    assert (p.kv_policy, p.kv_budget, p.kv_compress_prefix) == ("snapkv", 0.125, 7)
+    with pytest.raises(ValueError, match="valid: full"):
+        CompletionRequest(model="m", prompt="hi", kv_policy="nope").sampling_params(4, None)
