@@ -38,9 +38,10 @@ def summarize(run: RunResult, length: int, extra: dict[str, Any] | None = None) 
 
 
 def write_json(summary: dict[str, Any], out_dir: Path) -> Path:
+    dtype = summary.get("kv_cache_dtype", "auto")
     name = (
         f"{summary['system']}_ruler_L{summary['length']}_{summary['policy']}_"
-        f"b{summary['budget']:g}_{summary['protocol']}.json"
+        f"b{summary['budget']:g}_{summary['protocol']}{'' if dtype == 'auto' else '_' + dtype}.json"
     )
     path = out_dir / name
     path.write_text(json.dumps(summary, indent=1))
@@ -52,11 +53,12 @@ def table(summaries: list[dict[str, Any]]) -> str:
     if not summaries:
         return ""
     tasks = list(dict.fromkeys(t for s in summaries for t in s["tasks"]))
-    head = ["system", "L", "policy", "budget", "protocol", *tasks, "avg", "wall s", "peak KV MiB",
-            "final KV MiB"]  # fmt: skip
+    head = ["system", "L", "policy", "budget", "protocol", "KV dtype", *tasks, "avg", "wall s",
+            "peak KV MiB", "final KV MiB"]  # fmt: skip
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summaries:
-        cells = [s["system"], str(s["length"]), s["policy"], f"{s['budget']:g}", s["protocol"]]
+        cells = [s["system"], str(s["length"]), s["policy"], f"{s['budget']:g}", s["protocol"],
+                 s.get("kv_cache_dtype", "auto")]  # fmt: skip
         cells += [f"{s['tasks'][t]:.1f}" if t in s["tasks"] else "" for t in tasks]
         cells += [f"{s['average']:.1f}", f"{s['wall_s']:.1f}", f"{s['peak_kv_mib']:.2f}",
                   f"{s['final_kv_mib']:.2f}"]  # fmt: skip

@@ -5,7 +5,9 @@ engine is stepped here so that each sequence's KV footprint can be read after ev
 step. Prefix caching must be off in the LLM: a prefix-cache hit would skip the prefill
 a policy observes.
 
-    peak KV   the most blocks a sequence held at any step (prefill included)
+    peak KV   the most blocks a sequence held after any step, and at least the blocks of
+              its uncompressed context: those all exist at the compression point, which
+              compacts them within the step that computes the context's last token
     final KV  the blocks it held after its last step (the compressed context + output)
 """
 
@@ -72,7 +74,10 @@ def run_samples(
         ids = prompt_ids(tokenizer, sample, parts)
         seq = engine.prepare(ids.all, sampling_params(setting, ids, sample.max_new_tokens))
         by_id[engine.enqueue(seq)] = (sample, ids)
-    peak_blocks = dict.fromkeys(by_id, 0)
+    bs = engine.kv.block_size
+    peak_blocks = {
+        rid: -(-ids.compressible(setting.protocol) // bs) for rid, (_, ids) in by_id.items()
+    }
     last_blocks = dict.fromkeys(by_id, 0)
     texts: dict[str, str] = {}
     with tqdm(total=len(by_id), desc=setting.label, disable=not progress, leave=False) as bar:
