@@ -60,8 +60,8 @@ def _lengths(spec: str) -> list[int]:
         raise ValueError(
             f"--length must be whole numbers separated by commas, got {spec!r}"
         ) from None
-    if not lengths or any(n < 256 for n in lengths):
-        raise ValueError(f"--length must be at least 256 tokens each, got {spec!r}")
+    if not lengths or any(n < 32 for n in lengths):
+        raise ValueError(f"--length must be at least 32 tokens each, got {spec!r}")
     return lengths
 
 
