@@ -234,11 +234,11 @@ def test_coded_blocks_round_trip_through_the_cpu_tier(gqa: tuple[Path, Any]) -> 
 
 
 def test_int8_agrees_with_full_precision_on_the_embedded_model(embedded_llm: LLM) -> None:
-    """Measured: int8 reproduced auto's 48 greedy tokens on 5 of 5 chat prompts (README)."""
-    questions = ["What is the capital of France?", "Write a short poem about the sea."]
-    params = SamplingParams(max_tokens=16, temperature=0)
-    int8 = LLM(device="cpu", kv_cache_memory=0.5, kv_cache_dtype="int8")
-    for q in questions:
-        chat = [{"role": "user", "content": q}]
-        assert int8.chat(chat, params)[0].token_ids == embedded_llm.chat(chat, params)[0].token_ids
+    """Measured: int8 reproduced auto's 48 greedy tokens on 5 of 5 chat prompts (README).
+    Kept short here: one prompt, whose answer fills the first block and opens the next."""
+    chat = [{"role": "user", "content": "Write a short poem about the sea."}]
+    params = SamplingParams(max_tokens=20, temperature=0)
+    int8 = LLM(device="cpu", kv_cache_memory=0.1, max_num_seqs=4, max_model_len=1024,
+               kv_cache_dtype="int8")
+    assert int8.chat(chat, params)[0].token_ids == embedded_llm.chat(chat, params)[0].token_ids
     assert_no_leaks(int8)
