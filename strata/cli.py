@@ -18,6 +18,8 @@ from strata.config import MoEConfig
 from strata.engine.llm import LLM
 from strata.engine.sampling_params import SamplingParams
 from strata.errors import StrataError
+from strata.eval.cli import add_eval_parser
+from strata.kv.policies.registry import policy_names
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -55,6 +57,22 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="fraction of GPU memory Strata may use in all (default 0.90)",
     )
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
+    g.add_argument(
+        "--kv-cache-dtype", default="auto", choices=["auto", "fp8", "int8", "int4", "int2"],
+        help="KV block codec: auto = the model dtype; fp8 (e4m3, per-token scales) or "
+        "int8/int4/int2 (KIVI: keys per channel, values per token) store complete blocks "
+        "coded, so the same --kv-cache-memory holds more tokens; each sequence's open block "
+        "stays in full precision",
+    )  # fmt: skip
+    g.add_argument(
+        "--kv-policy", default="full", choices=policy_names(),
+        help="KV eviction policy of requests that name none (default full: lossless); "
+        "HTTP bodies and SamplingParams may choose their own",
+    )  # fmt: skip
+    g.add_argument(
+        "--kv-budget", type=float, default=None, metavar="B",
+        help="KV the policy keeps: a fraction of the context if < 1, tokens if >= 1",
+    )  # fmt: skip
     g.add_argument(
         "--max-num-batched-tokens",
         type=int,
@@ -230,6 +248,9 @@ def llm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "kv_cache_memory": args.kv_cache_memory,
         "gpu_memory_utilization": args.gpu_memory_utilization,
         "block_size": args.block_size,
+        "kv_cache_dtype": args.kv_cache_dtype,
+        "kv_policy": args.kv_policy,
+        "kv_budget": args.kv_budget,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "max_num_seqs": args.max_num_seqs,
         "max_model_len": args.max_model_len,
@@ -463,6 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_tiers_args(bt)
     bt.set_defaults(func=cmd_bench_tiers)
+
+    add_eval_parser(sub, add_engine_args)
     return parser
 
 

@@ -254,6 +254,12 @@ class CacheConfig:
     gpu_memory_utilization of the device memory minus the peak measured in a warm-up;
     on CPU, DEFAULT_CPU_KV_GIB.
     num_blocks: an exact block count; overrides kv_cache_memory (tests, reproductions).
+    kv_cache_dtype: the block codec (strata/kv/codec.py): "auto" stores K/V in the model
+    dtype; "fp8", "int8", "int4", "int2" store complete blocks coded (more blocks per GiB)
+    and keep each sequence's open block in full precision.
+    kv_policy / kv_budget: the KV eviction policy a request gets when it names none
+    (strata/kv/policies/registry.py), and its budget: a fraction of the context if < 1,
+    a number of tokens if >= 1. "full" (the default) keeps everything.
     """
 
     block_size: int = 16
@@ -262,8 +268,12 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.90
     enable_prefix_caching: bool = True
     tiers: TierConfig = field(default_factory=TierConfig)
+    kv_cache_dtype: str = "auto"
+    kv_policy: str = "full"
+    kv_budget: float | None = None
 
     DEFAULT_CPU_KV_GIB = 2.0
+    KV_CACHE_DTYPES = ("auto", "fp8", "int8", "int4", "int2")
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -276,9 +286,28 @@ class CacheConfig:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )
+        if self.kv_cache_dtype not in self.KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be one of {', '.join(self.KV_CACHE_DTYPES)}; "
+                f"got {self.kv_cache_dtype!r}"
+            )
         if self.tiers.enabled and not self.enable_prefix_caching:
             raise ValueError(
                 "KV tiers store blocks under their prefix-cache keys: they need prefix caching on"
+            )
+        self._check_kv_policy()
+
+    def _check_kv_policy(self) -> None:
+        from strata.kv.policies.budget import check_budget
+        from strata.kv.policies.registry import FULL, check_policy_name
+
+        check_policy_name(self.kv_policy)
+        if self.kv_budget is not None:
+            check_budget(self.kv_budget)
+        elif self.kv_policy != FULL:
+            raise ValueError(
+                f"kv_policy {self.kv_policy!r} needs a kv_budget: a fraction of the context "
+                "in (0, 1) or a number of tokens >= 1"
             )
 
 

@@ -31,6 +31,17 @@ class BatchLayout:
             raise ValueError("query_lens, context_lens and block_tables differ in length")
 
 
+@dataclass(frozen=True)
+class LayerwiseMetadata:
+    """A step's metadata per layer, for steps where layers attend over different KV
+    lengths (a per-layer KV budget); the model hands layer i `per_layer[i]`."""
+
+    per_layer: list[Any]
+
+    def for_layer(self, layer: int) -> Any:
+        return self.per_layer[layer]
+
+
 class AttentionBackend(ABC):
     """Paged attention: writes a step's K/V into the cache and attends over block tables.
 

@@ -14,6 +14,8 @@ import torch
 from strata.attention.backend import choose_backend, get_backend
 from strata.config import EngineConfig
 from strata.engine.detokenizer import Detokenizer, decode_ids
+from strata.engine.kv_policies import KVPolicyDriver
+from strata.engine.kv_reconstruction import ContextReconstruction
 from strata.engine.outputs import RequestOutput, TokenLogprobs
 from strata.engine.plan import StepPlan
 from strata.engine.runner import ModelRunner
@@ -23,13 +25,17 @@ from strata.engine.scheduler import Scheduler
 from strata.engine.sequence import Sequence, SequenceStatus
 from strata.errors import ContextLengthError, InvalidRequestError, KVCacheTooSmallError
 from strata.kv.cache import KVCache
+from strata.kv.codec import get_codec
 from strata.kv.manager import KVIntegrityError, KVManager
+from strata.kv.policies.base import KVShape
+from strata.kv.policies.model_access import ModelAccess
 from strata.kv.prefix import root_key
 from strata.kv.sessions import SessionPins
 from strata.kv.swap_cost import SwapCostModel
 from strata.kv.tier_manager import TierManager
 from strata.kv.tier_setup import build_tiers
 from strata.models.loader import LoadedModel, load_model
+from strata.models.rope import inverse_frequencies
 from strata.moe.offload import ExpertOffload
 from strata.moe.rebalancer import Rebalancer
 
@@ -87,20 +93,33 @@ class LLMEngine:
         self.backend = get_backend(backend_name)
         logger.info("attention backend %s (%s)", backend_name, why)
         block_size = config.cache.block_size
+        self.codec = get_codec(config.cache.kv_cache_dtype)
         self.moe: ExpertOffload | None = None
         self.rebalancer: Rebalancer | None = None
         if config.moe.enabled and self.model_config.is_moe:
+            if not self.codec.lossless:
+                raise ValueError(
+                    f"MoE expert offloading shares one arena with a raw KV pool: use "
+                    f"kv_cache_dtype='auto', not {config.cache.kv_cache_dtype!r}"
+                )
             from strata.moe.build import build_offload
 
             self.moe = build_offload(self)  # the KV pool and the expert slots share an arena
             num_blocks = self.moe.arena.num_blocks
             self.kv_cache: KVCache = self.moe.arena.kv_cache
         else:
-            num_blocks = self._decide_num_blocks()
+            # One full-precision tail row per running sequence holds its open block
+            # (codec_tail.py).
+            tail_rows = 0 if self.codec.lossless else config.scheduler.max_num_seqs
+            num_blocks = self._decide_num_blocks(tail_rows)
             self.kv_cache = KVCache(
-                self.model_config, num_blocks, block_size, self.dtype, self.device
-            )
+                self.model_config, num_blocks, block_size, self.dtype, self.device, self.codec,
+                tail_rows,
+            )  # fmt: skip
+        # `auto` keeps the layout string (and so the keys of stored blocks) it always had.
         kv_layout = f"{str(self.dtype).removeprefix('torch.')}/bs{block_size}"
+        if not self.codec.lossless:
+            kv_layout += f"/{self.codec.layout_name}"
         self.kv = KVManager(
             num_blocks,
             block_size,
@@ -113,8 +132,7 @@ class LLMEngine:
         self.kv.tiers = self.tiers
         self.sessions = SessionPins(self.kv, config.cache.tiers.session_gpu_fraction)
         self.swap_cost = SwapCostModel(
-            KVCache.bytes_per_block(self.model_config, block_size, self.dtype), block_size,
-            self.device,
+            self.kv_cache.block_bytes, block_size, self.device,
         )  # fmt: skip
         self.scheduler = Scheduler(
             config.scheduler,
@@ -132,6 +150,18 @@ class LLMEngine:
                 block_size=block_size,
             )
         self.runner = ModelRunner(self.loaded.model, self.kv_cache, self.backend, self.device)
+        cfg = self.model_config
+        self.kv_policies = KVPolicyDriver(
+            self.kv, self.kv_cache,
+            KVShape(cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim),
+            config.cache.kv_policy, config.cache.kv_budget, self.device,
+            model=self._model_access(),
+            reconstruction=ContextReconstruction(
+                self.runner, self.kv, config.scheduler.max_num_batched_tokens
+            ),
+        )  # fmt: skip
+        if self.kv_cache.tails is not None:
+            self.kv_cache.tails.live_blocks = self._open_blocks
         self._maybe_capture_graphs()
         self._seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
@@ -139,12 +169,21 @@ class LLMEngine:
         self.num_prompt_tokens = 0
         self.num_generated_tokens = 0
 
+    def _model_access(self) -> ModelAccess:
+        inv_freq, scaling = inverse_frequencies(self.model_config.hf_config,
+                                                self.model_config.head_dim)  # fmt: skip
+        return ModelAccess(inv_freq.to(self.device), scaling, self.tokenizer)
+
     def _maybe_capture_graphs(self) -> None:
         """Capture decode CUDA graphs once the KV pool exists (triton backend on CUDA only)."""
         if self.config.enforce_eager or self.device.type != "cuda":
             return
         if not getattr(self.loaded.model, "supports_cuda_graphs", True):
             logger.info("CUDA graphs off: the model reads expert routing on the host")
+            return
+        if not self.codec.lossless:
+            logger.info("CUDA graphs off: kv_cache_dtype %s plans its reads per step",
+                        self.codec.name)  # fmt: skip
             return
         if self.backend.name != "triton":
             logger.info("CUDA graphs off: the %s backend is not graph-safe", self.backend.name)
@@ -155,21 +194,35 @@ class LLMEngine:
 
     # ---- KV pool sizing -------------------------------------------------------------------
 
-    def _decide_num_blocks(self) -> int:
+    def _decide_num_blocks(self, tail_rows: int = 0) -> int:
+        """Blocks that fit the KV memory budget, in the codec's bytes per block; a lossy
+        codec's tail rows (full-precision blocks) come out of the same budget."""
         cache = self.config.cache
-        per_block = KVCache.bytes_per_block(self.model_config, cache.block_size, self.dtype)
+        per_block = KVCache.bytes_per_block(
+            self.model_config, cache.block_size, self.dtype, self.codec
+        )
+        raw_block = KVCache.bytes_per_block(self.model_config, cache.block_size, self.dtype)
+        tail_bytes = tail_rows * raw_block
         if cache.num_blocks is not None:
             num_blocks, source = cache.num_blocks, "num_blocks"
         elif cache.kv_cache_memory is not None:
-            num_blocks = int(cache.kv_cache_memory * GIB) // per_block
+            num_blocks = max(0, int(cache.kv_cache_memory * GIB) - tail_bytes) // per_block
             source = f"kv_cache_memory={cache.kv_cache_memory} GiB"
         elif self.device.type == "cuda":
             budget = self._measure_free_gpu_memory()
-            num_blocks = max(0, budget) // per_block
+            num_blocks = max(0, budget - tail_bytes) // per_block
             source = f"{cache.gpu_memory_utilization:.0%} of GPU memory minus the warm-up peak"
         else:
-            num_blocks = int(cache.DEFAULT_CPU_KV_GIB * GIB) // per_block
+            num_blocks = max(0, int(cache.DEFAULT_CPU_KV_GIB * GIB) - tail_bytes) // per_block
             source = f"CPU default {cache.DEFAULT_CPU_KV_GIB} GiB"
+        if not self.codec.lossless:
+            logger.info(
+                "KV codec %s: %d bytes a block (%s: %d), %.2fx the blocks per GiB; %d "
+                "full-precision tail rows for open blocks, %s; attention reads coded blocks "
+                "decoded into a per-layer scratch (%s backend, no fused dequant kernel)",
+                self.codec.name, per_block, str(self.dtype).removeprefix("torch."), raw_block,
+                raw_block / per_block, tail_rows, format_bytes(tail_bytes), self.backend.name,
+            )  # fmt: skip
         capacity = num_blocks * cache.block_size
         needed_blocks = -(-self.max_model_len // cache.block_size)
         if num_blocks < needed_blocks:
@@ -181,10 +234,11 @@ class LLMEngine:
                 "max_model_len"
             )
         logger.info(
-            "KV pool: %d blocks x %d tokens = %d tokens, %s (%s); max_model_len %d, "
+            "KV pool: %d blocks x %d tokens = %d tokens, %s (%s, kv_cache_dtype %s); "
+            "max_model_len %d, "
             "max_num_batched_tokens %d, max_num_seqs %d, prefix caching %s",
             num_blocks, cache.block_size, capacity, format_bytes(num_blocks * per_block), source,
-            self.max_model_len, self.config.scheduler.max_num_batched_tokens,
+            self.codec.name, self.max_model_len, self.config.scheduler.max_num_batched_tokens,
             self.config.scheduler.max_num_seqs, "on" if cache.enable_prefix_caching else "off",
         )  # fmt: skip
         return num_blocks
@@ -197,6 +251,15 @@ class LLMEngine:
         free, total = torch.cuda.mem_get_info(self.device)
         others = total - free - torch.cuda.memory_reserved(self.device)
         return int(total * self.config.cache.gpu_memory_utilization) - peak - others
+
+    def _open_blocks(self) -> set[int]:
+        """Blocks that running sequences have partly computed: the tail rows still needed."""
+        bs = self.kv.block_size
+        return {
+            self.kv.block_table(s.request_id)[s.num_kv_slots // bs]
+            for s in self.scheduler.running
+            if s.num_kv_slots % bs and self.kv.has(s.request_id)
+        }
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -260,7 +323,7 @@ class LLMEngine:
         if self.tokenizer is not None and (stream or params.stop):
             detokenizer = Detokenizer(self.tokenizer, params.skip_special_tokens, params.stop)
         seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
-        return Sequence(
+        seq = Sequence(
             request_id=request_id,
             prompt=text,
             prompt_token_ids=ids,
@@ -269,6 +332,8 @@ class LLMEngine:
             max_tokens=max_tokens,
             detokenizer=detokenizer,
         )
+        self.kv_policies.attach(seq)
+        return seq
 
     def enqueue(self, seq: Sequence) -> str:
         """Queue a sequence made by `prepare`."""
@@ -363,6 +428,7 @@ class LLMEngine:
         computed = self._record_step_event()
         tokens = [] if sampled is None else sampled.token_ids.tolist()  # the one host sync
         got_token = self.scheduler.update(plan, tokens, computed)
+        self.kv_policies.after_step(plan)
         if sampled is not None and sampled.logprobs is not None:
             self._record_logprobs(plan, got_token, sampled)
         outputs = []
@@ -452,6 +518,7 @@ class LLMEngine:
             **self.kv.stats(),
             **tiers,
             **self.sessions.stats(),
+            **self.kv_policies.stats(),
             "prefix_cache_tier_hit_tokens": self.scheduler.num_tier_hit_tokens,
             "num_swaps": self.scheduler.num_swaps,
             "num_loading": len(self.scheduler.loading),
@@ -468,11 +535,15 @@ class LLMEngine:
         self.kv.check_integrity()
         if self.moe is not None:
             self.moe.check_integrity()
+        if self.kv_cache.tails is not None:
+            problems = self.kv_cache.tails.check()
+            if problems:
+                raise KVIntegrityError("KV tail check failed:\n  " + "\n  ".join(problems))
         for seq in self.scheduler.running:
             table = self.kv.block_table(seq.request_id)
-            if len(table) * self.kv.block_size < seq.num_computed:
+            if len(table) * self.kv.block_size < seq.num_kv_slots:
                 raise KVIntegrityError(
-                    f"running {seq.request_id!r} has {seq.num_computed} computed tokens "
+                    f"running {seq.request_id!r} has {seq.num_kv_slots} KV slots "
                     f"but {len(table)} blocks"
                 )
         for seq in self.scheduler.waiting:

@@ -24,6 +24,9 @@ class LLM:
     model: a Hugging Face folder, a .gguf file, "random:PRESET" or None for the
     embedded SmolLM2-135M-Instruct. kv_cache_memory is in GiB. The kv_* tier arguments
     and preemption_mode are those of `TierConfig` (kv_cpu_memory and kv_disk_size in GiB).
+    kv_cache_dtype picks the KV block codec: "auto", "fp8", "int8", "int4" or "int2".
+    kv_policy / kv_budget: the KV eviction policy of requests whose SamplingParams name
+    none (see `SamplingParams.kv_policy`); "full" keeps every token.
     Call `close()` (or use `with LLM(...) as llm:`) to finish writing tier blocks.
     embedded SmolLM2-135M-Instruct. kv_cache_memory is in GiB. moe: expert offloading of
     a Mixture-of-Experts model (MoEConfig; e.g. MoEConfig(gpu_memory=20)).
@@ -55,6 +58,9 @@ class LLM:
         preemption_mode: str = "auto",
         session_gpu_fraction: float = 0.25,
         moe: MoEConfig | None = None,
+        kv_policy: str = "full",
+        kv_budget: float | None = None,
+        kv_cache_dtype: str = "auto",
     ) -> None:
         config = EngineConfig(
             model=model,
@@ -70,6 +76,9 @@ class LLM:
                 num_blocks=num_kv_blocks,
                 gpu_memory_utilization=gpu_memory_utilization,
                 enable_prefix_caching=enable_prefix_caching,
+                kv_policy=kv_policy,
+                kv_budget=kv_budget,
+                kv_cache_dtype=kv_cache_dtype,
                 tiers=TierConfig(
                     cpu_memory=kv_cpu_memory,
                     disk_dir=kv_disk_dir,

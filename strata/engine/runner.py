@@ -13,16 +13,26 @@ were captured (cuda_graphs.py) and its batch fits; other steps run eagerly.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
 from strata.attention.backend import AttentionBackend, BatchLayout
 from strata.engine.cuda_graphs import DecodeGraphs
+from strata.engine.kv_batch import (
+    chunk_slots,
+    layer_shifts,
+    layerwise_metadata,
+    layout_of,
+    step_observer,
+)
 from strata.engine.plan import StepPlan
 from strata.engine.sampler import Sampler, SamplerOutput, SamplingBatch
 from strata.engine.staging import PinnedStager
 from strata.engine.step_stats import StepStats
 from strata.kv.cache import KVCache
+from strata.kv.codec_step import CodedStepMeta, plan_codec_step
 from strata.models.llama import LlamaModel
 
 
@@ -61,7 +71,7 @@ class ModelRunner:
         if (
             graphs is not None
             and len(plan.chunks) <= graphs.max_batch
-            and all(c.num_tokens == 1 and c.samples for c in plan.chunks)
+            and all(c.num_tokens == 1 and c.samples and c.seq.kv is None for c in plan.chunks)
         ):
             if self.step_log is not None:
                 self.step_log.append(StepStats.of(plan, graph=True))
@@ -77,19 +87,12 @@ class ModelRunner:
         for chunk in plan.chunks:
             seq = chunk.seq
             ids.extend(seq.token_ids[chunk.start : chunk.end])
-            pos = np.arange(chunk.start, chunk.end, dtype=np.int64)
-            table = np.asarray(chunk.block_table[: -(-chunk.end // bs)], dtype=np.int64)
-            positions.append(pos)
-            slots.append(table[pos // bs] * bs + pos % bs)
+            positions.append(np.arange(chunk.start, chunk.end, dtype=np.int64))
+            slots.append(chunk_slots(chunk, bs))  # slot == position unless a policy evicted
             offset += chunk.num_tokens
             if chunk.samples:
                 logits_rows.append(offset - 1)
-        layout = BatchLayout(
-            query_lens=[c.num_tokens for c in plan.chunks],
-            context_lens=[c.end for c in plan.chunks],
-            block_tables=[c.block_table for c in plan.chunks],
-            block_size=bs,
-        )
+        layout = layout_of(plan, bs)
         ids_t, pos_t, slot_t, rows_t = self._ints.upload(
             [
                 np.asarray(ids, dtype=np.int64),
@@ -98,9 +101,22 @@ class ModelRunner:
                 np.asarray(logits_rows, dtype=np.int64),
             ]
         )
-        meta = self.backend.prepare(layout, slot_t, self.device)
-        logits = self.model(ids_t, pos_t, self.kv, self.backend, meta, rows_t)
+        meta = self._attention_metadata(layout, slot_t)
+        shifts = layer_shifts(plan, len(self.model.layers))
+        if shifts is not None:
+            meta = layerwise_metadata(plan, shifts, bs, self.backend, self.device)
+        observer = step_observer(plan, self.kv)
+        logits = self.model(ids_t, pos_t, self.kv, self.backend, meta, rows_t, observer)
         return logits if logits_rows else None
+
+    def _attention_metadata(self, layout: BatchLayout, slots: torch.Tensor) -> Any:
+        """The backend's metadata; under a lossy KV codec, wrapped with the codec's step
+        plan and built over the codec's scratch block tables (codec_step.py)."""
+        if self.kv.tails is None:
+            return self.backend.prepare(layout, slots, self.device)
+        step = plan_codec_step(layout, self.kv.tails, self.device)
+        attention = self.backend.prepare(step.attention_layout, slots, self.device)
+        return CodedStepMeta(step, attention)
 
     def _replay(self, graphs: DecodeGraphs, plan: StepPlan) -> torch.Tensor:
         bs = self.kv.block_size

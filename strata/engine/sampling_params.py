@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from strata.errors import InvalidRequestError
+from strata.kv.policies.budget import check_budget
+from strata.kv.policies.registry import check_policy_name
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,14 @@ class SamplingParams:
     session_id / cache_ttl_s: a multi-turn session this request is a turn of; when the
     turn ends its KV stays pinned for cache_ttl_s seconds (default DEFAULT_SESSION_TTL_S)
     so the next turn reuses it even under memory pressure.
+    kv_policy: the KV eviction policy for this request (strata/kv/policies/registry.py);
+    None takes the engine's default (`LLM(kv_policy=...)`, itself "full": lossless).
+    kv_budget: the KV the policy keeps, as a fraction of the compressed context if < 1 or
+    a number of tokens if >= 1; None takes the engine's default.
+    kv_compress_prefix: compress only the first N prompt tokens, as a context, before the
+    rest of the prompt (the question) is computed; the rest then attends to the
+    compressed context uncompressed (query-agnostic: compress once, ask many). None
+    compresses the whole prompt once it is computed (query-aware).
     """
 
     max_tokens: int | None = 16
@@ -36,6 +46,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     session_id: str | None = None
     cache_ttl_s: float | None = None
+    kv_policy: str | None = None
+    kv_budget: float | None = None
+    kv_compress_prefix: int | None = None
 
     MAX_LOGPROBS = 20
     DEFAULT_SESSION_TTL_S = 300.0
@@ -71,6 +84,7 @@ class SamplingParams:
                 f"logprobs must be in [0, {self.MAX_LOGPROBS}], got {self.logprobs}"
             )
         self._check_session()
+        self._check_kv_policy()
 
     def _check_session(self) -> None:
         if self.session_id is not None and (
@@ -89,6 +103,20 @@ class SamplingParams:
                 )
         elif self.session_id is not None:
             object.__setattr__(self, "cache_ttl_s", self.DEFAULT_SESSION_TTL_S)
+
+    def _check_kv_policy(self) -> None:
+        try:
+            if self.kv_policy is not None:
+                check_policy_name(self.kv_policy)
+            if self.kv_budget is not None:
+                check_budget(self.kv_budget)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc)) from None
+        n = self.kv_compress_prefix
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise InvalidRequestError(
+                f"kv_compress_prefix must be a number of prompt tokens >= 1, got {n!r}"
+            )
 
     @property
     def greedy(self) -> bool:

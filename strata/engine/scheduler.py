@@ -88,7 +88,10 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed, budget)
-            while not self.kv.grow(seq.request_id, seq.num_computed + n):
+            if seq.kv is not None:
+                n = seq.kv.chunk_limit(seq.num_computed, n)
+            slots = seq.num_kv_slots + n + self._spare_blocks(seq, n) * self.kv.block_size
+            while not self.kv.grow(seq.request_id, slots):
                 if self.reclaim is not None and self.reclaim():
                     continue
                 victim = self.running.pop()  # the most recently admitted
@@ -113,7 +116,7 @@ class Scheduler:
                 break
             if seq.request_id in self._probing:
                 continue  # its remote lookup is in flight; later arrivals may go first
-            match = self.kv.match_prefix(seq.token_ids)
+            match = self.kv.match_prefix(self._matchable(seq))
             refs = self._tier_hits(seq, match)
             if refs:
                 num_tokens = (len(match.block_ids) + len(refs)) * self.kv.block_size
@@ -128,7 +131,15 @@ class Scheduler:
                 self.tiers.start_load(seq.request_id, refs, table[first : first + len(refs)])
                 continue
             n = min(seq.num_tokens - match.num_tokens, budget)
-            if not self._admit_blocks(seq, match, match.num_tokens + n):
+            spare = 0
+            if seq.kv is not None:
+                n = seq.kv.chunk_limit(match.num_tokens, n)
+                budgets = seq.kv.budgets_after(match.num_tokens + n)
+                if budgets is not None:  # matched blocks already held elsewhere get copied
+                    head = match.block_ids[: self.kv.blocks_for(max(budgets))]
+                    spare = sum(1 for b in head if self.kv.pool.refcount[b] > 0)
+            slots = match.num_tokens + n + spare * self.kv.block_size
+            if not self._admit_blocks(seq, match, slots):
                 break
             self._start(seq, match)
             self.running.append(seq)
@@ -145,7 +156,7 @@ class Scheduler:
                 return True
             if self.reclaim is None or not self.reclaim():
                 return False
-            match = self.kv.match_prefix(seq.token_ids)  # released pins may have changed it
+            match = self.kv.match_prefix(self._matchable(seq))  # released pins may change it
 
     def _start(self, seq: Sequence, match: PrefixMatch) -> None:
         self.waiting.remove(seq)
@@ -160,7 +171,7 @@ class Scheduler:
         if tiers is None or not self.kv.enable_prefix_caching:
             return []
         parent = match.keys[-1] if match.keys else self.kv.root
-        refs = self.kv.block_refs(seq.token_ids, len(match.block_ids), parent)
+        refs = self.kv.block_refs(self._matchable(seq), len(match.block_ids), parent)
         if not refs:
             return []
         found = tiers.find_local([r.key for r in refs])
@@ -169,6 +180,21 @@ class Scheduler:
         while n < len(refs) and (found[n] or refs[n].key in remote):
             n += 1
         return refs[:n]
+
+    def _matchable(self, seq: Sequence) -> list[int]:
+        """The tokens a prefix hit may cover: under a KV policy, not the queries it observes."""
+        if seq.kv is None:
+            return seq.token_ids
+        return seq.token_ids[: seq.kv.first_observed_token() + 1]  # one token left to compute
+
+    def _spare_blocks(self, seq: Sequence, n: int) -> int:
+        """Blocks a compaction right after this chunk must copy shared head blocks into."""
+        if seq.kv is None:
+            return 0
+        budgets = seq.kv.budgets_after(seq.num_computed + n)
+        if budgets is None:
+            return 0
+        return self.kv.cow_reserve(seq.request_id, self.kv.blocks_for(max(budgets)))
 
     def _collect_tier_events(self) -> None:
         if self.tiers is None:
@@ -218,13 +244,15 @@ class Scheduler:
             self.num_swaps += 1
         self.kv.free(seq.request_id)
         seq.num_computed = 0
+        if seq.kv is not None:
+            seq.kv.reset()  # recomputed from the start, compressed again on the way
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
     def _should_swap(self, seq: Sequence) -> bool:
-        if self.tiers is None or self.preemption_mode == "recompute":
-            return False
+        if self.tiers is None or self.preemption_mode == "recompute" or seq.kv is not None:
+            return False  # a policy's compressed blocks are never stored in the tiers
         if self.preemption_mode == "swap":
             return True
         # auto: the engine's cost model compares reloading the blocks with recomputing them

@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from strata.engine.detokenizer import Detokenizer
 from strata.engine.outputs import TokenLogprobs
 from strata.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from strata.kv.policies.sequence_kv import SequenceKV
 
 
 class SequenceStatus(enum.Enum):
@@ -39,6 +43,7 @@ class Sequence:
     finish_reason: str | None = None
     num_cached_tokens: int = -1  # prefix-cache hit at first admission; -1 before
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    kv: SequenceKV | None = None  # its KV policy's state; None under "full" (lossless)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -47,6 +52,11 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_kv_slots(self) -> int:
+        """KV slots the sequence holds (its longest layer): num_computed unless evicting."""
+        return self.num_computed if self.kv is None else self.kv.max_slots
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -13,6 +13,8 @@ Invariants (checked by `check_integrity`):
 - A sequence's first `len(keys)` blocks are full and computed, with chain keys `keys`;
   each is indexed under its key, or unindexed when another block held that key first.
 - Holds (session pins) own one reference on each of their blocks, like a sequence.
+- A sequence under a KV policy stops being indexed at its compression point; compaction
+  (`compact_table`) never writes into a block that is shared or indexed: it copies it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class KVIntegrityError(StrataError, RuntimeError):
 class _SeqBlocks:
     table: list[int] = field(default_factory=list)
     keys: list[bytes] = field(default_factory=list)  # chain keys of the first len(keys) blocks
+    compressed: bool = False  # past a KV policy's compression point: never indexed again
 
 
 @dataclass(frozen=True)
@@ -193,6 +196,8 @@ class KVManager:
         if not self.enable_prefix_caching:
             return
         state = self._seqs[seq_id]
+        if state.compressed:
+            return
         bs = self.block_size
         for i in range(len(state.keys), num_computed // bs):
             parent = state.keys[-1] if state.keys else self.root
@@ -250,6 +255,67 @@ class KVManager:
             block_id = state.table[len(state.keys)]
             self.index.insert(ref.key, ref.token_ids, block_id)
             state.keys.append(ref.key)
+
+    # ---- compaction under a KV policy ----------------------------------------------------
+
+    def stop_indexing(self, seq_id: str) -> None:
+        """The sequence passed its compression point: its blocks are never indexed again."""
+        self._seqs[seq_id].compressed = True
+
+    def must_copy(self, block_id: int) -> bool:
+        """Compaction may not write into this block: another holder or the index needs it."""
+        return self.pool.refcount[block_id] > 1 or self.index.key_of(block_id) is not None
+
+    def cow_reserve(self, seq_id: str, head_blocks: int) -> int:
+        """Blocks a compaction keeping `head_blocks` blocks must copy shared ones into."""
+        table = self._seqs[seq_id].table
+        return sum(1 for b in table[:head_blocks] if self.pool.refcount[b] > 1)
+
+    def compact_table(
+        self, seq_id: str, head_blocks: int, data_blocks: int
+    ) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+        """Shrink a sequence's table to its first `head_blocks` blocks, for compaction.
+
+        A head block that `must_copy` is replaced by a copy in a spare block (the table
+        past its first `data_blocks`, which hold no KV yet) or a free one, so its cached
+        contents stay valid; with neither, a block only the index needs leaves the index
+        and is compacted in place (the scheduler reserves spares for shared blocks).
+        Returns (old table, new table, [(copied block, its replacement)]). Every block
+        left out is released but keeps its contents: the caller copies and moves the
+        survivors before any block is allocated again. The sequence is never indexed again.
+        """
+        state = self._seqs[seq_id]
+        old = list(state.table)
+        spares = old[data_blocks:]
+        new: list[int] = []
+        copies: list[tuple[int, int]] = []
+        for block_id in old[:head_blocks]:
+            if not self.must_copy(block_id):
+                new.append(block_id)
+                continue
+            if spares:
+                target = spares.pop()
+            elif self.pool.num_free:
+                target = self._allocate_block()
+            elif self.pool.refcount[block_id] == 1:
+                self.evict_cached(block_id)
+                new.append(block_id)
+                continue
+            else:
+                raise KVIntegrityError(
+                    f"compacting {seq_id!r}: no block to copy shared block {block_id} into "
+                    "(the scheduler reserves them)"
+                )
+            copies.append((block_id, target))
+            new.append(target)
+        kept = set(new)
+        for block_id in reversed(old):
+            if block_id not in kept:
+                self.pool.release(block_id)
+        state.table = new
+        state.keys = []
+        state.compressed = True
+        return old, new, copies
 
     # ---- holds (session pins) ------------------------------------------------------------
 

@@ -18,14 +18,15 @@ GIB = 1 << 30
 
 
 def block_layout(kv_cache: KVCache, fingerprint: str, dtype: torch.dtype) -> BlockLayout:
-    layers, _, block_size, heads, dim = kv_cache.k.shape
+    """The stored-block layout: blocks of another dtype or codec never match it."""
     return BlockLayout(
         fingerprint=fingerprint,
-        num_layers=layers,
-        num_kv_heads=heads,
-        head_dim=dim,
-        block_size=block_size,
+        num_layers=kv_cache.num_layers,
+        num_kv_heads=kv_cache.shape.num_kv_heads,
+        head_dim=kv_cache.shape.head_dim,
+        block_size=kv_cache.block_size,
         dtype=str(dtype).removeprefix("torch."),
+        codec=kv_cache.codec.layout_name,
     )
 
 
@@ -35,7 +36,7 @@ def build_tiers(
     if not config.enabled:
         return None
     layout = block_layout(kv_cache, fingerprint, dtype)
-    pin = kv_cache.k.device.type == "cuda"
+    pin = kv_cache.device.type == "cuda"
     if config.cpu_memory is None:
         logger.info("KV tiers stage through CPU memory: a %.1f GiB CPU tier is added",
                     config.STAGING_GIB)  # fmt: skip

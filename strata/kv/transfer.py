@@ -1,7 +1,10 @@
 """Copies between the KV block pool and CPU tier slots, in one contiguous layout.
 
-    KV pool  k, v: [layers, num_blocks, tokens, kv heads, head dim]      (device)
-    slot          : [layers, k|v, tokens, kv heads, head dim] as bytes   (CPU slab row)
+    KV pool  parts: [layers, num_blocks, *part shape]  (codec.py; auto: k, v)   (device)
+    slot          : [layers, part 0 bytes | part 1 bytes | ...]  (CPU slab row)
+
+With the `auto` codec a slot is [layers, k|v, tokens, kv heads, head dim] in the model
+dtype; a coded block carries its codec's parts the same way, layer after layer.
 
 On CUDA a batch goes through a device staging buffer so that each host copy is one
 contiguous transfer per block (or per run of adjacent slots):
@@ -42,15 +45,24 @@ class BlockTransfer:
     def __init__(self, kv: KVCache, slab: torch.Tensor) -> None:
         self.kv = kv
         self.slab = slab
-        self.device = kv.k.device
-        layers, _, tokens, heads, dim = kv.k.shape
-        self.block_shape = (layers, 2, tokens, heads, dim)
+        self.device = kv.device
+        layers = kv.num_layers
+        # Each pool part as bytes [layers, num_blocks, part bytes], and its columns in a slot.
+        self.part_bytes = [p.view(layers, p.shape[1], -1).view(torch.uint8) for p in kv.parts]
+        self.columns: list[tuple[int, int]] = []
+        offset = 0
+        for part in self.part_bytes:
+            self.columns.append((offset, offset + part.shape[2]))
+            offset += part.shape[2]
+        self.block_shape = (layers, offset)
         self.block_bytes = slab.shape[1]
+        if self.block_bytes != layers * offset:
+            raise ValueError(f"tier slots hold {self.block_bytes} bytes, a block {layers * offset}")
         self.cuda = self.device.type == "cuda"
         if self.cuda:
             self.chunk = max(1, min(256, STAGE_BYTES // self.block_bytes))
             self.stage = torch.empty(
-                (self.chunk, *self.block_shape), dtype=kv.k.dtype, device=self.device
+                (self.chunk, *self.block_shape), dtype=torch.uint8, device=self.device
             )
             self.stream = torch.cuda.Stream(self.device)
         else:
@@ -61,7 +73,7 @@ class BlockTransfer:
         return self.stage.numel() * self.stage.element_size() if self.cuda else 0
 
     def _slot(self, slot: int) -> torch.Tensor:
-        return self.slab[slot].view(self.kv.k.dtype).view(self.block_shape)
+        return self.slab[slot].view(self.block_shape)
 
     # ---- pool -> slots --------------------------------------------------------------------
 
@@ -75,8 +87,8 @@ class BlockTransfer:
             else:
                 for block_id, slot in zip(ids, dst, strict=True):
                     out = self._slot(slot)
-                    out[:, 0].copy_(self.kv.k[:, block_id])
-                    out[:, 1].copy_(self.kv.v[:, block_id])
+                    for part, (a, b) in zip(self.part_bytes, self.columns, strict=True):
+                        out[:, a:b].copy_(part[:, block_id])
 
     def _store_cuda(
         self, ids: Sequence[int], slots: Sequence[int], after: torch.cuda.Event | None
@@ -87,9 +99,9 @@ class BlockTransfer:
                 self.stream.wait_event(after)
             index = torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)
             stage = self.stage[:n]
-            stage[:, :, 0].copy_(self.kv.k.index_select(1, index).transpose(0, 1))
-            stage[:, :, 1].copy_(self.kv.v.index_select(1, index).transpose(0, 1))
-            flat = stage.view(n, -1).view(torch.uint8)
+            for part, (a, b) in zip(self.part_bytes, self.columns, strict=True):
+                stage[:, :, a:b].copy_(part.index_select(1, index).transpose(0, 1))
+            flat = stage.view(n, -1)
             for start, first, length in _runs(slots):
                 self.slab[first : first + length].copy_(
                     flat[start : start + length], non_blocking=True
@@ -106,19 +118,19 @@ class BlockTransfer:
             else:
                 for slot, block_id in zip(src, ids, strict=True):
                     block = self._slot(slot)
-                    self.kv.k[:, block_id].copy_(block[:, 0])
-                    self.kv.v[:, block_id].copy_(block[:, 1])
+                    for part, (a, b) in zip(self.part_bytes, self.columns, strict=True):
+                        part[:, block_id].copy_(block[:, a:b])
 
     def _load_cuda(self, slots: Sequence[int], ids: Sequence[int]) -> None:
         n = len(ids)
         with torch.cuda.stream(self.stream):
             stage = self.stage[:n]
-            flat = stage.view(n, -1).view(torch.uint8)
+            flat = stage.view(n, -1)
             for start, first, length in _runs(slots):
                 flat[start : start + length].copy_(
                     self.slab[first : first + length], non_blocking=True
                 )
             index = torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)
-            self.kv.k.index_copy_(1, index, stage[:, :, 0].transpose(0, 1))
-            self.kv.v.index_copy_(1, index, stage[:, :, 1].transpose(0, 1))
+            for part, (a, b) in zip(self.part_bytes, self.columns, strict=True):
+                part.index_copy_(1, index, stage[:, :, a:b].transpose(0, 1))
         self.stream.synchronize()

@@ -9,13 +9,13 @@ q/k/v); their MoE layers are in moe.py.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from strata.attention.backend import AttentionBackend
+from strata.attention.backend import AttentionBackend, LayerwiseMetadata
 from strata.config import ModelConfig
 from strata.kv.cache import KVCache
 from strata.models.rope import RotaryEmbedding
@@ -30,6 +30,9 @@ FUSED_INTO: dict[str, str] = {
     "gate_proj": "gate_up_proj",
     "up_proj": "gate_up_proj",
 }
+
+# (layer index, the step's queries [tokens, heads, head_dim] after RoPE, softmax scale)
+LayerObserver = Callable[[int, torch.Tensor, float], None]
 
 
 class RMSNorm(nn.Module):
@@ -89,10 +92,16 @@ class Attention(nn.Module):
         kv: KVCache,
         backend: AttentionBackend,
         meta: Any,
+        observer: LayerObserver | None = None,
     ) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         if self.qk_norm is not None or self.clip_qkv is not None:
             qkv = self._normed_qkv(qkv)
+        if not kv.codec.lossless:  # meta is a CodedStepMeta (strata/kv/codec_step.py)
+            q, k, v = self._split_rope(qkv, positions, rope)
+            k_all, v_all = kv.write_and_gather(self.layer_index, k, v, meta.codec)
+            out = backend.attend(q, k_all, v_all, meta.attention, self.scale)
+            return self.o_proj(out.reshape(-1, self.q_size))
         k_cache, v_cache = kv.k[self.layer_index], kv.v[self.layer_index]
         if self.fused and qkv.is_cuda and backend.name == "triton":
             # One launch: RoPE on q and k, k and v stored at the step's slots.
@@ -100,16 +109,26 @@ class Attention(nn.Module):
 
             q = rope_write_kv(qkv, positions, rope.cos, rope.sin, k_cache, v_cache,
                               meta.slot_mapping, self.num_heads, self.num_kv_heads)  # fmt: skip
+            if observer is not None:
+                observer(self.layer_index, q, self.scale)
             out = backend.attend(q, k_cache, v_cache, meta, self.scale)
             return self.o_proj(out.reshape(-1, self.q_size))
+        q, k, v = self._split_rope(qkv, positions, rope)
+        backend.write_kv(k_cache, v_cache, k, v, meta)
+        if observer is not None:
+            observer(self.layer_index, q, self.scale)
+        out = backend.attend(q, k_cache, v_cache, meta, self.scale)
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+    def _split_rope(
+        self, qkv: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = rope(positions, q, k)
-        backend.write_kv(k_cache, v_cache, k, v, meta)
-        out = backend.attend(q, k_cache, v_cache, meta, self.scale)
-        return self.o_proj(out.reshape(-1, self.q_size))
+        return q, k, v
 
 
 class MLP(nn.Module):
@@ -143,12 +162,13 @@ class DecoderLayer(nn.Module):
         kv: KVCache,
         backend: AttentionBackend,
         meta: Any,
+        observer: LayerObserver | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(mlp output, residual): the layer's output is their sum, added by the next norm.
 
         The residual stream is x + residual, as in transformers (residual None: x alone)."""
         h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, positions, rope, kv, backend, meta)
+        h = self.self_attn(h, positions, rope, kv, backend, meta, observer)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
@@ -185,12 +205,19 @@ class LlamaModel(nn.Module):
         backend: AttentionBackend,
         meta: Any,
         logits_rows: torch.Tensor,
+        observer: LayerObserver | None = None,
     ) -> torch.Tensor:
-        """Logits [len(logits_rows), vocab] (float32) for the chosen rows of the flat batch."""
+        """Logits [len(logits_rows), vocab] (float32) for the chosen rows of the flat batch.
+
+        meta may be a LayerwiseMetadata (one per layer); observer, when given, sees each
+        layer's queries after the step's K/V are written (KV policies)."""
         x = self.embed_tokens(input_ids)
         residual = None
-        for layer in self.layers:
-            x, residual = layer(x, residual, positions, self.rope, kv, backend, meta)
+        for i, layer in enumerate(self.layers):
+            layer_meta = meta.for_layer(i) if isinstance(meta, LayerwiseMetadata) else meta
+            x, residual = layer(
+                x, residual, positions, self.rope, kv, backend, layer_meta, observer
+            )
         if residual is not None:
             residual = residual[logits_rows]
         x, _ = self.norm(x[logits_rows], residual)

@@ -24,17 +24,23 @@ import torch
 
 from strata.config import ModelConfig
 from strata.kv.cache import KVCache
+from strata.kv.codec import KVShape, RawCodec
 
 
 class ArenaKVCache(KVCache):
     """A KVCache whose K/V are block-major views of an arena."""
 
     def __init__(self, blocks: torch.Tensor, block_size: int) -> None:
-        # blocks: [num_blocks, layers, 2, block_size, kv_heads, head_dim]
-        self.k = blocks[:, :, 0].transpose(0, 1)
-        self.v = blocks[:, :, 1].transpose(0, 1)
+        # blocks: [num_blocks, layers, 2, block_size, kv_heads, head_dim]; raw codec only
+        self.codec = RawCodec()
+        self.shape = KVShape(block_size, blocks.shape[4], blocks.shape[5])
+        self.num_layers = blocks.shape[1]
+        self.dtype = blocks.dtype
+        self.parts = [blocks[:, :, 0].transpose(0, 1), blocks[:, :, 1].transpose(0, 1)]
+        self.tails = None
         self.num_blocks = blocks.shape[0]
         self.block_size = block_size
+        self.device = blocks.device
 
 
 class ExpertArena:

@@ -6,7 +6,9 @@ honour (penalties, logit_bias, tools, JSON modes, best_of, suffix) are rejected 
 Strata's own extensions: top_k, ignore_eos, stop_token_ids, skip_special_tokens,
 return_token_ids (each choice and stream chunk also carries the generated token ids,
 which is how a model without a tokenizer, a random: one say, can be served and timed),
-and session_id with cache_ttl_s (the turn's KV stays pinned for the session's next turn).
+and session_id with cache_ttl_s (the turn's KV stays pinned for the session's next turn),
+and kv_policy, kv_budget and kv_compress_prefix (the request's KV eviction policy; see
+SamplingParams).
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ class _SamplingRequest(BaseModel):
     return_token_ids: bool = False
     session_id: str | None = None
     cache_ttl_s: float | None = None
+    kv_policy: str | None = None
+    kv_budget: float | None = None
+    kv_compress_prefix: int | None = None
 
     def check_supported(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
@@ -79,6 +84,9 @@ class _SamplingRequest(BaseModel):
             skip_special_tokens=self.skip_special_tokens,
             session_id=self.session_id,
             cache_ttl_s=self.cache_ttl_s,
+            kv_policy=self.kv_policy,
+            kv_budget=self.kv_budget,
+            kv_compress_prefix=self.kv_compress_prefix,
         )
 
     @property

@@ -36,11 +36,12 @@ class BlockLayout:
     head_dim: int
     block_size: int  # tokens per block
     dtype: str  # torch dtype name without "torch.", e.g. "bfloat16"
-    codec: str = "raw"
+    codec: str = "raw"  # BlockCodec.layout_name (strata/kv/codec.py)
 
     @property
     def shape(self) -> tuple[int, int, int, int, int]:
-        """Payload shape: [layers, k|v, tokens, kv heads, head dim], contiguous."""
+        """Payload shape of a raw block: [layers, k|v, tokens, kv heads, head dim], contiguous.
+        A coded block is its codec's parts in order, layer after layer."""
         return (self.num_layers, 2, self.block_size, self.num_kv_heads, self.head_dim)
 
     @property
@@ -49,8 +50,11 @@ class BlockLayout:
 
     @property
     def nbytes(self) -> int:
-        n = self.num_layers * 2 * self.block_size * self.num_kv_heads * self.head_dim
-        return n * torch.empty((), dtype=self.torch_dtype).element_size()
+        from strata.kv.codec import KVShape, codec_for_layout
+
+        shape = KVShape(self.block_size, self.num_kv_heads, self.head_dim)
+        codec = codec_for_layout(self.codec)
+        return codec.bytes_per_block(self.num_layers, shape, self.torch_dtype)
 
 
 @dataclass

@@ -1,0 +1,119 @@
+"""KVPolicyDriver: gives each request its KV policy and compacts after the steps that need it.
+
+Where each part of a request's policy happens:
+
+    prepare  -> attach: resolve kv_policy / kv_budget against the engine's defaults,
+                check kv_compress_prefix, give the sequence a SequenceKV ("full": none)
+    schedule -> (scheduler) chunks stop at the compression point; prefix hits stop before
+                the first query a policy observes; spare blocks for copy-on-write
+    run      -> (runner) slots from the KV length, positions from the token index, and
+                a StepObserver when a policy wants queries
+    update   -> after_step: at the compression point the sequence stops being indexed and
+                is compressed to its budget; evicting policies then hold the cap while
+                decoding
+"""
+
+from __future__ import annotations
+
+import torch
+
+from strata.engine.kv_reconstruction import ContextReconstruction
+from strata.engine.plan import StepPlan
+from strata.engine.sequence import Sequence
+from strata.errors import InvalidRequestError
+from strata.kv.cache import KVCache
+from strata.kv.compaction import compact
+from strata.kv.manager import KVManager
+from strata.kv.policies.base import KVShape
+from strata.kv.policies.model_access import ModelAccess
+from strata.kv.policies.registry import FULL, create_policy
+from strata.kv.policies.sequence_kv import SequenceKV
+
+
+class KVPolicyDriver:
+    def __init__(
+        self,
+        manager: KVManager,
+        cache: KVCache,
+        shape: KVShape,
+        default_policy: str,
+        default_budget: float | None,
+        device: torch.device,
+        model: ModelAccess | None = None,
+        reconstruction: ContextReconstruction | None = None,
+    ) -> None:
+        """default_policy / default_budget: what a request naming none gets (CacheConfig).
+        model: handed to each policy (`KVPolicy.bind`); reconstruction: runs the extra
+        prefill passes a policy asks for at its compression point (KVzip)."""
+        self.model = model
+        self.reconstruction = reconstruction
+        self.manager = manager
+        self.cache = cache
+        self.shape = shape
+        self.default_policy = default_policy
+        self.default_budget = default_budget
+        self.device = device
+        self.num_compactions = 0
+        self.num_tokens_evicted = 0  # per layer, averaged over layers
+
+    def attach(self, seq: Sequence) -> None:
+        """Give a prepared sequence its policy state; InvalidRequestError if it cannot have it."""
+        params = seq.params
+        name = params.kv_policy if params.kv_policy is not None else self.default_policy
+        budget = params.kv_budget if params.kv_budget is not None else self.default_budget
+        prefix = params.kv_compress_prefix
+        if prefix is not None and prefix > seq.num_prompt_tokens:
+            raise InvalidRequestError(
+                f"kv_compress_prefix ({prefix}) is longer than the prompt "
+                f"({seq.num_prompt_tokens} tokens)"
+            )
+        if name == FULL:
+            return
+        if budget is None:
+            raise InvalidRequestError(
+                f"kv_policy {name!r} needs a kv_budget: a fraction of the context in (0, 1) "
+                "or a number of tokens >= 1"
+            )
+        if not self.cache.codec.lossless:
+            raise InvalidRequestError(
+                f"kv_policy {name!r} needs kv_cache_dtype 'auto': eviction is not implemented "
+                f"over the {self.cache.codec.name} codec"
+            )
+        context = prefix if prefix is not None else seq.num_prompt_tokens
+        policy = create_policy(name, self.shape)
+        if self.model is not None:
+            policy.bind(self.model)
+        seq.kv = SequenceKV(seq, policy, budget, context, seq.num_prompt_tokens, self.device)
+
+    def after_step(self, plan: StepPlan) -> None:
+        """Compress the sequences of this step whose compression point or cap it reached."""
+        for chunk in plan.chunks:
+            seq, kv = chunk.seq, chunk.seq.kv
+            if kv is None or not self.manager.has(seq.request_id):
+                continue
+            budgets = kv.budgets_after(seq.num_computed)
+            at_compression_point = not kv.compressed and seq.num_computed >= kv.context_len
+            if at_compression_point:
+                kv.compressed = True
+                self.manager.stop_indexing(seq.request_id)
+            if budgets is None:
+                continue
+            if at_compression_point and self.reconstruction is not None:
+                passes = kv.policy.reconstruction_passes(seq.token_ids[: kv.context_len])
+                if passes:
+                    self.reconstruction.run(seq, passes)
+            masks = kv.policy.select(kv, budgets)
+            compaction = compact(self.manager, self.cache, seq.request_id, masks, budgets)
+            kv.compacted(compaction)
+            self.num_compactions += 1
+            freed = sum(compaction.old_num_slots) - sum(budgets)
+            self.num_tokens_evicted += freed // self.shape.num_layers
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "kv_compactions": self.num_compactions,
+            "kv_tokens_evicted": self.num_tokens_evicted,
+            "kv_reconstruction_tokens": (
+                self.reconstruction.num_tokens if self.reconstruction is not None else 0
+            ),
+        }

@@ -1,0 +1,1 @@
+"""Quality evaluation: RULER-style synthetic tasks and perplexity under a KV policy."""

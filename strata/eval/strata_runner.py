@@ -1,0 +1,110 @@
+"""Run RULER samples through the Strata engine under one Setting; predictions and KV use.
+
+Every sample of the run is queued at once (continuous batching does the rest); the
+engine is stepped here so that each sequence's KV footprint can be read after every
+step. Prefix caching must be off in the LLM: a prefix-cache hit would skip the prefill
+a policy observes.
+
+    peak KV   the most blocks a sequence held after any step, and at least the blocks of
+              its uncompressed context: those all exist at the compression point, which
+              compacts them within the step that computes the context's last token
+    final KV  the blocks it held after its last step (the compressed context + output)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from tqdm.auto import tqdm
+
+from strata.engine.llm import LLM
+from strata.engine.sampling_params import SamplingParams
+from strata.eval.prompt import PromptIds, prompt_ids, template_parts
+from strata.eval.sample import Sample
+from strata.eval.scoring import score
+from strata.eval.settings import Setting
+from strata.kv.policies.registry import FULL
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    task: str
+    index: int
+    prompt_tokens: int
+    prediction: str
+    score: float
+    peak_kv_bytes: int
+    final_kv_bytes: int
+
+
+@dataclass(frozen=True)
+class RunResult:
+    setting: Setting
+    samples: tuple[SampleResult, ...]
+    wall_s: float
+
+
+def sampling_params(setting: Setting, ids: PromptIds, max_tokens: int) -> SamplingParams:
+    """Greedy decoding under the setting's policy. Query-agnostic compresses the context
+    before the question is computed (`kv_compress_prefix`); query-aware compresses the
+    whole prompt once it is computed."""
+    if setting.is_full:
+        return SamplingParams(max_tokens=max_tokens, temperature=0.0, kv_policy=FULL)
+    prefix = len(ids.context) if setting.protocol == "query-agnostic" else None
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=0.0,
+        kv_policy=setting.policy,
+        kv_budget=setting.budget,
+        kv_compress_prefix=prefix,
+    )
+
+
+def run_samples(
+    llm: LLM, samples: list[Sample], setting: Setting, progress: bool = True
+) -> RunResult:
+    engine = llm.engine
+    tokenizer = engine.tokenizer
+    parts = template_parts(tokenizer)
+    block_bytes = engine.kv_cache.block_bytes
+    start = time.perf_counter()
+    by_id: dict[str, tuple[Sample, PromptIds]] = {}
+    for sample in samples:
+        ids = prompt_ids(tokenizer, sample, parts)
+        seq = engine.prepare(ids.all, sampling_params(setting, ids, sample.max_new_tokens))
+        by_id[engine.enqueue(seq)] = (sample, ids)
+    bs = engine.kv.block_size
+    peak_blocks = {
+        rid: -(-ids.compressible(setting.protocol) // bs) for rid, (_, ids) in by_id.items()
+    }
+    last_blocks = dict.fromkeys(by_id, 0)
+    texts: dict[str, str] = {}
+    with tqdm(total=len(by_id), desc=setting.label, disable=not progress, leave=False) as bar:
+        while len(texts) < len(by_id):
+            outputs = engine.step()
+            for request_id in by_id:
+                if request_id not in texts and engine.kv.has(request_id):
+                    held = len(engine.kv.block_table(request_id))
+                    peak_blocks[request_id] = max(peak_blocks[request_id], held)
+                    last_blocks[request_id] = held
+            for out in outputs:
+                if out.error is not None:
+                    raise RuntimeError(f"request {out.request_id} failed: {out.error}")
+                if out.finished and out.request_id in by_id:
+                    texts[out.request_id] = out.text
+                    bar.update(1)
+    wall = time.perf_counter() - start
+    results = tuple(
+        SampleResult(
+            task=sample.task,
+            index=sample.index,
+            prompt_tokens=len(ids),
+            prediction=texts[rid],
+            score=score(sample, texts[rid]),
+            peak_kv_bytes=peak_blocks[rid] * block_bytes,
+            final_kv_bytes=last_blocks[rid] * block_bytes,
+        )
+        for rid, (sample, ids) in by_id.items()
+    )
+    return RunResult(setting, results, wall)

@@ -1,0 +1,2 @@
+"""KV eviction policies: one file each behind `KVPolicy` (base.py), chosen by name
+(registry.py)."""

@@ -1,0 +1,286 @@
+"""KVPolicy: the seam every KV eviction method plugs into.
+
+A policy decides which cached tokens of one sequence stay in the KV cache. The engine
+owns the memory: it asks the policy for a keep mask and then compacts the survivors
+into the sequence's leading blocks, freeing the rest (strata/kv/compaction.py).
+
+One policy instance serves one sequence (it may keep per-sequence state, e.g. H2O's
+accumulated scores). Its life, driven by the engine (strata/engine/kv_policies.py):
+
+    prompt tokens     | context ......................... C | rest of prompt | output ...
+                      |<-- prefill chunks, observed -------->|
+                                           compression point ^  select(keep = budget)
+    after each decode step, if evicts_during_decode and slots > cap:  select(keep = cap)
+
+- C, the context end, is the whole prompt (query-aware) or the request's
+  `kv_compress_prefix` leading tokens (query-agnostic: the tokens after C are computed
+  after compression and attend to the compressed context).
+- The budget resolves against C: a fraction of C if < 1, else a token count (at most C).
+- cap, for policies that evict while decoding, is the slot count at the end of the
+  prompt: the cache never grows past it.
+
+Slots and positions. Slot s of a layer is the s-th cached token of the sequence in that
+layer; its key was cached after RoPE, so compaction keeps each token's original position
+for free. Before the first compaction slot == token position. `KVView.positions(layer)`
+maps slots to positions at any time. Tokens computed after a compaction take the next
+slots in order, so a query at slot s is causal over slots <= s.
+
+Per-head selection. The keep mask is per (layer, KV head): each head keeps its own
+tokens, but every head of a layer keeps the same number. Layers may keep different
+numbers (`layer_budgets`, PyramidKV); the sequence then holds blocks for the largest.
+
+Scores. A policy that needs attention scores names the queries it wants in
+`observed_queries`; while such a step runs, each layer calls `observe` with those
+queries (after RoPE) and this layer's cached keys and values, the step's own included.
+The policy accumulates what it needs. Requests without a policy pay nothing.
+
+Compressed KV is query-dependent: it never enters the prefix cache and never goes to
+the KV tiers. Blocks the sequence computed before its compression point are indexed as
+usual (uncompressed content) and stay cached after compaction replaces them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+if TYPE_CHECKING:
+    from strata.kv.policies.model_access import ModelAccess
+
+
+@dataclass(frozen=True)
+class KVShape:
+    """The model's attention shape, as a policy needs it."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (GQA)."""
+        return self.num_heads // self.num_kv_heads
+
+
+class KVView(Protocol):
+    """What a policy sees of its sequence's KV when it selects."""
+
+    @property
+    def context_len(self) -> int:
+        """C: the prompt tokens that form the compressible context."""
+        ...
+
+    @property
+    def num_computed(self) -> int:
+        """Tokens whose KV has been computed (cached or evicted)."""
+        ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def num_slots(self, layer: int) -> int:
+        """Cached tokens of this layer."""
+        ...
+
+    def positions(self, layer: int) -> torch.Tensor:
+        """[kv_heads, num_slots(layer)] int64: the token position each slot holds."""
+        ...
+
+
+class LayerObservation:
+    """One layer's view of the queries a policy asked for, in one step.
+
+    queries      [m, num_heads, head_dim]  after RoPE, in token order
+    query_slots  [m]                       slot of each query in this layer
+    keys/values  [n, kv_heads, head_dim]   the layer's cache in slot order, this step's
+                                           tokens included (gathered on first use)
+    """
+
+    QUERY_CHUNK = 256  # queries per softmax in summed_attention: bounds temporary memory
+
+    def __init__(
+        self,
+        layer: int,
+        queries: torch.Tensor,
+        query_slots: torch.Tensor,
+        read_slots: ReadSlots,
+        num_slots: int,
+        scale: float,
+    ) -> None:
+        self.layer = layer
+        self.queries = queries
+        self.query_slots = query_slots
+        self.num_slots = num_slots
+        self.scale = scale
+        self._read_slots = read_slots
+
+    @cached_property
+    def _kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._read_slots(self.layer, self.num_slots)
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self._kv[0]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._kv[1]
+
+    def attention(self, first: int = 0, end: int | None = None) -> torch.Tensor:
+        """Softmax attention of queries [first, end): [kv_heads, group, m, n] float32.
+
+        Causal over slots (a query attends to slots <= its own), exactly as the model
+        attended; rows of one KV head's query heads are grouped (GQA)."""
+        q = self.queries[first:end].float()
+        slots = self.query_slots[first:end]
+        k = self.keys.float()
+        kv_heads = k.shape[1]
+        m, heads, dim = q.shape
+        q = q.view(m, kv_heads, heads // kv_heads, dim).permute(1, 2, 0, 3)
+        logits = torch.einsum("hgmd,nhd->hgmn", q, k) * self.scale
+        key_slot = torch.arange(self.num_slots, device=q.device)
+        logits.masked_fill_(key_slot[None, :] > slots[:, None], float("-inf"))
+        return torch.softmax(logits, dim=-1)
+
+    def summed_attention(self) -> torch.Tensor:
+        """[kv_heads, n] float32: attention summed over the queries and each KV head's
+        query heads."""
+        total = torch.zeros(self.keys.shape[1], self.num_slots, device=self.queries.device)
+        for first in range(0, self.queries.shape[0], self.QUERY_CHUNK):
+            total += self.attention(first, first + self.QUERY_CHUNK).sum(dim=(1, 2))
+        return total
+
+
+@dataclass(frozen=True)
+class Compaction:
+    """A compaction the engine performed: in layer l, new slot t of KV head h holds what
+    old slot new_to_old[l][h, t] held; the layer had old_num_slots[l] slots before."""
+
+    new_to_old: list[torch.Tensor]  # per layer [kv_heads, kept_l] int64
+    old_num_slots: list[int]
+
+
+class ReadSlots(Protocol):
+    def __call__(self, layer: int, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, values) of the sequence's first `num_slots` slots in `layer`."""
+        ...
+
+
+class KVPolicy(ABC):
+    """Chooses which of one sequence's cached tokens stay. See the module docstring.
+
+    name: the registry name (strata/kv/policies/registry.py).
+    evicts_during_decode: after the prompt, keep the cache at its end-of-prompt size by
+    evicting after every decode step (StreamingLLM, H2O, TOVA); otherwise the cache is
+    compressed once, at the compression point, and grows while decoding (SnapKV).
+    """
+
+    name: str = ""
+    evicts_during_decode: bool = False
+
+    def __init__(self, shape: KVShape) -> None:
+        self.shape = shape
+
+    # ---- scores ------------------------------------------------------------------------
+
+    def observed_queries(self, view: KVView, start: int, end: int) -> tuple[int, int] | None:
+        """Token positions [a, b) within [start, end) whose queries to observe in the step
+        that computes tokens [start, end); None for none (the default)."""
+        return None
+
+    def bind(self, model: ModelAccess) -> None:
+        """Receive the model pieces beyond attention scores (RoPE, tokenizer) that some
+        policies need (strata/kv/policies/model_access.py). Default: none needed."""
+        return None
+
+    def reconstruction_passes(self, context_ids: list[int]) -> list[list[int]]:
+        """Token ids of extra prefill passes to run after the context, at the compression
+        point and before `select`, with their queries observed (KVzip). Each pass starts
+        at the slot after the context; its KV is dropped. Default: none."""
+        return []
+
+    def first_observed_token(self, context_len: int) -> int:
+        """The earliest token whose query the policy needs: a prefix-cache hit never covers
+        it, so that query is computed. Default: none needed (the whole context may hit)."""
+        return context_len
+
+    def observe(self, obs: LayerObservation) -> None:
+        """Receive one layer's observation of the queries asked for this step."""
+        return None
+
+    # ---- selection ---------------------------------------------------------------------
+
+    def layer_budgets(self, keep: int, view: KVView) -> list[int]:
+        """Tokens each layer keeps when the sequence as a whole keeps `keep` per layer on
+        average. Default: the same in every layer."""
+        return [keep] * self.shape.num_layers
+
+    @abstractmethod
+    def select(self, view: KVView, keep: list[int]) -> list[torch.Tensor]:
+        """Per layer l, a bool mask [kv_heads, view.num_slots(l)] with exactly keep[l]
+        True per head: the slots that stay."""
+
+    # ---- bookkeeping -------------------------------------------------------------------
+
+    def remap(self, compaction: Compaction) -> None:
+        """The engine compacted the cache; per-slot state must follow (SlotScores.remap)."""
+        return None
+
+    def reset(self) -> None:
+        """The sequence was preempted and starts over: forget all state."""
+        return None
+
+
+def keep_top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask [..., n] of the k highest scores per row; ties go to the lower slot."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    return mask.scatter_(-1, order, True)
+
+
+class SlotScores:
+    """Per-layer score vectors over slots, [kv_heads, n_l], that grow with the cache and
+    follow compaction. `add` pads a shorter stored vector with zeros."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.layers: list[torch.Tensor | None] = [None] * num_layers
+
+    def add(self, layer: int, scores: torch.Tensor) -> None:
+        old = self.layers[layer]
+        if old is None:
+            self.layers[layer] = scores.clone()
+            return
+        if old.shape[-1] < scores.shape[-1]:
+            old = torch.nn.functional.pad(old, (0, scores.shape[-1] - old.shape[-1]))
+        old[..., : scores.shape[-1]] += scores
+        self.layers[layer] = old
+
+    def set(self, layer: int, scores: torch.Tensor) -> None:
+        self.layers[layer] = scores.clone()
+
+    def get(self, layer: int, num_slots: int, kv_heads: int, device: torch.device) -> torch.Tensor:
+        """[kv_heads, num_slots]: the stored scores, zero for slots never scored."""
+        out = torch.zeros(kv_heads, num_slots, device=device)
+        stored = self.layers[layer]
+        if stored is not None:
+            n = min(num_slots, stored.shape[-1])
+            out[:, :n] = stored[:, :n]
+        return out
+
+    def remap(self, compaction: Compaction) -> None:
+        for layer, index in enumerate(compaction.new_to_old):
+            stored = self.layers[layer]
+            if stored is None:
+                continue
+            missing = compaction.old_num_slots[layer] - stored.shape[-1]
+            if missing > 0:
+                stored = torch.nn.functional.pad(stored, (0, missing))
+            self.layers[layer] = torch.gather(stored, -1, index)
+
+    def clear(self) -> None:
+        self.layers = [None] * len(self.layers)

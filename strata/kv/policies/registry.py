@@ -1,0 +1,46 @@
+"""KV policies by name. `full` is lossless (no policy object at all: zero cost).
+
+Each entry maps a name to "module:Class", imported on first use so that validating a
+request's policy name does not import torch-heavy modules. Add a policy by adding a
+line here and a file beside this one.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from strata.kv.policies.base import KVPolicy, KVShape
+
+FULL = "full"
+
+_POLICIES: dict[str, str] = {
+    "streaming": "strata.kv.policies.streaming:StreamingPolicy",
+    "h2o": "strata.kv.policies.h2o:H2OPolicy",
+    "snapkv": "strata.kv.policies.snapkv:SnapKVPolicy",
+    "pyramidkv": "strata.kv.policies.pyramidkv:PyramidKVPolicy",
+    "tova": "strata.kv.policies.tova:TOVAPolicy",
+    "treekv": "strata.kv.policies.treekv:TreeKVPolicy",
+    "expected_attention": "strata.kv.policies.expected_attention:ExpectedAttentionPolicy",
+    "kvzip": "strata.kv.policies.kvzip:KVzipPolicy",
+}
+
+
+def policy_names() -> tuple[str, ...]:
+    """Every valid `kv_policy` value, `full` first."""
+    return (FULL, *_POLICIES)
+
+
+def check_policy_name(name: str) -> None:
+    """Raise ValueError naming the valid policies unless `name` is one."""
+    if name not in policy_names():
+        raise ValueError(f"unknown kv_policy {name!r}; valid: {', '.join(policy_names())}")
+
+
+def create_policy(name: str, shape: KVShape) -> KVPolicy:
+    """A fresh instance of the policy `name` (not `full`) for one sequence."""
+    check_policy_name(name)
+    if name == FULL:
+        raise ValueError("kv_policy 'full' has no policy object: the sequence keeps every token")
+    module, cls = _POLICIES[name].split(":")
+    policy: KVPolicy = getattr(importlib.import_module(module), cls)(shape)
+    return policy
