@@ -48,7 +48,7 @@ done
 
 # Strata: one process per length, plus the 4k sweep and the KV codecs.
 strata_eval() {
-  timeout "$(left)" python3 -m strata.cli eval ruler --samples "$N" --tasks "$TASKS" \
+  timeout "$(left)" python3 -m strata.cli eval ruler --model "$GGUF" --samples "$N" --tasks "$TASKS" \
     --output "$OUT/strata" \
     --no-progress --log-level WARNING --no-cuda-graphs "$@"
 }
