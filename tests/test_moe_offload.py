@@ -163,6 +163,12 @@ def test_gpu_memory_budget_splits_the_arena(moe_folders: dict[str, Path]) -> Non
             moe=MoEConfig(gpu_memory=0.0001))  # fmt: skip
 
 
+def test_offloading_refuses_a_lossy_kv_codec(moe_folders: dict[str, Path]) -> None:
+    with pytest.raises(ValueError, match="kv_cache_dtype='auto', not 'int4'"):
+        LLM(str(moe_folders["qwen3_moe"]), device="cpu", block_size=4, max_model_len=64,
+            kv_cache_dtype="int4", moe=MoEConfig(expert_slots=4))  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
