@@ -18,7 +18,8 @@ from __future__ import annotations
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -101,6 +102,41 @@ class TierStats:
             out["bytes_written"] / out["write_seconds"] if out["write_seconds"] else 0.0
         )
         return out
+
+
+class PinCounts:
+    """Nested pins per key: a key is pinned while more pins than unpins reached it.
+
+    Not thread-safe: each tier calls it under its own index lock.
+    """
+
+    def __init__(self) -> None:
+        self._count: Counter[bytes] = Counter()  # only keys with a count > 0
+
+    def add(self, keys: Iterable[bytes]) -> None:
+        for key in keys:
+            self._count[key] += 1
+
+    def drop(self, keys: Iterable[bytes]) -> None:
+        """One unpin per key; unpinning a key that is not pinned does nothing."""
+        for key in keys:
+            if self._count[key] > 1:
+                self._count[key] -= 1
+            else:
+                del self._count[key]
+
+    def forget(self, key: bytes) -> None:
+        """Drop every pin of a key (its block is gone)."""
+        self._count.pop(key, None)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._count
+
+    def __len__(self) -> int:
+        return len(self._count)
+
+    def keys(self) -> set[bytes]:
+        return set(self._count)
 
 
 class Timer:

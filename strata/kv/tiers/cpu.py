@@ -12,12 +12,11 @@ touch. Reads of a slot are valid until the mover thread next evicts it.
 from __future__ import annotations
 
 import threading
-from collections import Counter
 from collections.abc import Sequence
 
 import torch
 
-from strata.kv.tiers.base import BlockLayout, StoredBlock, TierStore, Timer
+from strata.kv.tiers.base import BlockLayout, PinCounts, StoredBlock, TierStore, Timer
 from strata.kv.tiers.eviction import make_eviction_order
 
 
@@ -34,7 +33,7 @@ class CPUTier(TierStore):
         self._slot_of: dict[bytes, int] = {}
         self._tokens_of: dict[bytes, tuple[int, ...]] = {}
         self._free: list[int] = list(range(n - 1, -1, -1))  # pop() gives the lowest slot
-        self._pins: Counter[bytes] = Counter()
+        self._pins = PinCounts()
         self._order = make_eviction_order(eviction)
         self._lock = threading.Lock()
 
@@ -114,16 +113,13 @@ class CPUTier(TierStore):
 
     def pin(self, keys: Sequence[bytes]) -> None:
         with self._lock:
-            for key in keys:
-                if key in self._slot_of:
-                    self._pins[key] += 1
+            self._pins.add(k for k in keys if k in self._slot_of)
 
     def pin_present(self, keys: Sequence[bytes]) -> list[bytes]:
         """Pin the keys that are stored; returns them (the ones to unpin later)."""
         with self._lock:
             present = [k for k in keys if k in self._slot_of]
-            for key in present:
-                self._pins[key] += 1
+            self._pins.add(present)
         return present
 
     @property
@@ -132,14 +128,10 @@ class CPUTier(TierStore):
 
     def unpin(self, keys: Sequence[bytes]) -> None:
         with self._lock:
-            for key in keys:
-                if self._pins[key] > 0:
-                    self._pins[key] -= 1
-                if self._pins[key] == 0:
-                    del self._pins[key]
+            self._pins.drop(keys)
 
     def is_pinned(self, key: bytes) -> bool:
-        return self._pins.get(key, 0) > 0
+        return key in self._pins
 
     def remove(self, keys: Sequence[bytes]) -> None:
         with self._lock:
@@ -166,7 +158,7 @@ class CPUTier(TierStore):
         if slot is None:
             return
         del self._tokens_of[key]
-        self._pins.pop(key, None)
+        self._pins.forget(key)
         self._order.removed(key)
         self._free.append(slot)
 
@@ -186,7 +178,7 @@ class CPUTier(TierStore):
                     f"cpu tier: {len(used)} used + {len(self._free)} free + {reserved} reserved "
                     f"!= {self.capacity_blocks} slots"
                 )
-            if set(self._pins) - set(self._slot_of):
+            if self._pins.keys() - set(self._slot_of):
                 problems.append("cpu tier: a pin on a key that is not stored")
         return problems
 

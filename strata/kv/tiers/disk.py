@@ -31,14 +31,13 @@ import logging
 import os
 import secrets
 import threading
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
 from strata.kv.tiers import block_format
-from strata.kv.tiers.base import BlockLayout, StoredBlock, TierStore, Timer
+from strata.kv.tiers.base import BlockLayout, PinCounts, StoredBlock, TierStore, Timer
 from strata.kv.tiers.eviction import make_eviction_order
 
 log = logging.getLogger(__name__)
@@ -95,7 +94,7 @@ class DiskTier(TierStore):
         self.root = Path(directory) / f"{layout.fingerprint[:16]}-{layout_digest(layout)}"
         self.fsync = fsync
         self._keys: set[bytes] = set()
-        self._pins: Counter[bytes] = Counter()
+        self._pins = PinCounts()
         self._order = make_eviction_order(eviction)
         self._lock = threading.Lock()
         self._warned: set[str] = set()
@@ -281,20 +280,14 @@ class DiskTier(TierStore):
 
     def pin(self, keys: Sequence[bytes]) -> None:
         with self._lock:
-            for key in keys:
-                if key in self._keys:
-                    self._pins[key] += 1
+            self._pins.add(k for k in keys if k in self._keys)
 
     def unpin(self, keys: Sequence[bytes]) -> None:
         with self._lock:
-            for key in keys:
-                if self._pins[key] > 0:
-                    self._pins[key] -= 1
-                if self._pins[key] == 0:
-                    del self._pins[key]
+            self._pins.drop(keys)
 
     def is_pinned(self, key: bytes) -> bool:
-        return self._pins.get(key, 0) > 0
+        return key in self._pins
 
     def remove(self, keys: Sequence[bytes]) -> None:
         for key in keys:
@@ -322,7 +315,7 @@ class DiskTier(TierStore):
             if key not in self._keys:
                 return False
             self._keys.discard(key)
-            self._pins.pop(key, None)
+            self._pins.forget(key)
             self._order.removed(key)
             return True
 
@@ -349,7 +342,7 @@ class DiskTier(TierStore):
             ordered = set(self._order.candidates())
             if ordered != keys:
                 problems.append("disk tier: the eviction order and the index disagree")
-            if set(self._pins) - keys:
+            if self._pins.keys() - keys:
                 problems.append("disk tier: a pin on a key that is not stored")
         if self.used_bytes > self.capacity_bytes:
             problems.append(f"disk tier: {self.used_bytes} bytes used > {self.capacity_bytes}")

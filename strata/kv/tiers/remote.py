@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -38,7 +37,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from strata.kv.tiers import block_format
-from strata.kv.tiers.base import BlockLayout, StoredBlock, TierStore, Timer
+from strata.kv.tiers.base import BlockLayout, PinCounts, StoredBlock, TierStore, Timer
 from strata.kv.tiers.disk import layout_digest
 
 log = logging.getLogger(__name__)
@@ -90,7 +89,7 @@ class RemoteTier(TierStore):
         self._next_info = 0.0
         self._evicted_seen: int | None = None  # evicted_keys at the last INFO
         self._used_memory = 0
-        self._pins: Counter[bytes] = Counter()
+        self._pins = PinCounts()
         self._warned: set[str] = set()
 
     @property
@@ -209,25 +208,20 @@ class RemoteTier(TierStore):
 
     def remove(self, keys: Sequence[bytes]) -> None:
         for key in keys:
-            self._pins.pop(key, None)
+            self._pins.forget(key)
         if keys:
             self._call("DEL", lambda: self._client.delete(*[self.name_of(k) for k in keys]))
 
     # ---- pins and eviction: the server decides ------------------------------------------
 
     def pin(self, keys: Sequence[bytes]) -> None:
-        for key in keys:
-            self._pins[key] += 1
+        self._pins.add(keys)
 
     def unpin(self, keys: Sequence[bytes]) -> None:
-        for key in keys:
-            if self._pins[key] > 0:
-                self._pins[key] -= 1
-            if self._pins[key] == 0:
-                del self._pins[key]
+        self._pins.drop(keys)
 
     def is_pinned(self, key: bytes) -> bool:
-        return self._pins.get(key, 0) > 0
+        return key in self._pins
 
     def evict(self, num_bytes: int) -> int:
         return 0  # the server evicts by its maxmemory-policy
