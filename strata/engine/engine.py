@@ -553,7 +553,7 @@ class LLMEngine:
         live = {s.request_id for s in (*sched.running, *sched.waiting, *sched.loading.values())}
         if live != set(self._seqs):
             raise KVIntegrityError(f"engine tracks {set(self._seqs)} but scheduler has {live}")
-        if self.tiers is not None and not sched.loading and not sched._abandoned_loads:
+        if self.tiers is not None and not sched.loads_in_flight:
             self.tiers.flush()
             problems = self.tiers.check_integrity()
             if problems:

@@ -54,7 +54,7 @@ class Scheduler:
         self._loading_refs: dict[str, list[BlockRef]] = {}
         self._abandoned_loads: set[str] = set()  # finished while loading: free on arrival
         self._remote_found: dict[str, set[bytes]] = {}
-        self._probing: set[str] = set()
+        self._probing: dict[str, list[bytes]] = {}  # remote lookups in flight: their keys
         self._swapped: set[str] = set()
         self.num_preemptions = 0
         self.num_swaps = 0
@@ -68,13 +68,18 @@ class Scheduler:
         self.waiting.append(seq)
         tiers = self.tiers
         if tiers is not None and tiers.remote is not None and self.kv.enable_prefix_caching:
-            refs = self.kv.block_refs(seq.token_ids, 0, self.kv.root)
-            if refs:
-                self._probing.add(seq.request_id)
-                tiers.probe_remote(seq.request_id, [r.key for r in refs])
+            keys = [r.key for r in self.kv.block_refs(seq.token_ids, 0, self.kv.root)]
+            if keys:
+                self._probing[seq.request_id] = keys
+                tiers.probe_remote(seq.request_id, keys)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running or self.loading or self._abandoned_loads)
+        return bool(self.waiting or self.running or self.loads_in_flight)
+
+    @property
+    def loads_in_flight(self) -> bool:
+        """Whether the tier mover is still writing any sequence's blocks (live or aborted)."""
+        return bool(self.loading or self._abandoned_loads)
 
     # ---- one step -------------------------------------------------------------------------
 
@@ -201,12 +206,10 @@ class Scheduler:
             return
         for event in self.tiers.poll():
             if isinstance(event, ProbeDone):
-                self._probing.discard(event.seq_id)
-                seq = next((s for s in self.waiting if s.request_id == event.seq_id), None)
-                if seq is not None:  # else it finished meanwhile
-                    refs = self.kv.block_refs(seq.token_ids, 0, self.kv.root)
+                keys = self._probing.pop(event.seq_id, None)
+                if keys is not None:  # else it finished meanwhile
                     self._remote_found[event.seq_id] = {
-                        r.key for r, hit in zip(refs, event.found, strict=False) if hit
+                        k for k, hit in zip(keys, event.found, strict=True) if hit
                     }
             elif isinstance(event, LoadDone):
                 self._finish_load(event)
@@ -293,7 +296,7 @@ class Scheduler:
         A sequence still loading keeps its blocks until the load lands (the mover is
         writing them), then they are freed.
         """
-        self._probing.discard(seq.request_id)
+        self._probing.pop(seq.request_id, None)
         self._remote_found.pop(seq.request_id, None)
         self._release_swap(seq)
         if seq.request_id in self.loading:
