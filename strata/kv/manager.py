@@ -331,12 +331,10 @@ class KVManager:
         for block_id in reversed(self._holds.pop(owner, [])):
             self.pool.release(block_id)
 
-    def held_blocks(self, owner: str) -> list[int]:
-        return list(self._holds.get(owner, []))
-
     @property
     def num_held_blocks(self) -> int:
         return sum(len(b) for b in self._holds.values())
+
     # ---- lending blocks (MoE expert slots) -----------------------------------------------
 
     def withdraw(self, block_id: int) -> bool:

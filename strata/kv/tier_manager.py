@@ -272,7 +272,12 @@ class TierManager:
             todo = todo[: len(slots)]
             if todo:
                 with Timer() as t:
-                    self.transfer.store([i for _, i in todo], slots, job.after)
+                    try:
+                        self.transfer.store([i for _, i in todo], slots, job.after)
+                    except BaseException:
+                        for slot in slots:  # never published: give them back
+                            self.cpu.release_slot(slot)
+                        raise
                 nbytes = len(todo) * self.cpu.layout.nbytes
                 self.cpu.stats.add(bytes_written=nbytes, write_seconds=t.seconds)
         finally:

@@ -68,10 +68,6 @@ class BlockTransfer:
         else:
             self.chunk = 256
 
-    @property
-    def stage_bytes(self) -> int:
-        return self.stage.numel() * self.stage.element_size() if self.cuda else 0
-
     def _slot(self, slot: int) -> torch.Tensor:
         return self.slab[slot].view(self.block_shape)
 
