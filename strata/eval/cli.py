@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from strata.eval.settings import PROTOCOLS, Setting, parse_budgets
+from strata.eval.settings import MAIN_PROTOCOLS, PROTOCOLS, Setting, parse_budgets
 
 logger = logging.getLogger("strata.eval")
 
@@ -22,7 +22,9 @@ niah_multiquery, vt (variable tracking), cwe (common words), fwe (frequent words
 
 Protocols: query-aware compresses the whole prompt once it is prefilled (what a serving
 engine sees); query-agnostic compresses the context before the question is computed, then
-appends the question uncompressed (compress once, ask many: kvpress's default pipeline).
+appends the question uncompressed (compress once, ask many: kvpress's default pipeline);
+question-cut compresses the context and question, then appends the chat template's tail
+and answer prefix uncompressed (where kvpress's query-aware protocol cuts).
 
 Writes one JSON per run (policy x budget x protocol x length) into --output, prints a
 table of all runs, and for a budget sweep writes a PNG of average score against budget.
@@ -97,7 +99,9 @@ def add_eval_parser(sub: Any, add_engine_args: Callable[[argparse.ArgumentParser
     r.add_argument(
         "--protocol", default="query-aware", choices=[*PROTOCOLS, "both"],
         help="query-aware (compress the whole prompt), query-agnostic (compress the context, "
-        "then append the question) or both (default query-aware)",
+        "then append the question), question-cut (compress context + question, then append "
+        "the template tail: kvpress's query-aware cut) or both (query-aware and "
+        "query-agnostic; default query-aware)",
     )  # fmt: skip
     add_engine_args(r)
     r.set_defaults(func=cmd_eval_ruler)
@@ -164,7 +168,7 @@ def cmd_eval_ruler(args: argparse.Namespace) -> int:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
     tasks = parse_tasks(args.tasks)
     budgets = parse_budgets(args.budget)
-    protocols = list(PROTOCOLS) if args.protocol == "both" else [args.protocol]
+    protocols = list(MAIN_PROTOCOLS) if args.protocol == "both" else [args.protocol]
     runs = settings(_policies(args.policy), budgets, protocols)
     lengths = _lengths(args.length)
     out_dir = Path(args.output)

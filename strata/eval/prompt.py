@@ -3,7 +3,9 @@
     | template head + context | question | template tail + answer prefix |
     |<------ context_ids ---->|<- qids ->|<-------- suffix_ids --------->|
     query-agnostic compresses context_ids (the question is not known yet);
-    query-aware compresses everything the user sent: context_ids + question_ids.
+    query-aware compresses the whole prompt (what a serving engine sees);
+    question-cut compresses context_ids + question_ids, and the template tail comes after
+    (kvpress's query-aware cut: it attributes differences to where the cut falls).
 
 The chat template is rendered once around a separator and split there, the way kvpress's
 pipeline does it, so the context, question and tail are tokenized separately and both
@@ -37,9 +39,13 @@ class PromptIds:
         """How many leading tokens the protocol compresses."""
         if protocol == "query-agnostic":
             return len(self.context)
-        if protocol == "query-aware":
+        if protocol == "question-cut":
             return len(self.context) + len(self.question)
-        raise ValueError(f"protocol must be query-aware or query-agnostic, got {protocol!r}")
+        if protocol == "query-aware":
+            return len(self)
+        raise ValueError(
+            f"protocol must be query-aware, query-agnostic or question-cut, got {protocol!r}"
+        )
 
 
 def template_parts(tokenizer: Any) -> tuple[str, str]:

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from strata.kv.policies.budget import check_budget
 from strata.kv.policies.registry import FULL, check_policy_name
 
-PROTOCOLS = ("query-aware", "query-agnostic")
+PROTOCOLS = ("query-aware", "query-agnostic", "question-cut")
+MAIN_PROTOCOLS = PROTOCOLS[:2]  # "both" on the command line
 
 
 @dataclass(frozen=True)

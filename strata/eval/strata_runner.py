@@ -47,11 +47,12 @@ class RunResult:
 
 def sampling_params(setting: Setting, ids: PromptIds, max_tokens: int) -> SamplingParams:
     """Greedy decoding under the setting's policy. Query-agnostic compresses the context
-    before the question is computed (`kv_compress_prefix`); query-aware compresses the
-    whole prompt once it is computed."""
+    before the question is computed (`kv_compress_prefix`), question-cut the context and
+    question before the template tail; query-aware compresses the whole prompt once it is
+    computed."""
     if setting.is_full:
         return SamplingParams(max_tokens=max_tokens, temperature=0.0, kv_policy=FULL)
-    prefix = len(ids.context) if setting.protocol == "query-agnostic" else None
+    prefix = None if setting.protocol == "query-aware" else ids.compressible(setting.protocol)
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=0.0,
