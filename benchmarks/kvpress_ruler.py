@@ -42,7 +42,9 @@ PRESSES = {
     "tova": "TOVAPress",
     "expected_attention": "ExpectedAttentionPress",
     "kvzip": "KVzipPress",
+    "chunkkv": "ChunkKVPress",  # around SnapKVPress, chunks of CHUNK tokens (as Strata's)
 }
+CHUNK = 16  # strata.kv.policies.chunkkv.ChunkKVPolicy.CHUNK
 PROTOCOLS = ("query-aware", "query-agnostic")
 MIB = 1 << 20
 
@@ -82,6 +84,8 @@ def _cache_bytes(cache: Any) -> int:
 def _press(policy: str, budget: float) -> Any:
     import kvpress
 
+    if policy == "chunkkv":
+        return kvpress.ChunkKVPress(kvpress.SnapKVPress(compression_ratio=1.0 - budget), CHUNK)
     return getattr(kvpress, PRESSES[policy])(compression_ratio=1.0 - budget)
 
 

@@ -74,6 +74,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="KV the policy keeps: a fraction of the context if < 1, tokens if >= 1",
     )  # fmt: skip
     g.add_argument(
+        "--kv-evict-interval", type=int, default=None, metavar="N",
+        help="decode steps between evictions of the policies that evict while decoding "
+        "(streaming, h2o, tova, treekv): the cache grows to cap + N - 1 tokens, then evicts "
+        "back to its cap (default: the block size, so each eviction frees a block; 1 = "
+        "every step, as the papers define them)",
+    )  # fmt: skip
+    g.add_argument(
         "--max-num-batched-tokens",
         type=int,
         default=2048,
@@ -156,6 +163,8 @@ def add_tier_args(p: argparse.ArgumentParser) -> None:
         help="share of the GPU pool that session pins (session_id + cache_ttl_s) may hold; "
         "beyond it pins go to the CPU tier (default 0.25)",
     )  # fmt: skip
+
+
 def add_moe_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("MoE expert offloading (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE)")
     g.add_argument(
@@ -251,6 +260,7 @@ def llm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "kv_cache_dtype": args.kv_cache_dtype,
         "kv_policy": args.kv_policy,
         "kv_budget": args.kv_budget,
+        "kv_evict_interval": args.kv_evict_interval,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "max_num_seqs": args.max_num_seqs,
         "max_model_len": args.max_model_len,

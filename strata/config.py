@@ -260,6 +260,11 @@ class CacheConfig:
     kv_policy / kv_budget: the KV eviction policy a request gets when it names none
     (strata/kv/policies/registry.py), and its budget: a fraction of the context if < 1,
     a number of tokens if >= 1. "full" (the default) keeps everything.
+    kv_evict_interval: decode steps between the evictions of a policy that evicts while
+    decoding (streaming, h2o, tova, treekv). The cache grows to cap + interval - 1 slots
+    and then evicts back to its cap, so one eviction frees whole blocks and the
+    selection and compaction cost is paid once per interval. None: the block size;
+    1: after every step, as the papers define them.
     """
 
     block_size: int = 16
@@ -271,6 +276,7 @@ class CacheConfig:
     kv_cache_dtype: str = "auto"
     kv_policy: str = "full"
     kv_budget: float | None = None
+    kv_evict_interval: int | None = None
 
     DEFAULT_CPU_KV_GIB = 2.0
     KV_CACHE_DTYPES = ("auto", "fp8", "int8", "int4", "int2")
@@ -296,6 +302,13 @@ class CacheConfig:
                 "KV tiers store blocks under their prefix-cache keys: they need prefix caching on"
             )
         self._check_kv_policy()
+        if self.kv_evict_interval is not None and self.kv_evict_interval < 1:
+            raise ValueError(f"kv_evict_interval must be >= 1, got {self.kv_evict_interval}")
+
+    @property
+    def evict_interval(self) -> int:
+        """kv_evict_interval resolved: the block size unless set."""
+        return self.kv_evict_interval if self.kv_evict_interval is not None else self.block_size
 
     def _check_kv_policy(self) -> None:
         from strata.kv.policies.budget import check_budget

@@ -20,6 +20,7 @@ from transformers import LlamaConfig
 from strata import LLM, SamplingParams
 from strata.engine.sequence import Sequence
 from strata.kv.policies.base import KVShape
+from strata.kv.policies.chunkkv import ChunkKVPolicy
 from strata.kv.policies.h2o import H2OPolicy
 from strata.kv.policies.pyramidkv import PyramidKVPolicy
 from strata.kv.policies.registry import create_policy
@@ -45,7 +46,9 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
 
 @pytest.fixture(scope="module")
 def llm(tiny: tuple[Path, Any]) -> Iterator[LLM]:
-    engine = LLM(str(tiny[0]), device="cpu", num_kv_blocks=160, block_size=BLOCK)
+    engine = LLM(
+        str(tiny[0]), device="cpu", num_kv_blocks=160, block_size=BLOCK, kv_evict_interval=1
+    )  # the papers' one-per-step eviction: exact checks
     yield engine
     assert_no_leaks(engine)
 
@@ -124,6 +127,22 @@ def test_snapkv_keeps_window_and_pooled_votes(llm: LLM, attentions: list[torch.T
     release(llm, seq)
 
 
+def test_chunkkv_keeps_whole_chunks_by_window_votes(
+    llm: LLM, attentions: list[torch.Tensor]
+) -> None:
+    c, w, size = len(PROMPT), ChunkKVPolicy.WINDOW, ChunkKVPolicy.CHUNK
+    seq = compress(llm, params("chunkkv", 100))  # 36 beyond the window: 2 chunks + 4 tokens
+    for layer in range(LAYERS):
+        votes = attentions[layer][:, c - w :, : c - w].sum(dim=(0, 1))  # every head, summed
+        chunks = [list(range(a, min(a + size, c - w))) for a in range(0, c - w, size)]
+        by_total = sorted(chunks, key=lambda ch: -float(votes[ch].sum()))
+        expected = set(range(c - w, c)) | set(by_total[0]) | set(by_total[1])
+        expected |= set(sorted(by_total[2], key=lambda t: -float(votes[t]))[:4])
+        assert kept(seq, layer) == [expected] * KV_HEADS  # every KV head: the same chunks
+    assert len(llm.engine.kv.block_table(seq.request_id)) == 100 // BLOCK
+    release(llm, seq)
+
+
 def test_pyramidkv_budgets_shrink_with_depth(llm: LLM, attentions: list[torch.Tensor]) -> None:
     seq = compress(llm, params("pyramidkv", 80))
     assert seq.kv is not None
@@ -166,6 +185,31 @@ def test_evicting_policies_hold_the_cap_while_decoding(llm: LLM, policy: str) ->
         if not seq.finished:
             assert seq.kv.max_slots == 30  # one in, one out
             assert len(llm.engine.kv.block_table(seq.request_id)) <= -(-31 // BLOCK)
+    assert_no_leaks(llm)
+
+
+@pytest.mark.parametrize("policy", ["streaming", "h2o", "tova", "treekv"])
+def test_evict_interval_frees_a_block_at_a_time(tiny: Any, policy: str) -> None:
+    """By default the cache grows to cap + block_size - 1 and then evicts back to the cap,
+    one compaction per block_size decode steps."""
+    llm = LLM(str(tiny[0]), device="cpu", num_kv_blocks=160, block_size=BLOCK)
+    seq = compress(llm, params(policy, 0.25, max_tokens=14))
+    assert seq.kv is not None
+    compactions = seq.kv.num_compactions
+    sizes = []
+    while not seq.finished:
+        llm.engine.step()
+        if not seq.finished:
+            sizes.append(seq.kv.max_slots)
+    # cap 30. The prefill samples token 1; the 13 decode steps cache tokens 1..13, and the
+    # 12 that do not finish go 31, 32, 33, then the 4th reaches 30 + BLOCK and is evicted
+    # back to 30, and so on
+    assert sizes == [31, 32, 33, 30] * 3
+    assert seq.kv.num_compactions - compactions == 3
+    if policy == "streaming":
+        sinks = set(range(StreamingPolicy.NUM_SINKS))
+        last = len(PROMPT) + 11  # the newest token cached at the last eviction
+        assert kept(seq, 0)[0] >= sinks | set(range(last - 25, last + 1))
     assert_no_leaks(llm)
 
 
@@ -221,7 +265,7 @@ def test_mixed_batch_equals_solo_runs(llm: LLM, tiny: Any) -> None:
     assert together == alone
     # Small steps: prefill in chunks, the observation window split between them.
     chunked = LLM(str(tiny[0]), device="cpu", num_kv_blocks=400, block_size=BLOCK,
-                  max_num_batched_tokens=24)  # fmt: skip
+                  max_num_batched_tokens=24, kv_evict_interval=1)  # fmt: skip
     assert [o.token_ids for o in chunked.generate(prompts, batch)] == alone
     assert_no_leaks(chunked)
     assert_no_leaks(llm)

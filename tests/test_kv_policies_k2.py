@@ -41,7 +41,9 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
 
 @pytest.fixture(scope="module")
 def llm(tiny: tuple[Path, Any]) -> Iterator[LLM]:
-    engine = LLM(str(tiny[0]), device="cpu", num_kv_blocks=160, block_size=BLOCK)
+    engine = LLM(
+        str(tiny[0]), device="cpu", num_kv_blocks=160, block_size=BLOCK, kv_evict_interval=1
+    )  # the papers' one-per-step eviction: exact checks
     yield engine
     assert_no_leaks(engine)
 
@@ -222,7 +224,7 @@ def test_mixed_batch_equals_solo_runs(llm: LLM, tiny: Any) -> None:
     alone = [llm.generate([p], b)[0].token_ids for p, b in zip(prompts, batch, strict=True)]
     assert together == alone
     chunked = LLM(str(tiny[0]), device="cpu", num_kv_blocks=400, block_size=BLOCK,
-                  max_num_batched_tokens=24)  # fmt: skip
+                  max_num_batched_tokens=24, kv_evict_interval=1)  # fmt: skip
     assert [o.token_ids for o in chunked.generate(prompts, batch)] == alone
     assert_no_leaks(chunked)
     assert_no_leaks(llm)

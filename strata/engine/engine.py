@@ -155,11 +155,19 @@ class LLMEngine:
             self.kv, self.kv_cache,
             KVShape(cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim),
             config.cache.kv_policy, config.cache.kv_budget, self.device,
+            evict_interval=config.cache.evict_interval,
             model=self._model_access(),
             reconstruction=ContextReconstruction(
                 self.runner, self.kv, config.scheduler.max_num_batched_tokens
             ),
         )  # fmt: skip
+        logger.info(
+            "KV policy: default %s%s; requests may name their own; policies that evict "
+            "while decoding evict every %d steps",
+            config.cache.kv_policy,
+            "" if config.cache.kv_budget is None else f" (budget {config.cache.kv_budget:g})",
+            config.cache.evict_interval,
+        )
         if self.kv_cache.tails is not None:
             self.kv_cache.tails.live_blocks = self._open_blocks
         self._maybe_capture_graphs()

@@ -39,10 +39,12 @@ class KVPolicyDriver:
         default_policy: str,
         default_budget: float | None,
         device: torch.device,
+        evict_interval: int = 1,
         model: ModelAccess | None = None,
         reconstruction: ContextReconstruction | None = None,
     ) -> None:
         """default_policy / default_budget: what a request naming none gets (CacheConfig).
+        evict_interval: decode steps between evictions (CacheConfig.kv_evict_interval).
         model: handed to each policy (`KVPolicy.bind`); reconstruction: runs the extra
         prefill passes a policy asks for at its compression point (KVzip)."""
         self.model = model
@@ -53,6 +55,7 @@ class KVPolicyDriver:
         self.default_policy = default_policy
         self.default_budget = default_budget
         self.device = device
+        self.evict_interval = evict_interval
         self.num_compactions = 0
         self.num_tokens_evicted = 0  # per layer, averaged over layers
 
@@ -83,7 +86,9 @@ class KVPolicyDriver:
         policy = create_policy(name, self.shape)
         if self.model is not None:
             policy.bind(self.model)
-        seq.kv = SequenceKV(seq, policy, budget, context, seq.num_prompt_tokens, self.device)
+        seq.kv = SequenceKV(
+            seq, policy, budget, context, seq.num_prompt_tokens, self.device, self.evict_interval
+        )
 
     def after_step(self, plan: StepPlan) -> None:
         """Compress the sequences of this step whose compression point or cap it reached."""

@@ -26,10 +26,12 @@ class LLM:
     and preemption_mode are those of `TierConfig` (kv_cpu_memory and kv_disk_size in GiB).
     kv_cache_dtype picks the KV block codec: "auto", "fp8", "int8", "int4" or "int2".
     kv_policy / kv_budget: the KV eviction policy of requests whose SamplingParams name
-    none (see `SamplingParams.kv_policy`); "full" keeps every token.
+    none (see `SamplingParams.kv_policy`); "full" keeps every token. kv_evict_interval:
+    decode steps between evictions of the policies that evict while decoding
+    (`CacheConfig.kv_evict_interval`; None: the block size).
+    moe: expert offloading of a Mixture-of-Experts model (MoEConfig; e.g.
+    MoEConfig(gpu_memory=20)).
     Call `close()` (or use `with LLM(...) as llm:`) to finish writing tier blocks.
-    embedded SmolLM2-135M-Instruct. kv_cache_memory is in GiB. moe: expert offloading of
-    a Mixture-of-Experts model (MoEConfig; e.g. MoEConfig(gpu_memory=20)).
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class LLM:
         moe: MoEConfig | None = None,
         kv_policy: str = "full",
         kv_budget: float | None = None,
+        kv_evict_interval: int | None = None,
         kv_cache_dtype: str = "auto",
     ) -> None:
         config = EngineConfig(
@@ -78,6 +81,7 @@ class LLM:
                 enable_prefix_caching=enable_prefix_caching,
                 kv_policy=kv_policy,
                 kv_budget=kv_budget,
+                kv_evict_interval=kv_evict_interval,
                 kv_cache_dtype=kv_cache_dtype,
                 tiers=TierConfig(
                     cpu_memory=kv_cpu_memory,

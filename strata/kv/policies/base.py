@@ -10,14 +10,16 @@ accumulated scores). Its life, driven by the engine (strata/engine/kv_policies.p
     prompt tokens     | context ......................... C | rest of prompt | output ...
                       |<-- prefill chunks, observed -------->|
                                            compression point ^  select(keep = budget)
-    after each decode step, if evicts_during_decode and slots > cap:  select(keep = cap)
+    after a decode step, if evicts_during_decode and slots >= cap + interval:
+                                                               select(keep = cap)
 
 - C, the context end, is the whole prompt (query-aware) or the request's
   `kv_compress_prefix` leading tokens (query-agnostic: the tokens after C are computed
   after compression and attend to the compressed context).
 - The budget resolves against C: a fraction of C if < 1, else a token count (at most C).
 - cap, for policies that evict while decoding, is the slot count at the end of the
-  prompt: the cache never grows past it.
+  prompt. The cache grows past it by at most interval - 1 slots (the engine's
+  kv_evict_interval; the block size by default, 1 for the papers' one-per-step rule).
 
 Slots and positions. Slot s of a layer is the s-th cached token of the sequence in that
 layer; its key was cached after RoPE, so compaction keeps each token's original position
@@ -89,6 +91,10 @@ class KVView(Protocol):
 
     def positions(self, layer: int) -> torch.Tensor:
         """[kv_heads, num_slots(layer)] int64: the token position each slot holds."""
+        ...
+
+    def compacts_after(self, end: int) -> bool:
+        """Whether the step computing tokens up to `end` is followed by a selection."""
         ...
 
 
@@ -176,7 +182,7 @@ class KVPolicy(ABC):
 
     name: the registry name (strata/kv/policies/registry.py).
     evicts_during_decode: after the prompt, keep the cache at its end-of-prompt size by
-    evicting after every decode step (StreamingLLM, H2O, TOVA); otherwise the cache is
+    evicting while decoding (StreamingLLM, H2O, TOVA, TreeKV); otherwise the cache is
     compressed once, at the compression point, and grows while decoding (SnapKV).
     """
 

@@ -4,7 +4,7 @@ Every query of the sequence, prompt and output alike, adds its attention (summed
 each KV head's query heads) to the scores of the slots it attends. A selection keeping
 k tokens per KV head keeps the k // 2 most recent tokens and the k - k // 2 others with
 the highest accumulated score. The cache is compressed at the compression point and then
-held at its cap by evicting after every decode step.
+held at its cap while decoding: every kv_evict_interval steps the lowest go.
 """
 
 from __future__ import annotations

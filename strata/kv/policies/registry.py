@@ -18,6 +18,7 @@ _POLICIES: dict[str, str] = {
     "h2o": "strata.kv.policies.h2o:H2OPolicy",
     "snapkv": "strata.kv.policies.snapkv:SnapKVPolicy",
     "pyramidkv": "strata.kv.policies.pyramidkv:PyramidKVPolicy",
+    "chunkkv": "strata.kv.policies.chunkkv:ChunkKVPolicy",
     "tova": "strata.kv.policies.tova:TOVAPolicy",
     "treekv": "strata.kv.policies.treekv:TreeKVPolicy",
     "expected_attention": "strata.kv.policies.expected_attention:ExpectedAttentionPolicy",

@@ -13,6 +13,8 @@ survivors compacted, so each layer holds fewer slots than there are computed tok
   positions; keys are cached after RoPE, so kept tokens keep their positions.
 - Blocks are held for `num_slots` = the longest layer; shorter layers (PyramidKV) mask
   the rest by their own context length.
+- A policy that evicts while decoding lets the cache grow to cap + evict_interval - 1
+  slots and then evicts back to cap (`budgets_after`), once per `evict_interval` steps.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class SequenceKV:
         context_len: int,
         num_prompt: int,
         device: torch.device,
+        evict_interval: int = 1,
     ) -> None:
         self._seq = seq  # the Sequence: num_computed is its own, never a copy
         self.policy = policy
@@ -45,6 +48,7 @@ class SequenceKV:
         self.context_len = context_len  # C: the prompt tokens compressed as a context
         self.num_prompt = num_prompt
         self.device = device
+        self.evict_interval = evict_interval
         self.num_layers = policy.shape.num_layers
         self.num_kv_heads = policy.shape.num_kv_heads
         self.reset()
@@ -118,9 +122,13 @@ class SequenceKV:
             return None
         if self.compressed and self.policy.evicts_during_decode and end >= self.num_prompt:
             cap = self.decode_cap
-            if end - min(self.evicted) > cap:
+            if end - min(self.evicted) >= cap + self.evict_interval:
                 return [cap] * self.num_layers
         return None
+
+    def compacts_after(self, end: int) -> bool:
+        """Whether a compaction follows the step that ends at token `end`."""
+        return self.budgets_after(end) is not None
 
     # ---- after a compaction -----------------------------------------------------------------
 

@@ -2,8 +2,9 @@
 
 The score of a slot is the last query's attention to it, averaged over all heads of the
 layer, so every KV head of a layer keeps the same tokens. At the compression point the
-last context token's query ranks the context; while decoding, each step's query ranks
-the cache and the lowest token goes, keeping the cache at its cap.
+last context token's query ranks the context; while decoding, the query of each step
+that evicts ranks the cache and the lowest tokens go, back down to the cap (one token
+per step with kv_evict_interval=1, as the paper defines it).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ class TOVAPolicy(KVPolicy):
         return context_len - 1
 
     def observed_queries(self, view: KVView, start: int, end: int) -> tuple[int, int] | None:
-        return (end - 1, end)  # the step's last query: the context's last, or the decode's
+        # the step's last query (the context's last, or a decode's), when a selection follows
+        return (end - 1, end) if view.compacts_after(end) else None
 
     def observe(self, obs: LayerObservation) -> None:
         per_head = obs.summed_attention().sum(dim=0, keepdim=True) / self.shape.num_heads

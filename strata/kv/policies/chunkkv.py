@@ -1,0 +1,50 @@
+"""ChunkKV (Liu et al., 2025): SnapKV's votes, kept in whole chunks of CHUNK tokens.
+
+Evicting single tokens keeps fragments: a 7-digit number may keep 4 of its digits in a
+layer and a different 4 in the next. ChunkKV keeps contiguous chunks instead. The votes
+are SnapKV's (the observation window's attention, summed over its queries), summed here
+over every query head of the layer, so all KV heads of a layer keep the same chunks.
+A chunk's score is the sum of its tokens' votes; chunks are aligned to slot 0, which at
+the compression point is token 0, so a chunk is one KV block when CHUNK == block size.
+
+Each layer keeps the observation window, then whole chunks in order of score; the last
+chunk that does not fit keeps its best-voted tokens. Compresses once, at the compression
+point; the cache grows while decoding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from strata.kv.policies.base import KVView, keep_top
+from strata.kv.policies.snapkv import SnapKVPolicy
+
+
+class ChunkKVPolicy(SnapKVPolicy):
+    name = "chunkkv"
+    CHUNK = 16
+
+    def select_layer(self, view: KVView, layer: int, k: int) -> torch.Tensor:
+        n = view.num_slots(layer)
+        heads = self.shape.num_kv_heads
+        votes = self.scores.get(layer, n, heads, view.device).sum(dim=0)  # [n]
+        before = n - self.window(view.context_len)
+        chunks = -(-before // self.CHUNK)
+        padded = torch.zeros(chunks * self.CHUNK, device=view.device)
+        padded[:before] = votes[:before]
+        by_chunk = padded.view(chunks, self.CHUNK)
+        # rank: chunks by total vote (best first), tokens within a chunk by their vote
+        chunk_rank = torch.empty(chunks, dtype=torch.long, device=view.device)
+        order = torch.sort(by_chunk.sum(dim=-1), descending=True, stable=True).indices
+        chunk_rank[order] = torch.arange(chunks, device=view.device)
+        token_order = torch.sort(by_chunk, dim=-1, descending=True, stable=True).indices
+        token_rank = torch.empty_like(token_order).scatter_(
+            -1, token_order, torch.arange(self.CHUNK, device=view.device).expand(chunks, -1)
+        )
+        rank = (chunk_rank[:, None] * self.CHUNK + token_rank).view(-1)[:before]
+        # The window outranks every chunk, its newest first should k be below its size.
+        score = torch.cat([
+            -rank.float(),
+            1e9 + torch.arange(n - before, device=view.device, dtype=torch.float32),
+        ])  # fmt: skip
+        return keep_top(score.expand(heads, -1), k)
