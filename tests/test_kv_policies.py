@@ -131,7 +131,8 @@ def test_chunkkv_keeps_whole_chunks_by_window_votes(
     llm: LLM, attentions: list[torch.Tensor]
 ) -> None:
     c, w, size = len(PROMPT), ChunkKVPolicy.WINDOW, ChunkKVPolicy.CHUNK
-    seq = compress(llm, params("chunkkv", 100))  # 36 beyond the window: 2 chunks + 4 tokens
+    k = w + 2 * size + 4  # beyond the window: 2 whole chunks and 4 tokens of a third
+    seq = compress(llm, params("chunkkv", k))
     for layer in range(LAYERS):
         votes = attentions[layer][:, c - w :, : c - w].sum(dim=(0, 1))  # every head, summed
         chunks = [list(range(a, min(a + size, c - w))) for a in range(0, c - w, size)]
@@ -139,7 +140,7 @@ def test_chunkkv_keeps_whole_chunks_by_window_votes(
         expected = set(range(c - w, c)) | set(by_total[0]) | set(by_total[1])
         expected |= set(sorted(by_total[2], key=lambda t: -float(votes[t]))[:4])
         assert kept(seq, layer) == [expected] * KV_HEADS  # every KV head: the same chunks
-    assert len(llm.engine.kv.block_table(seq.request_id)) == 100 // BLOCK
+    assert len(llm.engine.kv.block_table(seq.request_id)) == k // BLOCK
     release(llm, seq)
 
 
