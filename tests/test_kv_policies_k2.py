@@ -193,6 +193,23 @@ def test_kvzip_keeps_what_reconstruction_attends(
     release(llm, seq, -(-30 // BLOCK))
 
 
+def test_kvzip_passes_past_max_model_len(
+    llm: LLM, tiny: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A context that fills max_model_len: the passes run at positions past it and keep
+    exactly what an engine with room to spare keeps."""
+    monkeypatch.setattr(KVzipPolicy, "CHUNK", 64)
+    short = LLM(str(tiny[0]), device="cpu", num_kv_blocks=160, block_size=BLOCK,
+                max_model_len=C + 8)  # fmt: skip
+    seq = compress(short, params("kvzip", 0.25))
+    reference = compress(llm, params("kvzip", 0.25))
+    for layer in range(LAYERS):
+        assert kept(seq, layer) == kept(reference, layer)
+    assert short.stats()["kv_reconstruction_tokens"] == 64 + 8 + (C - 64)
+    release(short, seq, -(-30 // BLOCK))
+    release(llm, reference, -(-30 // BLOCK))
+
+
 def test_kvzip_passes_ask_to_repeat_the_context(embedded_folder: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(embedded_folder)
     policy = KVzipPolicy(KVShape(2, 4, 2, 16))

@@ -15,7 +15,7 @@ from strata.attention.backend import choose_backend, get_backend
 from strata.config import EngineConfig
 from strata.engine.detokenizer import Detokenizer, decode_ids
 from strata.engine.kv_policies import KVPolicyDriver
-from strata.engine.kv_reconstruction import ContextReconstruction
+from strata.engine.kv_reconstruction import PASS_HEADROOM, ContextReconstruction
 from strata.engine.outputs import RequestOutput, TokenLogprobs
 from strata.engine.plan import StepPlan
 from strata.engine.runner import ModelRunner
@@ -70,8 +70,10 @@ class LLMEngine:
         requested_len = config.scheduler.max_model_len
         # With expert offloading, routed experts are built in (pinned) CPU memory.
         expert_device = torch.device("cpu") if config.moe.enabled else None
+        # RoPE tables also cover the reconstruction passes KVzip runs after a context.
+        rope_len = None if requested_len is None else requested_len + PASS_HEADROOM
         self.loaded: LoadedModel = load_model(
-            config.model, self.device, self.dtype, requested_len, config.seed, expert_device
+            config.model, self.device, self.dtype, rope_len, config.seed, expert_device
         )
         self.model_config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
@@ -158,7 +160,8 @@ class LLMEngine:
             evict_interval=config.cache.evict_interval,
             model=self._model_access(),
             reconstruction=ContextReconstruction(
-                self.runner, self.kv, config.scheduler.max_num_batched_tokens
+                self.runner, self.kv, config.scheduler.max_num_batched_tokens,
+                max_positions=self.loaded.model.rope.cos.shape[0],
             ),
         )  # fmt: skip
         logger.info(
