@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from strata.kv.policies.base import KVView, keep_top
+from strata.kv.policies.base import KVView
+from strata.kv.policies.chunks import keep_chunks
 from strata.kv.policies.snapkv import SnapKVPolicy
 
 
@@ -34,24 +35,5 @@ class ChunkKVPolicy(SnapKVPolicy):
     def select_layer(self, view: KVView, layer: int, k: int) -> torch.Tensor:
         n = view.num_slots(layer)
         heads = self.shape.num_kv_heads
-        votes = self.scores.get(layer, n, heads, view.device).sum(dim=0)  # [n]
-        before = n - self.window(view.context_len)
-        chunks = -(-before // self.CHUNK)
-        padded = torch.zeros(chunks * self.CHUNK, device=view.device)
-        padded[:before] = votes[:before]
-        by_chunk = padded.view(chunks, self.CHUNK)
-        # rank: chunks by total vote (best first), tokens within a chunk by their vote
-        chunk_rank = torch.empty(chunks, dtype=torch.long, device=view.device)
-        order = torch.sort(by_chunk.sum(dim=-1), descending=True, stable=True).indices
-        chunk_rank[order] = torch.arange(chunks, device=view.device)
-        token_order = torch.sort(by_chunk, dim=-1, descending=True, stable=True).indices
-        token_rank = torch.empty_like(token_order).scatter_(
-            -1, token_order, torch.arange(self.CHUNK, device=view.device).expand(chunks, -1)
-        )
-        rank = (chunk_rank[:, None] * self.CHUNK + token_rank).view(-1)[:before]
-        # The window outranks every chunk, its newest first should k be below its size.
-        score = torch.cat([
-            -rank.float(),
-            1e9 + torch.arange(n - before, device=view.device, dtype=torch.float32),
-        ])  # fmt: skip
-        return keep_top(score.expand(heads, -1), k)
+        votes = self.scores.get(layer, n, heads, view.device).sum(dim=0)  # every head
+        return keep_chunks(votes, k, self.CHUNK, self.window(view.context_len), heads)
