@@ -22,6 +22,7 @@ from strata.engine.sequence import Sequence
 from strata.kv.policies.base import KVShape
 from strata.kv.policies.chunkkv import ChunkKVPolicy
 from strata.kv.policies.h2o import H2OPolicy
+from strata.kv.policies.observer import DecodeBatch
 from strata.kv.policies.pyramidkv import PyramidKVPolicy
 from strata.kv.policies.registry import create_policy
 from strata.kv.policies.snapkv import SnapKVPolicy
@@ -270,6 +271,42 @@ def test_mixed_batch_equals_solo_runs(llm: LLM, tiny: Any) -> None:
     assert [o.token_ids for o in chunked.generate(prompts, batch)] == alone
     assert_no_leaks(chunked)
     assert_no_leaks(llm)
+
+
+@pytest.mark.parametrize("policy", ["h2o", "tova", "treekv"])
+def test_decode_rows_scored_together_keep_what_each_alone_keeps(
+    tiny: Any, policy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decoding sequences are scored in one batch per layer (DecodeBatch); each keeps
+    exactly the slots it keeps when it decodes alone."""
+    batch_sizes: list[int] = []
+    observe = DecodeBatch.observe
+
+    def counting(self: DecodeBatch, layer: int, q: torch.Tensor, scale: float) -> None:
+        batch_sizes.append(len(self.sequences))
+        observe(self, layer, q, scale)
+
+    monkeypatch.setattr(DecodeBatch, "observe", counting)
+
+    def kept_after_decoding(prompts: list[list[int]]) -> list[list[list[set[int]]]]:
+        llm = LLM(str(tiny[0]), device="cpu", num_kv_blocks=400, block_size=BLOCK,
+                  kv_evict_interval=1)  # fmt: skip
+        engine = llm.engine
+        seqs = [engine._seqs[engine.add_request(p, params(policy, 0.25, max_tokens=12))]
+                for p in prompts]  # fmt: skip
+        for _ in range(8):  # the prefill, then 7 decode steps that each evict
+            engine.step()
+        result = [[kept(seq, layer) for layer in range(LAYERS)] for seq in seqs]
+        for seq in seqs:
+            engine.abort(seq.request_id)
+        assert_no_leaks(llm)
+        return result
+
+    prompts = [PROMPT[10 * i :] for i in range(3)]  # caps 30, 27, 25: rows padded
+    together = kept_after_decoding(prompts)
+    assert batch_sizes and set(batch_sizes) == {3}
+    alone = [kept_after_decoding([p])[0] for p in prompts]
+    assert together == alone
 
 
 def test_preempted_snapkv_request_recomputes_to_the_same_tokens(tiny: Any) -> None:

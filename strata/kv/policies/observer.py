@@ -3,18 +3,25 @@
 Built by the runner only for steps where some sequence's policy wants queries; the model
 calls it once per layer after the step's K/V are written, so the cache read back by
 `LayerObservation` includes the step's own tokens.
+
+Decode rows are scored together. A sequence that observes one query whose layers all
+hold the same number of slots (H2O, TOVA and TreeKV while decoding) joins a batch: per
+layer, one gather of every such sequence's keys (padded to the longest), one einsum and
+one softmax, and each policy receives its row. That query is the sequence's newest slot,
+so it attends to every cached slot: no causal mask beyond the padding. Other sequences
+(prefill chunks, KVzip's passes, PyramidKV's uneven layers) are scored one by one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 
 import torch
 
 from strata.kv.cache import KVCache
 from strata.kv.compaction import read_slots
-from strata.kv.policies.base import KVPolicy, LayerObservation
+from strata.kv.policies.base import KVPolicy, LayerObservation, ReadSlots
 
 
 @dataclass(frozen=True)
@@ -30,24 +37,100 @@ class ObservedSequence:
     num_slots: list[int]
     table: torch.Tensor
 
+    @property
+    def single_uniform(self) -> bool:
+        """One observed query, and every layer holds the same number of slots."""
+        return self.rows.stop - self.rows.start == 1 and len(set(self.num_slots)) == 1
+
+
+class ScoredObservation(LayerObservation):
+    """A LayerObservation whose single query's attention was computed with the batch's:
+    probs [kv_heads, group, 1, n] float32."""
+
+    def __init__(
+        self,
+        layer: int,
+        queries: torch.Tensor,
+        query_slots: torch.Tensor,
+        read_slots: ReadSlots,
+        num_slots: int,
+        scale: float,
+        probs: torch.Tensor,
+    ) -> None:
+        super().__init__(layer, queries, query_slots, read_slots, num_slots, scale)
+        self.probs = probs
+
+    def attention(self, first: int = 0, end: int | None = None) -> torch.Tensor:
+        return self.probs[:, :, first:end]
+
+    def summed_attention(self) -> torch.Tensor:
+        return self.probs.sum(dim=(1, 2))
+
+
+class DecodeBatch:
+    """The single-query sequences of a step, scored together (see the module docstring)."""
+
+    ROWS_PER_GROUP = 1 << 16  # sequences x padded slots per einsum: bounds temporary memory
+
+    def __init__(self, cache: KVCache, sequences: list[ObservedSequence]) -> None:
+        self.cache = cache
+        self.sequences = sequences
+        self.lengths = [s.num_slots[0] for s in sequences]
+        self.rows = [s.rows.start for s in sequences]
+
+    @cached_property
+    def _index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(physical slot [B, n_max], valid [B, n_max], query rows [B], query slots [B])."""
+        device = self.cache.k.device
+        bs = self.cache.block_size
+        tables = torch.nn.utils.rnn.pad_sequence([s.table for s in self.sequences], True)
+        slots = torch.arange(max(self.lengths), device=device)
+        phys = tables[:, slots // bs] * bs + slots % bs
+        lengths = torch.tensor(self.lengths, device=device)
+        rows = torch.tensor(self.rows, device=device)
+        return phys, slots[None, :] < lengths[:, None], rows, lengths - 1
+
+    def observe(self, layer: int, q: torch.Tensor, scale: float) -> None:
+        phys, valid, rows, query_slots = self._index
+        pool_k = self.cache.k[layer].view(-1, *self.cache.k.shape[3:])  # [slots, kvh, d]
+        kv_heads, dim = pool_k.shape[1], pool_k.shape[2]
+        n_max = phys.shape[1]
+        per_group = max(1, self.ROWS_PER_GROUP // n_max)
+        for a in range(0, len(self.sequences), per_group):
+            b = min(a + per_group, len(self.sequences))
+            keys = pool_k[phys[a:b]].float()  # [B, n, kvh, d]
+            queries = q[rows[a:b]].float().view(b - a, kv_heads, -1, dim)  # [B, kvh, g, d]
+            logits = torch.einsum("bhgd,bnhd->bhgn", queries, keys) * scale
+            logits.masked_fill_(~valid[a:b, None, None, :], float("-inf"))
+            probs = torch.softmax(logits, dim=-1)
+            for i in range(a, b):
+                seq, n = self.sequences[i], self.lengths[i]
+                seq.policy.observe(
+                    ScoredObservation(
+                        layer, q[seq.rows], query_slots[i : i + 1],
+                        partial(read_slots, self.cache, seq.table), n, scale,
+                        probs[i - a, :, :, None, :n],
+                    )
+                )  # fmt: skip
+
 
 class StepObserver:
     def __init__(self, cache: KVCache, sequences: list[ObservedSequence]) -> None:
         self.cache = cache
-        self.sequences = sequences
+        batched = [s for s in sequences if s.single_uniform]
+        if len(batched) < 2:
+            batched = []
+        self.batch = DecodeBatch(cache, batched) if batched else None
+        self.sequences = [s for s in sequences if not (batched and s.single_uniform)]
 
     def __call__(self, layer: int, q: torch.Tensor, scale: float) -> None:
         """q: the step's queries [tokens, heads, head_dim], after RoPE."""
+        if self.batch is not None:
+            self.batch.observe(layer, q, scale)
         for seq in self.sequences:
             queries = q[seq.rows]
             first = seq.first_slot[layer]
             slots = torch.arange(first, first + queries.shape[0], device=q.device)
-            reader = partial(_read, self.cache, seq.table)
+            reader = partial(read_slots, self.cache, seq.table)
             obs = LayerObservation(layer, queries, slots, reader, seq.num_slots[layer], scale)
             seq.policy.observe(obs)
-
-
-def _read(
-    cache: KVCache, table: torch.Tensor, layer: int, num_slots: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return read_slots(cache, table, layer, num_slots)
