@@ -21,7 +21,7 @@ print(gguf_to_folder(Path('$GGUF')))") || exit 1
 POLICIES=$(python3 -c "from strata.kv.policies.registry import policy_names
 print(','.join(p for p in policy_names() if p != 'full'))")
 # Overridable for a quick CPU check: LENGTHS, TASKS, KVPRESS_POLICIES.
-KVPRESS_POLICIES=${KVPRESS_POLICIES:-"streaming snapkv h2o pyramidkv tova expected_attention kvzip"}
+KVPRESS_POLICIES=${KVPRESS_POLICIES:-"streaming snapkv h2o pyramidkv chunkkv tova expected_attention kvzip"}
 LENGTHS=${LENGTHS:-"4096 2048 8192"}
 TASKS=${TASKS:-all}
 CODEC_LENGTH=${CODEC_LENGTH:-4096}
