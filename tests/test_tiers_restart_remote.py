@@ -29,6 +29,7 @@ prompts = json.loads(sys.argv[3])
 llm = LLM(folder, device="cpu", block_size=4, max_model_len=48, num_kv_blocks=16, **tiers)
 greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 out = [o.token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
+llm.engine.tiers.flush()  # the write-through of the last blocks runs on its own threads
 stored = llm.stats()["kv_tier_blocks_stored"]
 llm.close()
 print(json.dumps({"tokens": out, "stored": stored}))
