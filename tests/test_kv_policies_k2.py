@@ -17,13 +17,7 @@ from strata import LLM, SamplingParams
 from strata.engine.sequence import Sequence
 from strata.kv.policies.base import KVShape
 from strata.kv.policies.expected_attention import ExpectedAttentionPolicy
-from strata.kv.policies.kvzip import (
-    FIRST_PROMPT,
-    LATER_PROMPT,
-    KVzipChunkedPolicy,
-    KVzipPolicy,
-    chat_suffix,
-)
+from strata.kv.policies.kvzip import FIRST_PROMPT, LATER_PROMPT, KVzipPolicy, chat_suffix
 from strata.kv.policies.model_access import ModelAccess
 from tests.conftest import TINY, assert_no_leaks, make_hf_model
 
@@ -197,31 +191,6 @@ def test_kvzip_keeps_what_reconstruction_attends(
         expected = [set(range(4)) | {4 + i for i in top(row[4:], 30 - 4)} for row in best[layer]]
         assert kept(seq, layer) == expected
     release(llm, seq, -(-30 // BLOCK))
-
-
-def test_kvzip_chunked_keeps_whole_chunks_of_the_reconstruction_scores(
-    llm: LLM, tiny: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The same passes and scores as kvzip; the scores summed over the KV heads rank
-    chunks of 16, the sinks' chunk first, and every head keeps the same chunks."""
-    monkeypatch.setattr(KVzipPolicy, "CHUNK", 64)
-    size = KVzipChunkedPolicy.KEEP_CHUNK
-    passes = [PROMPT[:64], PROMPT[56:64] + PROMPT[64:]]
-    seq = compress(llm, params("kvzip_chunked", 40))  # the sinks' chunk, a chunk, 8 more
-    best = torch.zeros(LAYERS, KV_HEADS, C)
-    for ids, (a, b) in zip(passes, [(0, 64), (64, C)], strict=True):
-        attentions = hf_run(tiny, PROMPT + ids).attentions
-        for layer in range(LAYERS):
-            rows = attentions[layer][0, :, C:, a:b]
-            best[layer, :, a:b] = rows.reshape(KV_HEADS, -1, b - a).amax(dim=1)
-    for layer in range(LAYERS):
-        votes = best[layer].sum(dim=0)
-        chunks = [list(range(a, min(a + size, C))) for a in range(size, C, size)]
-        by_total = sorted(chunks, key=lambda ch: -float(votes[ch].sum()))
-        expected = set(range(size)) | set(by_total[0])
-        expected |= set(sorted(by_total[1], key=lambda t: -float(votes[t]))[:8])
-        assert kept(seq, layer) == [expected] * KV_HEADS
-    release(llm, seq, 40 // BLOCK)
 
 
 def test_kvzip_passes_past_max_model_len(

@@ -43,7 +43,6 @@ from strata.kv.policies.base import (
     SlotScores,
     keep_top,
 )
-from strata.kv.policies.chunks import keep_chunks
 from strata.kv.policies.model_access import ModelAccess
 
 FIRST_PROMPT = "\n\nRepeat the previous context exactly."
@@ -147,22 +146,3 @@ class KVzipPolicy(KVPolicy):
 
     def remap(self, compaction: Compaction) -> None:
         self.scores.remap(compaction)
-
-
-class KVzipChunkedPolicy(KVzipPolicy):
-    """KVzip's reconstruction scores, kept in whole chunks (strata/kv/policies/chunks.py):
-    a chunk's score is its tokens' scores summed over every KV head of the layer, the
-    chunk holding the sinks always ranks first, and every head keeps the same chunks."""
-
-    name = "kvzip_chunked"
-    KEEP_CHUNK = 16  # tokens per kept chunk (CHUNK is the reconstruction pass's piece)
-
-    def select(self, view: KVView, keep: list[int]) -> list[torch.Tensor]:
-        heads = self.shape.num_kv_heads
-        masks = []
-        for layer, k in enumerate(keep):
-            votes = self.scores.get(layer, view.num_slots(layer), heads, view.device).sum(dim=0)
-            votes[: self.NUM_SINKS] = torch.inf
-            masks.append(keep_chunks(votes, k, self.KEEP_CHUNK, 0, heads))
-        self.pieces = []  # done: later tokens are not observed
-        return masks

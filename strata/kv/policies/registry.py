@@ -23,7 +23,6 @@ _POLICIES: dict[str, str] = {
     "treekv": "strata.kv.policies.treekv:TreeKVPolicy",
     "expected_attention": "strata.kv.policies.expected_attention:ExpectedAttentionPolicy",
     "kvzip": "strata.kv.policies.kvzip:KVzipPolicy",
-    "kvzip_chunked": "strata.kv.policies.kvzip:KVzipChunkedPolicy",
 }
 
 
