@@ -30,14 +30,14 @@ import torch
 import strata.engine.kv_policies as kv_policies
 from strata.engine.llm import LLM
 from strata.eval.niah import NIAH_SPECS
-from strata.eval.prompt import PromptIds, prompt_ids, template_parts
+from strata.eval.prompt import prompt_ids, template_parts
 from strata.eval.sample import Sample
-from strata.eval.scoring import score
 from strata.eval.settings import Setting
-from strata.eval.strata_runner import sampling_params
+from strata.eval.strata_runner import run_samples
 from strata.eval.tasks import generate_samples
 from strata.kv.policies.base import KVPolicy, KVShape, KVView
 
+CREATED: list[KVPolicy] = []  # every policy created, in order: one per request queued
 KEPT: dict[int, list[torch.Tensor]] = {}  # id(policy) -> per layer [kv_heads, k] positions
 
 
@@ -47,6 +47,7 @@ def _recording(create: Any) -> Any:
 
     def create_policy(name: str, shape: KVShape) -> KVPolicy:
         policy = create(name, shape)
+        CREATED.append(policy)
         select = policy.select
 
         def recorded(view: KVView, keep: list[int]) -> list[torch.Tensor]:
@@ -102,8 +103,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         max_model_len=args.length, kv_cache_memory=args.kv_cache_memory,
         enforce_eager=True,
     )  # fmt: skip
-    engine = llm.engine
-    tokenizer = engine.tokenizer
+    tokenizer = llm.engine.tokenizer
     parts = template_parts(tokenizer)
     samples = [
         s for task in args.tasks.split(",")
@@ -112,25 +112,16 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for policy in args.policy.split(","):
         for protocol in args.protocol.split(","):
-            setting = Setting(policy, args.budget, protocol)
+            CREATED.clear()
             KEPT.clear()
-            by_request: dict[str, tuple[Sample, PromptIds]] = {}
-            policies: dict[str, int] = {}
-            for sample in samples:
-                ids = prompt_ids(tokenizer, sample, parts)
-                seq = engine.prepare(ids.all, sampling_params(setting, ids, sample.max_new_tokens))
-                if seq.kv is None:
-                    raise ValueError(f"policy {policy!r} keeps everything: nothing to record")
-                policies[seq.request_id] = id(seq.kv.policy)
-                by_request[engine.enqueue(seq)] = (sample, ids)
-            texts: dict[str, str] = {}
-            while len(texts) < len(by_request):
-                for out in engine.step():
-                    if out.finished:
-                        texts[out.request_id] = out.text
+            # run_samples queues the samples in order, so CREATED[i] is sample i's policy
+            result = run_samples(llm, samples, Setting(policy, args.budget, protocol), False)
+            if len(CREATED) != len(samples):
+                raise ValueError(f"policy {policy!r} keeps everything: nothing to record")
             stats: dict[str, list[float]] = defaultdict(list)
-            for rid, (sample, ids) in by_request.items():
-                kept = KEPT[policies[rid]]
+            for sample, outcome, created in zip(samples, result.samples, CREATED, strict=True):
+                kept = KEPT[id(created)]
+                ids = prompt_ids(tokenizer, sample, parts)
                 compressed = ids.compressible(protocol)
                 question_end = min(compressed, len(ids.context) + len(ids.question))
                 q_span = list(range(len(ids.context), question_end))
@@ -140,7 +131,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 stats["whole"].append(whole(kept, needle))
                 stats["question"].append(retention(kept, q_span))
                 stats["recent"].append(retention(kept, recent))
-                stats["score"].append(100 * score(sample, texts[rid]))
+                stats["score"].append(100 * outcome.score)
             row = {"policy": policy, "protocol": protocol, "budget": args.budget,
                    **{k: sum(v) / len(v) for k, v in stats.items()}}  # fmt: skip
             rows.append(row)
