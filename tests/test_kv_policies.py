@@ -14,8 +14,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, assert_no_leaks, make_hf_model
-from transformers import LlamaConfig
+from conftest import assert_no_leaks
 
 from strata import LLM, SamplingParams
 from strata.engine.sequence import Sequence
@@ -27,29 +26,30 @@ from strata.kv.policies.pyramidkv import PyramidKVPolicy
 from strata.kv.policies.registry import create_policy
 from strata.kv.policies.snapkv import SnapKVPolicy
 from strata.kv.policies.streaming import StreamingPolicy
-
-LAYERS, HEADS, KV_HEADS = 3, 4, 2
-GROUP = HEADS // KV_HEADS
-BLOCK = 4
-PROMPT = [3 + (i * 37) % 500 for i in range(120)]  # C = 120 tokens, no repeats nearby
-GREEDY = {"temperature": 0.0, "ignore_eos": True}
+from tests.kv_policy_support import (
+    BLOCK,
+    GREEDY,
+    GROUP,
+    KV_HEADS,
+    LAYERS,
+    PROMPT,
+    compress,
+    kept,
+    params,
+    policy_llm,
+    tiny_policy_model,
+    top,
+)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
-    config = LlamaConfig(**{**TINY, "num_hidden_layers": LAYERS, "num_key_value_heads": KV_HEADS})
-    model = make_hf_model(config, seed=3)
-    folder = tmp_path_factory.mktemp("tiny-policies")
-    model.save_pretrained(folder)
-    model.set_attn_implementation("eager")
-    return folder, model
+    return tiny_policy_model(tmp_path_factory, "tiny-policies")
 
 
 @pytest.fixture(scope="module")
 def llm(tiny: tuple[Path, Any]) -> Iterator[LLM]:
-    engine = LLM(
-        str(tiny[0]), device="cpu", num_kv_blocks=160, block_size=BLOCK, kv_evict_interval=1
-    )  # the papers' one-per-step eviction: exact checks
+    engine = policy_llm(tiny[0])
     yield engine
     assert_no_leaks(engine)
 
@@ -60,26 +60,6 @@ def attentions(tiny: tuple[Path, Any]) -> list[torch.Tensor]:
     with torch.no_grad():
         out = tiny[1](torch.tensor([PROMPT]), output_attentions=True)
     return [a[0].float() for a in out.attentions]
-
-
-def compress(llm: LLM, params: SamplingParams, prompt: list[int] = PROMPT) -> Sequence:
-    """Run a request until its policy compressed the prompt; the caller aborts it."""
-    engine = llm.engine
-    seq = engine._seqs[engine.add_request(prompt, params)]
-    assert seq.kv is not None
-    while not seq.kv.compressed:
-        engine.step()
-    return seq
-
-
-def kept(seq: Sequence, layer: int) -> list[set[int]]:
-    assert seq.kv is not None
-    return [set(row.tolist()) for row in seq.kv.positions(layer)]
-
-
-def top(scores: torch.Tensor, k: int) -> set[int]:
-    """Positions of the k highest scores, ties to the lower position (as the policies)."""
-    return set(torch.sort(scores, descending=True, stable=True).indices[:k].tolist())
 
 
 def per_kv_head(probs: torch.Tensor) -> torch.Tensor:
@@ -98,10 +78,6 @@ def expected_snapkv(attn: torch.Tensor, k: int) -> list[set[int]]:
 def release(llm: LLM, seq: Sequence) -> None:
     llm.engine.abort(seq.request_id)
     assert_no_leaks(llm)
-
-
-def params(policy: str, budget: float, **kw: Any) -> SamplingParams:
-    return SamplingParams(kv_policy=policy, kv_budget=budget, **{"max_tokens": 8, **GREEDY, **kw})
 
 
 # ---- each policy keeps exactly its tokens, and frees the blocks -------------------------

@@ -11,63 +11,42 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig
+from transformers import AutoTokenizer
 
-from strata import LLM, SamplingParams
+from strata import LLM
 from strata.engine.sequence import Sequence
 from strata.kv.policies.base import KVShape
 from strata.kv.policies.expected_attention import ExpectedAttentionPolicy
 from strata.kv.policies.kvzip import FIRST_PROMPT, LATER_PROMPT, KVzipPolicy, chat_suffix
 from strata.kv.policies.model_access import ModelAccess
-from tests.conftest import TINY, assert_no_leaks, make_hf_model
-
-LAYERS, HEADS, KV_HEADS = 3, 4, 2
-GROUP = HEADS // KV_HEADS
-BLOCK = 4
-PROMPT = [3 + (i * 37) % 500 for i in range(120)]
-C = len(PROMPT)
-GREEDY = {"temperature": 0.0, "ignore_eos": True}
+from tests.conftest import TINY, assert_no_leaks
+from tests.kv_policy_support import (
+    BLOCK,
+    GROUP,
+    HEADS,
+    KV_HEADS,
+    LAYERS,
+    PROMPT,
+    C,
+    compress,
+    kept,
+    params,
+    policy_llm,
+    tiny_policy_model,
+    top,
+)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
-    config = LlamaConfig(**{**TINY, "num_hidden_layers": LAYERS, "num_key_value_heads": KV_HEADS})
-    model = make_hf_model(config, seed=3)
-    folder = tmp_path_factory.mktemp("tiny-policies-k2")
-    model.save_pretrained(folder)
-    model.set_attn_implementation("eager")
-    return folder, model
+    return tiny_policy_model(tmp_path_factory, "tiny-policies-k2")
 
 
 @pytest.fixture(scope="module")
 def llm(tiny: tuple[Path, Any]) -> Iterator[LLM]:
-    engine = LLM(
-        str(tiny[0]), device="cpu", num_kv_blocks=160, block_size=BLOCK, kv_evict_interval=1
-    )  # the papers' one-per-step eviction: exact checks
+    engine = policy_llm(tiny[0])
     yield engine
     assert_no_leaks(engine)
-
-
-def params(policy: str, budget: float, **kw: Any) -> SamplingParams:
-    return SamplingParams(kv_policy=policy, kv_budget=budget, **{"max_tokens": 8, **GREEDY, **kw})
-
-
-def compress(llm: LLM, p: SamplingParams) -> Sequence:
-    engine = llm.engine
-    seq = engine._seqs[engine.add_request(PROMPT, p)]
-    assert seq.kv is not None
-    while not seq.kv.compressed:
-        engine.step()
-    return seq
-
-
-def kept(seq: Sequence, layer: int) -> list[set[int]]:
-    assert seq.kv is not None
-    return [set(row.tolist()) for row in seq.kv.positions(layer)]
-
-
-def top(scores: torch.Tensor, k: int) -> set[int]:
-    return set(torch.sort(scores, descending=True, stable=True).indices[:k].tolist())
 
 
 def hf_run(tiny: Any, ids: list[int]) -> Any:
