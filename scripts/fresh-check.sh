@@ -6,7 +6,7 @@
 set -uo pipefail
 repo="$(git -C "$(dirname "$0")" rev-parse --show-toplevel)"
 work="$(mktemp -d /tmp/strata-fresh.XXXXXX)"
-[ "${1:-}" = "--keep" ] || trap 'rm -rf "$work"' EXIT
+[ "${1:-}" = "--keep" ] || trap 'rm -rf "$work"' EXIT  # --keep: logs in $work/command*.log
 git clone -q "$repo" "$work/strata"
 python3 -m venv "$work/venv"
 # shellcheck disable=SC1091
@@ -20,8 +20,10 @@ codes=(); times=()
 for i in 0 1; do
   echo "== ${names[$i]}: ${commands[$i]}"
   start=$(date +%s.%N)
-  bash -c "${commands[$i]}" 2>&1 | tail -n 25
-  codes+=("${PIPESTATUS[0]}")
+  bash -c "${commands[$i]}" > "$work/command$i.log" 2>&1
+  codes+=("$?")
+  grep -v "is ignored: it is neither a file nor a directory" "$work/command$i.log" | tail -n 12
+  grep -E "^(FAILED|ERROR) " "$work/command$i.log"
   times+=("$(echo "$(date +%s.%N) - $start" | bc)")
 done
 echo

@@ -1,4 +1,4 @@
-"""The `strata` command: generate, chat and bench."""
+"""The `strata` command: generate, chat, serve, bench, eval and env."""
 
 from __future__ import annotations
 
@@ -384,6 +384,19 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_env(args: argparse.Namespace) -> int:
+    import json
+
+    from strata.env_report import gather, render
+
+    facts = gather(args.kv_remote)
+    if args.json:
+        print(json.dumps({f.name: f.value for f in facts}, indent=2))
+    else:
+        print(render(facts))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="strata",
@@ -496,6 +509,19 @@ def build_parser() -> argparse.ArgumentParser:
     bt.set_defaults(func=cmd_bench_tiers)
 
     add_eval_parser(sub, add_engine_args)
+
+    env = sub.add_parser(
+        "env",
+        help="print what a bug report needs: versions of Strata, Python, torch, transformers, "
+        "triton and CUDA, the device and its memory, a Valkey/Redis server, the lock",
+    )
+    env.add_argument(
+        "--kv-remote", default=os.environ.get("STRATA_KV_REMOTE", "redis://127.0.0.1:6379"),
+        help="the Valkey/Redis URL to look for (default: $STRATA_KV_REMOTE, else "
+        "redis://127.0.0.1:6379)",
+    )  # fmt: skip
+    env.add_argument("--json", action="store_true", help="print the facts as one JSON object")
+    env.set_defaults(func=cmd_env)
     return parser
 
 
