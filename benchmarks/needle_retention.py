@@ -35,7 +35,7 @@ from strata.eval.sample import Sample
 from strata.eval.settings import Setting
 from strata.eval.strata_runner import run_samples
 from strata.eval.tasks import generate_samples
-from strata.kv.policies.base import KVPolicy, KVShape, KVView
+from strata.kv.policies.base import AttentionShape, KVPolicy, KVView
 
 CREATED: list[KVPolicy] = []  # every policy created, in order: one per request queued
 KEPT: dict[int, list[torch.Tensor]] = {}  # id(policy) -> per layer [kv_heads, k] positions
@@ -45,7 +45,7 @@ def _recording(create: Any) -> Any:
     """Wrap create_policy so each policy's first selection (the compression point) is
     recorded as the positions it keeps."""
 
-    def create_policy(name: str, shape: KVShape) -> KVPolicy:
+    def create_policy(name: str, shape: AttentionShape) -> KVPolicy:
         policy = create(name, shape)
         CREATED.append(policy)
         select = policy.select

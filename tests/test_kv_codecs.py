@@ -12,7 +12,7 @@ import torch
 from strata import LLM, SamplingParams
 from strata.attention.backend import BatchLayout
 from strata.config import CacheConfig
-from strata.kv.codec import KVShape, RawCodec, codec_for_layout, get_codec
+from strata.kv.codec import BlockShape, RawCodec, codec_for_layout, get_codec
 from strata.kv.codec_fp8 import FP8_MAX
 from strata.kv.codec_int import IntCodec, value_group
 from strata.kv.codec_step import plan_codec_step
@@ -112,7 +112,7 @@ def test_bytes_per_block(name: str) -> None:
         "int4": 16 * 32 + 2 * 64 * 2 + 16 * 32 + 2 * 16 * 2 * 2,
         "int2": 16 * 16 + 2 * 64 * 2 + 16 * 16 + 2 * 16 * 2 * 2,
     }[name]
-    assert get_codec(name).bytes_per_block(1, KVShape(16, 1, 64), torch.bfloat16) == expected
+    assert get_codec(name).bytes_per_block(1, BlockShape(16, 1, 64), torch.bfloat16) == expected
 
 
 # ---- the step plan -----------------------------------------------------------------------

@@ -18,7 +18,7 @@ from conftest import assert_no_leaks
 
 from strata import LLM, SamplingParams
 from strata.engine.sequence import Sequence
-from strata.kv.policies.base import KVShape
+from strata.kv.policies.base import AttentionShape
 from strata.kv.policies.chunkkv import ChunkKVPolicy
 from strata.kv.policies.h2o import H2OPolicy
 from strata.kv.policies.observer import DecodeBatch
@@ -355,7 +355,7 @@ def test_engine_default_policy(tiny: Any) -> None:
 
 
 def test_pyramid_budgets_average_the_budget() -> None:
-    policy = create_policy("pyramidkv", KVShape(30, 9, 3, 64))
+    policy = create_policy("pyramidkv", AttentionShape(30, 9, 3, 64))
     assert isinstance(policy, PyramidKVPolicy)
 
     class View:
@@ -364,7 +364,7 @@ def test_pyramid_budgets_average_the_budget() -> None:
     budgets = policy.layer_budgets(512, View())  # type: ignore[arg-type]
     assert budgets[0] > budgets[-1] >= SnapKVPolicy.WINDOW
     assert abs(sum(budgets) / 30 - 512) < 1
-    assert isinstance(create_policy("h2o", KVShape(2, 4, 2, 16)), H2OPolicy)
+    assert isinstance(create_policy("h2o", AttentionShape(2, 4, 2, 16)), H2OPolicy)
 
 
 def test_http_body_fields_reach_sampling_params() -> None:

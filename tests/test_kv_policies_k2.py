@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 
 from strata import LLM
 from strata.engine.sequence import Sequence
-from strata.kv.policies.base import KVShape
+from strata.kv.policies.base import AttentionShape
 from strata.kv.policies.expected_attention import ExpectedAttentionPolicy
 from strata.kv.policies.kvzip import FIRST_PROMPT, LATER_PROMPT, KVzipPolicy, chat_suffix
 from strata.kv.policies.model_access import ModelAccess
@@ -191,7 +191,7 @@ def test_kvzip_passes_past_max_model_len(
 
 def test_kvzip_passes_ask_to_repeat_the_context(embedded_folder: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(embedded_folder)
-    policy = KVzipPolicy(KVShape(2, 4, 2, 16))
+    policy = KVzipPolicy(AttentionShape(2, 4, 2, 16))
     policy.CHUNK = 50
     policy.bind(ModelAccess(torch.ones(8), 1.0, tokenizer))
     context = list(range(1000, 1120))

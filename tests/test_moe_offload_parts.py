@@ -9,11 +9,11 @@ import torch
 
 from strata.kv.manager import KVManager
 from strata.moe.arena import ExpertArena
+from strata.moe.boundary import ExpertOffload
 from strata.moe.cost_model import OffloadCostModel
 from strata.moe.expert_cache import ExpertCache
 from strata.moe.host_store import HostExpertStore
-from strata.moe.offload import ExpertOffload
-from strata.moe.offloaded import OffloadedExperts, OffloadOptions
+from strata.moe.offloaded_experts import OffloadedExperts, OffloadOptions
 from strata.moe.policies import make_policy
 from strata.moe.quant import dequantize_rows, quantize_rows
 from strata.moe.routed import ExpertWeights, ResidentExperts

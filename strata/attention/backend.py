@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from strata.registry import Registry
+
 
 @dataclass(frozen=True)
 class BatchLayout:
@@ -78,27 +80,16 @@ class AttentionBackend(ABC):
         """q: [tokens, heads, head_dim] -> output of the same shape."""
 
 
-def _reference() -> type[AttentionBackend]:
-    from strata.attention.reference import ReferenceAttention
-
-    return ReferenceAttention
-
-
-def _triton() -> type[AttentionBackend]:
-    # Imported on demand: CPU installs without triton still get the reference backend.
-    from strata.attention.triton_backend import TritonAttention
-
-    return TritonAttention
-
-
-_BACKENDS = {"reference": _reference, "triton": _triton}
+# Imported on demand: CPU installs without triton still get the reference backend.
+BACKENDS: Registry[type[AttentionBackend]] = Registry("attention backend", {
+    "reference": "strata.attention.reference:ReferenceAttention",
+    "triton": "strata.attention.triton_backend:TritonAttention",
+})  # fmt: skip
 
 
 def get_backend(name: str) -> AttentionBackend:
-    """The backend registered under `name`."""
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(_BACKENDS)}")
-    return _BACKENDS[name]()()
+    """A new instance of the backend registered under `name`."""
+    return BACKENDS.get(name)()
 
 
 def choose_backend(requested: str, device: torch.device) -> tuple[str, str]:

@@ -37,7 +37,7 @@ from strata.config import CacheConfig, EngineConfig, MoEConfig, SchedulerConfig
 from strata.engine.engine import LLMEngine
 from strata.engine.sampling_params import SamplingParams
 from strata.models.presets import PRESETS
-from strata.moe.offloaded import OffloadOptions
+from strata.moe.offloaded_experts import OffloadOptions
 from strata.moe.policies import make_policy
 
 logger = logging.getLogger("strata.bench.moe")

@@ -27,7 +27,7 @@ from strata.errors import ContextLengthError, InvalidRequestError, KVCacheTooSma
 from strata.kv.cache import KVCache
 from strata.kv.codec import get_codec
 from strata.kv.manager import KVIntegrityError, KVManager
-from strata.kv.policies.base import KVShape
+from strata.kv.policies.base import AttentionShape
 from strata.kv.policies.model_access import ModelAccess
 from strata.kv.prefix import root_key
 from strata.kv.sessions import SessionPins
@@ -36,7 +36,7 @@ from strata.kv.tier_manager import TierManager
 from strata.kv.tier_setup import build_tiers
 from strata.models.loader import LoadedModel, load_model
 from strata.models.rope import inverse_frequencies
-from strata.moe.offload import ExpertOffload
+from strata.moe.boundary import ExpertOffload
 from strata.moe.rebalancer import Rebalancer
 
 logger = logging.getLogger("strata.engine")
@@ -155,7 +155,7 @@ class LLMEngine:
         cfg = self.model_config
         self.kv_policies = KVPolicyDriver(
             self.kv, self.kv_cache,
-            KVShape(cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim),
+            AttentionShape(cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim),
             config.cache.kv_policy, config.cache.kv_budget, self.device,
             evict_interval=config.cache.evict_interval,
             model=self._model_access(),

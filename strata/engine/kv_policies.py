@@ -24,7 +24,7 @@ from strata.errors import InvalidRequestError
 from strata.kv.cache import KVCache
 from strata.kv.compaction import compact
 from strata.kv.manager import KVManager
-from strata.kv.policies.base import KVShape
+from strata.kv.policies.base import AttentionShape
 from strata.kv.policies.model_access import ModelAccess
 from strata.kv.policies.registry import FULL, create_policy
 from strata.kv.policies.sequence_kv import SequenceKV
@@ -35,7 +35,7 @@ class KVPolicyDriver:
         self,
         manager: KVManager,
         cache: KVCache,
-        shape: KVShape,
+        shape: AttentionShape,
         default_policy: str,
         default_budget: float | None,
         device: torch.device,

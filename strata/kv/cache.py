@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from strata.config import ModelConfig
-from strata.kv.codec import BlockCodec, KVShape, RawCodec
+from strata.kv.codec import BlockCodec, BlockShape, RawCodec
 from strata.kv.codec_tail import TailStore
 
 
@@ -28,7 +28,7 @@ class KVCache:
         tail_rows: int = 0,
     ) -> None:
         self.codec = codec or RawCodec()
-        self.shape = KVShape(block_size, model.num_kv_heads, model.head_dim)
+        self.shape = BlockShape(block_size, model.num_kv_heads, model.head_dim)
         self.num_layers = model.num_layers
         self.dtype = dtype
         # Zeroed, not empty: attention masks padded slots, but 0 * NaN garbage would be NaN.
@@ -73,7 +73,7 @@ class KVCache:
     def bytes_per_block(
         model: ModelConfig, block_size: int, dtype: torch.dtype, codec: BlockCodec | None = None
     ) -> int:
-        shape = KVShape(block_size, model.num_kv_heads, model.head_dim)
+        shape = BlockShape(block_size, model.num_kv_heads, model.head_dim)
         return (codec or RawCodec()).bytes_per_block(model.num_layers, shape, dtype)
 
     @property

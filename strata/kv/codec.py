@@ -20,9 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
+from strata.registry import Registry
+
 
 @dataclass(frozen=True)
-class KVShape:
+class BlockShape:
     """The shape of one block of one layer: [block_size, num_kv_heads, head_dim] for K and V."""
 
     block_size: int
@@ -63,7 +65,7 @@ class BlockCodec(ABC):
     lossless: bool = False
 
     @abstractmethod
-    def parts(self, shape: KVShape, dtype: torch.dtype) -> list[PartSpec]:
+    def parts(self, shape: BlockShape, dtype: torch.dtype) -> list[PartSpec]:
         """The pool tensors of one block of one layer, for a model dtype."""
 
     @abstractmethod
@@ -76,7 +78,7 @@ class BlockCodec(ABC):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The inverse of `encode`, up to the codec's rounding: (k, v) in `dtype`."""
 
-    def bytes_per_block(self, num_layers: int, shape: KVShape, dtype: torch.dtype) -> int:
+    def bytes_per_block(self, num_layers: int, shape: BlockShape, dtype: torch.dtype) -> int:
         return num_layers * sum(p.nbytes for p in self.parts(shape, dtype))
 
 
@@ -87,7 +89,7 @@ class RawCodec(BlockCodec):
     layout_name = "raw"
     lossless = True
 
-    def parts(self, shape: KVShape, dtype: torch.dtype) -> list[PartSpec]:
+    def parts(self, shape: BlockShape, dtype: torch.dtype) -> list[PartSpec]:
         kv = (shape.block_size, shape.num_kv_heads, shape.head_dim)
         return [PartSpec(kv, dtype), PartSpec(kv, dtype)]
 
@@ -100,25 +102,23 @@ class RawCodec(BlockCodec):
         return parts[0].to(dtype), parts[1].to(dtype)
 
 
-def _registry() -> dict[str, BlockCodec]:
-    from strata.kv.codec_fp8 import Fp8Codec
-    from strata.kv.codec_int import IntCodec
-
-    codecs: list[BlockCodec] = [RawCodec(), Fp8Codec(), IntCodec(8), IntCodec(4), IntCodec(2)]
-    return {c.name: c for c in codecs}
+CODECS: Registry[BlockCodec] = Registry("kv_cache_dtype", {
+    "auto": RawCodec(),
+    "fp8": "strata.kv.codec_fp8:FP8_CODEC",
+    "int8": "strata.kv.codec_int:INT8_CODEC",
+    "int4": "strata.kv.codec_int:INT4_CODEC",
+    "int2": "strata.kv.codec_int:INT2_CODEC",
+})  # fmt: skip
 
 
 def get_codec(name: str) -> BlockCodec:
     """The codec selected by a kv_cache_dtype name."""
-    codecs = _registry()
-    if name not in codecs:
-        raise ValueError(f"unknown kv_cache_dtype {name!r}; available: {', '.join(codecs)}")
-    return codecs[name]
+    return CODECS.get(name)
 
 
 def codec_for_layout(layout_name: str) -> BlockCodec:
     """The codec whose stored blocks carry `layout_name` in their header."""
-    for codec in _registry().values():
+    for _, codec in CODECS.items():
         if codec.layout_name == layout_name:
             return codec
     raise ValueError(f"no KV codec stores blocks as {layout_name!r}")

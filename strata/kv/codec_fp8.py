@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from strata.kv.codec import BlockCodec, KVShape, PartSpec
+from strata.kv.codec import BlockCodec, BlockShape, PartSpec
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)
@@ -22,7 +22,7 @@ class Fp8Codec(BlockCodec):
     name = "fp8"
     layout_name = "fp8-e4m3"
 
-    def parts(self, shape: KVShape, dtype: torch.dtype) -> list[PartSpec]:
+    def parts(self, shape: BlockShape, dtype: torch.dtype) -> list[PartSpec]:
         kv = (shape.block_size, shape.num_kv_heads, shape.head_dim)
         scales = (shape.block_size, shape.num_kv_heads)
         return [
@@ -52,3 +52,6 @@ class Fp8Codec(BlockCodec):
         k = kc.view(FP8).float() * ks.unsqueeze(-1)
         v = vc.view(FP8).float() * vs.unsqueeze(-1)
         return k.to(dtype), v.to(dtype)
+
+
+FP8_CODEC = Fp8Codec()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from strata.kv.codec import BlockCodec, KVShape, PartSpec
+from strata.kv.codec import BlockCodec, BlockShape, PartSpec
 
 VALUE_GROUP = 32
 SCALE_DTYPE = torch.float16
@@ -51,7 +51,7 @@ class IntCodec(BlockCodec):
         self.name = f"int{bits}"
         self.layout_name = f"kivi-int{bits}"
 
-    def parts(self, shape: KVShape, dtype: torch.dtype) -> list[PartSpec]:
+    def parts(self, shape: BlockShape, dtype: torch.dtype) -> list[PartSpec]:
         bs, heads, dim = shape.block_size, shape.num_kv_heads, shape.head_dim
         if dim % self.per_byte:
             raise ValueError(f"{self.name} KV needs head_dim divisible by {self.per_byte}")
@@ -124,3 +124,6 @@ class IntCodec(BlockCodec):
         vq = vq.view(n, bs, heads, groups, dim // groups)
         v = vq * v_scale.float().unsqueeze(-1) + v_zero.float().unsqueeze(-1)
         return k.to(dtype), v.view(n, bs, heads, dim).to(dtype)
+
+
+INT8_CODEC, INT4_CODEC, INT2_CODEC = IntCodec(8), IntCodec(4), IntCodec(2)

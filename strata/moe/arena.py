@@ -24,7 +24,7 @@ import torch
 
 from strata.config import ModelConfig
 from strata.kv.cache import KVCache
-from strata.kv.codec import KVShape, RawCodec
+from strata.kv.codec import BlockShape, RawCodec
 
 
 class ArenaKVCache(KVCache):
@@ -33,7 +33,7 @@ class ArenaKVCache(KVCache):
     def __init__(self, blocks: torch.Tensor, block_size: int) -> None:
         # blocks: [num_blocks, layers, 2, block_size, kv_heads, head_dim]; raw codec only
         self.codec = RawCodec()
-        self.shape = KVShape(block_size, blocks.shape[4], blocks.shape[5])
+        self.shape = BlockShape(block_size, blocks.shape[4], blocks.shape[5])
         self.num_layers = blocks.shape[1]
         self.dtype = blocks.dtype
         self.parts = [blocks[:, :, 0].transpose(0, 1), blocks[:, :, 1].transpose(0, 1)]

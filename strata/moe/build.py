@@ -2,7 +2,7 @@
 swap the model's routed experts for OffloadedExperts.
 
     gpu_memory = dense weights + activation peak + arena
-    arena      = KV blocks [0, limit) + expert slots above (offload.py)
+    arena      = KV blocks [0, limit) + expert slots above (boundary.py)
 
 On CUDA the dense weights and the activation peak are measured by a warm-up step run
 through a provisional cache of top_k slots; on the CPU (tests) they are estimated.
@@ -19,11 +19,11 @@ from strata.errors import KVCacheTooSmallError
 from strata.kv.cache import KVCache
 from strata.models.moe import MoeModel
 from strata.moe.arena import ExpertArena
+from strata.moe.boundary import ExpertOffload
 from strata.moe.cost_model import measure_cost_model
 from strata.moe.expert_cache import ExpertCache
 from strata.moe.host_store import HostExpertStore
-from strata.moe.offload import ExpertOffload
-from strata.moe.offloaded import OffloadedExperts, OffloadOptions
+from strata.moe.offloaded_experts import OffloadedExperts, OffloadOptions
 from strata.moe.policies import make_policy
 
 if TYPE_CHECKING:

@@ -21,6 +21,8 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict, defaultdict
 from collections.abc import Collection
 
+from strata.registry import Registry
+
 ExpertKey = tuple[int, int]  # (layer, expert)
 
 
@@ -116,10 +118,10 @@ class LayerLFRUPolicy(EvictionPolicy):
         return None
 
 
-POLICIES: dict[str, type[EvictionPolicy]] = {"lru": LRUPolicy, "lfru": LayerLFRUPolicy}
+POLICIES: Registry[type[EvictionPolicy]] = Registry(
+    "expert cache policy", {"lru": LRUPolicy, "lfru": LayerLFRUPolicy}
+)
 
 
 def make_policy(name: str, num_layers: int) -> EvictionPolicy:
-    if name not in POLICIES:
-        raise ValueError(f"expert cache policy must be one of {', '.join(POLICIES)}; got {name!r}")
-    return POLICIES[name](num_layers)
+    return POLICIES.get(name)(num_layers)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-from strata.moe.offload import ExpertOffload, Preempt
+from strata.moe.boundary import ExpertOffload, Preempt
 
 logger = logging.getLogger("strata.moe")
 

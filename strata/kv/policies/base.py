@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class KVShape:
+class AttentionShape:
     """The model's attention shape, as a policy needs it."""
 
     num_layers: int
@@ -189,7 +189,7 @@ class KVPolicy(ABC):
     name: str = ""
     evicts_during_decode: bool = False
 
-    def __init__(self, shape: KVShape) -> None:
+    def __init__(self, shape: AttentionShape) -> None:
         self.shape = shape
 
     # ---- scores ------------------------------------------------------------------------

@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 
 from strata.kv.policies.base import (
+    AttentionShape,
     Compaction,
     KVPolicy,
-    KVShape,
     KVView,
     LayerObservation,
     SlotScores,
@@ -52,7 +52,7 @@ class ExpectedAttentionPolicy(KVPolicy):
     NUM_SINKS = 4
     FUTURE = 512
 
-    def __init__(self, shape: KVShape) -> None:
+    def __init__(self, shape: AttentionShape) -> None:
         super().__init__(shape)
         self.scores = SlotScores(shape.num_layers)
         self.model: ModelAccess | None = None

@@ -35,9 +35,9 @@ from typing import Any
 import torch
 
 from strata.kv.policies.base import (
+    AttentionShape,
     Compaction,
     KVPolicy,
-    KVShape,
     KVView,
     LayerObservation,
     SlotScores,
@@ -69,7 +69,7 @@ class KVzipPolicy(KVPolicy):
     CHUNK = 2048
     OVERLAP = 8
 
-    def __init__(self, shape: KVShape) -> None:
+    def __init__(self, shape: AttentionShape) -> None:
         super().__init__(shape)
         self.scores = SlotScores(shape.num_layers)
         self.tokenizer: Any | None = None

@@ -7,13 +7,12 @@ line here and a file beside this one.
 
 from __future__ import annotations
 
-import importlib
-
-from strata.kv.policies.base import KVPolicy, KVShape
+from strata.kv.policies.base import AttentionShape, KVPolicy
+from strata.registry import Registry
 
 FULL = "full"
 
-_POLICIES: dict[str, str] = {
+POLICIES: Registry[type[KVPolicy]] = Registry("kv_policy", {
     "streaming": "strata.kv.policies.streaming:StreamingPolicy",
     "h2o": "strata.kv.policies.h2o:H2OPolicy",
     "snapkv": "strata.kv.policies.snapkv:SnapKVPolicy",
@@ -23,12 +22,12 @@ _POLICIES: dict[str, str] = {
     "treekv": "strata.kv.policies.treekv:TreeKVPolicy",
     "expected_attention": "strata.kv.policies.expected_attention:ExpectedAttentionPolicy",
     "kvzip": "strata.kv.policies.kvzip:KVzipPolicy",
-}
+})
 
 
 def policy_names() -> tuple[str, ...]:
     """Every valid `kv_policy` value, `full` first."""
-    return (FULL, *_POLICIES)
+    return (FULL, *POLICIES.names())
 
 
 def check_policy_name(name: str) -> None:
@@ -37,11 +36,9 @@ def check_policy_name(name: str) -> None:
         raise ValueError(f"unknown kv_policy {name!r}; valid: {', '.join(policy_names())}")
 
 
-def create_policy(name: str, shape: KVShape) -> KVPolicy:
+def create_policy(name: str, shape: AttentionShape) -> KVPolicy:
     """A fresh instance of the policy `name` (not `full`) for one sequence."""
     check_policy_name(name)
     if name == FULL:
         raise ValueError("kv_policy 'full' has no policy object: the sequence keeps every token")
-    module, cls = _POLICIES[name].split(":")
-    policy: KVPolicy = getattr(importlib.import_module(module), cls)(shape)
-    return policy
+    return POLICIES.get(name)(shape)

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from strata.kv.policies.base import (
+    AttentionShape,
     Compaction,
     KVPolicy,
-    KVShape,
     KVView,
     LayerObservation,
     SlotScores,
@@ -29,7 +29,7 @@ class SnapKVPolicy(KVPolicy):
     WINDOW = 64
     KERNEL = 5
 
-    def __init__(self, shape: KVShape) -> None:
+    def __init__(self, shape: AttentionShape) -> None:
         super().__init__(shape)
         self.scores = SlotScores(shape.num_layers)
 

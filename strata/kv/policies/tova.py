@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 
 from strata.kv.policies.base import (
+    AttentionShape,
     Compaction,
     KVPolicy,
-    KVShape,
     KVView,
     LayerObservation,
     SlotScores,
@@ -26,7 +26,7 @@ class TOVAPolicy(KVPolicy):
     name = "tova"
     evicts_during_decode = True
 
-    def __init__(self, shape: KVShape) -> None:
+    def __init__(self, shape: AttentionShape) -> None:
         super().__init__(shape)
         self.scores = SlotScores(shape.num_layers)
 

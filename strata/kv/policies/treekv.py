@@ -29,9 +29,9 @@ from collections import defaultdict
 import torch
 
 from strata.kv.policies.base import (
+    AttentionShape,
     Compaction,
     KVPolicy,
-    KVShape,
     KVView,
     LayerObservation,
     SlotScores,
@@ -65,7 +65,7 @@ class TreeKVPolicy(KVPolicy):
     name = "treekv"
     evicts_during_decode = True
 
-    def __init__(self, shape: KVShape) -> None:
+    def __init__(self, shape: AttentionShape) -> None:
         super().__init__(shape)
         self.scores = SlotScores(shape.num_layers)
         self.cursor = 0

@@ -51,9 +51,9 @@ class BlockLayout:
 
     @property
     def nbytes(self) -> int:
-        from strata.kv.codec import KVShape, codec_for_layout
+        from strata.kv.codec import BlockShape, codec_for_layout
 
-        shape = KVShape(self.block_size, self.num_kv_heads, self.head_dim)
+        shape = BlockShape(self.block_size, self.num_kv_heads, self.head_dim)
         codec = codec_for_layout(self.codec)
         return codec.bytes_per_block(self.num_layers, shape, self.torch_dtype)
 

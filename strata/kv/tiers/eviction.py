@@ -7,6 +7,8 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
+from strata.registry import Registry
+
 
 class EvictionOrder(ABC):
     @abstractmethod
@@ -54,13 +56,10 @@ class FIFOOrder(LRUOrder):
         return None
 
 
-EVICTION_ORDERS: dict[str, type[EvictionOrder]] = {"lru": LRUOrder, "fifo": FIFOOrder}
+EVICTION_ORDERS: Registry[type[EvictionOrder]] = Registry(
+    "tier eviction order", {"lru": LRUOrder, "fifo": FIFOOrder}
+)
 
 
 def make_eviction_order(name: str) -> EvictionOrder:
-    try:
-        return EVICTION_ORDERS[name]()
-    except KeyError:
-        raise ValueError(
-            f"unknown tier eviction order {name!r}; choose one of {', '.join(EVICTION_ORDERS)}"
-        ) from None
+    return EVICTION_ORDERS.get(name)()

@@ -21,7 +21,7 @@ from typing import Any
 from strata.kv.manager import KVIntegrityError, KVManager
 from strata.moe.arena import ExpertArena
 from strata.moe.expert_cache import ExpertCache
-from strata.moe.offloaded import OffloadedExperts
+from strata.moe.offloaded_experts import OffloadedExperts
 
 logger = logging.getLogger("strata.moe")
 
