@@ -36,6 +36,7 @@ from strata.bench.moe_trace import TraceRouting
 from strata.config import CacheConfig, EngineConfig, MoEConfig, SchedulerConfig
 from strata.engine.engine import LLMEngine
 from strata.engine.sampling_params import SamplingParams
+from strata.models.moe import MoeModel
 from strata.models.presets import PRESETS
 from strata.moe.offloaded_experts import OffloadOptions
 from strata.moe.policies import make_policy
@@ -214,6 +215,7 @@ def run_model(preset: str, layers: int | None, args: argparse.Namespace, bw: flo
     experts = engine.moe.experts
     ours = experts.options
     model = engine.loaded.model
+    assert isinstance(model, MoeModel), "bench moe needs a MoE model"
     num_layers = engine.model_config.num_layers
     max_slots = engine.moe.max_slots
     runs: list[MoeRun] = []

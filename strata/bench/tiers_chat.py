@@ -93,14 +93,12 @@ def run_chat(
         while ready and len(in_flight) < concurrency:
             u = ready.popleft()
             t = len(answers[u])
-            session = (
-                {"session_id": f"user{u}", "cache_ttl_s": session_ttl_s}
-                if mode == "cpu+sessions"
-                else {}
-            )
+            sessions = mode == "cpu+sessions"
             params = SamplingParams(
-                max_tokens=workload.answer_len, temperature=0, ignore_eos=True, **session
-            )  # type: ignore[arg-type]
+                max_tokens=workload.answer_len, temperature=0, ignore_eos=True,
+                session_id=f"user{u}" if sessions else None,
+                cache_ttl_s=session_ttl_s if sessions else None,
+            )  # fmt: skip
             request_id = engine.add_request(history[u], params)
             in_flight[request_id] = _Turn(u, t, time.perf_counter())
         for out in engine.step():

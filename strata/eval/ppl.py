@@ -59,7 +59,6 @@ def measure_perplexity(
     engine = llm.engine
     texts = shakespeare_texts(engine.tokenizer, length, num_texts, seed)
     forced = length - context
-    policy = {} if setting.is_full else {"kv_policy": setting.policy, "kv_budget": setting.budget}
     start = time.perf_counter()
     with teacher_forcing(engine, [ids[context:] for _, ids in texts]):
         params = [
@@ -69,8 +68,8 @@ def measure_perplexity(
                 seed=i,
                 ignore_eos=True,
                 logprobs=0,
-                kv_policy=policy.get("kv_policy", FULL),
-                kv_budget=policy.get("kv_budget"),
+                kv_policy=FULL if setting.is_full else setting.policy,
+                kv_budget=None if setting.is_full else setting.budget,
             )
             for i in range(len(texts))
         ]

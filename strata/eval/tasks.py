@@ -17,8 +17,12 @@ from strata.eval.word_extraction import build_common_words, build_frequent_words
 # build(seed, index, size): a sample whose haystack has `size` units
 Builder = Callable[[int, int, int], Sample]
 # name -> the task's builder for a given length
+def _niah(name: str) -> Callable[[int], Builder]:
+    return lambda _: partial(build_niah, name)
+
+
 TASKS: dict[str, Callable[[int], Builder]] = {
-    **{name: lambda _, name=name: partial(build_niah, name) for name in NIAH_SPECS},
+    **{name: _niah(name) for name in NIAH_SPECS},
     "vt": lambda _: build_variable_tracking,
     "cwe": lambda length: partial(build_common_words, freq=common_freq(length)),
     "fwe": lambda _: build_frequent_words,

@@ -50,6 +50,8 @@ class RotaryEmbedding(torch.nn.Module):
             inv_freq, scaling = inverse_frequencies(hf_config, head_dim)
             freqs = torch.arange(max_positions).float()[:, None] * inv_freq[None, :]
             emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos: torch.Tensor
+        self.sin: torch.Tensor
         self.register_buffer("cos", emb.cos() * scaling, persistent=False)
         self.register_buffer("sin", emb.sin() * scaling, persistent=False)
 

@@ -70,7 +70,7 @@ class OffloadCostModel:
         )
 
 
-def _median_seconds(fn: Callable[[], None], sync: Callable[[], None], repeats: int) -> float:
+def _median_seconds(fn: Callable[[], object], sync: Callable[[], None], repeats: int) -> float:
     fn()
     sync()
     times = []

@@ -131,7 +131,7 @@ class ExpertCache:
     def _take_slot(self, for_layer: int) -> int | None:
         if self._free:
             return heapq.heappop(self._free)
-        exclude = {self._slots[s].key for s in self.pinned}
+        exclude = {key for s in self.pinned if (key := self._slots[s].key) is not None}
         victim = self.policy.victim(for_layer, self.capacity, exclude)
         if victim is None:
             return None

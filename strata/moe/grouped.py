@@ -48,7 +48,7 @@ def _offset(view: torch.Tensor, base: torch.Tensor) -> int | None:
         return None
     if not view.is_contiguous() or view.dtype != base.dtype:
         return None
-    return view.storage_offset() - base.storage_offset()
+    return int(view.storage_offset() - base.storage_offset())
 
 
 def _kernel_groups(experts: list[ExpertRows]) -> list[tuple[int, int, int, int]] | None:

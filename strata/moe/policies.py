@@ -29,6 +29,9 @@ ExpertKey = tuple[int, int]  # (layer, expert)
 class EvictionPolicy(ABC):
     name: str
 
+    def __init__(self, num_layers: int) -> None:
+        self.num_layers = num_layers
+
     @abstractmethod
     def on_insert(self, key: ExpertKey) -> None: ...
 
@@ -49,6 +52,7 @@ class LRUPolicy(EvictionPolicy):
     name = "lru"
 
     def __init__(self, num_layers: int) -> None:
+        super().__init__(num_layers)
         self._order: OrderedDict[ExpertKey, None] = OrderedDict()  # least recent first
 
     def on_insert(self, key: ExpertKey) -> None:
@@ -70,7 +74,7 @@ class LayerLFRUPolicy(EvictionPolicy):
     name = "lfru"
 
     def __init__(self, num_layers: int, half_life: int = 256) -> None:
-        self.num_layers = num_layers
+        super().__init__(num_layers)
         self.half_life = half_life
         self._freq: dict[ExpertKey, float] = defaultdict(float)  # kept across evictions
         self._accesses = [0] * num_layers
