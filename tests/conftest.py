@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from strata import LLM
+from strata import LLM, LLMEngine
 from strata.models.embedded import embedded_model_path
 from strata.models.loader import gguf_to_folder
 
@@ -131,3 +132,42 @@ def assert_no_leaks(llm: LLM) -> None:
     stats = llm.stats()
     assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
     assert stats["num_running"] == 0 and stats["num_waiting"] == 0
+
+
+# ---- an integrity check after every test that built or used an engine ---------------------
+
+_engines: weakref.WeakSet[LLMEngine] = weakref.WeakSet()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _record_engines() -> Iterator[None]:
+    """Every LLMEngine constructed in this session is recorded (weakly)."""
+    original = LLMEngine.__init__
+
+    def recording_init(self: LLMEngine, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        _engines.add(self)
+
+    LLMEngine.__init__ = recording_init  # type: ignore[method-assign]
+    yield
+    LLMEngine.__init__ = original  # type: ignore[method-assign]
+
+
+@pytest.fixture(autouse=True)
+def _check_engine_integrity(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After each test, every live engine that is idle passes check_integrity(): its block
+    pool, prefix index, queues, tails and tiers agree. Busy engines (a server's, mid-request)
+    are left alone: the check may only run where nothing steps the engine concurrently.
+    Tests that break an engine on purpose opt out with @pytest.mark.breaks_engine."""
+    yield
+    if request.node.get_closest_marker("breaks_engine") is not None:
+        return
+    for engine in list(_engines):
+        if not engine.has_unfinished():
+            engine.check_integrity()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "breaks_engine: the test leaves an engine inconsistent on purpose"
+    )
