@@ -32,8 +32,8 @@ from strata.kv.policies.model_access import ModelAccess
 from strata.kv.prefix import root_key
 from strata.kv.sessions import SessionPins
 from strata.kv.swap_cost import SwapCostModel
-from strata.kv.tier_manager import TierManager
-from strata.kv.tier_setup import build_tiers
+from strata.kv.tiers.manager import TierManager
+from strata.kv.tiers.build import build_tiers
 from strata.models.loader import LoadedModel, load_model
 from strata.models.rope import inverse_frequencies
 from strata.moe.boundary import ExpertOffload

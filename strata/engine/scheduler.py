@@ -29,7 +29,7 @@ from strata.config import SchedulerConfig
 from strata.engine.plan import ScheduledChunk, StepPlan
 from strata.engine.sequence import Sequence, SequenceStatus
 from strata.kv.manager import KVManager, PrefixMatch
-from strata.kv.tier_manager import BlockRef, LoadDone, ProbeDone, TierManager
+from strata.kv.tiers.manager import BlockRef, LoadDone, ProbeDone, TierManager
 
 logger = logging.getLogger("strata.scheduler")
 

@@ -28,7 +28,7 @@ from strata.kv.blocks import BlockPool
 from strata.kv.prefix import PrefixIndex, chain_key
 
 if TYPE_CHECKING:
-    from strata.kv.tier_manager import BlockRef, TierManager
+    from strata.kv.tiers.manager import BlockRef, TierManager
 
 
 class KVIntegrityError(StrataError, RuntimeError):
@@ -124,7 +124,7 @@ class KVManager:
 
         `parent` is the key of block start-1 (the root for start 0).
         """
-        from strata.kv.tier_manager import BlockRef
+        from strata.kv.tiers.manager import BlockRef
 
         bs = self.block_size
         refs = []
@@ -206,7 +206,7 @@ class KVManager:
             # If another sequence indexed the same content first, this block stays unindexed.
             indexed = self.index.insert(key, chunk, state.table[i])
             if indexed and write_through and self.tiers is not None:
-                from strata.kv.tier_manager import BlockRef
+                from strata.kv.tiers.manager import BlockRef
 
                 self.newly_indexed.append((state.table[i], BlockRef(key, tuple(chunk))))
             state.keys.append(key)

@@ -8,7 +8,7 @@ import torch
 
 from strata.config import TierConfig
 from strata.kv.cache import KVCache
-from strata.kv.tier_manager import TierManager
+from strata.kv.tiers.manager import TierManager
 from strata.kv.tiers.base import BlockLayout, TierStore
 from strata.kv.tiers.cpu import CPUTier
 

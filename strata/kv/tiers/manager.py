@@ -36,7 +36,7 @@ from typing import Any
 from strata.kv.cache import KVCache
 from strata.kv.tiers.base import StoredBlock, TierStore, Timer
 from strata.kv.tiers.cpu import CPUTier
-from strata.kv.transfer import BlockTransfer
+from strata.kv.tiers.transfer import BlockTransfer
 
 logger = logging.getLogger("strata.kv.tiers")
 
