@@ -26,7 +26,7 @@ import torch
 
 from strata import LLM
 from strata.bench.tiers_measure import ask, cold_gpu, flush
-from strata.kv.tier_manager import TierManager
+from strata.kv.tiers.manager import TierManager
 
 LENGTH = 16384
 VOCAB = 100000

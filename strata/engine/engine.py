@@ -32,8 +32,8 @@ from strata.kv.policies.model_access import ModelAccess
 from strata.kv.prefix import root_key
 from strata.kv.sessions import SessionPins
 from strata.kv.swap_cost import SwapCostModel
-from strata.kv.tier_manager import TierManager
-from strata.kv.tier_setup import build_tiers
+from strata.kv.tiers.build import build_tier_loads, build_tiers
+from strata.kv.tiers.manager import TierManager
 from strata.models.loader import LoadedModel, load_model
 from strata.models.rope import inverse_frequencies
 from strata.moe.boundary import ExpertOffload
@@ -122,26 +122,26 @@ class LLMEngine:
         kv_layout = f"{str(self.dtype).removeprefix('torch.')}/bs{block_size}"
         if not self.codec.lossless:
             kv_layout += f"/{self.codec.layout_name}"
+        self.tiers: TierManager | None = build_tiers(
+            config.cache.tiers, self.kv_cache, self.loaded.fingerprint, self.dtype
+        )
         self.kv = KVManager(
             num_blocks,
             block_size,
             root_key(self.loaded.fingerprint, kv_layout),
             config.cache.enable_prefix_caching,
+            tiers=self.tiers,
         )
-        self.tiers: TierManager | None = build_tiers(
-            config.cache.tiers, self.kv_cache, self.loaded.fingerprint, self.dtype
-        )
-        self.kv.tiers = self.tiers
-        self.sessions = SessionPins(self.kv, config.cache.tiers.session_gpu_fraction)
+        self.sessions = SessionPins(self.kv, self.tiers, config.cache.tiers.session_gpu_fraction)
         self.swap_cost = SwapCostModel(
             self.kv_cache.block_bytes, block_size, self.device,
         )  # fmt: skip
+        tier_loads = build_tier_loads(
+            self.tiers, self.kv, config.cache.tiers.preemption_mode,
+            self.swap_cost.swap_is_cheaper,
+        )  # fmt: skip
         self.scheduler = Scheduler(
-            config.scheduler,
-            self.kv,
-            preemption_mode=config.cache.tiers.preemption_mode,
-            reclaim=self.sessions.reclaim,
-            swap_is_cheaper=self.swap_cost.swap_is_cheaper,
+            config.scheduler, self.kv, tier_loads, reclaim=self.sessions.reclaim
         )
         if self.moe is not None:
             self.moe.attach(self.kv)
@@ -530,9 +530,7 @@ class LLMEngine:
             **tiers,
             **self.sessions.stats(),
             **self.kv_policies.stats(),
-            "prefix_cache_tier_hit_tokens": self.scheduler.num_tier_hit_tokens,
-            "num_swaps": self.scheduler.num_swaps,
-            "num_loading": len(self.scheduler.loading),
+            **self.scheduler.tier_loads.stats(),
             **(self.moe.stats() if self.moe is not None else {}),
             "num_preemptions": self.scheduler.num_preemptions,
             "num_running": len(self.scheduler.running),
@@ -564,7 +562,7 @@ class LLMEngine:
         live = {s.request_id for s in (*sched.running, *sched.waiting, *sched.loading.values())}
         if live != set(self._seqs):
             raise KVIntegrityError(f"engine tracks {set(self._seqs)} but scheduler has {live}")
-        if self.tiers is not None and not sched.loads_in_flight:
+        if self.tiers is not None and not sched.tier_loads.in_flight:
             self.tiers.flush()
             problems = self.tiers.check_integrity()
             if problems:
@@ -575,4 +573,3 @@ class LLMEngine:
         if self.tiers is not None:
             self.tiers.close(flush=True)
             self.tiers = None
-            self.kv.tiers = None

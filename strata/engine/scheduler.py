@@ -1,8 +1,9 @@
 """Continuous batching with chunked prefill, prefix reuse from every tier, and preemption.
 
 Each step, under a budget of `max_num_batched_tokens`:
-1. Loads from the KV tiers that finished are collected: their sequences join the
-   running ones with the loaded prefix computed.
+1. Sequences whose load from the KV tiers landed join the running ones with the loaded
+   prefix computed. `TierLoads` keeps every piece of tier bookkeeping (probes, loads,
+   swaps, write-through); without tiers it is a no-op.
 2. Running sequences, oldest first, get min(pending tokens, budget left). When blocks
    run out, session pins on the GPU are released first; then the most recently
    admitted running sequence is preempted: its blocks are freed (full ones stay
@@ -22,14 +23,14 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from strata.config import SchedulerConfig
 from strata.engine.plan import ScheduledChunk, StepPlan
 from strata.engine.sequence import Sequence, SequenceStatus
 from strata.kv.manager import KVManager, PrefixMatch
-from strata.kv.tier_manager import BlockRef, LoadDone, ProbeDone, TierManager
+from strata.kv.tiers.loads import TierLoads
 
 logger = logging.getLogger("strata.scheduler")
 
@@ -39,52 +40,33 @@ class Scheduler:
         self,
         config: SchedulerConfig,
         kv: KVManager,
-        preemption_mode: str = "recompute",
+        tier_loads: TierLoads[Sequence],
         reclaim: Callable[[], bool] | None = None,
-        swap_is_cheaper: Callable[[int], bool] | None = None,
     ) -> None:
         self.config = config
         self.kv = kv
-        self.preemption_mode = preemption_mode
+        self.tier_loads = tier_loads
         self.reclaim = reclaim  # frees pinned GPU blocks; True if it freed any
-        self.swap_is_cheaper = swap_is_cheaper  # (computed tokens) -> reload beats recompute
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.loading: dict[str, Sequence] = {}
-        self._loading_refs: dict[str, list[BlockRef]] = {}
-        self._abandoned_loads: set[str] = set()  # finished while loading: free on arrival
-        self._remote_found: dict[str, set[bytes]] = {}
-        self._probing: dict[str, list[bytes]] = {}  # remote lookups in flight: their keys
-        self._swapped: set[str] = set()
         self.num_preemptions = 0
-        self.num_swaps = 0
-        self.num_tier_hit_tokens = 0
 
     @property
-    def tiers(self) -> TierManager | None:
-        return self.kv.tiers
+    def loading(self) -> Mapping[str, Sequence]:
+        """Admitted sequences waiting for their prefix to arrive from a tier, by id."""
+        return self.tier_loads.loading
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
-        tiers = self.tiers
-        if tiers is not None and tiers.remote is not None and self.kv.enable_prefix_caching:
-            keys = [r.key for r in self.kv.block_refs(seq.token_ids, 0, self.kv.root)]
-            if keys:
-                self._probing[seq.request_id] = keys
-                tiers.probe_remote(seq.request_id, keys)
+        self.tier_loads.probe(seq)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running or self.loads_in_flight)
-
-    @property
-    def loads_in_flight(self) -> bool:
-        """Whether the tier mover is still writing any sequence's blocks (live or aborted)."""
-        return bool(self.loading or self._abandoned_loads)
+        return bool(self.waiting or self.running or self.tier_loads.in_flight)
 
     # ---- one step -------------------------------------------------------------------------
 
     def schedule(self) -> StepPlan:
-        self._collect_tier_events()
+        self.running.extend(self.tier_loads.landed())
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[Sequence] = []
@@ -119,21 +101,17 @@ class Scheduler:
         for seq in list(self.waiting):
             if budget <= 0 or len(self.running) + len(self.loading) >= self.config.max_num_seqs:
                 break
-            if seq.request_id in self._probing:
+            if self.tier_loads.is_probing(seq):
                 continue  # its remote lookup is in flight; later arrivals may go first
-            match = self.kv.match_prefix(self._matchable(seq))
-            refs = self._tier_hits(seq, match)
-            if refs:
-                num_tokens = (len(match.block_ids) + len(refs)) * self.kv.block_size
+            tokens = self._matchable(seq)
+            match = self.kv.match_prefix(tokens)
+            hits = self.tier_loads.hits(seq, tokens, match)
+            if hits:
+                num_tokens = (len(match.block_ids) + len(hits)) * self.kv.block_size
                 if not self._admit_blocks(seq, match, num_tokens):
                     break
-                table = self.kv.block_table(seq.request_id)
-                first = len(match.block_ids)
                 self._start(seq, match)
-                self.loading[seq.request_id] = seq
-                self._loading_refs[seq.request_id] = refs
-                assert self.tiers is not None
-                self.tiers.start_load(seq.request_id, refs, table[first : first + len(refs)])
+                self.tier_loads.start(seq, hits)
                 continue
             n = min(seq.num_tokens - match.num_tokens, budget)
             spare = 0
@@ -148,7 +126,7 @@ class Scheduler:
                 break
             self._start(seq, match)
             self.running.append(seq)
-            self._release_swap(seq)
+            self.tier_loads.resumed(seq)
             chunks.append(
                 ScheduledChunk(seq, seq.num_computed, n, self.kv.block_table(seq.request_id))
             )
@@ -170,22 +148,6 @@ class Scheduler:
         if seq.num_cached_tokens < 0:
             seq.num_cached_tokens = match.num_tokens
 
-    def _tier_hits(self, seq: Sequence, match: PrefixMatch) -> list[BlockRef]:
-        """The leading blocks after the GPU match that some tier holds."""
-        tiers = self.tiers
-        if tiers is None or not self.kv.enable_prefix_caching:
-            return []
-        parent = match.keys[-1] if match.keys else self.kv.root
-        refs = self.kv.block_refs(self._matchable(seq), len(match.block_ids), parent)
-        if not refs:
-            return []
-        found = tiers.find_local([r.key for r in refs])
-        remote = self._remote_found.get(seq.request_id, set())
-        n = 0
-        while n < len(refs) and (found[n] or refs[n].key in remote):
-            n += 1
-        return refs[:n]
-
     def _matchable(self, seq: Sequence) -> list[int]:
         """The tokens a prefix hit may cover: under a KV policy, not the queries it observes."""
         if seq.kv is None:
@@ -201,36 +163,6 @@ class Scheduler:
             return 0
         return self.kv.cow_reserve(seq.request_id, self.kv.blocks_for(max(budgets)))
 
-    def _collect_tier_events(self) -> None:
-        if self.tiers is None:
-            return
-        for event in self.tiers.poll():
-            if isinstance(event, ProbeDone):
-                keys = self._probing.pop(event.seq_id, None)
-                if keys is not None:  # else it finished meanwhile
-                    self._remote_found[event.seq_id] = {
-                        k for k, hit in zip(keys, event.found, strict=True) if hit
-                    }
-            elif isinstance(event, LoadDone):
-                self._finish_load(event)
-
-    def _finish_load(self, event: LoadDone) -> None:
-        if event.seq_id in self._abandoned_loads:
-            self._abandoned_loads.discard(event.seq_id)
-            self._loading_refs.pop(event.seq_id, None)
-            self.kv.free(event.seq_id)
-            return
-        seq = self.loading.pop(event.seq_id)
-        refs = self._loading_refs.pop(event.seq_id)
-        first = seq.num_computed // self.kv.block_size
-        self.kv.mark_loaded(seq.request_id, refs[: event.num_loaded])
-        seq.num_computed += event.num_loaded * self.kv.block_size
-        self.num_tier_hit_tokens += event.num_loaded * self.kv.block_size
-        if seq.num_cached_tokens >= 0 and seq.num_cached_tokens == first * self.kv.block_size:
-            seq.num_cached_tokens = seq.num_computed
-        self._release_swap(seq)
-        self.running.append(seq)
-
     # ---- preemption -------------------------------------------------------------------------
 
     def preempt(self, seq: Sequence) -> None:
@@ -240,11 +172,8 @@ class Scheduler:
             self._preempt(seq)
 
     def _preempt(self, seq: Sequence) -> None:
-        if self._should_swap(seq):
-            assert self.tiers is not None
-            self.tiers.hold(f"swap:{seq.request_id}", self.kv.keys_of(seq.request_id))
-            self._swapped.add(seq.request_id)
-            self.num_swaps += 1
+        if seq.kv is None:  # a policy's compressed blocks are never stored in the tiers
+            self.tier_loads.swap_out(seq)
         self.kv.free(seq.request_id)
         seq.num_computed = 0
         if seq.kv is not None:
@@ -252,20 +181,6 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
-
-    def _should_swap(self, seq: Sequence) -> bool:
-        if self.tiers is None or self.preemption_mode == "recompute" or seq.kv is not None:
-            return False  # a policy's compressed blocks are never stored in the tiers
-        if self.preemption_mode == "swap":
-            return True
-        # auto: the engine's cost model compares reloading the blocks with recomputing them
-        return self.swap_is_cheaper is not None and self.swap_is_cheaper(seq.num_computed)
-
-    def _release_swap(self, seq: Sequence) -> None:
-        if seq.request_id in self._swapped:
-            self._swapped.discard(seq.request_id)
-            assert self.tiers is not None
-            self.tiers.release(f"swap:{seq.request_id}")
 
     # ---- after the step ----------------------------------------------------------------------
 
@@ -285,9 +200,7 @@ class Scheduler:
             if chunk.samples:
                 seq.token_ids.append(next(tokens))
                 got_token.append(seq)
-        if self.tiers is not None:
-            stored = self.kv.take_newly_indexed()
-            self.tiers.store([r for _, r in stored], [b for b, _ in stored], after=computed)
+        self.tier_loads.write_through(computed)
         return got_token
 
     def finish(self, seq: Sequence, reason: str) -> None:
@@ -296,13 +209,7 @@ class Scheduler:
         A sequence still loading keeps its blocks until the load lands (the mover is
         writing them), then they are freed.
         """
-        self._probing.pop(seq.request_id, None)
-        self._remote_found.pop(seq.request_id, None)
-        self._release_swap(seq)
-        if seq.request_id in self.loading:
-            del self.loading[seq.request_id]
-            self._abandoned_loads.add(seq.request_id)
-        else:
+        if not self.tier_loads.finish(seq):
             if seq.status is SequenceStatus.RUNNING:
                 self.running.remove(seq)
             elif seq.status is SequenceStatus.WAITING:

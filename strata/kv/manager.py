@@ -21,18 +21,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from strata.errors import StrataError
 from strata.kv.blocks import BlockPool
-from strata.kv.prefix import PrefixIndex, chain_key
-
-if TYPE_CHECKING:
-    from strata.kv.tier_manager import BlockRef, TierManager
+from strata.kv.prefix import BlockRef, PrefixIndex, chain_key
 
 
 class KVIntegrityError(StrataError, RuntimeError):
     """The block pool, block tables and prefix index disagree: a bug, never user error."""
+
+
+class WriteThrough(Protocol):
+    """The tiers below the pool, as the pool sees them (`TierManager` is one)."""
+
+    def before_overwrite(self, block_id: int) -> None:
+        """Return once no pending copy to a tier still reads `block_id`."""
 
 
 @dataclass
@@ -56,10 +60,19 @@ class PrefixMatch:
 
 
 class KVManager:
-    """Allocates, shares and frees KV blocks for sequences; owns the prefix index."""
+    """Allocates, shares and frees KV blocks for sequences; owns the prefix index.
+
+    With `tiers`, every newly indexed block is listed for write-through
+    (`take_newly_indexed`) and a cached block is overwritten only once its copy is done.
+    """
 
     def __init__(
-        self, num_blocks: int, block_size: int, root: bytes, enable_prefix_caching: bool = True
+        self,
+        num_blocks: int,
+        block_size: int,
+        root: bytes,
+        enable_prefix_caching: bool = True,
+        tiers: WriteThrough | None = None,
     ) -> None:
         self.block_size = block_size
         self.root = root
@@ -68,7 +81,7 @@ class KVManager:
         self.index = PrefixIndex()
         self._seqs: dict[str, _SeqBlocks] = {}
         self._holds: dict[str, list[int]] = {}
-        self.tiers: TierManager | None = None
+        self._tiers = tiers
         self.newly_indexed: list[tuple[int, BlockRef]] = []  # since the last take_newly_indexed
         self.prefix_cache_queried_tokens = 0
         self.prefix_cache_hit_tokens = 0
@@ -124,8 +137,6 @@ class KVManager:
 
         `parent` is the key of block start-1 (the root for start 0).
         """
-        from strata.kv.tier_manager import BlockRef
-
         bs = self.block_size
         refs = []
         for i in range(start, (len(token_ids) - 1) // bs):
@@ -181,8 +192,8 @@ class KVManager:
         With tiers, the block was written through when it was computed, so it stays
         findable below; this only waits if that copy is still reading the block.
         """
-        if self.tiers is not None:
-            self.tiers.before_overwrite(block_id)
+        if self._tiers is not None:
+            self._tiers.before_overwrite(block_id)
         self.index.remove_block(block_id)
 
     def commit(
@@ -205,9 +216,7 @@ class KVManager:
             key = chain_key(parent, chunk)
             # If another sequence indexed the same content first, this block stays unindexed.
             indexed = self.index.insert(key, chunk, state.table[i])
-            if indexed and write_through and self.tiers is not None:
-                from strata.kv.tier_manager import BlockRef
-
+            if indexed and write_through and self._tiers is not None:
                 self.newly_indexed.append((state.table[i], BlockRef(key, tuple(chunk))))
             state.keys.append(key)
 

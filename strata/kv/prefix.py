@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 KEY_FORMAT = b"strata-kv/1"
 
@@ -32,6 +33,14 @@ def chain_key(parent: bytes, token_ids: Sequence[int]) -> bytes:
     h = hashlib.sha256(parent)
     h.update(struct.pack(f"<{len(token_ids)}q", *token_ids))
     return h.digest()
+
+
+@dataclass(frozen=True)
+class BlockRef:
+    """A full block by content: its chain key and token ids (how blocks travel to tiers)."""
+
+    key: bytes
+    token_ids: tuple[int, ...]
 
 
 class PrefixIndex:

@@ -14,12 +14,21 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from strata.kv.manager import KVManager
 
 logger = logging.getLogger("strata.kv.sessions")
+
+
+class CPUTierHolds(Protocol):
+    """Pins in the CPU tier by owner (`TierManager` is one)."""
+
+    def hold(self, owner: str, keys: Sequence[bytes]) -> None: ...
+
+    def release(self, owner: str) -> None: ...
 
 
 @dataclass
@@ -39,10 +48,12 @@ class SessionPins:
     def __init__(
         self,
         kv: KVManager,
+        cpu_holds: CPUTierHolds | None,
         gpu_fraction: float,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.kv = kv
+        self.cpu_holds = cpu_holds  # None without tiers: pins live on the GPU or nowhere
         self.gpu_budget = int(kv.num_blocks * gpu_fraction)
         self.clock = clock
         self._pins: dict[str, _Pin] = {}
@@ -64,8 +75,8 @@ class SessionPins:
         if self.kv.num_held_blocks + len(blocks) <= self.gpu_budget:
             self.kv.hold(pin.owner, blocks)
             pin.on_gpu = True
-        elif self.kv.tiers is not None:
-            self.kv.tiers.hold(pin.owner, keys)
+        elif self.cpu_holds is not None:
+            self.cpu_holds.hold(pin.owner, keys)
             pin.in_cpu = True
         else:
             logger.info("session %s: %d blocks do not fit the GPU pin budget (%d blocks) and "
@@ -81,8 +92,8 @@ class SessionPins:
             return
         if pin.on_gpu:
             self.kv.release(pin.owner)
-        if pin.in_cpu and self.kv.tiers is not None:
-            self.kv.tiers.release(pin.owner)
+        if pin.in_cpu and self.cpu_holds is not None:
+            self.cpu_holds.release(pin.owner)
 
     def expire(self) -> int:
         """Release every pin whose TTL has passed; returns how many."""
@@ -100,10 +111,10 @@ class SessionPins:
         queues other work instead.
         """
         on_gpu = [p for p in self._pins.values() if p.on_gpu]
-        if not on_gpu or self.kv.tiers is None:
+        if not on_gpu or self.cpu_holds is None:
             return False
         pin = min(on_gpu, key=lambda p: p.expires_at)
-        self.kv.tiers.hold(pin.owner, pin.keys)
+        self.cpu_holds.hold(pin.owner, pin.keys)
         pin.in_cpu = True
         self.kv.release(pin.owner)
         pin.on_gpu = False

@@ -1,1 +1,9 @@
-"""The tiers below the GPU block pool: pinned CPU memory, local disk, a remote store."""
+"""The tiers below the GPU block pool, and what moves blocks between them and the pool.
+
+    base.py          TierStore, the interface; cpu.py, disk.py, remote.py implement it
+    manager.py       TierManager: write-through, loads and probes on two threads
+    jobs.py          the threads' jobs and reports; lower.py their disk/remote reads, writes
+    transfer.py      pool <-> cpu slot copies
+    loads.py         TierLoads, what the scheduler asks (load_tracker.py; a no-op without tiers)
+    build.py         both, built from a TierConfig
+"""

@@ -3,7 +3,8 @@
 A tier maps block keys (the prefix cache's chained SHA-256 keys, 32 bytes) to stored
 blocks. Tiers are ordered (cpu -> disk -> remote); the `TierManager` promotes a hit
 from a lower tier into the ones above it. Every method is called from the KV mover
-thread only, except `contains` on local tiers, which the scheduler may call too, so
+thread only, except `contains` on local tiers (`is_local`), which the scheduler may call
+too, so
 local implementations guard their index with a lock.
 
 Invariants every implementation keeps:
@@ -152,9 +153,15 @@ class Timer:
 
 
 class TierStore(ABC):
-    """A capacity-bounded key -> block store with pins and a pluggable eviction order."""
+    """A capacity-bounded key -> block store with pins and a pluggable eviction order.
+
+    `is_local`: whether `contains` is cheap enough for the scheduler to call while it
+    admits a sequence. A store that is not (one across the network) is probed ahead, on
+    the io thread, when the sequence arrives.
+    """
 
     name: str
+    is_local: bool = True
 
     def __init__(self, layout: BlockLayout, capacity_bytes: int) -> None:
         if capacity_bytes < layout.nbytes:

@@ -59,6 +59,7 @@ def redis_url(url: str) -> str:
 
 class RemoteTier(TierStore):
     name = "remote"
+    is_local = False  # every call is a network round trip
 
     def __init__(
         self,

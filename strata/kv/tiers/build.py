@@ -1,16 +1,20 @@
-"""Build the configured KV tiers for an engine and log what was decided."""
+"""Build the configured KV tiers for an engine, and the scheduler's view of them."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
 from strata.config import TierConfig
 from strata.kv.cache import KVCache
-from strata.kv.tier_manager import TierManager
+from strata.kv.manager import KVManager
 from strata.kv.tiers.base import BlockLayout, TierStore
 from strata.kv.tiers.cpu import CPUTier
+from strata.kv.tiers.load_tracker import TierLoadTracker
+from strata.kv.tiers.loads import NoTierLoads, S, TierLoads
+from strata.kv.tiers.manager import TierManager
 
 logger = logging.getLogger("strata.kv.tiers")
 
@@ -59,3 +63,15 @@ def build_tiers(
         manager.describe(), layout.nbytes / (1 << 20), config.eviction, config.preemption_mode,
     )  # fmt: skip
     return manager
+
+
+def build_tier_loads(
+    tiers: TierManager | None,
+    kv: KVManager,
+    preemption_mode: str,
+    swap_is_cheaper: Callable[[int], bool] | None = None,
+) -> TierLoads[S]:
+    """The scheduler's tier bookkeeping: a no-op without tiers."""
+    if tiers is None:
+        return NoTierLoads()
+    return TierLoadTracker(tiers, kv, preemption_mode, swap_is_cheaper)

@@ -21,6 +21,9 @@ Invariants:
   them, so they cannot be evicted in between.
 - `poll` reports each load exactly once, with how many of its leading blocks arrived; a
   load's destination blocks belong to its sequence until then.
+
+The threads' jobs and reports are the frozen dataclasses of `jobs.py`; reads and writes
+of the disk and remote tiers are in `lower.py`.
 """
 
 from __future__ import annotations
@@ -29,74 +32,35 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from strata.kv.cache import KVCache
-from strata.kv.tiers.base import StoredBlock, TierStore, Timer
+from strata.kv.prefix import BlockRef
+from strata.kv.tiers.base import TierStore, Timer
 from strata.kv.tiers.cpu import CPUTier
-from strata.kv.transfer import BlockTransfer
+from strata.kv.tiers.jobs import (
+    STOP,
+    HoldJob,
+    IOJob,
+    LoadDone,
+    LoadJob,
+    LoadProgress,
+    MoverJob,
+    ProbeDone,
+    ProbeJob,
+    ReleaseJob,
+    StopJob,
+    StoreJob,
+    TierEvent,
+    WriteJob,
+)
+from strata.kv.tiers.lower import LowerTiers
+from strata.kv.tiers.transfer import BlockTransfer
 
 logger = logging.getLogger("strata.kv.tiers")
 
-# Blocks per lower-tier read call. On an H200 host, Redis on loopback gave 1.2 GB/s with
-# one GET per 2 MiB block but 0.5 GB/s with one MGET per 64-block part (the client
-# parses a huge reply slowly), so reads go in small batches.
-READ_BATCH = 8
-
-
-@dataclass(frozen=True)
-class BlockRef:
-    """A full block by content: its chain key and token ids."""
-
-    key: bytes
-    token_ids: tuple[int, ...]
-
-
-@dataclass
-class LoadDone:
-    """`num_loaded` leading blocks of `seq_id`'s load are in the pool; the rest failed."""
-
-    seq_id: str
-    num_loaded: int
-
-
-@dataclass
-class ProbeDone:
-    seq_id: str
-    found: list[bool]
-
-
-@dataclass
-class _LoadProgress:
-    """One sequence's load, which may arrive in parts; reported once, when it ends."""
-
-    seq_id: str
-    loaded: int = 0  # leading blocks copied into the pool so far
-    reported: bool = False
-
-
-@dataclass
-class _Load:
-    """Blocks to copy into pool blocks `block_ids`; `last` ends the sequence's load."""
-
-    progress: _LoadProgress
-    blocks: list[BlockRef]
-    block_ids: list[int]
-    pinned: list[bytes] = field(default_factory=list)  # cpu pins to drop when copied
-    last: bool = True
-
-
-@dataclass
-class _Store:
-    blocks: list[BlockRef]
-    block_ids: list[int]
-    after: Any  # torch.cuda.Event | None
-    done: threading.Event
-
-
-_STOP = object()
+Job = TypeVar("Job")
 
 
 class TierManager:
@@ -108,17 +72,17 @@ class TierManager:
         max_write_backlog: int | None = None,
     ) -> None:
         self.cpu = cpu
-        self.lower = list(lower)
-        self.local = [cpu, *(t for t in self.lower if t.name != "remote")]
-        self.remote = next((t for t in self.lower if t.name == "remote"), None)
+        self.lower = LowerTiers(cpu, lower)
+        self.local = [cpu, *(t for t in lower if t.is_local)]
+        self.remote = next((t for t in lower if not t.is_local), None)
         self.transfer = BlockTransfer(kv_cache, cpu.slab)
         self.max_write_backlog = max_write_backlog or max(1, cpu.capacity_blocks // 2)
         self._pending_store: dict[int, threading.Event] = {}
         self._holds: dict[str, list[bytes]] = {}
-        self._mover_q: queue.Queue[Any] = queue.Queue()
-        self._io_q: queue.PriorityQueue[tuple[int, int, Any]] = queue.PriorityQueue()
+        self._mover_q: queue.Queue[MoverJob] = queue.Queue()
+        self._io_q: queue.PriorityQueue[tuple[int, int, IOJob]] = queue.PriorityQueue()
         self._io_seq = itertools.count()  # FIFO among equal priorities
-        self._done: queue.SimpleQueue[LoadDone | ProbeDone] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[TierEvent] = queue.SimpleQueue()
         self._done_event = threading.Event()
         self._write_backlog = 0
         self._backlog_lock = threading.Lock()
@@ -128,16 +92,15 @@ class TierManager:
         self.num_failed_loads = 0
         self._failure: BaseException | None = None
         self._threads = [
-            threading.Thread(target=self._run, args=(self._mover_q, self._mover_job),
-                             name="strata-kv-mover", daemon=True),
+            threading.Thread(target=self._run_mover, name="strata-kv-mover", daemon=True),
             threading.Thread(target=self._run_io, name="strata-kv-io", daemon=True),
-        ]  # fmt: skip
+        ]
         for thread in self._threads:
             thread.start()
 
     @property
     def tiers(self) -> list[TierStore]:
-        return [self.cpu, *self.lower]
+        return [self.cpu, *self.lower.tiers]
 
     def describe(self) -> str:
         return " -> ".join(t.describe() for t in self.tiers)
@@ -157,14 +120,14 @@ class TierManager:
 
     def probe_remote(self, seq_id: str, keys: Sequence[bytes]) -> None:
         """Ask the remote tier which keys it holds; answered by a ProbeDone from `poll`."""
-        self._io_put(0, ("probe", seq_id, list(keys)))
+        self._io_put(0, ProbeJob(seq_id, tuple(keys)))
 
     def start_load(self, seq_id: str, blocks: Sequence[BlockRef], block_ids: Sequence[int]) -> None:
         """Copy these blocks, found in some tier, into the pool blocks `block_ids`."""
-        job = _Load(_LoadProgress(seq_id), list(blocks), list(block_ids))
         keys = [b.key for b in blocks]
-        job.pinned = self.cpu.pin_present(keys)
-        if len(job.pinned) == len(keys):
+        pinned = self.cpu.pin_present(keys)
+        job = LoadJob(LoadProgress(seq_id), tuple(blocks), tuple(block_ids), tuple(pinned))
+        if len(pinned) == len(keys):
             self._mover_q.put(job)
         else:
             self._io_put(0, job)
@@ -178,7 +141,7 @@ class TierManager:
         done = threading.Event()
         for block_id in block_ids:
             self._pending_store[block_id] = done
-        self._mover_q.put(_Store(list(blocks), list(block_ids), after, done))
+        self._mover_q.put(StoreJob(tuple(blocks), tuple(block_ids), after, done))
 
     def before_overwrite(self, block_id: int) -> None:
         """Wait until a pending store has read `block_id` (the pool is about to reuse it)."""
@@ -188,24 +151,24 @@ class TierManager:
 
     def hold(self, owner: str, keys: Sequence[bytes]) -> None:
         """Pin these keys in the cpu tier for `owner` (after every store queued before)."""
-        self._mover_q.put(("hold", owner, list(keys)))
+        self._mover_q.put(HoldJob(owner, tuple(keys)))
 
     def release(self, owner: str) -> None:
-        self._mover_q.put(("release", owner))
+        self._mover_q.put(ReleaseJob(owner))
 
     def wait(self, timeout_s: float) -> None:
         """Block until a load or probe completes or `timeout_s` passes."""
         self._done_event.wait(timeout_s)
 
-    def _post(self, event: LoadDone | ProbeDone) -> None:
+    def _post(self, event: TierEvent) -> None:
         self._done.put(event)
         self._done_event.set()
 
-    def poll(self) -> list[LoadDone | ProbeDone]:
+    def poll(self) -> list[TierEvent]:
         """Completed loads and probes since the last poll; raises if a mover thread died."""
         if self._failure is not None:
             raise RuntimeError("the KV tier mover failed") from self._failure
-        out: list[LoadDone | ProbeDone] = []
+        out: list[TierEvent] = []
         self._done_event.clear()
         while True:
             try:
@@ -224,40 +187,56 @@ class TierManager:
     def close(self, flush: bool = True) -> None:
         if flush and self._failure is None:
             self.flush()
-        self._mover_q.put(_STOP)
-        self._io_put(9, _STOP)
+        self._mover_q.put(STOP)
+        self._io_put(9, STOP)
         for thread in self._threads:
             thread.join(timeout=10)
         for tier in self.tiers:
             tier.close()
 
-    # ---- mover thread ---------------------------------------------------------------------
+    # ---- both threads ---------------------------------------------------------------------
 
-    def _run(self, jobs: queue.Queue[Any], handle: Any) -> None:
+    def _run_mover(self) -> None:
+        q = self._mover_q
+        self._serve(q.get, self._mover_job, q.task_done, "KV tier job failed")
+
+    def _run_io(self) -> None:
+        q = self._io_q
+        self._serve(lambda: q.get()[2], self._io_job, q.task_done, "KV tier I/O job failed")
+
+    def _serve(
+        self,
+        take: Callable[[], Job],
+        handle: Callable[[Job], None],
+        task_done: Callable[[], None],
+        failure: str,
+    ) -> None:
+        """Run jobs until a StopJob; a failed job is logged and kept for `poll` to raise."""
         while True:
-            job = jobs.get()
+            job = take()
             try:
-                if job is _STOP:
+                if isinstance(job, StopJob):
                     return
                 handle(job)
             except BaseException as exc:  # keep serving; the engine sees it on the next poll
-                logger.exception("KV tier job failed")
+                logger.exception(failure)
                 self._failure = exc
             finally:
-                jobs.task_done()
+                task_done()
 
-    def _mover_job(self, job: Any) -> None:
-        if isinstance(job, _Store):
+    # ---- mover thread ---------------------------------------------------------------------
+
+    def _mover_job(self, job: MoverJob) -> None:
+        if isinstance(job, StoreJob):
             self._do_store(job)
-        elif isinstance(job, _Load):
+        elif isinstance(job, LoadJob):
             self._do_load(job)
-        elif job[0] == "hold":
-            _, owner, keys = job
-            self._holds.setdefault(owner, []).extend(self.cpu.pin_present(keys))
-        elif job[0] == "release":
-            self.cpu.unpin(self._holds.pop(job[1], []))
+        elif isinstance(job, HoldJob):
+            self._holds.setdefault(job.owner, []).extend(self.cpu.pin_present(job.keys))
+        elif isinstance(job, ReleaseJob):
+            self.cpu.unpin(self._holds.pop(job.owner, []))
 
-    def _do_store(self, job: _Store) -> None:
+    def _do_store(self, job: StoreJob) -> None:
         try:
             present = self.cpu.contains([b.key for b in job.blocks])
             todo = [(b, i) for b, i, p in zip(job.blocks, job.block_ids, present, strict=True)
@@ -288,7 +267,7 @@ class TierManager:
         for (block, _), slot in zip(todo, slots, strict=True):
             self.cpu.publish(block.key, block.token_ids, slot)
         self.num_stored += len(todo)
-        if self.lower and todo:
+        if self.lower.tiers and todo:
             self._write_through([b for b, _ in todo])
 
     def _write_through(self, blocks: list[BlockRef]) -> None:
@@ -299,9 +278,9 @@ class TierManager:
         self.num_store_skipped += max(0, skipped)
         if blocks:
             pinned = set(self.cpu.pin_present([b.key for b in blocks]))
-            self._io_put(1, ("write", [b for b in blocks if b.key in pinned], len(blocks)))
+            self._io_put(1, WriteJob(tuple(b for b in blocks if b.key in pinned), len(blocks)))
 
-    def _do_load(self, job: _Load) -> None:
+    def _do_load(self, job: LoadJob) -> None:
         progress = job.progress
         slots: list[int] = []
         if not progress.reported:  # parts after a failed one are not loaded: only unpinned
@@ -331,52 +310,25 @@ class TierManager:
 
     # ---- io thread ------------------------------------------------------------------------
 
-    def _io_put(self, priority: int, job: Any) -> None:
+    def _io_put(self, priority: int, job: IOJob) -> None:
         self._io_q.put((priority, next(self._io_seq), job))
 
-    def _run_io(self) -> None:
-        while True:
-            _, _, job = self._io_q.get()
-            try:
-                if job is _STOP:
-                    return
-                self._io_job(job)
-            except BaseException as exc:
-                logger.exception("KV tier I/O job failed")
-                self._failure = exc
-            finally:
-                self._io_q.task_done()
-
-    def _io_job(self, job: Any) -> None:
-        if isinstance(job, _Load):
+    def _io_job(self, job: IOJob) -> None:
+        if isinstance(job, LoadJob):
             self._fetch_below(job)
-        elif job[0] == "probe":
-            _, seq_id, keys = job
+        elif isinstance(job, ProbeJob):
+            keys = job.keys
             found = self.remote.contains(keys) if self.remote is not None else [False] * len(keys)
-            self._post(ProbeDone(seq_id, found))
-        elif job[0] == "write":
-            _, blocks, backlog = job
+            self._post(ProbeDone(job.seq_id, tuple(found)))
+        elif isinstance(job, WriteJob):
             try:
-                self._write_lower(blocks)
+                self.lower.write(job.blocks)
             finally:
-                self.cpu.unpin([b.key for b in blocks])
+                self.cpu.unpin([b.key for b in job.blocks])
                 with self._backlog_lock:
-                    self._write_backlog -= backlog
+                    self._write_backlog -= job.backlog
 
-    def _write_lower(self, blocks: list[BlockRef]) -> None:
-        stored = [b for b in blocks if self.cpu.slot_of(b.key) is not None]
-        for tier in self.lower:
-            missing = [b for b, p in zip(stored, tier.contains([b.key for b in stored]),
-                                         strict=True) if not p]  # fmt: skip
-            if missing:
-                tier.put([self._cpu_block(b) for b in missing])
-
-    def _cpu_block(self, block: BlockRef) -> StoredBlock:
-        slot = self.cpu.slot_of(block.key)
-        assert slot is not None  # pinned by the caller
-        return StoredBlock(block.key, block.token_ids, self.cpu.slab[slot])
-
-    def _fetch_below(self, job: _Load) -> None:
+    def _fetch_below(self, job: LoadJob) -> None:
         """Bring the job's blocks up into the cpu tier and hand them to the mover in parts.
 
         Part i+1 is read while the mover copies part i to the pool. Reading stops at the
@@ -388,67 +340,27 @@ class TierManager:
             self._fetch_parts(job, pinned)
         except Exception:  # a tier bug must not leave the sequence loading forever
             logger.exception("reading KV blocks from the lower tiers failed; recomputing")
-            self._mover_q.put(_Load(job.progress, [], [], list(pinned), last=True))
+            self._mover_q.put(LoadJob(job.progress, (), (), tuple(pinned), last=True))
 
-    def _fetch_parts(self, job: _Load, pinned: set[bytes]) -> None:
+    def _fetch_parts(self, job: LoadJob, pinned: set[bytes]) -> None:
         n = len(job.blocks)
         for lo in range(0, n, self.transfer.chunk):
             hi = min(n, lo + self.transfer.chunk)
             blocks = job.blocks[lo:hi]
-            fetched = self._read_below([b for b in blocks if self.cpu.slot_of(b.key) is None])
+            fetched = self.lower.read([b for b in blocks if self.cpu.slot_of(b.key) is None])
             pinned.update(fetched)
             avail = 0
             while avail < len(blocks) and self.cpu.slot_of(blocks[avail].key) is not None:
                 avail += 1
             last = avail < len(blocks) or hi == n
             keys = {b.key for b in (job.blocks[lo:] if last else blocks)}
-            part_pins = [k for k in pinned if k in keys]
+            part_pins = tuple(k for k in pinned if k in keys)
             pinned.difference_update(part_pins)
-            part = _Load(job.progress, blocks[:avail], job.block_ids[lo : lo + avail], part_pins,
-                         last)  # fmt: skip
+            part = LoadJob(job.progress, blocks[:avail], job.block_ids[lo : lo + avail], part_pins,
+                           last)  # fmt: skip
             self._mover_q.put(part)
             if last:
                 return
-
-    def _read_below(self, blocks: list[BlockRef]) -> list[bytes]:
-        """Read these blocks from the lower tiers into the cpu tier, pinned; their keys.
-
-        One batched `get` per tier for the keys still missing; a hit in one tier is also
-        promoted into the lower tiers above it.
-        """
-        pinned: list[bytes] = []
-        missing = {b.key: b for b in blocks}
-        for depth, tier in enumerate(self.lower):
-            if not missing:
-                break
-            wanted = list(missing.values())
-            for block, got in self._get_batched(tier, wanted):
-                if got is None:
-                    continue
-                if got.token_ids != block.token_ids:
-                    logger.warning("%s tier: block %s holds other tokens; ignored", tier.name,
-                                   block.key.hex()[:12])  # fmt: skip
-                    tier.remove([block.key])
-                    continue
-                slot = self.cpu.reserve()
-                if slot is None:
-                    return pinned
-                self.cpu.slab[slot].copy_(got.payload.reshape(-1))
-                self.cpu.publish(block.key, block.token_ids, slot)
-                pinned.extend(self.cpu.pin_present([block.key]))
-                for above in self.lower[:depth]:
-                    above.put([got])
-                del missing[block.key]
-        return pinned
-
-    @staticmethod
-    def _get_batched(
-        tier: TierStore, blocks: list[BlockRef]
-    ) -> Iterator[tuple[BlockRef, StoredBlock | None]]:
-        """`tier.get` in batches of READ_BATCH blocks; each result is valid until the next."""
-        for lo in range(0, len(blocks), READ_BATCH):
-            batch = blocks[lo : lo + READ_BATCH]
-            yield from zip(batch, tier.get([b.key for b in batch]), strict=True)
 
     # ---- checks and stats -----------------------------------------------------------------
 
