@@ -196,3 +196,33 @@ def test_registered_by_name(tb: ModuleType) -> None:
     from strata.attention.backend import get_backend
 
     assert isinstance(get_backend("triton"), tb.TritonAttention)
+
+
+def test_graph_hooks_replay_a_live_decode_step(tb: ModuleType) -> None:
+    """graph_metadata / graph_rows / fill_graph_metadata, as cuda_graphs.py replays: the
+    static rows give the live step's output; padding rows write nothing and give zeros."""
+    gen = torch.Generator().manual_seed(3)
+    layout, slots = make_batch([(1, 20), (1, 9), (1, 30)], 8, 16, gen)
+    k_cache = torch.randn(16, 8, 2, 32, generator=gen)
+    v_cache = torch.randn(16, 8, 2, 32, generator=gen)
+    q = torch.randn(4, 4, 32, generator=gen)
+    kv = torch.randn(4, 2, 32, generator=gen)
+    backend = tb.TritonAttention(num_splits=2)
+    assert backend.graph_safe
+    live = backend.prepare(layout, slots, torch.device("cpu"))
+    live_k, live_v = k_cache.clone(), v_cache.clone()
+    backend.write_kv(live_k, live_v, kv[:3], kv[:3], live)
+    want = backend.attend(q[:3], live_k, live_v, live, 32**-0.5)
+
+    slot_buffer = torch.full((6,), -1, dtype=torch.long)
+    static = backend.graph_metadata(slot_buffer, 8, 64)
+    rows = backend.graph_rows(static, 4)
+    slot_buffer[:3] = slots
+    seq_lens = torch.tensor([20, 9, 30, 0], dtype=torch.int32)
+    tables = torch.tensor([t[:4] + [0] * (4 - len(t[:4])) for t in layout.block_tables[:3]])
+    backend.fill_graph_metadata(rows, seq_lens, tables.to(torch.int32))
+    backend.write_kv(k_cache, v_cache, kv, kv, rows)
+    got = backend.attend(q, k_cache, v_cache, rows, 32**-0.5)
+    assert torch.equal(k_cache, live_k) and torch.equal(v_cache, live_v)
+    torch.testing.assert_close(got[:3], want, atol=1e-6, rtol=1e-6)
+    assert torch.equal(got[3], torch.zeros_like(got[3]))

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from strata.attention.backend import AttentionBackend, BatchLayout
+from strata.attention.backend import AttentionBackend, AttentionMetadata, BatchLayout
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class _Prefill:
 
 
 @dataclass(frozen=True)
-class ReferenceMetadata:
+class ReferenceMetadata(AttentionMetadata):
     slot_mapping: torch.Tensor  # [tokens]
     prefills: list[_Prefill]
     decode_rows: torch.Tensor | None  # [decodes] indices into the flat batch
@@ -32,11 +33,13 @@ class ReferenceMetadata:
     decode_mask: torch.Tensor | None  # [decodes, 1, 1, max_blocks * block_size]
 
 
-class ReferenceAttention(AttentionBackend):
+class ReferenceAttention(AttentionBackend[ReferenceMetadata]):
+    """Writes K/V with the base class's torch path (`write_kv`, `write_rope_kv`)."""
+
     name = "reference"
 
     def prepare(
-        self, layout: BatchLayout, slot_mapping: torch.Tensor, device: torch.device
+        self, layout: BatchLayout, slot_mapping: Tensor, device: torch.device
     ) -> ReferenceMetadata:
         bs = layout.block_size
         prefills: list[_Prefill] = []
@@ -71,28 +74,9 @@ class ReferenceAttention(AttentionBackend):
             dmask = (key_pos[None, :] < ctx_t[:, None])[:, None, None, :]
         return ReferenceMetadata(slot_mapping, prefills, rows, tables, dmask)
 
-    def write_kv(
-        self,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        meta: ReferenceMetadata,
-    ) -> None:
-        # (block, offset) indexing works for any block stride (the MoE arena's is not bs*H*D).
-        bs = k_cache.shape[1]
-        blocks, offsets = meta.slot_mapping // bs, meta.slot_mapping % bs
-        k_cache[blocks, offsets] = k.to(k_cache.dtype)
-        v_cache[blocks, offsets] = v.to(v_cache.dtype)
-
     def attend(
-        self,
-        q: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        meta: ReferenceMetadata,
-        scale: float,
-    ) -> torch.Tensor:
+        self, q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: ReferenceMetadata, scale: float
+    ) -> Tensor:
         out = torch.empty_like(q)
         heads, dim = k_cache.shape[-2:]
         for p in meta.prefills:

@@ -17,17 +17,17 @@ blocking. Block tables are padded with block 0 to a common width; kernels never 
 table entry at or past ceil(seq_len / block_size). The host-side ints (`max_seq_len`,
 `num_tokens`) only size launch grids and never come from the device.
 
-CUDA graphs (decode-only batches of n rows, n a captured size):
+CUDA graphs (decode-only batches of n rows, n a captured size; TritonAttention's hooks):
 
-    static = TritonMetadata(
-        slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=dev),  # -1: no write
-        block_size=block_size,
-        decode=DecodeMetadata.allocate(n, ceil(max_model_len / block_size), max_model_len, dev),
-        prefill=None,
-    )
-    capture: backend.write_kv / backend.attend with `static` (inside the model forward)
-    replay:  static.slot_mapping[:m].copy_(live.slot_mapping); [m:] stays -1
-             static.decode.fill_(live.decode)   # m <= n live rows; the rest become padding
+    static = graph_metadata(slot_mapping [N], block_size, max_model_len)
+             TritonMetadata(slot_mapping, block_size,
+                            decode=DecodeMetadata.allocate(N, ceil(max_model_len / block_size),
+                                                           max_model_len, dev), prefill=None)
+    capture: graph_rows(static, n): the first n rows (views), used by the model forward
+    replay:  the caller rewrites slot_mapping[:n] (padding rows -1: no write);
+             fill_graph_metadata(rows, seq_lens [n], block_tables [m, width])
+             -> DecodeMetadata.set_rows_: lengths of all n rows (0 = padding), tables of
+             the m live rows
 
 Static across replays: every tensor's address and shape, `block_size`, and
 `max_seq_len` (the bound), because the decode grid (n, kv_heads, splits) is a function of
@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from strata.attention.backend import BatchLayout
+from strata.attention.backend import AttentionMetadata, BatchLayout
 
 SHORT_CHUNK = 16  # at most this many query tokens ...
 LONG_PREFIX = 1024  # ... over at least this many cached ones run as decode rows
@@ -74,19 +74,32 @@ class DecodeMetadata:
             max_seq_len=max_seq_len,
         )
 
+    def rows(self, n: int) -> DecodeMetadata:
+        """Views of the first n rows (the same bound)."""
+        return DecodeMetadata(
+            self.query_rows[:n], self.seq_lens[:n], self.block_tables[:n], self.max_seq_len
+        )
+
     def fill_(self, live: DecodeMetadata) -> None:
         """Copy `live` (a decode-only step: query_rows == arange) into these static buffers.
 
         Rows past live.num_rows become padding. No host sync: shapes are host ints.
         """
-        n, width = live.block_tables.shape
-        if n > self.num_rows or width > self.block_tables.shape[1]:
-            raise ValueError("live decode batch exceeds the static buffers")
         if live.max_seq_len > self.max_seq_len:
             raise ValueError("live max_seq_len exceeds the static bound")
-        self.seq_lens[:n].copy_(live.seq_lens, non_blocking=True)
-        self.seq_lens[n:].zero_()
-        self.block_tables[:n, :width].copy_(live.block_tables, non_blocking=True)
+        self.set_rows_(live.seq_lens, live.block_tables)
+
+    def set_rows_(self, seq_lens: torch.Tensor, block_tables: torch.Tensor) -> None:
+        """Rows < len(seq_lens) take these lengths, rows past it become padding (0); rows
+        < len(block_tables) take its columns as their first ones. No host sync."""
+        n = seq_lens.shape[0]
+        rows, width = block_tables.shape
+        if n > self.num_rows or rows > n or width > self.block_tables.shape[1]:
+            raise ValueError("live decode batch exceeds the static buffers")
+        self.seq_lens[:n].copy_(seq_lens, non_blocking=True)
+        if n < self.num_rows:
+            self.seq_lens[n:].zero_()
+        self.block_tables[:rows, :width].copy_(block_tables, non_blocking=True)
 
 
 @dataclass
@@ -101,7 +114,7 @@ class PrefillMetadata:
 
 
 @dataclass
-class TritonMetadata:
+class TritonMetadata(AttentionMetadata):
     slot_mapping: torch.Tensor  # [tokens] int64 cache slot of each token; < 0 = skip
     block_size: int
     decode: DecodeMetadata | None

@@ -6,26 +6,27 @@ All graphs share one memory pool and one set of static buffers of the largest si
     tokens[0] input ids     [N] int64 \
     tokens[1] positions     [N] int64  } one [3, N] tensor: one copy per replay
     tokens[2] slot mapping  [N] int64 /   padding rows: id 0, position 0, slot -1
-    seq_lens                [N] int32     padding rows: 0 (attention writes zeros)
-    block_tables            [N, W] int32  rows < m, columns < the live width are
-                                          rewritten; kernels never read further
+    attention metadata      the backend's static buffers (AttentionBackend.graph_metadata)
+                            over tokens[2], bounded by max_model_len; per replay one
+                            upload of seq_lens [n] int32 (padding rows: 0, attention
+                            writes zeros) and block_tables [m, width] int32 refills them
+                            (fill_graph_metadata)
     logits                  [N, vocab] float32, the graph's output
 
-The decode grid depends only on n and the static max_seq_len bound (max_model_len), so
-every replay matches its capture (see strata/attention/triton_meta.py). Sampling stays
-outside the graph.
+Only a graph-safe backend is captured: its launches depend on n and the static bound
+alone, so every replay matches its capture. Sampling stays outside the graph.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import numpy as np
 import torch
 
-from strata.attention.backend import AttentionBackend
-from strata.attention.triton_meta import DecodeMetadata, TritonMetadata
+from strata.attention.backend import AttentionBackend, AttentionMetadata
 from strata.engine.staging import PinnedStager
 from strata.kv.cache import KVCache
 from strata.models.llama import LlamaModel
@@ -46,46 +47,40 @@ class DecodeGraphs:
         self,
         model: LlamaModel,
         kv: KVCache,
-        backend: AttentionBackend,
+        backend: AttentionBackend[Any],
         device: torch.device,
         max_batch: int,
         max_model_len: int,
     ) -> None:
+        if not backend.graph_safe:
+            raise ValueError(f"the {backend.name} attention backend is not graph-safe")
         self.sizes = capture_sizes(max_batch)
         self.max_batch = self.sizes[-1]
         self.block_size = kv.block_size
+        self.backend = backend
         n_max = self.max_batch
-        width = -(-max_model_len // kv.block_size)
         self.tokens = torch.zeros(3, n_max, dtype=torch.long, device=device)
         self.tokens[2].fill_(-1)
-        self.decode = DecodeMetadata.allocate(n_max, width, max_model_len, device)
+        static = backend.graph_metadata(self.tokens[2], kv.block_size, max_model_len)
+        # Per captured size n: the first n rows of the static metadata.
+        self._meta: dict[int, AttentionMetadata] = {
+            n: backend.graph_rows(static, n) for n in self.sizes
+        }
         self.logits = torch.zeros(n_max, model.config.vocab_size, device=device)
         self.rows = torch.arange(n_max, device=device)  # logits rows: every row samples
         self._ints = PinnedStager(device, torch.long)
         self._int32 = PinnedStager(device, torch.int32)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._capture(model, kv, backend, device, max_model_len)
+        self._capture(model, kv, device)
 
-    def _meta(self, n: int, max_model_len: int) -> TritonMetadata:
-        d = self.decode
-        rows = DecodeMetadata(d.query_rows[:n], d.seq_lens[:n], d.block_tables[:n], max_model_len)
-        return TritonMetadata(self.tokens[2, :n], self.block_size, rows, None)
-
-    def _capture(
-        self,
-        model: LlamaModel,
-        kv: KVCache,
-        backend: AttentionBackend,
-        device: torch.device,
-        max_model_len: int,
-    ) -> None:
+    def _capture(self, model: LlamaModel, kv: KVCache, device: torch.device) -> None:
         torch.cuda.synchronize(device)
         free_before = torch.cuda.mem_get_info(device)[0]
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         for n in reversed(self.sizes):  # largest first: smaller graphs reuse its pool
-            meta = self._meta(n, max_model_len)
-            args = (self.tokens[0, :n], self.tokens[1, :n], kv, backend, meta, self.rows[:n])
+            meta = self._meta[n]
+            args = (self.tokens[0, :n], self.tokens[1, :n], kv, self.backend, meta, self.rows[:n])
             self.logits[:n].copy_(model(*args))  # compiles kernels outside the capture
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
@@ -128,7 +123,6 @@ class DecodeGraphs:
         (tok_dev,) = self._ints.upload([tokens])
         lens_dev, table_dev = self._int32.upload([lens, table])
         self.tokens[:, :n].copy_(tok_dev)
-        self.decode.seq_lens[:n].copy_(lens_dev)
-        self.decode.block_tables[:m, :width].copy_(table_dev)
+        self.backend.fill_graph_metadata(self._meta[n], lens_dev, table_dev)
         self._graphs[n].replay()
         return self.logits[:m]

@@ -26,6 +26,7 @@ from strata.engine.sequence import Sequence, SequenceStatus
 from strata.errors import ContextLengthError, InvalidRequestError, KVCacheTooSmallError
 from strata.kv.cache import KVCache
 from strata.kv.codec import get_codec
+from strata.kv.coded_attention import attention_over
 from strata.kv.manager import KVIntegrityError, KVManager
 from strata.kv.policies.base import AttentionShape
 from strata.kv.policies.model_access import ModelAccess
@@ -151,7 +152,8 @@ class LLMEngine:
                 min_kv_blocks=-(-self.max_model_len // block_size),
                 block_size=block_size,
             )
-        self.runner = ModelRunner(self.loaded.model, self.kv_cache, self.backend, self.device)
+        attention = attention_over(self.kv_cache, self.backend)  # wraps it for a lossy codec
+        self.runner = ModelRunner(self.loaded.model, self.kv_cache, attention, self.device)
         cfg = self.model_config
         self.kv_policies = KVPolicyDriver(
             self.kv, self.kv_cache,
@@ -186,18 +188,15 @@ class LLMEngine:
         return ModelAccess(inv_freq.to(self.device), scaling, self.tokenizer)
 
     def _maybe_capture_graphs(self) -> None:
-        """Capture decode CUDA graphs once the KV pool exists (triton backend on CUDA only)."""
+        """Capture decode CUDA graphs once the KV pool exists (graph-safe backend on CUDA)."""
         if self.config.enforce_eager or self.device.type != "cuda":
             return
         if not getattr(self.loaded.model, "supports_cuda_graphs", True):
             logger.info("CUDA graphs off: the model reads expert routing on the host")
             return
-        if not self.codec.lossless:
-            logger.info("CUDA graphs off: kv_cache_dtype %s plans its reads per step",
-                        self.codec.name)  # fmt: skip
-            return
-        if self.backend.name != "triton":
-            logger.info("CUDA graphs off: the %s backend is not graph-safe", self.backend.name)
+        if not self.runner.backend.graph_safe:
+            logger.info("CUDA graphs off: the %s attention backend is not graph-safe",
+                        self.runner.backend.name)  # fmt: skip
             return
         sched = self.config.scheduler
         max_batch = min(self.config.cuda_graph_max_batch, sched.max_num_seqs)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from strata.attention.backend import AttentionBackend, BatchLayout
+from strata.attention.backend import AttentionBackend, StepMetadata
 from strata.engine.cuda_graphs import DecodeGraphs
 from strata.engine.kv_batch import (
     chunk_slots,
@@ -32,14 +32,15 @@ from strata.engine.sampler import Sampler, SamplerOutput, SamplingBatch
 from strata.engine.staging import PinnedStager
 from strata.engine.step_stats import StepStats
 from strata.kv.cache import KVCache
-from strata.kv.codec_step import CodedStepMeta, plan_codec_step
 from strata.models.llama import LlamaModel
 
 
 class ModelRunner:
     def __init__(
-        self, model: LlamaModel, kv: KVCache, backend: AttentionBackend, device: torch.device
+        self, model: LlamaModel, kv: KVCache, backend: AttentionBackend[Any], device: torch.device
     ) -> None:
+        """backend: what the model attends over `kv` with; under a lossy KV codec, the
+        CodedAttention around the named backend (strata/kv/coded_attention.py)."""
         self.model = model
         self.kv = kv
         self.backend = backend
@@ -51,7 +52,7 @@ class ModelRunner:
         self.step_log: list[StepStats] | None = None  # set to a list to record steps
 
     def capture_graphs(self, max_batch: int, max_model_len: int) -> None:
-        """Capture decode graphs for batch sizes up to max_batch (CUDA, triton backend)."""
+        """Capture decode graphs for batch sizes up to max_batch (CUDA, graph-safe backend)."""
         self.graphs = DecodeGraphs(
             self.model, self.kv, self.backend, self.device, max_batch, max_model_len
         )
@@ -101,22 +102,13 @@ class ModelRunner:
                 np.asarray(logits_rows, dtype=np.int64),
             ]
         )
-        meta = self._attention_metadata(layout, slot_t)
+        meta: StepMetadata = self.backend.prepare(layout, slot_t, self.device)
         shifts = layer_shifts(plan, len(self.model.layers))
         if shifts is not None:
             meta = layerwise_metadata(plan, shifts, bs, self.backend, self.device)
         observer = step_observer(plan, self.kv)
         logits = self.model(ids_t, pos_t, self.kv, self.backend, meta, rows_t, observer)
         return logits if logits_rows else None
-
-    def _attention_metadata(self, layout: BatchLayout, slots: torch.Tensor) -> Any:
-        """The backend's metadata; under a lossy KV codec, wrapped with the codec's step
-        plan and built over the codec's scratch block tables (codec_step.py)."""
-        if self.kv.tails is None:
-            return self.backend.prepare(layout, slots, self.device)
-        step = plan_codec_step(layout, self.kv.tails, self.device)
-        attention = self.backend.prepare(step.attention_layout, slots, self.device)
-        return CodedStepMeta(step, attention)
 
     def _replay(self, graphs: DecodeGraphs, plan: StepPlan) -> torch.Tensor:
         bs = self.kv.block_size

@@ -3,6 +3,7 @@
     auto (lossless): k, v = parts: [layers, num_blocks, block_size, kv_heads, head_dim]
     lossy codecs:    parts[i]: [layers, num_blocks, *codec part shape]  (codec.py)
                      tails.k, tails.v: [layers, tail rows, block_size, kv_heads, head_dim]
+                     written and read by CodedAttention (coded_attention.py)
 
 Slot s = block_id * block_size + offset addresses one token's K/V in a layer.
 """
@@ -56,18 +57,9 @@ class KVCache:
     def _raw(self, i: int) -> torch.Tensor:
         if not self.codec.lossless:
             raise TypeError(
-                f"the {self.codec.name} KV cache stores coded blocks: use write_and_gather"
+                f"the {self.codec.name} KV cache stores coded blocks: CodedAttention reads them"
             )
         return self.parts[i]
-
-    def write_and_gather(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor, step: object
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Lossy codecs: store a step's k, v and return what attention reads (codec_step.py)."""
-        from strata.kv.codec_step import CodecStep, write_and_gather
-
-        assert isinstance(step, CodecStep)
-        return write_and_gather(self, layer, k, v, step)
 
     @staticmethod
     def bytes_per_block(

@@ -15,9 +15,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from strata.attention.backend import AttentionBackend, LayerwiseMetadata
+from strata.attention.backend import AttentionBackend, AttentionMetadata, StepMetadata
+from strata.attention.layer_inputs import AttentionInputs, HeadLayout, KVPool
 from strata.config import ModelConfig
-from strata.kv.cache import KVCache
 from strata.models.rope import RotaryEmbedding
 from strata.ops.activation import silu_and_mul
 from strata.ops.rmsnorm import add_rmsnorm
@@ -51,18 +51,21 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
+    """qkv projection -> backend.write_rope_kv -> observer -> backend.attend -> o_proj.
+
+    The backend sees the module as an AttentionLayer: layer_index, heads, fused."""
+
     def __init__(self, cfg: ModelConfig, layer_index: int) -> None:
         super().__init__()
         self.layer_index = layer_index
-        self.num_heads = cfg.num_heads
-        self.num_kv_heads = cfg.num_kv_heads
+        self.heads = HeadLayout(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
         self.head_dim = cfg.head_dim
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.scale = cfg.head_dim**-0.5
-        self.fused = True
+        self.fused = True  # the backend may fuse RoPE into the KV write
         self.qk_norm = cfg.qk_norm
         self.clip_qkv = cfg.clip_qkv
         if cfg.qk_norm is not None:
@@ -87,48 +90,19 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
-        rope: RotaryEmbedding,
-        kv: KVCache,
-        backend: AttentionBackend,
-        meta: Any,
+        inputs: AttentionInputs,
+        backend: AttentionBackend[Any],
+        meta: AttentionMetadata,
         observer: LayerObserver | None = None,
     ) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         if self.qk_norm is not None or self.clip_qkv is not None:
             qkv = self._normed_qkv(qkv)
-        if not kv.codec.lossless:  # meta is a CodedStepMeta (strata/kv/codec_step.py)
-            q, k, v = self._split_rope(qkv, positions, rope)
-            k_all, v_all = kv.write_and_gather(self.layer_index, k, v, meta.codec)
-            out = backend.attend(q, k_all, v_all, meta.attention, self.scale)
-            return self.o_proj(out.reshape(-1, self.q_size))
-        k_cache, v_cache = kv.k[self.layer_index], kv.v[self.layer_index]
-        if self.fused and qkv.is_cuda and backend.name == "triton":
-            # One launch: RoPE on q and k, k and v stored at the step's slots.
-            from strata.ops.rope_kv import rope_write_kv
-
-            q = rope_write_kv(qkv, positions, rope.cos, rope.sin, k_cache, v_cache,
-                              meta.slot_mapping, self.num_heads, self.num_kv_heads)  # fmt: skip
-            if observer is not None:
-                observer(self.layer_index, q, self.scale)
-            out = backend.attend(q, k_cache, v_cache, meta, self.scale)
-            return self.o_proj(out.reshape(-1, self.q_size))
-        q, k, v = self._split_rope(qkv, positions, rope)
-        backend.write_kv(k_cache, v_cache, k, v, meta)
-        if observer is not None:
+        q, k_read, v_read = backend.write_rope_kv(self, qkv, inputs, meta)
+        if observer is not None:  # sees the cache with the step's K/V written
             observer(self.layer_index, q, self.scale)
-        out = backend.attend(q, k_cache, v_cache, meta, self.scale)
+        out = backend.attend(q, k_read, v_read, meta, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
-
-    def _split_rope(
-        self, qkv: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = rope(positions, q, k)
-        return q, k, v
 
 
 class MLP(nn.Module):
@@ -157,18 +131,16 @@ class DecoderLayer(nn.Module):
         self,
         x: torch.Tensor,
         residual: torch.Tensor | None,
-        positions: torch.Tensor,
-        rope: RotaryEmbedding,
-        kv: KVCache,
-        backend: AttentionBackend,
-        meta: Any,
+        inputs: AttentionInputs,
+        backend: AttentionBackend[Any],
+        meta: AttentionMetadata,
         observer: LayerObserver | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(mlp output, residual): the layer's output is their sum, added by the next norm.
 
         The residual stream is x + residual, as in transformers (residual None: x alone)."""
         h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, positions, rope, kv, backend, meta, observer)
+        h = self.self_attn(h, inputs, backend, meta, observer)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
@@ -201,9 +173,9 @@ class LlamaModel(nn.Module):
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
-        kv: KVCache,
-        backend: AttentionBackend,
-        meta: Any,
+        kv: KVPool,
+        backend: AttentionBackend[Any],
+        meta: StepMetadata,
         logits_rows: torch.Tensor,
         observer: LayerObserver | None = None,
     ) -> torch.Tensor:
@@ -213,11 +185,9 @@ class LlamaModel(nn.Module):
         layer's queries after the step's K/V are written (KV policies)."""
         x = self.embed_tokens(input_ids)
         residual = None
+        inputs = AttentionInputs(positions, self.rope, kv)
         for i, layer in enumerate(self.layers):
-            layer_meta = meta.for_layer(i) if isinstance(meta, LayerwiseMetadata) else meta
-            x, residual = layer(
-                x, residual, positions, self.rope, kv, backend, layer_meta, observer
-            )
+            x, residual = layer(x, residual, inputs, backend, meta.for_layer(i), observer)
         if residual is not None:
             residual = residual[logits_rows]
         x, _ = self.norm(x[logits_rows], residual)
@@ -225,7 +195,7 @@ class LlamaModel(nn.Module):
 
     def set_fused_ops(self, enabled: bool) -> None:
         """Use the fused CUDA kernels of strata/ops (default) or the torch ops: add+RMSNorm,
-        SiLU-and-mul, and RoPE in the KV write (with the triton backend)."""
+        SiLU-and-mul, and RoPE in the KV write (where the attention backend has it)."""
         for module in self.modules():
             if isinstance(module, (RMSNorm, MLP, Attention)):
                 module.fused = enabled

@@ -44,6 +44,9 @@ def inverse_frequencies(hf_config: Any, head_dim: int) -> tuple[torch.Tensor, fl
 class RotaryEmbedding(torch.nn.Module):
     """cos/sin tables for every position up to `max_positions`, applied half-rotated."""
 
+    cos: torch.Tensor  # [max_positions, head_dim] float32 (buffers)
+    sin: torch.Tensor
+
     def __init__(self, hf_config: Any, head_dim: int, max_positions: int) -> None:
         super().__init__()
         with torch.device("cpu"):  # real values even while a model is built on "meta"
