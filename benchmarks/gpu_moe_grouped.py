@@ -1,4 +1,4 @@
-"""GPU check and timing of the grouped expert kernel (strata/moe/triton_grouped.py)
+"""GPU check and timing of the grouped expert kernel (strata/ops/triton_grouped_experts.py)
 against the per-expert torch loop, on one MoE layer of the OLMoE-1B-7B shape (64 experts,
 H 2048, F 1024, top-8, bf16, random weights and routing, stacked = ResidentExperts).
 
@@ -19,8 +19,8 @@ from collections.abc import Callable
 
 import torch
 
-from strata.moe.grouped import ExpertRows, run_experts
-from strata.moe.routed import group_by_expert
+from strata.models.routed_experts import group_by_expert
+from strata.ops.grouped_experts import ExpertRows, run_experts
 
 E, H, F, K = 64, 2048, 1024, 8
 

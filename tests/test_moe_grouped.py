@@ -1,4 +1,4 @@
-"""The grouped expert kernel (strata/moe/triton_grouped.py) against the per-expert torch
+"""The grouped expert kernel (strata/ops/triton_grouped_experts.py) against the per-expert torch
 computation, on CPU under Triton's interpreter.
 
 The fixture follows tests/test_triton_attention.py: TRITON_INTERPRET is read when a kernel
@@ -16,11 +16,11 @@ from types import ModuleType
 import pytest
 import torch
 
-from strata.moe.grouped import expert_forward
+from strata.ops.grouped_experts import expert_forward
 
 pytest.importorskip("triton")
 
-KERNEL_MODULE = "strata.moe.triton_grouped"
+KERNEL_MODULE = "strata.ops.triton_grouped_experts"
 
 
 def _drop_kernel_module() -> None:

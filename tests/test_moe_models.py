@@ -24,7 +24,7 @@ from strata.models.fingerprint import weights_fingerprint
 from strata.models.loader import load_model
 from strata.models.moe import MoeModel
 from strata.models.presets import PRESETS
-from strata.moe.routed import ExpertWeights, ResidentExperts
+from strata.models.routed_experts import ExpertWeights, ResidentExperts
 from tests.conftest import TINY, assert_no_leaks, hf_greedy, make_hf_model
 from tests.test_hf_equality import _record_logits
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from strata.kv.manager import KVManager
+from strata.models.routed_experts import ExpertWeights, ResidentExperts
 from strata.moe.arena import ExpertArena
 from strata.moe.boundary import ExpertOffload
 from strata.moe.cost_model import OffloadCostModel
@@ -16,7 +17,6 @@ from strata.moe.host_store import HostExpertStore
 from strata.moe.offloaded_experts import OffloadedExperts, OffloadOptions
 from strata.moe.policies import make_policy
 from strata.moe.quant import dequantize_rows, quantize_rows
-from strata.moe.routed import ExpertWeights, ResidentExperts
 from strata.server.metrics import ServerMetrics
 
 E, H, F, K = 4, 8, 6, 2

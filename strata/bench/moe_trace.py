@@ -14,7 +14,7 @@ import random
 
 import torch
 
-from strata.moe.routed import RoutedExperts
+from strata.models.routed_experts import RoutedExperts
 
 
 class TraceRouting:

@@ -30,7 +30,7 @@ from strata.models.llama import LlamaModel
 from strata.models.moe import MoeModel
 from strata.models.presets import random_config_dict
 from strata.models.rope import RotaryEmbedding
-from strata.moe.routed import ResidentExperts
+from strata.models.routed_experts import ResidentExperts
 
 logger = logging.getLogger("strata.loader")
 
@@ -85,7 +85,7 @@ def load_model(
 
     expert_device: where a MoE model's routed experts are stacked (model.expert_weights);
     None is `device`. They are computed by ResidentExperts over those weights until
-    model.set_routed_experts swaps in another RoutedExperts (strata/moe/routed.py)."""
+    model.set_routed_experts swaps in another RoutedExperts (strata/models/routed_experts.py)."""
     place = Placement(device, dtype, expert_device or device)
     if spec is None:
         path = embedded_model_path()

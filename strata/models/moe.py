@@ -8,7 +8,7 @@ They are Llama-family decoders (llama.py) whose MLP, in the layers of
 
 The router and shared expert are parameters of the module, on the model's device. The
 routed experts are not: they are stacked per layer in `ExpertWeights` (wherever the
-loader put them) and computed by the model's `RoutedExperts` object (strata/moe/routed.py),
+loader put them) and computed by the model's `RoutedExperts` object (routed_experts.py),
 which `set_routed_experts` swaps.
 """
 
@@ -23,7 +23,7 @@ from torch import nn
 
 from strata.config import ModelConfig
 from strata.models.llama import MLP, LlamaModel
-from strata.moe.routed import ExpertWeights, RoutedExperts
+from strata.models.routed_experts import ExpertWeights, RoutedExperts
 
 
 class Router(nn.Module):

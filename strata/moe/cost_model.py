@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from strata.models.routed_experts import expert_forward
 from strata.moe.host_store import HostExpertStore
-from strata.moe.routed import expert_forward
 
 TOKEN_COUNTS = (1, 2, 4, 8, 16, 32)
 

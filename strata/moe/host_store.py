@@ -17,8 +17,8 @@ from collections.abc import Sequence
 
 import torch
 
+from strata.models.routed_experts import ExpertWeights
 from strata.moe.quant import BITS, dequantize_rows, quantize_rows
-from strata.moe.routed import ExpertWeights
 
 PRECISIONS = ("full", "int8", "int4")
 

@@ -30,11 +30,11 @@ from typing import Protocol
 
 import torch
 
+from strata.models.routed_experts import combine, expert_forward
 from strata.moe.cost_model import OffloadCostModel
 from strata.moe.expert_cache import ExpertCache
-from strata.moe.grouped import ExpertRows, run_experts
 from strata.moe.offload_stats import OffloadCounters
-from strata.moe.routed import combine, expert_forward
+from strata.ops.grouped_experts import ExpertRows, run_experts
 
 
 class ExpertRouter(Protocol):

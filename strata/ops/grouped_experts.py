@@ -4,7 +4,7 @@ a per-expert torch loop elsewhere.
     rows_in [N, H] sorted by expert; expert j of `experts` owns rows
     [start_j, start_j + count_j) and its weights are (gate_up_j [2F, H], down_j [H, F])
 
-The Triton path (triton_grouped.py) needs every gate_up view in one allocation, every
+The Triton path (triton_grouped_experts.py) needs every gate_up view in one allocation, every
 down view in one allocation (the arena's slots, or a layer's stacked experts), contiguous,
 in fp16/bf16 on CUDA; anything else takes the torch loop. STRATA_MOE_GROUPED=0 forces the
 loop (to compare the two; both compute the same function, rounding aside).
@@ -78,7 +78,7 @@ def run_experts(rows_in: torch.Tensor, rows_out: torch.Tensor, experts: list[Exp
     ):
         groups = _kernel_groups(experts)
         if groups is not None:
-            from strata.moe.triton_grouped import expert_tiles, grouped_mlp
+            from strata.ops.triton_grouped_experts import expert_tiles, grouped_mlp
 
             tiles = expert_tiles(groups, rows_in.device)
             grouped_mlp(rows_in, rows_out, first.gate_up, first.down, tiles, first.down.shape[1])

@@ -26,7 +26,7 @@ from typing import Protocol
 
 import torch
 
-from strata.moe.grouped import ExpertRows, expert_forward, run_experts
+from strata.ops.grouped_experts import ExpertRows, expert_forward, run_experts
 
 __all__ = [
     "ExpertWeights",
