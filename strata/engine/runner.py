@@ -18,21 +18,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from strata.attention.backend import AttentionBackend, BatchLayout
+from strata.attention.backend import AttentionBackend, BatchLayout, LayerwiseMetadata
 from strata.engine.cuda_graphs import DecodeGraphs
-from strata.engine.kv_batch import (
-    chunk_slots,
-    layer_shifts,
-    layerwise_metadata,
-    layout_of,
-    step_observer,
-)
 from strata.engine.plan import StepPlan
 from strata.engine.sampler import Sampler, SamplerOutput, SamplingBatch
 from strata.engine.staging import PinnedStager
 from strata.engine.step_stats import StepStats
 from strata.kv.cache import KVCache
 from strata.kv.codec_step import CodedStepMeta, plan_codec_step
+from strata.kv.policies.runtime.step_kv import KVStepBuilder, StepKV
 from strata.models.llama import LlamaModel
 
 
@@ -47,6 +41,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self._ints = PinnedStager(device, torch.long)
         self._floats = PinnedStager(device, torch.float32)
+        self.kv_step = KVStepBuilder(kv)  # slots, layouts and observer under KV policies
         self.graphs: DecodeGraphs | None = None
         self.step_log: list[StepStats] | None = None  # set to a list to record steps
 
@@ -78,35 +73,31 @@ class ModelRunner:
             return self._replay(graphs, plan)
         if self.step_log is not None:
             self.step_log.append(StepStats.of(plan, graph=False))
-        bs = self.kv.block_size
         ids: list[int] = []
         positions: list[np.ndarray] = []
-        slots: list[np.ndarray] = []
         logits_rows: list[int] = []
         offset = 0
         for chunk in plan.chunks:
             seq = chunk.seq
             ids.extend(seq.token_ids[chunk.start : chunk.end])
             positions.append(np.arange(chunk.start, chunk.end, dtype=np.int64))
-            slots.append(chunk_slots(chunk, bs))  # slot == position unless a policy evicted
             offset += chunk.num_tokens
             if chunk.samples:
                 logits_rows.append(offset - 1)
-        layout = layout_of(plan, bs)
+        step = self.kv_step.build(plan)  # slot == position unless a policy evicted
         ids_t, pos_t, slot_t, rows_t = self._ints.upload(
             [
                 np.asarray(ids, dtype=np.int64),
                 np.concatenate(positions),
-                np.concatenate(slots),
+                step.slot_mapping,
                 np.asarray(logits_rows, dtype=np.int64),
             ]
         )
-        meta = self._attention_metadata(layout, slot_t)
-        shifts = layer_shifts(plan, len(self.model.layers))
-        if shifts is not None:
-            meta = layerwise_metadata(plan, shifts, bs, self.backend, self.device)
-        observer = step_observer(plan, self.kv)
-        logits = self.model(ids_t, pos_t, self.kv, self.backend, meta, rows_t, observer)
+        if step.uniform:
+            meta = self._attention_metadata(step.layout, slot_t)
+        else:
+            meta = self._layerwise_metadata(step)
+        logits = self.model(ids_t, pos_t, self.kv, self.backend, meta, rows_t, step.observer)
         return logits if logits_rows else None
 
     def _attention_metadata(self, layout: BatchLayout, slots: torch.Tensor) -> Any:
@@ -117,6 +108,18 @@ class ModelRunner:
         step = plan_codec_step(layout, self.kv.tails, self.device)
         attention = self.backend.prepare(step.attention_layout, slots, self.device)
         return CodedStepMeta(step, attention)
+
+    def _layerwise_metadata(self, step: StepKV) -> LayerwiseMetadata:
+        """One backend metadata per distinct layer layout, shared by the layers that use it."""
+        built = [
+            self.backend.prepare(
+                part.layout,
+                torch.from_numpy(part.slot_mapping).to(self.device, non_blocking=True),
+                self.device,
+            )
+            for part in step.layer_layouts
+        ]
+        return LayerwiseMetadata([built[i] for i in step.layer_of])
 
     def _replay(self, graphs: DecodeGraphs, plan: StepPlan) -> torch.Tensor:
         bs = self.kv.block_size
