@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-import strata.engine.kv_policies as kv_policies
+import strata.kv.policies.runtime.driver as driver
 from strata.engine.llm import LLM
 from strata.eval.niah import NIAH_SPECS
 from strata.eval.prompt import prompt_ids, template_parts
@@ -97,7 +97,7 @@ def retention(kept: list[torch.Tensor], span: list[int]) -> float:
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    kv_policies.create_policy = _recording(kv_policies.create_policy)
+    driver.create_policy = _recording(driver.create_policy)
     llm = LLM(
         model=args.model, device=args.device, enable_prefix_caching=False,
         max_model_len=args.length, kv_cache_memory=args.kv_cache_memory,

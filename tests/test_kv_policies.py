@@ -21,9 +21,9 @@ from strata.engine.sequence import Sequence
 from strata.kv.policies.base import AttentionShape
 from strata.kv.policies.chunkkv import ChunkKVPolicy
 from strata.kv.policies.h2o import H2OPolicy
-from strata.kv.policies.observer import DecodeBatch
 from strata.kv.policies.pyramidkv import PyramidKVPolicy
 from strata.kv.policies.registry import create_policy
+from strata.kv.policies.runtime.observer import DecodeBatch
 from strata.kv.policies.snapkv import SnapKVPolicy
 from strata.kv.policies.streaming import StreamingPolicy
 from tests.kv_policy_support import (

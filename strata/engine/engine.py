@@ -14,8 +14,6 @@ import torch
 from strata.attention.backend import choose_backend, get_backend
 from strata.config import EngineConfig
 from strata.engine.detokenizer import Detokenizer, decode_ids
-from strata.engine.kv_policies import KVPolicyDriver
-from strata.engine.kv_reconstruction import PASS_HEADROOM, ContextReconstruction
 from strata.engine.outputs import RequestOutput, TokenLogprobs
 from strata.engine.plan import StepPlan
 from strata.engine.runner import ModelRunner
@@ -23,6 +21,7 @@ from strata.engine.sampler import SamplerOutput
 from strata.engine.sampling_params import SamplingParams
 from strata.engine.scheduler import Scheduler
 from strata.engine.sequence import Sequence, SequenceStatus
+from strata.engine.shadow_pass import ShadowPass
 from strata.errors import ContextLengthError, InvalidRequestError, KVCacheTooSmallError
 from strata.kv.cache import KVCache
 from strata.kv.codec import get_codec
@@ -30,6 +29,12 @@ from strata.kv.coded_attention import attention_over
 from strata.kv.manager import KVIntegrityError, KVManager
 from strata.kv.policies.base import AttentionShape
 from strata.kv.policies.model_access import ModelAccess
+from strata.kv.policies.runtime.driver import KVPolicyDriver, PolicyDefaults
+from strata.kv.policies.runtime.reconstruction import (
+    PASS_HEADROOM,
+    ContextReconstruction,
+    PassLimits,
+)
 from strata.kv.prefix import root_key
 from strata.kv.sessions import SessionPins
 from strata.kv.swap_cost import SwapCostModel
@@ -158,12 +163,13 @@ class LLMEngine:
         self.kv_policies = KVPolicyDriver(
             self.kv, self.kv_cache,
             AttentionShape(cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim),
-            config.cache.kv_policy, config.cache.kv_budget, self.device,
-            evict_interval=config.cache.evict_interval,
+            PolicyDefaults(config.cache.kv_policy, config.cache.kv_budget,
+                           config.cache.evict_interval),
             model=self._model_access(),
             reconstruction=ContextReconstruction(
-                self.runner, self.kv, config.scheduler.max_num_batched_tokens,
-                max_positions=self.loaded.model.rope.cos.shape[0],
+                ShadowPass(self.runner), self.kv,
+                PassLimits(config.scheduler.max_num_batched_tokens,
+                           max_positions=self.loaded.model.rope.cos.shape[0]),
             ),
         )  # fmt: skip
         logger.info(

@@ -20,18 +20,12 @@ import torch
 
 from strata.attention.backend import AttentionBackend, StepMetadata
 from strata.engine.cuda_graphs import DecodeGraphs
-from strata.engine.kv_batch import (
-    chunk_slots,
-    layer_shifts,
-    layerwise_metadata,
-    layout_of,
-    step_observer,
-)
 from strata.engine.plan import StepPlan
 from strata.engine.sampler import Sampler, SamplerOutput, SamplingBatch
 from strata.engine.staging import PinnedStager
 from strata.engine.step_stats import StepStats
 from strata.kv.cache import KVCache
+from strata.kv.policies.runtime.step_kv import KVStepBuilder, StepKV
 from strata.models.llama import LlamaModel
 
 
@@ -48,6 +42,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self._ints = PinnedStager(device, torch.long)
         self._floats = PinnedStager(device, torch.float32)
+        self.kv_step = KVStepBuilder(kv)  # slots, layouts and observer under KV policies
         self.graphs: DecodeGraphs | None = None
         self.step_log: list[StepStats] | None = None  # set to a list to record steps
 
@@ -79,36 +74,40 @@ class ModelRunner:
             return self._replay(graphs, plan)
         if self.step_log is not None:
             self.step_log.append(StepStats.of(plan, graph=False))
-        bs = self.kv.block_size
         ids: list[int] = []
         positions: list[np.ndarray] = []
-        slots: list[np.ndarray] = []
         logits_rows: list[int] = []
         offset = 0
         for chunk in plan.chunks:
             seq = chunk.seq
             ids.extend(seq.token_ids[chunk.start : chunk.end])
             positions.append(np.arange(chunk.start, chunk.end, dtype=np.int64))
-            slots.append(chunk_slots(chunk, bs))  # slot == position unless a policy evicted
             offset += chunk.num_tokens
             if chunk.samples:
                 logits_rows.append(offset - 1)
-        layout = layout_of(plan, bs)
+        step = self.kv_step.build(plan)  # slot == position unless a policy evicted
         ids_t, pos_t, slot_t, rows_t = self._ints.upload(
             [
                 np.asarray(ids, dtype=np.int64),
                 np.concatenate(positions),
-                np.concatenate(slots),
+                step.slot_mapping,
                 np.asarray(logits_rows, dtype=np.int64),
             ]
         )
-        meta: StepMetadata = self.backend.prepare(layout, slot_t, self.device)
-        shifts = layer_shifts(plan, len(self.model.layers))
-        if shifts is not None:
-            meta = layerwise_metadata(plan, shifts, bs, self.backend, self.device)
-        observer = step_observer(plan, self.kv)
-        logits = self.model(ids_t, pos_t, self.kv, self.backend, meta, rows_t, observer)
+        meta = self._metadata(step, slot_t)
+        logits = self.model(ids_t, pos_t, self.kv, self.backend, meta, rows_t, step.observer)
         return logits if logits_rows else None
+
+    def _metadata(self, step: StepKV, slots: torch.Tensor) -> StepMetadata:
+        """The backend's metadata for the step; one per distinct layer layout when KV
+        policies give layers different KV (PyramidKV's budgets, recall's block tables)."""
+        if step.uniform:
+            return self.backend.prepare(step.layout, slots, self.device)
+        geometries = [
+            (part.layout, torch.from_numpy(part.slot_mapping).to(self.device, non_blocking=True))
+            for part in step.layer_layouts
+        ]
+        return self.backend.prepare_layers(geometries, step.layer_of, self.device)
 
     def _replay(self, graphs: DecodeGraphs, plan: StepPlan) -> torch.Tensor:
         bs = self.kv.block_size

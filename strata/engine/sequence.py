@@ -19,7 +19,7 @@ from strata.engine.outputs import TokenLogprobs
 from strata.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from strata.kv.policies.sequence_kv import SequenceKV
+    from strata.kv.policies.runtime.sequence_kv import SequenceKV
 
 
 class SequenceStatus(enum.Enum):

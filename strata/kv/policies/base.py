@@ -1,11 +1,12 @@
-"""KVPolicy: the seam every KV eviction method plugs into.
+"""KVPolicy: the seam every KV policy plugs into.
 
-A policy decides which cached tokens of one sequence stay in the KV cache. The engine
-owns the memory: it asks the policy for a keep mask and then compacts the survivors
-into the sequence's leading blocks, freeing the rest (strata/kv/compaction.py).
+A policy decides, for one sequence, which cached tokens stay in the KV cache and which
+blocks each step attends over. The engine owns the memory: it asks the policy for a
+keep mask and then compacts the survivors into the sequence's leading blocks, freeing
+the rest (runtime/compaction.py).
 
 One policy instance serves one sequence (it may keep per-sequence state, e.g. H2O's
-accumulated scores). Its life, driven by the engine (strata/engine/kv_policies.py):
+accumulated scores). Its life, driven by the engine (runtime/driver.py):
 
     prompt tokens     | context ......................... C | rest of prompt | output ...
                       |<-- prefill chunks, observed -------->|
@@ -34,7 +35,11 @@ numbers (`layer_budgets`, PyramidKV); the sequence then holds blocks for the lar
 Scores. A policy that needs attention scores names the queries it wants in
 `observed_queries`; while such a step runs, each layer calls `observe` with those
 queries (after RoPE) and this layer's cached keys and values, the step's own included.
-The policy accumulates what it needs. Requests without a policy pay nothing.
+The policy accumulates what it needs (scored.py). Requests without a policy pay nothing.
+
+Attended blocks. Before each step a policy may name, per layer, the blocks the sequence
+attends over instead of its own table, without compacting anything (`attended_blocks`,
+attended.py): the seam recall policies use.
 
 Compressed KV is query-dependent: it never enters the prefix cache and never goes to
 the KV tiers. Blocks the sequence computed before its compression point are indexed as
@@ -45,13 +50,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from functools import cached_property
 from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 if TYPE_CHECKING:
+    from strata.kv.policies.attended import AttendedBlocks, ChunkSlots
     from strata.kv.policies.model_access import ModelAccess
+    from strata.kv.policies.observation import LayerObservation
 
 
 @dataclass(frozen=True)
@@ -98,70 +104,6 @@ class KVView(Protocol):
         ...
 
 
-class LayerObservation:
-    """One layer's view of the queries a policy asked for, in one step.
-
-    queries      [m, num_heads, head_dim]  after RoPE, in token order
-    query_slots  [m]                       slot of each query in this layer
-    keys/values  [n, kv_heads, head_dim]   the layer's cache in slot order, this step's
-                                           tokens included (gathered on first use)
-    """
-
-    QUERY_CHUNK = 256  # queries per softmax in summed_attention: bounds temporary memory
-
-    def __init__(
-        self,
-        layer: int,
-        queries: torch.Tensor,
-        query_slots: torch.Tensor,
-        read_slots: ReadSlots,
-        num_slots: int,
-        scale: float,
-    ) -> None:
-        self.layer = layer
-        self.queries = queries
-        self.query_slots = query_slots
-        self.num_slots = num_slots
-        self.scale = scale
-        self._read_slots = read_slots
-
-    @cached_property
-    def _kv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._read_slots(self.layer, self.num_slots)
-
-    @property
-    def keys(self) -> torch.Tensor:
-        return self._kv[0]
-
-    @property
-    def values(self) -> torch.Tensor:
-        return self._kv[1]
-
-    def attention(self, first: int = 0, end: int | None = None) -> torch.Tensor:
-        """Softmax attention of queries [first, end): [kv_heads, group, m, n] float32.
-
-        Causal over slots (a query attends to slots <= its own), exactly as the model
-        attended; rows of one KV head's query heads are grouped (GQA)."""
-        q = self.queries[first:end].float()
-        slots = self.query_slots[first:end]
-        k = self.keys.float()
-        kv_heads = k.shape[1]
-        m, heads, dim = q.shape
-        q = q.view(m, kv_heads, heads // kv_heads, dim).permute(1, 2, 0, 3)
-        logits = torch.einsum("hgmd,nhd->hgmn", q, k) * self.scale
-        key_slot = torch.arange(self.num_slots, device=q.device)
-        logits.masked_fill_(key_slot[None, :] > slots[:, None], float("-inf"))
-        return torch.softmax(logits, dim=-1)
-
-    def summed_attention(self) -> torch.Tensor:
-        """[kv_heads, n] float32: attention summed over the queries and each KV head's
-        query heads."""
-        total = torch.zeros(self.keys.shape[1], self.num_slots, device=self.queries.device)
-        for first in range(0, self.queries.shape[0], self.QUERY_CHUNK):
-            total += self.attention(first, first + self.QUERY_CHUNK).sum(dim=(1, 2))
-        return total
-
-
 @dataclass(frozen=True)
 class Compaction:
     """A compaction the engine performed: in layer l, new slot t of KV head h holds what
@@ -169,12 +111,6 @@ class Compaction:
 
     new_to_old: list[torch.Tensor]  # per layer [kv_heads, kept_l] int64
     old_num_slots: list[int]
-
-
-class ReadSlots(Protocol):
-    def __call__(self, layer: int, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(keys, values) of the sequence's first `num_slots` slots in `layer`."""
-        ...
 
 
 class KVPolicy(ABC):
@@ -191,6 +127,7 @@ class KVPolicy(ABC):
 
     def __init__(self, shape: AttentionShape) -> None:
         self.shape = shape
+        self.model: ModelAccess | None = None  # set by bind
 
     # ---- scores ------------------------------------------------------------------------
 
@@ -201,8 +138,8 @@ class KVPolicy(ABC):
 
     def bind(self, model: ModelAccess) -> None:
         """Receive the model pieces beyond attention scores (RoPE, tokenizer) that some
-        policies need (strata/kv/policies/model_access.py). Default: none needed."""
-        return None
+        policies need (strata/kv/policies/model_access.py), kept as `self.model`."""
+        self.model = model
 
     def reconstruction_passes(self, context_ids: list[int]) -> list[list[int]]:
         """Token ids of extra prefill passes to run after the context, at the compression
@@ -217,6 +154,14 @@ class KVPolicy(ABC):
 
     def observe(self, obs: LayerObservation) -> None:
         """Receive one layer's observation of the queries asked for this step."""
+        return None
+
+    # ---- attention ---------------------------------------------------------------------
+
+    def attended_blocks(self, view: KVView, chunk: ChunkSlots) -> list[AttendedBlocks] | None:
+        """Per layer, the blocks the step computing `chunk` attends over (attended.py);
+        nothing is compacted or freed. None (the default): every layer attends over the
+        sequence's own table, as far as it holds slots."""
         return None
 
     # ---- selection ---------------------------------------------------------------------
@@ -247,46 +192,3 @@ def keep_top(scores: torch.Tensor, k: int) -> torch.Tensor:
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
     mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     return mask.scatter_(-1, order, True)
-
-
-class SlotScores:
-    """Per-layer score vectors over slots, [kv_heads, n_l], that grow with the cache and
-    follow compaction. `add` pads a shorter stored vector with zeros."""
-
-    def __init__(self, num_layers: int) -> None:
-        self.layers: list[torch.Tensor | None] = [None] * num_layers
-
-    def add(self, layer: int, scores: torch.Tensor) -> None:
-        old = self.layers[layer]
-        if old is None:
-            self.layers[layer] = scores.clone()
-            return
-        if old.shape[-1] < scores.shape[-1]:
-            old = torch.nn.functional.pad(old, (0, scores.shape[-1] - old.shape[-1]))
-        old[..., : scores.shape[-1]] += scores
-        self.layers[layer] = old
-
-    def set(self, layer: int, scores: torch.Tensor) -> None:
-        self.layers[layer] = scores.clone()
-
-    def get(self, layer: int, num_slots: int, kv_heads: int, device: torch.device) -> torch.Tensor:
-        """[kv_heads, num_slots]: the stored scores, zero for slots never scored."""
-        out = torch.zeros(kv_heads, num_slots, device=device)
-        stored = self.layers[layer]
-        if stored is not None:
-            n = min(num_slots, stored.shape[-1])
-            out[:, :n] = stored[:, :n]
-        return out
-
-    def remap(self, compaction: Compaction) -> None:
-        for layer, index in enumerate(compaction.new_to_old):
-            stored = self.layers[layer]
-            if stored is None:
-                continue
-            missing = compaction.old_num_slots[layer] - stored.shape[-1]
-            if missing > 0:
-                stored = torch.nn.functional.pad(stored, (0, missing))
-            self.layers[layer] = torch.gather(stored, -1, index)
-
-    def clear(self) -> None:
-        self.layers = [None] * len(self.layers)

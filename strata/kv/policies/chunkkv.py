@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from strata.kv.policies.base import KVView
-from strata.kv.policies.chunks import keep_chunks
+from strata.kv.policies.chunks import chunk_ranking
 from strata.kv.policies.snapkv import SnapKVPolicy
 
 
@@ -30,8 +30,7 @@ class ChunkKVPolicy(SnapKVPolicy):
     CHUNK = 16
     WINDOW = 16
 
-    def select_layer(self, view: KVView, layer: int, k: int) -> torch.Tensor:
-        n = view.num_slots(layer)
-        heads = self.shape.num_kv_heads
-        votes = self.scores.get(layer, n, heads, view.device).sum(dim=0)  # every head
-        return keep_chunks(votes, k, self.CHUNK, self.window(view.context_len), heads)
+    def ranking(self, view: KVView, layer: int, k: int) -> torch.Tensor:
+        votes = self.layer_scores(view, layer).sum(dim=0)  # every head
+        rank = chunk_ranking(votes, self.CHUNK, self.window(view.context_len))
+        return rank.expand(self.shape.num_kv_heads, -1)

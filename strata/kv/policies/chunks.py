@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from strata.kv.policies.base import keep_top
 
-
-def keep_chunks(votes: torch.Tensor, k: int, chunk: int, always: int, heads: int) -> torch.Tensor:
-    """Keep mask [heads, n]: the last `always` slots, then whole chunks of `chunk` slots
-    (aligned to slot 0) in order of their summed votes; the chunk that does not fit keeps
-    its best-voted slots. votes: [n], one score per slot shared by all heads."""
+def chunk_ranking(votes: torch.Tensor, chunk: int, always: int) -> torch.Tensor:
+    """[n] float32, highest first: the last `always` slots, then whole chunks of `chunk`
+    slots (aligned to slot 0) in order of their summed votes, each chunk's slots in order
+    of their votes, so the chunk that does not fit keeps its best-voted slots.
+    votes: [n], one score per slot."""
     n = votes.shape[-1]
     before = n - always
     chunks = -(-before // chunk)
@@ -32,8 +31,7 @@ def keep_chunks(votes: torch.Tensor, k: int, chunk: int, always: int, heads: int
     )
     rank = (chunk_rank[:, None] * chunk + slot_rank).view(-1)[:before]
     # The last `always` slots outrank every chunk, the newest first should k be below them.
-    score = torch.cat([
+    return torch.cat([
         -rank.float(),
         1e9 + torch.arange(always, device=votes.device, dtype=torch.float32),
     ])  # fmt: skip
-    return keep_top(score.expand(heads, -1), k)

@@ -21,16 +21,10 @@ from __future__ import annotations
 
 import torch
 
-from strata.kv.policies.base import (
-    AttentionShape,
-    Compaction,
-    KVPolicy,
-    KVView,
-    LayerObservation,
-    SlotScores,
-    keep_top,
-)
+from strata.kv.policies.base import KVView
 from strata.kv.policies.model_access import ModelAccess
+from strata.kv.policies.observation import LayerObservation
+from strata.kv.policies.scored import ScoredPolicy
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -47,22 +41,13 @@ def mean_rotation(model: ModelAccess, first: int, count: int, dim: int) -> torch
     return rotations.mean(dim=0)
 
 
-class ExpectedAttentionPolicy(KVPolicy):
+class ExpectedAttentionPolicy(ScoredPolicy):
     name = "expected_attention"
     NUM_SINKS = 4
     FUTURE = 512
 
-    def __init__(self, shape: AttentionShape) -> None:
-        super().__init__(shape)
-        self.scores = SlotScores(shape.num_layers)
-        self.model: ModelAccess | None = None
-        self.reset()
-
-    def bind(self, model: ModelAccess) -> None:
-        self.model = model
-
     def reset(self) -> None:
-        self.scores.clear()
+        super().reset()
         layers = self.shape.num_layers
         self.query_sum: list[torch.Tensor | None] = [None] * layers  # [heads, d] float64
         self.query_outer: list[torch.Tensor | None] = [None] * layers  # [heads, d, d]
@@ -118,13 +103,3 @@ class ExpectedAttentionPolicy(KVPolicy):
         scores = probs * obs.values[sinks:].double().norm(dim=-1).T
         keep_sinks = torch.full((kv_heads, sinks), torch.inf, dtype=torch.float64)
         return torch.cat([keep_sinks.to(scores.device), scores], dim=-1).float()
-
-    def select(self, view: KVView, keep: list[int]) -> list[torch.Tensor]:
-        heads = self.shape.num_kv_heads
-        return [
-            keep_top(self.scores.get(layer, view.num_slots(layer), heads, view.device), k)
-            for layer, k in enumerate(keep)
-        ]
-
-    def remap(self, compaction: Compaction) -> None:
-        self.scores.remap(compaction)

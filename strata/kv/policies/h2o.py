@@ -11,45 +11,14 @@ from __future__ import annotations
 
 import torch
 
-from strata.kv.policies.base import (
-    AttentionShape,
-    Compaction,
-    KVPolicy,
-    KVView,
-    LayerObservation,
-    SlotScores,
-    keep_top,
-)
+from strata.kv.policies.base import KVView, keep_top
+from strata.kv.policies.scored import EveryQueryPolicy
 
 
-class H2OPolicy(KVPolicy):
+class H2OPolicy(EveryQueryPolicy):
     name = "h2o"
     evicts_during_decode = True
 
-    def __init__(self, shape: AttentionShape) -> None:
-        super().__init__(shape)
-        self.scores = SlotScores(shape.num_layers)
-
-    def first_observed_token(self, context_len: int) -> int:
-        return 0
-
-    def observed_queries(self, view: KVView, start: int, end: int) -> tuple[int, int] | None:
-        return (start, end)
-
-    def observe(self, obs: LayerObservation) -> None:
-        self.scores.add(obs.layer, obs.summed_attention())
-
-    def select(self, view: KVView, keep: list[int]) -> list[torch.Tensor]:
-        masks = []
-        for layer, k in enumerate(keep):
-            n = view.num_slots(layer)
-            scores = self.scores.get(layer, n, self.shape.num_kv_heads, view.device)
-            recent = keep_top(view.positions(layer), k // 2)
-            masks.append(keep_top(torch.where(recent, float("inf"), scores), k))
-        return masks
-
-    def remap(self, compaction: Compaction) -> None:
-        self.scores.remap(compaction)
-
-    def reset(self) -> None:
-        self.scores.clear()
+    def ranking(self, view: KVView, layer: int, k: int) -> torch.Tensor:
+        recent = keep_top(view.positions(layer), k // 2)
+        return torch.where(recent, float("inf"), self.layer_scores(view, layer))

@@ -1,7 +1,7 @@
 """KVzip (Kim et al., 2025): query-agnostic scores from reconstructing the context.
 
 At the compression point the model is asked to repeat the context. That prompt runs as
-extra prefill passes on top of the context's KV (strata/engine/kv_reconstruction.py):
+extra prefill passes on top of the context's KV (runtime/reconstruction.py):
 
     slots   | context [0, C) | pass p: instruction + chat suffix + context[a, b) |
                               ^ slot C: each pass starts here and overwrites the last
@@ -34,16 +34,9 @@ from typing import Any
 
 import torch
 
-from strata.kv.policies.base import (
-    AttentionShape,
-    Compaction,
-    KVPolicy,
-    KVView,
-    LayerObservation,
-    SlotScores,
-    keep_top,
-)
-from strata.kv.policies.model_access import ModelAccess
+from strata.kv.policies.base import KVView
+from strata.kv.policies.observation import LayerObservation
+from strata.kv.policies.scored import ScoredPolicy
 
 FIRST_PROMPT = "\n\nRepeat the previous context exactly."
 LATER_PROMPT = "\n\nRepeat the part of the previous context exactly, starting with"
@@ -63,23 +56,14 @@ def chat_suffix(tokenizer: Any) -> str:
     return str(text).split(marker, 1)[1]
 
 
-class KVzipPolicy(KVPolicy):
+class KVzipPolicy(ScoredPolicy):
     name = "kvzip"
     NUM_SINKS = 4
     CHUNK = 2048
     OVERLAP = 8
 
-    def __init__(self, shape: AttentionShape) -> None:
-        super().__init__(shape)
-        self.scores = SlotScores(shape.num_layers)
-        self.tokenizer: Any | None = None
-        self.reset()
-
-    def bind(self, model: ModelAccess) -> None:
-        self.tokenizer = model.tokenizer
-
     def reset(self) -> None:
-        self.scores.clear()
+        super().reset()
         self.pieces: list[tuple[int, int]] = []  # context range each pass repeats
         self.pass_of_layer = [-1] * self.shape.num_layers
         self.context_len = 0
@@ -101,6 +85,10 @@ class KVzipPolicy(KVPolicy):
             ask = first if i == 0 else later + context_ids[max(0, a - self.OVERLAP) : a]
             passes.append(ask + suffix + context_ids[a:b])
         return passes
+
+    @property
+    def tokenizer(self) -> Any | None:
+        return None if self.model is None else self.model.tokenizer
 
     def _encode(self, text: str) -> list[int]:
         if self.tokenizer is None or not text:
@@ -134,15 +122,12 @@ class KVzipPolicy(KVPolicy):
         scores[:, a:b] = torch.maximum(scores[:, a:b], best)
         self.scores.set(layer, scores)
 
+    def ranking(self, view: KVView, layer: int, k: int) -> torch.Tensor:
+        scores = self.layer_scores(view, layer)
+        scores[:, : self.NUM_SINKS] = torch.inf
+        return scores
+
     def select(self, view: KVView, keep: list[int]) -> list[torch.Tensor]:
-        heads = self.shape.num_kv_heads
-        masks = []
-        for layer, k in enumerate(keep):
-            scores = self.scores.get(layer, view.num_slots(layer), heads, view.device)
-            scores[:, : self.NUM_SINKS] = torch.inf
-            masks.append(keep_top(scores, k))
+        masks = super().select(view, keep)
         self.pieces = []  # done: later tokens are not observed
         return masks
-
-    def remap(self, compaction: Compaction) -> None:
-        self.scores.remap(compaction)

@@ -6,7 +6,7 @@ a share of the rest, `excess = keep - window`, that falls linearly from the firs
 
 Memory: block tables are shared by all layers, so the sequence holds blocks for its
 largest layer (about twice the average budget beyond the window). Shallower layers are
-not masked: each layer attends over its own length (strata/engine/kv_batch.py).
+not masked: each layer attends over its own length (runtime/step_kv.py).
 """
 
 from __future__ import annotations

@@ -13,25 +13,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from strata.kv.policies.base import (
-    AttentionShape,
-    Compaction,
-    KVPolicy,
-    KVView,
-    LayerObservation,
-    SlotScores,
-    keep_top,
-)
+from strata.kv.policies.base import KVView
+from strata.kv.policies.scored import ScoredPolicy
 
 
-class SnapKVPolicy(KVPolicy):
+class SnapKVPolicy(ScoredPolicy):
     name = "snapkv"
     WINDOW = 64
     KERNEL = 5
-
-    def __init__(self, shape: AttentionShape) -> None:
-        super().__init__(shape)
-        self.scores = SlotScores(shape.num_layers)
 
     def window(self, context_len: int) -> int:
         return min(self.WINDOW, context_len)
@@ -44,27 +33,14 @@ class SnapKVPolicy(KVPolicy):
         first, last = max(start, c - self.window(c)), min(end, c)
         return (first, last) if first < last else None
 
-    def observe(self, obs: LayerObservation) -> None:
-        self.scores.add(obs.layer, obs.summed_attention())
-
-    def select(self, view: KVView, keep: list[int]) -> list[torch.Tensor]:
-        return [self.select_layer(view, layer, k) for layer, k in enumerate(keep)]
-
-    def select_layer(self, view: KVView, layer: int, k: int) -> torch.Tensor:
-        """[kv_heads, n] keep mask of one layer: the window, then the best pooled votes."""
+    def ranking(self, view: KVView, layer: int, k: int) -> torch.Tensor:
+        """The window, then the pooled votes."""
         # Compression happens once, on an uncompressed cache: slot s holds token s, and
         # the window is the last slots.
-        n = view.num_slots(layer)
-        votes = self.scores.get(layer, n, self.shape.num_kv_heads, view.device)
+        votes = self.layer_scores(view, layer)
+        n = votes.shape[-1]
         before = n - self.window(view.context_len)
         pooled = F.avg_pool1d(votes[:, None, :before], self.KERNEL, 1, self.KERNEL // 2)[:, 0]
         # The window outranks every vote, its newest first should k be below its size.
         window = 1e9 + torch.arange(n - before, device=view.device, dtype=torch.float32)
-        score = torch.cat([pooled, window.expand(votes.shape[0], -1)], dim=-1)
-        return keep_top(score, k)
-
-    def remap(self, compaction: Compaction) -> None:
-        self.scores.remap(compaction)
-
-    def reset(self) -> None:
-        self.scores.clear()
+        return torch.cat([pooled, window.expand(votes.shape[0], -1)], dim=-1)

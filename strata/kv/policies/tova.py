@@ -9,26 +9,14 @@ per step with kv_evict_interval=1, as the paper defines it).
 
 from __future__ import annotations
 
-import torch
-
-from strata.kv.policies.base import (
-    AttentionShape,
-    Compaction,
-    KVPolicy,
-    KVView,
-    LayerObservation,
-    SlotScores,
-    keep_top,
-)
+from strata.kv.policies.base import KVView
+from strata.kv.policies.observation import LayerObservation
+from strata.kv.policies.scored import ScoredPolicy
 
 
-class TOVAPolicy(KVPolicy):
+class TOVAPolicy(ScoredPolicy):
     name = "tova"
     evicts_during_decode = True
-
-    def __init__(self, shape: AttentionShape) -> None:
-        super().__init__(shape)
-        self.scores = SlotScores(shape.num_layers)
 
     def first_observed_token(self, context_len: int) -> int:
         return context_len - 1
@@ -40,16 +28,3 @@ class TOVAPolicy(KVPolicy):
     def observe(self, obs: LayerObservation) -> None:
         per_head = obs.summed_attention().sum(dim=0, keepdim=True) / self.shape.num_heads
         self.scores.set(obs.layer, per_head.expand(self.shape.num_kv_heads, -1))
-
-    def select(self, view: KVView, keep: list[int]) -> list[torch.Tensor]:
-        return [
-            keep_top(self.scores.get(layer, view.num_slots(layer), self.shape.num_kv_heads,
-                                     view.device), k)
-            for layer, k in enumerate(keep)
-        ]  # fmt: skip
-
-    def remap(self, compaction: Compaction) -> None:
-        self.scores.remap(compaction)
-
-    def reset(self) -> None:
-        self.scores.clear()

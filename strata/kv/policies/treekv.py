@@ -28,14 +28,8 @@ from collections import defaultdict
 
 import torch
 
-from strata.kv.policies.base import (
-    AttentionShape,
-    Compaction,
-    KVPolicy,
-    KVView,
-    LayerObservation,
-    SlotScores,
-)
+from strata.kv.policies.base import KVView
+from strata.kv.policies.scored import EveryQueryPolicy
 
 
 def sweep(
@@ -61,28 +55,14 @@ def sweep(
     return cache, cursor
 
 
-class TreeKVPolicy(KVPolicy):
+class TreeKVPolicy(EveryQueryPolicy):
     name = "treekv"
     evicts_during_decode = True
-
-    def __init__(self, shape: AttentionShape) -> None:
-        super().__init__(shape)
-        self.scores = SlotScores(shape.num_layers)
-        self.cursor = 0
-
-    def first_observed_token(self, context_len: int) -> int:
-        return 0
-
-    def observed_queries(self, view: KVView, start: int, end: int) -> tuple[int, int] | None:
-        return (start, end)
-
-    def observe(self, obs: LayerObservation) -> None:
-        self.scores.add(obs.layer, obs.summed_attention())
+    cursor: int  # the pair scope's first rank, carried from one selection to the next
 
     def average_scores(self, view: KVView, layer: int) -> torch.Tensor:
         """[kv_heads, n]: accumulated attention over the number of queries that saw it."""
-        n, heads = view.num_slots(layer), self.shape.num_kv_heads
-        total = self.scores.get(layer, n, heads, view.device)
+        total = self.layer_scores(view, layer)
         return total / (view.num_computed - view.positions(layer)).clamp_min(1)
 
     def select(self, view: KVView, keep: list[int]) -> list[torch.Tensor]:
@@ -104,9 +84,6 @@ class TreeKVPolicy(KVPolicy):
         self.cursor = next_cursor
         return masks
 
-    def remap(self, compaction: Compaction) -> None:
-        self.scores.remap(compaction)
-
     def reset(self) -> None:
-        self.scores.clear()
+        super().reset()
         self.cursor = 0

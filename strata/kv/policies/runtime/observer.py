@@ -1,6 +1,6 @@
 """StepObserver: hands each layer's queries to the policies that asked for them.
 
-Built by the runner only for steps where some sequence's policy wants queries; the model
+Built (step_kv.py) only for steps where some sequence's policy wants queries; the model
 calls it once per layer after the step's K/V are written, so the cache read back by
 `LayerObservation` includes the step's own tokens.
 
@@ -20,8 +20,9 @@ from functools import cached_property, partial
 import torch
 
 from strata.kv.cache import KVCache
-from strata.kv.compaction import read_slots
-from strata.kv.policies.base import KVPolicy, LayerObservation, ReadSlots
+from strata.kv.policies.base import KVPolicy
+from strata.kv.policies.observation import LayerObservation
+from strata.kv.policies.runtime.compaction import read_slots
 
 
 @dataclass(frozen=True)
@@ -41,30 +42,6 @@ class ObservedSequence:
     def single_uniform(self) -> bool:
         """One observed query, and every layer holds the same number of slots."""
         return self.rows.stop - self.rows.start == 1 and len(set(self.num_slots)) == 1
-
-
-class ScoredObservation(LayerObservation):
-    """A LayerObservation whose single query's attention was computed with the batch's:
-    probs [kv_heads, group, 1, n] float32."""
-
-    def __init__(
-        self,
-        layer: int,
-        queries: torch.Tensor,
-        query_slots: torch.Tensor,
-        read_slots: ReadSlots,
-        num_slots: int,
-        scale: float,
-        probs: torch.Tensor,
-    ) -> None:
-        super().__init__(layer, queries, query_slots, read_slots, num_slots, scale)
-        self.probs = probs
-
-    def attention(self, first: int = 0, end: int | None = None) -> torch.Tensor:
-        return self.probs[:, :, first:end]
-
-    def summed_attention(self) -> torch.Tensor:
-        return self.probs.sum(dim=(1, 2))
 
 
 class DecodeBatch:
@@ -106,10 +83,10 @@ class DecodeBatch:
             for i in range(a, b):
                 seq, n = self.sequences[i], self.lengths[i]
                 seq.policy.observe(
-                    ScoredObservation(
+                    LayerObservation(
                         layer, q[seq.rows], query_slots[i : i + 1],
                         partial(read_slots, self.cache, seq.table), n, scale,
-                        probs[i - a, :, :, None, :n],
+                        probs=probs[i - a, :, :, None, :n],
                     )
                 )  # fmt: skip
 

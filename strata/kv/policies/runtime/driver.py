@@ -2,32 +2,43 @@
 
 Where each part of a request's policy happens:
 
-    prepare  -> attach: resolve kv_policy / kv_budget against the engine's defaults,
+    prepare  -> (engine) attach: resolve kv_policy / kv_budget against the defaults,
                 check kv_compress_prefix, give the sequence a SequenceKV ("full": none)
-    schedule -> (scheduler) chunks stop at the compression point; prefix hits stop before
-                the first query a policy observes; spare blocks for copy-on-write
-    run      -> (runner) slots from the KV length, positions from the token index, and
-                a StepObserver when a policy wants queries
-    update   -> after_step: at the compression point the sequence stops being indexed and
-                is compressed to its budget; evicting policies then hold the cap while
-                decoding
+    schedule -> (scheduler, asking seq.kv) chunks stop at the compression point; prefix
+                hits stop before the first query a policy observes; spare blocks for
+                copy-on-write
+    run      -> (runner, asking KVStepBuilder) slots from the KV length, positions from
+                the token index, per-layer layouts, and a StepObserver when a policy
+                wants queries
+    update   -> (engine) after_step: at the compression point the sequence stops being
+                indexed and is compressed to its budget; evicting policies then hold the
+                cap while decoding
 """
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
-from strata.engine.kv_reconstruction import ContextReconstruction
-from strata.engine.plan import StepPlan
-from strata.engine.sequence import Sequence
 from strata.errors import InvalidRequestError
 from strata.kv.cache import KVCache
-from strata.kv.compaction import compact
 from strata.kv.manager import KVManager
 from strata.kv.policies.base import AttentionShape
 from strata.kv.policies.model_access import ModelAccess
 from strata.kv.policies.registry import FULL, create_policy
-from strata.kv.policies.sequence_kv import SequenceKV
+from strata.kv.policies.runtime.compaction import compact
+from strata.kv.policies.runtime.interfaces import PolicySequence, PolicyStep
+from strata.kv.policies.runtime.reconstruction import ContextReconstruction
+from strata.kv.policies.runtime.sequence_kv import SequenceKV
+
+
+@dataclass(frozen=True)
+class PolicyDefaults:
+    """What a request naming no policy or budget gets (CacheConfig.kv_policy, kv_budget),
+    and the decode steps between evictions (CacheConfig.evict_interval)."""
+
+    policy: str
+    budget: float | None
+    evict_interval: int = 1
 
 
 class KVPolicyDriver:
@@ -36,34 +47,24 @@ class KVPolicyDriver:
         manager: KVManager,
         cache: KVCache,
         shape: AttentionShape,
-        default_policy: str,
-        default_budget: float | None,
-        device: torch.device,
-        evict_interval: int = 1,
+        defaults: PolicyDefaults,
         model: ModelAccess | None = None,
         reconstruction: ContextReconstruction | None = None,
     ) -> None:
-        """default_policy / default_budget: what a request naming none gets (CacheConfig).
-        evict_interval: decode steps between evictions (CacheConfig.kv_evict_interval).
-        model: handed to each policy (`KVPolicy.bind`); reconstruction: runs the extra
+        """model: handed to each policy (`KVPolicy.bind`); reconstruction: runs the extra
         prefill passes a policy asks for at its compression point (KVzip)."""
+        self.manager, self.cache, self.shape = manager, cache, shape
+        self.defaults = defaults
         self.model = model
         self.reconstruction = reconstruction
-        self.manager = manager
-        self.cache = cache
-        self.shape = shape
-        self.default_policy = default_policy
-        self.default_budget = default_budget
-        self.device = device
-        self.evict_interval = evict_interval
         self.num_compactions = 0
         self.num_tokens_evicted = 0  # per layer, averaged over layers
 
-    def attach(self, seq: Sequence) -> None:
+    def attach(self, seq: PolicySequence) -> None:
         """Give a prepared sequence its policy state; InvalidRequestError if it cannot have it."""
         params = seq.params
-        name = params.kv_policy if params.kv_policy is not None else self.default_policy
-        budget = params.kv_budget if params.kv_budget is not None else self.default_budget
+        name = params.kv_policy if params.kv_policy is not None else self.defaults.policy
+        budget = params.kv_budget if params.kv_budget is not None else self.defaults.budget
         prefix = params.kv_compress_prefix
         if prefix is not None and prefix > seq.num_prompt_tokens:
             raise InvalidRequestError(
@@ -86,13 +87,15 @@ class KVPolicyDriver:
         policy = create_policy(name, self.shape)
         if self.model is not None:
             policy.bind(self.model)
+        device = self.cache.k.device
         seq.kv = SequenceKV(
-            seq, policy, budget, context, seq.num_prompt_tokens, self.device, self.evict_interval
-        )
+            seq, policy, budget, context, seq.num_prompt_tokens, device,
+            self.defaults.evict_interval,
+        )  # fmt: skip
 
-    def after_step(self, plan: StepPlan) -> None:
+    def after_step(self, step: PolicyStep) -> None:
         """Compress the sequences of this step whose compression point or cap it reached."""
-        for chunk in plan.chunks:
+        for chunk in step.chunks:
             seq, kv = chunk.seq, chunk.seq.kv
             if kv is None or not self.manager.has(seq.request_id):
                 continue

@@ -11,7 +11,7 @@ survivors compacted, so each layer holds fewer slots than there are computed tok
   head; slot s above holds token s + evicted[l]. Tokens after a compaction append in order.
 - The runner writes a step's tokens at slots layer_len(l).. and RoPE uses their token
   positions; keys are cached after RoPE, so kept tokens keep their positions.
-- Blocks are held for `num_slots` = the longest layer; shorter layers (PyramidKV) mask
+- Blocks are held for `max_slots` = the longest layer; shorter layers (PyramidKV) mask
   the rest by their own context length.
 - A policy that evicts while decoding lets the cache grow to cap + evict_interval - 1
   slots and then evicts back to cap (`budgets_after`), once per `evict_interval` steps.
@@ -28,7 +28,8 @@ from strata.kv.policies.budget import tokens_allowed, tokens_kept
 
 
 class _Computed(Protocol):
-    num_computed: int
+    @property
+    def num_computed(self) -> int: ...
 
 
 class SequenceKV:
