@@ -61,6 +61,8 @@ def _at_least_one(values: dict[str, int | tuple[int, ...]]) -> None:
 
 @dataclass(frozen=True)
 class QAOptions:
+    """The long-document QA workload."""
+
     skip_qa: bool = field(default=False, metadata=option("do not run the QA workload"))
     lengths: tuple[int, ...] = field(default=(8192, 16384, 32000), metadata=option(
         "document lengths in tokens (default 8192 16384 32000)", metavar="N",
@@ -89,6 +91,8 @@ class QAOptions:
 
 @dataclass(frozen=True)
 class ChatOptions:
+    """The multi-round chat workload."""
+
     skip_chat: bool = field(default=False, metadata=option("do not run the chat workload"))
     chat_modes: tuple[ChatMode, ...] = field(default=MODES, metadata=option(
         "tiers-off: no tiers; cpu: a cpu tier; cpu+sessions: a cpu tier and each turn "
@@ -128,6 +132,8 @@ class ChatOptions:
 
 @dataclass(frozen=True)
 class OutputOptions:
+    """Where the results go."""
+
     output: str | None = field(
         default=None, metadata=option("write the results as JSON", metavar="PATH")
     )

@@ -103,9 +103,7 @@ class EvalOptions:
         "tokens per sample, prompt plus answer budget (default 4096); several values sweep",
         metavar="L[,L...]",
     ))  # fmt: skip
-    eval_seed: int = field(
-        default=0, metadata=option("seed of the generated samples (default 0)")
-    )
+    eval_seed: int = field(default=0, metadata=option("seed of the generated samples (default 0)"))
     output: str = field(default="eval-results", metadata=option(
         "folder for the JSON per run, the table and the plot (default ./eval-results)",
         metavar="DIR",
@@ -120,6 +118,8 @@ def _check_samples(samples: int) -> None:
 
 @dataclass(frozen=True)
 class RulerOptions:
+    """The flags of `strata eval ruler` beside the engine's."""
+
     common: EvalOptions = field(default_factory=EvalOptions)
     samples: int = field(
         default=10, metadata=option("samples per task (default 10)", metavar="N")
@@ -141,6 +141,8 @@ class RulerOptions:
 
 @dataclass(frozen=True)
 class PPLOptions:
+    """The flags of `strata eval ppl` beside the engine's."""
+
     common: EvalOptions = field(default_factory=EvalOptions)
     context: int | None = field(default=None, metadata=option(
         "prompt tokens, compressed by the policy; the rest of --length is teacher-forced "
