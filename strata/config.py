@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Literal
+
+from strata.options import OptionField, check_choices, flatten, option
 
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "llama": "LlamaForCausalLM",
@@ -121,11 +124,6 @@ class ModelConfig:
         return self.num_experts > 0
 
     @property
-    def expert_params(self) -> int:
-        """Parameters of one routed expert (gate, up and down projections)."""
-        return 3 * self.hidden_size * self.moe_intermediate_size
-
-    @property
     def context_limit(self) -> int:
         """Longest sequence served exactly: inside the sliding window, full attention
         and sliding-window attention are the same function."""
@@ -154,7 +152,7 @@ def _moe_fields(model_type: str, hf_config: Any) -> dict[str, Any]:
     )
     if model_type not in ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe") or not num_experts:
         return {}
-    layers = range(hf_config.num_hidden_layers)
+    layers = list(range(hf_config.num_hidden_layers))
     if model_type in ("qwen2_moe", "qwen3_moe"):  # some layers may keep a dense MLP
         dense = set(getattr(hf_config, "mlp_only_layers", None) or ())
         step = getattr(hf_config, "decoder_sparse_step", 1) or 1
@@ -181,36 +179,71 @@ def _sliding_window(model_type: str, hf_config: Any) -> int | None:
     return int(window) if window else None
 
 
+# Choices of the options below. Those marked "registry" must name the same entries as
+# that registry (tests/test_options.py checks it); "auto" and "full" are not entries.
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+AttentionBackendName = Literal["auto", "reference", "triton"]  # registry: attention BACKENDS
+KVCacheDtype = Literal["auto", "fp8", "int8", "int4", "int2"]  # registry: kv.codec CODECS
+KVPolicyName = Literal[  # registry: kv.policies POLICIES
+    "full", "streaming", "h2o", "snapkv", "pyramidkv", "chunkkv", "tova", "treekv",
+    "expected_attention", "kvzip",
+]  # fmt: skip
+TierEviction = Literal["lru", "fifo"]  # registry: kv.tiers EVICTION_ORDERS
+PreemptionMode = Literal["recompute", "swap", "auto"]
+ExpertCachePolicy = Literal["lfru", "lru"]  # registry: moe.policies POLICIES
+ExpertCPUCompute = Literal["auto", "on", "off"]
+ExpertMissPrecision = Literal["full", "int8", "int4"]
+
+
 @dataclass(frozen=True)
 class TierConfig:
-    """The KV tiers below the GPU pool; all off by default.
+    """The KV tiers below the GPU pool; all off by default. The disk and remote tiers
+    stage through the CPU tier, which is STAGING_GIB when only they are set."""
 
-    cpu_memory: GiB of (pinned, on CUDA hosts) CPU memory for the CPU tier. Disk and
-    remote tiers stage through it, so it defaults to STAGING_GIB when only they are set.
-    disk_dir / disk_size: a local disk tier directory and its cap in GiB.
-    remote: "valkey://host:port" or "redis://host:port[/db]", shared by any number of
-    engines; remote_timeout_s bounds each network call (a slow or dead server is a miss).
-    eviction: the tiers' eviction order ("lru" or "fifo").
-    preemption_mode: "recompute" frees a preempted sequence's blocks; "swap" also pins
-    them in the CPU tier until it resumes; "auto" swaps when reloading is estimated to be
-    cheaper than recomputing.
-    session_gpu_fraction: the share of the GPU pool that session pins may hold.
-    """
-
-    cpu_memory: float | None = None
-    disk_dir: str | None = None
-    disk_size: float = 16.0
-    remote: str | None = None
-    remote_timeout_s: float = 0.5
-    eviction: str = "lru"
-    preemption_mode: str = "auto"
-    session_gpu_fraction: float = 0.25
+    cpu_memory: float | None = field(default=None, metadata=option(
+        "a CPU RAM tier of this many GiB (pinned on CUDA hosts); disk and remote tiers "
+        "stage through it and add a 1 GiB one if it is not given",
+        keyword="kv_cpu_memory", metavar="GIB",
+    ))  # fmt: skip
+    disk_dir: str | None = field(default=None, metadata=option(
+        "a local disk tier in this directory; blocks survive restarts and are found "
+        "again by any engine of the same model, dtype and block size",
+        keyword="kv_disk_dir", metavar="PATH",
+    ))  # fmt: skip
+    disk_size: float = field(default=16.0, metadata=option(
+        "cap of the disk tier in GiB (default 16); the least recently used blocks go first",
+        keyword="kv_disk_size", metavar="GIB",
+    ))  # fmt: skip
+    remote: str | None = field(default=None, metadata=option(
+        "a remote tier on a Valkey or Redis server (valkey://host:port or "
+        "redis://host:port), shared by every engine that points at it; its size is the "
+        "server's maxmemory",
+        keyword="kv_remote", metavar="URL",
+    ))  # fmt: skip
+    remote_timeout_s: float = field(default=0.5, metadata=option(
+        "seconds before a remote call counts as failed (the block is recomputed and the "
+        "tier retried later; default 0.5)",
+        keyword="kv_remote_timeout_s", flag="--kv-remote-timeout", metavar="S",
+    ))  # fmt: skip
+    eviction: TierEviction = field(default="lru", metadata=option(
+        "eviction order inside each tier (default lru)",
+        keyword="kv_tier_eviction",
+    ))  # fmt: skip
+    preemption_mode: PreemptionMode = field(default="auto", metadata=option(
+        "when the GPU pool runs out: recompute the preempted sequence later, swap (keep "
+        "its blocks pinned in the CPU tier), or auto: swap when reloading is estimated to be "
+        "cheaper (needs a tier; default auto)",
+    ))  # fmt: skip
+    session_gpu_fraction: float = field(default=0.25, metadata=option(
+        "share of the GPU pool that session pins (session_id + cache_ttl_s) may hold; "
+        "beyond it pins go to the CPU tier (default 0.25)",
+        metavar="F",
+    ))  # fmt: skip
 
     STAGING_GIB = 1.0
-    PREEMPTION_MODES = ("recompute", "swap", "auto")
-    EVICTION_ORDERS = ("lru", "fifo")
 
     def __post_init__(self) -> None:
+        check_choices(self)
         if self.cpu_memory is not None and not self.cpu_memory > 0:
             raise ValueError(f"kv_cpu_memory must be > 0 GiB, got {self.cpu_memory}")
         if not self.disk_size > 0:
@@ -222,16 +255,6 @@ class TierConfig:
             )
         if not self.remote_timeout_s > 0:
             raise ValueError(f"kv_remote_timeout_s must be > 0, got {self.remote_timeout_s}")
-        if self.eviction not in self.EVICTION_ORDERS:
-            raise ValueError(
-                f"kv tier eviction must be one of {', '.join(self.EVICTION_ORDERS)}; "
-                f"got {self.eviction!r}"
-            )
-        if self.preemption_mode not in self.PREEMPTION_MODES:
-            raise ValueError(
-                f"preemption_mode must be one of {', '.join(self.PREEMPTION_MODES)}; "
-                f"got {self.preemption_mode!r}"
-            )
         if not 0.0 <= self.session_gpu_fraction <= 1.0:
             raise ValueError(
                 f"session_gpu_fraction must be in [0, 1], got {self.session_gpu_fraction}"
@@ -248,38 +271,54 @@ class TierConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """The paged KV cache.
+    """The paged KV cache: its block pool, prefix caching, tiers, codec and default policy.
 
-    kv_cache_memory: GiB for the block pool. None picks a default: on CUDA,
-    gpu_memory_utilization of the device memory minus the peak measured in a warm-up;
-    on CPU, DEFAULT_CPU_KV_GIB.
-    num_blocks: an exact block count; overrides kv_cache_memory (tests, reproductions).
-    kv_cache_dtype: the block codec (strata/kv/codec.py): "auto" stores K/V in the model
-    dtype; "fp8", "int8", "int4", "int2" store complete blocks coded (more blocks per GiB)
-    and keep each sequence's open block in full precision.
-    kv_policy / kv_budget: the KV eviction policy a request gets when it names none
-    (strata/kv/policies/registry.py), and its budget: a fraction of the context if < 1,
-    a number of tokens if >= 1. "full" (the default) keeps everything.
-    kv_evict_interval: decode steps between the evictions of a policy that evicts while
-    decoding (streaming, h2o, tova, treekv). The cache grows to cap + interval - 1 slots
-    and then evicts back to its cap, so one eviction frees whole blocks and the
-    selection and compaction cost is paid once per interval. None: the block size;
-    1: after every step, as the papers define them.
+    Without kv_cache_memory or num_blocks the pool is, on CUDA, gpu_memory_utilization of
+    the device memory minus the peak measured in a warm-up; on CPU, DEFAULT_CPU_KV_GIB.
     """
 
-    block_size: int = 16
-    kv_cache_memory: float | None = None
-    num_blocks: int | None = None
-    gpu_memory_utilization: float = 0.90
-    enable_prefix_caching: bool = True
+    block_size: int = field(default=16, metadata=option("tokens per KV block (default 16)"))
+    kv_cache_memory: float | None = field(default=None, metadata=option(
+        "GiB for the KV block pool (default: 2 on CPU; on CUDA what is left of "
+        "--gpu-memory-utilization after the weights and a warm-up)",
+        metavar="GIB",
+    ))  # fmt: skip
+    num_blocks: int | None = field(default=None, metadata=option(
+        "an exact number of KV blocks; overrides kv_cache_memory (tests, reproductions)",
+        keyword="num_kv_blocks", cli=False,
+    ))  # fmt: skip
+    gpu_memory_utilization: float = field(default=0.90, metadata=option(
+        "fraction of GPU memory Strata may use in all (default 0.90)",
+    ))  # fmt: skip
+    enable_prefix_caching: bool = field(default=True, metadata=option(
+        "do not reuse KV blocks across requests",
+        flag="--no-prefix-caching",
+    ))  # fmt: skip
     tiers: TierConfig = field(default_factory=TierConfig)
-    kv_cache_dtype: str = "auto"
-    kv_policy: str = "full"
-    kv_budget: float | None = None
-    kv_evict_interval: int | None = None
+    kv_cache_dtype: KVCacheDtype = field(default="auto", metadata=option(
+        "KV block codec: auto = the model dtype; fp8 (e4m3, per-token scales) or "
+        "int8/int4/int2 (KIVI: keys per channel, values per token) store complete blocks "
+        "coded, so the same --kv-cache-memory holds more tokens; each sequence's open block "
+        "stays in full precision",
+    ))  # fmt: skip
+    kv_policy: KVPolicyName = field(default="full", metadata=option(
+        "KV eviction policy of requests that name none (default full: lossless); "
+        "HTTP bodies and SamplingParams may choose their own",
+    ))  # fmt: skip
+    kv_budget: float | None = field(default=None, metadata=option(
+        "KV the policy keeps: a fraction of the context if < 1, tokens if >= 1",
+        metavar="B",
+    ))  # fmt: skip
+    kv_evict_interval: int | None = field(default=None, metadata=option(
+        "decode steps between evictions of the policies that evict while decoding "
+        "(streaming, h2o, tova, treekv): the cache grows to cap + N - 1 tokens, then evicts "
+        "back to its cap (default: the block size, so each eviction frees a block; 1 = "
+        "every step, as the papers define them)",
+        metavar="N",
+    ))  # fmt: skip
 
     DEFAULT_CPU_KV_GIB = 2.0
-    KV_CACHE_DTYPES = ("auto", "fp8", "int8", "int4", "int2")
+    KV_CACHE_DTYPES: ClassVar[tuple[str, ...]] = typing.get_args(KVCacheDtype)
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -292,16 +331,12 @@ class CacheConfig:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )
-        if self.kv_cache_dtype not in self.KV_CACHE_DTYPES:
-            raise ValueError(
-                f"kv_cache_dtype must be one of {', '.join(self.KV_CACHE_DTYPES)}; "
-                f"got {self.kv_cache_dtype!r}"
-            )
+        check_choices(self)
         if self.tiers.enabled and not self.enable_prefix_caching:
             raise ValueError(
                 "KV tiers store blocks under their prefix-cache keys: they need prefix caching on"
             )
-        self._check_kv_policy()
+        self._check_kv_budget()
         if self.kv_evict_interval is not None and self.kv_evict_interval < 1:
             raise ValueError(f"kv_evict_interval must be >= 1, got {self.kv_evict_interval}")
 
@@ -310,14 +345,12 @@ class CacheConfig:
         """kv_evict_interval resolved: the block size unless set."""
         return self.kv_evict_interval if self.kv_evict_interval is not None else self.block_size
 
-    def _check_kv_policy(self) -> None:
+    def _check_kv_budget(self) -> None:
         from strata.kv.policies.budget import check_budget
-        from strata.kv.policies.registry import FULL, check_policy_name
 
-        check_policy_name(self.kv_policy)
         if self.kv_budget is not None:
             check_budget(self.kv_budget)
-        elif self.kv_policy != FULL:
+        elif self.kv_policy != "full":
             raise ValueError(
                 f"kv_policy {self.kv_policy!r} needs a kv_budget: a fraction of the context "
                 "in (0, 1) or a number of tokens >= 1"
@@ -326,16 +359,17 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Continuous batching limits.
+    """Continuous batching limits."""
 
-    max_num_batched_tokens: tokens computed in one step, prefill chunks and decodes together.
-    max_num_seqs: sequences running at once.
-    max_model_len: longest sequence (prompt + output); None means the model's context.
-    """
-
-    max_num_batched_tokens: int = 2048
-    max_num_seqs: int = 256
-    max_model_len: int | None = None
+    max_num_batched_tokens: int = field(default=2048, metadata=option(
+        "tokens computed per step, prefill chunks and decodes together (default 2048)",
+    ))  # fmt: skip
+    max_num_seqs: int = field(default=256, metadata=option(
+        "sequences running at once (default 256)",
+    ))  # fmt: skip
+    max_model_len: int | None = field(default=None, metadata=option(
+        "longest sequence, prompt plus output (default: the model's context length)",
+    ))  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens <= 0:
@@ -354,40 +388,50 @@ class MoEConfig:
 
     Offloading is on when gpu_memory or expert_slots is set: routed experts live in
     pinned CPU memory and a GPU expert cache, carved from one arena with the KV blocks,
-    holds some of them.
+    holds some of them. With expert_slots alone the KV pool comes from CacheConfig.
 
-    gpu_memory: GiB of GPU memory for everything (dense weights, activations, KV blocks
-    and expert slots); the arena gets what the weights and a warm-up leave.
-    expert_slots: the exact number of expert slots at start (tests, reproductions); the
-    KV pool then comes from CacheConfig unless gpu_memory is set too.
     expert_fraction: share of the arena given to expert slots at start (capped at every
     expert, and so that one max_model_len sequence fits in KV).
-    policy: expert cache eviction, "lfru" (layer-aware) or "lru".
-    prefetch: copy the experts that layer i+1's router picks from layer i's input early.
-    cpu_compute: "auto" (a start-up cost model decides per miss), "on" (every miss runs on
-    the CPU) or "off".
-    miss_precision: "full", or "int8"/"int4" to keep a low-precision copy of each expert
-    and load it on a miss whose gate weights are all below low_precision_threshold.
-    rebalance_interval: steps between decisions moving memory between KV and experts;
-    0 keeps the split fixed.
     naive: benchmark baseline: copy every used expert on demand, no cache, no prefetch,
     no CPU compute.
     """
 
-    gpu_memory: float | None = None
-    expert_slots: int | None = None
+    gpu_memory: float | None = field(default=None, metadata=option(
+        "GiB of GPU memory for weights, activations, KV blocks and expert slots; turns "
+        "expert offloading on: routed experts live in pinned CPU memory, a GPU expert cache "
+        "shares one arena with the KV pool, and the split moves with the workload",
+        metavar="GIB",
+    ))  # fmt: skip
+    expert_slots: int | None = field(default=None, metadata=option(
+        "exact number of GPU expert slots at start (also turns offloading on)",
+        metavar="N",
+    ))  # fmt: skip
     expert_fraction: float = 0.5
-    policy: str = "lfru"
-    prefetch: bool = True
-    cpu_compute: str = "auto"
-    miss_precision: str = "full"
-    low_precision_threshold: float = 0.1
-    rebalance_interval: int = 32
+    policy: ExpertCachePolicy = field(default="lfru", metadata=option(
+        "expert eviction: lfru (layer-aware frequency, default) or lru",
+        keyword="expert_cache_policy",
+    ))  # fmt: skip
+    prefetch: bool = field(default=True, metadata=option(
+        "do not copy the experts that layer i+1's router predicts from layer i early",
+        keyword="expert_prefetch", flag="--no-expert-prefetch",
+    ))  # fmt: skip
+    cpu_compute: ExpertCPUCompute = field(default="auto", metadata=option(
+        "compute missing experts on the CPU: auto (a start-up cost model decides), on, off",
+        keyword="expert_cpu_compute",
+    ))  # fmt: skip
+    miss_precision: ExpertMissPrecision = field(default="full", metadata=option(
+        "on a miss of a low-importance expert, load an int8/int4 copy (default full)",
+        keyword="expert_miss_precision",
+    ))  # fmt: skip
+    low_precision_threshold: float = field(default=0.1, metadata=option(
+        "a miss loads low precision when all its gate weights are below W (default 0.1)",
+        keyword="expert_low_precision_threshold", metavar="W",
+    ))  # fmt: skip
+    rebalance_interval: int = field(default=32, metadata=option(
+        "steps between KV/expert budget decisions; 0 keeps the split fixed (default 32)",
+        metavar="STEPS",
+    ))  # fmt: skip
     naive: bool = False
-
-    POLICIES = ("lfru", "lru")
-    CPU_COMPUTE = ("auto", "on", "off")
-    PRECISIONS = ("full", "int8", "int4")
 
     def __post_init__(self) -> None:
         if self.gpu_memory is not None and self.gpu_memory <= 0:
@@ -396,21 +440,7 @@ class MoEConfig:
             raise ValueError(f"expert_slots must be >= 1, got {self.expert_slots}")
         if not 0.0 < self.expert_fraction < 1.0:
             raise ValueError(f"expert_fraction must be in (0, 1), got {self.expert_fraction}")
-        if self.policy not in self.POLICIES:
-            raise ValueError(
-                f"expert cache policy must be one of {', '.join(self.POLICIES)}; "
-                f"got {self.policy!r}"
-            )
-        if self.cpu_compute not in self.CPU_COMPUTE:
-            raise ValueError(
-                f"cpu_compute must be one of {', '.join(self.CPU_COMPUTE)}; "
-                f"got {self.cpu_compute!r}"
-            )
-        if self.miss_precision not in self.PRECISIONS:
-            raise ValueError(
-                f"miss_precision must be one of {', '.join(self.PRECISIONS)}; "
-                f"got {self.miss_precision!r}"
-            )
+        check_choices(self)
         if not 0.0 <= self.low_precision_threshold <= 1.0:
             raise ValueError(
                 f"low_precision_threshold is a gate weight in [0, 1], "
@@ -426,44 +456,44 @@ class MoEConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Everything the engine is built from.
+    """Everything the engine is built from. cuda_graph_max_batch: the largest decode batch
+    captured in a CUDA graph; capped at max_num_seqs."""
 
-    model: a Hugging Face folder, a .gguf file, "random:PRESET" or "random:CONFIG.json";
-    None is the embedded SmolLM2-135M-Instruct.
-    device: "cpu", "cuda", "cuda:N" or None (CUDA when available).
-    dtype: "auto" (float32 on CPU, bfloat16 on CUDA), "float32", "bfloat16" or "float16".
-    attention_backend: "auto" (triton on CUDA when triton imports, else reference),
-    "reference" or "triton".
-    enforce_eager: never capture CUDA graphs (decode steps then run eagerly too).
-    cuda_graph_max_batch: the largest decode batch captured; capped at max_num_seqs.
-    moe: expert offloading of a Mixture-of-Experts model (MoEConfig; off by default).
-    """
-
-    model: str | None = None
-    device: str | None = None
-    dtype: str = "auto"
-    seed: int = 0
+    model: str | None = field(default=None, metadata=option(
+        "a Hugging Face model folder (config.json + safetensors), a .gguf file, "
+        "random:PRESET (llama-3-8b, llama-3.2-1b, qwen2.5-7b, qwen2.5-0.5b, mistral-7b, "
+        "smollm2-135m, olmoe-1b-7b, qwen3-30b-a3b, mixtral-8x7b, qwen1.5-moe-a2.7b) or "
+        "random:CONFIG.json for random weights of that shape. "
+        "Default: the embedded SmolLM2-135M-Instruct.",
+    ))  # fmt: skip
+    device: str | None = field(default=None, metadata=option(
+        "cpu, cuda or cuda:N (default: cuda if available)",
+    ))  # fmt: skip
+    dtype: Dtype = field(default="auto", metadata=option(
+        "weights and KV dtype; auto = float32 on CPU, bfloat16 on CUDA",
+    ))  # fmt: skip
+    seed: int = field(default=0, metadata=option("engine seed (random weights, unseeded requests)"))
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    attention_backend: str = "auto"
-    enforce_eager: bool = False
+    attention_backend: AttentionBackendName = field(default="auto", metadata=option(
+        "attention kernels; auto = triton on CUDA when triton imports, else reference",
+    ))  # fmt: skip
+    enforce_eager: bool = field(default=False, metadata=option(
+        "run decode steps eagerly instead of replaying captured CUDA graphs",
+        flag="--no-cuda-graphs",
+    ))  # fmt: skip
     cuda_graph_max_batch: int = 256
     moe: MoEConfig = field(default_factory=MoEConfig)
 
-    DTYPES = ("auto", "float32", "bfloat16", "float16")
-    ATTENTION_BACKENDS = ("auto", "reference", "triton")
-
     def __post_init__(self) -> None:
-        if self.dtype not in self.DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(self.DTYPES)}; got {self.dtype!r}")
+        check_choices(self)
         if self.device is not None and not (
             self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")
         ):
             raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N'; got {self.device!r}")
-        if self.attention_backend not in self.ATTENTION_BACKENDS:
-            raise ValueError(
-                f"attention_backend must be one of {', '.join(self.ATTENTION_BACKENDS)}; "
-                f"got {self.attention_backend!r}"
-            )
         if self.cuda_graph_max_batch <= 0:
             raise ValueError(f"cuda_graph_max_batch must be > 0, got {self.cuda_graph_max_batch}")
+
+
+# Every engine option: the `LLM(...)` keywords and the engine's command-line flags.
+ENGINE_OPTIONS: tuple[OptionField, ...] = flatten(EngineConfig)

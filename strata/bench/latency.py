@@ -7,10 +7,12 @@ of [1, 2, 3, 4] is 2.5. All latencies here are in milliseconds.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+
+from strata.options import option
 
 PERCENTILES = (50, 90, 99)
 
@@ -38,8 +40,14 @@ class LatencyStats:
 class SLO:
     """Service-level objectives; None = no objective on that latency."""
 
-    ttft_ms: float | None = None
-    tpot_ms: float | None = None
+    ttft_ms: float | None = field(default=None, metadata=option(
+        "time-to-first-token objective; with it (or --slo-tpot-ms) goodput is reported: "
+        "completed requests per second that meet every objective",
+        keyword="slo_ttft_ms", metavar="MS",
+    ))  # fmt: skip
+    tpot_ms: float | None = field(default=None, metadata=option(
+        "time-per-output-token objective, for goodput", keyword="slo_tpot_ms", metavar="MS"
+    ))  # fmt: skip
 
     @property
     def is_set(self) -> bool:

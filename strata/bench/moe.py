@@ -324,6 +324,9 @@ def plot(runs: list[MoeRun], path: str) -> None:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
+    from strata.config import ENGINE_OPTIONS
+    from strata.flags import add_flags
+
     p.add_argument(
         "--models", nargs="+", default=["olmoe-1b-7b", "qwen3-30b-a3b:12", "mixtral-8x7b:8"],
         metavar="PRESET[:LAYERS]",
@@ -337,9 +340,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=12, help="timed decode steps per run")
     p.add_argument("--warmup", type=int, default=4, help="decode steps before timing")
     p.add_argument("--kv-blocks", type=int, default=256)
-    p.add_argument("--max-model-len", type=int, default=256)
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default="auto")
+    engine = [o for o in ENGINE_OPTIONS if o.keyword in ("device", "dtype", "max_model_len")]
+    helps = {"max_model_len": "longest sequence (default 256)"}
+    add_flags(p, engine, {"max_model_len": 256}, helps)
     p.add_argument("--cpu-compute", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--profile", action="store_true", help="profile decode steps per model")
     p.add_argument("--json", default=None, help="write the runs as JSON")

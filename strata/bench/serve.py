@@ -11,6 +11,7 @@ every request completed; the command exits 1 otherwise.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import math
@@ -37,29 +38,93 @@ from strata.bench.client import (
 from strata.bench.latency import SLO, Summary, summarize
 from strata.bench.requests import DEFAULT_VOCAB_SIZE, PromptKind, bench_requests
 from strata.bench.serve_report import format_report, report_title
+from strata.bench.workload import parse_range
+from strata.options import option
+
+
+def parse_rate(text: str) -> float:
+    """A --request-rate value: requests per second > 0, or inf."""
+    try:
+        rate = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or inf, got {text!r}") from None
+    if not rate > 0:
+        raise argparse.ArgumentTypeError(f"a request rate must be > 0, got {text!r}")
+    return rate
 
 
 @dataclass(frozen=True)
 class ServeBenchConfig:
-    url: str
-    num_requests: int = 200
-    request_rates: tuple[float, ...] = (math.inf,)
-    burstiness: float = 1.0
-    max_concurrency: int | None = None
-    input_len: tuple[int, int] = (100, 1024)
-    output_len: tuple[int, int] = (100, 1024)
-    endpoint: Endpoint = "completions"
-    prompts: PromptKind | None = None  # None: token-ids on completions, text on chat
-    model: str | None = None  # None: the first model the server lists
-    api_key: str | None = None
-    vocab_size: int = DEFAULT_VOCAB_SIZE
-    temperature: float = 0.0
-    seed: int = 0
+    """A run of `strata bench serve`; each field is one of its flags."""
+
+    url: str = field(metadata=option(
+        "root URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8000 (Strata or "
+        "vLLM; without /v1)",
+    ))  # fmt: skip
+    num_requests: int = field(
+        default=200, metadata=option("requests per request rate (default 200)")
+    )
+    request_rates: tuple[float, ...] = field(default=(math.inf,), metadata=option(
+        "mean arrivals per second; inf sends all at once. Several values run one after "
+        "another as a sweep, each on a fresh workload (default inf)",
+        keyword="request_rate", metavar="R", parse=parse_rate,
+    ))  # fmt: skip
+    burstiness: float = field(default=1.0, metadata=option(
+        "shape of the gamma-distributed gaps between arrivals (mean 1/R): 1 = Poisson, "
+        "< 1 burstier (as in BurstGPT), > 1 more regular (default 1)",
+        metavar="B",
+    ))  # fmt: skip
+    max_concurrency: int | None = field(default=None, metadata=option(
+        "at most N requests in flight; later arrivals wait for a slot (default: no cap)",
+        metavar="N",
+    ))  # fmt: skip
+    input_len: tuple[int, int] = field(default=(100, 1024), metadata=option(
+        "prompt length in tokens, uniform in the range (default 100-1024)",
+        metavar="LOW-HIGH", parse=parse_range,
+    ))  # fmt: skip
+    output_len: tuple[int, int] = field(default=(100, 1024), metadata=option(
+        "output length in tokens, uniform; sent as max_tokens with ignore_eos, so it is "
+        "exact (default 100-1024)",
+        metavar="LOW-HIGH", parse=parse_range,
+    ))  # fmt: skip
+    endpoint: Endpoint = field(default="completions", metadata=option(
+        "/v1/completions or /v1/chat/completions (default completions)"
+    ))  # fmt: skip
+    prompts: PromptKind | None = field(default=None, metadata=option(
+        "random token ids (exact lengths; completions only) or text of common words "
+        "(about one token per word; the server's usage gives the exact count). "
+        "Default: token-ids for completions, text for chat",
+    ))  # fmt: skip
+    model: str | None = field(default=None, metadata=option(
+        "model name sent in each request (default: the first model /v1/models lists)"
+    ))  # fmt: skip
+    api_key: str | None = field(default=None, metadata=option(
+        "sent as 'Authorization: Bearer KEY' (default: none)"
+    ))  # fmt: skip
+    vocab_size: int = field(default=DEFAULT_VOCAB_SIZE, metadata=option(
+        f"token ids are drawn from [100, V) (default {DEFAULT_VOCAB_SIZE}, valid for any "
+        "model with at least that many tokens)",
+        metavar="V",
+    ))  # fmt: skip
+    temperature: float = field(
+        default=0.0, metadata=option("sampling temperature (default 0, greedy)")
+    )
+    seed: int = field(default=0, metadata=option("seed of the workload and arrivals (default 0)"))
     slo: SLO = field(default_factory=SLO)
-    request_timeout_s: float = 3600.0
-    json_path: str | None = None
-    plot_path: str | None = None
-    progress: bool = True
+    request_timeout_s: float = field(default=3600.0, metadata=option(
+        "a request whose server stays silent this long is counted as lost (default 3600)",
+        flag="--request-timeout", metavar="SECONDS",
+    ))  # fmt: skip
+    json_path: str | None = field(default=None, metadata=option(
+        "write the config, the summary of each rate and every request's record as JSON",
+        flag="--json", metavar="PATH",
+    ))  # fmt: skip
+    plot_path: str | None = field(default=None, metadata=option(
+        "write a PNG: TTFT/TPOT histograms and latency per request for one rate; "
+        "TTFT/TPOT p50/p99 and throughput against the rate for a sweep",
+        flag="--plot", metavar="PATH.png",
+    ))  # fmt: skip
+    progress: bool = field(default=True, metadata=option("no progress bar", flag="--no-progress"))
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):

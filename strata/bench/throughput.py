@@ -3,18 +3,51 @@ HF transformers `generate` on the same model, device and requests, in one run.""
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from strata.bench.workload import Workload, random_workload
+from strata.bench.workload import Workload, parse_range, random_workload
 from strata.engine.llm import LLM
 from strata.engine.sampling_params import SamplingParams
+from strata.engine_flags import engine_keywords
+from strata.flags import add_flags
+from strata.options import flatten, option
+
+
+@dataclass(frozen=True)
+class ThroughputBenchOptions:
+    """The flags of `strata bench throughput` beside the engine's and add_url_args'."""
+
+    num_requests: int = field(default=64, metadata=option("requests (default 64)"))
+    input_len: tuple[int, int] = field(default=(100, 1024), metadata=option(
+        "prompt length range, uniform (default 100-1024)", metavar="LOW-HIGH", parse=parse_range
+    ))  # fmt: skip
+    output_len: tuple[int, int] = field(default=(100, 1024), metadata=option(
+        "output length range, uniform; EOS is ignored (default 100-1024)",
+        metavar="LOW-HIGH", parse=parse_range,
+    ))  # fmt: skip
+    concurrency: tuple[int, ...] = field(default=(256,), metadata=option(
+        "requests in flight at once; several values run one after another (default 256)",
+        metavar="N",
+    ))  # fmt: skip
+    compare_hf: bool = field(default=False, metadata=option(
+        "also run HF transformers generate on the same model, device and requests, "
+        "in batches of each --concurrency",
+    ))  # fmt: skip
+    json_path: str | None = field(default=None, metadata=option(
+        "also write results as JSON", flag="--json", metavar="PATH"
+    ))  # fmt: skip
+
+
+def add_throughput_args(p: argparse.ArgumentParser) -> None:
+    add_flags(p, flatten(ThroughputBenchOptions))
 
 
 @dataclass(frozen=True)
@@ -169,16 +202,14 @@ def run(args: Any) -> list[ThroughputResult]:
     else:
         results, header = run_offline(args)
     print(format_table(results, header))
-    if args.json:
-        with open(args.json, "w") as f:
+    if args.json_path:
+        with open(args.json_path, "w") as f:
             json.dump({"header": header, "results": [r.row() for r in results]}, f, indent=2)
     return results
 
 
 def run_offline(args: Any) -> tuple[list[ThroughputResult], str]:
-    from strata.cli import llm_from_args
-
-    llm = llm_from_args(args)
+    llm = LLM(**engine_keywords(args))
     engine = llm.engine
     workload = random_workload(
         args.num_requests, args.input_len, args.output_len, engine.model_config.vocab_size,

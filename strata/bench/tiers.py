@@ -85,9 +85,9 @@ class Bench:
             "max_model_len": max_model_len,
             "seed": a.seed,
             "attention_backend": a.attention_backend,
-            "enforce_eager": a.no_cuda_graphs,
+            "enforce_eager": a.enforce_eager,
             "kv_disk_size": a.kv_disk_size,
-            "kv_remote_timeout_s": a.kv_remote_timeout,
+            "kv_remote_timeout_s": a.kv_remote_timeout_s,
         }
 
     def free_memory(self) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -24,7 +24,8 @@ from strata.bench.tiers_workloads import ChatWorkload
 from strata.engine.llm import LLM
 from strata.engine.sampling_params import SamplingParams
 
-MODES = ("tiers-off", "cpu", "cpu+sessions")
+ChatMode = Literal["tiers-off", "cpu", "cpu+sessions"]
+MODES: tuple[ChatMode, ...] = get_args(ChatMode)
 
 
 @dataclass

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, field
 
-from strata.bench.tiers_chat import MODES
+from strata.bench.tiers_chat import MODES, ChatMode
+from strata.config import ENGINE_OPTIONS
+from strata.flags import FlagGroup, LogLevel, add_flag_groups, keywords_from_args
+from strata.options import build, flatten, option
 
 DESCRIPTION = """\
 Time to first token with the KV cache in each tier, on two workloads shaped like
@@ -23,211 +27,152 @@ pool too small for them all, once per --chat-modes.
 """
 
 
+# The engine options every engine of the benchmark takes from the command line; the
+# benchmark sets the others (pool and tier sizes, max_num_seqs, max_model_len) itself.
+ENGINE_KEYWORDS = (
+    "model", "device", "dtype", "seed", "block_size", "max_num_batched_tokens",
+    "attention_backend", "enforce_eager", "kv_cache_memory", "kv_cpu_memory", "kv_disk_dir",
+    "kv_disk_size", "kv_remote", "kv_remote_timeout_s",
+)  # fmt: skip
+ENGINE_DEFAULTS = {"kv_disk_size": 64.0, "kv_remote_timeout_s": 2.0}
+ENGINE_HELPS = {
+    "model": "as for `strata generate`: random:PRESET or random:CONFIG.json for random "
+    "weights of a shape (e.g. a llama-3-8b copy with max_position_embeddings 32768), a "
+    "model folder, a .gguf; default the embedded model",
+    "seed": "seed of the random weights and the workloads' token ids (default 0)",
+    "kv_cache_memory": "GPU pool of the QA engines (default: two of the longest question)",
+    "kv_cpu_memory": "cpu tier of every tiered engine (default: three of the longest QA "
+    "question; for chat 1.25x every conversation's final KV)",
+    "kv_disk_dir": "disk tier directory of the QA run (default: a temporary one, removed after)",
+    "kv_disk_size": "cap of the disk tier (default 64)",
+    "kv_remote": "redis://host:port or valkey://host:port of a running server: the QA run "
+    "also writes there and measures the remote source (default: skipped)",
+    "kv_remote_timeout_s": "seconds before a remote call counts as failed (default 2: "
+    "multi-MiB blocks)",
+}
+
+
+def _at_least_one(values: dict[str, int | tuple[int, ...]]) -> None:
+    for name, value in values.items():
+        if any(v < 1 for v in (value if isinstance(value, tuple) else (value,))):
+            shown = list(value) if isinstance(value, tuple) else value
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {shown}")
+
+
+@dataclass(frozen=True)
+class QAOptions:
+    """The long-document QA workload."""
+
+    skip_qa: bool = field(default=False, metadata=option("do not run the QA workload"))
+    lengths: tuple[int, ...] = field(default=(8192, 16384, 32000), metadata=option(
+        "document lengths in tokens (default 8192 16384 32000)", metavar="N",
+    ))  # fmt: skip
+    docs_per_length: int = field(default=2, metadata=option(
+        "documents of each length (default 2; with 1, disk is measured with a warm page "
+        "cache only)",
+    ))  # fmt: skip
+    questions: int = field(default=3, metadata=option(
+        "questions per document; all hit the GPU pool (default 3)"
+    ))  # fmt: skip
+    suffix_len: int = field(
+        default=12, metadata=option("question tokens after the document (default 12)")
+    )
+    max_tokens: int = field(
+        default=4, metadata=option("tokens generated per question (default 4)")
+    )
+
+    def __post_init__(self) -> None:
+        _at_least_one({
+            "lengths": self.lengths, "docs_per_length": self.docs_per_length,
+            "questions": self.questions, "suffix_len": self.suffix_len,
+            "max_tokens": self.max_tokens,
+        })  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ChatOptions:
+    """The multi-round chat workload."""
+
+    skip_chat: bool = field(default=False, metadata=option("do not run the chat workload"))
+    chat_modes: tuple[ChatMode, ...] = field(default=MODES, metadata=option(
+        "tiers-off: no tiers; cpu: a cpu tier; cpu+sessions: a cpu tier and each turn "
+        "carries session_id + cache_ttl_s (default: all three)",
+    ))  # fmt: skip
+    chat_users: int = field(default=16, metadata=option("conversations (default 16)"))
+    chat_turns: int = field(default=5, metadata=option("turns per conversation (default 5)"))
+    chat_first_len: int = field(default=2048, metadata=option(
+        "tokens of each conversation's first message (default 2048)"
+    ))  # fmt: skip
+    chat_message_len: int = field(
+        default=256, metadata=option("tokens of each later user message (default 256)")
+    )
+    chat_answer_len: int = field(default=32, metadata=option(
+        "tokens the model answers per turn, EOS ignored (default 32)"
+    ))  # fmt: skip
+    chat_concurrency: int = field(
+        default=4, metadata=option("turns in flight at once (default 4)")
+    )
+    chat_gpu_fraction: float = field(default=0.25, metadata=option(
+        "the GPU pool holds this fraction of the KV every conversation reaches (at least "
+        "--chat-concurrency longest ones; default 0.25)",
+    ))  # fmt: skip
+    session_ttl: float = field(default=600.0, metadata=option(
+        "cache_ttl_s of the cpu+sessions mode (default 600)", metavar="S"
+    ))  # fmt: skip
+
+    def __post_init__(self) -> None:
+        _at_least_one({
+            "chat_users": self.chat_users, "chat_turns": self.chat_turns,
+            "chat_first_len": self.chat_first_len, "chat_message_len": self.chat_message_len,
+            "chat_answer_len": self.chat_answer_len, "chat_concurrency": self.chat_concurrency,
+        })  # fmt: skip
+        if not 0 < self.chat_gpu_fraction <= 1:
+            raise ValueError(f"--chat-gpu-fraction must be in (0, 1], got {self.chat_gpu_fraction}")
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """Where the results go."""
+
+    output: str | None = field(
+        default=None, metadata=option("write the results as JSON", metavar="PATH")
+    )
+    plot: str | None = field(default=None, metadata=option(
+        "write a PNG: TTFT against context length per source, and chat TTFT per turn",
+        metavar="PATH",
+    ))  # fmt: skip
+    log_level: LogLevel = field(default="INFO", metadata=option(
+        "log level of the engine's and the benchmark's messages (default INFO)"
+    ))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TiersBenchOptions:
+    """The benchmark's own flags; the engine flags are ENGINE_KEYWORDS' options."""
+
+    no_disk: bool = field(default=False, metadata=option("no disk tier: skip disk-warm/-cold"))
+    qa: QAOptions = field(default_factory=QAOptions)
+    chat: ChatOptions = field(default_factory=ChatOptions)
+    out: OutputOptions = field(default_factory=OutputOptions)
+
+
+BENCH_OPTIONS = flatten(TiersBenchOptions)
+GROUPS = (
+    FlagGroup((), "model and engine (every engine the benchmark builds)"),
+    FlagGroup(("qa",), "long-document QA"),
+    FlagGroup(("chat",), "multi-round chat"),
+    FlagGroup(("out",), "output"),
+)
+
+
 def add_tiers_args(p: argparse.ArgumentParser) -> None:
-    _engine_args(p)
-    _qa_args(p)
-    _chat_args(p)
-    g = p.add_argument_group("output")
-    g.add_argument("--output", default=None, metavar="PATH", help="write the results as JSON")
-    g.add_argument(
-        "--plot",
-        default=None,
-        metavar="PATH",
-        help="write a PNG: TTFT against context length per source, and chat TTFT per turn",
-    )
-    g.add_argument(
-        "--log-level",
-        default="INFO",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="log level of the engine's and the benchmark's messages (default INFO)",
-    )
-
-
-def _engine_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model and engine (every engine the benchmark builds)")
-    g.add_argument(
-        "--model",
-        default=None,
-        help="as for `strata generate`: random:PRESET or random:CONFIG.json for random "
-        "weights of a shape (e.g. a llama-3-8b copy with max_position_embeddings "
-        "32768), a model folder, a .gguf; default the embedded model",
-    )
-    g.add_argument(
-        "--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)"
-    )
-    g.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="weights and KV dtype; auto = float32 on CPU, bfloat16 on CUDA",
-    )
-    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
-    g.add_argument(
-        "--max-num-batched-tokens",
-        type=int,
-        default=2048,
-        help="tokens computed per step (prefill chunk size; default 2048)",
-    )
-    g.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="seed of the random weights and the workloads' token ids (default 0)",
-    )
-    g.add_argument(
-        "--attention-backend",
-        default="auto",
-        choices=["auto", "reference", "triton"],
-        help="attention kernels; auto = triton on CUDA, else reference",
-    )
-    g.add_argument("--no-cuda-graphs", action="store_true", help="run decode steps eagerly")
-    g.add_argument(
-        "--kv-cache-memory",
-        type=float,
-        default=None,
-        metavar="GIB",
-        help="GPU pool of the QA engines (default: two of the longest question)",
-    )
-    g.add_argument(
-        "--kv-cpu-memory",
-        type=float,
-        default=None,
-        metavar="GIB",
-        help="cpu tier of every tiered engine (default: three of the longest QA "
-        "question; for chat 1.25x every conversation's final KV)",
-    )
-    g.add_argument(
-        "--kv-disk-dir",
-        default=None,
-        metavar="PATH",
-        help="disk tier directory of the QA run (default: a temporary one, removed after)",
-    )
-    g.add_argument("--no-disk", action="store_true", help="no disk tier: skip disk-warm/-cold")
-    g.add_argument(
-        "--kv-disk-size",
-        type=float,
-        default=64.0,
-        metavar="GIB",
-        help="cap of the disk tier (default 64)",
-    )
-    g.add_argument(
-        "--kv-remote",
-        default=None,
-        metavar="URL",
-        help="redis://host:port or valkey://host:port of a running server: the QA "
-        "run also writes there and measures the remote source (default: skipped)",
-    )
-    g.add_argument(
-        "--kv-remote-timeout",
-        type=float,
-        default=2.0,
-        metavar="S",
-        help="seconds before a remote call counts as failed (default 2: multi-MiB blocks)",
-    )
-
-
-def _qa_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("long-document QA")
-    g.add_argument("--skip-qa", action="store_true", help="do not run the QA workload")
-    g.add_argument(
-        "--lengths",
-        type=int,
-        nargs="+",
-        default=[8192, 16384, 32000],
-        metavar="N",
-        help="document lengths in tokens (default 8192 16384 32000)",
-    )
-    g.add_argument(
-        "--docs-per-length",
-        type=int,
-        default=2,
-        help="documents of each length (default 2; with 1, disk is measured with a "
-        "warm page cache only)",
-    )
-    g.add_argument(
-        "--questions",
-        type=int,
-        default=3,
-        help="questions per document; all hit the GPU pool (default 3)",
-    )
-    g.add_argument(
-        "--suffix-len", type=int, default=12, help="question tokens after the document (default 12)"
-    )
-    g.add_argument(
-        "--max-tokens", type=int, default=4, help="tokens generated per question (default 4)"
-    )
-
-
-def _chat_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("multi-round chat")
-    g.add_argument("--skip-chat", action="store_true", help="do not run the chat workload")
-    g.add_argument(
-        "--chat-modes",
-        nargs="+",
-        default=list(MODES),
-        choices=MODES,
-        help="tiers-off: no tiers; cpu: a cpu tier; cpu+sessions: a cpu tier and "
-        "each turn carries session_id + cache_ttl_s (default: all three)",
-    )
-    g.add_argument("--chat-users", type=int, default=16, help="conversations (default 16)")
-    g.add_argument("--chat-turns", type=int, default=5, help="turns per conversation (default 5)")
-    g.add_argument(
-        "--chat-first-len",
-        type=int,
-        default=2048,
-        help="tokens of each conversation's first message (default 2048)",
-    )
-    g.add_argument(
-        "--chat-message-len",
-        type=int,
-        default=256,
-        help="tokens of each later user message (default 256)",
-    )
-    g.add_argument(
-        "--chat-answer-len",
-        type=int,
-        default=32,
-        help="tokens the model answers per turn, EOS ignored (default 32)",
-    )
-    g.add_argument(
-        "--chat-concurrency", type=int, default=4, help="turns in flight at once (default 4)"
-    )
-    g.add_argument(
-        "--chat-gpu-fraction",
-        type=float,
-        default=0.25,
-        help="the GPU pool holds this fraction of the KV every conversation reaches "
-        "(at least --chat-concurrency longest ones; default 0.25)",
-    )
-    g.add_argument(
-        "--session-ttl",
-        type=float,
-        default=600.0,
-        metavar="S",
-        help="cache_ttl_s of the cpu+sessions mode (default 600)",
-    )
+    engine = [o for o in ENGINE_OPTIONS if o.keyword in ENGINE_KEYWORDS]
+    add_flag_groups(p, engine + list(BENCH_OPTIONS), GROUPS, ENGINE_DEFAULTS, ENGINE_HELPS)
 
 
 def cmd_bench_tiers(args: argparse.Namespace) -> int:
     from strata.bench.tiers import run
 
-    for name in (
-        "lengths",
-        "docs_per_length",
-        "questions",
-        "suffix_len",
-        "max_tokens",
-        "chat_users",
-        "chat_turns",
-        "chat_first_len",
-        "chat_message_len",
-        "chat_answer_len",
-        "chat_concurrency",
-    ):
-        values = getattr(args, name)
-        if any(v < 1 for v in (values if isinstance(values, list) else [values])):
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {values}")
-    if not 0 < args.chat_gpu_fraction <= 1:
-        raise ValueError(f"--chat-gpu-fraction must be in (0, 1], got {args.chat_gpu_fraction}")
+    build(TiersBenchOptions, keywords_from_args(args, BENCH_OPTIONS))  # checks the values
     run(args)
     return 0

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 from tqdm.auto import tqdm
 
-from strata.config import CacheConfig, EngineConfig, MoEConfig, SchedulerConfig, TierConfig
+from strata.config import ENGINE_OPTIONS, EngineConfig
 from strata.engine.chat import chat_prompt_ids
 from strata.engine.engine import LLMEngine
 from strata.engine.outputs import RequestOutput
 from strata.engine.sampling_params import SamplingParams
 from strata.errors import InvalidRequestError, RequestFailedError
+from strata.options import build, describe
 
 Prompt = str | Sequence[int]
 Message = dict[str, str]
@@ -21,86 +22,16 @@ Message = dict[str, str]
 class LLM:
     """Generate from a model offline.
 
-    model: a Hugging Face folder, a .gguf file, "random:PRESET" or None for the
-    embedded SmolLM2-135M-Instruct. kv_cache_memory is in GiB. The kv_* tier arguments
-    and preemption_mode are those of `TierConfig` (kv_cpu_memory and kv_disk_size in GiB).
-    kv_cache_dtype picks the KV block codec: "auto", "fp8", "int8", "int4" or "int2".
-    kv_policy / kv_budget: the KV eviction policy of requests whose SamplingParams name
-    none (see `SamplingParams.kv_policy`); "full" keeps every token. kv_evict_interval:
-    decode steps between evictions of the policies that evict while decoding
-    (`CacheConfig.kv_evict_interval`; None: the block size).
-    moe: expert offloading of a Mixture-of-Experts model (MoEConfig; e.g.
-    MoEConfig(gpu_memory=20)).
+    `model` and the keyword options below are those of `EngineConfig` and its sections,
+    by the names the command line uses too; moe=MoEConfig(...) gives the MoE options
+    whole. An unknown keyword raises TypeError listing the valid ones.
     Call `close()` (or use `with LLM(...) as llm:`) to finish writing tier blocks.
+
+    Options (keyword = default: meaning):
     """
 
-    def __init__(
-        self,
-        model: str | None = None,
-        *,
-        device: str | None = None,
-        dtype: str = "auto",
-        kv_cache_memory: float | None = None,
-        block_size: int = 16,
-        num_kv_blocks: int | None = None,
-        gpu_memory_utilization: float = 0.90,
-        enable_prefix_caching: bool = True,
-        max_num_batched_tokens: int = 2048,
-        max_num_seqs: int = 256,
-        max_model_len: int | None = None,
-        seed: int = 0,
-        attention_backend: str = "auto",
-        enforce_eager: bool = False,
-        kv_cpu_memory: float | None = None,
-        kv_disk_dir: str | None = None,
-        kv_disk_size: float = 16.0,
-        kv_remote: str | None = None,
-        kv_remote_timeout_s: float = 0.5,
-        kv_tier_eviction: str = "lru",
-        preemption_mode: str = "auto",
-        session_gpu_fraction: float = 0.25,
-        moe: MoEConfig | None = None,
-        kv_policy: str = "full",
-        kv_budget: float | None = None,
-        kv_evict_interval: int | None = None,
-        kv_cache_dtype: str = "auto",
-    ) -> None:
-        config = EngineConfig(
-            model=model,
-            device=device,
-            dtype=dtype,
-            seed=seed,
-            attention_backend=attention_backend,
-            enforce_eager=enforce_eager,
-            moe=moe or MoEConfig(),
-            cache=CacheConfig(
-                block_size=block_size,
-                kv_cache_memory=kv_cache_memory,
-                num_blocks=num_kv_blocks,
-                gpu_memory_utilization=gpu_memory_utilization,
-                enable_prefix_caching=enable_prefix_caching,
-                kv_policy=kv_policy,
-                kv_budget=kv_budget,
-                kv_evict_interval=kv_evict_interval,
-                kv_cache_dtype=kv_cache_dtype,
-                tiers=TierConfig(
-                    cpu_memory=kv_cpu_memory,
-                    disk_dir=kv_disk_dir,
-                    disk_size=kv_disk_size,
-                    remote=kv_remote,
-                    remote_timeout_s=kv_remote_timeout_s,
-                    eviction=kv_tier_eviction,
-                    preemption_mode=preemption_mode,
-                    session_gpu_fraction=session_gpu_fraction,
-                ),
-            ),
-            scheduler=SchedulerConfig(
-                max_num_batched_tokens=max_num_batched_tokens,
-                max_num_seqs=max_num_seqs,
-                max_model_len=max_model_len,
-            ),
-        )
-        self.engine = LLMEngine(config)
+    def __init__(self, model: str | None = None, **options: Any) -> None:
+        self.engine = LLMEngine(build(EngineConfig, {"model": model, **options}))
 
     def close(self) -> None:
         """Finish writing KV blocks to the tiers and release them."""
@@ -188,13 +119,16 @@ class LLM:
         return [done[r] for r in request_ids]
 
 
+LLM.__doc__ = f"{(LLM.__doc__ or '').rstrip()}\n{describe(ENGINE_OPTIONS)}\n"
+
+
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     if isinstance(prompts, str):
         return [prompts]
     items = list(prompts)
     if items and all(isinstance(t, int) for t in items):
-        return [items]  # one prompt given as token ids
-    return items
+        return [cast(list[int], items)]  # one prompt given as token ids
+    return cast(list[Prompt], items)
 
 
 def _broadcast(

@@ -5,11 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from strata.eval.settings import MAIN_PROTOCOLS, PROTOCOLS, Setting, parse_budgets
+from strata.commands import Command
+from strata.engine_flags import add_engine_args, engine_keywords
+from strata.eval.settings import MAIN_PROTOCOLS, Protocol, Setting, parse_budgets
+from strata.flags import FlagGroup, add_flag_groups, keywords_from_args
+from strata.options import build, flatten, option
 
 logger = logging.getLogger("strata.eval")
 
@@ -67,7 +72,9 @@ def _lengths(spec: str) -> list[int]:
     return lengths
 
 
-def settings(policies: list[str], budgets: list[float], protocols: list[str]) -> list[Setting]:
+def settings(
+    policies: Sequence[str], budgets: Sequence[float], protocols: Sequence[str]
+) -> list[Setting]:
     """Every (policy, budget, protocol), with the full cache once (budget 1 or `full`)."""
     out: list[Setting] = []
     if any(p == "full" for p in policies) or any(b == 1 for b in budgets):
@@ -79,78 +86,90 @@ def settings(policies: list[str], budgets: list[float], protocols: list[str]) ->
     return out
 
 
-def add_eval_parser(sub: Any, add_engine_args: Callable[[argparse.ArgumentParser], None]) -> None:
-    ev = sub.add_parser("eval", help="quality under KV policies: RULER-style tasks, perplexity")
-    ev_sub = ev.add_subparsers(dest="eval", required=True)
-    r = ev_sub.add_parser(
-        "ruler", help="RULER-style tasks scored under a KV policy and budget",
-        description=RULER_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
-    _add_common(r)
-    r.add_argument(
-        "--samples", type=int, default=10, metavar="N",
-        help="samples per task (default 10)",
-    )  # fmt: skip
-    r.add_argument(
-        "--tasks", default="all",
-        help="comma-separated tasks or 'all' (default all): niah_single_1, niah_single_2, "
+@dataclass(frozen=True)
+class EvalOptions:
+    """The flags every `strata eval` command has (the group "evaluation")."""
+
+    policy: str = field(default="full", metadata=option(
+        "KV policy or comma-separated policies (default full; see SamplingParams.kv_policy)",
+        metavar="P[,P...]",
+    ))  # fmt: skip
+    budget: str = field(default="1", metadata=option(
+        "KV kept: a fraction of the compressed context if < 1, tokens if > 1; 1 = the full "
+        "cache. Several values sweep (e.g. 1,0.5,0.25,0.125,0.0625; default 1)",
+        metavar="B[,B...]",
+    ))  # fmt: skip
+    length: str = field(default="4096", metadata=option(
+        "tokens per sample, prompt plus answer budget (default 4096); several values sweep",
+        metavar="L[,L...]",
+    ))  # fmt: skip
+    eval_seed: int = field(default=0, metadata=option("seed of the generated samples (default 0)"))
+    output: str = field(default="eval-results", metadata=option(
+        "folder for the JSON per run, the table and the plot (default ./eval-results)",
+        metavar="DIR",
+    ))  # fmt: skip
+    progress: bool = field(default=True, metadata=option("no progress bars", flag="--no-progress"))
+
+
+def _check_samples(samples: int) -> None:
+    if samples < 1:
+        raise ValueError(f"--samples must be >= 1, got {samples}")
+
+
+@dataclass(frozen=True)
+class RulerOptions:
+    """The flags of `strata eval ruler` beside the engine's."""
+
+    common: EvalOptions = field(default_factory=EvalOptions)
+    samples: int = field(
+        default=10, metadata=option("samples per task (default 10)", metavar="N")
+    )
+    tasks: str = field(default="all", metadata=option(
+        "comma-separated tasks or 'all' (default all): niah_single_1, niah_single_2, "
         "niah_multikey_1, niah_multivalue, niah_multiquery, vt, cwe, fwe",
-    )  # fmt: skip
-    r.add_argument(
-        "--protocol", default="query-aware", choices=[*PROTOCOLS, "both"],
-        help="query-aware (compress the whole prompt), query-agnostic (compress the context, "
+    ))  # fmt: skip
+    protocol: Literal[Protocol, "both"] = field(default="query-aware", metadata=option(
+        "query-aware (compress the whole prompt), query-agnostic (compress the context, "
         "then append the question), question-cut (compress context + question, then append "
         "the template tail: kvpress's query-aware cut) or both (query-aware and "
         "query-agnostic; default query-aware)",
-    )  # fmt: skip
-    add_engine_args(r)
-    r.set_defaults(func=cmd_eval_ruler)
+    ))  # fmt: skip
 
-    p = ev_sub.add_parser(
-        "ppl", help="perplexity of Shakespeare under a KV policy and budget",
-        description=PPL_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
-    _add_common(p)
-    p.add_argument(
-        "--context", type=int, default=None, metavar="TOKENS",
-        help="prompt tokens, compressed by the policy; the rest of --length is "
-        "teacher-forced (default: half of --length)",
-    )  # fmt: skip
-    p.add_argument("--samples", type=int, default=1, metavar="N", help="texts (default 1)")
-    add_engine_args(p)
-    p.set_defaults(func=cmd_eval_ppl)
+    def __post_init__(self) -> None:
+        _check_samples(self.samples)
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("evaluation")
-    g.add_argument(
-        "--policy", default="full", metavar="P[,P...]",
-        help="KV policy or comma-separated policies (default full; see SamplingParams.kv_policy)",
-    )  # fmt: skip
-    g.add_argument(
-        "--budget", default="1", metavar="B[,B...]",
-        help="KV kept: a fraction of the compressed context if < 1, tokens if > 1; 1 = the "
-        "full cache. Several values sweep (e.g. 1,0.5,0.25,0.125,0.0625; default 1)",
-    )  # fmt: skip
-    g.add_argument(
-        "--length", default="4096", metavar="L[,L...]",
-        help="tokens per sample, prompt plus answer budget (default 4096); several values sweep",
-    )  # fmt: skip
-    g.add_argument(
-        "--eval-seed", type=int, default=0, help="seed of the generated samples (default 0)"
-    )
-    g.add_argument(
-        "--output", default="eval-results", metavar="DIR",
-        help="folder for the JSON per run, the table and the plot (default ./eval-results)",
-    )  # fmt: skip
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+@dataclass(frozen=True)
+class PPLOptions:
+    """The flags of `strata eval ppl` beside the engine's."""
+
+    common: EvalOptions = field(default_factory=EvalOptions)
+    context: int | None = field(default=None, metadata=option(
+        "prompt tokens, compressed by the policy; the rest of --length is teacher-forced "
+        "(default: half of --length)",
+        metavar="TOKENS",
+    ))  # fmt: skip
+    samples: int = field(default=1, metadata=option("texts (default 1)", metavar="N"))
+
+    def __post_init__(self) -> None:
+        _check_samples(self.samples)
+
+
+GROUPS = (FlagGroup(("common",), "evaluation"),)
+
+
+def _add_ruler_args(p: argparse.ArgumentParser) -> None:
+    add_flag_groups(p, flatten(RulerOptions), GROUPS)
+
+
+def _add_ppl_args(p: argparse.ArgumentParser) -> None:
+    add_flag_groups(p, flatten(PPLOptions), GROUPS)
 
 
 def _llm(args: argparse.Namespace, lengths: list[int]) -> Any:
-    from strata.cli import llm_kwargs
     from strata.engine.llm import LLM
 
-    kwargs = llm_kwargs(args)
+    kwargs = engine_keywords(args)
     kwargs["enable_prefix_caching"] = False
     if kwargs.get("max_model_len") is None:
         kwargs["max_model_len"] = max(lengths)
@@ -164,28 +183,28 @@ def cmd_eval_ruler(args: argparse.Namespace) -> int:
     from strata.eval.strata_runner import run_samples
     from strata.eval.tasks import generate_samples, parse_tasks
 
-    if args.samples < 1:
-        raise ValueError(f"--samples must be >= 1, got {args.samples}")
-    tasks = parse_tasks(args.tasks)
-    budgets = parse_budgets(args.budget)
-    protocols = list(MAIN_PROTOCOLS) if args.protocol == "both" else [args.protocol]
-    runs = settings(_policies(args.policy), budgets, protocols)
-    lengths = _lengths(args.length)
-    out_dir = Path(args.output)
+    opts = build(RulerOptions, keywords_from_args(args, flatten(RulerOptions)))
+    common = opts.common
+    tasks = parse_tasks(opts.tasks)
+    budgets = parse_budgets(common.budget)
+    protocols = list(MAIN_PROTOCOLS) if opts.protocol == "both" else [opts.protocol]
+    runs = settings(_policies(common.policy), budgets, protocols)
+    lengths = _lengths(common.length)
+    out_dir = Path(common.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     llm = _llm(args, lengths)
     tokenizer = llm.get_tokenizer()
     kv_dtype = getattr(args, "kv_cache_dtype", "auto")
     summaries = []
     for length in lengths:
-        gen_bar = tqdm(tasks, desc=f"samples at {length}", disable=args.no_progress)
+        gen_bar = tqdm(tasks, desc=f"samples at {length}", disable=not common.progress)
         samples = [
             s
             for t in gen_bar
-            for s in generate_samples(tokenizer, t, length, args.samples, args.eval_seed)
+            for s in generate_samples(tokenizer, t, length, opts.samples, common.eval_seed)
         ]
-        for setting in tqdm(runs, desc=f"runs at {length}", disable=args.no_progress):
-            result = run_samples(llm, samples, setting, progress=not args.no_progress)
+        for setting in tqdm(runs, desc=f"runs at {length}", disable=not common.progress):
+            result = run_samples(llm, samples, setting, progress=common.progress)
             summary = summarize(result, length, {"kv_cache_dtype": kv_dtype})
             logger.info("wrote %s", write_json(summary, out_dir))
             summaries.append(summary)
@@ -203,19 +222,19 @@ def cmd_eval_ruler(args: argparse.Namespace) -> int:
 def cmd_eval_ppl(args: argparse.Namespace) -> int:
     from strata.eval.ppl import measure_perplexity
 
-    if args.samples < 1:
-        raise ValueError(f"--samples must be >= 1, got {args.samples}")
-    budgets = parse_budgets(args.budget)
-    runs = settings(_policies(args.policy), budgets, ["query-aware"])
-    lengths = _lengths(args.length)
-    out_dir = Path(args.output)
+    opts = build(PPLOptions, keywords_from_args(args, flatten(PPLOptions)))
+    common = opts.common
+    budgets = parse_budgets(common.budget)
+    runs = settings(_policies(common.policy), budgets, ["query-aware"])
+    lengths = _lengths(common.length)
+    out_dir = Path(common.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     llm = _llm(args, lengths)
     rows = ["| L | context | policy | budget | texts | perplexity | wall s |", "|---" * 7 + "|"]
     for length in lengths:
-        context = args.context if args.context is not None else length // 2
+        context = opts.context if opts.context is not None else length // 2
         for setting in runs:
-            res = measure_perplexity(llm, setting, length, context, args.samples, args.eval_seed)
+            res = measure_perplexity(llm, setting, length, context, opts.samples, common.eval_seed)
             budget = 1.0 if setting.is_full else setting.budget
             record = {
                 "system": "strata", "length": length, "context": context,
@@ -230,3 +249,13 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     print("\n".join(rows))
     llm.check_integrity()
     return 0
+
+
+EVAL = Command(
+    "eval", "quality under KV policies: RULER-style tasks, perplexity", subcommands=(
+        Command("ruler", "RULER-style tasks scored under a KV policy and budget",
+                (_add_ruler_args, add_engine_args), cmd_eval_ruler, RULER_DESCRIPTION),
+        Command("ppl", "perplexity of Shakespeare under a KV policy and budget",
+                (_add_ppl_args, add_engine_args), cmd_eval_ppl, PPL_DESCRIPTION),
+    ),
+)  # fmt: skip

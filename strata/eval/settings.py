@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from strata.kv.policies.budget import check_budget
 from strata.kv.policies.registry import FULL, check_policy_name
 
-PROTOCOLS = ("query-aware", "query-agnostic", "question-cut")
+Protocol = Literal["query-aware", "query-agnostic", "question-cut"]
+PROTOCOLS: tuple[Protocol, ...] = get_args(Protocol)
 MAIN_PROTOCOLS = PROTOCOLS[:2]  # "both" on the command line
 
 

@@ -20,6 +20,7 @@ import uvicorn
 from strata.engine.async_engine import AsyncEngine
 from strata.engine.engine import LLMEngine
 from strata.server.app import ServerState, build_app
+from strata.server.config import ServeConfig
 
 logger = logging.getLogger("strata.server")
 
@@ -90,30 +91,24 @@ def start_loading(
 
 
 def serve(
-    make_engine: Callable[[], LLMEngine],
-    model_name: str,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    api_key: str | None = None,
-    max_waiting_requests: int | None = None,
-    shutdown_timeout_s: float = 30.0,
-    log_level: str = "info",
+    make_engine: Callable[[], LLMEngine], model_name: str, config: ServeConfig, log_level: str
 ) -> int:
     """Serve until stopped; returns the process exit code."""
-    state = ServerState(model_name=model_name, api_key=api_key)
+    host, port = config.host, config.port
+    state = ServerState(model_name=model_name, api_key=config.api_key)
     app = build_app(state)
-    config = uvicorn.Config(
+    uvicorn_config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level.lower(), access_log=False,
-        timeout_graceful_shutdown=max(1, int(shutdown_timeout_s)),
+        timeout_graceful_shutdown=max(1, int(config.shutdown_timeout_s)),
     )  # fmt: skip
-    server = DrainingServer(config, state, shutdown_timeout_s)
+    server = DrainingServer(uvicorn_config, state, config.shutdown_timeout_s)
     failed = threading.Event()
 
     def stop_on_error() -> None:
         failed.set()
         server.should_exit = True
 
-    start_loading(state, make_engine, max_waiting_requests, stop_on_error)
+    start_loading(state, make_engine, config.max_waiting_requests, stop_on_error)
     logger.info("listening on http://%s:%d (model %s loading)", host, port, model_name)
     server.run()
     if state.engine is not None:
