@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -21,6 +22,22 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
 # q/k norms: "full" normalises the whole q (and k) projection (OLMoE); "head" each head (Qwen3).
 QK_NORMS: dict[str, str] = {"olmoe": "full", "qwen3_moe": "head"}
 
+
+
+def check_budget(budget: float) -> None:
+    """Raise ValueError unless `budget` is a fraction in (0, 1) or a whole number >= 1."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise ValueError(f"kv_budget must be a number, got {budget!r}")
+    if not math.isfinite(budget) or budget <= 0:
+        raise ValueError(
+            f"kv_budget must be a fraction of the context in (0, 1) or a whole number of "
+            f"tokens >= 1; got {budget}"
+        )
+    if budget >= 1 and budget != int(budget):
+        raise ValueError(
+            f"kv_budget >= 1 is a number of tokens and must be whole; got {budget} "
+            "(use a value below 1 for a fraction of the context)"
+        )
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -346,7 +363,6 @@ class CacheConfig:
         return self.kv_evict_interval if self.kv_evict_interval is not None else self.block_size
 
     def _check_kv_budget(self) -> None:
-        from strata.kv.policies.budget import check_budget
 
         if self.kv_budget is not None:
             check_budget(self.kv_budget)

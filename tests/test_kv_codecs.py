@@ -167,7 +167,7 @@ def test_coded_path_with_identity_codec_equals_hf(
 ) -> None:
     """Chunked prefill, mixed batches, prefix hits and preemption through tail rows and
     scratch tables give HF's exact greedy tokens."""
-    import strata.engine.engine as engine_module
+    import strata.engine.build as engine_module
 
     folder, hf = gqa
     monkeypatch.setattr(engine_module, "get_codec", lambda name: _IdentityCodec())

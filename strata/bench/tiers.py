@@ -28,7 +28,7 @@ from strata.bench.tiers_measure import device_name, pinned_h2d_bytes_per_s
 from strata.bench.tiers_qa import DocQA, QAResult
 from strata.bench.tiers_report import fetch_rows, format_chat, format_qa, plot
 from strata.bench.tiers_workloads import ChatWorkload, chat_workload, documents
-from strata.engine.engine import resolve_device, resolve_dtype
+from strata.engine.build import resolve_device, resolve_dtype
 from strata.engine.llm import LLM
 from strata.models.embedded import embedded_model_path
 from strata.models.loader import gguf_to_folder

@@ -1,317 +1,61 @@
-"""LLMEngine: one loop of schedule -> run -> sample -> update, shared by every front end."""
+"""LLMEngine: one loop of schedule -> run -> sample -> update, shared by every front end.
+
+The engine owns the requests it was given and the step loop; its parts are built by
+engine/build.py, requests are checked by engine/requests.py, and sampled tokens become
+outputs in engine/finishing.py.
+"""
 
 from __future__ import annotations
 
-import itertools
 import logging
-import random
 import time
 from collections.abc import Sequence as Seq
 from typing import Any
 
 import torch
 
-from strata.attention.backend import choose_backend, get_backend
 from strata.config import EngineConfig
-from strata.engine.detokenizer import Detokenizer, decode_ids
-from strata.engine.outputs import RequestOutput, TokenLogprobs
+from strata.engine.build import build_engine_parts
+from strata.engine.finishing import record_logprobs, request_output, stop_reason
+from strata.engine.integrity import check_engine_integrity
+from strata.engine.outputs import RequestOutput
 from strata.engine.plan import StepPlan
-from strata.engine.runner import ModelRunner
-from strata.engine.sampler import SamplerOutput
+from strata.engine.requests import RequestFactory
 from strata.engine.sampling_params import SamplingParams
-from strata.engine.scheduler import Scheduler
-from strata.engine.sequence import Sequence, SequenceStatus
-from strata.engine.shadow_pass import ShadowPass
-from strata.errors import ContextLengthError, InvalidRequestError, KVCacheTooSmallError
-from strata.kv.cache import KVCache
-from strata.kv.codec import get_codec
-from strata.kv.coded_attention import attention_over
-from strata.kv.manager import KVIntegrityError, KVManager
-from strata.kv.policies.base import AttentionShape
-from strata.kv.policies.model_access import ModelAccess
-from strata.kv.policies.runtime.driver import KVPolicyDriver, PolicyDefaults
-from strata.kv.policies.runtime.reconstruction import (
-    PASS_HEADROOM,
-    ContextReconstruction,
-    PassLimits,
-)
-from strata.kv.prefix import root_key
-from strata.kv.sessions import SessionPins
-from strata.kv.swap_cost import SwapCostModel
-from strata.kv.tiers.build import build_tier_loads, build_tiers
-from strata.kv.tiers.manager import TierManager
-from strata.models.loader import LoadedModel, load_model
-from strata.models.rope import inverse_frequencies
-from strata.moe.boundary import ExpertOffload
-from strata.moe.rebalancer import Rebalancer
+from strata.engine.sequence import Sequence
+from strata.errors import InvalidRequestError
 
 logger = logging.getLogger("strata.engine")
-
-GIB = 1 << 30
-
-
-def format_bytes(n: float) -> str:
-    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / (1 << 20):.2f} MiB"
-
-
-def resolve_device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, dtype)
 
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, self.device)
-        requested_len = config.scheduler.max_model_len
-        # With expert offloading, routed experts are built in (pinned) CPU memory.
-        expert_device = torch.device("cpu") if config.moe.enabled else None
-        # RoPE tables also cover the reconstruction passes KVzip runs after a context.
-        rope_len = None if requested_len is None else requested_len + PASS_HEADROOM
-        self.loaded: LoadedModel = load_model(
-            config.model, self.device, self.dtype, rope_len, config.seed, expert_device
-        )
-        self.model_config = self.loaded.config
-        self.tokenizer = self.loaded.tokenizer
-        limit = self.model_config.context_limit
-        self.max_model_len = min(requested_len or limit, limit)
-        if limit < self.model_config.max_position_embeddings:
-            logger.info(
-                "context capped at the sliding window, %d tokens (sliding-window attention "
-                "is not implemented; within the window it equals full attention)",
-                limit,
-            )
-        num_params = sum(p.numel() for p in self.loaded.model.parameters())
-        logger.info(
-            "model %s: %s, %d layers, %.1fM parameters, %s on %s",
-            self.loaded.name, self.model_config.model_type, self.model_config.num_layers,
-            num_params / 1e6, str(self.dtype).removeprefix("torch."), self.device,
+        self.parts = parts = build_engine_parts(config)
+        self.loaded, self.model_config = parts.loaded, parts.placed.model_config
+        self.tokenizer = parts.loaded.tokenizer
+        self.device, self.dtype = parts.placed.device, parts.placed.dtype
+        self.max_model_len = parts.placed.max_model_len
+        self.backend, self.codec, self.kv_cache = parts.backend, parts.codec, parts.kv_cache
+        self.kv, self.tiers, self.sessions = parts.kv, parts.tiers, parts.sessions
+        self.swap_cost, self.scheduler, self.runner = parts.swap_cost, parts.scheduler, parts.runner
+        self.kv_policies, self.moe, self.rebalancer = parts.kv_policies, parts.moe, parts.rebalancer
+        self.requests = RequestFactory(
+            self.tokenizer, parts.loaded.name, self.model_config.vocab_size, self.max_model_len,
+            self.kv_policies, config.seed,
         )  # fmt: skip
-        backend_name, why = choose_backend(config.attention_backend, self.device)
-        self.backend = get_backend(backend_name)
-        logger.info("attention backend %s (%s)", backend_name, why)
-        block_size = config.cache.block_size
-        self.codec = get_codec(config.cache.kv_cache_dtype)
-        self.moe: ExpertOffload | None = None
-        self.rebalancer: Rebalancer | None = None
-        if config.moe.enabled and self.model_config.is_moe:
-            if not self.codec.lossless:
-                raise ValueError(
-                    f"MoE expert offloading shares one arena with a raw KV pool: use "
-                    f"kv_cache_dtype='auto', not {config.cache.kv_cache_dtype!r}"
-                )
-            from strata.moe.build import build_offload
-
-            self.moe = build_offload(self)  # the KV pool and the expert slots share an arena
-            num_blocks = self.moe.arena.num_blocks
-            self.kv_cache: KVCache = self.moe.arena.kv_cache
-        else:
-            # One full-precision tail row per running sequence holds its open block
-            # (codec_tail.py).
-            tail_rows = 0 if self.codec.lossless else config.scheduler.max_num_seqs
-            num_blocks = self._decide_num_blocks(tail_rows)
-            self.kv_cache = KVCache(
-                self.model_config, num_blocks, block_size, self.dtype, self.device, self.codec,
-                tail_rows,
-            )  # fmt: skip
-        # `auto` keeps the layout string (and so the keys of stored blocks) it always had.
-        kv_layout = f"{str(self.dtype).removeprefix('torch.')}/bs{block_size}"
-        if not self.codec.lossless:
-            kv_layout += f"/{self.codec.layout_name}"
-        self.tiers: TierManager | None = build_tiers(
-            config.cache.tiers, self.kv_cache, self.loaded.fingerprint, self.dtype
-        )
-        self.kv = KVManager(
-            num_blocks,
-            block_size,
-            root_key(self.loaded.fingerprint, kv_layout),
-            config.cache.enable_prefix_caching,
-            tiers=self.tiers,
-        )
-        self.sessions = SessionPins(self.kv, self.tiers, config.cache.tiers.session_gpu_fraction)
-        self.swap_cost = SwapCostModel(
-            self.kv_cache.block_bytes, block_size, self.device,
-        )  # fmt: skip
-        tier_loads = build_tier_loads(
-            self.tiers, self.kv, config.cache.tiers.preemption_mode,
-            self.swap_cost.swap_is_cheaper,
-        )  # fmt: skip
-        self.scheduler = Scheduler(
-            config.scheduler, self.kv, tier_loads, reclaim=self.sessions.reclaim
-        )
-        if self.moe is not None:
-            self.moe.attach(self.kv)
-            self.rebalancer = Rebalancer(
-                self.moe,
-                config.moe.rebalance_interval,
-                min_kv_blocks=-(-self.max_model_len // block_size),
-                block_size=block_size,
-            )
-        attention = attention_over(self.kv_cache, self.backend)  # wraps it for a lossy codec
-        self.runner = ModelRunner(self.loaded.model, self.kv_cache, attention, self.device)
-        cfg = self.model_config
-        self.kv_policies = KVPolicyDriver(
-            self.kv, self.kv_cache,
-            AttentionShape(cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim),
-            PolicyDefaults(config.cache.kv_policy, config.cache.kv_budget,
-                           config.cache.evict_interval),
-            model=self._model_access(),
-            reconstruction=ContextReconstruction(
-                ShadowPass(self.runner), self.kv,
-                PassLimits(config.scheduler.max_num_batched_tokens,
-                           max_positions=self.loaded.model.rope.cos.shape[0]),
-            ),
-        )  # fmt: skip
-        logger.info(
-            "KV policy: default %s%s; requests may name their own; policies that evict "
-            "while decoding evict every %d steps",
-            config.cache.kv_policy,
-            "" if config.cache.kv_budget is None else f" (budget {config.cache.kv_budget:g})",
-            config.cache.evict_interval,
-        )
-        if self.kv_cache.tails is not None:
-            self.kv_cache.tails.live_blocks = self._open_blocks
-        self._maybe_capture_graphs()
         self._seqs: dict[str, Sequence] = {}
-        self._ids = itertools.count()
-        self._rng = random.Random(config.seed)
         self.num_prompt_tokens = 0
         self.num_generated_tokens = 0
-
-    def _model_access(self) -> ModelAccess:
-        inv_freq, scaling = inverse_frequencies(self.model_config.hf_config,
-                                                self.model_config.head_dim)  # fmt: skip
-        return ModelAccess(inv_freq.to(self.device), scaling, self.tokenizer)
-
-    def _maybe_capture_graphs(self) -> None:
-        """Capture decode CUDA graphs once the KV pool exists (graph-safe backend on CUDA)."""
-        if self.config.enforce_eager or self.device.type != "cuda":
-            return
-        if not getattr(self.loaded.model, "supports_cuda_graphs", True):
-            logger.info("CUDA graphs off: the model reads expert routing on the host")
-            return
-        if not self.runner.backend.graph_safe:
-            logger.info("CUDA graphs off: the %s attention backend is not graph-safe",
-                        self.runner.backend.name)  # fmt: skip
-            return
-        sched = self.config.scheduler
-        max_batch = min(self.config.cuda_graph_max_batch, sched.max_num_seqs)
-        self.runner.capture_graphs(max_batch, self.max_model_len)
-
-    # ---- KV pool sizing -------------------------------------------------------------------
-
-    def _decide_num_blocks(self, tail_rows: int = 0) -> int:
-        """Blocks that fit the KV memory budget, in the codec's bytes per block; a lossy
-        codec's tail rows (full-precision blocks) come out of the same budget."""
-        cache = self.config.cache
-        per_block = KVCache.bytes_per_block(
-            self.model_config, cache.block_size, self.dtype, self.codec
-        )
-        raw_block = KVCache.bytes_per_block(self.model_config, cache.block_size, self.dtype)
-        tail_bytes = tail_rows * raw_block
-        if cache.num_blocks is not None:
-            num_blocks, source = cache.num_blocks, "num_blocks"
-        elif cache.kv_cache_memory is not None:
-            num_blocks = max(0, int(cache.kv_cache_memory * GIB) - tail_bytes) // per_block
-            source = f"kv_cache_memory={cache.kv_cache_memory} GiB"
-        elif self.device.type == "cuda":
-            budget = self._measure_free_gpu_memory()
-            num_blocks = max(0, budget - tail_bytes) // per_block
-            source = f"{cache.gpu_memory_utilization:.0%} of GPU memory minus the warm-up peak"
-        else:
-            num_blocks = max(0, int(cache.DEFAULT_CPU_KV_GIB * GIB) - tail_bytes) // per_block
-            source = f"CPU default {cache.DEFAULT_CPU_KV_GIB} GiB"
-        if not self.codec.lossless:
-            logger.info(
-                "KV codec %s: %d bytes a block (%s: %d), %.2fx the blocks per GiB; %d "
-                "full-precision tail rows for open blocks, %s; attention reads coded blocks "
-                "decoded into a per-layer scratch (%s backend, no fused dequant kernel)",
-                self.codec.name, per_block, str(self.dtype).removeprefix("torch."), raw_block,
-                raw_block / per_block, tail_rows, format_bytes(tail_bytes), self.backend.name,
-            )  # fmt: skip
-        capacity = num_blocks * cache.block_size
-        needed_blocks = -(-self.max_model_len // cache.block_size)
-        if num_blocks < needed_blocks:
-            raise KVCacheTooSmallError(
-                f"the KV pool ({source}) holds {num_blocks} blocks = {capacity} tokens "
-                f"({format_bytes(num_blocks * per_block)}), but one sequence of max_model_len="
-                f"{self.max_model_len} needs {needed_blocks} blocks "
-                f"({format_bytes(needed_blocks * per_block)}); raise kv_cache_memory or lower "
-                "max_model_len"
-            )
-        logger.info(
-            "KV pool: %d blocks x %d tokens = %d tokens, %s (%s, kv_cache_dtype %s); "
-            "max_model_len %d, "
-            "max_num_batched_tokens %d, max_num_seqs %d, prefix caching %s",
-            num_blocks, cache.block_size, capacity, format_bytes(num_blocks * per_block), source,
-            self.codec.name, self.max_model_len, self.config.scheduler.max_num_batched_tokens,
-            self.config.scheduler.max_num_seqs, "on" if cache.enable_prefix_caching else "off",
-        )  # fmt: skip
-        return num_blocks
-
-    def _measure_free_gpu_memory(self) -> int:
-        """Bytes left for KV after a warm-up step of the largest batch the scheduler allows."""
-        from strata.engine.warmup import warmup_peak_bytes
-
-        peak = warmup_peak_bytes(self)
-        free, total = torch.cuda.mem_get_info(self.device)
-        others = total - free - torch.cuda.memory_reserved(self.device)
-        return int(total * self.config.cache.gpu_memory_utilization) - peak - others
-
-    def _open_blocks(self) -> set[int]:
-        """Blocks that running sequences have partly computed: the tail rows still needed."""
-        bs = self.kv.block_size
-        return {
-            self.kv.block_table(s.request_id)[s.num_kv_slots // bs]
-            for s in self.scheduler.running
-            if s.num_kv_slots % bs and self.kv.has(s.request_id)
-        }
 
     # ---- requests -------------------------------------------------------------------------
 
     def encode_prompt(self, prompt: str | Seq[int]) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise InvalidRequestError(
-                    f"model {self.loaded.name} has no tokenizer: pass prompts as token ids"
-                )
-            return prompt, list(self.tokenizer(prompt).input_ids)
-        ids = list(prompt)
-        vocab = self.model_config.vocab_size
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequestError(
-                f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}"
-            )
-        return None, ids
+        return self.requests.encode_prompt(prompt)
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> int:
         """Check a request against the context; returns its resolved max_tokens."""
-        n, limit = len(prompt_ids), self.max_model_len
-        if n == 0:
-            raise InvalidRequestError("the prompt is empty; it must contain at least one token")
-        if n >= limit:
-            raise ContextLengthError(
-                f"the prompt has {n} tokens but the context holds {limit} (max_model_len), "
-                "including at least one generated token"
-            )
-        max_tokens = params.max_tokens if params.max_tokens is not None else limit - n
-        if n + max_tokens > limit:
-            raise ContextLengthError(
-                f"prompt ({n} tokens) + max_tokens ({max_tokens}) = {n + max_tokens} exceeds the "
-                f"context length {limit} (max_model_len); lower max_tokens to at most {limit - n}"
-            )
-        return max_tokens
+        return self.requests.validate(prompt_ids, params)
 
     def add_request(
         self,
@@ -331,25 +75,7 @@ class LLMEngine:
         stream: bool = False,
     ) -> Sequence:
         """Tokenize and check a request without queueing it."""
-        params = params or SamplingParams()
-        text, ids = self.encode_prompt(prompt)
-        max_tokens = self.validate(ids, params)
-        request_id = request_id if request_id is not None else str(next(self._ids))
-        detokenizer = None
-        if self.tokenizer is not None and (stream or params.stop):
-            detokenizer = Detokenizer(self.tokenizer, params.skip_special_tokens, params.stop)
-        seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
-        seq = Sequence(
-            request_id=request_id,
-            prompt=text,
-            prompt_token_ids=ids,
-            params=params,
-            seed=seed & 0xFFFFFFFF,
-            max_tokens=max_tokens,
-            detokenizer=detokenizer,
-        )
-        self.kv_policies.attach(seq)
-        return seq
+        return self.requests.prepare(prompt, params, request_id, stream)
 
     def enqueue(self, seq: Sequence) -> str:
         """Queue a sequence made by `prepare`."""
@@ -369,7 +95,7 @@ class LLMEngine:
         if seq is None:
             return None
         self.scheduler.finish(seq, reason)
-        return self._output(seq)
+        return request_output(seq, self.tokenizer)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -446,11 +172,11 @@ class LLMEngine:
         got_token = self.scheduler.update(plan, tokens, computed)
         self.kv_policies.after_step(plan)
         if sampled is not None and sampled.logprobs is not None:
-            self._record_logprobs(plan, got_token, sampled)
+            record_logprobs(got_token, sampled)
         outputs = []
         for seq in got_token:
             self.num_generated_tokens += 1
-            reason = self._stop_reason(seq)
+            reason = stop_reason(seq, self.loaded.eos_token_ids)
             if reason is not None:
                 if seq.detokenizer is not None:
                     seq.detokenizer.flush()
@@ -459,7 +185,7 @@ class LLMEngine:
                                       seq.request_id)  # fmt: skip
                 self.scheduler.finish(seq, reason)
                 del self._seqs[seq.request_id]
-            outputs.append(self._output(seq, delta_tokens=1))
+            outputs.append(request_output(seq, self.tokenizer, delta_tokens=1))
         return outputs
 
     def _record_step_event(self) -> torch.cuda.Event | None:
@@ -469,62 +195,6 @@ class LLMEngine:
         event = torch.cuda.Event()
         event.record()
         return event
-
-    def _stop_reason(self, seq: Sequence) -> str | None:
-        token = seq.token_ids[-1]
-        params = seq.params
-        if seq.detokenizer is not None and seq.detokenizer.add(token):
-            return "stop"
-        if not params.ignore_eos and token in self.loaded.eos_token_ids:
-            return "stop"
-        if token in params.stop_token_ids:
-            return "stop"
-        if seq.num_output_tokens >= seq.max_tokens:
-            return "length"
-        return None
-
-    def _record_logprobs(
-        self, plan: StepPlan, seqs: list[Sequence], sampled: SamplerOutput
-    ) -> None:
-        assert sampled.logprobs is not None and sampled.top_ids is not None
-        assert sampled.top_logprobs is not None
-        chosen = sampled.logprobs.tolist()
-        top_ids = sampled.top_ids.tolist()
-        top_lp = sampled.top_logprobs.tolist()
-        for row, seq in enumerate(seqs):
-            n = seq.params.logprobs
-            if n is None:
-                continue
-            top = tuple(zip(top_ids[row][:n], top_lp[row][:n], strict=True))
-            seq.logprobs.append(TokenLogprobs(seq.token_ids[-1], chosen[row], top))
-
-    def _output(self, seq: Sequence, delta_tokens: int = 0) -> RequestOutput:
-        finished = seq.status is SequenceStatus.FINISHED
-        output_ids = seq.output_token_ids
-        if seq.detokenizer is not None:
-            text = seq.detokenizer.text
-            delta = seq.detokenizer.take_delta(finished)
-        else:
-            text = self._decode(output_ids, seq.params) if finished else ""
-            delta = ""
-        return RequestOutput(
-            request_id=seq.request_id,
-            prompt=seq.prompt,
-            prompt_token_ids=seq.prompt_token_ids,
-            text=text,
-            token_ids=output_ids,
-            finished=finished,
-            finish_reason=seq.finish_reason,
-            logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
-            num_cached_tokens=max(seq.num_cached_tokens, 0),
-            delta_text=delta,
-            delta_token_ids=output_ids[len(output_ids) - delta_tokens :] if delta_tokens else [],
-        )
-
-    def _decode(self, ids: list[int], params: SamplingParams) -> str:
-        if self.tokenizer is None:
-            return ""
-        return decode_ids(self.tokenizer, ids, params.skip_special_tokens)
 
     # ---- introspection --------------------------------------------------------------------
 
@@ -546,32 +216,7 @@ class LLMEngine:
 
     def check_integrity(self) -> None:
         """Raise KVIntegrityError unless the KV manager and the scheduler's queues agree."""
-        self.kv.check_integrity()
-        if self.moe is not None:
-            self.moe.check_integrity()
-        if self.kv_cache.tails is not None:
-            problems = self.kv_cache.tails.check()
-            if problems:
-                raise KVIntegrityError("KV tail check failed:\n  " + "\n  ".join(problems))
-        for seq in self.scheduler.running:
-            table = self.kv.block_table(seq.request_id)
-            if len(table) * self.kv.block_size < seq.num_kv_slots:
-                raise KVIntegrityError(
-                    f"running {seq.request_id!r} has {seq.num_kv_slots} KV slots "
-                    f"but {len(table)} blocks"
-                )
-        for seq in self.scheduler.waiting:
-            if self.kv.has(seq.request_id):
-                raise KVIntegrityError(f"waiting {seq.request_id!r} holds blocks")
-        sched = self.scheduler
-        live = {s.request_id for s in (*sched.running, *sched.waiting, *sched.loading.values())}
-        if live != set(self._seqs):
-            raise KVIntegrityError(f"engine tracks {set(self._seqs)} but scheduler has {live}")
-        if self.tiers is not None and not sched.tier_loads.in_flight:
-            self.tiers.flush()
-            problems = self.tiers.check_integrity()
-            if problems:
-                raise KVIntegrityError("KV tier check failed:\n  " + "\n  ".join(problems))
+        check_engine_integrity(self.parts, self._seqs)
 
     def close(self) -> None:
         """Finish writing blocks to the tiers and close them (the engine is unusable after)."""

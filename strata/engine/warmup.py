@@ -2,38 +2,34 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
-from strata.attention.backend import BatchLayout
+from strata.attention.backend import AttentionBackend, BatchLayout
 from strata.engine.sampler import Sampler, SamplingBatch
 from strata.engine.sampling_params import SamplingParams
 from strata.kv.cache import KVCache
-
-if TYPE_CHECKING:
-    from strata.engine.engine import LLMEngine
+from strata.models.placement import ModelPlacement
 
 
-def warmup_peak_bytes(engine: LLMEngine) -> int:
+def warmup_peak_bytes(placed: ModelPlacement, backend: AttentionBackend[Any]) -> int:
     """Run one full-budget prefill step plus sampling on a scratch KV cache; return the
     peak bytes allocated by torch, scratch cache excluded."""
-    device = engine.device
-    sched = engine.config.scheduler
-    block_size = engine.config.cache.block_size
-    tokens = min(sched.max_num_batched_tokens, engine.max_model_len)
+    device, sched, block_size = placed.device, placed.scheduler, placed.block_size
+    tokens = min(sched.max_num_batched_tokens, placed.max_model_len)
     rows = min(sched.max_num_seqs, tokens)
     num_blocks = -(-tokens // block_size)
-    scratch = KVCache(engine.model_config, num_blocks, block_size, engine.dtype, device)
+    scratch = KVCache(placed.model_config, num_blocks, block_size, placed.dtype, device)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
     layout = BatchLayout([tokens], [tokens], [list(range(num_blocks))], block_size)
     slots = torch.arange(tokens, device=device)
-    meta = engine.backend.prepare(layout, slots, device)
-    ids = torch.randint(0, engine.model_config.vocab_size, (tokens,), device=device)
+    meta = backend.prepare(layout, slots, device)
+    ids = torch.randint(0, placed.model_config.vocab_size, (tokens,), device=device)
     logits_rows = torch.arange(tokens - rows, tokens, device=device)
-    logits = engine.loaded.model(ids, slots, scratch, engine.backend, meta, logits_rows)
+    logits = placed.model(ids, slots, scratch, backend, meta, logits_rows)
     batch = SamplingBatch(
         temperature=torch.full((rows,), 0.7, device=device),
         top_p=torch.full((rows,), 0.9, device=device),

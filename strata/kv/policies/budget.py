@@ -2,23 +2,9 @@
 
 from __future__ import annotations
 
-import math
+from strata.config import check_budget
 
-
-def check_budget(budget: float) -> None:
-    """Raise ValueError unless `budget` is a fraction in (0, 1) or a whole number >= 1."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-        raise ValueError(f"kv_budget must be a number, got {budget!r}")
-    if not math.isfinite(budget) or budget <= 0:
-        raise ValueError(
-            f"kv_budget must be a fraction of the context in (0, 1) or a whole number of "
-            f"tokens >= 1; got {budget}"
-        )
-    if budget >= 1 and budget != int(budget):
-        raise ValueError(
-            f"kv_budget >= 1 is a number of tokens and must be whole; got {budget} "
-            "(use a value below 1 for a fraction of the context)"
-        )
+__all__ = ["check_budget", "tokens_allowed", "tokens_kept"]
 
 
 def tokens_allowed(budget: float, context_len: int) -> int:

@@ -1,0 +1,285 @@
+"""Build an engine's collaborators from its configuration, in dependency order:
+
+    model -> attention backend -> KV pool (or the MoE arena that holds it) -> tiers
+          -> KV manager -> sessions, tier loads, scheduler -> runner -> KV policies
+          -> CUDA graphs
+
+Every decision is logged: the model, the backend, the pool size and codec, the tiers,
+the policy defaults. The engine itself only holds the parts (`EngineParts`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from strata.attention.backend import AttentionBackend, choose_backend, get_backend
+from strata.config import EngineConfig
+from strata.engine.runner import ModelRunner
+from strata.engine.scheduler import Scheduler
+from strata.engine.shadow_pass import ShadowPass
+from strata.engine.warmup import warmup_peak_bytes
+from strata.kv.cache import KVCache
+from strata.kv.codec import BlockCodec, get_codec
+from strata.kv.coded_attention import attention_over
+from strata.kv.manager import KVManager
+from strata.kv.policies.base import AttentionShape
+from strata.kv.policies.model_access import ModelAccess
+from strata.kv.policies.runtime.driver import KVPolicyDriver, PolicyDefaults
+from strata.kv.policies.runtime.reconstruction import (
+    PASS_HEADROOM,
+    ContextReconstruction,
+    PassLimits,
+)
+from strata.kv.prefix import root_key
+from strata.kv.sessions import SessionPins
+from strata.kv.sizing import blocks_for_tokens, format_bytes, needs_gpu_measurement, size_kv_pool
+from strata.kv.swap_cost import SwapCostModel
+from strata.kv.tiers.build import build_tier_loads, build_tiers
+from strata.kv.tiers.manager import TierManager
+from strata.models.loader import LoadedModel, load_model
+from strata.models.placement import ModelPlacement
+from strata.models.rope import inverse_frequencies
+from strata.moe.boundary import ExpertOffload
+from strata.moe.build import build_offload
+from strata.moe.rebalancer import Rebalancer
+
+logger = logging.getLogger("strata.engine")
+
+
+@dataclass(frozen=True)
+class EngineParts:
+    loaded: LoadedModel
+    placed: ModelPlacement  # the model, device, dtype and limits
+    backend: AttentionBackend[Any]  # as named; the runner's may wrap it (lossy codec)
+    codec: BlockCodec
+    kv_cache: KVCache
+    kv: KVManager
+    tiers: TierManager | None
+    sessions: SessionPins
+    swap_cost: SwapCostModel
+    scheduler: Scheduler
+    runner: ModelRunner
+    kv_policies: KVPolicyDriver
+    moe: ExpertOffload | None
+    rebalancer: Rebalancer | None
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    resolved: torch.dtype = getattr(torch, dtype)
+    return resolved
+
+
+def build_engine_parts(config: EngineConfig) -> EngineParts:
+    loaded, placed = load_placed_model(config)
+    backend_name, why = choose_backend(config.attention_backend, placed.device)
+    backend = get_backend(backend_name)
+    logger.info("attention backend %s (%s)", backend_name, why)
+    codec = get_codec(config.cache.kv_cache_dtype)
+    moe, kv_cache = build_kv_cache(config, placed, backend, codec)
+    tiers = build_tiers(config.cache.tiers, kv_cache, loaded.fingerprint, placed.dtype)
+    root = root_key(loaded.fingerprint, kv_layout(placed, codec))
+    kv = KVManager(
+        kv_cache.num_blocks, placed.block_size, root, config.cache.enable_prefix_caching,
+        tiers=tiers,
+    )  # fmt: skip
+    sessions = SessionPins(kv, tiers, config.cache.tiers.session_gpu_fraction)
+    swap_cost = SwapCostModel(kv_cache.block_bytes, placed.block_size, placed.device)
+    tier_loads = build_tier_loads(
+        tiers, kv, config.cache.tiers.preemption_mode, swap_cost.swap_is_cheaper
+    )
+    scheduler = Scheduler(config.scheduler, kv, tier_loads, reclaim=sessions.reclaim)
+    rebalancer = None
+    if moe is not None:
+        moe.attach(kv)
+        rebalancer = Rebalancer(
+            moe, config.moe.rebalance_interval,
+            min_kv_blocks=blocks_for_tokens(placed.max_model_len, placed.block_size),
+            block_size=placed.block_size,
+        )  # fmt: skip
+    attention = attention_over(kv_cache, backend)  # wraps it for a lossy codec
+    runner = ModelRunner(loaded.model, kv_cache, attention, placed.device)
+    kv_policies = build_kv_policies(config, loaded, placed, kv, kv_cache, runner)
+    if kv_cache.tails is not None:  # the tails reclaim rows of blocks no running seq writes
+        kv_cache.tails.live_blocks = lambda: open_blocks(scheduler, kv)
+    capture_graphs(config, placed, runner)
+    return EngineParts(
+        loaded, placed, backend, codec, kv_cache, kv, tiers, sessions, swap_cost, scheduler,
+        runner, kv_policies, moe, rebalancer,
+    )  # fmt: skip
+
+
+def load_placed_model(config: EngineConfig) -> tuple[LoadedModel, ModelPlacement]:
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    requested_len = config.scheduler.max_model_len
+    # With expert offloading, routed experts are built in (pinned) CPU memory.
+    expert_device = torch.device("cpu") if config.moe.enabled else None
+    # RoPE tables also cover the reconstruction passes KVzip runs after a context.
+    rope_len = None if requested_len is None else requested_len + PASS_HEADROOM
+    loaded = load_model(config.model, device, dtype, rope_len, config.seed, expert_device)
+    mc = loaded.config
+    limit = mc.context_limit
+    if limit < mc.max_position_embeddings:
+        logger.info(
+            "context capped at the sliding window, %d tokens (sliding-window attention "
+            "is not implemented; within the window it equals full attention)",
+            limit,
+        )
+    num_params = sum(p.numel() for p in loaded.model.parameters())
+    logger.info(
+        "model %s: %s, %d layers, %.1fM parameters, %s on %s",
+        loaded.name, mc.model_type, mc.num_layers, num_params / 1e6,
+        str(dtype).removeprefix("torch."), device,
+    )  # fmt: skip
+    placed = ModelPlacement(
+        loaded.model, mc, config.scheduler, config.cache.block_size,
+        min(requested_len or limit, limit), dtype, device,
+    )  # fmt: skip
+    return loaded, placed
+
+
+def kv_layout(placed: ModelPlacement, codec: BlockCodec) -> str:
+    """The KV layout in every block key: `auto` keeps the string (and so the keys of stored
+    blocks) it always had; a lossy codec adds its layout."""
+    layout = f"{str(placed.dtype).removeprefix('torch.')}/bs{placed.block_size}"
+    return layout if codec.lossless else f"{layout}/{codec.layout_name}"
+
+
+def build_kv_cache(
+    config: EngineConfig, placed: ModelPlacement, backend: AttentionBackend[Any], codec: BlockCodec
+) -> tuple[ExpertOffload | None, KVCache]:
+    """The KV pool: its own, or the bottom of the arena it shares with the expert slots."""
+    if config.moe.enabled and placed.model_config.is_moe:
+        if not codec.lossless:
+            raise ValueError(
+                f"MoE expert offloading shares one arena with a raw KV pool: use "
+                f"kv_cache_dtype='auto', not {config.cache.kv_cache_dtype!r}"
+            )
+        moe = build_offload(
+            config.moe, placed,
+            kv_blocks=lambda: decide_num_blocks(config, placed, backend, codec, 0),
+            measure_peak=lambda: warmup_peak_bytes(placed, backend),
+        )  # fmt: skip
+        return moe, moe.arena.kv_cache
+    # One full-precision tail row per running sequence holds its open block (codec_tail.py).
+    tail_rows = 0 if codec.lossless else config.scheduler.max_num_seqs
+    num_blocks = decide_num_blocks(config, placed, backend, codec, tail_rows)
+    kv_cache = KVCache(
+        placed.model_config, num_blocks, placed.block_size, placed.dtype, placed.device, codec,
+        tail_rows,
+    )  # fmt: skip
+    return None, kv_cache
+
+
+def decide_num_blocks(
+    config: EngineConfig,
+    placed: ModelPlacement,
+    backend: AttentionBackend[Any],
+    codec: BlockCodec,
+    tail_rows: int,
+) -> int:
+    """Blocks that fit the KV memory budget (kv/sizing.py), measured on CUDA; logged."""
+    cache, mc = config.cache, placed.model_config
+    block_bytes = KVCache.bytes_per_block(mc, cache.block_size, placed.dtype, codec)
+    raw_block = KVCache.bytes_per_block(mc, cache.block_size, placed.dtype)
+    gpu_budget = None
+    if needs_gpu_measurement(cache, placed.device.type == "cuda"):
+        gpu_budget = free_gpu_bytes(placed, backend, cache.gpu_memory_utilization)
+    size = size_kv_pool(cache, block_bytes, placed.max_model_len, tail_rows * raw_block, gpu_budget)
+    if not codec.lossless:
+        logger.info(
+            "KV codec %s: %d bytes a block (%s: %d), %.2fx the blocks per GiB; %d "
+            "full-precision tail rows for open blocks, %s; attention reads coded blocks "
+            "decoded into a per-layer scratch (%s backend, no fused dequant kernel)",
+            codec.name, block_bytes, str(placed.dtype).removeprefix("torch."), raw_block,
+            raw_block / block_bytes, tail_rows, format_bytes(tail_rows * raw_block), backend.name,
+        )  # fmt: skip
+    sched = config.scheduler
+    logger.info(
+        "KV pool: %s (%s, kv_cache_dtype %s); max_model_len %d, max_num_batched_tokens %d, "
+        "max_num_seqs %d, prefix caching %s",
+        size.describe(cache.block_size), size.source, codec.name, placed.max_model_len,
+        sched.max_num_batched_tokens, sched.max_num_seqs,
+        "on" if cache.enable_prefix_caching else "off",
+    )  # fmt: skip
+    return size.num_blocks
+
+
+def free_gpu_bytes(
+    placed: ModelPlacement, backend: AttentionBackend[Any], utilization: float
+) -> int:
+    """Bytes left for KV after a warm-up step of the largest batch the scheduler allows."""
+    peak = warmup_peak_bytes(placed, backend)
+    free, total = torch.cuda.mem_get_info(placed.device)
+    others = total - free - torch.cuda.memory_reserved(placed.device)
+    return int(total * utilization) - peak - others
+
+
+def build_kv_policies(
+    config: EngineConfig,
+    loaded: LoadedModel,
+    placed: ModelPlacement,
+    kv: KVManager,
+    kv_cache: KVCache,
+    runner: ModelRunner,
+) -> KVPolicyDriver:
+    mc, cache = placed.model_config, config.cache
+    inv_freq, scaling = inverse_frequencies(mc.hf_config, mc.head_dim)
+    driver = KVPolicyDriver(
+        kv, kv_cache,
+        AttentionShape(mc.num_layers, mc.num_heads, mc.num_kv_heads, mc.head_dim),
+        PolicyDefaults(cache.kv_policy, cache.kv_budget, cache.evict_interval),
+        model=ModelAccess(inv_freq.to(placed.device), scaling, loaded.tokenizer),
+        reconstruction=ContextReconstruction(
+            ShadowPass(runner), kv,
+            PassLimits(config.scheduler.max_num_batched_tokens,
+                       max_positions=loaded.model.rope.cos.shape[0]),
+        ),
+    )  # fmt: skip
+    logger.info(
+        "KV policy: default %s%s; requests may name their own; policies that evict "
+        "while decoding evict every %d steps",
+        cache.kv_policy,
+        "" if cache.kv_budget is None else f" (budget {cache.kv_budget:g})",
+        cache.evict_interval,
+    )
+    return driver
+
+
+def open_blocks(scheduler: Scheduler, kv: KVManager) -> set[int]:
+    """Blocks that running sequences have partly computed: the tail rows still needed."""
+    bs = kv.block_size
+    return {
+        kv.block_table(s.request_id)[s.num_kv_slots // bs]
+        for s in scheduler.running
+        if s.num_kv_slots % bs and kv.has(s.request_id)
+    }
+
+
+def capture_graphs(config: EngineConfig, placed: ModelPlacement, runner: ModelRunner) -> None:
+    """Capture decode CUDA graphs once the KV pool exists (graph-safe backend on CUDA)."""
+    if config.enforce_eager or placed.device.type != "cuda":
+        return
+    if not getattr(placed.model, "supports_cuda_graphs", True):
+        logger.info("CUDA graphs off: the model reads expert routing on the host")
+        return
+    if not runner.backend.graph_safe:
+        logger.info("CUDA graphs off: the %s attention backend is not graph-safe",
+                    runner.backend.name)  # fmt: skip
+        return
+    max_batch = min(config.cuda_graph_max_batch, config.scheduler.max_num_seqs)
+    runner.capture_graphs(max_batch, placed.max_model_len)

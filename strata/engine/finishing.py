@@ -1,0 +1,69 @@
+"""What a step's sampled tokens mean for their sequences: stop reasons, logprobs, and the
+RequestOutput a front end sees."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import Any
+
+from strata.engine.detokenizer import decode_ids
+from strata.engine.outputs import RequestOutput, TokenLogprobs
+from strata.engine.sampler import SamplerOutput
+from strata.engine.sequence import Sequence, SequenceStatus
+
+
+def stop_reason(seq: Sequence, eos_token_ids: Collection[int]) -> str | None:
+    """"stop" or "length" once the sequence's last token ends it; None while it goes on.
+    Feeds the token to the detokenizer, which watches for stop strings."""
+    token = seq.token_ids[-1]
+    params = seq.params
+    if seq.detokenizer is not None and seq.detokenizer.add(token):
+        return "stop"
+    if not params.ignore_eos and token in eos_token_ids:
+        return "stop"
+    if token in params.stop_token_ids:
+        return "stop"
+    if seq.num_output_tokens >= seq.max_tokens:
+        return "length"
+    return None
+
+
+def record_logprobs(seqs: list[Sequence], sampled: SamplerOutput) -> None:
+    """Append row i's chosen and top-N log-probabilities to seqs[i] (if it asked)."""
+    assert sampled.logprobs is not None and sampled.top_ids is not None
+    assert sampled.top_logprobs is not None
+    chosen = sampled.logprobs.tolist()
+    top_ids = sampled.top_ids.tolist()
+    top_lp = sampled.top_logprobs.tolist()
+    for row, seq in enumerate(seqs):
+        n = seq.params.logprobs
+        if n is None:
+            continue
+        top = tuple(zip(top_ids[row][:n], top_lp[row][:n], strict=True))
+        seq.logprobs.append(TokenLogprobs(seq.token_ids[-1], chosen[row], top))
+
+
+def request_output(seq: Sequence, tokenizer: Any | None, delta_tokens: int = 0) -> RequestOutput:
+    """The sequence as a front end sees it; `delta_tokens` new since the last output."""
+    finished = seq.status is SequenceStatus.FINISHED
+    output_ids = seq.output_token_ids
+    if seq.detokenizer is not None:
+        text = seq.detokenizer.text
+        delta = seq.detokenizer.take_delta(finished)
+    else:
+        decoded = tokenizer is not None and finished
+        text = decode_ids(tokenizer, output_ids, seq.params.skip_special_tokens) if decoded else ""
+        delta = ""
+    return RequestOutput(
+        request_id=seq.request_id,
+        prompt=seq.prompt,
+        prompt_token_ids=seq.prompt_token_ids,
+        text=text,
+        token_ids=output_ids,
+        finished=finished,
+        finish_reason=seq.finish_reason,
+        logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+        num_cached_tokens=max(seq.num_cached_tokens, 0),
+        delta_text=delta,
+        delta_token_ids=output_ids[len(output_ids) - delta_tokens :] if delta_tokens else [],
+    )

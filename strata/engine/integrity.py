@@ -1,0 +1,40 @@
+"""The engine's integrity check: its parts agree with each other and with the requests
+it tracks. Raises KVIntegrityError naming the first disagreement found."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from strata.engine.build import EngineParts
+from strata.kv.manager import KVIntegrityError
+
+
+def _raise_if(problems: list[str], what: str) -> None:
+    if problems:
+        raise KVIntegrityError(f"{what} check failed:\n  " + "\n  ".join(problems))
+
+
+def check_engine_integrity(parts: EngineParts, tracked: Collection[str]) -> None:
+    """`tracked`: the request ids the engine holds (queued, loading or running)."""
+    kv, sched = parts.kv, parts.scheduler
+    kv.check_integrity()
+    if parts.moe is not None:
+        parts.moe.check_integrity()
+    if parts.kv_cache.tails is not None:
+        _raise_if(parts.kv_cache.tails.check(), "KV tail")
+    for seq in sched.running:
+        table = kv.block_table(seq.request_id)
+        if len(table) * kv.block_size < seq.num_kv_slots:
+            raise KVIntegrityError(
+                f"running {seq.request_id!r} has {seq.num_kv_slots} KV slots "
+                f"but {len(table)} blocks"
+            )
+    for seq in sched.waiting:
+        if kv.has(seq.request_id):
+            raise KVIntegrityError(f"waiting {seq.request_id!r} holds blocks")
+    live = {s.request_id for s in (*sched.running, *sched.waiting, *sched.loading.values())}
+    if live != set(tracked):
+        raise KVIntegrityError(f"engine tracks {set(tracked)} but scheduler has {live}")
+    if parts.tiers is not None and not sched.tier_loads.in_flight:
+        parts.tiers.flush()
+        _raise_if(parts.tiers.check_integrity(), "KV tier")

@@ -1,0 +1,99 @@
+"""RequestFactory: a request's prompt and parameters, checked, become a Sequence.
+
+Nothing is queued here, and a bad request raises InvalidRequestError (or its subclass
+ContextLengthError) with the limit it broke, before anything is allocated.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Sequence as Seq
+from typing import Any
+
+from strata.engine.detokenizer import Detokenizer
+from strata.engine.sampling_params import SamplingParams
+from strata.engine.sequence import Sequence
+from strata.errors import ContextLengthError, InvalidRequestError
+from strata.kv.policies.runtime.driver import KVPolicyDriver
+
+
+class RequestFactory:
+    def __init__(
+        self,
+        tokenizer: Any | None,
+        model_name: str,
+        vocab_size: int,
+        max_model_len: int,
+        kv_policies: KVPolicyDriver,
+        seed: int,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self.kv_policies = kv_policies  # attaches each sequence's KV policy, if any
+        self._ids = itertools.count()
+        self._rng = random.Random(seed)  # seeds of unseeded requests
+
+    def encode_prompt(self, prompt: str | Seq[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequestError(
+                    f"model {self.model_name} has no tokenizer: pass prompts as token ids"
+                )
+            return prompt, list(self.tokenizer(prompt).input_ids)
+        ids = list(prompt)
+        vocab = self.vocab_size
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(
+                f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}"
+            )
+        return None, ids
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        """Check a request against the context; returns its resolved max_tokens."""
+        n, limit = len(prompt_ids), self.max_model_len
+        if n == 0:
+            raise InvalidRequestError("the prompt is empty; it must contain at least one token")
+        if n >= limit:
+            raise ContextLengthError(
+                f"the prompt has {n} tokens but the context holds {limit} (max_model_len), "
+                "including at least one generated token"
+            )
+        max_tokens = params.max_tokens if params.max_tokens is not None else limit - n
+        if n + max_tokens > limit:
+            raise ContextLengthError(
+                f"prompt ({n} tokens) + max_tokens ({max_tokens}) = {n + max_tokens} exceeds the "
+                f"context length {limit} (max_model_len); lower max_tokens to at most {limit - n}"
+            )
+        return max_tokens
+
+    def prepare(
+        self,
+        prompt: str | Seq[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        stream: bool = False,
+    ) -> Sequence:
+        """Tokenize and check a request without queueing it."""
+        params = params or SamplingParams()
+        text, ids = self.encode_prompt(prompt)
+        max_tokens = self.validate(ids, params)
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        detokenizer = None
+        if self.tokenizer is not None and (stream or params.stop):
+            detokenizer = Detokenizer(self.tokenizer, params.skip_special_tokens, params.stop)
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
+        seq = Sequence(
+            request_id=request_id,
+            prompt=text,
+            prompt_token_ids=ids,
+            params=params,
+            seed=seed & 0xFFFFFFFF,
+            max_tokens=max_tokens,
+            detokenizer=detokenizer,
+        )
+        self.kv_policies.attach(seq)
+        return seq
