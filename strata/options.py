@@ -176,8 +176,9 @@ def _section_paths(cls: type, path: tuple[str, ...] = ()) -> dict[tuple[str, ...
     """Every section below `cls`: its path -> its field name (the keyword giving it whole)."""
     found: dict[tuple[str, ...], str] = {}
     for name, section in sections(cls).items():
-        found[(*path, name)] = name
-        found.update(_section_paths(section, (*path, name)))
+        key = (*path, name)
+        found[key] = name
+        found.update(_section_paths(section, key))
     return found
 
 

@@ -20,6 +20,7 @@ from strata.attention.backend import AttentionBackend, choose_backend, get_backe
 from strata.config import EngineConfig
 from strata.engine.runner import ModelRunner
 from strata.engine.scheduler import Scheduler
+from strata.engine.sequence import Sequence
 from strata.engine.shadow_pass import ShadowPass
 from strata.engine.warmup import warmup_peak_bytes
 from strata.kv.cache import KVCache
@@ -39,6 +40,7 @@ from strata.kv.sessions import SessionPins
 from strata.kv.sizing import blocks_for_tokens, format_bytes, needs_gpu_measurement, size_kv_pool
 from strata.kv.swap_cost import SwapCostModel
 from strata.kv.tiers.build import build_tier_loads, build_tiers
+from strata.kv.tiers.loads import TierLoads
 from strata.kv.tiers.manager import TierManager
 from strata.models.loader import LoadedModel, load_model
 from strata.models.placement import ModelPlacement
@@ -98,7 +100,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     )  # fmt: skip
     sessions = SessionPins(kv, tiers, config.cache.tiers.session_gpu_fraction)
     swap_cost = SwapCostModel(kv_cache.block_bytes, placed.block_size, placed.device)
-    tier_loads = build_tier_loads(
+    tier_loads: TierLoads[Sequence] = build_tier_loads(
         tiers, kv, config.cache.tiers.preemption_mode, swap_cost.swap_is_cheaper
     )
     scheduler = Scheduler(config.scheduler, kv, tier_loads, reclaim=sessions.reclaim)

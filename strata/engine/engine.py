@@ -181,8 +181,9 @@ class LLMEngine:
                 if seq.detokenizer is not None:
                     seq.detokenizer.flush()
                 if seq.params.session_id is not None:
-                    self.sessions.pin(seq.params.session_id, seq.params.cache_ttl_s,
-                                      seq.request_id)  # fmt: skip
+                    ttl = seq.params.cache_ttl_s  # set with session_id (SamplingParams)
+                    assert ttl is not None
+                    self.sessions.pin(seq.params.session_id, ttl, seq.request_id)
                 self.scheduler.finish(seq, reason)
                 del self._seqs[seq.request_id]
             outputs.append(request_output(seq, self.tokenizer, delta_tokens=1))

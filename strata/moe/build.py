@@ -11,7 +11,7 @@ through a provisional cache of top_k slots; on the CPU (tests) they are estimate
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -25,7 +25,7 @@ from strata.moe.boundary import ExpertOffload
 from strata.moe.cost_model import OffloadCostModel, measure_cost_model
 from strata.moe.expert_cache import ExpertCache
 from strata.moe.host_store import HostExpertStore
-from strata.moe.offloaded_experts import OffloadedExperts, OffloadOptions
+from strata.moe.offloaded_experts import ExpertRouter, OffloadedExperts, OffloadOptions
 from strata.moe.policies import make_policy
 
 logger = logging.getLogger("strata.moe")
@@ -88,7 +88,7 @@ def _split_budget(
     placed: ModelPlacement,
     store: HostExpertStore,
     kv_blocks: Callable[[], int],
-    routers: dict[int, torch.nn.Module],
+    routers: Mapping[int, ExpertRouter],
     measure_peak: Callable[[], int],
 ) -> tuple[int, int, str]:
     """(arena blocks, expert slots wanted, which budget decided) for the configuration."""
@@ -134,7 +134,7 @@ def _options(
 def _non_arena_bytes(
     placed: ModelPlacement,
     store: HostExpertStore,
-    routers: dict[int, torch.nn.Module],
+    routers: Mapping[int, ExpertRouter],
     measure_peak: Callable[[], int],
 ) -> int:
     """Dense weights plus the activation peak of the largest step."""

@@ -57,7 +57,7 @@ def encode(layout: BlockLayout, block: StoredBlock) -> list[memoryview]:
         raise ValueError(
             f"a stored block holds {layout.block_size} tokens, got {len(block.token_ids)}"
         )
-    payload = memoryview(block.payload.contiguous().view(torch.uint8).numpy()).cast("B")
+    payload = memoryview(block.payload.contiguous().view(torch.uint8).numpy().data).cast("B")
     if payload.nbytes != layout.nbytes:
         raise ValueError(f"payload is {payload.nbytes} bytes, layout says {layout.nbytes}")
     tokens = struct.pack(f"<{len(block.token_ids)}I", *block.token_ids)
@@ -98,7 +98,7 @@ def decode(layout: BlockLayout, data: bytes | memoryview, key: bytes) -> StoredB
         raise BlockFormatError(
             f"format version {version} (header {head_len} B); expected {VERSION}"
         )
-    expected = {
+    expected: dict[str, tuple[object, object]] = {
         "key": (stored_key, key),
         "model fingerprint": (fingerprint.hex(), layout.fingerprint),
         "layers": (layers, layout.num_layers),
@@ -112,9 +112,10 @@ def decode(layout: BlockLayout, data: bytes | memoryview, key: bytes) -> StoredB
     }
     for name, (found, want) in expected.items():
         if found != want:
-            shown = (
-                (found.hex()[:16], want.hex()[:16]) if isinstance(found, bytes) else (found, want)
-            )
+            if isinstance(found, bytes) and isinstance(want, bytes):
+                shown: tuple[object, object] = (found.hex()[:16], want.hex()[:16])
+            else:
+                shown = (found, want)
             raise BlockFormatError(f"{name} mismatch: stored {shown[0]}, expected {shown[1]}")
     total = HEADER_BYTES + 4 * ntok + plen
     if view.nbytes != total:

@@ -194,7 +194,7 @@ class DiskTier(TierStore):
 
     def _read(self, key: bytes, buf: torch.Tensor) -> StoredBlock | None:
         path = self.path_of(key)
-        view = memoryview(buf.numpy()).cast("B")
+        view = memoryview(buf.numpy().data).cast("B")
         try:
             with Timer() as t, open(path, "rb", buffering=0) as f:
                 n = 0

@@ -166,7 +166,8 @@ class RemoteTier(TierStore):
         nbytes = sum(len(v) for v in values if v is not None)
         self.stats.add(bytes_read=nbytes, read_seconds=t.seconds)
         out = [
-            self._decode(k, v) if v is not None else None for k, v in zip(keys, values, strict=True)
+            self._decode(k, v) if isinstance(v, bytes) else None
+            for k, v in zip(keys, values, strict=True)
         ]
         hits = sum(b is not None for b in out)
         self.stats.add(hits=hits, misses=len(keys) - hits)
