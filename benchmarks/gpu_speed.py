@@ -209,23 +209,34 @@ def section_offline(ceil: Ceilings, hf_subset: int, hf_batch: int) -> None:
         wl = random_workload(256, (100, 1024), (100, 1024), vocab, 0)
         run_strata(llm, random_workload(4, (16, 16), (4, 4), vocab, 1), 4)
         row = roofline_row(name, llm, wl, ceil)
-        sub = Workload(wl.prompts[:hf_subset], wl.output_lens[:hf_subset])
-        hf = load_hf_twin(llm)
-        run_hf(hf, random_workload(2, (16, 16), (4, 4), vocab, 1), 2, llm.engine.device)
-        hf_res = run_hf(hf, sub, hf_batch, llm.engine.device)
-        row.update(hf_requests=hf_subset, hf_batch=hf_batch, hf_seconds=hf_res.seconds,
-                   hf_output_tok_s=hf_res.output_tokens_per_s,
-                   ratio=row["output_tok_s"] / hf_res.output_tokens_per_s)  # fmt: skip
         rows.append(row)
         print(f"{name}: Strata {row['output_tok_s']:.0f} out tok/s in {row['seconds']:.1f} s "
               f"({row['steps']} steps, {row['graph_steps']} from graphs), roofline "
-              f"{row['roofline_seconds']:.1f} s = {row['fraction_of_roofline']:.1%}; HF (first "
-              f"{hf_subset} requests, batch {hf_batch}) {hf_res.output_tokens_per_s:.0f} out "
-              f"tok/s in {hf_res.seconds:.1f} s; ratio {row['ratio']:.1f}x")  # fmt: skip
-        del hf, llm
+              f"{row['roofline_seconds']:.1f} s = {row['fraction_of_roofline']:.1%}")  # fmt: skip
+        if hf_subset > 0:
+            section_offline_hf(llm, wl, row, hf_subset, hf_batch)
+        del llm
         gc.collect()
         torch.cuda.empty_cache()
     RESULTS["offline"] = rows
+
+
+def section_offline_hf(
+    llm: LLM, wl: Workload, row: dict[str, Any], hf_subset: int, hf_batch: int
+) -> None:
+    """HF transformers generate on the first hf_subset requests, beside Strata's row."""
+    sub = Workload(wl.prompts[:hf_subset], wl.output_lens[:hf_subset])
+    hf = load_hf_twin(llm)
+    vocab = llm.engine.model_config.vocab_size
+    run_hf(hf, random_workload(2, (16, 16), (4, 4), vocab, 1), 2, llm.engine.device)
+    hf_res = run_hf(hf, sub, hf_batch, llm.engine.device)
+    row.update(hf_requests=hf_subset, hf_batch=hf_batch, hf_seconds=hf_res.seconds,
+               hf_output_tok_s=hf_res.output_tokens_per_s,
+               ratio=row["output_tok_s"] / hf_res.output_tokens_per_s)  # fmt: skip
+    print(f"  HF (first {hf_subset} requests, batch {hf_batch}) "
+          f"{hf_res.output_tokens_per_s:.0f} out tok/s in {hf_res.seconds:.1f} s; "
+          f"ratio {row['ratio']:.1f}x")  # fmt: skip
+    del hf
 
 
 def section_repeat(ceil: Ceilings) -> None:
@@ -258,7 +269,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
     parser.add_argument("--json", default=None, help="write all numbers here")
-    parser.add_argument("--hf-subset", type=int, default=64)
+    parser.add_argument("--hf-subset", type=int, default=64, help="HF requests (0: no HF run)")
     parser.add_argument("--hf-batch", type=int, default=64)
     args = parser.parse_args()
     only = set(args.only.split(","))
