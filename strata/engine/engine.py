@@ -44,18 +44,14 @@ class LLMEngine:
             self.tokenizer, parts.loaded.name, self.model_config.vocab_size, self.max_model_len,
             self.kv_policies, config.seed,
         )  # fmt: skip
+        # Tokenize and check a request without queueing it (prepare), or only its prompt.
+        self.prepare = self.requests.prepare
+        self.encode_prompt, self.validate = self.requests.encode_prompt, self.requests.validate
         self._seqs: dict[str, Sequence] = {}
         self.num_prompt_tokens = 0
         self.num_generated_tokens = 0
 
     # ---- requests -------------------------------------------------------------------------
-
-    def encode_prompt(self, prompt: str | Seq[int]) -> tuple[str | None, list[int]]:
-        return self.requests.encode_prompt(prompt)
-
-    def validate(self, prompt_ids: list[int], params: SamplingParams) -> int:
-        """Check a request against the context; returns its resolved max_tokens."""
-        return self.requests.validate(prompt_ids, params)
 
     def add_request(
         self,
@@ -66,16 +62,6 @@ class LLMEngine:
     ) -> str:
         """Queue a request; raises InvalidRequestError (and queues nothing) if it is bad."""
         return self.enqueue(self.prepare(prompt, params, request_id, stream))
-
-    def prepare(
-        self,
-        prompt: str | Seq[int],
-        params: SamplingParams | None = None,
-        request_id: str | None = None,
-        stream: bool = False,
-    ) -> Sequence:
-        """Tokenize and check a request without queueing it."""
-        return self.requests.prepare(prompt, params, request_id, stream)
 
     def enqueue(self, seq: Sequence) -> str:
         """Queue a sequence made by `prepare`."""

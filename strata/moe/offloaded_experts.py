@@ -59,6 +59,35 @@ class OffloadOptions:
             )
 
 
+@dataclass(frozen=True)
+class _Routing:
+    """One layer's routing on the host."""
+
+    counts: list[int]  # tokens per expert
+    max_weight: list[float]  # largest gate weight per expert
+    predicted_next: list[int]  # experts the cross-layer gate predicts for the next layer
+
+    @property
+    def used(self) -> list[int]:
+        return [e for e, c in enumerate(self.counts) if c]
+
+    def starts(self) -> list[int]:
+        """Each expert's first row in the expert-sorted rows."""
+        out, total = [], 0
+        for c in self.counts:
+            out.append(total)
+            total += c
+        return out
+
+
+@dataclass(frozen=True)
+class _ExpertRows:
+    rows_in: torch.Tensor  # the layer's token rows, sorted by expert
+    rows_out: torch.Tensor
+    starts: list[int]
+    counts: list[int]
+
+
 class OffloadedExperts:
     def __init__(
         self,
@@ -99,61 +128,97 @@ class OffloadedExperts:
     def forward(
         self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     ) -> torch.Tensor:
-        num_experts = self.store.num_experts
         k = topk_ids.shape[1]
         flat = topk_ids.reshape(-1)
         order = torch.argsort(flat, stable=True)
+        pending, self._pending = self._pending, None
+        routing = self._routing_on_host(flat, topk_weights, pending)  # the layer's one sync
+        predicted = self._predicted.pop(layer, None)
+        if predicted is not None:
+            self.counters.record_prediction(predicted, routing.used)
+        rows_in = x[order // k]
+        rows_out = torch.empty_like(rows_in)
+        rows = _ExpertRows(rows_in, rows_out, routing.starts(), routing.counts)
+        gpu, misses = self._take_hits(layer, routing)
+        cpu = self._split_cpu(misses, routing.counts)
+        if cpu:
+            misses = [e for e in misses if e not in cpu]
+            self.counters.layer(layer).cpu += len(cpu)
+        gpu = self._load_misses(layer, misses, routing, gpu, rows)
+        for e in cpu:  # cache CPU-computed experts too, while that evicts nothing
+            if not self.cache.has_free_slot():
+                break
+            self.cache.load((layer, e), "full")
+        if pending is not None:
+            self._predicted[pending[0]] = routing.predicted_next
+            self._issue_prefetch(pending[0], routing.predicted_next)
+        cpu_rows = self._rows_to_host(rows_in, cpu, rows.starts, rows.counts)
+        self._run_gpu(layer, gpu, rows_in, rows_out, rows.starts, rows.counts)
+        self._run_cpu(layer, cpu, cpu_rows, rows_out, rows.starts, rows.counts)
+        return combine(rows_out, order, topk_weights, x.dtype)
+
+    def _routing_on_host(
+        self,
+        flat: torch.Tensor,
+        topk_weights: torch.Tensor,
+        pending: tuple[int, torch.Tensor] | None,
+    ) -> _Routing:
+        """Per expert: its token count and largest gate weight, and the next layer's
+        predicted experts if a prediction is pending, copied to the host in one sync."""
+        num_experts = self.store.num_experts
         counts = torch.bincount(flat, minlength=num_experts)
         max_weight = torch.zeros(num_experts, dtype=torch.float32, device=flat.device)
         max_weight.scatter_reduce_(0, flat, topk_weights.reshape(-1).float(), "amax")
         parts = [counts.float(), max_weight]
-        pending, self._pending = self._pending, None
         if pending is not None:
             parts.append(pending[1])
-        host = torch.cat(parts).cpu().tolist()  # the one sync of the layer
-        counts_h = [int(c) for c in host[:num_experts]]
-        weight_h = host[num_experts : 2 * num_experts]
-        used = [e for e in range(num_experts) if counts_h[e]]
-        predicted = self._predicted.pop(layer, None)
-        if predicted is not None:
-            self.counters.record_prediction(predicted, used)
+        host = torch.cat(parts).cpu().tolist()
+        next_mask = host[2 * num_experts :]
+        return _Routing(
+            counts=[int(c) for c in host[:num_experts]],
+            max_weight=host[num_experts : 2 * num_experts],
+            predicted_next=[e for e, p in enumerate(next_mask) if p],
+        )
 
-        rows_in = x[order // k]
-        rows_out = torch.empty_like(rows_in)
-        starts = [0] * num_experts
-        total = 0
-        for e in range(num_experts):
-            starts[e], total = total, total + counts_h[e]
-
-        gpu: list[tuple[int, int]] = []  # (expert, slot), pinned
+    def _take_hits(self, layer: int, routing: _Routing) -> tuple[list[tuple[int, int]], list[int]]:
+        """([(expert, slot)] of the used experts the cache holds, now pinned; the misses)."""
+        gpu: list[tuple[int, int]] = []
         misses: list[int] = []
         stats = self.counters.layer(layer)
-        for e in used:
+        for e in routing.used:
             key = (layer, e)
-            need_full = weight_h[e] >= self.options.low_precision_threshold
+            need_full = routing.max_weight[e] >= self.options.low_precision_threshold
             slot = None if self.options.naive else self.cache.lookup(key, need_full)
-            if slot is not None:
-                if key in self._prefetched:
-                    stats.prefetch_hits += 1
-                else:
-                    stats.hits += 1
-                self._prefetched.discard(key)
-                self.cache.pin(slot)
-                gpu.append((e, slot))
-            else:
+            if slot is None:
                 misses.append(e)
-        cpu = self._split_cpu(misses, counts_h)
-        if cpu:
-            misses = [e for e in misses if e not in cpu]
-            stats.cpu += len(cpu)
+                continue
+            if key in self._prefetched:
+                stats.prefetch_hits += 1
+            else:
+                stats.hits += 1
+            self._prefetched.discard(key)
+            self.cache.pin(slot)
+            gpu.append((e, slot))
+        return gpu, misses
 
+    def _load_misses(
+        self,
+        layer: int,
+        misses: list[int],
+        routing: _Routing,
+        gpu: list[tuple[int, int]],
+        rows: _ExpertRows,
+    ) -> list[tuple[int, int]]:
+        """Copy each miss into a slot (low precision where its gate weights allow); when
+        every slot is pinned, the pinned experts are computed first to free them."""
+        stats = self.counters.layer(layer)
         for e in misses:
             precision = "full"
-            if weight_h[e] < self.options.low_precision_threshold:
+            if routing.max_weight[e] < self.options.low_precision_threshold:
                 precision = self.store.low_precision
             slot = self.cache.load((layer, e), precision)
             if slot is None:  # every slot pinned: compute what is pinned, then retry
-                self._run_gpu(layer, gpu, rows_in, rows_out, starts, counts_h)
+                self._run_gpu(layer, gpu, rows.rows_in, rows.rows_out, rows.starts, rows.counts)
                 gpu = []
                 slot = self.cache.load((layer, e), precision)
                 if slot is None:
@@ -163,21 +228,7 @@ class OffloadedExperts:
             stats.low_precision_loads += precision != "full"
             self.cache.pin(slot)
             gpu.append((e, slot))
-
-        for e in cpu:  # cache CPU-computed experts too, while that evicts nothing
-            if not self.cache.has_free_slot():
-                break
-            self.cache.load((layer, e), "full")
-        if pending is not None:
-            nxt, _ = pending
-            wanted = [e for e, p in enumerate(host[2 * num_experts :]) if p]
-            self._predicted[nxt] = wanted
-            self._issue_prefetch(nxt, wanted)
-
-        cpu_rows = self._rows_to_host(rows_in, cpu, starts, counts_h)
-        self._run_gpu(layer, gpu, rows_in, rows_out, starts, counts_h)
-        self._run_cpu(layer, cpu, cpu_rows, rows_out, starts, counts_h)
-        return combine(rows_out, order, topk_weights, x.dtype)
+        return gpu
 
     # ---- pieces ------------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -94,17 +94,7 @@ def build_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="Strata", version="0.1.0", description="OpenAI-compatible LLM server")
     app.state.strata = state
     install_error_handlers(app)
-
-    async def authorize(request: Request) -> None:
-        if state.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), state.api_key):
-            raise APIError(
-                401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
-                code="invalid_api_key",
-            )  # fmt: skip
+    auth = [Depends(_authorizer(state))]
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -117,7 +107,7 @@ def build_app(state: ServerState) -> FastAPI:
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    @app.get("/v1/models", dependencies=auth)
     async def models() -> dict[str, Any]:
         card = {
             "id": state.model_name, "object": "model", "created": int(state.started),
@@ -127,59 +117,84 @@ def build_app(state: ServerState) -> FastAPI:
             card["max_model_len"] = state.engine.engine.max_model_len
         return {"object": "list", "data": [card]}
 
-    @app.post("/v1/completions", dependencies=[Depends(authorize)], response_model=None)
+    @app.post("/v1/completions", dependencies=auth, response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        engine = state.ready_engine()
-        state.check_model(body.model)
-        body.check_supported()
-        prompts = body.prompts()
-        params = body.sampling_params(body.max_tokens, body.logprobs)
-        request_id = f"cmpl-{uuid.uuid4().hex}"
-        seqs = await _prepare(engine, prompts, params, body.n, request_id, "prompt")
-        run = _submit(state, engine, request_id, seqs)
-        assert state.token_text is not None
-        fmt = CompletionFormatter(request_id, state.model_name, state.token_text)
-        echo = [_prompt_text(engine, s) for s in seqs] if body.echo else None
-        if body.stream:
-            return _stream(_completion_chunks(run, fmt, body, echo), run)
-        finals = await _collect(run, request)
-        choices = []
-        for i, out in enumerate(finals):
-            text = (echo[i] if echo else "") + out.text
-            choice = fmt.choice(i, text, out, out.logprobs, body.logprobs)
-            if body.return_token_ids:
-                choice["token_ids"] = out.token_ids
-            choices.append(choice)
-        return JSONResponse(fmt.response(choices, usage_of(finals, body.n)))
+        return await _complete(state, body, request)
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)], response_model=None)
+    @app.post("/v1/chat/completions", dependencies=auth, response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        engine = state.ready_engine()
-        state.check_model(body.model)
-        body.check_supported()
-        messages = [m.as_template_message() for m in body.messages]
-        try:
-            prompt_ids = await engine.run_in_tokenizer_thread(
-                chat_prompt_ids, engine.engine.tokenizer, messages, state.model_name
-            )
-        except InvalidRequestError as exc:
-            raise invalid_request(exc, "messages") from exc
-        params = body.sampling_params(body.max_new_tokens, body.num_logprobs)
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        seqs = await _prepare(engine, [prompt_ids], params, body.n, request_id, "messages")
-        run = _submit(state, engine, request_id, seqs)
-        assert state.token_text is not None
-        fmt = ChatFormatter(request_id, state.model_name, state.token_text)
-        if body.stream:
-            return _stream(_chat_chunks(run, fmt, body), run)
-        finals = await _collect(run, request)
-        choices = [fmt.choice(i, out, out.logprobs) for i, out in enumerate(finals)]
-        if body.return_token_ids:
-            for choice, out in zip(choices, finals, strict=True):
-                choice["token_ids"] = out.token_ids
-        return JSONResponse(fmt.response(choices, usage_of(finals, body.n)))
+        return await _chat(state, body, request)
 
     return app
+
+
+def _authorizer(state: ServerState) -> Callable[[Request], Awaitable[None]]:
+    """The /v1 routes' dependency: 401 unless the request bears the server's API key."""
+
+    async def authorize(request: Request) -> None:
+        if state.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), state.api_key):
+            raise APIError(
+                401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
+                code="invalid_api_key",
+            )  # fmt: skip
+
+    return authorize
+
+
+async def _complete(state: ServerState, body: CompletionRequest, request: Request) -> Response:
+    engine = state.ready_engine()
+    state.check_model(body.model)
+    body.check_supported()
+    prompts = body.prompts()
+    params = body.sampling_params(body.max_tokens, body.logprobs)
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    seqs = await _prepare(engine, prompts, params, body.n, request_id, "prompt")
+    run = _submit(state, engine, request_id, seqs)
+    assert state.token_text is not None
+    fmt = CompletionFormatter(request_id, state.model_name, state.token_text)
+    echo = [_prompt_text(engine, s) for s in seqs] if body.echo else None
+    if body.stream:
+        return _stream(_completion_chunks(run, fmt, body, echo), run)
+    finals = await _collect(run, request)
+    choices = []
+    for i, out in enumerate(finals):
+        text = (echo[i] if echo else "") + out.text
+        choice = fmt.choice(i, text, out, out.logprobs, body.logprobs)
+        if body.return_token_ids:
+            choice["token_ids"] = out.token_ids
+        choices.append(choice)
+    return JSONResponse(fmt.response(choices, usage_of(finals, body.n)))
+
+
+async def _chat(state: ServerState, body: ChatCompletionRequest, request: Request) -> Response:
+    engine = state.ready_engine()
+    state.check_model(body.model)
+    body.check_supported()
+    messages = [m.as_template_message() for m in body.messages]
+    try:
+        prompt_ids = await engine.run_in_tokenizer_thread(
+            chat_prompt_ids, engine.engine.tokenizer, messages, state.model_name
+        )
+    except InvalidRequestError as exc:
+        raise invalid_request(exc, "messages") from exc
+    params = body.sampling_params(body.max_new_tokens, body.num_logprobs)
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    seqs = await _prepare(engine, [prompt_ids], params, body.n, request_id, "messages")
+    run = _submit(state, engine, request_id, seqs)
+    assert state.token_text is not None
+    fmt = ChatFormatter(request_id, state.model_name, state.token_text)
+    if body.stream:
+        return _stream(_chat_chunks(run, fmt, body), run)
+    finals = await _collect(run, request)
+    choices = [fmt.choice(i, out, out.logprobs) for i, out in enumerate(finals)]
+    if body.return_token_ids:
+        for choice, out in zip(choices, finals, strict=True):
+            choice["token_ids"] = out.token_ids
+    return JSONResponse(fmt.response(choices, usage_of(finals, body.n)))
 
 
 # ---- request flow ---------------------------------------------------------------------------
