@@ -140,6 +140,28 @@ class PinCounts:
         return set(self._count)
 
 
+class LockedPins:
+    """`pin`, `unpin` and `is_pinned` of a local tier that counts its pins in `_pins`
+    under its index lock `_lock`; the tier says which keys it stores (`_stores`)."""
+
+    _lock: threading.Lock
+    _pins: PinCounts
+
+    def _stores(self, key: bytes) -> bool:
+        raise NotImplementedError
+
+    def pin(self, keys: Sequence[bytes]) -> None:
+        with self._lock:
+            self._pins.add(k for k in keys if self._stores(k))
+
+    def unpin(self, keys: Sequence[bytes]) -> None:
+        with self._lock:
+            self._pins.drop(keys)
+
+    def is_pinned(self, key: bytes) -> bool:
+        return key in self._pins
+
+
 class Timer:
     """`with Timer() as t: ...; t.seconds`."""
 

@@ -16,11 +16,18 @@ from collections.abc import Sequence
 
 import torch
 
-from strata.kv.tiers.base import BlockLayout, PinCounts, StoredBlock, TierStore, Timer
+from strata.kv.tiers.base import (
+    BlockLayout,
+    LockedPins,
+    PinCounts,
+    StoredBlock,
+    TierStore,
+    Timer,
+)
 from strata.kv.tiers.eviction import make_eviction_order
 
 
-class CPUTier(TierStore):
+class CPUTier(LockedPins, TierStore):
     name = "cpu"
 
     def __init__(
@@ -111,9 +118,8 @@ class CPUTier(TierStore):
 
     # ---- pins and eviction --------------------------------------------------------------
 
-    def pin(self, keys: Sequence[bytes]) -> None:
-        with self._lock:
-            self._pins.add(k for k in keys if k in self._slot_of)
+    def _stores(self, key: bytes) -> bool:
+        return key in self._slot_of
 
     def pin_present(self, keys: Sequence[bytes]) -> list[bytes]:
         """Pin the keys that are stored; returns them (the ones to unpin later)."""
@@ -125,13 +131,6 @@ class CPUTier(TierStore):
     @property
     def num_pinned(self) -> int:
         return len(self._pins)
-
-    def unpin(self, keys: Sequence[bytes]) -> None:
-        with self._lock:
-            self._pins.drop(keys)
-
-    def is_pinned(self, key: bytes) -> bool:
-        return key in self._pins
 
     def remove(self, keys: Sequence[bytes]) -> None:
         with self._lock:

@@ -37,7 +37,14 @@ from pathlib import Path
 import torch
 
 from strata.kv.tiers import block_format
-from strata.kv.tiers.base import BlockLayout, PinCounts, StoredBlock, TierStore, Timer
+from strata.kv.tiers.base import (
+    BlockLayout,
+    LockedPins,
+    PinCounts,
+    StoredBlock,
+    TierStore,
+    Timer,
+)
 from strata.kv.tiers.eviction import make_eviction_order
 
 log = logging.getLogger(__name__)
@@ -73,7 +80,7 @@ def _writer_alive(tmp_name: str) -> bool:
     return True
 
 
-class DiskTier(TierStore):
+class DiskTier(LockedPins, TierStore):
     name = "disk"
 
     def __init__(
@@ -278,16 +285,8 @@ class DiskTier(TierStore):
 
     # ---- pins, removal and eviction -----------------------------------------------------
 
-    def pin(self, keys: Sequence[bytes]) -> None:
-        with self._lock:
-            self._pins.add(k for k in keys if k in self._keys)
-
-    def unpin(self, keys: Sequence[bytes]) -> None:
-        with self._lock:
-            self._pins.drop(keys)
-
-    def is_pinned(self, key: bytes) -> bool:
-        return key in self._pins
+    def _stores(self, key: bytes) -> bool:
+        return key in self._keys
 
     def remove(self, keys: Sequence[bytes]) -> None:
         for key in keys:
