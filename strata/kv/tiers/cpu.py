@@ -16,14 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from strata.kv.tiers.base import (
-    BlockLayout,
-    LockedPins,
-    PinCounts,
-    StoredBlock,
-    TierStore,
-    Timer,
-)
+from strata.kv.tiers.base import BlockLayout, LockedPins, PinCounts, StoredBlock, TierStore, Timer
 from strata.kv.tiers.eviction import make_eviction_order
 
 

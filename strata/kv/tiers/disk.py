@@ -37,14 +37,7 @@ from pathlib import Path
 import torch
 
 from strata.kv.tiers import block_format
-from strata.kv.tiers.base import (
-    BlockLayout,
-    LockedPins,
-    PinCounts,
-    StoredBlock,
-    TierStore,
-    Timer,
-)
+from strata.kv.tiers.base import BlockLayout, LockedPins, PinCounts, StoredBlock, TierStore, Timer
 from strata.kv.tiers.eviction import make_eviction_order
 
 log = logging.getLogger(__name__)
