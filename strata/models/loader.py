@@ -122,13 +122,25 @@ def _load_hf_folder(
     files = _safetensors_files(path)
     model = _build(cfg, place, max_positions)
     model.load_weights(_iter_safetensors(files))
-    _use_resident_experts(model)
     tokenizer = _load_tokenizer(path)
+    return _loaded(model, cfg, tokenizer, _eos_ids(path, hf_config, tokenizer), name)
+
+
+def _loaded(
+    model: LlamaModel,
+    cfg: ModelConfig,
+    tokenizer: Any | None,
+    eos_token_ids: frozenset[int],
+    name: str,
+) -> LoadedModel:
+    """The LoadedModel of a model whose weights are in place: a MoE model's routed experts
+    are computed by ResidentExperts, and the fingerprint is taken."""
+    _use_resident_experts(model)
     return LoadedModel(
         model=model,
         config=cfg,
         tokenizer=tokenizer,
-        eos_token_ids=_eos_ids(path, hf_config, tokenizer),
+        eos_token_ids=eos_token_ids,
         fingerprint=weights_fingerprint(model.named_weights()),
         name=name,
     )
@@ -210,16 +222,8 @@ def _load_random(name: str, place: Placement, max_positions: int | None, seed: i
     cfg = ModelConfig.from_hf(hf_config)
     model = _build(cfg, place, max_positions)
     model.init_random(seed, std=getattr(hf_config, "initializer_range", 0.02))
-    _use_resident_experts(model)
     tokenizer = _embedded_tokenizer_if_fits(cfg.vocab_size)
-    return LoadedModel(
-        model=model,
-        config=cfg,
-        tokenizer=tokenizer,
-        eos_token_ids=_eos_ids(None, hf_config, None),
-        fingerprint=weights_fingerprint(model.named_weights()),
-        name=f"random:{name}",
-    )
+    return _loaded(model, cfg, tokenizer, _eos_ids(None, hf_config, None), f"random:{name}")
 
 
 def _embedded_tokenizer_if_fits(vocab_size: int) -> Any | None:
