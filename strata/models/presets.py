@@ -17,90 +17,71 @@ _LLAMA3_ROPE_1B = {
     "original_max_position_embeddings": 8192,
 }
 
+
+def _preset(
+    model_type: str, vocab: int, hidden: int, ffn: int, layers: int, heads: int, kv_heads: int,
+    max_positions: int, eps: float, rope: float | dict[str, Any], tie: bool,
+    bos: int | None, eos: int, **extra: Any,
+) -> dict[str, Any]:
+    """A transformers config dict: the fields every preset sets, then `extra` ones. `rope`
+    is the rope_theta of default RoPE, or the whole rope_parameters."""
+    if not isinstance(rope, dict):
+        rope = {"rope_type": "default", "rope_theta": rope}
+    return {
+        "model_type": model_type, "vocab_size": vocab, "hidden_size": hidden,
+        "intermediate_size": ffn, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads, "max_position_embeddings": max_positions,
+        "rms_norm_eps": eps, "rope_parameters": rope, "tie_word_embeddings": tie,
+        "bos_token_id": bos, "eos_token_id": eos, **extra,
+    }  # fmt: skip
+
+
 PRESETS: dict[str, dict[str, Any]] = {
-    "llama-3-8b": {
-        "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
-        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-        "num_key_value_heads": 8, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
-        "tie_word_embeddings": False, "bos_token_id": 128000, "eos_token_id": 128001,
-    },
-    "llama-3.2-1b": {
-        "model_type": "llama", "vocab_size": 128256, "hidden_size": 2048,
-        "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
-        "num_key_value_heads": 8, "head_dim": 64, "max_position_embeddings": 131072,
-        "rms_norm_eps": 1e-5, "rope_parameters": _LLAMA3_ROPE_1B,
-        "tie_word_embeddings": True, "bos_token_id": 128000, "eos_token_id": 128001,
-    },
-    "qwen2.5-7b": {
-        "model_type": "qwen2", "vocab_size": 152064, "hidden_size": 3584,
-        "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
-        "num_key_value_heads": 4, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
-        "tie_word_embeddings": False, "bos_token_id": 151643, "eos_token_id": 151645,
-    },
-    "qwen2.5-0.5b": {
-        "model_type": "qwen2", "vocab_size": 151936, "hidden_size": 896,
-        "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
-        "num_key_value_heads": 2, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
-        "tie_word_embeddings": True, "bos_token_id": 151643, "eos_token_id": 151645,
-    },
-    "mistral-7b": {
-        "model_type": "mistral", "vocab_size": 32768, "hidden_size": 4096,
-        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-        "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 32768,
-        "rms_norm_eps": 1e-5, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
-        "tie_word_embeddings": False, "sliding_window": None,
-        "bos_token_id": 1, "eos_token_id": 2,
-    },
-    "smollm2-135m": {
-        "model_type": "llama", "vocab_size": 49152, "hidden_size": 576,
-        "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
-        "num_key_value_heads": 3, "head_dim": 64, "max_position_embeddings": 8192,
-        "rms_norm_eps": 1e-5, "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0},
-        "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2,
-    },
+    # name: _preset(type, vocab, hidden, ffn, layers, heads, kv heads, max positions, eps,
+    #               rope theta (or rope_parameters), tied embeddings, bos, eos, **others)
+    "llama-3-8b": _preset(
+        "llama", 128256, 4096, 14336, 32, 32, 8, 8192, 1e-5, 500000.0, False, 128000, 128001
+    ),
+    "llama-3.2-1b": _preset(
+        "llama", 128256, 2048, 8192, 16, 32, 8, 131072, 1e-5, _LLAMA3_ROPE_1B, True,
+        128000, 128001, head_dim=64,
+    ),
+    "qwen2.5-7b": _preset(
+        "qwen2", 152064, 3584, 18944, 28, 28, 4, 32768, 1e-6, 1000000.0, False, 151643, 151645
+    ),
+    "qwen2.5-0.5b": _preset(
+        "qwen2", 151936, 896, 4864, 24, 14, 2, 32768, 1e-6, 1000000.0, True, 151643, 151645
+    ),
+    "mistral-7b": _preset(
+        "mistral", 32768, 4096, 14336, 32, 32, 8, 32768, 1e-5, 1e6, False, 1, 2,
+        head_dim=128, sliding_window=None,
+    ),
+    "smollm2-135m": _preset(
+        "llama", 49152, 576, 1536, 30, 9, 3, 8192, 1e-5, 100000.0, True, 1, 2, head_dim=64
+    ),
     # Mixture-of-Experts shapes (the config.json of each Hugging Face repository).
-    "olmoe-1b-7b": {  # allenai/OLMoE-1B-7B-0924
-        "model_type": "olmoe", "vocab_size": 50304, "hidden_size": 2048,
-        "intermediate_size": 1024, "num_hidden_layers": 16, "num_attention_heads": 16,
-        "num_key_value_heads": 16, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
-        "num_experts": 64, "num_experts_per_tok": 8, "norm_topk_prob": False,
-        "clip_qkv": None, "attention_bias": False, "tie_word_embeddings": False,
-        "bos_token_id": None, "eos_token_id": 50279, "pad_token_id": 1,
-    },
-    "qwen3-30b-a3b": {  # Qwen/Qwen3-30B-A3B
-        "model_type": "qwen3_moe", "vocab_size": 151936, "hidden_size": 2048,
-        "intermediate_size": 6144, "moe_intermediate_size": 768, "num_hidden_layers": 48,
-        "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
-        "max_position_embeddings": 40960, "rms_norm_eps": 1e-6,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
-        "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True,
-        "decoder_sparse_step": 1, "mlp_only_layers": [], "attention_bias": False,
-        "use_sliding_window": False, "tie_word_embeddings": False,
-        "bos_token_id": 151643, "eos_token_id": 151645,
-    },
-    "mixtral-8x7b": {  # mistralai/Mixtral-8x7B-v0.1
-        "model_type": "mixtral", "vocab_size": 32000, "hidden_size": 4096,
-        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-        "num_key_value_heads": 8, "max_position_embeddings": 32768, "rms_norm_eps": 1e-5,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
-        "num_local_experts": 8, "num_experts_per_tok": 2, "sliding_window": None,
-        "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
-    },
-    "qwen1.5-moe-a2.7b": {  # Qwen/Qwen1.5-MoE-A2.7B
-        "model_type": "qwen2_moe", "vocab_size": 151936, "hidden_size": 2048,
-        "intermediate_size": 5632, "moe_intermediate_size": 1408,
-        "shared_expert_intermediate_size": 5632, "num_hidden_layers": 24,
-        "num_attention_heads": 16, "num_key_value_heads": 16, "max_position_embeddings": 8192,
-        "rms_norm_eps": 1e-6, "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
-        "num_experts": 60, "num_experts_per_tok": 4, "norm_topk_prob": False,
-        "decoder_sparse_step": 1, "mlp_only_layers": [], "use_sliding_window": False,
-        "tie_word_embeddings": False, "bos_token_id": 151643, "eos_token_id": 151643,
-    },
-}  # fmt: skip
+    "olmoe-1b-7b": _preset(  # allenai/OLMoE-1B-7B-0924
+        "olmoe", 50304, 2048, 1024, 16, 16, 16, 4096, 1e-5, 10000.0, False, None, 50279,
+        num_experts=64, num_experts_per_tok=8, norm_topk_prob=False, clip_qkv=None,
+        attention_bias=False, pad_token_id=1,
+    ),
+    "qwen3-30b-a3b": _preset(  # Qwen/Qwen3-30B-A3B
+        "qwen3_moe", 151936, 2048, 6144, 48, 32, 4, 40960, 1e-6, 1000000.0, False,
+        151643, 151645, moe_intermediate_size=768, head_dim=128, num_experts=128,
+        num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+        attention_bias=False, use_sliding_window=False,
+    ),
+    "mixtral-8x7b": _preset(  # mistralai/Mixtral-8x7B-v0.1
+        "mixtral", 32000, 4096, 14336, 32, 32, 8, 32768, 1e-5, 1000000.0, False, 1, 2,
+        num_local_experts=8, num_experts_per_tok=2, sliding_window=None,
+    ),
+    "qwen1.5-moe-a2.7b": _preset(  # Qwen/Qwen1.5-MoE-A2.7B
+        "qwen2_moe", 151936, 2048, 5632, 24, 16, 16, 8192, 1e-6, 1000000.0, False,
+        151643, 151643, moe_intermediate_size=1408, shared_expert_intermediate_size=5632,
+        num_experts=60, num_experts_per_tok=4, norm_topk_prob=False, decoder_sparse_step=1,
+        mlp_only_layers=[], use_sliding_window=False,
+    ),
+}
 
 
 def random_config_dict(name: str) -> dict[str, Any]:
