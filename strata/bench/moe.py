@@ -142,18 +142,11 @@ _snapshot: dict[str, float] = {}
 
 def _counters(engine: LLMEngine) -> dict[str, float]:
     assert engine.moe is not None
-    c = engine.moe.experts.counters
-    t = c.total()
-    return {
-        "uses": t.uses,
-        "hits": t.hits,
-        "prefetch_hits": t.prefetch_hits,
-        "cpu": t.cpu,
-        "bytes": engine.moe.cache.bytes_moved,
-        "predicted": c.predicted,
-        "correct": c.correct,
-        "used_pred": c.used_with_prediction,
-    }
+    return {**engine.moe.experts.counters.totals(), "bytes": engine.moe.cache.bytes_moved}
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den else 0.0
 
 
 def reset_cache(engine: LLMEngine, policy: str) -> None:
@@ -191,8 +184,8 @@ def one_run(
         uses_per_step=uses_per_step,
         gb_moved_per_step=d["bytes"] / args.steps / 1e9,
         bound_tok_s=bound,
-        prefetch_precision=d["correct"] / d["predicted"] if d["predicted"] else 0.0,
-        prefetch_recall=d["correct"] / d["used_pred"] if d["used_pred"] else 0.0,
+        prefetch_precision=_ratio(d["correct"], d["predicted"]),
+        prefetch_recall=_ratio(d["correct"], d["used_with_prediction"]),
         cpu_experts_per_step=d["cpu"] / args.steps,
     )
 

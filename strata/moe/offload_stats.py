@@ -13,7 +13,7 @@ Prefetch accuracy, over every (step, layer) that had a prediction:
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
@@ -71,6 +71,17 @@ class OffloadCounters:
             t.low_precision_loads += c.low_precision_loads
             t.cpu += c.cpu
         return t
+
+    def totals(self) -> dict[str, int]:
+        """The layer counters summed (`uses` too) and the prediction counters, by name."""
+        t = self.total()
+        return {
+            **asdict(t),
+            "uses": t.uses,
+            "predicted": self.predicted,
+            "used_with_prediction": self.used_with_prediction,
+            "correct": self.correct,
+        }
 
     def as_stats(self) -> dict[str, Any]:
         t = self.total()
