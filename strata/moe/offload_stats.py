@@ -13,7 +13,7 @@ Prefetch accuracy, over every (step, layer) that had a prediction:
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 
@@ -73,15 +73,10 @@ class OffloadCounters:
         return t
 
     def totals(self) -> dict[str, int]:
-        """The layer counters summed (`uses` too) and the prediction counters, by name."""
+        """Every counter by name: the layers' summed (`uses` too), then the prefetch ones."""
         t = self.total()
-        return {
-            **asdict(t),
-            "uses": t.uses,
-            "predicted": self.predicted,
-            "used_with_prediction": self.used_with_prediction,
-            "correct": self.correct,
-        }
+        own = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "layers"}
+        return {**asdict(t), "uses": t.uses, **own}
 
     def as_stats(self) -> dict[str, Any]:
         t = self.total()
