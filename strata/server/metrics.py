@@ -59,26 +59,26 @@ TIER_METRICS = {
     "capacity_bytes": ("kv_tier_capacity_bytes", "The tier's size cap in bytes.", False),
 }
 
-# MoE expert offloading (present only when the engine offloads experts)
+# MoE expert offloading (present only when the engine offloads experts);
+# stats key (also the metric name) -> help
 MOE_GAUGES = {
-    "moe_expert_hit_rate": ("moe_expert_hit_rate", "Expert uses served from a GPU slot."),
-    "moe_prefetch_precision": ("moe_prefetch_precision", "Prefetched experts that were used."),
-    "moe_prefetch_recall": ("moe_prefetch_recall", "Used experts that were prefetched."),
-    "moe_expert_slots": ("moe_expert_slots", "GPU expert slots."),
-    "moe_expert_slots_used": ("moe_expert_slots_used", "GPU expert slots holding an expert."),
-    "moe_budget_kv_bytes": ("moe_budget_kv_bytes", "Arena bytes given to KV blocks."),
-    "moe_budget_expert_bytes": ("moe_budget_expert_bytes", "Arena bytes given to expert slots."),
+    "moe_expert_hit_rate": "Expert uses served from a GPU slot.",
+    "moe_prefetch_precision": "Prefetched experts that were used.",
+    "moe_prefetch_recall": "Used experts that were prefetched.",
+    "moe_expert_slots": "GPU expert slots.",
+    "moe_expert_slots_used": "GPU expert slots holding an expert.",
+    "moe_budget_kv_bytes": "Arena bytes given to KV blocks.",
+    "moe_budget_expert_bytes": "Arena bytes given to expert slots.",
 }
 MOE_COUNTERS = {
-    "moe_expert_uses": ("moe_expert_uses", "Expert uses (step, layer, expert with tokens)."),
-    "moe_expert_misses": ("moe_expert_misses", "Experts copied to the GPU on demand."),
-    "moe_experts_cpu_computed": ("moe_experts_cpu_computed", "Missing experts run on the CPU."),
-    "moe_expert_low_precision_loads": ("moe_expert_low_precision_loads",
-                                       "Misses loaded from an int8/int4 copy."),
-    "moe_bytes_moved": ("moe_bytes_moved", "Expert bytes copied host to device."),
-    "moe_prefetch_loads": ("moe_prefetch_loads", "Experts copied by cross-layer prefetch."),
-    "moe_rebalances": ("moe_rebalances", "Moves of the KV/expert boundary."),
-}  # fmt: skip
+    "moe_expert_uses": "Expert uses (step, layer, expert with tokens).",
+    "moe_expert_misses": "Experts copied to the GPU on demand.",
+    "moe_experts_cpu_computed": "Missing experts run on the CPU.",
+    "moe_expert_low_precision_loads": "Misses loaded from an int8/int4 copy.",
+    "moe_bytes_moved": "Expert bytes copied host to device.",
+    "moe_prefetch_loads": "Experts copied by cross-layer prefetch.",
+    "moe_rebalances": "Moves of the KV/expert boundary.",
+}
 
 
 class _EngineCollector(Collector):
@@ -113,10 +113,10 @@ def _tier_metrics(stats: dict[str, Any]) -> Iterator[Metric]:
 
 
 def _moe_metrics(stats: dict[str, Any]) -> Iterator[Metric]:
-    for key, (name, doc) in MOE_GAUGES.items():
-        yield GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=stats[key])
-    for key, (name, doc) in MOE_COUNTERS.items():
-        yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=stats[key])
+    for key, doc in MOE_GAUGES.items():
+        yield GaugeMetricFamily(f"{PREFIX}_{key}", doc, value=stats[key])
+    for key, doc in MOE_COUNTERS.items():
+        yield CounterMetricFamily(f"{PREFIX}_{key}", doc, value=stats[key])
     per_layer = GaugeMetricFamily(
         f"{PREFIX}_moe_expert_hit_rate_layer", "Expert cache hit rate per layer.", labels=["layer"]
     )
