@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from strata.moe.boundary import ExpertOffload, Preempt
 
@@ -26,18 +27,17 @@ logger = logging.getLogger("strata.moe")
 MISS_RATE_TO_GROW = 0.05
 
 
+@dataclass(eq=False, repr=False)
 class Rebalancer:
-    def __init__(
-        self, offload: ExpertOffload, interval: int, min_kv_blocks: int, block_size: int
-    ) -> None:
-        self.offload = offload
-        self.interval = interval
-        self.min_kv_blocks = min_kv_blocks
-        self.block_size = block_size
-        self._steps = 0
-        self._last_preemptions = 0
-        self._last_uses = 0
-        self._last_misses = 0
+    offload: ExpertOffload
+    interval: int
+    min_kv_blocks: int
+    block_size: int
+    _steps: int = field(default=0, init=False)
+    # the counters as the last decision read them
+    _last_preemptions: int = field(default=0, init=False)
+    _last_uses: int = field(default=0, init=False)
+    _last_misses: int = field(default=0, init=False)
 
     def step(
         self, seq_tokens: Iterable[int], num_preemptions: int, preempt: Preempt | None
