@@ -18,18 +18,30 @@ from strata.kv.prefix import BlockRef
 
 
 @dataclass(frozen=True)
-class LoadDone:
-    """`num_loaded` leading blocks of `seq_id`'s load are in the pool; the rest failed."""
+class _OfSequence:
+    """A job or report about one sequence's blocks."""
 
     seq_id: str
+
+
+@dataclass(frozen=True)
+class _OfOwner:
+    """A job about the cpu-tier pins that `owner` holds."""
+
+    owner: str
+
+
+@dataclass(frozen=True)
+class LoadDone(_OfSequence):
+    """`num_loaded` leading blocks of `seq_id`'s load are in the pool; the rest failed."""
+
     num_loaded: int
 
 
 @dataclass(frozen=True)
-class ProbeDone:
+class ProbeDone(_OfSequence):
     """Whether the remote tier holds each key probed for `seq_id`, in the probe's order."""
 
-    seq_id: str
     found: tuple[bool, ...]
 
 
@@ -70,25 +82,21 @@ class StoreJob:
 
 
 @dataclass(frozen=True)
-class HoldJob:
+class HoldJob(_OfOwner):
     """Pin `keys` in the cpu tier for `owner` (those present when the mover gets here)."""
 
-    owner: str
     keys: tuple[bytes, ...]
 
 
 @dataclass(frozen=True)
-class ReleaseJob:
+class ReleaseJob(_OfOwner):
     """Drop every pin `owner` holds."""
-
-    owner: str
 
 
 @dataclass(frozen=True)
-class ProbeJob:
+class ProbeJob(_OfSequence):
     """Ask the remote tier which of `keys` it holds, for `seq_id`."""
 
-    seq_id: str
     keys: tuple[bytes, ...]
 
 
