@@ -17,9 +17,10 @@ Every q0 answer is compared with the recomputed one (greedy: same tokens expecte
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -143,28 +144,38 @@ class DocQA:
 
     # ---- engines ------------------------------------------------------------------------
 
-    def _run_first(self) -> None:
-        llm = self.make_llm(kv_disk_dir=self.disk_dir, kv_remote=self.remote)
+    @contextlib.contextmanager
+    def _engine(
+        self, name: str, disk_dir: str | None, remote: str | None, longest: bool
+    ) -> Iterator[LLM]:
+        """An engine over these lower tiers, warmed up; once the block ran, its bookkeeping
+        is checked, and it is closed (its stats kept as `name`) however the block ended."""
+        llm = self.make_llm(kv_disk_dir=disk_dir, kv_remote=remote)
         try:
-            self._warm_up(llm, longest=True)
+            self._warm_up(llm, longest=longest)
+            yield llm
+            llm.check_integrity()
+        finally:
+            self._close(llm, name)
+
+    def _measure_cold(self, llm: LLM, source: str, doc: Document) -> Answer:
+        """q0 of `doc` with the GPU prefix cache emptied first."""
+        cold_gpu(llm)
+        return self._measure(llm, source, doc, 0)
+
+    def _run_first(self) -> None:
+        with self._engine("first", self.disk_dir, self.remote, longest=True) as llm:
             for doc in self.docs:
-                cold_gpu(llm)
-                answer = self._measure(llm, "recompute", doc, 0)
+                answer = self._measure_cold(llm, "recompute", doc)
                 self.reference[doc.name] = answer.token_ids
                 flush(llm)  # a pool hit timed apart from the write-through draining beside it
                 for j in range(len(doc.suffixes)):
                     self._measure(llm, "gpu", doc, j)
-                cold_gpu(llm)
-                self._measure(llm, "cpu", doc, 0)
-            llm.check_integrity()
-        finally:
-            self._close(llm, "first")
+                self._measure_cold(llm, "cpu", doc)
 
     def _run_disk(self) -> None:
         assert self.disk_dir is not None
-        llm = self.make_llm(kv_disk_dir=self.disk_dir, kv_remote=None)
-        try:
-            self._warm_up(llm, longest=False)
+        with self._engine("disk", self.disk_dir, None, longest=False) as llm:
             firsts = self._first_of_each_length()
             rest = [d for d in self.docs if d not in firsts]
             warmed = warm_page_cache(self.disk_dir)
@@ -173,8 +184,7 @@ class DocQA:
                 "reads come from the OS page cache"
             )
             for doc in firsts:
-                cold_gpu(llm)
-                self._measure(llm, "disk-warm", doc, 0)
+                self._measure_cold(llm, "disk-warm", doc)
             if rest and drop_page_cache(self.disk_dir):
                 self.result.notes.append(
                     "disk-cold: os.sync() then posix_fadvise(POSIX_FADV_DONTNEED) on every block "
@@ -182,22 +192,12 @@ class DocQA:
                     "virtual disk may still be cached by its host)"
                 )
                 for doc in rest:
-                    cold_gpu(llm)
-                    self._measure(llm, "disk-cold", doc, 0)
-            llm.check_integrity()
-        finally:
-            self._close(llm, "disk")
+                    self._measure_cold(llm, "disk-cold", doc)
 
     def _run_remote(self) -> None:
-        llm = self.make_llm(kv_disk_dir=None, kv_remote=self.remote)
-        try:
-            self._warm_up(llm, longest=False)
+        with self._engine("remote", None, self.remote, longest=False) as llm:
             for doc in self._first_of_each_length():
-                cold_gpu(llm)
-                self._measure(llm, "remote", doc, 0)
-            llm.check_integrity()
-        finally:
-            self._close(llm, "remote")
+                self._measure_cold(llm, "remote", doc)
 
     def _first_of_each_length(self) -> list[Document]:
         lengths = sorted({d.length for d in self.docs})
