@@ -3,33 +3,17 @@ insert, access and removal, and asks it for the next unpinned victim."""
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
 from strata.registry import Registry
 
 
-class EvictionOrder(ABC):
-    @abstractmethod
-    def inserted(self, key: bytes) -> None: ...
+class EvictionOrder:
+    """Keys from the first to evict to the last: insertion order, where an access moves
+    the key to the back if `refresh_on_access`. Subclasses are the named orders."""
 
-    @abstractmethod
-    def accessed(self, key: bytes) -> None: ...
-
-    @abstractmethod
-    def removed(self, key: bytes) -> None: ...
-
-    @abstractmethod
-    def candidates(self) -> Iterator[bytes]:
-        """Keys from the first to evict to the last."""
-
-    def victim(self, is_pinned: Callable[[bytes], bool]) -> bytes | None:
-        return next((k for k in self.candidates() if not is_pinned(k)), None)
-
-
-class LRUOrder(EvictionOrder):
-    """Least recently inserted or accessed first."""
+    refresh_on_access = False
 
     def __init__(self) -> None:
         self._order: OrderedDict[bytes, None] = OrderedDict()
@@ -39,7 +23,7 @@ class LRUOrder(EvictionOrder):
         self._order.move_to_end(key)
 
     def accessed(self, key: bytes) -> None:
-        if key in self._order:
+        if self.refresh_on_access and key in self._order:
             self._order.move_to_end(key)
 
     def removed(self, key: bytes) -> None:
@@ -48,12 +32,18 @@ class LRUOrder(EvictionOrder):
     def candidates(self) -> Iterator[bytes]:
         return iter(self._order)  # callers must not mutate while iterating
 
+    def victim(self, is_pinned: Callable[[bytes], bool]) -> bytes | None:
+        return next((k for k in self.candidates() if not is_pinned(k)), None)
 
-class FIFOOrder(LRUOrder):
+
+class LRUOrder(EvictionOrder):
+    """Least recently inserted or accessed first."""
+
+    refresh_on_access = True
+
+
+class FIFOOrder(EvictionOrder):
     """Oldest insert first; accesses do not refresh."""
-
-    def accessed(self, key: bytes) -> None:
-        return None
 
 
 EVICTION_ORDERS: Registry[type[EvictionOrder]] = Registry(
