@@ -54,12 +54,9 @@ class LLMEngine:
     # ---- requests -------------------------------------------------------------------------
 
     def add_request(
-        self,
-        prompt: str | Seq[int],
-        params: SamplingParams | None = None,
-        request_id: str | None = None,
-        stream: bool = False,
-    ) -> str:
+        self, prompt: str | Seq[int], params: SamplingParams | None = None,
+        request_id: str | None = None, stream: bool = False,
+    ) -> str:  # fmt: skip
         """Queue a request; raises InvalidRequestError (and queues nothing) if it is bad."""
         return self.enqueue(self.prepare(prompt, params, request_id, stream))
 
