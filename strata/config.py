@@ -23,7 +23,6 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
 QK_NORMS: dict[str, str] = {"olmoe": "full", "qwen3_moe": "head"}
 
 
-
 def check_budget(budget: float) -> None:
     """Raise ValueError unless `budget` is a fraction in (0, 1) or a whole number >= 1."""
     if isinstance(budget, bool) or not isinstance(budget, (int, float)):

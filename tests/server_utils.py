@@ -49,8 +49,13 @@ class RunningServer:
         self.wait_idle()
         self.engine.check_integrity()
         stats = self.engine.stats()
+
+        def unaccounted() -> int:  # blocks neither free nor held by a session pin
+            free, pinned = stats["kv_blocks_free"], stats["kv_session_blocks_on_gpu"]
+            return int(stats["kv_blocks_total"] - free - pinned)
+
         deadline = time.monotonic() + 5.0  # a finished request's blocks return within a step
-        while stats["kv_blocks_free"] < stats["kv_blocks_total"] and time.monotonic() < deadline:
+        while unaccounted() > 0 and time.monotonic() < deadline:
             time.sleep(0.05)
             stats = self.engine.stats()
         pinned = stats["kv_session_blocks_on_gpu"]
