@@ -200,9 +200,9 @@ def _sliding_window(model_type: str, hf_config: Any) -> int | None:
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 AttentionBackendName = Literal["auto", "reference", "triton"]  # registry: attention BACKENDS
 KVCacheDtype = Literal["auto", "fp8", "int8", "int4", "int2"]  # registry: kv.codec CODECS
-KVPolicyName = Literal[  # registry: kv.policies POLICIES
+KVPolicyName = Literal[  # registry: kv.policies POLICIES, then kv.recall RECALL_POLICIES
     "full", "streaming", "h2o", "snapkv", "pyramidkv", "chunkkv", "tova", "treekv",
-    "expected_attention", "kvzip",
+    "expected_attention", "kvzip", "quest", "full_offload",
 ]  # fmt: skip
 TierEviction = Literal["lru", "fifo"]  # registry: kv.tiers EVICTION_ORDERS
 PreemptionMode = Literal["recompute", "swap", "auto"]
@@ -286,6 +286,38 @@ class TierConfig:
 
 
 @dataclass(frozen=True)
+class RecallConfig:
+    """The recall store (strata/kv/recall): on when the default kv_policy is a recall
+    policy or host_memory is given; recall requests need it."""
+
+    host_memory: float | None = field(default=None, metadata=option(
+        "GiB of pinned host memory for the recall store, which holds every block of the "
+        "sequences under a recall policy (quest, full_offload); default: a quarter of the "
+        "machine's RAM when --kv-policy is a recall policy, else no recall store",
+        keyword="kv_recall_host_memory", metavar="GIB",
+    ))  # fmt: skip
+    gpu_memory: float | None = field(default=None, metadata=option(
+        "GiB of GPU memory for recall sequences' resident KV (sink, window, dense layers), "
+        "summaries and working sets, taken out of the KV budget (default: half of it when "
+        "--kv-policy is a recall policy, else a quarter)",
+        keyword="kv_recall_gpu_memory", metavar="GIB",
+    ))  # fmt: skip
+    dense_layers: int = field(default=2, metadata=option(
+        "first layers a recall policy leaves dense: every token on the GPU, full attention "
+        "(default 2, as Quest)",
+        keyword="kv_recall_dense_layers", metavar="N",
+    ))  # fmt: skip
+
+    def __post_init__(self) -> None:
+        for name, value in (("kv_recall_host_memory", self.host_memory),
+                            ("kv_recall_gpu_memory", self.gpu_memory)):  # fmt: skip
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0 GiB, got {value}")
+        if self.dense_layers < 0:
+            raise ValueError(f"kv_recall_dense_layers must be >= 0, got {self.dense_layers}")
+
+
+@dataclass(frozen=True)
 class CacheConfig:
     """The paged KV cache: its block pool, prefix caching, tiers, codec and default policy.
 
@@ -311,6 +343,7 @@ class CacheConfig:
         flag="--no-prefix-caching",
     ))  # fmt: skip
     tiers: TierConfig = field(default_factory=TierConfig)
+    recall: RecallConfig = field(default_factory=RecallConfig)
     kv_cache_dtype: KVCacheDtype = field(default="auto", metadata=option(
         "KV block codec: auto = the model dtype; fp8 (e4m3, per-token scales) or "
         "int8/int4/int2 (KIVI: keys per channel, values per token) store complete blocks "

@@ -18,6 +18,13 @@ ENGINE_GROUPS = (
         "Full KV blocks are written through to these tiers as they are computed; a prefix "
         "found in any tier is loaded back instead of recomputed.",
     ),
+    FlagGroup(
+        ("cache", "recall"),
+        "KV recall store",
+        "Recall policies (--kv-policy quest or full_offload) keep every block of a sequence "
+        "in pinned host memory and attend, each decode step, the blocks they pick; so a "
+        "sequence's KV may be larger than the GPU.",
+    ),
     FlagGroup(("moe",), "MoE expert offloading (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE)"),
 )
 

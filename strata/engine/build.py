@@ -17,12 +17,13 @@ from typing import Any
 import torch
 
 from strata.attention.backend import AttentionBackend, choose_backend, get_backend
-from strata.config import EngineConfig
+from strata.config import CacheConfig, EngineConfig
 from strata.engine.runner import ModelRunner
 from strata.engine.scheduler import Scheduler
 from strata.engine.sequence import Sequence
 from strata.engine.shadow_pass import ShadowPass
 from strata.engine.warmup import warmup_peak_bytes
+from strata.errors import KVCacheTooSmallError
 from strata.kv.cache import KVCache
 from strata.kv.codec import BlockCodec, get_codec
 from strata.kv.coded_attention import attention_over
@@ -36,8 +37,17 @@ from strata.kv.policies.runtime.reconstruction import (
     PassLimits,
 )
 from strata.kv.prefix import root_key
+from strata.kv.recall.build import build_recall, recall_enabled, recall_gpu_share
+from strata.kv.recall.manager import RecallManager
+from strata.kv.recall.registry import is_recall_policy
 from strata.kv.sessions import SessionPins
-from strata.kv.sizing import blocks_for_tokens, format_bytes, needs_gpu_measurement, size_kv_pool
+from strata.kv.sizing import (
+    GIB,
+    blocks_for_tokens,
+    format_bytes,
+    needs_gpu_measurement,
+    size_kv_pool,
+)
 from strata.kv.swap_cost import SwapCostModel
 from strata.kv.tiers.build import build_tier_loads, build_tiers
 from strata.kv.tiers.loads import TierLoads
@@ -68,6 +78,7 @@ class EngineParts:
     kv_policies: KVPolicyDriver
     moe: ExpertOffload | None
     rebalancer: Rebalancer | None
+    recall: RecallManager | None
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -91,7 +102,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     backend = get_backend(backend_name)
     logger.info("attention backend %s (%s)", backend_name, why)
     codec = get_codec(config.cache.kv_cache_dtype)
-    moe, kv_cache = build_kv_cache(config, placed, backend, codec)
+    moe, kv_cache, recall_bytes = build_kv_cache(config, placed, backend, codec)
     tiers = build_tiers(config.cache.tiers, kv_cache, loaded.fingerprint, placed.dtype)
     root = root_key(loaded.fingerprint, kv_layout(placed, codec))
     kv = KVManager(
@@ -103,7 +114,14 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     tier_loads: TierLoads[Sequence] = build_tier_loads(
         tiers, kv, config.cache.tiers.preemption_mode, swap_cost.swap_is_cheaper
     )
-    scheduler = Scheduler(config.scheduler, kv, tier_loads, reclaim=sessions.reclaim)
+    recall = None
+    if recall_enabled(config.cache):
+        recall = build_recall(
+            config.cache, placed.model_config, placed.dtype, placed.device, recall_bytes
+        )
+    scheduler = Scheduler(
+        config.scheduler, kv, tier_loads, reclaim=sessions.reclaim, recall=recall
+    )
     rebalancer = None
     if moe is not None:
         moe.attach(kv)
@@ -114,13 +132,13 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         )  # fmt: skip
     attention = attention_over(kv_cache, backend)  # wraps it for a lossy codec
     runner = ModelRunner(loaded.model, kv_cache, attention, placed.device)
-    kv_policies = build_kv_policies(config, loaded, placed, kv, kv_cache, runner)
+    kv_policies = build_kv_policies(config, loaded, placed, kv, kv_cache, runner, recall)
     if kv_cache.tails is not None:  # the tails reclaim rows of blocks no running seq writes
         kv_cache.tails.live_blocks = lambda: open_blocks(scheduler, kv)
     capture_graphs(config, placed, runner)
     return EngineParts(
         loaded, placed, backend, codec, kv_cache, kv, tiers, sessions, swap_cost, scheduler,
-        runner, kv_policies, moe, rebalancer,
+        runner, kv_policies, moe, rebalancer, recall,
     )  # fmt: skip
 
 
@@ -163,9 +181,12 @@ def kv_layout(placed: ModelPlacement, codec: BlockCodec) -> str:
 
 def build_kv_cache(
     config: EngineConfig, placed: ModelPlacement, backend: AttentionBackend[Any], codec: BlockCodec
-) -> tuple[ExpertOffload | None, KVCache]:
-    """The KV pool: its own, or the bottom of the arena it shares with the expert slots."""
+) -> tuple[ExpertOffload | None, KVCache, int]:
+    """The KV pool: its own, or the bottom of the arena it shares with the expert slots;
+    and the GPU bytes of the KV budget left to recall sequences (recall/build.py)."""
     if config.moe.enabled and placed.model_config.is_moe:
+        if recall_enabled(config.cache):
+            raise ValueError("recall policies do not run with MoE expert offloading yet")
         if not codec.lossless:
             raise ValueError(
                 f"MoE expert offloading shares one arena with a raw KV pool: use "
@@ -176,15 +197,40 @@ def build_kv_cache(
             kv_blocks=lambda: decide_num_blocks(config, placed, backend, codec, 0),
             measure_peak=lambda: warmup_peak_bytes(placed, backend),
         )  # fmt: skip
-        return moe, moe.arena.kv_cache
+        return moe, moe.arena.kv_cache, 0
     # One full-precision tail row per running sequence holds its open block (codec_tail.py).
     tail_rows = 0 if codec.lossless else config.scheduler.max_num_seqs
     num_blocks = decide_num_blocks(config, placed, backend, codec, tail_rows)
+    recall_bytes = 0
+    if recall_enabled(config.cache):
+        num_blocks, recall_bytes = split_for_recall(config.cache, placed, codec, num_blocks)
     kv_cache = KVCache(
         placed.model_config, num_blocks, placed.block_size, placed.dtype, placed.device, codec,
         tail_rows,
     )  # fmt: skip
-    return None, kv_cache
+    return None, kv_cache, recall_bytes
+
+
+def split_for_recall(
+    cache: CacheConfig, placed: ModelPlacement, codec: BlockCodec, num_blocks: int
+) -> tuple[int, int]:
+    """(pool blocks, recall GPU bytes): recall sequences' share comes out of the KV budget;
+    an exact num_kv_blocks keeps the pool as given, the recall bytes come on top."""
+    mc = placed.model_config
+    block_bytes = KVCache.bytes_per_block(mc, cache.block_size, placed.dtype, codec)
+    if cache.recall.gpu_memory is not None:
+        recall_bytes = int(cache.recall.gpu_memory * GIB)
+    else:
+        recall_bytes = int(num_blocks * block_bytes * recall_gpu_share(cache))
+    if cache.num_blocks is not None:
+        return num_blocks, recall_bytes
+    left = num_blocks - -(-recall_bytes // block_bytes)
+    if left < 1:
+        raise KVCacheTooSmallError(
+            f"kv_recall_gpu_memory ({format_bytes(recall_bytes)}) leaves no block of the KV "
+            f"budget ({format_bytes(num_blocks * block_bytes)}) to the pool"
+        )
+    return left, recall_bytes
 
 
 def decide_num_blocks(
@@ -201,7 +247,9 @@ def decide_num_blocks(
     gpu_budget = None
     if needs_gpu_measurement(cache, placed.device.type == "cuda"):
         gpu_budget = free_gpu_bytes(placed, backend, cache.gpu_memory_utilization)
-    size = size_kv_pool(cache, block_bytes, placed.max_model_len, tail_rows * raw_block, gpu_budget)
+    # Under a recall default policy the pool need not hold a max_model_len sequence.
+    longest = placed.block_size if is_recall_policy(cache.kv_policy) else placed.max_model_len
+    size = size_kv_pool(cache, block_bytes, longest, tail_rows * raw_block, gpu_budget)
     if not codec.lossless:
         logger.info(
             "KV codec %s: %d bytes a block (%s: %d), %.2fx the blocks per GiB; %d "
@@ -238,6 +286,7 @@ def build_kv_policies(
     kv: KVManager,
     kv_cache: KVCache,
     runner: ModelRunner,
+    recall: RecallManager | None,
 ) -> KVPolicyDriver:
     mc, cache = placed.model_config, config.cache
     inv_freq, scaling = inverse_frequencies(mc.hf_config, mc.head_dim)
@@ -251,6 +300,7 @@ def build_kv_policies(
             PassLimits(config.scheduler.max_num_batched_tokens,
                        max_positions=loaded.model.rope.cos.shape[0]),
         ),
+        recall=recall,
     )  # fmt: skip
     logger.info(
         "KV policy: default %s%s; requests may name their own; policies that evict "

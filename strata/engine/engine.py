@@ -191,6 +191,7 @@ class LLMEngine:
             **self.kv_policies.stats(),
             **self.scheduler.tier_loads.stats(),
             **(self.moe.stats() if self.moe is not None else {}),
+            **(self.parts.recall.stats() if self.parts.recall is not None else {}),
             "num_preemptions": self.scheduler.num_preemptions,
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),

@@ -32,6 +32,15 @@ def check_engine_integrity(parts: EngineParts, tracked: Collection[str]) -> None
     for seq in sched.waiting:
         if kv.has(seq.request_id):
             raise KVIntegrityError(f"waiting {seq.request_id!r} holds blocks")
+    if parts.recall is not None:
+        problems = parts.recall.check_integrity()
+        admitted = {  # running, or preempted (a recall sequence keeps its state then)
+            s.request_id for s in (*sched.running, *sched.waiting)
+            if s.recall is not None and s.recall.state is not None
+        }
+        if admitted != parts.recall.live_ids():
+            problems.append(f"running recall sequences {admitted} != {parts.recall.live_ids()}")
+        _raise_if(problems, "recall store")
     live = {s.request_id for s in (*sched.running, *sched.waiting, *sched.loading.values())}
     if live != set(tracked):
         raise KVIntegrityError(f"engine tracks {set(tracked)} but scheduler has {live}")

@@ -26,6 +26,7 @@ from strata.engine.staging import PinnedStager
 from strata.engine.step_stats import StepStats
 from strata.kv.cache import KVCache
 from strata.kv.policies.runtime.step_kv import KVStepBuilder, StepKV
+from strata.kv.recall.attention import RecallAttention, RecallMetadata
 from strata.models.llama import LlamaModel
 
 
@@ -43,6 +44,7 @@ class ModelRunner:
         self._ints = PinnedStager(device, torch.long)
         self._floats = PinnedStager(device, torch.float32)
         self.kv_step = KVStepBuilder(kv)  # slots, layouts and observer under KV policies
+        self.recall_attention = RecallAttention(backend)  # steps with recall sequences
         self.graphs: DecodeGraphs | None = None
         self.step_log: list[StepStats] | None = None  # set to a list to record steps
 
@@ -67,7 +69,10 @@ class ModelRunner:
         if (
             graphs is not None
             and len(plan.chunks) <= graphs.max_batch
-            and all(c.num_tokens == 1 and c.samples and c.seq.kv is None for c in plan.chunks)
+            and all(
+                c.num_tokens == 1 and c.samples and c.seq.kv is None and c.seq.recall is None
+                for c in plan.chunks
+            )
         ):
             if self.step_log is not None:
                 self.step_log.append(StepStats.of(plan, graph=True))
@@ -94,13 +99,30 @@ class ModelRunner:
                 np.asarray(logits_rows, dtype=np.int64),
             ]
         )
-        meta = self._metadata(step, slot_t)
-        logits = self.model(ids_t, pos_t, self.kv, self.backend, meta, rows_t, step.observer)
+        inner = self._metadata(step, slot_t)
+        backend: AttentionBackend[Any] = self.backend
+        meta: StepMetadata
+        if step.recall:
+            backend, meta = self.recall_attention, self._recall_metadata(step, slot_t, inner)
+        else:
+            assert inner is not None, "a step without recall rows has pool rows"
+            meta = inner
+        logits = self.model(ids_t, pos_t, self.kv, backend, meta, rows_t, step.observer)
         return logits if logits_rows else None
 
-    def _metadata(self, step: StepKV, slots: torch.Tensor) -> StepMetadata:
-        """The backend's metadata for the step; one per distinct layer layout when KV
-        policies give layers different KV (PyramidKV's budgets, recall's block tables)."""
+    def _recall_metadata(
+        self, step: StepKV, slots: torch.Tensor, inner: StepMetadata | None
+    ) -> RecallMetadata:
+        assert step.ordinary_rows is not None
+        ordinary = torch.from_numpy(step.ordinary_rows).to(self.device, non_blocking=True)
+        return RecallMetadata(slots, inner, ordinary, step.recall)
+
+    def _metadata(self, step: StepKV, slots: torch.Tensor) -> StepMetadata | None:
+        """The backend's metadata for the step (None when it has no pool rows); one per
+        distinct layer layout when KV policies give layers different KV (PyramidKV's
+        budgets, attended blocks)."""
+        if not step.layout.query_lens:
+            return None
         if step.uniform:
             return self.backend.prepare(step.layout, slots, self.device)
         geometries = [

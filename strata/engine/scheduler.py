@@ -30,6 +30,7 @@ from strata.config import SchedulerConfig
 from strata.engine.plan import ScheduledChunk, StepPlan
 from strata.engine.sequence import Sequence, SequenceStatus
 from strata.kv.manager import KVManager, PrefixMatch
+from strata.kv.recall.manager import RecallManager
 from strata.kv.tiers.loads import TierLoads
 
 logger = logging.getLogger("strata.scheduler")
@@ -42,8 +43,10 @@ class Scheduler:
         kv: KVManager,
         tier_loads: TierLoads[Sequence],
         reclaim: Callable[[], bool] | None = None,
+        recall: RecallManager | None = None,
     ) -> None:
         self.config = config
+        self.recall = recall  # the recall store's sequences hold no pool blocks
         self.kv = kv
         self.tier_loads = tier_loads
         self.reclaim = reclaim  # frees pinned GPU blocks; True if it freed any
@@ -75,13 +78,18 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed, budget)
+            if seq.recall is not None:  # its KV is in the recall store: no blocks to grow
+                chunks.append(ScheduledChunk(seq, seq.num_computed, n, []))
+                budget -= n
+                i += 1
+                continue
             if seq.kv is not None:
                 n = seq.kv.chunk_limit(seq.num_computed, n)
             slots = seq.num_kv_slots + n + self._spare_blocks(seq, n) * self.kv.block_size
             while not self.kv.grow(seq.request_id, slots):
                 if self.reclaim is not None and self.reclaim():
                     continue
-                victim = self.running.pop()  # the most recently admitted
+                victim = self._victim()
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is seq:
@@ -103,6 +111,13 @@ class Scheduler:
                 break
             if self.tier_loads.is_probing(seq):
                 continue  # its remote lookup is in flight; later arrivals may go first
+            if seq.recall is not None:
+                if not self._admit_recall(seq):
+                    break
+                n = min(seq.num_tokens - seq.num_computed, budget)
+                chunks.append(ScheduledChunk(seq, seq.num_computed, n, []))
+                budget -= n
+                continue
             tokens = self._matchable(seq)
             match = self.kv.match_prefix(tokens)
             hits = self.tier_loads.hits(seq, tokens, match)
@@ -132,6 +147,29 @@ class Scheduler:
             )
             budget -= n
         return budget
+
+    def _admit_recall(self, seq: Sequence) -> bool:
+        """Admit a recall sequence: its store state, and an empty, never indexed table."""
+        assert seq.recall is not None
+        if self.recall is None:
+            raise RuntimeError("a recall sequence reached an engine without a recall store")
+        resumed = seq.recall.state is not None  # preempted: its store state was kept
+        if not resumed and not self.recall.admit(seq.request_id, seq.recall):
+            return False
+        match = PrefixMatch((), (), self.kv.block_size)
+        self.kv.admit(seq.request_id, match, 0, num_prompt=0)
+        self.kv.stop_indexing(seq.request_id)
+        computed = seq.num_computed
+        self._start(seq, match)
+        seq.num_computed = computed
+        self.running.append(seq)
+        return True
+
+    def _victim(self) -> Sequence:
+        """The most recently admitted running sequence that holds pool blocks."""
+        victim = next(s for s in reversed(self.running) if s.recall is None)
+        self.running.remove(victim)
+        return victim
 
     def _admit_blocks(self, seq: Sequence, match: PrefixMatch, num_tokens: int) -> bool:
         while True:
@@ -172,15 +210,26 @@ class Scheduler:
             self._preempt(seq)
 
     def _preempt(self, seq: Sequence) -> None:
-        if seq.kv is None:  # a policy's compressed blocks are never stored in the tiers
+        if seq.recall is not None:  # its KV stays in the recall store: it resumes as it was
+            self.kv.free(seq.request_id)
+            seq.status = SequenceStatus.WAITING
+            self.waiting.appendleft(seq)
+            self.num_preemptions += 1
+            return
+        if seq.kv is None and seq.recall is None:  # only lossless pool blocks are swapped
             self.tier_loads.swap_out(seq)
         self.kv.free(seq.request_id)
+        self._release_recall(seq)
         seq.num_computed = 0
         if seq.kv is not None:
             seq.kv.reset()  # recomputed from the start, compressed again on the way
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+
+    def _release_recall(self, seq: Sequence) -> None:
+        if seq.recall is not None and self.recall is not None:
+            self.recall.release(seq.request_id)
 
     # ---- after the step ----------------------------------------------------------------------
 
@@ -215,5 +264,6 @@ class Scheduler:
             elif seq.status is SequenceStatus.WAITING:
                 self.waiting.remove(seq)
             self.kv.free(seq.request_id)
+        self._release_recall(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason

@@ -20,6 +20,7 @@ from strata.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from strata.kv.policies.runtime.sequence_kv import SequenceKV
+    from strata.kv.recall.manager import RecallKV
 
 
 class SequenceStatus(enum.Enum):
@@ -44,6 +45,7 @@ class Sequence:
     num_cached_tokens: int = -1  # prefix-cache hit at first admission; -1 before
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     kv: SequenceKV | None = None  # its KV policy's state; None under "full" (lossless)
+    recall: RecallKV | None = None  # under a recall policy: its store state (kv is None)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -56,6 +58,8 @@ class Sequence:
     @property
     def num_kv_slots(self) -> int:
         """KV slots the sequence holds (its longest layer): num_computed unless evicting."""
+        if self.recall is not None:
+            return 0  # its KV lives in the recall store, not in pool blocks
         return self.num_computed if self.kv is None else self.kv.max_slots
 
     @property

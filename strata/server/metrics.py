@@ -80,6 +80,20 @@ MOE_COUNTERS = {
     "moe_rebalances": "Moves of the KV/expert boundary.",
 }
 
+# The recall store (present only when the engine has one); stats key -> help
+RECALL_GAUGES = {
+    "recall_sequences": "Requests holding recall state (GPU working set, host slots).",
+    "recall_blocks_attended_per_step": "Middle blocks a decode step attends per layer and head.",
+    "recall_working_set_hit_rate": "Picked blocks already in the GPU working set.",
+    "recall_host_bytes_used": "Host bytes of the recall store held by requests.",
+    "recall_host_bytes": "Host bytes of the recall store.",
+    "recall_gpu_bytes_used": "GPU bytes held by recall sequences.",
+}
+RECALL_COUNTERS = {
+    "recall_decode_steps": "Decode steps of recall sequences.",
+    "recall_bytes_fetched": "Bytes fetched from the recall store to the GPU.",
+}
+
 
 class _EngineCollector(Collector):
     def __init__(self, snapshot: Callable[[], dict[str, Any] | None]) -> None:
@@ -97,6 +111,11 @@ class _EngineCollector(Collector):
         yield from _tier_metrics(stats)
         if "moe_expert_uses" in stats:
             yield from _moe_metrics(stats)
+        if "recall_host_bytes" in stats:
+            for key, doc in RECALL_GAUGES.items():
+                yield GaugeMetricFamily(f"{PREFIX}_{key}", doc, value=stats[key])
+            for key, doc in RECALL_COUNTERS.items():
+                yield CounterMetricFamily(f"{PREFIX}_{key}", doc, value=stats[key])
 
 
 def _tier_metrics(stats: dict[str, Any]) -> Iterator[Metric]:

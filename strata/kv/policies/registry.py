@@ -8,6 +8,7 @@ line here and a file beside this one.
 from __future__ import annotations
 
 from strata.kv.policies.base import AttentionShape, KVPolicy
+from strata.kv.recall.registry import RECALL_POLICIES
 from strata.registry import Registry
 
 FULL = "full"
@@ -26,8 +27,8 @@ POLICIES: Registry[type[KVPolicy]] = Registry("kv_policy", {
 
 
 def policy_names() -> tuple[str, ...]:
-    """Every valid `kv_policy` value, `full` first."""
-    return (FULL, *POLICIES.names())
+    """Every valid `kv_policy` value, `full` first, then eviction and recall policies."""
+    return (FULL, *POLICIES.names(), *RECALL_POLICIES.names())
 
 
 def check_policy_name(name: str) -> None:
@@ -41,4 +42,6 @@ def create_policy(name: str, shape: AttentionShape) -> KVPolicy:
     check_policy_name(name)
     if name == FULL:
         raise ValueError("kv_policy 'full' has no policy object: the sequence keeps every token")
+    if name in RECALL_POLICIES:
+        raise ValueError(f"kv_policy {name!r} is a recall policy: the recall store runs it")
     return POLICIES.get(name)(shape)

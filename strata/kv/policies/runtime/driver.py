@@ -29,6 +29,8 @@ from strata.kv.policies.runtime.compaction import compact
 from strata.kv.policies.runtime.interfaces import PolicySequence, PolicyStep
 from strata.kv.policies.runtime.reconstruction import ContextReconstruction
 from strata.kv.policies.runtime.sequence_kv import SequenceKV
+from strata.kv.recall.manager import RecallKV, RecallManager
+from strata.kv.recall.registry import is_recall_policy
 
 
 @dataclass(frozen=True)
@@ -50,9 +52,12 @@ class KVPolicyDriver:
         defaults: PolicyDefaults,
         model: ModelAccess | None = None,
         reconstruction: ContextReconstruction | None = None,
+        recall: RecallManager | None = None,
     ) -> None:
         """model: handed to each policy (`KVPolicy.bind`); reconstruction: runs the extra
-        prefill passes a policy asks for at its compression point (KVzip)."""
+        prefill passes a policy asks for at its compression point (KVzip); recall: the
+        recall store, which runs the recall policies (strata/kv/recall)."""
+        self.recall = recall
         self.manager, self.cache, self.shape = manager, cache, shape
         self.defaults = defaults
         self.model = model
@@ -72,6 +77,7 @@ class KVPolicyDriver:
                 f"({seq.num_prompt_tokens} tokens)"
             )
         if name == FULL:
+            self._check_fits_pool(seq)
             return
         if budget is None:
             raise InvalidRequestError(
@@ -83,6 +89,10 @@ class KVPolicyDriver:
                 f"kv_policy {name!r} needs kv_cache_dtype 'auto': eviction is not implemented "
                 f"over the {self.cache.codec.name} codec"
             )
+        if is_recall_policy(name):
+            seq.recall = self._attach_recall(seq, name, budget)
+            return
+        self._check_fits_pool(seq)
         context = prefix if prefix is not None else seq.num_prompt_tokens
         policy = create_policy(name, self.shape)
         if self.model is not None:
@@ -92,6 +102,29 @@ class KVPolicyDriver:
             seq, policy, budget, context, seq.num_prompt_tokens, device,
             self.defaults.evict_interval,
         )  # fmt: skip
+
+    def _attach_recall(self, seq: PolicySequence, name: str, budget: float) -> RecallKV:
+        if self.recall is None:
+            raise InvalidRequestError(
+                f"kv_policy {name!r} needs the recall store: start the engine with "
+                "--kv-recall-host-memory GIB or a recall --kv-policy"
+            )
+        if seq.params.kv_compress_prefix is not None:
+            raise InvalidRequestError(
+                f"kv_compress_prefix does not apply to the recall policy {name!r}: it "
+                "keeps every token"
+            )
+        return self.recall.plan_for(name, budget, seq.num_prompt_tokens, seq.max_tokens)
+
+    def _check_fits_pool(self, seq: PolicySequence) -> None:
+        """A sequence outside the recall store must fit the pool at its longest."""
+        total = seq.num_prompt_tokens + seq.max_tokens
+        held = self.manager.num_blocks * self.manager.block_size
+        if total > held:
+            raise InvalidRequestError(
+                f"prompt + max_tokens = {total} tokens do not fit the KV pool ({held} tokens); "
+                "lower max_tokens, or use a recall kv_policy (quest, full_offload)"
+            )
 
     def after_step(self, step: PolicyStep) -> None:
         """Compress the sequences of this step whose compression point or cap it reached."""

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from strata.kv.policies.runtime.sequence_kv import SequenceKV
+    from strata.kv.recall.manager import RecallKV
 
 
 class PolicyParams(Protocol):
@@ -33,6 +34,8 @@ class PolicySequence(Protocol):
     token_ids: list[int]
     num_computed: int
     kv: SequenceKV | None
+    recall: RecallKV | None
+    max_tokens: int
 
     @property
     def num_prompt_tokens(self) -> int: ...

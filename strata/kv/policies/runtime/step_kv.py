@@ -14,12 +14,16 @@ layout (`StepKV.layer_layouts`):
   layer's table and context length are the policy's, its slots the sequence's own.
 Layers alike in every chunk share one layout. Without any policy in the step the builder
 only maps slots: slot == token position.
+
+Recall sequences (strata/kv/recall) hold no pool blocks: their chunks are left out of
+the slots and layouts, and planned by their own store (`StepKV.recall`, with
+`ordinary_rows` the flat-batch rows of the other chunks).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -29,6 +33,7 @@ from strata.kv.cache import KVCache
 from strata.kv.policies.attended import AttendedBlocks, ChunkSlots
 from strata.kv.policies.runtime.interfaces import PolicyChunk, PolicyStep
 from strata.kv.policies.runtime.observer import ObservedSequence, StepObserver
+from strata.kv.recall.attention import RecallRows
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,8 @@ class StepKV:
     layer_layouts: list[LayerLayout] = field(default_factory=list)
     layer_of: list[int] = field(default_factory=list)
     observer: StepObserver | None = None
+    recall: tuple[RecallRows, ...] = ()
+    ordinary_rows: np.ndarray | None = None  # [ordinary tokens], set when recall is not empty
 
     @property
     def uniform(self) -> bool:
@@ -76,7 +83,26 @@ class KVStepBuilder:
 
     def build(self, step: PolicyStep) -> StepKV:
         """The step's slots and layouts, and its observer (see the module docstring)."""
-        chunks, bs = step.chunks, self.cache.block_size
+        offsets = np.cumsum([0] + [c.num_tokens for c in step.chunks])[:-1].tolist()
+        recall = tuple(
+            RecallRows(state, state.plan(c.start, c.start + c.num_tokens), o)
+            for c, o in zip(step.chunks, offsets, strict=True)
+            if c.seq.recall is not None and (state := c.seq.recall.state) is not None
+        )
+        if not recall:
+            return self._build(step.chunks, offsets)
+        kept = [(c, o) for c, o in zip(step.chunks, offsets, strict=True) if c.seq.recall is None]
+        chunks = [c for c, _ in kept]
+        built = self._build(chunks, [o for _, o in kept])
+        rows = [np.arange(o, o + c.num_tokens, dtype=np.int64) for c, o in kept]
+        ordinary = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+        return replace(built, recall=recall, ordinary_rows=ordinary)
+
+    def _build(self, chunks: Sequence[PolicyChunk], offsets: list[int]) -> StepKV:
+        bs = self.cache.block_size
+        if not chunks:
+            empty = np.zeros(0, dtype=np.int64)
+            return StepKV(empty, BatchLayout([], [], [], bs))
         firsts = [first_slot(c) for c in chunks]
         slots = [
             chunk_slots(c.block_table, f, c.num_tokens, bs)
@@ -92,7 +118,7 @@ class KVStepBuilder:
         if all(c.seq.kv is None for c in chunks):
             return StepKV(slot_mapping, layout)
         layer_layouts, layer_of = self._layer_layouts(chunks, firsts)
-        observer = self._observer(chunks, firsts)
+        observer = self._observer(chunks, firsts, offsets)
         return StepKV(slot_mapping, layout, layer_layouts, layer_of, observer)
 
     def _layer_layouts(
@@ -147,27 +173,28 @@ class KVStepBuilder:
         layout = BatchLayout([c.num_tokens for c in chunks], context_lens, tables, bs)
         return LayerLayout(np.concatenate(slots), layout)
 
-    def _observer(self, chunks: Sequence[PolicyChunk], firsts: list[int]) -> StepObserver | None:
-        """The observer for this step's policies that want queries, or None if none do."""
+    def _observer(
+        self, chunks: Sequence[PolicyChunk], firsts: list[int], offsets: list[int]
+    ) -> StepObserver | None:
+        """The observer for this step's policies that want queries, or None if none do;
+        offsets: each chunk's first row in the flat batch."""
         watched: list[ObservedSequence] = []
-        offset = 0
-        for chunk, first in zip(chunks, firsts, strict=True):
+        for chunk, first, offset in zip(chunks, firsts, offsets, strict=True):
             kv, end = chunk.seq.kv, chunk.start + chunk.num_tokens
             wanted = None if kv is None else kv.policy.observed_queries(kv, chunk.start, end)
             if kv is not None and wanted is not None and wanted[1] > wanted[0]:
                 a, b = wanted
                 base = first + a - chunk.start
-                offsets = kv.slot_offsets()
+                shifts = kv.slot_offsets()
                 device = self.cache.k.device
                 table = torch.tensor(chunk.block_table, dtype=torch.long, device=device)
                 watched.append(
                     ObservedSequence(
                         policy=kv.policy,
                         rows=slice(offset + a - chunk.start, offset + b - chunk.start),
-                        first_slot=[base - s for s in offsets],
-                        num_slots=[first - s + chunk.num_tokens for s in offsets],
+                        first_slot=[base - s for s in shifts],
+                        num_slots=[first - s + chunk.num_tokens for s in shifts],
                         table=table,
                     )
                 )
-            offset += chunk.num_tokens
         return StepObserver(self.cache, watched) if watched else None

@@ -1,0 +1,183 @@
+"""The recall store on the GPU: zero-copy row fetches, and decode speed at long contexts.
+
+uva     copy_rows (strata/ops/triton_row_copy.py) from pinned host rows into the GPU and
+        back: exact, and its GB/s against a pinned host-to-device memcpy in the same run
+decode  Llama-3-8B shape, random weights, bf16: decode tok/s of one request at each
+        context, for full attention in the GPU pool, full_offload, and quest at a budget
+        of 2048 tokens; bytes fetched per token against the measured pinned H2D rate
+
+python benchmarks/recall_speed.py [--only uva,decode] [--contexts 32768,65536,131072]
+                                  [--batch 1] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from strata import LLM, SamplingParams
+from strata.models.presets import PRESETS
+
+RESULTS: dict[str, Any] = {}
+ROW = 16 * 128  # one block of one head: 16 tokens x 128 dims
+
+
+def gbps(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / 1e9
+
+
+def timed(fn: Any, repeat: int = 5) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeat
+
+
+def bench_uva() -> None:
+    from strata.ops.triton_row_copy import copy_rows
+
+    rows = 1 << 16  # 256 MiB of bf16 rows
+    host = torch.randn(rows, ROW, dtype=torch.bfloat16).pin_memory()
+    dev = torch.empty(rows // 4, ROW, dtype=torch.bfloat16, device="cuda")
+    pick = torch.randperm(rows, device="cuda")[: rows // 4]
+    dst = torch.arange(rows // 4, device="cuda")
+    copy_rows(host, dev, pick, dst)
+    exact = torch.equal(dev.cpu(), host[pick.cpu()])
+    back = torch.zeros_like(host).pin_memory()
+    copy_rows(dev, back, dst, pick)
+    torch.cuda.synchronize()
+    exact_back = torch.equal(back[pick.cpu()], dev.cpu())
+    nbytes = dev.numel() * dev.element_size()
+    t_gather = timed(lambda: copy_rows(host, dev, pick, dst))
+    t_scatter = timed(lambda: copy_rows(dev, back, dst, pick))
+    contiguous = host[: rows // 4]
+    t_memcpy = timed(lambda: dev.copy_(contiguous, non_blocking=True))
+    RESULTS["uva"] = {
+        "exact_gather": exact, "exact_scatter": exact_back,
+        "gather_GBps": gbps(nbytes, t_gather), "scatter_GBps": gbps(nbytes, t_scatter),
+        "pinned_h2d_memcpy_GBps": gbps(nbytes, t_memcpy),
+    }  # fmt: skip
+    print("uva", RESULTS["uva"], flush=True)
+
+
+def llama8b(max_positions: int) -> str:
+    cfg = dict(PRESETS["llama-3-8b"], max_position_embeddings=max_positions)
+    path = os.path.join(tempfile.mkdtemp(), "llama-3-8b-long.json")
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    return f"random:{path}"
+
+
+def decode_rate(
+    llm: LLM, prompts: list[list[int]], params: SamplingParams, steps: int, profile: bool
+) -> tuple[float, dict[str, Any], dict[str, Any]]:
+    """(decode tok/s, stats before, stats after) of a batch, timed from the step after
+    every prompt is prefilled."""
+    engine = llm.engine
+    ids = [engine.add_request(p, params) for p in prompts]
+    seqs = [engine._seqs[i] for i in ids]
+    while any(s.num_output_tokens == 0 for s in seqs):
+        engine.step()
+    before = engine.stats()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    after = engine.stats()
+    failed = [s.finish_reason for s in seqs if s.finish_reason not in (None, "length")]
+    if failed or any(s.num_output_tokens < steps for s in seqs):
+        raise RuntimeError(f"requests ended early: {failed}")
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                engine.step()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25), flush=True)
+    for request_id in ids:
+        engine.abort(request_id)
+    return steps * len(prompts) / elapsed, before, after
+
+
+MODES = {"full": (None, None), "full_offload": ("full_offload", 1e9), "quest": ("quest", 2048)}
+
+
+def recall_deltas(before: dict[str, Any], after: dict[str, Any], tokens: int) -> dict[str, Any]:
+    """What the recall store did over the timed decode steps."""
+    if "recall_bytes_fetched" not in after:
+        return {}
+    delta = {k: after[k] - before[k] for k in ("recall_bytes_fetched", "recall_decode_steps")}
+    return {
+        "fetched_MB_per_token": delta["recall_bytes_fetched"] / 1e6 / tokens,
+        "hit_rate_cumulative": after["recall_working_set_hit_rate"],
+        "blocks_per_step_cumulative": after["recall_blocks_attended_per_step"],
+    }
+
+
+def bench_decode(contexts: list[int], batch: int, steps: int, modes: list[str],
+                 profile: bool) -> None:  # fmt: skip
+    longest = max(contexts) + steps + 64
+    llm = LLM(
+        llama8b(longest + 64), max_model_len=longest, kv_cache_memory=40.0,
+        kv_recall_gpu_memory=8.0, kv_recall_host_memory=48.0, max_num_batched_tokens=16384,
+        max_num_seqs=max(batch, 8),
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for ctx in contexts:
+        prompts = [torch.randint(1000, 100000, (ctx,), generator=g).tolist() for _ in range(batch)]
+        for mode in modes:
+            policy, budget = MODES[mode]
+            params = SamplingParams(max_tokens=steps + 16, temperature=0, ignore_eos=True,
+                                    kv_policy=policy, kv_budget=budget)  # fmt: skip
+            try:
+                rate, before, after = decode_rate(llm, prompts, params, steps, profile)
+            except Exception as exc:  # a mode that does not fit is reported, not fatal
+                rows.append({"context": ctx, "mode": mode, "error": repr(exc)[:300]})
+                print(rows[-1], flush=True)
+                continue
+            rows.append({"context": ctx, "batch": batch, "mode": mode, "tok_s": rate,
+                         **recall_deltas(before, after, steps * batch)})  # fmt: skip
+            print(rows[-1], flush=True)
+    RESULTS["decode"] = rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", default="uva,decode", help="sections, comma-separated")
+    p.add_argument("--contexts", default="32768,65536,131072", help="prompt lengths")
+    p.add_argument("--batch", type=int, default=1, help="requests decoding together")
+    p.add_argument("--steps", type=int, default=32, help="decode steps timed")
+    p.add_argument("--modes", default="full,full_offload,quest", help=", ".join(MODES))
+    p.add_argument("--profile", action="store_true", help="print a torch.profiler table")
+    p.add_argument("--json", default=None, help="write the results here")
+    a = p.parse_args()
+    only = a.only.split(",")
+    print(torch.cuda.get_device_name(), torch.__version__, file=sys.stderr)
+    if "uva" in only:
+        bench_uva()
+    if "decode" in only:
+        contexts = [int(c) for c in a.contexts.split(",")]
+        bench_decode(contexts, a.batch, a.steps, a.modes.split(","), a.profile)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(RESULTS, f, indent=1)
+    print(json.dumps(RESULTS, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Building the recall store: its host slab, GPU budget and geometry, logged."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from strata.config import CacheConfig, ModelConfig
+from strata.kv.recall.geometry import SINK_BLOCKS, WINDOW_BLOCKS, RecallGeometry
+from strata.kv.recall.host_store import HostKVStore
+from strata.kv.recall.manager import RecallManager
+from strata.kv.recall.registry import is_recall_policy
+from strata.kv.sizing import GIB, format_bytes
+
+logger = logging.getLogger("strata.recall")
+
+DEFAULT_HOST_FRACTION = 0.25  # of the machine's RAM, when the default policy is a recall one
+
+
+def recall_enabled(cache: CacheConfig) -> bool:
+    return is_recall_policy(cache.kv_policy) or cache.recall.host_memory is not None
+
+
+def recall_gpu_share(cache: CacheConfig) -> float:
+    """The share of the KV budget recall sequences get unless kv_recall_gpu_memory is set."""
+    return 0.5 if is_recall_policy(cache.kv_policy) else 0.25
+
+
+def host_bytes(cache: CacheConfig) -> int:
+    if cache.recall.host_memory is not None:
+        return int(cache.recall.host_memory * GIB)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(ram * DEFAULT_HOST_FRACTION)
+
+
+def build_recall(
+    cache: CacheConfig, model: ModelConfig, dtype: torch.dtype, device: torch.device,
+    gpu_bytes: int,
+) -> RecallManager:  # fmt: skip
+    """The recall store for this engine (call only when recall_enabled)."""
+    if cache.kv_cache_dtype != "auto":
+        raise ValueError(
+            f"the recall store keeps blocks in the model dtype: use kv_cache_dtype 'auto', "
+            f"not {cache.kv_cache_dtype!r}, with a recall policy"
+        )
+    geometry = RecallGeometry(
+        model.num_layers, min(cache.recall.dense_layers, model.num_layers), model.num_heads,
+        model.num_kv_heads, model.head_dim, cache.block_size, dtype,
+    )  # fmt: skip
+    slot_bytes = geometry.host_slot_bytes()
+    num_slots = host_bytes(cache) // slot_bytes if geometry.sparse_layers else 1
+    if num_slots < 1:
+        raise ValueError(
+            f"kv_recall_host_memory holds no block: one takes {format_bytes(slot_bytes)}"
+        )
+    store = HostKVStore(
+        num_slots, max(1, geometry.sparse_layers), model.num_kv_heads, cache.block_size,
+        model.head_dim, dtype, pin=device.type == "cuda",
+    )  # fmt: skip
+    logger.info(
+        "recall store: %s of %s host memory = %d blocks (%d tokens); %s of GPU memory for "
+        "recall sequences; %d dense layers, sink %d + window %d tokens + the open block on "
+        "the GPU in the other %d; default policy %s",
+        format_bytes(store.nbytes), "pinned" if device.type == "cuda" else "pageable",
+        num_slots, num_slots * cache.block_size, format_bytes(gpu_bytes),
+        geometry.dense_layers, SINK_BLOCKS * cache.block_size, WINDOW_BLOCKS * cache.block_size,
+        geometry.sparse_layers, cache.kv_policy,
+    )  # fmt: skip
+    return RecallManager(geometry, store, gpu_bytes, device)

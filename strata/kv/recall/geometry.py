@@ -1,0 +1,91 @@
+"""RecallGeometry: the shape of one recall sequence's KV, and the token regions of it.
+
+    tokens   | sink | middle blocks ....................... | tail: window + open |
+             |  b0  | b1 b2 ...                        b(t-1) | bt ...              |
+             0      bs                                        tail_start        computed
+    lives    | GPU  | host store (every head, every sparse   | GPU                 |
+             |      | layer) + the policy's summaries on GPU |                     |
+
+- Dense layers (the first `dense_layers`) keep every token on the GPU and attend fully.
+- In sparse layers, block 0 is the sink once full; the tail is the last `window_blocks`
+  full blocks and the open block. A block that leaves the tail goes to the host store.
+- A decode step attends the sink, the policy's picked middle blocks (at most
+  `budget_blocks` per head, through the working set) and the tail; a prefill chunk
+  attends every middle block (streamed from the host), so prefill is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from strata.kv.recall.host_store import HostKVStore
+from strata.kv.recall.working_set import WorkingSet
+
+SINK_BLOCKS = 1  # the first block of every sparse layer stays on the GPU
+WINDOW_BLOCKS = 2  # full blocks before the open one that stay on the GPU
+
+
+@dataclass(frozen=True)
+class RecallGeometry:
+    num_layers: int
+    dense_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+    window_blocks: int = WINDOW_BLOCKS
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.dense_layers <= self.num_layers:
+            raise ValueError(
+                f"kv_recall_dense_layers must be in [0, {self.num_layers}], got {self.dense_layers}"
+            )
+
+    @property
+    def sparse_layers(self) -> int:
+        return self.num_layers - self.dense_layers
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def resident_tokens(self) -> int:
+        """Tokens of a sparse layer always attended from the GPU: sink, window, open block."""
+        return (SINK_BLOCKS + self.window_blocks + 1) * self.block_size
+
+    @property
+    def tail_capacity(self) -> int:
+        return (self.window_blocks + 1) * self.block_size
+
+    def budget_blocks(self, budget_tokens: int) -> int:
+        """Middle blocks a decode step attends per head for a budget of attended tokens
+        (sink, window and open block included); at least one."""
+        return max(1, budget_tokens // self.block_size - SINK_BLOCKS - self.window_blocks - 1)
+
+    def max_blocks(self, max_tokens: int) -> int:
+        return -(-max_tokens // self.block_size)
+
+    def _item(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    def dense_bytes(self, max_tokens: int) -> int:
+        return 2 * self.dense_layers * self.num_kv_heads * max_tokens * self.head_dim * self._item()
+
+    def resident_bytes(self) -> int:
+        per_token = 2 * self.sparse_layers * self.num_kv_heads * self.head_dim * self._item()
+        return (SINK_BLOCKS * self.block_size + self.tail_capacity) * per_token
+
+    def working_set_bytes(self, slots: int) -> int:
+        return WorkingSet.nbytes_for(
+            self.sparse_layers, self.num_kv_heads, slots, self.block_size, self.head_dim,
+            self.dtype,
+        )  # fmt: skip
+
+    def host_slot_bytes(self) -> int:
+        return HostKVStore.slot_bytes(
+            self.sparse_layers, self.num_kv_heads, self.block_size, self.head_dim, self.dtype
+        )

@@ -1,0 +1,165 @@
+"""RecallManager: the engine's recall store and the recall sequences over it.
+
+    attach   a request under a recall policy gets a RecallKV: its budget in blocks and
+             what it will need (host slots for every block it can have, GPU bytes);
+             a request that could never fit is refused at once, naming both numbers
+    admit    (scheduler) its GPU state is allocated and its host slots reserved, or it
+             waits while running sequences hold the memory
+    release  (finish, abort, preemption) both are given back at once
+
+The sequence holds no block of the paged GPU pool: its KV lives in the host store and
+its own GPU state (sequence.py), so a recall sequence is never swapped and never waits
+for pool blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from strata.errors import InvalidRequestError
+from strata.kv.policies.budget import tokens_allowed
+from strata.kv.recall.geometry import RecallGeometry
+from strata.kv.recall.host_store import HostKVStore
+from strata.kv.recall.registry import RECALL_POLICIES
+from strata.kv.recall.sequence import RecallSequence
+from strata.kv.sizing import format_bytes
+
+
+@dataclass
+class RecallKV:
+    """A request's recall policy, and its GPU state while admitted."""
+
+    policy: str
+    budget_blocks: int
+    max_tokens: int
+    host_slots: int
+    gpu_bytes: int
+    state: RecallSequence | None = None
+
+
+class RecallManager:
+    def __init__(
+        self, geometry: RecallGeometry, store: HostKVStore, gpu_budget: int, device: torch.device
+    ) -> None:
+        self.geometry, self.store, self.device = geometry, store, device
+        self.gpu_budget = gpu_budget
+        self.gpu_used = 0
+        self._live: dict[str, RecallKV] = {}
+        self._retired = {
+            "hits": 0, "misses": 0, "bytes_fetched": 0, "blocks_attended": 0, "decode_steps": 0,
+        }  # fmt: skip
+
+    # ---- requests --------------------------------------------------------------------------
+
+    def plan_for(self, policy: str, budget: float, num_prompt: int, max_tokens: int) -> RecallKV:
+        """The RecallKV of a request, or InvalidRequestError if it can never fit."""
+        g = self.geometry
+        RECALL_POLICIES.check(policy)
+        total = num_prompt + max_tokens
+        host_slots = g.max_blocks(total)  # at least the middle blocks it can ever have
+        budget_blocks = min(g.budget_blocks(tokens_allowed(budget, num_prompt)), host_slots)
+        cls = RECALL_POLICIES.get(policy)
+        gpu = g.dense_bytes(total) + g.resident_bytes()
+        gpu += cls.summary_bytes(g.sparse_layers, g.num_kv_heads, host_slots, g.head_dim, g.dtype)
+        if cls.selects:
+            gpu += g.working_set_bytes(budget_blocks)
+        if host_slots > self.store.num_slots:
+            need = host_slots * self.store.bytes_per_slot
+            raise InvalidRequestError(
+                f"kv_policy {policy!r}: {total} tokens (prompt + max_tokens) need "
+                f"{format_bytes(need)} of host memory, but the recall store holds "
+                f"{format_bytes(self.store.nbytes)} (kv_recall_host_memory); lower max_tokens "
+                "or raise --kv-recall-host-memory"
+            )
+        if gpu > self.gpu_budget:
+            raise InvalidRequestError(
+                f"kv_policy {policy!r}: {total} tokens need {format_bytes(gpu)} of GPU memory "
+                f"for their dense layers, summaries and working set, but recall sequences "
+                f"have {format_bytes(self.gpu_budget)} (kv_recall_gpu_memory)"
+            )
+        return RecallKV(policy, budget_blocks, total, host_slots, gpu)
+
+    def admit(self, request_id: str, kv: RecallKV) -> bool:
+        """Allocate the sequence's GPU state and reserve its host slots; False (nothing
+        changed) if either is short now."""
+        if kv.state is not None:
+            raise RuntimeError(f"recall sequence {request_id!r} admitted twice")
+        if self.gpu_used + kv.gpu_bytes > self.gpu_budget or kv.host_slots > self.store.num_free:
+            return False
+        slots = self.store.allocate(request_id, kv.host_slots)
+        policy = RECALL_POLICIES.get(kv.policy)()
+        kv.state = RecallSequence(
+            self.geometry, policy, kv.budget_blocks, kv.max_tokens, self.store, slots, self.device
+        )
+        self.gpu_used += kv.gpu_bytes
+        self._live[request_id] = kv
+        return True
+
+    def release(self, request_id: str) -> None:
+        """Give back a sequence's GPU state and host slots (a no-op if it holds none)."""
+        kv = self._live.pop(request_id, None)
+        self.store.free(request_id)
+        if kv is None or kv.state is None:
+            return
+        for name, value in self._counters(kv.state).items():
+            self._retired[name] += value
+        kv.state = None
+        self.gpu_used -= kv.gpu_bytes
+
+    # ---- observability -----------------------------------------------------------------------
+
+    @staticmethod
+    def _counters(state: RecallSequence) -> dict[str, int]:
+        ws = state.working_set
+        return {
+            "hits": int(ws.hits) if ws is not None else 0,
+            "misses": int(ws.misses) if ws is not None else 0,
+            "bytes_fetched": int(state.bytes_fetched),
+            "blocks_attended": int(state.blocks_attended),
+            "decode_steps": state.decode_steps,
+        }
+
+    def stats(self) -> dict[str, float]:
+        totals = dict(self._retired)
+        for kv in self._live.values():
+            if kv.state is not None:
+                for name, value in self._counters(kv.state).items():
+                    totals[name] += value
+        selected = totals["hits"] + totals["misses"]
+        g = self.geometry
+        per_step = totals["decode_steps"] * g.sparse_layers * g.num_kv_heads
+        return {
+            "recall_sequences": len(self._live),
+            "recall_decode_steps": totals["decode_steps"],
+            # middle blocks a decode step attends, per sparse layer and KV head
+            "recall_blocks_attended_per_step": totals["blocks_attended"] / max(1, per_step),
+            "recall_working_set_hit_rate": totals["hits"] / selected if selected else 0.0,
+            "recall_bytes_fetched": totals["bytes_fetched"],
+            "recall_host_bytes_used": self.store.used_bytes,
+            "recall_host_bytes": self.store.nbytes,
+            "recall_gpu_bytes_used": self.gpu_used,
+        }
+
+    def live_ids(self) -> set[str]:
+        """The requests holding recall state now."""
+        return set(self._live)
+
+    def check_integrity(self) -> list[str]:
+        problems = self.store.check_integrity()
+        used = sum(kv.gpu_bytes for kv in self._live.values())
+        if used != self.gpu_used:
+            problems.append(f"recall GPU bytes: {self.gpu_used} counted, {used} held")
+        for request_id, kv in self._live.items():
+            if len(self.store.owned(request_id)) != kv.host_slots:
+                problems.append(f"recall sequence {request_id!r} holds the wrong host slots")
+        owners = {o for o in self._live}
+        stray = (
+            self.store.num_slots
+            - self.store.num_free
+            - sum(kv.host_slots for kv in self._live.values())
+        )
+        if stray:
+            problems.append(f"{stray} host slots held by no live recall sequence ({owners})")
+        return problems

@@ -1,0 +1,74 @@
+"""RecallPolicy: how a recall policy summarises blocks and scores them for a query.
+
+A recall policy keeps every block (in the host store, host_store.py) and small
+summaries on the GPU. Each decode step, per sparse layer and KV head, it scores the
+sequence's middle blocks against the step's query; the top `budget_blocks` are attended
+(fetched through the working set, working_set.py). Query heads of a GQA group share
+one selection: their scores are summed. One instance serves one sequence.
+
+`selects` False (full_offload): every middle block is attended, streamed from the host
+each step; no summaries, no working set.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+
+class RecallPolicy(ABC):
+    name: str = ""
+    selects: bool = True
+
+    @abstractmethod
+    def allocate(
+        self,
+        layers: int,
+        kv_heads: int,
+        max_blocks: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        """Room for the summaries of up to `max_blocks` middle blocks per layer and head."""
+
+    @abstractmethod
+    def summarize(self, layer: int, first: int, keys: torch.Tensor) -> None:
+        """Record middle blocks first, first+1, ... of sparse layer `layer` from their
+        post-RoPE keys [kv_heads, n blocks, block_size, head_dim]."""
+
+    @abstractmethod
+    def scores(self, layer: int, q: torch.Tensor, num_blocks: int) -> torch.Tensor:
+        """[kv_heads, num_blocks] float32 scores of the first num_blocks middle blocks for
+        one query q [kv_heads, group, head_dim] (post-RoPE)."""
+
+    @staticmethod
+    def summary_bytes(
+        layers: int, kv_heads: int, max_blocks: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
+        return 0
+
+
+class FullOffloadPolicy(RecallPolicy):
+    """Attends every block: the lossless baseline of the recall store."""
+
+    name = "full_offload"
+    selects = False
+
+    def allocate(
+        self,
+        layers: int,
+        kv_heads: int,
+        max_blocks: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        return None
+
+    def summarize(self, layer: int, first: int, keys: torch.Tensor) -> None:
+        return None
+
+    def scores(self, layer: int, q: torch.Tensor, num_blocks: int) -> torch.Tensor:
+        raise TypeError("full_offload attends every block: it never scores")

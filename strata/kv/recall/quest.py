@@ -1,0 +1,57 @@
+"""Quest (Tang et al., ICML'24): per block and head, the element-wise min and max of the
+post-RoPE keys; a query's score for a block is the upper bound of q.k over the block,
+
+    score(q, block) = sum_i max(q_i * max_i, q_i * min_i)
+                    = relu(q) . max + min(q, 0) . min       (two matmuls)
+
+summed over the query heads of a GQA group.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from strata.kv.recall.policy import RecallPolicy
+
+
+class QuestPolicy(RecallPolicy):
+    name = "quest"
+
+    def __init__(self) -> None:
+        self.kmin: torch.Tensor | None = None  # [layers, kv_heads, max_blocks, head_dim]
+        self.kmax: torch.Tensor | None = None
+
+    def allocate(
+        self,
+        layers: int,
+        kv_heads: int,
+        max_blocks: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        shape = (layers, kv_heads, max_blocks, head_dim)
+        self.kmin = torch.zeros(shape, dtype=dtype, device=device)
+        self.kmax = torch.zeros(shape, dtype=dtype, device=device)
+
+    @staticmethod
+    def summary_bytes(
+        layers: int, kv_heads: int, max_blocks: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
+        item = torch.empty((), dtype=dtype).element_size()
+        return 2 * layers * kv_heads * max_blocks * head_dim * item
+
+    def summarize(self, layer: int, first: int, keys: torch.Tensor) -> None:
+        assert self.kmin is not None and self.kmax is not None
+        n = keys.shape[1]
+        self.kmin[layer, :, first : first + n] = keys.amin(dim=2)
+        self.kmax[layer, :, first : first + n] = keys.amax(dim=2)
+
+    def scores(self, layer: int, q: torch.Tensor, num_blocks: int) -> torch.Tensor:
+        assert self.kmin is not None and self.kmax is not None
+        kmin = self.kmin[layer, :, :num_blocks].float()  # [kv_heads, n, head_dim]
+        kmax = self.kmax[layer, :, :num_blocks].float()
+        qf = q.float()
+        pos = qf.clamp(min=0)
+        upper = pos @ kmax.transpose(1, 2) + (qf - pos) @ kmin.transpose(1, 2)
+        return upper.sum(dim=1)  # [kv_heads, n]

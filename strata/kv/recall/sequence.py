@@ -1,0 +1,223 @@
+"""RecallSequence: one sequence's KV under a recall policy (regions: geometry.py).
+
+Per step the host plans the chunk (`plan`: which blocks leave the tail, from the token
+counts alone); per layer the forward then writes the chunk's K/V and attends
+(`attend`), on the device only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from strata.kv.recall.chunk_attention import chunk_attention
+from strata.kv.recall.geometry import SINK_BLOCKS, RecallGeometry
+from strata.kv.recall.host_store import HostKVStore
+from strata.kv.recall.policy import RecallPolicy
+from strata.kv.recall.rows import copy_rows
+from strata.kv.recall.working_set import WorkingSet
+
+
+@dataclass(frozen=True)
+class RecallChunk:
+    """Tokens [start, end) of a step; the tail held [tail_start, start) before it and holds
+    [new_tail_start, end) after it. Middle blocks: `num_middle` before the step."""
+
+    start: int
+    end: int
+    tail_start: int
+    new_tail_start: int
+    num_middle: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.end - self.start
+
+
+class RecallSequence:
+    def __init__(
+        self,
+        geometry: RecallGeometry,
+        policy: RecallPolicy,
+        budget_blocks: int,
+        max_tokens: int,
+        store: HostKVStore,
+        host_slots: list[int],
+        device: torch.device,
+    ) -> None:
+        g = geometry
+        self.geometry, self.policy, self.store = g, policy, store
+        self.budget_blocks = budget_blocks
+        self.max_tokens = max_tokens
+        kvh, d, dt = g.num_kv_heads, g.head_dim, g.dtype
+        self.dense_k = torch.zeros((g.dense_layers, kvh, max_tokens, d), dtype=dt, device=device)
+        self.dense_v = torch.zeros_like(self.dense_k)
+        sink = SINK_BLOCKS * g.block_size
+        self.sink_k = torch.zeros((g.sparse_layers, kvh, sink, d), dtype=dt, device=device)
+        self.sink_v = torch.zeros_like(self.sink_k)
+        tail = (g.sparse_layers, kvh, g.tail_capacity, d)
+        self.tail_k = torch.zeros(tail, dtype=dt, device=device)
+        self.tail_v = torch.zeros_like(self.tail_k)
+        self.host_slots = host_slots  # middle block j lives in host slot host_slots[j]
+        self.host_slots_t = torch.tensor(host_slots, dtype=torch.long, device=device)
+        policy.allocate(g.sparse_layers, kvh, len(host_slots), d, dt, device)
+        self.working_set: WorkingSet | None = None
+        if policy.selects:
+            self.working_set = WorkingSet(
+                g.sparse_layers, kvh, budget_blocks, g.block_size, d, dt, device
+            )
+        self.tail_start = 0  # the tail holds tokens [tail_start, computed)
+        self.computed = 0
+        self.decode_steps = 0
+        self.bytes_fetched = torch.zeros((), dtype=torch.long, device=device)
+        self.blocks_attended = torch.zeros((), dtype=torch.long, device=device)
+
+    # ---- host side, once per step -----------------------------------------------------------
+
+    def plan(self, start: int, end: int) -> RecallChunk:
+        """The regions of the step computing tokens [start, end); commits the new tail."""
+        bs, w = self.geometry.block_size, self.geometry.window_blocks
+        if start != self.computed or end > self.max_tokens:
+            raise RuntimeError(
+                f"recall chunk [{start}, {end}) does not follow the {self.computed} cached "
+                f"tokens (room for {self.max_tokens})"
+            )
+        new_tail_start = max(self.tail_start, (end // bs - w) * bs)
+        middle = max(0, self.tail_start // bs - SINK_BLOCKS)
+        chunk = RecallChunk(start, end, self.tail_start, new_tail_start, middle)
+        self.tail_start, self.computed = new_tail_start, end
+        self.decode_steps += end - start == 1
+        return chunk
+
+    def reset(self) -> None:
+        """Back to no KV (preemption by recompute); buffers are kept."""
+        self.tail_start = self.computed = 0
+        if self.working_set is not None:
+            self.working_set.tag.fill_(-1)
+
+    # ---- device side, per layer ---------------------------------------------------------------
+
+    def attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: RecallChunk,
+        scale: float,
+    ) -> torch.Tensor:  # fmt: skip
+        """Store the chunk's k, v [T, KVH, D] of `layer` and attend its queries q [T, H, D]."""
+        g = self.geometry
+        if layer < g.dense_layers:
+            dk, dv = self.dense_k[layer], self.dense_v[layer]
+            dk[:, chunk.start : chunk.end] = k.transpose(0, 1)
+            dv[:, chunk.start : chunk.end] = v.transpose(0, 1)
+            return chunk_attention(
+                q, dk[:, : chunk.end], dv[:, : chunk.end], None, 0, chunk.start, scale
+            )
+        s = layer - g.dense_layers
+        held = chunk.start - chunk.tail_start
+        seg_k = torch.cat([self.tail_k[s, :, :held], k.transpose(0, 1).to(g.dtype)], dim=1)
+        seg_v = torch.cat([self.tail_v[s, :, :held], v.transpose(0, 1).to(g.dtype)], dim=1)
+        pk, pv, mask = self._prefix(s, q, chunk)
+        out = chunk_attention(
+            q, torch.cat([pk, seg_k], 1), torch.cat([pv, seg_v], 1), mask, chunk.tail_start,
+            chunk.start, scale,
+        )  # fmt: skip
+        self._retire(s, seg_k, seg_v, chunk)
+        return out
+
+    def _prefix(
+        self, s: int, q: torch.Tensor, chunk: RecallChunk
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Keys, values [KVH, n, D] before the tail (sink, then middle) and their mask."""
+        g = self.geometry
+        kvh, d = g.num_kv_heads, g.head_dim
+        empty = self.sink_k.new_zeros((kvh, 0, d))
+        if chunk.tail_start < g.block_size:
+            return empty, empty, None
+        keys, values = [self.sink_k[s]], [self.sink_v[s]]
+        m, mask = chunk.num_middle, None  # mask None: every prefix key is attended
+        if m > 0 and chunk.num_tokens == 1 and self.working_set is not None:
+            held = self._recall(s, q[0], m)
+            ws = self.working_set
+            keys.append(ws.k[s].reshape(kvh, -1, d))
+            values.append(ws.v[s].reshape(kvh, -1, d))
+            sink = torch.ones((kvh, self.sink_k.shape[2]), dtype=torch.bool, device=q.device)
+            mask = torch.cat([sink, held.repeat_interleave(g.block_size, dim=1)], dim=1)
+            self.blocks_attended += held.sum()
+        elif m > 0:
+            mk, mv = self._stream(s, m)
+            keys.append(mk)
+            values.append(mv)
+            if chunk.num_tokens == 1:
+                self.blocks_attended += m * kvh
+        return torch.cat(keys, 1), torch.cat(values, 1), mask
+
+    def _host_rows(self, s: int, blocks: torch.Tensor) -> torch.Tensor:
+        """Flat host-store rows of middle blocks [KVH, n] (row = layer, slot, head)."""
+        kvh = self.geometry.num_kv_heads
+        heads = torch.arange(kvh, device=blocks.device)[:, None]
+        return (s * self.store.num_slots + self.host_slots_t[blocks]) * kvh + heads
+
+    def _flat_host(self) -> tuple[torch.Tensor, torch.Tensor]:
+        row = self.geometry.block_size * self.geometry.head_dim
+        return self.store.k.view(-1, row), self.store.v.view(-1, row)
+
+    def _recall(self, s: int, q: torch.Tensor, m: int) -> torch.Tensor:
+        """Pick up to budget_blocks middle blocks per head for query q [H, D] and make the
+        working set hold them; [KVH, budget_blocks] bool, the slots holding a pick."""
+        g, ws = self.geometry, self.working_set
+        assert ws is not None
+        n = ws.slots
+        if m <= n:  # every middle block fits: attended exactly
+            picks = torch.arange(n, device=q.device).expand(g.num_kv_heads, n)
+            picks = torch.where(picks < m, picks, -1)
+        else:
+            grouped = q.view(g.num_kv_heads, g.group_size, g.head_dim)
+            scores = self.policy.scores(s, grouped, m)
+            picks = torch.topk(scores, n, dim=1, sorted=False).indices
+        before = ws.misses.clone()
+        host_k, host_v = self._flat_host()
+        held = ws.update(s, picks, lambda b: self._host_rows(s, b), host_k, host_v)
+        self.bytes_fetched += (ws.misses - before) * 2 * host_k.shape[1] * host_k.element_size()
+        return held
+
+    def _stream(self, s: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every middle block of sparse layer s, [KVH, m * bs, D], fetched from the host."""
+        g = self.geometry
+        device = self.host_slots_t.device
+        blocks = torch.arange(m, device=device)
+        src = self._host_rows(s, blocks[None, :].expand(g.num_kv_heads, m)).flatten()
+        dst = torch.arange(src.numel(), device=device)
+        host_k, host_v = self._flat_host()
+        out = []
+        for host in (host_k, host_v):
+            scratch = host.new_empty((src.numel(), host.shape[1]), device=device)
+            copy_rows(host, scratch, src, dst)
+            out.append(scratch.view(g.num_kv_heads, m * g.block_size, g.head_dim))
+        self.bytes_fetched += 2 * src.numel() * host_k.shape[1] * host_k.element_size()
+        return out[0], out[1]
+
+    def _retire(self, s: int, seg_k: torch.Tensor, seg_v: torch.Tensor, chunk: RecallChunk) -> None:
+        """Blocks leaving the tail go to the sink or the host store (with their summaries);
+        the rest of seg becomes the tail. seg: tokens [tail_start, end), [KVH, n, D]."""
+        g = self.geometry
+        bs, kvh, d = g.block_size, g.num_kv_heads, g.head_dim
+        first, last = chunk.tail_start // bs, chunk.new_tail_start // bs
+        if first < SINK_BLOCKS <= last:
+            self.sink_k[s] = seg_k[:, : SINK_BLOCKS * bs]
+            self.sink_v[s] = seg_v[:, : SINK_BLOCKS * bs]
+        lo = max(first, SINK_BLOCKS)
+        if lo < last:
+            rel = (lo - first) * bs
+            n = last - lo
+            keys = seg_k[:, rel : rel + n * bs].reshape(kvh, n, bs, d)
+            values = seg_v[:, rel : rel + n * bs].reshape(kvh, n, bs, d)
+            middle = torch.arange(lo - SINK_BLOCKS, last - SINK_BLOCKS, device=seg_k.device)
+            dst = self._host_rows(s, middle[None, :].expand(kvh, n)).flatten()
+            src = torch.arange(kvh * n, device=seg_k.device)
+            host_k, host_v = self._flat_host()
+            copy_rows(keys.reshape(kvh * n, bs * d), host_k, src, dst)
+            copy_rows(values.reshape(kvh * n, bs * d), host_v, src, dst)
+            self.policy.summarize(s, lo - SINK_BLOCKS, keys)
+        keep = chunk.new_tail_start - chunk.tail_start
+        rest = seg_k.shape[1] - keep
+        self.tail_k[s, :, :rest] = seg_k[:, keep:]
+        self.tail_v[s, :, :rest] = seg_v[:, keep:]
