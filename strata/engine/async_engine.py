@@ -10,7 +10,8 @@ Invariants:
   error); after it the engine holds no blocks for that request.
 - Closing the RequestStream of an unfinished request (a client that went away)
   aborts it; the engine thread frees its blocks before its next step.
-- An exception that escapes a step fails every request in flight, and the loop goes on.
+- An exception that escapes a step fails every request in flight, and the loop goes on;
+  after an engine fault (out of memory, a device fault) the loop stops: /health is 503.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from strata.engine.engine import LLMEngine
 from strata.engine.outputs import RequestOutput
 from strata.engine.sampling_params import SamplingParams
 from strata.engine.sequence import Sequence as EngineSequence
-from strata.errors import StrataError
+from strata.errors import StrataError, is_engine_fault
 
 logger = logging.getLogger("strata.engine")
 
@@ -221,9 +222,17 @@ class AsyncEngine:
                 outputs = self.engine.step()
             except Exception as exc:  # a failure outside the model run: fail everything
                 outputs = self._fail_everything(exc)
-            for out in outputs:
-                self._deliver(out)
-            self._publish_stats()
+                if is_engine_fault(exc):  # the device is unusable: stop for good
+                    self._stopping = True
+                    self._deliver_all(outputs)
+                    logger.critical("engine fault; the engine stops: %r", exc)
+                    return
+            self._deliver_all(outputs)
+
+    def _deliver_all(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            self._deliver(out)
+        self._publish_stats()
 
     def _fail_everything(self, exc: Exception) -> list[RequestOutput]:
         logger.exception("engine loop failed; failing every request in flight")

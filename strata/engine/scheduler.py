@@ -29,6 +29,7 @@ from typing import Any
 from strata.config import SchedulerConfig
 from strata.engine.plan import ScheduledChunk, StepPlan
 from strata.engine.sequence import Sequence, SequenceStatus
+from strata.errors import SequenceFault, blame
 from strata.kv.manager import KVManager, PrefixMatch
 from strata.kv.tiers.loads import TierLoads
 
@@ -70,14 +71,22 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[Sequence] = []
+        faults: list[SequenceFault] = []
 
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed, budget)
-            if seq.kv is not None:
-                n = seq.kv.chunk_limit(seq.num_computed, n)
-            slots = seq.num_kv_slots + n + self._spare_blocks(seq, n) * self.kv.block_size
+            try:
+                with blame(seq.request_id):  # its KV policy's answers
+                    n = min(seq.num_tokens - seq.num_computed, budget)
+                    if seq.kv is not None:
+                        n = seq.kv.chunk_limit(seq.num_computed, n)
+                    spare = self._spare_blocks(seq, n)
+            except SequenceFault as fault:
+                faults.append(fault)  # left out of the step; the engine fails it
+                i += 1
+                continue
+            slots = seq.num_kv_slots + n + spare * self.kv.block_size
             while not self.kv.grow(seq.request_id, slots):
                 if self.reclaim is not None and self.reclaim():
                     continue
@@ -94,16 +103,21 @@ class Scheduler:
                 i += 1
 
         if not preempted:
-            budget = self._admit(budget, chunks)
-        return StepPlan(tuple(chunks), tuple(preempted))
+            budget = self._admit(budget, chunks, faults)
+        return StepPlan(tuple(chunks), tuple(preempted), faults)
 
-    def _admit(self, budget: int, chunks: list[ScheduledChunk]) -> int:
+    def _admit(self, budget: int, chunks: list[ScheduledChunk], faults: list[SequenceFault]) -> int:
         for seq in list(self.waiting):
             if budget <= 0 or len(self.running) + len(self.loading) >= self.config.max_num_seqs:
                 break
             if self.tier_loads.is_probing(seq):
                 continue  # its remote lookup is in flight; later arrivals may go first
-            tokens = self._matchable(seq)
+            try:
+                with blame(seq.request_id):
+                    tokens = self._matchable(seq)
+            except SequenceFault as fault:
+                faults.append(fault)  # stays queued until the engine fails it
+                continue
             match = self.kv.match_prefix(tokens)
             hits = self.tier_loads.hits(seq, tokens, match)
             if hits:
@@ -113,14 +127,11 @@ class Scheduler:
                 self._start(seq, match)
                 self.tier_loads.start(seq, hits)
                 continue
-            n = min(seq.num_tokens - match.num_tokens, budget)
-            spare = 0
-            if seq.kv is not None:
-                n = seq.kv.chunk_limit(match.num_tokens, n)
-                budgets = seq.kv.budgets_after(match.num_tokens + n)
-                if budgets is not None:  # matched blocks already held elsewhere get copied
-                    head = match.block_ids[: self.kv.blocks_for(max(budgets))]
-                    spare = sum(1 for b in head if self.kv.pool.refcount[b] > 0)
+            try:
+                n, spare = self._first_chunk(seq, match, budget)
+            except SequenceFault as fault:
+                faults.append(fault)
+                continue
             slots = match.num_tokens + n + spare * self.kv.block_size
             if not self._admit_blocks(seq, match, slots):
                 break
@@ -132,6 +143,20 @@ class Scheduler:
             )
             budget -= n
         return budget
+
+    def _first_chunk(self, seq: Sequence, match: PrefixMatch, budget: int) -> tuple[int, int]:
+        """(tokens to compute now, spare blocks to reserve) for a sequence being admitted."""
+        n = min(seq.num_tokens - match.num_tokens, budget)
+        if seq.kv is None:
+            return n, 0
+        with blame(seq.request_id):
+            n = seq.kv.chunk_limit(match.num_tokens, n)
+            budgets = seq.kv.budgets_after(match.num_tokens + n)
+        if budgets is None:
+            return n, 0
+        # Matched blocks already held elsewhere get copied before a compaction.
+        head = match.block_ids[: self.kv.blocks_for(max(budgets))]
+        return n, sum(1 for b in head if self.kv.pool.refcount[b] > 0)
 
     def _admit_blocks(self, seq: Sequence, match: PrefixMatch, num_tokens: int) -> bool:
         while True:

@@ -204,7 +204,7 @@ def _choice_params(params: SamplingParams, k: int) -> SamplingParams:
     """The k-th of n choices: a seeded request's choices differ by seed, reproducibly."""
     if k == 0 or params.seed is None:
         return params
-    return replace(params, seed=params.seed + k)
+    return replace(params, seed=(params.seed + k) % (SamplingParams.MAX_SEED + 1))
 
 
 async def _prepare(

@@ -54,9 +54,11 @@ class APIError(Exception):
 
 
 def invalid_request(exc: InvalidRequestError, param: str | None = None) -> APIError:
+    """A 400 naming the field at fault: the error's own, else `param`."""
+    param = exc.param or param
     if isinstance(exc, ContextLengthError):
         return APIError(400, str(exc), param=param, code="context_length_exceeded")
-    return APIError(400, str(exc), param=getattr(exc, "param", param))
+    return APIError(400, str(exc), param=param)
 
 
 def server_error(message: str) -> APIError:

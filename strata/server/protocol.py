@@ -9,19 +9,38 @@ which is how a model without a tokenizer, a random: one say, can be served and t
 and session_id with cache_ttl_s (the turn's KV stays pinned for the session's next turn),
 and kv_policy, kv_budget and kv_compress_prefix (the request's KV eviction policy; see
 SamplingParams).
+
+Every text must be encodable as UTF-8 (no lone surrogates), token ids are integers
+(true/false are not), and one request asks for at most MAX_CHOICES sequences (prompts x n).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
 
 from strata.engine.sampling_params import SamplingParams
 from strata.errors import InvalidRequestError
 
 MAX_N = 16
 MAX_LOGPROBS = SamplingParams.MAX_LOGPROBS
+MAX_CHOICES = 256  # prompts x n of one request
+
+
+def _utf8(text: str) -> str:
+    """Reject a string that UTF-8 cannot encode (a lone surrogate, from a JSON escape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        message = f"the text holds an invalid character at {exc.start}: {exc.reason}"
+        raise ValueError(message) from None
+    return text
+
+
+# Text from a client: any string UTF-8 can encode.
+Text = Annotated[str, AfterValidator(_utf8)]
+TokenIds = list[StrictInt]  # true/false are not token ids
 
 
 class StreamOptions(BaseModel):
@@ -32,28 +51,28 @@ class StreamOptions(BaseModel):
 class _SamplingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str | None = None
+    model: Text | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=MAX_N)
     seed: int | None = None
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    user: Text | None = None
     # Strata extensions
     top_k: int = Field(-1, ge=-1)
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: TokenIds | None = None
     skip_special_tokens: bool = True
     return_token_ids: bool = False
-    session_id: str | None = None
+    session_id: Text | None = None
     cache_ttl_s: float | None = None
-    kv_policy: str | None = None
+    kv_policy: Text | None = None
     kv_budget: float | None = None
     kv_compress_prefix: int | None = None
 
@@ -95,7 +114,7 @@ class _SamplingRequest(BaseModel):
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | TokenIds | list[TokenIds]
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
@@ -122,20 +141,24 @@ class CompletionRequest(_SamplingRequest):
             raise ParameterError("prompt", "prompt is an empty list")
         if all(isinstance(t, int) for t in p):
             return [list(p)]  # type: ignore[arg-type]
+        if len(p) * self.n > MAX_CHOICES:
+            raise ParameterError(
+                "prompt", f"prompts x n must be at most {MAX_CHOICES}, got {len(p)} x {self.n}"
+            )
         return list(p)  # type: ignore[arg-type]
 
 
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
     type: str
-    text: str | None = None
+    text: Text | None = None
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
     def as_template_message(self) -> dict[str, Any]:
         content = self.content
@@ -189,5 +212,4 @@ class ParameterError(InvalidRequestError):
     """A bad or unsupported value of the parameter `param`."""
 
     def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param = param
+        super().__init__(message, param)
