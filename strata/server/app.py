@@ -1,6 +1,9 @@
 """The OpenAI-compatible HTTP app: /v1/completions, /v1/chat/completions, /v1/models,
 /health and /metrics, over one AsyncEngine.
 
+Every request first passes the RequestGuard (guard.py): the API key, then the body size,
+from the headers alone.
+
 A request is checked whole before anything is queued: parameters, model name, every
 prompt's length against the context, and the waiting queue's room for all its choices.
 """
@@ -8,14 +11,13 @@ prompt's length against the context, and the waiting queue's room for all its ch
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from strata.engine.async_engine import AsyncEngine, EngineStoppedError, QueueFullError
@@ -24,6 +26,7 @@ from strata.engine.outputs import RequestOutput
 from strata.engine.sampling_params import SamplingParams
 from strata.engine.sequence import Sequence as EngineSequence
 from strata.errors import InvalidRequestError
+from strata.server.config import DEFAULT_MAX_REQUEST_BYTES
 from strata.server.errors import (
     APIError,
     install_error_handlers,
@@ -31,6 +34,7 @@ from strata.server.errors import (
     server_error,
     unavailable,
 )
+from strata.server.guard import RequestGuard, guard_options
 from strata.server.metrics import ServerMetrics
 from strata.server.protocol import ChatCompletionRequest, CompletionRequest
 from strata.server.request_run import ClientDisconnected, RequestRun
@@ -53,7 +57,9 @@ class ServerState:
     """What the routes share. `engine` is None until the model has loaded."""
 
     model_name: str
-    api_key: str | None = None
+    api_keys: tuple[str, ...] = ()  # each a tenant; none: no key needed
+    public_metrics: bool = False
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     engine: AsyncEngine | None = None
     load_error: str | None = None
     started: float = field(default_factory=time.time)
@@ -94,7 +100,8 @@ def build_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="Strata", version="0.1.0", description="OpenAI-compatible LLM server")
     app.state.strata = state
     install_error_handlers(app)
-    auth = [Depends(_authorizer(state))]
+    guard = guard_options(list(state.api_keys), state.public_metrics, state.max_request_bytes)
+    app.add_middleware(RequestGuard, **guard)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -107,7 +114,7 @@ def build_app(state: ServerState) -> FastAPI:
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models", dependencies=auth)
+    @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         card = {
             "id": state.model_name, "object": "model", "created": int(state.started),
@@ -117,32 +124,15 @@ def build_app(state: ServerState) -> FastAPI:
             card["max_model_len"] = state.engine.engine.max_model_len
         return {"object": "list", "data": [card]}
 
-    @app.post("/v1/completions", dependencies=auth, response_model=None)
+    @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await _complete(state, body, request)
 
-    @app.post("/v1/chat/completions", dependencies=auth, response_model=None)
+    @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await _chat(state, body, request)
 
     return app
-
-
-def _authorizer(state: ServerState) -> Callable[[Request], Awaitable[None]]:
-    """The /v1 routes' dependency: 401 unless the request bears the server's API key."""
-
-    async def authorize(request: Request) -> None:
-        if state.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), state.api_key):
-            raise APIError(
-                401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
-                code="invalid_api_key",
-            )  # fmt: skip
-
-    return authorize
 
 
 async def _complete(state: ServerState, body: CompletionRequest, request: Request) -> Response:

@@ -1,0 +1,159 @@
+"""Hostile and careless requests, over real HTTP: every bad value is a 400 naming its
+field, the API key guards every route but /health before the body is read, and bodies
+over --max-request-bytes are refused before they are read in full."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.server_utils import RunningServer, engine_factory, start_server
+
+MODEL = "tiny"
+LLM_KWARGS = {"kv_cache_memory": 0.05, "max_model_len": 1024}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_chat_folder: Path) -> Iterator[RunningServer]:
+    running = start_server(engine_factory(str(tiny_chat_folder), **LLM_KWARGS), model_name=MODEL)
+    yield running
+    running.stop()
+
+
+def post(server: RunningServer, path: str, body: object, **kw: object) -> httpx.Response:
+    kw.setdefault("timeout", 30)
+    return httpx.post(f"{server.url}{path}", json=body, **kw)  # type: ignore[arg-type]
+
+
+def error_of(r: httpx.Response, status: int, param: str | None = None) -> str:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["param"] == param, error
+    return str(error["message"])
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "message"),
+    [
+        ({"top_k": 2**63}, "top_k", "top_k must be -1 (disabled) or an integer in [0, 2147483647]"),
+        ({"seed": 2**32}, "seed", "seed must be an integer in [0, 4294967295], got 4294967296"),
+        ({"seed": -1}, "seed", "seed must be an integer in [0, 4294967295], got -1"),
+        ({"prompt": [True, False]}, "prompt", "prompt"),
+        ({"prompt": [[1, 2], [True]]}, "prompt", "prompt"),
+        ({"stop_token_ids": [True]}, "stop_token_ids", "stop_token_ids"),
+        ({"stop_token_ids": [49152]}, "stop_token_ids", "stop_token_ids must be in [0, 49152)"),
+        ({"stop": [f"s{i}" for i in range(65)]}, "stop", "at most 64 stop strings, got 65"),
+        ({"stop": "x" * 1025}, "stop", "at most 1024 characters"),
+        ({"prompt": ["a"] * 17, "n": 16}, "prompt", "prompts x n must be at most 256, got 17 x 16"),
+        ({"kv_policy": "nope"}, "kv_policy", "unknown kv_policy 'nope'"),
+        ({"kv_policy": "snapkv", "kv_budget": -1}, "kv_budget", "kv_budget"),
+    ],
+)
+def test_bad_values_are_400_naming_the_field(
+    server: RunningServer, body: dict[str, object], param: str, message: str
+) -> None:
+    r = post(server, "/v1/completions", {"model": MODEL, "prompt": "x", **body})
+    assert message in error_of(r, 400, param)
+    server.assert_no_leaks()
+
+
+def test_a_lone_surrogate_is_400(server: RunningServer) -> None:
+    for body, param in (
+        (b'{"prompt": "a\\ud800b", "max_tokens": 1}', "prompt"),
+        (b'{"prompt": "x", "stop": ["\\udfff"], "max_tokens": 1}', "stop"),
+        (b'{"prompt": "x", "stop": "\\udfff", "max_tokens": 1}', "stop"),
+    ):
+        r = httpx.post(
+            f"{server.url}/v1/completions", content=body,
+            headers={"content-type": "application/json"},
+        )  # fmt: skip
+        error_of(r, 400, param)
+    chat = b'{"messages": [{"role": "user", "content": "\\ud83d"}], "max_tokens": 1}'
+    r = httpx.post(
+        f"{server.url}/v1/chat/completions", content=chat,
+        headers={"content-type": "application/json"},
+    )  # fmt: skip
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+def test_snapkv_on_a_tiny_prompt_succeeds(server: RunningServer) -> None:
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 3, "kv_policy": "snapkv",
+            "kv_budget": 4, "ignore_eos": True}  # fmt: skip
+    r = post(server, "/v1/completions", body)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+    server.assert_no_leaks()
+
+
+def test_a_text_that_cannot_fit_is_refused_without_tokenizing(server: RunningServer) -> None:
+    limit = server.engine.requests.max_prompt_chars
+    r = post(server, "/v1/completions", {"model": MODEL, "prompt": "a" * (limit + 1)})
+    message = error_of(r, 400, "prompt")
+    assert message.startswith(f"the prompt has {limit + 1} characters; no text over {limit}")
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny_chat_folder: Path) -> Iterator[RunningServer]:
+    running = start_server(
+        engine_factory(str(tiny_chat_folder), **LLM_KWARGS), model_name=MODEL,
+        api_keys=("key-a", "key-b"), max_request_bytes=4096,
+    )  # fmt: skip
+    yield running
+    running.stop()
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/docs", "/redoc", "/openapi.json", "/v1/models"])
+def test_every_route_but_health_needs_the_key(guarded: RunningServer, path: str) -> None:
+    assert error_of(httpx.get(f"{guarded.url}{path}"), 401).startswith("missing or incorrect")
+    ok = httpx.get(f"{guarded.url}{path}", headers={"Authorization": "Bearer key-b"})
+    assert ok.status_code == 200
+    assert httpx.get(f"{guarded.url}/health").status_code == 200
+
+
+def test_the_key_is_checked_before_the_body_is_read(guarded: RunningServer) -> None:
+    # A body far over the limit, without the key: 401, not 413 (nothing read).
+    big = {"model": MODEL, "prompt": "x" * 100_000}
+    error_of(post(guarded, "/v1/completions", big), 401)
+    client = openai.OpenAI(base_url=f"{guarded.url}/v1", api_key="key-a", max_retries=0)
+    assert client.completions.create(model=MODEL, prompt="x", max_tokens=1).choices
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{guarded.url}/v1", api_key="key-c", max_retries=0).models.list()
+
+
+def test_a_body_over_the_limit_is_413(guarded: RunningServer) -> None:
+    auth = {"Authorization": "Bearer key-a"}
+    big = {"model": MODEL, "prompt": "x" * 5000}
+    r = post(guarded, "/v1/completions", big, headers=auth)
+    message = error_of(r, 413)
+    assert message == "the request body is larger than 4096 bytes (--max-request-bytes)"
+    assert r.json()["error"]["code"] == "request_too_large"
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
+        yield b'{"model": "tiny", "prompt": "'
+        for _ in range(10):
+            yield b"x" * 1000
+        yield b'"}'
+
+    r = httpx.post(
+        f"{guarded.url}/v1/completions", content=chunks(),
+        headers={**auth, "content-type": "application/json"},
+    )  # fmt: skip
+    assert error_of(r, 413).startswith("the request body is larger than 4096 bytes")
+    guarded.assert_no_leaks()
+
+
+def test_public_metrics(tiny_chat_folder: Path) -> None:
+    running = start_server(
+        engine_factory(str(tiny_chat_folder), **LLM_KWARGS), model_name=MODEL,
+        api_key="k", public_metrics=True,
+    )  # fmt: skip
+    try:
+        assert httpx.get(f"{running.url}/metrics").status_code == 200
+        error_of(httpx.get(f"{running.url}/v1/models"), 401)
+        error_of(httpx.get(f"{running.url}/openapi.json"), 401)
+    finally:
+        running.stop()
