@@ -4,7 +4,9 @@
     0       8     magic b"STRATAKV"
     8       2     format version (little-endian u16)
     10      2     header length H, bytes from offset 0 to the token ids
-    12      16    checksum: xxh3-128 of everything after this field
+    12      16    version 1: checksum, xxh3-128 of everything after this field;
+                  version 2: keyed BLAKE2b-128 MAC (store_secret.py) of everything but
+                  this field
     28      32    block key
     60      32    model fingerprint (raw SHA-256)
     92      4x5   layers, kv heads, head dim, block size (tokens), token count (u32 each)
@@ -15,7 +17,9 @@
     ...     P     payload: [layers, k|v, tokens, kv heads, head dim] in dtype
 
 A reader accepts a block only if every header field equals what it expects (its own
-layout and the key it asked for), the lengths add up and the checksum matches.
+layout and the key it asked for), the lengths add up and the checksum matches. A store
+with a secret writes and accepts only version 2 blocks whose MAC verifies; one without
+writes and accepts only version 1.
 """
 
 from __future__ import annotations
@@ -27,9 +31,11 @@ import torch
 import xxhash
 
 from strata.kv.tiers.base import KEY_BYTES, BlockLayout, StoredBlock
+from strata.kv.tiers.store_secret import StoreSecret
 
 MAGIC = b"STRATAKV"
-VERSION = 1
+VERSION = 1  # checksummed
+VERSION_MAC = 2  # authenticated
 _HEAD = struct.Struct("<8sHH16s32s32s5I16s16sQ")
 HEADER_BYTES = _HEAD.size  # 152
 
@@ -49,8 +55,11 @@ def encoded_size(layout: BlockLayout) -> int:
     return HEADER_BYTES + 4 * layout.block_size + layout.nbytes
 
 
-def encode(layout: BlockLayout, block: StoredBlock) -> list[memoryview]:
-    """The block as buffers to write in order (header+tokens, payload): no payload copy."""
+def encode(
+    layout: BlockLayout, block: StoredBlock, secret: StoreSecret | None = None
+) -> list[memoryview]:
+    """The block as buffers to write in order (header+tokens, payload): no payload copy.
+    With a secret, a version 2 block carrying the MAC."""
     if len(block.key) != KEY_BYTES:
         raise ValueError(f"block keys are {KEY_BYTES} bytes, got {len(block.key)}")
     if len(block.token_ids) != layout.block_size:
@@ -74,6 +83,10 @@ def encode(layout: BlockLayout, block: StoredBlock) -> list[memoryview]:
         payload.nbytes,
     )
     body = struct.pack("<32s32s5I16s16sQ", *fields)
+    if secret is not None:
+        prefix = struct.pack("<8sHH", MAGIC, VERSION_MAC, HEADER_BYTES)
+        tag = secret.mac(prefix, body, tokens, payload)
+        return [memoryview(prefix + tag + body + tokens), payload]
     digest = xxhash.xxh3_128()
     digest.update(body)
     digest.update(tokens)
@@ -82,8 +95,11 @@ def encode(layout: BlockLayout, block: StoredBlock) -> list[memoryview]:
     return [memoryview(head + tokens), payload]
 
 
-def decode(layout: BlockLayout, data: bytes | memoryview, key: bytes) -> StoredBlock:
-    """Parse and verify a block read back; raises BlockFormatError on any mismatch.
+def decode(
+    layout: BlockLayout, data: bytes | memoryview, key: bytes, secret: StoreSecret | None = None
+) -> StoredBlock:
+    """Parse and verify a block read back; raises BlockFormatError on any mismatch (with a
+    secret: unless it is a version 2 block whose MAC verifies).
 
     The returned payload is a uint8 tensor over `data` (no copy): keep `data` alive.
     """
@@ -94,9 +110,10 @@ def decode(layout: BlockLayout, data: bytes | memoryview, key: bytes) -> StoredB
      ntok, dtype, codec, plen) = _HEAD.unpack_from(view)  # fmt: skip
     if magic != MAGIC:
         raise BlockFormatError("not a Strata KV block (bad magic)")
-    if version != VERSION or head_len != HEADER_BYTES:
+    want_version = VERSION if secret is None else VERSION_MAC
+    if version != want_version or head_len != HEADER_BYTES:
         raise BlockFormatError(
-            f"format version {version} (header {head_len} B); expected {VERSION}"
+            f"format version {version} (header {head_len} B); expected {want_version}"
         )
     expected: dict[str, tuple[object, object]] = {
         "key": (stored_key, key),
@@ -120,10 +137,7 @@ def decode(layout: BlockLayout, data: bytes | memoryview, key: bytes) -> StoredB
     total = HEADER_BYTES + 4 * ntok + plen
     if view.nbytes != total:
         raise BlockFormatError(f"length {view.nbytes} bytes, header says {total}")
-    digest = xxhash.xxh3_128()
-    digest.update(view[28:])
-    if digest.digest() != checksum:
-        raise BlockFormatError("checksum mismatch")
+    _verify(view, checksum, secret)
     tokens = struct.unpack_from(f"<{ntok}I", view, HEADER_BYTES)
     with warnings.catch_warnings():  # read-only network buffers: the payload is never written
         warnings.simplefilter("ignore", UserWarning)
@@ -131,3 +145,14 @@ def decode(layout: BlockLayout, data: bytes | memoryview, key: bytes) -> StoredB
             view, dtype=torch.uint8, offset=HEADER_BYTES + 4 * ntok, count=plen
         )
     return StoredBlock(key=stored_key, token_ids=tuple(tokens), payload=payload)
+
+
+def _verify(view: memoryview, tag: bytes, secret: StoreSecret | None) -> None:
+    if secret is not None:
+        if not secret.verify(tag, view[:12], view[28:]):
+            raise BlockFormatError("MAC mismatch: not written with this store's secret")
+        return
+    digest = xxhash.xxh3_128()
+    digest.update(view[28:])
+    if digest.digest() != tag:
+        raise BlockFormatError("checksum mismatch")

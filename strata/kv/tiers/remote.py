@@ -1,7 +1,8 @@
 """The remote tier: blocks as values on a Valkey or Redis server that many engines share.
 
-    key    strata:kv:<fingerprint[:16]>:<layout digest>:<block key hex>
-    value  block_format bytes (header + token ids + payload, checksummed)
+    key    strata:kv:<fingerprint[:16]>:<layout digest>:[<secret tag>:]<block key hex>
+    value  block_format bytes (header + token ids + payload, checksummed, or with a
+           store secret authenticated by a MAC)
 
     contains = pipelined EXISTS    get = one MGET    put = pipelined SET NX    remove = DEL
 
@@ -28,9 +29,11 @@ bytes MGET returned, so they stay valid.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -39,14 +42,26 @@ from redis.retry import Retry
 from strata.kv.tiers import block_format
 from strata.kv.tiers.base import BlockLayout, PinCounts, StoredBlock, TierStore, Timer
 from strata.kv.tiers.disk import layout_digest
+from strata.kv.tiers.store_secret import StoreSecret
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 UNBOUNDED = 1 << 60  # capacity_bytes when the server's maxmemory is the only cap
 _SCHEMES = {"valkey://": "redis://", "valkeys://": "rediss://"}
+PASSWORD_ENV = "STRATA_KV_REMOTE_PASSWORD"
 # Failures that mean "the server is not answering": the tier goes down on these.
 _UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+
+def redact_url(url: str) -> str:
+    """The URL as it may be shown: its password, if any, replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def redis_url(url: str) -> str:
@@ -69,17 +84,27 @@ class RemoteTier(TierStore):
         timeout_s: float = 0.5,
         retry_s: float = 2.0,
         info_interval_s: float = 5.0,
+        secret: StoreSecret | None = None,
     ) -> None:
+        """secret: authenticate every block (store_secret.py), under a key prefix of its
+        own. The password is the URL's, else $STRATA_KV_REMOTE_PASSWORD; logs show the
+        URL without it."""
         super().__init__(layout, UNBOUNDED if capacity_bytes is None else capacity_bytes)
-        self.url = url
+        self.url = redact_url(url)  # what logs and describe() show
+        self.secret = secret
         self.timeout_s = timeout_s
         self.retry_s = retry_s
         self.info_interval_s = info_interval_s
-        self.prefix = f"strata:kv:{layout.fingerprint[:16]}:{layout_digest(layout)}:".encode()
+        namespace = f"strata:kv:{layout.fingerprint[:16]}:{layout_digest(layout)}:"
+        if secret is not None:
+            namespace += f"{secret.namespace}:"
+        self.prefix = namespace.encode()
         # One immediate retry on a dropped connection (a restarted server leaves stale
         # pooled sockets); none on a timeout, so one call costs at most ~2 * timeout_s.
+        password = None if urlsplit(url).password else os.environ.get(PASSWORD_ENV)
         self._client = redis.Redis.from_url(
             redis_url(url),
+            password=password,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
@@ -176,7 +201,7 @@ class RemoteTier(TierStore):
 
     def _decode(self, key: bytes, value: bytes) -> StoredBlock | None:
         try:
-            return block_format.decode(self.layout, value, key)
+            return block_format.decode(self.layout, value, key, self.secret)
         except block_format.BlockFormatError as exc:
             log.warning("remote KV tier: rejecting %s: %s", self.name_of(key).decode(), exc)
             self.stats.add(corrupt=1)
@@ -188,7 +213,7 @@ class RemoteTier(TierStore):
     def put(self, blocks: Sequence[StoredBlock]) -> None:
         if not blocks:
             return
-        values = [b"".join(block_format.encode(self.layout, b)) for b in blocks]
+        values = [b"".join(block_format.encode(self.layout, b, self.secret)) for b in blocks]
 
         def set_missing() -> list[object]:
             pipe = self._client.pipeline(transaction=False)

@@ -1,0 +1,163 @@
+"""Authenticated tier blocks: with a store secret every disk or remote block carries a
+keyed MAC, forged or foreign blocks are deleted misses, and the secret is part of the
+namespace. Passwords of store URLs never reach the logs."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import torch
+import xxhash
+
+from strata.kv.tiers import block_format
+from strata.kv.tiers.base import BlockLayout, StoredBlock
+from strata.kv.tiers.disk import DiskTier, layout_digest
+from strata.kv.tiers.remote import RemoteTier, redact_url
+from strata.kv.tiers.store_secret import SECRET_ENV, StoreSecret, resolve_secret
+from tests.redis_server import RedisServer, server_binary, server_required
+
+LAYOUT = BlockLayout("ab" * 32, num_layers=2, num_kv_heads=2, head_dim=4, block_size=4,
+                     dtype="float16")  # fmt: skip
+SECRET = StoreSecret.of(b"correct horse battery staple")
+OTHER = StoreSecret.of(b"another secret of sixteen+ bytes")
+FILE = block_format.encoded_size(LAYOUT)
+
+
+def key(i: int) -> bytes:
+    return hashlib.sha256(f"block {i}".encode()).digest()
+
+
+def block(i: int, salt: int = 7) -> StoredBlock:
+    payload = (torch.arange(LAYOUT.nbytes, dtype=torch.int64) * (i + salt) % 251).to(torch.uint8)
+    return StoredBlock(key(i), tuple(range(i, i + LAYOUT.block_size)), payload)
+
+
+def encoded(b: StoredBlock, secret: StoreSecret | None) -> bytes:
+    return b"".join(block_format.encode(LAYOUT, b, secret))
+
+
+def forged(b: StoredBlock) -> bytes:
+    """What a writer without the secret can make: a v2 block whose checksum field holds
+    a fresh xxh3 of a rewritten payload."""
+    data = bytearray(encoded(b, SECRET))
+    data[-8:] = b"\x01" * 8
+    data[12:28] = xxhash.xxh3_128(bytes(data[28:])).digest()
+    return bytes(data)
+
+
+def test_mac_round_trip_and_what_fails_it() -> None:
+    data = encoded(block(0), SECRET)
+    assert struct.unpack_from("<H", data, 8)[0] == block_format.VERSION_MAC
+    got = block_format.decode(LAYOUT, data, key(0), SECRET)
+    assert got.token_ids == block(0).token_ids and torch.equal(got.payload, block(0).payload)
+    cases = {
+        forged(block(0)): "MAC mismatch",
+        encoded(block(0), OTHER): "MAC mismatch",
+        encoded(block(0), None): r"format version 1 \(header 152 B\); expected 2",
+        data[:40] + b"\xff" + data[41:]: "mismatch",  # a header byte: fails a field or MAC
+    }
+    for bad, reason in cases.items():
+        with pytest.raises(block_format.BlockFormatError, match=reason):
+            block_format.decode(LAYOUT, bad, key(0), SECRET)
+    with pytest.raises(block_format.BlockFormatError, match="expected 1"):
+        block_format.decode(LAYOUT, data, key(0), None)  # no secret: v2 blocks are foreign
+
+
+def test_secret_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(SECRET_ENV, raising=False)
+    assert resolve_secret(None, None) is None
+    path = tmp_path / "secret"
+    path.write_bytes(b"  correct horse battery staple\n")
+    assert resolve_secret(None, str(path)) == SECRET
+    assert resolve_secret("correct horse battery staple", None) == SECRET
+    monkeypatch.setenv(SECRET_ENV, "correct horse battery staple")
+    assert resolve_secret(None, None) == SECRET
+    with pytest.raises(ValueError, match="at least 16 bytes, got 5"):
+        resolve_secret("short", None)
+    with pytest.raises(ValueError, match="cannot read the KV store secret file"):
+        resolve_secret(None, str(tmp_path / "missing"))
+    assert "horse" not in repr(SECRET) and len(SECRET.namespace) == 16
+
+
+def test_disk_tier_rejects_and_deletes_forged_blocks(tmp_path: Path) -> None:
+    tier = DiskTier(LAYOUT, tmp_path, capacity_bytes=10 * FILE, secret=SECRET)
+    assert tier.root == tmp_path / f"{'ab' * 8}-{layout_digest(LAYOUT)}-{SECRET.namespace}"
+    tier.put([block(0), block(1)])
+    (got,) = tier.get([key(0)])
+    assert got is not None and torch.equal(got.payload, block(0).payload)
+    tier.path_of(key(1)).write_bytes(forged(block(1)))
+    assert tier.get([key(1)]) == [None]
+    assert not tier.path_of(key(1)).exists()
+    assert tier.stats.snapshot()["corrupt"] == 1
+    # Another secret, or none, reads another directory: the blocks are not there at all.
+    assert DiskTier(LAYOUT, tmp_path, 10 * FILE, secret=OTHER).contains([key(0)]) == [False]
+    assert DiskTier(LAYOUT, tmp_path, 10 * FILE).contains([key(0)]) == [False]
+
+
+def test_disk_tier_deletes_a_corrupt_file(tmp_path: Path) -> None:
+    tier = DiskTier(LAYOUT, tmp_path, capacity_bytes=10 * FILE)
+    tier.put([block(3)])
+    path = tier.path_of(key(3))
+    path.write_bytes(path.read_bytes()[:-1] + b"\x00")
+    assert tier.get([key(3)]) == [None]
+    assert not path.exists() and tier.contains([key(3)]) == [False]
+
+
+def test_redacted_urls() -> None:
+    assert redact_url("redis://:pw@h:1/0") == "redis://:***@h:1/0"
+    assert redact_url("valkey://user:pw@h:1") == "valkey://user:***@h:1"
+    assert redact_url("redis://h:1") == "redis://h:1"
+
+
+@pytest.fixture(scope="module")
+def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    if server_binary() is None and not server_required():
+        pytest.skip("no valkey-server or redis-server on PATH")
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_remote_tier_rejects_and_deletes_forged_blocks(valkey: RedisServer) -> None:
+    client = redis.Redis.from_url(valkey.url)
+    client.flushall()
+    tier = RemoteTier(LAYOUT, valkey.url, secret=SECRET)
+    assert tier.prefix.decode().endswith(f":{SECRET.namespace}:")
+    tier.put([block(0), block(1)])
+    client.set(tier.name_of(key(1)), forged(block(1)))
+    got = tier.get([key(0), key(1)])
+    assert got[0] is not None and torch.equal(got[0].payload, block(0).payload)
+    assert got[1] is None and client.exists(tier.name_of(key(1))) == 0
+    assert tier.stats.snapshot()["corrupt"] == 1
+    assert RemoteTier(LAYOUT, valkey.url, secret=OTHER).contains([key(0)]) == [False]
+    tier.close()
+
+
+def test_remote_password_from_env_and_never_logged(
+    valkey: RedisServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = redis.Redis.from_url(valkey.url)
+    client.config_set("requirepass", "s3cr3t-pw")
+    try:
+        monkeypatch.setenv("STRATA_KV_REMOTE_PASSWORD", "s3cr3t-pw")
+        tier = RemoteTier(LAYOUT, valkey.url)
+        tier.put([block(2)])
+        assert tier.get([key(2)])[0] is not None
+        monkeypatch.delenv("STRATA_KV_REMOTE_PASSWORD")
+        url = valkey.url.replace("redis://", "redis://:s3cr3t-pw@")
+        with caplog.at_level(logging.INFO):
+            in_url = RemoteTier(LAYOUT, url)
+            assert in_url.get([key(2)])[0] is not None
+            assert "s3cr3t-pw" not in in_url.describe()
+            RemoteTier(LAYOUT, url.replace("s3cr3t-pw", "wrong")).get([key(2)])  # logs
+        assert "s3cr3t-pw" not in caplog.text and "wrong" not in caplog.text
+        assert ":***@" in caplog.text
+    finally:
+        redis.Redis.from_url(valkey.url, password="s3cr3t-pw").config_set("requirepass", "")
