@@ -157,3 +157,23 @@ def test_public_metrics(tiny_chat_folder: Path) -> None:
         error_of(httpx.get(f"{running.url}/openapi.json"), 401)
     finally:
         running.stop()
+
+
+def _cached(server: RunningServer, key: str, prompt: list[int], **extra: object) -> int:
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 1, **extra}
+    r = post(server, "/v1/completions", body, headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 200, r.text
+    return int(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
+
+
+def test_tenants_and_cache_salt_do_not_share_cached_prefixes(guarded: RunningServer) -> None:
+    prompt = [(11 * i) % 40000 + 100 for i in range(64)]
+    assert _cached(guarded, "key-a", prompt) == 0
+    assert _cached(guarded, "key-a", prompt) == 48  # its own prefix: whole blocks of 16
+    assert _cached(guarded, "key-b", prompt) == 0  # another tenant sees nothing cached
+    assert _cached(guarded, "key-a", prompt, cache_salt="s1") == 0
+    assert _cached(guarded, "key-a", prompt, cache_salt="s1") == 48
+    error_of(post(guarded, "/v1/completions", {"prompt": "x", "cache_salt": ""},
+                  headers={"Authorization": "Bearer key-a"}), 400, "cache_salt")  # fmt: skip
+    guarded.assert_no_leaks()
+

@@ -29,6 +29,8 @@ class SamplingParams:
     None takes the engine's default (`LLM(kv_policy=...)`, itself "full": lossless).
     kv_budget: the KV the policy keeps, as a fraction of the compressed context if < 1 or
     a number of tokens if >= 1; None takes the engine's default.
+    cache_salt: a partition of the prefix cache (GPU and tiers): the request reuses only
+    blocks computed under the same salt (the server adds the tenant to it).
     kv_compress_prefix: compress only the first N prompt tokens, as a context, before the
     rest of the prompt (the question) is computed; the rest then attends to the
     compressed context uncompressed (query-agnostic: compress once, ask many). None
@@ -50,6 +52,7 @@ class SamplingParams:
     kv_policy: str | None = None
     kv_budget: float | None = None
     kv_compress_prefix: int | None = None
+    cache_salt: str | None = None
 
     MAX_LOGPROBS = 20
     DEFAULT_SESSION_TTL_S = 300.0
@@ -111,6 +114,13 @@ class SamplingParams:
             )  # fmt: skip
 
     def _check_session(self) -> None:
+        if self.cache_salt is not None and (
+            not isinstance(self.cache_salt, str) or not 0 < len(self.cache_salt) <= 1024
+        ):
+            raise InvalidRequestError(
+                f"cache_salt must be a string of 1 to 1024 characters, got {self.cache_salt!r}",
+                "cache_salt",
+            )
         if self.session_id is not None and (
             not isinstance(self.session_id, str) or not 0 < len(self.session_id) <= 256
         ):

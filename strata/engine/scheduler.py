@@ -118,7 +118,7 @@ class Scheduler:
             except SequenceFault as fault:
                 faults.append(fault)  # stays queued until the engine fails it
                 continue
-            match = self.kv.match_prefix(tokens)
+            match = self.kv.match_prefix(tokens, seq.cache_salt)
             hits = self.tier_loads.hits(seq, tokens, match)
             if hits:
                 num_tokens = (len(match.block_ids) + len(hits)) * self.kv.block_size
@@ -164,7 +164,7 @@ class Scheduler:
                 return True
             if self.reclaim is None or not self.reclaim():
                 return False
-            match = self.kv.match_prefix(self._matchable(seq))  # released pins may change it
+            match = self.kv.match_prefix(self._matchable(seq), seq.cache_salt)  # pins released
 
     def _start(self, seq: Sequence, match: PrefixMatch) -> None:
         self.waiting.remove(seq)

@@ -60,6 +60,7 @@ class ServerState:
     api_keys: tuple[str, ...] = ()  # each a tenant; none: no key needed
     public_metrics: bool = False
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    allow_special_tokens_in_content: bool = False
     engine: AsyncEngine | None = None
     load_error: str | None = None
     started: float = field(default_factory=time.time)
@@ -87,6 +88,13 @@ class ServerState:
         if self.engine is None:
             raise unavailable(self.load_error or "the model is still loading")
         return self.engine
+
+    def tenant_of(self, request: Request) -> str | None:
+        """The tenant whose cache partition the request uses: its key's (guard.py), when
+        several keys are configured; None (one shared cache) otherwise."""
+        if len(self.api_keys) < 2:
+            return None
+        return str(request.state.tenant)
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -140,7 +148,7 @@ async def _complete(state: ServerState, body: CompletionRequest, request: Reques
     state.check_model(body.model)
     body.check_supported()
     prompts = body.prompts()
-    params = body.sampling_params(body.max_tokens, body.logprobs)
+    params = body.sampling_params(body.max_tokens, body.logprobs, state.tenant_of(request))
     request_id = f"cmpl-{uuid.uuid4().hex}"
     seqs = await _prepare(engine, prompts, params, body.n, request_id, "prompt")
     run = _submit(state, engine, request_id, seqs)
@@ -166,12 +174,15 @@ async def _chat(state: ServerState, body: ChatCompletionRequest, request: Reques
     body.check_supported()
     messages = [m.as_template_message() for m in body.messages]
     try:
+        chars = sum(len(m["content"]) for m in messages)
+        engine.engine.requests.check_text_length(chars, "messages")  # before templating
         prompt_ids = await engine.run_in_tokenizer_thread(
-            chat_prompt_ids, engine.engine.tokenizer, messages, state.model_name
-        )
+            chat_prompt_ids, engine.engine.tokenizer, messages, state.model_name,
+            state.allow_special_tokens_in_content,
+        )  # fmt: skip
     except InvalidRequestError as exc:
         raise invalid_request(exc, "messages") from exc
-    params = body.sampling_params(body.max_new_tokens, body.num_logprobs)
+    params = body.sampling_params(body.max_new_tokens, body.num_logprobs, state.tenant_of(request))
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     seqs = await _prepare(engine, [prompt_ids], params, body.n, request_id, "messages")
     run = _submit(state, engine, request_id, seqs)

@@ -32,6 +32,10 @@ class ServeConfig:
         "token ids fits)",
         metavar="BYTES",
     ))  # fmt: skip
+    allow_special_tokens_in_content: bool = field(default=False, metadata=option(
+        "let chat message contents produce the model's control tokens (a user could then "
+        "forge a system turn); by default only the chat template produces them",
+    ))  # fmt: skip
     served_model_name: str | None = field(default=None, metadata=option(
         "the model name clients send and /v1/models lists (default: the --model value, "
         "or smollm2-135m for the embedded model)",

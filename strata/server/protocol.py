@@ -7,8 +7,8 @@ Strata's own extensions: top_k, ignore_eos, stop_token_ids, skip_special_tokens,
 return_token_ids (each choice and stream chunk also carries the generated token ids,
 which is how a model without a tokenizer, a random: one say, can be served and timed),
 and session_id with cache_ttl_s (the turn's KV stays pinned for the session's next turn),
-and kv_policy, kv_budget and kv_compress_prefix (the request's KV eviction policy; see
-SamplingParams).
+kv_policy, kv_budget and kv_compress_prefix (the request's KV eviction policy; see
+SamplingParams), and cache_salt (the request reuses only cached KV of the same salt).
 
 Every text must be encodable as UTF-8 (no lone surrogates), token ids are integers
 (true/false are not), and one request asks for at most MAX_CHOICES sequences (prompts x n).
@@ -75,6 +75,7 @@ class _SamplingRequest(BaseModel):
     kv_policy: Text | None = None
     kv_budget: float | None = None
     kv_compress_prefix: int | None = None
+    cache_salt: Text | None = Field(None, min_length=1, max_length=1024)
 
     def check_supported(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
@@ -87,8 +88,14 @@ class _SamplingRequest(BaseModel):
                 "stream_options", "stream_options is only allowed when stream is true"
             )
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        """SamplingParams for this body; raises InvalidRequestError on a bad combination."""
+    def sampling_params(
+        self, max_tokens: int | None, logprobs: int | None, tenant: str | None = None
+    ) -> SamplingParams:
+        """SamplingParams for this body; raises InvalidRequestError on a bad combination.
+        The tenant, when several share the server, partitions the cache before cache_salt."""
+        salt = self.cache_salt
+        if tenant is not None:
+            salt = f"tenant:{tenant}" + ("" if salt is None else f"/{salt}")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             max_tokens=max_tokens,
@@ -106,6 +113,7 @@ class _SamplingRequest(BaseModel):
             kv_policy=self.kv_policy,
             kv_budget=self.kv_budget,
             kv_compress_prefix=self.kv_compress_prefix,
+            cache_salt=salt,
         )
 
     @property

@@ -96,8 +96,9 @@ def serve(
     """Serve until stopped; returns the process exit code."""
     host, port = config.host, config.port
     state = ServerState(
-        model_name, tuple(config.api_keys), config.public_metrics, config.max_request_bytes
-    )
+        model_name, tuple(config.api_keys), config.public_metrics, config.max_request_bytes,
+        config.allow_special_tokens_in_content,
+    )  # fmt: skip
     app = build_app(state)
     uvicorn_config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level.lower(), access_log=False,
