@@ -4,6 +4,7 @@ over --max-request-bytes are refused before they are read in full."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -177,3 +178,22 @@ def test_tenants_and_cache_salt_do_not_share_cached_prefixes(guarded: RunningSer
                   headers={"Authorization": "Bearer key-a"}), 400, "cache_salt")  # fmt: skip
     guarded.assert_no_leaks()
 
+
+
+def test_a_disconnect_aborts_every_sequence_and_logs_one_info_line(
+    server: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    body = {"model": MODEL, "prompt": ["a", "b", "c", "d"], "n": 16, "max_tokens": 900,
+            "ignore_eos": True}  # fmt: skip
+    before = server.engine.stats()["num_generated_tokens"]  # 64 sequences, most queued
+    with caplog.at_level(logging.INFO, logger="strata"):
+        with pytest.raises(httpx.ReadTimeout):
+            post(server, "/v1/completions", body, timeout=1.0)
+        server.wait_idle(timeout=10)
+    assert server.engine.stats()["num_generated_tokens"] - before < 64 * 900
+    server.assert_no_leaks()
+    records = [r for r in caplog.records if r.name.startswith("strata")]
+    assert [r.levelname for r in records if r.levelno >= logging.WARNING] == []
+    gone = [r for r in records if "client disconnected" in r.getMessage()]
+    assert len(gone) == 1 and gone[0].levelname == "INFO"
+    assert "64 choices" in gone[0].getMessage()

@@ -166,6 +166,10 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._send("abort", request_id)
 
+    def fail_all(self, message: str) -> None:
+        """Finish every request in flight with reason "error" and this message."""
+        self._send("fail_all", message)
+
     def stop(self) -> None:
         """Refuse new requests; those in flight run to the end."""
         self._stopping = True
@@ -264,6 +268,9 @@ class AsyncEngine:
                     self._num_submitted_not_queued -= len(payload)
             elif command == "abort":
                 self._abort(payload)
+            elif command == "fail_all":
+                for out in self.engine.fail(self.engine.request_ids(), payload):
+                    self._deliver(out)
             elif command == "exit":
                 for request_id in self.engine.request_ids():
                     self._abort(request_id)

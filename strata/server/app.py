@@ -108,6 +108,10 @@ def build_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="Strata", version="0.1.0", description="OpenAI-compatible LLM server")
     app.state.strata = state
     install_error_handlers(app)
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(_: Request, exc: ClientDisconnected) -> Response:
+        return Response(status_code=499)  # nobody reads it; RequestRun logged one INFO line
     guard = guard_options(list(state.api_keys), state.public_metrics, state.max_request_bytes)
     app.add_middleware(RequestGuard, **guard)
 
@@ -144,6 +148,7 @@ def build_app(state: ServerState) -> FastAPI:
 
 
 async def _complete(state: ServerState, body: CompletionRequest, request: Request) -> Response:
+    arrival = time.perf_counter()  # latency metrics count the wait for tokenization
     engine = state.ready_engine()
     state.check_model(body.model)
     body.check_supported()
@@ -151,7 +156,7 @@ async def _complete(state: ServerState, body: CompletionRequest, request: Reques
     params = body.sampling_params(body.max_tokens, body.logprobs, state.tenant_of(request))
     request_id = f"cmpl-{uuid.uuid4().hex}"
     seqs = await _prepare(engine, prompts, params, body.n, request_id, "prompt")
-    run = _submit(state, engine, request_id, seqs)
+    run = _submit(state, engine, request_id, seqs, arrival)
     assert state.token_text is not None
     fmt = CompletionFormatter(request_id, state.model_name, state.token_text)
     echo = [_prompt_text(engine, s) for s in seqs] if body.echo else None
@@ -169,6 +174,7 @@ async def _complete(state: ServerState, body: CompletionRequest, request: Reques
 
 
 async def _chat(state: ServerState, body: ChatCompletionRequest, request: Request) -> Response:
+    arrival = time.perf_counter()  # latency metrics count the wait for tokenization
     engine = state.ready_engine()
     state.check_model(body.model)
     body.check_supported()
@@ -185,7 +191,7 @@ async def _chat(state: ServerState, body: ChatCompletionRequest, request: Reques
     params = body.sampling_params(body.max_new_tokens, body.num_logprobs, state.tenant_of(request))
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     seqs = await _prepare(engine, [prompt_ids], params, body.n, request_id, "messages")
-    run = _submit(state, engine, request_id, seqs)
+    run = _submit(state, engine, request_id, seqs, arrival)
     assert state.token_text is not None
     fmt = ChatFormatter(request_id, state.model_name, state.token_text)
     if body.stream:
@@ -231,7 +237,11 @@ async def _prepare(
 
 
 def _submit(
-    state: ServerState, engine: AsyncEngine, request_id: str, seqs: list[EngineSequence]
+    state: ServerState,
+    engine: AsyncEngine,
+    request_id: str,
+    seqs: list[EngineSequence],
+    arrival: float,
 ) -> RequestRun:
     try:
         streams = engine.submit(seqs)
@@ -244,7 +254,7 @@ def _submit(
     except EngineStoppedError as exc:
         state.metrics.rejected.labels(status="503").inc()
         raise unavailable(str(exc)) from exc
-    return RequestRun(request_id, streams, state.metrics)
+    return RequestRun(request_id, streams, state.metrics, arrival)
 
 
 async def _collect(run: RequestRun, request: Request) -> list[RequestOutput]:
