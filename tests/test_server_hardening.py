@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 
 from tests.server_utils import RunningServer, engine_factory, start_server
 
@@ -197,3 +198,25 @@ def test_a_disconnect_aborts_every_sequence_and_logs_one_info_line(
     gone = [r for r in records if "client disconnected" in r.getMessage()]
     assert len(gone) == 1 and gone[0].levelname == "INFO"
     assert "64 choices" in gone[0].getMessage()
+
+
+@pytest.mark.breaks_engine
+def test_an_engine_fault_stops_the_engine_loudly(tiny_chat_folder: Path) -> None:
+    running = start_server(engine_factory(str(tiny_chat_folder), **LLM_KWARGS), model_name=MODEL)
+    try:
+        def out_of_memory(plan: object) -> None:
+            raise torch.OutOfMemoryError("injected: CUDA out of memory")
+
+        running.engine.runner.execute = out_of_memory  # type: ignore[method-assign,assignment]
+        r = post(running, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2})
+        assert "OutOfMemoryError: injected" in error_of(r, 500)
+        assert running.state.engine is not None
+        running.state.engine._thread.join(5)
+        assert not running.state.engine.alive
+        health = httpx.get(f"{running.url}/health")
+        assert health.status_code == 503
+        assert health.json() == {"status": "engine stopped after a fault"}
+        again = post(running, "/v1/completions", {"model": MODEL, "prompt": "x"})
+        assert error_of(again, 503) == "the engine stopped after a fault; see the server log"
+    finally:
+        running.stop()

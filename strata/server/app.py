@@ -83,6 +83,8 @@ class ServerState:
         self.engine = engine
 
     def ready_engine(self) -> AsyncEngine:
+        if self.engine is not None and not self.engine.alive:
+            raise unavailable("the engine stopped after a fault; see the server log")
         if self.draining:
             raise unavailable("the server is shutting down")
         if self.engine is None:
@@ -118,7 +120,9 @@ def build_app(state: ServerState) -> FastAPI:
     @app.get("/health")
     async def health() -> JSONResponse:
         if state.engine is None or state.draining or not state.engine.alive:
-            status = "draining" if state.draining else (state.load_error or "loading")
+            status = state.load_error or "loading"
+            if state.engine is not None:
+                status = "draining" if state.engine.alive else "engine stopped after a fault"
             return JSONResponse({"status": status}, status_code=503)
         return JSONResponse({"status": "ok"})
 
