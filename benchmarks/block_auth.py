@@ -1,5 +1,6 @@
 """What authenticating tier blocks costs: encode + decode of one stored block, checksummed
-(xxh3-128, no secret) against authenticated (keyed BLAKE2b-128, --kv-store-secret-file),
+(xxh3-128, no secret) against authenticated (keyed BLAKE2b-128, --kv-store-secret-file)
+and encrypted (AES-256-GCM, --kv-store-encrypt),
 in GB/s of block bytes, on one thread and on several (hashlib releases the GIL on large
 buffers, so tiers that read in parallel verify in parallel).
 
@@ -49,12 +50,15 @@ def main() -> None:
     block = StoredBlock(b"k" * 32, tuple(range(args.block_size)), payload)
     size = block_format.encoded_size(layout)
     secret = StoreSecret.of(b"benchmark secret of enough bytes")
+    sealed = StoreSecret.of(b"benchmark secret of enough bytes", encrypt=True)
     print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"block {size / 2**20:.2f} MiB ({args.layers} layers, {args.kv_heads} kv heads, "
           f"head dim {args.head_dim}, {args.block_size} tokens, bf16)\n")  # fmt: skip
     print("| block check | threads | encode GB/s | decode (verify) GB/s |")
     print("|---|---|---|---|")
-    for name, key in (("xxh3-128 checksum", None), ("BLAKE2b-128 MAC", secret)):
+    checks = (("xxh3-128 checksum", None), ("BLAKE2b-128 MAC", secret),
+              ("AES-256-GCM (--kv-store-encrypt)", sealed))  # fmt: skip
+    for name, key in checks:
         data = b"".join(block_format.encode(layout, block, key))
         for threads in (1, 2):
             enc = _rate(lambda k=key: block_format.encode(layout, block, k), size, threads)

@@ -252,6 +252,11 @@ class TierConfig:
         "it are misses and deleted; engines with other secrets, or none, never share blocks",
         keyword="kv_store_secret_file", metavar="PATH",
     ))  # fmt: skip
+    store_encrypt: bool = field(default=False, metadata=option(
+        "also encrypt disk and remote tier blocks (token ids and KV) with AES-256-GCM under "
+        "the store secret",
+        keyword="kv_store_encrypt",
+    ))  # fmt: skip
     eviction: TierEviction = field(default="lru", metadata=option(
         "eviction order inside each tier (default lru)",
         keyword="kv_tier_eviction",

@@ -9,12 +9,14 @@ import logging
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 import torch
 import xxhash
 
+from strata import LLM, SamplingParams
 from strata.kv.tiers import block_format
 from strata.kv.tiers.base import BlockLayout, StoredBlock
 from strata.kv.tiers.disk import DiskTier, layout_digest
@@ -161,3 +163,55 @@ def test_remote_password_from_env_and_never_logged(
         assert ":***@" in caplog.text
     finally:
         redis.Redis.from_url(valkey.url, password="s3cr3t-pw").config_set("requirepass", "")
+
+
+SEALED = StoreSecret.of(b"correct horse battery staple", encrypt=True)
+
+
+def test_sealed_blocks_hide_tokens_and_payload() -> None:
+    data = encoded(block(0), SEALED)
+    assert len(data) == block_format.encoded_size(LAYOUT, SEALED) == FILE + 16
+    assert struct.unpack_from("<H", data, 8)[0] == block_format.VERSION_SEALED
+    plain = encoded(block(0), None)
+    assert data[152:168] != plain[152:168]  # token ids are ciphertext
+    assert block(0).payload.numpy().tobytes()[:64] not in data
+    got = block_format.decode(LAYOUT, data, key(0), SEALED)
+    assert got.token_ids == block(0).token_ids and torch.equal(got.payload, block(0).payload)
+    assert encoded(block(0), SEALED) != data  # a fresh nonce each time
+    flipped = data[:200] + bytes([data[200] ^ 1]) + data[201:]
+    for bad, secret in ((flipped, SEALED), (data, StoreSecret.of(b"x" * 16, encrypt=True))):
+        with pytest.raises(block_format.BlockFormatError, match="authentication failed"):
+            block_format.decode(LAYOUT, bad, key(0), secret)
+    with pytest.raises(block_format.BlockFormatError, match="expected 2"):
+        block_format.decode(LAYOUT, data, key(0), SECRET)  # MAC-only stores refuse them
+    assert SEALED.namespace == SECRET.namespace + "e"
+    with pytest.raises(ValueError, match="kv_store_encrypt needs a store secret"):
+        resolve_secret(None, None, encrypt=True)
+
+
+def test_disk_tier_with_encryption(tmp_path: Path) -> None:
+    tier = DiskTier(LAYOUT, tmp_path, capacity_bytes=10 * (FILE + 16), secret=SEALED)
+    tier.put([block(4)])
+    assert tier.path_of(key(4)).stat().st_size == FILE + 16
+    (got,) = DiskTier(LAYOUT, tmp_path, 10 * (FILE + 16), secret=SEALED).get([key(4)])
+    assert got is not None and torch.equal(got.payload, block(4).payload)
+
+
+def test_engine_outputs_are_equal_through_an_authenticated_disk_tier(
+    tiny_models: dict[str, Any], tmp_path: Path
+) -> None:
+    folder, _ = tiny_models["llama"]
+    kw = {
+        "device": "cpu", "num_kv_blocks": 64, "block_size": 4, "max_model_len": 64,
+        "kv_disk_dir": str(tmp_path), "kv_store_secret": "correct horse battery staple",
+    }  # fmt: skip
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    prompt = list(range(3, 40))
+    outs = []
+    for encrypt in (False, True, True):
+        llm = LLM(str(folder), kv_store_encrypt=encrypt, **kw)  # type: ignore[arg-type]
+        outs.append((llm.generate([prompt], params)[0].token_ids, llm.stats()))
+        llm.close()
+    assert outs[0][0] == outs[1][0] == outs[2][0]
+    assert outs[2][1]["prefix_cache_tier_hit_tokens"] == 36  # found sealed on disk
+    assert outs[1][1]["prefix_cache_tier_hit_tokens"] == 0  # a namespace of its own

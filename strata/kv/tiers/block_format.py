@@ -6,7 +6,7 @@
     10      2     header length H, bytes from offset 0 to the token ids
     12      16    version 1: checksum, xxh3-128 of everything after this field;
                   version 2: keyed BLAKE2b-128 MAC (store_secret.py) of everything but
-                  this field
+                  this field; version 3: the AES-GCM nonce (12 bytes, then 4 zero)
     28      32    block key
     60      32    model fingerprint (raw SHA-256)
     92      4x5   layers, kv heads, head dim, block size (tokens), token count (u32 each)
@@ -15,20 +15,25 @@
     144     8     payload length in bytes (u64)
     H       4*n   token ids (u32 each, n = token count)
     ...     P     payload: [layers, k|v, tokens, kv heads, head dim] in dtype
+    ...     16    version 3 only: the GCM tag; token ids and payload are ciphertext,
+                  and the header is the associated data
 
 A reader accepts a block only if every header field equals what it expects (its own
 layout and the key it asked for), the lengths add up and the checksum matches. A store
-with a secret writes and accepts only version 2 blocks whose MAC verifies; one without
-writes and accepts only version 1.
+with a secret writes and accepts only version 2 blocks whose MAC verifies (version 3
+blocks that decrypt, when it encrypts); one without writes and accepts only version 1.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 import warnings
 
 import torch
 import xxhash
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from strata.kv.tiers.base import KEY_BYTES, BlockLayout, StoredBlock
 from strata.kv.tiers.store_secret import StoreSecret
@@ -36,6 +41,8 @@ from strata.kv.tiers.store_secret import StoreSecret
 MAGIC = b"STRATAKV"
 VERSION = 1  # checksummed
 VERSION_MAC = 2  # authenticated
+VERSION_SEALED = 3  # encrypted and authenticated
+GCM_TAG_BYTES = 16
 _HEAD = struct.Struct("<8sHH16s32s32s5I16s16sQ")
 HEADER_BYTES = _HEAD.size  # 152
 
@@ -51,8 +58,15 @@ def _pad(text: str) -> bytes:
     return raw.ljust(16, b"\0")
 
 
-def encoded_size(layout: BlockLayout) -> int:
-    return HEADER_BYTES + 4 * layout.block_size + layout.nbytes
+def encoded_size(layout: BlockLayout, secret: StoreSecret | None = None) -> int:
+    sealed = secret is not None and secret.encrypt
+    return HEADER_BYTES + 4 * layout.block_size + layout.nbytes + GCM_TAG_BYTES * sealed
+
+
+def _version(secret: StoreSecret | None) -> int:
+    if secret is None:
+        return VERSION
+    return VERSION_SEALED if secret.encrypt else VERSION_MAC
 
 
 def encode(
@@ -83,6 +97,8 @@ def encode(
         payload.nbytes,
     )
     body = struct.pack("<32s32s5I16s16sQ", *fields)
+    if secret is not None and secret.encrypt:
+        return _seal(secret, body, tokens, payload)
     if secret is not None:
         prefix = struct.pack("<8sHH", MAGIC, VERSION_MAC, HEADER_BYTES)
         tag = secret.mac(prefix, body, tokens, payload)
@@ -110,7 +126,7 @@ def decode(
      ntok, dtype, codec, plen) = _HEAD.unpack_from(view)  # fmt: skip
     if magic != MAGIC:
         raise BlockFormatError("not a Strata KV block (bad magic)")
-    want_version = VERSION if secret is None else VERSION_MAC
+    want_version = _version(secret)
     if version != want_version or head_len != HEADER_BYTES:
         raise BlockFormatError(
             f"format version {version} (header {head_len} B); expected {want_version}"
@@ -134,10 +150,13 @@ def decode(
             else:
                 shown = (found, want)
             raise BlockFormatError(f"{name} mismatch: stored {shown[0]}, expected {shown[1]}")
-    total = HEADER_BYTES + 4 * ntok + plen
+    total = HEADER_BYTES + 4 * ntok + plen + GCM_TAG_BYTES * (version == VERSION_SEALED)
     if view.nbytes != total:
         raise BlockFormatError(f"length {view.nbytes} bytes, header says {total}")
-    _verify(view, checksum, secret)
+    if secret is not None and secret.encrypt:
+        view = _open(secret, view, checksum[:12])  # the plaintext, header in front
+    else:
+        _verify(view, checksum, secret)
     tokens = struct.unpack_from(f"<{ntok}I", view, HEADER_BYTES)
     with warnings.catch_warnings():  # read-only network buffers: the payload is never written
         warnings.simplefilter("ignore", UserWarning)
@@ -156,3 +175,21 @@ def _verify(view: memoryview, tag: bytes, secret: StoreSecret | None) -> None:
     digest.update(view[28:])
     if digest.digest() != tag:
         raise BlockFormatError("checksum mismatch")
+
+
+def _seal(secret: StoreSecret, body: bytes, tokens: bytes, payload: memoryview) -> list[memoryview]:
+    """A version 3 block: header (with the nonce) in the clear and authenticated, token
+    ids and payload encrypted, the GCM tag last."""
+    nonce = os.urandom(12)
+    head = struct.pack("<8sHH16s", MAGIC, VERSION_SEALED, HEADER_BYTES, nonce + bytes(4)) + body
+    sealed = AESGCM(secret.aead_key).encrypt(nonce, tokens + payload.tobytes(), head)
+    return [memoryview(head), memoryview(sealed)]
+
+
+def _open(secret: StoreSecret, view: memoryview, nonce: bytes) -> memoryview:
+    try:
+        plain = AESGCM(secret.aead_key).decrypt(nonce, view[HEADER_BYTES:], view[:HEADER_BYTES])
+    except InvalidTag:
+        message = "authentication failed: not sealed with this store's secret"
+        raise BlockFormatError(message) from None
+    return memoryview(bytes(view[:HEADER_BYTES]) + plain)

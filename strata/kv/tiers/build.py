@@ -57,7 +57,7 @@ def build_tiers(
 
 def _lower_tiers(config: TierConfig, layout: BlockLayout) -> list[TierStore]:
     """The disk and remote tiers, authenticated when a store secret is configured."""
-    secret = resolve_secret(config.store_secret, config.store_secret_file)
+    secret = resolve_secret(config.store_secret, config.store_secret_file, config.store_encrypt)
     lower: list[TierStore] = []
     if config.disk_dir is not None:
         from strata.kv.tiers.disk import DiskTier
@@ -76,7 +76,8 @@ def _lower_tiers(config: TierConfig, layout: BlockLayout) -> list[TierStore]:
                 "--kv-store-secret-file or $%s", remote.url, SECRET_ENV,
             )  # fmt: skip
     if secret is not None and lower:
-        logger.info("KV store blocks are authenticated (namespace %s)", secret.namespace)
+        how = "encrypted and authenticated" if secret.encrypt else "authenticated"
+        logger.info("KV store blocks are %s (namespace %s)", how, secret.namespace)
     return lower
 
 

@@ -14,7 +14,7 @@ Invariants:
 - The index (key set + eviction order) is memory only; on start it is rebuilt from the
   files, oldest mtime first. Files of the wrong size are removed then; headers and
   checksums are verified on `get`, where a bad block is a logged, removed, counted miss.
-- Every file is `encoded_size(layout)` bytes, so `used_bytes = len(index) * file_bytes`
+- Every file is `encoded_size(layout, secret)` bytes, so `used_bytes = len(index) * file_bytes`
   and sizes and byte counters here are file bytes (header + token ids + payload).
 - I/O errors never reach the caller: they are logged once per kind, counted in
   `stats.errors`, and the block is a miss (get) or skipped (put).
@@ -88,7 +88,7 @@ class DiskTier(LockedPins, TierStore):
     ) -> None:
         """secret: authenticate every block (store_secret.py); its blocks live in a
         directory of their own."""
-        self.file_bytes = block_format.encoded_size(layout)
+        self.file_bytes = block_format.encoded_size(layout, secret)
         if capacity_bytes < self.file_bytes:
             raise ValueError(
                 f"the disk tier's capacity ({capacity_bytes} bytes) is smaller than one block "

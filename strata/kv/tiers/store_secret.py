@@ -28,19 +28,25 @@ MAC_BYTES = 16
 
 @dataclass(frozen=True)
 class StoreSecret:
+    """encrypt: seal token ids and payload with AES-256-GCM (block format version 3)
+    instead of a MAC alone; such stores have a namespace of their own."""
+
     mac_key: bytes = field(repr=False)
-    namespace: str  # 16 hex characters, safe to show
+    aead_key: bytes = field(repr=False)
+    namespace: str  # 16 hex characters (+ "e" when encrypting), safe to show
+    encrypt: bool = False
 
     @classmethod
-    def of(cls, secret: bytes) -> StoreSecret:
+    def of(cls, secret: bytes, encrypt: bool = False) -> StoreSecret:
         if len(secret) < MIN_SECRET_BYTES:
             raise ValueError(
                 f"the KV store secret must be at least {MIN_SECRET_BYTES} bytes, "
                 f"got {len(secret)}"
             )
         mac_key = hashlib.blake2b(secret, digest_size=32, person=b"strata-kv-mac").digest()
+        aead_key = hashlib.blake2b(secret, digest_size=32, person=b"strata-kv-aead").digest()
         tag = hashlib.blake2b(secret, digest_size=8, person=b"strata-kv-ns").hexdigest()
-        return cls(mac_key, tag)
+        return cls(mac_key, aead_key, tag + ("e" if encrypt else ""), encrypt)
 
     def mac(self, *parts: bytes | memoryview) -> bytes:
         """The keyed BLAKE2b-128 of the parts, in order."""
@@ -53,10 +59,12 @@ class StoreSecret:
         return hmac.compare_digest(tag, self.mac(*parts))
 
 
-def resolve_secret(secret: str | bytes | None, secret_file: str | None) -> StoreSecret | None:
+def resolve_secret(
+    secret: str | bytes | None, secret_file: str | None, encrypt: bool = False
+) -> StoreSecret | None:
     """The configured secret: given directly (LLM(kv_store_secret=...)), else the file's
     contents (--kv-store-secret-file, surrounding whitespace dropped), else
-    $STRATA_KV_STORE_SECRET; None when none is set."""
+    $STRATA_KV_STORE_SECRET; None when none is set (ValueError if `encrypt` asks for one)."""
     raw: bytes | None
     if secret is not None:
         raw = secret.encode() if isinstance(secret, str) else bytes(secret)
@@ -68,4 +76,8 @@ def resolve_secret(secret: str | bytes | None, secret_file: str | None) -> Store
     else:
         env = os.environ.get(SECRET_ENV)
         raw = env.encode() if env else None
-    return None if raw is None else StoreSecret.of(raw)
+    if raw is None and encrypt:
+        raise ValueError(
+            f"kv_store_encrypt needs a store secret: --kv-store-secret-file or ${SECRET_ENV}"
+        )
+    return None if raw is None else StoreSecret.of(raw, encrypt)
