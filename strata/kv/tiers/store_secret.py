@@ -9,8 +9,11 @@ checksum and change another client's output. With a secret:
   derived from the secret, so engines with different secrets, or none, never read each
   other's blocks.
 
-Two keys are derived from the secret, each with its own BLAKE2b personalisation, so the
-namespace tag (visible to whoever lists the store) says nothing about the MAC key.
+With `encrypt` (--kv-store-encrypt) blocks are sealed with AES-256-GCM instead: token ids
+and payload are ciphertext, the header is authenticated as associated data.
+
+Three keys are derived from the secret, each with its own BLAKE2b personalisation, so the
+namespace tag (visible to whoever lists the store) says nothing about the MAC or AEAD key.
 """
 
 from __future__ import annotations
