@@ -6,8 +6,11 @@ raise."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
 
@@ -17,6 +20,7 @@ from strata.engine.outputs import RequestOutput
 from strata.kv.policies.h2o import H2OPolicy
 from strata.kv.policies.registry import POLICIES
 from tests.conftest import assert_no_leaks
+from tests.server_utils import engine_factory, start_server
 
 HOOKS = ["first_observed_token", "observed_queries", "observe", "select"]
 GREEDY = {"max_tokens": 10, "temperature": 0.0, "ignore_eos": True}
@@ -152,3 +156,31 @@ def test_out_of_memory_is_not_blamed_on_a_request(tiny_models: dict[str, Any]) -
     FaultyH2O.hook, FaultyH2O.after, FaultyH2O.error = "observe", 0, torch.OutOfMemoryError
     with pytest.raises(torch.OutOfMemoryError, match="injected fault"):
         _run(llm.engine, _batch())
+
+
+def test_over_http_the_faulty_request_gets_a_500_and_streams_beside_it_finish(
+    tiny_chat_folder: Path,
+) -> None:
+    server = start_server(
+        engine_factory(str(tiny_chat_folder), kv_cache_memory=0.05, max_model_len=1024)
+    )
+    FaultyH2O.hook, FaultyH2O.after, FaultyH2O.error = "observe", 3, ValueError
+    url = f"{server.url}/v1/completions"
+    good = {"prompt": "steady as she goes", "max_tokens": 24, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True}  # fmt: skip
+    bad = {**good, "kv_policy": "faulty", "kv_budget": 8}
+    try:
+        solo = httpx.post(url, json=good, timeout=60).json()["choices"][0]["token_ids"]
+        with ThreadPoolExecutor(5) as pool:
+            futures = [pool.submit(httpx.post, url, json=b, timeout=60)
+                       for b in (good, good, bad, good, good)]  # fmt: skip
+            replies = [f.result() for f in futures]
+        failed = replies.pop(2)
+        assert failed.status_code == 500
+        assert failed.json()["error"]["message"] == (
+            "this request failed while running: ValueError: injected fault"
+        )
+        assert [r.json()["choices"][0]["token_ids"] for r in replies] == [solo] * 4
+        server.assert_no_leaks()
+    finally:
+        server.stop()
