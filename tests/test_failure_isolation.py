@@ -184,3 +184,32 @@ def test_over_http_the_faulty_request_gets_a_500_and_streams_beside_it_finish(
         server.assert_no_leaks()
     finally:
         server.stop()
+
+
+def test_a_tier_load_that_raises_costs_its_request_a_recompute_only(
+    tiny_models: dict[str, Any], tmp_path: Path
+) -> None:
+    folder, _ = tiny_models["llama"]
+    kw: dict[str, Any] = {"device": "cpu", "num_kv_blocks": 64, "block_size": 4,
+                          "max_model_len": 64, "kv_disk_dir": str(tmp_path)}  # fmt: skip
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    prompts = [list(range(3, 40)), list(range(50, 90))]
+    first = LLM(str(folder), **kw)
+    reference = [o.token_ids for o in first.generate(prompts, params)]
+    first.close()
+    llm = LLM(str(folder), **kw)  # a fresh GPU pool: both prefixes are on disk only
+    assert llm.engine.tiers is not None
+    lower = llm.engine.tiers.lower
+    read = lower.read
+    poisoned = {r.key for r in llm.engine.kv.block_refs(prompts[0], 0, llm.engine.kv.root)}
+
+    def failing_read(blocks: Any) -> Any:
+        if any(b.key in poisoned for b in blocks):
+            raise RuntimeError("injected tier fault")
+        return read(blocks)
+
+    lower.read = failing_read  # type: ignore[method-assign]
+    outs = llm.generate(prompts, params)
+    assert [o.token_ids for o in outs] == reference
+    assert llm.stats()["prefix_cache_tier_hit_tokens"] == 36  # the other prompt's blocks
+    llm.close()
