@@ -13,6 +13,10 @@ import openai
 import pytest
 import torch
 
+from strata.cli import SERVE_OPTIONS, build_parser
+from strata.flags import keywords_from_args
+from strata.options import build
+from strata.server.config import ServeConfig
 from tests.server_utils import RunningServer, engine_factory, start_server
 
 MODEL = "tiny"
@@ -220,3 +224,16 @@ def test_an_engine_fault_stops_the_engine_loudly(tiny_chat_folder: Path) -> None
         assert error_of(again, 503) == "the engine stopped after a fault; see the server log"
     finally:
         running.stop()
+
+
+def test_api_keys_from_repeated_flags_and_a_file(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("# tenants\nkey-c\n\nkey-a\n")
+    args = build_parser().parse_args(
+        ["serve", "--api-key", "key-a", "--api-key", "key-b", "--api-key-file", str(keys)]
+    )
+    config = build(ServeConfig, keywords_from_args(args, SERVE_OPTIONS))
+    assert config.api_keys == ["key-a", "key-b", "key-c"]
+    keys.write_text("# none\n")
+    with pytest.raises(ValueError, match="holds no key"):
+        _ = build(ServeConfig, {"api_key_file": str(keys)}).api_keys

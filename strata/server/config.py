@@ -14,9 +14,10 @@ DEFAULT_MAX_REQUEST_BYTES = 4 << 20
 class ServeConfig:
     host: str = field(default="127.0.0.1", metadata=option("address to bind (default 127.0.0.1)"))
     port: int = field(default=8000, metadata=option("port to bind (default 8000)"))
-    api_key: str | None = field(default=None, metadata=option(
+    api_key: tuple[str, ...] | None = field(default=None, metadata=option(
         "require 'Authorization: Bearer KEY' on every route but /health (default: "
-        "$STRATA_API_KEY; unset = no key)",
+        "$STRATA_API_KEY; unset = no key); give it once per key: each key is a tenant",
+        metavar="KEY", repeat=True,
     ))  # fmt: skip
     api_key_file: str | None = field(default=None, metadata=option(
         "also accept the keys in this file, one per line; each key is a tenant, and with "
@@ -52,7 +53,7 @@ class ServeConfig:
     @property
     def api_keys(self) -> list[str]:
         """Every accepted key: --api-key's, then the file's (ValueError if unreadable)."""
-        keys = [self.api_key] if self.api_key else []
+        keys = list(self.api_key or ())
         if self.api_key_file is not None:
             keys += read_key_file(self.api_key_file)
         return list(dict.fromkeys(keys))
