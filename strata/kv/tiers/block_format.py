@@ -29,6 +29,8 @@ from __future__ import annotations
 import os
 import struct
 import warnings
+from collections.abc import Sequence
+from concurrent.futures import Executor
 
 import torch
 import xxhash
@@ -164,6 +166,27 @@ def decode(
             view, dtype=torch.uint8, offset=HEADER_BYTES + 4 * ntok, count=plen
         )
     return StoredBlock(key=stored_key, token_ids=tuple(tokens), payload=payload)
+
+
+def decode_all(
+    layout: BlockLayout,
+    items: Sequence[tuple[bytes, bytes]],
+    secret: StoreSecret | None,
+    pool: Executor | None = None,
+) -> list[StoredBlock | BlockFormatError]:
+    """`decode` each (key, data), returning the error in place of a block that fails.
+    With a pool the blocks are checked in parallel: hashlib's BLAKE2b and AES-GCM release
+    the GIL on large buffers."""
+
+    def one(item: tuple[bytes, bytes]) -> StoredBlock | BlockFormatError:
+        try:
+            return decode(layout, item[1], item[0], secret)
+        except BlockFormatError as exc:
+            return exc
+
+    if pool is None or len(items) < 2:
+        return [one(item) for item in items]
+    return list(pool.map(one, items))
 
 
 def _verify(view: memoryview, tag: bytes, secret: StoreSecret | None) -> None:
