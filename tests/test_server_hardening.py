@@ -17,6 +17,7 @@ from strata.cli import SERVE_OPTIONS, build_parser
 from strata.flags import keywords_from_args
 from strata.options import build
 from strata.server.config import ServeConfig
+from strata.server.guard import tenant_of
 from tests.server_utils import RunningServer, engine_factory, start_server
 
 MODEL = "tiny"
@@ -181,6 +182,11 @@ def test_tenants_and_cache_salt_do_not_share_cached_prefixes(guarded: RunningSer
     assert _cached(guarded, "key-a", prompt, cache_salt="s1") == 48
     error_of(post(guarded, "/v1/completions", {"prompt": "x", "cache_salt": ""},
                   headers={"Authorization": "Bearer key-a"}), 400, "cache_salt")  # fmt: skip
+    _cached(guarded, "key-b", prompt, session_id="chat", cache_ttl_s=30)
+    pinned = f"tenant:{tenant_of('key-b')}/chat"  # tenants never share a session either
+    assert guarded.engine.sessions.where(pinned) == "gpu"
+    assert guarded.engine.sessions.where("chat") is None
+    guarded.engine.sessions.release(pinned)
     guarded.assert_no_leaks()
 
 

@@ -26,6 +26,7 @@ from strata.errors import InvalidRequestError
 MAX_N = 16
 MAX_LOGPROBS = SamplingParams.MAX_LOGPROBS
 MAX_CHOICES = 256  # prompts x n of one request
+MAX_SESSION_ID = 200  # SamplingParams allows 256: room for the tenant's prefix
 
 
 def _utf8(text: str) -> str:
@@ -70,7 +71,7 @@ class _SamplingRequest(BaseModel):
     stop_token_ids: TokenIds | None = None
     skip_special_tokens: bool = True
     return_token_ids: bool = False
-    session_id: Text | None = None
+    session_id: Text | None = Field(None, min_length=1, max_length=MAX_SESSION_ID)
     cache_ttl_s: float | None = None
     kv_policy: Text | None = None
     kv_budget: float | None = None
@@ -93,9 +94,10 @@ class _SamplingRequest(BaseModel):
     ) -> SamplingParams:
         """SamplingParams for this body; raises InvalidRequestError on a bad combination.
         The tenant, when several share the server, partitions the cache before cache_salt."""
-        salt = self.cache_salt
-        if tenant is not None:
+        salt, session = self.cache_salt, self.session_id
+        if tenant is not None:  # tenants share neither cached prefixes nor session pins
             salt = f"tenant:{tenant}" + ("" if salt is None else f"/{salt}")
+            session = None if session is None else f"tenant:{tenant}/{session}"
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             max_tokens=max_tokens,
@@ -108,7 +110,7 @@ class _SamplingRequest(BaseModel):
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
-            session_id=self.session_id,
+            session_id=session,
             cache_ttl_s=self.cache_ttl_s,
             kv_policy=self.kv_policy,
             kv_budget=self.kv_budget,
