@@ -215,3 +215,21 @@ def test_engine_outputs_are_equal_through_an_authenticated_disk_tier(
     assert outs[0][0] == outs[1][0] == outs[2][0]
     assert outs[2][1]["prefix_cache_tier_hit_tokens"] == 36  # found sealed on disk
     assert outs[1][1]["prefix_cache_tier_hit_tokens"] == 0  # a namespace of its own
+
+
+def test_a_shared_store_without_a_secret_warns_at_start(
+    valkey: RedisServer, tiny_models: dict[str, Any], caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(SECRET_ENV, raising=False)
+    folder, _ = tiny_models["llama"]
+    kw: dict[str, Any] = {"device": "cpu", "num_kv_blocks": 64, "block_size": 4,
+                          "max_model_len": 64, "kv_remote": valkey.url}  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="strata.kv.tiers"):
+        LLM(str(folder), **kw).close()
+    assert "its blocks are not authenticated" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="strata.kv.tiers"):
+        LLM(str(folder), kv_store_secret="correct horse battery staple", **kw).close()
+    assert "not authenticated" not in caplog.text
+    assert f"KV store blocks are authenticated (namespace {SECRET.namespace})" in caplog.text
