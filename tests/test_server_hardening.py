@@ -5,6 +5,7 @@ over --max-request-bytes are refused before they are read in full."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -243,3 +244,26 @@ def test_api_keys_from_repeated_flags_and_a_file(tmp_path: Path) -> None:
     keys.write_text("# none\n")
     with pytest.raises(ValueError, match="holds no key"):
         _ = build(ServeConfig, {"api_key_file": str(keys)}).api_keys
+
+
+def test_latency_metrics_include_the_wait_for_tokenization(tiny_chat_folder: Path) -> None:
+    running = start_server(engine_factory(str(tiny_chat_folder), **LLM_KWARGS), model_name=MODEL)
+    engine = running.engine
+    prepare = engine.prepare
+
+    def slow_prepare(*args: object, **kwargs: object) -> object:
+        time.sleep(0.5)  # runs on the tokenizer thread, after the request arrived
+        return prepare(*args, **kwargs)  # type: ignore[arg-type]
+
+    engine.prepare = slow_prepare  # type: ignore[method-assign,assignment]
+    try:
+        r = post(running, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 1})
+        assert r.status_code == 200
+        metrics = httpx.get(f"{running.url}/metrics").text
+        e2e = next(line for line in metrics.splitlines()
+                   if line.startswith("strata_e2e_request_latency_seconds_sum"))  # fmt: skip
+        ttft = next(line for line in metrics.splitlines()
+                    if line.startswith("strata_time_to_first_token_seconds_sum"))  # fmt: skip
+        assert float(e2e.split()[1]) >= 0.5 and float(ttft.split()[1]) >= 0.5
+    finally:
+        running.stop()
