@@ -58,6 +58,11 @@ def error_of(r: httpx.Response, status: int, param: str | None = None) -> str:
         ({"stop": "x" * 1025}, "stop", "at most 1024 characters"),
         ({"prompt": ["a"] * 17, "n": 16}, "prompt", "prompts x n must be at most 256, got 17 x 16"),
         ({"kv_policy": "nope"}, "kv_policy", "unknown kv_policy 'nope'"),
+        ({"n": True}, "n", "n: Input should be a valid integer"),
+        ({"logprobs": True}, "logprobs", "logprobs: Input should be a valid integer"),
+        ({"seed": True}, "seed", "seed: Input should be a valid integer"),
+        ({"max_tokens": 2.0}, "max_tokens", "max_tokens: Input should be a valid integer"),
+        ({"kv_compress_prefix": True}, "kv_compress_prefix", "kv_compress_prefix"),
         ({"kv_policy": "snapkv", "kv_budget": -1}, "kv_budget", "kv_budget"),
     ],
 )

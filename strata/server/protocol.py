@@ -10,8 +10,9 @@ and session_id with cache_ttl_s (the turn's KV stays pinned for the session's ne
 kv_policy, kv_budget and kv_compress_prefix (the request's KV eviction policy; see
 SamplingParams), and cache_salt (the request reuses only cached KV of the same salt).
 
-Every text must be encodable as UTF-8 (no lone surrogates), token ids are integers
-(true/false are not), and one request asks for at most MAX_CHOICES sequences (prompts x n).
+Every text must be encodable as UTF-8 (no lone surrogates), integer fields and token ids
+take JSON integers only (true/false are not integers), and one request asks for at most
+MAX_CHOICES sequences (prompts x n).
 """
 
 from __future__ import annotations
@@ -53,11 +54,11 @@ class _SamplingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: Text | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: StrictInt | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=MAX_N)
-    seed: int | None = None
+    n: StrictInt = Field(1, ge=1, le=MAX_N)
+    seed: StrictInt | None = None
     stop: Text | list[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -66,7 +67,7 @@ class _SamplingRequest(BaseModel):
     logit_bias: dict[str, float] | None = None
     user: Text | None = None
     # Strata extensions
-    top_k: int = Field(-1, ge=-1)
+    top_k: StrictInt = Field(-1, ge=-1)
     ignore_eos: bool = False
     stop_token_ids: TokenIds | None = None
     skip_special_tokens: bool = True
@@ -75,7 +76,7 @@ class _SamplingRequest(BaseModel):
     cache_ttl_s: float | None = None
     kv_policy: Text | None = None
     kv_budget: float | None = None
-    kv_compress_prefix: int | None = None
+    kv_compress_prefix: StrictInt | None = None
     cache_salt: Text | None = Field(None, min_length=1, max_length=1024)
 
     def check_supported(self) -> None:
@@ -125,11 +126,11 @@ class _SamplingRequest(BaseModel):
 
 class CompletionRequest(_SamplingRequest):
     prompt: Text | list[Text] | TokenIds | list[TokenIds]
-    max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: StrictInt | None = Field(16, ge=1)
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: StrictInt | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -192,9 +193,9 @@ class ResponseFormat(BaseModel):
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
     response_format: ResponseFormat | None = None
 
