@@ -17,11 +17,13 @@ import torch
 import xxhash
 
 from strata import LLM, SamplingParams
+from strata.env_report import kv_server_facts
 from strata.kv.tiers import block_format
 from strata.kv.tiers.base import BlockLayout, StoredBlock
 from strata.kv.tiers.disk import DiskTier, layout_digest
-from strata.kv.tiers.remote import RemoteTier, redact_url
+from strata.kv.tiers.remote import RemoteTier
 from strata.kv.tiers.store_secret import SECRET_ENV, StoreSecret, resolve_secret
+from strata.kv.tiers.store_url import redact_url
 from tests.redis_server import RedisServer, server_binary, server_required
 
 LAYOUT = BlockLayout("ab" * 32, num_layers=2, num_kv_heads=2, head_dim=4, block_size=4,
@@ -112,6 +114,8 @@ def test_disk_tier_deletes_a_corrupt_file(tmp_path: Path) -> None:
 
 
 def test_redacted_urls() -> None:
+    (_, server) = kv_server_facts("redis://:pw@127.0.0.1:1", timeout_s=0.05)
+    assert server.name == "KV server at redis://:***@127.0.0.1:1"
     assert redact_url("redis://:pw@h:1/0") == "redis://:***@h:1/0"
     assert redact_url("valkey://user:pw@h:1") == "valkey://user:***@h:1"
     assert redact_url("redis://h:1") == "redis://h:1"

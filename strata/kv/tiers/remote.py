@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -44,34 +44,16 @@ from strata.kv.tiers import block_format
 from strata.kv.tiers.base import BlockLayout, PinCounts, StoredBlock, TierStore, Timer
 from strata.kv.tiers.disk import layout_digest
 from strata.kv.tiers.store_secret import StoreSecret
+from strata.kv.tiers.store_url import redact_url, redis_url
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 UNBOUNDED = 1 << 60  # capacity_bytes when the server's maxmemory is the only cap
-_SCHEMES = {"valkey://": "redis://", "valkeys://": "rediss://"}
 PASSWORD_ENV = "STRATA_KV_REMOTE_PASSWORD"
 VERIFY_THREADS = min(4, os.cpu_count() or 1)
 # Failures that mean "the server is not answering": the tier goes down on these.
 _UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, OSError)
-
-
-def redact_url(url: str) -> str:
-    """The URL as it may be shown: its password, if any, replaced by ***."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
-
-
-def redis_url(url: str) -> str:
-    """The URL redis-py understands: valkey:// and valkeys:// map to redis:// and rediss://."""
-    for scheme, replacement in _SCHEMES.items():
-        if url.startswith(scheme):
-            return replacement + url[len(scheme) :]
-    return url
 
 
 class RemoteTier(TierStore):
