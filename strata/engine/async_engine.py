@@ -102,6 +102,7 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._num_submitted_not_queued = 0  # guarded by _lock
         self._stopping = False
+        self._fault: str | None = None  # set by an engine fault: the engine is unusable
         self.stats_snapshot: dict[str, Any] = {}
         self._tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="strata-tokenize")
         self._thread = threading.Thread(
@@ -192,7 +193,8 @@ class AsyncEngine:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        """The engine thread runs and no engine fault has stopped it."""
+        return self._thread.is_alive() and self._fault is None
 
     def _send(self, command: str, payload: Any) -> None:
         self._commands.put((command, payload))
@@ -227,11 +229,35 @@ class AsyncEngine:
             except Exception as exc:  # a failure outside the model run: fail everything
                 outputs = self._fail_everything(exc)
                 if is_engine_fault(exc):  # the device is unusable: stop for good
+                    self._fault = f"the engine stopped after a fault: {type(exc).__name__}"
                     self._stopping = True
                     self._deliver_all(outputs)
                     logger.critical("engine fault; the engine stops: %r", exc)
+                    self._refuse_until_exit()
                     return
             self._deliver_all(outputs)
+
+    def _refuse_until_exit(self) -> None:
+        """After an engine fault: end every request still arriving with the fault (a
+        submit may have raced the stop), until asked to exit."""
+        assert self._fault is not None
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            while True:
+                try:
+                    command, payload = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+                if command == "exit":
+                    return
+                if command == "add":
+                    for seq, stream in payload:
+                        out = RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids)
+                        out.finished, out.finish_reason, out.error = True, "error", self._fault
+                        stream.put_threadsafe(out)
+                    with self._lock:
+                        self._num_submitted_not_queued -= len(payload)
 
     def _deliver_all(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
