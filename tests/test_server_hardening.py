@@ -196,7 +196,6 @@ def test_tenants_and_cache_salt_do_not_share_cached_prefixes(guarded: RunningSer
     guarded.assert_no_leaks()
 
 
-
 def test_a_disconnect_aborts_every_sequence_and_logs_one_info_line(
     server: RunningServer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -220,6 +219,7 @@ def test_a_disconnect_aborts_every_sequence_and_logs_one_info_line(
 def test_an_engine_fault_stops_the_engine_loudly(tiny_chat_folder: Path) -> None:
     running = start_server(engine_factory(str(tiny_chat_folder), **LLM_KWARGS), model_name=MODEL)
     try:
+
         def out_of_memory(plan: object) -> None:
             raise torch.OutOfMemoryError("injected: CUDA out of memory")
 

@@ -114,6 +114,7 @@ def build_app(state: ServerState) -> FastAPI:
     @app.exception_handler(ClientDisconnected)
     async def _gone(_: Request, exc: ClientDisconnected) -> Response:
         return Response(status_code=499)  # nobody reads it; RequestRun logged one INFO line
+
     guard = guard_options(list(state.api_keys), state.public_metrics, state.max_request_bytes)
     app.add_middleware(RequestGuard, **guard)
 
