@@ -164,7 +164,9 @@ async def _complete(state: ServerState, body: CompletionRequest, request: Reques
     run = _submit(state, engine, request_id, seqs, arrival)
     assert state.token_text is not None
     fmt = CompletionFormatter(request_id, state.model_name, state.token_text)
-    echo = [_prompt_text(engine, s) for s in seqs] if body.echo else None
+    echo = None
+    if body.echo:  # decoding token-id prompts is tokenizer work: off the event loop
+        echo = await engine.run_in_tokenizer_thread(_prompt_texts, engine, seqs)
     if body.stream:
         return _stream(_completion_chunks(run, fmt, body, echo), run)
     finals = await _collect(run, request)
@@ -276,6 +278,10 @@ async def _collect(run: RequestRun, request: Request) -> list[RequestOutput]:
     if errors:
         raise server_error(errors[0])
     return finals
+
+
+def _prompt_texts(engine: AsyncEngine, seqs: list[EngineSequence]) -> list[str]:
+    return [_prompt_text(engine, s) for s in seqs]
 
 
 def _prompt_text(engine: AsyncEngine, seq: EngineSequence) -> str:
