@@ -271,3 +271,13 @@ def test_latency_metrics_include_the_wait_for_tokenization(tiny_chat_folder: Pat
         assert float(e2e.split()[1]) >= 0.5 and float(ttft.split()[1]) >= 0.5
     finally:
         running.stop()
+
+
+def test_echo_prepends_the_prompt_text(server: RunningServer) -> None:
+    tokenizer = server.engine.tokenizer
+    ids = tokenizer("The capital of France").input_ids
+    for prompt, text in ((ids, tokenizer.decode(ids)), ("Hi there", "Hi there")):
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 2, "echo": True, "n": 2}
+        r = post(server, "/v1/completions", body)
+        assert r.status_code == 200
+        assert all(c["text"].startswith(text) for c in r.json()["choices"])
