@@ -134,7 +134,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from strata.server.serve import serve
 
     config = build(ServeConfig, keywords_from_args(args, SERVE_OPTIONS))
-    config = replace(config, api_key=config.api_key or os.environ.get("STRATA_API_KEY") or None)
+    env_key = os.environ.get("STRATA_API_KEY")
+    config = replace(config, api_key=config.api_key or ((env_key,) if env_key else None))
     kwargs = engine_keywords(args)
     name = config.served_model_name or model_name(args.model)
     return serve(lambda: LLM(**kwargs).engine, name, config, args.log_level)

@@ -241,6 +241,22 @@ class TierConfig:
         "tier retried later; default 0.5)",
         keyword="kv_remote_timeout_s", flag="--kv-remote-timeout", metavar="S",
     ))  # fmt: skip
+    store_secret: str | None = field(default=None, repr=False, metadata=option(
+        "the secret that authenticates disk and remote tier blocks (at least 16 bytes; "
+        "see kv_store_secret_file)",
+        keyword="kv_store_secret", cli=False,
+    ))  # fmt: skip
+    store_secret_file: str | None = field(default=None, metadata=option(
+        "a file holding the secret of the disk and remote tiers (default: "
+        "$STRATA_KV_STORE_SECRET): every block carries a keyed MAC, and blocks that fail "
+        "it are misses and deleted; engines with other secrets, or none, never share blocks",
+        keyword="kv_store_secret_file", metavar="PATH",
+    ))  # fmt: skip
+    store_encrypt: bool = field(default=False, metadata=option(
+        "also encrypt disk and remote tier blocks (token ids and KV) with AES-256-GCM under "
+        "the store secret",
+        keyword="kv_store_encrypt",
+    ))  # fmt: skip
     eviction: TierEviction = field(default="lru", metadata=option(
         "eviction order inside each tier (default lru)",
         keyword="kv_tier_eviction",

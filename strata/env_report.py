@@ -69,13 +69,15 @@ def device_facts() -> list[Fact]:
 
 
 def kv_server_facts(url: str, timeout_s: float = 0.3) -> list[Fact]:
-    """Which server binaries are on PATH, and whether `url` answers PING."""
+    """Which server binaries are on PATH, and whether `url` answers PING (the URL shown
+    without its password)."""
+    from strata.kv.tiers.store_url import redact_url, redis_url
+
+    shown = redact_url(url)
     binaries = [b for b in ("valkey-server", "redis-server") if shutil.which(b)]
     facts = [Fact("KV server binaries", ", ".join(binaries) or "none on PATH")]
     try:
         import redis
-
-        from strata.kv.tiers.remote import redis_url
 
         client = redis.Redis.from_url(
             redis_url(url), socket_timeout=timeout_s, socket_connect_timeout=timeout_s
@@ -83,9 +85,9 @@ def kv_server_facts(url: str, timeout_s: float = 0.3) -> list[Fact]:
         info = client.info("server")
         server = "valkey" if "valkey_version" in info else "redis"
         version = info.get("valkey_version") or info.get("redis_version")
-        facts.append(Fact(f"KV server at {url}", f"{server} {version}"))
+        facts.append(Fact(f"KV server at {shown}", f"{server} {version}"))
     except Exception as e:  # any failure means "not reachable", which is the answer
-        facts.append(Fact(f"KV server at {url}", f"not reachable ({type(e).__name__})"))
+        facts.append(Fact(f"KV server at {shown}", f"not reachable ({type(e).__name__})"))
     return facts
 
 

@@ -3,13 +3,21 @@
 Each message names the problem and the limit it broke, so it can be shown to a user as is.
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class StrataError(Exception):
     """Base class of every error Strata raises on purpose."""
 
 
 class InvalidRequestError(StrataError, ValueError):
-    """A request (prompt or sampling parameters) that cannot be served as given."""
+    """A request (prompt or sampling parameters) that cannot be served as given; `param`
+    names the request field at fault, where one is."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class ContextLengthError(InvalidRequestError):
@@ -30,3 +38,47 @@ class KVCacheTooSmallError(StrataError):
 
 class RequestFailedError(StrataError):
     """A request that the engine failed while running it (an exception in a step)."""
+
+
+class SequenceFault(StrataError):
+    """An exception raised by work done for one request alone (its sampling parameters,
+    its KV policy, its tier load). That request fails with this message; the step goes on
+    for the others. Raised through `blame`; never for an engine fault (`is_engine_fault`).
+    """
+
+    def __init__(self, request_id: str, cause: BaseException) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.request_id = request_id
+        self.cause = cause
+
+
+# Exceptions that say the device or the process is broken, not one request: out of
+# memory, a CUDA fault. They fail the engine loudly; `blame` never converts them.
+_ENGINE_FAULT_NAMES = frozenset({"OutOfMemoryError", "AcceleratorError", "KVIntegrityError"})
+_ENGINE_FAULT_MARKERS = ("CUDA error", "CUDA out of memory", "device-side assert")
+
+
+def is_engine_fault(exc: BaseException) -> bool:
+    """True for out-of-memory, device faults and a corrupt KV pool (matched by name, so
+    that this base module needs no torch)."""
+    if isinstance(exc, SequenceFault):
+        return False
+    if isinstance(exc, MemoryError) or not isinstance(exc, Exception):
+        return True
+    if any(c.__name__ in _ENGINE_FAULT_NAMES for c in type(exc).__mro__):
+        return True
+    return any(marker in str(exc) for marker in _ENGINE_FAULT_MARKERS)
+
+
+@contextmanager
+def blame(request_id: str) -> Iterator[None]:
+    """Attribute an exception raised inside to one request: re-raised as SequenceFault,
+    unless it is an engine fault (then re-raised as is)."""
+    try:
+        yield
+    except SequenceFault:
+        raise
+    except Exception as exc:
+        if is_engine_fault(exc):
+            raise
+        raise SequenceFault(request_id, exc) from exc

@@ -7,7 +7,8 @@ maps straight back to keywords (`keywords_from_args`) and to a config (`options.
     str                 the text as given
     Literal[...]        choices, in the Literal's order
     bool                a flag without a value that sets the opposite of the default
-    tuple[X, ...]       one or more values (nargs="+")
+    tuple[X, ...]       one or more values (nargs="+"), or the flag once per value
+                        (action="append") for an option with repeat=True
     Option.parse        type=parse (ranges, rates: whatever the field type cannot say)
     no default          required
 """
@@ -80,7 +81,10 @@ def _how(o: OptionField, default: Any) -> dict[str, Any]:
     how: dict[str, Any] = {"required": True} if default is MISSING else {"default": default}
     value_type = o.value_type
     if typing.get_origin(value_type) is tuple and typing.get_args(value_type)[-1:] == (...,):
-        how["nargs"] = "+"
+        if o.spec.repeat:
+            how["action"] = "append"
+        else:
+            how["nargs"] = "+"
         value_type = typing.get_args(value_type)[0]
     choices = literal_choices(value_type)
     if choices is not None:

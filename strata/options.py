@@ -42,6 +42,8 @@ class Option:
     cli: False keeps the option off the command line (a keyword only).
     metavar: the flag's value placeholder in --help.
     parse: the flag's argparse `type` where the field type does not say how to parse.
+    repeat: a tuple option whose flag is given once per value (`--api-key A --api-key B`)
+    instead of taking several values after one flag.
     """
 
     help: str
@@ -50,6 +52,7 @@ class Option:
     cli: bool = True
     metavar: str | None = None
     parse: Callable[[str], Any] | None = None
+    repeat: bool = False
 
 
 def option(
@@ -60,10 +63,11 @@ def option(
     cli: bool = True,
     metavar: str | None = None,
     parse: Callable[[str], Any] | None = None,
+    repeat: bool = False,
 ) -> dict[str, Option]:
     """The metadata that makes a dataclass field an option:
     `field(default=16, metadata=option("tokens per KV block"))`."""
-    return {METADATA_KEY: Option(help, keyword, flag, cli, metavar, parse)}
+    return {METADATA_KEY: Option(help, keyword, flag, cli, metavar, parse, repeat)}
 
 
 @dataclass(frozen=True)

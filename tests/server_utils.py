@@ -82,9 +82,13 @@ def start_server(
     max_waiting_requests: int | None = None,
     shutdown_timeout_s: float = 10.0,
     wait_ready: bool = True,
+    api_keys: tuple[str, ...] = (),
+    **state_options: object,
 ) -> RunningServer:
-    """Start a server; return once /health is 200 (or, without wait_ready, once it answers)."""
-    state = ServerState(model_name=model_name, api_key=api_key)
+    """Start a server; return once /health is 200 (or, without wait_ready, once it answers).
+    state_options: ServerState's (public_metrics, max_request_bytes)."""
+    keys = (api_key, *api_keys) if api_key else api_keys
+    state = ServerState(model_name=model_name, api_keys=keys, **state_options)  # type: ignore[arg-type]
     port = free_port()
     config = uvicorn.Config(build_app(state), host="127.0.0.1", port=port, log_level="warning")
     server = DrainingServer(config, state, shutdown_timeout_s)

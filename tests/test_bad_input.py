@@ -65,6 +65,9 @@ def test_max_tokens_beyond_context(llm: LLM) -> None:
         ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
         ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
         ({"top_k": -2}, "top_k must be -1"),
+        ({"top_k": 2**63}, "top_k must be -1"),
+        ({"seed": 2**32}, r"seed must be an integer in \[0, 4294967295\]"),
+        ({"max_tokens": True}, "max_tokens must be an integer >= 1"),
     ],
 )
 def test_invalid_sampling_params(kwargs: dict[str, Any], message: str) -> None:

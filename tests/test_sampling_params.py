@@ -79,14 +79,17 @@ def test_top_p_accepted(value: float) -> None:
     assert SamplingParams(top_p=value).top_p == value
 
 
-@pytest.mark.parametrize("value", [-2, -100])
-def test_top_k_must_be_at_least_minus_one(value: int) -> None:
-    err = _rejects(r"top_k must be -1 \(disabled\) or >= 0", top_k=value)
-    assert str(err) == f"top_k must be -1 (disabled) or >= 0, got {value}"
+@pytest.mark.parametrize("value", [-2, -100, 2**31, 2**63, 2**64])
+def test_top_k_out_of_range(value: int) -> None:
+    err = _rejects(r"top_k must be -1 \(disabled\) or an integer in \[0, 2147483647\]", top_k=value)
+    assert str(err) == f"top_k must be -1 (disabled) or an integer in [0, 2147483647], got {value}"
+    assert err.param == "top_k"
 
 
-def test_top_k_must_be_integer() -> None:
-    _rejects(r"top_k must be -1 \(disabled\) or >= 0, got 2.0", top_k=2.0)
+@pytest.mark.parametrize("value", [2.0, True])
+def test_top_k_must_be_integer(value: object) -> None:
+    pattern = r"top_k must be -1 \(disabled\) or an integer in \[0, 2147483647\], got "
+    _rejects(pattern + str(value), top_k=value)
 
 
 @pytest.mark.parametrize("value", [-1, 0, 1, 50])
@@ -105,20 +108,37 @@ def test_logprobs_accepted(value: int | None) -> None:
     assert SamplingParams(logprobs=value).logprobs == value
 
 
-def test_seed_must_be_integer() -> None:
-    _rejects(r"seed must be an integer, got '7'", seed="7")
+@pytest.mark.parametrize("value", ["7", 7.0, True, -1, 2**32, 2**64])
+def test_seed_must_be_a_32_bit_integer(value: object) -> None:
+    err = _rejects(rf"seed must be an integer in \[0, 4294967295\], got {value!r}", seed=value)
+    assert err.param == "seed"
+
+
+def test_seed_accepted() -> None:
     assert SamplingParams(seed=7).seed == 7
+    assert SamplingParams(seed=2**32 - 1).seed == 2**32 - 1
 
 
 def test_empty_stop_string_rejected() -> None:
     err = _rejects(r"stop strings must be non-empty strings", stop=("ok", ""))
-    assert str(err) == "stop strings must be non-empty strings, got ('ok', '')"
-    _rejects(r"stop strings must be non-empty strings, got \(''\,\)", stop="")
+    assert str(err) == (
+        "stop strings must be non-empty strings of at most 1024 characters, got ['ok', '']"
+    )
+    assert err.param == "stop"
+    _rejects(r"stop strings must be non-empty strings.*, got \[''\]", stop="")
     _rejects(r"stop strings must be non-empty strings", stop=[""])
 
 
 def test_non_string_stop_rejected() -> None:
-    _rejects(r"stop strings must be non-empty strings, got \(3,\)", stop=[3])
+    _rejects(r"stop strings must be non-empty strings.*, got \[3\]", stop=[3])
+
+
+def test_stop_strings_are_bounded() -> None:
+    err = _rejects(r"at most 64 stop strings, got 65", stop=[f"s{i}" for i in range(65)])
+    assert err.param == "stop"
+    _rejects(r"at most 1024 characters", stop=["x" * 1025])
+    assert len(SamplingParams(stop=["x" * 1024] * 64).stop) == 64
+    _rejects(r"stop_token_ids must be at most 1024", stop_token_ids=[1] * 1025)
 
 
 def test_single_stop_string_normalised_to_tuple() -> None:
@@ -135,8 +155,9 @@ def test_stop_sequences_normalised_to_tuples() -> None:
 
 
 def test_stop_token_ids_must_be_non_negative_integers() -> None:
-    err = _rejects(r"stop_token_ids must be non-negative integers", stop_token_ids=[1, -1])
-    assert str(err) == "stop_token_ids must be non-negative integers, got (1, -1)"
+    err = _rejects(r"stop_token_ids must be at most 1024 non-negative", stop_token_ids=[1, -1])
+    assert str(err) == "stop_token_ids must be at most 1024 non-negative integers, got (1, -1)"
+    _rejects(r"stop_token_ids must be", stop_token_ids=[True])
 
 
 def test_params_are_frozen() -> None:

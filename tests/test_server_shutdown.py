@@ -75,3 +75,48 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(tiny_chat_fold
             proc.wait()
     log = proc.stderr.read().decode() if proc.stderr else ""
     assert "draining 1 requests" in log and "all requests finished" in log
+
+
+def test_a_drain_past_its_timeout_fails_streams_with_an_error_and_done(
+    tiny_chat_folder: Path,
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [
+        sys.executable, "-m", "strata.cli", "serve", "--model", str(tiny_chat_folder),
+        "--served-model-name", "tiny", "--port", str(port), "--device", "cpu",
+        "--kv-cache-memory", "0.05", "--max-model-len", "1024", "--shutdown-timeout", "2",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_healthy(url, proc)
+        body = {"model": "tiny", "prompt": "never done", "max_tokens": 1000, "n": 16,
+                "ignore_eos": True, "stream": True}  # fmt: skip
+        events: list[tuple[float, str]] = []
+        started = threading.Event()
+
+        def stream() -> None:
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+                for line in r.iter_lines():
+                    if line:
+                        events.append((time.monotonic(), line))
+                        started.set()
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        assert started.wait(30)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        reader.join(10)
+        done_at, last = events[-1]
+        assert last == "data: [DONE]"
+        error = json.loads(events[-2][1].removeprefix("data: "))["error"]
+        assert error["message"] == "the server shut down before this request finished"
+        assert 1.5 < done_at - sent < 2.0  # the drain ends within --shutdown-timeout
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = proc.stderr.read().decode() if proc.stderr else ""
+    assert "shutdown timeout: failing 16 requests still in flight" in log

@@ -18,7 +18,8 @@ import torch
 from strata.kv.tiers import block_format
 from strata.kv.tiers.base import BlockLayout, StoredBlock
 from strata.kv.tiers.disk import layout_digest
-from strata.kv.tiers.remote import RemoteTier, redis_url
+from strata.kv.tiers.remote import RemoteTier
+from strata.kv.tiers.store_url import redis_url
 from tests.redis_server import RedisServer, server_binary, server_required
 
 LAYOUT = BlockLayout(

@@ -10,7 +10,8 @@ Invariants:
   error); after it the engine holds no blocks for that request.
 - Closing the RequestStream of an unfinished request (a client that went away)
   aborts it; the engine thread frees its blocks before its next step.
-- An exception that escapes a step fails every request in flight, and the loop goes on.
+- An exception that escapes a step fails every request in flight, and the loop goes on;
+  after an engine fault (out of memory, a device fault) the loop stops: /health is 503.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from strata.engine.engine import LLMEngine
 from strata.engine.outputs import RequestOutput
 from strata.engine.sampling_params import SamplingParams
 from strata.engine.sequence import Sequence as EngineSequence
-from strata.errors import StrataError
+from strata.errors import StrataError, is_engine_fault
 
 logger = logging.getLogger("strata.engine")
 
@@ -101,6 +102,7 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._num_submitted_not_queued = 0  # guarded by _lock
         self._stopping = False
+        self._fault: str | None = None  # set by an engine fault: the engine is unusable
         self.stats_snapshot: dict[str, Any] = {}
         self._tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="strata-tokenize")
         self._thread = threading.Thread(
@@ -165,6 +167,10 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._send("abort", request_id)
 
+    def fail_all(self, message: str) -> None:
+        """Finish every request in flight with reason "error" and this message."""
+        self._send("fail_all", message)
+
     def stop(self) -> None:
         """Refuse new requests; those in flight run to the end."""
         self._stopping = True
@@ -187,7 +193,8 @@ class AsyncEngine:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        """The engine thread runs and no engine fault has stopped it."""
+        return self._thread.is_alive() and self._fault is None
 
     def _send(self, command: str, payload: Any) -> None:
         self._commands.put((command, payload))
@@ -221,9 +228,41 @@ class AsyncEngine:
                 outputs = self.engine.step()
             except Exception as exc:  # a failure outside the model run: fail everything
                 outputs = self._fail_everything(exc)
-            for out in outputs:
-                self._deliver(out)
-            self._publish_stats()
+                if is_engine_fault(exc):  # the device is unusable: stop for good
+                    self._fault = f"the engine stopped after a fault: {type(exc).__name__}"
+                    self._stopping = True
+                    self._deliver_all(outputs)
+                    logger.critical("engine fault; the engine stops: %r", exc)
+                    self._refuse_until_exit()
+                    return
+            self._deliver_all(outputs)
+
+    def _refuse_until_exit(self) -> None:
+        """After an engine fault: end every request still arriving with the fault (a
+        submit may have raced the stop), until asked to exit."""
+        assert self._fault is not None
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            while True:
+                try:
+                    command, payload = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+                if command == "exit":
+                    return
+                if command == "add":
+                    for seq, stream in payload:
+                        out = RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids)
+                        out.finished, out.finish_reason, out.error = True, "error", self._fault
+                        stream.put_threadsafe(out)
+                    with self._lock:
+                        self._num_submitted_not_queued -= len(payload)
+
+    def _deliver_all(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            self._deliver(out)
+        self._publish_stats()
 
     def _fail_everything(self, exc: Exception) -> list[RequestOutput]:
         logger.exception("engine loop failed; failing every request in flight")
@@ -255,6 +294,9 @@ class AsyncEngine:
                     self._num_submitted_not_queued -= len(payload)
             elif command == "abort":
                 self._abort(payload)
+            elif command == "fail_all":
+                for out in self.engine.fail(self.engine.request_ids(), payload):
+                    self._deliver(out)
             elif command == "exit":
                 for request_id in self.engine.request_ids():
                     self._abort(request_id)

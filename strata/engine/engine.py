@@ -23,7 +23,7 @@ from strata.engine.plan import StepPlan
 from strata.engine.requests import RequestFactory
 from strata.engine.sampling_params import SamplingParams
 from strata.engine.sequence import Sequence
-from strata.errors import InvalidRequestError
+from strata.errors import InvalidRequestError, is_engine_fault
 
 logger = logging.getLogger("strata.engine")
 
@@ -88,9 +88,12 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduled step; returns outputs of the requests that got a token.
 
-        If running the step raises, the requests in it are finished with reason "error"
-        (their blocks freed, the message in `RequestOutput.error`) and returned; the
-        engine stays usable for every other request.
+        A request whose own work raises (its sampling parameters, its KV policy:
+        errors.SequenceFault) is finished alone with reason "error" (its blocks freed, the
+        message in `RequestOutput.error`); the step goes on for the others. Any other
+        exception in the step fails the requests in it the same way, and the engine stays
+        usable, except an engine fault (out of memory, a device fault,
+        errors.is_engine_fault), which is raised.
         """
         self.sessions.expire()
         if self.rebalancer is not None:
@@ -99,21 +102,35 @@ class LLMEngine:
                 (s.num_tokens for s in seqs), self.scheduler.num_preemptions, self._preempt_ids
             )
         plan = self.scheduler.schedule()
+        failed = self._fail_faults(plan)
         if plan.is_empty:
             if self.tiers is not None and self.scheduler.has_unfinished():
                 self.tiers.wait(0.01)  # only loads or lookups in flight: nothing to compute yet
-            return []
+            return failed
         try:
             start = time.perf_counter()
             outputs = self._run_plan(plan)
             self.swap_cost.observe_step(plan.num_tokens, time.perf_counter() - start)
             if self.tiers is not None and plan.preempted:
                 self.swap_cost.observe_load_rate(self.tiers.load_bytes_per_s())
-            return outputs
+            return failed + outputs
         except Exception as exc:
+            if is_engine_fault(exc):
+                logger.critical("engine fault (not caused by one request): %r", exc)
+                raise
             logger.exception("engine step failed; failing the %d requests in it", len(plan.chunks))
             message = f"the engine failed while running this request: {type(exc).__name__}: {exc}"
-            return self.fail([c.seq.request_id for c in plan.chunks], message)
+            return failed + self.fail([c.seq.request_id for c in plan.chunks], message)
+
+    def _fail_faults(self, plan: StepPlan) -> list[RequestOutput]:
+        """Fail, each alone, the requests whose own work raised (plan.faults, emptied)."""
+        outputs = []
+        for fault in plan.faults:
+            logger.warning("request %s failed on its own: %s", fault.request_id, fault)
+            message = f"this request failed while running: {fault}"
+            outputs += self.fail([fault.request_id], message)
+        plan.faults.clear()
+        return outputs
 
     def _preempt_ids(self, request_ids: list[str]) -> None:
         for request_id in request_ids:
@@ -148,16 +165,19 @@ class LLMEngine:
         return list(self._seqs)
 
     def _run_plan(self, plan: StepPlan) -> list[RequestOutput]:
-        sampled = self.runner.execute(plan)
+        plan, sampled = self.runner.execute(plan)  # without the chunks of faulty requests
         # A step that samples nothing has no host sync: tier stores must wait for its KV.
         computed = self._record_step_event()
         tokens = [] if sampled is None else sampled.token_ids.tolist()  # the one host sync
         got_token = self.scheduler.update(plan, tokens, computed)
-        self.kv_policies.after_step(plan)
+        outputs = self._fail_faults(plan)  # policies that raised while observing
+        plan.faults.extend(self.kv_policies.after_step(plan))
+        outputs += self._fail_faults(plan)
         if sampled is not None and sampled.logprobs is not None:
             record_logprobs(got_token, sampled)
-        outputs = []
         for seq in got_token:
+            if seq.finished:
+                continue  # failed above; its output carries the error
             self.num_generated_tokens += 1
             reason = stop_reason(seq, self.loaded.eos_token_ids)
             if reason is not None:

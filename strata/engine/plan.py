@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from strata.engine.sequence import Sequence
+from strata.errors import SequenceFault
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,20 @@ class ScheduledChunk:
 
 @dataclass(frozen=True)
 class StepPlan:
+    """The chunks to compute, the sequences preempted to make room, and the faults of
+    this step: requests that failed on their own (errors.SequenceFault). Whoever finds a
+    fault appends it and leaves the request's chunk out of what follows; the engine then
+    fails those requests alone."""
+
     chunks: tuple[ScheduledChunk, ...]
     preempted: tuple[Sequence, ...] = ()
+    faults: list[SequenceFault] = field(default_factory=list)
+
+    def without(self, fault: SequenceFault) -> StepPlan:
+        """This plan with the faulty request's chunk left out and its fault recorded."""
+        self.faults.append(fault)
+        chunks = tuple(c for c in self.chunks if c.seq.request_id != fault.request_id)
+        return replace(self, chunks=chunks)
 
     @property
     def num_tokens(self) -> int:

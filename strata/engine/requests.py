@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Sequence as Seq
+from functools import cached_property
 from typing import Any
 
 from strata.engine.detokenizer import Detokenizer
@@ -36,27 +37,63 @@ class RequestFactory:
         self._ids = itertools.count()
         self._rng = random.Random(seed)  # seeds of unseeded requests
 
+    @cached_property
+    def max_prompt_chars(self) -> int:
+        """No text longer than this fits the context, whatever it tokenizes to: each token
+        stands for at most `longest token` characters (a byte-level token's string has a
+        character per byte, and a text's character is at least one byte)."""
+        vocab = self.tokenizer.get_vocab() if self.tokenizer is not None else {}
+        longest = max((len(token) for token in vocab), default=1)
+        return self.max_model_len * max(longest, 1)
+
+    def check_text_length(self, num_chars: int, param: str = "prompt") -> None:
+        """The cheap bound before tokenizing: ContextLengthError if a text of num_chars
+        characters cannot fit the context."""
+        if num_chars > self.max_prompt_chars:
+            raise ContextLengthError(
+                f"the {param} has {num_chars} characters; no text over {self.max_prompt_chars} "
+                f"characters fits the context of {self.max_model_len} tokens (max_model_len)",
+                param,
+            )  # fmt: skip
+
     def encode_prompt(self, prompt: str | Seq[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InvalidRequestError(
-                    f"model {self.model_name} has no tokenizer: pass prompts as token ids"
+                    f"model {self.model_name} has no tokenizer: pass prompts as token ids",
+                    "prompt",
                 )
+            self.check_text_length(len(prompt))
             return prompt, list(self.tokenizer(prompt).input_ids)
         ids = list(prompt)
-        vocab = self.vocab_size
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+        bad = self._bad_token_ids(ids)
         if bad:
             raise InvalidRequestError(
-                f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}"
+                f"prompt token ids must be integers in [0, {self.vocab_size}); got {bad[:5]}",
+                "prompt",
             )
         return None, ids
+
+    def _bad_token_ids(self, ids: Seq[object]) -> list[object]:
+        """The entries of ids that are not token ids of this vocabulary (bools included)."""
+        vocab = self.vocab_size
+        return [
+            t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab
+        ]
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> int:
         """Check a request against the context; returns its resolved max_tokens."""
         n, limit = len(prompt_ids), self.max_model_len
         if n == 0:
-            raise InvalidRequestError("the prompt is empty; it must contain at least one token")
+            raise InvalidRequestError(
+                "the prompt is empty; it must contain at least one token", "prompt"
+            )
+        bad = self._bad_token_ids(params.stop_token_ids)
+        if bad:
+            raise InvalidRequestError(
+                f"stop_token_ids must be in [0, {self.vocab_size}); got {bad[:5]}",
+                "stop_token_ids",
+            )
         if n >= limit:
             raise ContextLengthError(
                 f"the prompt has {n} tokens but the context holds {limit} (max_model_len), "

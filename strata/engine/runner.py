@@ -21,9 +21,10 @@ import torch
 from strata.attention.backend import AttentionBackend, StepMetadata
 from strata.engine.cuda_graphs import DecodeGraphs
 from strata.engine.plan import StepPlan
-from strata.engine.sampler import Sampler, SamplerOutput, SamplingBatch
+from strata.engine.sampler import Sampler, SamplerOutput, SamplingBatch, check_sampling_row
 from strata.engine.staging import PinnedStager
 from strata.engine.step_stats import StepStats
+from strata.errors import SequenceFault, blame
 from strata.kv.cache import KVCache
 from strata.kv.policies.runtime.step_kv import KVStepBuilder, StepKV
 from strata.kv.recall.attention import RecallAttention, RecallMetadata
@@ -54,17 +55,31 @@ class ModelRunner:
             self.model, self.kv, self.backend, self.device, max_batch, max_model_len
         )
 
-    def execute(self, plan: StepPlan) -> SamplerOutput | None:
-        """Run one step. Returns sampled tokens for the plan's sampling chunks, in order."""
-        logits = self.compute_logits(plan)
+    def execute(self, plan: StepPlan) -> tuple[StepPlan, SamplerOutput | None]:
+        """Run one step. Returns the plan it ran and the sampled tokens for that plan's
+        sampling chunks, in order.
+
+        A request whose own parameters or KV policy raise before the model runs is left
+        out of the plan it returns (its fault in `plan.faults`); one whose policy raises
+        while observing stays in it, with its fault recorded (see StepPlan)."""
+        while True:
+            try:
+                batch = self._sampling_batch(plan)
+                logits = self.compute_logits(plan)
+                break
+            except SequenceFault as fault:
+                plan = plan.without(fault)
+                if plan.is_empty:
+                    return plan, None
         if logits is None:
-            return None
-        return self.sampler(logits, self._sampling_batch(plan))
+            return plan, None
+        return plan, self.sampler(logits, batch)
 
     def compute_logits(self, plan: StepPlan) -> torch.Tensor | None:
         """Run the model for one step; float32 logits of the sampling chunks, in order.
 
-        From a graph replay the logits are a view valid until the next step."""
+        From a graph replay the logits are a view valid until the next step. Raises
+        SequenceFault, before the model runs, for a request whose KV policy raised."""
         graphs = self.graphs
         if (
             graphs is not None
@@ -108,6 +123,8 @@ class ModelRunner:
             assert inner is not None, "a step without recall rows has pool rows"
             meta = inner
         logits = self.model(ids_t, pos_t, self.kv, backend, meta, rows_t, step.observer)
+        if step.observer is not None:
+            plan.faults.extend(step.observer.faults.values())
         return logits if logits_rows else None
 
     def _recall_metadata(
@@ -145,6 +162,9 @@ class ModelRunner:
 
     def _sampling_batch(self, plan: StepPlan) -> SamplingBatch:
         seqs = [c.seq for c in plan.chunks if c.samples]
+        for seq in seqs:
+            with blame(seq.request_id):
+                check_sampling_row(seq.params, seq.seed)
         params = [s.params for s in seqs]
         wanted = [p.logprobs for p in params if p.logprobs is not None]
         temperature, top_p = self._floats.upload(

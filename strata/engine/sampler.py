@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from strata.engine.sampling_params import SamplingParams
+
 _MASK32 = 0xFFFFFFFF
 
 
@@ -35,6 +37,20 @@ class SamplerOutput:
     logprobs: torch.Tensor | None  # [rows] chosen token's log-probability
     top_ids: torch.Tensor | None  # [rows, max_logprobs]
     top_logprobs: torch.Tensor | None  # [rows, max_logprobs]
+
+
+def check_sampling_row(params: SamplingParams, seed: int) -> None:
+    """Raise ValueError unless one request's sampling values fit the batch's tensors
+    (float32 temperature and top_p, int64 top_k, a 32-bit seed). SamplingParams checks
+    them at admission; this guards the step against a request that slipped past."""
+    if not (params.temperature >= 0 and params.temperature != float("inf")):
+        raise ValueError(f"temperature {params.temperature} is not a finite number >= 0")
+    if not 0.0 < params.top_p <= 1.0:
+        raise ValueError(f"top_p {params.top_p} is not in (0, 1]")
+    if not -1 <= params.top_k < 2**63:
+        raise ValueError(f"top_k {params.top_k} does not fit in 64 bits")
+    if not 0 <= seed <= _MASK32:
+        raise ValueError(f"seed {seed} is not in [0, 2^32)")
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,8 @@ class SamplingParams:
     """Per-request sampling and stopping.
 
     temperature: 0 is greedy. top_p in (0, 1]; top_k of -1 or 0 disables it.
-    seed: makes this request's samples reproducible whatever else runs beside it.
+    seed: in [0, 2^32); makes this request's samples reproducible whatever else runs
+    beside it.
     max_tokens: tokens to generate; None fills the context.
     stop: strings that end generation; they are not included in the text.
     stop_token_ids: token ids that end generation (included in token_ids).
@@ -28,6 +29,8 @@ class SamplingParams:
     None takes the engine's default (`LLM(kv_policy=...)`, itself "full": lossless).
     kv_budget: the KV the policy keeps, as a fraction of the compressed context if < 1 or
     a number of tokens if >= 1; None takes the engine's default.
+    cache_salt: a partition of the prefix cache (GPU and tiers): the request reuses only
+    blocks computed under the same salt (the server adds the tenant to it).
     kv_compress_prefix: compress only the first N prompt tokens, as a context, before the
     rest of the prompt (the question) is computed; the rest then attends to the
     compressed context uncompressed (query-agnostic: compress once, ask many). None
@@ -49,58 +52,92 @@ class SamplingParams:
     kv_policy: str | None = None
     kv_budget: float | None = None
     kv_compress_prefix: int | None = None
+    cache_salt: str | None = None
 
     MAX_LOGPROBS = 20
     DEFAULT_SESSION_TTL_S = 300.0
     MAX_SESSION_TTL_S = 86400.0
+    MAX_TOP_K = 2**31 - 1  # beyond the vocabulary top_k keeps every token
+    MAX_SEED = 2**32 - 1  # the sampler's noise takes a 32-bit seed
+    MAX_STOP_STRINGS = 64
+    MAX_STOP_CHARS = 1024  # per stop string
+    MAX_STOP_TOKEN_IDS = 1024
 
     def __post_init__(self) -> None:
         # Accept a single string or any sequence for stop / stop_token_ids; store tuples.
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         object.__setattr__(self, "stop", stop)
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
-        if self.max_tokens is not None and (
-            not isinstance(self.max_tokens, int) or self.max_tokens <= 0
-        ):
-            raise InvalidRequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens}")
-        if not self.temperature >= 0 or self.temperature == float("inf"):
+        if self.max_tokens is not None and not _is_int(self.max_tokens, 1):
             raise InvalidRequestError(
-                f"temperature must be a finite number >= 0, got {self.temperature}"
+                f"max_tokens must be an integer >= 1, got {self.max_tokens}", "max_tokens"
             )
-        if not 0.0 < self.top_p <= 1.0:  # also rejects NaN
-            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
-            raise InvalidRequestError(f"top_k must be -1 (disabled) or >= 0, got {self.top_k}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise InvalidRequestError(f"seed must be an integer, got {self.seed!r}")
-        if any(not isinstance(s, str) or not s for s in stop):
-            raise InvalidRequestError(f"stop strings must be non-empty strings, got {stop!r}")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+        if not _is_number(self.temperature) or not 0 <= self.temperature < float("inf"):
             raise InvalidRequestError(
-                f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}"
+                f"temperature must be a finite number >= 0, got {self.temperature}", "temperature"
             )
-        if self.logprobs is not None and not 0 <= self.logprobs <= self.MAX_LOGPROBS:
+        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:  # also rejects NaN
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
+        if not _is_int(self.top_k, -1, self.MAX_TOP_K):
             raise InvalidRequestError(
-                f"logprobs must be in [0, {self.MAX_LOGPROBS}], got {self.logprobs}"
+                f"top_k must be -1 (disabled) or an integer in [0, {self.MAX_TOP_K}], "
+                f"got {self.top_k}", "top_k",
+            )  # fmt: skip
+        if self.seed is not None and not _is_int(self.seed, 0, self.MAX_SEED):
+            raise InvalidRequestError(
+                f"seed must be an integer in [0, {self.MAX_SEED}], got {self.seed!r}", "seed"
             )
+        if self.logprobs is not None and not _is_int(self.logprobs, 0, self.MAX_LOGPROBS):
+            raise InvalidRequestError(
+                f"logprobs must be in [0, {self.MAX_LOGPROBS}], got {self.logprobs}", "logprobs"
+            )
+        self._check_stops()
         self._check_session()
         self._check_kv_policy()
 
+    def _check_stops(self) -> None:
+        stop, ids = self.stop, self.stop_token_ids
+        if len(stop) > self.MAX_STOP_STRINGS:
+            raise InvalidRequestError(
+                f"at most {self.MAX_STOP_STRINGS} stop strings, got {len(stop)}", "stop"
+            )
+        if any(not isinstance(s, str) or not 0 < len(s) <= self.MAX_STOP_CHARS for s in stop):
+            raise InvalidRequestError(
+                f"stop strings must be non-empty strings of at most {self.MAX_STOP_CHARS} "
+                f"characters, got {[s[:40] if isinstance(s, str) else s for s in stop[:5]]!r}",
+                "stop",
+            )  # fmt: skip
+        if len(ids) > self.MAX_STOP_TOKEN_IDS or not all(_is_int(t, 0) for t in ids):
+            raise InvalidRequestError(
+                f"stop_token_ids must be at most {self.MAX_STOP_TOKEN_IDS} non-negative "
+                f"integers, got {ids[:5]!r}{' ...' if len(ids) > 5 else ''}", "stop_token_ids",
+            )  # fmt: skip
+
     def _check_session(self) -> None:
+        if self.cache_salt is not None and (
+            not isinstance(self.cache_salt, str) or not 0 < len(self.cache_salt) <= 1024
+        ):
+            raise InvalidRequestError(
+                f"cache_salt must be a string of 1 to 1024 characters, got {self.cache_salt!r}",
+                "cache_salt",
+            )
         if self.session_id is not None and (
             not isinstance(self.session_id, str) or not 0 < len(self.session_id) <= 256
         ):
             raise InvalidRequestError(
-                f"session_id must be a string of 1 to 256 characters, got {self.session_id!r}"
+                f"session_id must be a string of 1 to 256 characters, got {self.session_id!r}",
+                "session_id",
             )
         if self.cache_ttl_s is not None:
             if self.session_id is None:
-                raise InvalidRequestError("cache_ttl_s needs a session_id to pin the cache for")
+                raise InvalidRequestError(
+                    "cache_ttl_s needs a session_id to pin the cache for", "cache_ttl_s"
+                )
             if not 0 < self.cache_ttl_s <= self.MAX_SESSION_TTL_S:  # also rejects NaN
                 raise InvalidRequestError(
                     f"cache_ttl_s must be in (0, {self.MAX_SESSION_TTL_S:g}] seconds, "
-                    f"got {self.cache_ttl_s}"
-                )
+                    f"got {self.cache_ttl_s}", "cache_ttl_s",
+                )  # fmt: skip
         elif self.session_id is not None:
             object.__setattr__(self, "cache_ttl_s", self.DEFAULT_SESSION_TTL_S)
 
@@ -108,16 +145,31 @@ class SamplingParams:
         try:
             if self.kv_policy is not None:
                 check_policy_name(self.kv_policy)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc), "kv_policy") from None
+        try:
             if self.kv_budget is not None:
                 check_budget(self.kv_budget)
         except ValueError as exc:
-            raise InvalidRequestError(str(exc)) from None
+            raise InvalidRequestError(str(exc), "kv_budget") from None
         n = self.kv_compress_prefix
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise InvalidRequestError(
-                f"kv_compress_prefix must be a number of prompt tokens >= 1, got {n!r}"
+                f"kv_compress_prefix must be a number of prompt tokens >= 1, got {n!r}",
+                "kv_compress_prefix",
             )
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def _is_int(value: object, low: int, high: int | None = None) -> bool:
+    """An int (not a bool) in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return False
+    return low <= value and (high is None or value <= high)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)

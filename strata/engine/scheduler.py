@@ -29,6 +29,7 @@ from typing import Any
 from strata.config import SchedulerConfig
 from strata.engine.plan import ScheduledChunk, StepPlan
 from strata.engine.sequence import Sequence, SequenceStatus
+from strata.errors import SequenceFault, blame
 from strata.kv.manager import KVManager, PrefixMatch
 from strata.kv.recall.manager import RecallManager
 from strata.kv.tiers.loads import TierLoads
@@ -73,19 +74,28 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[Sequence] = []
+        faults: list[SequenceFault] = []
 
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed, budget)
             if seq.recall is not None:  # its KV is in the recall store: no blocks to grow
+                n = min(seq.num_tokens - seq.num_computed, budget)
                 chunks.append(ScheduledChunk(seq, seq.num_computed, n, []))
                 budget -= n
                 i += 1
                 continue
-            if seq.kv is not None:
-                n = seq.kv.chunk_limit(seq.num_computed, n)
-            slots = seq.num_kv_slots + n + self._spare_blocks(seq, n) * self.kv.block_size
+            try:
+                with blame(seq.request_id):  # its KV policy's answers
+                    n = min(seq.num_tokens - seq.num_computed, budget)
+                    if seq.kv is not None:
+                        n = seq.kv.chunk_limit(seq.num_computed, n)
+                    spare = self._spare_blocks(seq, n)
+            except SequenceFault as fault:
+                faults.append(fault)  # left out of the step; the engine fails it
+                i += 1
+                continue
+            slots = seq.num_kv_slots + n + spare * self.kv.block_size
             while not self.kv.grow(seq.request_id, slots):
                 if self.reclaim is not None and self.reclaim():
                     continue
@@ -102,10 +112,10 @@ class Scheduler:
                 i += 1
 
         if not preempted:
-            budget = self._admit(budget, chunks)
-        return StepPlan(tuple(chunks), tuple(preempted))
+            budget = self._admit(budget, chunks, faults)
+        return StepPlan(tuple(chunks), tuple(preempted), faults)
 
-    def _admit(self, budget: int, chunks: list[ScheduledChunk]) -> int:
+    def _admit(self, budget: int, chunks: list[ScheduledChunk], faults: list[SequenceFault]) -> int:
         for seq in list(self.waiting):
             if budget <= 0 or len(self.running) + len(self.loading) >= self.config.max_num_seqs:
                 break
@@ -118,8 +128,13 @@ class Scheduler:
                 chunks.append(ScheduledChunk(seq, seq.num_computed, n, []))
                 budget -= n
                 continue
-            tokens = self._matchable(seq)
-            match = self.kv.match_prefix(tokens)
+            try:
+                with blame(seq.request_id):
+                    tokens = self._matchable(seq)
+            except SequenceFault as fault:
+                faults.append(fault)  # stays queued until the engine fails it
+                continue
+            match = self.kv.match_prefix(tokens, seq.cache_salt)
             hits = self.tier_loads.hits(seq, tokens, match)
             if hits:
                 num_tokens = (len(match.block_ids) + len(hits)) * self.kv.block_size
@@ -128,14 +143,11 @@ class Scheduler:
                 self._start(seq, match)
                 self.tier_loads.start(seq, hits)
                 continue
-            n = min(seq.num_tokens - match.num_tokens, budget)
-            spare = 0
-            if seq.kv is not None:
-                n = seq.kv.chunk_limit(match.num_tokens, n)
-                budgets = seq.kv.budgets_after(match.num_tokens + n)
-                if budgets is not None:  # matched blocks already held elsewhere get copied
-                    head = match.block_ids[: self.kv.blocks_for(max(budgets))]
-                    spare = sum(1 for b in head if self.kv.pool.refcount[b] > 0)
+            try:
+                n, spare = self._first_chunk(seq, match, budget)
+            except SequenceFault as fault:
+                faults.append(fault)
+                continue
             slots = match.num_tokens + n + spare * self.kv.block_size
             if not self._admit_blocks(seq, match, slots):
                 break
@@ -156,7 +168,7 @@ class Scheduler:
         resumed = seq.recall.state is not None  # preempted: its store state was kept
         if not resumed and not self.recall.admit(seq.request_id, seq.recall):
             return False
-        match = PrefixMatch((), (), self.kv.block_size)
+        match = PrefixMatch((), (), self.kv.block_size, self.kv.root)
         self.kv.admit(seq.request_id, match, 0, num_prompt=0)
         self.kv.stop_indexing(seq.request_id)
         computed = seq.num_computed
@@ -171,13 +183,27 @@ class Scheduler:
         self.running.remove(victim)
         return victim
 
+    def _first_chunk(self, seq: Sequence, match: PrefixMatch, budget: int) -> tuple[int, int]:
+        """(tokens to compute now, spare blocks to reserve) for a sequence being admitted."""
+        n = min(seq.num_tokens - match.num_tokens, budget)
+        if seq.kv is None:
+            return n, 0
+        with blame(seq.request_id):
+            n = seq.kv.chunk_limit(match.num_tokens, n)
+            budgets = seq.kv.budgets_after(match.num_tokens + n)
+        if budgets is None:
+            return n, 0
+        # Matched blocks already held elsewhere get copied before a compaction.
+        head = match.block_ids[: self.kv.blocks_for(max(budgets))]
+        return n, sum(1 for b in head if self.kv.pool.refcount[b] > 0)
+
     def _admit_blocks(self, seq: Sequence, match: PrefixMatch, num_tokens: int) -> bool:
         while True:
             if self.kv.admit(seq.request_id, match, num_tokens, num_prompt=seq.num_tokens):
                 return True
             if self.reclaim is None or not self.reclaim():
                 return False
-            match = self.kv.match_prefix(self._matchable(seq))  # released pins may change it
+            match = self.kv.match_prefix(self._matchable(seq), seq.cache_salt)  # pins released
 
     def _start(self, seq: Sequence, match: PrefixMatch) -> None:
         self.waiting.remove(seq)

@@ -52,6 +52,11 @@ class Sequence:
             self.token_ids = list(self.prompt_token_ids)
 
     @property
+    def cache_salt(self) -> str | None:
+        """Its prefix-cache partition: only sequences of the same salt share blocks."""
+        return self.params.cache_salt
+
+    @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
 

@@ -25,7 +25,7 @@ from typing import Protocol
 
 from strata.errors import StrataError
 from strata.kv.blocks import BlockPool
-from strata.kv.prefix import BlockRef, PrefixIndex, chain_key
+from strata.kv.prefix import BlockRef, PrefixIndex, chain_key, salted_root
 
 
 class KVIntegrityError(StrataError, RuntimeError):
@@ -43,6 +43,7 @@ class WriteThrough(Protocol):
 class _SeqBlocks:
     table: list[int] = field(default_factory=list)
     keys: list[bytes] = field(default_factory=list)  # chain keys of the first len(keys) blocks
+    root: bytes = b""  # the chain's root: the engine's, or salted (prefix.salted_root)
     compressed: bool = False  # past a KV policy's compression point: never indexed again
 
 
@@ -53,6 +54,7 @@ class PrefixMatch:
     block_ids: tuple[int, ...]
     keys: tuple[bytes, ...]
     block_size: int
+    root: bytes  # the chain's root (salted for a salted sequence)
 
     @property
     def num_tokens(self) -> int:
@@ -108,17 +110,18 @@ class KVManager:
 
     # ---- prefix matching -----------------------------------------------------------------
 
-    def match_prefix(self, token_ids: Sequence[int]) -> PrefixMatch:
+    def match_prefix(self, token_ids: Sequence[int], salt: str | None = None) -> PrefixMatch:
         """The longest run of leading full blocks found in the index. Takes no reference.
 
         At least one token is always left to compute, so the step that finishes the
-        prompt has logits to sample from.
+        prompt has logits to sample from. A salted sequence only finds blocks of its salt.
         """
+        root = salted_root(self.root, salt)
         if not self.enable_prefix_caching:
-            return PrefixMatch((), (), self.block_size)
+            return PrefixMatch((), (), self.block_size, root)
         bs = self.block_size
         max_blocks = (len(token_ids) - 1) // bs
-        parent = self.root
+        parent = root
         block_ids: list[int] = []
         keys: list[bytes] = []
         for i in range(max_blocks):
@@ -130,7 +133,7 @@ class KVManager:
             block_ids.append(block_id)
             keys.append(key)
             parent = key
-        return PrefixMatch(tuple(block_ids), tuple(keys), bs)
+        return PrefixMatch(tuple(block_ids), tuple(keys), bs, root)
 
     def block_refs(self, token_ids: Sequence[int], start: int, parent: bytes) -> list[BlockRef]:
         """Keys and tokens of the full blocks from block `start` on, leaving one token to compute.
@@ -158,7 +161,7 @@ class KVManager:
         revived = sum(1 for b in match.block_ids if self.pool.refcount[b] == 0)
         if num_new > self.pool.num_free - revived:
             return False
-        state = _SeqBlocks()
+        state = _SeqBlocks(root=match.root)
         for block_id in match.block_ids:
             self.pool.acquire(block_id)
             state.table.append(block_id)
@@ -211,7 +214,7 @@ class KVManager:
             return
         bs = self.block_size
         for i in range(len(state.keys), num_computed // bs):
-            parent = state.keys[-1] if state.keys else self.root
+            parent = state.keys[-1] if state.keys else state.root
             chunk = token_ids[i * bs : (i + 1) * bs]
             key = chain_key(parent, chunk)
             # If another sequence indexed the same content first, this block stays unindexed.

@@ -3,6 +3,7 @@
 A block key is a chained SHA-256:
 
     root     = sha256("strata-kv/1" | model fingerprint | KV layout)
+               then, for a salted request (tenant, cache_salt), sha256(root | salt)
     key(i)   = sha256(key(i-1) | token ids of block i as little-endian int64)
 
 so a key names the whole prefix up to and including its block, is the same in every
@@ -25,6 +26,16 @@ def root_key(model_fingerprint: str, kv_layout: str) -> bytes:
     """The key every chain starts from: model identity and KV layout, nothing else."""
     h = hashlib.sha256(KEY_FORMAT)
     h.update(b"\0" + model_fingerprint.encode() + b"\0" + kv_layout.encode())
+    return h.digest()
+
+
+def salted_root(root: bytes, salt: str | None) -> bytes:
+    """The root of a cache partition: `salt` (a tenant, a request's cache_salt) keys a
+    chain no other salt can reach, in the GPU index and in every tier alike."""
+    if salt is None:
+        return root
+    h = hashlib.sha256(root)
+    h.update(b"\0salt\0" + salt.encode())
     return h.digest()
 
 

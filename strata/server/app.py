@@ -1,6 +1,9 @@
 """The OpenAI-compatible HTTP app: /v1/completions, /v1/chat/completions, /v1/models,
 /health and /metrics, over one AsyncEngine.
 
+Every request first passes the RequestGuard (guard.py): the API key, then the body size,
+from the headers alone.
+
 A request is checked whole before anything is queued: parameters, model name, every
 prompt's length against the context, and the waiting queue's room for all its choices.
 """
@@ -8,14 +11,13 @@ prompt's length against the context, and the waiting queue's room for all its ch
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from strata.engine.async_engine import AsyncEngine, EngineStoppedError, QueueFullError
@@ -24,6 +26,7 @@ from strata.engine.outputs import RequestOutput
 from strata.engine.sampling_params import SamplingParams
 from strata.engine.sequence import Sequence as EngineSequence
 from strata.errors import InvalidRequestError
+from strata.server.config import DEFAULT_MAX_REQUEST_BYTES
 from strata.server.errors import (
     APIError,
     install_error_handlers,
@@ -31,6 +34,7 @@ from strata.server.errors import (
     server_error,
     unavailable,
 )
+from strata.server.guard import RequestGuard, guard_options
 from strata.server.metrics import ServerMetrics
 from strata.server.protocol import ChatCompletionRequest, CompletionRequest
 from strata.server.request_run import ClientDisconnected, RequestRun
@@ -53,7 +57,10 @@ class ServerState:
     """What the routes share. `engine` is None until the model has loaded."""
 
     model_name: str
-    api_key: str | None = None
+    api_keys: tuple[str, ...] = ()  # each a tenant; none: no key needed
+    public_metrics: bool = False
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    allow_special_tokens_in_content: bool = False
     engine: AsyncEngine | None = None
     load_error: str | None = None
     started: float = field(default_factory=time.time)
@@ -76,11 +83,20 @@ class ServerState:
         self.engine = engine
 
     def ready_engine(self) -> AsyncEngine:
+        if self.engine is not None and not self.engine.alive:
+            raise unavailable("the engine stopped after a fault; see the server log")
         if self.draining:
             raise unavailable("the server is shutting down")
         if self.engine is None:
             raise unavailable(self.load_error or "the model is still loading")
         return self.engine
+
+    def tenant_of(self, request: Request) -> str | None:
+        """The tenant whose cache partition the request uses: its key's (guard.py), when
+        several keys are configured; None (one shared cache) otherwise."""
+        if len(self.api_keys) < 2:
+            return None
+        return str(request.state.tenant)
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -94,12 +110,20 @@ def build_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="Strata", version="0.1.0", description="OpenAI-compatible LLM server")
     app.state.strata = state
     install_error_handlers(app)
-    auth = [Depends(_authorizer(state))]
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(_: Request, exc: ClientDisconnected) -> Response:
+        return Response(status_code=499)  # nobody reads it; RequestRun logged one INFO line
+
+    guard = guard_options(list(state.api_keys), state.public_metrics, state.max_request_bytes)
+    app.add_middleware(RequestGuard, **guard)
 
     @app.get("/health")
     async def health() -> JSONResponse:
         if state.engine is None or state.draining or not state.engine.alive:
-            status = "draining" if state.draining else (state.load_error or "loading")
+            status = state.load_error or "loading"
+            if state.engine is not None:
+                status = "draining" if state.engine.alive else "engine stopped after a fault"
             return JSONResponse({"status": status}, status_code=503)
         return JSONResponse({"status": "ok"})
 
@@ -107,7 +131,7 @@ def build_app(state: ServerState) -> FastAPI:
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models", dependencies=auth)
+    @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         card = {
             "id": state.model_name, "object": "model", "created": int(state.started),
@@ -117,46 +141,32 @@ def build_app(state: ServerState) -> FastAPI:
             card["max_model_len"] = state.engine.engine.max_model_len
         return {"object": "list", "data": [card]}
 
-    @app.post("/v1/completions", dependencies=auth, response_model=None)
+    @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await _complete(state, body, request)
 
-    @app.post("/v1/chat/completions", dependencies=auth, response_model=None)
+    @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await _chat(state, body, request)
 
     return app
 
 
-def _authorizer(state: ServerState) -> Callable[[Request], Awaitable[None]]:
-    """The /v1 routes' dependency: 401 unless the request bears the server's API key."""
-
-    async def authorize(request: Request) -> None:
-        if state.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), state.api_key):
-            raise APIError(
-                401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
-                code="invalid_api_key",
-            )  # fmt: skip
-
-    return authorize
-
-
 async def _complete(state: ServerState, body: CompletionRequest, request: Request) -> Response:
+    arrival = time.perf_counter()  # latency metrics count the wait for tokenization
     engine = state.ready_engine()
     state.check_model(body.model)
     body.check_supported()
     prompts = body.prompts()
-    params = body.sampling_params(body.max_tokens, body.logprobs)
+    params = body.sampling_params(body.max_tokens, body.logprobs, state.tenant_of(request))
     request_id = f"cmpl-{uuid.uuid4().hex}"
     seqs = await _prepare(engine, prompts, params, body.n, request_id, "prompt")
-    run = _submit(state, engine, request_id, seqs)
+    run = _submit(state, engine, request_id, seqs, arrival)
     assert state.token_text is not None
     fmt = CompletionFormatter(request_id, state.model_name, state.token_text)
-    echo = [_prompt_text(engine, s) for s in seqs] if body.echo else None
+    echo = None
+    if body.echo:  # decoding token-id prompts is tokenizer work: off the event loop
+        echo = await engine.run_in_tokenizer_thread(_prompt_texts, engine, seqs)
     if body.stream:
         return _stream(_completion_chunks(run, fmt, body, echo), run)
     finals = await _collect(run, request)
@@ -171,20 +181,24 @@ async def _complete(state: ServerState, body: CompletionRequest, request: Reques
 
 
 async def _chat(state: ServerState, body: ChatCompletionRequest, request: Request) -> Response:
+    arrival = time.perf_counter()  # latency metrics count the wait for tokenization
     engine = state.ready_engine()
     state.check_model(body.model)
     body.check_supported()
     messages = [m.as_template_message() for m in body.messages]
     try:
+        chars = sum(len(m["content"]) for m in messages)
+        engine.engine.requests.check_text_length(chars, "messages")  # before templating
         prompt_ids = await engine.run_in_tokenizer_thread(
-            chat_prompt_ids, engine.engine.tokenizer, messages, state.model_name
-        )
+            chat_prompt_ids, engine.engine.tokenizer, messages, state.model_name,
+            state.allow_special_tokens_in_content,
+        )  # fmt: skip
     except InvalidRequestError as exc:
         raise invalid_request(exc, "messages") from exc
-    params = body.sampling_params(body.max_new_tokens, body.num_logprobs)
+    params = body.sampling_params(body.max_new_tokens, body.num_logprobs, state.tenant_of(request))
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     seqs = await _prepare(engine, [prompt_ids], params, body.n, request_id, "messages")
-    run = _submit(state, engine, request_id, seqs)
+    run = _submit(state, engine, request_id, seqs, arrival)
     assert state.token_text is not None
     fmt = ChatFormatter(request_id, state.model_name, state.token_text)
     if body.stream:
@@ -204,7 +218,7 @@ def _choice_params(params: SamplingParams, k: int) -> SamplingParams:
     """The k-th of n choices: a seeded request's choices differ by seed, reproducibly."""
     if k == 0 or params.seed is None:
         return params
-    return replace(params, seed=params.seed + k)
+    return replace(params, seed=(params.seed + k) % (SamplingParams.MAX_SEED + 1))
 
 
 async def _prepare(
@@ -230,7 +244,11 @@ async def _prepare(
 
 
 def _submit(
-    state: ServerState, engine: AsyncEngine, request_id: str, seqs: list[EngineSequence]
+    state: ServerState,
+    engine: AsyncEngine,
+    request_id: str,
+    seqs: list[EngineSequence],
+    arrival: float,
 ) -> RequestRun:
     try:
         streams = engine.submit(seqs)
@@ -243,7 +261,7 @@ def _submit(
     except EngineStoppedError as exc:
         state.metrics.rejected.labels(status="503").inc()
         raise unavailable(str(exc)) from exc
-    return RequestRun(request_id, streams, state.metrics)
+    return RequestRun(request_id, streams, state.metrics, arrival)
 
 
 async def _collect(run: RequestRun, request: Request) -> list[RequestOutput]:
@@ -260,6 +278,10 @@ async def _collect(run: RequestRun, request: Request) -> list[RequestOutput]:
     if errors:
         raise server_error(errors[0])
     return finals
+
+
+def _prompt_texts(engine: AsyncEngine, seqs: list[EngineSequence]) -> list[str]:
+    return [_prompt_text(engine, s) for s in seqs]
 
 
 def _prompt_text(engine: AsyncEngine, seq: EngineSequence) -> str:

@@ -5,15 +5,37 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from strata.options import option
+from strata.server.guard import read_key_file
+
+DEFAULT_MAX_REQUEST_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
 class ServeConfig:
     host: str = field(default="127.0.0.1", metadata=option("address to bind (default 127.0.0.1)"))
     port: int = field(default=8000, metadata=option("port to bind (default 8000)"))
-    api_key: str | None = field(default=None, metadata=option(
-        "require 'Authorization: Bearer KEY' on /v1 routes (default: $STRATA_API_KEY; "
-        "unset = no key)",
+    api_key: tuple[str, ...] | None = field(default=None, metadata=option(
+        "require 'Authorization: Bearer KEY' on every route but /health (default: "
+        "$STRATA_API_KEY; unset = no key); give it once per key: each key is a tenant",
+        metavar="KEY", repeat=True,
+    ))  # fmt: skip
+    api_key_file: str | None = field(default=None, metadata=option(
+        "also accept the keys in this file, one per line; each key is a tenant, and with "
+        "several keys tenants never share cached KV (prefix cache and tiers)",
+        metavar="PATH",
+    ))  # fmt: skip
+    public_metrics: bool = field(default=False, metadata=option(
+        "serve /metrics without the API key (for a scraper)",
+    ))  # fmt: skip
+    max_request_bytes: int = field(default=DEFAULT_MAX_REQUEST_BYTES, metadata=option(
+        "answer 413 to a request body larger than this, before reading it in full "
+        f"(default {DEFAULT_MAX_REQUEST_BYTES >> 20} MiB: a full 128k-token context as "
+        "token ids fits)",
+        metavar="BYTES",
+    ))  # fmt: skip
+    allow_special_tokens_in_content: bool = field(default=False, metadata=option(
+        "let chat message contents produce the model's control tokens (a user could then "
+        "forge a system turn); by default only the chat template produces them",
     ))  # fmt: skip
     served_model_name: str | None = field(default=None, metadata=option(
         "the model name clients send and /v1/models lists (default: the --model value, "
@@ -28,7 +50,19 @@ class ServeConfig:
         flag="--shutdown-timeout", metavar="SECONDS",
     ))  # fmt: skip
 
+    @property
+    def api_keys(self) -> list[str]:
+        """Every accepted key: --api-key's, then the file's (ValueError if unreadable)."""
+        keys = list(self.api_key or ())
+        if self.api_key_file is not None:
+            keys += read_key_file(self.api_key_file)
+        return list(dict.fromkeys(keys))
+
     def __post_init__(self) -> None:
+        if self.max_request_bytes < 1024:
+            raise ValueError(f"--max-request-bytes must be >= 1024, got {self.max_request_bytes}")
+        if self.shutdown_timeout_s < 0:
+            raise ValueError(f"--shutdown-timeout must be >= 0, got {self.shutdown_timeout_s}")
         if self.max_waiting_requests is not None and self.max_waiting_requests < 1:
             raise ValueError(
                 f"--max-waiting-requests must be >= 1, got {self.max_waiting_requests}"

@@ -1,7 +1,8 @@
 """OpenAI-style error responses: {"error": {"message", "type", "param", "code"}}.
 
 Status codes: 400 bad parameters (and a prompt longer than the context), 401 a missing
-or wrong API key, 404 an unknown model or route, 422 a body that is not JSON, 429 a
+or wrong API key, 404 an unknown model or route, 413 a body over --max-request-bytes,
+422 a body that is not JSON, 429 a
 full waiting queue (with Retry-After), 500 a request the engine failed, 503 loading or
 shutting down (with Retry-After).
 """
@@ -54,9 +55,11 @@ class APIError(Exception):
 
 
 def invalid_request(exc: InvalidRequestError, param: str | None = None) -> APIError:
+    """A 400 naming the field at fault: the error's own, else `param`."""
+    param = exc.param or param
     if isinstance(exc, ContextLengthError):
         return APIError(400, str(exc), param=param, code="context_length_exceeded")
-    return APIError(400, str(exc), param=getattr(exc, "param", param))
+    return APIError(400, str(exc), param=param)
 
 
 def server_error(message: str) -> APIError:
@@ -96,7 +99,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(
+            exc.status_code
+        )
         type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return APIError(exc.status_code, str(exc.detail), type_, code=code).response()
 

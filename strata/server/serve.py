@@ -2,7 +2,9 @@
 
 The socket opens at once; /health answers 503 until the model has loaded. On SIGTERM
 or SIGINT the server drains: new requests get 503, requests in flight run to the end
-for up to `shutdown_timeout_s`, then uvicorn stops. A second signal stops at once.
+for up to `shutdown_timeout_s`; those still running then fail (a stream ends with an
+error event and [DONE]) and uvicorn stops, all within `shutdown_timeout_s`. A second
+signal stops at once.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from strata.server.app import ServerState, build_app
 from strata.server.config import ServeConfig
 
 logger = logging.getLogger("strata.server")
+
+FLUSH_S = 0.1  # for the last events to reach the clients
 
 
 class DrainingServer(uvicorn.Server):
@@ -45,16 +49,21 @@ class DrainingServer(uvicorn.Server):
         asyncio.get_event_loop().create_task(self._drain(sig, frame))
 
     async def _drain(self, sig: int, frame: FrameType | None) -> None:
-        assert self.strata.engine is not None
-        deadline = time.monotonic() + self.timeout_s
-        while self.strata.engine.num_in_flight > 0 and time.monotonic() < deadline:
+        engine = self.strata.engine
+        assert engine is not None
+        # The whole drain, failing and flushing included, ends within timeout_s.
+        deadline = time.monotonic() + max(0.0, self.timeout_s - 2 * FLUSH_S)
+        while engine.num_in_flight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        left = self.strata.engine.num_in_flight
+        left = engine.num_in_flight
         if left:
-            logger.warning("shutdown timeout: aborting %d requests still in flight", left)
+            logger.warning("shutdown timeout: failing %d requests still in flight", left)
+            # Each stream gets an error event and [DONE]; each waiting client a 500.
+            engine.fail_all("the server shut down before this request finished")
+            await asyncio.sleep(FLUSH_S)
         else:
             logger.info("all requests finished; stopping")
-        await asyncio.sleep(0.1)  # let the last responses flush
+        await asyncio.sleep(FLUSH_S)  # let the last responses flush
         super().handle_exit(sig, frame)
         # A drained shutdown is a clean exit (status 0): uvicorn would re-raise the signal.
         captured = getattr(self, "_captured_signals", None)
@@ -95,11 +104,14 @@ def serve(
 ) -> int:
     """Serve until stopped; returns the process exit code."""
     host, port = config.host, config.port
-    state = ServerState(model_name=model_name, api_key=config.api_key)
+    state = ServerState(
+        model_name, tuple(config.api_keys), config.public_metrics, config.max_request_bytes,
+        config.allow_special_tokens_in_content,
+    )  # fmt: skip
     app = build_app(state)
     uvicorn_config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level.lower(), access_log=False,
-        timeout_graceful_shutdown=max(1, int(config.shutdown_timeout_s)),
+        timeout_graceful_shutdown=1,  # the drain (DrainingServer) has emptied the server
     )  # fmt: skip
     server = DrainingServer(uvicorn_config, state, config.shutdown_timeout_s)
     failed = threading.Event()

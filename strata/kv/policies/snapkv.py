@@ -40,7 +40,9 @@ class SnapKVPolicy(ScoredPolicy):
         votes = self.layer_scores(view, layer)
         n = votes.shape[-1]
         before = n - self.window(view.context_len)
-        pooled = F.avg_pool1d(votes[:, None, :before], self.KERNEL, 1, self.KERNEL // 2)[:, 0]
+        pooled = votes[:, :before]  # a context no longer than the window has nothing to pool
+        if before > 0:
+            pooled = F.avg_pool1d(pooled[:, None], self.KERNEL, 1, self.KERNEL // 2)[:, 0]
         # The window outranks every vote, its newest first should k be below its size.
         window = 1e9 + torch.arange(n - before, device=view.device, dtype=torch.float32)
         return torch.cat([pooled, window.expand(votes.shape[0], -1)], dim=-1)

@@ -6,4 +6,6 @@
     transfer.py      pool <-> cpu slot copies
     loads.py         TierLoads, what the scheduler asks (load_tracker.py; a no-op without tiers)
     build.py         both, built from a TierConfig
+    block_format.py  the stored bytes of a block; store_secret.py authenticates (and
+                     optionally encrypts) them; store_url.py shows URLs without passwords
 """

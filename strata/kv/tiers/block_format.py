@@ -4,7 +4,9 @@
     0       8     magic b"STRATAKV"
     8       2     format version (little-endian u16)
     10      2     header length H, bytes from offset 0 to the token ids
-    12      16    checksum: xxh3-128 of everything after this field
+    12      16    version 1: checksum, xxh3-128 of everything after this field;
+                  version 2: keyed BLAKE2b-128 MAC (store_secret.py) of everything but
+                  this field; version 3: the AES-GCM nonce (12 bytes, then 4 zero)
     28      32    block key
     60      32    model fingerprint (raw SHA-256)
     92      4x5   layers, kv heads, head dim, block size (tokens), token count (u32 each)
@@ -13,23 +15,36 @@
     144     8     payload length in bytes (u64)
     H       4*n   token ids (u32 each, n = token count)
     ...     P     payload: [layers, k|v, tokens, kv heads, head dim] in dtype
+    ...     16    version 3 only: the GCM tag; token ids and payload are ciphertext,
+                  and the header is the associated data
 
 A reader accepts a block only if every header field equals what it expects (its own
-layout and the key it asked for), the lengths add up and the checksum matches.
+layout and the key it asked for), the lengths add up and the checksum matches. A store
+with a secret writes and accepts only version 2 blocks whose MAC verifies (version 3
+blocks that decrypt, when it encrypts); one without writes and accepts only version 1.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 import warnings
+from collections.abc import Sequence
+from concurrent.futures import Executor
 
 import torch
 import xxhash
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from strata.kv.tiers.base import KEY_BYTES, BlockLayout, StoredBlock
+from strata.kv.tiers.store_secret import StoreSecret
 
 MAGIC = b"STRATAKV"
-VERSION = 1
+VERSION = 1  # checksummed
+VERSION_MAC = 2  # authenticated
+VERSION_SEALED = 3  # encrypted and authenticated
+GCM_TAG_BYTES = 16
 _HEAD = struct.Struct("<8sHH16s32s32s5I16s16sQ")
 HEADER_BYTES = _HEAD.size  # 152
 
@@ -45,12 +60,22 @@ def _pad(text: str) -> bytes:
     return raw.ljust(16, b"\0")
 
 
-def encoded_size(layout: BlockLayout) -> int:
-    return HEADER_BYTES + 4 * layout.block_size + layout.nbytes
+def encoded_size(layout: BlockLayout, secret: StoreSecret | None = None) -> int:
+    sealed = secret is not None and secret.encrypt
+    return HEADER_BYTES + 4 * layout.block_size + layout.nbytes + GCM_TAG_BYTES * sealed
 
 
-def encode(layout: BlockLayout, block: StoredBlock) -> list[memoryview]:
-    """The block as buffers to write in order (header+tokens, payload): no payload copy."""
+def _version(secret: StoreSecret | None) -> int:
+    if secret is None:
+        return VERSION
+    return VERSION_SEALED if secret.encrypt else VERSION_MAC
+
+
+def encode(
+    layout: BlockLayout, block: StoredBlock, secret: StoreSecret | None = None
+) -> list[memoryview]:
+    """The block as buffers to write in order (header+tokens, payload): no payload copy.
+    With a secret, a version 2 block carrying the MAC."""
     if len(block.key) != KEY_BYTES:
         raise ValueError(f"block keys are {KEY_BYTES} bytes, got {len(block.key)}")
     if len(block.token_ids) != layout.block_size:
@@ -74,6 +99,12 @@ def encode(layout: BlockLayout, block: StoredBlock) -> list[memoryview]:
         payload.nbytes,
     )
     body = struct.pack("<32s32s5I16s16sQ", *fields)
+    if secret is not None and secret.encrypt:
+        return _seal(secret, body, tokens, payload)
+    if secret is not None:
+        prefix = struct.pack("<8sHH", MAGIC, VERSION_MAC, HEADER_BYTES)
+        tag = secret.mac(prefix, body, tokens, payload)
+        return [memoryview(prefix + tag + body + tokens), payload]
     digest = xxhash.xxh3_128()
     digest.update(body)
     digest.update(tokens)
@@ -82,8 +113,11 @@ def encode(layout: BlockLayout, block: StoredBlock) -> list[memoryview]:
     return [memoryview(head + tokens), payload]
 
 
-def decode(layout: BlockLayout, data: bytes | memoryview, key: bytes) -> StoredBlock:
-    """Parse and verify a block read back; raises BlockFormatError on any mismatch.
+def decode(
+    layout: BlockLayout, data: bytes | memoryview, key: bytes, secret: StoreSecret | None = None
+) -> StoredBlock:
+    """Parse and verify a block read back; raises BlockFormatError on any mismatch (with a
+    secret: unless it is a version 2 block whose MAC verifies).
 
     The returned payload is a uint8 tensor over `data` (no copy): keep `data` alive.
     """
@@ -94,9 +128,10 @@ def decode(layout: BlockLayout, data: bytes | memoryview, key: bytes) -> StoredB
      ntok, dtype, codec, plen) = _HEAD.unpack_from(view)  # fmt: skip
     if magic != MAGIC:
         raise BlockFormatError("not a Strata KV block (bad magic)")
-    if version != VERSION or head_len != HEADER_BYTES:
+    want_version = _version(secret)
+    if version != want_version or head_len != HEADER_BYTES:
         raise BlockFormatError(
-            f"format version {version} (header {head_len} B); expected {VERSION}"
+            f"format version {version} (header {head_len} B); expected {want_version}"
         )
     expected: dict[str, tuple[object, object]] = {
         "key": (stored_key, key),
@@ -117,13 +152,13 @@ def decode(layout: BlockLayout, data: bytes | memoryview, key: bytes) -> StoredB
             else:
                 shown = (found, want)
             raise BlockFormatError(f"{name} mismatch: stored {shown[0]}, expected {shown[1]}")
-    total = HEADER_BYTES + 4 * ntok + plen
+    total = HEADER_BYTES + 4 * ntok + plen + GCM_TAG_BYTES * (version == VERSION_SEALED)
     if view.nbytes != total:
         raise BlockFormatError(f"length {view.nbytes} bytes, header says {total}")
-    digest = xxhash.xxh3_128()
-    digest.update(view[28:])
-    if digest.digest() != checksum:
-        raise BlockFormatError("checksum mismatch")
+    if secret is not None and secret.encrypt:
+        view = _open(secret, view, checksum[:12])  # the plaintext, header in front
+    else:
+        _verify(view, checksum, secret)
     tokens = struct.unpack_from(f"<{ntok}I", view, HEADER_BYTES)
     with warnings.catch_warnings():  # read-only network buffers: the payload is never written
         warnings.simplefilter("ignore", UserWarning)
@@ -131,3 +166,53 @@ def decode(layout: BlockLayout, data: bytes | memoryview, key: bytes) -> StoredB
             view, dtype=torch.uint8, offset=HEADER_BYTES + 4 * ntok, count=plen
         )
     return StoredBlock(key=stored_key, token_ids=tuple(tokens), payload=payload)
+
+
+def decode_all(
+    layout: BlockLayout,
+    items: Sequence[tuple[bytes, bytes]],
+    secret: StoreSecret | None,
+    pool: Executor | None = None,
+) -> list[StoredBlock | BlockFormatError]:
+    """`decode` each (key, data), returning the error in place of a block that fails.
+    With a pool the blocks are checked in parallel: hashlib's BLAKE2b and AES-GCM release
+    the GIL on large buffers."""
+
+    def one(item: tuple[bytes, bytes]) -> StoredBlock | BlockFormatError:
+        try:
+            return decode(layout, item[1], item[0], secret)
+        except BlockFormatError as exc:
+            return exc
+
+    if pool is None or len(items) < 2:
+        return [one(item) for item in items]
+    return list(pool.map(one, items))
+
+
+def _verify(view: memoryview, tag: bytes, secret: StoreSecret | None) -> None:
+    if secret is not None:
+        if not secret.verify(tag, view[:12], view[28:]):
+            raise BlockFormatError("MAC mismatch: not written with this store's secret")
+        return
+    digest = xxhash.xxh3_128()
+    digest.update(view[28:])
+    if digest.digest() != tag:
+        raise BlockFormatError("checksum mismatch")
+
+
+def _seal(secret: StoreSecret, body: bytes, tokens: bytes, payload: memoryview) -> list[memoryview]:
+    """A version 3 block: header (with the nonce) in the clear and authenticated, token
+    ids and payload encrypted, the GCM tag last."""
+    nonce = os.urandom(12)
+    head = struct.pack("<8sHH16s", MAGIC, VERSION_SEALED, HEADER_BYTES, nonce + bytes(4)) + body
+    sealed = AESGCM(secret.aead_key).encrypt(nonce, tokens + payload.tobytes(), head)
+    return [memoryview(head), memoryview(sealed)]
+
+
+def _open(secret: StoreSecret, view: memoryview, nonce: bytes) -> memoryview:
+    try:
+        plain = AESGCM(secret.aead_key).decrypt(nonce, view[HEADER_BYTES:], view[:HEADER_BYTES])
+    except InvalidTag:
+        message = "authentication failed: not sealed with this store's secret"
+        raise BlockFormatError(message) from None
+    return memoryview(bytes(view[:HEADER_BYTES]) + plain)

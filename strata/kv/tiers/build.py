@@ -15,6 +15,7 @@ from strata.kv.tiers.cpu import CPUTier
 from strata.kv.tiers.load_tracker import TierLoadTracker
 from strata.kv.tiers.loads import NoTierLoads, S, TierLoads
 from strata.kv.tiers.manager import TierManager
+from strata.kv.tiers.store_secret import SECRET_ENV, resolve_secret
 
 logger = logging.getLogger("strata.kv.tiers")
 
@@ -45,24 +46,39 @@ def build_tiers(
         logger.info("KV tiers stage through CPU memory: a %.1f GiB CPU tier is added",
                     config.STAGING_GIB)  # fmt: skip
     cpu = CPUTier(layout, int(config.cpu_gib * GIB), pin_memory=pin, eviction=config.eviction)
-    lower: list[TierStore] = []
-    if config.disk_dir is not None:
-        from strata.kv.tiers.disk import DiskTier
-
-        lower.append(
-            DiskTier(layout, config.disk_dir, int(config.disk_size * GIB), eviction=config.eviction)
-        )
-    if config.remote is not None:
-        from strata.kv.tiers.remote import RemoteTier
-
-        lower.append(RemoteTier(layout, config.remote, timeout_s=config.remote_timeout_s))
-    manager = TierManager(kv_cache, cpu, lower)
+    manager = TierManager(kv_cache, cpu, _lower_tiers(config, layout))
     logger.info(
         "KV tiers: %s; block %.2f MiB; written through on compute, promoted on hit; "
         "eviction %s; preemption %s",
         manager.describe(), layout.nbytes / (1 << 20), config.eviction, config.preemption_mode,
     )  # fmt: skip
     return manager
+
+
+def _lower_tiers(config: TierConfig, layout: BlockLayout) -> list[TierStore]:
+    """The disk and remote tiers, authenticated when a store secret is configured."""
+    secret = resolve_secret(config.store_secret, config.store_secret_file, config.store_encrypt)
+    lower: list[TierStore] = []
+    if config.disk_dir is not None:
+        from strata.kv.tiers.disk import DiskTier
+
+        size = int(config.disk_size * GIB)
+        lower.append(DiskTier(layout, config.disk_dir, size, config.eviction, secret=secret))
+    if config.remote is not None:
+        from strata.kv.tiers.remote import RemoteTier
+
+        remote = RemoteTier(layout, config.remote, timeout_s=config.remote_timeout_s, secret=secret)
+        lower.append(remote)
+        if secret is None:
+            logger.warning(
+                "the remote KV tier %s is shared and its blocks are not authenticated: anyone "
+                "who can write to it can change this engine's outputs; set "
+                "--kv-store-secret-file or $%s", remote.url, SECRET_ENV,
+            )  # fmt: skip
+    if secret is not None and lower:
+        how = "encrypted and authenticated" if secret.encrypt else "authenticated"
+        logger.info("KV store blocks are %s (namespace %s)", how, secret.namespace)
+    return lower
 
 
 def build_tier_loads(

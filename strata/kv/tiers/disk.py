@@ -14,7 +14,7 @@ Invariants:
 - The index (key set + eviction order) is memory only; on start it is rebuilt from the
   files, oldest mtime first. Files of the wrong size are removed then; headers and
   checksums are verified on `get`, where a bad block is a logged, removed, counted miss.
-- Every file is `encoded_size(layout)` bytes, so `used_bytes = len(index) * file_bytes`
+- Every file is `encoded_size(layout, secret)` bytes, so `used_bytes = len(index) * file_bytes`
   and sizes and byte counters here are file bytes (header + token ids + payload).
 - I/O errors never reach the caller: they are logged once per kind, counted in
   `stats.errors`, and the block is a miss (get) or skipped (put).
@@ -39,6 +39,7 @@ import torch
 from strata.kv.tiers import block_format
 from strata.kv.tiers.base import BlockLayout, LockedPins, PinCounts, StoredBlock, TierStore, Timer
 from strata.kv.tiers.eviction import make_eviction_order
+from strata.kv.tiers.store_secret import StoreSecret
 
 log = logging.getLogger(__name__)
 
@@ -83,15 +84,22 @@ class DiskTier(LockedPins, TierStore):
         capacity_bytes: int,
         eviction: str = "lru",
         fsync: bool = False,
+        secret: StoreSecret | None = None,
     ) -> None:
-        self.file_bytes = block_format.encoded_size(layout)
+        """secret: authenticate every block (store_secret.py); its blocks live in a
+        directory of their own."""
+        self.file_bytes = block_format.encoded_size(layout, secret)
         if capacity_bytes < self.file_bytes:
             raise ValueError(
                 f"the disk tier's capacity ({capacity_bytes} bytes) is smaller than one block "
                 f"file ({self.file_bytes} bytes)"
             )
         super().__init__(layout, capacity_bytes)
-        self.root = Path(directory) / f"{layout.fingerprint[:16]}-{layout_digest(layout)}"
+        namespace = f"{layout.fingerprint[:16]}-{layout_digest(layout)}"
+        if secret is not None:
+            namespace += f"-{secret.namespace}"
+        self.root = Path(directory) / namespace
+        self.secret = secret
         self.fsync = fsync
         self._keys: set[bytes] = set()
         self._pins = PinCounts()
@@ -214,11 +222,12 @@ class DiskTier(LockedPins, TierStore):
                 raise block_format.BlockFormatError(
                     f"file is {'longer' if extra else n} bytes, expected {self.file_bytes}"
                 )
-            return block_format.decode(self.layout, view, key)
+            return block_format.decode(self.layout, view, key, self.secret)
         except block_format.BlockFormatError as exc:
-            log.warning("disk tier: rejecting %s: %s", path, exc)
+            log.warning("disk tier: rejecting and deleting %s: %s", path, exc)
             self.stats.add(corrupt=1)
-            self.remove([key])
+            self._forget(key)
+            self._unlink(path)  # indexed or not: a rejected file never stays
             return None
 
     # ---- writes ---------------------------------------------------------------------------
@@ -240,7 +249,7 @@ class DiskTier(LockedPins, TierStore):
         """Write one block file atomically; False (logged, counted) on any I/O error."""
         path = self.path_of(block.key)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        buffers = block_format.encode(self.layout, block)
+        buffers = block_format.encode(self.layout, block, self.secret)
         try:
             with Timer() as t:
                 path.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from strata.kv.manager import KVManager, PrefixMatch
-from strata.kv.prefix import BlockRef
+from strata.kv.prefix import BlockRef, salted_root
 from strata.kv.tiers.jobs import LoadDone, ProbeDone
 from strata.kv.tiers.loads import S, TierLoads
 from strata.kv.tiers.manager import TierManager
@@ -56,7 +56,8 @@ class TierLoadTracker(TierLoads[S]):
     def probe(self, seq: S) -> None:
         if self.tiers.remote is None or not self.kv.enable_prefix_caching:
             return
-        keys = [r.key for r in self.kv.block_refs(seq.token_ids, 0, self.kv.root)]
+        root = salted_root(self.kv.root, seq.cache_salt)
+        keys = [r.key for r in self.kv.block_refs(seq.token_ids, 0, root)]
         if keys:
             self._probing[seq.request_id] = keys
             self.tiers.probe_remote(seq.request_id, keys)
@@ -67,7 +68,7 @@ class TierLoadTracker(TierLoads[S]):
     def hits(self, seq: S, token_ids: Sequence[int], match: PrefixMatch) -> list[BlockRef]:
         if not self.kv.enable_prefix_caching:
             return []
-        parent = match.keys[-1] if match.keys else self.kv.root
+        parent = match.keys[-1] if match.keys else match.root
         refs = self.kv.block_refs(token_ids, len(match.block_ids), parent)
         if not refs:
             return []

@@ -29,6 +29,11 @@ class TieredSequence(Protocol):
     num_computed: int
     num_cached_tokens: int  # prefix-cache hit at first admission; -1 before
 
+    @property
+    def cache_salt(self) -> str | None:
+        """The cache partition its blocks are keyed in (prefix.salted_root)."""
+        ...
+
 
 S = TypeVar("S", bound=TieredSequence)
 

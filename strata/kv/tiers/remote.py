@@ -1,7 +1,8 @@
 """The remote tier: blocks as values on a Valkey or Redis server that many engines share.
 
-    key    strata:kv:<fingerprint[:16]>:<layout digest>:<block key hex>
-    value  block_format bytes (header + token ids + payload, checksummed)
+    key    strata:kv:<fingerprint[:16]>:<layout digest>:[<secret tag>:]<block key hex>
+    value  block_format bytes (header + token ids + payload, checksummed, or with a
+           store secret authenticated by a MAC)
 
     contains = pipelined EXISTS    get = one MGET    put = pipelined SET NX    remove = DEL
 
@@ -28,9 +29,12 @@ bytes MGET returned, so they stay valid.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -39,22 +43,17 @@ from redis.retry import Retry
 from strata.kv.tiers import block_format
 from strata.kv.tiers.base import BlockLayout, PinCounts, StoredBlock, TierStore, Timer
 from strata.kv.tiers.disk import layout_digest
+from strata.kv.tiers.store_secret import StoreSecret
+from strata.kv.tiers.store_url import redact_url, redis_url
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 UNBOUNDED = 1 << 60  # capacity_bytes when the server's maxmemory is the only cap
-_SCHEMES = {"valkey://": "redis://", "valkeys://": "rediss://"}
+PASSWORD_ENV = "STRATA_KV_REMOTE_PASSWORD"
+VERIFY_THREADS = min(4, os.cpu_count() or 1)
 # Failures that mean "the server is not answering": the tier goes down on these.
 _UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, OSError)
-
-
-def redis_url(url: str) -> str:
-    """The URL redis-py understands: valkey:// and valkeys:// map to redis:// and rediss://."""
-    for scheme, replacement in _SCHEMES.items():
-        if url.startswith(scheme):
-            return replacement + url[len(scheme) :]
-    return url
 
 
 class RemoteTier(TierStore):
@@ -69,17 +68,27 @@ class RemoteTier(TierStore):
         timeout_s: float = 0.5,
         retry_s: float = 2.0,
         info_interval_s: float = 5.0,
+        secret: StoreSecret | None = None,
     ) -> None:
+        """secret: authenticate every block (store_secret.py), under a key prefix of its
+        own. The password is the URL's, else $STRATA_KV_REMOTE_PASSWORD; logs show the
+        URL without it."""
         super().__init__(layout, UNBOUNDED if capacity_bytes is None else capacity_bytes)
-        self.url = url
+        self.url = redact_url(url)  # what logs and describe() show
+        self.secret = secret
         self.timeout_s = timeout_s
         self.retry_s = retry_s
         self.info_interval_s = info_interval_s
-        self.prefix = f"strata:kv:{layout.fingerprint[:16]}:{layout_digest(layout)}:".encode()
+        namespace = f"strata:kv:{layout.fingerprint[:16]}:{layout_digest(layout)}:"
+        if secret is not None:
+            namespace += f"{secret.namespace}:"
+        self.prefix = namespace.encode()
         # One immediate retry on a dropped connection (a restarted server leaves stale
         # pooled sockets); none on a timeout, so one call costs at most ~2 * timeout_s.
+        password = None if urlsplit(url).password else os.environ.get(PASSWORD_ENV)
         self._client = redis.Redis.from_url(
             redis_url(url),
+            password=password,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
@@ -92,6 +101,8 @@ class RemoteTier(TierStore):
         self._used_memory = 0
         self._pins = PinCounts()
         self._warned: set[str] = set()
+        # Authenticated blocks are checked in parallel: the MAC costs ~10x the checksum.
+        self._verifiers = ThreadPoolExecutor(VERIFY_THREADS) if secret is not None else None
 
     @property
     def used_bytes(self) -> int:
@@ -165,30 +176,35 @@ class RemoteTier(TierStore):
             return [None] * len(keys)
         nbytes = sum(len(v) for v in values if v is not None)
         self.stats.add(bytes_read=nbytes, read_seconds=t.seconds)
-        out = [
-            self._decode(k, v) if isinstance(v, bytes) else None
-            for k, v in zip(keys, values, strict=True)
-        ]
+        found = [(k, v) for k, v in zip(keys, values, strict=True) if isinstance(v, bytes)]
+        decoded = dict(zip(
+            (k for k, _ in found),
+            block_format.decode_all(self.layout, found, self.secret, self._verifiers),
+            strict=True,
+        ))  # fmt: skip
+        out = [self._accept(k, decoded[k]) if k in decoded else None for k in keys]
         hits = sum(b is not None for b in out)
         self.stats.add(hits=hits, misses=len(keys) - hits)
         self._refresh_info()
         return out
 
-    def _decode(self, key: bytes, value: bytes) -> StoredBlock | None:
-        try:
-            return block_format.decode(self.layout, value, key)
-        except block_format.BlockFormatError as exc:
-            log.warning("remote KV tier: rejecting %s: %s", self.name_of(key).decode(), exc)
-            self.stats.add(corrupt=1)
-            self._call("DEL", lambda: self._client.delete(self.name_of(key)))
-            return None
+    def _accept(
+        self, key: bytes, result: StoredBlock | block_format.BlockFormatError
+    ) -> StoredBlock | None:
+        """The block, or None for one that failed its checks (logged, counted, deleted)."""
+        if isinstance(result, StoredBlock):
+            return result
+        log.warning("remote KV tier: rejecting %s: %s", self.name_of(key).decode(), result)
+        self.stats.add(corrupt=1)
+        self._call("DEL", lambda: self._client.delete(self.name_of(key)))
+        return None
 
     # ---- writes ---------------------------------------------------------------------------
 
     def put(self, blocks: Sequence[StoredBlock]) -> None:
         if not blocks:
             return
-        values = [b"".join(block_format.encode(self.layout, b)) for b in blocks]
+        values = [b"".join(block_format.encode(self.layout, b, self.secret)) for b in blocks]
 
         def set_missing() -> list[object]:
             pipe = self._client.pipeline(transaction=False)
@@ -247,6 +263,8 @@ class RemoteTier(TierStore):
 
     def close(self) -> None:
         self._client.close()
+        if self._verifiers is not None:
+            self._verifiers.shutdown(wait=False)
 
     def describe(self) -> str:
         cap = (

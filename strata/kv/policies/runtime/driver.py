@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from strata.errors import InvalidRequestError
+from strata.errors import InvalidRequestError, SequenceFault, blame
 from strata.kv.cache import KVCache
 from strata.kv.manager import KVManager
 from strata.kv.policies.base import AttentionShape
@@ -126,29 +126,42 @@ class KVPolicyDriver:
                 "lower max_tokens, or use a recall kv_policy (quest, full_offload)"
             )
 
-    def after_step(self, step: PolicyStep) -> None:
-        """Compress the sequences of this step whose compression point or cap it reached."""
+    def after_step(self, step: PolicyStep) -> list[SequenceFault]:
+        """Compress the sequences of this step whose compression point or cap it reached.
+
+        A policy that raises fails its own request: its fault is returned, and the other
+        sequences are compressed as usual."""
+        faults = []
         for chunk in step.chunks:
-            seq, kv = chunk.seq, chunk.seq.kv
-            if kv is None or not self.manager.has(seq.request_id):
+            seq = chunk.seq
+            if seq.kv is None or not self.manager.has(seq.request_id):
                 continue
-            budgets = kv.budgets_after(seq.num_computed)
-            at_compression_point = not kv.compressed and seq.num_computed >= kv.context_len
-            if at_compression_point:
-                kv.compressed = True
-                self.manager.stop_indexing(seq.request_id)
-            if budgets is None:
-                continue
-            if at_compression_point and self.reconstruction is not None:
-                passes = kv.policy.reconstruction_passes(seq.token_ids[: kv.context_len])
-                if passes:
-                    self.reconstruction.run(seq, passes)
-            masks = kv.policy.select(kv, budgets)
-            compaction = compact(self.manager, self.cache, seq.request_id, masks, budgets)
-            kv.compacted(compaction)
-            self.num_compactions += 1
-            freed = sum(compaction.old_num_slots) - sum(budgets)
-            self.num_tokens_evicted += freed // self.shape.num_layers
+            try:
+                with blame(seq.request_id):
+                    self._after_step(seq, seq.kv)
+            except SequenceFault as fault:
+                faults.append(fault)
+        return faults
+
+    def _after_step(self, seq: PolicySequence, kv: SequenceKV) -> None:
+        """Compress one sequence if this step reached its compression point or cap."""
+        budgets = kv.budgets_after(seq.num_computed)
+        at_compression_point = not kv.compressed and seq.num_computed >= kv.context_len
+        if at_compression_point:
+            kv.compressed = True
+            self.manager.stop_indexing(seq.request_id)
+        if budgets is None:
+            return
+        if at_compression_point and self.reconstruction is not None:
+            passes = kv.policy.reconstruction_passes(seq.token_ids[: kv.context_len])
+            if passes:
+                self.reconstruction.run(seq, passes)
+        masks = kv.policy.select(kv, budgets)
+        compaction = compact(self.manager, self.cache, seq.request_id, masks, budgets)
+        kv.compacted(compaction)
+        self.num_compactions += 1
+        freed = sum(compaction.old_num_slots) - sum(budgets)
+        self.num_tokens_evicted += freed // self.shape.num_layers
 
     def stats(self) -> dict[str, int]:
         return {

@@ -10,6 +10,9 @@ layer, one gather of every such sequence's keys (padded to the longest), one ein
 one softmax, and each policy receives its row. That query is the sequence's newest slot,
 so it attends to every cached slot: no causal mask beyond the padding. Other sequences
 (prefill chunks, KVzip's passes, PyramidKV's uneven layers) are scored one by one.
+
+A policy that raises while observing is recorded in `faults` and skipped for the rest of
+the step; the other sequences' observations and the model run are untouched.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from functools import cached_property, partial
 
 import torch
 
+from strata.errors import SequenceFault, blame
 from strata.kv.cache import KVCache
 from strata.kv.policies.base import KVPolicy
 from strata.kv.policies.observation import LayerObservation
@@ -32,6 +36,7 @@ class ObservedSequence:
     rows: batch rows of the queries; first_slot[l]: slot of the first observed query in
     layer l; num_slots[l]: the layer's slots after the step; table: its block table."""
 
+    request_id: str
     policy: KVPolicy
     rows: slice
     first_slot: list[int]
@@ -49,9 +54,15 @@ class DecodeBatch:
 
     ROWS_PER_GROUP = 1 << 16  # sequences x padded slots per einsum: bounds temporary memory
 
-    def __init__(self, cache: KVCache, sequences: list[ObservedSequence]) -> None:
+    def __init__(
+        self,
+        cache: KVCache,
+        sequences: list[ObservedSequence],
+        faults: dict[str, SequenceFault],
+    ) -> None:
         self.cache = cache
         self.sequences = sequences
+        self.faults = faults
         self.lengths = [s.num_slots[0] for s in sequences]
         self.rows = [s.rows.start for s in sequences]
 
@@ -82,22 +93,34 @@ class DecodeBatch:
             probs = torch.softmax(logits, dim=-1)
             for i in range(a, b):
                 seq, n = self.sequences[i], self.lengths[i]
-                seq.policy.observe(
-                    LayerObservation(
-                        layer, q[seq.rows], query_slots[i : i + 1],
-                        partial(read_slots, self.cache, seq.table), n, scale,
-                        probs=probs[i - a, :, :, None, :n],
-                    )
+                obs = LayerObservation(
+                    layer, q[seq.rows], query_slots[i : i + 1],
+                    partial(read_slots, self.cache, seq.table), n, scale,
+                    probs=probs[i - a, :, :, None, :n],
                 )  # fmt: skip
+                observe(seq, obs, self.faults)
+
+
+def observe(seq: ObservedSequence, obs: LayerObservation, faults: dict[str, SequenceFault]) -> None:
+    """Hand one layer's observation to the sequence's policy. A policy that raises is
+    recorded in `faults` (its request fails after the step) and asked nothing more."""
+    if seq.request_id in faults:
+        return
+    try:
+        with blame(seq.request_id):
+            seq.policy.observe(obs)
+    except SequenceFault as fault:
+        faults[seq.request_id] = fault
 
 
 class StepObserver:
     def __init__(self, cache: KVCache, sequences: list[ObservedSequence]) -> None:
         self.cache = cache
+        self.faults: dict[str, SequenceFault] = {}  # by request id: policies that raised
         batched = [s for s in sequences if s.single_uniform]
         if len(batched) < 2:
             batched = []
-        self.batch = DecodeBatch(cache, batched) if batched else None
+        self.batch = DecodeBatch(cache, batched, self.faults) if batched else None
         self.sequences = [s for s in sequences if not (batched and s.single_uniform)]
 
     def __call__(self, layer: int, q: torch.Tensor, scale: float) -> None:
@@ -110,4 +133,4 @@ class StepObserver:
             slots = torch.arange(first, first + queries.shape[0], device=q.device)
             reader = partial(read_slots, self.cache, seq.table)
             obs = LayerObservation(layer, queries, slots, reader, seq.num_slots[layer], scale)
-            seq.policy.observe(obs)
+            observe(seq, obs, self.faults)

@@ -12,7 +12,9 @@ layout (`StepKV.layer_layouts`):
   chunk goes `shift` slots lower, with the same block table;
 - a policy may name the blocks a layer attends over (`KVPolicy.attended_blocks`): that
   layer's table and context length are the policy's, its slots the sequence's own.
-Layers alike in every chunk share one layout. Without any policy in the step the builder
+Layers alike in every chunk share one layout. A policy that raises for a chunk raises
+errors.SequenceFault naming its request, before anything is computed: the runner leaves
+that chunk out and builds again. Without any policy in the step the builder
 only maps slots: slot == token position.
 
 Recall sequences (strata/kv/recall) hold no pool blocks: their chunks are left out of
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 
 from strata.attention.backend import BatchLayout
+from strata.errors import blame
 from strata.kv.cache import KVCache
 from strata.kv.policies.attended import AttendedBlocks, ChunkSlots
 from strata.kv.policies.runtime.interfaces import PolicyChunk, PolicyStep
@@ -103,7 +106,10 @@ class KVStepBuilder:
         if not chunks:
             empty = np.zeros(0, dtype=np.int64)
             return StepKV(empty, BatchLayout([], [], [], bs))
-        firsts = [first_slot(c) for c in chunks]
+        firsts = []
+        for c in chunks:
+            with blame(c.seq.request_id):
+                firsts.append(first_slot(c))
         slots = [
             chunk_slots(c.block_table, f, c.num_tokens, bs)
             for c, f in zip(chunks, firsts, strict=True)
@@ -131,10 +137,11 @@ class KVStepBuilder:
         picked: list[list[AttendedBlocks] | None] = []
         for chunk, first in zip(chunks, firsts, strict=True):
             kv = chunk.seq.kv
-            offsets = kv.slot_offsets() if kv is not None else None
+            with blame(chunk.seq.request_id):  # its policy's answers
+                offsets = kv.slot_offsets() if kv is not None else None
+                where = ChunkSlots(chunk.start, chunk.num_tokens, first, chunk.block_table, bs)
+                picked.append(kv.policy.attended_blocks(kv, where) if kv is not None else None)
             shifts.append(offsets if offsets is not None and any(offsets) else None)
-            where = ChunkSlots(chunk.start, chunk.num_tokens, first, chunk.block_table, bs)
-            picked.append(kv.policy.attended_blocks(kv, where) if kv is not None else None)
         if all(s is None for s in shifts) and all(p is None for p in picked):
             return [], []
         layouts: list[LayerLayout] = []
@@ -181,7 +188,8 @@ class KVStepBuilder:
         watched: list[ObservedSequence] = []
         for chunk, first, offset in zip(chunks, firsts, offsets, strict=True):
             kv, end = chunk.seq.kv, chunk.start + chunk.num_tokens
-            wanted = None if kv is None else kv.policy.observed_queries(kv, chunk.start, end)
+            with blame(chunk.seq.request_id):
+                wanted = None if kv is None else kv.policy.observed_queries(kv, chunk.start, end)
             if kv is not None and wanted is not None and wanted[1] > wanted[0]:
                 a, b = wanted
                 base = first + a - chunk.start
@@ -190,6 +198,7 @@ class KVStepBuilder:
                 table = torch.tensor(chunk.block_table, dtype=torch.long, device=device)
                 watched.append(
                     ObservedSequence(
+                        request_id=chunk.seq.request_id,
                         policy=kv.policy,
                         rows=slice(offset + a - chunk.start, offset + b - chunk.start),
                         first_slot=[base - s for s in shifts],
