@@ -176,10 +176,6 @@ def test_bad_input_gets_a_clear_error(tiny_folder: Path) -> None:
     with pytest.raises(InvalidRequestError, match="host memory"):
         small.generate([PROMPT], SamplingParams(kv_policy="quest", kv_budget=64, max_tokens=8))
     llm = recall_llm(tiny_folder)
-    with pytest.raises(InvalidRequestError, match="kv_compress_prefix"):
-        llm.generate(
-            [PROMPT], SamplingParams(kv_policy="quest", kv_budget=64, kv_compress_prefix=20)
-        )
     for budget in (0, -5):
         with pytest.raises(ValueError, match="kv_budget"):
             SamplingParams(kv_policy="quest", kv_budget=budget)

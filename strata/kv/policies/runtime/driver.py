@@ -109,11 +109,8 @@ class KVPolicyDriver:
                 f"kv_policy {name!r} needs the recall store: start the engine with "
                 "--kv-recall-host-memory GIB or a recall --kv-policy"
             )
-        if seq.params.kv_compress_prefix is not None:
-            raise InvalidRequestError(
-                f"kv_compress_prefix does not apply to the recall policy {name!r}: it "
-                "keeps every token"
-            )
+        # kv_compress_prefix changes nothing here: a recall policy compresses no context,
+        # it picks per decode step with that step's query (both protocols are one).
         return self.recall.plan_for(name, budget, seq.num_prompt_tokens, seq.max_tokens)
 
     def _check_fits_pool(self, seq: PolicySequence) -> None:
