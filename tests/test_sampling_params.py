@@ -147,3 +147,35 @@ def test_params_are_frozen() -> None:
 
 def test_nan_temperature_rejected() -> None:
     _rejects(r"temperature must be a finite number >= 0", temperature=math.nan)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"presence_penalty": 2.5}, "presence_penalty must be in [-2, 2], got 2.5"),
+        ({"frequency_penalty": -3}, "frequency_penalty must be in [-2, 2], got -3"),
+        ({"frequency_penalty": math.nan}, "frequency_penalty must be in [-2, 2], got nan"),
+        (
+            {"repetition_penalty": 0.0},
+            "repetition_penalty must be a finite number > 0 (1 = off), got 0.0",
+        ),
+        ({"min_p": 1.5}, "min_p must be in [0, 1], got 1.5"),
+        ({"min_tokens": -1}, "min_tokens must be an integer >= 0, got -1"),
+        ({"min_tokens": 5, "max_tokens": 4}, "min_tokens (5) must not exceed max_tokens (4)"),
+        ({"bad_words": ["ok", " "]}, "bad_words must be non-empty strings, got ('ok', ' ')"),
+        ({"logit_bias": {"x": 1.0}}, "logit_bias keys must be token ids (integers >= 0), got 'x'"),
+        ({"logit_bias": {-1: 1.0}}, "logit_bias keys must be token ids (integers >= 0), got -1"),
+        ({"logit_bias": {5: 101}}, "logit_bias values must be in [-100, 100], got 101 for token 5"),
+    ],
+)
+def test_penalties_and_biases_out_of_range(kwargs: dict[str, Any], message: str) -> None:
+    err = _rejects(".", **kwargs)
+    assert str(err) == message
+    assert err.param == next(iter(kwargs))
+
+
+def test_penalties_and_biases_normalised() -> None:
+    p = SamplingParams(logit_bias={"5": 1, 7: -100.0}, bad_words="word", min_tokens=3)
+    assert p.logit_bias == {5: 1.0, 7: -100.0}
+    assert p.bad_words == ("word",)
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty, p.min_p) == (0, 0, 1, 0)

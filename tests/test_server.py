@@ -83,6 +83,26 @@ def test_chat_greedy_equals_offline(client: openai.OpenAI, offline: LLM) -> None
     assert r2.usage.completion_tokens == 3
 
 
+def test_penalties_and_biases_equal_offline(client: openai.OpenAI, offline: LLM) -> None:
+    prompt = "one one one two"
+    r = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=10, temperature=0, frequency_penalty=1.5,
+        presence_penalty=0.5, logit_bias={"1000": 4.0},
+        extra_body={"repetition_penalty": 1.4, "min_tokens": 10, "bad_words": ["two"]},
+    )  # fmt: skip
+    expected = greedy(
+        offline, prompt, 10, frequency_penalty=1.5, presence_penalty=0.5,
+        logit_bias={1000: 4.0}, repetition_penalty=1.4, min_tokens=10, bad_words=("two",),
+    )  # fmt: skip
+    assert r.choices[0].text == expected
+    assert expected != greedy(offline, prompt, 10)
+    forced = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3, temperature=0,
+        logit_bias={"1000": 100},
+    )  # type: ignore[arg-type]  # fmt: skip
+    assert forced.choices[0].message.content == offline.get_tokenizer().decode([1000] * 3)
+
+
 def test_chat_stream_concatenates_to_the_same_text(client: openai.OpenAI) -> None:
     kw = {"model": MODEL, "messages": [{"role": "user", "content": "Count"}], "max_tokens": 15}
     full = client.chat.completions.create(temperature=0, **kw)  # type: ignore[arg-type]

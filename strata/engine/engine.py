@@ -42,7 +42,7 @@ class LLMEngine:
         self.kv_policies, self.moe, self.rebalancer = parts.kv_policies, parts.moe, parts.rebalancer
         self.requests = RequestFactory(
             self.tokenizer, parts.loaded.name, self.model_config.vocab_size, self.max_model_len,
-            self.kv_policies, config.seed,
+            self.kv_policies, config.seed, parts.loaded.eos_token_ids,
         )  # fmt: skip
         # Tokenize and check a request without queueing it (prepare), or only its prompt.
         self.prepare = self.requests.prepare

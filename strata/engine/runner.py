@@ -20,6 +20,7 @@ import torch
 
 from strata.attention.backend import AttentionBackend, StepMetadata
 from strata.engine.cuda_graphs import DecodeGraphs
+from strata.engine.logits_adjust import build_adjustment
 from strata.engine.plan import StepPlan
 from strata.engine.sampler import Sampler, SamplerOutput, SamplingBatch
 from strata.engine.staging import PinnedStager
@@ -125,9 +126,8 @@ class ModelRunner:
         seqs = [c.seq for c in plan.chunks if c.samples]
         params = [s.params for s in seqs]
         wanted = [p.logprobs for p in params if p.logprobs is not None]
-        temperature, top_p = self._floats.upload(
-            [np.array([[p.temperature for p in params], [p.top_p for p in params]], np.float32)]
-        )[0]
+        floats = np.array([[p.temperature, p.top_p, p.min_p] for p in params], np.float32)
+        temperature, top_p, min_p = self._floats.upload([floats.reshape(len(seqs), 3).T])[0]
         top_k, seed, step = self._ints.upload(
             [
                 np.array(
@@ -149,4 +149,6 @@ class ModelRunner:
             all_greedy=all(p.greedy for p in params),
             any_top_p_or_k=any(p.top_p < 1.0 or p.top_k > 0 for p in params),
             max_logprobs=max(wanted, default=-1),
+            min_p=min_p if any(p.min_p > 0 for p in params) else None,
+            adjust=build_adjustment(seqs, self.device),
         )

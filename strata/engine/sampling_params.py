@@ -32,6 +32,17 @@ class SamplingParams:
     rest of the prompt (the question) is computed; the rest then attends to the
     compressed context uncompressed (query-agnostic: compress once, ask many). None
     compresses the whole prompt once it is computed (query-aware).
+
+    Penalties and biases change the logits before temperature, in this order (vLLM's):
+    repetition_penalty (> 0; 1 = off) divides positive logits and multiplies negative
+    ones of every token in the prompt or the output; frequency_penalty (in [-2, 2])
+    subtracts itself times a token's count in the output; presence_penalty (in [-2, 2])
+    subtracts itself from every token the output holds. logit_bias adds {token id: bias
+    in [-100, 100]}. min_tokens: end-of-sequence and stop tokens are banned, and stop
+    strings ignored, until the output has this many tokens. bad_words: words never
+    generated (each word's last token is banned after its other tokens, with and without
+    a leading space). min_p (in [0, 1]): after temperature, drop tokens whose
+    probability is below min_p times the most likely token's.
     """
 
     max_tokens: int | None = 16
@@ -49,6 +60,13 @@ class SamplingParams:
     kv_policy: str | None = None
     kv_budget: float | None = None
     kv_compress_prefix: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
+    min_p: float = 0.0
+    bad_words: tuple[str, ...] = ()
 
     MAX_LOGPROBS = 20
     DEFAULT_SESSION_TTL_S = 300.0
@@ -85,6 +103,7 @@ class SamplingParams:
             )
         self._check_session()
         self._check_kv_policy()
+        self._check_logit_rules()
 
     def _check_session(self) -> None:
         if self.session_id is not None and (
@@ -118,6 +137,66 @@ class SamplingParams:
                 f"kv_compress_prefix must be a number of prompt tokens >= 1, got {n!r}"
             )
 
+    def _check_logit_rules(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not -2.0 <= value <= 2.0:
+                raise InvalidRequestError(f"{name} must be in [-2, 2], got {value!r}", name)
+        r = self.repetition_penalty
+        if not isinstance(r, (int, float)) or not 0.0 < r < float("inf"):
+            raise InvalidRequestError(
+                f"repetition_penalty must be a finite number > 0 (1 = off), got {r!r}",
+                "repetition_penalty",
+            )
+        if not isinstance(self.min_p, (int, float)) or not 0.0 <= self.min_p <= 1.0:
+            raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p!r}", "min_p")
+        n = self.min_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise InvalidRequestError(
+                f"min_tokens must be an integer >= 0, got {n!r}", "min_tokens"
+            )
+        if self.max_tokens is not None and n > self.max_tokens:
+            raise InvalidRequestError(
+                f"min_tokens ({n}) must not exceed max_tokens ({self.max_tokens})", "min_tokens"
+            )
+        words = (self.bad_words,) if isinstance(self.bad_words, str) else tuple(self.bad_words)
+        if any(not isinstance(w, str) or not w.strip() for w in words):
+            raise InvalidRequestError(
+                f"bad_words must be non-empty strings, got {words!r}", "bad_words"
+            )
+        object.__setattr__(self, "bad_words", words)
+        if self.logit_bias is not None:
+            object.__setattr__(self, "logit_bias", _checked_bias(self.logit_bias))
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def _checked_bias(bias: object) -> dict[int, float]:
+    """logit_bias as {token id: bias}; keys may be integer strings, as JSON sends them."""
+    if not isinstance(bias, dict):
+        raise InvalidRequestError(
+            f"logit_bias must map token ids to biases, got {bias!r}", "logit_bias"
+        )
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            token = -1
+        if isinstance(key, bool) or token < 0:
+            raise InvalidRequestError(
+                f"logit_bias keys must be token ids (integers >= 0), got {key!r}", "logit_bias"
+            )
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not -100 <= value <= 100
+        ):
+            raise InvalidRequestError(
+                f"logit_bias values must be in [-100, 100], got {value!r} for token {key}",
+                "logit_bias",
+            )
+        out[token] = float(value)
+    return out

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from strata.engine.detokenizer import Detokenizer
+from strata.engine.logit_rules import LogitRules
 from strata.engine.outputs import TokenLogprobs
 from strata.engine.sampling_params import SamplingParams
 
@@ -44,6 +45,7 @@ class Sequence:
     num_cached_tokens: int = -1  # prefix-cache hit at first admission; -1 before
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     kv: SequenceKV | None = None  # its KV policy's state; None under "full" (lossless)
+    logit_rules: LogitRules | None = None  # penalties, biases and bans; None: none
 
     def __post_init__(self) -> None:
         if not self.token_ids:

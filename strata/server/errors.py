@@ -56,7 +56,7 @@ class APIError(Exception):
 def invalid_request(exc: InvalidRequestError, param: str | None = None) -> APIError:
     if isinstance(exc, ContextLengthError):
         return APIError(400, str(exc), param=param, code="context_length_exceeded")
-    return APIError(400, str(exc), param=getattr(exc, "param", param))
+    return APIError(400, str(exc), param=exc.param if exc.param is not None else param)
 
 
 def server_error(message: str) -> APIError:

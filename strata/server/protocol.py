@@ -1,11 +1,12 @@
 """Request bodies of the OpenAI-compatible API, as pydantic models.
 
 Unknown fields are ignored, as OpenAI does. Fields OpenAI defines but Strata cannot
-honour (penalties, logit_bias, tools, JSON modes, best_of, suffix) are rejected with a
-400 when set to anything but their no-op value, rather than silently ignored.
-Strata's own extensions: top_k, ignore_eos, stop_token_ids, skip_special_tokens,
-return_token_ids (each choice and stream chunk also carries the generated token ids,
-which is how a model without a tokenizer, a random: one say, can be served and timed),
+honour (best_of, suffix) are rejected with a 400 when set to anything but their no-op
+value, rather than silently ignored. vLLM's extensions: repetition_penalty, min_tokens,
+min_p and bad_words (see SamplingParams). Strata's own extensions: top_k, ignore_eos,
+stop_token_ids, skip_special_tokens, return_token_ids (each choice and stream chunk
+also carries the generated token ids, which is how a model without a tokenizer, a
+random: one say, can be served and timed),
 and session_id with cache_ttl_s (the turn's KV stays pinned for the session's next turn),
 and kv_policy, kv_budget and kv_compress_prefix (the request's KV eviction policy; see
 SamplingParams).
@@ -45,6 +46,11 @@ class _SamplingRequest(BaseModel):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    # vLLM extensions
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    min_p: float = 0.0
+    bad_words: list[str] | None = None
     # Strata extensions
     top_k: int = Field(-1, ge=-1)
     ignore_eos: bool = False
@@ -58,11 +64,6 @@ class _SamplingRequest(BaseModel):
     kv_compress_prefix: int | None = None
 
     def check_supported(self) -> None:
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0.0):
-                raise ParameterError(name, f"{name} is not supported; omit it or send 0")
-        if self.logit_bias:
-            raise ParameterError("logit_bias", "logit_bias is not supported")
         if self.stream_options is not None and not self.stream:
             raise ParameterError(
                 "stream_options", "stream_options is only allowed when stream is true"
@@ -87,7 +88,25 @@ class _SamplingRequest(BaseModel):
             kv_policy=self.kv_policy,
             kv_budget=self.kv_budget,
             kv_compress_prefix=self.kv_compress_prefix,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=self.repetition_penalty,
+            logit_bias=self._logit_bias(),
+            min_tokens=self.min_tokens,
+            min_p=self.min_p,
+            bad_words=tuple(self.bad_words or ()),
         )
+
+    def _logit_bias(self) -> dict[int, float] | None:
+        """JSON object keys are strings; logit_bias's must spell token ids."""
+        if not self.logit_bias:
+            return None
+        bad = [k for k in self.logit_bias if not k.isdigit()]
+        if bad:
+            raise ParameterError(
+                "logit_bias", f"logit_bias keys must be token ids (integers >= 0), got {bad[0]!r}"
+            )
+        return {int(k): v for k, v in self.logit_bias.items()}
 
     @property
     def include_usage(self) -> bool:
@@ -189,5 +208,4 @@ class ParameterError(InvalidRequestError):
     """A bad or unsupported value of the parameter `param`."""
 
     def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param = param
+        super().__init__(message, param)
