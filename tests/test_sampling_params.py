@@ -43,12 +43,20 @@ def test_invalid_request_error_is_value_error() -> None:
 @pytest.mark.parametrize("value", [0, -1, -100])
 def test_max_tokens_must_be_positive(value: int) -> None:
     err = _rejects(r"max_tokens must be an integer >= 1", max_tokens=value)
-    assert str(err) == f"max_tokens must be an integer >= 1, got {value}"
+    assert (
+        str(err) == f"max_tokens must be an integer >= 1 (0 only with prompt_logprobs), got {value}"
+    )
 
 
 def test_max_tokens_must_be_integer() -> None:
     err = _rejects(r"max_tokens must be an integer >= 1", max_tokens=2.5)
-    assert str(err) == "max_tokens must be an integer >= 1, got 2.5"
+    assert str(err) == "max_tokens must be an integer >= 1 (0 only with prompt_logprobs), got 2.5"
+    assert err.param == "max_tokens"
+
+
+def test_max_tokens_zero_only_scores_the_prompt() -> None:
+    assert SamplingParams(max_tokens=0, prompt_logprobs=0).max_tokens == 0
+    _rejects(r"prompt_logprobs must be in \[0, 20\], got 21", prompt_logprobs=21)
 
 
 def test_max_tokens_none_and_one_accepted() -> None:

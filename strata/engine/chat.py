@@ -9,8 +9,11 @@ from strata.errors import InvalidRequestError
 Message = dict[str, Any]
 
 
-def chat_prompt_ids(tokenizer: Any, messages: list[Message], model_name: str) -> list[int]:
-    """Token ids of `messages` rendered by the chat template, with the generation prompt.
+def chat_prompt_ids(
+    tokenizer: Any, messages: list[Message], model_name: str, add_generation_prompt: bool = True
+) -> list[int]:
+    """Token ids of `messages` rendered by the chat template (with the generation prompt
+    that starts the assistant's turn unless add_generation_prompt is False).
 
     Raises InvalidRequestError for a model without a template, an empty conversation,
     a malformed message, or one the template itself rejects.
@@ -23,7 +26,9 @@ def chat_prompt_ids(tokenizer: Any, messages: list[Message], model_name: str) ->
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise InvalidRequestError(f"each message needs 'role' and 'content', got {m!r}")
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=False
+        )
     except Exception as exc:  # jinja2 errors raised by the template (raise_exception, say)
         raise InvalidRequestError(f"the chat template rejected the messages: {exc}") from exc
     return list(tokenizer(text, add_special_tokens=False).input_ids)

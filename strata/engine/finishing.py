@@ -14,7 +14,13 @@ from strata.engine.sequence import Sequence, SequenceStatus
 
 def stop_reason(seq: Sequence, eos_token_ids: Collection[int]) -> str | None:
     """"stop" or "length" once the sequence's last token ends it; None while it goes on.
-    Feeds the token to the detokenizer, which watches for stop strings."""
+    Feeds the token to the detokenizer, which watches for stop strings. A sequence with
+    max_tokens 0 only scores its prompt: the token its last prompt position sampled is
+    dropped."""
+    if seq.max_tokens == 0:
+        seq.token_ids.pop()
+        seq.logprobs.clear()
+        return "length"
     token = seq.token_ids[-1]
     params = seq.params
     if seq.detokenizer is not None and seq.detokenizer.add(token):
@@ -63,6 +69,8 @@ def request_output(seq: Sequence, tokenizer: Any | None, delta_tokens: int = 0) 
         finished=finished,
         finish_reason=seq.finish_reason,
         logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+        # Complete before the first output token, and never changed after: shared, not copied.
+        prompt_logprobs=seq.prompt_logprobs if seq.params.prompt_logprobs is not None else None,
         num_cached_tokens=max(seq.num_cached_tokens, 0),
         delta_text=delta,
         delta_token_ids=output_ids[len(output_ids) - delta_tokens :] if delta_tokens else [],

@@ -2,7 +2,8 @@
 
 Per step it builds, for the flat batch of the plan's chunks in order:
     input_ids, positions, slot_mapping  [tokens]
-    logits_rows                         [sampling chunks]  last token of each such chunk
+    logits_rows                         [sampling chunks]  last token of each such chunk,
+                                        then the prompt positions to score (prompt_logprobs.py)
 and the attention backend's metadata from the chunks' block tables. Host-side arrays go
 through persistent pinned buffers (staging.py) in one non-blocking copy per dtype; the
 step's only host sync is the caller's read of the sampled tokens.
@@ -22,6 +23,7 @@ from strata.attention.backend import AttentionBackend, StepMetadata
 from strata.engine.cuda_graphs import DecodeGraphs
 from strata.engine.logits_adjust import build_adjustment
 from strata.engine.plan import StepPlan
+from strata.engine.prompt_logprobs import PromptRows
 from strata.engine.sampler import Sampler, SamplerOutput, SamplingBatch
 from strata.engine.staging import PinnedStager
 from strata.engine.step_stats import StepStats
@@ -54,14 +56,22 @@ class ModelRunner:
         )
 
     def execute(self, plan: StepPlan) -> SamplerOutput | None:
-        """Run one step. Returns sampled tokens for the plan's sampling chunks, in order."""
+        """Run one step. Returns sampled tokens for the plan's sampling chunks, in order;
+        prompt logprobs the step computes are recorded on their sequences."""
         logits = self.compute_logits(plan)
         if logits is None:
             return None
-        return self.sampler(logits, self._sampling_batch(plan))
+        num_sampling = sum(c.samples for c in plan.chunks)
+        prompt = PromptRows.of(plan)
+        if prompt is not None:
+            prompt.record(logits[num_sampling:])
+        if not num_sampling:
+            return None
+        return self.sampler(logits[:num_sampling], self._sampling_batch(plan))
 
     def compute_logits(self, plan: StepPlan) -> torch.Tensor | None:
-        """Run the model for one step; float32 logits of the sampling chunks, in order.
+        """Run the model for one step; float32 logits of the sampling chunks, in order,
+        then of the prompt positions to score (PromptRows.of(plan).rows).
 
         From a graph replay the logits are a view valid until the next step."""
         graphs = self.graphs
@@ -86,6 +96,9 @@ class ModelRunner:
             offset += chunk.num_tokens
             if chunk.samples:
                 logits_rows.append(offset - 1)
+        prompt = PromptRows.of(plan)
+        if prompt is not None:
+            logits_rows.extend(prompt.rows)
         step = self.kv_step.build(plan)  # slot == position unless a policy evicted
         ids_t, pos_t, slot_t, rows_t = self._ints.upload(
             [

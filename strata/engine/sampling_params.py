@@ -15,12 +15,16 @@ class SamplingParams:
 
     temperature: 0 is greedy. top_p in (0, 1]; top_k of -1 or 0 disables it.
     seed: makes this request's samples reproducible whatever else runs beside it.
-    max_tokens: tokens to generate; None fills the context.
+    max_tokens: tokens to generate; None fills the context; 0 (with prompt_logprobs)
+    only scores the prompt.
     stop: strings that end generation; they are not included in the text.
     stop_token_ids: token ids that end generation (included in token_ids).
     ignore_eos: keep generating past end-of-sequence tokens.
     logprobs: return the log-probabilities of the N most likely tokens at each step,
     beside the chosen token's (None: none; 0: only the chosen token's).
+    prompt_logprobs: the same for every prompt token after the first (each prompt token's
+    log-probability given the ones before it, and the N most likely there). The prompt is
+    then computed in full, not read from the prefix cache.
     session_id / cache_ttl_s: a multi-turn session this request is a turn of; when the
     turn ends its KV stays pinned for cache_ttl_s seconds (default DEFAULT_SESSION_TTL_S)
     so the next turn reuses it even under memory pressure.
@@ -67,6 +71,7 @@ class SamplingParams:
     min_tokens: int = 0
     min_p: float = 0.0
     bad_words: tuple[str, ...] = ()
+    prompt_logprobs: int | None = None
 
     MAX_LOGPROBS = 20
     DEFAULT_SESSION_TTL_S = 300.0
@@ -77,10 +82,13 @@ class SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         object.__setattr__(self, "stop", stop)
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
-        if self.max_tokens is not None and (
-            not isinstance(self.max_tokens, int) or self.max_tokens <= 0
-        ):
-            raise InvalidRequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens}")
+        n = self.max_tokens
+        scores_only = n == 0 and self.prompt_logprobs is not None
+        if n is not None and (not isinstance(n, int) or n <= 0) and not scores_only:
+            raise InvalidRequestError(
+                f"max_tokens must be an integer >= 1 (0 only with prompt_logprobs), got {n}",
+                "max_tokens",
+            )
         if not self.temperature >= 0 or self.temperature == float("inf"):
             raise InvalidRequestError(
                 f"temperature must be a finite number >= 0, got {self.temperature}"
@@ -97,10 +105,11 @@ class SamplingParams:
             raise InvalidRequestError(
                 f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}"
             )
-        if self.logprobs is not None and not 0 <= self.logprobs <= self.MAX_LOGPROBS:
-            raise InvalidRequestError(
-                f"logprobs must be in [0, {self.MAX_LOGPROBS}], got {self.logprobs}"
-            )
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(self, name)
+            if n is not None and (not isinstance(n, int) or not 0 <= n <= self.MAX_LOGPROBS):
+                message = f"{name} must be in [0, {self.MAX_LOGPROBS}], got {n}"
+                raise InvalidRequestError(message, name)
         self._check_session()
         self._check_kv_policy()
         self._check_logit_rules()

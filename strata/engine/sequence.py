@@ -44,6 +44,7 @@ class Sequence:
     finish_reason: str | None = None
     num_cached_tokens: int = -1  # prefix-cache hit at first admission; -1 before
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # [i] scores token i+1
     kv: SequenceKV | None = None  # its KV policy's state; None under "full" (lossless)
     logit_rules: LogitRules | None = None  # penalties, biases and bans; None: none
 

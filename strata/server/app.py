@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP app: /v1/completions, /v1/chat/completions, /v1/models,
-/health and /metrics, over one AsyncEngine.
+/tokenize and /detokenize (tokenize.py), /health and /metrics, over one AsyncEngine.
 
 A request is checked whole before anything is queued: parameters, model name, every
 prompt's length against the context, and the waiting queue's room for all its choices.
@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from strata.engine.async_engine import AsyncEngine, EngineStoppedError, QueueFullError
 from strata.engine.chat import chat_prompt_ids
-from strata.engine.outputs import RequestOutput
+from strata.engine.outputs import RequestOutput, TokenLogprobs
 from strata.engine.sampling_params import SamplingParams
 from strata.engine.sequence import Sequence as EngineSequence
 from strata.errors import InvalidRequestError
@@ -42,6 +42,7 @@ from strata.server.responses import (
     sse,
     usage_of,
 )
+from strata.server.tokenize import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
 
 logger = logging.getLogger("strata.server")
 
@@ -125,6 +126,18 @@ def build_app(state: ServerState) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await _chat(state, body, request)
 
+    @app.post("/tokenize", dependencies=auth)
+    async def tokenize_route(body: TokenizeRequest) -> dict[str, Any]:
+        engine = state.ready_engine()
+        state.check_model(body.model)
+        return await tokenize(engine, state.model_name, body)
+
+    @app.post("/detokenize", dependencies=auth)
+    async def detokenize_route(body: DetokenizeRequest) -> dict[str, Any]:
+        engine = state.ready_engine()
+        state.check_model(body.model)
+        return await detokenize(engine, state.model_name, body)
+
     return app
 
 
@@ -150,7 +163,7 @@ async def _complete(state: ServerState, body: CompletionRequest, request: Reques
     state.check_model(body.model)
     body.check_supported()
     prompts = body.prompts()
-    params = body.sampling_params(body.max_tokens, body.logprobs)
+    params = body.sampling_params(body.max_tokens, body.logprobs, body.prompt_logprobs)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     seqs = await _prepare(engine, prompts, params, body.n, request_id, "prompt")
     run = _submit(state, engine, request_id, seqs)
@@ -163,7 +176,7 @@ async def _complete(state: ServerState, body: CompletionRequest, request: Reques
     choices = []
     for i, out in enumerate(finals):
         text = (echo[i] if echo else "") + out.text
-        choice = fmt.choice(i, text, out, out.logprobs, body.logprobs)
+        choice = fmt.choice(i, text, out, _echo_logprobs(out, out.logprobs, body), body.logprobs)
         if body.return_token_ids:
             choice["token_ids"] = out.token_ids
         choices.append(choice)
@@ -293,6 +306,15 @@ def _delta_logprobs(out: RequestOutput) -> list[Any] | None:
     return out.logprobs[len(out.logprobs) - n :] if n else []
 
 
+def _echo_logprobs(
+    out: RequestOutput, entries: list[Any] | None, body: CompletionRequest
+) -> list[TokenLogprobs | None] | None:
+    """With echo and logprobs, the prompt's entries go first; its first token has none."""
+    if entries is None or not body.echo or out.prompt_logprobs is None:
+        return entries
+    return [None, *out.prompt_logprobs, *entries]
+
+
 async def _completion_chunks(
     run: RequestRun, fmt: CompletionFormatter, body: CompletionRequest, echo: list[str] | None
 ) -> AsyncIterator[str]:
@@ -302,12 +324,14 @@ async def _completion_chunks(
             yield _error_chunk(out.error)
             break
         text = out.delta_text
+        entries = _delta_logprobs(out)
         if echo is not None and index not in echoed:
             echoed.add(index)
             text = echo[index] + text
+            entries = _echo_logprobs(out, entries, body)
         if not text and not out.finished and not out.delta_token_ids:
             continue
-        choice = fmt.choice(index, text, out, _delta_logprobs(out), body.logprobs)
+        choice = fmt.choice(index, text, out, entries, body.logprobs)
         if body.return_token_ids:
             choice["token_ids"] = out.delta_token_ids
         yield sse(fmt.chunk(choice, body.include_usage))

@@ -69,7 +69,9 @@ class _SamplingRequest(BaseModel):
                 "stream_options", "stream_options is only allowed when stream is true"
             )
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling_params(
+        self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
+    ) -> SamplingParams:
         """SamplingParams for this body; raises InvalidRequestError on a bad combination."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
@@ -82,6 +84,7 @@ class _SamplingRequest(BaseModel):
             stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens,
             session_id=self.session_id,
             cache_ttl_s=self.cache_ttl_s,
@@ -115,7 +118,7 @@ class _SamplingRequest(BaseModel):
 
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)  # 0 with echo: score the prompt only
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
@@ -127,10 +130,17 @@ class CompletionRequest(_SamplingRequest):
             raise ParameterError("suffix", "suffix (insertion) is not supported")
         if self.best_of is not None and self.best_of != self.n:
             raise ParameterError("best_of", "best_of is not supported; use n")
-        if self.echo and self.logprobs is not None:
+        if self.max_tokens == 0 and not self.echo:
             raise ParameterError(
-                "echo", "echo with logprobs is not supported (prompt logprobs are not computed)"
+                "max_tokens", "max_tokens must be >= 1 (0 only with echo, to score the prompt)"
             )
+
+    @property
+    def prompt_logprobs(self) -> int | None:
+        """With echo, logprobs cover the prompt too; max_tokens 0 needs them computed."""
+        if not self.echo:
+            return None
+        return 0 if self.logprobs is None and self.max_tokens == 0 else self.logprobs
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts, one choice group each."""
