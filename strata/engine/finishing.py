@@ -3,6 +3,7 @@ RequestOutput a front end sees."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection
 from typing import Any
 
@@ -10,6 +11,8 @@ from strata.engine.detokenizer import decode_ids
 from strata.engine.outputs import RequestOutput, TokenLogprobs
 from strata.engine.sampler import SamplerOutput
 from strata.engine.sequence import Sequence, SequenceStatus
+
+logger = logging.getLogger("strata.engine")
 
 
 def stop_reason(seq: Sequence, eos_token_ids: Collection[int]) -> str | None:
@@ -23,6 +26,8 @@ def stop_reason(seq: Sequence, eos_token_ids: Collection[int]) -> str | None:
         return "length"
     token = seq.token_ids[-1]
     params = seq.params
+    if seq.grammar is not None and _grammar_ends(seq.grammar, token):
+        return "stop"
     if seq.detokenizer is not None and seq.detokenizer.add(token):
         return "stop"
     if not params.ignore_eos and token in eos_token_ids:
@@ -32,6 +37,16 @@ def stop_reason(seq: Sequence, eos_token_ids: Collection[int]) -> str | None:
     if seq.num_output_tokens >= seq.max_tokens:
         return "length"
     return None
+
+
+def _grammar_ends(matcher: Any, token: int) -> bool:
+    """Advance the grammar by the sampled token; True once it has ended (a stop token
+    accepted where the grammar is complete). A token the grammar rejects (only possible
+    when bans leave it no allowed token) ends the output too."""
+    if not matcher.accept_token(token):
+        logger.warning("the grammar rejected token %d; the output ends here", token)
+        return True
+    return bool(matcher.is_terminated())
 
 
 def record_logprobs(seqs: list[Sequence], sampled: SamplerOutput) -> None:

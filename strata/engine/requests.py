@@ -12,6 +12,7 @@ from collections.abc import Sequence as Seq
 from typing import Any
 
 from strata.engine.detokenizer import Detokenizer
+from strata.engine.grammar_compiler import GrammarCompiler
 from strata.engine.logit_rules import logit_rules
 from strata.engine.sampling_params import SamplingParams
 from strata.engine.sequence import Sequence
@@ -38,6 +39,7 @@ class RequestFactory:
         self._ids = itertools.count()
         self._rng = random.Random(seed)  # seeds of unseeded requests
         self.eos_token_ids = eos_token_ids  # banned before min_tokens
+        self.grammars = GrammarCompiler(tokenizer, vocab_size, eos_token_ids)
 
     def encode_prompt(self, prompt: str | Seq[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -85,6 +87,8 @@ class RequestFactory:
         text, ids = self.encode_prompt(prompt)
         max_tokens = self.validate(ids, params)
         rules = logit_rules(params, self.tokenizer, self.vocab_size, self.eos_token_ids)
+        so = params.structured_output
+        grammar = None if so is None else self.grammars.matcher(so)  # waits for the compile
         request_id = request_id if request_id is not None else str(next(self._ids))
         detokenizer = None
         if self.tokenizer is not None and (stream or params.stop):
@@ -101,6 +105,7 @@ class RequestFactory:
             max_tokens=max_tokens,
             detokenizer=detokenizer,
             logit_rules=rules,
+            grammar=grammar,
         )
         self.kv_policies.attach(seq)
         return seq

@@ -21,6 +21,7 @@ import torch
 
 from strata.attention.backend import AttentionBackend, StepMetadata
 from strata.engine.cuda_graphs import DecodeGraphs
+from strata.engine.grammar_mask import GrammarMaskBuilder
 from strata.engine.logits_adjust import build_adjustment
 from strata.engine.plan import StepPlan
 from strata.engine.prompt_logprobs import PromptRows
@@ -45,6 +46,8 @@ class ModelRunner:
         self.sampler = Sampler()
         self._ints = PinnedStager(device, torch.long)
         self._floats = PinnedStager(device, torch.float32)
+        self._masks = PinnedStager(device, torch.int32)
+        self.grammar_masks = GrammarMaskBuilder()
         self.kv_step = KVStepBuilder(kv)  # slots, layouts and observer under KV policies
         self.graphs: DecodeGraphs | None = None
         self.step_log: list[StepStats] | None = None  # set to a list to record steps
@@ -67,7 +70,8 @@ class ModelRunner:
             prompt.record(logits[num_sampling:])
         if not num_sampling:
             return None
-        return self.sampler(logits[:num_sampling], self._sampling_batch(plan))
+        # Host work from here on (masks included) overlaps the model's kernels on a GPU.
+        return self.sampler(logits[:num_sampling], self._sampling_batch(plan, logits.shape[-1]))
 
     def compute_logits(self, plan: StepPlan) -> torch.Tensor | None:
         """Run the model for one step; float32 logits of the sampling chunks, in order,
@@ -135,7 +139,7 @@ class ModelRunner:
         ids = [c.seq.token_ids[c.start] for c in plan.chunks]
         return graphs.run(ids, positions, slots, tables)
 
-    def _sampling_batch(self, plan: StepPlan) -> SamplingBatch:
+    def _sampling_batch(self, plan: StepPlan, vocab: int) -> SamplingBatch:
         seqs = [c.seq for c in plan.chunks if c.samples]
         params = [s.params for s in seqs]
         wanted = [p.logprobs for p in params if p.logprobs is not None]
@@ -164,4 +168,8 @@ class ModelRunner:
             max_logprobs=max(wanted, default=-1),
             min_p=min_p if any(p.min_p > 0 for p in params) else None,
             adjust=build_adjustment(seqs, self.device),
+            grammar=self.grammar_masks.build(seqs, vocab, self._upload_mask),
         )
+
+    def _upload_mask(self, bitmask: np.ndarray) -> torch.Tensor:
+        return self._masks.upload([bitmask])[0]

@@ -5,7 +5,8 @@ a fixed integer hash, so a seeded request samples the same tokens whatever batch
 runs in and however often it is preempted and recomputed. Sampling uses the
 exponential race: argmax(p / E) with E ~ Exp(1) picks token i with probability p_i.
 
-Order: the batch's LogitsAdjustment (penalties, logit_bias, bans) changes the logits;
+Order: the batch's LogitsAdjustment (penalties, logit_bias, bans) changes the logits,
+then its GrammarMasks set the tokens each constrained row's grammar forbids to -inf;
 greedy rows take their argmax and logprobs are of these adjusted logits (before
 temperature); sampled rows then apply temperature, min_p, top-k and top-p.
 """
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from strata.engine.grammar_mask import GrammarMasks
 from strata.engine.logits_adjust import LogitsAdjustment
 
 _MASK32 = 0xFFFFFFFF
@@ -35,6 +37,7 @@ class SamplingBatch:
     max_logprobs: int  # -1: no row wants logprobs
     min_p: torch.Tensor | None = None  # [rows] float32; None when no row sets it
     adjust: LogitsAdjustment | None = None  # penalties, biases and bans; None: none
+    grammar: GrammarMasks | None = None  # constrained rows' token bitmasks; None: none
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,8 @@ class Sampler:
         """logits: [rows, vocab] float32 -> chosen tokens (and logprobs if asked)."""
         if batch.adjust is not None:
             logits = batch.adjust.apply(logits)
+        if batch.grammar is not None:
+            logits = batch.grammar.apply(logits)
         greedy = logits.argmax(dim=-1)
         if batch.all_greedy:
             tokens = greedy

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from strata.engine.structured_output import StructuredOutput
 from strata.errors import InvalidRequestError
 from strata.kv.policies.budget import check_budget
 from strata.kv.policies.registry import check_policy_name
@@ -25,6 +26,9 @@ class SamplingParams:
     prompt_logprobs: the same for every prompt token after the first (each prompt token's
     log-probability given the ones before it, and the N most likely there). The prompt is
     then computed in full, not read from the prefix cache.
+    structured_output: a grammar the output follows (a JSON schema, any JSON object, a
+    regex, a choice of strings or an EBNF grammar; see StructuredOutput). It is compiled
+    when the request is prepared; a spec that does not compile raises InvalidRequestError.
     session_id / cache_ttl_s: a multi-turn session this request is a turn of; when the
     turn ends its KV stays pinned for cache_ttl_s seconds (default DEFAULT_SESSION_TTL_S)
     so the next turn reuses it even under memory pressure.
@@ -72,6 +76,7 @@ class SamplingParams:
     min_p: float = 0.0
     bad_words: tuple[str, ...] = ()
     prompt_logprobs: int | None = None
+    structured_output: StructuredOutput | None = None
 
     MAX_LOGPROBS = 20
     DEFAULT_SESSION_TTL_S = 300.0
@@ -113,6 +118,11 @@ class SamplingParams:
         self._check_session()
         self._check_kv_policy()
         self._check_logit_rules()
+        so = self.structured_output
+        if so is not None and not isinstance(so, StructuredOutput):
+            raise InvalidRequestError(
+                f"structured_output must be a StructuredOutput, got {so!r}", "structured_output"
+            )
 
     def _check_session(self) -> None:
         if self.session_id is not None and (

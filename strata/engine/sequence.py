@@ -20,6 +20,8 @@ from strata.engine.outputs import TokenLogprobs
 from strata.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    import xgrammar
+
     from strata.kv.policies.runtime.sequence_kv import SequenceKV
 
 
@@ -47,6 +49,9 @@ class Sequence:
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # [i] scores token i+1
     kv: SequenceKV | None = None  # its KV policy's state; None under "full" (lossless)
     logit_rules: LogitRules | None = None  # penalties, biases and bans; None: none
+    # The grammar's state after the output tokens (they never change, so recomputing the
+    # KV after a preemption leaves it exact); None: unconstrained.
+    grammar: xgrammar.GrammarMatcher | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:
