@@ -10,6 +10,7 @@ A spec xgrammar cannot compile raises InvalidRequestError with xgrammar's reason
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from collections import OrderedDict
@@ -22,6 +23,10 @@ from strata.errors import InvalidRequestError
 
 if TYPE_CHECKING:
     import xgrammar
+
+
+class GrammarCompileError(InvalidRequestError):
+    """xgrammar could not compile a structured output's spec; the message says why."""
 
 
 class GrammarCompiler:
@@ -75,10 +80,23 @@ class GrammarCompiler:
         try:
             return future.result()
         except InvalidRequestError:
-            with self._lock:
-                if self._cache.get(spec) is future:
-                    del self._cache[spec]  # a rejected spec is not kept
+            self._forget(spec, future)
             raise
+
+    async def compile_async(self, spec: StructuredOutput) -> xgrammar.CompiledGrammar:
+        """compile() for asyncio callers: the event loop waits without blocking."""
+        future = self.submit(spec)
+        try:
+            return await asyncio.wrap_future(future)
+        except InvalidRequestError:
+            self._forget(spec, future)
+            raise
+
+    def _forget(self, spec: StructuredOutput, future: Future[Any]) -> None:
+        """A rejected spec is not kept: it would only ever fail again the same way."""
+        with self._lock:
+            if self._cache.get(spec) is future:
+                del self._cache[spec]
 
     def matcher(self, spec: StructuredOutput) -> xgrammar.GrammarMatcher:
         """A fresh matcher at the start of the grammar."""
@@ -109,6 +127,6 @@ def _compile(
         return compiler.compile_grammar(spec.spec)
     except Exception as exc:  # xgrammar raises RuntimeError/ValueError subclasses with the reason
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InvalidRequestError(
+        raise GrammarCompileError(
             f"the {spec.kind} structured output could not be compiled: {reason}", param
         ) from exc

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from strata.engine.async_engine import AsyncEngine, EngineStoppedError, QueueFullError
 from strata.engine.chat import chat_prompt_ids
+from strata.engine.grammar_compiler import GrammarCompileError
 from strata.engine.outputs import RequestOutput, TokenLogprobs
 from strata.engine.sampling_params import SamplingParams
 from strata.engine.sequence import Sequence as EngineSequence
@@ -165,7 +166,7 @@ async def _complete(state: ServerState, body: CompletionRequest, request: Reques
     prompts = body.prompts()
     params = body.sampling_params(body.max_tokens, body.logprobs, body.prompt_logprobs)
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    seqs = await _prepare(engine, prompts, params, body.n, request_id, "prompt")
+    seqs = await _prepare(engine, prompts, params, body, request_id, "prompt")
     run = _submit(state, engine, request_id, seqs)
     assert state.token_text is not None
     fmt = CompletionFormatter(request_id, state.model_name, state.token_text)
@@ -196,7 +197,7 @@ async def _chat(state: ServerState, body: ChatCompletionRequest, request: Reques
         raise invalid_request(exc, "messages") from exc
     params = body.sampling_params(body.max_new_tokens, body.num_logprobs)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    seqs = await _prepare(engine, [prompt_ids], params, body.n, request_id, "messages")
+    seqs = await _prepare(engine, [prompt_ids], params, body, request_id, "messages")
     run = _submit(state, engine, request_id, seqs)
     assert state.token_text is not None
     fmt = ChatFormatter(request_id, state.model_name, state.token_text)
@@ -224,11 +225,12 @@ async def _prepare(
     engine: AsyncEngine,
     prompts: list[Any],
     params: SamplingParams,
-    n: int,
+    body: CompletionRequest | ChatCompletionRequest,
     request_id: str,
     param_name: str,
 ) -> list[EngineSequence]:
     seqs = []
+    n = body.n
     try:
         for p, prompt in enumerate(prompts):
             first = await engine.prepare(prompt, params, f"{request_id}-{p * n}")
@@ -237,6 +239,8 @@ async def _prepare(
                 copy_params = _choice_params(params, k)
                 copy_id = f"{request_id}-{p * n + k}"
                 seqs.append(await engine.prepare(first.prompt_token_ids, copy_params, copy_id))
+    except GrammarCompileError as exc:
+        raise APIError(400, str(exc), param=body.structured()[0]) from exc
     except InvalidRequestError as exc:
         raise invalid_request(exc, param_name) from exc
     return seqs

@@ -19,7 +19,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from strata.engine.sampling_params import SamplingParams
+from strata.engine.structured_output import StructuredOutput
 from strata.errors import InvalidRequestError
+from strata.server.structured import GuidedFields, ResponseFormat
 
 MAX_N = 16
 MAX_LOGPROBS = SamplingParams.MAX_LOGPROBS
@@ -30,7 +32,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _SamplingRequest(BaseModel):
+class _SamplingRequest(GuidedFields):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
@@ -85,6 +87,7 @@ class _SamplingRequest(BaseModel):
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            structured_output=self.structured()[1],
             skip_special_tokens=self.skip_special_tokens,
             session_id=self.session_id,
             cache_ttl_s=self.cache_ttl_s,
@@ -99,6 +102,10 @@ class _SamplingRequest(BaseModel):
             min_p=self.min_p,
             bad_words=tuple(self.bad_words or ()),
         )
+
+    def structured(self) -> tuple[str | None, StructuredOutput | None]:
+        """The field that asks for structured output, and the spec; (None, None) if none."""
+        return self.guided_output()
 
     def _logit_bias(self) -> dict[int, float] | None:
         """JSON object keys are strings; logit_bias's must spell token ids."""
@@ -181,11 +188,6 @@ class ChatMessage(BaseModel):
         return {"role": role, "content": content or ""}
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: str = "text"
-
-
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -198,12 +200,11 @@ class ChatCompletionRequest(_SamplingRequest):
         super().check_supported()
         if self.tools:
             raise ParameterError("tools", "tool calling is not supported")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise ParameterError(
-                "response_format", f"response_format {self.response_format.type!r} is not supported"
-            )
         if self.top_logprobs is not None and not self.logprobs:
             raise ParameterError("top_logprobs", "top_logprobs requires logprobs to be true")
+
+    def structured(self) -> tuple[str | None, StructuredOutput | None]:
+        return self.guided_output(self.response_format)
 
     @property
     def max_new_tokens(self) -> int | None:
