@@ -6,6 +6,8 @@ Compiles run on the compiler's own worker threads; a request waits for its gramm
 the engine keeps stepping other requests meanwhile. Requests with an equal spec share
 one compile (the cache holds the future, so concurrent requests wait for the same one).
 A spec xgrammar cannot compile raises InvalidRequestError with xgrammar's reason.
+JSON is generated without free whitespace (a small model given any whitespace can loop
+on newlines until max_tokens); its separators are ", " and ": ".
 """
 
 from __future__ import annotations
@@ -116,9 +118,13 @@ def _compile(
     )
     try:
         if spec.kind == "json":
-            return compiler.compile_json_schema(spec.spec, strict_mode=spec.strict)
+            return compiler.compile_json_schema(
+                spec.spec, strict_mode=spec.strict, any_whitespace=False
+            )
         if spec.kind == "json_object":
-            return compiler.compile_builtin_json_grammar()
+            return compiler.compile_json_schema(
+                '{"type": "object"}', strict_mode=False, any_whitespace=False
+            )
         if spec.kind == "regex":
             return compiler.compile_regex(spec.spec)
         if spec.kind == "choice":

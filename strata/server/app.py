@@ -19,12 +19,12 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from strata.engine.async_engine import AsyncEngine, EngineStoppedError, QueueFullError
-from strata.engine.chat import chat_prompt_ids
 from strata.engine.grammar_compiler import GrammarCompileError
 from strata.engine.outputs import RequestOutput, TokenLogprobs
 from strata.engine.sampling_params import SamplingParams
 from strata.engine.sequence import Sequence as EngineSequence
 from strata.errors import InvalidRequestError
+from strata.server.chat_prompt import chat_prompt
 from strata.server.errors import (
     APIError,
     install_error_handlers,
@@ -44,6 +44,7 @@ from strata.server.responses import (
     usage_of,
 )
 from strata.server.tokenize import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
+from strata.server.tool_output import ToolCalls
 
 logger = logging.getLogger("strata.server")
 
@@ -56,6 +57,7 @@ class ServerState:
 
     model_name: str
     api_key: str | None = None
+    tool_call_parser: str | None = None  # None: chosen from the chat template
     engine: AsyncEngine | None = None
     load_error: str | None = None
     started: float = field(default_factory=time.time)
@@ -188,13 +190,7 @@ async def _chat(state: ServerState, body: ChatCompletionRequest, request: Reques
     engine = state.ready_engine()
     state.check_model(body.model)
     body.check_supported()
-    messages = [m.as_template_message() for m in body.messages]
-    try:
-        prompt_ids = await engine.run_in_tokenizer_thread(
-            chat_prompt_ids, engine.engine.tokenizer, messages, state.model_name
-        )
-    except InvalidRequestError as exc:
-        raise invalid_request(exc, "messages") from exc
+    prompt_ids, tools = await chat_prompt(engine, body, state.model_name, state.tool_call_parser)
     params = body.sampling_params(body.max_new_tokens, body.num_logprobs)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     seqs = await _prepare(engine, [prompt_ids], params, body, request_id, "messages")
@@ -202,9 +198,9 @@ async def _chat(state: ServerState, body: ChatCompletionRequest, request: Reques
     assert state.token_text is not None
     fmt = ChatFormatter(request_id, state.model_name, state.token_text)
     if body.stream:
-        return _stream(_chat_chunks(run, fmt, body), run)
+        return _stream(_chat_chunks(run, fmt, body, tools), run)
     finals = await _collect(run, request)
-    choices = [fmt.choice(i, out, out.logprobs) for i, out in enumerate(finals)]
+    choices = [fmt.choice(i, out, out.logprobs, tools) for i, out in enumerate(finals)]
     if body.return_token_ids:
         for choice, out in zip(choices, finals, strict=True):
             choice["token_ids"] = out.token_ids
@@ -347,9 +343,10 @@ async def _completion_chunks(
 
 
 async def _chat_chunks(
-    run: RequestRun, fmt: ChatFormatter, body: ChatCompletionRequest
+    run: RequestRun, fmt: ChatFormatter, body: ChatCompletionRequest, tools: ToolCalls
 ) -> AsyncIterator[str]:
     usage = body.include_usage
+    streams = [tools.stream() for _ in run.streams]
     for index in range(len(run.streams)):
         yield sse(fmt.chunk(index, {"role": "assistant", "content": ""}, None, None, usage))
     async for index, out in run.outputs():
@@ -357,13 +354,19 @@ async def _chat_chunks(
             yield _error_chunk(out.error)
             break
         if out.delta_text or out.delta_token_ids:
-            delta = {"content": out.delta_text}
-            chunk = fmt.chunk(index, delta, None, _delta_logprobs(out), usage)
-            if body.return_token_ids:
-                chunk["choices"][0]["token_ids"] = out.delta_token_ids
-            yield sse(chunk)
+            deltas = streams[index].feed(out.delta_text)
+            entries = _delta_logprobs(out)
+            if not deltas and (tools.mode == "none" or entries or body.return_token_ids):
+                deltas = [{"content": ""}]  # carries the tokens' logprobs and ids
+            for k, delta in enumerate(deltas):
+                chunk = fmt.chunk(index, delta, None, None if k else entries, usage)
+                if body.return_token_ids and not k:
+                    chunk["choices"][0]["token_ids"] = out.delta_token_ids
+                yield sse(chunk)
         if out.finished:
-            yield sse(fmt.chunk(index, {}, out, None, usage))
+            for delta in streams[index].end():
+                yield sse(fmt.chunk(index, delta, None, None, usage))
+            yield sse(fmt.chunk(index, {}, out, None, usage, streams[index].called))
     else:
         if usage:
             finals = [o for o in run.finals if o is not None]

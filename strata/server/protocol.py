@@ -14,6 +14,7 @@ SamplingParams).
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,6 +23,14 @@ from strata.engine.sampling_params import SamplingParams
 from strata.engine.structured_output import StructuredOutput
 from strata.errors import InvalidRequestError
 from strata.server.structured import GuidedFields, ResponseFormat
+from strata.server.tools import (
+    FunctionSpec,
+    ToolChoice,
+    ToolSpec,
+    hermes_call_text,
+    resolve_choice,
+    tool_grammar,
+)
 
 MAX_N = 16
 MAX_LOGPROBS = SamplingParams.MAX_LOGPROBS
@@ -167,13 +176,56 @@ class TextPart(BaseModel):
     text: str | None = None
 
 
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    arguments: str = "{}"  # JSON text
+
+
+class MessageToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+    def template_call(self) -> dict[str, Any]:
+        """As chat templates take it: the arguments as an object."""
+        try:
+            arguments = json.loads(self.function.arguments)
+        except json.JSONDecodeError as exc:
+            raise ParameterError(
+                "messages", f"tool call arguments must be JSON text: {exc}"
+            ) from exc
+        function = {"name": self.function.name, "arguments": arguments}
+        return {"id": self.id, "type": "function", "function": function}
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
 
-    def as_template_message(self) -> dict[str, Any]:
+    def as_template_message(self, template_has_tools: bool = False) -> dict[str, Any]:
+        """The message as the chat template takes it. Tool calls go in `tool_calls` for a
+        template with a tool section, else into the text in the Hermes format."""
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role}
+        message["content"] = self._text()
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            calls = [c.template_call() for c in self.tool_calls]
+            if template_has_tools:
+                message["tool_calls"] = calls
+            else:
+                texts = [hermes_call_text(c["function"]["name"], c["function"]["arguments"])
+                         for c in calls]  # fmt: skip
+                message["content"] = "\n".join(filter(None, [message["content"], *texts]))
+        return message
+
+    def _text(self) -> str:
         content = self.content
         if isinstance(content, list):
             texts = []
@@ -184,8 +236,7 @@ class ChatMessage(BaseModel):
                     )
                 texts.append(part.text)
             content = "".join(texts)
-        role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": content or ""}
+        return content or ""
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -193,18 +244,32 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: list[dict[str, Any]] | None = None
+    tools: list[ToolSpec] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.tools:
-            raise ParameterError("tools", "tool calling is not supported")
         if self.top_logprobs is not None and not self.logprobs:
             raise ParameterError("top_logprobs", "top_logprobs requires logprobs to be true")
 
+    def tool_mode(self) -> tuple[str, FunctionSpec | None]:
+        """("none" | "auto" | "required" | "named", the named function)."""
+        return resolve_choice(self.tools, self.tool_choice)
+
     def structured(self) -> tuple[str | None, StructuredOutput | None]:
-        return self.guided_output(self.response_format)
+        """response_format or a guided field, or the grammar that enforces tool_choice."""
+        field, spec = self.guided_output(self.response_format)
+        mode, named = self.tool_mode()
+        tools_spec = tool_grammar(mode, self.tools or [], named, self.parallel_tool_calls)
+        if tools_spec is None:
+            return field, spec
+        if spec is not None:
+            raise ParameterError(
+                "tool_choice", f"tool_choice {mode!r} cannot be combined with {field}"
+            )
+        return "tool_choice", tools_spec
 
     @property
     def max_new_tokens(self) -> int | None:

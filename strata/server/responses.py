@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from strata.engine.outputs import RequestOutput, TokenLogprobs
+from strata.server.tool_output import ToolCalls
 
 
 class TokenText:
@@ -65,10 +66,13 @@ def usage_of(finals: list[RequestOutput], n: int) -> Usage:
     return usage
 
 
-def finish_reason(out: RequestOutput) -> str | None:
+def finish_reason(out: RequestOutput, called_tools: bool = False) -> str | None:
+    """OpenAI's reason: "length", "tool_calls" (stopped after calling tools) or "stop"."""
     if not out.finished:
         return None
-    return "length" if out.finish_reason == "length" else "stop"
+    if out.finish_reason == "length":
+        return "length"
+    return "tool_calls" if called_tools else "stop"
 
 
 @dataclass
@@ -179,13 +183,15 @@ class ChatFormatter(_Formatter):
         return {"content": content}
 
     def choice(
-        self, index: int, out: RequestOutput, entries: list[TokenLogprobs] | None
-    ) -> dict[str, Any]:
+        self, index: int, out: RequestOutput, entries: list[TokenLogprobs] | None,
+        tools: ToolCalls | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        message, called = (tools or ToolCalls("none")).message(out.text)
         return {
             "index": index,
-            "message": {"role": "assistant", "content": out.text},
+            "message": message,
             "logprobs": None if entries is None else self.logprobs(entries),
-            "finish_reason": finish_reason(out),
+            "finish_reason": finish_reason(out, called),
         }
 
     def chunk(
@@ -195,11 +201,12 @@ class ChatFormatter(_Formatter):
         out: RequestOutput | None,
         entries: list[TokenLogprobs] | None,
         include_usage: bool,
+        called_tools: bool = False,
     ) -> dict[str, Any]:
         choice = {
             "index": index,
             "delta": delta,
             "logprobs": None if entries is None else self.logprobs(entries),
-            "finish_reason": None if out is None else finish_reason(out),
+            "finish_reason": None if out is None else finish_reason(out, called_tools),
         }
         return self.chunk_of(choice, include_usage)

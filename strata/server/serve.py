@@ -95,7 +95,9 @@ def serve(
 ) -> int:
     """Serve until stopped; returns the process exit code."""
     host, port = config.host, config.port
-    state = ServerState(model_name=model_name, api_key=config.api_key)
+    state = ServerState(
+        model_name=model_name, api_key=config.api_key, tool_call_parser=config.tool_call_parser
+    )
     app = build_app(state)
     uvicorn_config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level.lower(), access_log=False,
