@@ -129,7 +129,7 @@ def engine(model: str, device: str, num_requests: int, output_len: int) -> None:
     from strata import LLM, SamplingParams
     from strata.engine.structured_output import StructuredOutput
 
-    llm = LLM(model, device=device)
+    llm = LLM(None if model == "embedded" else model, device=device)
     builder = llm.engine.runner.grammar_masks
     original = builder.build
     mask_s: list[float] = []
@@ -179,7 +179,7 @@ def main() -> None:
     m = sub.add_parser("masks", help="xgrammar compile and mask times on this CPU")
     m.add_argument("--batch", type=int, default=64, help="matchers filled per step (default 64)")
     e = sub.add_parser("engine", help="engine throughput, unconstrained vs half constrained")
-    e.add_argument("--model", default="random:llama-3.2-1b")
+    e.add_argument("--model", default="random:llama-3.2-1b", help="or 'embedded'")
     e.add_argument("--device", default="cuda")
     e.add_argument("--num-requests", type=int, default=256)
     e.add_argument("--output-len", type=int, default=256)
