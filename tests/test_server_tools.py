@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import jsonschema_rs
 import openai
 import pytest
+from pydantic import BaseModel, Field
 
 from tests.server_utils import RunningServer, engine_factory, start_server
 
@@ -158,3 +159,19 @@ def test_bad_tool_requests_are_400(
     r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param, r.json()
+
+
+class GetWeather(BaseModel):
+    city: str = Field(max_length=20)
+    unit: Literal["c", "f"]
+
+
+def test_parse_round_trip_with_a_pydantic_function_tool(client: openai.OpenAI) -> None:
+    tool = openai.pydantic_function_tool(GetWeather)
+    r = client.chat.completions.parse(
+        model=MODEL, messages=ASK, tools=[tool], max_tokens=60, temperature=0,
+        tool_choice={"type": "function", "function": {"name": "GetWeather"}},
+    )  # fmt: skip
+    (call,) = r.choices[0].message.tool_calls or []
+    assert isinstance(call.function.parsed_arguments, GetWeather)
+    assert GetWeather.model_validate_json(call.function.arguments) == call.function.parsed_arguments
