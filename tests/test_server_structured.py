@@ -128,3 +128,12 @@ def test_bad_specs_are_400_with_the_reason(
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == param and reason in error["message"], error
+
+
+def test_completions_take_response_format_too(client: openai.OpenAI) -> None:
+    r = client.completions.create(
+        model=MODEL, prompt="A JSON object describing a cat:", max_tokens=60, temperature=0,
+        extra_body={"response_format": {"type": "json_object"}},
+    )  # fmt: skip
+    assert isinstance(json.loads(r.choices[0].text), dict)
+    assert r.choices[0].finish_reason == "stop"

@@ -114,6 +114,10 @@ def test_required_stream_sends_whole_calls_at_the_end() -> None:
     assert [c["index"] for c in calls] == [0, 1]
     assert [c["function"]["name"] for c in calls] == ["get_time", "get_weather"]
     assert json.loads(calls[1]["function"]["arguments"]) == {"city": "Lima"}
+    # Cut short by max_tokens: the calls it completed.
+    content, cut = ToolCalls("required").split(text[:-12])
+    assert content is None and [c.name for c in cut] == ["get_time"]
+    assert ToolCalls("required").split('[{"name": "get_ti') == ('[{"name": "get_ti', [])
 
 
 def test_tool_choice_resolution() -> None:

@@ -204,6 +204,7 @@ class LLMEngine:
 
     def close(self) -> None:
         """Finish writing blocks to the tiers and close them (the engine is unusable after)."""
+        self.requests.grammars.close()
         if self.tiers is not None:
             self.tiers.close(flush=True)
             self.tiers = None

@@ -16,7 +16,7 @@ import asyncio
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -75,6 +75,13 @@ class GrammarCompiler:
             if len(self._cache) > self.MAX_CACHED:
                 self._cache.popitem(last=False)
             return future
+
+    def prefetch(self, specs: Iterable[StructuredOutput | None]) -> None:
+        """Start compiling every spec now, so that a batch's distinct grammars compile in
+        parallel rather than one by one as each request is prepared."""
+        for spec in specs:
+            if spec is not None and self.tokenizer is not None:
+                self.submit(spec)
 
     def compile(self, spec: StructuredOutput) -> xgrammar.CompiledGrammar:
         """The compiled grammar; InvalidRequestError if xgrammar rejects the spec."""

@@ -137,6 +137,7 @@ class CompletionRequest(_SamplingRequest):
     max_tokens: int | None = Field(16, ge=0)  # 0 with echo: score the prompt only
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
+    response_format: ResponseFormat | None = None
     suffix: str | None = None
     best_of: int | None = None
 
@@ -150,6 +151,9 @@ class CompletionRequest(_SamplingRequest):
             raise ParameterError(
                 "max_tokens", "max_tokens must be >= 1 (0 only with echo, to score the prompt)"
             )
+
+    def structured(self) -> tuple[str | None, StructuredOutput | None]:
+        return self.guided_output(self.response_format)
 
     @property
     def prompt_logprobs(self) -> int | None:

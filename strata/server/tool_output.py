@@ -25,12 +25,19 @@ def _call_id() -> str:
 
 
 def parse_required(text: str) -> list[ToolCall]:
-    """The grammar made `text` a JSON array of {name, arguments}."""
-    try:
-        items = json.loads(text)
-    except json.JSONDecodeError:
-        return []  # cut short by max_tokens
-    return [ToolCall(i["name"], json.dumps(i["arguments"])) for i in items]
+    """The grammar made `text` a JSON array of {name, arguments}; an array cut short by
+    max_tokens gives the calls it completed."""
+    decoder = json.JSONDecoder()
+    calls, at = [], text.find("[") + 1
+    while at > 0:
+        while at < len(text) and text[at] in ", \n\t":
+            at += 1
+        try:
+            item, at = decoder.raw_decode(text, at)
+        except json.JSONDecodeError:
+            break
+        calls.append(ToolCall(item["name"], json.dumps(item["arguments"])))
+    return calls
 
 
 @dataclass(frozen=True)
