@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from strata.engine.async_engine import AsyncEngine, EngineStoppedError, QueueFullError
 from strata.engine.grammar_compiler import GrammarCompileError
-from strata.engine.outputs import RequestOutput, TokenLogprobs
+from strata.engine.outputs import RequestOutput
 from strata.engine.sampling_params import SamplingParams
 from strata.engine.sequence import Sequence as EngineSequence
 from strata.errors import InvalidRequestError
@@ -36,15 +36,13 @@ from strata.server.metrics import ServerMetrics
 from strata.server.protocol import ChatCompletionRequest, CompletionRequest
 from strata.server.request_run import ClientDisconnected, RequestRun
 from strata.server.responses import (
-    SSE_DONE,
     ChatFormatter,
     CompletionFormatter,
     TokenText,
-    sse,
     usage_of,
 )
+from strata.server.stream_chunks import chat_chunks, completion_chunks, echo_logprobs
 from strata.server.tokenize import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
-from strata.server.tool_output import ToolCalls
 
 logger = logging.getLogger("strata.server")
 
@@ -174,12 +172,12 @@ async def _complete(state: ServerState, body: CompletionRequest, request: Reques
     fmt = CompletionFormatter(request_id, state.model_name, state.token_text)
     echo = [_prompt_text(engine, s) for s in seqs] if body.echo else None
     if body.stream:
-        return _stream(_completion_chunks(run, fmt, body, echo), run)
+        return _stream(completion_chunks(run, fmt, body, echo), run)
     finals = await _collect(run, request)
     choices = []
     for i, out in enumerate(finals):
         text = (echo[i] if echo else "") + out.text
-        choice = fmt.choice(i, text, out, _echo_logprobs(out, out.logprobs, body), body.logprobs)
+        choice = fmt.choice(i, text, out, echo_logprobs(out, out.logprobs, body), body.logprobs)
         if body.return_token_ids:
             choice["token_ids"] = out.token_ids
         choices.append(choice)
@@ -198,7 +196,7 @@ async def _chat(state: ServerState, body: ChatCompletionRequest, request: Reques
     assert state.token_text is not None
     fmt = ChatFormatter(request_id, state.model_name, state.token_text)
     if body.stream:
-        return _stream(_chat_chunks(run, fmt, body, tools), run)
+        return _stream(chat_chunks(run, fmt, body, tools), run)
     finals = await _collect(run, request)
     choices = [fmt.choice(i, out, out.logprobs, tools) for i, out in enumerate(finals)]
     if body.return_token_ids:
@@ -293,82 +291,3 @@ def _stream(chunks: AsyncIterator[str], run: RequestRun) -> StreamingResponse:
             run.close(status)
 
     return StreamingResponse(body(), media_type="text/event-stream")
-
-
-def _error_chunk(message: str) -> str:
-    return sse(server_error(message).body())
-
-
-def _delta_logprobs(out: RequestOutput) -> list[Any] | None:
-    if out.logprobs is None:
-        return None
-    n = len(out.delta_token_ids)
-    return out.logprobs[len(out.logprobs) - n :] if n else []
-
-
-def _echo_logprobs(
-    out: RequestOutput, entries: list[Any] | None, body: CompletionRequest
-) -> list[TokenLogprobs | None] | None:
-    """With echo and logprobs, the prompt's entries go first; its first token has none."""
-    if entries is None or not body.echo or out.prompt_logprobs is None:
-        return entries
-    return [None, *out.prompt_logprobs, *entries]
-
-
-async def _completion_chunks(
-    run: RequestRun, fmt: CompletionFormatter, body: CompletionRequest, echo: list[str] | None
-) -> AsyncIterator[str]:
-    echoed: set[int] = set()
-    async for index, out in run.outputs():
-        if out.error is not None:
-            yield _error_chunk(out.error)
-            break
-        text = out.delta_text
-        entries = _delta_logprobs(out)
-        if echo is not None and index not in echoed:
-            echoed.add(index)
-            text = echo[index] + text
-            entries = _echo_logprobs(out, entries, body)
-        if not text and not out.finished and not out.delta_token_ids:
-            continue
-        choice = fmt.choice(index, text, out, entries, body.logprobs)
-        if body.return_token_ids:
-            choice["token_ids"] = out.delta_token_ids
-        yield sse(fmt.chunk(choice, body.include_usage))
-    else:
-        if body.include_usage:
-            finals = [o for o in run.finals if o is not None]
-            yield sse(fmt.usage_chunk(usage_of(finals, body.n)))
-    yield SSE_DONE
-
-
-async def _chat_chunks(
-    run: RequestRun, fmt: ChatFormatter, body: ChatCompletionRequest, tools: ToolCalls
-) -> AsyncIterator[str]:
-    usage = body.include_usage
-    streams = [tools.stream() for _ in run.streams]
-    for index in range(len(run.streams)):
-        yield sse(fmt.chunk(index, {"role": "assistant", "content": ""}, None, None, usage))
-    async for index, out in run.outputs():
-        if out.error is not None:
-            yield _error_chunk(out.error)
-            break
-        if out.delta_text or out.delta_token_ids:
-            deltas = streams[index].feed(out.delta_text)
-            entries = _delta_logprobs(out)
-            if not deltas and (tools.mode == "none" or entries or body.return_token_ids):
-                deltas = [{"content": ""}]  # carries the tokens' logprobs and ids
-            for k, delta in enumerate(deltas):
-                chunk = fmt.chunk(index, delta, None, None if k else entries, usage)
-                if body.return_token_ids and not k:
-                    chunk["choices"][0]["token_ids"] = out.delta_token_ids
-                yield sse(chunk)
-        if out.finished:
-            for delta in streams[index].end():
-                yield sse(fmt.chunk(index, delta, None, None, usage))
-            yield sse(fmt.chunk(index, {}, out, None, usage, streams[index].called))
-    else:
-        if usage:
-            finals = [o for o in run.finals if o is not None]
-            yield sse(fmt.usage_chunk(usage_of(finals, body.n)))
-    yield SSE_DONE
