@@ -163,3 +163,13 @@ def test_equal_specs_compile_once(llm: LLM) -> None:
     b = grammars.submit(StructuredOutput.json_schema(json.dumps(SCHEMA)))
     assert a is b
     assert grammars.submit(StructuredOutput.json_schema(SCHEMA, strict=False)) is not a
+
+
+def test_a_grammar_left_no_unbanned_token_ends_before_it(llm: LLM) -> None:
+    # "ab" completes the grammar, which then allows only EOS; min_tokens bans EOS.
+    so = StructuredOutput.regex("ab")
+    params = SamplingParams(max_tokens=8, temperature=0, min_tokens=6, structured_output=so)
+    out = llm.generate(PROMPT, params)[0]
+    assert out.text == "ab" and out.finish_reason == "stop"
+    assert llm.get_tokenizer().decode(out.token_ids) == "ab"
+    assert_no_leaks(llm)

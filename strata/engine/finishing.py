@@ -26,7 +26,7 @@ def stop_reason(seq: Sequence, eos_token_ids: Collection[int]) -> str | None:
         return "length"
     token = seq.token_ids[-1]
     params = seq.params
-    if seq.grammar is not None and _grammar_ends(seq.grammar, token):
+    if seq.grammar is not None and _grammar_ends(seq, token):
         return "stop"
     if seq.detokenizer is not None and seq.detokenizer.add(token):
         return "stop"
@@ -39,14 +39,19 @@ def stop_reason(seq: Sequence, eos_token_ids: Collection[int]) -> str | None:
     return None
 
 
-def _grammar_ends(matcher: Any, token: int) -> bool:
+def _grammar_ends(seq: Sequence, token: int) -> bool:
     """Advance the grammar by the sampled token; True once it has ended (a stop token
-    accepted where the grammar is complete). A token the grammar rejects (only possible
-    when bans leave it no allowed token) ends the output too."""
-    if not matcher.accept_token(token):
-        logger.warning("the grammar rejected token %d; the output ends here", token)
-        return True
-    return bool(matcher.is_terminated())
+    accepted where the grammar is complete). A token the grammar rejects is possible only
+    when bans (min_tokens, bad_words) leave it no allowed token: the output ends before
+    that token, which is dropped."""
+    assert seq.grammar is not None
+    if seq.grammar.accept_token(token):
+        return bool(seq.grammar.is_terminated())
+    logger.warning("%s: the grammar allows no unbanned token; the output ends", seq.request_id)
+    seq.token_ids.pop()
+    if len(seq.logprobs) > seq.num_output_tokens:
+        seq.logprobs.pop()
+    return True
 
 
 def record_logprobs(seqs: list[Sequence], sampled: SamplerOutput) -> None:
