@@ -165,7 +165,11 @@ def test_nan_temperature_rejected() -> None:
         ({"frequency_penalty": math.nan}, "frequency_penalty must be in [-2, 2], got nan"),
         (
             {"repetition_penalty": 0.0},
-            "repetition_penalty must be a finite number > 0 (1 = off), got 0.0",
+            "repetition_penalty must be in [0.01, 100] (1 = off), got 0.0",
+        ),
+        (
+            {"repetition_penalty": 1e300},
+            "repetition_penalty must be in [0.01, 100] (1 = off), got 1e+300",
         ),
         ({"min_p": 1.5}, "min_p must be in [0, 1], got 1.5"),
         ({"min_tokens": -1}, "min_tokens must be an integer >= 0, got -1"),

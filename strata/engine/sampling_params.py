@@ -42,7 +42,7 @@ class SamplingParams:
     compresses the whole prompt once it is computed (query-aware).
 
     Penalties and biases change the logits before temperature, in this order (vLLM's):
-    repetition_penalty (> 0; 1 = off) divides positive logits and multiplies negative
+    repetition_penalty (in [0.01, 100]; 1 = off) divides positive logits and multiplies negative
     ones of every token in the prompt or the output; frequency_penalty (in [-2, 2])
     subtracts itself times a token's count in the output; presence_penalty (in [-2, 2])
     subtracts itself from every token the output holds. logit_bias adds {token id: bias
@@ -162,9 +162,9 @@ class SamplingParams:
             if not isinstance(value, (int, float)) or not -2.0 <= value <= 2.0:
                 raise InvalidRequestError(f"{name} must be in [-2, 2], got {value!r}", name)
         r = self.repetition_penalty
-        if not isinstance(r, (int, float)) or not 0.0 < r < float("inf"):
+        if not isinstance(r, (int, float)) or not 0.01 <= r <= 100.0:  # float32-safe
             raise InvalidRequestError(
-                f"repetition_penalty must be a finite number > 0 (1 = off), got {r!r}",
+                f"repetition_penalty must be in [0.01, 100] (1 = off), got {r!r}",
                 "repetition_penalty",
             )
         if not isinstance(self.min_p, (int, float)) or not 0.0 <= self.min_p <= 1.0:
