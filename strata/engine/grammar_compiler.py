@@ -42,12 +42,18 @@ class GrammarCompiler:
         self.vocab_size = vocab_size
         self.eos_token_ids = sorted(eos_token_ids)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="strata-grammar")
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the cache
+        self._build_lock = threading.Lock()  # guards building the xgrammar compiler
         self._cache: OrderedDict[StructuredOutput, Future[xgrammar.CompiledGrammar]] = OrderedDict()
         self._compiler: xgrammar.GrammarCompiler | None = None
 
     def _xgr_compiler(self) -> xgrammar.GrammarCompiler:
-        """Built on first use: reading the vocabulary takes a moment (under the lock)."""
+        """Built on first use, on a compile thread: reading the vocabulary takes a moment
+        (never on the caller's thread, which may be an event loop)."""
+        with self._build_lock:
+            return self._build()
+
+    def _build(self) -> xgrammar.GrammarCompiler:
         assert self.tokenizer is not None  # submit() refuses models without one
         if self._compiler is None:
             import xgrammar
@@ -69,8 +75,7 @@ class GrammarCompiler:
             if future is not None:
                 self._cache.move_to_end(spec)
                 return future
-            compiler = self._xgr_compiler()
-            future = self._pool.submit(_compile, compiler, spec)
+            future = self._pool.submit(self._compile, spec)
             self._cache[spec] = future
             if len(self._cache) > self.MAX_CACHED:
                 self._cache.popitem(last=False)
@@ -115,6 +120,9 @@ class GrammarCompiler:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _compile(self, spec: StructuredOutput) -> xgrammar.CompiledGrammar:
+        return _compile(self._xgr_compiler(), spec)
 
 
 def _compile(
