@@ -314,3 +314,22 @@ def test_return_token_ids_serves_a_model_without_tokenizer(tiny_models: dict) ->
         assert r.status_code == 400 and "no chat template" in r.json()["error"]["message"]
     finally:
         running.stop()
+
+
+def test_loglikelihood_requests_as_lm_eval_sends_them(server: RunningServer, offline: LLM) -> None:
+    """lm-evaluation-harness's local-completions: token-id prompts, echo, max_tokens 0."""
+    prompts = [[5, 900, 1200, 77, 31], [400, 401, 402]]
+    body = {"model": MODEL, "prompt": prompts, "max_tokens": 0, "echo": True, "logprobs": 1,
+            "temperature": 0, "seed": 1234}  # fmt: skip
+    r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    for prompt, choice in zip(prompts, choices, strict=True):
+        ref = offline.generate(prompt, SamplingParams(max_tokens=0, prompt_logprobs=1))[0]
+        assert ref.prompt_logprobs is not None
+        lp = choice["logprobs"]
+        assert lp["token_logprobs"] == [None] + [e.logprob for e in ref.prompt_logprobs]
+        assert len(lp["tokens"]) == len(prompt) and lp["top_logprobs"][0] is None
+        assert [len(t) for t in lp["top_logprobs"][1:]] == [1] * (len(prompt) - 1)
+        assert choice["finish_reason"] == "length"
+    assert r.json()["usage"]["completion_tokens"] == 0
