@@ -89,6 +89,20 @@ def test_required_calls_parallel_and_single(client: openai.OpenAI, server: Runni
         assert len({c.id for c in calls}) == len(calls)
         for call in calls:
             jsonschema_rs.validate(SCHEMAS[call.function.name], json.loads(call.function.arguments))
+        stream = client.chat.completions.create(
+            model=MODEL, messages=ask, tools=TOOLS, tool_choice="required", max_tokens=120,
+            temperature=0, parallel_tool_calls=parallel, stream=True,
+        )  # fmt: skip
+        merged: dict[int, list[str]] = {}
+        for chunk in stream:
+            for d in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+                name, args = merged.setdefault(d.index, ["", ""])
+                if d.function is not None:
+                    name += d.function.name or ""
+                    args += d.function.arguments or ""
+                merged[d.index] = [name, args]
+        streamed = [merged[i] for i in sorted(merged)]
+        assert streamed == [[c.function.name, c.function.arguments] for c in calls]
     server.assert_no_leaks()
 
 

@@ -103,17 +103,36 @@ def test_named_stream_opens_the_call_and_streams_arguments() -> None:
     assert len(deltas) == 2
 
 
-def test_required_stream_sends_whole_calls_at_the_end() -> None:
+def _merged(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Tool-call deltas folded into whole calls, as the openai client folds them."""
+    calls: dict[int, dict[str, Any]] = {}
+    for delta in deltas:
+        for part in delta["tool_calls"]:
+            call = calls.setdefault(part["index"], {"id": part.get("id"), "name": "", "args": ""})
+            call["name"] += part["function"].get("name", "")
+            call["args"] += part["function"].get("arguments", "")
+    return [calls[i] for i in sorted(calls)]
+
+
+def test_required_stream_opens_each_call_then_streams_its_arguments() -> None:
     text = (
         '[{"name": "get_time", "arguments": {}}, '
-        '{"name": "get_weather", "arguments": {"city": "Lima"}}]'
+        '{"name": "get_weather", "arguments": {"city": "L}i\\"ma", "tags": ["a", {"b": 1}]}}]'
     )
-    deltas = _stream(ToolCalls("required"), [text[:10], text[10:]])
-    assert len(deltas) == 1
-    calls = deltas[0]["tool_calls"]
-    assert [c["index"] for c in calls] == [0, 1]
-    assert [c["function"]["name"] for c in calls] == ["get_time", "get_weather"]
-    assert json.loads(calls[1]["function"]["arguments"]) == {"city": "Lima"}
+    for size in (1, 3, 7, len(text)):
+        pieces = [text[i : i + size] for i in range(0, len(text), size)]
+        stream = ToolCalls("required").stream()
+        deltas = [d for p in pieces for d in stream.feed(p)] + stream.end()
+        calls = _merged(deltas)
+        assert [c["name"] for c in calls] == ["get_time", "get_weather"], size
+        assert [json.loads(c["args"]) for c in calls] == [
+            {},
+            {"city": 'L}i"ma', "tags": ["a", {"b": 1}]},
+        ]
+        assert all(c["id"].startswith("call_") for c in calls) and stream.called
+        if size == 1:  # the first call opens before the second is generated
+            first_open = next(i for i, d in enumerate(deltas) if d["tool_calls"][0]["index"] == 1)
+            assert first_open > 1
     # Cut short by max_tokens: the calls it completed.
     content, cut = ToolCalls("required").split(text[:-12])
     assert content is None and [c.name for c in cut] == ["get_time"]

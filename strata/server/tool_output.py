@@ -3,7 +3,8 @@ tool_calls, and their stream deltas in OpenAI's format.
 
 Streaming by mode:
     named      the call opens on the first delta; the arguments stream as generated
-    required   the calls are sent whole when the output ends (it is one JSON array)
+    required   each call of the JSON array opens once its name is complete, then its
+               arguments stream (tool_array_stream.py)
     auto       content streams until the parser's start marker (a tail that could begin
                it is held back); from there the text is kept and parsed at the end
     none       content only
@@ -16,6 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from strata.server.tool_array_stream import ArrayCallStream
 from strata.server.tool_parsers import ToolCall, ToolParser
 from strata.server.tools import FunctionSpec
 
@@ -86,6 +88,7 @@ class ToolCallStream:
     sent: int = 0  # characters of `text` sent as content or arguments
     opened: bool = False  # a named call's first delta has gone out
     called: bool = field(default=False, init=False)  # a tool call has been sent
+    array: ArrayCallStream = field(default_factory=ArrayCallStream)  # required's calls
 
     def feed(self, piece: str) -> list[dict[str, Any]]:
         self.text += piece
@@ -93,14 +96,16 @@ class ToolCallStream:
         if mode == "named":
             return self._named(piece)
         if mode == "required":
-            return []
+            deltas = self.array.feed(self.text)
+            self.called = self.array.opened
+            return deltas
         if mode == "auto" and parser is not None:
             return self._content(parser.content_end(self.text))
         return self._content(len(self.text))
 
     def end(self) -> list[dict[str, Any]]:
         mode, parser = self.calls.mode, self.calls.parser
-        if mode == "named":
+        if mode == "named" or (mode == "required" and self.array.opened):
             return []
         _, calls = self.calls.split(self.text)
         if not calls:
