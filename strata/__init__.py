@@ -4,6 +4,7 @@ from strata.engine.engine import LLMEngine
 from strata.engine.llm import LLM
 from strata.engine.outputs import RequestOutput, TokenLogprobs
 from strata.engine.sampling_params import SamplingParams
+from strata.engine.structured_output import StructuredOutput
 from strata.errors import (
     InvalidRequestError,
     KVCacheTooSmallError,
@@ -21,6 +22,7 @@ __all__ = [
     "RequestOutput",
     "SamplingParams",
     "StrataError",
+    "StructuredOutput",
     "TokenLogprobs",
     "UnsupportedModelError",
 ]

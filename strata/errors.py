@@ -12,10 +12,11 @@ class StrataError(Exception):
 
 
 class InvalidRequestError(StrataError, ValueError):
-    """A request (prompt or sampling parameters) that cannot be served as given; `param`
-    names the request field at fault, where one is."""
+    """A request (prompt or sampling parameters) that cannot be served as given.
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    `param` names the request field at fault where one is (the server reports it)."""
+
+    def __init__(self, message: str = "", param: str | None = None) -> None:
         super().__init__(message)
         self.param = param
 

@@ -43,12 +43,20 @@ def test_invalid_request_error_is_value_error() -> None:
 @pytest.mark.parametrize("value", [0, -1, -100])
 def test_max_tokens_must_be_positive(value: int) -> None:
     err = _rejects(r"max_tokens must be an integer >= 1", max_tokens=value)
-    assert str(err) == f"max_tokens must be an integer >= 1, got {value}"
+    assert (
+        str(err) == f"max_tokens must be an integer >= 1 (0 only with prompt_logprobs), got {value}"
+    )
 
 
 def test_max_tokens_must_be_integer() -> None:
     err = _rejects(r"max_tokens must be an integer >= 1", max_tokens=2.5)
-    assert str(err) == "max_tokens must be an integer >= 1, got 2.5"
+    assert str(err) == "max_tokens must be an integer >= 1 (0 only with prompt_logprobs), got 2.5"
+    assert err.param == "max_tokens"
+
+
+def test_max_tokens_zero_only_scores_the_prompt() -> None:
+    assert SamplingParams(max_tokens=0, prompt_logprobs=0).max_tokens == 0
+    _rejects(r"prompt_logprobs must be in \[0, 20\], got 21", prompt_logprobs=21)
 
 
 def test_max_tokens_none_and_one_accepted() -> None:
@@ -168,3 +176,39 @@ def test_params_are_frozen() -> None:
 
 def test_nan_temperature_rejected() -> None:
     _rejects(r"temperature must be a finite number >= 0", temperature=math.nan)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"presence_penalty": 2.5}, "presence_penalty must be in [-2, 2], got 2.5"),
+        ({"frequency_penalty": -3}, "frequency_penalty must be in [-2, 2], got -3"),
+        ({"frequency_penalty": math.nan}, "frequency_penalty must be in [-2, 2], got nan"),
+        (
+            {"repetition_penalty": 0.0},
+            "repetition_penalty must be in [0.01, 100] (1 = off), got 0.0",
+        ),
+        (
+            {"repetition_penalty": 1e300},
+            "repetition_penalty must be in [0.01, 100] (1 = off), got 1e+300",
+        ),
+        ({"min_p": 1.5}, "min_p must be in [0, 1], got 1.5"),
+        ({"min_tokens": -1}, "min_tokens must be an integer >= 0, got -1"),
+        ({"min_tokens": 5, "max_tokens": 4}, "min_tokens (5) must not exceed max_tokens (4)"),
+        ({"bad_words": ["ok", " "]}, "bad_words must be non-empty strings, got ('ok', ' ')"),
+        ({"logit_bias": {"x": 1.0}}, "logit_bias keys must be token ids (integers >= 0), got 'x'"),
+        ({"logit_bias": {-1: 1.0}}, "logit_bias keys must be token ids (integers >= 0), got -1"),
+        ({"logit_bias": {5: 101}}, "logit_bias values must be in [-100, 100], got 101 for token 5"),
+    ],
+)
+def test_penalties_and_biases_out_of_range(kwargs: dict[str, Any], message: str) -> None:
+    err = _rejects(".", **kwargs)
+    assert str(err) == message
+    assert err.param == next(iter(kwargs))
+
+
+def test_penalties_and_biases_normalised() -> None:
+    p = SamplingParams(logit_bias={"5": 1, 7: -100.0}, bad_words="word", min_tokens=3)
+    assert p.logit_bias == {5: 1.0, 7: -100.0}
+    assert p.bad_words == ("word",)
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty, p.min_p) == (0, 0, 1, 0)

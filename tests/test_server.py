@@ -83,6 +83,65 @@ def test_chat_greedy_equals_offline(client: openai.OpenAI, offline: LLM) -> None
     assert r2.usage.completion_tokens == 3
 
 
+def test_penalties_and_biases_equal_offline(client: openai.OpenAI, offline: LLM) -> None:
+    prompt = "one one one two"
+    r = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=10, temperature=0, frequency_penalty=1.5,
+        presence_penalty=0.5, logit_bias={"1000": 4.0},
+        extra_body={"repetition_penalty": 1.4, "min_tokens": 10, "bad_words": ["two"]},
+    )  # fmt: skip
+    expected = greedy(
+        offline, prompt, 10, frequency_penalty=1.5, presence_penalty=0.5,
+        logit_bias={1000: 4.0}, repetition_penalty=1.4, min_tokens=10, bad_words=("two",),
+    )  # fmt: skip
+    assert r.choices[0].text == expected
+    assert expected != greedy(offline, prompt, 10)
+    forced = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3, temperature=0,
+        logit_bias={"1000": 100},
+    )  # type: ignore[arg-type]  # fmt: skip
+    assert forced.choices[0].message.content == offline.get_tokenizer().decode([1000] * 3)
+
+
+def test_echo_with_logprobs_scores_the_prompt(client: openai.OpenAI, offline: LLM) -> None:
+    prompt = "The cat sat on the mat"
+    ids = offline.get_tokenizer()(prompt).input_ids
+    params = SamplingParams(max_tokens=3, temperature=0, logprobs=2, prompt_logprobs=2)
+    expected = offline.generate(prompt, params)[0]
+    assert expected.prompt_logprobs is not None and expected.logprobs is not None
+    r = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=3, temperature=0, echo=True, logprobs=2
+    )
+    choice = r.choices[0]
+    assert choice.text == prompt + expected.text
+    lp = choice.logprobs
+    assert lp is not None and lp.token_logprobs is not None and lp.top_logprobs is not None
+    assert len(lp.token_logprobs) == len(ids) + 3
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    entries = [*expected.prompt_logprobs, *expected.logprobs]
+    assert lp.token_logprobs[1:] == [e.logprob for e in entries]
+    assert [len(t) for t in lp.top_logprobs[1:]] == [2] * len(entries)
+    assert lp.text_offset is not None and lp.text_offset[0] == 0
+    # max_tokens 0 scores the prompt only, as lm-evaluation-harness asks.
+    scored = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=0
+    )
+    assert scored.choices[0].text == prompt and scored.usage.completion_tokens == 0
+    assert scored.choices[0].finish_reason == "length"
+    score = scored.choices[0].logprobs
+    assert score is not None and score.token_logprobs is not None
+    assert score.token_logprobs[1:] == [e.logprob for e in expected.prompt_logprobs]
+    assert score.top_logprobs is None
+    stream = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=3, temperature=0, echo=True, logprobs=2,
+        stream=True,
+    )  # fmt: skip
+    chunks = [c.choices[0] for c in stream if c.choices]
+    assert "".join(c.text for c in chunks) == choice.text
+    streamed = [x for c in chunks if c.logprobs for x in c.logprobs.token_logprobs or []]
+    assert streamed == lp.token_logprobs
+
+
 def test_chat_stream_concatenates_to_the_same_text(client: openai.OpenAI) -> None:
     kw = {"model": MODEL, "messages": [{"role": "user", "content": "Count"}], "max_tokens": 15}
     full = client.chat.completions.create(temperature=0, **kw)  # type: ignore[arg-type]
@@ -255,3 +314,22 @@ def test_return_token_ids_serves_a_model_without_tokenizer(tiny_models: dict) ->
         assert r.status_code == 400 and "no chat template" in r.json()["error"]["message"]
     finally:
         running.stop()
+
+
+def test_loglikelihood_requests_as_lm_eval_sends_them(server: RunningServer, offline: LLM) -> None:
+    """lm-evaluation-harness's local-completions: token-id prompts, echo, max_tokens 0."""
+    prompts = [[5, 900, 1200, 77, 31], [400, 401, 402]]
+    body = {"model": MODEL, "prompt": prompts, "max_tokens": 0, "echo": True, "logprobs": 1,
+            "temperature": 0, "seed": 1234}  # fmt: skip
+    r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    for prompt, choice in zip(prompts, choices, strict=True):
+        ref = offline.generate(prompt, SamplingParams(max_tokens=0, prompt_logprobs=1))[0]
+        assert ref.prompt_logprobs is not None
+        lp = choice["logprobs"]
+        assert lp["token_logprobs"] == [None] + [e.logprob for e in ref.prompt_logprobs]
+        assert len(lp["tokens"]) == len(prompt) and lp["top_logprobs"][0] is None
+        assert [len(t) for t in lp["top_logprobs"][1:]] == [1] * (len(prompt) - 1)
+        assert choice["finish_reason"] == "length"
+    assert r.json()["usage"]["completion_tokens"] == 0

@@ -134,7 +134,11 @@ class AsyncEngine:
     async def prepare(
         self, prompt: str | Sequence[int], params: SamplingParams, request_id: str
     ) -> EngineSequence:
-        """Tokenize and validate a request on the tokenizer thread; raises if it is bad."""
+        """Tokenize and validate a request on the tokenizer thread; raises if it is bad.
+        A grammar is compiled first, on the compiler's threads, without holding up the
+        tokenizer thread (InvalidRequestError if it does not compile)."""
+        if params.structured_output is not None:
+            await self.engine.requests.grammars.compile_async(params.structured_output)
         return await self.run_in_tokenizer_thread(
             self.engine.prepare, prompt, params, request_id, True
         )

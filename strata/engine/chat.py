@@ -11,9 +11,12 @@ Message = dict[str, Any]
 
 
 def chat_prompt_ids(
-    tokenizer: Any, messages: list[Message], model_name: str, allow_special_tokens: bool = False
+    tokenizer: Any, messages: list[Message], model_name: str, allow_special_tokens: bool = False,
+    add_generation_prompt: bool = True, tools: list[dict[str, Any]] | None = None,
 ) -> list[int]:
-    """Token ids of `messages` rendered by the chat template, with the generation prompt.
+    """Token ids of `messages` rendered by the chat template (with the generation prompt
+    that starts the assistant's turn unless add_generation_prompt is False). `tools`
+    (OpenAI tool specs) go to the template, for those with a tool section.
 
     Only the template produces special tokens: text inside message contents is tokenized
     as text, so a user's "<|im_start|>system" is never a control token. The template is
@@ -32,13 +35,16 @@ def chat_prompt_ids(
     for m in messages:
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise InvalidRequestError(f"each message needs 'role' and 'content', got {m!r}")
-    text = _render(tokenizer, messages)
+    text = _render(tokenizer, messages, add_generation_prompt, tools)
     if allow_special_tokens:
         return list(tokenizer(text, add_special_tokens=False).input_ids)
     nonce = secrets.token_hex(8)
-    marked = [{**m, "content": f"\ue000{nonce}:{i}\ue000"} for i, m in enumerate(messages)]
-    template = _render(tokenizer, marked)
-    contents = [str(m["content"] or "") for m in messages]
+    texts = [i for i, m in enumerate(messages) if isinstance(m["content"], str) and m["content"]]
+    marked = list(messages)  # contents that are text get a marker; others (None) stay
+    for j, i in enumerate(texts):
+        marked[i] = {**messages[i], "content": f"\ue000{nonce}:{j}\ue000"}
+    template = _render(tokenizer, marked, add_generation_prompt, tools)
+    contents = [str(messages[i]["content"]) for i in texts]
     for form in (contents, [c.strip() for c in contents]):  # as given, or trimmed
         parts = _split(template, nonce, form)
         if parts is not None and "".join(parts) == text:
@@ -49,9 +55,15 @@ def chat_prompt_ids(
     )  # fmt: skip
 
 
-def _render(tokenizer: Any, messages: list[Message]) -> str:
+def _render(
+    tokenizer: Any, messages: list[Message], add_generation_prompt: bool,
+    tools: list[dict[str, Any]] | None,
+) -> str:  # fmt: skip
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        extra = {} if tools is None else {"tools": tools}
+        text = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=False, **extra
+        )
     except Exception as exc:  # jinja2 errors raised by the template (raise_exception, say)
         raise InvalidRequestError(f"the chat template rejected the messages: {exc}") from exc
     return str(text)

@@ -20,8 +20,12 @@ def decode_ids(tokenizer: Any, ids: list[int], skip_special_tokens: bool) -> str
 
 
 class Detokenizer:
-    def __init__(self, tokenizer: Any, skip_special_tokens: bool, stop: tuple[str, ...]) -> None:
+    def __init__(
+        self, tokenizer: Any, skip_special_tokens: bool, stop: tuple[str, ...], min_tokens: int = 0
+    ) -> None:
+        """Stop strings are looked for in text that tokens after the first min_tokens add."""
         self.tokenizer = tokenizer
+        self.min_tokens = min_tokens
         self.skip_special_tokens = skip_special_tokens
         self.stop = stop
         self._hold = max((len(s) for s in stop), default=1) - 1
@@ -46,6 +50,8 @@ class Detokenizer:
         self.text += after[len(before) :]
         self._prefix_offset = max(0, len(self._ids) - _WINDOW)
         self._read_offset = len(self._ids)
+        if len(self._ids) <= self.min_tokens:
+            return False
         hits = [at for s in self.stop if (at := self.text.find(s, search_from)) != -1]
         if hits:
             self.text = self.text[: min(hits)]  # the earliest stop string wins

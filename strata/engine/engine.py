@@ -42,7 +42,7 @@ class LLMEngine:
         self.kv_policies, self.moe, self.rebalancer = parts.kv_policies, parts.moe, parts.rebalancer
         self.requests = RequestFactory(
             self.tokenizer, parts.loaded.name, self.model_config.vocab_size, self.max_model_len,
-            self.kv_policies, config.seed,
+            self.kv_policies, config.seed, parts.loaded.eos_token_ids,
         )  # fmt: skip
         # Tokenize and check a request without queueing it (prepare), or only its prompt.
         self.prepare = self.requests.prepare
@@ -225,6 +225,7 @@ class LLMEngine:
 
     def close(self) -> None:
         """Finish writing blocks to the tiers and close them (the engine is unusable after)."""
+        self.requests.grammars.close()
         if self.tiers is not None:
             self.tiers.close(flush=True)
             self.tiers = None

@@ -3,6 +3,7 @@ RequestOutput a front end sees."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection
 from typing import Any
 
@@ -11,12 +12,22 @@ from strata.engine.outputs import RequestOutput, TokenLogprobs
 from strata.engine.sampler import SamplerOutput
 from strata.engine.sequence import Sequence, SequenceStatus
 
+logger = logging.getLogger("strata.engine")
+
 
 def stop_reason(seq: Sequence, eos_token_ids: Collection[int]) -> str | None:
     """"stop" or "length" once the sequence's last token ends it; None while it goes on.
-    Feeds the token to the detokenizer, which watches for stop strings."""
+    Feeds the token to the detokenizer, which watches for stop strings. A sequence with
+    max_tokens 0 only scores its prompt: the token its last prompt position sampled is
+    dropped."""
+    if seq.max_tokens == 0:
+        seq.token_ids.pop()
+        seq.logprobs.clear()
+        return "length"
     token = seq.token_ids[-1]
     params = seq.params
+    if seq.grammar is not None and _grammar_ends(seq, token):
+        return "stop"
     if seq.detokenizer is not None and seq.detokenizer.add(token):
         return "stop"
     if not params.ignore_eos and token in eos_token_ids:
@@ -26,6 +37,21 @@ def stop_reason(seq: Sequence, eos_token_ids: Collection[int]) -> str | None:
     if seq.num_output_tokens >= seq.max_tokens:
         return "length"
     return None
+
+
+def _grammar_ends(seq: Sequence, token: int) -> bool:
+    """Advance the grammar by the sampled token; True once it has ended (a stop token
+    accepted where the grammar is complete). A token the grammar rejects is possible only
+    when bans (min_tokens, bad_words) leave it no allowed token: the output ends before
+    that token, which is dropped."""
+    assert seq.grammar is not None
+    if seq.grammar.accept_token(token):
+        return bool(seq.grammar.is_terminated())
+    logger.warning("%s: the grammar allows no unbanned token; the output ends", seq.request_id)
+    seq.token_ids.pop()
+    if len(seq.logprobs) > seq.num_output_tokens:
+        seq.logprobs.pop()
+    return True
 
 
 def record_logprobs(seqs: list[Sequence], sampled: SamplerOutput) -> None:
@@ -63,6 +89,8 @@ def request_output(seq: Sequence, tokenizer: Any | None, delta_tokens: int = 0) 
         finished=finished,
         finish_reason=seq.finish_reason,
         logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+        # Complete before the first output token, and never changed after: shared, not copied.
+        prompt_logprobs=seq.prompt_logprobs if seq.params.prompt_logprobs is not None else None,
         num_cached_tokens=max(seq.num_cached_tokens, 0),
         delta_text=delta,
         delta_token_ids=output_ids[len(output_ids) - delta_tokens :] if delta_tokens else [],

@@ -65,6 +65,7 @@ class LLM:
         """
         batch = _as_prompt_list(prompts)
         param_list = _broadcast(params, len(batch))
+        self.engine.requests.grammars.prefetch(p.structured_output for p in param_list)
         seqs = [self.engine.prepare(prompt, p) for prompt, p in zip(batch, param_list, strict=True)]
         return self._run([self.engine.enqueue(seq) for seq in seqs], use_tqdm)
 

@@ -21,7 +21,8 @@ class RequestOutput:
     text and token_ids are cumulative; delta_text and delta_token_ids hold what the
     last engine step added (for streaming). finish_reason: "stop" (EOS, stop token or
     stop string), "length" (max_tokens or context), "abort", or "error" (the engine
-    failed a step this request was in; `error` says why).
+    failed a step this request was in; `error` says why). prompt_logprobs, when asked
+    for, is there from the first output on.
     """
 
     request_id: str
@@ -32,6 +33,7 @@ class RequestOutput:
     finished: bool = False
     finish_reason: str | None = None
     logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs: list[TokenLogprobs] | None = None  # [i] scores prompt token i + 1
     num_cached_tokens: int = 0
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)

@@ -13,6 +13,8 @@ from functools import cached_property
 from typing import Any
 
 from strata.engine.detokenizer import Detokenizer
+from strata.engine.grammar_compiler import GrammarCompiler
+from strata.engine.logit_rules import logit_rules
 from strata.engine.sampling_params import SamplingParams
 from strata.engine.sequence import Sequence
 from strata.errors import ContextLengthError, InvalidRequestError
@@ -28,6 +30,7 @@ class RequestFactory:
         max_model_len: int,
         kv_policies: KVPolicyDriver,
         seed: int,
+        eos_token_ids: frozenset[int] = frozenset(),
     ) -> None:
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -36,6 +39,8 @@ class RequestFactory:
         self.kv_policies = kv_policies  # attaches each sequence's KV policy, if any
         self._ids = itertools.count()
         self._rng = random.Random(seed)  # seeds of unseeded requests
+        self.eos_token_ids = eos_token_ids  # banned before min_tokens
+        self.grammars = GrammarCompiler(tokenizer, vocab_size, eos_token_ids)
 
     @cached_property
     def max_prompt_chars(self) -> int:
@@ -118,10 +123,15 @@ class RequestFactory:
         params = params or SamplingParams()
         text, ids = self.encode_prompt(prompt)
         max_tokens = self.validate(ids, params)
+        rules = logit_rules(params, self.tokenizer, self.vocab_size, self.eos_token_ids)
+        so = params.structured_output
+        grammar = None if so is None else self.grammars.matcher(so)  # waits for the compile
         request_id = request_id if request_id is not None else str(next(self._ids))
         detokenizer = None
         if self.tokenizer is not None and (stream or params.stop):
-            detokenizer = Detokenizer(self.tokenizer, params.skip_special_tokens, params.stop)
+            detokenizer = Detokenizer(
+                self.tokenizer, params.skip_special_tokens, params.stop, params.min_tokens
+            )
         seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
         seq = Sequence(
             request_id=request_id,
@@ -131,6 +141,8 @@ class RequestFactory:
             seed=seed & 0xFFFFFFFF,
             max_tokens=max_tokens,
             detokenizer=detokenizer,
+            logit_rules=rules,
+            grammar=grammar,
         )
         self.kv_policies.attach(seq)
         return seq

@@ -2,7 +2,8 @@
 
 Per step it builds, for the flat batch of the plan's chunks in order:
     input_ids, positions, slot_mapping  [tokens]
-    logits_rows                         [sampling chunks]  last token of each such chunk
+    logits_rows                         [sampling chunks]  last token of each such chunk,
+                                        then the prompt positions to score (prompt_logprobs.py)
 and the attention backend's metadata from the chunks' block tables. Host-side arrays go
 through persistent pinned buffers (staging.py) in one non-blocking copy per dtype; the
 step's only host sync is the caller's read of the sampled tokens.
@@ -20,7 +21,10 @@ import torch
 
 from strata.attention.backend import AttentionBackend, StepMetadata
 from strata.engine.cuda_graphs import DecodeGraphs
+from strata.engine.grammar_mask import GrammarMaskBuilder
+from strata.engine.logits_adjust import build_adjustment
 from strata.engine.plan import StepPlan
+from strata.engine.prompt_logprobs import PromptRows
 from strata.engine.sampler import Sampler, SamplerOutput, SamplingBatch, check_sampling_row
 from strata.engine.staging import PinnedStager
 from strata.engine.step_stats import StepStats
@@ -44,6 +48,8 @@ class ModelRunner:
         self.sampler = Sampler()
         self._ints = PinnedStager(device, torch.long)
         self._floats = PinnedStager(device, torch.float32)
+        self._masks = PinnedStager(device, torch.int32)
+        self.grammar_masks = GrammarMaskBuilder()
         self.kv_step = KVStepBuilder(kv)  # slots, layouts and observer under KV policies
         self.recall_attention = RecallAttention(backend)  # steps with recall sequences
         self.graphs: DecodeGraphs | None = None
@@ -57,14 +63,15 @@ class ModelRunner:
 
     def execute(self, plan: StepPlan) -> tuple[StepPlan, SamplerOutput | None]:
         """Run one step. Returns the plan it ran and the sampled tokens for that plan's
-        sampling chunks, in order.
+        sampling chunks, in order; prompt logprobs the step computes are recorded on their
+        sequences.
 
         A request whose own parameters or KV policy raise before the model runs is left
         out of the plan it returns (its fault in `plan.faults`); one whose policy raises
         while observing stays in it, with its fault recorded (see StepPlan)."""
         while True:
             try:
-                batch = self._sampling_batch(plan)
+                self._check_sampling_rows(plan)
                 logits = self.compute_logits(plan)
                 break
             except SequenceFault as fault:
@@ -73,10 +80,26 @@ class ModelRunner:
                     return plan, None
         if logits is None:
             return plan, None
-        return plan, self.sampler(logits, batch)
+        num_sampling = sum(c.samples for c in plan.chunks)
+        prompt = PromptRows.of(plan)
+        if prompt is not None:
+            prompt.record(logits[num_sampling:])
+        if not num_sampling:
+            return plan, None
+        # Host work from here on (masks included) overlaps the model's kernels on a GPU.
+        batch = self._sampling_batch(plan, logits.shape[-1])
+        return plan, self.sampler(logits[:num_sampling], batch)
+
+    def _check_sampling_rows(self, plan: StepPlan) -> None:
+        """SequenceFault for the first sampling request whose values do not fit the batch."""
+        for chunk in plan.chunks:
+            if chunk.samples:
+                with blame(chunk.seq.request_id):
+                    check_sampling_row(chunk.seq.params, chunk.seq.seed)
 
     def compute_logits(self, plan: StepPlan) -> torch.Tensor | None:
-        """Run the model for one step; float32 logits of the sampling chunks, in order.
+        """Run the model for one step; float32 logits of the sampling chunks, in order,
+        then of the prompt positions to score (PromptRows.of(plan).rows).
 
         From a graph replay the logits are a view valid until the next step. Raises
         SequenceFault, before the model runs, for a request whose KV policy raised."""
@@ -105,6 +128,9 @@ class ModelRunner:
             offset += chunk.num_tokens
             if chunk.samples:
                 logits_rows.append(offset - 1)
+        prompt = PromptRows.of(plan)
+        if prompt is not None:
+            logits_rows.extend(prompt.rows)
         step = self.kv_step.build(plan)  # slot == position unless a policy evicted
         ids_t, pos_t, slot_t, rows_t = self._ints.upload(
             [
@@ -160,16 +186,12 @@ class ModelRunner:
         ids = [c.seq.token_ids[c.start] for c in plan.chunks]
         return graphs.run(ids, positions, slots, tables)
 
-    def _sampling_batch(self, plan: StepPlan) -> SamplingBatch:
-        seqs = [c.seq for c in plan.chunks if c.samples]
-        for seq in seqs:
-            with blame(seq.request_id):
-                check_sampling_row(seq.params, seq.seed)
+    def _sampling_batch(self, plan: StepPlan, vocab: int) -> SamplingBatch:
+        seqs = [c.seq for c in plan.chunks if c.samples]  # checked by _check_sampling_rows
         params = [s.params for s in seqs]
         wanted = [p.logprobs for p in params if p.logprobs is not None]
-        temperature, top_p = self._floats.upload(
-            [np.array([[p.temperature for p in params], [p.top_p for p in params]], np.float32)]
-        )[0]
+        floats = np.array([[p.temperature, p.top_p, p.min_p] for p in params], np.float32)
+        temperature, top_p, min_p = self._floats.upload([floats.reshape(len(seqs), 3).T])[0]
         top_k, seed, step = self._ints.upload(
             [
                 np.array(
@@ -191,4 +213,10 @@ class ModelRunner:
             all_greedy=all(p.greedy for p in params),
             any_top_p_or_k=any(p.top_p < 1.0 or p.top_k > 0 for p in params),
             max_logprobs=max(wanted, default=-1),
+            min_p=min_p if any(p.min_p > 0 for p in params) else None,
+            adjust=build_adjustment(seqs, self.device),
+            grammar=self.grammar_masks.build(seqs, vocab, self._upload_mask),
         )
+
+    def _upload_mask(self, bitmask: np.ndarray) -> torch.Tensor:
+        return self._masks.upload([bitmask])[0]

@@ -4,6 +4,11 @@ Random draws are counter-based: the noise for (request seed, output index, token
 a fixed integer hash, so a seeded request samples the same tokens whatever batch it
 runs in and however often it is preempted and recomputed. Sampling uses the
 exponential race: argmax(p / E) with E ~ Exp(1) picks token i with probability p_i.
+
+Order: the batch's LogitsAdjustment (penalties, logit_bias, bans) changes the logits,
+then its GrammarMasks set the tokens each constrained row's grammar forbids to -inf;
+greedy rows take their argmax and logprobs are of these adjusted logits (before
+temperature); sampled rows then apply temperature, min_p, top-k and top-p.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from strata.engine.grammar_mask import GrammarMasks
+from strata.engine.logits_adjust import LogitsAdjustment
 from strata.engine.sampling_params import SamplingParams
 
 _MASK32 = 0xFFFFFFFF
@@ -29,6 +36,9 @@ class SamplingBatch:
     all_greedy: bool
     any_top_p_or_k: bool
     max_logprobs: int  # -1: no row wants logprobs
+    min_p: torch.Tensor | None = None  # [rows] float32; None when no row sets it
+    adjust: LogitsAdjustment | None = None  # penalties, biases and bans; None: none
+    grammar: GrammarMasks | None = None  # constrained rows' token bitmasks; None: none
 
 
 @dataclass(frozen=True)
@@ -73,6 +83,10 @@ def uniform_noise(seed: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.T
 class Sampler:
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """logits: [rows, vocab] float32 -> chosen tokens (and logprobs if asked)."""
+        if batch.adjust is not None:
+            logits = batch.adjust.apply(logits)
+        if batch.grammar is not None:
+            logits = batch.grammar.apply(logits)
         greedy = logits.argmax(dim=-1)
         if batch.all_greedy:
             tokens = greedy
@@ -89,6 +103,10 @@ class Sampler:
     def _sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         temperature = torch.where(batch.temperature > 0, batch.temperature, 1.0)
         scaled = logits / temperature[:, None]
+        if batch.min_p is not None:
+            probs = torch.softmax(scaled, dim=-1)
+            floor = batch.min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+            scaled = scaled.masked_fill(probs < floor, float("-inf"))
         if batch.any_top_p_or_k:
             scaled = _apply_top_k_top_p(scaled, batch.top_k, batch.top_p)
         probs = torch.softmax(scaled, dim=-1)

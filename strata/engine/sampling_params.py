@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from strata.engine.structured_output import StructuredOutput
 from strata.errors import InvalidRequestError
 from strata.kv.policies.budget import check_budget
 from strata.kv.policies.registry import check_policy_name
@@ -16,12 +17,19 @@ class SamplingParams:
     temperature: 0 is greedy. top_p in (0, 1]; top_k of -1 or 0 disables it.
     seed: in [0, 2^32); makes this request's samples reproducible whatever else runs
     beside it.
-    max_tokens: tokens to generate; None fills the context.
+    max_tokens: tokens to generate; None fills the context; 0 (with prompt_logprobs)
+    only scores the prompt.
     stop: strings that end generation; they are not included in the text.
     stop_token_ids: token ids that end generation (included in token_ids).
     ignore_eos: keep generating past end-of-sequence tokens.
     logprobs: return the log-probabilities of the N most likely tokens at each step,
     beside the chosen token's (None: none; 0: only the chosen token's).
+    prompt_logprobs: the same for every prompt token after the first (each prompt token's
+    log-probability given the ones before it, and the N most likely there). The prompt is
+    then computed in full, not read from the prefix cache.
+    structured_output: a grammar the output follows (a JSON schema, any JSON object, a
+    regex, a choice of strings or an EBNF grammar; see StructuredOutput). It is compiled
+    when the request is prepared; a spec that does not compile raises InvalidRequestError.
     session_id / cache_ttl_s: a multi-turn session this request is a turn of; when the
     turn ends its KV stays pinned for cache_ttl_s seconds (default DEFAULT_SESSION_TTL_S)
     so the next turn reuses it even under memory pressure.
@@ -35,6 +43,17 @@ class SamplingParams:
     rest of the prompt (the question) is computed; the rest then attends to the
     compressed context uncompressed (query-agnostic: compress once, ask many). None
     compresses the whole prompt once it is computed (query-aware).
+
+    Penalties and biases change the logits before temperature, in this order (vLLM's):
+    repetition_penalty (in [0.01, 100]; 1 = off) divides positive logits and multiplies negative
+    ones of every token in the prompt or the output; frequency_penalty (in [-2, 2])
+    subtracts itself times a token's count in the output; presence_penalty (in [-2, 2])
+    subtracts itself from every token the output holds. logit_bias adds {token id: bias
+    in [-100, 100]}. min_tokens: end-of-sequence and stop tokens are banned, and stop
+    strings ignored, until the output has this many tokens. bad_words: words never
+    generated (each word's last token is banned after its other tokens, with and without
+    a leading space). min_p (in [0, 1]): after temperature, drop tokens whose
+    probability is below min_p times the most likely token's.
     """
 
     max_tokens: int | None = 16
@@ -53,6 +72,15 @@ class SamplingParams:
     kv_budget: float | None = None
     kv_compress_prefix: int | None = None
     cache_salt: str | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
+    min_p: float = 0.0
+    bad_words: tuple[str, ...] = ()
+    prompt_logprobs: int | None = None
+    structured_output: StructuredOutput | None = None
 
     MAX_LOGPROBS = 20
     DEFAULT_SESSION_TTL_S = 300.0
@@ -68,9 +96,12 @@ class SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         object.__setattr__(self, "stop", stop)
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
-        if self.max_tokens is not None and not _is_int(self.max_tokens, 1):
+        n = self.max_tokens
+        scores_only = n == 0 and self.prompt_logprobs is not None
+        if n is not None and not _is_int(n, 1) and not scores_only:
             raise InvalidRequestError(
-                f"max_tokens must be an integer >= 1, got {self.max_tokens}", "max_tokens"
+                f"max_tokens must be an integer >= 1 (0 only with prompt_logprobs), got {n}",
+                "max_tokens",
             )
         if not _is_number(self.temperature) or not 0 <= self.temperature < float("inf"):
             raise InvalidRequestError(
@@ -87,13 +118,20 @@ class SamplingParams:
             raise InvalidRequestError(
                 f"seed must be an integer in [0, {self.MAX_SEED}], got {self.seed!r}", "seed"
             )
-        if self.logprobs is not None and not _is_int(self.logprobs, 0, self.MAX_LOGPROBS):
-            raise InvalidRequestError(
-                f"logprobs must be in [0, {self.MAX_LOGPROBS}], got {self.logprobs}", "logprobs"
-            )
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(self, name)
+            if n is not None and not _is_int(n, 0, self.MAX_LOGPROBS):
+                message = f"{name} must be in [0, {self.MAX_LOGPROBS}], got {n}"
+                raise InvalidRequestError(message, name)
         self._check_stops()
         self._check_session()
         self._check_kv_policy()
+        self._check_logit_rules()
+        so = self.structured_output
+        if so is not None and not isinstance(so, StructuredOutput):
+            raise InvalidRequestError(
+                f"structured_output must be a StructuredOutput, got {so!r}", "structured_output"
+            )
 
     def _check_stops(self) -> None:
         stop, ids = self.stop, self.stop_token_ids
@@ -159,6 +197,37 @@ class SamplingParams:
                 "kv_compress_prefix",
             )
 
+    def _check_logit_rules(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not -2.0 <= value <= 2.0:
+                raise InvalidRequestError(f"{name} must be in [-2, 2], got {value!r}", name)
+        r = self.repetition_penalty
+        if not isinstance(r, (int, float)) or not 0.01 <= r <= 100.0:  # float32-safe
+            raise InvalidRequestError(
+                f"repetition_penalty must be in [0.01, 100] (1 = off), got {r!r}",
+                "repetition_penalty",
+            )
+        if not isinstance(self.min_p, (int, float)) or not 0.0 <= self.min_p <= 1.0:
+            raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p!r}", "min_p")
+        n = self.min_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise InvalidRequestError(
+                f"min_tokens must be an integer >= 0, got {n!r}", "min_tokens"
+            )
+        if self.max_tokens is not None and n > self.max_tokens:
+            raise InvalidRequestError(
+                f"min_tokens ({n}) must not exceed max_tokens ({self.max_tokens})", "min_tokens"
+            )
+        words = (self.bad_words,) if isinstance(self.bad_words, str) else tuple(self.bad_words)
+        if any(not isinstance(w, str) or not w.strip() for w in words):
+            raise InvalidRequestError(
+                f"bad_words must be non-empty strings, got {words!r}", "bad_words"
+            )
+        object.__setattr__(self, "bad_words", words)
+        if self.logit_bias is not None:
+            object.__setattr__(self, "logit_bias", _checked_bias(self.logit_bias))
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
@@ -173,3 +242,32 @@ def _is_int(value: object, low: int, high: int | None = None) -> bool:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _checked_bias(bias: object) -> dict[int, float]:
+    """logit_bias as {token id: bias}; keys may be integer strings, as JSON sends them."""
+    if not isinstance(bias, dict):
+        raise InvalidRequestError(
+            f"logit_bias must map token ids to biases, got {bias!r}", "logit_bias"
+        )
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            token = -1
+        if isinstance(key, bool) or token < 0:
+            raise InvalidRequestError(
+                f"logit_bias keys must be token ids (integers >= 0), got {key!r}", "logit_bias"
+            )
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not -100 <= value <= 100
+        ):
+            raise InvalidRequestError(
+                f"logit_bias values must be in [-100, 100], got {value!r} for token {key}",
+                "logit_bias",
+            )
+        out[token] = float(value)
+    return out

@@ -28,6 +28,7 @@ from typing import Any
 
 from strata.config import SchedulerConfig
 from strata.engine.plan import ScheduledChunk, StepPlan
+from strata.engine.prompt_logprobs import next_unscored
 from strata.engine.sequence import Sequence, SequenceStatus
 from strata.errors import SequenceFault, blame
 from strata.kv.manager import KVManager, PrefixMatch
@@ -213,10 +214,16 @@ class Scheduler:
             seq.num_cached_tokens = match.num_tokens
 
     def _matchable(self, seq: Sequence) -> list[int]:
-        """The tokens a prefix hit may cover: under a KV policy, not the queries it observes."""
-        if seq.kv is None:
-            return seq.token_ids
-        return seq.token_ids[: seq.kv.first_observed_token() + 1]  # one token left to compute
+        """The tokens a prefix hit may cover (one is always left to compute): under a KV
+        policy, not the queries it observes; with prompt logprobs, not the positions
+        still to be scored."""
+        end = seq.num_tokens
+        if seq.kv is not None:
+            end = seq.kv.first_observed_token() + 1
+        unscored = next_unscored(seq)
+        if unscored is not None:
+            end = min(end, unscored + 1)
+        return seq.token_ids[:end]
 
     def _spare_blocks(self, seq: Sequence, n: int) -> int:
         """Blocks a compaction right after this chunk must copy shared head blocks into."""

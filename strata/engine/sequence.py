@@ -15,10 +15,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from strata.engine.detokenizer import Detokenizer
+from strata.engine.logit_rules import LogitRules
 from strata.engine.outputs import TokenLogprobs
 from strata.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    import xgrammar
+
     from strata.kv.policies.runtime.sequence_kv import SequenceKV
     from strata.kv.recall.manager import RecallKV
 
@@ -44,8 +47,13 @@ class Sequence:
     finish_reason: str | None = None
     num_cached_tokens: int = -1  # prefix-cache hit at first admission; -1 before
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # [i] scores token i+1
     kv: SequenceKV | None = None  # its KV policy's state; None under "full" (lossless)
     recall: RecallKV | None = None  # under a recall policy: its store state (kv is None)
+    logit_rules: LogitRules | None = None  # penalties, biases and bans; None: none
+    # The grammar's state after the output tokens (they never change, so recomputing the
+    # KV after a preemption leaves it exact); None: unconstrained.
+    grammar: xgrammar.GrammarMatcher | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP app: /v1/completions, /v1/chat/completions, /v1/models,
-/health and /metrics, over one AsyncEngine.
+/tokenize and /detokenize (tokenize.py), /health and /metrics, over one AsyncEngine.
 
 Every request first passes the RequestGuard (guard.py): the API key, then the body size,
 from the headers alone.
@@ -21,11 +21,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from strata.engine.async_engine import AsyncEngine, EngineStoppedError, QueueFullError
-from strata.engine.chat import chat_prompt_ids
+from strata.engine.grammar_compiler import GrammarCompileError
 from strata.engine.outputs import RequestOutput
 from strata.engine.sampling_params import SamplingParams
 from strata.engine.sequence import Sequence as EngineSequence
 from strata.errors import InvalidRequestError
+from strata.server.chat_prompt import chat_prompt
 from strata.server.config import DEFAULT_MAX_REQUEST_BYTES
 from strata.server.errors import (
     APIError,
@@ -39,13 +40,13 @@ from strata.server.metrics import ServerMetrics
 from strata.server.protocol import ChatCompletionRequest, CompletionRequest
 from strata.server.request_run import ClientDisconnected, RequestRun
 from strata.server.responses import (
-    SSE_DONE,
     ChatFormatter,
     CompletionFormatter,
     TokenText,
-    sse,
     usage_of,
 )
+from strata.server.stream_chunks import chat_chunks, completion_chunks, echo_logprobs
+from strata.server.tokenize import DetokenizeRequest, TokenizeRequest, detokenize, tokenize
 
 logger = logging.getLogger("strata.server")
 
@@ -61,6 +62,7 @@ class ServerState:
     public_metrics: bool = False
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     allow_special_tokens_in_content: bool = False
+    tool_call_parser: str | None = None  # None: chosen from the chat template
     engine: AsyncEngine | None = None
     load_error: str | None = None
     started: float = field(default_factory=time.time)
@@ -149,6 +151,18 @@ def build_app(state: ServerState) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await _chat(state, body, request)
 
+    @app.post("/tokenize")
+    async def tokenize_route(body: TokenizeRequest) -> dict[str, Any]:
+        engine = state.ready_engine()
+        state.check_model(body.model)
+        return await tokenize(engine, state.model_name, body)
+
+    @app.post("/detokenize")
+    async def detokenize_route(body: DetokenizeRequest) -> dict[str, Any]:
+        engine = state.ready_engine()
+        state.check_model(body.model)
+        return await detokenize(engine, state.model_name, body)
+
     return app
 
 
@@ -158,9 +172,10 @@ async def _complete(state: ServerState, body: CompletionRequest, request: Reques
     state.check_model(body.model)
     body.check_supported()
     prompts = body.prompts()
-    params = body.sampling_params(body.max_tokens, body.logprobs, state.tenant_of(request))
+    tenant = state.tenant_of(request)
+    params = body.sampling_params(body.max_tokens, body.logprobs, tenant, body.prompt_logprobs)
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    seqs = await _prepare(engine, prompts, params, body.n, request_id, "prompt")
+    seqs = await _prepare(engine, prompts, params, body, request_id, "prompt")
     run = _submit(state, engine, request_id, seqs, arrival)
     assert state.token_text is not None
     fmt = CompletionFormatter(request_id, state.model_name, state.token_text)
@@ -168,12 +183,12 @@ async def _complete(state: ServerState, body: CompletionRequest, request: Reques
     if body.echo:  # decoding token-id prompts is tokenizer work: off the event loop
         echo = await engine.run_in_tokenizer_thread(_prompt_texts, engine, seqs)
     if body.stream:
-        return _stream(_completion_chunks(run, fmt, body, echo), run)
+        return _stream(completion_chunks(run, fmt, body, echo), run)
     finals = await _collect(run, request)
     choices = []
     for i, out in enumerate(finals):
         text = (echo[i] if echo else "") + out.text
-        choice = fmt.choice(i, text, out, out.logprobs, body.logprobs)
+        choice = fmt.choice(i, text, out, echo_logprobs(out, out.logprobs, body), body.logprobs)
         if body.return_token_ids:
             choice["token_ids"] = out.token_ids
         choices.append(choice)
@@ -185,26 +200,20 @@ async def _chat(state: ServerState, body: ChatCompletionRequest, request: Reques
     engine = state.ready_engine()
     state.check_model(body.model)
     body.check_supported()
-    messages = [m.as_template_message() for m in body.messages]
-    try:
-        chars = sum(len(m["content"]) for m in messages)
-        engine.engine.requests.check_text_length(chars, "messages")  # before templating
-        prompt_ids = await engine.run_in_tokenizer_thread(
-            chat_prompt_ids, engine.engine.tokenizer, messages, state.model_name,
-            state.allow_special_tokens_in_content,
-        )  # fmt: skip
-    except InvalidRequestError as exc:
-        raise invalid_request(exc, "messages") from exc
+    prompt_ids, tools = await chat_prompt(
+        engine, body, state.model_name, state.tool_call_parser,
+        state.allow_special_tokens_in_content,
+    )  # fmt: skip
     params = body.sampling_params(body.max_new_tokens, body.num_logprobs, state.tenant_of(request))
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    seqs = await _prepare(engine, [prompt_ids], params, body.n, request_id, "messages")
+    seqs = await _prepare(engine, [prompt_ids], params, body, request_id, "messages")
     run = _submit(state, engine, request_id, seqs, arrival)
     assert state.token_text is not None
     fmt = ChatFormatter(request_id, state.model_name, state.token_text)
     if body.stream:
-        return _stream(_chat_chunks(run, fmt, body), run)
+        return _stream(chat_chunks(run, fmt, body, tools), run)
     finals = await _collect(run, request)
-    choices = [fmt.choice(i, out, out.logprobs) for i, out in enumerate(finals)]
+    choices = [fmt.choice(i, out, out.logprobs, tools) for i, out in enumerate(finals)]
     if body.return_token_ids:
         for choice, out in zip(choices, finals, strict=True):
             choice["token_ids"] = out.token_ids
@@ -225,11 +234,12 @@ async def _prepare(
     engine: AsyncEngine,
     prompts: list[Any],
     params: SamplingParams,
-    n: int,
+    body: CompletionRequest | ChatCompletionRequest,
     request_id: str,
     param_name: str,
 ) -> list[EngineSequence]:
     seqs = []
+    n = body.n
     try:
         for p, prompt in enumerate(prompts):
             first = await engine.prepare(prompt, params, f"{request_id}-{p * n}")
@@ -238,6 +248,8 @@ async def _prepare(
                 copy_params = _choice_params(params, k)
                 copy_id = f"{request_id}-{p * n + k}"
                 seqs.append(await engine.prepare(first.prompt_token_ids, copy_params, copy_id))
+    except GrammarCompileError as exc:
+        raise APIError(400, str(exc), param=body.structured()[0]) from exc
     except InvalidRequestError as exc:
         raise invalid_request(exc, param_name) from exc
     return seqs
@@ -302,64 +314,3 @@ def _stream(chunks: AsyncIterator[str], run: RequestRun) -> StreamingResponse:
             run.close(status)
 
     return StreamingResponse(body(), media_type="text/event-stream")
-
-
-def _error_chunk(message: str) -> str:
-    return sse(server_error(message).body())
-
-
-def _delta_logprobs(out: RequestOutput) -> list[Any] | None:
-    if out.logprobs is None:
-        return None
-    n = len(out.delta_token_ids)
-    return out.logprobs[len(out.logprobs) - n :] if n else []
-
-
-async def _completion_chunks(
-    run: RequestRun, fmt: CompletionFormatter, body: CompletionRequest, echo: list[str] | None
-) -> AsyncIterator[str]:
-    echoed: set[int] = set()
-    async for index, out in run.outputs():
-        if out.error is not None:
-            yield _error_chunk(out.error)
-            break
-        text = out.delta_text
-        if echo is not None and index not in echoed:
-            echoed.add(index)
-            text = echo[index] + text
-        if not text and not out.finished and not out.delta_token_ids:
-            continue
-        choice = fmt.choice(index, text, out, _delta_logprobs(out), body.logprobs)
-        if body.return_token_ids:
-            choice["token_ids"] = out.delta_token_ids
-        yield sse(fmt.chunk(choice, body.include_usage))
-    else:
-        if body.include_usage:
-            finals = [o for o in run.finals if o is not None]
-            yield sse(fmt.usage_chunk(usage_of(finals, body.n)))
-    yield SSE_DONE
-
-
-async def _chat_chunks(
-    run: RequestRun, fmt: ChatFormatter, body: ChatCompletionRequest
-) -> AsyncIterator[str]:
-    usage = body.include_usage
-    for index in range(len(run.streams)):
-        yield sse(fmt.chunk(index, {"role": "assistant", "content": ""}, None, None, usage))
-    async for index, out in run.outputs():
-        if out.error is not None:
-            yield _error_chunk(out.error)
-            break
-        if out.delta_text or out.delta_token_ids:
-            delta = {"content": out.delta_text}
-            chunk = fmt.chunk(index, delta, None, _delta_logprobs(out), usage)
-            if body.return_token_ids:
-                chunk["choices"][0]["token_ids"] = out.delta_token_ids
-            yield sse(chunk)
-        if out.finished:
-            yield sse(fmt.chunk(index, {}, out, None, usage))
-    else:
-        if usage:
-            finals = [o for o in run.finals if o is not None]
-            yield sse(fmt.usage_chunk(usage_of(finals, body.n)))
-    yield SSE_DONE

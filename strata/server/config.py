@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from strata.options import option
 from strata.server.guard import read_key_file
@@ -44,6 +45,12 @@ class ServeConfig:
     max_waiting_requests: int | None = field(default=None, metadata=option(
         "answer 429 with Retry-After once N requests are waiting (default: unlimited)",
         metavar="N",
+    ))  # fmt: skip
+    tool_call_parser: Literal["hermes", "llama3_json"] | None = field(default=None, metadata=option(
+        "how tool calls are read from the output under tool_choice auto: hermes "
+        "(<tool_call> JSON blocks, Qwen2/2.5) or llama3_json (Llama 3.1 JSON) (default: "
+        "chosen from the chat template; hermes for templates without a tool section)",
+        metavar="NAME",
     ))  # fmt: skip
     shutdown_timeout_s: float = field(default=30.0, metadata=option(
         "on SIGTERM, let requests in flight finish for this long (default 30)",

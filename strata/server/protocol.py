@@ -1,11 +1,12 @@
 """Request bodies of the OpenAI-compatible API, as pydantic models.
 
 Unknown fields are ignored, as OpenAI does. Fields OpenAI defines but Strata cannot
-honour (penalties, logit_bias, tools, JSON modes, best_of, suffix) are rejected with a
-400 when set to anything but their no-op value, rather than silently ignored.
-Strata's own extensions: top_k, ignore_eos, stop_token_ids, skip_special_tokens,
-return_token_ids (each choice and stream chunk also carries the generated token ids,
-which is how a model without a tokenizer, a random: one say, can be served and timed),
+honour (best_of, suffix) are rejected with a 400 when set to anything but their no-op
+value, rather than silently ignored. vLLM's extensions: repetition_penalty, min_tokens,
+min_p and bad_words (see SamplingParams). Strata's own extensions: top_k, ignore_eos,
+stop_token_ids, skip_special_tokens, return_token_ids (each choice and stream chunk
+also carries the generated token ids, which is how a model without a tokenizer, a
+random: one say, can be served and timed),
 and session_id with cache_ttl_s (the turn's KV stays pinned for the session's next turn),
 kv_policy, kv_budget and kv_compress_prefix (the request's KV eviction policy; see
 SamplingParams), and cache_salt (the request reuses only cached KV of the same salt).
@@ -17,12 +18,23 @@ MAX_CHOICES sequences (prompts x n).
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
 
 from strata.engine.sampling_params import SamplingParams
+from strata.engine.structured_output import StructuredOutput
 from strata.errors import InvalidRequestError
+from strata.server.structured import GuidedFields, ResponseFormat
+from strata.server.tools import (
+    FunctionSpec,
+    ToolChoice,
+    ToolSpec,
+    hermes_call_text,
+    resolve_choice,
+    tool_grammar,
+)
 
 MAX_N = 16
 MAX_LOGPROBS = SamplingParams.MAX_LOGPROBS
@@ -50,7 +62,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _SamplingRequest(BaseModel):
+class _SamplingRequest(GuidedFields):
     model_config = ConfigDict(extra="ignore")
 
     model: Text | None = None
@@ -66,6 +78,11 @@ class _SamplingRequest(BaseModel):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: Text | None = None
+    # vLLM extensions
+    repetition_penalty: float = 1.0
+    min_tokens: StrictInt = 0
+    min_p: float = 0.0
+    bad_words: list[Text] | None = None
     # Strata extensions
     top_k: StrictInt = Field(-1, ge=-1)
     ignore_eos: bool = False
@@ -80,18 +97,17 @@ class _SamplingRequest(BaseModel):
     cache_salt: Text | None = Field(None, min_length=1, max_length=1024)
 
     def check_supported(self) -> None:
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0.0):
-                raise ParameterError(name, f"{name} is not supported; omit it or send 0")
-        if self.logit_bias:
-            raise ParameterError("logit_bias", "logit_bias is not supported")
         if self.stream_options is not None and not self.stream:
             raise ParameterError(
                 "stream_options", "stream_options is only allowed when stream is true"
             )
 
     def sampling_params(
-        self, max_tokens: int | None, logprobs: int | None, tenant: str | None = None
+        self,
+        max_tokens: int | None,
+        logprobs: int | None,
+        tenant: str | None = None,
+        prompt_logprobs: int | None = None,
     ) -> SamplingParams:
         """SamplingParams for this body; raises InvalidRequestError on a bad combination.
         The tenant, when several share the server, partitions the cache before cache_salt."""
@@ -110,6 +126,8 @@ class _SamplingRequest(BaseModel):
             stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            structured_output=self.structured()[1],
             skip_special_tokens=self.skip_special_tokens,
             session_id=session,
             cache_ttl_s=self.cache_ttl_s,
@@ -117,7 +135,29 @@ class _SamplingRequest(BaseModel):
             kv_budget=self.kv_budget,
             kv_compress_prefix=self.kv_compress_prefix,
             cache_salt=salt,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=self.repetition_penalty,
+            logit_bias=self._logit_bias(),
+            min_tokens=self.min_tokens,
+            min_p=self.min_p,
+            bad_words=tuple(self.bad_words or ()),
         )
+
+    def structured(self) -> tuple[str | None, StructuredOutput | None]:
+        """The field that asks for structured output, and the spec; (None, None) if none."""
+        return self.guided_output()
+
+    def _logit_bias(self) -> dict[int, float] | None:
+        """JSON object keys are strings; logit_bias's must spell token ids."""
+        if not self.logit_bias:
+            return None
+        bad = [k for k in self.logit_bias if not k.isdigit()]
+        if bad:
+            raise ParameterError(
+                "logit_bias", f"logit_bias keys must be token ids (integers >= 0), got {bad[0]!r}"
+            )
+        return {int(k): v for k, v in self.logit_bias.items()}
 
     @property
     def include_usage(self) -> bool:
@@ -126,9 +166,10 @@ class _SamplingRequest(BaseModel):
 
 class CompletionRequest(_SamplingRequest):
     prompt: Text | list[Text] | TokenIds | list[TokenIds]
-    max_tokens: StrictInt | None = Field(16, ge=1)
+    max_tokens: StrictInt | None = Field(16, ge=0)  # 0 with echo: score the prompt only
     logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
+    response_format: ResponseFormat | None = None
     suffix: str | None = None
     best_of: StrictInt | None = None
 
@@ -138,10 +179,20 @@ class CompletionRequest(_SamplingRequest):
             raise ParameterError("suffix", "suffix (insertion) is not supported")
         if self.best_of is not None and self.best_of != self.n:
             raise ParameterError("best_of", "best_of is not supported; use n")
-        if self.echo and self.logprobs is not None:
+        if self.max_tokens == 0 and not self.echo:
             raise ParameterError(
-                "echo", "echo with logprobs is not supported (prompt logprobs are not computed)"
+                "max_tokens", "max_tokens must be >= 1 (0 only with echo, to score the prompt)"
             )
+
+    def structured(self) -> tuple[str | None, StructuredOutput | None]:
+        return self.guided_output(self.response_format)
+
+    @property
+    def prompt_logprobs(self) -> int | None:
+        """With echo, logprobs cover the prompt too; max_tokens 0 needs them computed."""
+        if not self.echo:
+            return None
+        return 0 if self.logprobs is None and self.max_tokens == 0 else self.logprobs
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts, one choice group each."""
@@ -165,13 +216,56 @@ class TextPart(BaseModel):
     text: Text | None = None
 
 
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    arguments: str = "{}"  # JSON text
+
+
+class MessageToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+    def template_call(self) -> dict[str, Any]:
+        """As chat templates take it: the arguments as an object."""
+        try:
+            arguments = json.loads(self.function.arguments)
+        except json.JSONDecodeError as exc:
+            raise ParameterError(
+                "messages", f"tool call arguments must be JSON text: {exc}"
+            ) from exc
+        function = {"name": self.function.name, "arguments": arguments}
+        return {"id": self.id, "type": "function", "function": function}
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
     name: Text | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: Text | None = None
 
-    def as_template_message(self) -> dict[str, Any]:
+    def as_template_message(self, template_has_tools: bool = False) -> dict[str, Any]:
+        """The message as the chat template takes it. Tool calls go in `tool_calls` for a
+        template with a tool section, else into the text in the Hermes format."""
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role}
+        message["content"] = self._text()
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            calls = [c.template_call() for c in self.tool_calls]
+            if template_has_tools:
+                message["tool_calls"] = calls
+            else:
+                texts = [hermes_call_text(c["function"]["name"], c["function"]["arguments"])
+                         for c in calls]  # fmt: skip
+                message["content"] = "\n".join(filter(None, [message["content"], *texts]))
+        return message
+
+    def _text(self) -> str:
         content = self.content
         if isinstance(content, list):
             texts = []
@@ -182,13 +276,7 @@ class ChatMessage(BaseModel):
                     )
                 texts.append(part.text)
             content = "".join(texts)
-        role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": content or ""}
-
-
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: str = "text"
+        return content or ""
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -196,19 +284,32 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: list[dict[str, Any]] | None = None
+    tools: list[ToolSpec] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.tools:
-            raise ParameterError("tools", "tool calling is not supported")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise ParameterError(
-                "response_format", f"response_format {self.response_format.type!r} is not supported"
-            )
         if self.top_logprobs is not None and not self.logprobs:
             raise ParameterError("top_logprobs", "top_logprobs requires logprobs to be true")
+
+    def tool_mode(self) -> tuple[str, FunctionSpec | None]:
+        """("none" | "auto" | "required" | "named", the named function)."""
+        return resolve_choice(self.tools, self.tool_choice)
+
+    def structured(self) -> tuple[str | None, StructuredOutput | None]:
+        """response_format or a guided field, or the grammar that enforces tool_choice."""
+        field, spec = self.guided_output(self.response_format)
+        mode, named = self.tool_mode()
+        tools_spec = tool_grammar(mode, self.tools or [], named, self.parallel_tool_calls)
+        if tools_spec is None:
+            return field, spec
+        if spec is not None:
+            raise ParameterError(
+                "tool_choice", f"tool_choice {mode!r} cannot be combined with {field}"
+            )
+        return "tool_choice", tools_spec
 
     @property
     def max_new_tokens(self) -> int | None:

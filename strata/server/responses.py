@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from strata.engine.outputs import RequestOutput, TokenLogprobs
+from strata.server.tool_output import ToolCalls
 
 
 class TokenText:
@@ -65,10 +66,13 @@ def usage_of(finals: list[RequestOutput], n: int) -> Usage:
     return usage
 
 
-def finish_reason(out: RequestOutput) -> str | None:
+def finish_reason(out: RequestOutput, called_tools: bool = False) -> str | None:
+    """OpenAI's reason: "length", "tool_calls" (stopped after calling tools) or "stop"."""
     if not out.finished:
         return None
-    return "length" if out.finish_reason == "length" else "stop"
+    if out.finish_reason == "length":
+        return "length"
+    return "tool_calls" if called_tools else "stop"
 
 
 @dataclass
@@ -113,16 +117,25 @@ class CompletionFormatter(_Formatter):
     CHUNK_OBJECT: ClassVar[str] = "text_completion"
     _text_offsets: dict[int, int] = field(default_factory=dict)
 
-    def logprobs(self, index: int, entries: list[TokenLogprobs], with_top: bool) -> dict[str, Any]:
+    def logprobs(
+        self, index: int, entries: list[TokenLogprobs | None], with_top: bool, first: int = 0
+    ) -> dict[str, Any]:
+        """Entries in token order; None is an echoed first prompt token (id `first`),
+        which has no log-probability."""
         offset = self._text_offsets.get(index, 0)
-        tokens, token_lps, tops, offsets = [], [], [], []
+        tokens: list[str] = []
+        token_lps: list[float | None] = []
+        tops: list[dict[str, float] | None] = []
+        offsets: list[int] = []
         for e in entries:
-            text = self.token_text(e.token_id)
+            text = self.token_text(first if e is None else e.token_id)
             tokens.append(text)
-            token_lps.append(e.logprob)
+            token_lps.append(None if e is None else e.logprob)
             offsets.append(offset)
             offset += len(text)
-            if with_top:
+            if e is None:
+                tops.append(None)
+            elif with_top:
                 top: dict[str, float] = {}
                 for token_id, lp in e.top:
                     key = self.token_text(token_id)
@@ -137,12 +150,13 @@ class CompletionFormatter(_Formatter):
         }
 
     def choice(
-        self, index: int, text: str, out: RequestOutput, entries: list[TokenLogprobs] | None,
-        num_top: int | None,
+        self, index: int, text: str, out: RequestOutput,
+        entries: list[TokenLogprobs | None] | None, num_top: int | None,
     ) -> dict[str, Any]:  # fmt: skip
         lp = None
         if entries is not None:
-            lp = self.logprobs(index, entries, bool(num_top))
+            first = out.prompt_token_ids[0] if out.prompt_token_ids else 0
+            lp = self.logprobs(index, entries, bool(num_top), first)
         return {"index": index, "text": text, "logprobs": lp, "finish_reason": finish_reason(out)}
 
     def chunk(self, choice: dict[str, Any], include_usage: bool) -> dict[str, Any]:
@@ -169,13 +183,15 @@ class ChatFormatter(_Formatter):
         return {"content": content}
 
     def choice(
-        self, index: int, out: RequestOutput, entries: list[TokenLogprobs] | None
-    ) -> dict[str, Any]:
+        self, index: int, out: RequestOutput, entries: list[TokenLogprobs] | None,
+        tools: ToolCalls | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        message, called = (tools or ToolCalls("none")).message(out.text)
         return {
             "index": index,
-            "message": {"role": "assistant", "content": out.text},
+            "message": message,
             "logprobs": None if entries is None else self.logprobs(entries),
-            "finish_reason": finish_reason(out),
+            "finish_reason": finish_reason(out, called),
         }
 
     def chunk(
@@ -185,11 +201,12 @@ class ChatFormatter(_Formatter):
         out: RequestOutput | None,
         entries: list[TokenLogprobs] | None,
         include_usage: bool,
+        called_tools: bool = False,
     ) -> dict[str, Any]:
         choice = {
             "index": index,
             "delta": delta,
             "logprobs": None if entries is None else self.logprobs(entries),
-            "finish_reason": None if out is None else finish_reason(out),
+            "finish_reason": None if out is None else finish_reason(out, called_tools),
         }
         return self.chunk_of(choice, include_usage)

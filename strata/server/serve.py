@@ -106,7 +106,7 @@ def serve(
     host, port = config.host, config.port
     state = ServerState(
         model_name, tuple(config.api_keys), config.public_metrics, config.max_request_bytes,
-        config.allow_special_tokens_in_content,
+        config.allow_special_tokens_in_content, config.tool_call_parser,
     )  # fmt: skip
     app = build_app(state)
     uvicorn_config = uvicorn.Config(

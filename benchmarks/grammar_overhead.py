@@ -1,0 +1,194 @@
+"""Structured-output overhead: xgrammar's compile and mask times, and engine throughput
+with half the requests constrained by a JSON schema.
+
+    python benchmarks/grammar_overhead.py masks
+        CPU only, no model: the embedded model's tokenizer (49,152 tokens). Prints the
+        tokenizer-info build time, the compile time of a realistic schema (cold), and the
+        time to fill one token bitmask per step, alone and for a batch of matchers.
+    python benchmarks/grammar_overhead.py engine --model random:llama-3.2-1b --device cuda
+        The GPU run (the issue's goal: <= 5% lower throughput): N requests, each with a
+        fixed output length; once with none constrained, once with every other one
+        constrained by the schema. Prints output tokens/s for both and the host time the
+        runner spends filling and uploading masks per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from importlib.metadata import version
+from typing import Any
+
+SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "order_id": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{6}$"},
+        "customer": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "maxLength": 40},
+                "email": {"type": "string"},
+                "tier": {"enum": ["free", "pro", "enterprise"]},
+            },
+            "required": ["name", "email", "tier"],
+        },
+        "items": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": 10,
+            "items": {
+                "type": "object",
+                "properties": {
+                    "sku": {"type": "string"},
+                    "quantity": {"type": "integer", "minimum": 1, "maximum": 100},
+                    "price": {"type": "number", "minimum": 0},
+                },
+                "required": ["sku", "quantity", "price"],
+            },
+        },
+        "express": {"type": "boolean"},
+        "notes": {"type": ["string", "null"]},
+    },
+    "required": ["order_id", "customer", "items", "express"],
+}
+DOCUMENT = {
+    "order_id": "ABC-123456",
+    "customer": {"name": "Ada Lovelace", "email": "ada@example.com", "tier": "pro"},
+    "items": [
+        {"sku": "X-1", "quantity": 2, "price": 9.5},
+        {"sku": "Y-22", "quantity": 1, "price": 120.0},
+    ],
+    "express": False,
+    "notes": None,
+}
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f} ms"
+
+
+def masks(batch: int) -> None:
+    import xgrammar
+    from transformers import AutoTokenizer
+
+    from strata.models.embedded import embedded_model_path
+    from strata.models.loader import gguf_to_folder
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_to_folder(embedded_model_path()))
+    start = time.perf_counter()
+    info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=49152)
+    info_s = time.perf_counter() - start
+    compile_s = []
+    for _ in range(3):
+        compiler = xgrammar.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+        start = time.perf_counter()
+        compiled = compiler.compile_json_schema(json.dumps(SCHEMA))
+        compile_s.append(time.perf_counter() - start)
+    tokens = tokenizer.encode(json.dumps(DOCUMENT, indent=2), add_special_tokens=False)
+    matchers = [xgrammar.GrammarMatcher(compiled) for _ in range(batch)]
+    one = xgrammar.allocate_token_bitmask(1, 49152)
+    many = xgrammar.allocate_token_bitmask(batch, 49152)
+    batcher = xgrammar.BatchGrammarMatcher()
+    single_s, batch_s = [], []
+    for token in tokens:
+        start = time.perf_counter()
+        matchers[0].fill_next_token_bitmask(one, 0)
+        single_s.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        batcher.batch_fill_next_token_bitmask(matchers, many)
+        batch_s.append(time.perf_counter() - start)
+        for m in matchers:
+            assert m.accept_token(token)
+    print(f"CPU: {platform.machine()}, {os.cpu_count()} cores, xgrammar {version('xgrammar')}")
+    print(f"vocabulary 49152 (SmolLM2), document {len(tokens)} tokens, batch {batch}")
+    print(f"tokenizer info build      {_ms(info_s)}")
+    print(f"schema compile (cold)     median {_ms(statistics.median(compile_s))}")
+    print(f"mask fill, 1 matcher      median {_ms(statistics.median(single_s))}, "
+          f"p90 {_ms(statistics.quantiles(single_s, n=10)[-1])}, max {_ms(max(single_s))}")
+    import torch
+
+    from strata.engine.grammar_mask import GrammarMasks
+
+    logits = torch.randn(batch, 49152)
+    rows = list(range(0, batch, 2))
+    apply_s = []
+    for _ in range(20):
+        start = time.perf_counter()
+        GrammarMasks(rows, many).apply(logits)
+        apply_s.append(time.perf_counter() - start)
+    print(f"mask apply (CPU), {batch} rows, half masked: median {_ms(statistics.median(apply_s))}")
+    print(f"mask fill, {batch} matchers    median {_ms(statistics.median(batch_s))} per step "
+          f"({_ms(statistics.median(batch_s) / batch)} per row)")
+
+
+def engine(model: str, device: str, num_requests: int, output_len: int) -> None:
+    from strata import LLM, SamplingParams
+    from strata.engine.structured_output import StructuredOutput
+
+    llm = LLM(None if model == "embedded" else model, device=device)
+    builder = llm.engine.runner.grammar_masks
+    original = builder.build
+    mask_s: list[float] = []
+
+    def timed(*args: Any) -> Any:
+        start = time.perf_counter()
+        out = original(*args)
+        if out is not None:
+            mask_s.append(time.perf_counter() - start)
+        return out
+
+    builder.build = timed  # type: ignore[method-assign]
+    so = StructuredOutput.json_schema(SCHEMA)
+    prompts = [f"Write order number {i} as JSON." for i in range(num_requests)]
+
+    def run(constrained: bool) -> float:
+        params = [
+            SamplingParams(
+                max_tokens=output_len,
+                temperature=0.8,
+                seed=i,
+                ignore_eos=True,
+                structured_output=so if constrained and i % 2 else None,
+            )
+            for i in range(num_requests)
+        ]
+        llm.generate(prompts[:8], params[:8])  # warm-up (and the compile)
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        seconds = time.perf_counter() - start
+        return sum(len(o.token_ids) for o in outs) / seconds
+
+    base = run(False)
+    mask_s.clear()
+    mixed = run(True)
+    print(f"{model} on {device}, {num_requests} requests, output {output_len} tokens")
+    print(f"unconstrained           {base:,.0f} output tokens/s")
+    print(f"half JSON-constrained   {mixed:,.0f} output tokens/s ({mixed / base - 1:+.1%})")
+    if mask_s:
+        print(f"mask fill + upload      median {_ms(statistics.median(mask_s))} per step "
+              f"over {len(mask_s)} steps")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="what", required=True)
+    m = sub.add_parser("masks", help="xgrammar compile and mask times on this CPU")
+    m.add_argument("--batch", type=int, default=64, help="matchers filled per step (default 64)")
+    e = sub.add_parser("engine", help="engine throughput, unconstrained vs half constrained")
+    e.add_argument("--model", default="random:llama-3.2-1b", help="or 'embedded'")
+    e.add_argument("--device", default="cuda")
+    e.add_argument("--num-requests", type=int, default=256)
+    e.add_argument("--output-len", type=int, default=256)
+    args = p.parse_args()
+    if args.what == "masks":
+        masks(args.batch)
+    else:
+        engine(args.model, args.device, args.num_requests, args.output_len)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Structured outputs through xgrammar: the engine's masks equal xgrammar's own matcher
+token by token, constrained and unconstrained rows share steps without changing each
+other's outputs, preemption resumes exactly, and bad specs fail before anything runs."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import jsonschema_rs
+import pytest
+import torch
+import xgrammar
+
+from strata import LLM, SamplingParams
+from strata.engine.grammar_mask import GrammarMasks
+from strata.engine.structured_output import StructuredOutput
+from strata.errors import InvalidRequestError
+from tests.conftest import assert_no_leaks
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3},
+    },
+    "required": ["name", "age", "tags"],
+}
+PROMPT = "Describe a person:"
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_chat_folder: Path) -> LLM:
+    return LLM(str(tiny_chat_folder), device="cpu", kv_cache_memory=0.02, max_model_len=512)
+
+
+def _record_masks(llm: LLM) -> list[GrammarMasks]:
+    builder = llm.engine.runner.grammar_masks
+    original = builder.build
+    seen: list[GrammarMasks] = []
+
+    def recording(*args: Any) -> GrammarMasks | None:
+        masks = original(*args)
+        if masks is not None:
+            seen.append(masks)
+        return masks
+
+    builder.build = recording  # type: ignore[method-assign]
+    return seen
+
+
+def test_masks_equal_xgrammars_matcher_token_by_token(llm: LLM) -> None:
+    so = StructuredOutput.json_schema(SCHEMA)
+    params = SamplingParams(max_tokens=40, temperature=1.0, seed=3, structured_output=so)
+    seen = _record_masks(llm)
+    out = llm.generate(PROMPT, params)[0]
+    del llm.engine.runner.grammar_masks.build
+    assert len(seen) == len(out.token_ids)
+    tokenizer = llm.get_tokenizer()
+    info = xgrammar.TokenizerInfo.from_huggingface(
+        tokenizer, vocab_size=49152, stop_token_ids=sorted(llm.engine.loaded.eos_token_ids)
+    )
+    matcher = xgrammar.GrammarMatcher(
+        xgrammar.GrammarCompiler(info).compile_json_schema(json.dumps(SCHEMA), any_whitespace=False)
+    )
+    expected = xgrammar.allocate_token_bitmask(1, 49152)
+    for masks, token in zip(seen, out.token_ids, strict=True):
+        assert masks.rows == [0]
+        matcher.fill_next_token_bitmask(expected, 0)
+        assert torch.equal(masks.bitmask.cpu(), expected)
+        assert (int(expected[0, token // 32]) >> (token % 32)) & 1  # the token was allowed
+        assert matcher.accept_token(token)
+    if out.finish_reason == "stop":
+        assert matcher.is_terminated()
+        jsonschema_rs.validate(SCHEMA, json.loads(out.text))
+    assert_no_leaks(llm)
+
+
+def test_masked_logits_are_minus_inf_exactly_where_bits_are_zero() -> None:
+    logits = torch.randn(3, 64)
+    bitmask = torch.full((3, 2), -1, dtype=torch.int32)
+    bitmask[1, 0] = 0b1010  # row 1 allows tokens 1 and 3 (and 32..63)
+    bitmask[1, 1] = 0
+    masked = GrammarMasks([1], bitmask).apply(logits)
+    assert torch.equal(masked[0], logits[0]) and torch.equal(masked[2], logits[2])
+    allowed = torch.isfinite(masked[1]).nonzero().flatten().tolist()
+    assert allowed == [1, 3]
+    assert torch.equal(masked[1, [1, 3]], logits[1, [1, 3]])
+
+
+def test_mixed_batch_equals_solo_runs(llm: LLM) -> None:
+    specs = [
+        StructuredOutput.json_schema(SCHEMA),
+        None,
+        StructuredOutput.regex(r"[0-9]{2,4}-[a-z]+"),
+        StructuredOutput.choice(["red", "green", "blue"]),
+        None,
+        StructuredOutput.grammar('root ::= "x" ("y" | "z")+'),
+    ]
+    params = [
+        SamplingParams(max_tokens=24, temperature=0.8, seed=10 + i, structured_output=so)
+        for i, so in enumerate(specs)
+    ]
+    prompts = [f"{PROMPT} {i}" for i in range(len(specs))]
+    solo = [llm.generate(p, sp)[0] for p, sp in zip(prompts, params, strict=True)]
+    together = llm.generate(prompts, params)
+    assert [o.token_ids for o in together] == [o.token_ids for o in solo]
+    assert together[3].text in {"red", "green", "blue"} and together[3].finish_reason == "stop"
+    assert together[2].finish_reason in ("stop", "length")
+    assert_no_leaks(llm)
+
+
+def test_preempted_constrained_requests_resume_exactly(tiny_chat_folder: Path, llm: LLM) -> None:
+    so = StructuredOutput.json_schema(SCHEMA)
+    params = [
+        SamplingParams(max_tokens=40, temperature=0.9, seed=s, structured_output=so)
+        for s in range(4)
+    ]
+    prompts = [f"{PROMPT} number {i} " * 3 for i in range(4)]
+    reference = [llm.generate(p, sp)[0].token_ids for p, sp in zip(prompts, params, strict=True)]
+    small = LLM(str(tiny_chat_folder), device="cpu", num_kv_blocks=10, max_model_len=160)
+    outs = small.generate(prompts, params)
+    assert small.stats()["num_preemptions"] > 0
+    assert [o.token_ids for o in outs] == reference
+    assert_no_leaks(small)
+
+
+def test_stop_strings_and_length_compose_with_grammars(llm: LLM) -> None:
+    so = StructuredOutput.regex(r"x[0-9]{40}")
+    free = llm.generate(PROMPT, SamplingParams(max_tokens=6, temperature=0, structured_output=so))
+    text = free[0].text
+    assert re.fullmatch(r"x[0-9]+", text) and free[0].finish_reason == "length"
+    stop = text[3:5]
+    stopped = llm.generate(PROMPT, SamplingParams(
+        max_tokens=6, temperature=0, structured_output=so, stop=[stop],
+    ))  # fmt: skip
+    assert stopped[0].text == text[: text.index(stop)] and stopped[0].finish_reason == "stop"
+
+
+def test_uncompilable_specs_are_rejected_with_the_reason(llm: LLM) -> None:
+    bad = [
+        (StructuredOutput.regex("(unclosed"), "guided_regex"),
+        (StructuredOutput.grammar("root ::= undefined_rule"), "guided_grammar"),
+        (StructuredOutput.json_schema({"type": "no-such-type"}), "response_format"),
+    ]
+    for spec, param in bad:
+        with pytest.raises(InvalidRequestError, match=r"could not be compiled: .+") as err:
+            llm.generate(PROMPT, SamplingParams(structured_output=spec))
+        assert err.value.param == param
+    assert llm.stats()["num_waiting"] == 0
+    with pytest.raises(InvalidRequestError, match="JSON schema is not JSON"):
+        StructuredOutput.json_schema("{not json")
+    with pytest.raises(InvalidRequestError, match="guided_choice must be a non-empty list"):
+        StructuredOutput.choice([])
+
+
+def test_equal_specs_compile_once(llm: LLM) -> None:
+    grammars = llm.engine.requests.grammars
+    a = grammars.submit(StructuredOutput.json_schema(SCHEMA))
+    b = grammars.submit(StructuredOutput.json_schema(json.dumps(SCHEMA)))
+    assert a is b
+    assert grammars.submit(StructuredOutput.json_schema(SCHEMA, strict=False)) is not a
+
+
+def test_a_grammar_left_no_unbanned_token_ends_before_it(llm: LLM) -> None:
+    # "ab" completes the grammar, which then allows only EOS; min_tokens bans EOS.
+    so = StructuredOutput.regex("ab")
+    params = SamplingParams(max_tokens=8, temperature=0, min_tokens=6, structured_output=so)
+    out = llm.generate(PROMPT, params)[0]
+    assert out.text == "ab" and out.finish_reason == "stop"
+    assert llm.get_tokenizer().decode(out.token_ids) == "ab"
+    assert_no_leaks(llm)
