@@ -222,8 +222,16 @@ def _load_random(name: str, place: Placement, max_positions: int | None, seed: i
     cfg = ModelConfig.from_hf(hf_config)
     model = _build(cfg, place, max_positions)
     model.init_random(seed, std=getattr(hf_config, "initializer_range", 0.02))
-    tokenizer = _embedded_tokenizer_if_fits(cfg.vocab_size)
+    tokenizer = _beside_config(name) or _embedded_tokenizer_if_fits(cfg.vocab_size)
     return _loaded(model, cfg, tokenizer, _eos_ids(None, hf_config, None), f"random:{name}")
+
+
+def _beside_config(name: str) -> Any | None:
+    """random:PATH/config.json takes a tokenizer saved in the same folder, if there is one."""
+    folder = Path(name).parent
+    if name.endswith(".json") and (folder / "tokenizer.json").is_file():
+        return _load_tokenizer(folder)
+    return None
 
 
 def _embedded_tokenizer_if_fits(vocab_size: int) -> Any | None:

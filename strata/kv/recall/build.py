@@ -60,12 +60,12 @@ def build_recall(
         model.head_dim, dtype, pin=device.type == "cuda",
     )  # fmt: skip
     logger.info(
-        "recall store: %s of %s host memory = %d blocks (%d tokens); %s of GPU memory for "
+        "recall store: %s of %s host memory = %d blocks (%d tokens); %s of %s memory for "
         "recall sequences; %d dense layers, sink %d + window %d tokens + the open block on "
-        "the GPU in the other %d; default policy %s",
+        "the %s in the other %d; default policy %s",
         format_bytes(store.nbytes), "pinned" if device.type == "cuda" else "pageable",
-        num_slots, num_slots * cache.block_size, format_bytes(gpu_bytes),
+        num_slots, num_slots * cache.block_size, format_bytes(gpu_bytes), device.type,
         geometry.dense_layers, SINK_BLOCKS * cache.block_size, WINDOW_BLOCKS * cache.block_size,
-        geometry.sparse_layers, cache.kv_policy,
+        device.type, geometry.sparse_layers, cache.kv_policy,
     )  # fmt: skip
     return RecallManager(geometry, store, gpu_bytes, device)
