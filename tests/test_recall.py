@@ -18,6 +18,7 @@ from transformers import LlamaConfig
 
 from strata import LLM, SamplingParams
 from strata.errors import InvalidRequestError
+from strata.kv.recall.policy import SummaryRoom
 from strata.kv.recall.quest import QuestPolicy
 from strata.kv.recall.working_set import WorkingSet
 from tests.conftest import TINY, assert_no_leaks, make_hf_model
@@ -59,7 +60,7 @@ def test_quest_scores_are_the_upper_bound_from_min_and_max() -> None:
     torch.manual_seed(0)
     kv_heads, group, dim, blocks = 2, 3, 8, 5
     quest = QuestPolicy()
-    quest.allocate(1, kv_heads, blocks + 2, dim, torch.float32, torch.device("cpu"))
+    quest.allocate(SummaryRoom(1, kv_heads, blocks + 2, dim, torch.float32))
     keys = torch.randn(kv_heads, blocks, BLOCK, dim)
     quest.summarize(0, 0, keys[:, :2])
     quest.summarize(0, 2, keys[:, 2:])  # summaries arrive in pieces, as blocks retire

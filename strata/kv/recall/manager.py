@@ -22,6 +22,7 @@ from strata.errors import InvalidRequestError
 from strata.kv.policies.budget import tokens_allowed
 from strata.kv.recall.geometry import RecallGeometry
 from strata.kv.recall.host_store import HostKVStore
+from strata.kv.recall.policy import SummaryRoom
 from strata.kv.recall.registry import RECALL_POLICIES
 from strata.kv.recall.sequence import RecallSequence
 from strata.kv.sizing import format_bytes
@@ -62,7 +63,9 @@ class RecallManager:
         budget_blocks = min(g.budget_blocks(tokens_allowed(budget, num_prompt)), host_slots)
         cls = RECALL_POLICIES.get(policy)
         gpu = g.dense_bytes(total) + g.resident_bytes()
-        gpu += cls.summary_bytes(g.sparse_layers, g.num_kv_heads, host_slots, g.head_dim, g.dtype)
+        gpu += cls.summary_bytes(
+            SummaryRoom(g.sparse_layers, g.num_kv_heads, host_slots, g.head_dim, g.dtype)
+        )
         if cls.selects:
             gpu += g.working_set_bytes(budget_blocks)
         if host_slots > self.store.num_slots:

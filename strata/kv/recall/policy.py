@@ -13,8 +13,28 @@ each step; no summaries, no working set.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import torch
+
+
+@dataclass(frozen=True)
+class SummaryRoom:
+    """What a sequence's summaries must cover: up to `max_blocks` middle blocks in each
+    of `layers` sparse layers and `kv_heads` heads."""
+
+    layers: int
+    kv_heads: int
+    max_blocks: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device | None = None  # None: the CPU
+
+    def nbytes(self, per_block_vectors: int) -> int:
+        """Bytes of `per_block_vectors` head_dim vectors per block, layer and head."""
+        item = torch.empty((), dtype=self.dtype).element_size()
+        cells = self.layers * self.kv_heads * self.max_blocks * per_block_vectors
+        return cells * self.head_dim * item
 
 
 class RecallPolicy(ABC):
@@ -22,16 +42,8 @@ class RecallPolicy(ABC):
     selects: bool = True
 
     @abstractmethod
-    def allocate(
-        self,
-        layers: int,
-        kv_heads: int,
-        max_blocks: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> None:
-        """Room for the summaries of up to `max_blocks` middle blocks per layer and head."""
+    def allocate(self, room: SummaryRoom) -> None:
+        """Room for the summaries of a sequence's middle blocks, on room.device."""
 
     @abstractmethod
     def summarize(self, layer: int, first: int, keys: torch.Tensor) -> None:
@@ -44,9 +56,8 @@ class RecallPolicy(ABC):
         one query q [kv_heads, group, head_dim] (post-RoPE)."""
 
     @staticmethod
-    def summary_bytes(
-        layers: int, kv_heads: int, max_blocks: int, head_dim: int, dtype: torch.dtype
-    ) -> int:
+    def summary_bytes(room: SummaryRoom) -> int:
+        """GPU bytes `allocate(room)` takes."""
         return 0
 
 
@@ -56,15 +67,7 @@ class FullOffloadPolicy(RecallPolicy):
     name = "full_offload"
     selects = False
 
-    def allocate(
-        self,
-        layers: int,
-        kv_heads: int,
-        max_blocks: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> None:
+    def allocate(self, room: SummaryRoom) -> None:
         return None
 
     def summarize(self, layer: int, first: int, keys: torch.Tensor) -> None:

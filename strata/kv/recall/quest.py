@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from strata.kv.recall.policy import RecallPolicy
+from strata.kv.recall.policy import RecallPolicy, SummaryRoom
 
 
 class QuestPolicy(RecallPolicy):
@@ -21,25 +21,15 @@ class QuestPolicy(RecallPolicy):
         self.kmin: torch.Tensor | None = None  # [layers, kv_heads, max_blocks, head_dim]
         self.kmax: torch.Tensor | None = None
 
-    def allocate(
-        self,
-        layers: int,
-        kv_heads: int,
-        max_blocks: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> None:
-        shape = (layers, kv_heads, max_blocks, head_dim)
-        self.kmin = torch.zeros(shape, dtype=dtype, device=device)
-        self.kmax = torch.zeros(shape, dtype=dtype, device=device)
+    def allocate(self, room: SummaryRoom) -> None:
+        shape = (room.layers, room.kv_heads, room.max_blocks, room.head_dim)
+        # device None: torch's default, the CPU
+        self.kmin = torch.zeros(shape, dtype=room.dtype, device=room.device)
+        self.kmax = torch.zeros(shape, dtype=room.dtype, device=room.device)
 
     @staticmethod
-    def summary_bytes(
-        layers: int, kv_heads: int, max_blocks: int, head_dim: int, dtype: torch.dtype
-    ) -> int:
-        item = torch.empty((), dtype=dtype).element_size()
-        return 2 * layers * kv_heads * max_blocks * head_dim * item
+    def summary_bytes(room: SummaryRoom) -> int:
+        return room.nbytes(per_block_vectors=2)  # min and max
 
     def summarize(self, layer: int, first: int, keys: torch.Tensor) -> None:
         assert self.kmin is not None and self.kmax is not None

@@ -14,7 +14,7 @@ import torch
 from strata.kv.recall.chunk_attention import chunk_attention
 from strata.kv.recall.geometry import SINK_BLOCKS, RecallGeometry
 from strata.kv.recall.host_store import HostKVStore
-from strata.kv.recall.policy import RecallPolicy
+from strata.kv.recall.policy import RecallPolicy, SummaryRoom
 from strata.kv.recall.rows import copy_rows
 from strata.kv.recall.working_set import WorkingSet
 
@@ -61,7 +61,7 @@ class RecallSequence:
         self.tail_v = torch.zeros_like(self.tail_k)
         self.host_slots = host_slots  # middle block j lives in host slot host_slots[j]
         self.host_slots_t = torch.tensor(host_slots, dtype=torch.long, device=device)
-        policy.allocate(g.sparse_layers, kvh, len(host_slots), d, dt, device)
+        policy.allocate(SummaryRoom(g.sparse_layers, kvh, len(host_slots), d, dt, device))
         self.working_set: WorkingSet | None = None
         if policy.selects:
             self.working_set = WorkingSet(
