@@ -213,3 +213,21 @@ def test_a_tier_load_that_raises_costs_its_request_a_recompute_only(
     assert [o.token_ids for o in outs] == reference
     assert llm.stats()["prefix_cache_tier_hit_tokens"] == 36  # the other prompt's blocks
     llm.close()
+
+
+def test_a_faulty_request_beside_a_recall_sequence(tiny_models: dict[str, Any]) -> None:
+    """The step is rebuilt without the faulty request; the recall sequence in it is
+    planned once, so it goes on as if the fault had not happened."""
+    folder, _ = tiny_models["llama"]
+    llm = LLM(str(folder), device="cpu", num_kv_blocks=96, block_size=4, max_model_len=64,
+              kv_recall_host_memory=0.01, kv_recall_gpu_memory=0.05,
+              kv_recall_dense_layers=0)  # fmt: skip
+    prompt = [(11 * j) % 500 + 3 for j in range(40)]
+    recall = SamplingParams(**{**GREEDY, "kv_policy": "quest", "kv_budget": 24})
+    solo = llm.generate([prompt], recall)[0].token_ids
+    FaultyH2O.hook, FaultyH2O.after, FaultyH2O.error = "observed_queries", 0, ValueError
+    faulty = SamplingParams(**{**GREEDY, "kv_policy": "faulty", "kv_budget": 8})
+    finals = _run(llm.engine, [(prompt, recall), (prompt[:20], faulty)])
+    assert finals["r1"].finish_reason == "error"
+    assert finals["r0"].error is None and finals["r0"].token_ids == solo
+    assert_no_leaks(llm)

@@ -80,6 +80,15 @@ def chunk_slots(table: list[int], first: int, num_tokens: int, block_size: int) 
     return blocks[slots // block_size] * block_size + slots % block_size
 
 
+def planned_recall(chunk: PolicyChunk, first_row: int) -> RecallRows:
+    """A recall sequence's chunk, planned by its store (which commits it)."""
+    kv = chunk.seq.recall
+    if kv is None or kv.state is None:
+        raise RuntimeError(f"{chunk.seq.request_id!r} was scheduled without recall state")
+    end = chunk.start + chunk.num_tokens
+    return RecallRows(kv.state, kv.state.plan(chunk.start, end), first_row)
+
+
 class KVStepBuilder:
     def __init__(self, cache: KVCache) -> None:
         self.cache = cache
@@ -87,16 +96,15 @@ class KVStepBuilder:
     def build(self, step: PolicyStep) -> StepKV:
         """The step's slots and layouts, and its observer (see the module docstring)."""
         offsets = np.cumsum([0] + [c.num_tokens for c in step.chunks])[:-1].tolist()
-        recall = tuple(
-            RecallRows(state, state.plan(c.start, c.start + c.num_tokens), o)
-            for c, o in zip(step.chunks, offsets, strict=True)
-            if c.seq.recall is not None and (state := c.seq.recall.state) is not None
-        )
-        if not recall:
+        placed = list(zip(step.chunks, offsets, strict=True))
+        recalled = [(c, o) for c, o in placed if c.seq.recall is not None]
+        if not recalled:
             return self._build(step.chunks, offsets)
-        kept = [(c, o) for c, o in zip(step.chunks, offsets, strict=True) if c.seq.recall is None]
-        chunks = [c for c, _ in kept]
-        built = self._build(chunks, [o for _, o in kept])
+        kept = [(c, o) for c, o in placed if c.seq.recall is None]
+        built = self._build([c for c, _ in kept], [o for _, o in kept])
+        # Planning commits a recall sequence's step (RecallSequence.plan), so it comes
+        # last: a SequenceFault above makes the runner build the step again.
+        recall = tuple(planned_recall(c, o) for c, o in recalled)
         rows = [np.arange(o, o + c.num_tokens, dtype=np.int64) for c, o in kept]
         ordinary = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
         return replace(built, recall=recall, ordinary_rows=ordinary)
