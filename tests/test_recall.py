@@ -172,6 +172,18 @@ def test_abort_frees_host_slots_and_preemption_keeps_the_store(tiny_folder: Path
     assert_recall_idle(llm)
 
 
+def test_a_model_whose_layers_are_all_dense(tiny_models: dict[str, Any]) -> None:
+    """Two layers, both dense by default: nothing goes to the host, outputs are exact."""
+    folder, _ = tiny_models["llama"]
+    llm = recall_llm(folder, kv_recall_host_memory=1e-6)  # one slot: none is needed
+    prompt = PROMPT[:100]
+    full = tokens(llm, [prompt], [SamplingParams(**GREEDY)])
+    quest = tokens(llm, [prompt], [SamplingParams(kv_policy="quest", kv_budget=16, **GREEDY)])
+    assert quest == full
+    assert llm.stats()["recall_bytes_fetched"] == 0
+    assert_recall_idle(llm)
+
+
 def test_bad_input_gets_a_clear_error(tiny_folder: Path) -> None:
     small = recall_llm(tiny_folder, kv_recall_host_memory=2e-5)  # 20 KiB: 80 tokens
     with pytest.raises(InvalidRequestError, match="host memory"):

@@ -59,7 +59,8 @@ class RecallManager:
         g = self.geometry
         RECALL_POLICIES.check(policy)
         total = num_prompt + max_tokens
-        host_slots = g.max_blocks(total)  # at least the middle blocks it can ever have
+        # Room for every middle block it can have; none when every layer is dense.
+        host_slots = g.max_blocks(total) if g.sparse_layers else 0
         budget_blocks = min(g.budget_blocks(tokens_allowed(budget, num_prompt)), host_slots)
         cls = RECALL_POLICIES.get(policy)
         gpu = g.dense_bytes(total) + g.resident_bytes()
