@@ -81,9 +81,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             if seq.recall is not None:  # its KV is in the recall store: no blocks to grow
-                n = min(seq.num_tokens - seq.num_computed, budget)
-                chunks.append(ScheduledChunk(seq, seq.num_computed, n, []))
-                budget -= n
+                budget -= self._recall_chunk(seq, budget, chunks)
                 i += 1
                 continue
             try:
@@ -125,9 +123,7 @@ class Scheduler:
             if seq.recall is not None:
                 if not self._admit_recall(seq):
                     break
-                n = min(seq.num_tokens - seq.num_computed, budget)
-                chunks.append(ScheduledChunk(seq, seq.num_computed, n, []))
-                budget -= n
+                budget -= self._recall_chunk(seq, budget, chunks)
                 continue
             try:
                 with blame(seq.request_id):
@@ -177,6 +173,13 @@ class Scheduler:
         seq.num_computed = computed
         self.running.append(seq)
         return True
+
+    @staticmethod
+    def _recall_chunk(seq: Sequence, budget: int, chunks: list[ScheduledChunk]) -> int:
+        """Schedule a recall sequence's next tokens (no pool blocks); returns how many."""
+        n = min(seq.num_tokens - seq.num_computed, budget)
+        chunks.append(ScheduledChunk(seq, seq.num_computed, n, []))
+        return n
 
     def _victim(self) -> Sequence:
         """The most recently admitted running sequence that holds pool blocks."""
@@ -243,19 +246,13 @@ class Scheduler:
             self._preempt(seq)
 
     def _preempt(self, seq: Sequence) -> None:
-        if seq.recall is not None:  # its KV stays in the recall store: it resumes as it was
-            self.kv.free(seq.request_id)
-            seq.status = SequenceStatus.WAITING
-            self.waiting.appendleft(seq)
-            self.num_preemptions += 1
-            return
         if seq.kv is None and seq.recall is None:  # only lossless pool blocks are swapped
-            self.tier_loads.swap_out(seq)
+            self.tier_loads.swap_out(seq)  # before the free: it pins the blocks' keys
         self.kv.free(seq.request_id)
-        self._release_recall(seq)
-        seq.num_computed = 0
-        if seq.kv is not None:
-            seq.kv.reset()  # recomputed from the start, compressed again on the way
+        if seq.recall is None:  # a recall sequence's KV stays in its store: it resumes as was
+            seq.num_computed = 0
+            if seq.kv is not None:
+                seq.kv.reset()  # recomputed from the start, compressed again on the way
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
