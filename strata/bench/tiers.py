@@ -55,7 +55,7 @@ def kv_bytes_per_token(config: dict[str, Any], dtype: torch.dtype) -> int:
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     kv_heads = config.get("num_key_value_heads") or heads
-    element = torch.empty((), dtype=dtype).element_size()
+    element = dtype.itemsize
     return 2 * config["num_hidden_layers"] * kv_heads * head_dim * element
 
 

@@ -44,7 +44,7 @@ class PartSpec:
         n = 1
         for s in self.shape:
             n *= s
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return n * self.dtype.itemsize
 
 
 class BlockCodec(ABC):

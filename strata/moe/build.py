@@ -147,7 +147,7 @@ def _non_arena_bytes(
         tokens = min(sched.max_num_batched_tokens, placed.max_model_len)
         k = mc.num_experts_per_tok
         per_token = mc.hidden_size * (8 + 3 * k) + 2 * mc.moe_intermediate_size * k
-        elt = torch.empty((), dtype=placed.dtype).element_size()
+        elt = placed.dtype.itemsize
         logits = min(sched.max_num_seqs, tokens) * mc.vocab_size * 4 * 2
         return dense + tokens * per_token * elt + logits
     k = mc.num_experts_per_tok

@@ -104,7 +104,7 @@ def measure_cost_model(
         x = torch.randn(n, store.hidden_size, dtype=store.dtype)
         run = lambda x=x: expert_forward(x, gate_up, down)  # noqa: E731
         points.append((n, _median_seconds(run, lambda: None, repeats)))
-    elt = torch.empty((), dtype=store.dtype).element_size()
+    elt = store.dtype.itemsize
     return OffloadCostModel(
         h2d_bytes_per_s=store.expert_bytes / max(copy_s, 1e-9),
         expert_bytes=store.expert_bytes,

@@ -69,14 +69,12 @@ class RecallGeometry:
     def max_blocks(self, max_tokens: int) -> int:
         return -(-max_tokens // self.block_size)
 
-    def _item(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
-
     def dense_bytes(self, max_tokens: int) -> int:
-        return 2 * self.dense_layers * self.num_kv_heads * max_tokens * self.head_dim * self._item()
+        per_token = 2 * self.dense_layers * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+        return per_token * max_tokens
 
     def resident_bytes(self) -> int:
-        per_token = 2 * self.sparse_layers * self.num_kv_heads * self.head_dim * self._item()
+        per_token = 2 * self.sparse_layers * self.num_kv_heads * self.head_dim * self.dtype.itemsize
         return (SINK_BLOCKS * self.block_size + self.tail_capacity) * per_token
 
     def working_set_bytes(self, slots: int) -> int:

@@ -49,7 +49,7 @@ class HostKVStore:
         num_layers: int, num_kv_heads: int, block_size: int, head_dim: int, dtype: torch.dtype
     ) -> int:
         """Bytes of one slot (K and V of one block in every sparse layer)."""
-        item = torch.empty((), dtype=dtype).element_size()
+        item = dtype.itemsize
         return 2 * num_layers * num_kv_heads * block_size * head_dim * item
 
     @property

@@ -32,7 +32,7 @@ class SummaryRoom:
 
     def nbytes(self, per_block_vectors: int) -> int:
         """Bytes of `per_block_vectors` head_dim vectors per block, layer and head."""
-        item = torch.empty((), dtype=self.dtype).element_size()
+        item = self.dtype.itemsize
         cells = self.layers * self.kv_heads * self.max_blocks * per_block_vectors
         return cells * self.head_dim * item
 

@@ -36,7 +36,7 @@ class WorkingSet:
     def nbytes_for(
         layers: int, kv_heads: int, slots: int, block_size: int, head_dim: int, dtype: torch.dtype
     ) -> int:
-        item = torch.empty((), dtype=dtype).element_size()
+        item = dtype.itemsize
         return 2 * layers * kv_heads * slots * block_size * head_dim * item
 
     def update(
