@@ -82,11 +82,13 @@ def test_working_set_keeps_hits_and_fetches_only_misses() -> None:
     def rows(blocks: torch.Tensor) -> torch.Tensor:  # block b of head h is host row 2b + h
         return blocks * kv_heads + torch.arange(kv_heads)[:, None]
 
-    held = ws.update(0, torch.tensor([[4, 1, -1], [0, 2, 3]]), rows, host, host)
+    held, fetched = ws.update(0, torch.tensor([[4, 1, -1], [0, 2, 3]]), rows, host, host)
+    assert int(fetched) == 5
     assert held.tolist() == [[True, True, False], [True, True, True]]
     assert ws.tag[0].tolist() == [[4, 1, -1], [0, 2, 3]]
     assert (int(ws.hits), int(ws.misses)) == (0, 5)
-    ws.update(0, torch.tensor([[1, 7, 4], [3, 5, 6]]), rows, host, host)
+    _, fetched = ws.update(0, torch.tensor([[1, 7, 4], [3, 5, 6]]), rows, host, host)
+    assert int(fetched) == 3
     # head 0 keeps 4 and 1 in place, 7 takes the empty slot; head 1 keeps 3 only
     assert ws.tag[0].tolist() == [[4, 1, 7], [5, 6, 3]]
     assert (int(ws.hits), int(ws.misses)) == (3, 8)

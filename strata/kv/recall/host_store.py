@@ -41,6 +41,7 @@ class HostKVStore:
         self.k = torch.zeros(shape, dtype=dtype, pin_memory=pin)
         self.v = torch.zeros(shape, dtype=dtype, pin_memory=pin)
         self.num_slots = num_slots
+        self.bytes_per_slot = self.slot_bytes(num_layers, num_kv_heads, block_size, head_dim, dtype)
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_slots))
         self._owned: dict[str, list[int]] = {}
 
@@ -55,11 +56,6 @@ class HostKVStore:
     @property
     def num_free(self) -> int:
         return len(self._free)
-
-    @property
-    def bytes_per_slot(self) -> int:
-        per_layer = self.k[:, 0].numel() * self.k.element_size()
-        return 2 * per_layer
 
     @property
     def nbytes(self) -> int:

@@ -173,10 +173,9 @@ class RecallSequence:
             grouped = q.view(g.num_kv_heads, g.group_size, g.head_dim)
             scores = self.policy.scores(s, grouped, m)
             picks = torch.topk(scores, n, dim=1, sorted=False).indices
-        before = ws.misses.clone()
         host_k, host_v = self._flat_host()
-        held = ws.update(s, picks, lambda b: self._host_rows(s, b), host_k, host_v)
-        self.bytes_fetched += (ws.misses - before) * 2 * host_k.shape[1] * host_k.element_size()
+        held, fetched = ws.update(s, picks, lambda b: self._host_rows(s, b), host_k, host_v)
+        self.bytes_fetched += fetched * 2 * host_k.shape[1] * host_k.element_size()
         return held
 
     def _stream(self, s: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -46,11 +46,11 @@ class WorkingSet:
         host_rows: Callable[[torch.Tensor], torch.Tensor],
         host_k: torch.Tensor,
         host_v: torch.Tensor,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Make the slots of `layer` hold `selected` ([kv_heads, slots] middle block ids,
         distinct per head, -1 for none); `host_rows` maps such ids to rows of the flat host
-        store (host_k, host_v: [rows, block_size * head_dim]). Returns [kv_heads, slots]
-        bool: the slots that hold a selected block."""
+        store (host_k, host_v: [rows, block_size * head_dim]). Returns ([kv_heads, slots]
+        bool: the slots that hold a selected block, the rows fetched: a 0-d tensor)."""
         tag = self.tag[layer]
         wanted = selected >= 0
         held = (selected[:, :, None] == tag[:, None, :]).any(-1) & wanted
@@ -70,6 +70,7 @@ class WorkingSet:
         copy_rows(host_k, self.k[layer].view(-1, row), src, dst)
         copy_rows(host_v, self.v[layer].view(-1, row), src, dst)
         self.tag[layer] = new_tag
+        fetched = moves.sum()
         self.hits += held.sum()
-        self.misses += moves.sum()
-        return new_tag >= 0
+        self.misses += fetched
+        return new_tag >= 0, fetched
