@@ -53,11 +53,6 @@ class RecallGeometry:
         return self.num_heads // self.num_kv_heads
 
     @property
-    def resident_tokens(self) -> int:
-        """Tokens of a sparse layer always attended from the GPU: sink, window, open block."""
-        return (SINK_BLOCKS + self.window_blocks + 1) * self.block_size
-
-    @property
     def tail_capacity(self) -> int:
         return (self.window_blocks + 1) * self.block_size
 
