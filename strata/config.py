@@ -202,7 +202,7 @@ AttentionBackendName = Literal["auto", "reference", "triton"]  # registry: atten
 KVCacheDtype = Literal["auto", "fp8", "int8", "int4", "int2"]  # registry: kv.codec CODECS
 KVPolicyName = Literal[  # registry: kv.policies POLICIES, then kv.recall RECALL_POLICIES
     "full", "streaming", "h2o", "snapkv", "pyramidkv", "chunkkv", "tova", "treekv",
-    "expected_attention", "kvzip", "quest", "full_offload",
+    "expected_attention", "kvzip", "quest", "shadowkv", "full_offload",
 ]  # fmt: skip
 TierEviction = Literal["lru", "fifo"]  # registry: kv.tiers EVICTION_ORDERS
 PreemptionMode = Literal["recompute", "swap", "auto"]
@@ -308,8 +308,8 @@ class RecallConfig:
 
     host_memory: float | None = field(default=None, metadata=option(
         "GiB of pinned host memory for the recall store, which holds every block of the "
-        "sequences under a recall policy (quest, full_offload); default: a quarter of the "
-        "machine's RAM when --kv-policy is a recall policy, else no recall store",
+        "sequences under a recall policy (quest, shadowkv, full_offload); default: a quarter "
+        "of the machine's RAM when --kv-policy is a recall policy, else no recall store",
         keyword="kv_recall_host_memory", metavar="GIB",
     ))  # fmt: skip
     gpu_memory: float | None = field(default=None, metadata=option(

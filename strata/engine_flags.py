@@ -21,9 +21,9 @@ ENGINE_GROUPS = (
     FlagGroup(
         ("cache", "recall"),
         "KV recall store",
-        "Recall policies (--kv-policy quest or full_offload) keep every block of a sequence "
-        "in pinned host memory and attend, each decode step, the blocks they pick; so a "
-        "sequence's KV may be larger than the GPU.",
+        "Recall policies (--kv-policy quest, shadowkv or full_offload) keep every block of a "
+        "sequence in pinned host memory and attend, each decode step, the blocks they pick; "
+        "so a sequence's KV may be larger than the GPU.",
     ),
     FlagGroup(("moe",), "MoE expert offloading (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE)"),
 )

@@ -81,6 +81,15 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Pat
 
 
 @pytest.fixture(scope="session")
+def recall_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-layer GQA Llama (2 KV heads of 16 dims) for the recall store's tests."""
+    config = LlamaConfig(**{**TINY, "num_hidden_layers": 4, "num_key_value_heads": 2})
+    folder = tmp_path_factory.mktemp("recall-tiny")
+    make_hf_model(config, seed=3).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def embedded_folder() -> Path:
     return gguf_to_folder(embedded_model_path())
 

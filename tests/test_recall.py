@@ -14,26 +14,17 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import LlamaConfig
 
 from strata import LLM, SamplingParams
 from strata.errors import InvalidRequestError
 from strata.kv.recall.policy import SummaryRoom
 from strata.kv.recall.quest import QuestPolicy
 from strata.kv.recall.working_set import WorkingSet
-from tests.conftest import TINY, assert_no_leaks, make_hf_model
+from tests.conftest import assert_no_leaks
 
 BLOCK = 4
 PROMPT = [3 + (i * 37) % 500 for i in range(150)]
 GREEDY = {"temperature": 0.0, "ignore_eos": True, "max_tokens": 24}
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    config = LlamaConfig(**{**TINY, "num_hidden_layers": 4, "num_key_value_heads": 2})
-    folder = tmp_path_factory.mktemp("recall-tiny")
-    make_hf_model(config, seed=3).save_pretrained(folder)
-    return folder
 
 
 def recall_llm(folder: Path, **kw: Any) -> LLM:
@@ -60,7 +51,7 @@ def test_quest_scores_are_the_upper_bound_from_min_and_max() -> None:
     torch.manual_seed(0)
     kv_heads, group, dim, blocks = 2, 3, 8, 5
     quest = QuestPolicy()
-    quest.allocate(SummaryRoom(1, kv_heads, blocks + 2, dim, torch.float32))
+    quest.allocate(SummaryRoom(1, kv_heads, blocks + 2, dim, BLOCK, torch.float32))
     keys = torch.randn(kv_heads, blocks, BLOCK, dim)
     quest.summarize(0, 0, keys[:, :2])
     quest.summarize(0, 2, keys[:, 2:])  # summaries arrive in pieces, as blocks retire
@@ -74,35 +65,33 @@ def test_quest_scores_are_the_upper_bound_from_min_and_max() -> None:
     torch.testing.assert_close(quest.scores(0, q, blocks), expected)
 
 
-def test_working_set_keeps_hits_and_fetches_only_misses() -> None:
-    kv_heads, slots, dim = 2, 3, 2
-    ws = WorkingSet(1, kv_heads, slots, BLOCK, dim, torch.float32, torch.device("cpu"))
-    host = torch.arange(10 * kv_heads * BLOCK * dim, dtype=torch.float32).view(-1, BLOCK * dim)
-
-    def rows(blocks: torch.Tensor) -> torch.Tensor:  # block b of head h is host row 2b + h
-        return blocks * kv_heads + torch.arange(kv_heads)[:, None]
-
-    held, fetched = ws.update(0, torch.tensor([[4, 1, -1], [0, 2, 3]]), rows, host, host)
-    assert int(fetched) == 5
+def test_working_set_keeps_hits_and_moves_only_misses() -> None:
+    kv_heads, slots = 2, 3
+    ws = WorkingSet(1, kv_heads, slots, BLOCK, 2, torch.float32, torch.device("cpu"))
+    held, moves = ws.update(0, torch.tensor([[4, 1, -1], [0, 2, 3]]))
     assert held.tolist() == [[True, True, False], [True, True, True]]
     assert ws.tag[0].tolist() == [[4, 1, -1], [0, 2, 3]]
+    assert moves.mask.tolist() == [[True, True, False], [True, True, True]]
+    assert moves.blocks[moves.mask].tolist() == [4, 1, 0, 2, 3]
     assert (int(ws.hits), int(ws.misses)) == (0, 5)
-    _, fetched = ws.update(0, torch.tensor([[1, 7, 4], [3, 5, 6]]), rows, host, host)
-    assert int(fetched) == 3
+    _, moves = ws.update(0, torch.tensor([[1, 7, 4], [3, 5, 6]]))
     # head 0 keeps 4 and 1 in place, 7 takes the empty slot; head 1 keeps 3 only
     assert ws.tag[0].tolist() == [[4, 1, 7], [5, 6, 3]]
     assert (int(ws.hits), int(ws.misses)) == (3, 8)
-    for h in range(kv_heads):
-        for slot, block in enumerate(ws.tag[0, h].tolist()):
-            assert torch.equal(ws.k[0, h, slot].flatten(), host[block * kv_heads + h])
+    moved = [
+        (h, int(moves.slots[h, i]), int(moves.blocks[h, i]))
+        for h in range(kv_heads) for i in range(slots) if moves.mask[h, i]
+    ]  # fmt: skip
+    assert sorted(moved) == [(0, 2, 7), (1, 0, 5), (1, 1, 6)]
+    assert moves.destination_rows(slots).view(kv_heads, slots)[moves.mask].tolist() == [2, 3, 4]
 
 
 # ---- the engine ------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("policy", ["quest", "full_offload"])
-def test_full_budget_equals_full_attention(tiny_folder: Path, policy: str) -> None:
-    llm = recall_llm(tiny_folder)
+def test_full_budget_equals_full_attention(recall_folder: Path, policy: str) -> None:
+    llm = recall_llm(recall_folder)
     full = tokens(llm, [PROMPT], [SamplingParams(**GREEDY)])
     recall = tokens(llm, [PROMPT], [SamplingParams(kv_policy=policy, kv_budget=10**6, **GREEDY)])
     assert recall == full
@@ -112,46 +101,47 @@ def test_full_budget_equals_full_attention(tiny_folder: Path, policy: str) -> No
     assert_recall_idle(llm)
 
 
-def test_prompt_longer_than_the_pool_prefills_exactly(tiny_folder: Path) -> None:
+def test_prompt_longer_than_the_pool_prefills_exactly(recall_folder: Path) -> None:
     """The pool holds 20 tokens; the prompt is 150, in chunks of 64, with 4 dense layers
     of 4 turned sparse (dense_layers 0), every middle block streamed from the host."""
-    reference = tokens(recall_llm(tiny_folder), [PROMPT], [SamplingParams(**GREEDY)])
+    reference = tokens(recall_llm(recall_folder), [PROMPT], [SamplingParams(**GREEDY)])
     llm = recall_llm(
-        tiny_folder, num_kv_blocks=5, kv_policy="quest", kv_budget=10**6,
+        recall_folder, num_kv_blocks=5, kv_policy="quest", kv_budget=10**6,
         kv_recall_dense_layers=0,
     )  # fmt: skip
     assert tokens(llm, [PROMPT], [SamplingParams(**GREEDY)]) == reference
     assert_recall_idle(llm)
 
 
-def test_mixed_batch_equals_solo_runs(tiny_folder: Path) -> None:
-    llm = recall_llm(tiny_folder)
-    prompts = [PROMPT, PROMPT[:90], PROMPT[30:], PROMPT[:70]]
+def test_mixed_batch_equals_solo_runs(recall_folder: Path) -> None:
+    llm = recall_llm(recall_folder)
+    prompts = [PROMPT, PROMPT[:90], PROMPT[30:], PROMPT[:70], PROMPT[10:]]
     params = [
         SamplingParams(kv_policy="quest", kv_budget=40, **GREEDY),
         SamplingParams(**GREEDY),
         SamplingParams(kv_policy="full_offload", kv_budget=1, **GREEDY),
         SamplingParams(kv_policy="snapkv", kv_budget=0.5, **GREEDY),
+        SamplingParams(kv_policy="shadowkv", kv_budget=40, **GREEDY),
     ]
     solo = [tokens(llm, [p], [sp])[0] for p, sp in zip(prompts, params, strict=True)]
     assert tokens(llm, prompts, params) == solo
     assert_recall_idle(llm)
 
 
-def test_small_budget_attends_the_budget(tiny_folder: Path) -> None:
+def test_small_budget_attends_the_budget(recall_folder: Path) -> None:
     """Budget 40 tokens with blocks of 4: 10 blocks less sink, window and open block = 6
     middle blocks per layer and head each decode step."""
-    llm = recall_llm(tiny_folder)
+    llm = recall_llm(recall_folder)
     tokens(llm, [PROMPT], [SamplingParams(kv_policy="quest", kv_budget=40, **GREEDY)])
     stats = llm.stats()
     assert stats["recall_blocks_attended_per_step"] == 6
     assert 0 < stats["recall_working_set_hit_rate"] <= 1
 
 
-def test_abort_frees_host_slots_and_preemption_keeps_the_store(tiny_folder: Path) -> None:
+def test_abort_frees_host_slots_and_preemption_keeps_the_store(recall_folder: Path) -> None:
     """A preempted recall sequence holds no pool block; its store state stays and it
     resumes where it was (recomputing it would change its sparse decode's KV)."""
-    llm = recall_llm(tiny_folder)
+    llm = recall_llm(recall_folder)
     engine = llm.engine
     params = SamplingParams(kv_policy="quest", kv_budget=40, **GREEDY)
     first = engine.add_request(PROMPT, params)
@@ -186,21 +176,21 @@ def test_a_model_whose_layers_are_all_dense(tiny_models: dict[str, Any]) -> None
     assert_recall_idle(llm)
 
 
-def test_bad_input_gets_a_clear_error(tiny_folder: Path) -> None:
-    small = recall_llm(tiny_folder, kv_recall_host_memory=2e-5)  # 20 KiB: 80 tokens
+def test_bad_input_gets_a_clear_error(recall_folder: Path) -> None:
+    small = recall_llm(recall_folder, kv_recall_host_memory=2e-5)  # 20 KiB: 80 tokens
     with pytest.raises(InvalidRequestError, match="host memory"):
         small.generate([PROMPT], SamplingParams(kv_policy="quest", kv_budget=64, max_tokens=8))
-    llm = recall_llm(tiny_folder)
+    llm = recall_llm(recall_folder)
     for budget in (0, -5):
         with pytest.raises(ValueError, match="kv_budget"):
             SamplingParams(kv_policy="quest", kv_budget=budget)
     with pytest.raises(ValueError, match="unknown kv_policy"):
         SamplingParams(kv_policy="quests", kv_budget=64)
-    plain = LLM(str(tiny_folder), device="cpu", num_kv_blocks=200, block_size=BLOCK)
+    plain = LLM(str(recall_folder), device="cpu", num_kv_blocks=200, block_size=BLOCK)
     with pytest.raises(InvalidRequestError, match="recall store"):
         plain.generate([PROMPT], SamplingParams(kv_policy="quest", kv_budget=64))
     with pytest.raises(ValueError, match="kv_cache_dtype"):
-        recall_llm(tiny_folder, kv_cache_dtype="int8")
+        recall_llm(recall_folder, kv_cache_dtype="int8")
     assert_recall_idle(llm)
 
 

@@ -117,8 +117,9 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     recall = None
     if recall_enabled(config.cache):
         recall = build_recall(
-            config.cache, placed.model_config, placed.dtype, placed.device, recall_bytes
-        )
+            config.cache, placed.model_config, placed.dtype, placed.device, recall_bytes,
+            placed.model.rope,
+        )  # fmt: skip
     scheduler = Scheduler(
         config.scheduler, kv, tier_loads, reclaim=sessions.reclaim, recall=recall
     )

@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from strata.attention.layer_inputs import Rotary
 from strata.config import CacheConfig, ModelConfig
 from strata.kv.recall.geometry import SINK_BLOCKS, WINDOW_BLOCKS, RecallGeometry
 from strata.kv.recall.host_store import HostKVStore
@@ -37,7 +38,7 @@ def host_bytes(cache: CacheConfig) -> int:
 
 def build_recall(
     cache: CacheConfig, model: ModelConfig, dtype: torch.dtype, device: torch.device,
-    gpu_bytes: int,
+    gpu_bytes: int, rope: Rotary | None = None,
 ) -> RecallManager:  # fmt: skip
     """The recall store for this engine (call only when recall_enabled)."""
     if cache.kv_cache_dtype != "auto":
@@ -68,4 +69,4 @@ def build_recall(
         geometry.dense_layers, SINK_BLOCKS * cache.block_size, WINDOW_BLOCKS * cache.block_size,
         device.type, geometry.sparse_layers, cache.kv_policy,
     )  # fmt: skip
-    return RecallManager(geometry, store, gpu_bytes, device)
+    return RecallManager(geometry, store, gpu_bytes, device, rope)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from strata.attention.layer_inputs import Rotary
 from strata.errors import InvalidRequestError
 from strata.kv.policies.budget import tokens_allowed
 from strata.kv.recall.geometry import RecallGeometry
@@ -42,9 +43,11 @@ class RecallKV:
 
 class RecallManager:
     def __init__(
-        self, geometry: RecallGeometry, store: HostKVStore, gpu_budget: int, device: torch.device
-    ) -> None:
+        self, geometry: RecallGeometry, store: HostKVStore, gpu_budget: int, device: torch.device,
+        rope: Rotary | None = None,
+    ) -> None:  # fmt: skip
         self.geometry, self.store, self.device = geometry, store, device
+        self.rope = rope  # the model's rotary tables, for policies that undo RoPE
         self.gpu_budget = gpu_budget
         self.gpu_used = 0
         self._live: dict[str, RecallKV] = {}
@@ -65,7 +68,10 @@ class RecallManager:
         cls = RECALL_POLICIES.get(policy)
         gpu = g.dense_bytes(total) + g.resident_bytes()
         gpu += cls.summary_bytes(
-            SummaryRoom(g.sparse_layers, g.num_kv_heads, host_slots, g.head_dim, g.dtype)
+            SummaryRoom(
+                g.sparse_layers, g.num_kv_heads, host_slots, g.head_dim, g.block_size, g.dtype,
+                budget_blocks,
+            )
         )
         if cls.selects:
             gpu += g.working_set_bytes(budget_blocks)
@@ -95,8 +101,9 @@ class RecallManager:
         slots = self.store.allocate(request_id, kv.host_slots)
         policy = RECALL_POLICIES.get(kv.policy)()
         kv.state = RecallSequence(
-            self.geometry, policy, kv.budget_blocks, kv.max_tokens, self.store, slots, self.device
-        )
+            self.geometry, policy, kv.budget_blocks, kv.max_tokens, self.store, slots, self.device,
+            self.rope,
+        )  # fmt: skip
         self.gpu_used += kv.gpu_bytes
         self._live[request_id] = kv
         return True

@@ -8,6 +8,11 @@ one selection: their scores are summed. One instance serves one sequence.
 
 `selects` False (full_offload): every middle block is attended, streamed from the host
 each step; no summaries, no working set.
+
+A policy may rebuild a fetched block's keys on the GPU instead of moving them
+(`rebuilt_keys`, ShadowKV); then only values cross from the host. A policy whose
+summaries need every key of a layer at once (a basis fitted to the whole prompt) says so
+in `wants_all_keys` and gets them, streamed from the host, in `take_all_keys`.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
+
+from strata.attention.layer_inputs import Rotary
 
 
 @dataclass(frozen=True)
@@ -27,7 +34,9 @@ class SummaryRoom:
     kv_heads: int
     max_blocks: int
     head_dim: int
+    block_size: int
     dtype: torch.dtype
+    slots: int = 0  # blocks a decode step picks per layer and head (the working set)
     device: torch.device | None = None  # None: the CPU
 
     def nbytes(self, per_block_vectors: int) -> int:
@@ -42,8 +51,9 @@ class RecallPolicy(ABC):
     selects: bool = True
 
     @abstractmethod
-    def allocate(self, room: SummaryRoom) -> None:
-        """Room for the summaries of a sequence's middle blocks, on room.device."""
+    def allocate(self, room: SummaryRoom, rope: Rotary | None = None) -> None:
+        """Room for the summaries of a sequence's middle blocks, on room.device. `rope`:
+        the model's rotary tables (middle block j holds positions (j + 1) * block_size on)."""
 
     @abstractmethod
     def summarize(self, layer: int, first: int, keys: torch.Tensor) -> None:
@@ -60,6 +70,26 @@ class RecallPolicy(ABC):
         """GPU bytes `allocate(room)` takes."""
         return 0
 
+    def reset(self) -> None:
+        """Forget every summary: the sequence recomputes its KV from token 0."""
+        return None
+
+    def wants_all_keys(self, layer: int) -> bool:
+        """True when `take_all_keys` must run for `layer` before its next `scores`."""
+        return False
+
+    def take_all_keys(self, layer: int, keys: torch.Tensor) -> None:
+        """Every middle block's post-RoPE keys of `layer` so far, [kv_heads, n, bs, dim]."""
+        return None
+
+    def rebuilt_keys(
+        self, layer: int, blocks: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Post-RoPE keys of middle blocks [kv_heads, n] rebuilt on the GPU,
+        [kv_heads, n, bs, dim], and the [kv_heads, n] bool of those that must come exact
+        from the host instead; None: every key comes from the host."""
+        return None
+
 
 class FullOffloadPolicy(RecallPolicy):
     """Attends every block: the lossless baseline of the recall store."""
@@ -67,7 +97,7 @@ class FullOffloadPolicy(RecallPolicy):
     name = "full_offload"
     selects = False
 
-    def allocate(self, room: SummaryRoom) -> None:
+    def allocate(self, room: SummaryRoom, rope: Rotary | None = None) -> None:
         return None
 
     def summarize(self, layer: int, first: int, keys: torch.Tensor) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from strata.attention.layer_inputs import Rotary
 from strata.kv.recall.policy import RecallPolicy, SummaryRoom
 
 
@@ -21,7 +22,7 @@ class QuestPolicy(RecallPolicy):
         self.kmin: torch.Tensor | None = None  # [layers, kv_heads, max_blocks, head_dim]
         self.kmax: torch.Tensor | None = None
 
-    def allocate(self, room: SummaryRoom) -> None:
+    def allocate(self, room: SummaryRoom, rope: Rotary | None = None) -> None:
         shape = (room.layers, room.kv_heads, room.max_blocks, room.head_dim)
         # device None: torch's default, the CPU
         self.kmin = torch.zeros(shape, dtype=room.dtype, device=room.device)

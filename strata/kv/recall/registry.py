@@ -7,6 +7,7 @@ from strata.registry import Registry
 
 RECALL_POLICIES: Registry[type[RecallPolicy]] = Registry("kv_policy", {
     "quest": "strata.kv.recall.quest:QuestPolicy",
+    "shadowkv": "strata.kv.recall.shadowkv:ShadowKVPolicy",
     "full_offload": "strata.kv.recall.policy:FullOffloadPolicy",
 })  # fmt: skip
 

@@ -11,12 +11,13 @@ from dataclasses import dataclass
 
 import torch
 
+from strata.attention.layer_inputs import Rotary
 from strata.kv.recall.chunk_attention import chunk_attention
 from strata.kv.recall.geometry import SINK_BLOCKS, RecallGeometry
 from strata.kv.recall.host_store import HostKVStore
 from strata.kv.recall.policy import RecallPolicy, SummaryRoom
 from strata.kv.recall.rows import copy_rows
-from strata.kv.recall.working_set import WorkingSet
+from strata.kv.recall.working_set import Moves, WorkingSet
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class RecallSequence:
         store: HostKVStore,
         host_slots: list[int],
         device: torch.device,
+        rope: Rotary | None = None,
     ) -> None:
         g = geometry
         self.geometry, self.policy, self.store = g, policy, store
@@ -61,7 +63,10 @@ class RecallSequence:
         self.tail_v = torch.zeros_like(self.tail_k)
         self.host_slots = host_slots  # middle block j lives in host slot host_slots[j]
         self.host_slots_t = torch.tensor(host_slots, dtype=torch.long, device=device)
-        policy.allocate(SummaryRoom(g.sparse_layers, kvh, len(host_slots), d, dt, device))
+        room = SummaryRoom(
+            g.sparse_layers, kvh, len(host_slots), d, g.block_size, dt, budget_blocks, device
+        )
+        policy.allocate(room, rope)
         self.working_set: WorkingSet | None = None
         if policy.selects:
             self.working_set = WorkingSet(
@@ -93,6 +98,7 @@ class RecallSequence:
     def reset(self) -> None:
         """Back to no KV (preemption by recompute); buffers are kept."""
         self.tail_start = self.computed = 0
+        self.policy.reset()
         if self.working_set is not None:
             self.working_set.tag.fill_(-1)
 
@@ -143,9 +149,8 @@ class RecallSequence:
             mask = torch.cat([sink, held.repeat_interleave(g.block_size, dim=1)], dim=1)
             self.blocks_attended += held.sum()
         elif m > 0:
-            mk, mv = self._stream(s, m)
-            keys.append(mk)
-            values.append(mv)
+            keys.append(self._stream(s, m, self.store.k).view(kvh, -1, d))
+            values.append(self._stream(s, m, self.store.v).view(kvh, -1, d))
             if chunk.num_tokens == 1:
                 self.blocks_attended += m * kvh
         return torch.cat(keys, 1), torch.cat(values, 1), mask
@@ -166,33 +171,57 @@ class RecallSequence:
         g, ws = self.geometry, self.working_set
         assert ws is not None
         n = ws.slots
-        if m <= n:  # every middle block fits: attended exactly
+        exact = m <= n  # every middle block fits: attended exactly, keys from the host
+        if exact:
             picks = torch.arange(n, device=q.device).expand(g.num_kv_heads, n)
             picks = torch.where(picks < m, picks, -1)
         else:
+            if self.policy.wants_all_keys(s):
+                self.policy.take_all_keys(s, self._stream(s, m, self.store.k))
             grouped = q.view(g.num_kv_heads, g.group_size, g.head_dim)
             scores = self.policy.scores(s, grouped, m)
             picks = torch.topk(scores, n, dim=1, sorted=False).indices
-        host_k, host_v = self._flat_host()
-        held, fetched = ws.update(s, picks, lambda b: self._host_rows(s, b), host_k, host_v)
-        self.bytes_fetched += fetched * 2 * host_k.shape[1] * host_k.element_size()
+        held, moves = ws.update(s, picks)
+        self._fill(s, moves, exact)
         return held
 
-    def _stream(self, s: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every middle block of sparse layer s, [KVH, m * bs, D], fetched from the host."""
+    def _fill(self, s: int, moves: Moves, exact: bool) -> None:
+        """Carry out a working-set update of sparse layer s: values from the host store;
+        keys from the host, or rebuilt by the policy (except those it wants exact)."""
+        ws = self.working_set
+        assert ws is not None
+        host_k, host_v = self._flat_host()
+        rows = self._host_rows(s, moves.blocks)
+        src = torch.where(moves.mask, rows, -1).flatten()
+        dst = moves.destination_rows(ws.slots)
+        copy_rows(host_v, ws.rows(s, ws.v), src, dst)
+        rebuilt = None if exact else self.policy.rebuilt_keys(s, moves.blocks)
+        keys_moved = moves.mask
+        if rebuilt is not None:
+            keys, from_host = rebuilt
+            index = moves.slots[:, :, None, None].expand_as(keys)
+            slots_k = ws.k[s]
+            held_k = slots_k.gather(1, index)
+            slots_k.scatter_(1, index, torch.where(moves.mask[:, :, None, None], keys, held_k))
+            keys_moved = moves.mask & from_host
+            src = torch.where(keys_moved, rows, -1).flatten()
+        copy_rows(host_k, ws.rows(s, ws.k), src, dst)
+        row_bytes = host_k.shape[1] * host_k.element_size()
+        self.bytes_fetched += (moves.mask.sum() + keys_moved.sum()) * row_bytes
+
+    def _stream(self, s: int, m: int, part: torch.Tensor) -> torch.Tensor:
+        """Middle blocks 0..m-1 of sparse layer s from the host store `part` (store.k or
+        store.v), [KVH, m, bs, D] on the compute device."""
         g = self.geometry
         device = self.host_slots_t.device
         blocks = torch.arange(m, device=device)
         src = self._host_rows(s, blocks[None, :].expand(g.num_kv_heads, m)).flatten()
         dst = torch.arange(src.numel(), device=device)
-        host_k, host_v = self._flat_host()
-        out = []
-        for host in (host_k, host_v):
-            scratch = host.new_empty((src.numel(), host.shape[1]), device=device)
-            copy_rows(host, scratch, src, dst)
-            out.append(scratch.view(g.num_kv_heads, m * g.block_size, g.head_dim))
-        self.bytes_fetched += 2 * src.numel() * host_k.shape[1] * host_k.element_size()
-        return out[0], out[1]
+        host = part.view(-1, g.block_size * g.head_dim)
+        scratch = host.new_empty((src.numel(), host.shape[1]), device=device)
+        copy_rows(host, scratch, src, dst)
+        self.bytes_fetched += src.numel() * host.shape[1] * host.element_size()
+        return scratch.view(g.num_kv_heads, m, g.block_size, g.head_dim)
 
     def _retire(self, s: int, seg_k: torch.Tensor, seg_v: torch.Tensor, chunk: RecallChunk) -> None:
         """Blocks leaving the tail go to the sink or the host store (with their summaries);

@@ -4,19 +4,17 @@
     tag:   [layers, kv_heads, slots]   the middle block a slot holds, -1 for none
 
 A step's selection (`update`) names, per head, up to `slots` middle blocks. A selected
-block already held stays where it is (a hit); the others are fetched from the host
-store into the slots whose blocks were not selected again (misses). Slot order means
-nothing: decode attention is over a set of post-RoPE keys. Everything happens on the
-device, so no host sync decides what moves.
+block already held stays where it is (a hit); the others (misses) go into the slots
+whose blocks were not selected again, as `Moves` the sequence carries out (from the host
+store, or rebuilt on the GPU). Slot order means nothing: decode attention is over a set
+of post-RoPE keys. Everything happens on the device, so no host sync decides what moves.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
-
-from strata.kv.recall.rows import copy_rows
 
 
 class WorkingSet:
@@ -39,18 +37,10 @@ class WorkingSet:
         item = dtype.itemsize
         return 2 * layers * kv_heads * slots * block_size * head_dim * item
 
-    def update(
-        self,
-        layer: int,
-        selected: torch.Tensor,
-        host_rows: Callable[[torch.Tensor], torch.Tensor],
-        host_k: torch.Tensor,
-        host_v: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, layer: int, selected: torch.Tensor) -> tuple[torch.Tensor, Moves]:
         """Make the slots of `layer` hold `selected` ([kv_heads, slots] middle block ids,
-        distinct per head, -1 for none); `host_rows` maps such ids to rows of the flat host
-        store (host_k, host_v: [rows, block_size * head_dim]). Returns ([kv_heads, slots]
-        bool: the slots that hold a selected block, the rows fetched: a 0-d tensor)."""
+        distinct per head, -1 for none). Returns ([kv_heads, slots] bool: the slots that
+        hold a selected block, the moves the caller must carry out to fill them)."""
         tag = self.tag[layer]
         wanted = selected >= 0
         held = (selected[:, :, None] == tag[:, None, :]).any(-1) & wanted
@@ -59,18 +49,33 @@ class WorkingSet:
         free_first = torch.sort(kept.int(), dim=1, stable=True).indices
         need_first = torch.sort((~need).int(), dim=1, stable=True).indices
         order = torch.arange(self.slots, device=tag.device)
-        moves = order[None, :] < need.sum(dim=1, keepdim=True)  # [kv_heads, slots]
+        moving = order[None, :] < need.sum(dim=1, keepdim=True)  # [kv_heads, slots]
         incoming = selected.gather(1, need_first)
         new_tag = torch.where(kept, tag, -1)
-        new_tag.scatter_(1, free_first, torch.where(moves, incoming, new_tag.gather(1, free_first)))
-        src = torch.where(moves, host_rows(incoming.clamp(min=0)), -1).flatten()
-        heads = torch.arange(tag.shape[0], device=tag.device)[:, None]
-        dst = (heads * self.slots + free_first).flatten()
-        row = self.k.shape[-2] * self.k.shape[-1]
-        copy_rows(host_k, self.k[layer].view(-1, row), src, dst)
-        copy_rows(host_v, self.v[layer].view(-1, row), src, dst)
+        arriving = torch.where(moving, incoming, new_tag.gather(1, free_first))
+        new_tag.scatter_(1, free_first, arriving)
         self.tag[layer] = new_tag
-        fetched = moves.sum()
         self.hits += held.sum()
-        self.misses += fetched
-        return new_tag >= 0, fetched
+        self.misses += moving.sum()
+        return new_tag >= 0, Moves(incoming.clamp(min=0), free_first, moving)
+
+    def rows(self, layer: int, part: torch.Tensor) -> torch.Tensor:
+        """`part` (self.k or self.v) of `layer` as [kv_heads * slots, block_size * head_dim]
+        rows; row h * slots + s is slot s of head h."""
+        return part[layer].view(-1, part.shape[-2] * part.shape[-1])
+
+
+@dataclass(frozen=True)
+class Moves:
+    """Fetches a working-set update asks for: where `mask`, middle block `blocks[h, i]`
+    of head h goes into slot `slots[h, i]` ([kv_heads, slots] each; slots distinct per
+    head)."""
+
+    blocks: torch.Tensor
+    slots: torch.Tensor
+    mask: torch.Tensor
+
+    def destination_rows(self, num_slots: int) -> torch.Tensor:
+        """Flat working-set rows (WorkingSet.rows) of every entry, [kv_heads * slots]."""
+        heads = torch.arange(self.slots.shape[0], device=self.slots.device)[:, None]
+        return (heads * num_slots + self.slots).flatten()

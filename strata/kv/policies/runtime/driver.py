@@ -120,7 +120,7 @@ class KVPolicyDriver:
         if total > held:
             raise InvalidRequestError(
                 f"prompt + max_tokens = {total} tokens do not fit the KV pool ({held} tokens); "
-                "lower max_tokens, or use a recall kv_policy (quest, full_offload)"
+                "lower max_tokens, or use a recall kv_policy (quest, shadowkv, full_offload)"
             )
 
     def after_step(self, step: PolicyStep) -> list[SequenceFault]:

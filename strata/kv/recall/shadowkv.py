@@ -1,0 +1,178 @@
+"""ShadowKV (Sun et al., ICML'25) on the recall store: low-rank keys on the GPU, values on
+the host, picks by chunk landmarks.
+
+Per sparse layer, on the GPU:
+
+    landmarks [kv_heads, blocks * chunks_per_block, dim]  mean post-RoPE key of each chunk
+                                                          of CHUNK_TOKENS tokens
+    spread    [kv_heads, blocks]   1 - the lowest cosine similarity of a block's key to its
+                                   chunk's landmark (how badly the landmarks describe it)
+    factors   [blocks * block_size, rank]   pre-RoPE keys (every head side by side) in ...
+    basis     [rank, kv_heads * dim]        ... the top right singular vectors of the
+                                            prompt's pre-RoPE keys
+
+The host store keeps every block's exact keys and values.
+
+A decode step scores chunks per query head as softmax(q . landmark / sqrt(dim)), takes
+the max over the GQA group, and scores a block by its best chunk. The `outliers` blocks
+with the largest spread are always picked, and their keys come exact from the host; as
+every step picks them again they stay in the working set, which is how ShadowKV keeps
+outliers exact on the GPU. Any other picked block fetches only its values, and its keys
+are rebuilt on the GPU as RoPE(factors @ basis).
+
+The basis of a layer is fitted once, at the first step that selects: the prompt is then
+prefilled, and its keys are streamed from the host once (`take_all_keys`). Blocks that
+retire after that are projected on the same basis.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from strata.attention.layer_inputs import Rotary
+from strata.kv.recall.geometry import SINK_BLOCKS
+from strata.kv.recall.policy import RecallPolicy, SummaryRoom
+
+CHUNK_TOKENS = 8  # tokens per landmark
+RANK = 160  # of the pre-RoPE keys' factorisation (capped at kv_heads * head_dim)
+OUTLIER_SHARE = 3 / 16  # of the picks; ShadowKV: 48 outlier chunks at a 256-chunk budget
+
+
+def chunks_per_block(block_size: int) -> int:
+    return max(1, block_size // CHUNK_TOKENS)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class ShadowKVPolicy(RecallPolicy):
+    name = "shadowkv"
+
+    def __init__(self) -> None:
+        self.room: SummaryRoom | None = None
+        self.rope: Rotary | None = None
+        self.fitted: list[bool] = []
+        self.outliers: list[torch.Tensor | None] = []  # per layer, [kv_heads, n] block ids
+
+    def allocate(self, room: SummaryRoom, rope: Rotary | None = None) -> None:
+        if rope is None:
+            raise ValueError("shadowkv rebuilds keys with RoPE: it needs the model's rotary")
+        self.room, self.rope = room, rope
+        kvh, d, dev = room.kv_heads, room.head_dim, room.device
+        rank = self.rank(room)
+        per_block = chunks_per_block(room.block_size)
+        self.landmarks = torch.zeros(
+            (room.layers, kvh, room.max_blocks * per_block, d), dtype=room.dtype, device=dev
+        )
+        self.spread = torch.zeros((room.layers, kvh, room.max_blocks), device=dev)
+        rows = room.max_blocks * room.block_size
+        self.factors = torch.zeros((room.layers, rows, rank), dtype=room.dtype, device=dev)
+        self.basis = torch.zeros((room.layers, rank, kvh * d), dtype=room.dtype, device=dev)
+        self.reset()
+
+    @staticmethod
+    def rank(room: SummaryRoom) -> int:
+        return min(RANK, room.kv_heads * room.head_dim)
+
+    @staticmethod
+    def num_outliers(room: SummaryRoom) -> int:
+        return int(room.slots * OUTLIER_SHARE)
+
+    @staticmethod
+    def summary_bytes(room: SummaryRoom) -> int:
+        item, rank = room.dtype.itemsize, ShadowKVPolicy.rank(room)
+        landmarks = room.nbytes(per_block_vectors=chunks_per_block(room.block_size))
+        spread = room.layers * room.kv_heads * room.max_blocks * 4
+        factors = room.layers * room.max_blocks * room.block_size * rank * item
+        basis = room.layers * rank * room.kv_heads * room.head_dim * item
+        return landmarks + spread + factors + basis
+
+    def reset(self) -> None:
+        assert self.room is not None
+        self.fitted = [False] * self.room.layers
+        self.outliers = [None] * self.room.layers
+
+    # ---- summaries ------------------------------------------------------------------------------
+
+    def summarize(self, layer: int, first: int, keys: torch.Tensor) -> None:
+        room = self.room
+        assert room is not None
+        kvh, n, bs, d = keys.shape
+        per_block = chunks_per_block(bs)
+        chunks = keys.float().view(kvh, n, per_block, bs // per_block, d)
+        means = chunks.mean(dim=3)
+        span = slice(first * per_block, (first + n) * per_block)
+        self.landmarks[layer, :, span] = means.reshape(kvh, n * per_block, d).to(room.dtype)
+        similarity = F.cosine_similarity(chunks, means[:, :, :, None], dim=-1)
+        self.spread[layer, :, first : first + n] = 1 - similarity.amin(dim=(2, 3))
+        if self.fitted[layer]:
+            pre = self._pre_rope(keys, first)
+            self.factors[layer, first * bs : (first + n) * bs] = (
+                pre @ self.basis[layer].float().T
+            ).to(room.dtype)
+
+    def wants_all_keys(self, layer: int) -> bool:
+        return not self.fitted[layer]
+
+    def take_all_keys(self, layer: int, keys: torch.Tensor) -> None:
+        """Fit the layer's basis to the pre-RoPE keys of every middle block so far (their
+        top right singular vectors: eigenvectors of K^T K), and factor those keys."""
+        room = self.room
+        assert room is not None
+        pre = self._pre_rope(keys, 0)  # [n * bs, kv_heads * dim]
+        _, vectors = torch.linalg.eigh(pre.T @ pre)  # ascending eigenvalues
+        basis = vectors[:, -self.rank(room) :].T
+        self.basis[layer] = basis.to(room.dtype)
+        self.factors[layer, : pre.shape[0]] = (pre @ basis.T).to(room.dtype)
+        self.fitted[layer] = True
+
+    def _pre_rope(self, keys: torch.Tensor, first: int) -> torch.Tensor:
+        """Post-RoPE keys [kv_heads, n, bs, dim] of middle blocks first.. back to pre-RoPE,
+        as [n * bs, kv_heads * dim] float32 rows."""
+        kvh, n, bs, d = keys.shape
+        cos, sin = self._tables(torch.arange(first, first + n, device=keys.device), bs)
+        y = keys.float()
+        # RoPE scales by cos^2 + sin^2 (1 unless the rope type scales attention)
+        pre = (y * cos - _rotate_half(y) * sin) / (cos * cos + sin * sin)
+        return pre.permute(1, 2, 0, 3).reshape(n * bs, kvh * d)
+
+    def _tables(self, blocks: torch.Tensor, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [*blocks.shape, bs, dim] float32 at the positions of middle blocks."""
+        assert self.rope is not None
+        offsets = torch.arange(bs, device=blocks.device)
+        positions = (blocks[..., None] + SINK_BLOCKS) * bs + offsets
+        return self.rope.cos[positions].float(), self.rope.sin[positions].float()
+
+    # ---- a decode step --------------------------------------------------------------------------
+
+    def scores(self, layer: int, q: torch.Tensor, num_blocks: int) -> torch.Tensor:
+        room = self.room
+        assert room is not None
+        per_block = chunks_per_block(room.block_size)
+        landmarks = self.landmarks[layer, :, : num_blocks * per_block].float()
+        logits = q.float() @ landmarks.transpose(1, 2) / room.head_dim**0.5  # [KVH, G, C]
+        chunk = logits.softmax(dim=-1).amax(dim=1)  # [KVH, chunks]
+        block = chunk.view(room.kv_heads, num_blocks, per_block).amax(dim=-1)
+        outliers = torch.topk(self.spread[layer, :, :num_blocks], self.num_outliers(room)).indices
+        self.outliers[layer] = outliers
+        return block.scatter(1, outliers, 2.0)  # above any probability: always picked
+
+    def rebuilt_keys(
+        self, layer: int, blocks: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        room, outliers = self.room, self.outliers[layer]
+        if room is None or outliers is None or not self.fitted[layer]:
+            return None
+        kvh, n = blocks.shape
+        bs, d, rank = room.block_size, room.head_dim, self.rank(room)
+        rows = blocks[:, :, None] * bs + torch.arange(bs, device=blocks.device)
+        factors = self.factors[layer][rows].view(kvh, n * bs, rank)
+        per_head = self.basis[layer].view(rank, kvh, d).transpose(0, 1)  # [KVH, rank, D]
+        pre = (factors @ per_head).float().view(kvh, n, bs, d)
+        cos, sin = self._tables(blocks, bs)
+        keys = (pre * cos + _rotate_half(pre) * sin).to(room.dtype)
+        from_host = (blocks[:, :, None] == outliers[:, None, :]).any(-1)
+        return keys, from_host
