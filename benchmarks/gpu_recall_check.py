@@ -1,9 +1,9 @@
 """The recall store on the GPU: exact at full budget, mixed batches equal solo runs.
 
 SmolLM2-135M shape with random weights in float32 on CUDA, Triton attention for the
-ordinary rows and CUDA graphs on: quest and full_offload at a budget covering every
-block give full attention's greedy tokens; a batch mixing quest (small budget), full
-and full_offload equals each request run alone; nothing leaks.
+ordinary rows and CUDA graphs on: quest, shadowkv and full_offload at a budget covering
+every block give full attention's greedy tokens; a batch mixing quest and shadowkv (small
+budgets), full and full_offload equals each request run alone; nothing leaks.
 
 python benchmarks/gpu_recall_check.py
 """
@@ -21,11 +21,12 @@ def main() -> None:
         kv_recall_host_memory=2.0, kv_recall_gpu_memory=1.0, max_num_batched_tokens=512,
     )  # fmt: skip
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(100, 40000, (n,), generator=g).tolist() for n in (1500, 900, 1200)]
+    lengths = (1500, 900, 1200, 1300)
+    prompts = [torch.randint(100, 40000, (n,), generator=g).tolist() for n in lengths]
     greedy = {"temperature": 0.0, "ignore_eos": True, "max_tokens": 48}
     full = [o.token_ids for o in llm.generate(prompts, SamplingParams(**greedy))]
     rows = []
-    for policy in ("quest", "full_offload"):
+    for policy in ("quest", "shadowkv", "full_offload"):
         params = SamplingParams(kv_policy=policy, kv_budget=10**6, **greedy)
         got = [o.token_ids for o in llm.generate(prompts, params)]
         rows.append((f"{policy} at full budget == full", got == full))
@@ -33,6 +34,7 @@ def main() -> None:
         SamplingParams(kv_policy="quest", kv_budget=256, **greedy),
         SamplingParams(**greedy),
         SamplingParams(kv_policy="full_offload", kv_budget=1, **greedy),
+        SamplingParams(kv_policy="shadowkv", kv_budget=256, **greedy),
     ]
     solo = [llm.generate([p], [sp])[0].token_ids for p, sp in zip(prompts, mixed, strict=True)]
     batch = [o.token_ids for o in llm.generate(prompts, mixed)]

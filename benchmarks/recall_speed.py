@@ -2,9 +2,12 @@
 
 uva     copy_rows (strata/ops/triton_row_copy.py) from pinned host rows into the GPU and
         back: exact, and its GB/s against a pinned host-to-device memcpy in the same run
-decode  Llama-3-8B shape, random weights, bf16: decode tok/s of one request at each
-        context, for full attention in the GPU pool, full_offload, and quest at a budget
-        of 2048 tokens; bytes fetched per token against the measured pinned H2D rate
+decode  Llama-3-8B shape, random weights, bf16: decode tok/s of --batch requests at
+        each context, for full attention in the GPU pool, full_offload, and quest and
+        shadowkv at a budget of 2048 tokens; bytes fetched per token against the measured
+        pinned H2D rate
+beyond  --beyond SEQSxCONTEXT:POLICY: sequences whose KV is many times the GPU pool, all
+        completing
 
 python benchmarks/recall_speed.py [--only uva,decode] [--contexts 32768,65536,131072]
                                   [--batch 1] [--json out.json]
@@ -113,7 +116,10 @@ def decode_rate(
     return steps * len(prompts) / elapsed, before, after
 
 
-MODES = {"full": (None, None), "full_offload": ("full_offload", 1e9), "quest": ("quest", 2048)}
+MODES = {
+    "full": (None, None), "full_offload": ("full_offload", 1e9), "quest": ("quest", 2048),
+    "shadowkv": ("shadowkv", 2048),
+}  # fmt: skip
 
 
 def recall_deltas(before: dict[str, Any], after: dict[str, Any], tokens: int) -> dict[str, Any]:
@@ -156,14 +162,49 @@ def bench_decode(contexts: list[int], batch: int, steps: int, modes: list[str],
     RESULTS["decode"] = rows
 
 
+def bench_beyond(num_seqs: int, context: int, steps: int, policy: str) -> None:
+    """num_seqs requests of `context` tokens under `policy` (budget 2048), with a GPU pool
+    of 2 GiB and 8 GiB of GPU memory for recall sequences: their KV is many times either.
+    Every request must complete its `steps` tokens."""
+    longest = context + steps + 64
+    llm = LLM(
+        llama8b(longest + 64), max_model_len=longest, kv_cache_memory=10.0,
+        kv_recall_gpu_memory=8.0, kv_recall_host_memory=8 * num_seqs, kv_policy=policy,
+        kv_budget=2048, max_num_batched_tokens=16384, max_num_seqs=num_seqs,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1000, 100000, (context,), generator=g).tolist()
+               for _ in range(num_seqs)]  # fmt: skip
+    params = SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True)
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    seconds = time.perf_counter() - start
+    stats = llm.stats()
+    kv_per_token = 2 * 32 * 8 * 128 * 2  # Llama-3-8B shape, bf16
+    total_kv = num_seqs * (context + steps) * kv_per_token
+    pool = stats["kv_blocks_total"] * 16 * kv_per_token
+    RESULTS["beyond"] = {
+        "policy": policy, "sequences": num_seqs, "context": context, "steps": steps,
+        "completed": sum(len(o.token_ids) == steps for o in outs), "seconds": seconds,
+        "total_kv_GiB": total_kv / 2**30, "pool_GiB": pool / 2**30,
+        "recall_gpu_GiB": stats["recall_gpu_bytes_used"] / 2**30,
+        "kv_over_pool": total_kv / pool,
+        "kv_over_pool_and_recall_gpu": total_kv / (pool + 8 * 2**30),
+        "host_GiB_used_after": stats["recall_host_bytes_used"] / 2**30,
+    }  # fmt: skip
+    print("beyond", RESULTS["beyond"], flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", default="uva,decode", help="sections, comma-separated")
+    p.add_argument("--only", default="uva,decode", help="sections: uva, decode, beyond")
     p.add_argument("--contexts", default="32768,65536,131072", help="prompt lengths")
     p.add_argument("--batch", type=int, default=1, help="requests decoding together")
     p.add_argument("--steps", type=int, default=32, help="decode steps timed")
     p.add_argument("--modes", default="full,full_offload,quest", help=", ".join(MODES))
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table")
+    p.add_argument("--beyond", default="8x32768:shadowkv",
+                   help="beyond: SEQSxCONTEXT:POLICY, KV far over the GPU pool")
     p.add_argument("--json", default=None, help="write the results here")
     a = p.parse_args()
     only = a.only.split(",")
@@ -173,6 +214,10 @@ def main() -> None:
     if "decode" in only:
         contexts = [int(c) for c in a.contexts.split(",")]
         bench_decode(contexts, a.batch, a.steps, a.modes.split(","), a.profile)
+    if "beyond" in only:
+        shape, policy = a.beyond.split(":")
+        seqs, context = (int(x) for x in shape.split("x"))
+        bench_beyond(seqs, context, a.steps, policy)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(RESULTS, f, indent=1)

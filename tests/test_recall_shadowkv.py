@@ -127,3 +127,21 @@ def test_rebuilt_keys_decode_as_fetched_keys(
     assert fetched == rebuilt
     more = llm.stats()["recall_bytes_fetched"] - stats["recall_bytes_fetched"]
     assert more > stats["recall_bytes_fetched"]  # keys moved too
+
+
+def test_the_basis_is_fitted_by_the_prefill(recall_folder: Path) -> None:
+    """The prompt's last chunk fits every sparse layer's basis (streaming its keys once), so
+    the first decode step only selects."""
+    llm = recall_llm(recall_folder)
+    engine = llm.engine
+    params = SamplingParams(kv_policy="shadowkv", kv_budget=40, **GREEDY)
+    request_id = engine.add_request(PROMPT, params)
+    seq = engine._seqs[request_id]
+    while seq.num_output_tokens == 0:
+        engine.step()
+    assert seq.recall is not None and seq.recall.state is not None
+    policy = seq.recall.state.policy
+    assert isinstance(policy, ShadowKVPolicy)
+    assert policy.fitted == [True] * 2  # 4 layers, 2 dense
+    engine.abort(request_id)
+    assert_recall_idle(llm)

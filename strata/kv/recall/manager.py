@@ -38,6 +38,7 @@ class RecallKV:
     max_tokens: int
     host_slots: int
     gpu_bytes: int
+    prompt_tokens: int
     state: RecallSequence | None = None
 
 
@@ -89,7 +90,7 @@ class RecallManager:
                 f"for their dense layers, summaries and working set, but recall sequences "
                 f"have {format_bytes(self.gpu_budget)} (kv_recall_gpu_memory)"
             )
-        return RecallKV(policy, budget_blocks, total, host_slots, gpu)
+        return RecallKV(policy, budget_blocks, total, host_slots, gpu, num_prompt)
 
     def admit(self, request_id: str, kv: RecallKV) -> bool:
         """Allocate the sequence's GPU state and reserve its host slots; False (nothing
@@ -102,7 +103,7 @@ class RecallManager:
         policy = RECALL_POLICIES.get(kv.policy)()
         kv.state = RecallSequence(
             self.geometry, policy, kv.budget_blocks, kv.max_tokens, self.store, slots, self.device,
-            self.rope,
+            self.rope, kv.prompt_tokens,
         )  # fmt: skip
         self.gpu_used += kv.gpu_bytes
         self._live[request_id] = kv

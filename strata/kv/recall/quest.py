@@ -40,9 +40,9 @@ class QuestPolicy(RecallPolicy):
 
     def scores(self, layer: int, q: torch.Tensor, num_blocks: int) -> torch.Tensor:
         assert self.kmin is not None and self.kmax is not None
-        kmin = self.kmin[layer, :, :num_blocks].float()  # [kv_heads, n, head_dim]
-        kmax = self.kmax[layer, :, :num_blocks].float()
-        qf = q.float()
-        pos = qf.clamp(min=0)
-        upper = pos @ kmax.transpose(1, 2) + (qf - pos) @ kmin.transpose(1, 2)
-        return upper.sum(dim=1)  # [kv_heads, n]
+        kmin = self.kmin[layer, :, :num_blocks]  # [kv_heads, n, head_dim]
+        kmax = self.kmax[layer, :, :num_blocks]
+        qs = q.to(kmin.dtype)  # matmuls in the summaries' dtype: no copy of them per step
+        pos = qs.clamp(min=0)
+        upper = torch.baddbmm(pos @ kmax.transpose(1, 2), qs - pos, kmin.transpose(1, 2))
+        return upper.float().sum(dim=1)  # [kv_heads, n]

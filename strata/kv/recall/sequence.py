@@ -47,11 +47,13 @@ class RecallSequence:
         host_slots: list[int],
         device: torch.device,
         rope: Rotary | None = None,
+        prompt_tokens: int = 0,
     ) -> None:
         g = geometry
         self.geometry, self.policy, self.store = g, policy, store
         self.budget_blocks = budget_blocks
         self.max_tokens = max_tokens
+        self.prompt_tokens = prompt_tokens  # its last chunk readies the policy's selection
         kvh, d, dt = g.num_kv_heads, g.head_dim, g.dtype
         self.dense_k = torch.zeros((g.dense_layers, kvh, max_tokens, d), dtype=dt, device=device)
         self.dense_v = torch.zeros_like(self.dense_k)
@@ -127,6 +129,8 @@ class RecallSequence:
             chunk.start, scale,
         )  # fmt: skip
         self._retire(s, seg_k, seg_v, chunk)
+        if chunk.end == self.prompt_tokens:
+            self._ready_selection(s, chunk)
         return out
 
     def _prefix(
@@ -154,6 +158,15 @@ class RecallSequence:
             if chunk.num_tokens == 1:
                 self.blocks_attended += m * kvh
         return torch.cat(keys, 1), torch.cat(values, 1), mask
+
+    def _ready_selection(self, s: int, chunk: RecallChunk) -> None:
+        """At the end of the prompt, give a policy that wants every key of the layer (a
+        basis fitted to the prompt) those keys, if the next step selects: the work is
+        then part of the prefill, not of the first decode step."""
+        middle = max(0, chunk.new_tail_start // self.geometry.block_size - SINK_BLOCKS)
+        ws = self.working_set
+        if ws is not None and middle > ws.slots and self.policy.wants_all_keys(s):
+            self.policy.take_all_keys(s, self._stream(s, middle, self.store.k))
 
     def _host_rows(self, s: int, blocks: torch.Tensor) -> torch.Tensor:
         """Flat host-store rows of middle blocks [KVH, n] (row = layer, slot, head)."""

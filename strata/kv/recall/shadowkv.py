@@ -152,9 +152,9 @@ class ShadowKVPolicy(RecallPolicy):
         room = self.room
         assert room is not None
         per_block = chunks_per_block(room.block_size)
-        landmarks = self.landmarks[layer, :, : num_blocks * per_block].float()
-        logits = q.float() @ landmarks.transpose(1, 2) / room.head_dim**0.5  # [KVH, G, C]
-        chunk = logits.softmax(dim=-1).amax(dim=1)  # [KVH, chunks]
+        landmarks = self.landmarks[layer, :, : num_blocks * per_block]
+        logits = q.to(room.dtype) @ landmarks.transpose(1, 2)  # [KVH, G, chunks]
+        chunk = (logits.float() / room.head_dim**0.5).softmax(dim=-1).amax(dim=1)
         block = chunk.view(room.kv_heads, num_blocks, per_block).amax(dim=-1)
         outliers = torch.topk(self.spread[layer, :, :num_blocks], self.num_outliers(room)).indices
         self.outliers[layer] = outliers
