@@ -1,0 +1,99 @@
+"""Tensor parallelism on CPU (gloo, 2 ranks): a TP=2 engine gives the greedy tokens of a
+TP=1 engine exactly, and logits within 1e-4 (fp32), for dense and MoE models, with KV
+heads split and replicated, under continuous batching with chunked prefill, preemption
+and prefix-cache hits; from HF folders and from random weights."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import LlamaConfig, PretrainedConfig, Qwen2Config
+
+from strata import LLM, SamplingParams
+from tests.conftest import TINY, assert_no_leaks, make_hf_model
+from tests.test_hf_equality import _record_logits
+from tests.test_moe_models import MOE_CONFIGS
+
+TP_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
+    # 2 KV heads: one per rank.
+    "llama-gqa": lambda: LlamaConfig(**{**TINY, "num_key_value_heads": 2}),
+    # 1 KV head replicated on both ranks; tied embeddings; 509 rows: the last rank pads.
+    "llama-mqa-tied": lambda: LlamaConfig(
+        **{**TINY, "num_key_value_heads": 1, "tie_word_embeddings": True, "vocab_size": 509}
+    ),
+    "qwen2": lambda: Qwen2Config(**{**TINY, "num_key_value_heads": 2}),
+    "mixtral": MOE_CONFIGS["mixtral"],
+    "olmoe": MOE_CONFIGS["olmoe"],  # q/k norms over the whole (sharded) projections
+    "qwen2_moe": MOE_CONFIGS["qwen2_moe"],  # shared expert, a dense layer
+}
+
+# A pool of 14 blocks of 4 tokens cannot hold all three at once: the last admitted is
+# preempted and recomputed; 8-token chunks split the long prompt's prefill.
+ENGINE = {
+    "device": "cpu", "block_size": 4, "num_kv_blocks": 14, "max_num_batched_tokens": 8,
+    "max_model_len": 48,
+}
+PROMPTS = [[5, 17, 300, 42, 7, 99, 250, 3, 11], [400, 8], list(range(30, 67))]
+SHARED = list(range(100, 120))  # five full blocks, then two prompts that extend them
+GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tp_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = {}
+    for name, make in TP_CONFIGS.items():
+        folder = tmp_path_factory.mktemp(name)
+        make_hf_model(make()).save_pretrained(folder)
+        out[name] = folder
+    return out
+
+
+def run_workload(llm: LLM) -> tuple[list[list[int]], list[torch.Tensor], dict[str, Any]]:
+    """Tokens of a batch that preempts, then of two prompts sharing a cached prefix; every
+    step's logits; the stats after."""
+    logits = _record_logits(llm)
+    tokens = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+    for tail in ([1, 2, 3], [4, 5]):
+        tokens += [o.token_ids for o in llm.generate([SHARED + tail], GREEDY)]
+    return tokens, logits, llm.stats()
+
+
+def assert_same_run(model: str, **options: Any) -> dict[str, Any]:
+    """TP=2 equals TP=1 on run_workload; returns the TP=2 stats."""
+    ref = LLM(model, **ENGINE, **options)
+    want_tokens, want_logits, want_stats = run_workload(ref)
+    with LLM(model, **ENGINE, **options, tensor_parallel_size=2) as tp:
+        tokens, logits, stats = run_workload(tp)
+        assert_no_leaks(tp)
+    assert tokens == want_tokens
+    assert len(logits) == len(want_logits)
+    for got, want in zip(logits, want_logits, strict=True):
+        assert got.shape == want.shape
+        assert (got - want).abs().max().item() < 1e-4
+    for key in ("num_preemptions", "prefix_cache_hit_tokens", "num_generated_tokens"):
+        assert stats[key] == want_stats[key], key
+    assert stats["num_preemptions"] > 0 and stats["prefix_cache_hit_tokens"] >= len(SHARED)
+    return stats
+
+
+@pytest.mark.parametrize("name", list(TP_CONFIGS))
+def test_tp2_equals_tp1(name: str, tp_folders: dict[str, Path]) -> None:
+    stats = assert_same_run(str(tp_folders[name]))
+    assert stats["tensor_parallel_size"] == 2
+    # Per step: the embedding, and per layer o_proj and the MLP or MoE block (OLMoE's
+    # q/k norms add two per layer).
+    layers = TP_CONFIGS[name]().num_hidden_layers
+    per_step = 1 + layers * (4 if name == "olmoe" else 2)
+    assert stats["tp_allreduces"] == per_step * stats["tp_steps"]
+    assert stats["tp_allreduce_seconds"] > 0
+
+
+@pytest.mark.parametrize("name", ["llama-mqa-tied", "mixtral"])
+def test_random_weights_tp2_equal_tp1(name: str, tmp_path: Path) -> None:
+    """random:CONFIG draws the whole model's weights, then each rank keeps its share."""
+    TP_CONFIGS[name]().save_pretrained(tmp_path)
+    assert_same_run(f"random:{tmp_path / 'config.json'}", seed=3)
