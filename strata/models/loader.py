@@ -74,6 +74,11 @@ class Placement:
     comm: Communicator | None = None  # tensor parallelism: this rank's share only
 
     @property
+    def wants_tokenizer(self) -> bool:
+        """Tensor-parallel workers (ranks > 0) see token ids only."""
+        return self.comm is None or self.comm.rank == 0
+
+    @property
     def pin_experts(self) -> bool:
         return self.expert_device.type == "cpu" and self.device.type == "cuda"
 
@@ -150,7 +155,7 @@ def _load_hf_folder(
     if place.comm is not None:
         weights = shard_weights(weights, _layout(cfg, place))
     model.load_weights(weights)
-    tokenizer = _load_tokenizer(path)
+    tokenizer = _load_tokenizer(path) if place.wants_tokenizer else None
     eos = _eos_ids(path, hf_config, tokenizer)
     return _loaded(model, model.config, tokenizer, eos, name)
 
@@ -257,7 +262,9 @@ def _load_random(name: str, place: Placement, max_positions: int | None, seed: i
         whole = _on_meta(cfg, place.dtype, max_positions or cfg.max_position_embeddings)
         drawn = random_full_weights(whole, seed, std, place.device, place.dtype)
         model.load_weights(shard_weights(drawn, _layout(cfg, place)))
-    tokenizer = _beside_config(name) or _embedded_tokenizer_if_fits(cfg.vocab_size)
+    tokenizer = None
+    if place.wants_tokenizer:
+        tokenizer = _beside_config(name) or _embedded_tokenizer_if_fits(cfg.vocab_size)
     eos = _eos_ids(None, hf_config, None)
     return _loaded(model, model.config, tokenizer, eos, f"random:{name}")
 

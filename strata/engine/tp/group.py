@@ -32,9 +32,19 @@ logger = logging.getLogger("strata.engine")
 STOP_GRACE_S = 5.0  # a worker asked to stop is killed after this long
 
 
+def _context() -> mp.context.SpawnContext | mp.context.ForkServerContext:
+    """Forkserver: a clean single-threaded server (no CUDA, no OpenMP pool) forks each
+    worker with strata already imported, instead of a seconds-long import per worker."""
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["strata.engine.tp.worker"])
+    return ctx
+
+
 class WorkerGroup:
     def __init__(self, specs: list[WorkerSpec], timeout_s: float) -> None:
-        ctx = mp.get_context("spawn")
+        ctx = _context()
         self.timeout_s = timeout_s
         self.procs: list[BaseProcess] = []
         self.conns: list[Connection] = []

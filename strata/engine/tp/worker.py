@@ -7,7 +7,8 @@ Each step is a doorbell on the pipe (the payload's length; 0 stops the worker) a
 the StepInputs payload by broadcast from rank 0, so the worker idles on the pipe (no
 collective timeout while the engine has nothing to do) and every wait inside a step is
 bounded by the group's timeout. The worker ignores SIGINT and SIGTERM: rank 0 drains and
-stops it, and it exits by itself within a second of rank 0's death.
+stops it. It exits by itself when rank 0 dies: at once if idle (its pipe reaches EOF),
+within the timeout if inside a step (the collective fails).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import signal
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from typing import Any
 
 import torch
 
@@ -45,7 +47,7 @@ class WorkerSpec:
     seed: int
     block_size: int
     attention_backend: str
-    parent_pid: int
+    rank0_pid: int
 
 
 def run_worker(spec: WorkerSpec, conn: Connection) -> None:
@@ -59,7 +61,7 @@ def run_worker(spec: WorkerSpec, conn: Connection) -> None:
         loaded = load_model(spec.model, device, spec.dtype, spec.max_positions, spec.seed,
                             comm=comm)  # fmt: skip
         conn.send(("loaded", None))
-        num_blocks = _recv_object(conn, spec.parent_pid)
+        num_blocks = _recv(conn, spec.rank0_pid)
         if num_blocks is None:
             return
         kv = KVCache(loaded.config, num_blocks, spec.block_size, spec.dtype, device)
@@ -70,16 +72,26 @@ def run_worker(spec: WorkerSpec, conn: Connection) -> None:
             conn.send(("error", f"rank {spec.rank}: {traceback.format_exc()}"))
 
 
-def _parent_alive(parent_pid: int) -> bool:
-    return os.getppid() == parent_pid
+def _rank0_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
-def _recv_object(conn: Connection, parent_pid: int) -> int | None:
-    while not conn.poll(POLL_S):
-        if not _parent_alive(parent_pid):
-            return None
-    value: int = conn.recv()
-    return value
+def _recv(conn: Connection, rank0_pid: int) -> Any:
+    """The next message from rank 0; None once rank 0 is gone (its end of the pipe closed,
+    or its process no longer exists)."""
+    try:
+        while not conn.poll(POLL_S):
+            if not _rank0_alive(rank0_pid):
+                return None
+        return conn.recv()
+    except (EOFError, OSError):
+        return None
 
 
 def serve_steps(
@@ -89,12 +101,8 @@ def serve_steps(
     backend = get_backend(spec.attention_backend)
     device = comm.device
     while True:
-        if not conn.poll(POLL_S):
-            if not _parent_alive(spec.parent_pid):
-                return
-            continue
-        length: int = conn.recv()
-        if length == 0:
+        length = _recv(conn, spec.rank0_pid)
+        if not length:  # the stop doorbell (0), or rank 0 is gone
             return
         payload = comm.broadcast(torch.empty(length, dtype=torch.int64, device=device))
         step = StepInputs.decode(payload.cpu().numpy())
