@@ -1,8 +1,7 @@
 """WorkerGroup: rank 0's side of tensor parallelism (the engine's own process is rank 0).
 
-It starts the worker processes (spawn), meets them in a Communicator, hands them the KV
-pool size, and sends every step: a doorbell on each worker's pipe, then the StepInputs
-payload by broadcast (worker.py says why). It is also the one place that turns a broken
+It starts the worker processes, meets them in a Communicator, hands them the KV pool
+size, and sends every step's StepInputs (channel.py). It is also the one place that turns a broken
 rank into an error: any failure of a step that involves the group is re-raised as
 TensorParallelError naming the ranks that died or went silent; the group is then
 stopped (no process is left behind) and every later step fails at once.
@@ -20,8 +19,9 @@ from contextlib import contextmanager
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
-import torch
+import numpy as np
 
+from strata.engine.tp.channel import send_step, send_stop
 from strata.engine.tp.step_wire import StepInputs
 from strata.engine.tp.worker import WorkerSpec, run_worker
 from strata.errors import TensorParallelError
@@ -76,19 +76,16 @@ class WorkerGroup:
 
     def send_pool_size(self, num_blocks: int) -> None:
         for conn in self.conns:
-            conn.send(num_blocks)
+            conn.send_bytes(np.array([num_blocks], np.int64).tobytes())
         self.expect("ready")
 
     # ---- steps -------------------------------------------------------------------------------
 
     def send(self, comm: Communicator, step: StepInputs) -> None:
-        """Ring every worker, then broadcast the step's inputs (rank 0's part of it)."""
+        """Send the step's inputs to every worker (channel.py)."""
         start = time.perf_counter()
-        payload = step.encode()
         with self.guard():
-            for conn in self.conns:
-                conn.send(len(payload))
-            comm.broadcast(torch.from_numpy(payload).to(comm.device))
+            send_step(self.conns, comm, step)
         self.steps += 1
         self.send_seconds += time.perf_counter() - start
 
@@ -134,7 +131,7 @@ class WorkerGroup:
 def _stop_all(procs: list[BaseProcess], conns: list[Connection]) -> None:
     for conn in conns:
         with contextlib.suppress(OSError):  # already gone
-            conn.send(0)  # the stop doorbell
+            send_stop(conn)
     deadline = time.monotonic() + STOP_GRACE_S
     for proc in procs:
         proc.join(max(deadline - time.monotonic(), 0.0))

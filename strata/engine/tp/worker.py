@@ -1,35 +1,29 @@
 """A worker rank (1..N-1): its process's whole life.
 
-    start ─► connect (Communicator) ─► load its share ─► "loaded" ─► recv pool size
-          ─► build its KV pool ─► "ready" ─► steps until the stop doorbell or rank 0 is gone
+    start ─► connect (Communicator) ─► load its share ─► "loaded" ─► pool size (blocks)
+          ─► build its KV pool ─► "ready" ─► steps (channel.py) until stop or rank 0 is gone
 
-Each step is a doorbell on the pipe (the payload's length; 0 stops the worker) and then
-the StepInputs payload by broadcast from rank 0, so the worker idles on the pipe (no
-collective timeout while the engine has nothing to do) and every wait inside a step is
-bounded by the group's timeout. The worker ignores SIGINT and SIGTERM: rank 0 drains and
-stops it. It exits by itself when rank 0 dies: at once if idle (its pipe reaches EOF),
-within the timeout if inside a step (the collective fails).
+The worker ignores SIGINT and SIGTERM: rank 0 drains and stops it. It exits by itself
+when rank 0 dies: at once if idle (its pipe reaches EOF), within the group's timeout if
+inside a step (the collective fails).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any
 
+import numpy as np
 import torch
 
 from strata.attention.backend import get_backend
-from strata.engine.tp.step_wire import StepInputs
+from strata.engine.tp.channel import receive, receive_step
 from strata.kv.cache import KVCache
 from strata.models.loader import load_model
 from strata.models.tp.comm import Communicator
-
-POLL_S = 1.0  # how often an idle worker checks that rank 0 is alive
 
 
 @dataclass(frozen=True)
@@ -61,9 +55,10 @@ def run_worker(spec: WorkerSpec, conn: Connection) -> None:
         loaded = load_model(spec.model, device, spec.dtype, spec.max_positions, spec.seed,
                             comm=comm)  # fmt: skip
         conn.send(("loaded", None))
-        num_blocks = _recv(conn, spec.rank0_pid)
-        if num_blocks is None:
+        message = receive(conn, spec.rank0_pid)
+        if message is None:
             return
+        num_blocks = int(np.frombuffer(message, dtype=np.int64)[0])
         kv = KVCache(loaded.config, num_blocks, spec.block_size, spec.dtype, device)
         conn.send(("ready", None))
         serve_steps(spec, conn, comm, loaded.model, kv)
@@ -72,40 +67,16 @@ def run_worker(spec: WorkerSpec, conn: Connection) -> None:
             conn.send(("error", f"rank {spec.rank}: {traceback.format_exc()}"))
 
 
-def _rank0_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _recv(conn: Connection, rank0_pid: int) -> Any:
-    """The next message from rank 0; None once rank 0 is gone (its end of the pipe closed,
-    or its process no longer exists)."""
-    try:
-        while not conn.poll(POLL_S):
-            if not _rank0_alive(rank0_pid):
-                return None
-        return conn.recv()
-    except (EOFError, OSError):
-        return None
-
-
 def serve_steps(
     spec: WorkerSpec, conn: Connection, comm: Communicator, model: torch.nn.Module, kv: KVCache
 ) -> None:
-    """Run every step rank 0 sends, until the stop doorbell or rank 0's death."""
+    """Run every step rank 0 sends, until it says stop or is gone."""
     backend = get_backend(spec.attention_backend)
     device = comm.device
     while True:
-        length = _recv(conn, spec.rank0_pid)
-        if not length:  # the stop doorbell (0), or rank 0 is gone
+        step = receive_step(conn, comm, spec.rank0_pid)
+        if step is None:
             return
-        payload = comm.broadcast(torch.empty(length, dtype=torch.int64, device=device))
-        step = StepInputs.decode(payload.cpu().numpy())
         ids, positions, slots, rows = (
             torch.from_numpy(a).to(device)
             for a in (step.ids, step.positions, step.slots, step.logits_rows)
