@@ -52,7 +52,7 @@ def receive_step(conn: Connection, comm: Communicator, rank0_pid: int) -> StepIn
     message = receive(conn, rank0_pid)
     if message is None:
         return None
-    data = np.frombuffer(message, dtype=np.int64)
+    data = np.frombuffer(bytearray(message), dtype=np.int64)  # writable: torch wraps it
     if len(data) > 1:
         return StepInputs.decode(data)
     if data[0] == 0:

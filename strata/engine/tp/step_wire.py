@@ -12,6 +12,7 @@ rank's pool has the same blocks, holding its own KV heads. Encoding, all int64:
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,15 +34,16 @@ class StepInputs:
         layout = self.layout
         tables = layout.block_tables
         header = [len(self.ids), len(tables), len(self.logits_rows), layout.block_size]
-        flat = [int(b) for table in tables for b in table]
+        lens = [len(t) for t in tables]
+        flat = np.fromiter(itertools.chain.from_iterable(tables), np.int64, sum(lens))
         return np.concatenate(
             [
                 np.asarray(header, np.int64),
                 self.ids, self.positions, self.slots, self.logits_rows,
                 np.asarray(layout.query_lens, np.int64),
                 np.asarray(layout.context_lens, np.int64),
-                np.asarray([len(t) for t in tables], np.int64),
-                np.asarray(flat, np.int64),
+                np.asarray(lens, np.int64),
+                flat,
             ]
         ).astype(np.int64, copy=False)
 
