@@ -15,6 +15,7 @@ from transformers import LlamaConfig, PretrainedConfig, Qwen2Config
 
 from strata import LLM, SamplingParams
 from strata.engine.tp import channel
+from strata.server.metrics import ServerMetrics
 from tests.conftest import TINY, assert_no_leaks, make_hf_model
 from tests.test_hf_equality import _record_logits
 from tests.test_moe_models import MOE_CONFIGS
@@ -95,6 +96,9 @@ def test_tp2_equals_tp1(
     per_step = 1 + layers * (4 if name == "olmoe" else 2)
     assert stats["tp_allreduces"] == per_step * stats["tp_steps"]
     assert stats["tp_allreduce_seconds"] > 0
+    metrics = ServerMetrics(lambda: stats).render().decode().splitlines()
+    assert "strata_tensor_parallel_size 2.0" in metrics
+    assert f"strata_tp_steps_total {float(stats['tp_steps'])}" in metrics
 
 
 @pytest.mark.parametrize("name", ["mixtral"])

@@ -30,6 +30,8 @@ from strata.models.tp.layout import ShardLayout
 
 logger = logging.getLogger("strata.engine")
 
+LOG_EVERY = 1000  # steps between logs of the all-reduce and send time per step
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -61,6 +63,7 @@ def rank_devices(device: torch.device, size: int) -> list[torch.device]:
 class TensorParallel:
     def __init__(self, layout: ShardLayout, group: WorkerGroup, comm: Communicator) -> None:
         self.layout, self.group, self.comm = layout, group, comm
+        self._logged = (0.0, 0.0)  # all-reduce and send seconds at the last log
 
     def loaded(self) -> None:
         self.group.expect("loaded")
@@ -71,7 +74,20 @@ class TensorParallel:
                     "KV heads)", self.layout.describe(), num_blocks)  # fmt: skip
 
     def send(self, step: StepInputs) -> None:
+        if self.group.steps and self.group.steps % LOG_EVERY == 0:
+            self._log_recent()
         self.group.send(self.comm, step)
+
+    def _log_recent(self) -> None:
+        """Log the last LOG_EVERY steps' all-reduce and send time per step."""
+        reduce, send = self.comm.allreduce_seconds, self.group.send_seconds
+        last_reduce, last_send = self._logged
+        self._logged = (reduce, send)
+        logger.info(
+            "tensor parallel: last %d steps: all-reduce %.2f ms/step, step send %.3f ms/step",
+            LOG_EVERY, (reduce - last_reduce) / LOG_EVERY * 1e3,
+            (send - last_send) / LOG_EVERY * 1e3,
+        )  # fmt: skip
 
     @contextmanager
     def guard(self) -> Iterator[None]:
