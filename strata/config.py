@@ -530,7 +530,7 @@ class ParallelConfig:
     ))  # fmt: skip
     port: int | None = field(default=None, metadata=option(
         "TCP port on 127.0.0.1 where the ranks meet (default: a free port)",
-        keyword="tp_port",
+        keyword="tp_port", metavar="PORT",
     ))  # fmt: skip
     timeout_s: float = field(default=60.0, metadata=option(
         "seconds a rank may be silent inside a step before the engine fails with an "

@@ -126,8 +126,10 @@ def start_tensor_parallel(
         for rank in range(1, size)
     ]
     group = WorkerGroup(specs, par.timeout_s)
-    logger.info("tensor parallel: started ranks 1..%d, meeting at 127.0.0.1:%d (%s)",
-                size - 1, port, backend_for(device))  # fmt: skip
+    logger.info(
+        "tensor parallel: started ranks 1..%d (pids %s), meeting at 127.0.0.1:%d (%s)",
+        size - 1, " ".join(str(p.pid) for p in group.procs), port, backend_for(device),
+    )  # fmt: skip
     try:
         comm = Communicator.connect(0, size, port, par.timeout_s, devices[0])
     except Exception as exc:
