@@ -103,13 +103,15 @@ class WorkerGroup:
 
     def _diagnose(self, exc: Exception) -> str:
         time.sleep(0.2)  # a rank killed mid-step: let its exit register before blaming it
-        dead = [
-            f"rank {rank} (pid {p.pid}) exited with code {p.exitcode}"
-            for rank, p in enumerate(self.procs, 1)
-            if not p.is_alive()
-        ]
-        if dead:
-            return "; ".join(dead)
+        reasons = []
+        for rank, (proc, conn) in enumerate(zip(self.procs, self.conns, strict=True), 1):
+            said = _last_words(conn)
+            if not proc.is_alive():
+                reasons.append(f"rank {rank} (pid {proc.pid}) exited with code {proc.exitcode}")
+            if said:
+                reasons.append(said)
+        if reasons:
+            return "; ".join(reasons)
         return (
             f"a rank did not answer within {self.timeout_s:g} s (tp_timeout) or the "
             f"collective failed: {type(exc).__name__}: {str(exc)[:300]}"
@@ -126,6 +128,17 @@ class WorkerGroup:
     def stop(self) -> None:
         """Ask every worker to stop, then kill those still running; idempotent."""
         self._finalizer()
+
+
+def _last_words(conn: Connection) -> str | None:
+    """The error a worker reported before exiting, if it did (run_worker)."""
+    try:
+        if conn.poll(0):
+            kind, detail = conn.recv()
+            return f"{detail}" if kind == "error" else None
+    except (EOFError, OSError):
+        pass
+    return None
 
 
 def _stop_all(procs: list[BaseProcess], conns: list[Connection]) -> None:

@@ -51,6 +51,8 @@ def run_worker(spec: WorkerSpec, conn: Connection) -> None:
     torch.set_num_threads(1)
     try:
         device = torch.device(spec.device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         comm = Communicator.connect(spec.rank, spec.size, spec.port, spec.timeout_s, device)
         loaded = load_model(spec.model, device, spec.dtype, spec.max_positions, spec.seed,
                             comm=comm)  # fmt: skip
