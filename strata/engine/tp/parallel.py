@@ -121,7 +121,7 @@ def start_tensor_parallel(
         WorkerSpec(
             config.model, rank, size, port, par.timeout_s, str(devices[rank]), dtype,
             max_positions, config.seed, config.cache.block_size,
-            _backend_name(config, device), os.getpid(),
+            _backend_name(config, device), os.getpid(), max((os.cpu_count() or 1) // size, 1),
         )
         for rank in range(1, size)
     ]

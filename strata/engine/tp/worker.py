@@ -42,13 +42,14 @@ class WorkerSpec:
     block_size: int
     attention_backend: str
     rank0_pid: int
+    threads: int  # torch threads (CPU ranks share the host's cores)
 
 
 def run_worker(spec: WorkerSpec, conn: Connection) -> None:
     """The worker process's target: report "loaded"/"ready" or ("error", text) on `conn`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    torch.set_num_threads(1)
+    torch.set_num_threads(spec.threads)
     try:
         device = torch.device(spec.device)
         if device.type == "cuda":
