@@ -34,7 +34,7 @@ from strata.models.routed_experts import ResidentExperts
 from strata.models.tp.comm import Communicator
 from strata.models.tp.layout import ShardLayout
 from strata.models.tp.modules import shard_modules
-from strata.models.tp.weights import random_full_weights, shard_weights
+from strata.models.tp.weights import cut_for, random_full_weights, shard_weights
 
 logger = logging.getLogger("strata.loader")
 
@@ -151,10 +151,8 @@ def _load_hf_folder(
     cfg = ModelConfig.from_hf(hf_config)
     files = _safetensors_files(path)
     model = _build(cfg, place, max_positions)
-    weights = _iter_safetensors(files)
-    if place.comm is not None:
-        weights = shard_weights(weights, _layout(cfg, place))
-    model.load_weights(weights)
+    layout = None if place.comm is None else _layout(cfg, place)
+    model.load_weights(_iter_safetensors(files, layout))
     tokenizer = _load_tokenizer(path) if place.wants_tokenizer else None
     eos = _eos_ids(path, hf_config, tokenizer)
     return _loaded(model, model.config, tokenizer, eos, name)
@@ -209,15 +207,23 @@ def _safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, CPU tensor) pairs; load_weights copies each to where it belongs."""
+def _iter_safetensors(
+    files: list[Path], layout: ShardLayout | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, CPU tensor) pairs; load_weights copies each to where it belongs. With a
+    tensor-parallel layout, each tensor is the rank's share, and only that is read."""
     from safetensors import SafetensorError, safe_open
 
     for file in tqdm(files, desc="Loading weights", unit="file", disable=len(files) < 2):
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                    yield key, f.get_tensor(key)
+                    if layout is None:
+                        yield key, f.get_tensor(key)
+                        continue
+                    lazy = f.get_slice(key)
+                    cut = cut_for(key, lazy.get_shape(), layout)
+                    yield key, f.get_tensor(key) if cut is None else cut.apply(lazy)
         except (OSError, SafetensorError) as e:
             raise ModelLoadError(f"cannot read {file}: {e}") from e
 

@@ -2,7 +2,8 @@
 would draw them.
 
 Tensors stream one at a time under transformers' names; each is cut to the rank's share
-(ShardLayout) before it reaches the device, so no device ever holds the whole model:
+(ShardLayout) before it reaches the device, so no device ever holds the whole model. From
+safetensors a rank reads only its share (`Cut.apply` on a lazy slice):
 
     q_proj rows       the rank's query heads       o_proj columns    the same heads
     k_proj, v_proj    the rank's KV heads          o_proj bias       rank 0 (zeros elsewhere)
@@ -16,7 +17,9 @@ Tensors stream one at a time under transformers' names; each is cut to the rank'
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -28,59 +31,89 @@ _COLUMN = ("gate_proj", "up_proj", "w1", "w3")  # rows split: output features
 _ROW = ("down_proj", "w2")  # columns split: input features
 
 
-def _chunk(tensor: torch.Tensor, dim: int, layout: ShardLayout) -> torch.Tensor:
-    size = tensor.shape[dim] // layout.size
-    return tensor.narrow(dim, layout.rank * size, size)
+class Sliceable(Protocol):
+    """A full tensor, or a lazy one (safetensors' get_slice) that reads only what an
+    index asks for."""
+
+    def __getitem__(self, index: tuple[slice, ...]) -> torch.Tensor: ...
 
 
-def _heads(tensor: torch.Tensor, first: int, count: int, head_dim: int, dim: int) -> torch.Tensor:
-    return tensor.narrow(dim, first * head_dim, count * head_dim)
+@dataclass(frozen=True)
+class Cut:
+    """A rank's share of one checkpoint tensor: its `pieces` (one index each)
+    concatenated along `dim`, then `pad` zero rows; `zero`: zeros shaped like them."""
+
+    pieces: tuple[tuple[slice, ...], ...]
+    dim: int = 0
+    pad: int = 0
+    zero: bool = False
+
+    def apply(self, source: Sliceable) -> torch.Tensor:
+        parts = [source[index] for index in self.pieces]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=self.dim)
+        if self.zero:
+            return torch.zeros_like(out)
+        if self.pad:
+            out = torch.cat([out, out.new_zeros((self.pad, *out.shape[1:]))])
+        return out
 
 
-def _vocab_rows(tensor: torch.Tensor, layout: ShardLayout) -> torch.Tensor:
-    rows = tensor[layout.vocab_start : layout.vocab_start + layout.vocab_rows]
-    if rows.shape[0] == layout.vocab_rows:
-        return rows
-    padded = tensor.new_zeros((layout.vocab_rows, *tensor.shape[1:]))
-    padded[: rows.shape[0]] = rows
-    return padded
+def _along(dim: int, start: int, length: int) -> tuple[slice, ...]:
+    return (*(slice(None),) * dim, slice(start, start + length))
 
 
-def _attention_share(leaf: str, tensor: torch.Tensor, layout: ShardLayout) -> torch.Tensor:
-    cfg, d = layout.full, layout.full.head_dim
+def _chunk(shape: Sequence[int], dim: int, layout: ShardLayout) -> Cut:
+    size = shape[dim] // layout.size
+    return Cut((_along(dim, layout.rank * size, size),))
+
+
+def _heads(first: int, count: int, layout: ShardLayout, dim: int) -> Cut:
+    d = layout.full.head_dim
+    return Cut((_along(dim, first * d, count * d),))
+
+
+def _attention_cut(leaf: str, param: str, layout: ShardLayout) -> Cut | None:
+    whole_norm = layout.full.qk_norm == "full"
     q_heads = (layout.rank * layout.local_heads, layout.local_heads)
-    kv_heads = (layout.first_kv_head, layout.local_kv_heads)
-    if leaf == "q_proj" or (leaf == "q_norm" and cfg.qk_norm == "full"):
-        return _heads(tensor, *q_heads, d, 0)
-    if leaf in ("k_proj", "v_proj") or (leaf == "k_norm" and cfg.qk_norm == "full"):
-        return _heads(tensor, *kv_heads, d, 0)
-    return tensor  # per-head q/k norms
+    if leaf == "q_proj" or (leaf == "q_norm" and whole_norm):
+        return _heads(*q_heads, layout, 0)
+    if leaf in ("k_proj", "v_proj") or (leaf == "k_norm" and whole_norm):
+        return _heads(layout.first_kv_head, layout.local_kv_heads, layout, 0)
+    if leaf == "o_proj" and param == "bias":  # row-parallel: added once, by rank 0
+        return None if layout.rank == 0 else Cut(((slice(None),),), zero=True)
+    if leaf == "o_proj":
+        return _heads(*q_heads, layout, 1)
+    return None  # per-head q/k norms
 
 
-def shard_tensor(name: str, tensor: torch.Tensor, layout: ShardLayout) -> torch.Tensor:
-    """The rank's share of the checkpoint tensor `name` (a view where it can be)."""
+def cut_for(name: str, shape: Sequence[int], layout: ShardLayout) -> Cut | None:
+    """The rank's share of the checkpoint tensor `name` of `shape`; None: all of it."""
     parts = name.split(".")
     is_param = parts[-1] in ("weight", "bias")
     leaf = parts[-2] if is_param else parts[-1]
     if leaf in ("embed_tokens", "lm_head"):
-        return _vocab_rows(tensor, layout)
-    if leaf in ("q_proj", "k_proj", "v_proj", "q_norm", "k_norm"):
-        return _attention_share(leaf, tensor, layout)
-    if leaf == "o_proj":
-        if parts[-1] == "bias":
-            return tensor if layout.rank == 0 else torch.zeros_like(tensor)
-        return _heads(tensor, layout.rank * layout.local_heads, layout.local_heads,
-                      layout.full.head_dim, 1)  # fmt: skip
+        start = layout.vocab_start
+        rows = max(min(layout.vocab_rows, shape[0] - start), 0)
+        return Cut((_along(0, start, rows),), pad=layout.vocab_rows - rows)
+    if leaf in ("q_proj", "k_proj", "v_proj", "q_norm", "k_norm", "o_proj"):
+        return _attention_cut(leaf, parts[-1], layout)
     if not is_param and leaf == "gate_up_proj":  # stacked experts [E, 2F, H]
-        gate, up = tensor.chunk(2, dim=1)
-        return torch.cat([_chunk(gate, 1, layout), _chunk(up, 1, layout)], dim=1)
+        f, n = shape[1] // 2, shape[1] // 2 // layout.size
+        first = layout.rank * n
+        return Cut((_along(1, first, n), _along(1, f + first, n)), dim=1)
     if not is_param and leaf == "down_proj":  # stacked experts [E, H, F]
-        return _chunk(tensor, 2, layout)
+        return _chunk(shape, 2, layout)
     if leaf in _COLUMN:
-        return _chunk(tensor, 0, layout)
+        return _chunk(shape, 0, layout)
     if leaf in _ROW:
-        return _chunk(tensor, 1, layout)
-    return tensor
+        return _chunk(shape, 1, layout)
+    return None
+
+
+def shard_tensor(name: str, tensor: torch.Tensor, layout: ShardLayout) -> torch.Tensor:
+    """The rank's share of the checkpoint tensor `name` (a view where it can be)."""
+    cut = cut_for(name, tensor.shape, layout)
+    return tensor if cut is None else cut.apply(tensor)
 
 
 def shard_weights(
