@@ -5,6 +5,8 @@ and prefix-cache hits; from HF folders and from random weights."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -106,3 +108,23 @@ def test_random_weights_tp2_equal_tp1(name: str, tmp_path: Path) -> None:
     """random:CONFIG draws the whole model's weights, then each rank keeps its share."""
     TP_CONFIGS[name]().save_pretrained(tmp_path)
     assert_same_run(f"random:{tmp_path / 'config.json'}", seed=3)
+
+
+def test_generate_command_with_two_ranks(tiny_chat_folder: Path) -> None:
+    """`strata generate --tensor-parallel-size 2` prints TP=1's greedy text; a size that
+    does not divide the heads is a usage error (exit 2) before any process starts."""
+    args = ["--model", str(tiny_chat_folder), "--device", "cpu", "--no-chat-template",
+            "--max-tokens", "12", "--temperature", "0", "--ignore-eos", "--kv-cache-memory",
+            "0.05", "--max-model-len", "64"]  # fmt: skip
+    run = [sys.executable, "-m", "strata.cli", "generate", *args]
+    done = subprocess.run([*run, "--tensor-parallel-size", "2", "Once upon a time"],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "tensor parallel: 2 ranks, each with 2 query heads, 1 KV head(s)" in done.stderr
+    ref = LLM(str(tiny_chat_folder), device="cpu", kv_cache_memory=0.05, max_model_len=64)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    assert done.stdout.strip() == ref.generate("Once upon a time", params)[0].text.strip()
+    bad = subprocess.run([*run, "--tensor-parallel-size", "3", "hi"], capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert bad.returncode == 2
+    assert "tensor_parallel_size 3 does not divide the model's 4 attention heads" in bad.stderr
