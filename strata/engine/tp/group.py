@@ -1,10 +1,11 @@
 """WorkerGroup: rank 0's side of tensor parallelism (the engine's own process is rank 0).
 
 It starts the worker processes, meets them in a Communicator, hands them the KV pool
-size, and sends every step's StepInputs (channel.py). It is also the one place that turns a broken
-rank into an error: any failure of a step that involves the group is re-raised as
-TensorParallelError naming the ranks that died or went silent; the group is then
-stopped (no process is left behind) and every later step fails at once.
+size, and sends every step's StepInputs (channel.py). It is also the one place that
+turns a broken rank into an error: any failure of a step that involves the group is
+re-raised as TensorParallelError naming the ranks that died or went silent (with the
+traceback a worker reported, if any); the group is then stopped (no process is left
+behind) and every later step fails at once.
 """
 
 from __future__ import annotations

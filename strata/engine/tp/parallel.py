@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from strata.attention.backend import choose_backend
 from strata.config import EngineConfig
 from strata.engine.tp.group import WorkerGroup
 from strata.engine.tp.step_wire import StepInputs
@@ -117,11 +118,13 @@ def start_tensor_parallel(
     devices = rank_devices(device, size)
     backend_for(device)
     port = par.port if par.port is not None else free_port()
+    backend = choose_backend(config.attention_backend, device)[0]
+    threads = max((os.cpu_count() or 1) // size, 1)  # CPU ranks share the host's cores
     specs = [
         WorkerSpec(
             config.model, rank, size, port, par.timeout_s, str(devices[rank]), dtype,
             max_positions, config.seed, config.cache.block_size,
-            _backend_name(config, device), os.getpid(), max((os.cpu_count() or 1) // size, 1),
+            backend, os.getpid(), threads,
         )
         for rank in range(1, size)
     ]
@@ -136,9 +139,3 @@ def start_tensor_parallel(
         group.stop()
         raise TensorParallelError(f"the tensor-parallel ranks did not meet: {exc}") from exc
     return TensorParallel(layout, group, comm)
-
-
-def _backend_name(config: EngineConfig, device: torch.device) -> str:
-    from strata.attention.backend import choose_backend
-
-    return choose_backend(config.attention_backend, device)[0]
