@@ -519,6 +519,37 @@ class MoEConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """Tensor parallelism over the devices of one host: rank 0 is the engine's own process,
+    ranks 1..N-1 are worker processes it starts (strata/engine/tp)."""
+
+    tensor_parallel_size: int = field(default=1, metadata=option(
+        "shard the model over N ranks of this host (torch.distributed: NCCL on CUDA, one GPU "
+        "a rank; gloo on CPU); N must divide the attention heads (default 1)",
+        metavar="N",
+    ))  # fmt: skip
+    port: int | None = field(default=None, metadata=option(
+        "TCP port on 127.0.0.1 where the ranks meet (default: a free port)",
+        keyword="tp_port", metavar="PORT",
+    ))  # fmt: skip
+    timeout_s: float = field(default=60.0, metadata=option(
+        "seconds a rank may be silent inside a step before the engine fails with an "
+        "error naming it (default 60)",
+        keyword="tp_timeout", metavar="SECONDS",
+    ))  # fmt: skip
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tensor_parallel_size, bool) or self.tensor_parallel_size < 1:
+            raise ValueError(
+                f"tensor_parallel_size must be a whole number >= 1, got {self.tensor_parallel_size}"
+            )
+        if self.port is not None and not 1 <= self.port <= 65535:
+            raise ValueError(f"tp_port must be a TCP port in [1, 65535], got {self.port}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"tp_timeout must be > 0 seconds, got {self.timeout_s}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine is built from. cuda_graph_max_batch: the largest decode batch
     captured in a CUDA graph; capped at max_num_seqs."""
@@ -548,15 +579,33 @@ class EngineConfig:
     ))  # fmt: skip
     cuda_graph_max_batch: int = 256
     moe: MoEConfig = field(default_factory=MoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         check_choices(self)
+        if self.parallel.tensor_parallel_size > 1:
+            self._check_tensor_parallel()
         if self.device is not None and not (
             self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")
         ):
             raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N'; got {self.device!r}")
         if self.cuda_graph_max_batch <= 0:
             raise ValueError(f"cuda_graph_max_batch must be > 0, got {self.cuda_graph_max_batch}")
+
+    def _check_tensor_parallel(self) -> None:
+        """What tensor parallelism does not run with yet: a clear refusal, not a wrong answer."""
+        n, cache = self.parallel.tensor_parallel_size, self.cache
+        refused = {
+            "expert offloading (expert_gpu_memory / expert_slots)": self.moe.enabled,
+            "KV tiers (kv_cpu_memory / kv_disk_dir / kv_remote)": cache.tiers.enabled,
+            f"kv_policy {cache.kv_policy!r} (only 'full')": cache.kv_policy != "full",
+            f"kv_cache_dtype {cache.kv_cache_dtype!r} (only 'auto')": (
+                cache.kv_cache_dtype != "auto"
+            ),
+        }
+        for what, on in refused.items():
+            if on:
+                raise ValueError(f"tensor_parallel_size {n} does not run with {what} yet")
 
 
 # Every engine option: the `LLM(...)` keywords and the engine's command-line flags.

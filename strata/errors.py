@@ -53,9 +53,16 @@ class SequenceFault(StrataError):
         self.cause = cause
 
 
+class TensorParallelError(StrataError):
+    """A tensor-parallel rank died, hung past the timeout, or failed to start: the engine
+    cannot run another step (every rank holds part of each layer)."""
+
+
 # Exceptions that say the device or the process is broken, not one request: out of
 # memory, a CUDA fault. They fail the engine loudly; `blame` never converts them.
-_ENGINE_FAULT_NAMES = frozenset({"OutOfMemoryError", "AcceleratorError", "KVIntegrityError"})
+_ENGINE_FAULT_NAMES = frozenset(
+    {"OutOfMemoryError", "AcceleratorError", "KVIntegrityError", "TensorParallelError"}
+)
 _ENGINE_FAULT_MARKERS = ("CUDA error", "CUDA out of memory", "device-side assert")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.server_utils import free_port
 
@@ -29,13 +31,18 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) 
     raise TimeoutError("server did not become healthy")
 
 
-def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(tiny_chat_folder: Path) -> None:
+@pytest.mark.parametrize("tp", [1, 2])
+def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(
+    tiny_chat_folder: Path, tp: int
+) -> None:
+    """With --tensor-parallel-size 2, the worker rank is stopped too once drained."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [
         sys.executable, "-m", "strata.cli", "serve", "--model", str(tiny_chat_folder),
         "--served-model-name", "tiny", "--port", str(port), "--device", "cpu",
         "--kv-cache-memory", "0.05", "--max-model-len", "1024", "--shutdown-timeout", "120",
+        "--tensor-parallel-size", str(tp),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
@@ -75,6 +82,11 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(tiny_chat_fold
             proc.wait()
     log = proc.stderr.read().decode() if proc.stderr else ""
     assert "draining 1 requests" in log and "all requests finished" in log
+    if tp > 1:
+        pids = re.search(r"tensor parallel: started ranks 1\.\.1 \(pids (\d+)\)", log)
+        assert pids is not None, log[-3000:]
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(pids[1]), 0)
 
 
 def test_a_drain_past_its_timeout_fails_streams_with_an_error_and_done(

@@ -22,6 +22,7 @@ from strata.engine.runner import ModelRunner
 from strata.engine.scheduler import Scheduler
 from strata.engine.sequence import Sequence
 from strata.engine.shadow_pass import ShadowPass
+from strata.engine.tp.parallel import TensorParallel, start_tensor_parallel
 from strata.engine.warmup import warmup_peak_bytes
 from strata.errors import KVCacheTooSmallError
 from strata.kv.cache import KVCache
@@ -79,6 +80,7 @@ class EngineParts:
     moe: ExpertOffload | None
     rebalancer: Rebalancer | None
     recall: RecallManager | None
+    parallel: TensorParallel | None = None  # the other ranks, under tensor parallelism
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -97,14 +99,26 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def build_engine_parts(config: EngineConfig) -> EngineParts:
-    loaded, placed = load_placed_model(config)
+    loaded, placed, parallel = load_placed_model(config)
+    try:
+        return _build_parts(config, loaded, placed, parallel)
+    except BaseException:
+        if parallel is not None:
+            parallel.close()
+        raise
+
+
+def _build_parts(
+    config: EngineConfig, loaded: LoadedModel, placed: ModelPlacement,
+    parallel: TensorParallel | None,
+) -> EngineParts:  # fmt: skip
     backend_name, why = choose_backend(config.attention_backend, placed.device)
     backend = get_backend(backend_name)
     logger.info("attention backend %s (%s)", backend_name, why)
     codec = get_codec(config.cache.kv_cache_dtype)
     moe, kv_cache, recall_bytes = build_kv_cache(config, placed, backend, codec)
     tiers = build_tiers(config.cache.tiers, kv_cache, loaded.fingerprint, placed.dtype)
-    root = root_key(loaded.fingerprint, kv_layout(placed, codec))
+    root = root_key(loaded.fingerprint, kv_layout(placed, codec, parallel))
     kv = KVManager(
         kv_cache.num_blocks, placed.block_size, root, config.cache.enable_prefix_caching,
         tiers=tiers,
@@ -133,17 +147,23 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         )  # fmt: skip
     attention = attention_over(kv_cache, backend)  # wraps it for a lossy codec
     runner = ModelRunner(loaded.model, kv_cache, attention, placed.device)
+    if parallel is not None:
+        parallel.set_pool(kv_cache.num_blocks)
+        runner.parallel = parallel
     kv_policies = build_kv_policies(config, loaded, placed, kv, kv_cache, runner, recall)
     if kv_cache.tails is not None:  # the tails reclaim rows of blocks no running seq writes
         kv_cache.tails.live_blocks = lambda: open_blocks(scheduler, kv)
-    capture_graphs(config, placed, runner)
+    if parallel is None:
+        capture_graphs(config, placed, runner)
     return EngineParts(
         loaded, placed, backend, codec, kv_cache, kv, tiers, sessions, swap_cost, scheduler,
-        runner, kv_policies, moe, rebalancer, recall,
+        runner, kv_policies, moe, rebalancer, recall, parallel,
     )  # fmt: skip
 
 
-def load_placed_model(config: EngineConfig) -> tuple[LoadedModel, ModelPlacement]:
+def load_placed_model(
+    config: EngineConfig,
+) -> tuple[LoadedModel, ModelPlacement, TensorParallel | None]:
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     requested_len = config.scheduler.max_model_len
@@ -151,7 +171,23 @@ def load_placed_model(config: EngineConfig) -> tuple[LoadedModel, ModelPlacement
     expert_device = torch.device("cpu") if config.moe.enabled else None
     # RoPE tables also cover the reconstruction passes KVzip runs after a context.
     rope_len = None if requested_len is None else requested_len + PASS_HEADROOM
-    loaded = load_model(config.model, device, dtype, rope_len, config.seed, expert_device)
+    parallel = None
+    if config.parallel.tensor_parallel_size > 1:
+        if needs_gpu_measurement(config.cache, device.type == "cuda"):
+            raise ValueError(
+                "tensor_parallel_size > 1 on CUDA needs kv_cache_memory or num_kv_blocks: "
+                "the KV pool is not measured across ranks yet"
+            )
+        parallel = start_tensor_parallel(config, device, dtype, rope_len)
+    try:
+        comm = None if parallel is None else parallel.comm
+        loaded = load_model(config.model, device, dtype, rope_len, config.seed, expert_device, comm)
+        if parallel is not None:
+            parallel.loaded()
+    except BaseException:
+        if parallel is not None:
+            parallel.close()
+        raise
     mc = loaded.config
     limit = mc.context_limit
     if limit < mc.max_position_embeddings:
@@ -170,14 +206,21 @@ def load_placed_model(config: EngineConfig) -> tuple[LoadedModel, ModelPlacement
         loaded.model, mc, config.scheduler, config.cache.block_size,
         min(requested_len or limit, limit), dtype, device,
     )  # fmt: skip
-    return loaded, placed
+    return loaded, placed, parallel
 
 
-def kv_layout(placed: ModelPlacement, codec: BlockCodec) -> str:
+def kv_layout(
+    placed: ModelPlacement, codec: BlockCodec, parallel: TensorParallel | None = None
+) -> str:
     """The KV layout in every block key: `auto` keeps the string (and so the keys of stored
-    blocks) it always had; a lossy codec adds its layout."""
+    blocks) it always had; a lossy codec adds its layout, tensor parallelism its rank
+    layout (a rank's blocks hold its own KV heads only)."""
     layout = f"{str(placed.dtype).removeprefix('torch.')}/bs{placed.block_size}"
-    return layout if codec.lossless else f"{layout}/{codec.layout_name}"
+    if not codec.lossless:
+        layout = f"{layout}/{codec.layout_name}"
+    if parallel is not None:
+        layout = f"{layout}/tp{parallel.layout.size}r{parallel.comm.rank}"
+    return layout
 
 
 def build_kv_cache(

@@ -43,6 +43,7 @@ class LLMEngine:
         self.requests = RequestFactory(
             self.tokenizer, parts.loaded.name, self.model_config.vocab_size, self.max_model_len,
             self.kv_policies, config.seed, parts.loaded.eos_token_ids,
+            tensor_parallel=parts.parallel is not None,
         )  # fmt: skip
         # Tokenize and check a request without queueing it (prepare), or only its prompt.
         self.prepare = self.requests.prepare
@@ -212,6 +213,7 @@ class LLMEngine:
             **self.scheduler.tier_loads.stats(),
             **(self.moe.stats() if self.moe is not None else {}),
             **(self.parts.recall.stats() if self.parts.recall is not None else {}),
+            **(self.parts.parallel.stats() if self.parts.parallel is not None else {}),
             "num_preemptions": self.scheduler.num_preemptions,
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
@@ -224,8 +226,11 @@ class LLMEngine:
         check_engine_integrity(self.parts, self._seqs)
 
     def close(self) -> None:
-        """Finish writing blocks to the tiers and close them (the engine is unusable after)."""
+        """Finish writing blocks to the tiers and close them, and stop the tensor-parallel
+        ranks (the engine is unusable after)."""
         self.requests.grammars.close()
+        if self.parts.parallel is not None:
+            self.parts.parallel.close()
         if self.tiers is not None:
             self.tiers.close(flush=True)
             self.tiers = None

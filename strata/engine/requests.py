@@ -31,8 +31,10 @@ class RequestFactory:
         kv_policies: KVPolicyDriver,
         seed: int,
         eos_token_ids: frozenset[int] = frozenset(),
+        tensor_parallel: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
+        self.tensor_parallel = tensor_parallel  # then only the "full" KV policy runs
         self.model_name = model_name
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
@@ -93,6 +95,11 @@ class RequestFactory:
             raise InvalidRequestError(
                 "the prompt is empty; it must contain at least one token", "prompt"
             )
+        if self.tensor_parallel and params.kv_policy not in (None, "full"):
+            raise InvalidRequestError(
+                f"kv_policy {params.kv_policy!r} does not run under tensor parallelism yet "
+                "(only 'full')", "kv_policy",
+            )  # fmt: skip
         bad = self._bad_token_ids(params.stop_token_ids)
         if bad:
             raise InvalidRequestError(

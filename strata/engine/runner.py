@@ -28,7 +28,9 @@ from strata.engine.prompt_logprobs import PromptRows
 from strata.engine.sampler import Sampler, SamplerOutput, SamplingBatch, check_sampling_row
 from strata.engine.staging import PinnedStager
 from strata.engine.step_stats import StepStats
-from strata.errors import SequenceFault, blame
+from strata.engine.tp.parallel import TensorParallel
+from strata.engine.tp.step_wire import StepInputs
+from strata.errors import SequenceFault, TensorParallelError, blame
 from strata.kv.cache import KVCache
 from strata.kv.policies.runtime.step_kv import KVStepBuilder, StepKV
 from strata.kv.recall.attention import RecallAttention, RecallMetadata
@@ -53,6 +55,7 @@ class ModelRunner:
         self.kv_step = KVStepBuilder(kv)  # slots, layouts and observer under KV policies
         self.recall_attention = RecallAttention(backend)  # steps with recall sequences
         self.graphs: DecodeGraphs | None = None
+        self.parallel: TensorParallel | None = None  # set when the model is sharded
         self.step_log: list[StepStats] | None = None  # set to a list to record steps
 
     def capture_graphs(self, max_batch: int, max_model_len: int) -> None:
@@ -132,13 +135,20 @@ class ModelRunner:
         if prompt is not None:
             logits_rows.extend(prompt.rows)
         step = self.kv_step.build(plan)  # slot == position unless a policy evicted
+        inputs = StepInputs(
+            np.asarray(ids, dtype=np.int64), np.concatenate(positions), step.slot_mapping,
+            np.asarray(logits_rows, dtype=np.int64), step.layout,
+        )  # fmt: skip
+        logits = self._forward(step, inputs)
+        if step.observer is not None:
+            plan.faults.extend(step.observer.faults.values())
+        return logits if logits_rows else None
+
+    def _forward(self, step: StepKV, inputs: StepInputs) -> torch.Tensor:
+        """The model over the step's flat batch; under tensor parallelism the workers get
+        the same inputs first and run their shares alongside (strata/engine/tp)."""
         ids_t, pos_t, slot_t, rows_t = self._ints.upload(
-            [
-                np.asarray(ids, dtype=np.int64),
-                np.concatenate(positions),
-                step.slot_mapping,
-                np.asarray(logits_rows, dtype=np.int64),
-            ]
+            [inputs.ids, inputs.positions, inputs.slots, inputs.logits_rows]
         )
         inner = self._metadata(step, slot_t)
         backend: AttentionBackend[Any] = self.backend
@@ -148,10 +158,13 @@ class ModelRunner:
         else:
             assert inner is not None, "a step without recall rows has pool rows"
             meta = inner
-        logits = self.model(ids_t, pos_t, self.kv, backend, meta, rows_t, step.observer)
-        if step.observer is not None:
-            plan.faults.extend(step.observer.faults.values())
-        return logits if logits_rows else None
+        if self.parallel is None:
+            return self.model(ids_t, pos_t, self.kv, backend, meta, rows_t, step.observer)
+        if step.recall or step.observer is not None or not step.uniform:
+            raise TensorParallelError("tensor parallelism runs only steps without KV policies")
+        self.parallel.send(inputs)
+        with self.parallel.guard():
+            return self.model(ids_t, pos_t, self.kv, backend, meta, rows_t)
 
     def _recall_metadata(
         self, step: StepKV, slots: torch.Tensor, inner: StepMetadata | None

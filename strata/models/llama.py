@@ -9,7 +9,7 @@ q/k/v); their MoE layers are in moe.py.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -220,16 +220,21 @@ class LlamaModel(nn.Module):
         """The module's parameters under transformers' names (views; tied lm_head left out)."""
         state: dict[str, torch.Tensor] = {}
         for name, param in self.named_parameters():
-            full = name if name.startswith("lm_head") else f"model.{name}"
-            for ours, theirs in self.HF_RENAMES:
-                full = full.replace(ours, theirs)
-            parts = self.fused_parts(name, param.shape[0])
-            if not parts:
-                state[full] = param.data
-            for part, (first, end) in parts.items():
-                fused = FUSED_INTO[part]
-                state[full.replace(f".{fused}.", f".{part}.")] = param.data[first:end]
+            state.update(self.hf_views(name, param.data))
         return state
+
+    def hf_views(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        """(transformers name, view) pairs of the parameter `name` holding `tensor`: one,
+        or one per projection fused into it."""
+        full = name if name.startswith("lm_head") else f"model.{name}"
+        for ours, theirs in self.HF_RENAMES:
+            full = full.replace(ours, theirs)
+        parts = self.fused_parts(name, tensor.shape[0])
+        if not parts:
+            yield full, tensor
+        for part, (first, end) in parts.items():
+            fused = FUSED_INTO[part]
+            yield full.replace(f".{fused}.", f".{part}."), tensor[first:end]
 
     def named_weights(self) -> list[tuple[str, torch.Tensor]]:
         """Every weight of the model (the fingerprint's input)."""
@@ -278,9 +283,16 @@ class LlamaModel(nn.Module):
         """Random weights for speed work: normal(0, std) matrices, unit norms, zero biases."""
         gen = torch.Generator(device=self.embed_tokens.weight.device).manual_seed(seed)
         for name, param in self.named_parameters():
-            if name.endswith("norm.weight"):  # layer norms, final norm, q/k norms
-                param.data.fill_(1.0)
-            elif name.endswith(".bias"):
-                param.data.zero_()
-            else:
-                param.data.normal_(0.0, std, generator=gen)
+            init_random_parameter(name, param.data, gen, std)
+
+
+def init_random_parameter(
+    name: str, tensor: torch.Tensor, gen: torch.Generator, std: float
+) -> None:
+    """LlamaModel.init_random's draw for one parameter, in place (draws from `gen`)."""
+    if name.endswith("norm.weight"):  # layer norms, final norm, q/k norms
+        tensor.fill_(1.0)
+    elif name.endswith(".bias"):
+        tensor.zero_()
+    else:
+        tensor.normal_(0.0, std, generator=gen)

@@ -31,6 +31,10 @@ from strata.models.moe import MoeModel
 from strata.models.presets import random_config_dict
 from strata.models.rope import RotaryEmbedding
 from strata.models.routed_experts import ResidentExperts
+from strata.models.tp.comm import Communicator
+from strata.models.tp.layout import ShardLayout
+from strata.models.tp.modules import shard_modules
+from strata.models.tp.weights import cut_for, random_full_weights, shard_weights
 
 logger = logging.getLogger("strata.loader")
 
@@ -67,6 +71,12 @@ class Placement:
     device: torch.device
     dtype: torch.dtype
     expert_device: torch.device
+    comm: Communicator | None = None  # tensor parallelism: this rank's share only
+
+    @property
+    def wants_tokenizer(self) -> bool:
+        """Tensor-parallel workers (ranks > 0) see token ids only."""
+        return self.comm is None or self.comm.rank == 0
 
     @property
     def pin_experts(self) -> bool:
@@ -80,13 +90,16 @@ def load_model(
     max_positions: int | None,
     seed: int,
     expert_device: torch.device | None = None,
+    comm: Communicator | None = None,
 ) -> LoadedModel:
     """Build the model `spec` names on `device` in `dtype`. None is the embedded model.
 
     expert_device: where a MoE model's routed experts are stacked (model.expert_weights);
     None is `device`. They are computed by ResidentExperts over those weights until
-    model.set_routed_experts swaps in another RoutedExperts (strata/models/routed_experts.py)."""
-    place = Placement(device, dtype, expert_device or device)
+    model.set_routed_experts swaps in another RoutedExperts (strata/models/routed_experts.py).
+    comm: build only this tensor-parallel rank's share (strata/models/tp); the LoadedModel's
+    config is then the rank's local config."""
+    place = Placement(device, dtype, expert_device or device, comm)
     if spec is None:
         path = embedded_model_path()
         return _load_hf_folder(gguf_to_folder(path), place, max_positions, EMBEDDED_NAME)
@@ -102,6 +115,23 @@ def load_model(
             raise ModelLoadError(f"{path} is a file but not a .gguf; pass a model folder or GGUF")
         path = gguf_to_folder(path)
     return _load_hf_folder(path, place, max_positions, spec)
+
+
+def read_model_config(spec: str | None) -> ModelConfig:
+    """The config of the model `spec` names (as load_model reads it), without its weights."""
+    if spec is not None and spec.startswith("random:"):
+        return ModelConfig.from_hf(_hf_config_from_dict(random_config_dict(spec[7:])))
+    if spec is None:
+        path = gguf_to_folder(embedded_model_path())
+    else:
+        path = Path(spec).expanduser()
+        if path.is_file() and path.suffix == ".gguf":
+            path = gguf_to_folder(path)
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read the config.json of {path}: {e}") from e
+    return ModelConfig.from_hf(_hf_config_from_dict(raw))
 
 
 # ---- Hugging Face folders --------------------------------------------------------------------
@@ -121,9 +151,11 @@ def _load_hf_folder(
     cfg = ModelConfig.from_hf(hf_config)
     files = _safetensors_files(path)
     model = _build(cfg, place, max_positions)
-    model.load_weights(_iter_safetensors(files))
-    tokenizer = _load_tokenizer(path)
-    return _loaded(model, cfg, tokenizer, _eos_ids(path, hf_config, tokenizer), name)
+    layout = None if place.comm is None else _layout(cfg, place)
+    model.load_weights(_iter_safetensors(files, layout))
+    tokenizer = _load_tokenizer(path) if place.wants_tokenizer else None
+    eos = _eos_ids(path, hf_config, tokenizer)
+    return _loaded(model, model.config, tokenizer, eos, name)
 
 
 def _loaded(
@@ -175,15 +207,23 @@ def _safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, CPU tensor) pairs; load_weights copies each to where it belongs."""
+def _iter_safetensors(
+    files: list[Path], layout: ShardLayout | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, CPU tensor) pairs; load_weights copies each to where it belongs. With a
+    tensor-parallel layout, each tensor is the rank's share, and only that is read."""
     from safetensors import SafetensorError, safe_open
 
     for file in tqdm(files, desc="Loading weights", unit="file", disable=len(files) < 2):
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                    yield key, f.get_tensor(key)
+                    if layout is None:
+                        yield key, f.get_tensor(key)
+                        continue
+                    lazy = f.get_slice(key)
+                    cut = cut_for(key, lazy.get_shape(), layout)
+                    yield key, f.get_tensor(key) if cut is None else cut.apply(lazy)
         except (OSError, SafetensorError) as e:
             raise ModelLoadError(f"cannot read {file}: {e}") from e
 
@@ -221,9 +261,18 @@ def _load_random(name: str, place: Placement, max_positions: int | None, seed: i
     hf_config = _hf_config_from_dict(random_config_dict(name))
     cfg = ModelConfig.from_hf(hf_config)
     model = _build(cfg, place, max_positions)
-    model.init_random(seed, std=getattr(hf_config, "initializer_range", 0.02))
-    tokenizer = _beside_config(name) or _embedded_tokenizer_if_fits(cfg.vocab_size)
-    return _loaded(model, cfg, tokenizer, _eos_ids(None, hf_config, None), f"random:{name}")
+    std = getattr(hf_config, "initializer_range", 0.02)
+    if place.comm is None:
+        model.init_random(seed, std)
+    else:  # the whole model's draws, each cut to this rank's share
+        whole = _on_meta(cfg, place.dtype, max_positions or cfg.max_position_embeddings)
+        drawn = random_full_weights(whole, seed, std, place.device, place.dtype)
+        model.load_weights(shard_weights(drawn, _layout(cfg, place)))
+    tokenizer = None
+    if place.wants_tokenizer:
+        tokenizer = _beside_config(name) or _embedded_tokenizer_if_fits(cfg.vocab_size)
+    eos = _eos_ids(None, hf_config, None)
+    return _loaded(model, model.config, tokenizer, eos, f"random:{name}")
 
 
 def _beside_config(name: str) -> Any | None:
@@ -246,17 +295,34 @@ def _embedded_tokenizer_if_fits(vocab_size: int) -> Any | None:
     return tokenizer
 
 
-def _build(cfg: ModelConfig, place: Placement, max_positions: int | None) -> LlamaModel:
-    """The model with uninitialised weights where `place` says (MoE experts included)."""
-    positions = max_positions or cfg.max_position_embeddings
+def _layout(cfg: ModelConfig, place: Placement) -> ShardLayout:
+    assert place.comm is not None
+    return ShardLayout(cfg, place.comm.rank, place.comm.size)
+
+
+def _on_meta(cfg: ModelConfig, dtype: torch.dtype, positions: int) -> LlamaModel:
+    """The model of `cfg` on the meta device, parameters in `dtype` (no memory)."""
     model_class = MoeModel if cfg.is_moe else LlamaModel
     default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(place.dtype)  # parameters are created in dtype: no float32 detour
+    torch.set_default_dtype(dtype)  # parameters are created in dtype: no float32 detour
     try:
         with torch.device("meta"):
-            model = model_class(cfg, positions)
+            return model_class(cfg, positions)
     finally:
         torch.set_default_dtype(default_dtype)
+
+
+def _build(cfg: ModelConfig, place: Placement, max_positions: int | None) -> LlamaModel:
+    """The model with uninitialised weights where `place` says (MoE experts included);
+    under tensor parallelism, the rank's share of it."""
+    positions = max_positions or cfg.max_position_embeddings
+    if place.comm is None:
+        model = _on_meta(cfg, place.dtype, positions)
+    else:
+        layout = _layout(cfg, place)
+        model = _on_meta(layout.local_config(), place.dtype, positions)
+        with torch.device("meta"):
+            shard_modules(model, layout, place.comm)
     device = place.device
     model = model.to_empty(device=device)
     if isinstance(model, MoeModel):

@@ -94,6 +94,14 @@ RECALL_COUNTERS = {
     "recall_bytes_fetched": "Bytes fetched from the recall store to the GPU.",
 }
 
+# Tensor parallelism (present only when the engine is sharded); stats key -> help
+TP_COUNTERS = {
+    "tp_steps": "Steps sent to the tensor-parallel workers.",
+    "tp_step_send_seconds": "Rank 0's time sending steps to the workers (encode and send).",
+    "tp_allreduce_seconds": "Rank 0's time in all-reduces, waiting for the other ranks included.",
+    "tp_allreduces": "All-reduces run by rank 0.",
+}
+
 
 class _EngineCollector(Collector):
     def __init__(self, snapshot: Callable[[], dict[str, Any] | None]) -> None:
@@ -111,6 +119,12 @@ class _EngineCollector(Collector):
         yield from _tier_metrics(stats)
         if "moe_expert_uses" in stats:
             yield from _moe_metrics(stats)
+        if "tensor_parallel_size" in stats:
+            size = stats["tensor_parallel_size"]
+            doc = "Ranks the model is sharded over."
+            yield GaugeMetricFamily(f"{PREFIX}_tensor_parallel_size", doc, value=size)
+            for key, doc in TP_COUNTERS.items():
+                yield CounterMetricFamily(f"{PREFIX}_{key}", doc, value=stats[key])
         if "recall_host_bytes" in stats:
             for key, doc in RECALL_GAUGES.items():
                 yield GaugeMetricFamily(f"{PREFIX}_{key}", doc, value=stats[key])

@@ -1,0 +1,83 @@
+"""The step channel from rank 0 to each worker: one message a step on the worker's pipe.
+
+A message is an int64 array:
+
+    [0]                  stop
+    [n]                  the step is n int64s, broadcast from rank 0 right after
+    StepInputs.encode()  the step itself (always 4 or more values)
+
+Steps up to INLINE_BYTES go inline on the pipe, larger ones by broadcast: measured on the
+2-core CPU machine (benchmarks/tp_plan_channel.py, docs/benchmarks.md) the pipe costs
+~100-200 us a step against ~330-470 us for a doorbell plus a gloo broadcast. An inline
+send never blocks: a worker reads step k before it joins step k's first all-reduce, so
+when rank 0 sends step k+1 the pipe is empty, and INLINE_BYTES is below the socket buffer.
+A larger step goes by broadcast, whose wait the group's timeout bounds. Between steps an
+idle worker waits on the pipe, where no collective timeout applies.
+"""
+
+from __future__ import annotations
+
+import os
+from multiprocessing.connection import Connection
+
+import numpy as np
+import torch
+
+from strata.engine.tp.step_wire import StepInputs
+from strata.models.tp.comm import Communicator
+
+INLINE_BYTES = 64 << 10
+POLL_S = 1.0  # how often an idle worker checks that rank 0 is alive
+
+
+def send_step(conns: list[Connection], comm: Communicator, step: StepInputs) -> None:
+    payload = step.encode()
+    if payload.nbytes <= INLINE_BYTES:
+        data = payload.tobytes()
+        for conn in conns:
+            conn.send_bytes(data)
+        return
+    bell = np.array([len(payload)], np.int64)
+    for conn in conns:
+        conn.send_bytes(bell.tobytes())
+    comm.broadcast(torch.from_numpy(payload).to(comm.device))
+
+
+def send_stop(conn: Connection) -> None:
+    conn.send_bytes(np.zeros(1, np.int64).tobytes())
+
+
+def receive_step(conn: Connection, comm: Communicator, rank0_pid: int) -> StepInputs | None:
+    """The next step; None for stop, or once rank 0 is gone."""
+    message = receive(conn, rank0_pid)
+    if message is None:
+        return None
+    data = np.frombuffer(bytearray(message), dtype=np.int64)  # writable: torch wraps it
+    if len(data) > 1:
+        return StepInputs.decode(data)
+    if data[0] == 0:
+        return None
+    payload = torch.empty(int(data[0]), dtype=torch.int64, device=comm.device)
+    return StepInputs.decode(comm.broadcast(payload).cpu().numpy())
+
+
+def receive(conn: Connection, rank0_pid: int) -> bytes | None:
+    """The next message's bytes; None once rank 0 is gone (its end of the pipe closed, or
+    its process no longer exists)."""
+    try:
+        while not conn.poll(POLL_S):
+            if not _alive(rank0_pid):
+                return None
+        return conn.recv_bytes()
+    except (EOFError, OSError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

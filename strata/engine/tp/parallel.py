@@ -1,0 +1,141 @@
+"""TensorParallel: the engine's handle on its tensor-parallel ranks (rank 0 is this process).
+
+    start_tensor_parallel(config, device, dtype, max_positions)
+        checks the layout (heads, devices, backend) before any process starts,
+        starts ranks 1..N-1 (WorkerGroup) and connects rank 0's Communicator;
+    load_model(..., comm=tp.comm)      rank 0 loads its share while the workers load theirs;
+    tp.loaded(); tp.set_pool(blocks)   the workers build the same pool, in blocks;
+    runner: tp.send(step) + `with tp.guard(): model(...)` for every step; tp.close().
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from strata.attention.backend import choose_backend
+from strata.config import EngineConfig
+from strata.engine.tp.group import WorkerGroup
+from strata.engine.tp.step_wire import StepInputs
+from strata.engine.tp.worker import WorkerSpec
+from strata.errors import TensorParallelError
+from strata.models.loader import read_model_config
+from strata.models.tp.comm import Communicator, backend_for
+from strata.models.tp.layout import ShardLayout
+
+logger = logging.getLogger("strata.engine")
+
+LOG_EVERY = 1000  # steps between logs of the all-reduce and send time per step
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def rank_devices(device: torch.device, size: int) -> list[torch.device]:
+    """One device a rank: cuda:i, cuda:i+1, ... from the engine's; every rank on the CPU.
+    ValueError when the host has fewer devices (or CPU cores) than ranks."""
+    if device.type == "cuda":
+        first = device.index or 0
+        count = torch.cuda.device_count()
+        if first + size > count:
+            raise ValueError(
+                f"tensor_parallel_size {size} from {device} needs {first + size} CUDA devices; "
+                f"this host has {count}"
+            )
+        return [torch.device("cuda", first + r) for r in range(size)]
+    cores = os.cpu_count() or 1
+    if size > cores:
+        raise ValueError(
+            f"tensor_parallel_size {size} is more ranks than this host's {cores} CPU cores"
+        )
+    return [device] * size
+
+
+class TensorParallel:
+    def __init__(self, layout: ShardLayout, group: WorkerGroup, comm: Communicator) -> None:
+        self.layout, self.group, self.comm = layout, group, comm
+        self._logged = (0.0, 0.0)  # all-reduce and send seconds at the last log
+
+    def loaded(self) -> None:
+        self.group.expect("loaded")
+
+    def set_pool(self, num_blocks: int) -> None:
+        self.group.send_pool_size(num_blocks)
+        logger.info("tensor parallel: %s; every rank ready (%d KV blocks each, its own "
+                    "KV heads)", self.layout.describe(), num_blocks)  # fmt: skip
+
+    def send(self, step: StepInputs) -> None:
+        if self.group.steps and self.group.steps % LOG_EVERY == 0:
+            self._log_recent()
+        self.group.send(self.comm, step)
+
+    def _log_recent(self) -> None:
+        """Log the last LOG_EVERY steps' all-reduce and send time per step."""
+        reduce, send = self.comm.allreduce_seconds, self.group.send_seconds
+        last_reduce, last_send = self._logged
+        self._logged = (reduce, send)
+        logger.info(
+            "tensor parallel: last %d steps: all-reduce %.2f ms/step, step send %.3f ms/step",
+            LOG_EVERY, (reduce - last_reduce) / LOG_EVERY * 1e3,
+            (send - last_send) / LOG_EVERY * 1e3,
+        )  # fmt: skip
+
+    @contextmanager
+    def guard(self) -> Iterator[None]:
+        with self.group.guard():
+            yield
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "tensor_parallel_size": self.layout.size,
+            "tp_steps": self.group.steps,
+            "tp_step_send_seconds": self.group.send_seconds,
+            "tp_allreduce_seconds": self.comm.allreduce_seconds,
+            "tp_allreduces": self.comm.num_allreduces,
+        }
+
+    def close(self) -> None:
+        self.group.stop()
+
+
+def start_tensor_parallel(
+    config: EngineConfig, device: torch.device, dtype: torch.dtype, max_positions: int | None
+) -> TensorParallel:
+    """Check the layout, start the workers and connect rank 0 (see module docstring)."""
+    par = config.parallel
+    size = par.tensor_parallel_size
+    layout = ShardLayout(read_model_config(config.model), 0, size)  # ValueError if unshardable
+    devices = rank_devices(device, size)
+    backend_for(device)
+    port = par.port if par.port is not None else free_port()
+    backend = choose_backend(config.attention_backend, device)[0]
+    threads = max((os.cpu_count() or 1) // size, 1)  # CPU ranks share the host's cores
+    specs = [
+        WorkerSpec(
+            config.model, rank, size, port, par.timeout_s, str(devices[rank]), dtype,
+            max_positions, config.seed, config.cache.block_size,
+            backend, os.getpid(), threads,
+        )
+        for rank in range(1, size)
+    ]
+    group = WorkerGroup(specs, par.timeout_s)
+    logger.info(
+        "tensor parallel: started ranks 1..%d (pids %s), meeting at 127.0.0.1:%d (%s)",
+        size - 1, " ".join(str(p.pid) for p in group.procs), port, backend_for(device),
+    )  # fmt: skip
+    try:
+        comm = Communicator.connect(0, size, port, par.timeout_s, devices[0])
+    except Exception as exc:
+        group.stop()
+        raise TensorParallelError(f"the tensor-parallel ranks did not meet: {exc}") from exc
+    return TensorParallel(layout, group, comm)

@@ -1,0 +1,1 @@
+"""Tensor-parallel sharding of the Llama-family models (Megatron-style, see layout.py)."""
