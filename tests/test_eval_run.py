@@ -62,3 +62,18 @@ def test_ppl_cli_under_a_policy(tmp_path: Path, capsys: Any) -> None:
     full = json.loads((tmp_path / "strata_ppl_L128_full_b1.json").read_text())
     quarter = json.loads((tmp_path / "strata_ppl_L128_streaming_b0.25.json").read_text())
     assert 1 < full["perplexity"] < 1000 and quarter["perplexity"] != full["perplexity"]
+
+
+def test_ruler_counts_a_recall_sequence_by_its_gpu_state(tmp_path: Path, capsys: Any) -> None:
+    """A recall sequence holds no pool block: its KV on the GPU is its recall state (dense
+    layers, sink, tail, summaries, working set), less than the full cache's."""
+    common = ["eval", "ruler", "--tasks", "niah_single_1", "--length", "400", "--samples", "1",
+              "--output", str(tmp_path), "--no-progress", "--device", "cpu",
+              "--kv-cache-memory", "0.1", "--kv-recall-host-memory", "0.05",
+              "--log-level", "WARNING"]  # fmt: skip
+    assert main([*common, "--policy", "full"]) == 0
+    assert main([*common, "--policy", "quest", "--budget", "0.25"]) == 0
+    capsys.readouterr()
+    full = json.loads((tmp_path / "strata_ruler_L400_full_b1_query-aware.json").read_text())
+    recall = json.loads((tmp_path / "strata_ruler_L400_quest_b0.25_query-aware.json").read_text())
+    assert 0 < recall["peak_kv_mib"] == recall["final_kv_mib"] < full["peak_kv_mib"]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
+from strata.engine.engine import LLMEngine
 from strata.engine.llm import LLM
 from strata.engine.sampling_params import SamplingParams
 from strata.eval.prompt import PromptIds, prompt_ids, template_parts
@@ -25,6 +26,7 @@ from strata.eval.sample import Sample
 from strata.eval.scoring import score
 from strata.eval.settings import Setting
 from strata.kv.policies.registry import FULL
+from strata.kv.recall.registry import is_recall_policy
 
 
 @dataclass(frozen=True)
@@ -76,19 +78,25 @@ def run_samples(
         seq = engine.prepare(ids.all, sampling_params(setting, ids, sample.max_new_tokens))
         by_id[engine.enqueue(seq)] = (sample, ids)
     bs = engine.kv.block_size
-    peak_blocks = {
-        rid: -(-ids.compressible(setting.protocol) // bs) for rid, (_, ids) in by_id.items()
+    recall = engine.parts.recall
+    # A recall sequence holds no pool block: its GPU KV is its recall state's bytes.
+    holds_pool = recall is None or not is_recall_policy(setting.policy)
+    peak = {
+        rid: -(-ids.compressible(setting.protocol) // bs) * block_bytes if holds_pool else 0
+        for rid, (_, ids) in by_id.items()
     }
-    last_blocks = dict.fromkeys(by_id, 0)
+    last = dict.fromkeys(by_id, 0)
     texts: dict[str, str] = {}
     with tqdm(total=len(by_id), desc=setting.label, disable=not progress, leave=False) as bar:
         while len(texts) < len(by_id):
             outputs = engine.step()
             for request_id in by_id:
-                if request_id not in texts and engine.kv.has(request_id):
-                    held = len(engine.kv.block_table(request_id))
-                    peak_blocks[request_id] = max(peak_blocks[request_id], held)
-                    last_blocks[request_id] = held
+                if request_id in texts:
+                    continue
+                held = _gpu_kv_bytes(engine, request_id, block_bytes)
+                if held is not None:
+                    peak[request_id] = max(peak[request_id], held)
+                    last[request_id] = held
             for out in outputs:
                 if out.error is not None:
                     raise RuntimeError(f"request {out.request_id} failed: {out.error}")
@@ -103,9 +111,20 @@ def run_samples(
             prompt_tokens=len(ids),
             prediction=texts[rid],
             score=score(sample, texts[rid]),
-            peak_kv_bytes=peak_blocks[rid] * block_bytes,
-            final_kv_bytes=last_blocks[rid] * block_bytes,
+            peak_kv_bytes=peak[rid],
+            final_kv_bytes=last[rid],
         )
         for rid, (sample, ids) in by_id.items()
     )
     return RunResult(setting, results, wall)
+
+
+def _gpu_kv_bytes(engine: LLMEngine, request_id: str, block_bytes: int) -> int | None:
+    """GPU KV bytes a request holds now (pool blocks, or its recall state); None if it
+    holds neither yet."""
+    recall = engine.parts.recall
+    if recall is not None and (held := recall.gpu_bytes_of(request_id)):
+        return held
+    if engine.kv.has(request_id):
+        return len(engine.kv.block_table(request_id)) * block_bytes
+    return None

@@ -154,6 +154,12 @@ class RecallManager:
             "recall_gpu_bytes_used": self.gpu_used,
         }
 
+    def gpu_bytes_of(self, request_id: str) -> int:
+        """GPU bytes a request's recall state holds now (0 if none): dense layers, sink,
+        tail, summaries and working set."""
+        kv = self._live.get(request_id)
+        return kv.gpu_bytes if kv is not None and kv.state is not None else 0
+
     def live_ids(self) -> set[str]:
         """The requests holding recall state now."""
         return set(self._live)
