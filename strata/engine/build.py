@@ -117,7 +117,10 @@ def _build_parts(
     logger.info("attention backend %s (%s)", backend_name, why)
     codec = get_codec(config.cache.kv_cache_dtype)
     moe, kv_cache, recall_bytes = build_kv_cache(config, placed, backend, codec)
-    tiers = build_tiers(config.cache.tiers, kv_cache, loaded.fingerprint, placed.dtype)
+    tiers = build_tiers(
+        config.cache.tiers, kv_cache, loaded.fingerprint, placed.dtype,
+        *((None, None) if parallel is None else (parallel.rank_layout, parallel.tier_peers())),
+    )  # fmt: skip
     root = root_key(loaded.fingerprint, kv_layout(placed, codec, parallel))
     kv = KVManager(
         kv_cache.num_blocks, placed.block_size, root, config.cache.enable_prefix_caching,
@@ -219,7 +222,7 @@ def kv_layout(
     if not codec.lossless:
         layout = f"{layout}/{codec.layout_name}"
     if parallel is not None:
-        layout = f"{layout}/tp{parallel.layout.size}r{parallel.comm.rank}"
+        layout = f"{layout}/{parallel.rank_layout}"
     return layout
 
 

@@ -4,7 +4,8 @@
         checks the layout (heads, devices, backend) before any process starts,
         starts ranks 1..N-1 (WorkerGroup) and connects rank 0's Communicator;
     load_model(..., comm=tp.comm)      rank 0 loads its share while the workers load theirs;
-    tp.loaded(); tp.set_pool(blocks)   the workers build the same pool, in blocks;
+    tp.loaded(); tp.set_pool(blocks)   the workers build the same pool, in blocks, and their
+                                       own tiers, driven by rank 0's (tp.tier_peers());
     runner: tp.send(step) + `with tp.guard(): model(...)` for every step; tp.close().
 """
 
@@ -23,6 +24,7 @@ from strata.attention.backend import choose_backend
 from strata.config import EngineConfig
 from strata.engine.tp.group import WorkerGroup
 from strata.engine.tp.step_wire import StepInputs
+from strata.engine.tp.tier_peers import WorkerTierPeers
 from strata.engine.tp.worker import WorkerSpec
 from strata.errors import TensorParallelError
 from strata.models.loader import read_model_config
@@ -74,6 +76,15 @@ class TensorParallel:
         logger.info("tensor parallel: %s; every rank ready (%d KV blocks each, its own "
                     "KV heads)", self.layout.describe(), num_blocks)  # fmt: skip
 
+    @property
+    def rank_layout(self) -> str:
+        """This rank's name in block keys and tier layouts."""
+        return f"tp{self.layout.size}r{self.comm.rank}"
+
+    def tier_peers(self) -> WorkerTierPeers:
+        """The workers' KV tiers, for rank 0's ShardedTierManager."""
+        return WorkerTierPeers(self.group)
+
     def send(self, step: StepInputs) -> None:
         if self.group.steps and self.group.steps % LOG_EVERY == 0:
             self._log_recent()
@@ -124,7 +135,7 @@ def start_tensor_parallel(
         WorkerSpec(
             config.model, rank, size, port, par.timeout_s, str(devices[rank]), dtype,
             max_positions, config.seed, config.cache.block_size,
-            backend, os.getpid(), threads,
+            backend, os.getpid(), threads, config.cache.tiers,
         )
         for rank in range(1, size)
     ]
