@@ -597,7 +597,6 @@ class EngineConfig:
         n, cache = self.parallel.tensor_parallel_size, self.cache
         refused = {
             "expert offloading (expert_gpu_memory / expert_slots)": self.moe.enabled,
-            f"kv_policy {cache.kv_policy!r} (only 'full')": cache.kv_policy != "full",
             f"kv_cache_dtype {cache.kv_cache_dtype!r} (only 'auto')": (
                 cache.kv_cache_dtype != "auto"
             ),

@@ -5,7 +5,7 @@
         starts ranks 1..N-1 (WorkerGroup) and connects rank 0's Communicator;
     load_model(..., comm=tp.comm)      rank 0 loads its share while the workers load theirs;
     tp.loaded(); tp.set_pool(blocks)   the workers build the same pool, in blocks, and their
-                                       own tiers, driven by rank 0's (tp.tier_peers());
+                                       own tiers, driven by rank 0's (tp.peers());
     runner: tp.send(step) + `with tp.guard(): model(...)` for every step; tp.close().
 """
 
@@ -23,8 +23,8 @@ import torch
 from strata.attention.backend import choose_backend
 from strata.config import EngineConfig
 from strata.engine.tp.group import WorkerGroup
+from strata.engine.tp.peers import WorkerPeers
 from strata.engine.tp.step_wire import StepInputs
-from strata.engine.tp.tier_peers import WorkerTierPeers
 from strata.engine.tp.worker import WorkerSpec
 from strata.errors import TensorParallelError
 from strata.models.loader import read_model_config
@@ -63,6 +63,14 @@ def rank_devices(device: torch.device, size: int) -> list[torch.device]:
     return [device] * size
 
 
+def kv_head_slices(layout: ShardLayout) -> list[slice]:
+    out = []
+    for rank in range(layout.size):
+        shard = ShardLayout(layout.full, rank, layout.size)
+        out.append(slice(shard.first_kv_head, shard.first_kv_head + shard.local_kv_heads))
+    return out
+
+
 class TensorParallel:
     def __init__(self, layout: ShardLayout, group: WorkerGroup, comm: Communicator) -> None:
         self.layout, self.group, self.comm = layout, group, comm
@@ -81,9 +89,14 @@ class TensorParallel:
         """This rank's name in block keys and tier layouts."""
         return f"tp{self.layout.size}r{self.comm.rank}"
 
-    def tier_peers(self) -> WorkerTierPeers:
-        """The workers' KV tiers, for rank 0's ShardedTierManager."""
-        return WorkerTierPeers(self.group)
+    @property
+    def kv_head_slices(self) -> list[slice]:
+        """Each rank's KV heads among the model's (ranks may share one: replicated)."""
+        return kv_head_slices(self.layout)
+
+    def peers(self) -> WorkerPeers:
+        """The workers, for rank 0's ShardedTierManager and KV policy driver."""
+        return WorkerPeers(self.group)
 
     def send(self, step: StepInputs) -> None:
         if self.group.steps and self.group.steps % LOG_EVERY == 0:
@@ -135,7 +148,7 @@ def start_tensor_parallel(
         WorkerSpec(
             config.model, rank, size, port, par.timeout_s, str(devices[rank]), dtype,
             max_positions, config.seed, config.cache.block_size,
-            backend, os.getpid(), threads, config.cache.tiers,
+            backend, os.getpid(), threads, config.cache.tiers, kv_head_slices(layout)[rank],
         )
         for rank in range(1, size)
     ]

@@ -2,7 +2,7 @@
 
     start ─► connect (Communicator) ─► load its share ─► "loaded" ─► pool size (blocks)
           ─► build its KV pool and tiers ─► "ready"
-          ─► steps and tier operations (channel.py) until stop or rank 0 is gone
+          ─► steps, tier operations and compactions (channel.py) until stop or rank 0 is gone
 
 The worker ignores SIGINT and SIGTERM: rank 0 drains and stops it. It exits by itself
 when rank 0 dies: at once if idle (its pipe reaches EOF), within the group's timeout if
@@ -22,9 +22,11 @@ import torch
 
 from strata.attention.backend import get_backend
 from strata.config import TierConfig
-from strata.engine.tp.channel import receive, receive_step
+from strata.engine.tp.channel import WorkerOp, receive, receive_step
 from strata.engine.tp.step_wire import StepInputs
 from strata.kv.cache import KVCache
+from strata.kv.policies.runtime.gathered import GatheredObserver, ObservedRows
+from strata.kv.policies.runtime.rank_compaction import CompactOp, apply_compact_op
 from strata.kv.tiers.build import build_tiers
 from strata.kv.tiers.manager import TierManager
 from strata.kv.tiers.tier_ops import reply_key, run_tier_op
@@ -50,6 +52,7 @@ class WorkerSpec:
     rank0_pid: int
     threads: int  # torch threads (CPU ranks share the host's cores)
     tiers: TierConfig  # its own tiers, holding its own KV heads (kv/tiers/tier_ops.py)
+    kv_heads: slice  # its KV heads among the model's (KV policies' masks)
 
 
 def run_worker(spec: WorkerSpec, conn: Connection) -> None:
@@ -87,7 +90,7 @@ def serve_steps(
     spec: WorkerSpec, conn: Connection, comm: Communicator, model: torch.nn.Module, kv: KVCache,
     tiers: TierManager | None,
 ) -> None:  # fmt: skip
-    """Run every step and tier operation rank 0 sends, until it says stop or is gone."""
+    """Run every step and operation rank 0 sends, until it says stop or is gone."""
     backend = get_backend(spec.attention_backend)
     device = comm.device
     after: torch.cuda.Event | None = None  # the last step's end, on CUDA
@@ -96,10 +99,7 @@ def serve_steps(
         if step is None:
             return
         if not isinstance(step, StepInputs):
-            assert tiers is not None, "rank 0 sends tier operations only when tiers are on"
-            answer = run_tier_op(tiers, step, spec.rank, after)
-            if answer is not None:
-                conn.send(("tier", reply_key(step), answer))
+            run_op(spec, conn, kv, tiers, step, after)
             continue
         if tiers is not None:  # a store still reading a block this step writes ends first
             for block_id in np.unique(step.slots // kv.block_size).tolist():
@@ -109,7 +109,28 @@ def serve_steps(
             for a in (step.ids, step.positions, step.slots, step.logits_rows)
         )
         meta = backend.prepare(step.layout, slots, device)
-        model(ids, positions, kv, backend, meta, rows)
+        observer = None
+        if len(step.observed):  # a KV policy's queries: this rank's share of the scores
+            observed = ObservedRows.decode(step.observed)
+            observer = GatheredObserver(kv, observed, step.layout.block_tables, comm, [])
+        model(ids, positions, kv, backend, meta, rows, observer)
         if device.type == "cuda" and tiers is not None:
             after = torch.cuda.Event()
             after.record()
+
+
+def run_op(
+    spec: WorkerSpec, conn: Connection, kv: KVCache, tiers: TierManager | None, op: WorkerOp,
+    after: torch.cuda.Event | None,
+) -> None:  # fmt: skip
+    """A compaction of this rank's heads, or a tier operation (answered if it asks)."""
+    if isinstance(op, CompactOp):
+        if tiers is not None:  # blocks the compaction writes: their stores end first
+            for block_id in [*op.change.new, *(dst for _, dst in op.change.copies)]:
+                tiers.before_overwrite(block_id)
+        apply_compact_op(kv, op, spec.kv_heads)
+        return
+    assert tiers is not None, "rank 0 sends tier operations only when tiers are on"
+    answer = run_tier_op(tiers, op, spec.rank, after)
+    if answer is not None:
+        conn.send(("tier", reply_key(op), answer))

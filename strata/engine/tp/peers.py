@@ -1,7 +1,7 @@
-"""WorkerTierPeers: the workers' KV tiers, as rank 0's ShardedTierManager sees them.
+"""WorkerPeers: the workers, as rank 0's ShardedTierManager and KV policy driver see them.
 
-Tier operations go to every worker on its step pipe (channel.send_op), so each worker
-applies them in the order rank 0 made them, between the same steps. A worker answers
+Tier operations and compactions go to every worker on its step pipe (channel.send_op),
+so each worker applies them in the order rank 0 made them, between the same steps. A worker answers
 a load or a flush on the same pipe, ("tier", key, value), in the order it got them;
 rank 0 files answers by key until the one it waits for arrives. A worker silent for
 the group's timeout, or one that exits or reports an error, fails the group.
@@ -14,19 +14,18 @@ from __future__ import annotations
 
 import time
 
-from strata.engine.tp.channel import send_op
+from strata.engine.tp.channel import WorkerOp, send_op
 from strata.engine.tp.group import WorkerGroup
-from strata.kv.tiers.tier_ops import TierOp
 
 POLL_S = 0.2
 
 
-class WorkerTierPeers:
+class WorkerPeers:
     def __init__(self, group: WorkerGroup) -> None:
         self.group = group
         self._answers: list[dict[str, int]] = [{} for _ in group.conns]
 
-    def send(self, op: TierOp) -> None:
+    def send(self, op: WorkerOp) -> None:
         if not self.group.running:
             return
         with self.group.guard():
