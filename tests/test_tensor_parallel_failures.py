@@ -109,7 +109,7 @@ def test_worker_exits_when_rank0_dies(folder: Path) -> None:
     [
         ({"tensor_parallel_size": 3}, "3 does not divide the model's 4 attention heads"),
         ({"tensor_parallel_size": 4}, "4 is more ranks than this host's 2 CPU cores"),
-        ({"tensor_parallel_size": 2, "kv_cache_dtype": "int4"}, "with kv_cache_dtype 'int4'"),
+        ({"tensor_parallel_size": 2, "expert_slots": 2}, "does not run with expert offloading"),
         ({"tensor_parallel_size": 2, "kv_policy": "tova", "kv_budget": 0.5},
          "with kv_policy 'tova' yet"),
         ({"tensor_parallel_size": 0}, "tensor_parallel_size must be a whole number >= 1"),

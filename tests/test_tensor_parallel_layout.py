@@ -111,11 +111,12 @@ def test_step_inputs_round_trip() -> None:
     step = StepInputs(
         np.arange(5, dtype=np.int64), np.array([0, 1, 2, 8, 16]), np.array([16, 17, 18, 8, 44]),
         np.array([2, 3, 4]), layout, ObservedRows.encode([ObservedRows(0, 1, 3, 1, 3)]),
+        np.array([5, 11]),
     )  # fmt: skip
     data = step.encode()
-    assert data.dtype == np.int64 and len(data) == 5 + 5 * 3 + 3 + 3 * 3 + 5 + 10
+    assert data.dtype == np.int64 and len(data) == 6 + 5 * 3 + 3 + 3 * 3 + 5 + 2 + 10
     back = StepInputs.decode(data)
     assert back.layout == layout
-    for name in ("ids", "positions", "slots", "logits_rows", "observed"):
+    for name in ("ids", "positions", "slots", "logits_rows", "observed", "live_blocks"):
         assert np.array_equal(getattr(back, name), getattr(step, name))
     assert ObservedRows.decode(back.observed) == [ObservedRows(0, 1, 3, 1, 3)]

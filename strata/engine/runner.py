@@ -174,6 +174,9 @@ class ModelRunner:
         observer = None
         if step.observer is not None:
             observer, inputs = self._gathered(step.observer, inputs, plan)
+        if self.kv.tails is not None:  # the workers' tail rows follow rank 0's open blocks
+            live = sorted(self.kv.tails.live_blocks())
+            inputs = replace(inputs, live_blocks=np.asarray(live, np.int64))
         self.parallel.send(inputs)
         with self.parallel.guard():
             return self.model(ids_t, pos_t, self.kv, backend, meta, rows_t, observer), observer

@@ -27,6 +27,7 @@ from strata.engine.tp.peers import WorkerPeers
 from strata.engine.tp.step_wire import StepInputs
 from strata.engine.tp.worker import WorkerSpec
 from strata.errors import TensorParallelError
+from strata.kv.codec import get_codec
 from strata.models.loader import read_model_config
 from strata.models.tp.comm import Communicator, backend_for
 from strata.models.tp.layout import ShardLayout
@@ -144,11 +145,14 @@ def start_tensor_parallel(
     port = par.port if par.port is not None else free_port()
     backend = choose_backend(config.attention_backend, device)[0]
     threads = max((os.cpu_count() or 1) // size, 1)  # CPU ranks share the host's cores
+    lossless = get_codec(config.cache.kv_cache_dtype).lossless
+    tail_rows = 0 if lossless else config.scheduler.max_num_seqs  # as rank 0's (build.py)
     specs = [
         WorkerSpec(
             config.model, rank, size, port, par.timeout_s, str(devices[rank]), dtype,
             max_positions, config.seed, config.cache.block_size,
             backend, os.getpid(), threads, config.cache.tiers, kv_head_slices(layout)[rank],
+            config.cache.kv_cache_dtype, tail_rows,
         )
         for rank in range(1, size)
     ]

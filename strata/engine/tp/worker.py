@@ -25,6 +25,8 @@ from strata.config import TierConfig
 from strata.engine.tp.channel import WorkerOp, receive, receive_step
 from strata.engine.tp.step_wire import StepInputs
 from strata.kv.cache import KVCache
+from strata.kv.codec import get_codec
+from strata.kv.coded_attention import attention_over
 from strata.kv.policies.runtime.gathered import GatheredObserver, ObservedRows
 from strata.kv.policies.runtime.rank_compaction import CompactOp, apply_compact_op
 from strata.kv.tiers.build import build_tiers
@@ -53,6 +55,8 @@ class WorkerSpec:
     threads: int  # torch threads (CPU ranks share the host's cores)
     tiers: TierConfig  # its own tiers, holding its own KV heads (kv/tiers/tier_ops.py)
     kv_heads: slice  # its KV heads among the model's (KV policies' masks)
+    kv_cache_dtype: str  # the KV codec; a lossy one keeps tail_rows open blocks exact
+    tail_rows: int
 
 
 def run_worker(spec: WorkerSpec, conn: Connection) -> None:
@@ -72,7 +76,8 @@ def run_worker(spec: WorkerSpec, conn: Connection) -> None:
         if message is None:
             return
         num_blocks = int(np.frombuffer(message, dtype=np.int64)[0])
-        kv = KVCache(loaded.config, num_blocks, spec.block_size, spec.dtype, device)
+        kv = KVCache(loaded.config, num_blocks, spec.block_size, spec.dtype, device,
+                     get_codec(spec.kv_cache_dtype), spec.tail_rows)  # fmt: skip
         tiers = build_tiers(spec.tiers, kv, loaded.fingerprint, spec.dtype,
                             f"tp{spec.size}r{spec.rank}")  # fmt: skip
         conn.send(("ready", None))
@@ -91,7 +96,7 @@ def serve_steps(
     tiers: TierManager | None,
 ) -> None:  # fmt: skip
     """Run every step and operation rank 0 sends, until it says stop or is gone."""
-    backend = get_backend(spec.attention_backend)
+    backend = attention_over(kv, get_backend(spec.attention_backend))
     device = comm.device
     after: torch.cuda.Event | None = None  # the last step's end, on CUDA
     while True:
@@ -108,6 +113,8 @@ def serve_steps(
             torch.from_numpy(a).to(device)
             for a in (step.ids, step.positions, step.slots, step.logits_rows)
         )
+        if kv.tails is not None:
+            kv.tails.live_blocks = set(step.live_blocks.tolist()).copy  # rank 0's, this step
         meta = backend.prepare(step.layout, slots, device)
         observer = None
         if len(step.observed):  # a KV policy's queries: this rank's share of the scores
