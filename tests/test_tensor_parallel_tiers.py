@@ -14,6 +14,7 @@ from strata import LLM
 from strata.kv.prefix import chain_key
 from strata.kv.tiers.tier_ops import rank_key
 from tests.conftest import assert_no_leaks, make_hf_model
+from tests.redis_server import RedisServer, server_binary
 from tests.test_tensor_parallel import ENGINE, GREEDY, PROMPTS, TP_CONFIGS
 
 LONG = list(range(200, 221))  # five full blocks of 4, then one token
@@ -57,7 +58,11 @@ def test_cpu_tier_round_trip_and_swap_equal_tp1(folder: Path, mode: str) -> None
 
 def _disk_run(folder: Path, disk: Path, size: int) -> tuple[list[int], dict[str, Any], bytes]:
     """LONG on a fresh engine over the disk tier `disk`; its tokens, stats and root key."""
-    options = {**ENGINE, "kv_cpu_memory": 0.01, "kv_disk_dir": str(disk)}
+    return _run(folder, {"kv_disk_dir": str(disk)}, size)
+
+
+def _run(folder: Path, tiers: dict[str, Any], size: int) -> tuple[list[int], dict[str, Any], bytes]:
+    options = {**ENGINE, "kv_cpu_memory": 0.01, **tiers}
     with LLM(str(folder), **options, tensor_parallel_size=size) as llm:
         tokens = llm.generate([LONG], GREEDY)[0].token_ids
         assert_no_leaks(llm)
@@ -91,3 +96,16 @@ def test_disk_restart_and_a_block_one_rank_lacks(folder: Path, tmp_path: Path) -
     assert third == want
     assert stats["prefix_cache_tier_hit_tokens"] == 2 * 4
     assert stats["kv_tier_rank_short_loads"] == 1
+
+
+@pytest.mark.skipif(server_binary() is None, reason="no valkey/redis-server")
+def test_remote_tier_shared_by_the_ranks(folder: Path, tmp_path: Path) -> None:
+    """Each rank writes its own keys to one server; a fresh TP=2 engine finds all five
+    blocks there (rank 0 probes, every rank loads its own)."""
+    want, _, _ = _run(folder, {}, 1)
+    with RedisServer(tmp_path) as server:
+        first, stats, _ = _run(folder, {"kv_remote": server.url}, 2)
+        assert first == want and stats["prefix_cache_tier_hit_tokens"] == 0
+        again, stats, _ = _run(folder, {"kv_remote": server.url}, 2)
+        assert again == want and stats["prefix_cache_tier_hit_tokens"] == 5 * 4
+        assert stats["kv_tier_rank_short_loads"] == 0
