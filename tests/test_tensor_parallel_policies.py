@@ -31,7 +31,10 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.mark.parametrize(
     ("name", "policies"),
-    [("llama-gqa", ["streaming", "snapkv", "h2o", "chunkkv"]), ("llama-mqa-tied", ["h2o"])],
+    [
+        ("llama-gqa", ["streaming", "snapkv", "h2o", "chunkkv", "treekv"]),
+        ("llama-mqa-tied", ["h2o"]),
+    ],
 )
 def test_policies_tp2_equal_tp1(
     name: str, policies: list[str], folders: dict[str, Path]
