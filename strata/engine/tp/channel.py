@@ -15,7 +15,10 @@ Steps up to INLINE_BYTES go inline on the pipe, larger ones by broadcast: measur
 send never blocks: a worker reads step k before it joins step k's first all-reduce, so
 when rank 0 sends step k+1 the pipe is empty, and INLINE_BYTES is below the socket buffer.
 A larger step goes by broadcast, whose wait the group's timeout bounds. Between steps an
-idle worker waits on the pipe, where no collective timeout applies.
+idle worker waits on the pipe, where no collective timeout applies. Operations sent
+between steps may fill the pipe; rank 0 then waits for the worker to read, which it
+does without waiting on rank 0 (a tier load waits on the worker's own threads), and
+its answers are a few per load, which rank 0 reads as its own loads land.
 """
 
 from __future__ import annotations
