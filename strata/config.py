@@ -594,14 +594,9 @@ class EngineConfig:
 
     def _check_tensor_parallel(self) -> None:
         """What tensor parallelism does not run with yet: a clear refusal, not a wrong answer."""
-        n, cache = self.parallel.tensor_parallel_size, self.cache
+        n = self.parallel.tensor_parallel_size
         refused = {
             "expert offloading (expert_gpu_memory / expert_slots)": self.moe.enabled,
-            "KV tiers (kv_cpu_memory / kv_disk_dir / kv_remote)": cache.tiers.enabled,
-            f"kv_policy {cache.kv_policy!r} (only 'full')": cache.kv_policy != "full",
-            f"kv_cache_dtype {cache.kv_cache_dtype!r} (only 'auto')": (
-                cache.kv_cache_dtype != "auto"
-            ),
         }
         for what, on in refused.items():
             if on:

@@ -110,6 +110,19 @@ def test_random_weights_tp2_equal_tp1(name: str, tmp_path: Path) -> None:
     assert_same_run(f"random:{tmp_path / 'config.json'}", seed=3)
 
 
+def test_lossy_kv_cache_dtype_tp2_equals_tp1(tp_folders: dict[str, Path]) -> None:
+    """Codec scales are per KV head, so each rank codes its own heads as TP=1 would. Two
+    tail rows, six sequences: a finished sequence's row is collected while the other
+    running one keeps its own, on the workers as on rank 0 (its open blocks)."""
+    options = {**ENGINE, "num_kv_blocks": 40, "kv_cache_dtype": "int4", "max_num_seqs": 2}
+    prompts = [[(13 * i + 7 * j) % 500 for i in range(6 + j)] for j in range(6)]
+    model = str(tp_folders["llama-gqa"])
+    want = [o.token_ids for o in LLM(model, **options).generate(prompts, GREEDY)]
+    with LLM(model, **options, tensor_parallel_size=2) as tp:
+        assert [o.token_ids for o in tp.generate(prompts, GREEDY)] == want
+        assert_no_leaks(tp)
+
+
 def test_generate_command_with_two_ranks(tiny_chat_folder: Path) -> None:
     """`strata generate --tensor-parallel-size 2` prints TP=1's greedy text; a size that
     does not divide the heads is a usage error (exit 2) before any process starts."""

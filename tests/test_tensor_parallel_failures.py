@@ -51,7 +51,7 @@ def test_killed_worker_fails_the_engine_and_leaves_no_process(folder: Path) -> N
     want = ref.generate([1, 2, 3], GREEDY)[0].token_ids
     assert llm.generate([1, 2, 3], GREEDY)[0].token_ids == want
     with pytest.raises(InvalidRequestError, match="does not run under tensor parallelism"):
-        llm.generate([1, 2, 3], SamplingParams(max_tokens=4, kv_policy="h2o", kv_budget=8))
+        llm.generate([1, 2, 3], SamplingParams(max_tokens=4, kv_policy="tova", kv_budget=8))
     pids = [p.pid for p in llm.engine.parts.parallel.group.procs]  # type: ignore[union-attr]
     os.kill(pids[0], signal.SIGKILL)
     start = time.monotonic()
@@ -109,8 +109,9 @@ def test_worker_exits_when_rank0_dies(folder: Path) -> None:
     [
         ({"tensor_parallel_size": 3}, "3 does not divide the model's 4 attention heads"),
         ({"tensor_parallel_size": 4}, "4 is more ranks than this host's 2 CPU cores"),
-        ({"tensor_parallel_size": 2, "kv_cpu_memory": 0.1}, "does not run with KV tiers"),
-        ({"tensor_parallel_size": 2, "kv_policy": "h2o", "kv_budget": 0.5}, "with kv_policy 'h2o'"),
+        ({"tensor_parallel_size": 2, "expert_slots": 2}, "does not run with expert offloading"),
+        ({"tensor_parallel_size": 2, "kv_policy": "tova", "kv_budget": 0.5},
+         "with kv_policy 'tova' yet"),
         ({"tensor_parallel_size": 0}, "tensor_parallel_size must be a whole number >= 1"),
     ],
 )

@@ -11,6 +11,7 @@ from transformers import LlamaConfig, MixtralConfig
 from strata.attention.backend import BatchLayout
 from strata.config import ModelConfig
 from strata.engine.tp.step_wire import StepInputs
+from strata.kv.policies.runtime.gathered import ObservedRows
 from strata.models.tp.layout import ShardLayout
 from strata.models.tp.weights import shard_tensor
 from tests.conftest import TINY
@@ -109,11 +110,13 @@ def test_step_inputs_round_trip() -> None:
     layout = BatchLayout([3, 1, 1], [3, 9, 17], [[4, 5], [0, 1, 2], [7, 8, 9, 10, 11]], 4)
     step = StepInputs(
         np.arange(5, dtype=np.int64), np.array([0, 1, 2, 8, 16]), np.array([16, 17, 18, 8, 44]),
-        np.array([2, 3, 4]), layout,
+        np.array([2, 3, 4]), layout, ObservedRows.encode([ObservedRows(0, 1, 3, 1, 3)]),
+        np.array([5, 11]),
     )  # fmt: skip
     data = step.encode()
-    assert data.dtype == np.int64 and len(data) == 4 + 5 * 3 + 3 + 3 * 3 + 10
+    assert data.dtype == np.int64 and len(data) == 6 + 5 * 3 + 3 + 3 * 3 + 5 + 2 + 10
     back = StepInputs.decode(data)
     assert back.layout == layout
-    for name in ("ids", "positions", "slots", "logits_rows"):
+    for name in ("ids", "positions", "slots", "logits_rows", "observed", "live_blocks"):
         assert np.array_equal(getattr(back, name), getattr(step, name))
+    assert ObservedRows.decode(back.observed) == [ObservedRows(0, 1, 3, 1, 3)]

@@ -31,7 +31,9 @@ from strata.kv.coded_attention import attention_over
 from strata.kv.manager import KVManager
 from strata.kv.policies.base import AttentionShape
 from strata.kv.policies.model_access import ModelAccess
+from strata.kv.policies.registry import tensor_parallel_policies
 from strata.kv.policies.runtime.driver import KVPolicyDriver, PolicyDefaults
+from strata.kv.policies.runtime.rank_compaction import RankShard
 from strata.kv.policies.runtime.reconstruction import (
     PASS_HEADROOM,
     ContextReconstruction,
@@ -117,7 +119,11 @@ def _build_parts(
     logger.info("attention backend %s (%s)", backend_name, why)
     codec = get_codec(config.cache.kv_cache_dtype)
     moe, kv_cache, recall_bytes = build_kv_cache(config, placed, backend, codec)
-    tiers = build_tiers(config.cache.tiers, kv_cache, loaded.fingerprint, placed.dtype)
+    peers = None if parallel is None else parallel.peers()
+    tiers = build_tiers(
+        config.cache.tiers, kv_cache, loaded.fingerprint, placed.dtype,
+        None if parallel is None else parallel.rank_layout, peers,
+    )  # fmt: skip
     root = root_key(loaded.fingerprint, kv_layout(placed, codec, parallel))
     kv = KVManager(
         kv_cache.num_blocks, placed.block_size, root, config.cache.enable_prefix_caching,
@@ -150,7 +156,10 @@ def _build_parts(
     if parallel is not None:
         parallel.set_pool(kv_cache.num_blocks)
         runner.parallel = parallel
-    kv_policies = build_kv_policies(config, loaded, placed, kv, kv_cache, runner, recall)
+    shard = None if parallel is None else RankShard(parallel.kv_head_slices[0], peers)
+    kv_policies = build_kv_policies(
+        config, loaded, placed, kv, kv_cache, runner, recall, shard
+    )
     if kv_cache.tails is not None:  # the tails reclaim rows of blocks no running seq writes
         kv_cache.tails.live_blocks = lambda: open_blocks(scheduler, kv)
     if parallel is None:
@@ -173,6 +182,7 @@ def load_placed_model(
     rope_len = None if requested_len is None else requested_len + PASS_HEADROOM
     parallel = None
     if config.parallel.tensor_parallel_size > 1:
+        check_tensor_parallel_policy(config)
         if needs_gpu_measurement(config.cache, device.type == "cuda"):
             raise ValueError(
                 "tensor_parallel_size > 1 on CUDA needs kv_cache_memory or num_kv_blocks: "
@@ -209,6 +219,16 @@ def load_placed_model(
     return loaded, placed, parallel
 
 
+def check_tensor_parallel_policy(config: EngineConfig) -> None:
+    """ValueError, before any rank starts, for a default KV policy TP does not run."""
+    allowed = tensor_parallel_policies()
+    if config.cache.kv_policy not in allowed:
+        raise ValueError(
+            f"tensor_parallel_size {config.parallel.tensor_parallel_size} does not run with "
+            f"kv_policy {config.cache.kv_policy!r} yet (only {', '.join(allowed)})"
+        )
+
+
 def kv_layout(
     placed: ModelPlacement, codec: BlockCodec, parallel: TensorParallel | None = None
 ) -> str:
@@ -219,7 +239,7 @@ def kv_layout(
     if not codec.lossless:
         layout = f"{layout}/{codec.layout_name}"
     if parallel is not None:
-        layout = f"{layout}/tp{parallel.layout.size}r{parallel.comm.rank}"
+        layout = f"{layout}/{parallel.rank_layout}"
     return layout
 
 
@@ -331,12 +351,16 @@ def build_kv_policies(
     kv_cache: KVCache,
     runner: ModelRunner,
     recall: RecallManager | None,
+    shard: RankShard | None = None,
 ) -> KVPolicyDriver:
+    """shard: under tensor parallelism, rank 0's KV heads and the workers; policies then
+    see the whole model's heads."""
     mc, cache = placed.model_config, config.cache
     inv_freq, scaling = inverse_frequencies(mc.hf_config, mc.head_dim)
+    whole = mc if runner.parallel is None else runner.parallel.layout.full
     driver = KVPolicyDriver(
         kv, kv_cache,
-        AttentionShape(mc.num_layers, mc.num_heads, mc.num_kv_heads, mc.head_dim),
+        AttentionShape(whole.num_layers, whole.num_heads, whole.num_kv_heads, whole.head_dim),
         PolicyDefaults(cache.kv_policy, cache.kv_budget, cache.evict_interval),
         model=ModelAccess(inv_freq.to(placed.device), scaling, loaded.tokenizer),
         reconstruction=ContextReconstruction(
@@ -344,7 +368,7 @@ def build_kv_policies(
             PassLimits(config.scheduler.max_num_batched_tokens,
                        max_positions=loaded.model.rope.cos.shape[0]),
         ),
-        recall=recall,
+        recall=recall, shard=shard,
     )  # fmt: skip
     logger.info(
         "KV policy: default %s%s; requests may name their own; policies that evict "

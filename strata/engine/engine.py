@@ -229,8 +229,8 @@ class LLMEngine:
         """Finish writing blocks to the tiers and close them, and stop the tensor-parallel
         ranks (the engine is unusable after)."""
         self.requests.grammars.close()
-        if self.parts.parallel is not None:
-            self.parts.parallel.close()
-        if self.tiers is not None:
+        if self.tiers is not None:  # first: the workers flush their tiers too
             self.tiers.close(flush=True)
             self.tiers = None
+        if self.parts.parallel is not None:
+            self.parts.parallel.close()

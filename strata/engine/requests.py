@@ -18,6 +18,7 @@ from strata.engine.logit_rules import logit_rules
 from strata.engine.sampling_params import SamplingParams
 from strata.engine.sequence import Sequence
 from strata.errors import ContextLengthError, InvalidRequestError
+from strata.kv.policies.registry import tensor_parallel_policies
 from strata.kv.policies.runtime.driver import KVPolicyDriver
 
 
@@ -34,7 +35,7 @@ class RequestFactory:
         tensor_parallel: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
-        self.tensor_parallel = tensor_parallel  # then only the "full" KV policy runs
+        self.tensor_parallel = tensor_parallel  # then only tensor_parallel_policies() run
         self.model_name = model_name
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
@@ -95,10 +96,11 @@ class RequestFactory:
             raise InvalidRequestError(
                 "the prompt is empty; it must contain at least one token", "prompt"
             )
-        if self.tensor_parallel and params.kv_policy not in (None, "full"):
+        allowed = tensor_parallel_policies()
+        if self.tensor_parallel and params.kv_policy not in (None, *allowed):
             raise InvalidRequestError(
                 f"kv_policy {params.kv_policy!r} does not run under tensor parallelism yet "
-                "(only 'full')", "kv_policy",
+                f"(only {', '.join(allowed)})", "kv_policy",
             )  # fmt: skip
         bad = self._bad_token_ids(params.stop_token_ids)
         if bad:

@@ -14,6 +14,7 @@ were captured (cuda_graphs.py) and its batch fits; other steps run eagerly.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,8 @@ from strata.engine.tp.parallel import TensorParallel
 from strata.engine.tp.step_wire import StepInputs
 from strata.errors import SequenceFault, TensorParallelError, blame
 from strata.kv.cache import KVCache
+from strata.kv.policies.runtime.gathered import GatheredObserver, ObservedRows
+from strata.kv.policies.runtime.observer import StepObserver
 from strata.kv.policies.runtime.step_kv import KVStepBuilder, StepKV
 from strata.kv.recall.attention import RecallAttention, RecallMetadata
 from strata.models.llama import LlamaModel
@@ -139,14 +142,17 @@ class ModelRunner:
             np.asarray(ids, dtype=np.int64), np.concatenate(positions), step.slot_mapping,
             np.asarray(logits_rows, dtype=np.int64), step.layout,
         )  # fmt: skip
-        logits = self._forward(step, inputs)
-        if step.observer is not None:
-            plan.faults.extend(step.observer.faults.values())
+        logits, observer = self._forward(step, inputs, plan)
+        if observer is not None:
+            plan.faults.extend(observer.faults.values())
         return logits if logits_rows else None
 
-    def _forward(self, step: StepKV, inputs: StepInputs) -> torch.Tensor:
-        """The model over the step's flat batch; under tensor parallelism the workers get
-        the same inputs first and run their shares alongside (strata/engine/tp)."""
+    def _forward(
+        self, step: StepKV, inputs: StepInputs, plan: StepPlan
+    ) -> tuple[torch.Tensor, StepObserver | GatheredObserver | None]:
+        """The model over the step's flat batch, and the observer it ran with; under tensor
+        parallelism the workers get the same inputs first and run their shares alongside
+        (strata/engine/tp), and a KV policy's scores are gathered (runtime/gathered.py)."""
         ids_t, pos_t, slot_t, rows_t = self._ints.upload(
             [inputs.ids, inputs.positions, inputs.slots, inputs.logits_rows]
         )
@@ -159,12 +165,35 @@ class ModelRunner:
             assert inner is not None, "a step without recall rows has pool rows"
             meta = inner
         if self.parallel is None:
-            return self.model(ids_t, pos_t, self.kv, backend, meta, rows_t, step.observer)
-        if step.recall or step.observer is not None or not step.uniform:
-            raise TensorParallelError("tensor parallelism runs only steps without KV policies")
+            logits = self.model(ids_t, pos_t, self.kv, backend, meta, rows_t, step.observer)
+            return logits, step.observer
+        if step.recall or not step.uniform:
+            raise TensorParallelError(
+                "tensor parallelism runs no recall policy, and no KV policy whose layers differ"
+            )
+        observer = None
+        if step.observer is not None:
+            observer, inputs = self._gathered(step.observer, inputs, plan)
+        if self.kv.tails is not None:  # the workers' tail rows follow rank 0's open blocks
+            live = sorted(self.kv.tails.live_blocks())
+            inputs = replace(inputs, live_blocks=np.asarray(live, np.int64))
         self.parallel.send(inputs)
         with self.parallel.guard():
-            return self.model(ids_t, pos_t, self.kv, backend, meta, rows_t)
+            return self.model(ids_t, pos_t, self.kv, backend, meta, rows_t, observer), observer
+
+    def _gathered(
+        self, local: StepObserver, inputs: StepInputs, plan: StepPlan
+    ) -> tuple[GatheredObserver, StepInputs]:
+        """The observer that gathers every rank's scores, and the inputs that tell the
+        workers which queries to score."""
+        assert self.parallel is not None
+        chunk_of = {c.seq.request_id: i for i, c in enumerate(plan.chunks)}
+        rows = [ObservedRows.of(s, chunk_of[s.request_id]) for s in local.observed]
+        observer = GatheredObserver(
+            self.kv, rows, inputs.layout.block_tables, self.parallel.comm,
+            self.parallel.kv_head_slices, local.observed,
+        )  # fmt: skip
+        return observer, replace(inputs, observed=ObservedRows.encode(rows))
 
     def _recall_metadata(
         self, step: StepKV, slots: torch.Tensor, inner: StepMetadata | None

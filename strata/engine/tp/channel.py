@@ -4,7 +4,10 @@ A message is an int64 array:
 
     [0]                  stop
     [n]                  the step is n int64s, broadcast from rank 0 right after
-    StepInputs.encode()  the step itself (always 4 or more values)
+    StepInputs.encode()  the step itself (always 5 or more values)
+    [-1] + pickle bytes  a WorkerOp: a tier operation (kv/tiers/tier_ops.py) or a KV
+                         policy's compaction (kv/policies/runtime/rank_compaction.py), run
+                         before the next step; the worker may answer ("tier", key, value)
 
 Steps up to INLINE_BYTES go inline on the pipe, larger ones by broadcast: measured on the
 2-core CPU machine (benchmarks/tp_plan_channel.py, docs/benchmarks.md) the pipe costs
@@ -12,22 +15,32 @@ Steps up to INLINE_BYTES go inline on the pipe, larger ones by broadcast: measur
 send never blocks: a worker reads step k before it joins step k's first all-reduce, so
 when rank 0 sends step k+1 the pipe is empty, and INLINE_BYTES is below the socket buffer.
 A larger step goes by broadcast, whose wait the group's timeout bounds. Between steps an
-idle worker waits on the pipe, where no collective timeout applies.
+idle worker waits on the pipe, where no collective timeout applies. Operations sent
+between steps may fill the pipe; rank 0 then waits for the worker to read, which it
+does without waiting on rank 0 (a tier load waits on the worker's own threads), and
+its answers are a few per load, which rank 0 reads as its own loads land.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 from multiprocessing.connection import Connection
+from typing import TypeAlias
 
 import numpy as np
 import torch
 
 from strata.engine.tp.step_wire import StepInputs
+from strata.kv.policies.runtime.rank_compaction import CompactOp
+from strata.kv.tiers.tier_ops import TierOp
 from strata.models.tp.comm import Communicator
 
 INLINE_BYTES = 64 << 10
 POLL_S = 1.0  # how often an idle worker checks that rank 0 is alive
+OP_MARK = np.array([-1], np.int64).tobytes()
+
+WorkerOp: TypeAlias = TierOp | CompactOp
 
 
 def send_step(conns: list[Connection], comm: Communicator, step: StepInputs) -> None:
@@ -43,15 +56,26 @@ def send_step(conns: list[Connection], comm: Communicator, step: StepInputs) -> 
     comm.broadcast(torch.from_numpy(payload).to(comm.device))
 
 
+def send_op(conns: list[Connection], op: WorkerOp) -> None:
+    data = OP_MARK + pickle.dumps(op, protocol=pickle.HIGHEST_PROTOCOL)
+    for conn in conns:
+        conn.send_bytes(data)
+
+
 def send_stop(conn: Connection) -> None:
     conn.send_bytes(np.zeros(1, np.int64).tobytes())
 
 
-def receive_step(conn: Connection, comm: Communicator, rank0_pid: int) -> StepInputs | None:
-    """The next step; None for stop, or once rank 0 is gone."""
+def receive_step(
+    conn: Connection, comm: Communicator, rank0_pid: int
+) -> StepInputs | WorkerOp | None:
+    """The next step or operation; None for stop, or once rank 0 is gone."""
     message = receive(conn, rank0_pid)
     if message is None:
         return None
+    if message[: len(OP_MARK)] == OP_MARK:
+        op: WorkerOp = pickle.loads(message[len(OP_MARK) :])  # from rank 0, our parent
+        return op
     data = np.frombuffer(bytearray(message), dtype=np.int64)  # writable: torch wraps it
     if len(data) > 1:
         return StepInputs.decode(data)

@@ -80,6 +80,11 @@ class WorkerGroup:
             conn.send_bytes(np.array([num_blocks], np.int64).tobytes())
         self.expect("ready")
 
+    @property
+    def running(self) -> bool:
+        """Started, and neither stopped nor failed."""
+        return self.failure is None and self._finalizer.alive
+
     # ---- steps -------------------------------------------------------------------------------
 
     def send(self, comm: Communicator, step: StepInputs) -> None:

@@ -4,7 +4,8 @@
         checks the layout (heads, devices, backend) before any process starts,
         starts ranks 1..N-1 (WorkerGroup) and connects rank 0's Communicator;
     load_model(..., comm=tp.comm)      rank 0 loads its share while the workers load theirs;
-    tp.loaded(); tp.set_pool(blocks)   the workers build the same pool, in blocks;
+    tp.loaded(); tp.set_pool(blocks)   the workers build the same pool, in blocks, and their
+                                       own tiers, driven by rank 0's (tp.peers());
     runner: tp.send(step) + `with tp.guard(): model(...)` for every step; tp.close().
 """
 
@@ -22,9 +23,11 @@ import torch
 from strata.attention.backend import choose_backend
 from strata.config import EngineConfig
 from strata.engine.tp.group import WorkerGroup
+from strata.engine.tp.peers import WorkerPeers
 from strata.engine.tp.step_wire import StepInputs
 from strata.engine.tp.worker import WorkerSpec
 from strata.errors import TensorParallelError
+from strata.kv.codec import get_codec
 from strata.models.loader import read_model_config
 from strata.models.tp.comm import Communicator, backend_for
 from strata.models.tp.layout import ShardLayout
@@ -61,6 +64,14 @@ def rank_devices(device: torch.device, size: int) -> list[torch.device]:
     return [device] * size
 
 
+def kv_head_slices(layout: ShardLayout) -> list[slice]:
+    out = []
+    for rank in range(layout.size):
+        shard = ShardLayout(layout.full, rank, layout.size)
+        out.append(slice(shard.first_kv_head, shard.first_kv_head + shard.local_kv_heads))
+    return out
+
+
 class TensorParallel:
     def __init__(self, layout: ShardLayout, group: WorkerGroup, comm: Communicator) -> None:
         self.layout, self.group, self.comm = layout, group, comm
@@ -73,6 +84,20 @@ class TensorParallel:
         self.group.send_pool_size(num_blocks)
         logger.info("tensor parallel: %s; every rank ready (%d KV blocks each, its own "
                     "KV heads)", self.layout.describe(), num_blocks)  # fmt: skip
+
+    @property
+    def rank_layout(self) -> str:
+        """This rank's name in block keys and tier layouts."""
+        return f"tp{self.layout.size}r{self.comm.rank}"
+
+    @property
+    def kv_head_slices(self) -> list[slice]:
+        """Each rank's KV heads among the model's (ranks may share one: replicated)."""
+        return kv_head_slices(self.layout)
+
+    def peers(self) -> WorkerPeers:
+        """The workers, for rank 0's ShardedTierManager and KV policy driver."""
+        return WorkerPeers(self.group)
 
     def send(self, step: StepInputs) -> None:
         if self.group.steps and self.group.steps % LOG_EVERY == 0:
@@ -120,11 +145,14 @@ def start_tensor_parallel(
     port = par.port if par.port is not None else free_port()
     backend = choose_backend(config.attention_backend, device)[0]
     threads = max((os.cpu_count() or 1) // size, 1)  # CPU ranks share the host's cores
+    lossless = get_codec(config.cache.kv_cache_dtype).lossless
+    tail_rows = 0 if lossless else config.scheduler.max_num_seqs  # as rank 0's (build.py)
     specs = [
         WorkerSpec(
             config.model, rank, size, port, par.timeout_s, str(devices[rank]), dtype,
             max_positions, config.seed, config.cache.block_size,
-            backend, os.getpid(), threads,
+            backend, os.getpid(), threads, config.cache.tiers, kv_head_slices(layout)[rank],
+            config.cache.kv_cache_dtype, tail_rows,
         )
         for rank in range(1, size)
     ]

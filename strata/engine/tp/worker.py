@@ -1,7 +1,8 @@
 """A worker rank (1..N-1): its process's whole life.
 
     start ─► connect (Communicator) ─► load its share ─► "loaded" ─► pool size (blocks)
-          ─► build its KV pool ─► "ready" ─► steps (channel.py) until stop or rank 0 is gone
+          ─► build its KV pool and tiers ─► "ready"
+          ─► steps, tier operations and compactions (channel.py) until stop or rank 0 is gone
 
 The worker ignores SIGINT and SIGTERM: rank 0 drains and stops it. It exits by itself
 when rank 0 dies: at once if idle (its pipe reaches EOF), within the group's timeout if
@@ -20,8 +21,17 @@ import numpy as np
 import torch
 
 from strata.attention.backend import get_backend
-from strata.engine.tp.channel import receive, receive_step
+from strata.config import TierConfig
+from strata.engine.tp.channel import WorkerOp, receive, receive_step
+from strata.engine.tp.step_wire import StepInputs
 from strata.kv.cache import KVCache
+from strata.kv.codec import get_codec
+from strata.kv.coded_attention import attention_over
+from strata.kv.policies.runtime.gathered import GatheredObserver, ObservedRows
+from strata.kv.policies.runtime.rank_compaction import CompactOp, apply_compact_op
+from strata.kv.tiers.build import build_tiers
+from strata.kv.tiers.manager import TierManager
+from strata.kv.tiers.tier_ops import reply_key, run_tier_op
 from strata.models.loader import load_model
 from strata.models.tp.comm import Communicator
 
@@ -43,6 +53,10 @@ class WorkerSpec:
     attention_backend: str
     rank0_pid: int
     threads: int  # torch threads (CPU ranks share the host's cores)
+    tiers: TierConfig  # its own tiers, holding its own KV heads (kv/tiers/tier_ops.py)
+    kv_heads: slice  # its KV heads among the model's (KV policies' masks)
+    kv_cache_dtype: str  # the KV codec; a lossy one keeps tail_rows open blocks exact
+    tail_rows: int
 
 
 def run_worker(spec: WorkerSpec, conn: Connection) -> None:
@@ -62,27 +76,68 @@ def run_worker(spec: WorkerSpec, conn: Connection) -> None:
         if message is None:
             return
         num_blocks = int(np.frombuffer(message, dtype=np.int64)[0])
-        kv = KVCache(loaded.config, num_blocks, spec.block_size, spec.dtype, device)
+        kv = KVCache(loaded.config, num_blocks, spec.block_size, spec.dtype, device,
+                     get_codec(spec.kv_cache_dtype), spec.tail_rows)  # fmt: skip
+        tiers = build_tiers(spec.tiers, kv, loaded.fingerprint, spec.dtype,
+                            f"tp{spec.size}r{spec.rank}")  # fmt: skip
         conn.send(("ready", None))
-        serve_steps(spec, conn, comm, loaded.model, kv)
+        try:
+            serve_steps(spec, conn, comm, loaded.model, kv, tiers)
+        finally:
+            if tiers is not None:
+                tiers.close(flush=True)
     except Exception:
         with contextlib.suppress(OSError):  # rank 0 is gone
             conn.send(("error", f"rank {spec.rank}: {traceback.format_exc()}"))
 
 
 def serve_steps(
-    spec: WorkerSpec, conn: Connection, comm: Communicator, model: torch.nn.Module, kv: KVCache
-) -> None:
-    """Run every step rank 0 sends, until it says stop or is gone."""
-    backend = get_backend(spec.attention_backend)
+    spec: WorkerSpec, conn: Connection, comm: Communicator, model: torch.nn.Module, kv: KVCache,
+    tiers: TierManager | None,
+) -> None:  # fmt: skip
+    """Run every step and operation rank 0 sends, until it says stop or is gone."""
+    backend = attention_over(kv, get_backend(spec.attention_backend))
     device = comm.device
+    after: torch.cuda.Event | None = None  # the last step's end, on CUDA
     while True:
         step = receive_step(conn, comm, spec.rank0_pid)
         if step is None:
             return
+        if not isinstance(step, StepInputs):
+            run_op(spec, conn, kv, tiers, step, after)
+            continue
+        if tiers is not None:  # a store still reading a block this step writes ends first
+            for block_id in np.unique(step.slots // kv.block_size).tolist():
+                tiers.before_overwrite(block_id)
         ids, positions, slots, rows = (
             torch.from_numpy(a).to(device)
             for a in (step.ids, step.positions, step.slots, step.logits_rows)
         )
+        if kv.tails is not None:
+            kv.tails.live_blocks = set(step.live_blocks.tolist()).copy  # rank 0's, this step
         meta = backend.prepare(step.layout, slots, device)
-        model(ids, positions, kv, backend, meta, rows)
+        observer = None
+        if len(step.observed):  # a KV policy's queries: this rank's share of the scores
+            observed = ObservedRows.decode(step.observed)
+            observer = GatheredObserver(kv, observed, step.layout.block_tables, comm, [])
+        model(ids, positions, kv, backend, meta, rows, observer)
+        if device.type == "cuda" and tiers is not None:
+            after = torch.cuda.Event()
+            after.record()
+
+
+def run_op(
+    spec: WorkerSpec, conn: Connection, kv: KVCache, tiers: TierManager | None, op: WorkerOp,
+    after: torch.cuda.Event | None,
+) -> None:  # fmt: skip
+    """A compaction of this rank's heads, or a tier operation (answered if it asks)."""
+    if isinstance(op, CompactOp):
+        if tiers is not None:  # blocks the compaction writes: their stores end first
+            for block_id in [*op.change.new, *(dst for _, dst in op.change.copies)]:
+                tiers.before_overwrite(block_id)
+        apply_compact_op(kv, op, spec.kv_heads)
+        return
+    assert tiers is not None, "rank 0 sends tier operations only when tiers are on"
+    answer = run_tier_op(tiers, op, spec.rank, after)
+    if answer is not None:
+        conn.send(("tier", reply_key(op), answer))

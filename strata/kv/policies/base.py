@@ -124,6 +124,9 @@ class KVPolicy(ABC):
 
     name: str = ""
     evicts_during_decode: bool = False
+    # Runs under tensor parallelism: its scores are summed attention alone (or none), its
+    # layers keep alike, and it attends over its own table (runtime/gathered.py).
+    tensor_parallel: bool = False
 
     def __init__(self, shape: AttentionShape) -> None:
         self.shape = shape

@@ -27,6 +27,9 @@ class LayerObservation:
                                            tokens included (gathered on first use)
     probs        [kv_heads, group, m, n]   the queries' attention when the observer
                                            already computed it (a batch of decode rows)
+    summed       [kv_heads, n]             summed_attention() when the observer already
+                                           computed it (under tensor parallelism: every
+                                           rank's heads, runtime/gathered.py)
     """
 
     layer: int
@@ -36,6 +39,7 @@ class LayerObservation:
     num_slots: int
     scale: float
     probs: torch.Tensor | None = None
+    summed: torch.Tensor | None = None
 
     QUERY_CHUNK = 256  # queries per softmax in summed_attention: bounds temporary memory
 
@@ -72,6 +76,8 @@ class LayerObservation:
     def summed_attention(self) -> torch.Tensor:
         """[kv_heads, n] float32: attention summed over the queries and each KV head's
         query heads."""
+        if self.summed is not None:
+            return self.summed
         if self.probs is not None:
             return self.probs.sum(dim=(1, 2))
         total = torch.zeros(self.keys.shape[1], self.num_slots, device=self.queries.device)

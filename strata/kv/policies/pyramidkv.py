@@ -17,6 +17,7 @@ from strata.kv.policies.snapkv import SnapKVPolicy
 
 class PyramidKVPolicy(SnapKVPolicy):
     name = "pyramidkv"
+    tensor_parallel = False  # its layers keep different numbers of tokens
     BETA = 20
 
     def layer_budgets(self, keep: int, view: KVView) -> list[int]:

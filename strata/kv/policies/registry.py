@@ -45,3 +45,8 @@ def create_policy(name: str, shape: AttentionShape) -> KVPolicy:
     if name in RECALL_POLICIES:
         raise ValueError(f"kv_policy {name!r} is a recall policy: the recall store runs it")
     return POLICIES.get(name)(shape)
+
+
+def tensor_parallel_policies() -> tuple[str, ...]:
+    """The `kv_policy` values that run under tensor parallelism (KVPolicy.tensor_parallel)."""
+    return (FULL, *(n for n in POLICIES.names() if POLICIES.get(n).tensor_parallel))

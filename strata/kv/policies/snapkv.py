@@ -19,6 +19,7 @@ from strata.kv.policies.scored import ScoredPolicy
 
 class SnapKVPolicy(ScoredPolicy):
     name = "snapkv"
+    tensor_parallel = True
     WINDOW = 64
     KERNEL = 5
 

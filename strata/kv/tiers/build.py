@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 
@@ -15,7 +16,9 @@ from strata.kv.tiers.cpu import CPUTier
 from strata.kv.tiers.load_tracker import TierLoadTracker
 from strata.kv.tiers.loads import NoTierLoads, S, TierLoads
 from strata.kv.tiers.manager import TierManager
+from strata.kv.tiers.sharded import ShardedTierManager
 from strata.kv.tiers.store_secret import SECRET_ENV, resolve_secret
+from strata.kv.tiers.tier_ops import TierPeers
 
 logger = logging.getLogger("strata.kv.tiers")
 
@@ -36,17 +39,30 @@ def block_layout(kv_cache: KVCache, fingerprint: str, dtype: torch.dtype) -> Blo
 
 
 def build_tiers(
-    config: TierConfig, kv_cache: KVCache, fingerprint: str, dtype: torch.dtype
+    config: TierConfig,
+    kv_cache: KVCache,
+    fingerprint: str,
+    dtype: torch.dtype,
+    rank_layout: str | None = None,
+    peers: TierPeers | None = None,
 ) -> TierManager | None:
+    """rank_layout (tensor parallelism: "tpNrR") keeps each rank's stored blocks apart, on
+    disk in a directory of its own; `peers` (rank 0 only) are the other ranks' tiers."""
     if not config.enabled:
         return None
+    if rank_layout is not None:  # a hex digest, like every fingerprint (block_format)
+        fingerprint = hashlib.sha256(f"{fingerprint}/{rank_layout}".encode()).hexdigest()
     layout = block_layout(kv_cache, fingerprint, dtype)
     pin = kv_cache.device.type == "cuda"
     if config.cpu_memory is None:
         logger.info("KV tiers stage through CPU memory: a %.1f GiB CPU tier is added",
                     config.STAGING_GIB)  # fmt: skip
     cpu = CPUTier(layout, int(config.cpu_gib * GIB), pin_memory=pin, eviction=config.eviction)
-    manager = TierManager(kv_cache, cpu, _lower_tiers(config, layout))
+    lower = _lower_tiers(config, layout)
+    manager = (
+        TierManager(kv_cache, cpu, lower) if peers is None
+        else ShardedTierManager(kv_cache, cpu, lower, peers)
+    )  # fmt: skip
     logger.info(
         "KV tiers: %s; block %.2f MiB; written through on compute, promoted on hit; "
         "eviction %s; preemption %s",

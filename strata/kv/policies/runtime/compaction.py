@@ -21,6 +21,7 @@ scheduler reserves spare blocks for that), so cached uncompressed blocks stay va
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 
@@ -74,8 +75,13 @@ def compact(
     seq_id: str,
     masks: list[torch.Tensor],
     keep: list[int],
-) -> Compaction:
-    """Keep, in each layer l, the slots masks[l] ([kv_heads, n_l], keep[l] True per head)."""
+    heads: slice = slice(None),
+) -> tuple[Compaction, TableChange]:
+    """Keep, in each layer l, the slots masks[l] ([kv_heads, n_l], keep[l] True per head).
+
+    heads: the rows of the masks this pool holds (tensor parallelism: the rank's KV
+    heads); the Compaction covers every row. Also returns the table change, which the
+    other ranks apply to their own heads (rank_compaction.py)."""
     old_slots = [int(m.shape[-1]) for m in masks]
     counts = torch.stack([m.sum(dim=-1) for m in masks]).cpu()  # one sync, rare
     for layer, k in enumerate(keep):
@@ -87,18 +93,39 @@ def compact(
     bs = cache.block_size
     head_blocks = -(-max(keep) // bs)
     data_blocks = -(-max(old_slots) // bs)
-    old, new, copies = manager.compact_table(seq_id, head_blocks, data_blocks)
+    change = TableChange(*manager.compact_table(seq_id, head_blocks, data_blocks))
+    new_to_old = move_slots(cache, change, [m[heads] for m in masks], keep)
+    if heads != slice(None):
+        new_to_old = [plan_moves(m, k)[0] for m, k in zip(masks, keep, strict=True)]
+    return Compaction(new_to_old, old_slots), change
+
+
+@dataclass(frozen=True)
+class TableChange:
+    """A compacted sequence's table before and after, and the blocks copied first."""
+
+    old: list[int]
+    new: list[int]
+    copies: list[tuple[int, int]]
+
+
+def move_slots(
+    cache: KVCache, change: TableChange, masks: list[torch.Tensor], keep: list[int]
+) -> list[torch.Tensor]:
+    """Copy shared head blocks, then move each head's kept slots into [0, keep[l]) of the
+    new table; per layer new_to_old [heads, keep[l]] of these heads."""
+    bs = cache.block_size
     device = cache.k.device
-    if copies:
-        src = torch.tensor([a for a, _ in copies], device=device)
-        dst = torch.tensor([b for _, b in copies], device=device)
+    if change.copies:
+        src = torch.tensor([a for a, _ in change.copies], device=device)
+        dst = torch.tensor([b for _, b in change.copies], device=device)
         for pool in (cache.k, cache.v):
             pool[:, dst] = pool[:, src]
-    old_t = torch.tensor(old, device=device)
-    new_t = torch.tensor(new, device=device)
+    old_t = torch.tensor(change.old, device=device)
+    new_t = torch.tensor(change.new, device=device)
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for layer, (n, k) in enumerate(zip(old_slots, keep, strict=True)):
-        groups[(n, k)].append(layer)
+    for layer, (m, k) in enumerate(zip(masks, keep, strict=True)):
+        groups[(int(m.shape[-1]), k)].append(layer)
     new_to_old: list[torch.Tensor] = [torch.empty(0)] * len(masks)
     heads = torch.arange(cache.k.shape[3], device=device)[None, :, None]
     for (_, k), layers in groups.items():
@@ -113,4 +140,4 @@ def compact(
         for pool in (cache.k, cache.v):
             flat = _flat(pool)
             flat[rows, dst_phys, heads] = flat[rows, src_phys, heads]
-    return Compaction(new_to_old, old_slots)
+    return new_to_old

@@ -27,6 +27,7 @@ from strata.kv.policies.model_access import ModelAccess
 from strata.kv.policies.registry import FULL, create_policy
 from strata.kv.policies.runtime.compaction import compact
 from strata.kv.policies.runtime.interfaces import PolicySequence, PolicyStep
+from strata.kv.policies.runtime.rank_compaction import CompactOp, RankShard
 from strata.kv.policies.runtime.reconstruction import ContextReconstruction
 from strata.kv.policies.runtime.sequence_kv import SequenceKV
 from strata.kv.recall.manager import RecallKV, RecallManager
@@ -53,11 +54,15 @@ class KVPolicyDriver:
         model: ModelAccess | None = None,
         reconstruction: ContextReconstruction | None = None,
         recall: RecallManager | None = None,
+        shard: RankShard | None = None,
     ) -> None:
         """model: handed to each policy (`KVPolicy.bind`); reconstruction: runs the extra
         prefill passes a policy asks for at its compression point (KVzip); recall: the
-        recall store, which runs the recall policies (strata/kv/recall)."""
+        recall store, which runs the recall policies (strata/kv/recall); shard: under
+        tensor parallelism, this rank's KV heads (of `shape`, the whole model's) and the
+        other ranks, which apply each compaction to theirs (rank_compaction.py)."""
         self.recall = recall
+        self.shard = shard
         self.manager, self.cache, self.shape = manager, cache, shape
         self.defaults = defaults
         self.model = model
@@ -154,7 +159,12 @@ class KVPolicyDriver:
             if passes:
                 self.reconstruction.run(seq, passes)
         masks = kv.policy.select(kv, budgets)
-        compaction = compact(self.manager, self.cache, seq.request_id, masks, budgets)
+        heads = slice(None) if self.shard is None else self.shard.heads
+        compaction, change = compact(
+            self.manager, self.cache, seq.request_id, masks, budgets, heads
+        )
+        if self.shard is not None and self.shard.peers is not None:
+            self.shard.peers.send(CompactOp.of(change, masks, budgets))
         kv.compacted(compaction)
         self.num_compactions += 1
         freed = sum(compaction.old_num_slots) - sum(budgets)

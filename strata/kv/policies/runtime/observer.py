@@ -117,6 +117,7 @@ class StepObserver:
     def __init__(self, cache: KVCache, sequences: list[ObservedSequence]) -> None:
         self.cache = cache
         self.faults: dict[str, SequenceFault] = {}  # by request id: policies that raised
+        self.observed = sequences  # in the step's order
         batched = [s for s in sequences if s.single_uniform]
         if len(batched) < 2:
             batched = []
