@@ -323,6 +323,12 @@ class RecallConfig:
         "(default 2, as Quest)",
         keyword="kv_recall_dense_layers", metavar="N",
     ))  # fmt: skip
+    landmark_tokens: int = field(default=8, metadata=option(
+        "tokens per shadowkv landmark (their mean key scores them; a block is scored by its "
+        "best landmark): a power of two, at most one block (default 8, as ShadowKV; 4 "
+        "picks better at small budgets for twice the landmarks' GPU memory)",
+        keyword="kv_recall_landmark_tokens", metavar="N",
+    ))  # fmt: skip
 
     def __post_init__(self) -> None:
         for name, value in (("kv_recall_host_memory", self.host_memory),
@@ -331,6 +337,9 @@ class RecallConfig:
                 raise ValueError(f"{name} must be > 0 GiB, got {value}")
         if self.dense_layers < 0:
             raise ValueError(f"kv_recall_dense_layers must be >= 0, got {self.dense_layers}")
+        n = self.landmark_tokens
+        if n <= 0 or n & (n - 1):
+            raise ValueError(f"kv_recall_landmark_tokens must be a power of two, got {n}")
 
 
 @dataclass(frozen=True)

@@ -37,33 +37,39 @@ def rotate(rope: RotaryEmbedding, pre: torch.Tensor) -> torch.Tensor:
     return keys.view(n, bs, kvh, d).permute(2, 0, 1, 3)
 
 
-def shadowkv(kv_heads: int, dim: int, blocks: int, slots: int) -> ShadowKVPolicy:
+def shadowkv(
+    kv_heads: int, dim: int, blocks: int, slots: int, landmark_tokens: int = 8
+) -> ShadowKVPolicy:
     policy = ShadowKVPolicy()
-    room = SummaryRoom(1, kv_heads, blocks, dim, BLOCK, torch.float32, slots)
+    room = SummaryRoom(
+        1, kv_heads, blocks, dim, BLOCK, torch.float32, slots, landmark_tokens=landmark_tokens
+    )
     policy.allocate(room, rotary(dim))
     return policy
 
 
-def test_landmarks_spread_and_scores_equal_their_definitions() -> None:
+@pytest.mark.parametrize("landmark_tokens", [8, 4])
+def test_landmarks_spread_and_scores_equal_their_definitions(landmark_tokens: int) -> None:
     torch.manual_seed(0)
     kv_heads, group, dim, blocks, slots = 2, 3, 8, 6, 6  # one outlier per head
-    policy = shadowkv(kv_heads, dim, blocks, slots)
+    per = BLOCK // landmark_tokens  # landmarks per block
+    policy = shadowkv(kv_heads, dim, blocks, slots, landmark_tokens)
     keys = torch.randn(kv_heads, blocks, BLOCK, dim)
     policy.summarize(0, 0, keys[:, :4])
     policy.summarize(0, 4, keys[:, 4:])  # summaries arrive in pieces, as blocks retire
     q = torch.randn(kv_heads, group, dim)
-    chunks = keys.view(kv_heads, blocks * 2, 8, dim)
+    chunks = keys.view(kv_heads, blocks * per, landmark_tokens, dim)
     landmarks = chunks.mean(dim=2)
     torch.testing.assert_close(policy.landmarks[0], landmarks)
     expected = torch.zeros(kv_heads, blocks)
     for h in range(kv_heads):
         probs = torch.softmax(q[h] @ landmarks[h].T / dim**0.5, dim=-1)  # [group, chunks]
-        best = probs.max(dim=0).values.view(blocks, 2)
+        best = probs.max(dim=0).values.view(blocks, per)
         for b in range(blocks):
             expected[h, b] = best[b].max()
             cos = [
-                torch.nn.functional.cosine_similarity(key, landmarks[h, 2 * b + c], dim=0)
-                for c in range(2) for key in chunks[h, 2 * b + c]
+                torch.nn.functional.cosine_similarity(key, landmarks[h, per * b + c], dim=0)
+                for c in range(per) for key in chunks[h, per * b + c]
             ]  # fmt: skip
             assert float(policy.spread[0, h, b]) == pytest.approx(1 - min(cos).item(), abs=1e-6)
         outlier = int(policy.spread[0, h].argmax())
@@ -145,3 +151,8 @@ def test_the_basis_is_fitted_by_the_prefill(recall_folder: Path) -> None:
     assert policy.fitted == [True] * 2  # 4 layers, 2 dense
     engine.abort(request_id)
     assert_recall_idle(llm)
+
+
+def test_landmark_tokens_must_be_a_power_of_two(recall_folder: Path) -> None:
+    with pytest.raises(ValueError, match="kv_recall_landmark_tokens"):
+        recall_llm(recall_folder, kv_recall_landmark_tokens=6)

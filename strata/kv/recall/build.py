@@ -49,6 +49,7 @@ def build_recall(
     geometry = RecallGeometry(
         model.num_layers, min(cache.recall.dense_layers, model.num_layers), model.num_heads,
         model.num_kv_heads, model.head_dim, cache.block_size, dtype,
+        landmark_tokens=cache.recall.landmark_tokens,
     )  # fmt: skip
     slot_bytes = geometry.host_slot_bytes()
     num_slots = host_bytes(cache) // slot_bytes if geometry.sparse_layers else 1

@@ -37,6 +37,7 @@ class RecallGeometry:
     block_size: int
     dtype: torch.dtype
     window_blocks: int = WINDOW_BLOCKS
+    landmark_tokens: int = 8  # shadowkv's chunk (capped at one block)
 
     def __post_init__(self) -> None:
         if not 0 <= self.dense_layers <= self.num_layers:

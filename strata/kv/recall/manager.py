@@ -71,7 +71,7 @@ class RecallManager:
         gpu += cls.summary_bytes(
             SummaryRoom(
                 g.sparse_layers, g.num_kv_heads, host_slots, g.head_dim, g.block_size, g.dtype,
-                budget_blocks,
+                budget_blocks, landmark_tokens=g.landmark_tokens,
             )
         )
         if cls.selects:

@@ -38,6 +38,7 @@ class SummaryRoom:
     dtype: torch.dtype
     slots: int = 0  # blocks a decode step picks per layer and head (the working set)
     device: torch.device | None = None  # None: the CPU
+    landmark_tokens: int = 8  # tokens per landmark, for policies that keep landmarks
 
     def nbytes(self, per_block_vectors: int) -> int:
         """Bytes of `per_block_vectors` head_dim vectors per block, layer and head."""

@@ -66,8 +66,9 @@ class RecallSequence:
         self.host_slots = host_slots  # middle block j lives in host slot host_slots[j]
         self.host_slots_t = torch.tensor(host_slots, dtype=torch.long, device=device)
         room = SummaryRoom(
-            g.sparse_layers, kvh, len(host_slots), d, g.block_size, dt, budget_blocks, device
-        )
+            g.sparse_layers, kvh, len(host_slots), d, g.block_size, dt, budget_blocks, device,
+            g.landmark_tokens,
+        )  # fmt: skip
         policy.allocate(room, rope)
         self.working_set: WorkingSet | None = None
         if policy.selects:

@@ -4,7 +4,7 @@ the host, picks by chunk landmarks.
 Per sparse layer, on the GPU:
 
     landmarks [kv_heads, blocks * chunks_per_block, dim]  mean post-RoPE key of each chunk
-                                                          of CHUNK_TOKENS tokens
+                                                          of room.landmark_tokens tokens
     spread    [kv_heads, blocks]   1 - the lowest cosine similarity of a block's key to its
                                    chunk's landmark (how badly the landmarks describe it)
     factors   [blocks * block_size, rank]   pre-RoPE keys (every head side by side) in ...
@@ -34,13 +34,13 @@ from strata.attention.layer_inputs import Rotary
 from strata.kv.recall.geometry import SINK_BLOCKS
 from strata.kv.recall.policy import RecallPolicy, SummaryRoom
 
-CHUNK_TOKENS = 8  # tokens per landmark
 RANK = 160  # of the pre-RoPE keys' factorisation (capped at kv_heads * head_dim)
 OUTLIER_SHARE = 3 / 16  # of the picks; ShadowKV: 48 outlier chunks at a 256-chunk budget
 
 
-def chunks_per_block(block_size: int) -> int:
-    return max(1, block_size // CHUNK_TOKENS)
+def chunks_per_block(room: SummaryRoom) -> int:
+    """Landmarks per block (both powers of two: a landmark covers at most one block)."""
+    return max(1, room.block_size // room.landmark_tokens)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -63,7 +63,7 @@ class ShadowKVPolicy(RecallPolicy):
         self.room, self.rope = room, rope
         kvh, d, dev = room.kv_heads, room.head_dim, room.device
         rank = self.rank(room)
-        per_block = chunks_per_block(room.block_size)
+        per_block = chunks_per_block(room)
         self.landmarks = torch.zeros(
             (room.layers, kvh, room.max_blocks * per_block, d), dtype=room.dtype, device=dev
         )
@@ -84,7 +84,7 @@ class ShadowKVPolicy(RecallPolicy):
     @staticmethod
     def summary_bytes(room: SummaryRoom) -> int:
         item, rank = room.dtype.itemsize, ShadowKVPolicy.rank(room)
-        landmarks = room.nbytes(per_block_vectors=chunks_per_block(room.block_size))
+        landmarks = room.nbytes(per_block_vectors=chunks_per_block(room))
         spread = room.layers * room.kv_heads * room.max_blocks * 4
         factors = room.layers * room.max_blocks * room.block_size * rank * item
         basis = room.layers * rank * room.kv_heads * room.head_dim * item
@@ -101,7 +101,7 @@ class ShadowKVPolicy(RecallPolicy):
         room = self.room
         assert room is not None
         kvh, n, bs, d = keys.shape
-        per_block = chunks_per_block(bs)
+        per_block = chunks_per_block(room)
         chunks = keys.float().view(kvh, n, per_block, bs // per_block, d)
         means = chunks.mean(dim=3)
         span = slice(first * per_block, (first + n) * per_block)
@@ -151,7 +151,7 @@ class ShadowKVPolicy(RecallPolicy):
     def scores(self, layer: int, q: torch.Tensor, num_blocks: int) -> torch.Tensor:
         room = self.room
         assert room is not None
-        per_block = chunks_per_block(room.block_size)
+        per_block = chunks_per_block(room)
         landmarks = self.landmarks[layer, :, : num_blocks * per_block]
         logits = q.to(room.dtype) @ landmarks.transpose(1, 2)  # [KVH, G, chunks]
         chunk = (logits.float() / room.head_dim**0.5).softmax(dim=-1).amax(dim=1)
