@@ -19,7 +19,6 @@ import gc
 import json
 import os
 import sys
-import tempfile
 import time
 import warnings
 from collections import Counter
@@ -29,21 +28,12 @@ import torch
 from roofline import Ceilings, ModelWork, measure_ceilings
 
 from strata import LLM, SamplingParams
+from strata.bench.moe import shape_spec
 from strata.bench.throughput import load_hf_twin, run_hf, run_strata
 from strata.bench.workload import Workload, random_workload
-from strata.models.presets import PRESETS
 
 SECTIONS = ("decode", "prefill", "fusion", "syncs", "profile", "offline", "repeat")
 RESULTS: dict[str, Any] = {}
-
-
-def llama8b_long(max_positions: int) -> str:
-    """random:CONFIG.json of the Llama-3-8B shape with a longer position table."""
-    cfg = dict(PRESETS["llama-3-8b"], max_position_embeddings=max_positions)
-    path = os.path.join(tempfile.mkdtemp(), "llama-3-8b-long.json")
-    with open(path, "w") as f:
-        json.dump(cfg, f)
-    return f"random:{path}"
 
 
 def timed_generate(llm: LLM, prompt: list[int], max_tokens: int) -> float:
@@ -282,7 +272,8 @@ def main() -> int:
           f"bf16 matmul {ceil.matmul_flops_per_s / 1e12:.0f} TFLOP/s")  # fmt: skip
     try:
         if only & {"decode", "prefill", "syncs", "profile", "fusion"}:
-            llm = LLM(llama8b_long(33280), kv_cache_memory=12, max_model_len=33280,
+            long_8b = shape_spec("llama-3-8b", None, 33280)
+            llm = LLM(long_8b, kv_cache_memory=12, max_model_len=33280,
                       max_num_batched_tokens=32768, max_num_seqs=8,
                       enable_prefix_caching=False)  # fmt: skip
             ceil_sections = [("decode", section_decode), ("prefill", section_prefill),

@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from typing import Any
 
 import torch
 
 from strata import LLM, SamplingParams
-from strata.models.presets import PRESETS
+from strata.bench.moe import shape_spec
 
 RESULTS: dict[str, Any] = {}
 ROW = 16 * 128  # one block of one head: 16 tokens x 128 dims
@@ -74,11 +72,7 @@ def bench_uva() -> None:
 
 
 def llama8b(max_positions: int) -> str:
-    cfg = dict(PRESETS["llama-3-8b"], max_position_embeddings=max_positions)
-    path = os.path.join(tempfile.mkdtemp(), "llama-3-8b-long.json")
-    with open(path, "w") as f:
-        json.dump(cfg, f)
-    return f"random:{path}"
+    return shape_spec("llama-3-8b", None, max_positions)
 
 
 def decode_rate(

@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from strata import LLM, SamplingParams
 from strata.engine.sequence import Sequence
 from tests.conftest import assert_no_leaks
+from tests.test_hf_equality import _record_logits
 from tests.test_logits_adjust import _direct
 
 PROMPTS = [[5, 17, 99, 3, 42, 42, 8], [300, 301, 302], [7] * 12]
@@ -33,21 +33,6 @@ PENALIZED = [
 def llm(tiny_models: dict[str, Any]) -> LLM:
     folder, _ = tiny_models["llama"]
     return LLM(str(folder), device="cpu", kv_cache_memory=0.01, block_size=4)
-
-
-def _record_logits(llm: LLM) -> list[torch.Tensor]:
-    runner = llm.engine.runner
-    original = runner.compute_logits
-    seen: list[torch.Tensor] = []
-
-    def recording(plan: Any) -> torch.Tensor | None:
-        logits = original(plan)
-        if logits is not None:
-            seen.append(logits.clone())
-        return logits
-
-    runner.compute_logits = recording  # type: ignore[method-assign]
-    return seen
 
 
 def test_greedy_tokens_are_argmax_of_directly_penalized_logits(llm: LLM) -> None:
