@@ -23,6 +23,11 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
 QK_NORMS: dict[str, str] = {"olmoe": "full", "qwen3_moe": "head"}
 
 
+def check_power_of_two(name: str, value: int) -> None:
+    if value <= 0 or value & (value - 1):
+        raise ValueError(f"{name} must be a positive power of two, got {value}")
+
+
 def check_budget(budget: float) -> None:
     """Raise ValueError unless `budget` is a fraction in (0, 1) or a whole number >= 1."""
     if isinstance(budget, bool) or not isinstance(budget, (int, float)):
@@ -337,9 +342,7 @@ class RecallConfig:
                 raise ValueError(f"{name} must be > 0 GiB, got {value}")
         if self.dense_layers < 0:
             raise ValueError(f"kv_recall_dense_layers must be >= 0, got {self.dense_layers}")
-        n = self.landmark_tokens
-        if n <= 0 or n & (n - 1):
-            raise ValueError(f"kv_recall_landmark_tokens must be a power of two, got {n}")
+        check_power_of_two("kv_recall_landmark_tokens", self.landmark_tokens)
 
 
 @dataclass(frozen=True)
@@ -395,8 +398,7 @@ class CacheConfig:
     KV_CACHE_DTYPES: ClassVar[tuple[str, ...]] = typing.get_args(KVCacheDtype)
 
     def __post_init__(self) -> None:
-        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
+        check_power_of_two("block_size", self.block_size)
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be > 0 GiB, got {self.kv_cache_memory}")
         if self.num_blocks is not None and self.num_blocks <= 0:

@@ -166,8 +166,14 @@ class RecallSequence:
         then part of the prefill, not of the first decode step."""
         middle = max(0, chunk.new_tail_start // self.geometry.block_size - SINK_BLOCKS)
         ws = self.working_set
-        if ws is not None and middle > ws.slots and self.policy.wants_all_keys(s):
-            self.policy.take_all_keys(s, self._stream(s, middle, self.store.k))
+        if ws is not None and middle > ws.slots:
+            self._give_all_keys(s, middle)
+
+    def _give_all_keys(self, s: int, m: int) -> None:
+        """The keys of middle blocks 0..m-1 of sparse layer s, streamed from the host, to a
+        policy that wants them all and has not had them."""
+        if self.policy.wants_all_keys(s):
+            self.policy.take_all_keys(s, self._stream(s, m, self.store.k))
 
     def _host_rows(self, s: int, blocks: torch.Tensor) -> torch.Tensor:
         """Flat host-store rows of middle blocks [KVH, n] (row = layer, slot, head)."""
@@ -190,8 +196,7 @@ class RecallSequence:
             picks = torch.arange(n, device=q.device).expand(g.num_kv_heads, n)
             picks = torch.where(picks < m, picks, -1)
         else:
-            if self.policy.wants_all_keys(s):
-                self.policy.take_all_keys(s, self._stream(s, m, self.store.k))
+            self._give_all_keys(s, m)
             grouped = q.view(g.num_kv_heads, g.group_size, g.head_dim)
             scores = self.policy.scores(s, grouped, m)
             picks = torch.topk(scores, n, dim=1, sorted=False).indices
