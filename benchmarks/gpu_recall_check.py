@@ -3,12 +3,15 @@
 SmolLM2-135M shape with random weights in float32 on CUDA, Triton attention for the
 ordinary rows and CUDA graphs on: quest, shadowkv and full_offload at a budget covering
 every block give full attention's greedy tokens; a batch mixing quest and shadowkv (small
-budgets), full and full_offload equals each request run alone; nothing leaks.
+budgets), full and full_offload equals each request run alone; selecting decode steps
+replayed from CUDA graphs give the tokens of an eager engine; nothing leaks.
 
 python benchmarks/gpu_recall_check.py
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -39,6 +42,8 @@ def main() -> None:
     solo = [llm.generate([p], [sp])[0].token_ids for p, sp in zip(prompts, mixed, strict=True)]
     batch = [o.token_ids for o in llm.generate(prompts, mixed)]
     rows.append(("mixed batch == solo runs", batch == solo))
+    rows.append(("selecting steps replayed from graphs", llm.stats()["recall_graph_replays"] > 0))
+    rows += graphs_equal_eager(prompts, greedy, llm)
     llm.check_integrity()
     stats = llm.stats()
     rows.append(("no recall state left", stats["recall_sequences"] == 0))
@@ -50,6 +55,24 @@ def main() -> None:
         print(f"{'PASS' if ok else 'FAIL'}  {name}")
     if not all(ok for _, ok in rows):
         raise SystemExit(1)
+
+
+def graphs_equal_eager(
+    prompts: list[list[int]], greedy: dict[str, Any], llm: LLM
+) -> list[tuple[str, bool]]:
+    """quest and shadowkv at a small budget: CUDA-graph replays against an eager engine."""
+    eager = LLM(
+        "random:smollm2-135m", dtype="float32", kv_cache_memory=2.0, enforce_eager=True,
+        kv_recall_host_memory=2.0, kv_recall_gpu_memory=1.0, max_num_batched_tokens=512,
+    )  # fmt: skip
+    rows = []
+    for policy in ("quest", "shadowkv"):
+        params = SamplingParams(kv_policy=policy, kv_budget=256, **greedy)
+        graphed = [o.token_ids for o in llm.generate(prompts, params)]
+        plain = [o.token_ids for o in eager.generate(prompts, params)]
+        rows.append((f"{policy}: graphs == eager", graphed == plain))
+    eager.check_integrity()
+    return rows
 
 
 if __name__ == "__main__":

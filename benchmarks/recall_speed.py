@@ -76,14 +76,18 @@ def llama8b(max_positions: int) -> str:
 
 
 def decode_rate(
-    llm: LLM, prompts: list[list[int]], params: SamplingParams, steps: int, profile: bool
+    llm: LLM, prompts: list[list[int]], params: SamplingParams, steps: int, profile: bool,
+    warmup: int = 0,
 ) -> tuple[float, dict[str, Any], dict[str, Any]]:
-    """(decode tok/s, stats before, stats after) of a batch, timed from the step after
-    every prompt is prefilled."""
+    """(decode tok/s, stats before, stats after) of a batch, timed from `warmup` steps
+    after every prompt is prefilled (recall decode captures its CUDA graphs in the first
+    two)."""
     engine = llm.engine
     ids = [engine.add_request(p, params) for p in prompts]
     seqs = [engine._seqs[i] for i in ids]
     while any(s.num_output_tokens == 0 for s in seqs):
+        engine.step()
+    for _ in range(warmup):
         engine.step()
     before = engine.stats()
     torch.cuda.synchronize()
@@ -94,7 +98,7 @@ def decode_rate(
     elapsed = time.perf_counter() - start
     after = engine.stats()
     failed = [s.finish_reason for s in seqs if s.finish_reason not in (None, "length")]
-    if failed or any(s.num_output_tokens < steps for s in seqs):
+    if failed or any(s.num_output_tokens < steps + warmup for s in seqs):
         raise RuntimeError(f"requests ended early: {failed}")
     if profile:
         from torch.profiler import ProfilerActivity
@@ -104,7 +108,8 @@ def decode_rate(
             for _ in range(3):
                 engine.step()
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25), flush=True)
+        sort = "cuda_time_total" if llm.engine.config.enforce_eager else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=40), flush=True)
     for request_id in ids:
         engine.abort(request_id)
     return steps * len(prompts) / elapsed, before, after
@@ -129,12 +134,13 @@ def recall_deltas(before: dict[str, Any], after: dict[str, Any], tokens: int) ->
 
 
 def bench_decode(contexts: list[int], batch: int, steps: int, modes: list[str],
-                 profile: bool) -> None:  # fmt: skip
+                 profile: bool, warmup: int, host_gib: float, pool_gib: float,
+                 eager: bool = False) -> None:  # fmt: skip
     longest = max(contexts) + steps + 64
     llm = LLM(
-        llama8b(longest + 64), max_model_len=longest, kv_cache_memory=40.0,
-        kv_recall_gpu_memory=8.0, kv_recall_host_memory=48.0, max_num_batched_tokens=16384,
-        max_num_seqs=max(batch, 8),
+        llama8b(longest + 64), max_model_len=longest, kv_cache_memory=pool_gib + 8.0,
+        kv_recall_gpu_memory=8.0, kv_recall_host_memory=host_gib,
+        max_num_batched_tokens=16384, max_num_seqs=max(batch, 8), enforce_eager=eager,
     )  # fmt: skip
     g = torch.Generator().manual_seed(0)
     rows = []
@@ -142,15 +148,19 @@ def bench_decode(contexts: list[int], batch: int, steps: int, modes: list[str],
         prompts = [torch.randint(1000, 100000, (ctx,), generator=g).tolist() for _ in range(batch)]
         for mode in modes:
             policy, budget = MODES[mode]
-            params = SamplingParams(max_tokens=steps + 16, temperature=0, ignore_eos=True,
-                                    kv_policy=policy, kv_budget=budget)  # fmt: skip
+            params = SamplingParams(
+                max_tokens=steps + warmup + 16, temperature=0, ignore_eos=True,
+                kv_policy=policy, kv_budget=budget,
+            )  # fmt: skip
             try:
-                rate, before, after = decode_rate(llm, prompts, params, steps, profile)
+                rate, before, after = decode_rate(llm, prompts, params, steps, profile, warmup)
             except Exception as exc:  # a mode that does not fit is reported, not fatal
                 rows.append({"context": ctx, "mode": mode, "error": repr(exc)[:300]})
                 print(rows[-1], flush=True)
                 continue
             rows.append({"context": ctx, "batch": batch, "mode": mode, "tok_s": rate,
+                         "graph_replays": after.get("recall_graph_replays", 0)
+                         - before.get("recall_graph_replays", 0),
                          **recall_deltas(before, after, steps * batch)})  # fmt: skip
             print(rows[-1], flush=True)
     RESULTS["decode"] = rows
@@ -196,7 +206,13 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1, help="requests decoding together")
     p.add_argument("--steps", type=int, default=32, help="decode steps timed")
     p.add_argument("--modes", default="full,full_offload,quest", help=", ".join(MODES))
+    p.add_argument("--warmup", type=int, default=2,
+                   help="decode steps run before timing (recall captures its graphs there)")
+    p.add_argument("--host-gib", type=float, default=48.0, help="kv_recall_host_memory")
+    p.add_argument("--pool-gib", type=float, default=32.0, help="the GPU pool (full attention)")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table")
+    p.add_argument("--eager", action="store_true",
+                   help="no CUDA graphs (a profile then shows every kernel's CUDA time)")
     p.add_argument("--beyond", default="8x32768:shadowkv",
                    help="beyond: SEQSxCONTEXT:POLICY, KV far over the GPU pool")
     p.add_argument("--json", default=None, help="write the results here")
@@ -207,7 +223,8 @@ def main() -> None:
         bench_uva()
     if "decode" in only:
         contexts = [int(c) for c in a.contexts.split(",")]
-        bench_decode(contexts, a.batch, a.steps, a.modes.split(","), a.profile)
+        bench_decode(contexts, a.batch, a.steps, a.modes.split(","), a.profile, a.warmup,
+                     a.host_gib, a.pool_gib, a.eager)
     if "beyond" in only:
         shape, policy = a.beyond.split(":")
         seqs, context = (int(x) for x in shape.split("x"))

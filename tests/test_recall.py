@@ -19,6 +19,7 @@ from strata import LLM, SamplingParams
 from strata.errors import InvalidRequestError
 from strata.kv.recall.policy import SummaryRoom
 from strata.kv.recall.quest import QuestPolicy
+from strata.kv.recall.sequence import RecallSequence
 from strata.kv.recall.working_set import WorkingSet
 from tests.conftest import assert_no_leaks
 
@@ -63,6 +64,19 @@ def test_quest_scores_are_the_upper_bound_from_min_and_max() -> None:
             for g in range(group):
                 expected[h, b] += torch.maximum(q[h, g] * kmax, q[h, g] * kmin).sum()
     torch.testing.assert_close(quest.scores(0, q, blocks), expected)
+
+
+def test_quest_scores_past_the_live_count_are_minus_infinity() -> None:
+    """The fixed-shape form CUDA graphs replay: scores over every block the room holds,
+    those at or past the device count `live` at -inf, the others as over `live` blocks."""
+    torch.manual_seed(0)
+    quest = QuestPolicy()
+    quest.allocate(SummaryRoom(1, 2, 8, 8, BLOCK, torch.float32))
+    quest.summarize(0, 0, torch.randn(2, 5, BLOCK, 8))
+    q = torch.randn(2, 3, 8)
+    scores = quest.scores(0, q, 8, live=torch.tensor(5))
+    torch.testing.assert_close(scores[:, :5], quest.scores(0, q, 5))
+    assert torch.isneginf(scores[:, 5:]).all()
 
 
 def test_working_set_keeps_hits_and_moves_only_misses() -> None:
@@ -136,6 +150,40 @@ def test_small_budget_attends_the_budget(recall_folder: Path) -> None:
     stats = llm.stats()
     assert stats["recall_blocks_attended_per_step"] == 6
     assert 0 < stats["recall_working_set_hit_rate"] <= 1
+
+
+@pytest.mark.parametrize("policy", ["quest", "shadowkv"])
+def test_fixed_shape_decode_equals_the_growing_one(
+    recall_folder: Path, policy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Selecting decode steps run the fixed-shape path CUDA graphs capture (the tail at
+    full capacity behind a mask, scores over the whole room past a device count, blocks
+    retiring after attention); it gives the tokens of the path that gathers exactly
+    what it attends."""
+    params = SamplingParams(kv_policy=policy, kv_budget=40, **GREEDY)
+    static_steps = 0
+    decode_static = RecallSequence._decode_static
+
+    def counted(self: RecallSequence, *args: Any) -> torch.Tensor:
+        nonlocal static_steps
+        static_steps += 1
+        return decode_static(self, *args)
+
+    monkeypatch.setattr(RecallSequence, "_decode_static", counted)
+    llm = recall_llm(recall_folder)
+    fixed = tokens(llm, [PROMPT], [params])
+    # every sparse layer (4 of 4 minus 2 dense) of every step but the first, which fits
+    # shadowkv's basis or (quest) follows the prompt's last chunk
+    assert static_steps >= 2 * (GREEDY["max_tokens"] - 2)
+    fixed_stats = llm.stats()
+    monkeypatch.setattr(RecallSequence, "static_decode", False)
+    growing = recall_llm(recall_folder)
+    assert tokens(growing, [PROMPT], [params]) == fixed
+    stats = growing.stats()
+    for name in ("recall_blocks_attended_per_step", "recall_bytes_fetched"):
+        assert stats[name] == fixed_stats[name]
+    assert_recall_idle(llm)
+    assert_recall_idle(growing)
 
 
 def test_abort_frees_host_slots_and_preemption_keeps_the_store(recall_folder: Path) -> None:

@@ -79,6 +79,23 @@ def test_landmarks_spread_and_scores_equal_their_definitions(landmark_tokens: in
     assert policy.outliers[0].tolist() == [[int(policy.spread[0, h].argmax())] for h in (0, 1)]
 
 
+def test_scores_past_the_live_count_are_minus_infinity() -> None:
+    """With a device count `live`, the chunks past it take no probability and their blocks
+    score -inf: the scores of the live blocks equal those over `live` blocks alone."""
+    torch.manual_seed(3)
+    kv_heads, dim, blocks = 2, 8, 6
+    policy = shadowkv(kv_heads, dim, blocks + 3, slots=8)
+    policy.summarize(0, 0, torch.randn(kv_heads, blocks, BLOCK, dim))
+    q = torch.randn(kv_heads, 2, dim)
+    alone = policy.scores(0, q, blocks)
+    outliers = policy.outliers[0]
+    masked = policy.scores(0, q, blocks + 3, live=torch.tensor(blocks))
+    torch.testing.assert_close(masked[:, :blocks], alone)
+    assert torch.isneginf(masked[:, blocks:]).all()
+    assert outliers is not None and policy.outliers[0] is not None
+    assert policy.outliers[0].tolist() == outliers.tolist()
+
+
 def test_rebuilt_keys_equal_the_keys_when_their_rank_fits() -> None:
     """Two heads of 128 dims (256 > RANK columns), keys of rank 100: the basis fitted to
     the prompt keeps them whole, so rebuilt keys equal the real ones, also for a block that

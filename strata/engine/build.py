@@ -138,7 +138,7 @@ def _build_parts(
     if recall_enabled(config.cache):
         recall = build_recall(
             config.cache, placed.model_config, placed.dtype, placed.device, recall_bytes,
-            placed.model.rope,
+            placed.model.rope, graphs=not config.enforce_eager,
         )  # fmt: skip
     scheduler = Scheduler(
         config.scheduler, kv, tier_loads, reclaim=sessions.reclaim, recall=recall

@@ -38,9 +38,10 @@ def host_bytes(cache: CacheConfig) -> int:
 
 def build_recall(
     cache: CacheConfig, model: ModelConfig, dtype: torch.dtype, device: torch.device,
-    gpu_bytes: int, rope: Rotary | None = None,
+    gpu_bytes: int, rope: Rotary | None = None, graphs: bool = True,
 ) -> RecallManager:  # fmt: skip
-    """The recall store for this engine (call only when recall_enabled)."""
+    """The recall store for this engine (call only when recall_enabled). graphs: capture
+    selecting decode steps in CUDA graphs (on CUDA)."""
     if cache.kv_cache_dtype != "auto":
         raise ValueError(
             f"the recall store keeps blocks in the model dtype: use kv_cache_dtype 'auto', "
@@ -64,10 +65,11 @@ def build_recall(
     logger.info(
         "recall store: %s of %s host memory = %d blocks (%d tokens); %s of %s memory for "
         "recall sequences; %d dense layers, sink %d + window %d tokens + the open block on "
-        "the %s in the other %d; default policy %s",
+        "the %s in the other %d; default policy %s; selecting decode steps %s",
         format_bytes(store.nbytes), "pinned" if device.type == "cuda" else "pageable",
         num_slots, num_slots * cache.block_size, format_bytes(gpu_bytes), device.type,
         geometry.dense_layers, SINK_BLOCKS * cache.block_size, WINDOW_BLOCKS * cache.block_size,
         device.type, geometry.sparse_layers, cache.kv_policy,
+        "in CUDA graphs per layer" if graphs and device.type == "cuda" else "eager",
     )  # fmt: skip
-    return RecallManager(geometry, store, gpu_bytes, device, rope)
+    return RecallManager(geometry, store, gpu_bytes, device, rope, graphs)

@@ -36,7 +36,7 @@ def chunk_attention(
     kvh, n, _ = keys.shape
     prefix = n - (start + t - seg_start)
     if t == 1:  # a decode sees every key the mask allows
-        return _decode(q, keys, values, prefix_mask, scale)
+        return decode_attention(q, keys, values, prefix_mask, scale)
     if prefix_mask is None:  # query i sees keys [0, n - t + i]: causal from the bottom right
         return _sdpa(q, keys, values, causal_lower_right(t, n), scale)
     seg_pos = torch.arange(seg_start, start + t, device=q.device)
@@ -50,13 +50,14 @@ def chunk_attention(
     return _sdpa(q, keys, values, mask.repeat_interleave(h // kvh, dim=0)[None], scale)
 
 
-def _decode(
+def decode_attention(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, prefix_mask: torch.Tensor | None,
     scale: float,
 ) -> torch.Tensor:  # fmt: skip
-    """One query per head over all keys: a few kernels, whatever the key count (SDPA's
-    fused kernels would plan anew for every length). Scores in the KV dtype, softmax in
-    float32."""
+    """One query per head q [1, H, D] over keys [KVH, n, D], the first prefix_mask.shape[1]
+    of them where prefix_mask [KVH, prefix] allows: a few kernels, whatever the key count
+    (SDPA's fused kernels would plan anew for every length). Scores in the KV dtype,
+    softmax in float32."""
     kvh, n, d = keys.shape
     grouped = q.view(kvh, -1, d).to(keys.dtype)  # [KVH, group, D]
     scores = torch.matmul(grouped, keys.transpose(1, 2)).float() * scale

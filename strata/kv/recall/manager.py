@@ -23,6 +23,7 @@ from strata.errors import InvalidRequestError
 from strata.kv.policies.budget import tokens_allowed
 from strata.kv.recall.geometry import RecallGeometry
 from strata.kv.recall.host_store import HostKVStore
+from strata.kv.recall.layer_graphs import LayerGraphs
 from strata.kv.recall.policy import SummaryRoom
 from strata.kv.recall.registry import RECALL_POLICIES
 from strata.kv.recall.sequence import RecallSequence
@@ -45,15 +46,20 @@ class RecallKV:
 class RecallManager:
     def __init__(
         self, geometry: RecallGeometry, store: HostKVStore, gpu_budget: int, device: torch.device,
-        rope: Rotary | None = None,
+        rope: Rotary | None = None, graphs: bool = False,
     ) -> None:  # fmt: skip
         self.geometry, self.store, self.device = geometry, store, device
+        # CUDA graphs of selecting decode steps (layer_graphs.py): one capture stream
+        self._graph_stream: torch.cuda.Stream | None = None
+        if graphs and device.type == "cuda":
+            self._graph_stream = torch.cuda.Stream(device)
         self.rope = rope  # the model's rotary tables, for policies that undo RoPE
         self.gpu_budget = gpu_budget
         self.gpu_used = 0
         self._live: dict[str, RecallKV] = {}
         self._retired = {
             "hits": 0, "misses": 0, "bytes_fetched": 0, "blocks_attended": 0, "decode_steps": 0,
+            "graph_replays": 0,
         }  # fmt: skip
 
     # ---- requests --------------------------------------------------------------------------
@@ -101,9 +107,12 @@ class RecallManager:
             return False
         slots = self.store.allocate(request_id, kv.host_slots)
         policy = RECALL_POLICIES.get(kv.policy)()
+        graphs = None
+        if self._graph_stream is not None:
+            graphs = LayerGraphs(self._graph_stream)
         kv.state = RecallSequence(
             self.geometry, policy, kv.budget_blocks, kv.max_tokens, self.store, slots, self.device,
-            self.rope, kv.prompt_tokens,
+            self.rope, kv.prompt_tokens, graphs,
         )  # fmt: skip
         self.gpu_used += kv.gpu_bytes
         self._live[request_id] = kv
@@ -117,6 +126,8 @@ class RecallManager:
             return
         for name, value in self._counters(kv.state).items():
             self._retired[name] += value
+        if kv.state.graphs is not None:
+            kv.state.graphs.clear()
         kv.state = None
         self.gpu_used -= kv.gpu_bytes
 
@@ -131,6 +142,7 @@ class RecallManager:
             "bytes_fetched": int(state.bytes_fetched),
             "blocks_attended": int(state.blocks_attended),
             "decode_steps": state.decode_steps,
+            "graph_replays": state.graphs.replays if state.graphs is not None else 0,
         }
 
     def stats(self) -> dict[str, float]:
@@ -149,6 +161,8 @@ class RecallManager:
             "recall_blocks_attended_per_step": totals["blocks_attended"] / max(1, per_step),
             "recall_working_set_hit_rate": totals["hits"] / selected if selected else 0.0,
             "recall_bytes_fetched": totals["bytes_fetched"],
+            # sparse layers of decode steps replayed from CUDA graphs (layer_graphs.py)
+            "recall_graph_replays": totals["graph_replays"],
             "recall_host_bytes_used": self.store.used_bytes,
             "recall_host_bytes": self.store.nbytes,
             "recall_gpu_bytes_used": self.gpu_used,

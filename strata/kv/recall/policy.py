@@ -62,9 +62,13 @@ class RecallPolicy(ABC):
         post-RoPE keys [kv_heads, n blocks, block_size, head_dim]."""
 
     @abstractmethod
-    def scores(self, layer: int, q: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    def scores(
+        self, layer: int, q: torch.Tensor, num_blocks: int, live: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """[kv_heads, num_blocks] float32 scores of the first num_blocks middle blocks for
-        one query q [kv_heads, group, head_dim] (post-RoPE)."""
+        one query q [kv_heads, group, head_dim] (post-RoPE). `live`: a device scalar; when
+        given only the first `live` blocks exist and the others score -inf (a shape that
+        does not change as blocks retire, for CUDA graphs)."""
 
     @staticmethod
     def summary_bytes(room: SummaryRoom) -> int:
@@ -92,6 +96,11 @@ class RecallPolicy(ABC):
         return None
 
 
+def dead_blocks(num_blocks: int, live: torch.Tensor) -> torch.Tensor:
+    """[num_blocks] bool: the blocks at or past the device count `live`."""
+    return torch.arange(num_blocks, device=live.device) >= live
+
+
 class FullOffloadPolicy(RecallPolicy):
     """Attends every block: the lossless baseline of the recall store."""
 
@@ -104,5 +113,7 @@ class FullOffloadPolicy(RecallPolicy):
     def summarize(self, layer: int, first: int, keys: torch.Tensor) -> None:
         return None
 
-    def scores(self, layer: int, q: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    def scores(
+        self, layer: int, q: torch.Tensor, num_blocks: int, live: torch.Tensor | None = None
+    ) -> torch.Tensor:
         raise TypeError("full_offload attends every block: it never scores")

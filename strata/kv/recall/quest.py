@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from strata.attention.layer_inputs import Rotary
-from strata.kv.recall.policy import RecallPolicy, SummaryRoom
+from strata.kv.recall.policy import RecallPolicy, SummaryRoom, dead_blocks
 
 
 class QuestPolicy(RecallPolicy):
@@ -38,11 +38,16 @@ class QuestPolicy(RecallPolicy):
         self.kmin[layer, :, first : first + n] = keys.amin(dim=2)
         self.kmax[layer, :, first : first + n] = keys.amax(dim=2)
 
-    def scores(self, layer: int, q: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    def scores(
+        self, layer: int, q: torch.Tensor, num_blocks: int, live: torch.Tensor | None = None
+    ) -> torch.Tensor:
         assert self.kmin is not None and self.kmax is not None
         kmin = self.kmin[layer, :, :num_blocks]  # [kv_heads, n, head_dim]
         kmax = self.kmax[layer, :, :num_blocks]
         qs = q.to(kmin.dtype)  # matmuls in the summaries' dtype: no copy of them per step
         pos = qs.clamp(min=0)
         upper = torch.baddbmm(pos @ kmax.transpose(1, 2), qs - pos, kmin.transpose(1, 2))
-        return upper.float().sum(dim=1)  # [kv_heads, n]
+        scores = upper.float().sum(dim=1)  # [kv_heads, n]
+        if live is not None:
+            scores = scores.masked_fill(dead_blocks(num_blocks, live), float("-inf"))
+        return scores

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import torch
 
 from strata.attention.layer_inputs import Rotary
-from strata.kv.recall.chunk_attention import chunk_attention
+from strata.kv.recall.chunk_attention import chunk_attention, decode_attention
 from strata.kv.recall.geometry import SINK_BLOCKS, RecallGeometry
 from strata.kv.recall.host_store import HostKVStore
+from strata.kv.recall.layer_graphs import LayerGraphs
 from strata.kv.recall.policy import RecallPolicy, SummaryRoom
 from strata.kv.recall.rows import copy_rows
 from strata.kv.recall.working_set import Moves, WorkingSet
@@ -37,6 +38,8 @@ class RecallChunk:
 
 
 class RecallSequence:
+    static_decode = True  # selecting decode steps run _decode_static (False: tests compare)
+
     def __init__(
         self,
         geometry: RecallGeometry,
@@ -48,6 +51,7 @@ class RecallSequence:
         device: torch.device,
         rope: Rotary | None = None,
         prompt_tokens: int = 0,
+        graphs: LayerGraphs | None = None,
     ) -> None:
         g = geometry
         self.geometry, self.policy, self.store = g, policy, store
@@ -77,6 +81,12 @@ class RecallSequence:
             )
         self.tail_start = 0  # the tail holds tokens [tail_start, computed)
         self.computed = 0
+        self.graphs = graphs  # None: _decode_static runs eagerly
+        # A selecting decode step's counts, on the device (_decode_static): the tail holds
+        # `held` tokens before it, and `middle` middle blocks exist.
+        self.held = torch.zeros((), dtype=torch.long, device=device)
+        self.middle = torch.zeros((), dtype=torch.long, device=device)
+        self.tail_index = torch.arange(g.tail_capacity, device=device)
         self.decode_steps = 0
         self.bytes_fetched = torch.zeros((), dtype=torch.long, device=device)
         self.blocks_attended = torch.zeros((), dtype=torch.long, device=device)
@@ -96,7 +106,19 @@ class RecallSequence:
         chunk = RecallChunk(start, end, self.tail_start, new_tail_start, middle)
         self.tail_start, self.computed = new_tail_start, end
         self.decode_steps += end - start == 1
+        if self._selecting(chunk):
+            self.held.fill_(start - chunk.tail_start)
+            self.middle.fill_(middle)
         return chunk
+
+    def _selecting(self, chunk: RecallChunk) -> bool:
+        """A decode step past the prompt that picks among more middle blocks than the
+        working set holds: the steady state _decode_static runs (the policy permitting)."""
+        ws = self.working_set
+        return (
+            self.static_decode and ws is not None and chunk.num_tokens == 1
+            and chunk.start >= self.prompt_tokens and chunk.num_middle > ws.slots
+        )  # fmt: skip
 
     def reset(self) -> None:
         """Back to no KV (preemption by recompute); buffers are kept."""
@@ -104,6 +126,8 @@ class RecallSequence:
         self.policy.reset()
         if self.working_set is not None:
             self.working_set.tag.fill_(-1)
+        if self.graphs is not None:
+            self.graphs.clear()
 
     # ---- device side, per layer ---------------------------------------------------------------
 
@@ -121,6 +145,8 @@ class RecallSequence:
                 q, dk[:, : chunk.end], dv[:, : chunk.end], None, 0, chunk.start, scale
             )
         s = layer - g.dense_layers
+        if self._selecting(chunk) and not self.policy.wants_all_keys(s):
+            return self._decode_selecting(s, q, k, v, chunk, scale)
         held = chunk.start - chunk.tail_start
         seg_k = torch.cat([self.tail_k[s, :, :held], k.transpose(0, 1).to(g.dtype)], dim=1)
         seg_v = torch.cat([self.tail_v[s, :, :held], v.transpose(0, 1).to(g.dtype)], dim=1)
@@ -133,6 +159,48 @@ class RecallSequence:
         if chunk.end == self.prompt_tokens:
             self._ready_selection(s, chunk)
         return out
+
+    def _decode_selecting(
+        self, s: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: RecallChunk,
+        scale: float,
+    ) -> torch.Tensor:  # fmt: skip
+        """A selecting decode step of sparse layer s: _decode_static (from the layer's CUDA
+        graph where there is one), then the blocks leaving the tail retire."""
+        if self.graphs is None:
+            out = self._decode_static(s, q, k, v, scale)
+        else:
+            step = lambda q, k, v: self._decode_static(s, q, k, v, scale)  # noqa: E731
+            out = self.graphs.run(s, step, q, k, v)
+        if chunk.new_tail_start > chunk.tail_start:
+            n = chunk.end - chunk.tail_start  # the tail holds them all now, in order
+            seg_k, seg_v = self.tail_k[s, :, :n].clone(), self.tail_v[s, :, :n].clone()
+            self._retire(s, seg_k, seg_v, chunk)
+        return out
+
+    def _decode_static(
+        self, s: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """Write the token's k, v [1, KVH, D] at tail position `held`, pick and fetch the
+        middle blocks for q [1, H, D], and attend sink + picks + tail. Every shape is fixed
+        by the sequence (the counts are device scalars), and nothing syncs: CUDA-graphable."""
+        g, ws = self.geometry, self.working_set
+        assert ws is not None
+        at = self.held.view(1)
+        self.tail_k[s].index_copy_(1, at, k.transpose(0, 1).to(g.dtype))
+        self.tail_v[s].index_copy_(1, at, v.transpose(0, 1).to(g.dtype))
+        grouped = q[0].view(g.num_kv_heads, g.group_size, g.head_dim)
+        scores = self.policy.scores(s, grouped, len(self.host_slots), live=self.middle)
+        picks = torch.topk(scores, ws.slots, dim=1, sorted=False).indices  # all live
+        held, moves = ws.update(s, picks)
+        self._fill(s, moves, exact=False)
+        self.blocks_attended += held.sum()
+        kvh, d = g.num_kv_heads, g.head_dim
+        keys = torch.cat([self.sink_k[s], ws.k[s].reshape(kvh, -1, d), self.tail_k[s]], 1)
+        values = torch.cat([self.sink_v[s], ws.v[s].reshape(kvh, -1, d), self.tail_v[s]], 1)
+        sink = torch.ones((kvh, self.sink_k.shape[2]), dtype=torch.bool, device=q.device)
+        tail = (self.tail_index <= self.held).expand(kvh, -1)
+        mask = torch.cat([sink, held.repeat_interleave(g.block_size, dim=1), tail], dim=1)
+        return decode_attention(q, keys, values, mask, scale)
 
     def _prefix(
         self, s: int, q: torch.Tensor, chunk: RecallChunk

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from strata.attention.layer_inputs import Rotary
 from strata.kv.recall.geometry import SINK_BLOCKS
-from strata.kv.recall.policy import RecallPolicy, SummaryRoom
+from strata.kv.recall.policy import RecallPolicy, SummaryRoom, dead_blocks
 
 RANK = 160  # of the pre-RoPE keys' factorisation (capped at kv_heads * head_dim)
 OUTLIER_SHARE = 3 / 16  # of the picks; ShadowKV: 48 outlier chunks at a 256-chunk budget
@@ -148,15 +148,24 @@ class ShadowKVPolicy(RecallPolicy):
 
     # ---- a decode step --------------------------------------------------------------------------
 
-    def scores(self, layer: int, q: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    def scores(
+        self, layer: int, q: torch.Tensor, num_blocks: int, live: torch.Tensor | None = None
+    ) -> torch.Tensor:
         room = self.room
         assert room is not None
         per_block = chunks_per_block(room)
         landmarks = self.landmarks[layer, :, : num_blocks * per_block]
         logits = q.to(room.dtype) @ landmarks.transpose(1, 2)  # [KVH, G, chunks]
+        spread = self.spread[layer, :, :num_blocks]
+        dead = None if live is None else dead_blocks(num_blocks, live)
+        if dead is not None:  # dead chunks get no probability, dead blocks never win
+            logits = logits.masked_fill(dead.repeat_interleave(per_block), float("-inf"))
+            spread = spread.masked_fill(dead, float("-inf"))
         chunk = (logits.float() / room.head_dim**0.5).softmax(dim=-1).amax(dim=1)
         block = chunk.view(room.kv_heads, num_blocks, per_block).amax(dim=-1)
-        outliers = torch.topk(self.spread[layer, :, :num_blocks], self.num_outliers(room)).indices
+        if dead is not None:
+            block = block.masked_fill(dead, float("-inf"))
+        outliers = torch.topk(spread, self.num_outliers(room)).indices
         self.outliers[layer] = outliers
         return block.scatter(1, outliers, 2.0)  # above any probability: always picked
 

@@ -1,0 +1,82 @@
+"""LayerGraphs: one recall sequence's decode attention per sparse layer, as CUDA graphs.
+
+A recall sequence's decode attention in a layer is some hundred small kernels (selection,
+working-set bookkeeping, fetches, attention), whose launches cost far more than their
+work. Its shapes do not change from step to step (sequence.py `_decode_static`: the
+step's counts live in device scalars), so each layer's kernels are captured once and
+replayed:
+
+    run 1 of a layer   eager: compiles kernels, allocates lazily (and is a real step)
+    run 2              captured (nothing executes), then replayed
+    run 3...           inputs copied into the static inputs, replayed
+
+Invariants:
+- Every run's inputs have the shapes of the first: one set of static input buffers
+  serves every layer of the sequence.
+- The sequence's graphs share one memory pool, taken anew whenever it has no graph (a
+  pool dies with its last graph). Only a graph's output outlives its replay, and it
+  stays referenced here, so no graph's live memory is handed to another; replays run
+  one after another on one stream. The caller copies the output out before the next run.
+- Graphs are captured on a side stream, in thread-local capture mode, so the engine's
+  other threads (tier transfers) keep using CUDA meanwhile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+DecodeFn = Callable[..., torch.Tensor]
+
+
+class LayerGraphs:
+    def __init__(self, stream: torch.cuda.Stream) -> None:
+        self.stream = stream
+        self._pool: Any = None
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._warm: set[int] = set()
+        self._inputs: tuple[torch.Tensor, ...] = ()
+        self.replays = 0
+
+    def run(self, layer: int, fn: DecodeFn, *inputs: torch.Tensor) -> torch.Tensor:
+        """fn(*inputs) for `layer`, eager the first time, from its graph after that; the
+        result is valid until the next run."""
+        captured = self._graphs.get(layer)
+        if captured is None and layer not in self._warm:
+            self._warm.add(layer)
+            return fn(*inputs)
+        if not self._inputs:
+            self._inputs = tuple(x.clone() for x in inputs)
+        for static, x in zip(self._inputs, inputs, strict=True):
+            static.copy_(x)
+        if captured is None:
+            captured = self._capture(fn)
+            self._graphs[layer] = captured
+        graph, out = captured
+        graph.replay()
+        self.replays += 1
+        return out
+
+    def _capture(self, fn: DecodeFn) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        if not self._graphs:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+            try:
+                out = fn(*self._inputs)
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream().wait_stream(self.stream)
+        return graph, out
+
+    def clear(self) -> None:
+        """Drop every graph: the sequence's state is about to change shape or meaning."""
+        self._graphs.clear()
+        self._warm.clear()
+
+    def __len__(self) -> int:
+        return len(self._graphs)
