@@ -92,6 +92,7 @@ RECALL_GAUGES = {
 RECALL_COUNTERS = {
     "recall_decode_steps": "Decode steps of recall sequences.",
     "recall_bytes_fetched": "Bytes fetched from the recall store to the GPU.",
+    "recall_graph_replays": "Sparse layers of recall decode steps replayed from CUDA graphs.",
 }
 
 # Tensor parallelism (present only when the engine is sharded); stats key -> help
