@@ -44,8 +44,8 @@ def _record_masks(llm: LLM) -> list[GrammarMasks]:
 
     def recording(*args: Any) -> GrammarMasks | None:
         masks = original(*args)
-        if masks is not None:
-            seen.append(masks)
+        if masks is not None:  # a copy: the builder reuses its buffer every step
+            seen.append(GrammarMasks(masks.rows, masks.bitmask.clone()))
         return masks
 
     builder.build = recording  # type: ignore[method-assign]

@@ -1,7 +1,7 @@
 """GrammarMasks: the step's token bitmasks for its grammar-constrained rows, on the device.
 
     rows        | r0 (json) | r1 (free) | r2 (regex) |
-    bitmask     |  filled   | all ones  |  filled    |   int32 [rows, ceil(vocab / 32)]
+    bitmask     |  filled   |  unread   |  filled    |   int32 [rows, ceil(vocab / 32)]
     logits      -inf wherever a row's bit is 0, applied by xgrammar's kernel, in place on a copy
 
 The runner fills the bitmask on the host after it has launched the model (runner.py),
@@ -13,7 +13,7 @@ sampler call; a row's mask depends only on its own matcher.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -38,16 +38,23 @@ class GrammarMasks:
 
 
 class GrammarMaskBuilder:
-    """Fills the step's bitmask from its rows' matchers (one batch matcher, reused)."""
+    """Fills the step's bitmask from its rows' matchers (one batch matcher, reused).
 
-    def __init__(self) -> None:
+    xgrammar fills the constrained rows straight into a host buffer that lives as long as
+    the builder; the apply reads only those rows, so the others are never written. On
+    CUDA two pinned buffers alternate, each copied to the device without blocking, and a
+    buffer is rewritten only after the event recorded behind its last copy. A step's
+    masks are valid until the next build (on CPU they are the buffer itself)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
         self._batch: xgrammar.BatchGrammarMatcher | None = None
+        self._host: list[torch.Tensor | None] = [None, None]
+        self._events: list[torch.cuda.Event | None] = [None, None]
+        self._turn = 0
 
-    def build(
-        self, seqs: list[Sequence], vocab: int, upload: Any
-    ) -> GrammarMasks | None:
-        """Masks for sampling rows `seqs`; None when no row is constrained. `upload` moves
-        the host bitmask (numpy int32) to the device."""
+    def build(self, seqs: list[Sequence], vocab: int) -> GrammarMasks | None:
+        """Masks for sampling rows `seqs`; None when no row is constrained."""
         rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
         matchers = [m for s in seqs if (m := s.grammar) is not None]
         if not rows:
@@ -56,6 +63,26 @@ class GrammarMaskBuilder:
 
         if self._batch is None:
             self._batch = xgrammar.BatchGrammarMatcher()
-        bitmask = xgrammar.allocate_token_bitmask(len(seqs), vocab)
+        bitmask = self._buffer(len(seqs), -(-vocab // 32))
         self._batch.batch_fill_next_token_bitmask(matchers, bitmask, indices=rows)
-        return GrammarMasks(rows, upload(bitmask.numpy()))
+        if self.device.type != "cuda":
+            return GrammarMasks(rows, bitmask)
+        on_device = bitmask.to(self.device, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._events[self._turn] = event
+        return GrammarMasks(rows, on_device)
+
+    def _buffer(self, rows: int, words: int) -> torch.Tensor:
+        """This step's host buffer [rows, words] (the next of the two on CUDA)."""
+        if self.device.type == "cuda":
+            self._turn = 1 - self._turn
+            event = self._events[self._turn]
+            if event is not None:
+                event.synchronize()  # its copy was issued two builds ago: long done
+        host = self._host[self._turn]
+        if host is None or host.shape[0] < rows or host.shape[1] != words:
+            cuda = self.device.type == "cuda"
+            host = torch.empty((max(rows, 64), words), dtype=torch.int32, pin_memory=cuda)
+            self._host[self._turn] = host
+        return host[:rows]

@@ -53,8 +53,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self._ints = PinnedStager(device, torch.long)
         self._floats = PinnedStager(device, torch.float32)
-        self._masks = PinnedStager(device, torch.int32)
-        self.grammar_masks = GrammarMaskBuilder()
+        self.grammar_masks = GrammarMaskBuilder(device)
         self.kv_step = KVStepBuilder(kv)  # slots, layouts and observer under KV policies
         self.recall_attention = RecallAttention(backend)  # steps with recall sequences
         self.graphs: DecodeGraphs | None = None
@@ -257,8 +256,5 @@ class ModelRunner:
             max_logprobs=max(wanted, default=-1),
             min_p=min_p if any(p.min_p > 0 for p in params) else None,
             adjust=build_adjustment(seqs, self.device),
-            grammar=self.grammar_masks.build(seqs, vocab, self._upload_mask),
+            grammar=self.grammar_masks.build(seqs, vocab),
         )
-
-    def _upload_mask(self, bitmask: np.ndarray) -> torch.Tensor:
-        return self._masks.upload([bitmask])[0]
