@@ -32,7 +32,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.mark.parametrize(
     ("name", "policies"),
     [
-        ("llama-gqa", ["streaming", "snapkv", "h2o", "chunkkv", "treekv"]),
+        ("llama-gqa", ["streaming", "snapkv", "h2o", "chunkkv", "treekv", "tova"]),
         ("llama-mqa-tied", ["h2o"]),
     ],
 )
