@@ -29,8 +29,6 @@ from __future__ import annotations
 import os
 import struct
 import warnings
-from collections.abc import Sequence
-from concurrent.futures import Executor
 
 import torch
 import xxhash
@@ -195,27 +193,6 @@ def _check_header(
                 shown = (found, want)
             raise BlockFormatError(f"{name} mismatch: stored {shown[0]}, expected {shown[1]}")
     return version, checksum, ntok, plen
-
-
-def decode_all(
-    layout: BlockLayout,
-    items: Sequence[tuple[bytes, bytes]],
-    secret: StoreSecret | None,
-    pool: Executor | None = None,
-) -> list[StoredBlock | BlockFormatError]:
-    """`decode` each (key, data), returning the error in place of a block that fails.
-    With a pool the blocks are checked in parallel: hashlib's BLAKE2b and AES-GCM release
-    the GIL on large buffers."""
-
-    def one(item: tuple[bytes, bytes]) -> StoredBlock | BlockFormatError:
-        try:
-            return decode(layout, item[1], item[0], secret)
-        except BlockFormatError as exc:
-            return exc
-
-    if pool is None or len(items) < 2:
-        return [one(item) for item in items]
-    return list(pool.map(one, items))
 
 
 def _verify(
