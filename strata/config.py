@@ -262,6 +262,11 @@ class TierConfig:
         "the store secret",
         keyword="kv_store_encrypt",
     ))  # fmt: skip
+    io_threads: int = field(default=8, metadata=option(
+        "disk files read, and remote MGETs in flight, at once when a prefix is loaded from "
+        "the disk or remote tier (default 8)",
+        keyword="kv_tier_io_threads", metavar="N",
+    ))  # fmt: skip
     eviction: TierEviction = field(default="lru", metadata=option(
         "eviction order inside each tier (default lru)",
         keyword="kv_tier_eviction",
@@ -292,6 +297,8 @@ class TierConfig:
             )
         if not self.remote_timeout_s > 0:
             raise ValueError(f"kv_remote_timeout_s must be > 0, got {self.remote_timeout_s}")
+        if self.io_threads < 1:
+            raise ValueError(f"kv_tier_io_threads must be >= 1, got {self.io_threads}")
         if not 0.0 <= self.session_gpu_fraction <= 1.0:
             raise ValueError(
                 f"session_gpu_fraction must be in [0, 1], got {self.session_gpu_fraction}"

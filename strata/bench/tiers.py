@@ -89,6 +89,7 @@ class Bench:
             "enforce_eager": a.enforce_eager,
             "kv_disk_size": a.kv_disk_size,
             "kv_remote_timeout_s": a.kv_remote_timeout_s,
+            "kv_tier_io_threads": a.kv_tier_io_threads,
         }
 
     def free_memory(self) -> None:
