@@ -41,6 +41,7 @@ import torch
 
 CHILD = Path(__file__).with_name("remote_writer_child.py")
 RING_BYTES = 64 << 20
+SMALL_PART_BYTES = 64 << 10  # copied without releasing the GIL
 START_TIMEOUT_S = 30.0  # the child imports redis only; a loaded CI machine may be slow
 
 
@@ -59,6 +60,7 @@ class RemoteWriter:
         self._conn: Connection | None = None
         self._mmap: mmap.mmap | None = None
         self._ring: torch.Tensor | None = None
+        self._view = memoryview(b"")  # the ring, for small copies
         self._batch_ids = itertools.count()
 
     def write(self, items: Sequence[tuple[bytes, Sequence[memoryview]]]) -> list[object]:
@@ -82,6 +84,7 @@ class RemoteWriter:
             os.ftruncate(ring_fd, ring_bytes)
             self._mmap = mmap.mmap(ring_fd, ring_bytes)
             self._ring = torch.frombuffer(self._mmap, dtype=torch.uint8)
+            self._view = memoryview(self._mmap)
             safe_path = ["-P"] if sys.version_info >= (3, 11) else []  # not this file's folder
             argv = [sys.executable, *safe_path, str(CHILD), str(theirs.fileno()), str(ring_fd)]
             self._proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(), ring_fd))
@@ -117,18 +120,23 @@ class RemoteWriter:
         return results
 
     def _fill(self, slot: int, parts: Sequence[memoryview]) -> int:
-        """Copy a value's parts into a ring slot (copy_ releases the GIL); its length."""
-        assert self._ring is not None
-        offset = slot * self.value_bytes
+        """Copy a value's parts into a ring slot; its length. Large parts go by torch
+        copy_ (the GIL is released), small ones by memoryview: each GIL release costs the
+        engine thread a hand-off, so there are as few as possible."""
+        assert self._ring is not None and self._mmap is not None
+        start = offset = slot * self.value_bytes
         for part in parts:
-            with warnings.catch_warnings():  # read-only sources are only read
-                warnings.simplefilter("ignore", UserWarning)
-                src = torch.frombuffer(part, dtype=torch.uint8)
-            self._ring[offset : offset + src.numel()].copy_(src)
-            offset += src.numel()
-        if offset > (slot + 1) * self.value_bytes:
-            raise ValueError(f"a value is longer than a ring slot ({self.value_bytes} bytes)")
-        return offset - slot * self.value_bytes
+            end = offset + part.nbytes
+            if end > start + self.value_bytes:
+                raise ValueError(f"a value is longer than a ring slot ({self.value_bytes} B)")
+            if part.nbytes < SMALL_PART_BYTES:
+                self._view[offset:end] = part
+            else:
+                with warnings.catch_warnings():  # read-only sources are only read
+                    warnings.simplefilter("ignore", UserWarning)
+                    self._ring[offset:end].copy_(torch.frombuffer(part, dtype=torch.uint8))
+            offset = end
+        return offset - start
 
     def _send(
         self, batch: list[tuple[int, int, bytes, int]], inflight: dict[int, list[tuple[int, int]]]
@@ -171,6 +179,7 @@ class RemoteWriter:
                 self._proc.wait()
             self._proc = None
         self._ring = None
+        self._view = memoryview(b"")
         self._mmap = None  # unmapped when the last view goes
 
 
