@@ -1,4 +1,5 @@
-"""The disk tier: one file per block, in a directory private to one model and KV layout.
+"""The disk tier: one file per block, in a directory private to one model and KV layout
+(one file per run of blocks was measured and not taken: docs/benchmarks.md, tier I/O).
 
     <directory>/
       <fingerprint[:16]>-<layout digest>/      another model or layout never lists these
@@ -20,6 +21,10 @@ Invariants:
   `stats.errors`, and the block is a miss (get) or skipped (put).
 - Only the KV mover thread calls get/put/evict/remove; the lock guards the index for
   `contains` from the engine thread, and no I/O happens under it.
+- `get`/`get_into` read their files on `read_threads` reader threads at once, each file
+  with one `preadv` (header + token ids into a small buffer, the payload straight into
+  its destination) and checked on the thread that read it; a reader touches the index
+  only through `_forget`, under the lock.
 """
 
 from __future__ import annotations
