@@ -80,3 +80,19 @@ def test_lower_tiers_read_into_reserved_slots(tmp_path: Path) -> None:
         slot = cpu.slot_of(key(i))
         assert slot is not None and torch.equal(cpu.slab[slot], block(i).payload)
     assert cpu.slot_of(key(999)) is None and cpu.check_integrity() == []
+
+
+def test_a_payload_of_whole_pages_starts_on_a_page(tmp_path: Path) -> None:
+    tier = DiskTier(LAYOUT, tmp_path, 1 << 30)
+    assert LAYOUT.nbytes % 4096 == 0 and tier.gap == 4096 - (152 + 4 * LAYOUT.block_size)
+    tier.put([block(0), block(1)])
+    data = tier.path_of(key(0)).read_bytes()
+    assert len(data) == tier.file_bytes == 4096 + LAYOUT.nbytes
+    assert data[4096:] == block(0).payload.numpy().tobytes() and not any(data[184:4096])
+    path = tier.path_of(key(1))
+    damaged = bytearray(path.read_bytes())
+    damaged[1000] = 1  # in the gap: outside the checksum, still never accepted
+    path.write_bytes(bytes(damaged))
+    assert tier.get([key(0), key(1)])[1] is None and tier.stats.snapshot()["corrupt"] == 1
+    small = BlockLayout("ab" * 32, 2, 2, 4, 4, "float16")  # 128-byte payloads: no gap
+    assert DiskTier(small, tmp_path, 1 << 20).gap == 0

@@ -4,7 +4,9 @@
     <directory>/
       <fingerprint[:16]>-<layout digest>/      another model or layout never lists these
         3f/
-          3fa9...e1                            key hex (64 chars): block_format bytes
+          3fa9...e1                            key hex (64 chars): block_format bytes, a
+                                               zero gap after the token ids when the
+                                               payload is whole pages (see below)
           3fa9...e1.<pid>.<random>.tmp         being written; renamed over the final name
 
 Invariants:
@@ -15,8 +17,11 @@ Invariants:
 - The index (key set + eviction order) is memory only; on start it is rebuilt from the
   files, oldest mtime first. Files of the wrong size are removed then; headers and
   checksums are verified on `get`, where a bad block is a logged, removed, counted miss.
-- Every file is `encoded_size(layout, secret)` bytes, so `used_bytes = len(index) * file_bytes`
-  and sizes and byte counters here are file bytes (header + token ids + payload).
+- Every file is `file_bytes` = `encoded_size(layout, secret)` + `gap` bytes, so
+  `used_bytes = len(index) * file_bytes`, and sizes and byte counters here are file bytes.
+  `gap` zeros put a payload of whole pages on a page boundary of its file (the page cache
+  copies it out ~1.5x faster: docs/benchmarks.md, tier I/O); they are checked on read.
+  Sealed blocks (decrypted whole) and payloads of partial pages have no gap.
 - I/O errors never reach the caller: they are logged once per kind, counted in
   `stats.errors`, and the block is a miss (get) or skipped (put).
 - Only the KV mover thread calls get/put/evict/remove; the lock guards the index for
@@ -54,6 +59,8 @@ _READ_BUFFER_BYTES = 64 << 20  # read buffers kept between calls (at least one)
 # Files read at once. One thread copies ~5 GB/s from the page cache (an H200 host);
 # benchmarks/tier_io_cpu.py measures 1 against N.
 READ_THREADS = 8
+PAGE = 4096
+_ZEROS = memoryview(bytes(PAGE))
 
 
 def layout_digest(layout: BlockLayout) -> str:
@@ -120,7 +127,11 @@ class DiskTier(LockedPins, TierStore):
     ) -> None:
         """secret: authenticate every block (store_secret.py); its blocks live in a
         directory of their own. read_threads: files read (and verified) at once."""
-        self.file_bytes = block_format.encoded_size(layout, secret)
+        self.sealed = secret is not None and secret.encrypt  # decrypted whole, not in place
+        self._head_bytes = block_format.HEADER_BYTES + 4 * layout.block_size
+        whole_pages = layout.nbytes % PAGE == 0 and not self.sealed
+        self.gap = -self._head_bytes % PAGE if whole_pages else 0
+        self.file_bytes = block_format.encoded_size(layout, secret) + self.gap
         if capacity_bytes < self.file_bytes:
             raise ValueError(
                 f"the disk tier's capacity ({capacity_bytes} bytes) is smaller than one block "
@@ -138,8 +149,6 @@ class DiskTier(LockedPins, TierStore):
         self._order = make_eviction_order(eviction)
         self._lock = threading.Lock()
         self._warned: set[str] = set()
-        self.sealed = secret is not None and secret.encrypt  # decrypted whole, not in place
-        self._head_bytes = block_format.HEADER_BYTES + 4 * layout.block_size
         self._readers = ThreadPoolExecutor(read_threads, thread_name_prefix="strata-kv-disk")
         self.read_batch = 4 * read_threads
         self._buffers: list[torch.Tensor] = []  # get()'s payloads
@@ -178,7 +187,8 @@ class DiskTier(LockedPins, TierStore):
             self._order.inserted(key)
         while self.used_bytes > self.capacity_bytes and self._evict_one():
             pass  # the cap shrank since the last run
-        log.info("disk tier %s: %d blocks found", self.root, len(self._keys))
+        log.info("disk tier %s: %d blocks found, %d files of the wrong size removed",
+                 self.root, len(self._keys), self.stats.corrupt)  # fmt: skip
 
     def _scan(self) -> Iterator[tuple[int, str]]:
         """(mtime_ns, key hex) of each well-sized block; removes leftovers and bad sizes."""
@@ -197,10 +207,10 @@ class DiskTier(LockedPins, TierStore):
                 except FileNotFoundError:  # removed while we list
                     continue
                 if st.st_size != self.file_bytes:
-                    log.warning(
-                        "disk tier: removing %s: %d bytes, a block file is %d",
-                        entry.path, st.st_size, self.file_bytes,
-                    )  # fmt: skip
+                    # another format's (an upgrade may leave many: one WARNING) or cut short
+                    level = logging.DEBUG if self.stats.corrupt else logging.WARNING
+                    log.log(level, "disk tier: removing %s: %d bytes, a block file is %d",
+                            entry.path, st.st_size, self.file_bytes)  # fmt: skip
                     self.stats.add(corrupt=1)
                     self._unlink(Path(entry.path))
                     continue
@@ -259,8 +269,11 @@ class DiskTier(LockedPins, TierStore):
         bad file is logged, removed and counted. Runs on a reader thread."""
         path = self.path_of(key)
         head = bytearray(self.file_bytes if self.sealed else self._head_bytes)
+        gap = bytearray(self.gap)
         payload = memoryview(dest.numpy().data).cast("B")
         parts = [memoryview(head)] if self.sealed else [memoryview(head), payload]
+        if self.gap:
+            parts.insert(1, memoryview(gap))
         try:
             n, size = _read_file(path, parts)
         except FileNotFoundError:
@@ -275,6 +288,8 @@ class DiskTier(LockedPins, TierStore):
                 raise block_format.BlockFormatError(
                     f"file is {size} bytes, expected {self.file_bytes}"
                 )
+            if gap != _ZEROS[: self.gap]:
+                raise block_format.BlockFormatError("the gap before the payload is not zeros")
             return n, self._verified(key, memoryview(head), dest)
         except block_format.BlockFormatError as exc:
             log.warning("disk tier: rejecting and deleting %s: %s", path, exc)
@@ -313,6 +328,8 @@ class DiskTier(LockedPins, TierStore):
         path = self.path_of(block.key)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         buffers = block_format.encode(self.layout, block, self.secret)
+        if self.gap:
+            buffers.insert(1, _ZEROS[: self.gap])
         try:
             with Timer() as t:
                 path.parent.mkdir(parents=True, exist_ok=True)
