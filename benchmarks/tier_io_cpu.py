@@ -266,7 +266,9 @@ def _timed_beside(write: Callable[[], None] | None) -> tuple[list[float], float]
     return times, elapsed[0]
 
 
-def bench_gil(url: str, n: int) -> list[str]:
+def bench_gil(url: str, n: int, rounds: int = 5) -> list[str]:
+    """`rounds` interleaved runs of each case; medians over the runs of each run's
+    iteration-time statistics (this machine's load moves single runs by 50%)."""
     blocks = _blocks(n)
     client = redis.Redis.from_url(url)
     tier = RemoteTier(LAYOUT, url, timeout_s=5.0)
@@ -276,19 +278,22 @@ def bench_gil(url: str, n: int) -> list[str]:
         ("after: writer process (RemoteTier.put)", lambda: tier.put(blocks)),
     ]
     _timed_beside(lambda: tier.put(blocks[:1]))  # starts the writer process on CPU 1
-    mib = n * LAYOUT.nbytes / 2**20
-    rows = [f"| write-through of {n} blocks ({mib:.0f} MiB) | put GB/s | loop p50 ms | mean | "
-            "p99 | max |", "|---|---|---|---|---|---|"]  # fmt: skip
-    for _ in range(2):
+    runs: dict[str, list[tuple[float, ...]]] = {label: [] for label, _ in cases}
+    for _ in range(rounds):
         for label, write in cases:
             client.flushall()
             times, seconds = _timed_beside(write)
             ms = sorted(t * 1e3 for t in times)
             rate = n * LAYOUT.nbytes / seconds / GB if write else 0.0
-            rows.append(f"| {label} | {rate:.2f} | {ms[len(ms) // 2]:.3f} | "
-                        f"{statistics.mean(ms):.3f} | {ms[int(0.99 * len(ms))]:.2f} | "
-                        f"{ms[-1]:.1f} |")  # fmt: skip
+            runs[label].append((rate, ms[len(ms) // 2], statistics.mean(ms),
+                                ms[int(0.99 * len(ms))], ms[-1]))  # fmt: skip
     tier.close()
+    mib = n * LAYOUT.nbytes / 2**20
+    rows = [f"| write-through of {n} blocks ({mib:.0f} MiB), median of {rounds} runs | put GB/s "
+            "| loop p50 ms | mean | p99 | max |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for label, stats in runs.items():
+        rate, p50, mean, p99, top = (statistics.median(col) for col in zip(*stats, strict=True))
+        rows.append(f"| {label} | {rate:.2f} | {p50:.3f} | {mean:.3f} | {p99:.2f} | {top:.1f} |")
     return rows
 
 

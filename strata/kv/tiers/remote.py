@@ -116,7 +116,8 @@ class RemoteTier(TierStore):
         self._per_mget = max(1, MGET_BYTES // value_bytes)
         self.read_batch = read_threads * self._per_mget
         self._readers = ThreadPoolExecutor(read_threads, thread_name_prefix="strata-kv-remote")
-        self._writer = RemoteWriter(redis_url(url), password, timeout_s, value_bytes)
+        self._value_bytes = value_bytes
+        self._writer = RemoteWriter(redis_url(url), password, timeout_s, layout, secret)
 
     @property
     def used_bytes(self) -> int:
@@ -253,14 +254,12 @@ class RemoteTier(TierStore):
     def put(self, blocks: Sequence[StoredBlock]) -> None:
         if not blocks:
             return
-        items = [(self.name_of(b.key), block_format.encode(self.layout, b, self.secret))
-                 for b in blocks]  # fmt: skip
+        items = [(self.name_of(b.key), b) for b in blocks]
         with Timer() as t:
             results = self._call("SET", lambda: self._writer.write(items))
         if results is None:
             return
-        sizes = [sum(p.nbytes for p in parts) for _, parts in items]
-        written = sum(n for n, r in zip(sizes, results, strict=True) if r is True)
+        written = self._value_bytes * sum(r is True for r in results)
         failed = [r for r in results if isinstance(r, Exception)]
         if failed:  # e.g. OOM under maxmemory-policy noeviction: the block is skipped
             self.stats.add(errors=len(failed))

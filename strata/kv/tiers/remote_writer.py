@@ -1,22 +1,21 @@
 """RemoteWriter: the remote tier's writes in a process of their own.
 
-Measured (benchmarks/tier_io_cpu.py): while redis-py writes 2 MiB blocks on a thread of
-the engine's process, a thread that runs small torch ops takes 2.6-4x longer per
-iteration, because every send hands the GIL back and forth; with the SETs in another
-process it is about as fast as idle. So the io thread only copies each encoded block
-into a shared ring (a torch copy, which releases the GIL) and waits; the child
-(remote_writer_child.py) sends the values straight from the ring.
+While redis-py writes 2 MiB blocks on a thread of the engine's process, a thread that
+runs small torch ops takes several times longer per iteration: every send, every
+checksum and every joined value hands the GIL back and forth, and each hand-off makes
+the other thread wait (benchmarks/tier_io_cpu.py, docs/benchmarks.md). So the io thread
+only copies a batch's payloads into a shared ring with one torch op (which releases the
+GIL) and waits; the child (remote_writer_child.py) encodes them (header, checksum or
+MAC, encryption) and sends them.
 
-    io thread: put(items) -----------------------------------> writer process
-      ring slot <- header + payload (copy_)                    (redis-py, its own GIL)
-      (batch id, [(offset, name, nbytes)]) --socketpair------> pipelined SET NX
-      results <----------------- (batch id, [True|None|exception] | ("down", why))
+    io thread: write(items) ---------------------------------> writer process
+      ring half h <- the batch's payloads (one torch.stack)    (its own GIL)
+      (batch id, [(slot, name, key, token ids)]) --socket---> encode, pipelined SET NX
+      results <-------------- (batch id, [True|None|exception] | ("down", why))
 
 Invariants:
-- A ring slot is written only while no batch in flight uses it: a slot goes back to
-  the free list when the answer of its batch arrives.
-- At most two half-ring batches are in flight, so the child always has the next batch
-  while the parent fills the one after.
+- The ring has two halves; a batch fills one half, and a half is refilled only after
+  the answer to the batch before it in that half arrived (the child answers in order).
 - Any failure of the child (no answer within `answer_timeout_s`, death, a broken socket)
   raises `WriterDown`, a redis.ConnectionError: the tier goes down as for a network
   error, and the next write starts a fresh child.
@@ -31,7 +30,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-import warnings
+from collections import deque
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -39,10 +38,12 @@ from pathlib import Path
 import redis
 import torch
 
+from strata.kv.tiers.base import BlockLayout, StoredBlock
+from strata.kv.tiers.store_secret import StoreSecret
+
 CHILD = Path(__file__).with_name("remote_writer_child.py")
 RING_BYTES = 64 << 20
-SMALL_PART_BYTES = 64 << 10  # copied without releasing the GIL
-START_TIMEOUT_S = 30.0  # the child imports redis only; a loaded CI machine may be slow
+START_TIMEOUT_S = 60.0  # the child imports torch; a loaded CI machine may be slow
 
 
 class WriterDown(redis.ConnectionError):
@@ -50,22 +51,28 @@ class WriterDown(redis.ConnectionError):
 
 
 class RemoteWriter:
-    def __init__(self, url: str, password: str | None, timeout_s: float, value_bytes: int) -> None:
-        self.value_bytes = value_bytes
-        self.slots = max(2, RING_BYTES // value_bytes)
+    def __init__(
+        self,
+        url: str,
+        password: str | None,
+        timeout_s: float,
+        layout: BlockLayout,
+        secret: StoreSecret | None,
+    ) -> None:
+        self.half = max(1, RING_BYTES // 2 // layout.nbytes)  # blocks per batch
+        self.nbytes = layout.nbytes
         self.answer_timeout_s = max(5.0, 10 * timeout_s)
         self._setup = {"url": url, "password": password, "timeout_s": timeout_s,
-                       "ring_bytes": self.slots * value_bytes}  # fmt: skip
+                       "slots": 2 * self.half, "layout": layout, "secret": secret}  # fmt: skip
         self._proc: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
         self._mmap: mmap.mmap | None = None
-        self._ring: torch.Tensor | None = None
-        self._view = memoryview(b"")  # the ring, for small copies
+        self._ring: torch.Tensor | None = None  # [2 * half, nbytes]
         self._batch_ids = itertools.count()
 
-    def write(self, items: Sequence[tuple[bytes, Sequence[memoryview]]]) -> list[object]:
-        """SET NX each (key name, value parts): per item True (stored), None (already
-        there) or the server's error; WriterDown if the server or the child failed."""
+    def write(self, items: Sequence[tuple[bytes, StoredBlock]]) -> list[object]:
+        """SET NX each (key name, block): per item True (stored), None (already there)
+        or the server's error; WriterDown if the server or the child failed."""
         try:
             if self._proc is None or self._proc.poll() is not None:
                 self._start()
@@ -76,15 +83,14 @@ class RemoteWriter:
 
     def _start(self) -> None:
         self.close()
-        ring_bytes = self._setup["ring_bytes"]
-        assert isinstance(ring_bytes, int)
         mine, theirs = socket.socketpair()
         ring_fd = _anonymous_file()
         try:
+            ring_bytes = 2 * self.half * self.nbytes
             os.ftruncate(ring_fd, ring_bytes)
             self._mmap = mmap.mmap(ring_fd, ring_bytes)
-            self._ring = torch.frombuffer(self._mmap, dtype=torch.uint8)
-            self._view = memoryview(self._mmap)
+            ring = torch.frombuffer(self._mmap, dtype=torch.uint8)
+            self._ring = ring.view(2 * self.half, self.nbytes)
             safe_path = ["-P"] if sys.version_info >= (3, 11) else []  # not this file's folder
             argv = [sys.executable, *safe_path, str(CHILD), str(theirs.fileno()), str(ring_fd)]
             self._proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(), ring_fd))
@@ -97,69 +103,43 @@ class RemoteWriter:
             raise WriterDown(f"the writer process did not start in {START_TIMEOUT_S:.0f} s")
         self._conn.recv()
 
-    def _write(self, items: Sequence[tuple[bytes, Sequence[memoryview]]]) -> list[object]:
+    def _write(self, items: Sequence[tuple[bytes, StoredBlock]]) -> list[object]:
+        assert self._conn is not None and self._ring is not None
         results: list[object] = [None] * len(items)
-        free = list(range(self.slots - 1, -1, -1))
-        inflight: dict[int, list[tuple[int, int]]] = {}  # batch id -> (item, slot)
-        batch: list[tuple[int, int, bytes, int]] = []
+        inflight: deque[tuple[int, range]] = deque()  # (batch id, its items), oldest first
         down: str | None = None
-        for i, (name, parts) in enumerate(items):
-            while not free and down is None:
-                down = self._collect(inflight, free, results)
+        for k, lo in enumerate(range(0, len(items), self.half)):
+            if len(inflight) == 2:  # the oldest batch used this half
+                down = self._collect(inflight, results)
             if down is not None:
                 break
-            slot = free.pop()
-            batch.append((i, slot, name, self._fill(slot, parts)))
-            if len(batch) == self.slots // 2 or i == len(items) - 1:
-                self._send(batch, inflight)
-                batch = []
+            batch = range(lo, min(lo + self.half, len(items)))
+            first = (k % 2) * self.half
+            torch.stack([items[i][1].payload for i in batch],
+                        out=self._ring[first : first + len(batch)])  # fmt: skip
+            batch_id = next(self._batch_ids)
+            message = [(first + j, items[i][0], items[i][1].key, items[i][1].token_ids)
+                       for j, i in enumerate(batch)]  # fmt: skip
+            self._conn.send((batch_id, message))
+            inflight.append((batch_id, batch))
         while inflight:
-            down = self._collect(inflight, free, results) or down
+            down = self._collect(inflight, results) or down
         if down is not None:
             raise WriterDown(down)
         return results
 
-    def _fill(self, slot: int, parts: Sequence[memoryview]) -> int:
-        """Copy a value's parts into a ring slot; its length. Large parts go by torch
-        copy_ (the GIL is released), small ones by memoryview: each GIL release costs the
-        engine thread a hand-off, so there are as few as possible."""
-        assert self._ring is not None and self._mmap is not None
-        start = offset = slot * self.value_bytes
-        for part in parts:
-            end = offset + part.nbytes
-            if end > start + self.value_bytes:
-                raise ValueError(f"a value is longer than a ring slot ({self.value_bytes} B)")
-            if part.nbytes < SMALL_PART_BYTES:
-                self._view[offset:end] = part
-            else:
-                with warnings.catch_warnings():  # read-only sources are only read
-                    warnings.simplefilter("ignore", UserWarning)
-                    self._ring[offset:end].copy_(torch.frombuffer(part, dtype=torch.uint8))
-            offset = end
-        return offset - start
-
-    def _send(
-        self, batch: list[tuple[int, int, bytes, int]], inflight: dict[int, list[tuple[int, int]]]
-    ) -> None:
-        assert self._conn is not None
-        batch_id = next(self._batch_ids)
-        inflight[batch_id] = [(i, slot) for i, slot, _, _ in batch]
-        items = [(slot * self.value_bytes, name, n) for _, slot, name, n in batch]
-        self._conn.send((batch_id, items))
-
-    def _collect(
-        self, inflight: dict[int, list[tuple[int, int]]], free: list[int], results: list[object]
-    ) -> str | None:
-        """Take one batch's answer: its slots are free again; why the server is down."""
+    def _collect(self, inflight: deque[tuple[int, range]], results: list[object]) -> str | None:
+        """Take the oldest batch's answer into `results`; why the server is down, if so."""
         assert self._conn is not None
         if not self._conn.poll(self.answer_timeout_s):
             raise WriterDown(f"no answer in {self.answer_timeout_s:.0f} s")
         batch_id, answer = self._conn.recv()
-        entries = inflight.pop(batch_id)
-        free.extend(slot for _, slot in entries)
+        expected, batch = inflight.popleft()
+        if batch_id != expected:
+            raise WriterDown(f"answer to batch {batch_id}, expected {expected}")
         if isinstance(answer, tuple):
             return str(answer[1])
-        for (i, _), result in zip(entries, answer, strict=True):
+        for i, result in zip(batch, answer, strict=True):
             results[i] = result
         return None
 
@@ -179,7 +159,6 @@ class RemoteWriter:
                 self._proc.wait()
             self._proc = None
         self._ring = None
-        self._view = memoryview(b"")
         self._mmap = None  # unmapped when the last view goes
 
 
