@@ -93,7 +93,9 @@ class RemoteWriter:
             self._ring = ring.view(2 * self.half, self.nbytes)
             safe_path = ["-P"] if sys.version_info >= (3, 11) else []  # not this file's folder
             argv = [sys.executable, *safe_path, str(CHILD), str(theirs.fileno()), str(ring_fd)]
-            self._proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(), ring_fd))
+            search = os.pathsep.join(p for p in sys.path if p)  # redis, torch as here
+            env = {**os.environ, "PYTHONPATH": search}
+            self._proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(), ring_fd), env=env)
         finally:
             os.close(ring_fd)
             theirs.close()
