@@ -26,8 +26,9 @@ Degradation, so that the engine never waits on a sick server:
 
 A value that does not decode (other model or layout, truncated, bad checksum) is a miss,
 logged, deleted and counted in `stats.corrupt`. Every method (`contains` too: it is a
-network call) runs on the KV mover thread only; returned payloads are views over the
-bytes MGET returned, so they stay valid.
+network call) is called from the io thread only (the reader threads are its helpers);
+`get`'s payloads are views over the bytes MGET returned, so they stay valid; a failure of
+the writer process counts as the server being unreachable.
 """
 
 from __future__ import annotations
