@@ -235,6 +235,12 @@ class TierConfig:
         "cap of the disk tier in GiB (default 16); the least recently used blocks go first",
         keyword="kv_disk_size", metavar="GIB",
     ))  # fmt: skip
+    disk_direct_io: bool = field(default=False, metadata=option(
+        "read the disk tier with O_DIRECT, around the OS page cache, where the filesystem "
+        "allows it (not tmpfs) and the CPU tier's memory is page-aligned (pinned CUDA "
+        "memory is); otherwise reads are buffered",
+        keyword="kv_disk_direct_io",
+    ))  # fmt: skip
     remote: str | None = field(default=None, metadata=option(
         "a remote tier on a Valkey or Redis server (valkey://host:port or "
         "redis://host:port), shared by every engine that points at it; its size is the "

@@ -90,6 +90,7 @@ class Bench:
             "kv_disk_size": a.kv_disk_size,
             "kv_remote_timeout_s": a.kv_remote_timeout_s,
             "kv_tier_io_threads": a.kv_tier_io_threads,
+            "kv_disk_direct_io": a.kv_disk_direct_io,
         }
 
     def free_memory(self) -> None:

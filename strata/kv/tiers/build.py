@@ -80,7 +80,8 @@ def _lower_tiers(config: TierConfig, layout: BlockLayout) -> list[TierStore]:
 
         size = int(config.disk_size * GIB)
         lower.append(DiskTier(layout, config.disk_dir, size, config.eviction, secret=secret,
-                              read_threads=config.io_threads))  # fmt: skip
+                              read_threads=config.io_threads,
+                              direct_io=config.disk_direct_io))  # fmt: skip
     if config.remote is not None:
         from strata.kv.tiers.remote import RemoteTier
 

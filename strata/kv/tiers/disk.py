@@ -50,6 +50,7 @@ import torch
 from strata.kv.tiers import block_format
 from strata.kv.tiers.base import BlockLayout, LockedPins, PinCounts, StoredBlock, TierStore, Timer
 from strata.kv.tiers.eviction import make_eviction_order
+from strata.kv.tiers.file_reads import PAGE, DirectReads, DirectRefused, read_into
 from strata.kv.tiers.store_secret import StoreSecret
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,6 @@ _READ_BUFFER_BYTES = 64 << 20  # read buffers kept between calls (at least one)
 # Files read at once. One thread copies ~5 GB/s from the page cache (an H200 host);
 # benchmarks/tier_io_cpu.py measures 1 against N.
 READ_THREADS = 8
-PAGE = 4096
 _ZEROS = memoryview(bytes(PAGE))
 
 
@@ -90,28 +90,6 @@ def _writer_alive(tmp_name: str) -> bool:
     return True
 
 
-def _read_file(path: Path, parts: list[memoryview]) -> tuple[int, int]:
-    """Read a file's leading bytes into `parts` in order, with as few `preadv` calls as
-    the kernel allows; (bytes read, file size)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        done = 0
-        while parts:
-            got = os.preadv(fd, parts, done)
-            if got == 0:
-                break  # a short file: the caller's size check rejects it
-            done += got
-            while parts and got >= parts[0].nbytes:
-                got -= parts[0].nbytes
-                parts = parts[1:]
-            if parts:
-                parts[0] = parts[0][got:]
-        return done, size
-    finally:
-        os.close(fd)
-
-
 class DiskTier(LockedPins, TierStore):
     name = "disk"
 
@@ -124,9 +102,11 @@ class DiskTier(LockedPins, TierStore):
         fsync: bool = False,
         secret: StoreSecret | None = None,
         read_threads: int = READ_THREADS,
+        direct_io: bool = False,
     ) -> None:
         """secret: authenticate every block (store_secret.py); its blocks live in a
-        directory of their own. read_threads: files read (and verified) at once."""
+        directory of their own. read_threads: files read (and verified) at once.
+        direct_io: read with O_DIRECT where the files and slots allow (file_reads.py)."""
         self.sealed = secret is not None and secret.encrypt  # decrypted whole, not in place
         self._head_bytes = block_format.HEADER_BYTES + 4 * layout.block_size
         whole_pages = layout.nbytes % PAGE == 0 and not self.sealed
@@ -149,6 +129,7 @@ class DiskTier(LockedPins, TierStore):
         self._order = make_eviction_order(eviction)
         self._lock = threading.Lock()
         self._warned: set[str] = set()
+        self._direct = DirectReads(direct_io, first_page=self._head_bytes + self.gap == PAGE)
         self._readers = ThreadPoolExecutor(read_threads, thread_name_prefix="strata-kv-disk")
         self.read_batch = 4 * read_threads
         self._buffers: list[torch.Tensor] = []  # get()'s payloads
@@ -268,14 +249,21 @@ class DiskTier(LockedPins, TierStore):
         """(bytes read, the verified block) of one file, its payload read into `dest`; a
         bad file is logged, removed and counted. Runs on a reader thread."""
         path = self.path_of(key)
-        head = bytearray(self.file_bytes if self.sealed else self._head_bytes)
-        gap = bytearray(self.gap)
         payload = memoryview(dest.numpy().data).cast("B")
-        parts = [memoryview(head)] if self.sealed else [memoryview(head), payload]
-        if self.gap:
-            parts.insert(1, memoryview(gap))
+        direct = self._direct.usable(dest.data_ptr())
+        if direct:  # the first page (header, token ids, gap) into a page of our own
+            first = self._direct.page()
+            head, gap = first[: self._head_bytes], first[self._head_bytes :]
+            parts = [first, payload]
+        else:
+            head = memoryview(bytearray(self.file_bytes if self.sealed else self._head_bytes))
+            gap = memoryview(bytearray(self.gap))
+            parts = [head] if self.sealed else [head, gap, payload] if self.gap else [head, payload]
         try:
-            n, size = _read_file(path, parts)
+            n, size = read_into(path, parts, direct)
+        except DirectRefused as exc:
+            self._direct.refused(exc)
+            return self._read(key, dest)
         except FileNotFoundError:
             log.warning("disk tier: %s vanished (removed outside Strata?)", path)
             self._forget(key)
@@ -290,7 +278,7 @@ class DiskTier(LockedPins, TierStore):
                 )
             if gap != _ZEROS[: self.gap]:
                 raise block_format.BlockFormatError("the gap before the payload is not zeros")
-            return n, self._verified(key, memoryview(head), dest)
+            return n, self._verified(key, head, dest)
         except block_format.BlockFormatError as exc:
             log.warning("disk tier: rejecting and deleting %s: %s", path, exc)
             self.stats.add(corrupt=1)
