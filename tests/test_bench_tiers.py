@@ -5,6 +5,8 @@ same with tiers on and off, and the tiers are really used."""
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -99,11 +101,13 @@ def test_preset_lengths_fit_the_position_table(capsys: pytest.CaptureFixture[str
     args = Namespace(model="random:llama-3-8b", lengths=[8192, 16384, 32000], suffix_len=12,
                      max_tokens=4, skip_qa=False, skip_chat=False, chat_users=16, chat_turns=5,
                      chat_first_len=2048, chat_message_len=256, chat_answer_len=32)  # fmt: skip
-    notes = fit_to_context(args)
+    fitted = fit_to_context(args)
     assert args.model != "random:llama-3-8b" and args.lengths == [8192, 16384, 32000]
     config = model_config_dict(args.model)
     assert config["max_position_embeddings"] == 32016 and config["num_hidden_layers"] == 32
-    assert notes and "8192 to 32016" in notes[0]
+    assert fitted.notes and "8192 to 32016" in fitted.notes[0]
+    assert fitted.temp_dir is not None and args.model.startswith(f"random:{fitted.temp_dir}")
+    shutil.rmtree(fitted.temp_dir)
 
 
 def test_real_weights_cut_the_lengths() -> None:
@@ -131,3 +135,5 @@ def test_bench_runs_past_the_position_table(tmp_path: Any) -> None:
     assert out["fit_notes"] and "32 to 53" in out["fit_notes"][0]
     assert {m["length"] for m in out["qa"]["measures"]} == {48}
     assert out["header"].startswith(f"model random:{config} ")
+    raised = Path(out["args"]["model"].removeprefix("random:"))
+    assert raised.name == "config.json" and not raised.exists()  # removed after the run

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from strata.bench.tiers_chat import ChatResult, count_mismatches, run_chat
-from strata.bench.tiers_fit import fit_model
+from strata.bench.tiers_fit import Fitted, fit_model
 from strata.bench.tiers_measure import device_name, pinned_h2d_bytes_per_s
 from strata.bench.tiers_qa import DocQA, QAResult
 from strata.bench.tiers_report import fetch_rows, format_chat, format_qa, plot
@@ -185,9 +185,9 @@ def header(bench: Bench, model: str | None, args: argparse.Namespace, device: st
     )
 
 
-def fit_to_context(args: argparse.Namespace) -> list[str]:
+def fit_to_context(args: argparse.Namespace) -> Fitted:
     """Raise a random model's position table to the longest workload, or cut the QA
-    lengths to the model's context (tiers_fit.py); updates `args`, returns the notes."""
+    lengths to the model's context (tiers_fit.py); updates `args`."""
     config = model_config_dict(args.model)
     extra = args.suffix_len + args.max_tokens
     needed = 0 if args.skip_qa else max(args.lengths) + extra
@@ -197,15 +197,23 @@ def fit_to_context(args: argparse.Namespace) -> list[str]:
         needed = max(needed, workload.max_context())
     fitted = fit_model(args.model, config, tuple(args.lengths), extra, needed)
     args.model, args.lengths = fitted.model, list(fitted.lengths)
-    return list(fitted.notes)
+    return fitted
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Entry point of `strata bench tiers`: prints the tables, writes JSON and PNG."""
     shown_model = args.model
-    fit_notes = fit_to_context(args)
-    for note in fit_notes:
+    fitted = fit_to_context(args)
+    for note in fitted.notes:
         print(f"note: {note}")
+    try:
+        return _run(args, shown_model, list(fitted.notes))
+    finally:
+        if fitted.temp_dir is not None:
+            shutil.rmtree(fitted.temp_dir, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, shown_model: str | None, fit_notes: list[str]) -> dict[str, Any]:
     bench = Bench(args)
     report: dict[str, Any] = {"args": {k: v for k, v in vars(args).items() if k != "func"}}
     report["fit_notes"] = fit_notes

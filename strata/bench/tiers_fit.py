@@ -18,11 +18,13 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Fitted:
-    """The model spec and QA lengths to run with, and what was changed (empty: nothing)."""
+    """The model spec and QA lengths to run with, and what was changed (empty: nothing);
+    `temp_dir` holds a raised model's config, for the caller to remove after the run."""
 
     model: str | None
     lengths: tuple[int, ...]
     notes: tuple[str, ...] = ()
+    temp_dir: str | None = None
 
 
 def context_limit(config: dict[str, Any]) -> int:
@@ -48,7 +50,8 @@ def fit_model(
             f"random weights: the model's position table is raised from {limit} to {needed} "
             "tokens for the longest prompt plus its answer"
         )
-        return Fitted(f"random:{_write_config(raised)}", lengths, (note,))
+        path = _write_config(raised)
+        return Fitted(f"random:{path}", lengths, (note,), str(Path(path).parent))
     fit = limit - extra
     if fit < 1:
         raise ValueError(f"the model's context ({limit} tokens) holds no QA document")
