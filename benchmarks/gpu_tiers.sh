@@ -2,7 +2,7 @@
 # `strata bench tiers` on the GPU machine (issue 4): Llama-3-8B shape with random weights
 # and a 32k context, documents of 8k/16k/32k tokens, and multi-round chat.
 #   bash benchmarks/gpu_tiers.sh [extra strata bench tiers flags]     results in $OUT (or ./out)
-# Carried (git-excluded): .whl/ with the xxhash and redis wheels, and .redis/ with a
+# Carried (git-excluded): .whl/ with the xxhash and redis wheels (and hiredis, optional), and .redis/ with a
 # redis-server binary and the shared libraries `ldd` lists (started with LD_LIBRARY_PATH).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +13,13 @@ if ! python3 -c "import xxhash, redis" 2>/dev/null; then
     .whl/xxhash-*.whl .whl/redis-*.whl || exit 1
   export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
+# hiredis, if carried: redis-py's C reply parser (remote reads 2x faster on the CPU
+# machine: docs/benchmarks.md, tier I/O)
+if ! python3 -c "import hiredis" 2>/dev/null && ls .whl/hiredis-*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+    .whl/hiredis-*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+python3 -c "import redis.utils as u; print('hiredis parser:', u.HIREDIS_AVAILABLE)"
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
@@ -49,6 +56,15 @@ if [ -x .redis/redis-server ]; then
     echo "redis-server did not start: remote tier not measured" | tee -a "$OUT/gpu.txt"
     cat "$OUT/redis.log" 2>/dev/null | tail -5
   fi
+fi
+
+# the tier I/O alone on this host's cores (issue 18): disk 1 vs N readers, remote reads,
+# the engine-thread stand-in beside a write-through; TIER_IO=0 skips it
+if [ "${TIER_IO:-1}" = 1 ]; then
+  io_remote=()
+  [ ${#remote[@]} -gt 0 ] && io_remote=(--redis-url "redis://127.0.0.1:$port/0")
+  python3 benchmarks/tier_io_cpu.py --dir "$(dirname "$disk")" "${io_remote[@]}" 2>&1 \
+    | tee "$OUT/tier_io.txt"
 fi
 
 python3 -m strata.cli bench tiers --model "random:$config" \

@@ -235,6 +235,12 @@ class TierConfig:
         "cap of the disk tier in GiB (default 16); the least recently used blocks go first",
         keyword="kv_disk_size", metavar="GIB",
     ))  # fmt: skip
+    disk_direct_io: bool = field(default=False, metadata=option(
+        "read the disk tier with O_DIRECT, around the OS page cache, where the filesystem "
+        "allows it (not tmpfs) and the CPU tier's memory is page-aligned (pinned CUDA "
+        "memory is); otherwise reads are buffered",
+        keyword="kv_disk_direct_io",
+    ))  # fmt: skip
     remote: str | None = field(default=None, metadata=option(
         "a remote tier on a Valkey or Redis server (valkey://host:port or "
         "redis://host:port), shared by every engine that points at it; its size is the "
@@ -261,6 +267,11 @@ class TierConfig:
         "also encrypt disk and remote tier blocks (token ids and KV) with AES-256-GCM under "
         "the store secret",
         keyword="kv_store_encrypt",
+    ))  # fmt: skip
+    io_threads: int = field(default=8, metadata=option(
+        "disk files read, and remote MGETs in flight, at once when a prefix is loaded from "
+        "the disk or remote tier (default 8)",
+        keyword="kv_tier_io_threads", metavar="N",
     ))  # fmt: skip
     eviction: TierEviction = field(default="lru", metadata=option(
         "eviction order inside each tier (default lru)",
@@ -292,6 +303,8 @@ class TierConfig:
             )
         if not self.remote_timeout_s > 0:
             raise ValueError(f"kv_remote_timeout_s must be > 0, got {self.remote_timeout_s}")
+        if self.io_threads < 1:
+            raise ValueError(f"kv_tier_io_threads must be >= 1, got {self.io_threads}")
         if not 0.0 <= self.session_gpu_fraction <= 1.0:
             raise ValueError(
                 f"session_gpu_fraction must be in [0, 1], got {self.session_gpu_fraction}"

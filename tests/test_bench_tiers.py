@@ -5,6 +5,8 @@ same with tiers on and off, and the tiers are really used."""
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -88,3 +90,50 @@ def test_chat_same_answers_with_tiers_and_tier_hits(report: dict[str, Any]) -> N
         assert all(len(turn) == 3 for turn in r["ttft_ms"])
     assert results["tiers-off"]["stats"]["prefix_cache_tier_hit_tokens"] == 0
     assert results["cpu"]["stats"]["prefix_cache_tier_hit_tokens"] > 0
+
+
+def test_preset_lengths_fit_the_position_table(capsys: pytest.CaptureFixture[str]) -> None:
+    """random:llama-3-8b holds 8192 positions; the default lengths go to 32000."""
+    from argparse import Namespace
+
+    from strata.bench.tiers import fit_to_context, model_config_dict
+
+    args = Namespace(model="random:llama-3-8b", lengths=[8192, 16384, 32000], suffix_len=12,
+                     max_tokens=4, skip_qa=False, skip_chat=False, chat_users=16, chat_turns=5,
+                     chat_first_len=2048, chat_message_len=256, chat_answer_len=32)  # fmt: skip
+    fitted = fit_to_context(args)
+    assert args.model != "random:llama-3-8b" and args.lengths == [8192, 16384, 32000]
+    config = model_config_dict(args.model)
+    assert config["max_position_embeddings"] == 32016 and config["num_hidden_layers"] == 32
+    assert fitted.notes and "8192 to 32016" in fitted.notes[0]
+    assert fitted.temp_dir is not None and args.model.startswith(f"random:{fitted.temp_dir}")
+    shutil.rmtree(fitted.temp_dir)
+
+
+def test_real_weights_cut_the_lengths() -> None:
+    from strata.bench.tiers_fit import fit_model
+
+    config = {"max_position_embeddings": 8192}
+    fitted = fit_model("/models/llama", config, (4096, 8192, 32000), 16, 32016)
+    assert fitted.model == "/models/llama" and fitted.lengths == (4096, 8176)
+    assert "8192 tokens" in fitted.notes[0]
+    assert fit_model("random:x.json", config, (4096,), 16, 4112).notes == ()
+
+
+def test_bench_runs_past_the_position_table(tmp_path: Any) -> None:
+    """End to end on a tiny model of 32 positions with a 48-token document."""
+    config = tmp_path / "short.json"
+    config.write_text(json.dumps(dict(TINY, max_position_embeddings=32)))
+    args = [
+        "bench", "tiers", "--model", f"random:{config}", "--device", "cpu", "--block-size", "4",
+        "--max-num-batched-tokens", "64", "--lengths", "48", "--docs-per-length", "1",
+        "--questions", "1", "--suffix-len", "3", "--max-tokens", "2", "--no-disk",
+        "--skip-chat", "--output", str(tmp_path / "r.json"), "--log-level", "WARNING",
+    ]  # fmt: skip
+    assert main(args) == 0
+    out = json.loads((tmp_path / "r.json").read_text())
+    assert out["fit_notes"] and "32 to 53" in out["fit_notes"][0]
+    assert {m["length"] for m in out["qa"]["measures"]} == {48}
+    assert out["header"].startswith(f"model random:{config} ")
+    raised = Path(out["args"]["model"].removeprefix("random:"))
+    assert raised.name == "config.json" and not raised.exists()  # removed after the run

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from strata.bench.tiers_chat import ChatResult, count_mismatches, run_chat
+from strata.bench.tiers_fit import Fitted, fit_model
 from strata.bench.tiers_measure import device_name, pinned_h2d_bytes_per_s
 from strata.bench.tiers_qa import DocQA, QAResult
 from strata.bench.tiers_report import fetch_rows, format_chat, format_qa, plot
@@ -88,6 +89,8 @@ class Bench:
             "enforce_eager": a.enforce_eager,
             "kv_disk_size": a.kv_disk_size,
             "kv_remote_timeout_s": a.kv_remote_timeout_s,
+            "kv_tier_io_threads": a.kv_tier_io_threads,
+            "kv_disk_direct_io": a.kv_disk_direct_io,
         }
 
     def free_memory(self) -> None:
@@ -169,27 +172,55 @@ def _greedy(n: int) -> Any:
     return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
 
 
-def header(bench: Bench, args: argparse.Namespace, device: str) -> str:
+def header(bench: Bench, model: str | None, args: argparse.Namespace, device: str) -> str:
     c = bench.config
     shape = (
         f"{c['num_hidden_layers']} layers, {c.get('num_key_value_heads')} KV heads, hidden "
         f"{c['hidden_size']}, {bench.bytes_per_token / 1024:g} KiB KV/token"
     )
     return (
-        f"model {args.model or 'embedded'} ({shape}, {str(bench.dtype).removeprefix('torch.')}) "
+        f"model {model or 'embedded'} ({shape}, {str(bench.dtype).removeprefix('torch.')}) "
         f"on {device}; block {args.block_size}, {args.max_num_batched_tokens} tokens/step; "
         f"{time.strftime('%Y-%m-%d')}"
     )
 
 
+def fit_to_context(args: argparse.Namespace) -> Fitted:
+    """Raise a random model's position table to the longest workload, or cut the QA
+    lengths to the model's context (tiers_fit.py); updates `args`."""
+    config = model_config_dict(args.model)
+    extra = args.suffix_len + args.max_tokens
+    needed = 0 if args.skip_qa else max(args.lengths) + extra
+    if not args.skip_chat:
+        workload = chat_workload(args.chat_users, args.chat_turns, args.chat_first_len,
+                                 args.chat_message_len, args.chat_answer_len, 2, 0)  # fmt: skip
+        needed = max(needed, workload.max_context())
+    fitted = fit_model(args.model, config, tuple(args.lengths), extra, needed)
+    args.model, args.lengths = fitted.model, list(fitted.lengths)
+    return fitted
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Entry point of `strata bench tiers`: prints the tables, writes JSON and PNG."""
+    shown_model = args.model
+    fitted = fit_to_context(args)
+    for note in fitted.notes:
+        print(f"note: {note}")
+    try:
+        return _run(args, shown_model, list(fitted.notes))
+    finally:
+        if fitted.temp_dir is not None:
+            shutil.rmtree(fitted.temp_dir, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, shown_model: str | None, fit_notes: list[str]) -> dict[str, Any]:
     bench = Bench(args)
     report: dict[str, Any] = {"args": {k: v for k, v in vars(args).items() if k != "func"}}
+    report["fit_notes"] = fit_notes
     pinned = pinned_h2d_bytes_per_s(resolve_device(args.device)) if bench.cuda else None
     report["pinned_h2d_gbps"] = pinned and pinned / 1e9
     device = device_name(resolve_device(args.device))
-    title = header(bench, args, device)
+    title = header(bench, shown_model, args, device)
     print(title)
     qa: QAResult | None = None
     if not args.skip_qa:

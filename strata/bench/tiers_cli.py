@@ -32,7 +32,8 @@ pool too small for them all, once per --chat-modes.
 ENGINE_KEYWORDS = (
     "model", "device", "dtype", "seed", "block_size", "max_num_batched_tokens",
     "attention_backend", "enforce_eager", "kv_cache_memory", "kv_cpu_memory", "kv_disk_dir",
-    "kv_disk_size", "kv_remote", "kv_remote_timeout_s",
+    "kv_disk_size", "kv_disk_direct_io", "kv_remote", "kv_remote_timeout_s",
+    "kv_tier_io_threads",
 )  # fmt: skip
 ENGINE_DEFAULTS = {"kv_disk_size": 64.0, "kv_remote_timeout_s": 2.0}
 ENGINE_HELPS = {

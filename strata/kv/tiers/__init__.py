@@ -8,4 +8,6 @@
     build.py         both, built from a TierConfig
     block_format.py  the stored bytes of a block; store_secret.py authenticates (and
                      optionally encrypts) them; store_url.py shows URLs without passwords
+    remote_writer.py the remote tier's SETs in a process of their own (its child:
+                     remote_writer_child.py), off the engine's GIL
 """

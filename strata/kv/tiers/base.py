@@ -177,6 +177,8 @@ class Timer:
 class TierStore(ABC):
     """A capacity-bounded key -> block store with pins and a pluggable eviction order.
 
+    `read_batch`: how many keys a reader asks for at once (a tier that reads in parallel
+    wants several per thread).
     `is_local`: whether `contains` is cheap enough for the scheduler to call while it
     admits a sequence. A store that is not (one across the network) is probed ahead, on
     the io thread, when the sequence arrives.
@@ -184,6 +186,7 @@ class TierStore(ABC):
 
     name: str
     is_local: bool = True
+    read_batch: int = 8  # keys per `get_into` call from the lower-tier reader (lower.py)
 
     def __init__(self, layout: BlockLayout, capacity_bytes: int) -> None:
         if capacity_bytes < layout.nbytes:
@@ -206,6 +209,20 @@ class TierStore(ABC):
     @abstractmethod
     def get(self, keys: Sequence[bytes]) -> list[StoredBlock | None]:
         """The blocks, or None for a miss (absent, corrupt or unreachable)."""
+
+    def get_into(
+        self, keys: Sequence[bytes], dests: Sequence[torch.Tensor]
+    ) -> list[StoredBlock | None]:
+        """`get`, with each hit's payload in `dests[i]` (a contiguous uint8 CPU tensor of
+        `layout.nbytes`, e.g. a cpu tier slot), which is the returned payload. A miss may
+        leave its destination written. Tiers that can read in place override this."""
+        out: list[StoredBlock | None] = []
+        for dest, block in zip(dests, self.get(keys), strict=True):
+            if block is not None:
+                dest.copy_(block.payload.reshape(-1))
+                block = StoredBlock(block.key, block.token_ids, dest)
+            out.append(block)
+        return out
 
     @abstractmethod
     def put(self, blocks: Sequence[StoredBlock]) -> None:

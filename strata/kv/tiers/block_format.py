@@ -29,8 +29,6 @@ from __future__ import annotations
 import os
 import struct
 import warnings
-from collections.abc import Sequence
-from concurrent.futures import Executor
 
 import torch
 import xxhash
@@ -122,6 +120,48 @@ def decode(
     The returned payload is a uint8 tensor over `data` (no copy): keep `data` alive.
     """
     view = memoryview(data).cast("B")
+    version, checksum, ntok, plen = _check_header(layout, view, key, secret)
+    total = HEADER_BYTES + 4 * ntok + plen + GCM_TAG_BYTES * (version == VERSION_SEALED)
+    if view.nbytes != total:
+        raise BlockFormatError(f"length {view.nbytes} bytes, header says {total}")
+    if secret is not None and secret.encrypt:
+        view = _open(secret, view, checksum[:12])  # the plaintext, header in front
+    else:
+        _verify(view, checksum, secret)
+    tokens = struct.unpack_from(f"<{ntok}I", view, HEADER_BYTES)
+    with warnings.catch_warnings():  # read-only network buffers: the payload is never written
+        warnings.simplefilter("ignore", UserWarning)
+        payload = torch.frombuffer(
+            view, dtype=torch.uint8, offset=HEADER_BYTES + 4 * ntok, count=plen
+        )
+    return StoredBlock(key=key, token_ids=tuple(tokens), payload=payload)
+
+
+def verify_split(
+    layout: BlockLayout,
+    head: memoryview,
+    payload: memoryview,
+    key: bytes,
+    secret: StoreSecret | None = None,
+) -> tuple[int, ...]:
+    """Check a block read in two parts, the header with the token ids (`head`) and the
+    payload (read straight into where it is used); its token ids, or BlockFormatError.
+    Not for sealed (version 3) blocks: their payload is ciphertext."""
+    if secret is not None and secret.encrypt:
+        raise ValueError("a sealed block is decrypted whole: use decode")
+    _, checksum, ntok, plen = _check_header(layout, head, key, secret)
+    if head.nbytes != HEADER_BYTES + 4 * ntok or payload.nbytes != plen:
+        total, want = head.nbytes + payload.nbytes, HEADER_BYTES + 4 * ntok + plen
+        raise BlockFormatError(f"length {total} bytes, header says {want}")
+    _verify(head, checksum, secret, payload)
+    return tuple(struct.unpack_from(f"<{ntok}I", head, HEADER_BYTES))
+
+
+def _check_header(
+    layout: BlockLayout, view: memoryview, key: bytes, secret: StoreSecret | None
+) -> tuple[int, bytes, int, int]:
+    """(version, checksum field, token count, payload length) of a header whose every
+    field is what this reader expects; BlockFormatError otherwise."""
     if view.nbytes < HEADER_BYTES:
         raise BlockFormatError(f"truncated: {view.nbytes} bytes, a header alone is {HEADER_BYTES}")
     (magic, version, head_len, checksum, stored_key, fingerprint, layers, heads, dim, bsize,
@@ -152,50 +192,21 @@ def decode(
             else:
                 shown = (found, want)
             raise BlockFormatError(f"{name} mismatch: stored {shown[0]}, expected {shown[1]}")
-    total = HEADER_BYTES + 4 * ntok + plen + GCM_TAG_BYTES * (version == VERSION_SEALED)
-    if view.nbytes != total:
-        raise BlockFormatError(f"length {view.nbytes} bytes, header says {total}")
-    if secret is not None and secret.encrypt:
-        view = _open(secret, view, checksum[:12])  # the plaintext, header in front
-    else:
-        _verify(view, checksum, secret)
-    tokens = struct.unpack_from(f"<{ntok}I", view, HEADER_BYTES)
-    with warnings.catch_warnings():  # read-only network buffers: the payload is never written
-        warnings.simplefilter("ignore", UserWarning)
-        payload = torch.frombuffer(
-            view, dtype=torch.uint8, offset=HEADER_BYTES + 4 * ntok, count=plen
-        )
-    return StoredBlock(key=stored_key, token_ids=tuple(tokens), payload=payload)
+    return version, checksum, ntok, plen
 
 
-def decode_all(
-    layout: BlockLayout,
-    items: Sequence[tuple[bytes, bytes]],
-    secret: StoreSecret | None,
-    pool: Executor | None = None,
-) -> list[StoredBlock | BlockFormatError]:
-    """`decode` each (key, data), returning the error in place of a block that fails.
-    With a pool the blocks are checked in parallel: hashlib's BLAKE2b and AES-GCM release
-    the GIL on large buffers."""
-
-    def one(item: tuple[bytes, bytes]) -> StoredBlock | BlockFormatError:
-        try:
-            return decode(layout, item[1], item[0], secret)
-        except BlockFormatError as exc:
-            return exc
-
-    if pool is None or len(items) < 2:
-        return [one(item) for item in items]
-    return list(pool.map(one, items))
-
-
-def _verify(view: memoryview, tag: bytes, secret: StoreSecret | None) -> None:
+def _verify(
+    view: memoryview, tag: bytes, secret: StoreSecret | None, *rest: memoryview
+) -> None:
+    """The checksum (or MAC) over `view` after its check field, then `rest` in order."""
     if secret is not None:
-        if not secret.verify(tag, view[:12], view[28:]):
+        if not secret.verify(tag, view[:12], view[28:], *rest):
             raise BlockFormatError("MAC mismatch: not written with this store's secret")
         return
     digest = xxhash.xxh3_128()
     digest.update(view[28:])
+    for part in rest:
+        digest.update(part)
     if digest.digest() != tag:
         raise BlockFormatError("checksum mismatch")
 

@@ -79,11 +79,14 @@ def _lower_tiers(config: TierConfig, layout: BlockLayout) -> list[TierStore]:
         from strata.kv.tiers.disk import DiskTier
 
         size = int(config.disk_size * GIB)
-        lower.append(DiskTier(layout, config.disk_dir, size, config.eviction, secret=secret))
+        lower.append(DiskTier(layout, config.disk_dir, size, config.eviction, secret=secret,
+                              read_threads=config.io_threads,
+                              direct_io=config.disk_direct_io))  # fmt: skip
     if config.remote is not None:
         from strata.kv.tiers.remote import RemoteTier
 
-        remote = RemoteTier(layout, config.remote, timeout_s=config.remote_timeout_s, secret=secret)
+        remote = RemoteTier(layout, config.remote, timeout_s=config.remote_timeout_s,
+                            secret=secret, read_threads=config.io_threads)  # fmt: skip
         lower.append(remote)
         if secret is None:
             logger.warning(

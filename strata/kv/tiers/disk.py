@@ -1,9 +1,12 @@
-"""The disk tier: one file per block, in a directory private to one model and KV layout.
+"""The disk tier: one file per block, in a directory private to one model and KV layout
+(one file per run of blocks was measured and not taken: docs/benchmarks.md, tier I/O).
 
     <directory>/
       <fingerprint[:16]>-<layout digest>/      another model or layout never lists these
         3f/
-          3fa9...e1                            key hex (64 chars): block_format bytes
+          3fa9...e1                            key hex (64 chars): block_format bytes, a
+                                               zero gap after the token ids when the
+                                               payload is whole pages (see below)
           3fa9...e1.<pid>.<random>.tmp         being written; renamed over the final name
 
 Invariants:
@@ -14,12 +17,19 @@ Invariants:
 - The index (key set + eviction order) is memory only; on start it is rebuilt from the
   files, oldest mtime first. Files of the wrong size are removed then; headers and
   checksums are verified on `get`, where a bad block is a logged, removed, counted miss.
-- Every file is `encoded_size(layout, secret)` bytes, so `used_bytes = len(index) * file_bytes`
-  and sizes and byte counters here are file bytes (header + token ids + payload).
+- Every file is `file_bytes` = `encoded_size(layout, secret)` + `gap` bytes, so
+  `used_bytes = len(index) * file_bytes`, and sizes and byte counters here are file bytes.
+  `gap` zeros put a payload of whole pages on a page boundary of its file (the page cache
+  copies it out ~1.5x faster: docs/benchmarks.md, tier I/O); they are checked on read.
+  Sealed blocks (decrypted whole) and payloads of partial pages have no gap.
 - I/O errors never reach the caller: they are logged once per kind, counted in
   `stats.errors`, and the block is a miss (get) or skipped (put).
 - Only the KV mover thread calls get/put/evict/remove; the lock guards the index for
   `contains` from the engine thread, and no I/O happens under it.
+- `get`/`get_into` read their files on `read_threads` reader threads at once, each file
+  with one `preadv` (header + token ids into a small buffer, the payload straight into
+  its destination) and checked on the thread that read it; a reader touches the index
+  only through `_forget`, under the lock.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import os
 import secrets
 import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -39,12 +50,17 @@ import torch
 from strata.kv.tiers import block_format
 from strata.kv.tiers.base import BlockLayout, LockedPins, PinCounts, StoredBlock, TierStore, Timer
 from strata.kv.tiers.eviction import make_eviction_order
+from strata.kv.tiers.file_reads import PAGE, DirectReads, DirectRefused, read_into
 from strata.kv.tiers.store_secret import StoreSecret
 
 log = logging.getLogger(__name__)
 
 _KEY_HEX = 64
 _READ_BUFFER_BYTES = 64 << 20  # read buffers kept between calls (at least one)
+# Files read at once. One thread copies ~5 GB/s from the page cache (an H200 host);
+# benchmarks/tier_io_cpu.py measures 1 against N.
+READ_THREADS = 8
+_ZEROS = memoryview(bytes(PAGE))
 
 
 def layout_digest(layout: BlockLayout) -> str:
@@ -85,10 +101,17 @@ class DiskTier(LockedPins, TierStore):
         eviction: str = "lru",
         fsync: bool = False,
         secret: StoreSecret | None = None,
+        read_threads: int = READ_THREADS,
+        direct_io: bool = False,
     ) -> None:
         """secret: authenticate every block (store_secret.py); its blocks live in a
-        directory of their own."""
-        self.file_bytes = block_format.encoded_size(layout, secret)
+        directory of their own. read_threads: files read (and verified) at once.
+        direct_io: read with O_DIRECT where the files and slots allow (file_reads.py)."""
+        self.sealed = secret is not None and secret.encrypt  # decrypted whole, not in place
+        self._head_bytes = block_format.HEADER_BYTES + 4 * layout.block_size
+        whole_pages = layout.nbytes % PAGE == 0 and not self.sealed
+        self.gap = -self._head_bytes % PAGE if whole_pages else 0
+        self.file_bytes = block_format.encoded_size(layout, secret) + self.gap
         if capacity_bytes < self.file_bytes:
             raise ValueError(
                 f"the disk tier's capacity ({capacity_bytes} bytes) is smaller than one block "
@@ -106,7 +129,10 @@ class DiskTier(LockedPins, TierStore):
         self._order = make_eviction_order(eviction)
         self._lock = threading.Lock()
         self._warned: set[str] = set()
-        self._buffers: list[torch.Tensor] = []
+        self._direct = DirectReads(direct_io, first_page=self._head_bytes + self.gap == PAGE)
+        self._readers = ThreadPoolExecutor(read_threads, thread_name_prefix="strata-kv-disk")
+        self.read_batch = 4 * read_threads
+        self._buffers: list[torch.Tensor] = []  # get()'s payloads
         self._keep_buffers = max(1, _READ_BUFFER_BYTES // self.file_bytes)
         self._rebuild()
 
@@ -142,7 +168,8 @@ class DiskTier(LockedPins, TierStore):
             self._order.inserted(key)
         while self.used_bytes > self.capacity_bytes and self._evict_one():
             pass  # the cap shrank since the last run
-        log.info("disk tier %s: %d blocks found", self.root, len(self._keys))
+        log.info("disk tier %s: %d blocks found, %d files of the wrong size removed",
+                 self.root, len(self._keys), self.stats.corrupt)  # fmt: skip
 
     def _scan(self) -> Iterator[tuple[int, str]]:
         """(mtime_ns, key hex) of each well-sized block; removes leftovers and bad sizes."""
@@ -161,10 +188,10 @@ class DiskTier(LockedPins, TierStore):
                 except FileNotFoundError:  # removed while we list
                     continue
                 if st.st_size != self.file_bytes:
-                    log.warning(
-                        "disk tier: removing %s: %d bytes, a block file is %d",
-                        entry.path, st.st_size, self.file_bytes,
-                    )  # fmt: skip
+                    # another format's (an upgrade may leave many: one WARNING) or cut short
+                    level = logging.DEBUG if self.stats.corrupt else logging.WARNING
+                    log.log(level, "disk tier: removing %s: %d bytes, a block file is %d",
+                            entry.path, st.st_size, self.file_bytes)  # fmt: skip
                     self.stats.add(corrupt=1)
                     self._unlink(Path(entry.path))
                     continue
@@ -178,57 +205,96 @@ class DiskTier(LockedPins, TierStore):
 
     def get(self, keys: Sequence[bytes]) -> list[StoredBlock | None]:
         """Payloads are views of this tier's read buffers, overwritten by the next `get`."""
-        out: list[StoredBlock | None] = []
         with self._lock:
             present = [k in self._keys for k in keys]
-        self._buffers = self._buffers[: self._keep_buffers]  # views of the last call expire
-        hits = 0  # a block's buffer is the hits-th: a failed read's buffer is reused
-        for key, hit in zip(keys, present, strict=True):
-            block = self._read(key, self._buffer(hits)) if hit else None
-            if block is None:
-                self.stats.add(misses=1)
-            else:
-                hits += 1
-                self.stats.add(hits=1)
-                with self._lock:
-                    self._order.accessed(key)
-            out.append(block)
+        while len(self._buffers) < sum(present):
+            self._buffers.append(torch.empty(self.layout.nbytes, dtype=torch.uint8))
+        buffers = iter(self._buffers)
+        out = self._read_all(keys, [next(buffers) if p else None for p in present])
+        self._buffers = self._buffers[: self._keep_buffers]  # this call's views stay valid
         return out
 
-    def _buffer(self, i: int) -> torch.Tensor:
-        while len(self._buffers) <= i:
-            self._buffers.append(torch.empty(self.file_bytes, dtype=torch.uint8))
-        return self._buffers[i]
+    def get_into(
+        self, keys: Sequence[bytes], dests: Sequence[torch.Tensor]
+    ) -> list[StoredBlock | None]:
+        """Each block's payload is read straight into its destination (a cpu tier slot)."""
+        return self._read_all(keys, dests)
 
-    def _read(self, key: bytes, buf: torch.Tensor) -> StoredBlock | None:
+    def _read_all(
+        self, keys: Sequence[bytes], dests: Sequence[torch.Tensor | None]
+    ) -> list[StoredBlock | None]:
+        """Read the indexed keys on the reader threads, each into its `dests` entry; the
+        rest miss. Stats count the batch's wall time: read_bytes_per_s is the tier's rate."""
+        with self._lock:
+            todo = [(k, d) for k, d in zip(keys, dests, strict=True)
+                    if d is not None and k in self._keys]  # fmt: skip
+        with Timer() as t:
+            if len(todo) > 1:
+                results = list(self._readers.map(lambda kd: self._read(*kd), todo))
+            else:
+                results = [self._read(k, d) for k, d in todo]
+        found = {k: block for (k, _), (_, block) in zip(todo, results, strict=True)}
+        out = [found.get(k) for k in keys]
+        hits = sum(b is not None for b in out)
+        nbytes = sum(n for n, _ in results)
+        self.stats.add(hits=hits, misses=len(keys) - hits, bytes_read=nbytes,
+                       read_seconds=t.seconds if nbytes else 0.0)  # fmt: skip
+        with self._lock:
+            for block in out:
+                if block is not None and block.key in self._keys:
+                    self._order.accessed(block.key)
+        return out
+
+    def _read(self, key: bytes, dest: torch.Tensor) -> tuple[int, StoredBlock | None]:
+        """(bytes read, the verified block) of one file, its payload read into `dest`; a
+        bad file is logged, removed and counted. Runs on a reader thread."""
         path = self.path_of(key)
-        view = memoryview(buf.numpy().data).cast("B")
+        payload = memoryview(dest.numpy().data).cast("B")
+        direct = self._direct.usable(dest.data_ptr())
+        if direct:  # the first page (header, token ids, gap) into a page of our own
+            first = self._direct.page()
+            head, gap = first[: self._head_bytes], first[self._head_bytes :]
+            parts = [first, payload]
+        else:
+            head = memoryview(bytearray(self.file_bytes if self.sealed else self._head_bytes))
+            gap = memoryview(bytearray(self.gap))
+            parts = [head] if self.sealed else [head, gap, payload] if self.gap else [head, payload]
         try:
-            with Timer() as t, open(path, "rb", buffering=0) as f:
-                n = 0
-                while n < self.file_bytes and (got := f.readinto(view[n:])):
-                    n += got
-                extra = f.read(1)
+            n, size = read_into(path, parts, direct)
+        except DirectRefused as exc:
+            self._direct.refused(exc)
+            return self._read(key, dest)
         except FileNotFoundError:
             log.warning("disk tier: %s vanished (removed outside Strata?)", path)
             self._forget(key)
-            return None
+            return 0, None
         except OSError as exc:
             self._io_error("read a block", exc)
-            return None
-        self.stats.add(bytes_read=n, read_seconds=t.seconds)
+            return 0, None
         try:
-            if n != self.file_bytes or extra:
+            if size != self.file_bytes:
                 raise block_format.BlockFormatError(
-                    f"file is {'longer' if extra else n} bytes, expected {self.file_bytes}"
+                    f"file is {size} bytes, expected {self.file_bytes}"
                 )
-            return block_format.decode(self.layout, view, key, self.secret)
+            if gap != _ZEROS[: self.gap]:
+                raise block_format.BlockFormatError("the gap before the payload is not zeros")
+            return n, self._verified(key, head, dest)
         except block_format.BlockFormatError as exc:
             log.warning("disk tier: rejecting and deleting %s: %s", path, exc)
             self.stats.add(corrupt=1)
             self._forget(key)
             self._unlink(path)  # indexed or not: a rejected file never stays
-            return None
+            return n, None
+
+    def _verified(self, key: bytes, head: memoryview, dest: torch.Tensor) -> StoredBlock:
+        """The block whose header (and, sealed, whole file) is `head` and payload `dest`."""
+        if self.sealed:  # decrypted whole, then copied into place
+            block = block_format.decode(self.layout, head, key, self.secret)
+            dest.copy_(block.payload)
+            return StoredBlock(key, block.token_ids, dest)
+        payload = memoryview(dest.numpy().data).cast("B")
+        tokens = block_format.verify_split(self.layout, head, payload, key, self.secret)
+        return StoredBlock(key, tokens, dest)
 
     # ---- writes ---------------------------------------------------------------------------
 
@@ -250,6 +316,8 @@ class DiskTier(LockedPins, TierStore):
         path = self.path_of(block.key)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         buffers = block_format.encode(self.layout, block, self.secret)
+        if self.gap:
+            buffers.insert(1, _ZEROS[: self.gap])
         try:
             with Timer() as t:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -354,6 +422,7 @@ class DiskTier(LockedPins, TierStore):
 
     def close(self) -> None:
         self._buffers = []
+        self._readers.shutdown(wait=True)
 
     def describe(self) -> str:
         return (

@@ -1,8 +1,8 @@
 """The tiers below the cpu tier (disk, remote), read and written through the cpu tier.
 
     write:  cpu slot (pinned by the caller) --put--> each lower tier that lacks the block
-    read:   first lower tier holding the block --get, verify tokens--> new cpu slot, pinned
-            and promoted into the lower tiers above the one that held it
+    read:   first lower tier holding the block --get_into a reserved cpu slot, verify
+            tokens--> published, pinned, and promoted into the lower tiers above it
 
 Runs on the TierManager's io thread only.
 """
@@ -10,19 +10,13 @@ Runs on the TierManager's io thread only.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 from strata.kv.prefix import BlockRef
 from strata.kv.tiers.base import StoredBlock, TierStore
 from strata.kv.tiers.cpu import CPUTier
 
 logger = logging.getLogger("strata.kv.tiers")
-
-# Blocks per lower-tier read call. On an H200 host, Redis on loopback gave 1.2 GB/s with
-# one GET per 2 MiB block but 0.5 GB/s with one MGET per 64-block part (the client
-# parses a huge reply slowly), so reads go in small batches.
-READ_BATCH = 8
-
 
 class LowerTiers:
     def __init__(self, cpu: CPUTier, tiers: Sequence[TierStore]) -> None:
@@ -46,39 +40,48 @@ class LowerTiers:
     def read(self, blocks: Sequence[BlockRef]) -> list[bytes]:
         """Read these blocks from the lower tiers into the cpu tier, pinned; their keys.
 
-        One batched `get` per tier for the keys still missing; a hit in one tier is also
-        promoted into the lower tiers above it.
+        Batched `get_into` calls per tier for the keys still missing, each block read
+        straight into a reserved cpu slot; a hit in one tier is also promoted into the
+        lower tiers above it. Stops early when every cpu slot is pinned.
         """
         pinned: list[bytes] = []
         missing = {b.key: b for b in blocks}
         for depth, tier in enumerate(self.tiers):
-            if not missing:
-                break
             wanted = list(missing.values())
-            for block, got in _get_batched(tier, wanted):
-                if got is None:
-                    continue
-                if got.token_ids != block.token_ids:
-                    logger.warning("%s tier: block %s holds other tokens; ignored", tier.name,
-                                   block.key.hex()[:12])  # fmt: skip
-                    tier.remove([block.key])
-                    continue
-                slot = self.cpu.reserve()
-                if slot is None:
-                    return pinned
-                self.cpu.slab[slot].copy_(got.payload.reshape(-1))
-                self.cpu.publish(block.key, block.token_ids, slot)
-                pinned.extend(self.cpu.pin_present([block.key]))
-                for above in self.tiers[:depth]:
-                    above.put([got])
-                del missing[block.key]
+            for lo in range(0, len(wanted), tier.read_batch):
+                asked = wanted[lo : lo + tier.read_batch]
+                slots = self._reserve(len(asked))
+                batch = asked[: len(slots)]
+                got = tier.get_into([b.key for b in batch], [self.cpu.slab[s] for s in slots])
+                for block, slot, found in zip(batch, slots, got, strict=True):
+                    if self._accept(tier, block, found):
+                        self.cpu.publish(block.key, block.token_ids, slot)
+                        pinned.extend(self.cpu.pin_present([block.key]))
+                        payload = self.cpu.slab[slot]
+                        for above in self.tiers[:depth]:
+                            above.put([StoredBlock(block.key, block.token_ids, payload)])
+                        del missing[block.key]
+                    else:
+                        self.cpu.release_slot(slot)
+                if len(slots) < len(asked):
+                    return pinned  # the cpu tier is full of pinned blocks
         return pinned
 
+    def _reserve(self, n: int) -> list[int]:
+        """Up to `n` reserved cpu slots (fewer when the rest are pinned)."""
+        slots: list[int] = []
+        while len(slots) < n and (slot := self.cpu.reserve()) is not None:
+            slots.append(slot)
+        return slots
 
-def _get_batched(
-    tier: TierStore, blocks: list[BlockRef]
-) -> Iterator[tuple[BlockRef, StoredBlock | None]]:
-    """`tier.get` in batches of READ_BATCH blocks; each result is valid until the next."""
-    for lo in range(0, len(blocks), READ_BATCH):
-        batch = blocks[lo : lo + READ_BATCH]
-        yield from zip(batch, tier.get([b.key for b in batch]), strict=True)
+    @staticmethod
+    def _accept(tier: TierStore, block: BlockRef, found: StoredBlock | None) -> bool:
+        """Whether a tier's answer is the block asked for (a mismatch is removed there)."""
+        if found is None:
+            return False
+        if found.token_ids != block.token_ids:
+            logger.warning("%s tier: block %s holds other tokens; ignored", tier.name,
+                           block.key.hex()[:12])  # fmt: skip
+            tier.remove([block.key])
+            return False
+        return True
