@@ -92,6 +92,7 @@ def set_all(client: redis.Redis, encoder: Encoder, items: list[tuple[Any, ...]])
 
 
 def main() -> None:
+    _bare_strata()  # the setup's layout and secret unpickle from this checkout's modules
     conn = Connection(int(sys.argv[1]))
     setup = conn.recv()
     encoder = Encoder(setup, int(sys.argv[2]))
