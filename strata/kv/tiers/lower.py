@@ -1,8 +1,12 @@
 """The tiers below the cpu tier (disk, remote), read and written through the cpu tier.
 
     write:  cpu slot (pinned by the caller) --put--> each lower tier that lacks the block
-    read:   first lower tier holding the block --get, verify tokens--> new cpu slot, pinned
-            and promoted into the lower tiers above the one that held it
+    read:   first lower tier holding the block --get, verify tokens and scales--> new cpu
+            slot, pinned and promoted into the lower tiers above the one that held it
+
+A coded block (a lossy pool or tier codec) enters the cpu tier only with every scale and
+zero finite (slot_codec.stored_block_problem): the cpu tier holds blocks this engine
+coded itself or ones checked on the way in, and the mover decodes them unchecked.
 
 Runs on the TierManager's io thread only.
 """
@@ -15,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from strata.kv.prefix import BlockRef
 from strata.kv.tiers.base import StoredBlock, TierStore
 from strata.kv.tiers.cpu import CPUTier
+from strata.kv.tiers.slot_codec import stored_block_problem
 
 logger = logging.getLogger("strata.kv.tiers")
 
@@ -58,9 +63,10 @@ class LowerTiers:
             for block, got in _get_batched(tier, wanted):
                 if got is None:
                     continue
-                if got.token_ids != block.token_ids:
-                    logger.warning("%s tier: block %s holds other tokens; ignored", tier.name,
-                                   block.key.hex()[:12])  # fmt: skip
+                problem = self._problem(tier, block, got)
+                if problem is not None:
+                    logger.warning("%s tier: block %s %s; ignored", tier.name,
+                                   block.key.hex()[:12], problem)  # fmt: skip
                     tier.remove([block.key])
                     continue
                 slot = self.cpu.reserve()
@@ -73,6 +79,15 @@ class LowerTiers:
                     above.put([got])
                 del missing[block.key]
         return pinned
+
+    def _problem(self, tier: TierStore, block: BlockRef, got: StoredBlock) -> str | None:
+        """Why a block a tier returned must not be used (a bad one also counts as corrupt)."""
+        if got.token_ids != block.token_ids:
+            return "holds other tokens"
+        problem = stored_block_problem(self.cpu.layout, got.payload)
+        if problem is not None:
+            tier.stats.add(corrupt=1)
+        return problem
 
 
 def _get_batched(
