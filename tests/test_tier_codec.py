@@ -26,6 +26,7 @@ from strata.kv.tiers.base import BlockLayout, StoredBlock
 from strata.kv.tiers.cpu import CPUTier
 from strata.kv.tiers.disk import DiskTier, layout_digest
 from strata.kv.tiers.lower import LowerTiers
+from strata.kv.tiers.remote import RemoteTier
 from strata.kv.tiers.slot_codec import stored_block_problem
 from strata.kv.tiers.transfer import BlockTransfer
 from tests.conftest import assert_no_leaks
@@ -149,6 +150,10 @@ def test_another_codec_is_another_namespace(tmp_path: Path) -> None:
         tier = DiskTier(layout, tmp_path, 1 << 20)
         assert tier.contains([_key(0)]) == [False] and tier.get([_key(0)]) == [None]
     assert DiskTier(_layout("fp8"), tmp_path, 1 << 20).contains([_key(0)]) == [True]
+    # The remote key of a block names its layout digest, codec included (no server needed).
+    names = {c: RemoteTier(_layout(c), "redis://127.0.0.1:1").name_of(_key(0)) for c in CODECS}
+    assert len(set(names.values())) == 3
+    assert all(f":{layout_digest(_layout(c))}:".encode() in n for c, n in names.items())
 
 
 def test_a_header_of_another_codec_is_rejected() -> None:
