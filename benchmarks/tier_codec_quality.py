@@ -8,7 +8,8 @@ prefixes with recomputed ones.
    against the exact block in float32 and bfloat16.
 2. Round trip: every full block the prompts left in the pool goes pool -> tier slot ->
    pool through the tier's BlockTransfer under each codec; max and mean |error| of K
-   and V, and the max relative to the largest |value| of the block's layer.
+   and V, and the max relative to the largest |value| of the block's layer; store
+   (encode + copy) and load (copy + decode) rates in GB/s of exact KV, best of 3.
 3. Agreement: each prompt (a Shakespeare excerpt + a question) is answered with its
    prefix recomputed (no tier), and with its full blocks loaded from the cpu tier under
    each codec (prefilled once, GPU cache emptied, asked again). Greedy tokens equal to
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import random
+import time
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -83,11 +86,13 @@ def round_trip_errors(kv: KVCache, ids: list[int], codec: str) -> dict[str, floa
     slab = torch.empty((len(ids), probe.nbytes), dtype=torch.uint8)
     transfer = BlockTransfer(scratch, slab, layout_codec)
     slots = list(range(len(ids)))
-    transfer.store(slots, slots, None)
+    exact = len(ids) * kv.block_bytes
+    store = _best_seconds(lambda: transfer.store(slots, slots, None))
     scratch.k.zero_()
     scratch.v.zero_()
-    transfer.load(slots, slots)
-    out: dict[str, float] = {"bytes/block": probe.nbytes}
+    load = _best_seconds(lambda: transfer.load(slots, slots))
+    out: dict[str, float] = {"bytes/block": probe.nbytes, "store GB/s": exact / store / 1e9,
+                             "load GB/s": exact / load / 1e9}  # fmt: skip
     for name, x, dx in (("K", k, scratch.k), ("V", v, scratch.v)):
         err = (dx - x).abs()
         scale = x.abs().amax(dim=(1, 2, 3, 4), keepdim=True)  # per layer
@@ -98,6 +103,15 @@ def round_trip_errors(kv: KVCache, ids: list[int], codec: str) -> dict[str, floa
     return out
 
 
+def _best_seconds(fn: Callable[[], None], repeats: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def answers(llm: LLM, chats: list[Any], params: SamplingParams, from_tier: bool) -> list[list[int]]:
     """Greedy answers; from_tier: prefill once, empty the GPU cache, answer from the tier."""
     if from_tier:
@@ -106,10 +120,12 @@ def answers(llm: LLM, chats: list[Any], params: SamplingParams, from_tier: bool)
         llm.engine.tiers.flush()
         llm.engine.kv.evict_all_cached()
     before = llm.stats()["prefix_cache_tier_hit_tokens"]
-    outs = [o.token_ids for o in llm.chat(chats, params)]
+    outs = llm.chat(chats, params)
     if from_tier:
         assert llm.stats()["prefix_cache_tier_hit_tokens"] > before, "nothing came from the tier"
-    return outs
+    else:
+        print(f"\nprompt tokens: {[len(o.prompt_token_ids) for o in outs]}")
+    return [o.token_ids for o in outs]
 
 
 def agreement(ref: list[list[int]], got: list[list[int]]) -> str:
@@ -134,15 +150,15 @@ def main() -> None:
     ref_llm = LLM(**kw)
     ref = answers(ref_llm, chats, params, from_tier=False)
     ids = cached_blocks(ref_llm)
-    tokens = sum(len(ref_llm.get_tokenizer().apply_chat_template(c)) for c in chats)
-    print(f"\n{len(chats)} prompts, {tokens} prompt tokens, {len(ids)} cached blocks "
+    print(f"\n{len(chats)} prompts, {len(ids)} cached blocks "
           f"({ref_llm.engine.kv_cache.dtype}); errors over every element of them\n")  # fmt: skip
     rows = {c: round_trip_errors(ref_llm.engine.kv_cache, ids, c) for c in CODECS}
     cols = list(rows["fp8"])
     print("| codec | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
     for codec, row in rows.items():
-        print(f"| {codec} | " + " | ".join(f"{row[c]:.4g}" for c in cols) + " |")
+        print(f"| {codec} | " + " | ".join(f"{row[c]:.4g}" if row[c] < 1e5 else f"{row[c]:,.0f}"
+                                         for c in cols) + " |")  # fmt: skip
     print("\nGreedy tokens, tier-loaded vs recomputed (per prompt: equal before the first "
           "difference / equal in all / generated)\n")  # fmt: skip
     for codec in CODECS:
