@@ -120,9 +120,11 @@ class BlockTransfer:
             src, ids = slots[lo : lo + self.chunk], block_ids[lo : lo + self.chunk]
             if self.cuda:
                 self._load_cuda(src, ids)
-            elif self.rows.recode:
-                rows = self.slab.index_select(0, torch.tensor(src, dtype=torch.long))
-                self.rows.scatter(rows.view(len(src), *self.block_shape), self._index(ids))
+            elif self.rows.recode:  # runs of slots: index_select of uint8 rows is slow on CPU
+                rows = torch.empty((len(src), *self.block_shape), dtype=torch.uint8)
+                for start, first, length in _runs(src):
+                    rows[start : start + length].flatten(1).copy_(self.slab[first : first + length])
+                self.rows.scatter(rows, self._index(ids))
             else:
                 for slot, block_id in zip(src, ids, strict=True):
                     block = self._slot(slot)
