@@ -86,16 +86,20 @@ class BlockTransfer:
             ids, dst = block_ids[lo : lo + self.chunk], slots[lo : lo + self.chunk]
             if self.cuda:
                 self._store_cuda(ids, dst, after)
-            elif self.rows.recode:
-                rows = torch.empty((len(ids), *self.block_shape), dtype=torch.uint8)
-                self.rows.gather(self._index(ids), rows)
-                for start, first, length in _runs(dst):
-                    self.slab[first : first + length].copy_(rows[start : start + length].flatten(1))
-            else:  # direct copies, block by block: several times faster than batched on CPU
-                for block_id, slot in zip(ids, dst, strict=True):
-                    out = self._slot(slot)
-                    for part, (a, b) in zip(self.rows.part_bytes, self.rows.columns, strict=True):
-                        out[:, a:b].copy_(part[:, block_id])
+            else:
+                self._store_cpu(ids, dst)
+
+    def _store_cpu(self, ids: Sequence[int], slots: Sequence[int]) -> None:
+        if self.rows.recode:
+            rows = torch.empty((len(ids), *self.block_shape), dtype=torch.uint8)
+            self.rows.gather(self._index(ids), rows)
+            for start, first, length in _runs(slots):
+                self.slab[first : first + length].copy_(rows[start : start + length].flatten(1))
+            return
+        for block_id, slot in zip(ids, slots, strict=True):  # direct: faster than batched on CPU
+            out = self._slot(slot)
+            for part, (a, b) in zip(self.rows.part_bytes, self.rows.columns, strict=True):
+                out[:, a:b].copy_(part[:, block_id])
 
     def _store_cuda(
         self, ids: Sequence[int], slots: Sequence[int], after: torch.cuda.Event | None
@@ -120,16 +124,20 @@ class BlockTransfer:
             src, ids = slots[lo : lo + self.chunk], block_ids[lo : lo + self.chunk]
             if self.cuda:
                 self._load_cuda(src, ids)
-            elif self.rows.recode:  # runs of slots: index_select of uint8 rows is slow on CPU
-                rows = torch.empty((len(src), *self.block_shape), dtype=torch.uint8)
-                for start, first, length in _runs(src):
-                    rows[start : start + length].flatten(1).copy_(self.slab[first : first + length])
-                self.rows.scatter(rows, self._index(ids))
             else:
-                for slot, block_id in zip(src, ids, strict=True):
-                    block = self._slot(slot)
-                    for part, (a, b) in zip(self.rows.part_bytes, self.rows.columns, strict=True):
-                        part[:, block_id].copy_(block[:, a:b])
+                self._load_cpu(src, ids)
+
+    def _load_cpu(self, slots: Sequence[int], ids: Sequence[int]) -> None:
+        if self.rows.recode:  # runs of slots: index_select of uint8 rows is slow on CPU
+            rows = torch.empty((len(slots), *self.block_shape), dtype=torch.uint8)
+            for start, first, length in _runs(slots):
+                rows[start : start + length].flatten(1).copy_(self.slab[first : first + length])
+            self.rows.scatter(rows, self._index(ids))
+            return
+        for slot, block_id in zip(slots, ids, strict=True):
+            block = self._slot(slot)
+            for part, (a, b) in zip(self.rows.part_bytes, self.rows.columns, strict=True):
+                part[:, block_id].copy_(block[:, a:b])
 
     def _load_cuda(self, slots: Sequence[int], ids: Sequence[int]) -> None:
         n = len(ids)
