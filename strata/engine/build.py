@@ -125,14 +125,15 @@ def _build_parts(
         config.cache.tiers, kv_cache, loaded.fingerprint, placed.dtype,
         None if parallel is None else parallel.rank_layout, peers,
     )  # fmt: skip
-    tier = tier_codec(config.cache.tiers.codec)
-    root = root_key(loaded.fingerprint, kv_layout(placed, codec, parallel, tier))
+    layout = kv_layout(placed, codec, parallel, config.cache.tiers.codec)
+    root = root_key(loaded.fingerprint, layout)
     kv = KVManager(
         kv_cache.num_blocks, placed.block_size, root, config.cache.enable_prefix_caching,
         tiers=tiers,
     )  # fmt: skip
     sessions = SessionPins(kv, tiers, config.cache.tiers.session_gpu_fraction)
-    swap_cost = SwapCostModel(kv_cache.block_bytes, placed.block_size, placed.device)
+    tier_block = kv_cache.block_bytes if tiers is None else tiers.cpu.layout.nbytes
+    swap_cost = SwapCostModel(tier_block, placed.block_size, placed.device)
     tier_loads: TierLoads[Sequence] = build_tier_loads(
         tiers, kv, config.cache.tiers.preemption_mode, swap_cost.swap_is_cheaper
     )
@@ -235,7 +236,7 @@ def kv_layout(
     placed: ModelPlacement,
     codec: BlockCodec,
     parallel: TensorParallel | None = None,
-    tier: BlockCodec | None = None,
+    tier_codec_name: str = "none",
 ) -> str:
     """The KV layout in every block key: `auto` keeps the string (and so the keys of stored
     blocks) it always had; a lossy codec adds its layout, a tier codec its own (a prefix
@@ -244,6 +245,7 @@ def kv_layout(
     layout = f"{str(placed.dtype).removeprefix('torch.')}/bs{placed.block_size}"
     if not codec.lossless:
         layout = f"{layout}/{codec.layout_name}"
+    tier = tier_codec(tier_codec_name)
     if tier is not None:
         layout = f"{layout}/tier-{tier.layout_name}"
     if parallel is not None:
