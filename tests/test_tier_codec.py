@@ -259,3 +259,19 @@ def test_engines_of_other_tier_codecs_never_share_disk_blocks(folder: Path, tmp_
     roots = {c: LLM(str(folder), kv_cpu_memory=0.01, kv_tier_codec=c, **kw).engine.kv.root
              for c in ["none", "fp8"]}  # fmt: skip
     assert roots["none"] != roots["fp8"]
+
+
+def test_swapped_sequences_come_back_through_the_codec(folder: Path) -> None:
+    """Swap preemption moves a running sequence's blocks through the cpu tier: under a tier
+    codec they come back decoded, and every sequence still completes without leaks."""
+    long = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    prompts = [[(i * 53 + j * 7) % 500 + 3 for j in range(37)] for i in range(4)]
+    llm = LLM(str(folder), num_kv_blocks=22, kv_cpu_memory=0.01, preemption_mode="swap",
+              kv_tier_codec="int8", **KW)  # fmt: skip
+    outs = llm.generate(prompts, long)
+    assert all(len(o.token_ids) == 10 for o in outs)
+    stats = llm.stats()
+    assert stats["num_swaps"] == stats["num_preemptions"] > 0
+    assert stats["prefix_cache_tier_hit_tokens"] > 0
+    assert_no_leaks(llm)
+    llm.close()
