@@ -115,6 +115,26 @@ def test_codec_none_copies_the_exact_bytes() -> None:
     assert torch.equal(raw[:, :, 1], v.transpose(0, 1))
 
 
+@pytest.mark.parametrize("codec", ["none", *CODECS])
+def test_batched_gather_and_scatter_match_the_per_block_copies(codec: str) -> None:
+    """The batched rows the CUDA path stages (SlotCodec.gather/scatter) hold exactly the
+    bytes the CPU path writes to its slots, and scatter back to the same pool contents."""
+    kv = _pool()
+    ids = [4, 0, 2]
+    *_, slab = _round_trip(kv, codec, ids)  # slots 0..2 <- blocks 4, 0, 2 (CPU path)
+    transfer = BlockTransfer(kv, slab, None if codec == "none" else get_codec(codec))
+    rows = torch.empty((len(ids), *transfer.block_shape), dtype=torch.uint8)
+    before = _pool()
+    kv.k.copy_(before.k)
+    kv.v.copy_(before.v)
+    transfer.rows.gather(torch.tensor(ids), rows)
+    assert torch.equal(rows.flatten(1), slab)
+    transfer.rows.scatter(rows, torch.tensor([1, 3, 5]))
+    _round_trip(before, codec, ids)  # the CPU path decodes them into blocks 3, 4, 5
+    assert torch.equal(kv.k[:, [1, 3, 5]], before.k[:, [3, 4, 5]])
+    assert torch.equal(kv.v[:, [1, 3, 5]], before.v[:, [3, 4, 5]])
+
+
 def test_coded_blocks_are_smaller_by_the_codec_ratio() -> None:
     raw = _layout("none").nbytes
     assert raw == LAYERS * 2 * BS * HEADS * DIM * 4
