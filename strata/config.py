@@ -210,6 +210,7 @@ KVPolicyName = Literal[  # registry: kv.policies POLICIES, then kv.recall RECALL
     "expected_attention", "kvzip", "quest", "shadowkv", "full_offload",
 ]  # fmt: skip
 TierEviction = Literal["lru", "fifo"]  # registry: kv.tiers EVICTION_ORDERS
+TierCodecName = Literal["none", "fp8", "int8", "int4"]  # kv.codec CODECS names, and none
 PreemptionMode = Literal["recompute", "swap", "auto"]
 ExpertCachePolicy = Literal["lfru", "lru"]  # registry: moe.policies POLICIES
 ExpertCPUCompute = Literal["auto", "on", "off"]
@@ -273,6 +274,13 @@ class TierConfig:
         "the disk or remote tier (default 8)",
         keyword="kv_tier_io_threads", metavar="N",
     ))  # fmt: skip
+    codec: TierCodecName = field(default="none", metadata=option(
+        "code blocks on their way into the tiers (lossy, fewer bytes on PCIe, disk and "
+        "network): fp8 (e4m3, per-token scales) or int8/int4 (KIVI groups); decoded back "
+        "into the pool on load. Blocks of one codec are never read under another (default "
+        "none: the pool's exact bytes; needs --kv-cache-dtype auto)",
+        keyword="kv_tier_codec",
+    ))  # fmt: skip
     eviction: TierEviction = field(default="lru", metadata=option(
         "eviction order inside each tier (default lru)",
         keyword="kv_tier_eviction",
@@ -305,6 +313,11 @@ class TierConfig:
             raise ValueError(f"kv_remote_timeout_s must be > 0, got {self.remote_timeout_s}")
         if self.io_threads < 1:
             raise ValueError(f"kv_tier_io_threads must be >= 1, got {self.io_threads}")
+        if self.codec != "none" and not self.enabled:
+            raise ValueError(
+                f"kv_tier_codec {self.codec!r} codes blocks for the KV tiers, but none is on: "
+                "set kv_cpu_memory, kv_disk_dir or kv_remote"
+            )
         if not 0.0 <= self.session_gpu_fraction <= 1.0:
             raise ValueError(
                 f"session_gpu_fraction must be in [0, 1], got {self.session_gpu_fraction}"
@@ -424,6 +437,12 @@ class CacheConfig:
         if self.tiers.enabled and not self.enable_prefix_caching:
             raise ValueError(
                 "KV tiers store blocks under their prefix-cache keys: they need prefix caching on"
+            )
+        if self.tiers.codec != "none" and self.kv_cache_dtype != "auto":
+            raise ValueError(
+                f"kv_tier_codec {self.tiers.codec!r} needs kv_cache_dtype auto: the "
+                f"{self.kv_cache_dtype} pool already stores its blocks coded, and the tiers "
+                "keep those bytes"
             )
         self._check_kv_budget()
         if self.kv_evict_interval is not None and self.kv_evict_interval < 1:

@@ -77,3 +77,26 @@ def test_ruler_counts_a_recall_sequence_by_its_gpu_state(tmp_path: Path, capsys:
     full = json.loads((tmp_path / "strata_ruler_L400_full_b1_query-aware.json").read_text())
     recall = json.loads((tmp_path / "strata_ruler_L400_quest_b0.25_query-aware.json").read_text())
     assert 0 < recall["peak_kv_mib"] == recall["final_kv_mib"] < full["peak_kv_mib"]
+
+
+def test_ruler_scores_prompts_loaded_from_the_tier(tmp_path: Path, capsys: Any) -> None:
+    """--prefix-from tier: the prompt's full blocks come back from the cpu tier. With codec
+    none the prediction is the computed one (fp32 on CPU); int8 blocks load decoded."""
+    common = ["eval", "ruler", "--tasks", "niah_single_1", "--length", "400", "--samples", "1",
+              "--output", str(tmp_path), "--no-progress", "--device", "cpu",
+              "--kv-cache-memory", "0.1", "--log-level", "WARNING"]  # fmt: skip
+    assert main(common) == 0
+    tier = [*common, "--prefix-from", "tier", "--kv-cpu-memory", "0.1"]
+    for codec in ("none", "int8"):
+        assert main([*tier, "--kv-tier-codec", codec]) == 0
+    capsys.readouterr()
+    base = "strata_ruler_L400_full_b1_query-aware"
+    runs = {name: json.loads((tmp_path / f"{base}{name}.json").read_text())
+            for name in ("", "_tier-none", "_tier-int8")}  # fmt: skip
+    prompt = runs[""]["samples"][0]["prompt_tokens"]
+    assert runs[""]["tier_hit_tokens"] == 0
+    for name in ("_tier-none", "_tier-int8"):
+        assert runs[name]["prefix_from"] == "tier"
+        assert prompt - 16 < runs[name]["tier_hit_tokens"] < prompt  # every full block
+    assert runs["_tier-none"]["samples"][0]["prediction"] == runs[""]["samples"][0]["prediction"]
+    assert runs["_tier-int8"]["samples"][0]["score"] == 1.0

@@ -117,7 +117,7 @@ class Bench:
 
         def make_llm(**tiers: Any) -> LLM:
             self.free_memory()
-            return LLM(**kw, kv_cpu_memory=cpu_gib, **tiers)
+            return LLM(**kw, kv_cpu_memory=cpu_gib, kv_tier_codec=a.kv_tier_codec, **tiers)
 
         return DocQA(make_llm, docs, a.max_tokens, disk_dir, a.kv_remote).run()
 
@@ -152,7 +152,9 @@ class Bench:
         kw = self.engine_kwargs(workload.max_context(), a.chat_concurrency)
         results = []
         for mode in a.chat_modes:
-            tiers = {} if mode == "tiers-off" else {"kv_cpu_memory": cpu_gib}
+            tiers = {} if mode == "tiers-off" else {
+                "kv_cpu_memory": cpu_gib, "kv_tier_codec": a.kv_tier_codec,
+            }  # fmt: skip
             self.free_memory()
             llm = LLM(**kw, num_kv_blocks=pool, **tiers)
             try:

@@ -33,7 +33,7 @@ ENGINE_KEYWORDS = (
     "model", "device", "dtype", "seed", "block_size", "max_num_batched_tokens",
     "attention_backend", "enforce_eager", "kv_cache_memory", "kv_cpu_memory", "kv_disk_dir",
     "kv_disk_size", "kv_disk_direct_io", "kv_remote", "kv_remote_timeout_s",
-    "kv_tier_io_threads",
+    "kv_tier_io_threads", "kv_tier_codec",
 )  # fmt: skip
 ENGINE_DEFAULTS = {"kv_disk_size": 64.0, "kv_remote_timeout_s": 2.0}
 ENGINE_HELPS = {
@@ -50,6 +50,8 @@ ENGINE_HELPS = {
     "also writes there and measures the remote source (default: skipped)",
     "kv_remote_timeout_s": "seconds before a remote call counts as failed (default 2: "
     "multi-MiB blocks)",
+    "kv_tier_codec": "code the blocks of every tiered engine (fp8, int8, int4; default "
+    "none): loaded answers are then compared with recomputed ones, not expected equal",
 }
 
 

@@ -55,6 +55,7 @@ from strata.kv.swap_cost import SwapCostModel
 from strata.kv.tiers.build import build_tier_loads, build_tiers
 from strata.kv.tiers.loads import TierLoads
 from strata.kv.tiers.manager import TierManager
+from strata.kv.tiers.slot_codec import tier_codec
 from strata.models.loader import LoadedModel, load_model
 from strata.models.placement import ModelPlacement
 from strata.models.rope import inverse_frequencies
@@ -124,13 +125,15 @@ def _build_parts(
         config.cache.tiers, kv_cache, loaded.fingerprint, placed.dtype,
         None if parallel is None else parallel.rank_layout, peers,
     )  # fmt: skip
-    root = root_key(loaded.fingerprint, kv_layout(placed, codec, parallel))
+    layout = kv_layout(placed, codec, parallel, config.cache.tiers.codec)
+    root = root_key(loaded.fingerprint, layout)
     kv = KVManager(
         kv_cache.num_blocks, placed.block_size, root, config.cache.enable_prefix_caching,
         tiers=tiers,
     )  # fmt: skip
     sessions = SessionPins(kv, tiers, config.cache.tiers.session_gpu_fraction)
-    swap_cost = SwapCostModel(kv_cache.block_bytes, placed.block_size, placed.device)
+    tier_block = kv_cache.block_bytes if tiers is None else tiers.cpu.layout.nbytes
+    swap_cost = SwapCostModel(tier_block, placed.block_size, placed.device)
     tier_loads: TierLoads[Sequence] = build_tier_loads(
         tiers, kv, config.cache.tiers.preemption_mode, swap_cost.swap_is_cheaper
     )
@@ -230,14 +233,21 @@ def check_tensor_parallel_policy(config: EngineConfig) -> None:
 
 
 def kv_layout(
-    placed: ModelPlacement, codec: BlockCodec, parallel: TensorParallel | None = None
+    placed: ModelPlacement,
+    codec: BlockCodec,
+    parallel: TensorParallel | None = None,
+    tier_codec_name: str = "none",
 ) -> str:
     """The KV layout in every block key: `auto` keeps the string (and so the keys of stored
-    blocks) it always had; a lossy codec adds its layout, tensor parallelism its rank
-    layout (a rank's blocks hold its own KV heads only)."""
+    blocks) it always had; a lossy codec adds its layout, a tier codec its own (a prefix
+    loaded through it is not the exact one), tensor parallelism its rank layout (a rank's
+    blocks hold its own KV heads only)."""
     layout = f"{str(placed.dtype).removeprefix('torch.')}/bs{placed.block_size}"
     if not codec.lossless:
         layout = f"{layout}/{codec.layout_name}"
+    tier = tier_codec(tier_codec_name)
+    if tier is not None:
+        layout = f"{layout}/tier-{tier.layout_name}"
     if parallel is not None:
         layout = f"{layout}/{parallel.rank_layout}"
     return layout

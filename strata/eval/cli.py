@@ -128,6 +128,12 @@ class RulerOptions:
         "comma-separated tasks or 'all' (default all): niah_single_1, niah_single_2, "
         "niah_multikey_1, niah_multivalue, niah_multiquery, vt, cwe, fwe",
     ))  # fmt: skip
+    prefix_from: Literal["compute", "tier"] = field(default="compute", metadata=option(
+        "where each prompt's full blocks come from: compute (prefill, prefix caching off) "
+        "or tier (prefill once to write them through the KV tiers, empty the GPU cache, "
+        "then score with them loaded from the cpu tier, decoded by --kv-tier-codec; needs "
+        "--kv-cpu-memory and --policy full; default compute)",
+    ))  # fmt: skip
     protocol: Literal[Protocol, "both"] = field(default="query-aware", metadata=option(
         "query-aware (compress the whole prompt), query-agnostic (compress the context, "
         "then append the question), question-cut (compress context + question, then append "
@@ -166,11 +172,11 @@ def _add_ppl_args(p: argparse.ArgumentParser) -> None:
     add_flag_groups(p, flatten(PPLOptions), GROUPS)
 
 
-def _llm(args: argparse.Namespace, lengths: list[int]) -> Any:
+def _llm(args: argparse.Namespace, lengths: list[int], prefix_caching: bool = False) -> Any:
     from strata.engine.llm import LLM
 
     kwargs = engine_keywords(args)
-    kwargs["enable_prefix_caching"] = False
+    kwargs["enable_prefix_caching"] = prefix_caching
     if kwargs.get("max_model_len") is None:
         kwargs["max_model_len"] = max(lengths)
     return LLM(**kwargs)
@@ -182,6 +188,7 @@ def cmd_eval_ruler(args: argparse.Namespace) -> int:
     from strata.eval.report import plot_sweep, summarize, table, write_json
     from strata.eval.strata_runner import run_samples
     from strata.eval.tasks import generate_samples, parse_tasks
+    from strata.eval.tier_prefix import check_tier_prefix, write_prompts_through
 
     opts = build(RulerOptions, keywords_from_args(args, flatten(RulerOptions)))
     common = opts.common
@@ -192,9 +199,14 @@ def cmd_eval_ruler(args: argparse.Namespace) -> int:
     lengths = _lengths(common.length)
     out_dir = Path(common.output)
     out_dir.mkdir(parents=True, exist_ok=True)
-    llm = _llm(args, lengths)
+    from_tier = opts.prefix_from == "tier"
+    llm = _llm(args, lengths, prefix_caching=from_tier)
+    if from_tier:
+        check_tier_prefix(llm, runs)
     tokenizer = llm.get_tokenizer()
-    kv_dtype = getattr(args, "kv_cache_dtype", "auto")
+    extra = {"kv_cache_dtype": getattr(args, "kv_cache_dtype", "auto"),
+             "kv_tier_codec": getattr(args, "kv_tier_codec", "none"),
+             "prefix_from": opts.prefix_from}  # fmt: skip
     summaries = []
     for length in lengths:
         gen_bar = tqdm(tasks, desc=f"samples at {length}", disable=not common.progress)
@@ -204,8 +216,12 @@ def cmd_eval_ruler(args: argparse.Namespace) -> int:
             for s in generate_samples(tokenizer, t, length, opts.samples, common.eval_seed)
         ]
         for setting in tqdm(runs, desc=f"runs at {length}", disable=not common.progress):
+            if from_tier:
+                write_prompts_through(llm, samples)
+            hits = llm.stats().get("prefix_cache_tier_hit_tokens", 0)
             result = run_samples(llm, samples, setting, progress=common.progress)
-            summary = summarize(result, length, {"kv_cache_dtype": kv_dtype})
+            hits = llm.stats().get("prefix_cache_tier_hit_tokens", 0) - hits
+            summary = summarize(result, length, {**extra, "tier_hit_tokens": hits})
             logger.info("wrote %s", write_json(summary, out_dir))
             summaries.append(summary)
     text = table(summaries)

@@ -39,9 +39,11 @@ def summarize(run: RunResult, length: int, extra: dict[str, Any] | None = None) 
 
 def write_json(summary: dict[str, Any], out_dir: Path) -> Path:
     dtype = summary.get("kv_cache_dtype", "auto")
+    tier = summary.get("kv_tier_codec", "none") if summary.get("prefix_from") == "tier" else None
     name = (
         f"{summary['system']}_ruler_L{summary['length']}_{summary['policy']}_"
-        f"b{summary['budget']:g}_{summary['protocol']}{'' if dtype == 'auto' else '_' + dtype}.json"
+        f"b{summary['budget']:g}_{summary['protocol']}{'' if dtype == 'auto' else '_' + dtype}"
+        f"{'' if tier is None else '_tier-' + tier}.json"
     )
     path = out_dir / name
     path.write_text(json.dumps(summary, indent=1))

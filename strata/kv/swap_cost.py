@@ -18,6 +18,8 @@ DEFAULT_LOAD_BYTES_PER_S = {"cuda": 20e9, "cpu": 5e9}
 
 class SwapCostModel:
     def __init__(self, block_bytes: int, block_size: int, device: torch.device) -> None:
+        """block_bytes: a block as the cpu tier holds it (coded under a tier codec), the
+        bytes its measured load rate counts."""
         self.block_bytes = block_bytes
         self.block_size = block_size
         self.load_bytes_per_s = DEFAULT_LOAD_BYTES_PER_S.get(device.type, 5e9)

@@ -10,6 +10,7 @@ import torch
 
 from strata.config import TierConfig
 from strata.kv.cache import KVCache
+from strata.kv.codec import BlockCodec
 from strata.kv.manager import KVManager
 from strata.kv.tiers.base import BlockLayout, TierStore
 from strata.kv.tiers.cpu import CPUTier
@@ -17,6 +18,7 @@ from strata.kv.tiers.load_tracker import TierLoadTracker
 from strata.kv.tiers.loads import NoTierLoads, S, TierLoads
 from strata.kv.tiers.manager import TierManager
 from strata.kv.tiers.sharded import ShardedTierManager
+from strata.kv.tiers.slot_codec import tier_codec
 from strata.kv.tiers.store_secret import SECRET_ENV, resolve_secret
 from strata.kv.tiers.tier_ops import TierPeers
 
@@ -25,8 +27,11 @@ logger = logging.getLogger("strata.kv.tiers")
 GIB = 1 << 30
 
 
-def block_layout(kv_cache: KVCache, fingerprint: str, dtype: torch.dtype) -> BlockLayout:
-    """The stored-block layout: blocks of another dtype or codec never match it."""
+def block_layout(
+    kv_cache: KVCache, fingerprint: str, dtype: torch.dtype, codec: BlockCodec | None = None
+) -> BlockLayout:
+    """The stored-block layout: blocks of another dtype or codec never match it. `codec`:
+    a tier codec (kv_tier_codec), else blocks keep the pool's codec."""
     return BlockLayout(
         fingerprint=fingerprint,
         num_layers=kv_cache.num_layers,
@@ -34,7 +39,7 @@ def block_layout(kv_cache: KVCache, fingerprint: str, dtype: torch.dtype) -> Blo
         head_dim=kv_cache.shape.head_dim,
         block_size=kv_cache.block_size,
         dtype=str(dtype).removeprefix("torch."),
-        codec=kv_cache.codec.layout_name,
+        codec=(codec or kv_cache.codec).layout_name,
     )
 
 
@@ -52,7 +57,7 @@ def build_tiers(
         return None
     if rank_layout is not None:  # a hex digest, like every fingerprint (block_format)
         fingerprint = hashlib.sha256(f"{fingerprint}/{rank_layout}".encode()).hexdigest()
-    layout = block_layout(kv_cache, fingerprint, dtype)
+    layout = block_layout(kv_cache, fingerprint, dtype, tier_codec(config.codec))
     pin = kv_cache.device.type == "cuda"
     if config.cpu_memory is None:
         logger.info("KV tiers stage through CPU memory: a %.1f GiB CPU tier is added",
@@ -64,9 +69,10 @@ def build_tiers(
         else ShardedTierManager(kv_cache, cpu, lower, peers)
     )  # fmt: skip
     logger.info(
-        "KV tiers: %s; block %.2f MiB; written through on compute, promoted on hit; "
-        "eviction %s; preemption %s",
-        manager.describe(), layout.nbytes / (1 << 20), config.eviction, config.preemption_mode,
+        "KV tiers: %s; block %.2f MiB (codec %s); written through on compute, promoted on "
+        "hit; eviction %s; preemption %s",
+        manager.describe(), layout.nbytes / (1 << 20), layout.codec, config.eviction,
+        config.preemption_mode,
     )  # fmt: skip
     return manager
 

@@ -2,7 +2,12 @@
 
     write:  cpu slot (pinned by the caller) --put--> each lower tier that lacks the block
     read:   first lower tier holding the block --get_into a reserved cpu slot, verify
-            tokens--> published, pinned, and promoted into the lower tiers above it
+            tokens and scales--> published, pinned, and promoted into the lower tiers
+            above it
+
+A coded block (a lossy pool or tier codec) enters the cpu tier only with every scale and
+zero finite (slot_codec.stored_block_problem): the cpu tier holds blocks this engine
+coded itself or ones checked on the way in, and the mover decodes them unchecked.
 
 Runs on the TierManager's io thread only.
 """
@@ -15,6 +20,7 @@ from collections.abc import Sequence
 from strata.kv.prefix import BlockRef
 from strata.kv.tiers.base import StoredBlock, TierStore
 from strata.kv.tiers.cpu import CPUTier
+from strata.kv.tiers.slot_codec import stored_block_problem
 
 logger = logging.getLogger("strata.kv.tiers")
 
@@ -74,14 +80,19 @@ class LowerTiers:
             slots.append(slot)
         return slots
 
-    @staticmethod
-    def _accept(tier: TierStore, block: BlockRef, found: StoredBlock | None) -> bool:
-        """Whether a tier's answer is the block asked for (a mismatch is removed there)."""
+    def _accept(self, tier: TierStore, block: BlockRef, found: StoredBlock | None) -> bool:
+        """Whether a tier's answer is the block asked for and may be decoded (one that is
+        not is removed there; bad scales also count as corrupt)."""
         if found is None:
             return False
+        problem = None
         if found.token_ids != block.token_ids:
-            logger.warning("%s tier: block %s holds other tokens; ignored", tier.name,
-                           block.key.hex()[:12])  # fmt: skip
+            problem = "holds other tokens"
+        elif (problem := stored_block_problem(self.cpu.layout, found.payload)) is not None:
+            tier.stats.add(corrupt=1)
+        if problem is not None:
+            logger.warning("%s tier: block %s %s; ignored", tier.name, block.key.hex()[:12],
+                           problem)  # fmt: skip
             tier.remove([block.key])
             return False
         return True

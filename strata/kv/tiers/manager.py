@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from strata.kv.cache import KVCache
+from strata.kv.codec import codec_for_layout
 from strata.kv.prefix import BlockRef
 from strata.kv.tiers.base import TierStore, Timer
 from strata.kv.tiers.cpu import CPUTier
@@ -75,7 +76,8 @@ class TierManager:
         self.lower = LowerTiers(cpu, lower)
         self.local = [cpu, *(t for t in lower if t.is_local)]
         self.remote = next((t for t in lower if not t.is_local), None)
-        self.transfer = BlockTransfer(kv_cache, cpu.slab)
+        # The slots hold the layout's codec: the pool's own, or a tier codec (slot_codec.py).
+        self.transfer = BlockTransfer(kv_cache, cpu.slab, codec_for_layout(cpu.layout.codec))
         self.max_write_backlog = max_write_backlog or max(1, cpu.capacity_blocks // 2)
         self._pending_store: dict[int, threading.Event] = {}
         self._holds: dict[str, list[bytes]] = {}

@@ -4,7 +4,9 @@
     slot          : [layers, part 0 bytes | part 1 bytes | ...]  (CPU slab row)
 
 With the `auto` codec a slot is [layers, k|v, tokens, kv heads, head dim] in the model
-dtype; a coded block carries its codec's parts the same way, layer after layer.
+dtype; a coded block carries its codec's parts the same way, layer after layer. With a
+tier codec the gather encodes and the scatter decodes (slot_codec.py), on the pool's
+device, so the host copies move coded bytes.
 
 On CUDA a batch goes through a device staging buffer so that each host copy is one
 contiguous transfer per block (or per run of adjacent slots):
@@ -25,6 +27,8 @@ from collections.abc import Sequence
 import torch
 
 from strata.kv.cache import KVCache
+from strata.kv.codec import BlockCodec
+from strata.kv.tiers.slot_codec import RECODE_BYTES, SlotCodec
 
 STAGE_BYTES = 128 << 20
 
@@ -42,34 +46,36 @@ def _runs(slots: Sequence[int]) -> list[tuple[int, int, int]]:
 
 
 class BlockTransfer:
-    def __init__(self, kv: KVCache, slab: torch.Tensor) -> None:
+    def __init__(self, kv: KVCache, slab: torch.Tensor, codec: BlockCodec | None = None) -> None:
+        """`codec`: the slots' codec when it is not the pool's (a tier codec)."""
         self.kv = kv
         self.slab = slab
         self.device = kv.device
-        layers = kv.num_layers
-        # Each pool part as bytes [layers, num_blocks, part bytes], and its columns in a slot.
-        self.part_bytes = [p.view(layers, p.shape[1], -1).view(torch.uint8) for p in kv.parts]
-        self.columns: list[tuple[int, int]] = []
-        offset = 0
-        for part in self.part_bytes:
-            self.columns.append((offset, offset + part.shape[2]))
-            offset += part.shape[2]
-        self.block_shape = (layers, offset)
+        self.rows = SlotCodec(kv, codec)
+        self.block_shape = (kv.num_layers, self.rows.row_bytes)
         self.block_bytes = slab.shape[1]
-        if self.block_bytes != layers * offset:
-            raise ValueError(f"tier slots hold {self.block_bytes} bytes, a block {layers * offset}")
+        if self.block_bytes != kv.num_layers * self.rows.row_bytes:
+            raise ValueError(
+                f"tier slots hold {self.block_bytes} bytes, a block "
+                f"{kv.num_layers * self.rows.row_bytes}"
+            )
         self.cuda = self.device.type == "cuda"
+        per_block, budget = (
+            (self.rows.recode_bytes, RECODE_BYTES) if self.rows.recode
+            else (self.block_bytes, STAGE_BYTES)
+        )  # fmt: skip
+        self.chunk = max(1, min(256, budget // per_block)) if self.cuda or self.rows.recode else 256
         if self.cuda:
-            self.chunk = max(1, min(256, STAGE_BYTES // self.block_bytes))
             self.stage = torch.empty(
                 (self.chunk, *self.block_shape), dtype=torch.uint8, device=self.device
             )
             self.stream = torch.cuda.Stream(self.device)
-        else:
-            self.chunk = 256
 
     def _slot(self, slot: int) -> torch.Tensor:
         return self.slab[slot].view(self.block_shape)
+
+    def _index(self, ids: Sequence[int]) -> torch.Tensor:
+        return torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)
 
     # ---- pool -> slots --------------------------------------------------------------------
 
@@ -81,10 +87,19 @@ class BlockTransfer:
             if self.cuda:
                 self._store_cuda(ids, dst, after)
             else:
-                for block_id, slot in zip(ids, dst, strict=True):
-                    out = self._slot(slot)
-                    for part, (a, b) in zip(self.part_bytes, self.columns, strict=True):
-                        out[:, a:b].copy_(part[:, block_id])
+                self._store_cpu(ids, dst)
+
+    def _store_cpu(self, ids: Sequence[int], slots: Sequence[int]) -> None:
+        if self.rows.recode:
+            rows = torch.empty((len(ids), *self.block_shape), dtype=torch.uint8)
+            self.rows.gather(self._index(ids), rows)
+            for start, first, length in _runs(slots):
+                self.slab[first : first + length].copy_(rows[start : start + length].flatten(1))
+            return
+        for block_id, slot in zip(ids, slots, strict=True):  # direct: faster than batched on CPU
+            out = self._slot(slot)
+            for part, (a, b) in zip(self.rows.part_bytes, self.rows.columns, strict=True):
+                out[:, a:b].copy_(part[:, block_id])
 
     def _store_cuda(
         self, ids: Sequence[int], slots: Sequence[int], after: torch.cuda.Event | None
@@ -93,10 +108,8 @@ class BlockTransfer:
         with torch.cuda.stream(self.stream):
             if after is not None:
                 self.stream.wait_event(after)
-            index = torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)
             stage = self.stage[:n]
-            for part, (a, b) in zip(self.part_bytes, self.columns, strict=True):
-                stage[:, :, a:b].copy_(part.index_select(1, index).transpose(0, 1))
+            self.rows.gather(self._index(ids), stage)
             flat = stage.view(n, -1)
             for start, first, length in _runs(slots):
                 self.slab[first : first + length].copy_(
@@ -112,10 +125,19 @@ class BlockTransfer:
             if self.cuda:
                 self._load_cuda(src, ids)
             else:
-                for slot, block_id in zip(src, ids, strict=True):
-                    block = self._slot(slot)
-                    for part, (a, b) in zip(self.part_bytes, self.columns, strict=True):
-                        part[:, block_id].copy_(block[:, a:b])
+                self._load_cpu(src, ids)
+
+    def _load_cpu(self, slots: Sequence[int], ids: Sequence[int]) -> None:
+        if self.rows.recode:  # runs of slots: index_select of uint8 rows is slow on CPU
+            rows = torch.empty((len(slots), *self.block_shape), dtype=torch.uint8)
+            for start, first, length in _runs(slots):
+                rows[start : start + length].flatten(1).copy_(self.slab[first : first + length])
+            self.rows.scatter(rows, self._index(ids))
+            return
+        for slot, block_id in zip(slots, ids, strict=True):
+            block = self._slot(slot)
+            for part, (a, b) in zip(self.rows.part_bytes, self.rows.columns, strict=True):
+                part[:, block_id].copy_(block[:, a:b])
 
     def _load_cuda(self, slots: Sequence[int], ids: Sequence[int]) -> None:
         n = len(ids)
@@ -126,7 +148,5 @@ class BlockTransfer:
                 flat[start : start + length].copy_(
                     self.slab[first : first + length], non_blocking=True
                 )
-            index = torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)
-            for part, (a, b) in zip(self.part_bytes, self.columns, strict=True):
-                part.index_copy_(1, index, stage[:, :, a:b].transpose(0, 1))
+            self.rows.scatter(stage, self._index(ids))
         self.stream.synchronize()
