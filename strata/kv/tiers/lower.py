@@ -24,6 +24,7 @@ from strata.kv.tiers.slot_codec import stored_block_problem
 
 logger = logging.getLogger("strata.kv.tiers")
 
+
 class LowerTiers:
     def __init__(self, cpu: CPUTier, tiers: Sequence[TierStore]) -> None:
         self.cpu = cpu
