@@ -18,6 +18,7 @@ import torch.distributed
 from transformers import LlamaConfig
 
 from strata import LLM, SamplingParams
+from strata.engine.tp.group import WorkerGroup
 from strata.errors import InvalidRequestError, TensorParallelError
 from tests.conftest import TINY, make_hf_model
 
@@ -51,7 +52,7 @@ def test_killed_worker_fails_the_engine_and_leaves_no_process(folder: Path) -> N
     want = ref.generate([1, 2, 3], GREEDY)[0].token_ids
     assert llm.generate([1, 2, 3], GREEDY)[0].token_ids == want
     with pytest.raises(InvalidRequestError, match="does not run under tensor parallelism"):
-        llm.generate([1, 2, 3], SamplingParams(max_tokens=4, kv_policy="tova", kv_budget=8))
+        llm.generate([1, 2, 3], SamplingParams(max_tokens=4, kv_policy="pyramidkv", kv_budget=8))
     pids = [p.pid for p in llm.engine.parts.parallel.group.procs]  # type: ignore[union-attr]
     os.kill(pids[0], signal.SIGKILL)
     start = time.monotonic()
@@ -73,6 +74,28 @@ def test_hung_worker_fails_the_engine_within_the_timeout(folder: Path) -> None:
     with pytest.raises(TensorParallelError, match="did not answer within 2 s"):
         llm.generate([1, 2, 3], GREEDY)
     assert 2 <= time.monotonic() - start < 10
+    assert_gone(pids)
+
+
+@pytest.mark.breaks_engine
+def test_worker_hung_in_start_up_fails_the_engine_within_the_timeout(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that stops answering while the engine starts (here: before its KV pool)
+    fails the start with an error naming it within tp_timeout, and no process is left."""
+    send = WorkerGroup.send_pool_size
+    pids: list[int] = []
+
+    def stop_rank1_first(group: WorkerGroup, num_blocks: int) -> None:
+        pids.extend(p.pid for p in group.procs if p.pid is not None)
+        os.kill(pids[0], signal.SIGSTOP)
+        send(group, num_blocks)
+
+    monkeypatch.setattr(WorkerGroup, "send_pool_size", stop_rank1_first)
+    start = time.monotonic()
+    with pytest.raises(TensorParallelError, match=r"rank 1 \(pid \d+\) did not report ready"):
+        LLM(str(folder), **ENGINE, tensor_parallel_size=2, tp_timeout=2)
+    assert 2 <= time.monotonic() - start < 30
     assert_gone(pids)
 
 
@@ -110,8 +133,8 @@ def test_worker_exits_when_rank0_dies(folder: Path) -> None:
         ({"tensor_parallel_size": 3}, "3 does not divide the model's 4 attention heads"),
         ({"tensor_parallel_size": 4}, "4 is more ranks than this host's 2 CPU cores"),
         ({"tensor_parallel_size": 2, "expert_slots": 2}, "does not run with expert offloading"),
-        ({"tensor_parallel_size": 2, "kv_policy": "tova", "kv_budget": 0.5},
-         "with kv_policy 'tova' yet"),
+        ({"tensor_parallel_size": 2, "kv_policy": "pyramidkv", "kv_budget": 0.5},
+         "with kv_policy 'pyramidkv' yet"),
         ({"tensor_parallel_size": 0}, "tensor_parallel_size must be a whole number >= 1"),
     ],
 )

@@ -58,19 +58,26 @@ class WorkerGroup:
             self.procs.append(proc)
             self.conns.append(ours)
         self.failure: str | None = None
+        self.started = time.monotonic()
         self.steps = 0
         self.send_seconds = 0.0  # encoding, doorbells and broadcast of every step
         self._finalizer = weakref.finalize(self, _stop_all, self.procs, self.conns)
 
     # ---- start-up ----------------------------------------------------------------------------
 
-    def expect(self, message: str) -> None:
+    def expect(self, message: str, timeout_s: float) -> None:
         """Wait for every worker to report `message`; TensorParallelError if one reports an
-        error or exits first."""
+        error, exits, or stays silent for timeout_s."""
+        deadline = time.monotonic() + timeout_s
         for rank, (proc, conn) in enumerate(zip(self.procs, self.conns, strict=True), 1):
             while not conn.poll(0.2):
                 if not proc.is_alive():
                     self._fail(f"rank {rank} exited (code {proc.exitcode}) before {message}")
+                if time.monotonic() > deadline:
+                    self._fail(
+                        f"rank {rank} (pid {proc.pid}) did not report {message} within "
+                        f"{timeout_s:.0f} s"
+                    )
             kind, detail = conn.recv()
             if kind != message:
                 self._fail(f"rank {rank} failed to start: {detail}")
@@ -78,7 +85,7 @@ class WorkerGroup:
     def send_pool_size(self, num_blocks: int) -> None:
         for conn in self.conns:
             conn.send_bytes(np.array([num_blocks], np.int64).tobytes())
-        self.expect("ready")
+        self.expect("ready", self.timeout_s)
 
     @property
     def running(self) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -33,6 +34,8 @@ from strata.models.tp.comm import Communicator, backend_for
 from strata.models.tp.layout import ShardLayout
 
 logger = logging.getLogger("strata.engine")
+
+LOAD_FLOOR_S = 120.0  # the least time a worker gets to load its shard after rank 0
 
 LOG_EVERY = 1000  # steps between logs of the all-reduce and send time per step
 
@@ -78,7 +81,11 @@ class TensorParallel:
         self._logged = (0.0, 0.0)  # all-reduce and send seconds at the last log
 
     def loaded(self) -> None:
-        self.group.expect("loaded")
+        """Wait for the workers' shards: three times as long as rank 0 took for its own
+        (they load alike, in parallel, on shared cores or disks) plus tp_timeout, and at
+        least LOAD_FLOOR_S; a rank silent past that fails the engine."""
+        took = time.monotonic() - self.group.started
+        self.group.expect("loaded", max(LOAD_FLOOR_S, 3 * took + self.group.timeout_s))
 
     def set_pool(self, num_blocks: int) -> None:
         self.group.send_pool_size(num_blocks)
