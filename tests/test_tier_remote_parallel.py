@@ -3,7 +3,6 @@ writer process, on a real valkey-server/redis-server."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import signal
@@ -14,25 +13,12 @@ import pytest
 import redis
 import torch
 
-from strata.kv.tiers.base import BlockLayout, StoredBlock
 from strata.kv.tiers.remote import RemoteTier
 from strata.kv.tiers.store_secret import StoreSecret
 from tests.redis_server import RedisServer, server_binary, server_required
+from tests.test_tier_parallel_reads import LAYOUT, N, block, key
 
-# 16 KiB payloads; MGETs of 8 MiB would hold every block, so the tests shrink them
-LAYOUT = BlockLayout("ab" * 32, num_layers=4, num_kv_heads=4, head_dim=32, block_size=8,
-                     dtype="float16")  # fmt: skip
-N = 40
-
-
-def key(i: int) -> bytes:
-    return hashlib.sha256(f"block {i}".encode()).digest()
-
-
-def block(i: int) -> StoredBlock:
-    g = torch.Generator().manual_seed(i)
-    payload = torch.randint(0, 256, (LAYOUT.nbytes,), dtype=torch.uint8, generator=g)
-    return StoredBlock(key(i), tuple(range(i, i + LAYOUT.block_size)), payload)
+# 16 KiB blocks: MGETs of 8 MiB would hold every block, so the tests shrink them
 
 
 @pytest.fixture(scope="module")
