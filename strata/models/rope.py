@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from strata.errors import UnsupportedModelError
+from strata.ops.rotate_half import rotate_half
 
 _STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
 
@@ -64,9 +65,5 @@ class RotaryEmbedding(torch.nn.Module):
         """q: [tokens, heads, dim], k: [tokens, kv_heads, dim] -> rotated q, k."""
         cos = self.cos[positions].to(q.dtype)[:, None, :]
         sin = self.sin[positions].to(q.dtype)[:, None, :]
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -25,11 +25,7 @@ from strata.kv.policies.base import KVView
 from strata.kv.policies.model_access import ModelAccess
 from strata.kv.policies.observation import LayerObservation
 from strata.kv.policies.scored import ScoredPolicy
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+from strata.ops.rotate_half import rotate_half
 
 
 def mean_rotation(model: ModelAccess, first: int, count: int, dim: int) -> torch.Tensor:

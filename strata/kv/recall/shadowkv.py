@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from strata.attention.layer_inputs import Rotary
 from strata.kv.recall.geometry import SINK_BLOCKS
 from strata.kv.recall.policy import RecallPolicy, SummaryRoom, dead_blocks
+from strata.ops.rotate_half import rotate_half
 
 RANK = 160  # of the pre-RoPE keys' factorisation (capped at kv_heads * head_dim)
 OUTLIER_SHARE = 3 / 16  # of the picks; ShadowKV: 48 outlier chunks at a 256-chunk budget
@@ -42,10 +43,6 @@ def chunks_per_block(room: SummaryRoom) -> int:
     """Landmarks per block (both powers of two: a landmark covers at most one block)."""
     return max(1, room.block_size // room.landmark_tokens)
 
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class ShadowKVPolicy(RecallPolicy):
@@ -136,7 +133,7 @@ class ShadowKVPolicy(RecallPolicy):
         cos, sin = self._tables(torch.arange(first, first + n, device=keys.device), bs)
         y = keys.float()
         # RoPE scales by cos^2 + sin^2 (1 unless the rope type scales attention)
-        pre = (y * cos - _rotate_half(y) * sin) / (cos * cos + sin * sin)
+        pre = (y * cos - rotate_half(y) * sin) / (cos * cos + sin * sin)
         return pre.permute(1, 2, 0, 3).reshape(n * bs, kvh * d)
 
     def _tables(self, blocks: torch.Tensor, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,6 +179,6 @@ class ShadowKVPolicy(RecallPolicy):
         per_head = self.basis[layer].view(rank, kvh, d).transpose(0, 1)  # [KVH, rank, D]
         pre = (factors @ per_head).float().view(kvh, n, bs, d)
         cos, sin = self._tables(blocks, bs)
-        keys = (pre * cos + _rotate_half(pre) * sin).to(room.dtype)
+        keys = (pre * cos + rotate_half(pre) * sin).to(room.dtype)
         from_host = (blocks[:, :, None] == outliers[:, None, :]).any(-1)
         return keys, from_host
