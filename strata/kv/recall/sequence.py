@@ -188,18 +188,12 @@ class RecallSequence:
         at = self.held.view(1)
         self.tail_k[s].index_copy_(1, at, k.transpose(0, 1).to(g.dtype))
         self.tail_v[s].index_copy_(1, at, v.transpose(0, 1).to(g.dtype))
-        grouped = q[0].view(g.num_kv_heads, g.group_size, g.head_dim)
-        scores = self.policy.scores(s, grouped, len(self.host_slots), live=self.middle)
-        picks = torch.topk(scores, ws.slots, dim=1, sorted=False).indices  # all live
-        held, moves = ws.update(s, picks)
-        self._fill(s, moves, exact=False)
-        self.blocks_attended += held.sum()
+        held = self._recall(s, q[0], len(self.host_slots), live=self.middle)
         kvh, d = g.num_kv_heads, g.head_dim
         keys = torch.cat([self.sink_k[s], ws.k[s].reshape(kvh, -1, d), self.tail_k[s]], 1)
         values = torch.cat([self.sink_v[s], ws.v[s].reshape(kvh, -1, d), self.tail_v[s]], 1)
-        sink = torch.ones((kvh, self.sink_k.shape[2]), dtype=torch.bool, device=q.device)
         tail = (self.tail_index <= self.held).expand(kvh, -1)
-        mask = torch.cat([sink, held.repeat_interleave(g.block_size, dim=1), tail], dim=1)
+        mask = torch.cat([self._picked_mask(held), tail], dim=1)
         return decode_attention(q, keys, values, mask, scale)
 
     def _prefix(
@@ -218,9 +212,7 @@ class RecallSequence:
             ws = self.working_set
             keys.append(ws.k[s].reshape(kvh, -1, d))
             values.append(ws.v[s].reshape(kvh, -1, d))
-            sink = torch.ones((kvh, self.sink_k.shape[2]), dtype=torch.bool, device=q.device)
-            mask = torch.cat([sink, held.repeat_interleave(g.block_size, dim=1)], dim=1)
-            self.blocks_attended += held.sum()
+            mask = self._picked_mask(held)
         elif m > 0:
             keys.append(self._stream(s, m, self.store.k).view(kvh, -1, d))
             values.append(self._stream(s, m, self.store.v).view(kvh, -1, d))
@@ -253,24 +245,38 @@ class RecallSequence:
         row = self.geometry.block_size * self.geometry.head_dim
         return self.store.k.view(-1, row), self.store.v.view(-1, row)
 
-    def _recall(self, s: int, q: torch.Tensor, m: int) -> torch.Tensor:
-        """Pick up to budget_blocks middle blocks per head for query q [H, D] and make the
-        working set hold them; [KVH, budget_blocks] bool, the slots holding a pick."""
+    def _recall(
+        self, s: int, q: torch.Tensor, m: int, live: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Pick up to budget_blocks of the first m middle blocks per head for query q [H, D]
+        and make the working set hold them; [KVH, budget_blocks] bool, the slots holding a
+        pick. `live` (_decode_static): m is the whole room, and only the first `live` (a
+        device scalar, more than the working set holds) exist."""
         g, ws = self.geometry, self.working_set
         assert ws is not None
         n = ws.slots
-        exact = m <= n  # every middle block fits: attended exactly, keys from the host
+        exact = live is None and m <= n  # every block fits: attended exactly, keys from host
         if exact:
             picks = torch.arange(n, device=q.device).expand(g.num_kv_heads, n)
             picks = torch.where(picks < m, picks, -1)
         else:
             self._give_all_keys(s, m)
             grouped = q.view(g.num_kv_heads, g.group_size, g.head_dim)
-            scores = self.policy.scores(s, grouped, m)
-            picks = torch.topk(scores, n, dim=1, sorted=False).indices
+            scores = self.policy.scores(s, grouped, m, live)
+            picks = torch.topk(scores, n, dim=1, sorted=False).indices  # all live ones
         held, moves = ws.update(s, picks)
         self._fill(s, moves, exact)
         return held
+
+    def _picked_mask(self, held: torch.Tensor) -> torch.Tensor:
+        """[KVH, sink + working-set tokens] bool: the sink, then the tokens of the slots
+        holding a pick (`held`, from _recall), which count as attended."""
+        self.blocks_attended += held.sum()
+        g = self.geometry
+        sink = torch.ones(
+            (g.num_kv_heads, self.sink_k.shape[2]), dtype=torch.bool, device=held.device
+        )
+        return torch.cat([sink, held.repeat_interleave(g.block_size, dim=1)], dim=1)
 
     def _fill(self, s: int, moves: Moves, exact: bool) -> None:
         """Carry out a working-set update of sparse layer s: values from the host store;
