@@ -48,6 +48,7 @@ class GrammarMaskBuilder:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        self._cuda = device.type == "cuda"
         self._batch: xgrammar.BatchGrammarMatcher | None = None
         self._host: list[torch.Tensor | None] = [None, None]
         self._events: list[torch.cuda.Event | None] = [None, None]
@@ -65,7 +66,7 @@ class GrammarMaskBuilder:
             self._batch = xgrammar.BatchGrammarMatcher()
         bitmask = self._buffer(len(seqs), -(-vocab // 32))
         self._batch.batch_fill_next_token_bitmask(matchers, bitmask, indices=rows)
-        if self.device.type != "cuda":
+        if not self._cuda:
             return GrammarMasks(rows, bitmask)
         on_device = bitmask.to(self.device, non_blocking=True)
         event = torch.cuda.Event()
@@ -75,14 +76,13 @@ class GrammarMaskBuilder:
 
     def _buffer(self, rows: int, words: int) -> torch.Tensor:
         """This step's host buffer [rows, words] (the next of the two on CUDA)."""
-        if self.device.type == "cuda":
+        if self._cuda:
             self._turn = 1 - self._turn
             event = self._events[self._turn]
             if event is not None:
                 event.synchronize()  # its copy was issued two builds ago: long done
         host = self._host[self._turn]
         if host is None or host.shape[0] < rows or host.shape[1] != words:
-            cuda = self.device.type == "cuda"
-            host = torch.empty((max(rows, 64), words), dtype=torch.int32, pin_memory=cuda)
+            host = torch.empty((max(rows, 64), words), dtype=torch.int32, pin_memory=self._cuda)
             self._host[self._turn] = host
         return host[:rows]

@@ -77,6 +77,3 @@ class LayerGraphs:
         """Drop every graph: the sequence's state is about to change shape or meaning."""
         self._graphs.clear()
         self._warm.clear()
-
-    def __len__(self) -> int:
-        return len(self._graphs)
