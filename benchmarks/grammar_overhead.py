@@ -16,9 +16,11 @@ with half the requests constrained by a JSON schema.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
 import platform
+import pstats
 import statistics
 import time
 from importlib.metadata import version
@@ -126,7 +128,7 @@ def masks(batch: int) -> None:
           f"({_ms(statistics.median(batch_s) / batch)} per row)")
 
 
-def engine(model: str, device: str, num_requests: int, output_len: int) -> None:
+def engine(model: str, device: str, num_requests: int, output_len: int, profile: bool) -> None:
     from strata import LLM, SamplingParams
     from strata.engine.structured_output import StructuredOutput
 
@@ -158,9 +160,16 @@ def engine(model: str, device: str, num_requests: int, output_len: int) -> None:
             for i in range(num_requests)
         ]
         llm.generate(prompts[:8], params[:8])  # warm-up (and the compile)
+        profiler = cProfile.Profile() if profile else None
         start = time.perf_counter()
+        if profiler is not None:
+            profiler.enable()
         outs = llm.generate(prompts, params)
         seconds = time.perf_counter() - start
+        if profiler is not None:
+            profiler.disable()
+            print(f"--- host profile, {'constrained' if constrained else 'unconstrained'} run")
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(18)
         got = [len(o.token_ids) for o in outs]
         return sum(got) / seconds, got
 
@@ -189,11 +198,12 @@ def main() -> None:
     e.add_argument("--device", default="cuda")
     e.add_argument("--num-requests", type=int, default=256)
     e.add_argument("--output-len", type=int, default=256)
+    e.add_argument("--profile", action="store_true", help="print a host profile of both runs")
     args = p.parse_args()
     if args.what == "masks":
         masks(args.batch)
     else:
-        engine(args.model, args.device, args.num_requests, args.output_len)
+        engine(args.model, args.device, args.num_requests, args.output_len, args.profile)
 
 
 if __name__ == "__main__":

@@ -143,7 +143,7 @@ def test_rebuilt_keys_decode_as_fetched_keys(
     params = SamplingParams(kv_policy="shadowkv", kv_budget=40, **GREEDY)
     rebuilt = tokens(llm, [PROMPT], [params])
     stats = llm.stats()
-    assert stats["recall_blocks_attended_per_step"] == 6
+    assert stats["recall_blocks_attended_per_step"] == 10
     assert_recall_idle(llm)
     monkeypatch.setattr(ShadowKVPolicy, "rebuilt_keys", lambda self, layer, blocks: None)
     fetched = tokens(llm, [PROMPT], [params])

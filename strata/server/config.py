@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from strata.options import option
-from strata.server.guard import read_key_file
+from strata.server.key_file import read_key_file
 
 DEFAULT_MAX_REQUEST_BYTES = 4 << 20
 

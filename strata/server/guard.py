@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -27,18 +26,6 @@ ALWAYS_OPEN = frozenset({"/health"})
 def tenant_of(key: str) -> str:
     """A tenant's name: a digest of its key, so that logs and cache keys never hold it."""
     return hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
-
-
-def read_key_file(path: str) -> list[str]:
-    """API keys, one per line; blank lines and lines starting with # are skipped."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as exc:
-        raise ValueError(f"cannot read the API key file {path}: {exc.strerror}") from None
-    keys = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-    if not keys:
-        raise ValueError(f"the API key file {path} holds no key")
-    return keys
 
 
 class RequestGuard:

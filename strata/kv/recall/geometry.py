@@ -10,7 +10,7 @@
 - In sparse layers, block 0 is the sink once full; the tail is the last `window_blocks`
   full blocks and the open block. A block that leaves the tail goes to the host store.
 - A decode step attends the sink, the policy's picked middle blocks (at most
-  `budget_blocks` per head, through the working set) and the tail; a prefill chunk
+  `budget_blocks` per head, through the working set: the budget) and the tail; a prefill chunk
   attends every middle block (streamed from the host), so prefill is exact.
 """
 
@@ -58,9 +58,9 @@ class RecallGeometry:
         return (self.window_blocks + 1) * self.block_size
 
     def budget_blocks(self, budget_tokens: int) -> int:
-        """Middle blocks a decode step attends per head for a budget of attended tokens
-        (sink, window and open block included); at least one."""
-        return max(1, budget_tokens // self.block_size - SINK_BLOCKS - self.window_blocks - 1)
+        """Middle blocks a decode step picks per head for a budget of picked tokens; the
+        sink, the window and the open block are attended besides them. At least one."""
+        return max(1, budget_tokens // self.block_size)
 
     def max_blocks(self, max_tokens: int) -> int:
         return -(-max_tokens // self.block_size)

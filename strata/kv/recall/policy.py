@@ -4,7 +4,7 @@ A recall policy keeps every block (in the host store, host_store.py) and small
 summaries on the GPU. Each decode step, per sparse layer and KV head, it scores the
 sequence's middle blocks against the step's query; the top `budget_blocks` are attended
 (fetched through the working set, working_set.py). Query heads of a GQA group share
-one selection: their scores are summed. One instance serves one sequence.
+one selection (each policy says how it combines them). One instance serves one sequence.
 
 `selects` False (full_offload): every middle block is attended, streamed from the host
 each step; no summaries, no working set.

@@ -4,7 +4,9 @@ post-RoPE keys; a query's score for a block is the upper bound of q.k over the b
     score(q, block) = sum_i max(q_i * max_i, q_i * min_i)
                     = relu(q) . max + min(q, 0) . min       (two matmuls)
 
-summed over the query heads of a GQA group.
+A GQA group shares one selection: each query head's bounds become a softmax over the
+blocks (at the attention scale), and a block scores its largest share in the group, so
+a block one head needs is not outvoted by heads whose logits run larger.
 """
 
 from __future__ import annotations
@@ -47,7 +49,9 @@ class QuestPolicy(RecallPolicy):
         qs = q.to(kmin.dtype)  # matmuls in the summaries' dtype: no copy of them per step
         pos = qs.clamp(min=0)
         upper = torch.baddbmm(pos @ kmax.transpose(1, 2), qs - pos, kmin.transpose(1, 2))
-        scores = upper.float().sum(dim=1)  # [kv_heads, n]
-        if live is not None:
-            scores = scores.masked_fill(dead_blocks(num_blocks, live), float("-inf"))
-        return scores
+        logits = upper.float() * kmin.shape[-1] ** -0.5  # [kv_heads, group, n]
+        if live is None:
+            return logits.softmax(dim=-1).amax(dim=1)
+        dead = dead_blocks(num_blocks, live)
+        shares = logits.masked_fill(dead, float("-inf")).softmax(dim=-1).amax(dim=1)
+        return shares.masked_fill(dead, float("-inf"))

