@@ -11,7 +11,9 @@ from transformers import LlamaConfig, MixtralConfig
 from strata.attention.backend import BatchLayout
 from strata.config import ModelConfig
 from strata.engine.tp.step_wire import StepInputs
+from strata.kv.policies.rank_share import RankShare
 from strata.kv.policies.runtime.gathered import ObservedRows
+from strata.kv.policies.runtime.step_kv import LayerLayout
 from strata.models.tp.layout import ShardLayout
 from strata.models.tp.weights import shard_tensor
 from tests.conftest import TINY
@@ -108,15 +110,23 @@ def test_unshardable_layouts_are_refused(
 
 def test_step_inputs_round_trip() -> None:
     layout = BatchLayout([3, 1, 1], [3, 9, 17], [[4, 5], [0, 1, 2], [7, 8, 9, 10, 11]], 4)
+    shorter = BatchLayout([3, 1, 1], [3, 7, 15], [[4, 5], [0, 1], [7, 8, 9, 10]], 4)
+    part = LayerLayout(np.array([16, 17, 18, 6, 42]), shorter)
+    rows = [ObservedRows(0, 1, 3, 1, 3), ObservedRows(2, 4, 5, 16, 17, RankShare.MAXED, (0, 2))]
     step = StepInputs(
         np.arange(5, dtype=np.int64), np.array([0, 1, 2, 8, 16]), np.array([16, 17, 18, 8, 44]),
-        np.array([2, 3, 4]), layout, ObservedRows.encode([ObservedRows(0, 1, 3, 1, 3)]),
-        np.array([5, 11]),
+        np.array([2, 3, 4]), layout, ObservedRows.encode(rows), np.array([5, 11]),
+        (part,), np.array([1, 0]),
     )  # fmt: skip
     data = step.encode()
-    assert data.dtype == np.int64 and len(data) == 6 + 5 * 3 + 3 + 3 * 3 + 5 + 2 + 10
+    assert data.dtype == np.int64
+    assert len(data) == 8 + 5 * 3 + 3 + 3 + (7 + 9) + 2 + 2 + (3 + 3 + 10) + (5 + 3 + 3 + 8)
     back = StepInputs.decode(data)
     assert back.layout == layout
-    for name in ("ids", "positions", "slots", "logits_rows", "observed", "live_blocks"):
+    names = ("ids", "positions", "slots", "logits_rows", "observed", "live_blocks", "layer_of")
+    for name in names:
         assert np.array_equal(getattr(back, name), getattr(step, name))
-    assert ObservedRows.decode(back.observed) == [ObservedRows(0, 1, 3, 1, 3)]
+    assert ObservedRows.decode(back.observed) == rows
+    assert rows[1].slots(0) == (16, 17) and rows[1].slots(1) == (14, 15)
+    assert len(back.layer_layouts) == 1 and back.layer_layouts[0].layout == shorter
+    assert np.array_equal(back.layer_layouts[0].slot_mapping, part.slot_mapping)

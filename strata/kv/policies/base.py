@@ -54,6 +54,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from strata.kv.policies.rank_share import RankShare
+
 if TYPE_CHECKING:
     from strata.kv.policies.attended import AttendedBlocks, ChunkSlots
     from strata.kv.policies.model_access import ModelAccess
@@ -124,8 +126,8 @@ class KVPolicy(ABC):
 
     name: str = ""
     evicts_during_decode: bool = False
-    # Runs under tensor parallelism: its scores are summed attention alone (or none), its
-    # layers keep alike, and it attends over its own table (runtime/gathered.py).
+    # Runs under tensor parallelism: rank 0's observation, combined from every rank's
+    # share (`rank_share`, runtime/gathered.py), is the one a single rank would build.
     tensor_parallel: bool = False
 
     def __init__(self, shape: AttentionShape) -> None:
@@ -158,6 +160,12 @@ class KVPolicy(ABC):
     def observe(self, obs: LayerObservation) -> None:
         """Receive one layer's observation of the queries asked for this step."""
         return None
+
+    def rank_share(self, view: KVView, start: int, end: int) -> RankShare:
+        """Under tensor parallelism, what each rank sends rank 0 of the observation of
+        queries [start, end) (rank_share.py). Default: summed attention, all that
+        `LayerObservation.summed_attention` needs."""
+        return RankShare.SUMMED
 
     # ---- attention ---------------------------------------------------------------------
 

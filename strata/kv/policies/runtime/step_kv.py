@@ -26,11 +26,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
 
-from strata.attention.backend import BatchLayout
+from strata.attention.backend import AttentionBackend, BatchLayout, StepMetadata
 from strata.errors import blame
 from strata.kv.cache import KVCache
 from strata.kv.policies.attended import AttendedBlocks, ChunkSlots
@@ -65,6 +66,19 @@ class StepKV:
     @property
     def uniform(self) -> bool:
         return not self.layer_of
+
+
+def layer_metadata(
+    backend: AttentionBackend[Any], parts: Sequence[LayerLayout], layer_of: Sequence[int],
+    device: torch.device,
+) -> StepMetadata:  # fmt: skip
+    """The backend's metadata for a step whose layers differ: layer i over parts[layer_of[i]]
+    (rank 0 and every tensor-parallel worker build it alike)."""
+    geometries = [
+        (part.layout, torch.from_numpy(part.slot_mapping).to(device, non_blocking=True))
+        for part in parts
+    ]
+    return backend.prepare_layers(geometries, layer_of, device)
 
 
 def first_slot(chunk: PolicyChunk) -> int:
@@ -212,6 +226,7 @@ class KVStepBuilder:
                         first_slot=[base - s for s in shifts],
                         num_slots=[first - s + chunk.num_tokens for s in shifts],
                         table=table,
+                        share=kv.policy.rank_share(kv, a, b),
                     )
                 )
         return StepObserver(self.cache, watched) if watched else None
