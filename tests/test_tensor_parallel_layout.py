@@ -56,9 +56,7 @@ def test_projections_are_cut_by_heads_and_halves() -> None:
     assert torch.equal(shard_tensor("model.layers.0.self_attn.q_proj.weight", q, rank1), q[32:])
     k = q[:32]
     assert torch.equal(shard_tensor("model.layers.0.self_attn.k_proj.weight", k, rank1), k[16:])
-    assert torch.equal(
-        shard_tensor("model.layers.0.self_attn.o_proj.weight", q, rank1), q[:, 32:]
-    )
+    assert torch.equal(shard_tensor("model.layers.0.self_attn.o_proj.weight", q, rank1), q[:, 32:])
     down = torch.arange(64 * 128, dtype=torch.float32).view(64, 128)
     got = shard_tensor("model.layers.1.mlp.down_proj.weight", down, rank1)
     assert torch.equal(got, down[:, 64:])
