@@ -36,6 +36,9 @@ Scores. A policy that needs attention scores names the queries it wants in
 `observed_queries`; while such a step runs, each layer calls `observe` with those
 queries (after RoPE) and this layer's cached keys and values, the step's own included.
 The policy accumulates what it needs (scored.py). Requests without a policy pay nothing.
+Under tensor parallelism each rank holds some heads: the policy names what each rank
+shares of an observation (`rank_share`), and rank 0 assembles the one a single rank
+would make (runtime/gathered.py).
 
 Attended blocks. Before each step a policy may name, per layer, the blocks the sequence
 attends over instead of its own table, without compacting anything (`attended_blocks`,
