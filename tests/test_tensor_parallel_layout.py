@@ -107,18 +107,23 @@ def test_unshardable_layouts_are_refused(
 
 
 def test_step_inputs_round_trip() -> None:
+    """Every field comes back; a layer layout over the step's own tables (PyramidKV's
+    shorter layers) does not repeat them, one over other tables (attended blocks) does."""
     layout = BatchLayout([3, 1, 1], [3, 9, 17], [[4, 5], [0, 1, 2], [7, 8, 9, 10, 11]], 4)
-    shorter = BatchLayout([3, 1, 1], [3, 7, 15], [[4, 5], [0, 1], [7, 8, 9, 10]], 4)
-    part = LayerLayout(np.array([16, 17, 18, 6, 42]), shorter)
+    shorter = BatchLayout([3, 1, 1], [3, 7, 15], layout.block_tables, 4)
+    attended = BatchLayout([3, 1, 1], [3, 7, 15], [[4, 5], [0, 1], [7, 8, 9, 10]], 4)
+    parts = (LayerLayout(np.array([16, 17, 18, 6, 42]), shorter),
+             LayerLayout(np.array([16, 17, 18, 6, 34]), attended))  # fmt: skip
     rows = [ObservedRows(0, 1, 3, 1, 3), ObservedRows(2, 4, 5, 16, 17, RankShare.MAXED, (0, 2))]
     step = StepInputs(
         np.arange(5, dtype=np.int64), np.array([0, 1, 2, 8, 16]), np.array([16, 17, 18, 8, 44]),
         np.array([2, 3, 4]), layout, ObservedRows.encode(rows), np.array([5, 11]),
-        (part,), np.array([1, 0]),
+        parts, np.array([1, 0, 2]),
     )  # fmt: skip
     data = step.encode()
     assert data.dtype == np.int64
-    assert len(data) == 8 + 5 * 3 + 3 + 3 + (7 + 9) + 2 + 2 + (3 + 3 + 10) + (5 + 3 + 3 + 8)
+    own = 3 + 3 + 10  # context and table lengths, tables
+    assert len(data) == 8 + 5 * 3 + 3 + 3 + (7 + 9) + 2 + 3 + own + (5 + 6) + (5 + 3 + 3 + 8)
     back = StepInputs.decode(data)
     assert back.layout == layout
     names = ("ids", "positions", "slots", "logits_rows", "observed", "live_blocks", "layer_of")
@@ -126,5 +131,6 @@ def test_step_inputs_round_trip() -> None:
         assert np.array_equal(getattr(back, name), getattr(step, name))
     assert ObservedRows.decode(back.observed) == rows
     assert rows[1].slots(0) == (16, 17) and rows[1].slots(1) == (14, 15)
-    assert len(back.layer_layouts) == 1 and back.layer_layouts[0].layout == shorter
-    assert np.array_equal(back.layer_layouts[0].slot_mapping, part.slot_mapping)
+    assert [p.layout for p in back.layer_layouts] == [shorter, attended]
+    for got, sent in zip(back.layer_layouts, parts, strict=True):
+        assert np.array_equal(got.slot_mapping, sent.slot_mapping)

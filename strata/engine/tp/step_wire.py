@@ -15,7 +15,8 @@ holding its own KV heads. Encoding, all int64:
      layout, then each of the `parts` layer layouts as slots[tokens] + layout]
 
 where a layout is context_lens[seqs], table_lens[seqs], tables (concatenated); its query
-lengths are the step's.
+lengths are the step's. In a layer layout a table that is the step's own (PyramidKV's
+shorter layers share it) has length SAME and no entries: a step carries each table once.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from strata.attention.backend import BatchLayout
 from strata.kv.policies.runtime.step_kv import LayerLayout
 
 HEADER = 8
+SAME = -1  # a layer layout's table length: the step's own table for that sequence
 
 
 def _empty() -> np.ndarray:
@@ -58,7 +60,7 @@ class StepInputs:
             np.asarray(self.layer_of, np.int64), *_layout(layout),
         ]  # fmt: skip
         for part in self.layer_layouts:
-            parts += [part.slot_mapping, *_layout(part.layout)]
+            parts += [part.slot_mapping, *_layout(part.layout, layout.block_tables)]
         return np.concatenate(parts).astype(np.int64, copy=False)
 
     @classmethod
@@ -72,15 +74,21 @@ class StepInputs:
         watched, open_blocks, layer_of = read(observed), read(live), read(layers)
         layout = read.layout(query_lens, block_size)
         layer_layouts = tuple(
-            LayerLayout(read(tokens), read.layout(query_lens, block_size)) for _ in range(parts)
+            LayerLayout(read(tokens), read.layout(query_lens, block_size, layout.block_tables))
+            for _ in range(parts)
         )
         return cls(ids, positions, slots, logits_rows, layout, watched, open_blocks,
                    layer_layouts, layer_of)  # fmt: skip
 
 
-def _layout(layout: BatchLayout) -> list[np.ndarray]:
-    lens = [len(t) for t in layout.block_tables]
-    flat = np.fromiter(itertools.chain.from_iterable(layout.block_tables), np.int64, sum(lens))
+def _layout(layout: BatchLayout, base: list[list[int]] | None = None) -> list[np.ndarray]:
+    """A layer layout's table that is the step's own (the same list: PyramidKV's shorter
+    layers) goes as length SAME and no entries."""
+    tables = layout.block_tables
+    same = [base is not None and t is base[i] for i, t in enumerate(tables)]
+    lens = [SAME if s else len(t) for s, t in zip(same, tables, strict=True)]
+    sent = [t for s, t in zip(same, tables, strict=True) if not s]
+    flat = np.fromiter(itertools.chain.from_iterable(sent), np.int64, sum(len(t) for t in sent))
     return [np.asarray(layout.context_lens, np.int64), np.asarray(lens, np.int64), flat]
 
 
@@ -95,10 +103,18 @@ class _Reader:
         self.at += n
         return out
 
-    def layout(self, query_lens: list[int], block_size: int) -> BatchLayout:
+    def layout(
+        self, query_lens: list[int], block_size: int, base: list[list[int]] | None = None
+    ) -> BatchLayout:
         seqs = len(query_lens)
-        context_lens, table_lens = self(seqs).tolist(), self(seqs)
-        flat = self(int(table_lens.sum())).tolist()
-        bounds = np.concatenate([[0], np.cumsum(table_lens)]).tolist()
-        tables = [flat[bounds[i] : bounds[i + 1]] for i in range(seqs)]
+        context_lens, table_lens = self(seqs).tolist(), self(seqs).tolist()
+        flat = self(sum(n for n in table_lens if n != SAME)).tolist()
+        tables, at = [], 0
+        for i, n in enumerate(table_lens):
+            if n == SAME:
+                assert base is not None, "only a layer layout refers to the step's tables"
+                tables.append(base[i])
+                continue
+            tables.append(flat[at : at + n])
+            at += n
         return BatchLayout(query_lens, context_lens, tables, block_size)
