@@ -212,21 +212,23 @@ class KVStepBuilder:
             kv, end = chunk.seq.kv, chunk.start + chunk.num_tokens
             with blame(chunk.seq.request_id):
                 wanted = None if kv is None else kv.policy.observed_queries(kv, chunk.start, end)
-            if kv is not None and wanted is not None and wanted[1] > wanted[0]:
-                a, b = wanted
-                base = first + a - chunk.start
-                shifts = kv.slot_offsets()
-                device = self.cache.k.device
-                table = torch.tensor(chunk.block_table, dtype=torch.long, device=device)
-                watched.append(
-                    ObservedSequence(
-                        request_id=chunk.seq.request_id,
-                        policy=kv.policy,
-                        rows=slice(offset + a - chunk.start, offset + b - chunk.start),
-                        first_slot=[base - s for s in shifts],
-                        num_slots=[first - s + chunk.num_tokens for s in shifts],
-                        table=table,
-                        share=kv.policy.rank_share(kv, a, b),
-                    )
+                if kv is None or wanted is None or wanted[1] <= wanted[0]:
+                    continue
+                share = kv.policy.rank_share(kv, *wanted)
+            a, b = wanted
+            base = first + a - chunk.start
+            shifts = kv.slot_offsets()
+            device = self.cache.k.device
+            table = torch.tensor(chunk.block_table, dtype=torch.long, device=device)
+            watched.append(
+                ObservedSequence(
+                    request_id=chunk.seq.request_id,
+                    policy=kv.policy,
+                    rows=slice(offset + a - chunk.start, offset + b - chunk.start),
+                    first_slot=[base - s for s in shifts],
+                    num_slots=[first - s + chunk.num_tokens for s in shifts],
+                    table=table,
+                    share=share,
                 )
+            )
         return StepObserver(self.cache, watched) if watched else None
