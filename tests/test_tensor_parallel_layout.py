@@ -11,7 +11,9 @@ from transformers import LlamaConfig, MixtralConfig
 from strata.attention.backend import BatchLayout
 from strata.config import ModelConfig
 from strata.engine.tp.step_wire import StepInputs
+from strata.kv.policies.rank_share import RankShare
 from strata.kv.policies.runtime.gathered import ObservedRows
+from strata.kv.policies.runtime.step_kv import LayerLayout
 from strata.models.tp.layout import ShardLayout
 from strata.models.tp.weights import shard_tensor
 from tests.conftest import TINY
@@ -54,9 +56,7 @@ def test_projections_are_cut_by_heads_and_halves() -> None:
     assert torch.equal(shard_tensor("model.layers.0.self_attn.q_proj.weight", q, rank1), q[32:])
     k = q[:32]
     assert torch.equal(shard_tensor("model.layers.0.self_attn.k_proj.weight", k, rank1), k[16:])
-    assert torch.equal(
-        shard_tensor("model.layers.0.self_attn.o_proj.weight", q, rank1), q[:, 32:]
-    )
+    assert torch.equal(shard_tensor("model.layers.0.self_attn.o_proj.weight", q, rank1), q[:, 32:])
     down = torch.arange(64 * 128, dtype=torch.float32).view(64, 128)
     got = shard_tensor("model.layers.1.mlp.down_proj.weight", down, rank1)
     assert torch.equal(got, down[:, 64:])
@@ -107,16 +107,30 @@ def test_unshardable_layouts_are_refused(
 
 
 def test_step_inputs_round_trip() -> None:
+    """Every field comes back; a layer layout over the step's own tables (PyramidKV's
+    shorter layers) does not repeat them, one over other tables (attended blocks) does."""
     layout = BatchLayout([3, 1, 1], [3, 9, 17], [[4, 5], [0, 1, 2], [7, 8, 9, 10, 11]], 4)
+    shorter = BatchLayout([3, 1, 1], [3, 7, 15], layout.block_tables, 4)
+    attended = BatchLayout([3, 1, 1], [3, 7, 15], [[4, 5], [0, 1], [7, 8, 9, 10]], 4)
+    parts = (LayerLayout(np.array([16, 17, 18, 6, 42]), shorter),
+             LayerLayout(np.array([16, 17, 18, 6, 34]), attended))  # fmt: skip
+    rows = [ObservedRows(0, 1, 3, 1, 3), ObservedRows(2, 4, 5, 16, 17, RankShare.MAXED, (0, 2))]
     step = StepInputs(
         np.arange(5, dtype=np.int64), np.array([0, 1, 2, 8, 16]), np.array([16, 17, 18, 8, 44]),
-        np.array([2, 3, 4]), layout, ObservedRows.encode([ObservedRows(0, 1, 3, 1, 3)]),
-        np.array([5, 11]),
+        np.array([2, 3, 4]), layout, ObservedRows.encode(rows), np.array([5, 11]),
+        parts, np.array([1, 0, 2]),
     )  # fmt: skip
     data = step.encode()
-    assert data.dtype == np.int64 and len(data) == 6 + 5 * 3 + 3 + 3 * 3 + 5 + 2 + 10
+    assert data.dtype == np.int64
+    own = 3 + 3 + 10  # context and table lengths, tables
+    assert len(data) == 8 + 5 * 3 + 3 + 3 + (7 + 9) + 2 + 3 + own + (5 + 6) + (5 + 3 + 3 + 8)
     back = StepInputs.decode(data)
     assert back.layout == layout
-    for name in ("ids", "positions", "slots", "logits_rows", "observed", "live_blocks"):
+    names = ("ids", "positions", "slots", "logits_rows", "observed", "live_blocks", "layer_of")
+    for name in names:
         assert np.array_equal(getattr(back, name), getattr(step, name))
-    assert ObservedRows.decode(back.observed) == [ObservedRows(0, 1, 3, 1, 3)]
+    assert ObservedRows.decode(back.observed) == rows
+    assert rows[1].slots(0) == (16, 17) and rows[1].slots(1) == (14, 15)
+    assert [p.layout for p in back.layer_layouts] == [shorter, attended]
+    for got, sent in zip(back.layer_layouts, parts, strict=True):
+        assert np.array_equal(got.slot_mapping, sent.slot_mapping)

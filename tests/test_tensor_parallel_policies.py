@@ -1,6 +1,8 @@
 """KV policies under tensor parallelism (gloo, 2 ranks): rank 0's policy scores every KV
-head from the ranks' gathered attention sums and every rank compacts its own heads, so
-TP=2 gives TP=1's greedy tokens and compactions, with KV heads split and replicated."""
+head from what the ranks gather (attention sums or maxima, or queries, keys and values),
+every rank compacts its own heads, and the workers attend over rank 0's layer layouts
+(PyramidKV), so TP=2 gives TP=1's greedy tokens, logits and compactions, with KV heads
+split and replicated."""
 
 from __future__ import annotations
 
@@ -9,14 +11,21 @@ from pathlib import Path
 import pytest
 
 from strata import LLM, SamplingParams
+from strata.engine.tp.step_wire import StepInputs
+from strata.kv.policies.pyramidkv import PyramidKVPolicy
 from tests.conftest import assert_no_leaks, make_hf_model
+from tests.test_hf_equality import _record_logits
 from tests.test_tensor_parallel import TP_CONFIGS
 
 ENGINE = {"device": "cpu", "block_size": 4, "num_kv_blocks": 96, "max_num_batched_tokens": 32,
           "max_model_len": 128}  # fmt: skip
 # 80 tokens: longer than SnapKV's 64-token window, so its votes pick what stays.
-PROMPTS = [[(7 * i + 3) % 500 for i in range(80)], [(11 * i + 5) % 500 for i in range(37)]]
-STATS = ("kv_compactions", "kv_tokens_evicted", "num_generated_tokens")
+PROMPTS = [
+    [(7 * i + 3) % 500 for i in range(80)],
+    [(11 * i + 5) % 500 for i in range(37)],
+    [(13 * i + 1) % 500 for i in range(21)],
+]
+STATS = ("kv_compactions", "kv_tokens_evicted", "num_generated_tokens", "kv_reconstruction_tokens")
 
 
 @pytest.fixture(scope="module")
@@ -29,27 +38,55 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
+def spy_layer_layouts(tp: LLM) -> list[bool]:
+    """Per step sent to the workers: whether its layers attend over different KV."""
+    parallel = tp.engine.parts.parallel
+    assert parallel is not None
+    sent: list[bool] = []
+    send = parallel.send
+
+    def recording(step: StepInputs) -> None:
+        sent.append(len(step.layer_of) > 0)
+        send(step)
+
+    parallel.send = recording  # type: ignore[method-assign]
+    return sent
+
+
 @pytest.mark.parametrize(
     ("name", "policies"),
     [
-        ("llama-gqa", ["streaming", "snapkv", "h2o", "chunkkv", "treekv", "tova"]),
-        ("llama-mqa-tied", ["h2o"]),
+        ("llama-gqa", ["streaming", "snapkv", "h2o", "chunkkv", "treekv", "tova", "pyramidkv",
+                       "expected_attention", "kvzip"]),
+        ("llama-mqa-tied", ["h2o", "expected_attention", "kvzip"]),  # sums, keys, maxima
     ],
-)
+)  # fmt: skip
 def test_policies_tp2_equal_tp1(
-    name: str, policies: list[str], folders: dict[str, Path]
+    name: str, policies: list[str], folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Greedy tokens, every step's logits (within 1e-4) and the KV stats of TP=1, for three
+    requests of different lengths batched together; PyramidKV's steps whose layers differ
+    (an 8-token window leaves the two longer prompts room for uneven budgets) reach the
+    workers as such."""
+    monkeypatch.setattr(PyramidKVPolicy, "WINDOW", 8)
     ref = LLM(str(folders[name]), **ENGINE)
     with LLM(str(folders[name]), **ENGINE, tensor_parallel_size=2) as tp:
+        want_logits, got_logits = _record_logits(ref), _record_logits(tp)
+        uneven = spy_layer_layouts(tp)
         for policy in policies:
             params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
                                     kv_policy=policy, kv_budget=0.4)  # fmt: skip
             before = {k: (ref.stats()[k], tp.stats()[k]) for k in STATS}
+            del want_logits[:], got_logits[:], uneven[:]
             want = [o.token_ids for o in ref.generate(PROMPTS, params)]
             got = [o.token_ids for o in tp.generate(PROMPTS, params)]
             assert got == want, policy
+            assert len(got_logits) == len(want_logits), policy
+            for mine, theirs in zip(got_logits, want_logits, strict=True):
+                assert (mine - theirs).abs().max().item() < 1e-4, policy
             for key, (ref_before, tp_before) in before.items():
                 assert tp.stats()[key] - tp_before == ref.stats()[key] - ref_before, (policy, key)
             assert tp.stats()["kv_compactions"] > before["kv_compactions"][1], policy
+            assert any(uneven) == (policy == "pyramidkv"), policy
+        assert tp.stats()["kv_reconstruction_tokens"] > 0  # kvzip's passes ran on every rank
         assert_no_leaks(tp)
-

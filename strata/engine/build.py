@@ -31,7 +31,7 @@ from strata.kv.coded_attention import attention_over
 from strata.kv.manager import KVManager
 from strata.kv.policies.base import AttentionShape
 from strata.kv.policies.model_access import ModelAccess
-from strata.kv.policies.registry import tensor_parallel_policies
+from strata.kv.policies.registry import tensor_parallel_refusal
 from strata.kv.policies.runtime.driver import KVPolicyDriver, PolicyDefaults
 from strata.kv.policies.runtime.rank_compaction import RankShard
 from strata.kv.policies.runtime.reconstruction import (
@@ -143,9 +143,7 @@ def _build_parts(
             config.cache, placed.model_config, placed.dtype, placed.device, recall_bytes,
             placed.model.rope, graphs=not config.enforce_eager,
         )  # fmt: skip
-    scheduler = Scheduler(
-        config.scheduler, kv, tier_loads, reclaim=sessions.reclaim, recall=recall
-    )
+    scheduler = Scheduler(config.scheduler, kv, tier_loads, reclaim=sessions.reclaim, recall=recall)
     rebalancer = None
     if moe is not None:
         moe.attach(kv)
@@ -160,9 +158,7 @@ def _build_parts(
         parallel.set_pool(kv_cache.num_blocks)
         runner.parallel = parallel
     shard = None if parallel is None else RankShard(parallel.kv_head_slices[0], peers)
-    kv_policies = build_kv_policies(
-        config, loaded, placed, kv, kv_cache, runner, recall, shard
-    )
+    kv_policies = build_kv_policies(config, loaded, placed, kv, kv_cache, runner, recall, shard)
     if kv_cache.tails is not None:  # the tails reclaim rows of blocks no running seq writes
         kv_cache.tails.live_blocks = lambda: open_blocks(scheduler, kv)
     if parallel is None:
@@ -224,12 +220,10 @@ def load_placed_model(
 
 def check_tensor_parallel_policy(config: EngineConfig) -> None:
     """ValueError, before any rank starts, for a default KV policy TP does not run."""
-    allowed = tensor_parallel_policies()
-    if config.cache.kv_policy not in allowed:
-        raise ValueError(
-            f"tensor_parallel_size {config.parallel.tensor_parallel_size} does not run with "
-            f"kv_policy {config.cache.kv_policy!r} yet (only {', '.join(allowed)})"
-        )
+    refusal = tensor_parallel_refusal(config.cache.kv_policy)
+    if refusal is not None:
+        size = config.parallel.tensor_parallel_size
+        raise ValueError(f"tensor_parallel_size {size}: {refusal}")
 
 
 def kv_layout(

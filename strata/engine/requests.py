@@ -18,7 +18,7 @@ from strata.engine.logit_rules import logit_rules
 from strata.engine.sampling_params import SamplingParams
 from strata.engine.sequence import Sequence
 from strata.errors import ContextLengthError, InvalidRequestError
-from strata.kv.policies.registry import tensor_parallel_policies
+from strata.kv.policies.registry import tensor_parallel_refusal
 from strata.kv.policies.runtime.driver import KVPolicyDriver
 
 
@@ -96,12 +96,11 @@ class RequestFactory:
             raise InvalidRequestError(
                 "the prompt is empty; it must contain at least one token", "prompt"
             )
-        allowed = tensor_parallel_policies()
-        if self.tensor_parallel and params.kv_policy not in (None, *allowed):
-            raise InvalidRequestError(
-                f"kv_policy {params.kv_policy!r} does not run under tensor parallelism yet "
-                f"(only {', '.join(allowed)})", "kv_policy",
-            )  # fmt: skip
+        refusal = None
+        if self.tensor_parallel and params.kv_policy is not None:
+            refusal = tensor_parallel_refusal(params.kv_policy)
+        if refusal is not None:
+            raise InvalidRequestError(refusal, "kv_policy")
         bad = self._bad_token_ids(params.stop_token_ids)
         if bad:
             raise InvalidRequestError(

@@ -35,7 +35,7 @@ from strata.errors import SequenceFault, TensorParallelError, blame
 from strata.kv.cache import KVCache
 from strata.kv.policies.runtime.gathered import GatheredObserver, ObservedRows
 from strata.kv.policies.runtime.observer import StepObserver
-from strata.kv.policies.runtime.step_kv import KVStepBuilder, StepKV
+from strata.kv.policies.runtime.step_kv import KVStepBuilder, StepKV, layer_metadata
 from strata.kv.recall.attention import RecallAttention, RecallMetadata
 from strata.models.llama import LlamaModel
 
@@ -140,6 +140,7 @@ class ModelRunner:
         inputs = StepInputs(
             np.asarray(ids, dtype=np.int64), np.concatenate(positions), step.slot_mapping,
             np.asarray(logits_rows, dtype=np.int64), step.layout,
+            layer_layouts=tuple(step.layer_layouts), layer_of=np.asarray(step.layer_of, np.int64),
         )  # fmt: skip
         logits, observer = self._forward(step, inputs, plan)
         if observer is not None:
@@ -166,10 +167,8 @@ class ModelRunner:
         if self.parallel is None:
             logits = self.model(ids_t, pos_t, self.kv, backend, meta, rows_t, step.observer)
             return logits, step.observer
-        if step.recall or not step.uniform:
-            raise TensorParallelError(
-                "tensor parallelism runs no recall policy, and no KV policy whose layers differ"
-            )
+        if step.recall:
+            raise TensorParallelError("tensor parallelism runs no recall policy")
         observer = None
         if step.observer is not None:
             observer, inputs = self._gathered(step.observer, inputs, plan)
@@ -209,11 +208,7 @@ class ModelRunner:
             return None
         if step.uniform:
             return self.backend.prepare(step.layout, slots, self.device)
-        geometries = [
-            (part.layout, torch.from_numpy(part.slot_mapping).to(self.device, non_blocking=True))
-            for part in step.layer_layouts
-        ]
-        return self.backend.prepare_layers(geometries, step.layer_of, self.device)
+        return layer_metadata(self.backend, step.layer_layouts, step.layer_of, self.device)
 
     def _replay(self, graphs: DecodeGraphs, plan: StepPlan) -> torch.Tensor:
         bs = self.kv.block_size

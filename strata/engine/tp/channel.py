@@ -4,7 +4,7 @@ A message is an int64 array:
 
     [0]                  stop
     [n]                  the step is n int64s, broadcast from rank 0 right after
-    StepInputs.encode()  the step itself (always 5 or more values)
+    StepInputs.encode()  the step itself (always 8 or more values)
     [-1] + pickle bytes  a WorkerOp: a tier operation (kv/tiers/tier_ops.py) or a KV
                          policy's compaction (kv/policies/runtime/rank_compaction.py), run
                          before the next step; the worker may answer ("tier", key, value)

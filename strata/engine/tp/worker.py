@@ -29,6 +29,7 @@ from strata.kv.codec import get_codec
 from strata.kv.coded_attention import attention_over
 from strata.kv.policies.runtime.gathered import GatheredObserver, ObservedRows
 from strata.kv.policies.runtime.rank_compaction import CompactOp, apply_compact_op
+from strata.kv.policies.runtime.step_kv import layer_metadata
 from strata.kv.tiers.build import build_tiers
 from strata.kv.tiers.manager import TierManager
 from strata.kv.tiers.tier_ops import reply_key, run_tier_op
@@ -107,7 +108,8 @@ def serve_steps(
             run_op(spec, conn, kv, tiers, step, after)
             continue
         if tiers is not None:  # a store still reading a block this step writes ends first
-            for block_id in np.unique(step.slots // kv.block_size).tolist():
+            written = [step.slots, *(part.slot_mapping for part in step.layer_layouts)]
+            for block_id in np.unique(np.concatenate(written) // kv.block_size).tolist():
                 tiers.before_overwrite(block_id)
         ids, positions, slots, rows = (
             torch.from_numpy(a).to(device)
@@ -115,7 +117,10 @@ def serve_steps(
         )
         if kv.tails is not None:
             kv.tails.live_blocks = set(step.live_blocks.tolist()).copy  # rank 0's, this step
-        meta = backend.prepare(step.layout, slots, device)
+        if len(step.layer_of):  # a KV policy's layers attend over different KV
+            meta = layer_metadata(backend, step.layer_layouts, step.layer_of.tolist(), device)
+        else:
+            meta = backend.prepare(step.layout, slots, device)
         observer = None
         if len(step.observed):  # a KV policy's queries: this rank's share of the scores
             observed = ObservedRows.decode(step.observed)

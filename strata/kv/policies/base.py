@@ -36,6 +36,9 @@ Scores. A policy that needs attention scores names the queries it wants in
 `observed_queries`; while such a step runs, each layer calls `observe` with those
 queries (after RoPE) and this layer's cached keys and values, the step's own included.
 The policy accumulates what it needs (scored.py). Requests without a policy pay nothing.
+Under tensor parallelism each rank holds some heads: the policy names what each rank
+shares of an observation (`rank_share`), and rank 0 assembles the one a single rank
+would make (runtime/gathered.py).
 
 Attended blocks. Before each step a policy may name, per layer, the blocks the sequence
 attends over instead of its own table, without compacting anything (`attended_blocks`,
@@ -53,6 +56,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+from strata.kv.policies.rank_share import RankShare
 
 if TYPE_CHECKING:
     from strata.kv.policies.attended import AttendedBlocks, ChunkSlots
@@ -124,8 +129,8 @@ class KVPolicy(ABC):
 
     name: str = ""
     evicts_during_decode: bool = False
-    # Runs under tensor parallelism: its scores are summed attention alone (or none), its
-    # layers keep alike, and it attends over its own table (runtime/gathered.py).
+    # Runs under tensor parallelism: rank 0's observation, combined from every rank's
+    # share (`rank_share`, runtime/gathered.py), is the one a single rank would build.
     tensor_parallel: bool = False
 
     def __init__(self, shape: AttentionShape) -> None:
@@ -158,6 +163,12 @@ class KVPolicy(ABC):
     def observe(self, obs: LayerObservation) -> None:
         """Receive one layer's observation of the queries asked for this step."""
         return None
+
+    def rank_share(self, view: KVView, start: int, end: int) -> RankShare:
+        """Under tensor parallelism, what each rank sends rank 0 of the observation of
+        queries [start, end) (rank_share.py). Default: summed attention, all that
+        `LayerObservation.summed_attention` needs."""
+        return RankShare.SUMMED
 
     # ---- attention ---------------------------------------------------------------------
 

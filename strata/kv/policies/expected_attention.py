@@ -24,6 +24,7 @@ import torch
 from strata.kv.policies.base import KVView
 from strata.kv.policies.model_access import ModelAccess
 from strata.kv.policies.observation import LayerObservation
+from strata.kv.policies.rank_share import RankShare
 from strata.kv.policies.scored import ScoredPolicy
 from strata.ops.rotate_half import rotate_half
 
@@ -39,6 +40,7 @@ def mean_rotation(model: ModelAccess, first: int, count: int, dim: int) -> torch
 
 class ExpectedAttentionPolicy(ScoredPolicy):
     name = "expected_attention"
+    tensor_parallel = True  # rank 0 gathers every head's queries, keys and values (rank_share)
     NUM_SINKS = 4
     FUTURE = 512
 
@@ -57,6 +59,11 @@ class ExpectedAttentionPolicy(ScoredPolicy):
         self.context_len = view.context_len
         first, last = max(start, self.NUM_SINKS), min(end, view.context_len)
         return (first, last) if first < last else None
+
+    def rank_share(self, view: KVView, start: int, end: int) -> RankShare:
+        """Every head's queries, for the statistics; with the keys and values too when
+        the context's last query is among them (expected_scores)."""
+        return RankShare.QUERIES_KV if end >= view.context_len else RankShare.QUERIES
 
     def observe(self, obs: LayerObservation) -> None:
         if self.model is None:

@@ -36,6 +36,7 @@ import torch
 
 from strata.kv.policies.base import KVView
 from strata.kv.policies.observation import LayerObservation
+from strata.kv.policies.rank_share import RankShare
 from strata.kv.policies.scored import ScoredPolicy
 
 FIRST_PROMPT = "\n\nRepeat the previous context exactly."
@@ -58,6 +59,7 @@ def chat_suffix(tokenizer: Any) -> str:
 
 class KVzipPolicy(ScoredPolicy):
     name = "kvzip"
+    tensor_parallel = True  # its scores are maxima of attention: each rank's heads, then the max
     NUM_SINKS = 4
     CHUNK = 2048
     OVERLAP = 8
@@ -114,13 +116,13 @@ class KVzipPolicy(ScoredPolicy):
         if int(obs.query_slots[0]) == c:  # a pass starts at slot C
             self.pass_of_layer[layer] += 1
         a, b = self.pieces[self.pass_of_layer[layer]]
-        best = torch.zeros(self.shape.num_kv_heads, b - a, device=obs.queries.device)
-        for first in range(0, obs.queries.shape[0], obs.QUERY_CHUNK):
-            probs = obs.attention(first, first + obs.QUERY_CHUNK)[..., a:b]
-            best = torch.maximum(best, probs.amax(dim=(1, 2)))
+        best = obs.max_attention()[:, a:b]
         scores = self.scores.get(layer, c, self.shape.num_kv_heads, best.device)
         scores[:, a:b] = torch.maximum(scores[:, a:b], best)
         self.scores.set(layer, scores)
+
+    def rank_share(self, view: KVView, start: int, end: int) -> RankShare:
+        return RankShare.MAXED
 
     def ranking(self, view: KVView, layer: int, k: int) -> torch.Tensor:
         scores = self.layer_scores(view, layer)

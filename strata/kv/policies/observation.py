@@ -30,6 +30,7 @@ class LayerObservation:
     summed       [kv_heads, n]             summed_attention() when the observer already
                                            computed it (under tensor parallelism: every
                                            rank's heads, runtime/gathered.py)
+    maxed        [kv_heads, n]             max_attention(), likewise
     """
 
     layer: int
@@ -40,6 +41,7 @@ class LayerObservation:
     scale: float
     probs: torch.Tensor | None = None
     summed: torch.Tensor | None = None
+    maxed: torch.Tensor | None = None
 
     QUERY_CHUNK = 256  # queries per softmax in summed_attention: bounds temporary memory
 
@@ -84,3 +86,13 @@ class LayerObservation:
         for first in range(0, self.queries.shape[0], self.QUERY_CHUNK):
             total += self.attention(first, first + self.QUERY_CHUNK).sum(dim=(1, 2))
         return total
+
+    def max_attention(self) -> torch.Tensor:
+        """[kv_heads, n] float32: the largest attention any query and any of each KV head's
+        query heads gives each slot."""
+        if self.maxed is not None:
+            return self.maxed
+        best = torch.zeros(self.keys.shape[1], self.num_slots, device=self.queries.device)
+        for first in range(0, self.queries.shape[0], self.QUERY_CHUNK):
+            best = torch.maximum(best, self.attention(first, first + self.QUERY_CHUNK).amax((1, 2)))
+        return best

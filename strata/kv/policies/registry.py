@@ -23,7 +23,7 @@ POLICIES: Registry[type[KVPolicy]] = Registry("kv_policy", {
     "treekv": "strata.kv.policies.treekv:TreeKVPolicy",
     "expected_attention": "strata.kv.policies.expected_attention:ExpectedAttentionPolicy",
     "kvzip": "strata.kv.policies.kvzip:KVzipPolicy",
-})
+})  # fmt: skip
 
 
 def policy_names() -> tuple[str, ...]:
@@ -50,3 +50,16 @@ def create_policy(name: str, shape: AttentionShape) -> KVPolicy:
 def tensor_parallel_policies() -> tuple[str, ...]:
     """The `kv_policy` values that run under tensor parallelism (KVPolicy.tensor_parallel)."""
     return (FULL, *(n for n in POLICIES.names() if POLICIES.get(n).tensor_parallel))
+
+
+def tensor_parallel_refusal(name: str) -> str | None:
+    """Why kv_policy `name` does not run under tensor parallelism; None when it does."""
+    allowed = tensor_parallel_policies()
+    if name in allowed:
+        return None
+    what = (
+        f"kv_policy {name!r} is a recall policy, and recall policies do not"
+        if name in RECALL_POLICIES
+        else f"kv_policy {name!r} does not"
+    )
+    return f"{what} run under tensor parallelism yet (only {', '.join(allowed)})"

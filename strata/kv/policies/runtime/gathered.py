@@ -1,19 +1,20 @@
 """GatheredObserver: a step's observed queries under tensor parallelism.
 
 Each rank holds some KV heads (and their query heads), so no rank alone can score a
-policy's slots. Per layer, every rank computes each observed sequence's attention summed
-over its own query heads ([its KV heads, slots]), and one gather brings the sums to rank
-0, which adds them into the whole model's [KV heads, slots] and hands them to the
-policies (`LayerObservation.summed`). Rank 0's policies thus see exactly the scores a
-single rank would, and decide for every head; compaction then applies each rank's rows
-of the masks (runtime/compaction.py).
+policy's slots. Per layer, every rank computes its part of each observed sequence's
+observation over its own heads (its policy's RankShare: summed or maximal attention, or
+its queries, keys and values; rank_parts.py), and one gather brings the parts to rank 0,
+which assembles the whole model's observation and hands it to the policies. Rank 0's
+policies thus see exactly what a single rank would, and decide for every head;
+compaction then applies each rank's rows of the masks (runtime/compaction.py).
 
-    rank r:  sums over its heads ─┐  (cat over the observed sequences, one gather a layer)
-    rank 0:  whole[heads of r] += part of r, for every r ─► policy.observe(summed=...)
+    rank r:  parts over its heads ─┐  (cat over the observed sequences, one gather a layer)
+    rank 0:  assemble(parts of every rank) ─► policy.observe(LayerObservation)
 
-Only policies whose scores are these sums (`KVPolicy.tensor_parallel`) run this way.
-Every rank sees the same `ObservedRows`, in the same order (rank 0 sends them with the
-step), so the gathers line up.
+Only policies that say how their observation combines (`KVPolicy.tensor_parallel`) run
+this way. Every rank sees the same `ObservedRows`, in the same order (rank 0 sends them
+with the step), so the gathers line up. Layers may hold different numbers of slots
+(PyramidKV): the rows carry each layer's shift.
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ import torch
 from strata.errors import SequenceFault
 from strata.kv.cache import KVCache
 from strata.kv.policies.observation import LayerObservation
+from strata.kv.policies.rank_share import RankShare
 from strata.kv.policies.runtime.compaction import read_slots
 from strata.kv.policies.runtime.observer import ObservedSequence, observe
+from strata.kv.policies.runtime.rank_parts import RankDims, assemble, local_part, part_size
 
-FIELDS = 5  # ObservedRows as int64s: chunk, first row, end row, first slot, slots
+FIELDS = 7  # ObservedRows as int64s, before its shifts (see encode)
 
 
 class ScoreGather(Protocol):
@@ -48,27 +51,51 @@ class ScoreGather(Protocol):
 @dataclass(frozen=True)
 class ObservedRows:
     """What every rank knows of one observed sequence: the step's chunk it is, its
-    queries' rows in the flat batch, the slot of the first, and its slots after the
-    step (the same in every layer: only layer-uniform policies run under TP)."""
+    queries' rows in the flat batch, the slot of the first and the slots after the step
+    in its longest layer, what each rank shares of it, and per layer how many slots
+    fewer it holds than the longest (empty when none does)."""
 
     chunk: int
     first_row: int
     end_row: int
     first_slot: int
     num_slots: int
+    share: RankShare = RankShare.SUMMED
+    shifts: tuple[int, ...] = ()
 
     @classmethod
     def of(cls, seq: ObservedSequence, chunk: int) -> ObservedRows:
-        return cls(chunk, seq.rows.start, seq.rows.stop, seq.first_slot[0], seq.num_slots[0])
+        first, num = max(seq.first_slot), max(seq.num_slots)
+        shifts = tuple(first - f for f in seq.first_slot)
+        return cls(chunk, seq.rows.start, seq.rows.stop, first, num, seq.share,
+                   shifts if any(shifts) else ())  # fmt: skip
+
+    def slots(self, layer: int) -> tuple[int, int]:
+        """(slot of the first query, slots after the step) in `layer`."""
+        shift = self.shifts[layer] if self.shifts else 0
+        return self.first_slot - shift, self.num_slots - shift
 
     @staticmethod
     def encode(rows: list[ObservedRows]) -> np.ndarray:
-        values = [(r.chunk, r.first_row, r.end_row, r.first_slot, r.num_slots) for r in rows]
-        return np.asarray(values, np.int64).reshape(-1)
+        """[chunk, first row, end row, first slot, slots, share, layers, shifts[layers]]
+        per row."""
+        values: list[int] = []
+        for r in rows:
+            values += [r.chunk, r.first_row, r.end_row, r.first_slot, r.num_slots, int(r.share),
+                       len(r.shifts), *r.shifts]  # fmt: skip
+        return np.asarray(values, np.int64)
 
     @classmethod
     def decode(cls, data: np.ndarray) -> list[ObservedRows]:
-        return [cls(*(int(v) for v in row)) for row in data.reshape(-1, FIELDS)]
+        values, out, at = data.tolist(), [], 0
+        while at < len(values):
+            fixed = values[at : at + FIELDS]
+            chunk, first_row, end_row, first_slot, num_slots, share, layers = fixed
+            shifts = tuple(values[at + FIELDS : at + FIELDS + layers])
+            rows = cls(chunk, first_row, end_row, first_slot, num_slots, RankShare(share), shifts)
+            out.append(rows)
+            at += FIELDS + layers
+        return out
 
 
 class GatheredObserver:
@@ -82,44 +109,60 @@ class GatheredObserver:
         policies: list[ObservedSequence] | None = None,
     ) -> None:
         """tables: the step's block tables, by chunk. Rank 0 only: head_slices[r], rank r's
-        KV heads among the model's, and policies, the sequences to hand the sums to."""
+        KV heads among the model's, and policies, the sequences to hand the whole to."""
         self.cache, self.rows, self.comm, self.head_slices = cache, rows, comm, head_slices
         device = cache.k.device
         self.tables = [torch.tensor(tables[r.chunk], dtype=torch.long, device=device)
                        for r in rows]  # fmt: skip
         self.policies = policies or []
         self.faults: dict[str, SequenceFault] = {}  # by request id: policies that raised
-        self.num_kv_heads = max((s.stop for s in head_slices), default=0)
 
     def __call__(self, layer: int, q: torch.Tensor, scale: float) -> None:
         """q: the step's queries [tokens, this rank's heads, head_dim], after RoPE."""
-        sums = [
-            self._local(layer, q, scale, rows, table)
+        dims = RankDims(self.cache.k.shape[3], q.shape[1], q.shape[2], self.head_slices)
+        parts = [
+            local_part(rows.share, self._local(layer, q, scale, rows, table))
             for rows, table in zip(self.rows, self.tables, strict=True)
         ]
-        part = torch.cat(sums, dim=-1)  # [this rank's KV heads, slots of every sequence]
-        gathered = self.comm.gather_last_dim(part)
+        gathered = self.comm.gather_last_dim(torch.cat(parts))
         if self.comm.rank != 0:
             return
-        whole = torch.zeros(self.num_kv_heads, part.shape[-1], device=part.device)
-        for rank, heads in enumerate(self.head_slices):
-            whole[heads] += gathered[:, rank * part.shape[-1] : (rank + 1) * part.shape[-1]]
-        scores = whole.split([r.num_slots for r in self.rows], dim=-1)
-        for seq, rows, summed in zip(self.policies, self.rows, scores, strict=True):
-            slots = torch.arange(rows.first_slot, rows.first_slot + rows.end_row - rows.first_row,
-                                 device=q.device)  # fmt: skip
-            reader = partial(read_slots, self.cache, seq.table)
-            obs = LayerObservation(layer, q[seq.rows], slots, reader, rows.num_slots, scale,
-                                   summed=summed)  # fmt: skip
+        gathered = gathered.view(self.comm.size, -1)
+        at = 0
+        for seq, rows, part in zip(self.policies, self.rows, parts, strict=True):
+            first, n = rows.slots(layer)
+            m = rows.end_row - rows.first_row
+            assert len(part) == part_size(rows.share, m, n, dims), "ranks' parts differ"
+            whole = assemble(rows.share, gathered[:, at : at + len(part)], m, n, dims, q.dtype)
+            at += len(part)
+            queries = q[seq.rows] if whole.queries is None else whole.queries
+            slots = torch.arange(first, first + m, device=q.device)
+            obs = LayerObservation(layer, queries, slots, _Gathered(whole.keys, whole.values), n,
+                                   scale, summed=whole.summed, maxed=whole.maxed)  # fmt: skip
             observe(seq, obs, self.faults)
 
     def _local(
         self, layer: int, q: torch.Tensor, scale: float, rows: ObservedRows, table: torch.Tensor
-    ) -> torch.Tensor:
-        """[this rank's KV heads, slots]: the sequence's attention over its own heads."""
+    ) -> LayerObservation:
+        """The sequence's observation over this rank's own heads."""
         queries = q[rows.first_row : rows.end_row]
-        slots = torch.arange(rows.first_slot, rows.first_slot + queries.shape[0],
-                             device=q.device)  # fmt: skip
+        first, n = rows.slots(layer)
+        slots = torch.arange(first, first + queries.shape[0], device=q.device)
         reader = partial(read_slots, self.cache, table)
-        obs = LayerObservation(layer, queries, slots, reader, rows.num_slots, scale)
-        return obs.summed_attention()
+        return LayerObservation(layer, queries, slots, reader, n, scale)
+
+
+@dataclass(frozen=True)
+class _Gathered:
+    """Rank 0's reader of the keys and values every rank sent (RankShare.QUERIES_KV)."""
+
+    keys: torch.Tensor | None
+    values: torch.Tensor | None
+
+    def __call__(self, layer: int, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys is None or self.values is None:
+            raise RuntimeError(
+                "under tensor parallelism this observation holds no keys or values: the "
+                "policy's rank_share must be RankShare.QUERIES_KV for this step"
+            )
+        return self.keys[:num_slots], self.values[:num_slots]

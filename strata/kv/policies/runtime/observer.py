@@ -26,6 +26,7 @@ from strata.errors import SequenceFault, blame
 from strata.kv.cache import KVCache
 from strata.kv.policies.base import KVPolicy
 from strata.kv.policies.observation import LayerObservation
+from strata.kv.policies.rank_share import RankShare
 from strata.kv.policies.runtime.compaction import read_slots
 
 
@@ -34,7 +35,8 @@ class ObservedSequence:
     """One sequence's observed queries in the step's flat batch.
 
     rows: batch rows of the queries; first_slot[l]: slot of the first observed query in
-    layer l; num_slots[l]: the layer's slots after the step; table: its block table."""
+    layer l; num_slots[l]: the layer's slots after the step; table: its block table;
+    share: what each rank sends under tensor parallelism (KVPolicy.rank_share)."""
 
     request_id: str
     policy: KVPolicy
@@ -42,6 +44,7 @@ class ObservedSequence:
     first_slot: list[int]
     num_slots: list[int]
     table: torch.Tensor
+    share: RankShare = RankShare.SUMMED
 
     @property
     def single_uniform(self) -> bool:

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
 
-from strata.attention.backend import BatchLayout
+from strata.attention.backend import AttentionBackend, BatchLayout, StepMetadata
 from strata.errors import blame
 from strata.kv.cache import KVCache
 from strata.kv.policies.attended import AttendedBlocks, ChunkSlots
@@ -65,6 +66,19 @@ class StepKV:
     @property
     def uniform(self) -> bool:
         return not self.layer_of
+
+
+def layer_metadata(
+    backend: AttentionBackend[Any], parts: Sequence[LayerLayout], layer_of: Sequence[int],
+    device: torch.device,
+) -> StepMetadata:  # fmt: skip
+    """The backend's metadata for a step whose layers differ: layer i over parts[layer_of[i]]
+    (rank 0 and every tensor-parallel worker build it alike)."""
+    geometries = [
+        (part.layout, torch.from_numpy(part.slot_mapping).to(device, non_blocking=True))
+        for part in parts
+    ]
+    return backend.prepare_layers(geometries, layer_of, device)
 
 
 def first_slot(chunk: PolicyChunk) -> int:
@@ -198,20 +212,23 @@ class KVStepBuilder:
             kv, end = chunk.seq.kv, chunk.start + chunk.num_tokens
             with blame(chunk.seq.request_id):
                 wanted = None if kv is None else kv.policy.observed_queries(kv, chunk.start, end)
-            if kv is not None and wanted is not None and wanted[1] > wanted[0]:
-                a, b = wanted
-                base = first + a - chunk.start
-                shifts = kv.slot_offsets()
-                device = self.cache.k.device
-                table = torch.tensor(chunk.block_table, dtype=torch.long, device=device)
-                watched.append(
-                    ObservedSequence(
-                        request_id=chunk.seq.request_id,
-                        policy=kv.policy,
-                        rows=slice(offset + a - chunk.start, offset + b - chunk.start),
-                        first_slot=[base - s for s in shifts],
-                        num_slots=[first - s + chunk.num_tokens for s in shifts],
-                        table=table,
-                    )
+                if kv is None or wanted is None or wanted[1] <= wanted[0]:
+                    continue
+                share = kv.policy.rank_share(kv, *wanted)
+            a, b = wanted
+            base = first + a - chunk.start
+            shifts = kv.slot_offsets()
+            device = self.cache.k.device
+            table = torch.tensor(chunk.block_table, dtype=torch.long, device=device)
+            watched.append(
+                ObservedSequence(
+                    request_id=chunk.seq.request_id,
+                    policy=kv.policy,
+                    rows=slice(offset + a - chunk.start, offset + b - chunk.start),
+                    first_slot=[base - s for s in shifts],
+                    num_slots=[first - s + chunk.num_tokens for s in shifts],
+                    table=table,
+                    share=share,
                 )
+            )
         return StepObserver(self.cache, watched) if watched else None
