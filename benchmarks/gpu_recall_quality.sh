@@ -26,11 +26,15 @@ run() {
   timeout "$SECONDS_LEFT" python3 -m strata.cli eval ruler "${COMMON[@]}" --output "$OUT/$name" \
     "$@" > "$OUT/$name.log" 2>&1 &
 }
-for L in 4096 8192; do
-  run "full_$L" --policy full --budget 1 --length "$L"
-  run "chunkkv_$L" --policy chunkkv --budget 0.0625,0.125 --protocol both --length "$L"
-  run "quest_$L" --policy quest "${RECALL[@]}" --length "$L"
-  run "shadowkv_$L" --policy shadowkv "${RECALL[@]}" --length "$L"
+# Overridable: LENGTHS, POLICIES (of full, chunkkv, quest, shadowkv).
+for L in ${LENGTHS:-4096 8192}; do
+  for P in ${POLICIES:-full chunkkv quest shadowkv}; do
+    case $P in
+      full) run "full_$L" --policy full --budget 1 --length "$L" ;;
+      chunkkv) run "chunkkv_$L" --policy chunkkv --budget 0.0625,0.125 --protocol both --length "$L" ;;
+      *) run "${P}_$L" --policy "$P" "${RECALL[@]}" --length "$L" ;;
+    esac
+  done
 done
 while read -r name args; do
   # shellcheck disable=SC2086  # ARGS split into flags on purpose
