@@ -13,7 +13,7 @@ sampler call; a row's mask depends only on its own matcher.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class GrammarMasks:
-    rows: list[int]  # the constrained sampling rows
+    rows: list[int] | torch.Tensor  # the constrained sampling rows (int32 on CUDA)
     bitmask: torch.Tensor  # int32 [all sampling rows, words], on the logits' device
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
@@ -33,7 +33,9 @@ class GrammarMasks:
         import xgrammar
 
         masked = logits.clone()
-        xgrammar.apply_token_bitmask_inplace(masked, self.bitmask, indices=self.rows)
+        # xgrammar's CUDA (Triton) path takes the rows as a tensor; its hint says list only
+        rows: Any = self.rows
+        xgrammar.apply_token_bitmask_inplace(masked, self.bitmask, indices=rows)
         return masked
 
 
@@ -42,8 +44,10 @@ class GrammarMaskBuilder:
 
     xgrammar fills the constrained rows straight into a host buffer that lives as long as
     the builder; the apply reads only those rows, so the others are never written. On
-    CUDA two pinned buffers alternate, each copied to the device without blocking, and a
-    buffer is rewritten only after the event recorded behind its last copy. A step's
+    CUDA two pinned buffers alternate (bitmask and row numbers), each copied to the device
+    without blocking, and a buffer is rewritten only after the event recorded behind its
+    last copy. The row numbers go to the device as a tensor: from a Python list, xgrammar
+    would copy them from pageable memory, which waits for the model's kernels. A step's
     masks are valid until the next build (on CPU they are the buffer itself)."""
 
     def __init__(self, device: torch.device) -> None:
@@ -51,6 +55,7 @@ class GrammarMaskBuilder:
         self._cuda = device.type == "cuda"
         self._batch: xgrammar.BatchGrammarMatcher | None = None
         self._host: list[torch.Tensor | None] = [None, None]
+        self._rows: list[torch.Tensor | None] = [None, None]
         self._events: list[torch.cuda.Event | None] = [None, None]
         self._turn = 0
 
@@ -68,11 +73,17 @@ class GrammarMaskBuilder:
         self._batch.batch_fill_next_token_bitmask(matchers, bitmask, indices=rows)
         if not self._cuda:
             return GrammarMasks(rows, bitmask)
+        rows_host = self._rows[self._turn]
+        if rows_host is None or rows_host.numel() < len(rows):
+            rows_host = torch.empty(max(len(seqs), 64), dtype=torch.int32, pin_memory=True)
+            self._rows[self._turn] = rows_host
+        rows_host[: len(rows)] = torch.tensor(rows, dtype=torch.int32)
         on_device = bitmask.to(self.device, non_blocking=True)
+        rows_on_device = rows_host[: len(rows)].to(self.device, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
         self._events[self._turn] = event
-        return GrammarMasks(rows, on_device)
+        return GrammarMasks(rows_on_device, on_device)
 
     def _buffer(self, rows: int, words: int) -> torch.Tensor:
         """This step's host buffer [rows, words] (the next of the two on CUDA)."""
