@@ -88,7 +88,7 @@ def test_worker_hung_in_start_up_fails_the_engine_within_the_timeout(
     send = WorkerGroup.send_pool_size
     pids: list[int] = []
 
-    def stop_rank1_first(group: WorkerGroup, num_blocks: int) -> None:
+    def stop_rank1_first(group: WorkerGroup, num_blocks: int, recall: object = None) -> None:
         pids.extend(p.pid for p in group.procs if p.pid is not None)
         os.kill(pids[0], signal.SIGSTOP)
         send(group, num_blocks)

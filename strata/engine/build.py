@@ -40,7 +40,7 @@ from strata.kv.policies.runtime.reconstruction import (
     PassLimits,
 )
 from strata.kv.prefix import root_key
-from strata.kv.recall.build import build_recall, recall_enabled, recall_gpu_share
+from strata.kv.recall.build import build_recall, recall_enabled, recall_gpu_share, recall_slots
 from strata.kv.recall.manager import RecallManager
 from strata.kv.recall.registry import is_recall_policy
 from strata.kv.sessions import SessionPins
@@ -139,9 +139,11 @@ def _build_parts(
     )
     recall = None
     if recall_enabled(config.cache):
+        whole = placed.model_config if parallel is None else parallel.layout.full
         recall = build_recall(
             config.cache, placed.model_config, placed.dtype, placed.device, recall_bytes,
             placed.model.rope, graphs=not config.enforce_eager,
+            num_slots=recall_slots(config.cache, whole, placed.dtype),
         )  # fmt: skip
     scheduler = Scheduler(config.scheduler, kv, tier_loads, reclaim=sessions.reclaim, recall=recall)
     rebalancer = None
@@ -155,7 +157,7 @@ def _build_parts(
     attention = attention_over(kv_cache, backend)  # wraps it for a lossy codec
     runner = ModelRunner(loaded.model, kv_cache, attention, placed.device)
     if parallel is not None:
-        parallel.set_pool(kv_cache.num_blocks)
+        parallel.set_pool(kv_cache.num_blocks, recall)
         runner.parallel = parallel
     shard = None if parallel is None else RankShard(parallel.kv_head_slices[0], peers)
     kv_policies = build_kv_policies(config, loaded, placed, kv, kv_cache, runner, recall, shard)

@@ -48,8 +48,11 @@ def create_policy(name: str, shape: AttentionShape) -> KVPolicy:
 
 
 def tensor_parallel_policies() -> tuple[str, ...]:
-    """The `kv_policy` values that run under tensor parallelism (KVPolicy.tensor_parallel)."""
-    return (FULL, *(n for n in POLICIES.names() if POLICIES.get(n).tensor_parallel))
+    """The `kv_policy` values that run under tensor parallelism (KVPolicy.tensor_parallel,
+    RecallPolicy.tensor_parallel)."""
+    evicting = (n for n in POLICIES.names() if POLICIES.get(n).tensor_parallel)
+    recalling = (n for n in RECALL_POLICIES.names() if RECALL_POLICIES.get(n).tensor_parallel)
+    return (FULL, *evicting, *recalling)
 
 
 def tensor_parallel_refusal(name: str) -> str | None:
@@ -57,9 +60,10 @@ def tensor_parallel_refusal(name: str) -> str | None:
     allowed = tensor_parallel_policies()
     if name in allowed:
         return None
-    what = (
-        f"kv_policy {name!r} is a recall policy, and recall policies do not"
-        if name in RECALL_POLICIES
-        else f"kv_policy {name!r} does not"
+    why = ""
+    if name in RECALL_POLICIES:
+        why = " (its recall summaries span every KV head of a layer, and a rank holds some)"
+    return (
+        f"kv_policy {name!r} does not run under tensor parallelism yet{why}; these do: "
+        f"{', '.join(allowed)}"
     )
-    return f"{what} run under tensor parallelism yet (only {', '.join(allowed)})"

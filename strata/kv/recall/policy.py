@@ -50,6 +50,9 @@ class SummaryRoom:
 class RecallPolicy(ABC):
     name: str = ""
     selects: bool = True
+    # Runs under tensor parallelism: what a rank picks for a KV head follows from that
+    # head's own keys and its GQA group's queries, which the rank holds (strata/engine/tp).
+    tensor_parallel: bool = True
 
     @abstractmethod
     def allocate(self, room: SummaryRoom, rope: Rotary | None = None) -> None:

@@ -52,8 +52,10 @@ class RecallSequence:
         rope: Rotary | None = None,
         prompt_tokens: int = 0,
         graphs: LayerGraphs | None = None,
+        serial: int = 0,
     ) -> None:
         g = geometry
+        self.serial = serial  # its admission's number (manager.py): the workers' name for it
         self.geometry, self.policy, self.store = g, policy, store
         self.budget_blocks = budget_blocks
         self.max_tokens = max_tokens

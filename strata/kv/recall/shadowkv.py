@@ -47,6 +47,9 @@ def chunks_per_block(room: SummaryRoom) -> int:
 
 class ShadowKVPolicy(RecallPolicy):
     name = "shadowkv"
+    # Its basis is fitted to every KV head's keys of a layer jointly: a rank holding some
+    # heads would fit another one (and rebuild other keys) than a single rank does.
+    tensor_parallel = False
 
     def __init__(self) -> None:
         self.room: SummaryRoom | None = None
