@@ -42,6 +42,7 @@ from strata.kv.policies.runtime.reconstruction import (
 from strata.kv.prefix import root_key
 from strata.kv.recall.build import build_recall, recall_enabled, recall_gpu_share, recall_slots
 from strata.kv.recall.manager import RecallManager
+from strata.kv.recall.ranks import HeadShard
 from strata.kv.recall.registry import is_recall_policy
 from strata.kv.sessions import SessionPins
 from strata.kv.sizing import (
@@ -144,6 +145,7 @@ def _build_parts(
             config.cache, placed.model_config, placed.dtype, placed.device, recall_bytes,
             placed.model.rope, graphs=not config.enforce_eager,
             num_slots=recall_slots(config.cache, whole, placed.dtype),
+            shard=None if parallel is None else HeadShard(parallel.comm, whole.num_kv_heads),
         )  # fmt: skip
     scheduler = Scheduler(config.scheduler, kv, tier_loads, reclaim=sessions.reclaim, recall=recall)
     rebalancer = None

@@ -84,8 +84,10 @@ class WorkerGroup:
                 self._fail(f"rank {rank} failed to start: {detail}")
 
     def send_pool_size(self, num_blocks: int, recall: RecallSize | None = None) -> None:
-        """[blocks], or [blocks, recall host slots, recall GPU bytes]."""
-        sizes = [num_blocks] if recall is None else [num_blocks, recall.slots, recall.gpu_bytes]
+        """[blocks], or [blocks, recall host slots, GPU bytes, model KV heads]."""
+        sizes = [num_blocks]
+        if recall is not None:
+            sizes += [recall.slots, recall.gpu_bytes, recall.model_kv_heads]
         for conn in self.conns:
             conn.send_bytes(np.array(sizes, np.int64).tobytes())
         self.expect("ready", self.timeout_s)

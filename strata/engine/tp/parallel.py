@@ -99,7 +99,8 @@ class TensorParallel:
         if recall is not None:
             peers = self.peers()
             recall.on_release = lambda serial: peers.send(RecallRelease(serial))
-            size = RecallSize(recall.store.num_slots, recall.gpu_budget)
+            size = RecallSize(recall.store.num_slots, recall.gpu_budget,
+                              self.layout.full.num_kv_heads)  # fmt: skip
         self.group.send_pool_size(num_blocks, size)
         logger.info("tensor parallel: %s; every rank ready (%d KV blocks each, its own "
                     "KV heads)", self.layout.describe(), num_blocks)  # fmt: skip

@@ -34,6 +34,7 @@ from strata.kv.policies.runtime.gathered import GatheredObserver, ObservedRows
 from strata.kv.policies.runtime.rank_compaction import CompactOp, apply_compact_op
 from strata.kv.policies.runtime.step_kv import layer_metadata
 from strata.kv.recall.mirror import RecallRelease
+from strata.kv.recall.ranks import HeadShard
 from strata.kv.tiers.build import build_tiers
 from strata.kv.tiers.manager import TierManager
 from strata.kv.tiers.tier_ops import reply_key, run_tier_op
@@ -89,10 +90,10 @@ def run_worker(spec: WorkerSpec, conn: Connection) -> None:
         backend = attention_over(kv, get_backend(spec.attention_backend))
         recall = None
         if spec.recall is not None:
-            recall = WorkerRecall.build(
-                spec.recall, loaded.config, spec.dtype, device, loaded.model.rope, backend,
-                RecallSize(*recall_size),
-            )  # fmt: skip
+            size = RecallSize(*recall_size)
+            shard = HeadShard(comm, size.model_kv_heads)
+            recall = WorkerRecall.build(spec.recall, loaded.config, spec.dtype, device,
+                                        loaded.model.rope, backend, size, shard)  # fmt: skip
         conn.send(("ready", None))
         try:
             serve_steps(spec, conn, comm, loaded.model, kv, backend, tiers, recall)

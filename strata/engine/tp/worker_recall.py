@@ -5,9 +5,9 @@ slots and GPU bytes as its own, so the worker admits whatever rank 0 did. Each s
 recall rows (StepInputs.recall) name the sequences and their chunks (kv/recall/wire.py);
 the mirror admits and plans them (kv/recall/mirror.py), and the step attends through
 RecallAttention as on rank 0: pool rows through the inner backend, recall rows through
-their sequences. Quest and full_offload select per KV head (quest over the GQA group of
-the head, whose query heads a rank holds with it), so each rank picks what one rank
-would for the same head.
+their sequences. Selection is per KV head, so each rank picks for its heads what one
+rank would; where it is not (a replicated head's GQA group, shadowkv's basis over
+every head), the ranks join in the recall layers themselves (kv/recall/ranks.py).
 """
 
 from __future__ import annotations
@@ -25,14 +25,17 @@ from strata.engine.tp.step_wire import StepInputs
 from strata.kv.recall.attention import RecallAttention, RecallMetadata, RecallRows
 from strata.kv.recall.build import build_recall
 from strata.kv.recall.mirror import RecallMirror
+from strata.kv.recall.ranks import HeadShard
 
 
 @dataclass(frozen=True)
 class RecallSize:
-    """Rank 0's recall store: host slots and GPU bytes (each rank's is as large)."""
+    """Rank 0's recall store: host slots and GPU bytes (each rank's is as large), and the
+    model's KV heads."""
 
     slots: int
     gpu_bytes: int
+    model_kv_heads: int
 
 
 class WorkerRecall:
@@ -43,10 +46,10 @@ class WorkerRecall:
     @classmethod
     def build(
         cls, cache: CacheConfig, model: ModelConfig, dtype: torch.dtype, device: torch.device,
-        rope: Rotary | None, backend: AttentionBackend[Any], size: RecallSize,
+        rope: Rotary | None, backend: AttentionBackend[Any], size: RecallSize, shard: HeadShard,
     ) -> WorkerRecall:  # fmt: skip
         manager = build_recall(cache, model, dtype, device, size.gpu_bytes, rope, graphs=False,
-                               num_slots=size.slots)  # fmt: skip
+                               num_slots=size.slots, shard=shard)  # fmt: skip
         return cls(RecallMirror(manager), backend)
 
     def metadata(

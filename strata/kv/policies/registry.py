@@ -48,11 +48,11 @@ def create_policy(name: str, shape: AttentionShape) -> KVPolicy:
 
 
 def tensor_parallel_policies() -> tuple[str, ...]:
-    """The `kv_policy` values that run under tensor parallelism (KVPolicy.tensor_parallel,
-    RecallPolicy.tensor_parallel)."""
+    """The `kv_policy` values that run under tensor parallelism: the eviction policies
+    that say so (KVPolicy.tensor_parallel), and every recall policy, each rank over its
+    own KV heads (strata/engine/tp/worker_recall.py)."""
     evicting = (n for n in POLICIES.names() if POLICIES.get(n).tensor_parallel)
-    recalling = (n for n in RECALL_POLICIES.names() if RECALL_POLICIES.get(n).tensor_parallel)
-    return (FULL, *evicting, *recalling)
+    return (FULL, *evicting, *RECALL_POLICIES.names())
 
 
 def tensor_parallel_refusal(name: str) -> str | None:
@@ -60,10 +60,7 @@ def tensor_parallel_refusal(name: str) -> str | None:
     allowed = tensor_parallel_policies()
     if name in allowed:
         return None
-    why = ""
-    if name in RECALL_POLICIES:
-        why = " (its recall summaries span every KV head of a layer, and a rank holds some)"
     return (
-        f"kv_policy {name!r} does not run under tensor parallelism yet{why}; these do: "
-        f"{', '.join(allowed)}"
+        f"kv_policy {name!r} does not run under tensor parallelism yet "
+        f"(only {', '.join(allowed)})"
     )

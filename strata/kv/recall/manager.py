@@ -30,6 +30,7 @@ from strata.kv.recall.geometry import RecallGeometry
 from strata.kv.recall.host_store import HostKVStore
 from strata.kv.recall.layer_graphs import LayerGraphs
 from strata.kv.recall.policy import SummaryRoom
+from strata.kv.recall.ranks import HeadShard
 from strata.kv.recall.registry import RECALL_POLICIES
 from strata.kv.recall.sequence import RecallSequence
 from strata.kv.sizing import format_bytes
@@ -51,9 +52,10 @@ class RecallKV:
 class RecallManager:
     def __init__(
         self, geometry: RecallGeometry, store: HostKVStore, gpu_budget: int, device: torch.device,
-        rope: Rotary | None = None, graphs: bool = False,
+        rope: Rotary | None = None, graphs: bool = False, shard: HeadShard | None = None,
     ) -> None:  # fmt: skip
         self.geometry, self.store, self.device = geometry, store, device
+        self.shard = shard  # tensor parallelism: this rank's KV heads (ranks.py)
         # CUDA graphs of selecting decode steps (layer_graphs.py): one capture stream
         self._graph_stream: torch.cuda.Stream | None = None
         if graphs and device.type == "cuda":
@@ -107,7 +109,7 @@ class RecallManager:
         gpu += cls.summary_bytes(
             SummaryRoom(
                 g.sparse_layers, g.num_kv_heads, host_slots, g.head_dim, g.block_size, g.dtype,
-                budget_blocks, landmark_tokens=g.landmark_tokens,
+                budget_blocks, landmark_tokens=g.landmark_tokens, shard=self.shard,
             )
         )
         if cls.selects:
@@ -130,6 +132,7 @@ class RecallManager:
         kv.state = RecallSequence(
             self.geometry, policy, kv.budget_blocks, kv.max_tokens, self.store, slots, self.device,
             self.rope, kv.prompt_tokens, graphs, self._serials if serial is None else serial,
+            self.shard,
         )  # fmt: skip
         self._serials += serial is None
         self.gpu_used += kv.gpu_bytes
