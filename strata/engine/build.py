@@ -31,7 +31,6 @@ from strata.kv.coded_attention import attention_over
 from strata.kv.manager import KVManager
 from strata.kv.policies.base import AttentionShape
 from strata.kv.policies.model_access import ModelAccess
-from strata.kv.policies.registry import tensor_parallel_refusal
 from strata.kv.policies.runtime.driver import KVPolicyDriver, PolicyDefaults
 from strata.kv.policies.runtime.rank_compaction import RankShard
 from strata.kv.policies.runtime.reconstruction import (
@@ -185,7 +184,6 @@ def load_placed_model(
     rope_len = None if requested_len is None else requested_len + PASS_HEADROOM
     parallel = None
     if config.parallel.tensor_parallel_size > 1:
-        check_tensor_parallel_policy(config)
         if needs_gpu_measurement(config.cache, device.type == "cuda"):
             raise ValueError(
                 "tensor_parallel_size > 1 on CUDA needs kv_cache_memory or num_kv_blocks: "
@@ -220,14 +218,6 @@ def load_placed_model(
         min(requested_len or limit, limit), dtype, device,
     )  # fmt: skip
     return loaded, placed, parallel
-
-
-def check_tensor_parallel_policy(config: EngineConfig) -> None:
-    """ValueError, before any rank starts, for a default KV policy TP does not run."""
-    refusal = tensor_parallel_refusal(config.cache.kv_policy)
-    if refusal is not None:
-        size = config.parallel.tensor_parallel_size
-        raise ValueError(f"tensor_parallel_size {size}: {refusal}")
 
 
 def kv_layout(

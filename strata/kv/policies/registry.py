@@ -46,21 +46,3 @@ def create_policy(name: str, shape: AttentionShape) -> KVPolicy:
         raise ValueError(f"kv_policy {name!r} is a recall policy: the recall store runs it")
     return POLICIES.get(name)(shape)
 
-
-def tensor_parallel_policies() -> tuple[str, ...]:
-    """The `kv_policy` values that run under tensor parallelism: the eviction policies
-    that say so (KVPolicy.tensor_parallel), and every recall policy, each rank over its
-    own KV heads (strata/engine/tp/worker_recall.py)."""
-    evicting = (n for n in POLICIES.names() if POLICIES.get(n).tensor_parallel)
-    return (FULL, *evicting, *RECALL_POLICIES.names())
-
-
-def tensor_parallel_refusal(name: str) -> str | None:
-    """Why kv_policy `name` does not run under tensor parallelism; None when it does."""
-    allowed = tensor_parallel_policies()
-    if name in allowed:
-        return None
-    return (
-        f"kv_policy {name!r} does not run under tensor parallelism yet "
-        f"(only {', '.join(allowed)})"
-    )
