@@ -15,6 +15,7 @@ import pytest
 from strata import LLM, SamplingParams
 from strata.engine.tp.step_wire import StepInputs
 from strata.kv.policies.pyramidkv import PyramidKVPolicy
+from strata.kv.sizing import GIB
 from tests.conftest import assert_no_leaks, make_hf_model
 from tests.test_hf_equality import _record_logits
 from tests.test_recall import PROMPT as LONG
@@ -97,9 +98,10 @@ def test_policies_tp2_equal_tp1(
 
 
 RECALL_ENGINE = {"device": "cpu", "block_size": 4, "num_kv_blocks": 200,
-                 "max_num_batched_tokens": 64, "kv_recall_host_memory": 0.01,
-                 "kv_recall_gpu_memory": 0.05, "kv_recall_dense_layers": 1}  # fmt: skip
-RECALL_STATS = ("recall_decode_steps", "recall_blocks_attended_per_step", "recall_host_bytes")
+                 "max_num_batched_tokens": 64, "kv_recall_gpu_memory": 0.05,
+                 "kv_recall_dense_layers": 1}  # fmt: skip
+# 64 host slots: a block of the one sparse layer, K and V, 16 float32 dims per KV head
+RECALL_SLOT_BYTES = 2 * 4 * 16 * 4
 
 
 @pytest.mark.parametrize("name", ["llama-gqa", "llama-mqa-tied"])
@@ -107,9 +109,11 @@ def test_recall_policies_tp2_equal_tp1(name: str, folders: dict[str, Path]) -> N
     """Quest, shadowkv and full_offload at a 40-token budget (10 of 36 middle blocks per
     head and step: they select), batched with a plain and a SnapKV request, over one dense
     and one sparse layer: TP=2's greedy tokens are TP=1's, with KV heads split (each rank
-    selects for its own) and replicated (a head's GQA group spans its ranks). Rank 0's
-    recall stats are a single rank's per head; its store holds as many blocks as TP=1's,
-    of its heads; nothing stays held."""
+    selects for its own) and replicated (a head's GQA group spans its ranks). The store's
+    64 blocks hold quest's 44 or shadowkv's 36, not both: shadowkv waits for quest's
+    release, which the workers must follow to admit it. Rank 0's recall stats are a
+    single rank's per head; its store holds as many blocks as TP=1's, of its heads;
+    nothing stays held."""
     prompts = [LONG, LONG[:90], LONG[30:], LONG[10:120], LONG[5:85]]
     greedy = {"max_tokens": 24, "temperature": 0, "ignore_eos": True}
     params = [
@@ -119,14 +123,16 @@ def test_recall_policies_tp2_equal_tp1(name: str, folders: dict[str, Path]) -> N
         SamplingParams(kv_policy="full_offload", kv_budget=1, **greedy),
         SamplingParams(kv_policy="snapkv", kv_budget=0.5, **greedy),
     ]
-    ref = LLM(str(folders[name]), **RECALL_ENGINE)
+    heads = 2 if name == "llama-gqa" else 1  # of the model; each rank holds one
+    options = {**RECALL_ENGINE, "kv_recall_host_memory": (64 * RECALL_SLOT_BYTES * heads + 1) / GIB}
+    ref = LLM(str(folders[name]), **options)
     want = [o.token_ids for o in ref.generate(prompts, params)]
-    with LLM(str(folders[name]), **RECALL_ENGINE, tensor_parallel_size=2) as tp:
+    with LLM(str(folders[name]), **options, tensor_parallel_size=2) as tp:
         assert [o.token_ids for o in tp.generate(prompts, params)] == want
         mine, theirs = tp.stats(), ref.stats()
-        heads = 2 if name == "llama-gqa" else 1  # of the model, in TP=1's store
         assert mine["recall_host_bytes"] * heads == theirs["recall_host_bytes"]
-        for key in RECALL_STATS[:2]:
+        assert theirs["recall_host_bytes"] == 64 * RECALL_SLOT_BYTES * heads
+        for key in ("recall_decode_steps", "recall_blocks_attended_per_step"):
             assert mine[key] == theirs[key], key
         assert mine["recall_decode_steps"] == 3 * (greedy["max_tokens"] - 1)
         assert_recall_idle(tp)

@@ -124,6 +124,8 @@ class RecallManager:
             raise RuntimeError(f"recall sequence {request_id!r} admitted twice")
         if self.gpu_used + kv.gpu_bytes > self.gpu_budget or kv.host_slots > self.store.num_free:
             return False
+        if serial is None:
+            serial, self._serials = self._serials, self._serials + 1
         slots = self.store.allocate(request_id, kv.host_slots)
         policy = RECALL_POLICIES.get(kv.policy)()
         graphs = None
@@ -131,10 +133,8 @@ class RecallManager:
             graphs = LayerGraphs(self._graph_stream)
         kv.state = RecallSequence(
             self.geometry, policy, kv.budget_blocks, kv.max_tokens, self.store, slots, self.device,
-            self.rope, kv.prompt_tokens, graphs, self._serials if serial is None else serial,
-            self.shard,
+            self.rope, kv.prompt_tokens, graphs, serial, self.shard,
         )  # fmt: skip
-        self._serials += serial is None
         self.gpu_used += kv.gpu_bytes
         self._live[request_id] = kv
         return True
