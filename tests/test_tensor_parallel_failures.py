@@ -19,7 +19,7 @@ from transformers import LlamaConfig
 
 from strata import LLM, SamplingParams
 from strata.engine.tp.group import WorkerGroup
-from strata.errors import InvalidRequestError, TensorParallelError
+from strata.errors import TensorParallelError
 from tests.conftest import TINY, make_hf_model
 
 GREEDY = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
@@ -51,10 +51,6 @@ def test_killed_worker_fails_the_engine_and_leaves_no_process(folder: Path) -> N
     assert llm.engine.kv.root != ref.engine.kv.root  # block keys name the parallel layout
     want = ref.generate([1, 2, 3], GREEDY)[0].token_ids
     assert llm.generate([1, 2, 3], GREEDY)[0].token_ids == want
-    quest = SamplingParams(max_tokens=4, kv_policy="quest", kv_budget=8)
-    with pytest.raises(InvalidRequestError, match="'quest' is a recall policy, and recall "
-                       "policies do not run under tensor parallelism yet"):  # fmt: skip
-        llm.generate([1, 2, 3], quest)
     pids = [p.pid for p in llm.engine.parts.parallel.group.procs]  # type: ignore[union-attr]
     os.kill(pids[0], signal.SIGKILL)
     start = time.monotonic()
@@ -88,7 +84,7 @@ def test_worker_hung_in_start_up_fails_the_engine_within_the_timeout(
     send = WorkerGroup.send_pool_size
     pids: list[int] = []
 
-    def stop_rank1_first(group: WorkerGroup, num_blocks: int) -> None:
+    def stop_rank1_first(group: WorkerGroup, num_blocks: int, recall: object = None) -> None:
         pids.extend(p.pid for p in group.procs if p.pid is not None)
         os.kill(pids[0], signal.SIGSTOP)
         send(group, num_blocks)
@@ -135,11 +131,6 @@ def test_worker_exits_when_rank0_dies(folder: Path) -> None:
         ({"tensor_parallel_size": 3}, "3 does not divide the model's 4 attention heads"),
         ({"tensor_parallel_size": 4}, "4 is more ranks than this host's 2 CPU cores"),
         ({"tensor_parallel_size": 2, "expert_slots": 2}, "does not run with expert offloading"),
-        (
-            {"tensor_parallel_size": 2, "kv_policy": "quest", "kv_budget": 0.5},
-            "2: kv_policy 'quest' is a recall policy, and recall policies do not run under "
-            "tensor parallelism yet",
-        ),
         ({"tensor_parallel_size": 0}, "tensor_parallel_size must be a whole number >= 1"),
     ],
 )

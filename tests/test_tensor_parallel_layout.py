@@ -108,25 +108,30 @@ def test_unshardable_layouts_are_refused(
 
 def test_step_inputs_round_trip() -> None:
     """Every field comes back; a layer layout over the step's own tables (PyramidKV's
-    shorter layers) does not repeat them, one over other tables (attended blocks) does."""
+    shorter layers) does not repeat them, one over other tables (attended blocks) does;
+    the last two tokens are a recall sequence's, with no pool slots."""
     layout = BatchLayout([3, 1, 1], [3, 9, 17], [[4, 5], [0, 1, 2], [7, 8, 9, 10, 11]], 4)
     shorter = BatchLayout([3, 1, 1], [3, 7, 15], layout.block_tables, 4)
     attended = BatchLayout([3, 1, 1], [3, 7, 15], [[4, 5], [0, 1], [7, 8, 9, 10]], 4)
     parts = (LayerLayout(np.array([16, 17, 18, 6, 42]), shorter),
              LayerLayout(np.array([16, 17, 18, 6, 34]), attended))  # fmt: skip
     rows = [ObservedRows(0, 1, 3, 1, 3), ObservedRows(2, 4, 5, 16, 17, RankShare.MAXED, (0, 2))]
+    recall = np.arange(12, dtype=np.int64)  # one recall row (kv/recall/wire.py)
     step = StepInputs(
-        np.arange(5, dtype=np.int64), np.array([0, 1, 2, 8, 16]), np.array([16, 17, 18, 8, 44]),
-        np.array([2, 3, 4]), layout, ObservedRows.encode(rows), np.array([5, 11]),
-        parts, np.array([1, 0, 2]),
+        np.arange(7, dtype=np.int64), np.array([0, 1, 2, 8, 16, 40, 41]),
+        np.array([16, 17, 18, 8, 44]), np.array([2, 3, 4, 6]), layout, ObservedRows.encode(rows),
+        np.array([5, 11]), parts, np.array([1, 0, 2]), recall,
     )  # fmt: skip
     data = step.encode()
     assert data.dtype == np.int64
     own = 3 + 3 + 10  # context and table lengths, tables
-    assert len(data) == 8 + 5 * 3 + 3 + 3 + (7 + 9) + 2 + 3 + own + (5 + 6) + (5 + 3 + 3 + 8)
+    pooled = 5
+    assert len(data) == (10 + 7 * 2 + pooled + 4 + 3 + (7 + 9) + 2 + 3 + 12 + own
+                         + (pooled + 6) + (pooled + 3 + 3 + 8))  # fmt: skip
     back = StepInputs.decode(data)
     assert back.layout == layout
-    names = ("ids", "positions", "slots", "logits_rows", "observed", "live_blocks", "layer_of")
+    names = ("ids", "positions", "slots", "logits_rows", "observed", "live_blocks", "layer_of",
+             "recall")  # fmt: skip
     for name in names:
         assert np.array_equal(getattr(back, name), getattr(step, name))
     assert ObservedRows.decode(back.observed) == rows

@@ -2,7 +2,9 @@
 head from what the ranks gather (attention sums or maxima, or queries, keys and values),
 every rank compacts its own heads, and the workers attend over rank 0's layer layouts
 (PyramidKV), so TP=2 gives TP=1's greedy tokens, logits and compactions, with KV heads
-split and replicated."""
+split and replicated. Recall policies: every rank keeps its own recall store over its
+heads, the workers mirror rank 0's admissions, chunks and releases, and TP=2 gives TP=1's
+greedy tokens."""
 
 from __future__ import annotations
 
@@ -13,8 +15,11 @@ import pytest
 from strata import LLM, SamplingParams
 from strata.engine.tp.step_wire import StepInputs
 from strata.kv.policies.pyramidkv import PyramidKVPolicy
+from strata.kv.sizing import GIB
 from tests.conftest import assert_no_leaks, make_hf_model
 from tests.test_hf_equality import _record_logits
+from tests.test_recall import PROMPT as LONG
+from tests.test_recall import assert_recall_idle
 from tests.test_tensor_parallel import TP_CONFIGS
 
 ENGINE = {"device": "cpu", "block_size": 4, "num_kv_blocks": 96, "max_num_batched_tokens": 32,
@@ -90,3 +95,44 @@ def test_policies_tp2_equal_tp1(
             assert any(uneven) == (policy == "pyramidkv"), policy
         assert tp.stats()["kv_reconstruction_tokens"] > 0  # kvzip's passes ran on every rank
         assert_no_leaks(tp)
+
+
+RECALL_ENGINE = {"device": "cpu", "block_size": 4, "num_kv_blocks": 200,
+                 "max_num_batched_tokens": 64, "kv_recall_gpu_memory": 0.05,
+                 "kv_recall_dense_layers": 1}  # fmt: skip
+# 64 host slots: a block of the one sparse layer, K and V, 16 float32 dims per KV head
+RECALL_SLOT_BYTES = 2 * 4 * 16 * 4
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "llama-mqa-tied"])
+def test_recall_policies_tp2_equal_tp1(name: str, folders: dict[str, Path]) -> None:
+    """Quest, shadowkv and full_offload at a 40-token budget (10 of 36 middle blocks per
+    head and step: they select), batched with a plain and a SnapKV request, over one dense
+    and one sparse layer: TP=2's greedy tokens are TP=1's, with KV heads split (each rank
+    selects for its own) and replicated (a head's GQA group spans its ranks). The store's
+    64 blocks hold quest's 44 or shadowkv's 36, not both: shadowkv waits for quest's
+    release, which the workers must follow to admit it. Rank 0's recall stats are a
+    single rank's per head; its store holds as many blocks as TP=1's, of its heads;
+    nothing stays held."""
+    prompts = [LONG, LONG[:90], LONG[30:], LONG[10:120], LONG[5:85]]
+    greedy = {"max_tokens": 24, "temperature": 0, "ignore_eos": True}
+    params = [
+        SamplingParams(kv_policy="quest", kv_budget=40, **greedy),
+        SamplingParams(**greedy),
+        SamplingParams(kv_policy="shadowkv", kv_budget=40, **greedy),
+        SamplingParams(kv_policy="full_offload", kv_budget=1, **greedy),
+        SamplingParams(kv_policy="snapkv", kv_budget=0.5, **greedy),
+    ]
+    heads = 2 if name == "llama-gqa" else 1  # of the model; each rank holds one
+    options = {**RECALL_ENGINE, "kv_recall_host_memory": (64 * RECALL_SLOT_BYTES * heads + 1) / GIB}
+    ref = LLM(str(folders[name]), **options)
+    want = [o.token_ids for o in ref.generate(prompts, params)]
+    with LLM(str(folders[name]), **options, tensor_parallel_size=2) as tp:
+        assert [o.token_ids for o in tp.generate(prompts, params)] == want
+        mine, theirs = tp.stats(), ref.stats()
+        assert mine["recall_host_bytes"] * heads == theirs["recall_host_bytes"]
+        assert theirs["recall_host_bytes"] == 64 * RECALL_SLOT_BYTES * heads
+        for key in ("recall_decode_steps", "recall_blocks_attended_per_step"):
+            assert mine[key] == theirs[key], key
+        assert mine["recall_decode_steps"] == 3 * (greedy["max_tokens"] - 1)
+        assert_recall_idle(tp)

@@ -31,7 +31,6 @@ from strata.kv.coded_attention import attention_over
 from strata.kv.manager import KVManager
 from strata.kv.policies.base import AttentionShape
 from strata.kv.policies.model_access import ModelAccess
-from strata.kv.policies.registry import tensor_parallel_refusal
 from strata.kv.policies.runtime.driver import KVPolicyDriver, PolicyDefaults
 from strata.kv.policies.runtime.rank_compaction import RankShard
 from strata.kv.policies.runtime.reconstruction import (
@@ -40,8 +39,9 @@ from strata.kv.policies.runtime.reconstruction import (
     PassLimits,
 )
 from strata.kv.prefix import root_key
-from strata.kv.recall.build import build_recall, recall_enabled, recall_gpu_share
+from strata.kv.recall.build import build_recall, recall_enabled, recall_gpu_share, recall_slots
 from strata.kv.recall.manager import RecallManager
+from strata.kv.recall.ranks import HeadShard
 from strata.kv.recall.registry import is_recall_policy
 from strata.kv.sessions import SessionPins
 from strata.kv.sizing import (
@@ -139,9 +139,12 @@ def _build_parts(
     )
     recall = None
     if recall_enabled(config.cache):
+        whole = placed.model_config if parallel is None else parallel.layout.full
         recall = build_recall(
             config.cache, placed.model_config, placed.dtype, placed.device, recall_bytes,
             placed.model.rope, graphs=not config.enforce_eager,
+            num_slots=recall_slots(config.cache, whole, placed.dtype),
+            shard=None if parallel is None else HeadShard(parallel.comm, whole.num_kv_heads),
         )  # fmt: skip
     scheduler = Scheduler(config.scheduler, kv, tier_loads, reclaim=sessions.reclaim, recall=recall)
     rebalancer = None
@@ -155,7 +158,7 @@ def _build_parts(
     attention = attention_over(kv_cache, backend)  # wraps it for a lossy codec
     runner = ModelRunner(loaded.model, kv_cache, attention, placed.device)
     if parallel is not None:
-        parallel.set_pool(kv_cache.num_blocks)
+        parallel.set_pool(kv_cache.num_blocks, recall)
         runner.parallel = parallel
     shard = None if parallel is None else RankShard(parallel.kv_head_slices[0], peers)
     kv_policies = build_kv_policies(config, loaded, placed, kv, kv_cache, runner, recall, shard)
@@ -181,7 +184,6 @@ def load_placed_model(
     rope_len = None if requested_len is None else requested_len + PASS_HEADROOM
     parallel = None
     if config.parallel.tensor_parallel_size > 1:
-        check_tensor_parallel_policy(config)
         if needs_gpu_measurement(config.cache, device.type == "cuda"):
             raise ValueError(
                 "tensor_parallel_size > 1 on CUDA needs kv_cache_memory or num_kv_blocks: "
@@ -216,14 +218,6 @@ def load_placed_model(
         min(requested_len or limit, limit), dtype, device,
     )  # fmt: skip
     return loaded, placed, parallel
-
-
-def check_tensor_parallel_policy(config: EngineConfig) -> None:
-    """ValueError, before any rank starts, for a default KV policy TP does not run."""
-    refusal = tensor_parallel_refusal(config.cache.kv_policy)
-    if refusal is not None:
-        size = config.parallel.tensor_parallel_size
-        raise ValueError(f"tensor_parallel_size {size}: {refusal}")
 
 
 def kv_layout(

@@ -43,7 +43,6 @@ class LLMEngine:
         self.requests = RequestFactory(
             self.tokenizer, parts.loaded.name, self.model_config.vocab_size, self.max_model_len,
             self.kv_policies, config.seed, parts.loaded.eos_token_ids,
-            tensor_parallel=parts.parallel is not None,
         )  # fmt: skip
         # Tokenize and check a request without queueing it (prepare), or only its prompt.
         self.prepare = self.requests.prepare

@@ -18,7 +18,6 @@ from strata.engine.logit_rules import logit_rules
 from strata.engine.sampling_params import SamplingParams
 from strata.engine.sequence import Sequence
 from strata.errors import ContextLengthError, InvalidRequestError
-from strata.kv.policies.registry import tensor_parallel_refusal
 from strata.kv.policies.runtime.driver import KVPolicyDriver
 
 
@@ -32,10 +31,8 @@ class RequestFactory:
         kv_policies: KVPolicyDriver,
         seed: int,
         eos_token_ids: frozenset[int] = frozenset(),
-        tensor_parallel: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
-        self.tensor_parallel = tensor_parallel  # then only tensor_parallel_policies() run
         self.model_name = model_name
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
@@ -96,11 +93,6 @@ class RequestFactory:
             raise InvalidRequestError(
                 "the prompt is empty; it must contain at least one token", "prompt"
             )
-        refusal = None
-        if self.tensor_parallel and params.kv_policy is not None:
-            refusal = tensor_parallel_refusal(params.kv_policy)
-        if refusal is not None:
-            raise InvalidRequestError(refusal, "kv_policy")
         bad = self._bad_token_ids(params.stop_token_ids)
         if bad:
             raise InvalidRequestError(

@@ -31,12 +31,13 @@ from strata.engine.staging import PinnedStager
 from strata.engine.step_stats import StepStats
 from strata.engine.tp.parallel import TensorParallel
 from strata.engine.tp.step_wire import StepInputs
-from strata.errors import SequenceFault, TensorParallelError, blame
+from strata.errors import SequenceFault, blame
 from strata.kv.cache import KVCache
 from strata.kv.policies.runtime.gathered import GatheredObserver, ObservedRows
 from strata.kv.policies.runtime.observer import StepObserver
 from strata.kv.policies.runtime.step_kv import KVStepBuilder, StepKV, layer_metadata
 from strata.kv.recall.attention import RecallAttention, RecallMetadata
+from strata.kv.recall.wire import encode_rows
 from strata.models.llama import LlamaModel
 
 
@@ -167,8 +168,8 @@ class ModelRunner:
         if self.parallel is None:
             logits = self.model(ids_t, pos_t, self.kv, backend, meta, rows_t, step.observer)
             return logits, step.observer
-        if step.recall:
-            raise TensorParallelError("tensor parallelism runs no recall policy")
+        if step.recall:  # the workers mirror rank 0's recall sequences (tp/worker_recall.py)
+            inputs = replace(inputs, recall=encode_rows(step.recall))
         observer = None
         if step.observer is not None:
             observer, inputs = self._gathered(step.observer, inputs, plan)
@@ -185,7 +186,8 @@ class ModelRunner:
         """The observer that gathers every rank's scores, and the inputs that tell the
         workers which queries to score."""
         assert self.parallel is not None
-        chunk_of = {c.seq.request_id: i for i, c in enumerate(plan.chunks)}
+        pooled = [c for c in plan.chunks if c.seq.recall is None]  # the layout's chunks
+        chunk_of = {c.seq.request_id: i for i, c in enumerate(pooled)}
         rows = [ObservedRows.of(s, chunk_of[s.request_id]) for s in local.observed]
         observer = GatheredObserver(
             self.kv, rows, inputs.layout.block_tables, self.parallel.comm,

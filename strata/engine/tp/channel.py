@@ -4,10 +4,11 @@ A message is an int64 array:
 
     [0]                  stop
     [n]                  the step is n int64s, broadcast from rank 0 right after
-    StepInputs.encode()  the step itself (always 8 or more values)
-    [-1] + pickle bytes  a WorkerOp: a tier operation (kv/tiers/tier_ops.py) or a KV
-                         policy's compaction (kv/policies/runtime/rank_compaction.py), run
-                         before the next step; the worker may answer ("tier", key, value)
+    StepInputs.encode()  the step itself (always 10 or more values)
+    [-1] + pickle bytes  a WorkerOp: a tier operation (kv/tiers/tier_ops.py), a KV
+                         policy's compaction (kv/policies/runtime/rank_compaction.py) or a
+                         recall release (kv/recall/mirror.py), run before the next step;
+                         the worker may answer ("tier", key, value)
 
 Steps up to INLINE_BYTES go inline on the pipe, larger ones by broadcast: measured on the
 2-core CPU machine (benchmarks/tp_plan_channel.py, docs/benchmarks.md) the pipe costs
@@ -33,6 +34,7 @@ import torch
 
 from strata.engine.tp.step_wire import StepInputs
 from strata.kv.policies.runtime.rank_compaction import CompactOp
+from strata.kv.recall.mirror import RecallRelease
 from strata.kv.tiers.tier_ops import TierOp
 from strata.models.tp.comm import Communicator
 
@@ -40,7 +42,7 @@ INLINE_BYTES = 64 << 10
 POLL_S = 1.0  # how often an idle worker checks that rank 0 is alive
 OP_MARK = np.array([-1], np.int64).tobytes()
 
-WorkerOp: TypeAlias = TierOp | CompactOp
+WorkerOp: TypeAlias = TierOp | CompactOp | RecallRelease
 
 
 def send_step(conns: list[Connection], comm: Communicator, step: StepInputs) -> None:

@@ -25,6 +25,7 @@ import numpy as np
 from strata.engine.tp.channel import send_step, send_stop
 from strata.engine.tp.step_wire import StepInputs
 from strata.engine.tp.worker import WorkerSpec, run_worker
+from strata.engine.tp.worker_recall import RecallSize
 from strata.errors import TensorParallelError
 from strata.models.tp.comm import Communicator
 
@@ -82,9 +83,13 @@ class WorkerGroup:
             if kind != message:
                 self._fail(f"rank {rank} failed to start: {detail}")
 
-    def send_pool_size(self, num_blocks: int) -> None:
+    def send_pool_size(self, num_blocks: int, recall: RecallSize | None = None) -> None:
+        """[blocks], or [blocks, recall host slots, GPU bytes, model KV heads]."""
+        sizes = [num_blocks]
+        if recall is not None:
+            sizes += [recall.slots, recall.gpu_bytes, recall.model_kv_heads]
         for conn in self.conns:
-            conn.send_bytes(np.array([num_blocks], np.int64).tobytes())
+            conn.send_bytes(np.array(sizes, np.int64).tobytes())
         self.expect("ready", self.timeout_s)
 
     @property

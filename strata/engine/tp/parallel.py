@@ -4,8 +4,9 @@
         checks the layout (heads, devices, backend) before any process starts,
         starts ranks 1..N-1 (WorkerGroup) and connects rank 0's Communicator;
     load_model(..., comm=tp.comm)      rank 0 loads its share while the workers load theirs;
-    tp.loaded(); tp.set_pool(blocks)   the workers build the same pool, in blocks, and their
-                                       own tiers, driven by rank 0's (tp.peers());
+    tp.loaded(); tp.set_pool(blocks, recall)   the workers build the same pool, in blocks,
+                                       their own tiers, driven by rank 0's (tp.peers()),
+                                       and their recall stores, mirroring rank 0's;
     runner: tp.send(step) + `with tp.guard(): model(...)` for every step; tp.close().
 """
 
@@ -27,8 +28,12 @@ from strata.engine.tp.group import WorkerGroup
 from strata.engine.tp.peers import WorkerPeers
 from strata.engine.tp.step_wire import StepInputs
 from strata.engine.tp.worker import WorkerSpec
+from strata.engine.tp.worker_recall import RecallSize
 from strata.errors import TensorParallelError
 from strata.kv.codec import get_codec
+from strata.kv.recall.build import recall_enabled
+from strata.kv.recall.manager import RecallManager
+from strata.kv.recall.mirror import RecallRelease
 from strata.models.loader import read_model_config
 from strata.models.tp.comm import Communicator, backend_for
 from strata.models.tp.layout import ShardLayout
@@ -87,8 +92,16 @@ class TensorParallel:
         took = time.monotonic() - self.group.started
         self.group.expect("loaded", max(LOAD_FLOOR_S, 3 * took + self.group.timeout_s))
 
-    def set_pool(self, num_blocks: int) -> None:
-        self.group.send_pool_size(num_blocks)
+    def set_pool(self, num_blocks: int, recall: RecallManager | None = None) -> None:
+        """The workers' pool, in blocks, and their recall stores, sized as rank 0's
+        `recall`, whose releases they then follow (worker_recall.py)."""
+        size = None
+        if recall is not None:
+            peers = self.peers()
+            recall.on_release = lambda serial: peers.send(RecallRelease(serial))
+            size = RecallSize(recall.store.num_slots, recall.gpu_budget,
+                              self.layout.full.num_kv_heads)  # fmt: skip
+        self.group.send_pool_size(num_blocks, size)
         logger.info("tensor parallel: %s; every rank ready (%d KV blocks each, its own "
                     "KV heads)", self.layout.describe(), num_blocks)  # fmt: skip
 
@@ -160,6 +173,7 @@ def start_tensor_parallel(
             max_positions, config.seed, config.cache.block_size,
             backend, os.getpid(), threads, config.cache.tiers, kv_head_slices(layout)[rank],
             config.cache.kv_cache_dtype, tail_rows,
+            config.cache if recall_enabled(config.cache) else None,
         )
         for rank in range(1, size)
     ]

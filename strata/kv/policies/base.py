@@ -129,9 +129,6 @@ class KVPolicy(ABC):
 
     name: str = ""
     evicts_during_decode: bool = False
-    # Runs under tensor parallelism: rank 0's observation, combined from every rank's
-    # share (`rank_share`, runtime/gathered.py), is the one a single rank would build.
-    tensor_parallel: bool = False
 
     def __init__(self, shape: AttentionShape) -> None:
         self.shape = shape

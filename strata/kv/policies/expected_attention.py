@@ -40,7 +40,6 @@ def mean_rotation(model: ModelAccess, first: int, count: int, dim: int) -> torch
 
 class ExpectedAttentionPolicy(ScoredPolicy):
     name = "expected_attention"
-    tensor_parallel = True  # rank 0 gathers every head's queries, keys and values (rank_share)
     NUM_SINKS = 4
     FUTURE = 512
 

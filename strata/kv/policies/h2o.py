@@ -18,7 +18,6 @@ from strata.kv.policies.scored import EveryQueryPolicy
 class H2OPolicy(EveryQueryPolicy):
     name = "h2o"
     evicts_during_decode = True
-    tensor_parallel = True
 
     def ranking(self, view: KVView, layer: int, k: int) -> torch.Tensor:
         recent = keep_top(view.positions(layer), k // 2)

@@ -59,7 +59,6 @@ def chat_suffix(tokenizer: Any) -> str:
 
 class KVzipPolicy(ScoredPolicy):
     name = "kvzip"
-    tensor_parallel = True  # its scores are maxima of attention: each rank's heads, then the max
     NUM_SINKS = 4
     CHUNK = 2048
     OVERLAP = 8

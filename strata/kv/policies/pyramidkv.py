@@ -17,7 +17,6 @@ from strata.kv.policies.snapkv import SnapKVPolicy
 
 class PyramidKVPolicy(SnapKVPolicy):
     name = "pyramidkv"
-    tensor_parallel = True  # SnapKV's votes; workers get each layer's layout with the step
     BETA = 20
 
     def layer_budgets(self, keep: int, view: KVView) -> list[int]:

@@ -46,20 +46,3 @@ def create_policy(name: str, shape: AttentionShape) -> KVPolicy:
         raise ValueError(f"kv_policy {name!r} is a recall policy: the recall store runs it")
     return POLICIES.get(name)(shape)
 
-
-def tensor_parallel_policies() -> tuple[str, ...]:
-    """The `kv_policy` values that run under tensor parallelism (KVPolicy.tensor_parallel)."""
-    return (FULL, *(n for n in POLICIES.names() if POLICIES.get(n).tensor_parallel))
-
-
-def tensor_parallel_refusal(name: str) -> str | None:
-    """Why kv_policy `name` does not run under tensor parallelism; None when it does."""
-    allowed = tensor_parallel_policies()
-    if name in allowed:
-        return None
-    what = (
-        f"kv_policy {name!r} is a recall policy, and recall policies do not"
-        if name in RECALL_POLICIES
-        else f"kv_policy {name!r} does not"
-    )
-    return f"{what} run under tensor parallelism yet (only {', '.join(allowed)})"

@@ -19,7 +19,6 @@ from strata.kv.policies.scored import ScoredPolicy
 
 class SnapKVPolicy(ScoredPolicy):
     name = "snapkv"
-    tensor_parallel = True
     WINDOW = 64
     KERNEL = 5
 

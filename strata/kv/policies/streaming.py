@@ -15,7 +15,6 @@ from strata.kv.policies.base import KVPolicy, KVView, keep_top
 class StreamingPolicy(KVPolicy):
     name = "streaming"
     evicts_during_decode = True
-    tensor_parallel = True
     NUM_SINKS = 4
 
     def select(self, view: KVView, keep: list[int]) -> list[torch.Tensor]:

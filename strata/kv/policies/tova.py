@@ -17,7 +17,6 @@ from strata.kv.policies.scored import ScoredPolicy
 class TOVAPolicy(ScoredPolicy):
     name = "tova"
     evicts_during_decode = True
-    tensor_parallel = True  # its scores are the summed attention, the same for every layer
 
     def first_observed_token(self, context_len: int) -> int:
         return context_len - 1

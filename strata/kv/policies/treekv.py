@@ -57,7 +57,6 @@ def sweep(
 
 class TreeKVPolicy(EveryQueryPolicy):
     name = "treekv"
-    tensor_parallel = True
     evicts_during_decode = True
     cursor: int  # the pair scope's first rank, carried from one selection to the next
 

@@ -12,6 +12,7 @@ from strata.config import CacheConfig, ModelConfig
 from strata.kv.recall.geometry import SINK_BLOCKS, WINDOW_BLOCKS, RecallGeometry
 from strata.kv.recall.host_store import HostKVStore
 from strata.kv.recall.manager import RecallManager
+from strata.kv.recall.ranks import HeadShard
 from strata.kv.recall.registry import is_recall_policy
 from strata.kv.sizing import GIB, format_bytes
 
@@ -36,28 +37,47 @@ def host_bytes(cache: CacheConfig) -> int:
     return int(ram * DEFAULT_HOST_FRACTION)
 
 
-def build_recall(
-    cache: CacheConfig, model: ModelConfig, dtype: torch.dtype, device: torch.device,
-    gpu_bytes: int, rope: Rotary | None = None, graphs: bool = True,
-) -> RecallManager:  # fmt: skip
-    """The recall store for this engine (call only when recall_enabled). graphs: capture
-    selecting decode steps in CUDA graphs (on CUDA)."""
-    if cache.kv_cache_dtype != "auto":
-        raise ValueError(
-            f"the recall store keeps blocks in the model dtype: use kv_cache_dtype 'auto', "
-            f"not {cache.kv_cache_dtype!r}, with a recall policy"
-        )
-    geometry = RecallGeometry(
+def recall_geometry(cache: CacheConfig, model: ModelConfig, dtype: torch.dtype) -> RecallGeometry:
+    return RecallGeometry(
         model.num_layers, min(cache.recall.dense_layers, model.num_layers), model.num_heads,
         model.num_kv_heads, model.head_dim, cache.block_size, dtype,
         landmark_tokens=cache.recall.landmark_tokens,
     )  # fmt: skip
+
+
+def recall_slots(cache: CacheConfig, whole: ModelConfig, dtype: torch.dtype) -> int:
+    """Blocks the recall store holds: kv_recall_host_memory over a block of the whole
+    model. A tensor-parallel rank's store holds as many, of its own KV heads (its share
+    of the memory; a replicated head counts on every rank holding it)."""
+    geometry = recall_geometry(cache, whole, dtype)
     slot_bytes = geometry.host_slot_bytes()
     num_slots = host_bytes(cache) // slot_bytes if geometry.sparse_layers else 1
     if num_slots < 1:
         raise ValueError(
             f"kv_recall_host_memory holds no block: one takes {format_bytes(slot_bytes)}"
         )
+    return num_slots
+
+
+def build_recall(
+    cache: CacheConfig, model: ModelConfig, dtype: torch.dtype, device: torch.device,
+    gpu_bytes: int, rope: Rotary | None = None, graphs: bool = True,
+    num_slots: int | None = None, shard: HeadShard | None = None,
+) -> RecallManager:  # fmt: skip
+    """The recall store for this engine (call only when recall_enabled) over `model`'s KV
+    heads (a rank's, under tensor parallelism). graphs: capture selecting decode steps
+    in CUDA graphs (on CUDA). num_slots: recall_slots of the whole model (default: of
+    `model`). shard: this tensor-parallel rank's heads; a replicated head's selection then
+    joins its ranks (ranks.py), outside CUDA graphs."""
+    if cache.kv_cache_dtype != "auto":
+        raise ValueError(
+            f"the recall store keeps blocks in the model dtype: use kv_cache_dtype 'auto', "
+            f"not {cache.kv_cache_dtype!r}, with a recall policy"
+        )
+    geometry = recall_geometry(cache, model, dtype)
+    graphs = graphs and (shard is None or shard.replicas == 1)
+    if num_slots is None:
+        num_slots = recall_slots(cache, model, dtype)
     store = HostKVStore(
         num_slots, max(1, geometry.sparse_layers), model.num_kv_heads, cache.block_size,
         model.head_dim, dtype, pin=device.type == "cuda",
@@ -72,4 +92,4 @@ def build_recall(
         device.type, geometry.sparse_layers, cache.kv_policy,
         "in CUDA graphs per layer" if graphs and device.type == "cuda" else "eager",
     )  # fmt: skip
-    return RecallManager(geometry, store, gpu_bytes, device, rope, graphs)
+    return RecallManager(geometry, store, gpu_bytes, device, rope, graphs, shard)

@@ -5,7 +5,11 @@
              a request that could never fit is refused at once, naming both numbers
     admit    (scheduler) its GPU state is allocated and its host slots reserved, or it
              waits while running sequences hold the memory
-    release  (finish, abort, preemption) both are given back at once
+    release  (finish, abort) both are given back at once; a preempted sequence keeps them
+
+Under tensor parallelism every rank holds such a manager over its own KV heads; rank 0's
+decides, and each admitted sequence gets a serial number by which the workers mirror it
+(wire.py, mirror.py): `on_release` tells them of each release, in order.
 
 The sequence holds no block of the paged GPU pool: its KV lives in the host store and
 its own GPU state (sequence.py), so a recall sequence is never swapped and never waits
@@ -14,6 +18,7 @@ for pool blocks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +30,7 @@ from strata.kv.recall.geometry import RecallGeometry
 from strata.kv.recall.host_store import HostKVStore
 from strata.kv.recall.layer_graphs import LayerGraphs
 from strata.kv.recall.policy import SummaryRoom
+from strata.kv.recall.ranks import HeadShard
 from strata.kv.recall.registry import RECALL_POLICIES
 from strata.kv.recall.sequence import RecallSequence
 from strata.kv.sizing import format_bytes
@@ -46,9 +52,10 @@ class RecallKV:
 class RecallManager:
     def __init__(
         self, geometry: RecallGeometry, store: HostKVStore, gpu_budget: int, device: torch.device,
-        rope: Rotary | None = None, graphs: bool = False,
+        rope: Rotary | None = None, graphs: bool = False, shard: HeadShard | None = None,
     ) -> None:  # fmt: skip
         self.geometry, self.store, self.device = geometry, store, device
+        self.shard = shard  # tensor parallelism: this rank's KV heads (ranks.py)
         # CUDA graphs of selecting decode steps (layer_graphs.py): one capture stream
         self._graph_stream: torch.cuda.Stream | None = None
         if graphs and device.type == "cuda":
@@ -57,6 +64,8 @@ class RecallManager:
         self.gpu_budget = gpu_budget
         self.gpu_used = 0
         self._live: dict[str, RecallKV] = {}
+        self._serials = 0  # admissions so far: the next sequence's serial
+        self.on_release: Callable[[int], None] | None = None  # the workers' mirrors
         self._retired = {
             "hits": 0, "misses": 0, "bytes_fetched": 0, "blocks_attended": 0, "decode_steps": 0,
             "graph_replays": 0,
@@ -72,16 +81,8 @@ class RecallManager:
         # Room for every middle block it can have; none when every layer is dense.
         host_slots = g.max_blocks(total) if g.sparse_layers else 0
         budget_blocks = min(g.budget_blocks(tokens_allowed(budget, num_prompt)), host_slots)
-        cls = RECALL_POLICIES.get(policy)
-        gpu = g.dense_bytes(total) + g.resident_bytes()
-        gpu += cls.summary_bytes(
-            SummaryRoom(
-                g.sparse_layers, g.num_kv_heads, host_slots, g.head_dim, g.block_size, g.dtype,
-                budget_blocks, landmark_tokens=g.landmark_tokens,
-            )
-        )
-        if cls.selects:
-            gpu += g.working_set_bytes(budget_blocks)
+        kv = self.kv_for(policy, budget_blocks, total, host_slots, num_prompt)
+        gpu = kv.gpu_bytes
         if host_slots > self.store.num_slots:
             need = host_slots * self.store.bytes_per_slot
             raise InvalidRequestError(
@@ -96,15 +97,35 @@ class RecallManager:
                 f"for their dense layers, summaries and working set, but recall sequences "
                 f"have {format_bytes(self.gpu_budget)} (kv_recall_gpu_memory)"
             )
-        return RecallKV(policy, budget_blocks, total, host_slots, gpu, num_prompt)
+        return kv
 
-    def admit(self, request_id: str, kv: RecallKV) -> bool:
+    def kv_for(
+        self, policy: str, budget_blocks: int, max_tokens: int, host_slots: int, num_prompt: int
+    ) -> RecallKV:
+        """A RecallKV of these numbers, with the GPU bytes it takes on this rank."""
+        g = self.geometry
+        cls = RECALL_POLICIES.get(policy)
+        gpu = g.dense_bytes(max_tokens) + g.resident_bytes()
+        gpu += cls.summary_bytes(
+            SummaryRoom(
+                g.sparse_layers, g.num_kv_heads, host_slots, g.head_dim, g.block_size, g.dtype,
+                budget_blocks, landmark_tokens=g.landmark_tokens, shard=self.shard,
+            )
+        )
+        if cls.selects:
+            gpu += g.working_set_bytes(budget_blocks)
+        return RecallKV(policy, budget_blocks, max_tokens, host_slots, gpu, num_prompt)
+
+    def admit(self, request_id: str, kv: RecallKV, serial: int | None = None) -> bool:
         """Allocate the sequence's GPU state and reserve its host slots; False (nothing
-        changed) if either is short now."""
+        changed) if either is short now. serial: rank 0's, for a worker's mirror; by
+        default the next of this manager's own."""
         if kv.state is not None:
             raise RuntimeError(f"recall sequence {request_id!r} admitted twice")
         if self.gpu_used + kv.gpu_bytes > self.gpu_budget or kv.host_slots > self.store.num_free:
             return False
+        if serial is None:
+            serial, self._serials = self._serials, self._serials + 1
         slots = self.store.allocate(request_id, kv.host_slots)
         policy = RECALL_POLICIES.get(kv.policy)()
         graphs = None
@@ -112,7 +133,7 @@ class RecallManager:
             graphs = LayerGraphs(self._graph_stream)
         kv.state = RecallSequence(
             self.geometry, policy, kv.budget_blocks, kv.max_tokens, self.store, slots, self.device,
-            self.rope, kv.prompt_tokens, graphs,
+            self.rope, kv.prompt_tokens, graphs, serial, self.shard,
         )  # fmt: skip
         self.gpu_used += kv.gpu_bytes
         self._live[request_id] = kv
@@ -128,6 +149,8 @@ class RecallManager:
             self._retired[name] += value
         if kv.state.graphs is not None:
             kv.state.graphs.clear()
+        if self.on_release is not None:
+            self.on_release(kv.state.serial)
         kv.state = None
         self.gpu_used -= kv.gpu_bytes
 
@@ -173,6 +196,10 @@ class RecallManager:
         tail, summaries and working set."""
         kv = self._live.get(request_id)
         return kv.gpu_bytes if kv is not None and kv.state is not None else 0
+
+    def state_of(self, request_id: str) -> RecallSequence | None:
+        kv = self._live.get(request_id)
+        return None if kv is None else kv.state
 
     def live_ids(self) -> set[str]:
         """The requests holding recall state now."""

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from strata.attention.layer_inputs import Rotary
+from strata.kv.recall.ranks import HeadShard
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,12 @@ class SummaryRoom:
     slots: int = 0  # blocks a decode step picks per layer and head (the working set)
     device: torch.device | None = None  # None: the CPU
     landmark_tokens: int = 8  # tokens per landmark, for policies that keep landmarks
+    shard: HeadShard | None = None  # under tensor parallelism: kv_heads are this rank's
+
+    @property
+    def model_kv_heads(self) -> int:
+        """The whole model's KV heads (kv_heads unless tensor-parallel)."""
+        return self.kv_heads if self.shard is None else self.shard.model_kv_heads
 
     def nbytes(self, per_block_vectors: int) -> int:
         """Bytes of `per_block_vectors` head_dim vectors per block, layer and head."""

@@ -17,6 +17,7 @@ from strata.kv.recall.geometry import SINK_BLOCKS, RecallGeometry
 from strata.kv.recall.host_store import HostKVStore
 from strata.kv.recall.layer_graphs import LayerGraphs
 from strata.kv.recall.policy import RecallPolicy, SummaryRoom
+from strata.kv.recall.ranks import HeadShard
 from strata.kv.recall.rows import copy_rows
 from strata.kv.recall.working_set import Moves, WorkingSet
 
@@ -52,8 +53,12 @@ class RecallSequence:
         rope: Rotary | None = None,
         prompt_tokens: int = 0,
         graphs: LayerGraphs | None = None,
+        serial: int = 0,
+        shard: HeadShard | None = None,
     ) -> None:
         g = geometry
+        self.shard = shard  # tensor parallelism: its heads are this rank's (ranks.py)
+        self.serial = serial  # its admission's number (manager.py): the workers' name for it
         self.geometry, self.policy, self.store = g, policy, store
         self.budget_blocks = budget_blocks
         self.max_tokens = max_tokens
@@ -71,7 +76,7 @@ class RecallSequence:
         self.host_slots_t = torch.tensor(host_slots, dtype=torch.long, device=device)
         room = SummaryRoom(
             g.sparse_layers, kvh, len(host_slots), d, g.block_size, dt, budget_blocks, device,
-            g.landmark_tokens,
+            g.landmark_tokens, shard,
         )  # fmt: skip
         policy.allocate(room, rope)
         self.working_set: WorkingSet | None = None
@@ -263,6 +268,8 @@ class RecallSequence:
             self._give_all_keys(s, m)
             grouped = q.view(g.num_kv_heads, g.group_size, g.head_dim)
             scores = self.policy.scores(s, grouped, m, live)
+            if self.shard is not None:  # a replicated head's GQA group spans ranks
+                scores = self.shard.max_over_replicas(scores)
             picks = torch.topk(scores, n, dim=1, sorted=False).indices  # all live ones
         held, moves = ws.update(s, picks)
         self._fill(s, moves, exact)

@@ -8,7 +8,7 @@ Per sparse layer, on the GPU:
     spread    [kv_heads, blocks]   1 - the lowest cosine similarity of a block's key to its
                                    chunk's landmark (how badly the landmarks describe it)
     factors   [blocks * block_size, rank]   pre-RoPE keys (every head side by side) in ...
-    basis     [rank, kv_heads * dim]        ... the top right singular vectors of the
+    basis     [rank, model kv_heads * dim]  ... the top right singular vectors of the
                                             prompt's pre-RoPE keys
 
 The host store keeps every block's exact keys and values.
@@ -23,6 +23,11 @@ are rebuilt on the GPU as RoPE(factors @ basis).
 The basis of a layer is fitted once, at the first step that selects: the prompt is then
 prefilled, and its keys are streamed from the host once (`take_all_keys`). Blocks that
 retire after that are projected on the same basis.
+
+Under tensor parallelism a rank holds some KV heads, and the basis and factors span
+them all: each rank gathers every head's pre-RoPE keys (HeadShard.gather_heads) to fit
+and project, so every rank holds the single rank's basis and factors, and rebuilds its
+own heads' keys from its columns of the basis.
 """
 
 from __future__ import annotations
@@ -67,12 +72,14 @@ class ShadowKVPolicy(RecallPolicy):
         self.spread = torch.zeros((room.layers, kvh, room.max_blocks), device=dev)
         rows = room.max_blocks * room.block_size
         self.factors = torch.zeros((room.layers, rows, rank), dtype=room.dtype, device=dev)
-        self.basis = torch.zeros((room.layers, rank, kvh * d), dtype=room.dtype, device=dev)
+        self.basis = torch.zeros(
+            (room.layers, rank, room.model_kv_heads * d), dtype=room.dtype, device=dev
+        )
         self.reset()
 
     @staticmethod
     def rank(room: SummaryRoom) -> int:
-        return min(RANK, room.kv_heads * room.head_dim)
+        return min(RANK, room.model_kv_heads * room.head_dim)
 
     @staticmethod
     def num_outliers(room: SummaryRoom) -> int:
@@ -84,7 +91,7 @@ class ShadowKVPolicy(RecallPolicy):
         landmarks = room.nbytes(per_block_vectors=chunks_per_block(room))
         spread = room.layers * room.kv_heads * room.max_blocks * 4
         factors = room.layers * room.max_blocks * room.block_size * rank * item
-        basis = room.layers * rank * room.kv_heads * room.head_dim * item
+        basis = room.layers * rank * room.model_kv_heads * room.head_dim * item
         return landmarks + spread + factors + basis
 
     def reset(self) -> None:
@@ -106,7 +113,7 @@ class ShadowKVPolicy(RecallPolicy):
         similarity = F.cosine_similarity(chunks, means[:, :, :, None], dim=-1)
         self.spread[layer, :, first : first + n] = 1 - similarity.amin(dim=(2, 3))
         if self.fitted[layer]:
-            pre = self._pre_rope(keys, first)
+            pre = self._every_head(self._pre_rope(keys, first))
             self.factors[layer, first * bs : (first + n) * bs] = (
                 pre @ self.basis[layer].float().T
             ).to(room.dtype)
@@ -119,7 +126,7 @@ class ShadowKVPolicy(RecallPolicy):
         top right singular vectors: eigenvectors of K^T K), and factor those keys."""
         room = self.room
         assert room is not None
-        pre = self._pre_rope(keys, 0)  # [n * bs, kv_heads * dim]
+        pre = self._every_head(self._pre_rope(keys, 0))  # [n * bs, model kv_heads * dim]
         _, vectors = torch.linalg.eigh(pre.T @ pre)  # ascending eigenvalues
         basis = vectors[:, -self.rank(room) :].T
         self.basis[layer] = basis.to(room.dtype)
@@ -135,6 +142,21 @@ class ShadowKVPolicy(RecallPolicy):
         # RoPE scales by cos^2 + sin^2 (1 unless the rope type scales attention)
         pre = (y * cos - rotate_half(y) * sin) / (cos * cos + sin * sin)
         return pre.permute(1, 2, 0, 3).reshape(n * bs, kvh * d)
+
+    def _every_head(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows [n, kv_heads * dim] of this rank's heads -> of the model's (ranks.py)."""
+        room = self.room
+        assert room is not None
+        return rows if room.shard is None else room.shard.gather_heads(rows)
+
+    def _own_basis(self, layer: int) -> torch.Tensor:
+        """The layer's basis for this rank's heads, [kv_heads, rank, dim]."""
+        room = self.room
+        assert room is not None
+        basis = self.basis[layer].view(self.rank(room), room.model_kv_heads, room.head_dim)
+        if room.shard is not None:
+            basis = basis[:, room.shard.own_heads(room.kv_heads)]
+        return basis.transpose(0, 1)
 
     def _tables(self, blocks: torch.Tensor, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [*blocks.shape, bs, dim] float32 at the positions of middle blocks."""
@@ -176,8 +198,7 @@ class ShadowKVPolicy(RecallPolicy):
         bs, d, rank = room.block_size, room.head_dim, self.rank(room)
         rows = blocks[:, :, None] * bs + torch.arange(bs, device=blocks.device)
         factors = self.factors[layer][rows].view(kvh, n * bs, rank)
-        per_head = self.basis[layer].view(rank, kvh, d).transpose(0, 1)  # [KVH, rank, D]
-        pre = (factors @ per_head).float().view(kvh, n, bs, d)
+        pre = (factors @ self._own_basis(layer)).float().view(kvh, n, bs, d)
         cos, sin = self._tables(blocks, bs)
         keys = (pre * cos + rotate_half(pre) * sin).to(room.dtype)
         from_host = (blocks[:, :, None] == outliers[:, None, :]).any(-1)

@@ -11,7 +11,7 @@ compaction then applies each rank's rows of the masks (runtime/compaction.py).
     rank r:  parts over its heads ─┐  (cat over the observed sequences, one gather a layer)
     rank 0:  assemble(parts of every rank) ─► policy.observe(LayerObservation)
 
-Only policies that say how their observation combines (`KVPolicy.tensor_parallel`) run
+Every policy says how its observation combines (`KVPolicy.rank_share`), and runs
 this way. Every rank sees the same `ObservedRows`, in the same order (rank 0 sends them
 with the step), so the gathers line up. Layers may hold different numbers of slots
 (PyramidKV): the rows carry each layer's shift.
