@@ -396,6 +396,11 @@ class CacheConfig:
         "do not reuse KV blocks across requests",
         flag="--no-prefix-caching",
     ))  # fmt: skip
+    reuse_holes: bool = field(default=True, metadata=option(
+        "reuse only the cached blocks before the first missing one (default: also those "
+        "after it, computing just the missing blocks; the outputs are the same)",
+        keyword="kv_reuse_holes", flag="--no-kv-reuse-holes",
+    ))  # fmt: skip
     tiers: TierConfig = field(default_factory=TierConfig)
     recall: RecallConfig = field(default_factory=RecallConfig)
     kv_cache_dtype: KVCacheDtype = field(default="auto", metadata=option(

@@ -129,7 +129,7 @@ def _build_parts(
     root = root_key(loaded.fingerprint, layout)
     kv = KVManager(
         kv_cache.num_blocks, placed.block_size, root, config.cache.enable_prefix_caching,
-        tiers=tiers,
+        tiers=tiers, reuse_holes=config.cache.reuse_holes,
     )  # fmt: skip
     sessions = SessionPins(kv, tiers, config.cache.tiers.session_gpu_fraction)
     tier_block = kv_cache.block_bytes if tiers is None else tiers.cpu.layout.nbytes

@@ -13,6 +13,9 @@ Invariants (checked by `check_integrity`):
 - A sequence's first `len(keys)` blocks are full and computed, with chain keys `keys`;
   each is indexed under its key, or unindexed when another block held that key first.
 - Holds (session pins) own one reference on each of their blocks, like a sequence.
+- Reuse around holes: blocks after a sequence's computed ones may already hold valid KV
+  (`reused`, found cached past a missing block). Each is indexed under its own key, and
+  the sequence computes only the holes before them (see `PrefixMatch`).
 - A sequence under a KV policy stops being indexed at its compression point; compaction
   (`compact_table`) never writes into a block that is shared or indexed: it copies it.
 """
@@ -45,20 +48,36 @@ class _SeqBlocks:
     keys: list[bytes] = field(default_factory=list)  # chain keys of the first len(keys) blocks
     root: bytes = b""  # the chain's root: the engine's, or salted (prefix.salted_root)
     compressed: bool = False  # past a KV policy's compression point: never indexed again
+    reused: list[int] = field(default_factory=list)  # ascending indices of valid blocks ahead
 
 
 @dataclass(frozen=True)
 class PrefixMatch:
-    """Cached blocks found for a sequence's leading full blocks."""
+    """Cached blocks found for a sequence's leading full blocks, and (matched with holes)
+    the cached blocks after the first missing one. A block's key names its whole prefix,
+    whether or not the blocks before it are resident, so its KV is exact wherever it is:
+
+        blocks    | 0  1 | 2  3 | 4 | 5 | 6 .. |
+        cached    | y  y | n  n | y | n | ...  |
+        match     |<-  ->|       |<>|            block_ids (0, 1); ahead ((4, id),)
+        computed  |      |<hole->|  |<->|<rest->   holes attend over every block before them
+    """
 
     block_ids: tuple[int, ...]
     keys: tuple[bytes, ...]
     block_size: int
     root: bytes  # the chain's root (salted for a salted sequence)
+    ahead: tuple[tuple[int, int], ...] = ()  # (block index, block id), ascending, after a hole
 
     @property
     def num_tokens(self) -> int:
+        """Tokens of the leading run: where the sequence's computing starts."""
         return len(self.block_ids) * self.block_size
+
+    @property
+    def num_reused_tokens(self) -> int:
+        """Tokens whose KV the match supplies, leading run and blocks ahead together."""
+        return (len(self.block_ids) + len(self.ahead)) * self.block_size
 
 
 class KVManager:
@@ -75,10 +94,12 @@ class KVManager:
         root: bytes,
         enable_prefix_caching: bool = True,
         tiers: WriteThrough | None = None,
+        reuse_holes: bool = False,
     ) -> None:
         self.block_size = block_size
         self.root = root
         self.enable_prefix_caching = enable_prefix_caching
+        self.reuse_holes = reuse_holes  # the scheduler matches lossless sequences past holes
         self.pool = BlockPool(num_blocks)
         self.index = PrefixIndex()
         self._seqs: dict[str, _SeqBlocks] = {}
@@ -110,30 +131,36 @@ class KVManager:
 
     # ---- prefix matching -----------------------------------------------------------------
 
-    def match_prefix(self, token_ids: Sequence[int], salt: str | None = None) -> PrefixMatch:
+    def match_prefix(
+        self, token_ids: Sequence[int], salt: str | None = None, holes: bool = False
+    ) -> PrefixMatch:
         """The longest run of leading full blocks found in the index. Takes no reference.
 
-        At least one token is always left to compute, so the step that finishes the
-        prompt has logits to sample from. A salted sequence only finds blocks of its salt.
+        With `holes`, the search goes on past missing blocks, and the cached blocks after
+        them are the match's `ahead`. At least one token is always left to compute, so
+        the step that finishes the prompt has logits to sample from. A salted sequence
+        only finds blocks of its salt.
         """
         root = salted_root(self.root, salt)
         if not self.enable_prefix_caching:
             return PrefixMatch((), (), self.block_size, root)
         bs = self.block_size
-        max_blocks = (len(token_ids) - 1) // bs
         parent = root
         block_ids: list[int] = []
         keys: list[bytes] = []
-        for i in range(max_blocks):
+        ahead: list[tuple[int, int]] = []
+        for i in range((len(token_ids) - 1) // bs):
             chunk = token_ids[i * bs : (i + 1) * bs]
-            key = chain_key(parent, chunk)
-            block_id = self.index.lookup(key, chunk)
-            if block_id is None:
+            parent = chain_key(parent, chunk)
+            block_id = self.index.lookup(parent, chunk)
+            if block_id is not None and len(block_ids) == i:
+                block_ids.append(block_id)
+                keys.append(parent)
+            elif block_id is not None:
+                ahead.append((i, block_id))
+            elif not holes:
                 break
-            block_ids.append(block_id)
-            keys.append(key)
-            parent = key
-        return PrefixMatch(tuple(block_ids), tuple(keys), bs, root)
+        return PrefixMatch(tuple(block_ids), tuple(keys), bs, root, tuple(ahead))
 
     def block_refs(self, token_ids: Sequence[int], start: int, parent: bytes) -> list[BlockRef]:
         """Keys and tokens of the full blocks from block `start` on, leaving one token to compute.
@@ -151,28 +178,51 @@ class KVManager:
     # ---- allocation ----------------------------------------------------------------------
 
     def admit(self, seq_id: str, match: PrefixMatch, num_tokens: int, num_prompt: int) -> bool:
-        """Give a new sequence its cached prefix blocks plus fresh blocks up to `num_tokens`.
+        """Give a new sequence its cached blocks plus fresh blocks up to `num_tokens` and in
+        the holes between the cached ones.
 
         All or nothing: returns False and changes nothing if the free blocks do not suffice.
         """
         if seq_id in self._seqs:
             raise KVIntegrityError(f"sequence {seq_id!r} admitted twice")
-        num_new = self.blocks_for(num_tokens) - len(match.block_ids)
-        revived = sum(1 for b in match.block_ids if self.pool.refcount[b] == 0)
+        ahead = dict(match.ahead)
+        length = max(self.blocks_for(num_tokens), max(ahead, default=-1) + 1)
+        reused = [*match.block_ids, *ahead.values()]
+        num_new = length - len(reused)
+        revived = sum(1 for b in reused if self.pool.refcount[b] == 0)
         if num_new > self.pool.num_free - revived:
             return False
-        state = _SeqBlocks(root=match.root)
-        for block_id in match.block_ids:
+        for block_id in reused:  # off the free list before any allocation can evict them
             self.pool.acquire(block_id)
-            state.table.append(block_id)
+        state = _SeqBlocks(root=match.root, reused=sorted(ahead))
+        state.table.extend(match.block_ids)
+        for i in range(len(match.block_ids), length):
+            state.table.append(ahead[i] if i in ahead else self._allocate_block())
         state.keys.extend(match.keys)
-        for _ in range(num_new):
-            state.table.append(self._allocate_block())
         self._seqs[seq_id] = state
         if self.enable_prefix_caching:
             self.prefix_cache_queried_tokens += num_prompt
-            self.prefix_cache_hit_tokens += match.num_tokens
+            self.prefix_cache_hit_tokens += match.num_reused_tokens
         return True
+
+    def hole_end(self, seq_id: str) -> int | None:
+        """The first token past the sequence's computed ones whose block already holds KV:
+        computing stops there. None when no such block lies ahead."""
+        reused = self._seqs[seq_id].reused
+        return reused[0] * self.block_size if reused else None
+
+    def skip_reused(self, seq_id: str, num_computed: int) -> int:
+        """`num_computed` moved past the valid blocks that start there (the hole before
+        them is filled); they leave `reused` and are indexed by the next `commit`."""
+        reused = self._seqs[seq_id].reused
+        while reused and reused[0] * self.block_size == num_computed:
+            reused.pop(0)
+            num_computed += self.block_size
+        return num_computed
+
+    def reused_ahead_tokens(self, seq_id: str) -> int:
+        """Tokens of the valid blocks still ahead of the sequence's computed ones."""
+        return len(self._seqs[seq_id].reused) * self.block_size
 
     def grow(self, seq_id: str, num_tokens: int) -> bool:
         """Extend a running sequence's table to hold `num_tokens`. All or nothing."""
@@ -389,6 +439,7 @@ class KVManager:
                         f"sequence {seq_id!r} block {i} (id {state.table[i]}) is indexed "
                         "under another prefix's key"
                     )
+            problems.extend(self._check_reused(seq_id, state))
         for owner, blocks in self._holds.items():
             for block_id in blocks:
                 if not 0 <= block_id < self.pool.num_blocks:
@@ -412,6 +463,15 @@ class KVManager:
         problems.extend(self.index.check())
         if problems:
             raise KVIntegrityError("KV integrity check failed:\n  " + "\n  ".join(problems))
+
+    def _check_reused(self, seq_id: str, state: _SeqBlocks) -> list[str]:
+        """A valid block ahead lies past the computed keys, in the table, and is indexed."""
+        return [
+            f"sequence {seq_id!r} reused block {i} is out of place or not indexed"
+            for i in state.reused
+            if not len(state.keys) < i < len(state.table)
+            or self.index.key_of(state.table[i]) is None
+        ]
 
     def stats(self) -> dict[str, int]:
         return {

@@ -113,11 +113,12 @@ class TierLoadTracker(TierLoads[S]):
         refs = self._loading_refs.pop(event.seq_id)
         bs = self.kv.block_size
         first = seq.num_computed // bs
+        ahead = self.kv.reused_ahead_tokens(seq.request_id)  # GPU blocks past the hole
         self.kv.mark_loaded(seq.request_id, refs[: event.num_loaded])
         seq.num_computed += event.num_loaded * bs
         self.num_hit_tokens += event.num_loaded * bs
-        if seq.num_cached_tokens >= 0 and seq.num_cached_tokens == first * bs:
-            seq.num_cached_tokens = seq.num_computed
+        if seq.num_cached_tokens >= 0 and seq.num_cached_tokens == first * bs + ahead:
+            seq.num_cached_tokens = seq.num_computed + ahead
         self.resumed(seq)
         return seq
 
