@@ -28,6 +28,7 @@ from typing import Protocol
 
 from strata.errors import StrataError
 from strata.kv.blocks import BlockPool
+from strata.kv.pool_order import FreeBlockOrder
 from strata.kv.prefix import BlockRef, PrefixIndex, chain_key, salted_root
 
 
@@ -95,12 +96,14 @@ class KVManager:
         enable_prefix_caching: bool = True,
         tiers: WriteThrough | None = None,
         reuse_holes: bool = False,
+        eviction: FreeBlockOrder | None = None,
     ) -> None:
+        """eviction: the order free cached blocks are reused in (default lru)."""
         self.block_size = block_size
         self.root = root
         self.enable_prefix_caching = enable_prefix_caching
         self.reuse_holes = reuse_holes  # the scheduler matches lossless sequences past holes
-        self.pool = BlockPool(num_blocks)
+        self.pool = BlockPool(num_blocks, eviction)
         self.index = PrefixIndex()
         self._seqs: dict[str, _SeqBlocks] = {}
         self._holds: dict[str, list[int]] = {}
@@ -194,6 +197,7 @@ class KVManager:
             return False
         for block_id in reused:  # off the free list before any allocation can evict them
             self.pool.acquire(block_id)
+            self.pool.order.reused(block_id)
         state = _SeqBlocks(root=match.root, reused=sorted(ahead))
         state.table.extend(match.block_ids)
         for i in range(len(match.block_ids), length):
@@ -247,7 +251,8 @@ class KVManager:
         """
         if self._tiers is not None:
             self._tiers.before_overwrite(block_id)
-        self.index.remove_block(block_id)
+        if self.index.remove_block(block_id) is not None:
+            self.pool.order.forgotten(block_id)
 
     def commit(
         self, seq_id: str, token_ids: Sequence[int], num_computed: int, write_through: bool = True
@@ -269,6 +274,8 @@ class KVManager:
             key = chain_key(parent, chunk)
             # If another sequence indexed the same content first, this block stays unindexed.
             indexed = self.index.insert(key, chunk, state.table[i])
+            if indexed:
+                self.pool.order.indexed(state.table[i], i)
             if indexed and write_through and self._tiers is not None:
                 self.newly_indexed.append((state.table[i], BlockRef(key, tuple(chunk))))
             state.keys.append(key)
@@ -314,8 +321,9 @@ class KVManager:
         """
         state = self._seqs[seq_id]
         for ref in refs:
-            block_id = state.table[len(state.keys)]
-            self.index.insert(ref.key, ref.token_ids, block_id)
+            position = len(state.keys)
+            if self.index.insert(ref.key, ref.token_ids, state.table[position]):
+                self.pool.order.indexed(state.table[position], position)
             state.keys.append(ref.key)
 
     # ---- compaction under a KV policy ----------------------------------------------------
@@ -461,6 +469,7 @@ class KVManager:
                     f"block {block_id}: refcount {rc} but free={is_free} withdrawn={withdrawn}"
                 )
         problems.extend(self.index.check())
+        problems.extend(self.pool.order.check(free_set))
         if problems:
             raise KVIntegrityError("KV integrity check failed:\n  " + "\n  ".join(problems))
 
