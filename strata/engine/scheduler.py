@@ -159,7 +159,7 @@ class Scheduler:
             if not self._admit_blocks(seq, match, slots):
                 break
             self._start(seq, match)
-            n = self._to_hole_end(seq, n)  # its match may have changed in _admit_blocks
+            n = self._to_hole_end(seq, n)  # as admitted (_admit_blocks may match again)
             self.running.append(seq)
             self.tier_loads.resumed(seq)
             chunks.append(
