@@ -160,3 +160,18 @@ def test_manager_keeps_blocks_after_a_hole() -> None:
     kv.check_integrity()
     kv.free("b")
     kv.check_integrity()
+
+
+def test_two_requests_fill_the_same_hole_in_one_step(folder: Path) -> None:
+    # Both compute block 2 into blocks of their own; the first to commit indexes it, the
+    # other's copy stays unindexed and is freed as an empty block.
+    prompts = [BASE + TAIL, BASE + TAIL[::-1]]
+    plain = LLM(str(folder), num_kv_blocks=32, enable_prefix_caching=False, **KW)
+    want = [o.token_ids for o in plain.generate(prompts, GREEDY, use_tqdm=False)]
+    llm = _cached_base(folder)
+    _evict(llm, BASE, [2])
+    outs, n = _computed(llm, lambda: llm.generate(prompts, GREEDY, use_tqdm=False))
+    assert [o.token_ids for o in outs] == want
+    assert n == 2 * (4 + 6 + 4)
+    assert len(llm.engine.kv.match_prefix(BASE).block_ids) == 6
+    assert_no_leaks(llm)
