@@ -118,3 +118,18 @@ def test_eviction_orders_in_the_engine_equal_recompute(
         assert llm.generate([prompt], params, use_tqdm=False)[0].token_ids == tokens
     assert llm.stats()["prefix_cache_hit_tokens"] == hit_tokens
     assert_no_leaks(llm)
+
+
+def test_cost_order_follows_withdraw_restore_and_cold_evictions() -> None:
+    order = CostFreeOrder(slope=0.5)
+    kv = KVManager(num_blocks=8, block_size=2, root=b"r", eviction=order)
+    run(kv, "a", A)  # a0..a3 cached in free blocks 0..3
+    assert kv.withdraw(2)  # lent (MoE expert slots): evicted, off the free list
+    kv.check_integrity()
+    assert run(kv, "b", B) == [5, 6, 7]  # empty blocks first, no cached one evicted
+    kv.restore(2)
+    # Free list (release order): 2 (restored first), 4, 3, 1, 0, 7, 6, 5. Cold eviction
+    # empties the cached ones in that order: 3 1 0 6 5, behind 4, 7 and 2.
+    assert kv.evict_all_cached() == 5
+    kv.check_integrity()
+    assert run(kv, "c", A) == [4, 7, 2, 3, 1]  # in the order they became empty
