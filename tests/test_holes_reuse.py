@@ -109,6 +109,33 @@ def test_a_hole_in_the_cpu_tier_is_loaded(folder: Path, recomputed: list[int]) -
     assert_no_leaks(llm)
 
 
+@pytest.mark.parametrize(
+    ("gpu_evicted", "loaded"),
+    [
+        ([2, 3, 4, 5], 3),  # blocks 2, 4, 5 loaded around block 3, missing everywhere
+        ([2, 3, 5], 2),  # 2 and 5 loaded, 4 kept on the GPU, 3 computed
+    ],
+)
+def test_tier_blocks_are_loaded_around_a_hole(
+    folder: Path, recomputed: list[int], gpu_evicted: list[int], loaded: int
+) -> None:
+    llm = _cached_base(folder, kv_cpu_memory=0.01)
+    tiers = llm.engine.tiers
+    assert tiers is not None
+    tiers.flush()
+    _evict(llm, BASE, gpu_evicted)
+    tiers.cpu.remove([llm.engine.kv.block_refs(BASE, 0, llm.engine.kv.root)[3].key])
+    out, n = _computed(llm, lambda: llm.generate([BASE + TAIL], GREEDY, use_tqdm=False)[0])
+    assert out.token_ids == recomputed
+    assert n == 4 + 6 + 4  # block 3, the new tokens, the decode steps
+    stats = llm.stats()
+    assert stats["kv_tier_blocks_loaded"] == loaded
+    assert stats["prefix_cache_tier_hit_tokens"] == 4 * loaded
+    assert out.num_cached_tokens == 20
+    assert len(llm.engine.kv.match_prefix(BASE).block_ids) == 6
+    assert_no_leaks(llm)
+
+
 @pytest.mark.parametrize("ending", ["preempt", "abort"])
 def test_preempted_or_aborted_inside_a_hole(
     folder: Path, recomputed: list[int], ending: str

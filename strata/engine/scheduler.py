@@ -20,9 +20,10 @@ Each step, under a budget of `max_num_batched_tokens`:
 
 With reuse around holes (a lossless sequence, `KVManager.reuse_holes`), GPU-cached
 blocks after a missing one are kept too; a chunk stops at the next of them, and
-`num_computed` then jumps past them. Tier hits fill the first hole at most.
+`num_computed` then jumps past them. Blocks the GPU lacks are loaded where a tier holds
+them; the holes left are computed.
 
-    token_ids | gpu hit | tier hit | hole (computed) | gpu hit | hole | gpu hit | rest |
+    token_ids | gpu hit | tier hit | hole (computed) | gpu hit | tier hit | hole | rest |
 """
 
 from __future__ import annotations
@@ -141,10 +142,8 @@ class Scheduler:
                 continue
             match = self._match(seq, tokens)
             hits = self.tier_loads.hits(seq, tokens, match)
-            if match.ahead:  # tier hits fill the first hole at most
-                del hits[match.ahead[0][0] - len(match.block_ids) :]
             if hits:
-                num_tokens = (len(match.block_ids) + len(hits)) * self.kv.block_size
+                num_tokens = (hits[-1][0] + 1) * self.kv.block_size
                 if not self._admit_blocks(seq, match, num_tokens):
                     break
                 self._start(seq, match)

@@ -14,14 +14,16 @@ Invariants (checked by `check_integrity`):
   each is indexed under its key, or unindexed when another block held that key first.
 - Holds (session pins) own one reference on each of their blocks, like a sequence.
 - Reuse around holes: blocks after a sequence's computed ones may already hold valid KV
-  (`reused`, found cached past a missing block). Each is indexed under its own key, and
-  the sequence computes only the holes before them (see `PrefixMatch`).
+  (`reused`: cached past a missing block, or loaded from a tier). Each is indexed under
+  its own key, or unindexed when another block held that key first; the sequence computes
+  only the holes before them (see `PrefixMatch`).
 - A sequence under a KV policy stops being indexed at its compression point; compaction
   (`compact_table`) never writes into a block that is shared or indexed: it copies it.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -69,6 +71,7 @@ class PrefixMatch:
     block_size: int
     root: bytes  # the chain's root (salted for a salted sequence)
     ahead: tuple[tuple[int, int], ...] = ()  # (block index, block id), ascending, after a hole
+    holes: bool = False  # matched past holes: a tier may fill any block not matched
 
     @property
     def num_tokens(self) -> int:
@@ -163,7 +166,7 @@ class KVManager:
                 ahead.append((i, block_id))
             elif not holes:
                 break
-        return PrefixMatch(tuple(block_ids), tuple(keys), bs, root, tuple(ahead))
+        return PrefixMatch(tuple(block_ids), tuple(keys), bs, root, tuple(ahead), holes)
 
     def block_refs(self, token_ids: Sequence[int], start: int, parent: bytes) -> list[BlockRef]:
         """Keys and tokens of the full blocks from block `start` on, leaving one token to compute.
@@ -313,18 +316,17 @@ class KVManager:
         """Chain keys of the sequence's full computed blocks."""
         return list(self._seqs[seq_id].keys)
 
-    def mark_loaded(self, seq_id: str, refs: Sequence[BlockRef]) -> None:
-        """Index the blocks after the sequence's computed ones, whose KV arrived from a tier.
+    def mark_loaded(self, seq_id: str, loaded: Sequence[tuple[int, BlockRef]]) -> None:
+        """Index blocks past the sequence's computed ones whose KV arrived from a tier.
 
-        `refs` are those blocks' keys and tokens, in order; they are not hashed again and
-        not written back down.
+        `loaded`: (block index, key and tokens), ascending; they are not hashed again and
+        not written back down. They join the valid blocks ahead (`skip_reused`).
         """
         state = self._seqs[seq_id]
-        for ref in refs:
-            position = len(state.keys)
-            if self.index.insert(ref.key, ref.token_ids, state.table[position]):
-                self.pool.order.indexed(state.table[position], position)
-            state.keys.append(ref.key)
+        for i, ref in loaded:
+            if self.index.insert(ref.key, ref.token_ids, state.table[i]):
+                self.pool.order.indexed(state.table[i], i)
+            bisect.insort(state.reused, i)
 
     # ---- compaction under a KV policy ----------------------------------------------------
 
@@ -474,13 +476,15 @@ class KVManager:
             raise KVIntegrityError("KV integrity check failed:\n  " + "\n  ".join(problems))
 
     def _check_reused(self, seq_id: str, state: _SeqBlocks) -> list[str]:
-        """A valid block ahead lies past the computed keys, in the table, and is indexed."""
-        return [
-            f"sequence {seq_id!r} reused block {i} is out of place or not indexed"
+        """A valid block ahead lies past the computed keys, in the table, once."""
+        problems = [
+            f"sequence {seq_id!r} reused block {i} is out of place"
             for i in state.reused
             if not len(state.keys) < i < len(state.table)
-            or self.index.key_of(state.table[i]) is None
         ]
+        if state.reused != sorted(set(state.reused)):
+            problems.append(f"sequence {seq_id!r} reused blocks {state.reused} not ascending")
+        return problems
 
     def stats(self) -> dict[str, int]:
         return {
