@@ -210,6 +210,7 @@ KVPolicyName = Literal[  # registry: kv.policies POLICIES, then kv.recall RECALL
     "expected_attention", "kvzip", "quest", "shadowkv", "full_offload",
 ]  # fmt: skip
 TierEviction = Literal["lru", "fifo"]  # registry: kv.tiers EVICTION_ORDERS
+KVEviction = Literal["lru", "cost"]  # registry: kv.pool_order FREE_BLOCK_ORDERS
 TierCodecName = Literal["none", "fp8", "int8", "int4"]  # kv.codec CODECS names, and none
 PreemptionMode = Literal["recompute", "swap", "auto"]
 ExpertCachePolicy = Literal["lfru", "lru"]  # registry: moe.policies POLICIES
@@ -395,6 +396,17 @@ class CacheConfig:
     enable_prefix_caching: bool = field(default=True, metadata=option(
         "do not reuse KV blocks across requests",
         flag="--no-prefix-caching",
+    ))  # fmt: skip
+    reuse_holes: bool = field(default=True, metadata=option(
+        "reuse only the cached blocks before the first missing one (default: also those "
+        "after it, computing just the missing blocks; the outputs are the same)",
+        keyword="kv_reuse_holes", flag="--no-kv-reuse-holes",
+    ))  # fmt: skip
+    eviction: KVEviction = field(default="lru", metadata=option(
+        "which cached blocks the GPU pool evicts first: lru (least recently released) or "
+        "cost (lowest hit likelihood x recompute cost: a block late in a long prefix costs "
+        "more to recompute than an early one)",
+        keyword="kv_eviction",
     ))  # fmt: skip
     tiers: TierConfig = field(default_factory=TierConfig)
     recall: RecallConfig = field(default_factory=RecallConfig)

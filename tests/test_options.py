@@ -16,6 +16,7 @@ from strata.engine.llm import LLM
 from strata.engine_flags import add_engine_args, engine_keywords
 from strata.kv.codec import CODECS
 from strata.kv.policies.registry import POLICIES as KV_POLICIES
+from strata.kv.pool_order import FREE_BLOCK_ORDERS
 from strata.kv.recall.registry import RECALL_POLICIES
 from strata.kv.tiers.eviction import EVICTION_ORDERS
 from strata.moe.policies import POLICIES as EXPERT_POLICIES
@@ -40,6 +41,7 @@ LLM_KEYWORDS: dict[str, Any] = {
         (config.KVCacheDtype, CODECS, set()),
         (config.KVPolicyName, KV_POLICIES, {"full", *RECALL_POLICIES.names()}),
         (config.TierEviction, EVICTION_ORDERS, set()),
+        (config.KVEviction, FREE_BLOCK_ORDERS, set()),
         (config.ExpertCachePolicy, EXPERT_POLICIES, set()),
     ],
 )

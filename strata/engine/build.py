@@ -38,6 +38,7 @@ from strata.kv.policies.runtime.reconstruction import (
     ContextReconstruction,
     PassLimits,
 )
+from strata.kv.pool_order import attention_slope, make_free_order
 from strata.kv.prefix import root_key
 from strata.kv.recall.build import build_recall, recall_enabled, recall_gpu_share, recall_slots
 from strata.kv.recall.manager import RecallManager
@@ -111,6 +112,17 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         raise
 
 
+def _kv_manager(
+    cache: CacheConfig, placed: ModelPlacement, num_blocks: int, root: bytes,
+    tiers: TierManager | None,
+) -> KVManager:  # fmt: skip
+    slope = attention_slope(placed.model_config, placed.block_size)
+    return KVManager(
+        num_blocks, placed.block_size, root, cache.enable_prefix_caching, tiers=tiers,
+        reuse_holes=cache.reuse_holes, eviction=make_free_order(cache.eviction, slope),
+    )  # fmt: skip
+
+
 def _build_parts(
     config: EngineConfig, loaded: LoadedModel, placed: ModelPlacement,
     parallel: TensorParallel | None,
@@ -127,10 +139,7 @@ def _build_parts(
     )  # fmt: skip
     layout = kv_layout(placed, codec, parallel, config.cache.tiers.codec)
     root = root_key(loaded.fingerprint, layout)
-    kv = KVManager(
-        kv_cache.num_blocks, placed.block_size, root, config.cache.enable_prefix_caching,
-        tiers=tiers,
-    )  # fmt: skip
+    kv = _kv_manager(config.cache, placed, kv_cache.num_blocks, root, tiers)
     sessions = SessionPins(kv, tiers, config.cache.tiers.session_gpu_fraction)
     tier_block = kv_cache.block_bytes if tiers is None else tiers.cpu.layout.nbytes
     swap_cost = SwapCostModel(tier_block, placed.block_size, placed.device)

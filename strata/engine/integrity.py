@@ -29,6 +29,12 @@ def check_engine_integrity(parts: EngineParts, tracked: Collection[str]) -> None
                 f"running {seq.request_id!r} has {seq.num_kv_slots} KV slots "
                 f"but {len(table)} blocks"
             )
+        hole_end = kv.hole_end(seq.request_id)  # blocks reused past a hole lie ahead
+        if hole_end is not None and hole_end <= seq.num_computed:
+            raise KVIntegrityError(
+                f"running {seq.request_id!r} computed {seq.num_computed} tokens, past its "
+                f"reused blocks from token {hole_end}"
+            )
     for seq in sched.waiting:
         if kv.has(seq.request_id):
             raise KVIntegrityError(f"waiting {seq.request_id!r} holds blocks")

@@ -17,6 +17,13 @@ Each step, under a budget of `max_num_batched_tokens`:
 
     token_ids | gpu hit ... | tier hit (loaded) ... | computed ............ |
               |<- match --->|<-- load, async ------>|<- chunks, this step ->|
+
+With reuse around holes (a lossless sequence, `KVManager.reuse_holes`), GPU-cached
+blocks after a missing one are kept too; a chunk stops at the next of them, and
+`num_computed` then jumps past them. Blocks the GPU lacks are loaded where a tier holds
+them; the holes left are computed.
+
+    token_ids | gpu hit | tier hit | hole (computed) | gpu hit | tier hit | hole | rest |
 """
 
 from __future__ import annotations
@@ -71,7 +78,9 @@ class Scheduler:
     # ---- one step -------------------------------------------------------------------------
 
     def schedule(self) -> StepPlan:
-        self.running.extend(self.tier_loads.landed())
+        for seq in self.tier_loads.landed():
+            self._skip_reused(seq)
+            self.running.append(seq)
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[Sequence] = []
@@ -86,7 +95,7 @@ class Scheduler:
                 continue
             try:
                 with blame(seq.request_id):  # its KV policy's answers
-                    n = min(seq.num_tokens - seq.num_computed, budget)
+                    n = self._to_hole_end(seq, min(seq.num_tokens - seq.num_computed, budget))
                     if seq.kv is not None:
                         n = seq.kv.chunk_limit(seq.num_computed, n)
                     spare = self._spare_blocks(seq, n)
@@ -131,10 +140,10 @@ class Scheduler:
             except SequenceFault as fault:
                 faults.append(fault)  # stays queued until the engine fails it
                 continue
-            match = self.kv.match_prefix(tokens, seq.cache_salt)
+            match = self._match(seq, tokens)
             hits = self.tier_loads.hits(seq, tokens, match)
             if hits:
-                num_tokens = (len(match.block_ids) + len(hits)) * self.kv.block_size
+                num_tokens = (hits[-1][0] + 1) * self.kv.block_size
                 if not self._admit_blocks(seq, match, num_tokens):
                     break
                 self._start(seq, match)
@@ -149,6 +158,7 @@ class Scheduler:
             if not self._admit_blocks(seq, match, slots):
                 break
             self._start(seq, match)
+            n = self._to_hole_end(seq, n)  # as admitted (_admit_blocks may match again)
             self.running.append(seq)
             self.tier_loads.resumed(seq)
             chunks.append(
@@ -190,6 +200,8 @@ class Scheduler:
     def _first_chunk(self, seq: Sequence, match: PrefixMatch, budget: int) -> tuple[int, int]:
         """(tokens to compute now, spare blocks to reserve) for a sequence being admitted."""
         n = min(seq.num_tokens - match.num_tokens, budget)
+        if match.ahead:
+            n = min(n, match.ahead[0][0] * self.kv.block_size - match.num_tokens)
         if seq.kv is None:
             return n, 0
         with blame(seq.request_id):
@@ -207,14 +219,28 @@ class Scheduler:
                 return True
             if self.reclaim is None or not self.reclaim():
                 return False
-            match = self.kv.match_prefix(self._matchable(seq), seq.cache_salt)  # pins released
+            match = self._match(seq, self._matchable(seq))  # pins released
+
+    def _match(self, seq: Sequence, tokens: list[int]) -> PrefixMatch:
+        """The cached blocks for `tokens`; past holes only for a lossless sequence (a KV
+        policy observes its prefill in order)."""
+        holes = self.kv.reuse_holes and seq.kv is None
+        return self.kv.match_prefix(tokens, seq.cache_salt, holes=holes)
 
     def _start(self, seq: Sequence, match: PrefixMatch) -> None:
         self.waiting.remove(seq)
         seq.status = SequenceStatus.RUNNING
         seq.num_computed = match.num_tokens
         if seq.num_cached_tokens < 0:
-            seq.num_cached_tokens = match.num_tokens
+            seq.num_cached_tokens = match.num_reused_tokens
+
+    def _to_hole_end(self, seq: Sequence, n: int) -> int:
+        """`n` tokens to compute, cut where the sequence's next reused block starts."""
+        end = self.kv.hole_end(seq.request_id)
+        return n if end is None else min(n, end - seq.num_computed)
+
+    def _skip_reused(self, seq: Sequence) -> None:
+        seq.num_computed = self.kv.skip_reused(seq.request_id, seq.num_computed)
 
     def _matchable(self, seq: Sequence) -> list[int]:
         """The tokens a prefix hit may cover (one is always left to compute): under a KV
@@ -275,6 +301,7 @@ class Scheduler:
         for chunk in plan.chunks:
             seq = chunk.seq
             seq.num_computed = chunk.end
+            self._skip_reused(seq)
             self.kv.commit(seq.request_id, seq.token_ids, seq.num_computed)
             if chunk.samples:
                 seq.token_ids.append(next(tokens))

@@ -13,18 +13,24 @@ Invariants (checked by `check_integrity`):
 - A sequence's first `len(keys)` blocks are full and computed, with chain keys `keys`;
   each is indexed under its key, or unindexed when another block held that key first.
 - Holds (session pins) own one reference on each of their blocks, like a sequence.
+- Reuse around holes: blocks after a sequence's computed ones may already hold valid KV
+  (`reused`: cached past a missing block, or loaded from a tier). Each is indexed under
+  its own key, or unindexed when another block held that key first; the sequence computes
+  only the holes before them (see `PrefixMatch`).
 - A sequence under a KV policy stops being indexed at its compression point; compaction
   (`compact_table`) never writes into a block that is shared or indexed: it copies it.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from strata.errors import StrataError
 from strata.kv.blocks import BlockPool
+from strata.kv.pool_order import FreeBlockOrder
 from strata.kv.prefix import BlockRef, PrefixIndex, chain_key, salted_root
 
 
@@ -45,20 +51,37 @@ class _SeqBlocks:
     keys: list[bytes] = field(default_factory=list)  # chain keys of the first len(keys) blocks
     root: bytes = b""  # the chain's root: the engine's, or salted (prefix.salted_root)
     compressed: bool = False  # past a KV policy's compression point: never indexed again
+    reused: list[int] = field(default_factory=list)  # ascending indices of valid blocks ahead
 
 
 @dataclass(frozen=True)
 class PrefixMatch:
-    """Cached blocks found for a sequence's leading full blocks."""
+    """Cached blocks found for a sequence's leading full blocks, and (matched with holes)
+    the cached blocks after the first missing one. A block's key names its whole prefix,
+    whether or not the blocks before it are resident, so its KV is exact wherever it is:
+
+        blocks    | 0  1 | 2  3 | 4 | 5 | 6 .. |
+        cached    | y  y | n  n | y | n | ...  |
+        match     |<-  ->|       |<>|            block_ids (0, 1); ahead ((4, id),)
+        computed  |      |<hole->|  |<->|<rest->   holes attend over every block before them
+    """
 
     block_ids: tuple[int, ...]
     keys: tuple[bytes, ...]
     block_size: int
     root: bytes  # the chain's root (salted for a salted sequence)
+    ahead: tuple[tuple[int, int], ...] = ()  # (block index, block id), ascending, after a hole
+    holes: bool = False  # matched past holes: a tier may fill any block not matched
 
     @property
     def num_tokens(self) -> int:
+        """Tokens of the leading run: where the sequence's computing starts."""
         return len(self.block_ids) * self.block_size
+
+    @property
+    def num_reused_tokens(self) -> int:
+        """Tokens whose KV the match supplies, leading run and blocks ahead together."""
+        return (len(self.block_ids) + len(self.ahead)) * self.block_size
 
 
 class KVManager:
@@ -75,11 +98,15 @@ class KVManager:
         root: bytes,
         enable_prefix_caching: bool = True,
         tiers: WriteThrough | None = None,
+        reuse_holes: bool = False,
+        eviction: FreeBlockOrder | None = None,
     ) -> None:
+        """eviction: the order free cached blocks are reused in (default lru)."""
         self.block_size = block_size
         self.root = root
         self.enable_prefix_caching = enable_prefix_caching
-        self.pool = BlockPool(num_blocks)
+        self.reuse_holes = reuse_holes  # the scheduler matches lossless sequences past holes
+        self.pool = BlockPool(num_blocks, eviction)
         self.index = PrefixIndex()
         self._seqs: dict[str, _SeqBlocks] = {}
         self._holds: dict[str, list[int]] = {}
@@ -110,30 +137,36 @@ class KVManager:
 
     # ---- prefix matching -----------------------------------------------------------------
 
-    def match_prefix(self, token_ids: Sequence[int], salt: str | None = None) -> PrefixMatch:
+    def match_prefix(
+        self, token_ids: Sequence[int], salt: str | None = None, holes: bool = False
+    ) -> PrefixMatch:
         """The longest run of leading full blocks found in the index. Takes no reference.
 
-        At least one token is always left to compute, so the step that finishes the
-        prompt has logits to sample from. A salted sequence only finds blocks of its salt.
+        With `holes`, the search goes on past missing blocks, and the cached blocks after
+        them are the match's `ahead`. At least one token is always left to compute, so
+        the step that finishes the prompt has logits to sample from. A salted sequence
+        only finds blocks of its salt.
         """
         root = salted_root(self.root, salt)
         if not self.enable_prefix_caching:
             return PrefixMatch((), (), self.block_size, root)
         bs = self.block_size
-        max_blocks = (len(token_ids) - 1) // bs
         parent = root
         block_ids: list[int] = []
         keys: list[bytes] = []
-        for i in range(max_blocks):
+        ahead: list[tuple[int, int]] = []
+        for i in range((len(token_ids) - 1) // bs):
             chunk = token_ids[i * bs : (i + 1) * bs]
-            key = chain_key(parent, chunk)
-            block_id = self.index.lookup(key, chunk)
-            if block_id is None:
+            parent = chain_key(parent, chunk)
+            block_id = self.index.lookup(parent, chunk)
+            if block_id is not None and len(block_ids) == i:
+                block_ids.append(block_id)
+                keys.append(parent)
+            elif block_id is not None:
+                ahead.append((i, block_id))
+            elif not holes:
                 break
-            block_ids.append(block_id)
-            keys.append(key)
-            parent = key
-        return PrefixMatch(tuple(block_ids), tuple(keys), bs, root)
+        return PrefixMatch(tuple(block_ids), tuple(keys), bs, root, tuple(ahead), holes)
 
     def block_refs(self, token_ids: Sequence[int], start: int, parent: bytes) -> list[BlockRef]:
         """Keys and tokens of the full blocks from block `start` on, leaving one token to compute.
@@ -151,28 +184,52 @@ class KVManager:
     # ---- allocation ----------------------------------------------------------------------
 
     def admit(self, seq_id: str, match: PrefixMatch, num_tokens: int, num_prompt: int) -> bool:
-        """Give a new sequence its cached prefix blocks plus fresh blocks up to `num_tokens`.
+        """Give a new sequence its cached blocks plus fresh blocks up to `num_tokens` and in
+        the holes between the cached ones.
 
         All or nothing: returns False and changes nothing if the free blocks do not suffice.
         """
         if seq_id in self._seqs:
             raise KVIntegrityError(f"sequence {seq_id!r} admitted twice")
-        num_new = self.blocks_for(num_tokens) - len(match.block_ids)
-        revived = sum(1 for b in match.block_ids if self.pool.refcount[b] == 0)
+        ahead = dict(match.ahead)
+        length = max(self.blocks_for(num_tokens), max(ahead, default=-1) + 1)
+        reused = [*match.block_ids, *ahead.values()]
+        num_new = length - len(reused)
+        revived = sum(1 for b in reused if self.pool.refcount[b] == 0)
         if num_new > self.pool.num_free - revived:
             return False
-        state = _SeqBlocks(root=match.root)
-        for block_id in match.block_ids:
+        for block_id in reused:  # off the free list before any allocation can evict them
             self.pool.acquire(block_id)
-            state.table.append(block_id)
+            self.pool.order.reused(block_id)
+        state = _SeqBlocks(root=match.root, reused=sorted(ahead))
+        state.table.extend(match.block_ids)
+        for i in range(len(match.block_ids), length):
+            state.table.append(ahead[i] if i in ahead else self._allocate_block())
         state.keys.extend(match.keys)
-        for _ in range(num_new):
-            state.table.append(self._allocate_block())
         self._seqs[seq_id] = state
         if self.enable_prefix_caching:
             self.prefix_cache_queried_tokens += num_prompt
-            self.prefix_cache_hit_tokens += match.num_tokens
+            self.prefix_cache_hit_tokens += match.num_reused_tokens
         return True
+
+    def hole_end(self, seq_id: str) -> int | None:
+        """The first token past the sequence's computed ones whose block already holds KV:
+        computing stops there. None when no such block lies ahead."""
+        reused = self._seqs[seq_id].reused
+        return reused[0] * self.block_size if reused else None
+
+    def skip_reused(self, seq_id: str, num_computed: int) -> int:
+        """`num_computed` moved past the valid blocks that start there (the hole before
+        them is filled); they leave `reused` and are indexed by the next `commit`."""
+        reused = self._seqs[seq_id].reused
+        while reused and reused[0] * self.block_size == num_computed:
+            reused.pop(0)
+            num_computed += self.block_size
+        return num_computed
+
+    def reused_ahead_tokens(self, seq_id: str) -> int:
+        """Tokens of the valid blocks still ahead of the sequence's computed ones."""
+        return len(self._seqs[seq_id].reused) * self.block_size
 
     def grow(self, seq_id: str, num_tokens: int) -> bool:
         """Extend a running sequence's table to hold `num_tokens`. All or nothing."""
@@ -197,7 +254,8 @@ class KVManager:
         """
         if self._tiers is not None:
             self._tiers.before_overwrite(block_id)
-        self.index.remove_block(block_id)
+        if self.index.remove_block(block_id) is not None:
+            self.pool.order.forgotten(block_id)
 
     def commit(
         self, seq_id: str, token_ids: Sequence[int], num_computed: int, write_through: bool = True
@@ -219,6 +277,8 @@ class KVManager:
             key = chain_key(parent, chunk)
             # If another sequence indexed the same content first, this block stays unindexed.
             indexed = self.index.insert(key, chunk, state.table[i])
+            if indexed:
+                self.pool.order.indexed(state.table[i], i)
             if indexed and write_through and self._tiers is not None:
                 self.newly_indexed.append((state.table[i], BlockRef(key, tuple(chunk))))
             state.keys.append(key)
@@ -256,17 +316,17 @@ class KVManager:
         """Chain keys of the sequence's full computed blocks."""
         return list(self._seqs[seq_id].keys)
 
-    def mark_loaded(self, seq_id: str, refs: Sequence[BlockRef]) -> None:
-        """Index the blocks after the sequence's computed ones, whose KV arrived from a tier.
+    def mark_loaded(self, seq_id: str, loaded: Sequence[tuple[int, BlockRef]]) -> None:
+        """Index blocks past the sequence's computed ones whose KV arrived from a tier.
 
-        `refs` are those blocks' keys and tokens, in order; they are not hashed again and
-        not written back down.
+        `loaded`: (block index, key and tokens), ascending; they are not hashed again and
+        not written back down. They join the valid blocks ahead (`skip_reused`).
         """
         state = self._seqs[seq_id]
-        for ref in refs:
-            block_id = state.table[len(state.keys)]
-            self.index.insert(ref.key, ref.token_ids, block_id)
-            state.keys.append(ref.key)
+        for i, ref in loaded:
+            if self.index.insert(ref.key, ref.token_ids, state.table[i]):
+                self.pool.order.indexed(state.table[i], i)
+            bisect.insort(state.reused, i)
 
     # ---- compaction under a KV policy ----------------------------------------------------
 
@@ -389,6 +449,7 @@ class KVManager:
                         f"sequence {seq_id!r} block {i} (id {state.table[i]}) is indexed "
                         "under another prefix's key"
                     )
+            problems.extend(self._check_reused(seq_id, state))
         for owner, blocks in self._holds.items():
             for block_id in blocks:
                 if not 0 <= block_id < self.pool.num_blocks:
@@ -410,8 +471,20 @@ class KVManager:
                     f"block {block_id}: refcount {rc} but free={is_free} withdrawn={withdrawn}"
                 )
         problems.extend(self.index.check())
+        problems.extend(self.pool.order.check(free_set))
         if problems:
             raise KVIntegrityError("KV integrity check failed:\n  " + "\n  ".join(problems))
+
+    def _check_reused(self, seq_id: str, state: _SeqBlocks) -> list[str]:
+        """A valid block ahead lies past the computed keys, in the table, once."""
+        problems = [
+            f"sequence {seq_id!r} reused block {i} is out of place"
+            for i in state.reused
+            if not len(state.keys) < i < len(state.table)
+        ]
+        if state.reused != sorted(set(state.reused)):
+            problems.append(f"sequence {seq_id!r} reused blocks {state.reused} not ascending")
+        return problems
 
     def stats(self) -> dict[str, int]:
         return {

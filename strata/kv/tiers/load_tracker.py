@@ -16,9 +16,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from strata.kv.manager import KVManager, PrefixMatch
-from strata.kv.prefix import BlockRef, salted_root
+from strata.kv.prefix import salted_root
 from strata.kv.tiers.jobs import LoadDone, ProbeDone
-from strata.kv.tiers.loads import S, TierLoads
+from strata.kv.tiers.loads import S, TierHit, TierLoads
 from strata.kv.tiers.manager import TierManager
 
 
@@ -37,7 +37,7 @@ class TierLoadTracker(TierLoads[S]):
         self._probing: dict[str, list[bytes]] = {}
         self._remote_found: dict[str, set[bytes]] = {}
         self._loading: dict[str, S] = {}
-        self._loading_refs: dict[str, list[BlockRef]] = {}
+        self._loading_refs: dict[str, list[TierHit]] = {}
         self._abandoned: set[str] = set()
         self._swapped: set[str] = set()
         self.num_hit_tokens = 0
@@ -65,28 +65,32 @@ class TierLoadTracker(TierLoads[S]):
     def is_probing(self, seq: S) -> bool:
         return seq.request_id in self._probing
 
-    def hits(self, seq: S, token_ids: Sequence[int], match: PrefixMatch) -> list[BlockRef]:
+    def hits(self, seq: S, token_ids: Sequence[int], match: PrefixMatch) -> list[TierHit]:
         if not self.kv.enable_prefix_caching:
             return []
+        first = len(match.block_ids)
         parent = match.keys[-1] if match.keys else match.root
-        refs = self.kv.block_refs(token_ids, len(match.block_ids), parent)
+        on_gpu = {i for i, _ in match.ahead}
+        refs = [(i, r) for i, r in enumerate(self.kv.block_refs(token_ids, first, parent), first)
+                if i not in on_gpu]  # fmt: skip
         if not refs:
             return []
-        found = self.tiers.find_local([r.key for r in refs])
+        found = self.tiers.find_local([r.key for _, r in refs])
         remote = self._remote_found.get(seq.request_id, set())
-        n = 0
-        while n < len(refs) and (found[n] or refs[n].key in remote):
-            n += 1
+        held = [f or r.key in remote for f, (_, r) in zip(found, refs, strict=True)]
+        if match.holes:
+            return [hit for hit, h in zip(refs, held, strict=True) if h]
+        n = held.index(False) if False in held else len(held)
         return refs[:n]
 
     # ---- loads ------------------------------------------------------------------------------
 
-    def start(self, seq: S, hits: list[BlockRef]) -> None:
-        first = seq.num_computed // self.kv.block_size
+    def start(self, seq: S, hits: list[TierHit]) -> None:
         table = self.kv.block_table(seq.request_id)
         self._loading[seq.request_id] = seq
         self._loading_refs[seq.request_id] = hits
-        self.tiers.start_load(seq.request_id, hits, table[first : first + len(hits)])
+        blocks = [r for _, r in hits]
+        self.tiers.start_load(seq.request_id, blocks, [table[i] for i, _ in hits])
 
     def landed(self) -> Sequence[S]:
         out: list[S] = []
@@ -108,16 +112,17 @@ class TierLoadTracker(TierLoads[S]):
             self._remote_found[event.seq_id] = {k for k, hit in found if hit}
 
     def _land(self, event: LoadDone) -> S:
-        """Index the blocks that arrived; the sequence's computed prefix grows by them."""
+        """Index the blocks that arrived; they join the sequence's valid blocks ahead, which
+        its computed prefix skips (`KVManager.skip_reused`)."""
         seq = self._loading.pop(event.seq_id)
-        refs = self._loading_refs.pop(event.seq_id)
-        bs = self.kv.block_size
-        first = seq.num_computed // bs
-        self.kv.mark_loaded(seq.request_id, refs[: event.num_loaded])
-        seq.num_computed += event.num_loaded * bs
-        self.num_hit_tokens += event.num_loaded * bs
-        if seq.num_cached_tokens >= 0 and seq.num_cached_tokens == first * bs:
-            seq.num_cached_tokens = seq.num_computed
+        hits = self._loading_refs.pop(event.seq_id)
+        tokens = event.num_loaded * self.kv.block_size
+        reused = seq.num_computed + self.kv.reused_ahead_tokens(seq.request_id)
+        self.kv.mark_loaded(seq.request_id, hits[: event.num_loaded])
+        seq.num_computed = self.kv.skip_reused(seq.request_id, seq.num_computed)
+        self.num_hit_tokens += tokens
+        if seq.num_cached_tokens >= 0 and seq.num_cached_tokens == reused:
+            seq.num_cached_tokens += tokens
         self.resumed(seq)
         return seq
 

@@ -3,7 +3,8 @@
 One sequence's path through it, as the scheduler calls it:
 
     add ──► probe ──(remote lookup in flight: not admitted)──► probed
-    admit ──► hits: the blocks after its GPU prefix match that some tier holds
+    admit ──► hits: the blocks after its GPU prefix match that some tier holds (matched
+          past holes: every block the GPU match lacks that a tier holds)
           └─► start: it waits in `loading` ──► landed: its loaded prefix is computed ──► run
     finish while loading ──► abandoned: its blocks are freed when the load lands
     preempt ──► swap_out: its blocks stay pinned in the CPU tier ──► resumed: unpinned
@@ -37,6 +38,8 @@ class TieredSequence(Protocol):
 
 S = TypeVar("S", bound=TieredSequence)
 
+TierHit = tuple[int, BlockRef]  # (block index in the sequence, the block's key and tokens)
+
 _NONE_LOADING: Mapping[str, Any] = MappingProxyType({})
 
 
@@ -60,12 +63,13 @@ class TierLoads(ABC, Generic[S]):
         """Whether the sequence's remote lookup is still in flight (it waits for it)."""
 
     @abstractmethod
-    def hits(self, seq: S, token_ids: Sequence[int], match: PrefixMatch) -> list[BlockRef]:
-        """The leading blocks of `token_ids` after the GPU `match` that some tier holds."""
+    def hits(self, seq: S, token_ids: Sequence[int], match: PrefixMatch) -> list[TierHit]:
+        """The blocks of `token_ids` after the GPU `match` that some tier holds, ascending:
+        the leading run of them, or (a match with holes) every one the GPU lacks."""
 
     @abstractmethod
-    def start(self, seq: S, hits: list[BlockRef]) -> None:
-        """Load `hits` into the blocks after the sequence's computed ones (just admitted)."""
+    def start(self, seq: S, hits: list[TierHit]) -> None:
+        """Load `hits` into the sequence's blocks at their indices (just admitted)."""
 
     @abstractmethod
     def landed(self) -> Sequence[S]:
@@ -110,10 +114,10 @@ class NoTierLoads(TierLoads[S]):
     def is_probing(self, seq: S) -> bool:
         return False
 
-    def hits(self, seq: S, token_ids: Sequence[int], match: PrefixMatch) -> list[BlockRef]:
+    def hits(self, seq: S, token_ids: Sequence[int], match: PrefixMatch) -> list[TierHit]:
         return []
 
-    def start(self, seq: S, hits: list[BlockRef]) -> None:
+    def start(self, seq: S, hits: list[TierHit]) -> None:
         raise RuntimeError("no KV tiers to load from")  # `hits` is always empty
 
     def landed(self) -> Sequence[S]:
