@@ -39,6 +39,8 @@ def serve_replicas(
             config.host, config.port, config.replicas, model_name, config.router,
         )  # fmt: skip
         server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it stopped on
+        pass
     finally:
         replicas.shutdown()
     return 0
