@@ -1,6 +1,7 @@
 """KV-aware against round-robin routing over replicas on Ray Serve (issue 24), on CPU.
 
     python benchmarks/replicas_routing.py [--replicas 2] [--systems 4] [--users 10]
+        [--server-args '--kv-cache-memory 0.07']
 
 For each router, starts `strata serve --replicas N --router R` (the embedded model by
 default, a local Ray cluster, one CPU per replica) and sends a shared-prefix workload:
@@ -102,6 +103,7 @@ def start_server(args: argparse.Namespace, router: str, port: int) -> subprocess
         sys.executable, "-m", "strata.cli", "serve", "--replicas", str(args.replicas),
         "--router", router, "--port", str(port), "--replica-cpus", str(args.replica_cpus),
         "--log-level", "WARNING", *([] if args.model is None else ["--model", args.model]),
+        *args.server_args.split(),
     ]  # fmt: skip
     server = subprocess.Popen(command, start_new_session=True)
     deadline = time.monotonic() + 600
@@ -146,13 +148,15 @@ def main() -> None:
     p.add_argument("--routers", default="kv-aware,round-robin")
     p.add_argument("--port", type=int, default=8137)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--server-args", default="", help="more `strata serve` flags, e.g. "
+                   "'--kv-cache-memory 0.07' (a pool too small for every system prompt)")
     args = p.parse_args()
     requests = workload(args.systems, args.users, args.seed)
     print(f"# {platform.node()}: {os.cpu_count()} CPUs, {platform.python_version()}; "
           f"{args.replicas} replicas x {args.replica_cpus} CPU, model "
           f"{args.model or 'embedded SmolLM2-135M'}; {args.systems} system prompts x "
           f"{args.users} users, concurrency {args.concurrency}, {args.max_tokens} output "
-          "tokens")  # fmt: skip
+          f"tokens; server args {args.server_args!r}")  # fmt: skip
     print("| router | hit rate | TTFT mean (s) | TTFT p99 (s) | req/s | out tok/s | per replica |")
     print("|---|---|---|---|---|---|---|")
     for router in args.routers.split(","):

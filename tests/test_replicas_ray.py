@@ -90,6 +90,26 @@ def test_metrics_count_routing_decisions_by_reason(replicas: RunningReplicas) ->
     assert 'reason="load",replica="replica-1"' in text
 
 
+def test_a_dead_replica_restarts_and_its_requests_go_elsewhere(replicas: RunningReplicas) -> None:
+    import ray
+
+    names = ray.util.list_named_actors(all_namespaces=True)
+    name = next(a["name"] for a in names if "#replica-1#" in a["name"])
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    # Replica 1 holds this prefix; sent there, the request fails before a token and is
+    # sent again to replica 0 (or the router already knows replica 1 is down).
+    for streamed in (False, True):
+        response = chat(replicas, SYSTEM[1], "Are you there?", stream=streamed)
+        assert response.headers["x-strata-replica"] == "replica-0"
+        assert "error" not in response.text
+    deadline = time.monotonic() + 90  # Serve starts a new replica 1, its cache empty
+    while time.monotonic() < deadline and not replicas.front.up[1]:
+        time.sleep(0.2)
+    assert replicas.front.up[1]
+    synced(replicas)
+    assert replicas.blocks(1) == set()
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["--replicas", "0"], "--replicas must be >= 1, got 0"),
     (["--ray-address", "127.0.0.1:9"], "--ray-address needs --replicas N"),

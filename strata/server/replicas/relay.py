@@ -11,6 +11,7 @@ with an error event and [DONE]. A JSON response commits only when complete.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -91,6 +92,10 @@ async def relay(front: Front, request: dict[str, Any], keys: list[bytes]) -> Res
         stream = front.handles[replica].options(stream=True).handle.remote(request)
         try:
             start, held, complete = await _until_committed(stream)
+        except asyncio.CancelledError:  # the client left before the response began
+            front.in_flight[replica] -= 1
+            stream.cancel()
+            raise
         except Exception:  # ReplicaFailed, or the call itself failed
             front.in_flight[replica] -= 1
             stream.cancel()
