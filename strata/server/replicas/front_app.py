@@ -2,7 +2,8 @@
 /health and /metrics (routing decisions by reason) answer here.
 
 The prompt is tokenized for routing on one thread of the front, off the event loop.
-The replica checks everything else (API key, sizes, parameters) as a lone server would.
+The front checks the API key and body size (guard.py) as a lone server does; the replica
+checks them again, and everything else (parameters, lengths).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import generate_latest
 
-from strata.server.errors import APIError, install_error_handlers
+from strata.server.errors import install_error_handlers
+from strata.server.guard import RequestGuard, guard_options
 from strata.server.replicas.front import Front
 from strata.server.replicas.relay import relay
 
@@ -38,6 +40,9 @@ def build_front_app(front: Front) -> FastAPI:
     app = FastAPI(title="Strata (replicas)", lifespan=lifespan)
     app.state.front = front
     install_error_handlers(app)
+    config = front.config  # the same key and size checks as a lone server's, at the door
+    guard = guard_options(config.api_keys, config.public_metrics, config.max_request_bytes)
+    app.add_middleware(RequestGuard, **guard)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -51,10 +56,7 @@ def build_front_app(front: Front) -> FastAPI:
 
     @app.api_route("/{path:path}", methods=["GET", "POST"])
     async def forward(request: Request) -> Response:
-        body = await request.body()
-        if len(body) > front.config.max_request_bytes:
-            raise APIError(413, f"the request body is larger than "
-                           f"{front.config.max_request_bytes} bytes")  # fmt: skip
+        body = await request.body()  # RequestGuard bounds its size
         path = request.url.path
         headers = dict(request.headers)
         keys: list[bytes] = []

@@ -32,7 +32,7 @@ def serve_replicas(
         app = build_front_app(Front(replicas.handles, config, model_name))
         server = uvicorn.Server(uvicorn.Config(
             app, host=config.host, port=config.port, log_level=log_level.lower(),
-            access_log=False, timeout_graceful_shutdown=config.shutdown_timeout_s,
+            access_log=False, timeout_graceful_shutdown=int(config.shutdown_timeout_s),
         ))  # fmt: skip
         logger.info(
             "listening on http://%s:%d: %d replicas of %s, router %s",
