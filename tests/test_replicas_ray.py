@@ -90,24 +90,31 @@ def test_metrics_count_routing_decisions_by_reason(replicas: RunningReplicas) ->
     assert 'reason="load",replica="replica-1"' in text
 
 
-def test_a_dead_replica_restarts_and_its_requests_go_elsewhere(replicas: RunningReplicas) -> None:
+def test_a_dead_replica_cuts_its_streams_and_comes_back(replicas: RunningReplicas) -> None:
     import ray
 
     names = ray.util.list_named_actors(all_namespaces=True)
     name = next(a["name"] for a in names if "#replica-1#" in a["name"])
-    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
-    # Replica 1 holds this prefix; sent there, the request fails before a token and is
-    # sent again to replica 0 (or the router already knows replica 1 is down).
-    for streamed in (False, True):
-        response = chat(replicas, SYSTEM[1], "Are you there?", stream=streamed)
-        assert response.headers["x-strata-replica"] == "replica-0"
-        assert "error" not in response.text
+    messages = [{"role": "system", "content": SYSTEM[1]}, {"role": "user", "content": "Go on"}]
+    body = {"messages": messages, "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{replicas.url}/v1/chat/completions", json=body, timeout=60) as s:
+        assert s.headers["x-strata-replica"] == "replica-1"  # the prefix's holder
+        lines = s.iter_lines()
+        next(line for line in lines if '"content": "' in line and '"content": ""' not in line)
+        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+        tail = [line for line in lines if line]
+    assert '"error"' in tail[-2] and tail[-1] == "data: [DONE]"
+    deadline = time.monotonic() + 10  # its next report times out: the router avoids it
+    while time.monotonic() < deadline and replicas.front.up[1]:
+        time.sleep(0.1)
+    response = chat(replicas, SYSTEM[1], "Are you there?")
+    assert response.headers["x-strata-replica"] == "replica-0"
     deadline = time.monotonic() + 90  # Serve starts a new replica 1, its cache empty
     while time.monotonic() < deadline and not replicas.front.up[1]:
         time.sleep(0.2)
-    assert replicas.front.up[1]
     synced(replicas)
     assert replicas.blocks(1) == set()
+    assert "strata_router_cut_streams_total 1.0" in httpx.get(f"{replicas.url}/metrics").text
 
 
 @pytest.mark.parametrize(("argv", "message"), [

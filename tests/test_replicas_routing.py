@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import typing
+from typing import Any
+
+from fastapi.responses import StreamingResponse
 
 from strata.kv.index_events import EVICTED, STORED, IndexEvents, ObservedPrefixIndex
-from strata.server.config import RouterName
+from strata.server.config import RouterName, ServeConfig
 from strata.server.replicas.block_index import BlockIndex
-from strata.server.replicas.relay import has_token
+from strata.server.replicas.front import Front
+from strata.server.replicas.relay import has_token, relay
 from strata.server.replicas.routers import ROUTERS, Candidate, KVAware, LeastLoaded, RoundRobin
 
 
@@ -60,3 +65,73 @@ def test_a_stream_commits_at_its_first_token() -> None:
     assert has_token(b'data: {"choices": [{"index": 0, "delta": {"content": "Hi"}}]}\n\n')
     assert has_token(b'data: {"choices": [{"index": 0, "text": "Hi"}]}\n\n')
     assert has_token(b'data: {"error": {"message": "x"}}\n\n')
+
+
+class FakeReplica:
+    """A replica handle whose streamed `handle` call yields `messages`, then raises."""
+
+    def __init__(self, messages: list[dict[str, Any]], fails: bool) -> None:
+        self.messages, self.fails, self.calls = messages, fails, 0
+
+    def options(self, stream: bool) -> FakeReplica:
+        return self
+
+    @property
+    def handle(self) -> FakeReplica:
+        return self
+
+    def remote(self, request: dict[str, Any]) -> FakeStream:
+        self.calls += 1
+        return FakeStream(self)
+
+
+class FakeStream:
+    def __init__(self, replica: FakeReplica) -> None:
+        self.items = iter(replica.messages)
+        self.fails = replica.fails
+
+    def __aiter__(self) -> FakeStream:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        item = next(self.items, None)
+        if item is not None:
+            return item
+        if self.fails:
+            raise RuntimeError("the actor died")
+        raise StopAsyncIteration
+
+    def cancel(self) -> None:
+        pass
+
+
+SSE = {"status": 200, "headers": [("content-type", "text/event-stream")]}
+TOKEN = b'data: {"choices": [{"index": 0, "text": "Hi"}]}\n\n'
+
+
+async def _relayed(replicas: list[FakeReplica]) -> tuple[Front, Any, bytes]:
+    front = Front(replicas, ServeConfig(replicas=len(replicas)), "m")
+    response = await relay(front, {}, [])
+    if isinstance(response, StreamingResponse):
+        body = b"".join([chunk async for chunk in response.body_iterator])  # type: ignore[misc]
+    else:
+        body = bytes(response.body)
+    return front, response, body
+
+
+def test_a_failure_before_the_first_token_is_retried_on_another_replica() -> None:
+    dead = FakeReplica([SSE, {"body": b'data: {"choices": [{"delta": {"role": "x"}}]}\n\n'}], True)
+    alive = FakeReplica([SSE, {"body": TOKEN}, {"body": b"data: [DONE]\n\n"}], False)
+    front, response, body = asyncio.run(_relayed([dead, alive]))
+    assert (dead.calls, alive.calls) == (1, 1)
+    assert response.headers["x-strata-replica"] == "replica-1"
+    assert body == TOKEN + b"data: [DONE]\n\n"
+    assert front.metrics.retries._value.get() == 1 and front.in_flight == [0, 0]
+
+
+def test_a_failure_after_a_token_ends_the_stream_with_an_error_and_done() -> None:
+    cut = FakeReplica([SSE, {"body": TOKEN}], True)
+    front, _, body = asyncio.run(_relayed([cut, FakeReplica([], False)]))
+    events = body.decode().split("\n\n")
+    assert events[0] == TOKEN.decode().strip() and '"error"' in events[1]
+    assert events[2] == "data: [DONE]" and front.in_flight == [0, 0]

@@ -54,12 +54,13 @@ class ReplicaSet:
     started_ray: bool = False
 
     def start(self, engine_kwargs: dict[str, Any], model_name: str) -> None:
+        if self.config.ray_address is not None:
+            check_reachable(self.config.ray_address)  # before importing Ray: seconds
         import ray
         from ray import serve
 
         n = self.config.replicas or 1
         if self.config.ray_address is not None:
-            check_reachable(self.config.ray_address)
             ray.init(address=self.config.ray_address, log_to_driver=True)
         else:
             cpus = max(2, int(n * self.config.replica_cpus + 0.999))

@@ -23,6 +23,9 @@ from strata.server.replicas.routers import ROUTERS, Candidate, Decision
 logger = logging.getLogger("strata.server")
 
 POLL_S = 0.25  # how often every replica's index events and load are fetched
+# A report is a dict copy: one that takes longer means the replica is gone (Serve's handle
+# holds calls to a dead replica until its successor is up, so they do not fail).
+REPORT_TIMEOUT_S = 2.0
 
 
 class NoReplicaError(Exception):
@@ -90,9 +93,11 @@ class Front:
 
     async def refresh(self, replica: int) -> None:
         async with self._locks[replica]:
+            response = self.handles[replica].report.remote()
             try:
-                report = await self.handles[replica].report.remote()
+                report = await asyncio.wait_for(response, REPORT_TIMEOUT_S)
             except Exception as exc:  # a dead replica: Serve restarts it
+                response.cancel()
                 if self.up[replica]:
                     logger.warning("replica-%d does not answer: %s", replica, exc)
                 self.up[replica] = False
