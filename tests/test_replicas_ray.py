@@ -47,6 +47,8 @@ def synced(r: RunningReplicas) -> None:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if all(r.front.index.keys_of(i) == r.blocks(i) for i in range(2)):
+            for handle in r.replicas.handles:  # the engines' integrity, as conftest checks
+                handle.check_integrity.remote().result()
             return
         time.sleep(0.1)
     raise AssertionError("the router's index does not match the replicas' blocks")

@@ -2,8 +2,9 @@
 OpenAI app over it (app.py), and the events of its prefix index for the router.
 
 The front calls `handle` (streamed), `report` (drains index events, with load), `info`
-(once) and, in tests, `blocks`. Serve calls `check_health` and restarts a replica
-that fails it or dies; a restarted replica has a new `incarnation` and an empty cache.
+(once) and, in tests, `blocks` and `check_integrity`. Serve calls `check_health` and
+restarts a replica that fails it or dies; a restarted replica has a new `incarnation`
+and an empty cache.
 """
 
 from __future__ import annotations
@@ -68,6 +69,13 @@ class EngineReplica:
     def blocks(self) -> list[bytes]:
         """The keys of the replica's prefix index now (call while it is idle)."""
         return [key for key, _ in self.engine.engine.kv.index.items()]
+
+    def check_integrity(self) -> None:
+        """The engine's own check (pool, index, queues agree), as tests run it in-process;
+        call it while the replica is idle: nothing may step the engine meanwhile."""
+        engine = self.engine.engine
+        if not engine.has_unfinished():
+            engine.check_integrity()
 
     def check_health(self) -> None:
         if not self.engine.alive:

@@ -4,6 +4,7 @@ process started it), so no Ray actor or process outlives the command."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from typing import Any
 
@@ -20,12 +21,8 @@ logger = logging.getLogger("strata.server")
 def serve_replicas(
     engine_kwargs: dict[str, Any], model_name: str, config: ServeConfig, log_level: str
 ) -> int:
-    try:
-        import ray  # noqa: F401
-    except ImportError as exc:
-        raise ValueError(
-            "--replicas needs Ray Serve: pip install 'ray[serve]' (the `ray` extra)"
-        ) from exc
+    if importlib.util.find_spec("ray") is None:  # without importing it: seconds
+        raise ValueError("--replicas needs Ray Serve: pip install 'ray[serve]' (the `ray` extra)")
     replicas = ReplicaSet(config)
     try:
         replicas.start(engine_kwargs, model_name)
