@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from strata.options import option
+from strata.options import check_choices, option
 from strata.server.key_file import read_key_file
 
 DEFAULT_MAX_REQUEST_BYTES = 4 << 20
+# registry: server.replicas.routers ROUTERS (tests/test_replicas_routing.py checks it)
+RouterName = Literal["kv-aware", "least-loaded", "round-robin"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,25 @@ class ServeConfig:
         "on SIGTERM, let requests in flight finish for this long (default 30)",
         flag="--shutdown-timeout", metavar="SECONDS",
     ))  # fmt: skip
+    replicas: int | None = field(default=None, metadata=option(
+        "serve from N engine replicas on Ray Serve behind this one HTTP front (needs the "
+        "ray extra); starts a local Ray cluster unless --ray-address names one (default: "
+        "one engine in this process, no Ray)",
+        metavar="N",
+    ))  # fmt: skip
+    ray_address: str | None = field(default=None, metadata=option(
+        "with --replicas: join this Ray cluster (host:port, or 'auto') instead of starting one",
+        metavar="ADDRESS",
+    ))  # fmt: skip
+    replica_cpus: float = field(default=1.0, metadata=option(
+        "with --replicas: CPUs each replica reserves from Ray, and its torch threads (default 1)",
+        metavar="N",
+    ))  # fmt: skip
+    router: RouterName = field(default="kv-aware", metadata=option(
+        "with --replicas: how a request picks its replica: kv-aware (the most cached prefix "
+        "blocks against load), least-loaded, round-robin (default kv-aware)",
+        metavar="NAME",
+    ))  # fmt: skip
 
     @property
     def api_keys(self) -> list[str]:
@@ -66,6 +87,7 @@ class ServeConfig:
         return list(dict.fromkeys(keys))
 
     def __post_init__(self) -> None:
+        check_choices(self)
         if self.max_request_bytes < 1024:
             raise ValueError(f"--max-request-bytes must be >= 1024, got {self.max_request_bytes}")
         if self.shutdown_timeout_s < 0:
@@ -74,5 +96,11 @@ class ServeConfig:
             raise ValueError(
                 f"--max-waiting-requests must be >= 1, got {self.max_waiting_requests}"
             )
+        if self.replicas is not None and self.replicas < 1:
+            raise ValueError(f"--replicas must be >= 1, got {self.replicas}")
+        if self.replica_cpus <= 0:
+            raise ValueError(f"--replica-cpus must be > 0, got {self.replica_cpus}")
+        if self.ray_address is not None and self.replicas is None:
+            raise ValueError("--ray-address needs --replicas N")
         if not 0 < self.port < 65536:
             raise ValueError(f"--port must be in 1..65535, got {self.port}")

@@ -1,0 +1,83 @@
+"""The front's HTTP app: every route of app.py, relayed to the replica the router picks;
+/health and /metrics (routing decisions by reason) answer here.
+
+The prompt is tokenized for routing on one thread of the front, off the event loop.
+The front checks the API key and body size (guard.py) as a lone server does; the replica
+checks them again, and everything else (parameters, lengths).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import generate_latest
+
+from strata.server.errors import install_error_handlers
+from strata.server.guard import RequestGuard, guard_options
+from strata.server.replicas.front import Front
+from strata.server.replicas.relay import relay
+
+ROUTED_PATHS = ("/v1/completions", "/v1/chat/completions")
+
+
+def build_front_app(front: Front) -> FastAPI:
+    tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="strata-route-tokenize")
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await front.start()
+        yield
+        await front.stop()
+        tokenize_pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="Strata (replicas)", lifespan=lifespan)
+    app.state.front = front
+    install_error_handlers(app)
+    config = front.config  # the same key and size checks as a lone server's, at the door
+    guard = guard_options(config.api_keys, config.public_metrics, config.max_request_bytes)
+    app.add_middleware(RequestGuard, **guard)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        up = [f"replica-{i}" for i, ok in enumerate(front.up) if ok]
+        return JSONResponse({"status": "ok" if up else "no replica up", "replicas": up},
+                            status_code=200 if up else 503)  # fmt: skip
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(front.metrics.registry), media_type="text/plain")
+
+    @app.api_route("/{path:path}", methods=["GET", "POST"])
+    async def forward(request: Request) -> Response:
+        body = await request.body()  # RequestGuard bounds its size
+        path = request.url.path
+        headers = dict(request.headers)
+        keys: list[bytes] = []
+        if path in ROUTED_PATHS and front.prompt_keys is not None:
+            loop = asyncio.get_running_loop()
+            keys = await loop.run_in_executor(tokenize_pool, _keys, front, path, body, headers)
+        call = {
+            "method": request.method, "path": path, "query": request.url.query.encode(),
+            "headers": list(headers.items()), "body": body,
+        }  # fmt: skip
+        return await relay(front, call, keys)
+
+    return app
+
+
+def _keys(front: Front, path: str, body: bytes, headers: dict[str, str]) -> list[bytes]:
+    assert front.prompt_keys is not None
+    try:
+        parsed: Any = json.loads(body)
+    except ValueError:
+        return []
+    if not isinstance(parsed, dict):
+        return []
+    return front.prompt_keys.keys(path, parsed, headers)
