@@ -125,7 +125,9 @@ def test_a_drain_past_its_timeout_fails_streams_with_an_error_and_done(
         assert last == "data: [DONE]"
         error = json.loads(events[-2][1].removeprefix("data: "))["error"]
         assert error["message"] == "the server shut down before this request finished"
-        assert 1.5 < done_at - sent < 2.0  # the drain ends within --shutdown-timeout
+        # the drain waits for --shutdown-timeout (2 s), then ends the stream; up to 1 s more
+        # for the last events to reach the reader on a loaded 2-core machine
+        assert 1.5 < done_at - sent < 3.0
     finally:
         if proc.poll() is None:
             proc.kill()
