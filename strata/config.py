@@ -209,7 +209,7 @@ KVPolicyName = Literal[  # registry: kv.policies POLICIES, then kv.recall RECALL
     "full", "streaming", "h2o", "snapkv", "pyramidkv", "chunkkv", "tova", "treekv",
     "expected_attention", "kvzip", "quest", "shadowkv", "full_offload",
 ]  # fmt: skip
-TierEviction = Literal["lru", "fifo"]  # registry: kv.tiers EVICTION_ORDERS
+TierEviction = Literal["lru", "fifo", "cost"]  # registry: kv.tiers EVICTION_ORDERS
 KVEviction = Literal["lru", "cost"]  # registry: kv.pool_order FREE_BLOCK_ORDERS
 TierCodecName = Literal["none", "fp8", "int8", "int4"]  # kv.codec CODECS names, and none
 PreemptionMode = Literal["recompute", "swap", "auto"]
@@ -234,7 +234,7 @@ class TierConfig:
         keyword="kv_disk_dir", metavar="PATH",
     ))  # fmt: skip
     disk_size: float = field(default=16.0, metadata=option(
-        "cap of the disk tier in GiB (default 16); the least recently used blocks go first",
+        "cap of the disk tier in GiB (default 16); --kv-tier-eviction says which blocks go first",
         keyword="kv_disk_size", metavar="GIB",
     ))  # fmt: skip
     disk_direct_io: bool = field(default=False, metadata=option(
@@ -283,7 +283,10 @@ class TierConfig:
         keyword="kv_tier_codec",
     ))  # fmt: skip
     eviction: TierEviction = field(default="lru", metadata=option(
-        "eviction order inside each tier (default lru)",
+        "eviction order inside the cpu and disk tiers: lru (default), fifo, or cost (the "
+        "GPU pool's --kv-eviction cost value: hit likelihood x recompute cost of the block's "
+        "position in its prefix; blocks a restarted disk tier finds count as position 0); "
+        "the remote tier's eviction is the server's",
         keyword="kv_tier_eviction",
     ))  # fmt: skip
     preemption_mode: PreemptionMode = field(default="auto", metadata=option(

@@ -74,7 +74,8 @@ def test_unknown_or_conflicting_keywords_are_refused() -> None:
         build(EngineConfig, {"kv_size": 1})
     with pytest.raises(ValueError, match=r"give moe= or its options \(expert_slots\)"):
         build(EngineConfig, {"moe": MoEConfig(), "expert_slots": 2})
-    with pytest.raises(ValueError, match="kv_tier_eviction must be one of lru, fifo; got 'lfu'"):
+    refused = "kv_tier_eviction must be one of lru, fifo, cost; got 'lfu'"
+    with pytest.raises(ValueError, match=refused):
         build(EngineConfig, {"kv_tier_eviction": "lfu"})
 
 

@@ -272,3 +272,23 @@ def test_kill_9_during_writes_leaves_only_whole_blocks(tmp_path: Path) -> None:
         assert b.token_ids == tuple(range(64))
         assert torch.equal(b.payload, torch.full((layout.nbytes,), i % 251, dtype=torch.uint8))
     assert tier.stats.snapshot()["corrupt"] == 0
+
+
+def test_cost_eviction_keeps_late_blocks_and_restarts_without_positions(tmp_path: Path) -> None:
+    # Three files, slope 1: blocks 0..2 at positions 2, 0, 1 of one prefix; block 3 evicts
+    # the cheapest, block 1 (position 0). After a restart positions are unknown (0 each):
+    # the order falls back to the files' age, oldest first.
+    tier = DiskTier(LAYOUT, tmp_path, capacity_bytes=3 * FILE, eviction="cost", slope=1.0)
+    for i, position in ((0, 2), (1, 0), (2, 1)):
+        b = block(i)
+        tier.put([StoredBlock(b.key, b.token_ids, b.payload, position)])
+    b = block(3)
+    tier.put([StoredBlock(b.key, b.token_ids, b.payload, 3)])
+    assert stored(tier) == [0, 2, 3]
+    tier.close()
+    for age, i in enumerate((0, 2, 3)):  # oldest first: 0, 2, 3
+        os.utime(tier.path_of(key(i)), ns=(10**9 * (age + 1), 10**9 * (age + 1)))
+    again = DiskTier(LAYOUT, tmp_path, capacity_bytes=3 * FILE, eviction="cost", slope=1.0)
+    again.put([block(4)])
+    assert stored(again) == [2, 3, 4]
+    assert not again.check_integrity()

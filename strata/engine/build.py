@@ -136,6 +136,7 @@ def _build_parts(
     tiers = build_tiers(
         config.cache.tiers, kv_cache, loaded.fingerprint, placed.dtype,
         None if parallel is None else parallel.rank_layout, peers,
+        attention_slope(placed.model_config, placed.block_size),
     )  # fmt: skip
     layout = kv_layout(placed, codec, parallel, config.cache.tiers.codec)
     root = root_key(loaded.fingerprint, layout)

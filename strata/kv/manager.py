@@ -178,7 +178,7 @@ class KVManager:
         for i in range(start, (len(token_ids) - 1) // bs):
             chunk = tuple(token_ids[i * bs : (i + 1) * bs])
             parent = chain_key(parent, chunk)
-            refs.append(BlockRef(parent, chunk))
+            refs.append(BlockRef(parent, chunk, i))
         return refs
 
     # ---- allocation ----------------------------------------------------------------------
@@ -280,7 +280,7 @@ class KVManager:
             if indexed:
                 self.pool.order.indexed(state.table[i], i)
             if indexed and write_through and self._tiers is not None:
-                self.newly_indexed.append((state.table[i], BlockRef(key, tuple(chunk))))
+                self.newly_indexed.append((state.table[i], BlockRef(key, tuple(chunk), i)))
             state.keys.append(key)
 
     def free(self, seq_id: str) -> None:

@@ -6,17 +6,14 @@ the free list; the `KVManager` tells it when a block is indexed, reused or forgo
 
     lru   the free list's own order: least recently released first. A sequence releases
           its tail first, so its tail goes before its head (blocks.py).
-    cost  empty blocks first, then cached ones by lowest value, GreedyDual-style:
+    cost  empty blocks first, then cached ones by lowest value, GreedyDual-style
+          (keep_value.py, shared with the tiers' cost order):
 
-              value(b) = L + uses(b) * cost(position(b))      set when b is freed
-              cost(j)  = 1 + slope * j
+              value(b) = L + uses(b) * (1 + slope * position(b))     set when b is freed
 
-          Recomputing block j alone (the blocks after it are reused around the hole) costs
-          its own tokens' layers (1) plus attention over the j blocks before it (slope,
-          from the model's shape: `attention_slope`). uses(b) is one plus the prefix hits
-          that reused b: its hit likelihood. L, the value of the last block evicted, ages
-          every cached block: one unused while others were evicted falls below newly
-          freed ones. Equal values leave in the order they were freed.
+          slope comes from the model's shape (`attention_slope`); uses(b) is one plus the
+          prefix hits that reused b: its hit likelihood; L is the value of the last block
+          evicted. Equal values leave in the order they were freed.
 """
 
 from __future__ import annotations
@@ -26,6 +23,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from strata.kv.keep_value import keep_value, recompute_cost
 from strata.registry import Registry
 
 if TYPE_CHECKING:
@@ -86,11 +84,12 @@ class CostFreeOrder(FreeBlockOrder):
         self._stamp = 0
 
     def cost(self, position: int) -> float:
-        return 1.0 + self.slope * position
+        return recompute_cost(position, self.slope)
 
     def value(self, block_id: int) -> float:
         """What keeping the block is worth if it were freed now."""
-        return self.inflation + self._uses[block_id] * self.cost(self._position[block_id])
+        return keep_value(self.inflation, self._uses[block_id], self._position[block_id],
+                          self.slope)  # fmt: skip
 
     def victim(self, free: Mapping[int, None]) -> int:
         if self._empty:

@@ -48,10 +48,12 @@ def chain_key(parent: bytes, token_ids: Sequence[int]) -> bytes:
 
 @dataclass(frozen=True)
 class BlockRef:
-    """A full block by content: its chain key and token ids (how blocks travel to tiers)."""
+    """A full block by content: its chain key and token ids (how blocks travel to tiers),
+    and its index in its prefix when known (the tiers' cost eviction order weighs it)."""
 
     key: bytes
     token_ids: tuple[int, ...]
+    position: int | None = None
 
 
 class PrefixIndex:

@@ -33,6 +33,7 @@ from strata.kv.coded_attention import attention_over
 from strata.kv.policies.runtime.gathered import GatheredObserver, ObservedRows
 from strata.kv.policies.runtime.rank_compaction import CompactOp, apply_compact_op
 from strata.kv.policies.runtime.step_kv import layer_metadata
+from strata.kv.pool_order import attention_slope
 from strata.kv.recall.mirror import RecallRelease
 from strata.kv.recall.ranks import HeadShard
 from strata.kv.tiers.build import build_tiers
@@ -86,7 +87,8 @@ def run_worker(spec: WorkerSpec, conn: Connection) -> None:
         kv = KVCache(loaded.config, num_blocks, spec.block_size, spec.dtype, device,
                      get_codec(spec.kv_cache_dtype), spec.tail_rows)  # fmt: skip
         tiers = build_tiers(spec.tiers, kv, loaded.fingerprint, spec.dtype,
-                            f"tp{spec.size}r{spec.rank}")  # fmt: skip
+                            f"tp{spec.size}r{spec.rank}",
+                            slope=attention_slope(loaded.config, spec.block_size))  # fmt: skip
         backend = attention_over(kv, get_backend(spec.attention_backend))
         recall = None
         if spec.recall is not None:

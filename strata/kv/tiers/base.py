@@ -65,12 +65,13 @@ class StoredBlock:
 
     payload is a contiguous uint8 CPU tensor of `layout.nbytes` bytes laid out as
     `layout.shape`; it may be a view into a tier's memory, valid until the next call
-    into that tier.
+    into that tier. position: the block's index in its prefix, None when unknown.
     """
 
     key: bytes
     token_ids: tuple[int, ...]
     payload: torch.Tensor
+    position: int | None = None
 
 
 @dataclass
@@ -220,7 +221,7 @@ class TierStore(ABC):
         for dest, block in zip(dests, self.get(keys), strict=True):
             if block is not None:
                 dest.copy_(block.payload.reshape(-1))
-                block = StoredBlock(block.key, block.token_ids, dest)
+                block = StoredBlock(block.key, block.token_ids, dest, block.position)
             out.append(block)
         return out
 

@@ -50,9 +50,11 @@ def build_tiers(
     dtype: torch.dtype,
     rank_layout: str | None = None,
     peers: TierPeers | None = None,
+    slope: float = 0.0,
 ) -> TierManager | None:
     """rank_layout (tensor parallelism: "tpNrR") keeps each rank's stored blocks apart, on
-    disk in a directory of its own; `peers` (rank 0 only) are the other ranks' tiers."""
+    disk in a directory of its own; `peers` (rank 0 only) are the other ranks' tiers.
+    slope: the cost eviction order's recompute cost slope (pool_order.attention_slope)."""
     if not config.enabled:
         return None
     if rank_layout is not None:  # a hex digest, like every fingerprint (block_format)
@@ -62,8 +64,8 @@ def build_tiers(
     if config.cpu_memory is None:
         logger.info("KV tiers stage through CPU memory: a %.1f GiB CPU tier is added",
                     config.STAGING_GIB)  # fmt: skip
-    cpu = CPUTier(layout, int(config.cpu_gib * GIB), pin_memory=pin, eviction=config.eviction)
-    lower = _lower_tiers(config, layout)
+    cpu = CPUTier(layout, int(config.cpu_gib * GIB), pin, config.eviction, slope)
+    lower = _lower_tiers(config, layout, slope)
     manager = (
         TierManager(kv_cache, cpu, lower) if peers is None
         else ShardedTierManager(kv_cache, cpu, lower, peers)
@@ -77,7 +79,7 @@ def build_tiers(
     return manager
 
 
-def _lower_tiers(config: TierConfig, layout: BlockLayout) -> list[TierStore]:
+def _lower_tiers(config: TierConfig, layout: BlockLayout, slope: float) -> list[TierStore]:
     """The disk and remote tiers, authenticated when a store secret is configured."""
     secret = resolve_secret(config.store_secret, config.store_secret_file, config.store_encrypt)
     lower: list[TierStore] = []
@@ -87,7 +89,7 @@ def _lower_tiers(config: TierConfig, layout: BlockLayout) -> list[TierStore]:
         size = int(config.disk_size * GIB)
         lower.append(DiskTier(layout, config.disk_dir, size, config.eviction, secret=secret,
                               read_threads=config.io_threads,
-                              direct_io=config.disk_direct_io))  # fmt: skip
+                              direct_io=config.disk_direct_io, slope=slope))  # fmt: skip
     if config.remote is not None:
         from strata.kv.tiers.remote import RemoteTier
 

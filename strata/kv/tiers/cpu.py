@@ -24,8 +24,14 @@ class CPUTier(LockedPins, TierStore):
     name = "cpu"
 
     def __init__(
-        self, layout: BlockLayout, capacity_bytes: int, pin_memory: bool, eviction: str = "lru"
+        self,
+        layout: BlockLayout,
+        capacity_bytes: int,
+        pin_memory: bool,
+        eviction: str = "lru",
+        slope: float = 0.0,
     ) -> None:
+        """eviction: an EVICTION_ORDERS name; slope: its recompute cost slope (cost)."""
         super().__init__(layout, capacity_bytes)
         n = self.capacity_blocks
         self.slab = torch.empty((n, layout.nbytes), dtype=torch.uint8, pin_memory=pin_memory)
@@ -34,7 +40,7 @@ class CPUTier(LockedPins, TierStore):
         self._tokens_of: dict[bytes, tuple[int, ...]] = {}
         self._free: list[int] = list(range(n - 1, -1, -1))  # pop() gives the lowest slot
         self._pins = PinCounts()
-        self._order = make_eviction_order(eviction)
+        self._order = make_eviction_order(eviction, slope)
         self._lock = threading.Lock()
 
     # ---- queries ----------------------------------------------------------------------
@@ -82,7 +88,7 @@ class CPUTier(LockedPins, TierStore):
             with Timer() as t:
                 self.slab[slot].copy_(block.payload.reshape(-1))
             self.stats.add(bytes_written=self.layout.nbytes, write_seconds=t.seconds)
-            self.publish(block.key, block.token_ids, slot)
+            self.publish(block.key, block.token_ids, slot, block.position)
 
     def reserve(self) -> int | None:
         """A free slot to write into (evicting if needed), or None if all are pinned.
@@ -94,15 +100,18 @@ class CPUTier(LockedPins, TierStore):
                 return None
             return self._free.pop()
 
-    def publish(self, key: bytes, token_ids: tuple[int, ...], slot: int) -> None:
-        """Make a reserved, written slot readable under `key`."""
+    def publish(
+        self, key: bytes, token_ids: tuple[int, ...], slot: int, position: int | None = None
+    ) -> None:
+        """Make a reserved, written slot readable under `key` (`position`: its block's
+        index in its prefix, for the cost eviction order; None when unknown)."""
         with self._lock:
             if key in self._slot_of:  # stored meanwhile by another path: keep the first
                 self._free.append(slot)
                 return
             self._slot_of[key] = slot
             self._tokens_of[key] = tuple(token_ids)
-            self._order.inserted(key)
+            self._order.inserted(key, position)
 
     def release_slot(self, slot: int) -> None:
         """Give back a reserved slot that was never published."""

@@ -103,10 +103,13 @@ class DiskTier(LockedPins, TierStore):
         secret: StoreSecret | None = None,
         read_threads: int = READ_THREADS,
         direct_io: bool = False,
+        slope: float = 0.0,
     ) -> None:
         """secret: authenticate every block (store_secret.py); its blocks live in a
         directory of their own. read_threads: files read (and verified) at once.
-        direct_io: read with O_DIRECT where the files and slots allow (file_reads.py)."""
+        direct_io: read with O_DIRECT where the files and slots allow (file_reads.py).
+        slope: the cost eviction order's recompute cost slope. Positions are not stored
+        in the files: blocks found again after a restart have an unknown one (cost: 0)."""
         self.sealed = secret is not None and secret.encrypt  # decrypted whole, not in place
         self._head_bytes = block_format.HEADER_BYTES + 4 * layout.block_size
         whole_pages = layout.nbytes % PAGE == 0 and not self.sealed
@@ -126,7 +129,7 @@ class DiskTier(LockedPins, TierStore):
         self.fsync = fsync
         self._keys: set[bytes] = set()
         self._pins = PinCounts()
-        self._order = make_eviction_order(eviction)
+        self._order = make_eviction_order(eviction, slope)
         self._lock = threading.Lock()
         self._warned: set[str] = set()
         self._direct = DirectReads(direct_io, first_page=self._head_bytes + self.gap == PAGE)
@@ -309,7 +312,7 @@ class DiskTier(LockedPins, TierStore):
             if self._write(block):
                 with self._lock:
                     self._keys.add(block.key)
-                    self._order.inserted(block.key)
+                    self._order.inserted(block.key, block.position)
 
     def _write(self, block: StoredBlock) -> bool:
         """Write one block file atomically; False (logged, counted) on any I/O error."""

@@ -1,24 +1,43 @@
 """Eviction orders for tiers, selected by name. A tier tells the order about every
-insert, access and removal, and asks it for the next unpinned victim."""
+insert (with the block's position in its prefix, when known), access and removal, and
+asks it for the next unpinned victim.
+
+    lru   least recently inserted or accessed first
+    fifo  oldest insert first
+    cost  lowest value first, the GPU pool's value model (strata/kv/keep_value.py):
+          L + uses * (1 + slope * position), set at insert and again at each access;
+          uses = 1 + accesses, L = the highest value evicted so far. A block of
+          unknown position (one a restarted disk tier found on disk) counts as position 0.
+          Equal values leave in the order they were set.
+"""
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
+from strata.kv.keep_value import keep_value
 from strata.registry import Registry
 
 
 class EvictionOrder:
     """Keys from the first to evict to the last: insertion order, where an access moves
-    the key to the back if `refresh_on_access`. Subclasses are the named orders."""
+    the key to the back if `refresh_on_access`. Subclasses are the named orders.
+
+    slope: recompute cost per block before a block (attention_slope); only cost uses it.
+    """
 
     refresh_on_access = False
 
-    def __init__(self) -> None:
+    def __init__(self, slope: float = 0.0) -> None:
+        if slope < 0:
+            raise ValueError(f"the recompute cost slope must be >= 0, got {slope}")
+        self.slope = slope
         self._order: OrderedDict[bytes, None] = OrderedDict()
 
-    def inserted(self, key: bytes) -> None:
+    def inserted(self, key: bytes, position: int | None = None) -> None:
+        """`key` is stored; `position`: its block's index in its prefix (None: unknown)."""
         self._order[key] = None
         self._order.move_to_end(key)
 
@@ -46,10 +65,73 @@ class FIFOOrder(EvictionOrder):
     """Oldest insert first; accesses do not refresh."""
 
 
+class CostOrder(EvictionOrder):
+    """Hit likelihood x recompute cost, aged (see the module docstring).
+
+    Invariant: `_entry` has exactly the stored keys, each with the (value, stamp) of its
+    one live heap entry; heap entries whose stamp differs are stale and skipped.
+    """
+
+    def __init__(self, slope: float = 0.0) -> None:
+        super().__init__(slope)
+        self.inflation = 0.0  # L
+        self._position: dict[bytes, int] = {}
+        self._uses: dict[bytes, int] = {}
+        self._entry: dict[bytes, tuple[float, int]] = {}
+        self._heap: list[tuple[float, int, bytes]] = []
+        self._stamp = 0
+
+    def inserted(self, key: bytes, position: int | None = None) -> None:
+        self._position[key] = position or 0
+        self._uses[key] = 1
+        self._push(key)
+
+    def accessed(self, key: bytes) -> None:
+        if key in self._entry:
+            self._uses[key] += 1
+            self._push(key)
+
+    def removed(self, key: bytes) -> None:
+        for table in (self._position, self._uses, self._entry):
+            table.pop(key, None)
+
+    def value(self, key: bytes) -> float:
+        return keep_value(self.inflation, self._uses[key], self._position[key], self.slope)
+
+    def _push(self, key: bytes) -> None:
+        self._stamp += 1
+        entry = (self.value(key), self._stamp)
+        self._entry[key] = entry
+        heapq.heappush(self._heap, (*entry, key))
+        if len(self._heap) > 2 * len(self._entry) + 64:  # drop stale entries
+            self._heap = [(*e, k) for k, e in self._entry.items()]
+            heapq.heapify(self._heap)
+
+    def candidates(self) -> Iterator[bytes]:
+        return iter(sorted(self._entry, key=self._entry.__getitem__))
+
+    def victim(self, is_pinned: Callable[[bytes], bool]) -> bytes | None:
+        """The lowest-valued unpinned key; L rises to its value (the caller evicts it). A
+        pinned key skipped meanwhile may be worth less than L: L never falls."""
+        heap, pinned, found = self._heap, [], None
+        while heap and found is None:
+            value, stamp, key = heap[0]
+            live = self._entry.get(key)
+            if live is None or live[1] != stamp:
+                heapq.heappop(heap)
+            elif is_pinned(key):
+                pinned.append(heapq.heappop(heap))
+            else:
+                found, self.inflation = key, max(self.inflation, value)
+        for entry in pinned:
+            heapq.heappush(heap, entry)
+        return found
+
+
 EVICTION_ORDERS: Registry[type[EvictionOrder]] = Registry(
-    "tier eviction order", {"lru": LRUOrder, "fifo": FIFOOrder}
+    "tier eviction order", {"lru": LRUOrder, "fifo": FIFOOrder, "cost": CostOrder}
 )
 
 
-def make_eviction_order(name: str) -> EvictionOrder:
-    return EVICTION_ORDERS.get(name)()
+def make_eviction_order(name: str, slope: float = 0.0) -> EvictionOrder:
+    return EVICTION_ORDERS.get(name)(slope)

@@ -42,7 +42,7 @@ class LowerTiers:
     def _cpu_block(self, block: BlockRef) -> StoredBlock:
         slot = self.cpu.slot_of(block.key)
         assert slot is not None  # pinned by the caller
-        return StoredBlock(block.key, block.token_ids, self.cpu.slab[slot])
+        return StoredBlock(block.key, block.token_ids, self.cpu.slab[slot], block.position)
 
     def read(self, blocks: Sequence[BlockRef]) -> list[bytes]:
         """Read these blocks from the lower tiers into the cpu tier, pinned; their keys.
@@ -62,11 +62,12 @@ class LowerTiers:
                 got = tier.get_into([b.key for b in batch], [self.cpu.slab[s] for s in slots])
                 for block, slot, found in zip(batch, slots, got, strict=True):
                     if self._accept(tier, block, found):
-                        self.cpu.publish(block.key, block.token_ids, slot)
+                        self.cpu.publish(block.key, block.token_ids, slot, block.position)
                         pinned.extend(self.cpu.pin_present([block.key]))
                         payload = self.cpu.slab[slot]
                         for above in self.tiers[:depth]:
-                            above.put([StoredBlock(block.key, block.token_ids, payload)])
+                            above.put([StoredBlock(block.key, block.token_ids, payload,
+                                                   block.position)])  # fmt: skip
                         del missing[block.key]
                     else:
                         self.cpu.release_slot(slot)

@@ -267,7 +267,7 @@ class TierManager:
                 if self._pending_store.get(block_id) is job.done:
                     self._pending_store.pop(block_id, None)
         for (block, _), slot in zip(todo, slots, strict=True):
-            self.cpu.publish(block.key, block.token_ids, slot)
+            self.cpu.publish(block.key, block.token_ids, slot, block.position)
         self.num_stored += len(todo)
         if self.lower.tiers and todo:
             self._write_through([b for b, _ in todo])

@@ -91,7 +91,7 @@ def rank_key(key: bytes, rank: int) -> bytes:
 
 
 def _refs(blocks: Sequence[BlockRef], rank: int) -> list[BlockRef]:
-    return [BlockRef(rank_key(b.key, rank), b.token_ids) for b in blocks]
+    return [BlockRef(rank_key(b.key, rank), b.token_ids, b.position) for b in blocks]
 
 
 def run_tier_op(tiers: TierManager, op: TierOp, rank: int, after: Any = None) -> int | None:
