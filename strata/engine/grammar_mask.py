@@ -54,8 +54,8 @@ class GrammarMaskBuilder:
         self.device = device
         self._cuda = device.type == "cuda"
         self._batch: xgrammar.BatchGrammarMatcher | None = None
-        self._host: list[torch.Tensor | None] = [None, None]
-        self._rows: list[torch.Tensor | None] = [None, None]
+        # per turn: the bitmask [capacity, words] and the row numbers [capacity]
+        self._host: list[tuple[torch.Tensor, torch.Tensor] | None] = [None, None]
         self._events: list[torch.cuda.Event | None] = [None, None]
         self._turn = 0
 
@@ -69,31 +69,32 @@ class GrammarMaskBuilder:
 
         if self._batch is None:
             self._batch = xgrammar.BatchGrammarMatcher()
-        bitmask = self._buffer(len(seqs), -(-vocab // 32))
+        bitmask, row_numbers = self._buffers(len(seqs), -(-vocab // 32))
         self._batch.batch_fill_next_token_bitmask(matchers, bitmask, indices=rows)
         if not self._cuda:
             return GrammarMasks(rows, bitmask)
-        rows_host = self._rows[self._turn]
-        if rows_host is None or rows_host.numel() < len(rows):
-            rows_host = torch.empty(max(len(seqs), 64), dtype=torch.int32, pin_memory=True)
-            self._rows[self._turn] = rows_host
-        rows_host[: len(rows)] = torch.tensor(rows, dtype=torch.int32)
+        row_numbers.numpy()[: len(rows)] = rows
         on_device = bitmask.to(self.device, non_blocking=True)
-        rows_on_device = rows_host[: len(rows)].to(self.device, non_blocking=True)
+        rows_on_device = row_numbers[: len(rows)].to(self.device, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
         self._events[self._turn] = event
         return GrammarMasks(rows_on_device, on_device)
 
-    def _buffer(self, rows: int, words: int) -> torch.Tensor:
-        """This step's host buffer [rows, words] (the next of the two on CUDA)."""
+    def _buffers(self, rows: int, words: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's host bitmask [rows, words] and row-number buffer [>= rows] (the
+        next pair of the two on CUDA)."""
         if self._cuda:
             self._turn = 1 - self._turn
             event = self._events[self._turn]
             if event is not None:
-                event.synchronize()  # its copy was issued two builds ago: long done
-        host = self._host[self._turn]
-        if host is None or host.shape[0] < rows or host.shape[1] != words:
-            host = torch.empty((max(rows, 64), words), dtype=torch.int32, pin_memory=self._cuda)
-            self._host[self._turn] = host
-        return host[:rows]
+                event.synchronize()  # its copies were issued two builds ago: long done
+        held = self._host[self._turn]
+        if held is None or held[0].shape[0] < rows or held[0].shape[1] != words:
+            capacity = max(rows, 64)
+            held = (
+                torch.empty((capacity, words), dtype=torch.int32, pin_memory=self._cuda),
+                torch.empty(capacity, dtype=torch.int32, pin_memory=self._cuda),
+            )
+            self._host[self._turn] = held
+        return held[0][:rows], held[1]

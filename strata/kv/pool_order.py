@@ -18,12 +18,12 @@ the free list; the `KVManager` tells it when a block is indexed, reused or forgo
 
 from __future__ import annotations
 
-import heapq
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from strata.kv.keep_value import keep_value, recompute_cost
+from strata.kv.lazy_heap import LazyHeap
 from strata.registry import Registry
 
 if TYPE_CHECKING:
@@ -79,9 +79,7 @@ class CostFreeOrder(FreeBlockOrder):
         self._position: dict[int, int] = {}  # indexed blocks, free or held
         self._uses: dict[int, int] = {}
         self._empty: OrderedDict[int, None] = OrderedDict()  # free blocks caching nothing
-        self._heap: list[tuple[float, int, int]] = []  # (value, stamp, block); stale entries
-        self._live: dict[int, int] = {}  # free cached block -> stamp of its heap entry
-        self._stamp = 0
+        self._cached: LazyHeap[int] = LazyHeap()  # free cached blocks, by value when freed
 
     def cost(self, position: int) -> float:
         return recompute_cost(position, self.slope)
@@ -94,23 +92,20 @@ class CostFreeOrder(FreeBlockOrder):
     def victim(self, free: Mapping[int, None]) -> int:
         if self._empty:
             return next(iter(self._empty))
-        heap = self._heap
-        while self._live.get(heap[0][2]) != heap[0][1]:
-            heapq.heappop(heap)  # revived or forgotten since it was pushed
-        self.inflation = heap[0][0]
-        return heap[0][2]
+        lowest = self._cached.lowest()
+        assert lowest is not None, "the pool asked for a block with none free"
+        self.inflation, block_id = lowest
+        return block_id
 
     def freed(self, block_id: int) -> None:
         if block_id not in self._position:
             self._empty[block_id] = None
             return
-        self._stamp += 1
-        self._live[block_id] = self._stamp
-        heapq.heappush(self._heap, (self.value(block_id), self._stamp, block_id))
+        self._cached.push(block_id, self.value(block_id))
 
     def taken(self, block_id: int) -> None:
         self._empty.pop(block_id, None)
-        self._live.pop(block_id, None)
+        self._cached.discard(block_id)
 
     def indexed(self, block_id: int, position: int) -> None:
         self._position[block_id] = position
@@ -122,14 +117,15 @@ class CostFreeOrder(FreeBlockOrder):
     def forgotten(self, block_id: int) -> None:
         self._position.pop(block_id, None)
         self._uses.pop(block_id, None)
-        if self._live.pop(block_id, None) is not None:
+        if self._cached.discard(block_id):
             self._empty[block_id] = None
 
     def check(self, free: set[int]) -> list[str]:
-        tracked = set(self._empty) | set(self._live)
-        if tracked != free or not set(self._empty).isdisjoint(self._live):
+        cached = set(self._cached)
+        tracked = set(self._empty) | cached
+        if tracked != free or not cached.isdisjoint(self._empty):
             return [f"cost order tracks free blocks {sorted(tracked)}, pool has {sorted(free)}"]
-        return [f"cached block {b} is free but not indexed" for b in self._live
+        return [f"cached block {b} is free but not indexed" for b in cached
                 if b not in self._position]  # fmt: skip
 
 

@@ -13,11 +13,11 @@ asks it for the next unpinned victim.
 
 from __future__ import annotations
 
-import heapq
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
 from strata.kv.keep_value import keep_value
+from strata.kv.lazy_heap import LazyHeap
 from strata.registry import Registry
 
 
@@ -66,66 +66,46 @@ class FIFOOrder(EvictionOrder):
 
 
 class CostOrder(EvictionOrder):
-    """Hit likelihood x recompute cost, aged (see the module docstring).
-
-    Invariant: `_entry` has exactly the stored keys, each with the (value, stamp) of its
-    one live heap entry; heap entries whose stamp differs are stale and skipped.
-    """
+    """Hit likelihood x recompute cost, aged (see the module docstring). `_values` holds
+    exactly the stored keys."""
 
     def __init__(self, slope: float = 0.0) -> None:
         super().__init__(slope)
         self.inflation = 0.0  # L
         self._position: dict[bytes, int] = {}
         self._uses: dict[bytes, int] = {}
-        self._entry: dict[bytes, tuple[float, int]] = {}
-        self._heap: list[tuple[float, int, bytes]] = []
-        self._stamp = 0
+        self._values: LazyHeap[bytes] = LazyHeap()
 
     def inserted(self, key: bytes, position: int | None = None) -> None:
         self._position[key] = position or 0
         self._uses[key] = 1
-        self._push(key)
+        self._values.push(key, self.value(key))
 
     def accessed(self, key: bytes) -> None:
-        if key in self._entry:
+        if key in self._values:
             self._uses[key] += 1
-            self._push(key)
+            self._values.push(key, self.value(key))
 
     def removed(self, key: bytes) -> None:
-        for table in (self._position, self._uses, self._entry):
-            table.pop(key, None)
+        self._position.pop(key, None)
+        self._uses.pop(key, None)
+        self._values.discard(key)
 
     def value(self, key: bytes) -> float:
         return keep_value(self.inflation, self._uses[key], self._position[key], self.slope)
 
-    def _push(self, key: bytes) -> None:
-        self._stamp += 1
-        entry = (self.value(key), self._stamp)
-        self._entry[key] = entry
-        heapq.heappush(self._heap, (*entry, key))
-        if len(self._heap) > 2 * len(self._entry) + 64:  # drop stale entries
-            self._heap = [(*e, k) for k, e in self._entry.items()]
-            heapq.heapify(self._heap)
-
     def candidates(self) -> Iterator[bytes]:
-        return iter(sorted(self._entry, key=self._entry.__getitem__))
+        return iter(self._values.sorted_keys())
 
     def victim(self, is_pinned: Callable[[bytes], bool]) -> bytes | None:
         """The lowest-valued unpinned key; L rises to its value (the caller evicts it). A
         pinned key skipped meanwhile may be worth less than L: L never falls."""
-        heap, pinned, found = self._heap, [], None
-        while heap and found is None:
-            value, stamp, key = heap[0]
-            live = self._entry.get(key)
-            if live is None or live[1] != stamp:
-                heapq.heappop(heap)
-            elif is_pinned(key):
-                pinned.append(heapq.heappop(heap))
-            else:
-                found, self.inflation = key, max(self.inflation, value)
-        for entry in pinned:
-            heapq.heappush(heap, entry)
-        return found
+        lowest = self._values.lowest(skip=is_pinned)
+        if lowest is None:
+            return None
+        value, key = lowest
+        self.inflation = max(self.inflation, value)
+        return key
 
 
 EVICTION_ORDERS: Registry[type[EvictionOrder]] = Registry(
