@@ -17,7 +17,12 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # benchmarks/tier_io_cpu.py uses this module without pytest
+    import pytest
 
 BINARIES = ("valkey-server", "redis-server")
 
@@ -108,3 +113,20 @@ class RedisServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def skip_without_server() -> None:
+    """Skip the test when no server binary is installed (unless one is required)."""
+    import pytest
+
+    if server_binary() is None and not server_required():
+        pytest.skip("no valkey-server or redis-server on PATH")
+
+
+def running_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A started server for a module-scoped fixture (`yield from` it); stopped after."""
+    skip_without_server()
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()

@@ -24,7 +24,7 @@ from strata.kv.tiers.disk import DiskTier, layout_digest
 from strata.kv.tiers.remote import RemoteTier
 from strata.kv.tiers.store_secret import SECRET_ENV, StoreSecret, resolve_secret
 from strata.kv.tiers.store_url import redact_url
-from tests.redis_server import RedisServer, server_binary, server_required
+from tests.redis_server import RedisServer, running_server
 
 LAYOUT = BlockLayout("ab" * 32, num_layers=2, num_kv_heads=2, head_dim=4, block_size=4,
                      dtype="float16")  # fmt: skip
@@ -123,12 +123,7 @@ def test_redacted_urls() -> None:
 
 @pytest.fixture(scope="module")
 def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    if server_binary() is None and not server_required():
-        pytest.skip("no valkey-server or redis-server on PATH")
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
+    yield from running_server(tmp_path_factory)
 
 
 def test_remote_tier_rejects_and_deletes_forged_blocks(valkey: RedisServer) -> None:

@@ -20,7 +20,13 @@ from strata.kv.tiers.base import BlockLayout, StoredBlock
 from strata.kv.tiers.disk import layout_digest
 from strata.kv.tiers.remote import RemoteTier
 from strata.kv.tiers.store_url import redis_url
-from tests.redis_server import RedisServer, server_binary, server_required
+from tests.redis_server import (
+    RedisServer,
+    running_server,
+    server_binary,
+    server_required,
+    skip_without_server,
+)
 
 LAYOUT = BlockLayout(
     "ab" * 32, num_layers=2, num_kv_heads=2, head_dim=4, block_size=4, dtype="float16"
@@ -51,18 +57,9 @@ def test_server_binary_present_when_required() -> None:
     )
 
 
-def skip_without_server() -> None:
-    if server_binary() is None and not server_required():
-        pytest.skip("no valkey-server or redis-server on PATH")
-
-
 @pytest.fixture(scope="module")
 def module_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    skip_without_server()
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
+    yield from running_server(tmp_path_factory)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import torch
 
 from strata.kv.tiers.remote import RemoteTier
 from strata.kv.tiers.store_secret import StoreSecret
-from tests.redis_server import RedisServer, server_binary, server_required
+from tests.redis_server import RedisServer, running_server
 from tests.test_tier_parallel_reads import LAYOUT, N, block, key
 
 # 16 KiB blocks: MGETs of 8 MiB would hold every block, so the tests shrink them
@@ -23,12 +23,7 @@ from tests.test_tier_parallel_reads import LAYOUT, N, block, key
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    if server_binary() is None and not server_required():
-        pytest.skip("no valkey-server or redis-server on PATH")
-    srv = RedisServer(tmp_path_factory.mktemp("redis"))
-    srv.start()
-    yield srv
-    srv.stop()
+    yield from running_server(tmp_path_factory)
 
 
 def small_mgets(tier: RemoteTier, per: int = 3) -> RemoteTier:
