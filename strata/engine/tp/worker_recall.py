@@ -15,14 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from strata.attention.backend import AttentionBackend, StepMetadata
 from strata.attention.layer_inputs import Rotary
 from strata.config import CacheConfig, ModelConfig
 from strata.engine.tp.step_wire import StepInputs
-from strata.kv.recall.attention import RecallAttention, RecallMetadata, RecallRows
+from strata.kv.recall.attention import RecallAttention, RecallMetadata, ordinary_rows
 from strata.kv.recall.build import build_recall
 from strata.kv.recall.mirror import RecallMirror
 from strata.kv.recall.ranks import HeadShard
@@ -60,10 +59,3 @@ class WorkerRecall:
         ordinary = torch.from_numpy(ordinary_rows(len(step.ids), rows)).to(slots.device)
         return RecallMetadata(slots, inner, ordinary, rows)
 
-
-def ordinary_rows(num_tokens: int, recall: tuple[RecallRows, ...]) -> np.ndarray:
-    """The flat batch's rows that are not recall rows, in order."""
-    pooled = np.ones(num_tokens, dtype=bool)
-    for part in recall:
-        pooled[part.rows] = False
-    return np.flatnonzero(pooled).astype(np.int64)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -34,6 +35,14 @@ class RecallRows:
     @property
     def rows(self) -> slice:
         return slice(self.first, self.first + self.chunk.num_tokens)
+
+
+def ordinary_rows(num_tokens: int, recall: tuple[RecallRows, ...]) -> np.ndarray:
+    """The flat batch's rows that are not recall rows, in order."""
+    pooled = np.ones(num_tokens, dtype=bool)
+    for part in recall:
+        pooled[part.rows] = False
+    return np.flatnonzero(pooled).astype(np.int64)
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from strata.kv.cache import KVCache
 from strata.kv.policies.attended import AttendedBlocks, ChunkSlots
 from strata.kv.policies.runtime.interfaces import PolicyChunk, PolicyStep
 from strata.kv.policies.runtime.observer import ObservedSequence, StepObserver
-from strata.kv.recall.attention import RecallRows
+from strata.kv.recall.attention import RecallRows, ordinary_rows
 
 
 @dataclass(frozen=True)
@@ -119,9 +119,8 @@ class KVStepBuilder:
         # Planning commits a recall sequence's step (RecallSequence.plan), so it comes
         # last: a SequenceFault above makes the runner build the step again.
         recall = tuple(planned_recall(c, o) for c, o in recalled)
-        rows = [np.arange(o, o + c.num_tokens, dtype=np.int64) for c, o in kept]
-        ordinary = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
-        return replace(built, recall=recall, ordinary_rows=ordinary)
+        num_tokens = sum(c.num_tokens for c in step.chunks)
+        return replace(built, recall=recall, ordinary_rows=ordinary_rows(num_tokens, recall))
 
     def _build(self, chunks: Sequence[PolicyChunk], offsets: list[int]) -> StepKV:
         bs = self.cache.block_size
