@@ -8,7 +8,8 @@ from typing import Any
 
 from fastapi.responses import StreamingResponse
 
-from strata.kv.index_events import EVICTED, STORED, IndexEvents, ObservedPrefixIndex
+from strata.kv.index_events import EVICTED, STORED, IndexEvents
+from strata.kv.prefix import PrefixIndex
 from strata.server.config import RouterName, ServeConfig
 from strata.server.replicas.block_index import BlockIndex
 from strata.server.replicas.front import Front
@@ -44,7 +45,8 @@ def test_least_loaded_and_round_robin() -> None:
 
 def test_index_events_replay_to_the_index_keys() -> None:
     events = IndexEvents()
-    index = ObservedPrefixIndex(events)
+    index = PrefixIndex()
+    index.listener = events
     index.insert(b"a", [1], 0)
     index.insert(b"b", [2], 1)
     assert not index.insert(b"a", [1], 2)  # already indexed: no event

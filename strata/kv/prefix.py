@@ -18,6 +18,7 @@ import hashlib
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 KEY_FORMAT = b"strata-kv/1"
 
@@ -56,12 +57,22 @@ class BlockRef:
     position: int | None = None
 
 
+class IndexListener(Protocol):
+    """Told each key a PrefixIndex stores or forgets, in order (kv/index_events.py)."""
+
+    def stored(self, key: bytes) -> None: ...
+
+    def evicted(self, key: bytes) -> None: ...
+
+
 class PrefixIndex:
-    """Key -> block id for full computed blocks; each indexed block has exactly one key."""
+    """Key -> block id for full computed blocks; each indexed block has exactly one key.
+    A `listener`, when set, hears of every key stored and forgotten."""
 
     def __init__(self) -> None:
         self._block_of: dict[bytes, int] = {}
         self._entry_of: dict[int, tuple[bytes, tuple[int, ...]]] = {}
+        self.listener: IndexListener | None = None
 
     def __len__(self) -> int:
         return len(self._block_of)
@@ -81,6 +92,8 @@ class PrefixIndex:
             return False
         self._block_of[key] = block_id
         self._entry_of[block_id] = (key, tuple(token_ids))
+        if self.listener is not None:
+            self.listener.stored(key)
         return True
 
     def remove_block(self, block_id: int) -> bytes | None:
@@ -89,6 +102,8 @@ class PrefixIndex:
         if entry is None:
             return None
         del self._block_of[entry[0]]
+        if self.listener is not None:
+            self.listener.evicted(entry[0])
         return entry[0]
 
     def key_of(self, block_id: int) -> bytes | None:
