@@ -128,6 +128,13 @@ def masks(batch: int) -> None:
           f"({_ms(statistics.median(batch_s) / batch)} per row)")
 
 
+def _kernel_profiler() -> Any:
+    """A torch profiler of CPU ops and CUDA kernels (not started)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+
+
 def engine(model: str, device: str, num_requests: int, output_len: int, profile: bool) -> None:
     from strata import LLM, SamplingParams
     from strata.engine.structured_output import StructuredOutput
@@ -160,16 +167,27 @@ def engine(model: str, device: str, num_requests: int, output_len: int, profile:
             for i in range(num_requests)
         ]
         llm.generate(prompts[:8], params[:8])  # warm-up (and the compile)
+        name = "constrained" if constrained else "unconstrained"
         profiler = cProfile.Profile() if profile else None
+        kernels = _kernel_profiler() if profile and device == "cuda" else None
+        steps_before = len(mask_s)
         start = time.perf_counter()
         if profiler is not None:
             profiler.enable()
+        if kernels is not None:
+            kernels.start()
         outs = llm.generate(prompts, params)
         seconds = time.perf_counter() - start
+        if kernels is not None:
+            kernels.stop()
+            print(f"--- device kernels, {name} run ({len(mask_s) - steps_before} masked steps)")
+            table = kernels.key_averages().table(sort_by="self_device_time_total", row_limit=20)
+            print(table)
         if profiler is not None:
             profiler.disable()
-            print(f"--- host profile, {'constrained' if constrained else 'unconstrained'} run")
+            print(f"--- host profile, {name} run")
             pstats.Stats(profiler).sort_stats("tottime").print_stats(18)
+            pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
         got = [len(o.token_ids) for o in outs]
         return sum(got) / seconds, got
 
@@ -198,7 +216,10 @@ def main() -> None:
     e.add_argument("--device", default="cuda")
     e.add_argument("--num-requests", type=int, default=256)
     e.add_argument("--output-len", type=int, default=256)
-    e.add_argument("--profile", action="store_true", help="print a host profile of both runs")
+    e.add_argument(
+        "--profile", action="store_true",
+        help="print host profiles and (on CUDA) device kernel times of both runs",
+    )
     args = p.parse_args()
     if args.what == "masks":
         masks(args.batch)

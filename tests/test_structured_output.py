@@ -173,3 +173,31 @@ def test_a_grammar_left_no_unbanned_token_ends_before_it(llm: LLM) -> None:
     assert out.text == "ab" and out.finish_reason == "stop"
     assert llm.get_tokenizer().decode(out.token_ids) == "ab"
     assert_no_leaks(llm)
+
+
+def test_matchers_advance_on_the_worker_after_the_first_token(llm: LLM) -> None:
+    # Only a sequence's first sampled token finds no row the worker filled; every later
+    # mask was filled off the step's serial path.
+    builder = llm.engine.runner.grammar_masks
+    before = builder.late_rows
+    params = [
+        SamplingParams(max_tokens=12, temperature=0.9, seed=s, ignore_eos=True,
+                       structured_output=StructuredOutput.regex("[a-z]{300}"))
+        for s in range(3)
+    ]  # fmt: skip
+    outs = llm.generate([f"{PROMPT} {i}" for i in range(3)], params)
+    assert [len(o.token_ids) for o in outs] == [12, 12, 12]
+    assert all(re.fullmatch("[a-z]+", o.text) for o in outs)
+    assert builder.late_rows - before == 3
+
+
+def test_a_rejected_token_leaves_its_row_only_the_stop_tokens(llm: LLM) -> None:
+    builder = llm.engine.runner.grammar_masks
+    so = StructuredOutput.regex("ab")
+    seq = llm.engine.requests.prepare(PROMPT, SamplingParams(structured_output=so))
+    assert seq.grammar is not None
+    seq.token_ids.append(llm.get_tokenizer().encode("z", add_special_tokens=False)[0])
+    masks = builder.build([seq], 49152)
+    assert masks is not None and masks.rows == [0]
+    allowed = ((masks.bitmask[0, :, None] >> torch.arange(32)) & 1).flatten()
+    assert torch.nonzero(allowed).flatten().tolist() == sorted(llm.engine.loaded.eos_token_ids)

@@ -190,6 +190,8 @@ class LLMEngine:
                 self.scheduler.finish(seq, reason)
                 del self._seqs[seq.request_id]
             outputs.append(request_output(seq, self.tokenizer, delta_tokens=1))
+        # their next masks are filled on a worker while the next step is scheduled
+        self.runner.grammar_masks.advance([s for s in got_token if not s.finished])
         return outputs
 
     def _record_step_event(self) -> torch.cuda.Event | None:
@@ -228,6 +230,7 @@ class LLMEngine:
         """Finish writing blocks to the tiers and close them, and stop the tensor-parallel
         ranks (the engine is unusable after)."""
         self.requests.grammars.close()
+        self.runner.grammar_masks.close()
         if self.tiers is not None:  # first: the workers flush their tiers too
             self.tiers.close(flush=True)
             self.tiers = None

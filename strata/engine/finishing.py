@@ -26,8 +26,10 @@ def stop_reason(seq: Sequence, eos_token_ids: Collection[int]) -> str | None:
         return "length"
     token = seq.token_ids[-1]
     params = seq.params
-    if seq.grammar is not None and _grammar_ends(seq, token):
-        return "stop"
+    if token < 0:
+        return _nothing_allowed(seq)
+    if seq.grammar is not None and token in eos_token_ids:
+        return "stop"  # the grammar's mask allows its stop tokens only where it may end
     if seq.detokenizer is not None and seq.detokenizer.add(token):
         return "stop"
     if not params.ignore_eos and token in eos_token_ids:
@@ -39,19 +41,14 @@ def stop_reason(seq: Sequence, eos_token_ids: Collection[int]) -> str | None:
     return None
 
 
-def _grammar_ends(seq: Sequence, token: int) -> bool:
-    """Advance the grammar by the sampled token; True once it has ended (a stop token
-    accepted where the grammar is complete). A token the grammar rejects is possible only
-    when bans (min_tokens, bad_words) leave it no allowed token: the output ends before
-    that token, which is dropped."""
-    assert seq.grammar is not None
-    if seq.grammar.accept_token(token):
-        return bool(seq.grammar.is_terminated())
-    logger.warning("%s: the grammar allows no unbanned token; the output ends", seq.request_id)
+def _nothing_allowed(seq: Sequence) -> str:
+    """The sampler found no allowed token (it returns -1): bans (min_tokens, bad_words)
+    left a grammar none. The output ends before that token, which is dropped."""
+    logger.warning("%s: no token is allowed (grammar and bans); the output ends", seq.request_id)
     seq.token_ids.pop()
     if len(seq.logprobs) > seq.num_output_tokens:
         seq.logprobs.pop()
-    return True
+    return "stop"
 
 
 def record_logprobs(seqs: list[Sequence], sampled: SamplerOutput) -> None:

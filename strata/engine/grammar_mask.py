@@ -4,14 +4,26 @@
     bitmask     |  filled   |  unread   |  filled    |   int32 [rows, ceil(vocab / 32)]
     logits      -inf wherever a row's bit is 0, applied by xgrammar's kernel, in place on a copy
 
-The runner fills the bitmask on the host after it has launched the model (runner.py),
-so on a GPU the masks are computed while the model runs. Filling uses xgrammar's batch
-matcher (its own threads). Constrained and unconstrained rows share one step and one
-sampler call; a row's mask depends only on its own matcher.
+A matcher's work (accepting the sampled token, then filling the next mask) stays off the
+step's serial path:
+
+    step N synced     engine: finishing decides from the token alone (a stop token ends a
+                      grammar: the mask allowed it only where the grammar may end)
+                      engine -> advance(sequences that go on)
+                          a worker thread: each matcher accepts its new tokens, then fills
+                          its row of the host buffer (xgrammar fills without the GIL)
+    step N+1          engine schedules, the runner launches the model, then build(rows):
+                      waits for the worker, fills the rows it did not (a sequence's first
+                      sampled token), uploads, and gathers them into sampling-row order
+
+Constrained and unconstrained rows share one step and one sampler call; a row's mask
+depends only on its own matcher.
 """
 
 from __future__ import annotations
 
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +33,11 @@ from strata.engine.sequence import Sequence
 
 if TYPE_CHECKING:
     import xgrammar
+
+logger = logging.getLogger("strata.engine")
+
+# id(sequence) -> (the sequence, its row of the host buffer), filled for the next build
+FilledRows = dict[int, tuple[Sequence, int]]
 
 
 @dataclass(frozen=True)
@@ -40,61 +57,138 @@ class GrammarMasks:
 
 
 class GrammarMaskBuilder:
-    """Fills the step's bitmask from its rows' matchers (one batch matcher, reused).
+    """Accepts tokens and fills masks for the constrained sequences (one batch matcher).
 
-    xgrammar fills the constrained rows straight into a host buffer that lives as long as
-    the builder; the apply reads only those rows, so the others are never written. On
-    CUDA two pinned buffers alternate (bitmask and row numbers), each copied to the device
-    without blocking, and a buffer is rewritten only after the event recorded behind its
-    last copy. The row numbers go to the device as a tensor: from a Python list, xgrammar
-    would copy them from pageable memory, which waits for the model's kernels. A step's
-    masks are valid until the next build (on CPU they are the buffer itself)."""
+    Rows live in one host buffer (pinned on CUDA) that outlives the builder's steps. The
+    worker writes it only between a step's host sync and the next build, and a build's
+    upload is ordered before that sync, so no copy reads a row being written. A step's
+    masks are valid until the next advance."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._cuda = device.type == "cuda"
         self._batch: xgrammar.BatchGrammarMatcher | None = None
-        # per turn: the bitmask [capacity, words] and the row numbers [capacity]
-        self._host: list[tuple[torch.Tensor, torch.Tensor] | None] = [None, None]
-        self._events: list[torch.cuda.Event | None] = [None, None]
-        self._turn = 0
+        self._host: torch.Tensor | None = None  # [capacity, words]
+        self._row_map: torch.Tensor | None = None  # pinned [capacity]: sampling row -> host row
+        self._rows: torch.Tensor | None = None  # pinned [capacity]: the constrained rows
+        self._words = 0
+        self._pool: ThreadPoolExecutor | None = None
+        self._job: Future[FilledRows] | None = None
+        self.late_rows = 0  # rows a build filled itself (the worker had not): first tokens
+
+    def advance(self, seqs: list[Sequence]) -> None:
+        """Start, on the worker, the next masks of `seqs` (each has just sampled a token and
+        goes on): their matchers accept the new tokens and fill their rows."""
+        constrained = [s for s in seqs if s.grammar is not None]
+        self._take_job()
+        if not constrained or not self._words:
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="strata-grammar")
+        self._job = self._pool.submit(self._accept_and_fill, constrained, 0)
 
     def build(self, seqs: list[Sequence], vocab: int) -> GrammarMasks | None:
         """Masks for sampling rows `seqs`; None when no row is constrained."""
         rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
-        matchers = [m for s in seqs if (m := s.grammar) is not None]
         if not rows:
             return None
+        self._words = -(-vocab // 32)
+        filled = self._take_job()
+        late = [
+            s
+            for s in (seqs[i] for i in rows)
+            if (entry := filled.get(id(s))) is None
+            or entry[0] is not s
+            or s.grammar_accepted != s.num_output_tokens
+        ]
+        if late:
+            self.late_rows += len(late)
+            filled.update(self._accept_and_fill(late, len(filled)))
+        row_map = [filled[id(s)][1] if s.grammar is not None else 0 for s in seqs]
+        host = self._host
+        assert host is not None
+        if not self._cuda:
+            return GrammarMasks(rows, host[torch.tensor(row_map)])
+        used = max(row_map) + 1
+        row_map_host, rows_host = self._pinned_index(len(seqs))
+        row_map_host.numpy()[: len(seqs)] = row_map
+        rows_host.numpy()[: len(rows)] = rows
+        uploaded = host[:used].to(self.device, non_blocking=True)
+        row_map_dev = row_map_host[: len(seqs)].to(self.device, non_blocking=True)
+        rows_dev = rows_host[: len(rows)].to(self.device, non_blocking=True)
+        return GrammarMasks(rows_dev, uploaded.index_select(0, row_map_dev))
+
+    def close(self) -> None:
+        self._take_job()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def _take_job(self) -> FilledRows:
+        """The rows the worker filled for this build ({} when none): waits for it."""
+        job, self._job = self._job, None
+        return {} if job is None else job.result()
+
+    def _accept_and_fill(self, seqs: list[Sequence], first_row: int) -> FilledRows:
+        """Each matcher of `seqs` accepts its sequence's new output tokens, then fills host
+        row first_row + i. A matcher that rejects a token (an engine fault: the mask allowed
+        it) gets a row of its stop tokens only, so its sequence ends at the next step."""
         import xgrammar
 
         if self._batch is None:
             self._batch = xgrammar.BatchGrammarMatcher()
-        bitmask, row_numbers = self._buffers(len(seqs), -(-vocab // 32))
-        self._batch.batch_fill_next_token_bitmask(matchers, bitmask, indices=rows)
-        if not self._cuda:
-            return GrammarMasks(rows, bitmask)
-        row_numbers.numpy()[: len(rows)] = rows
-        on_device = bitmask.to(self.device, non_blocking=True)
-        rows_on_device = row_numbers[: len(rows)].to(self.device, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        self._events[self._turn] = event
-        return GrammarMasks(rows_on_device, on_device)
+        host = self._reserve(first_row + len(seqs))
+        filled: FilledRows = {}
+        matchers, indices = [], []
+        for i, seq in enumerate(seqs):
+            row = first_row + i
+            filled[id(seq)] = (seq, row)
+            matcher = seq.grammar
+            assert matcher is not None
+            if _catch_up(seq, matcher):
+                matchers.append(matcher)
+                indices.append(row)
+            else:
+                host[row] = 0
+                for stop in matcher.stop_token_ids:
+                    host[row, stop // 32] |= _bit(stop % 32)
+        if matchers:
+            self._batch.batch_fill_next_token_bitmask(matchers, host, indices=indices)
+        return filled
 
-    def _buffers(self, rows: int, words: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This step's host bitmask [rows, words] and row-number buffer [>= rows] (the
-        next pair of the two on CUDA)."""
-        if self._cuda:
-            self._turn = 1 - self._turn
-            event = self._events[self._turn]
-            if event is not None:
-                event.synchronize()  # its copies were issued two builds ago: long done
-        held = self._host[self._turn]
-        if held is None or held[0].shape[0] < rows or held[0].shape[1] != words:
+    def _reserve(self, rows: int) -> torch.Tensor:
+        """The host buffer, grown (its rows kept) to hold `rows` rows."""
+        held = self._host
+        if held is not None and held.shape[0] >= rows and held.shape[1] == self._words:
+            return held
+        capacity = max(rows, 64, 0 if held is None else 2 * held.shape[0])
+        grown = torch.empty((capacity, self._words), dtype=torch.int32, pin_memory=self._cuda)
+        if held is not None and held.shape[1] == self._words:
+            grown[: held.shape[0]] = held
+        self._host = grown
+        return grown
+
+    def _pinned_index(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._row_map is None or self._row_map.shape[0] < rows:
             capacity = max(rows, 64)
-            held = (
-                torch.empty((capacity, words), dtype=torch.int32, pin_memory=self._cuda),
-                torch.empty(capacity, dtype=torch.int32, pin_memory=self._cuda),
-            )
-            self._host[self._turn] = held
-        return held[0][:rows], held[1]
+            self._row_map = torch.empty(capacity, dtype=torch.int64, pin_memory=True)
+            self._rows = torch.empty(capacity, dtype=torch.int32, pin_memory=True)
+        assert self._rows is not None
+        return self._row_map, self._rows
+
+
+def _catch_up(seq: Sequence, matcher: xgrammar.GrammarMatcher) -> bool:
+    """Feed the matcher the output tokens it has not accepted; False if it rejects one."""
+    first = len(seq.prompt_token_ids) + seq.grammar_accepted
+    new = seq.token_ids[first:]
+    seq.grammar_accepted += len(new)
+    for token in new:
+        if not matcher.accept_token(token):
+            logger.error("%s: the grammar rejected sampled token %d", seq.request_id, token)
+            return False
+    return True
+
+
+def _bit(i: int) -> int:
+    """Bit i of an int32 word, as the signed value torch stores."""
+    return (1 << i) - (1 << 32) if i == 31 else 1 << i

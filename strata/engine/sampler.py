@@ -8,7 +8,8 @@ exponential race: argmax(p / E) with E ~ Exp(1) picks token i with probability p
 Order: the batch's LogitsAdjustment (penalties, logit_bias, bans) changes the logits,
 then its GrammarMasks set the tokens each constrained row's grammar forbids to -inf;
 greedy rows take their argmax and logprobs are of these adjusted logits (before
-temperature); sampled rows then apply temperature, min_p, top-k and top-p.
+temperature); sampled rows then apply temperature, min_p, top-k and top-p. A row that
+masks and bans leave no token samples -1.
 """
 
 from __future__ import annotations
@@ -72,7 +73,17 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def uniform_noise(seed: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.Tensor:
-    """[rows, vocab] float32 in (0, 1), a pure function of (seed, step, token id)."""
+    """[rows, vocab] float32 in (0, 1), a pure function of (seed, step, token id). On CUDA
+    one Triton kernel computes it (strata/ops/triton_sampling_noise.py), bit for bit."""
+    if seed.is_cuda:
+        from strata.ops.triton_sampling_noise import uniform_noise as fused
+
+        return fused(seed, step, vocab)
+    return uniform_noise_torch(seed, step, vocab)
+
+
+def uniform_noise_torch(seed: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.Tensor:
+    """uniform_noise in torch operations (any device)."""
     row = _mix32(_mix32(seed) ^ _mix32(step + 0x9E3779B9))
     col = torch.arange(vocab, device=seed.device, dtype=torch.int64)
     bits = _mix32(row[:, None] ^ (col[None, :] * 0x85EBCA6B))
@@ -92,11 +103,15 @@ class Sampler:
             tokens = greedy
         else:
             tokens = torch.where(batch.temperature == 0, greedy, self._sample(logits, batch))
-        if batch.max_logprobs < 0:
-            return SamplerOutput(tokens, None, None, None)
-        logprobs = torch.log_softmax(logits, dim=-1)
-        chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)
-        top_lp, top_ids = logprobs.topk(max(batch.max_logprobs, 1), dim=-1)
+        chosen = top_ids = top_lp = None
+        if batch.max_logprobs >= 0:
+            logprobs = torch.log_softmax(logits, dim=-1)
+            chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)
+            top_lp, top_ids = logprobs.topk(max(batch.max_logprobs, 1), dim=-1)
+        if batch.grammar is not None or batch.adjust is not None:
+            # a row whose grammar and bans allow nothing samples -1 (finishing.py)
+            blocked = logits.gather(1, tokens[:, None]).squeeze(1) == float("-inf")
+            tokens = tokens.masked_fill(blocked, -1)
         return SamplerOutput(tokens, chosen, top_ids, top_lp)
 
     @staticmethod

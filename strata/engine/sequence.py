@@ -54,6 +54,7 @@ class Sequence:
     # The grammar's state after the output tokens (they never change, so recomputing the
     # KV after a preemption leaves it exact); None: unconstrained.
     grammar: xgrammar.GrammarMatcher | None = None
+    grammar_accepted: int = 0  # output tokens the matcher has accepted (grammar_mask.py)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
