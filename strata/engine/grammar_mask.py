@@ -138,14 +138,14 @@ class GrammarMaskBuilder:
         if self._batch is None:
             self._batch = xgrammar.BatchGrammarMatcher()
         host = self._reserve(first_row + len(seqs))
-        filled: FilledRows = {}
+        rows = range(first_row, first_row + len(seqs))
+        filled: FilledRows = {id(seq): (seq, row) for seq, row in zip(seqs, rows, strict=True)}
+        accepted = _catch_up(seqs)
         matchers, indices = [], []
-        for i, seq in enumerate(seqs):
-            row = first_row + i
-            filled[id(seq)] = (seq, row)
+        for seq, row, ok in zip(seqs, rows, accepted, strict=True):
             matcher = seq.grammar
             assert matcher is not None
-            if _catch_up(seq, matcher):
+            if ok:
                 matchers.append(matcher)
                 indices.append(row)
             else:
@@ -177,16 +177,33 @@ class GrammarMaskBuilder:
         return self._row_map, self._rows
 
 
-def _catch_up(seq: Sequence, matcher: xgrammar.GrammarMatcher) -> bool:
-    """Feed the matcher the output tokens it has not accepted; False if it rejects one."""
-    first = len(seq.prompt_token_ids) + seq.grammar_accepted
-    new = seq.token_ids[first:]
-    seq.grammar_accepted += len(new)
-    for token in new:
-        if not matcher.accept_token(token):
-            logger.error("%s: the grammar rejected sampled token %d", seq.request_id, token)
-            return False
-    return True
+def _catch_up(seqs: list[Sequence]) -> list[bool]:
+    """Feed each matcher its sequence's output tokens it has not accepted (one batch call
+    for those with a single new token, the usual case); False where it rejects one."""
+    import xgrammar
+
+    ok = [True] * len(seqs)
+    single: list[int] = []
+    for i, seq in enumerate(seqs):
+        first = len(seq.prompt_token_ids) + seq.grammar_accepted
+        new = seq.token_ids[first:]
+        seq.grammar_accepted += len(new)
+        if len(new) == 1:
+            single.append(i)
+            continue
+        matcher = seq.grammar
+        assert matcher is not None
+        ok[i] = all(matcher.accept_token(token) for token in new)
+    if single:
+        matchers = [seqs[i].grammar for i in single]
+        tokens = [seqs[i].token_ids[-1] for i in single]
+        results = xgrammar.BatchGrammarMatcher.batch_accept_token(matchers, tokens)  # type: ignore[arg-type]
+        for i, accepted in zip(single, results, strict=True):
+            ok[i] = accepted
+    for seq, accepted in zip(seqs, ok, strict=True):
+        if not accepted:
+            logger.error("%s: the grammar rejected a sampled token", seq.request_id)
+    return ok
 
 
 def _bit(i: int) -> int:
