@@ -170,6 +170,11 @@ class LLMEngine:
         computed = self._record_step_event()
         tokens = [] if sampled is None else sampled.token_ids.tolist()  # the one host sync
         got_token = self.scheduler.update(plan, tokens, computed)
+        # Constrained sequences that go on get their next masks filled on a worker while
+        # this step finishes and the next is scheduled (finishing reads no matcher).
+        self.runner.grammar_masks.advance(
+            [s for s in got_token if s.grammar is not None and self._goes_on(s)]
+        )
         outputs = self._fail_faults(plan)  # policies that raised while observing
         plan.faults.extend(self.kv_policies.after_step(plan))
         outputs += self._fail_faults(plan)
@@ -190,9 +195,13 @@ class LLMEngine:
                 self.scheduler.finish(seq, reason)
                 del self._seqs[seq.request_id]
             outputs.append(request_output(seq, self.tokenizer, delta_tokens=1))
-        # their next masks are filled on a worker while the next step is scheduled
-        self.runner.grammar_masks.advance([s for s in got_token if not s.finished])
         return outputs
+
+    def _goes_on(self, seq: Sequence) -> bool:
+        """False if a constrained sequence's last token surely ends it (a stop token, the
+        sampler's -1, or a prompt-scoring request); it may still end for other reasons."""
+        token = seq.token_ids[-1]
+        return token >= 0 and token not in self.loaded.eos_token_ids and seq.max_tokens > 0
 
     def _record_step_event(self) -> torch.cuda.Event | None:
         """An event after this step's kernels, for tier stores to wait on (CUDA with tiers)."""

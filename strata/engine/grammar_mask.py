@@ -23,6 +23,7 @@ depends only on its own matcher.
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -75,6 +76,7 @@ class GrammarMaskBuilder:
         self._pool: ThreadPoolExecutor | None = None
         self._job: Future[FilledRows] | None = None
         self.late_rows = 0  # rows a build filled itself (the worker had not): first tokens
+        self.worker_seconds: list[float] = []  # each advance's accept + fill, on the worker
 
     def advance(self, seqs: list[Sequence]) -> None:
         """Start, on the worker, the next masks of `seqs` (each has just sampled a token and
@@ -85,7 +87,7 @@ class GrammarMaskBuilder:
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="strata-grammar")
-        self._job = self._pool.submit(self._accept_and_fill, constrained, 0)
+        self._job = self._pool.submit(self._timed_accept_and_fill, constrained)
 
     def build(self, seqs: list[Sequence], vocab: int) -> GrammarMasks | None:
         """Masks for sampling rows `seqs`; None when no row is constrained."""
@@ -128,6 +130,13 @@ class GrammarMaskBuilder:
         """The rows the worker filled for this build ({} when none): waits for it."""
         job, self._job = self._job, None
         return {} if job is None else job.result()
+
+    def _timed_accept_and_fill(self, seqs: list[Sequence]) -> FilledRows:
+        start = time.perf_counter()
+        filled = self._accept_and_fill(seqs, 0)
+        self.worker_seconds.append(time.perf_counter() - start)
+        del self.worker_seconds[:-1024]  # the recent ones
+        return filled
 
     def _accept_and_fill(self, seqs: list[Sequence], first_row: int) -> FilledRows:
         """Each matcher of `seqs` accepts its sequence's new output tokens, then fills host
