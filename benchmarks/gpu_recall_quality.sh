@@ -26,8 +26,9 @@ run() {
   timeout "$SECONDS_LEFT" python3 -m strata.cli eval ruler "${COMMON[@]}" --output "$OUT/$name" \
     "$@" > "$OUT/$name.log" 2>&1 &
 }
-# Overridable: LENGTHS, POLICIES (of full, chunkkv, quest, shadowkv).
-for L in ${LENGTHS:-4096 8192}; do
+# Overridable: LENGTHS, POLICIES (of full, chunkkv, quest, shadowkv); LENGTHS="" runs
+# only the extra runs.
+for L in ${LENGTHS-4096 8192}; do
   for P in ${POLICIES:-full chunkkv quest shadowkv}; do
     case $P in
       full) run "full_$L" --policy full --budget 1 --length "$L" ;;
