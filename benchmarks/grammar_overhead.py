@@ -129,6 +129,60 @@ def masks(batch: int) -> None:
           f"({_ms(statistics.median(batch_s) / batch)} per row)")
 
 
+def walks(batch: int, tokenizer_path: str | None, steps: int, vocab: int | None) -> None:
+    """Accept and fill per step for `batch` matchers walking the valid document (the tokens a
+    model that writes the document produces) against walking random allowed tokens (what
+    random weights sample), on one tokenizer."""
+    import random
+
+    import torch
+    import xgrammar
+    from transformers import AutoTokenizer
+
+    from strata.models.embedded import embedded_model_path
+    from strata.models.loader import gguf_to_folder
+
+    path = tokenizer_path or str(gguf_to_folder(embedded_model_path()))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    vocab = vocab or len(tokenizer)  # a model's vocabulary may be padded past the tokenizer's
+    stop = tokenizer.eos_token_id
+    info = xgrammar.TokenizerInfo.from_huggingface(
+        tokenizer, vocab_size=vocab, stop_token_ids=[stop]
+    )
+    compiled = xgrammar.GrammarCompiler(info).compile_json_schema(
+        json.dumps(SCHEMA), any_whitespace=False
+    )
+    document = tokenizer.encode(json.dumps(DOCUMENT), add_special_tokens=False)
+    bitmask = xgrammar.allocate_token_bitmask(batch, vocab)
+    batcher = xgrammar.BatchGrammarMatcher()
+    rng = random.Random(0)
+    print(f"CPU: {platform.machine()}, {os.cpu_count()} cores, xgrammar {version('xgrammar')}")
+    print(f"vocabulary {vocab} ({path}), {batch} matchers, up to {steps} steps")
+    print("| walk | steps | fill per step | accept per step (batch call) | accept per token |")
+    print("|---|---|---|---|---|")
+    for name in ("valid document", "random allowed tokens"):
+        matchers = [xgrammar.GrammarMatcher(compiled) for _ in range(batch)]
+        fill_s, accept_s = [], []
+        for step in range(min(steps, len(document))):
+            start = time.perf_counter()
+            batcher.batch_fill_next_token_bitmask(matchers, bitmask)
+            fill_s.append(time.perf_counter() - start)
+            if name == "valid document":
+                tokens = [document[step]] * batch
+            else:
+                bits = (bitmask[:, :, None] >> torch.arange(32)) & 1
+                allowed = bits.flatten(1)[:, :vocab]
+                allowed[:, stop] = 0
+                tokens = [rng.choice(torch.nonzero(row).flatten().tolist()) for row in allowed]
+            start = time.perf_counter()
+            ok = xgrammar.BatchGrammarMatcher.batch_accept_token(matchers, tokens)
+            accept_s.append(time.perf_counter() - start)
+            assert all(ok)
+        fill, accept = statistics.median(fill_s), statistics.median(accept_s)
+        print(f"| {name} | {len(fill_s)} | {_ms(fill)} | {_ms(accept)} | "
+              f"{accept / batch * 1e6:.2f} us |")
+
+
 def _kernel_profiler() -> Any:
     """A torch profiler of CPU ops and CUDA kernels (not started)."""
     from torch.profiler import ProfilerActivity, profile
@@ -215,6 +269,11 @@ def main() -> None:
     sub = p.add_subparsers(dest="what", required=True)
     m = sub.add_parser("masks", help="xgrammar compile and mask times on this CPU")
     m.add_argument("--batch", type=int, default=64, help="matchers filled per step (default 64)")
+    w = sub.add_parser("walks", help="accept + fill per step: a valid document vs random tokens")
+    w.add_argument("--batch", type=int, default=128, help="matchers (default 128)")
+    w.add_argument("--tokenizer", default=None, help="tokenizer folder (default: embedded)")
+    w.add_argument("--steps", type=int, default=60, help="steps walked (default 60)")
+    w.add_argument("--vocab", type=int, default=None, help="model vocabulary (default: tokenizer)")
     e = sub.add_parser("engine", help="engine throughput, unconstrained vs half constrained")
     e.add_argument("--model", default="random:llama-3.2-1b", help="or 'embedded'")
     e.add_argument("--device", default="cuda")
@@ -225,7 +284,9 @@ def main() -> None:
         help="print host profiles and (on CUDA) device kernel times of both runs",
     )
     args = p.parse_args()
-    if args.what == "masks":
+    if args.what == "walks":
+        walks(args.batch, args.tokenizer, args.steps, args.vocab)
+    elif args.what == "masks":
         masks(args.batch)
     else:
         engine(args.model, args.device, args.num_requests, args.output_len, args.profile)

@@ -13,12 +13,13 @@ import jsonschema_rs
 import pytest
 import torch
 import xgrammar
+from transformers import AutoTokenizer
 
 from strata import LLM, SamplingParams
 from strata.engine.grammar_mask import GrammarMasks
 from strata.engine.structured_output import StructuredOutput
 from strata.errors import InvalidRequestError
-from tests.conftest import assert_no_leaks
+from tests.conftest import TINY, assert_no_leaks
 
 SCHEMA = {
     "type": "object",
@@ -89,6 +90,37 @@ def test_masked_logits_are_minus_inf_exactly_where_bits_are_zero() -> None:
     allowed = torch.isfinite(masked[1]).nonzero().flatten().tolist()
     assert allowed == [1, 3]
     assert torch.equal(masked[1, [1, 3]], logits[1, [1, 3]])
+
+
+def test_ids_past_the_covered_vocabulary_are_banned_in_constrained_rows() -> None:
+    logits = torch.randn(2, 100)
+    bitmask = torch.full((2, 2), -1, dtype=torch.int32)  # every covered id allowed
+    masked = GrammarMasks([0], bitmask, vocab=64).apply(logits)
+    assert torch.equal(masked[0, :64], logits[0, :64])
+    assert torch.isneginf(masked[0, 64:]).all()
+    assert torch.equal(masked[1], logits[1])
+
+
+def test_grammars_cover_the_tokenizer_of_a_model_with_a_padded_vocabulary(
+    embedded_folder: Path, tmp_path: Path
+) -> None:
+    AutoTokenizer.from_pretrained(embedded_folder).save_pretrained(tmp_path)
+    config = {**TINY, "model_type": "llama", "vocab_size": 49152 + 512}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    llm = LLM(f"random:{tmp_path / 'config.json'}", device="cpu", kv_cache_memory=0.05)
+    assert llm.engine.requests.grammars.grammar_vocab == 49152
+    so = StructuredOutput.regex("[a-z]{60}")
+    params = [
+        SamplingParams(max_tokens=10, temperature=1.0, seed=s, structured_output=so)
+        for s in range(4)
+    ]
+    seen = _record_masks(llm)
+    outs = llm.generate([f"{PROMPT} {i}" for i in range(4)], params)
+    assert all(m.bitmask.shape[1] == 49152 // 32 for m in seen)
+    for out in outs:
+        assert max(out.token_ids) < 49152
+        assert re.fullmatch("[a-z]+", out.text), out.text
+    assert_no_leaks(llm)
 
 
 def test_mixed_batch_equals_solo_runs(llm: LLM) -> None:

@@ -40,6 +40,12 @@ class GrammarCompiler:
     ) -> None:  # fmt: skip
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
+        # The ids grammars cover: the tokenizer's, when the model pads its vocabulary past
+        # them (xgrammar's matchers slow down with every padded id; the masks ban the
+        # padding, grammar_mask.py).
+        self.grammar_vocab = vocab_size
+        if tokenizer is not None:
+            self.grammar_vocab = min(vocab_size, max(tokenizer.get_vocab().values()) + 1)
         self.eos_token_ids = sorted(eos_token_ids)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="strata-grammar")
         self._lock = threading.Lock()  # guards the cache
@@ -59,7 +65,7 @@ class GrammarCompiler:
             import xgrammar
 
             info = xgrammar.TokenizerInfo.from_huggingface(
-                self.tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.eos_token_ids
+                self.tokenizer, vocab_size=self.grammar_vocab, stop_token_ids=self.eos_token_ids
             )
             self._compiler = xgrammar.GrammarCompiler(info, max_threads=1, cache_enabled=False)
         return self._compiler

@@ -45,15 +45,20 @@ FilledRows = dict[int, tuple[Sequence, int]]
 class GrammarMasks:
     rows: list[int] | torch.Tensor  # the constrained sampling rows (int32 on CUDA)
     bitmask: torch.Tensor  # int32 [all sampling rows, words], on the logits' device
+    vocab: int = 0  # ids the bitmask covers; a constrained row's ids past it are banned
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [rows, vocab] -> a copy with disallowed tokens at -inf."""
         import xgrammar
 
         masked = logits.clone()
+        covered = min(self.vocab or logits.shape[-1], logits.shape[-1])
         # xgrammar's CUDA (Triton) path takes the rows as a tensor; its hint says list only
         rows: Any = self.rows
-        xgrammar.apply_token_bitmask_inplace(masked, self.bitmask, indices=rows)
+        xgrammar.apply_token_bitmask_inplace(masked, self.bitmask, vocab_size=covered, indices=rows)
+        if covered < logits.shape[-1]:  # the model's padding past the tokenizer
+            index = rows.long() if isinstance(rows, torch.Tensor) else torch.tensor(rows)
+            masked[index, covered:] = float("-inf")
         return masked
 
 
@@ -75,6 +80,7 @@ class GrammarMaskBuilder:
         self._words = 0
         self._pool: ThreadPoolExecutor | None = None
         self._job: Future[FilledRows] | None = None
+        self.vocab: int | None = None  # ids the grammars cover (the engine sets it)
         self.late_rows = 0  # rows a build filled itself (the worker had not): first tokens
         self.worker_seconds: list[float] = []  # each advance's accept + fill, on the worker
 
@@ -90,10 +96,12 @@ class GrammarMaskBuilder:
         self._job = self._pool.submit(self._timed_accept_and_fill, constrained)
 
     def build(self, seqs: list[Sequence], vocab: int) -> GrammarMasks | None:
-        """Masks for sampling rows `seqs`; None when no row is constrained."""
+        """Masks for sampling rows `seqs` of logits [rows, vocab]; None when no row is
+        constrained."""
         rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
         if not rows:
             return None
+        vocab = min(self.vocab or vocab, vocab)
         self._words = -(-vocab // 32)
         filled = self._take_job()
         late = [
@@ -110,7 +118,7 @@ class GrammarMaskBuilder:
         host = self._host
         assert host is not None
         if not self._cuda:
-            return GrammarMasks(rows, host[torch.tensor(row_map)])
+            return GrammarMasks(rows, host[torch.tensor(row_map)], vocab)
         used = max(row_map) + 1
         row_map_host, rows_host = self._pinned_index(len(seqs))
         row_map_host.numpy()[: len(seqs)] = row_map
@@ -118,7 +126,7 @@ class GrammarMaskBuilder:
         uploaded = host[:used].to(self.device, non_blocking=True)
         row_map_dev = row_map_host[: len(seqs)].to(self.device, non_blocking=True)
         rows_dev = rows_host[: len(rows)].to(self.device, non_blocking=True)
-        return GrammarMasks(rows_dev, uploaded.index_select(0, row_map_dev))
+        return GrammarMasks(rows_dev, uploaded.index_select(0, row_map_dev), vocab)
 
     def close(self) -> None:
         self._take_job()
