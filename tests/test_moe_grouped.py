@@ -1,15 +1,11 @@
 """The grouped expert kernel (strata/ops/triton_grouped_experts.py) against the per-expert torch
 computation, on CPU under Triton's interpreter.
 
-The fixture follows tests/test_triton_attention.py: TRITON_INTERPRET is read when a kernel
-is decorated, so the kernel module is imported afresh with it set (and triton's own jit
-helpers swapped for interpreted twins), then dropped so no other test sees it.
+The fixture imports the kernel module under the interpreter (tests/triton_interpret.py).
 """
 
 from __future__ import annotations
 
-import importlib
-import sys
 from collections.abc import Iterator
 from types import ModuleType
 
@@ -17,33 +13,17 @@ import pytest
 import torch
 
 from strata.ops.grouped_experts import expert_forward
+from tests.triton_interpret import interpreted
 
 pytest.importorskip("triton")
 
 KERNEL_MODULE = "strata.ops.triton_grouped_experts"
 
 
-def _drop_kernel_module() -> None:
-    sys.modules.pop(KERNEL_MODULE, None)
-
-
 @pytest.fixture(scope="module")
 def kernel() -> Iterator[ModuleType]:
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
-        for module in (tl, tl.standard):
-            for name, value in vars(module).items():
-                if isinstance(value, JITFunction):
-                    mp.setattr(module, name, InterpretedFunction(value.fn))
-        _drop_kernel_module()
-        try:
-            yield importlib.import_module(KERNEL_MODULE)
-        finally:
-            _drop_kernel_module()
+    with interpreted(KERNEL_MODULE) as module:
+        yield module
 
 
 def test_tiles_cut_each_expert_into_block_m_rows(kernel: ModuleType) -> None:

@@ -1,11 +1,8 @@
 """The Triton noise kernel (strata/ops/triton_sampling_noise.py) equals the sampler's torch
-hash bit for bit, on CPU under Triton's interpreter (fixture as in tests/test_moe_grouped.py:
-the kernel module is imported afresh with TRITON_INTERPRET set, then dropped)."""
+hash bit for bit, on CPU under Triton's interpreter (tests/triton_interpret.py)."""
 
 from __future__ import annotations
 
-import importlib
-import sys
 from collections.abc import Iterator
 from types import ModuleType
 
@@ -13,6 +10,7 @@ import pytest
 import torch
 
 from strata.engine.sampler import uniform_noise_torch
+from tests.triton_interpret import interpreted
 
 pytest.importorskip("triton")
 
@@ -21,21 +19,8 @@ KERNEL_MODULE = "strata.ops.triton_sampling_noise"
 
 @pytest.fixture(scope="module")
 def kernel() -> Iterator[ModuleType]:
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
-        for module in (tl, tl.standard):
-            for name, value in vars(module).items():
-                if isinstance(value, JITFunction):
-                    mp.setattr(module, name, InterpretedFunction(value.fn))
-        sys.modules.pop(KERNEL_MODULE, None)
-        try:
-            yield importlib.import_module(KERNEL_MODULE)
-        finally:
-            sys.modules.pop(KERNEL_MODULE, None)
+    with interpreted(KERNEL_MODULE) as module:
+        yield module
 
 
 def test_kernel_noise_equals_the_torch_hash_bit_for_bit(kernel: ModuleType) -> None:

@@ -1,15 +1,8 @@
-"""The Triton backend against the reference backend, on CPU under Triton's interpreter.
-
-TRITON_INTERPRET is read when a kernel is decorated, so the fixture sets it, imports our
-kernel modules afresh, and on teardown restores the variable and drops those modules:
-no other test sees interpreted kernels. Triton itself is usually imported already (torch
-and transformers import it), so its own jit helpers (tl.max, tl.sum, ...) were decorated
-for compilation; the fixture swaps in interpreted twins for the module's lifetime.
-"""
+"""The Triton backend against the reference backend, on CPU under Triton's interpreter
+(tests/triton_interpret.py)."""
 
 from __future__ import annotations
 
-import importlib
 import sys
 from collections.abc import Iterator
 from types import ModuleType
@@ -19,32 +12,15 @@ import torch
 
 from strata.attention.backend import BatchLayout
 from strata.attention.reference import ReferenceAttention
+from tests.triton_interpret import interpreted
 
 pytest.importorskip("triton")
 
 
-def _drop_triton_modules() -> None:
-    for name in [n for n in sys.modules if n.startswith("strata.attention.triton_")]:
-        del sys.modules[name]
-
-
 @pytest.fixture(scope="module")
 def tb() -> Iterator[ModuleType]:
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
-        for module in (tl, tl.standard):
-            for name, value in vars(module).items():
-                if isinstance(value, JITFunction):
-                    mp.setattr(module, name, InterpretedFunction(value.fn))
-        _drop_triton_modules()
-        try:
-            yield importlib.import_module("strata.attention.triton_backend")
-        finally:
-            _drop_triton_modules()
+    with interpreted("strata.attention.triton_backend", "strata.attention.triton_") as module:
+        yield module
 
 
 def make_batch(
