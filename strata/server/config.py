@@ -65,11 +65,13 @@ class ServeConfig:
         metavar="N",
     ))  # fmt: skip
     ray_address: str | None = field(default=None, metadata=option(
-        "with --replicas: join this Ray cluster (host:port, or 'auto') instead of starting one",
+        "with --replicas (or --prefill-replicas): join this Ray cluster (host:port, or "
+        "'auto') instead of starting one",
         metavar="ADDRESS",
     ))  # fmt: skip
     replica_cpus: float = field(default=1.0, metadata=option(
-        "with --replicas: CPUs each replica reserves from Ray, and its torch threads (default 1)",
+        "with --replicas (or --prefill-replicas): CPUs each replica reserves from Ray, and "
+        "its torch threads (default 1)",
         metavar="N",
     ))  # fmt: skip
     prefill_replicas: int | None = field(default=None, metadata=option(
@@ -86,7 +88,8 @@ class ServeConfig:
     ))  # fmt: skip
     router: RouterName = field(default="kv-aware", metadata=option(
         "with --replicas: how a request picks its replica: kv-aware (the most cached prefix "
-        "blocks against load), least-loaded, round-robin (default kv-aware)",
+        "blocks against load), least-loaded, round-robin (default kv-aware); disaggregated, "
+        "each pool (prefill, decode) is routed this way",
         metavar="NAME",
     ))  # fmt: skip
 
