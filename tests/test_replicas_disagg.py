@@ -17,6 +17,7 @@ import pytest
 from strata.cli import main
 from strata.engine.llm import LLM
 from strata.engine.sampling_params import SamplingParams
+from strata.server.replicas.prompt_keys import PromptKeys
 from tests.redis_server import RedisServer, running_server
 from tests.replicas_utils import RunningReplicas, start_replicas
 
@@ -102,6 +103,21 @@ def test_a_prefix_the_decode_replica_holds_skips_the_prefill(
     assert outcomes(disagg)["short"] == 1.0
     for handle in (*disagg.replicas.handles, *disagg.replicas.prefill_handles):
         handle.check_integrity.remote().result()
+
+
+def test_written_is_set_once_the_blocks_are_in_the_remote_tier(
+    tiny_chat_folder: Path, server: RedisServer
+) -> None:
+    """The fence a prefill replica waits on before it answers (TierManager.written)."""
+    llm = LLM(**engine_kwargs(tiny_chat_folder), kv_remote=server.url)
+    prompt = random.Random(7).choices(range(100, 4000), k=70)
+    llm.generate([prompt], SamplingParams(max_tokens=1))
+    tiers = llm.engine.tiers
+    assert tiers is not None and tiers.remote is not None
+    assert tiers.written().wait(30)
+    keys = PromptKeys(None, "m", llm.engine.kv.root, llm.engine.kv.block_size).chain(prompt, None)
+    assert len(keys) == 4 and tiers.remote.contains(keys) == [True] * 4
+    llm.close()
 
 
 @pytest.mark.parametrize(("argv", "message"), [
