@@ -138,7 +138,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = replace(config, api_key=config.api_key or ((env_key,) if env_key else None))
     kwargs = engine_keywords(args)
     name = config.served_model_name or model_name(args.model)
-    if config.replicas is not None:
+    if config.num_replicas is not None:
         from strata.server.replicas.serve import serve_replicas
 
         return serve_replicas(kwargs, name, config, args.log_level)

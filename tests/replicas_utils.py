@@ -1,5 +1,6 @@
 """A front over replicas on a local Ray cluster, inside the test process (uvicorn on a
-loopback port), as `strata serve --replicas N` runs it."""
+loopback port), as `strata serve --replicas N` (or --prefill-replicas P
+--decode-replicas D) runs it."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from strata.server.config import ServeConfig
 from strata.server.replicas.cluster import ReplicaSet
 from strata.server.replicas.front import Front
 from strata.server.replicas.front_app import build_front_app
+from strata.server.replicas.prefill import PrefillStage
 from tests.server_utils import free_port
 
 
@@ -25,9 +27,16 @@ class RunningReplicas:
     replicas: ReplicaSet
     server: uvicorn.Server
     thread: threading.Thread
+    prefill: PrefillStage | None = None
 
     def blocks(self, replica: int) -> set[bytes]:
         return set(self.replicas.handles[replica].blocks.remote().result())
+
+    def stats(self, replica: int, role: str = "replica") -> dict[str, Any]:
+        """A replica's engine stats (tier counters among them): a decode or co-located
+        replica, or with role "prefill" a prefill replica."""
+        handles = self.replicas.prefill_handles if role == "prefill" else self.replicas.handles
+        return dict(handles[replica].stats.remote().result())
 
     def close(self) -> None:
         self.server.should_exit = True
@@ -44,8 +53,11 @@ def start_replicas(engine_kwargs: dict[str, Any], **options: Any) -> RunningRepl
         replicas.shutdown()
         raise
     front = Front(replicas.handles, config, "test-model")
+    prefill = None
+    if config.disaggregated:
+        prefill = PrefillStage(replicas.prefill_handles, config, "test-model")
     server = uvicorn.Server(
-        uvicorn.Config(build_front_app(front), port=config.port, log_level="warning")
+        uvicorn.Config(build_front_app(front, prefill), port=config.port, log_level="warning")
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -54,7 +66,7 @@ def start_replicas(engine_kwargs: dict[str, Any], **options: Any) -> RunningRepl
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return RunningReplicas(url, front, replicas, server, thread)
+                return RunningReplicas(url, front, replicas, server, thread, prefill)
         except httpx.TransportError:
             pass
         time.sleep(0.05)

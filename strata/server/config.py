@@ -65,18 +65,43 @@ class ServeConfig:
         metavar="N",
     ))  # fmt: skip
     ray_address: str | None = field(default=None, metadata=option(
-        "with --replicas: join this Ray cluster (host:port, or 'auto') instead of starting one",
+        "with --replicas (or --prefill-replicas): join this Ray cluster (host:port, or "
+        "'auto') instead of starting one",
         metavar="ADDRESS",
     ))  # fmt: skip
     replica_cpus: float = field(default=1.0, metadata=option(
-        "with --replicas: CPUs each replica reserves from Ray, and its torch threads (default 1)",
+        "with --replicas (or --prefill-replicas): CPUs each replica reserves from Ray, and "
+        "its torch threads (default 1)",
         metavar="N",
+    ))  # fmt: skip
+    prefill_replicas: int | None = field(default=None, metadata=option(
+        "serve disaggregated on Ray Serve: P replicas compute each prompt's KV and write "
+        "its blocks to the shared --kv-remote tier, then a decode replica (--decode-replicas) "
+        "loads them and generates (needs --decode-replicas and --kv-remote; not with "
+        "--replicas)",
+        metavar="P",
+    ))  # fmt: skip
+    decode_replicas: int | None = field(default=None, metadata=option(
+        "with --prefill-replicas: D replicas that load the prompt's blocks from the shared "
+        "tier and generate the tokens; the router picks among them",
+        metavar="D",
     ))  # fmt: skip
     router: RouterName = field(default="kv-aware", metadata=option(
         "with --replicas: how a request picks its replica: kv-aware (the most cached prefix "
-        "blocks against load), least-loaded, round-robin (default kv-aware)",
+        "blocks against load), least-loaded, round-robin (default kv-aware); disaggregated, "
+        "each pool (prefill, decode) is routed this way",
         metavar="NAME",
     ))  # fmt: skip
+
+    @property
+    def disaggregated(self) -> bool:
+        """Prefill and decode on separate replicas (--prefill-replicas)."""
+        return self.prefill_replicas is not None
+
+    @property
+    def num_replicas(self) -> int | None:
+        """The routed (decode) replicas on Ray Serve; None: one engine, no Ray."""
+        return self.decode_replicas if self.disaggregated else self.replicas
 
     @property
     def api_keys(self) -> list[str]:
@@ -100,7 +125,24 @@ class ServeConfig:
             raise ValueError(f"--replicas must be >= 1, got {self.replicas}")
         if self.replica_cpus <= 0:
             raise ValueError(f"--replica-cpus must be > 0, got {self.replica_cpus}")
-        if self.ray_address is not None and self.replicas is None:
-            raise ValueError("--ray-address needs --replicas N")
+        self._check_disaggregation()
+        if self.ray_address is not None and self.num_replicas is None:
+            raise ValueError("--ray-address needs --replicas N (or --prefill-replicas P "
+                             "--decode-replicas D)")
         if not 0 < self.port < 65536:
             raise ValueError(f"--port must be in 1..65535, got {self.port}")
+
+    def _check_disaggregation(self) -> None:
+        p, d = self.prefill_replicas, self.decode_replicas
+        if p is None and d is None:
+            return
+        if p is None or d is None:
+            given, missing = ("--prefill-replicas", "--decode-replicas") if d is None else (
+                "--decode-replicas", "--prefill-replicas")  # fmt: skip
+            raise ValueError(f"{given} needs {missing}: disaggregated serving runs both kinds")
+        if self.replicas is not None:
+            raise ValueError("--replicas is for co-located serving; with --prefill-replicas "
+                             "and --decode-replicas leave it out")  # fmt: skip
+        for flag, n in (("--prefill-replicas", p), ("--decode-replicas", d)):
+            if n < 1:
+                raise ValueError(f"{flag} must be >= 1, got {n}")

@@ -110,11 +110,19 @@ class WriteJob:
 
 
 @dataclass(frozen=True)
+class FenceJob:
+    """Set `done` once every job queued before it on both threads has run: the mover
+    passes it to the io thread behind the writes its stores queued (same priority, FIFO)."""
+
+    done: threading.Event
+
+
+@dataclass(frozen=True)
 class StopJob:
     """Ends the thread that takes it."""
 
 
 STOP = StopJob()
 
-MoverJob: TypeAlias = StoreJob | LoadJob | HoldJob | ReleaseJob | StopJob
-IOJob: TypeAlias = LoadJob | ProbeJob | WriteJob | StopJob
+MoverJob: TypeAlias = StoreJob | LoadJob | HoldJob | ReleaseJob | FenceJob | StopJob
+IOJob: TypeAlias = LoadJob | ProbeJob | WriteJob | FenceJob | StopJob

@@ -42,6 +42,7 @@ from strata.kv.tiers.base import TierStore, Timer
 from strata.kv.tiers.cpu import CPUTier
 from strata.kv.tiers.jobs import (
     STOP,
+    FenceJob,
     HoldJob,
     IOJob,
     LoadDone,
@@ -145,6 +146,14 @@ class TierManager:
             self._pending_store[block_id] = done
         self._mover_q.put(StoreJob(tuple(blocks), tuple(block_ids), after, done))
 
+    def written(self) -> threading.Event:
+        """An event set once every block stored before this call is written through to
+        the lower tiers (or skipped: backlog full, or already there). Any thread may call
+        it; a store the engine thread queued before it is ordered before it."""
+        done = threading.Event()
+        self._mover_q.put(FenceJob(done))
+        return done
+
     def before_overwrite(self, block_id: int) -> None:
         """Wait until a pending store has read `block_id` (the pool is about to reuse it)."""
         done = self._pending_store.pop(block_id, None)
@@ -237,6 +246,8 @@ class TierManager:
             self._holds.setdefault(job.owner, []).extend(self.cpu.pin_present(job.keys))
         elif isinstance(job, ReleaseJob):
             self.cpu.unpin(self._holds.pop(job.owner, []))
+        elif isinstance(job, FenceJob):
+            self._io_put(1, job)  # behind the WriteJobs of the stores before it
 
     def _do_store(self, job: StoreJob) -> None:
         try:
@@ -322,6 +333,8 @@ class TierManager:
             keys = job.keys
             found = self.remote.contains(keys) if self.remote is not None else [False] * len(keys)
             self._post(ProbeDone(job.seq_id, tuple(found)))
+        elif isinstance(job, FenceJob):
+            job.done.set()
         elif isinstance(job, WriteJob):
             try:
                 self.lower.write(job.blocks)

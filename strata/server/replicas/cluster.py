@@ -3,6 +3,8 @@
 One Serve application, "strata", deploys them together (they load in parallel): its
 ingress `ReplicaGroup` only holds them; deployment `replica-i` is replica i, one Serve
 replica each, so the front can address each one and Serve restarts it if it dies.
+Disaggregated (--prefill-replicas P), deployments `prefill-0..P-1` join them: the same
+EngineReplica, asked only to prefill (prefill.py); `replica-i` are then the decode ones.
 Serve's own HTTP proxy stays off: the front (front.py) is the only HTTP server.
 """
 
@@ -51,6 +53,7 @@ def check_reachable(address: str) -> None:
 class ReplicaSet:
     config: ServeConfig
     handles: list[Any] = field(default_factory=list)  # serve DeploymentHandle per replica
+    prefill_handles: list[Any] = field(default_factory=list)  # disaggregated: the prefill ones
     started_ray: bool = False
 
     def start(self, engine_kwargs: dict[str, Any], model_name: str) -> None:
@@ -59,27 +62,30 @@ class ReplicaSet:
         import ray
         from ray import serve
 
-        n = self.config.replicas or 1
+        names = [f"replica-{i}" for i in range(self.config.num_replicas or 1)]
+        prefill = [f"prefill-{i}" for i in range(self.config.prefill_replicas or 0)]
         if self.config.ray_address is not None:
             ray.init(address=self.config.ray_address, log_to_driver=True)
         else:
-            cpus = max(2, int(n * self.config.replica_cpus + 0.999))
+            cpus = max(2, int((len(names) + len(prefill)) * self.config.replica_cpus + 0.999))
             ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
             self.started_ray = True
         serve.start(proxy_location="Disabled")
-        parts = [self._deployment(i).bind(engine_kwargs, model_name, self.config) for i in range(n)]
+        parts = [self._deployment(name).bind(engine_kwargs, model_name, self.config)
+                 for name in (*names, *prefill)]  # fmt: skip
         group: Any = serve.deployment(ReplicaGroup)
         ingress = group.options(name="group", ray_actor_options={"num_cpus": 0})
-        logger.info("starting %d replicas on Ray Serve", n)
+        logger.info("starting %d replicas on Ray Serve", len(parts))
         serve.run(ingress.bind(*parts), name=APP_NAME, route_prefix=None)
-        self.handles = [serve.get_deployment_handle(f"replica-{i}", APP_NAME) for i in range(n)]
+        self.handles = [serve.get_deployment_handle(name, APP_NAME) for name in names]
+        self.prefill_handles = [serve.get_deployment_handle(name, APP_NAME) for name in prefill]
 
-    def _deployment(self, i: int) -> Any:
+    def _deployment(self, name: str) -> Any:
         from ray import serve
 
         replica: Any = serve.deployment(EngineReplica)
         return replica.options(
-            name=f"replica-{i}", num_replicas=1,
+            name=name, num_replicas=1,
             ray_actor_options={"num_cpus": self.config.replica_cpus},
             max_ongoing_requests=1 << 16,  # the engine queues; max_waiting_requests bounds it
             health_check_period_s=HEALTH_CHECK_PERIOD_S,

@@ -33,36 +33,43 @@ class NoReplicaError(Exception):
 
 
 class RouterMetrics:
-    def __init__(self, router: str) -> None:
+    """`prefix` names the pool: strata_router_* for the routed (decode) replicas,
+    strata_prefill_router_* for the prefill replicas of a disaggregated front."""
+
+    def __init__(self, router: str, prefix: str = "strata_router") -> None:
         self.registry = CollectorRegistry()
         self.router = router
         self.decisions = Counter(
-            "strata_router_decisions", "Requests routed, by router, reason and replica.",
+            f"{prefix}_decisions", "Requests routed, by router, reason and replica.",
             ["router", "reason", "replica"], registry=self.registry,
         )  # fmt: skip
         self.prompt_blocks = Counter(
-            "strata_router_prompt_blocks", "Reusable prompt blocks of routed requests.",
+            f"{prefix}_prompt_blocks", "Reusable prompt blocks of routed requests.",
             registry=self.registry,
         )  # fmt: skip
         self.prefix_blocks = Counter(
-            "strata_router_prefix_blocks", "Of those, blocks the chosen replica held.",
+            f"{prefix}_prefix_blocks", "Of those, blocks the chosen replica held.",
             registry=self.registry,
         )  # fmt: skip
         self.retries = Counter(
-            "strata_router_retries", "Requests sent again after their replica failed before "
+            f"{prefix}_retries", "Requests sent again after their replica failed before "
             "streaming a token.", registry=self.registry,
         )  # fmt: skip
         self.cut_streams = Counter(
-            "strata_router_cut_streams", "Streams cut by a replica failure after a token.",
+            f"{prefix}_cut_streams", "Streams cut by a replica failure after a token.",
             registry=self.registry,
         )  # fmt: skip
 
 
 class Front:
-    def __init__(self, handles: Sequence[Any], config: ServeConfig, model_name: str) -> None:
+    def __init__(
+        self, handles: Sequence[Any], config: ServeConfig, model_name: str,
+        role: str = "replica", metrics: RouterMetrics | None = None,
+    ) -> None:  # fmt: skip
         self.handles = list(handles)
         self.config = config
         self.model_name = model_name
+        self.role = role  # replica i is deployment f"{role}-{i}"
         n = len(self.handles)
         self.router = ROUTERS.get(config.router)()
         self.index = BlockIndex(n)
@@ -70,7 +77,7 @@ class Front:
         self.kv_use = [0.0] * n
         self.up = [True] * n  # the last report arrived
         self.prompt_keys: PromptKeys | None = None
-        self.metrics = RouterMetrics(config.router)
+        self.metrics = metrics or RouterMetrics(config.router)
         self._locks: list[asyncio.Lock] = []
         self._poller: asyncio.Task[None] | None = None
 
@@ -99,7 +106,7 @@ class Front:
             except Exception as exc:  # a dead replica: Serve restarts it
                 response.cancel()
                 if self.up[replica]:
-                    logger.warning("replica-%d does not answer: %s", replica, exc)
+                    logger.warning("%s-%d does not answer: %s", self.role, replica, exc)
                 self.up[replica] = False
                 return
             self.index.apply(replica, report["incarnation"], report["events"])
@@ -128,7 +135,7 @@ class Front:
         decision = self.router.choose(candidates, len(keys))
         held = next(c.prefix_blocks for c in candidates if c.replica == decision.replica)
         self.metrics.decisions.labels(
-            self.config.router, decision.reason, f"replica-{decision.replica}"
+            self.config.router, decision.reason, f"{self.role}-{decision.replica}"
         ).inc()
         self.metrics.prompt_blocks.inc(len(keys))
         self.metrics.prefix_blocks.inc(held)

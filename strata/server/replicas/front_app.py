@@ -1,5 +1,6 @@
 """The front's HTTP app: every route of app.py, relayed to the replica the router picks;
-/health and /metrics (routing decisions by reason) answer here.
+/health and /metrics (routing decisions by reason) answer here. Disaggregated, a routed
+request is first prefilled by the prefill pool (prefill.py).
 
 The prompt is tokenized for routing on one thread of the front, off the event loop.
 The front checks the API key and body size (guard.py) as a lone server does; the replica
@@ -22,18 +23,24 @@ from prometheus_client import generate_latest
 from strata.server.errors import install_error_handlers
 from strata.server.guard import RequestGuard, guard_options
 from strata.server.replicas.front import Front
+from strata.server.replicas.prefill import PrefillStage
+from strata.server.replicas.prompt_keys import NO_PROMPT, RoutedPrompt
 from strata.server.replicas.relay import relay
 
 ROUTED_PATHS = ("/v1/completions", "/v1/chat/completions")
 
 
-def build_front_app(front: Front) -> FastAPI:
+def build_front_app(front: Front, prefill: PrefillStage | None = None) -> FastAPI:
     tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="strata-route-tokenize")
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await front.start()
+        if prefill is not None:
+            await prefill.start()
         yield
+        if prefill is not None:
+            await prefill.stop()
         await front.stop()
         tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
@@ -47,37 +54,47 @@ def build_front_app(front: Front) -> FastAPI:
     @app.get("/health")
     async def health() -> JSONResponse:
         up = [f"replica-{i}" for i, ok in enumerate(front.up) if ok]
-        return JSONResponse({"status": "ok" if up else "no replica up", "replicas": up},
-                            status_code=200 if up else 503)  # fmt: skip
+        if prefill is not None:  # without one, the decode replicas compute the prompts
+            up += [f"prefill-{i}" for i, ok in enumerate(prefill.pool.up) if ok]
+        routed = any(front.up)
+        return JSONResponse({"status": "ok" if routed else "no replica up", "replicas": up},
+                            status_code=200 if routed else 503)  # fmt: skip
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(generate_latest(front.metrics.registry), media_type="text/plain")
+        text = generate_latest(front.metrics.registry)
+        if prefill is not None:
+            text += generate_latest(prefill.metrics.registry)
+        return Response(text, media_type="text/plain")
 
     @app.api_route("/{path:path}", methods=["GET", "POST"])
     async def forward(request: Request) -> Response:
         body = await request.body()  # RequestGuard bounds its size
         path = request.url.path
         headers = dict(request.headers)
-        keys: list[bytes] = []
+        prompt = NO_PROMPT
         if path in ROUTED_PATHS and front.prompt_keys is not None:
             loop = asyncio.get_running_loop()
-            keys = await loop.run_in_executor(tokenize_pool, _keys, front, path, body, headers)
+            prompt = await loop.run_in_executor(
+                tokenize_pool, _prompt, front, path, body, headers
+            )  # fmt: skip
+            if prefill is not None:
+                await prefill.run(prompt, front)
         call = {
             "method": request.method, "path": path, "query": request.url.query.encode(),
             "headers": list(headers.items()), "body": body,
         }  # fmt: skip
-        return await relay(front, call, keys)
+        return await relay(front, call, list(prompt.keys))
 
     return app
 
 
-def _keys(front: Front, path: str, body: bytes, headers: dict[str, str]) -> list[bytes]:
+def _prompt(front: Front, path: str, body: bytes, headers: dict[str, str]) -> RoutedPrompt:
     assert front.prompt_keys is not None
     try:
         parsed: Any = json.loads(body)
     except ValueError:
-        return []
+        return NO_PROMPT
     if not isinstance(parsed, dict):
-        return []
-    return front.prompt_keys.keys(path, parsed, headers)
+        return NO_PROMPT
+    return front.prompt_keys.prompt(path, parsed, headers)

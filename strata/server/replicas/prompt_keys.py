@@ -24,6 +24,19 @@ from strata.server.protocol import ChatCompletionRequest, CompletionRequest
 
 
 @dataclass(frozen=True)
+class RoutedPrompt:
+    """A request's prompt as its replica will see it: token ids, the salt of its chain,
+    and the keys of the blocks it may reuse (`PromptKeys.chain`)."""
+
+    token_ids: tuple[int, ...]
+    cache_salt: str | None
+    keys: tuple[bytes, ...]
+
+
+NO_PROMPT = RoutedPrompt((), None, ())  # a request the front cannot parse, or no prompt
+
+
+@dataclass(frozen=True)
 class PromptKeys:
     tokenizer: Any | None
     model_name: str
@@ -33,11 +46,16 @@ class PromptKeys:
     allow_special_tokens: bool = False
 
     def keys(self, path: str, body: Mapping[str, Any], headers: Mapping[str, str]) -> list[bytes]:
+        return list(self.prompt(path, body, headers).keys)
+
+    def prompt(
+        self, path: str, body: Mapping[str, Any], headers: Mapping[str, str]
+    ) -> RoutedPrompt:
         try:
             ids, salt = self._prompt(path, body, self._tenant(headers))
         except (ValidationError, ValueError, TypeError, KeyError):
-            return []
-        return self.chain(ids, salt)
+            return NO_PROMPT
+        return RoutedPrompt(tuple(ids), salt, tuple(self.chain(ids, salt)))
 
     def chain(self, ids: list[int], salt: str | None) -> list[bytes]:
         bs = self.block_size

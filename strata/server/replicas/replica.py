@@ -2,23 +2,30 @@
 OpenAI app over it (app.py), and the events of its prefix index for the router.
 
 The front calls `handle` (streamed), `report` (drains index events, with load), `info`
-(once) and, in tests, `blocks` and `check_integrity`. Serve calls `check_health` and
+(once), `prefill` (disaggregated: on the prefill replicas only) and, in tests and
+benchmarks, `blocks`, `stats` and `check_integrity`. Serve calls `check_health` and
 restarts a replica that fails it or dies; a restarted replica has a new `incarnation`
 and an empty cache.
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 from strata.engine.async_engine import AsyncEngine
 from strata.engine.engine import LLMEngine
+from strata.engine.sampling_params import SamplingParams
 from strata.kv.index_events import IndexEvents, observe_index
 from strata.server.app import ServerState, build_app
 from strata.server.config import ServeConfig
 from strata.server.replicas.asgi_call import asgi_call
+
+# Writing a prompt's blocks to the shared tier takes milliseconds; past this the prefill
+# is reported failed and the decode replica computes what it does not find.
+WRITE_TIMEOUT_S = 30.0
 
 
 def _make_engine(engine_kwargs: dict[str, Any]) -> LLMEngine:
@@ -47,6 +54,34 @@ class EngineReplica:
     async def handle(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         async for message in asgi_call(self.app, request):
             yield message
+
+    async def prefill(self, token_ids: list[int], cache_salt: str | None) -> dict[str, int]:
+        """Compute the prompt's KV (sampling one token, which is dropped) and return once
+        its full blocks are written through to the shared tier, so that a decode replica
+        that looks the prompt up afterwards finds them there. Raises if it could not."""
+        tiers = self.engine.engine.tiers
+        if tiers is None or tiers.remote is None:
+            raise RuntimeError("a prefill replica needs the shared tier (--kv-remote)")
+        params = SamplingParams(max_tokens=1, cache_salt=cache_salt)
+        seq = await self.engine.prepare(token_ids, params, f"prefill-{uuid.uuid4().hex}")
+        (stream,) = self.engine.submit([seq])
+        last = None
+        try:
+            async for out in stream:
+                last = out
+        finally:
+            stream.close()
+        if last is None or last.finish_reason in ("error", "abort"):
+            raise RuntimeError(f"the prefill failed: {last.error if last else 'no output'}")
+        # Its blocks were queued for the tiers in the step that computed them, before the
+        # output above was sent: the fence below is ordered after them.
+        if not await asyncio.to_thread(tiers.written().wait, WRITE_TIMEOUT_S):
+            raise RuntimeError(f"the prompt's blocks were not written within {WRITE_TIMEOUT_S} s")
+        return {"prompt_tokens": len(token_ids), "cached_tokens": last.num_cached_tokens}
+
+    def stats(self) -> dict[str, Any]:
+        """The engine's last published stats (tier counters among them)."""
+        return dict(self.engine.stats_snapshot)
 
     def report(self) -> dict[str, Any]:
         """Index events since the last report, in order, and the replica's load."""
