@@ -24,7 +24,7 @@ from pathlib import Path
 from strata import LLM
 from strata.sim.cluster import Simulator
 from strata.sim.config import SimConfig
-from strata.sim.costs import StepCost, chunk_pairs
+from strata.sim.costs import StepCost, StepWork, chunk_pairs
 from strata.sim.workloads import shared_prefix_requests
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -52,7 +52,8 @@ def validate(path: str, cost: StepCost) -> list[dict]:
     conversations = workload(args["systems"], args["users"], args["seed"])
     prompts = [llm.chat_prompt_ids(m) for m in conversations]
     probe_ids = llm.chat_prompt_ids([{"role": "user", "content": "Hi 0"}])
-    probe_prefill = cost.seconds(len(probe_ids), 1, chunk_pairs(0, len(probe_ids)))
+    n = len(probe_ids)
+    probe_prefill = cost.seconds(StepWork(n, 1, chunk_pairs(0, n), 0))
     rows = []
     for router, real in run["results"].items():
         probe = statistics.mean(real["probe_ttfts_s"])
@@ -76,11 +77,35 @@ def validate(path: str, cost: StepCost) -> list[dict]:
     return rows
 
 
+def plot(rows: list[dict], path: str) -> None:
+    """Measured and predicted mean TTFT side by side, one pair of bars per (run, router)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['run'].removesuffix('.json').split('_')[-1]}\n{r['router']}" for r in rows]
+    x = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(rows)), 4.5))
+    ax.bar([i - 0.2 for i in x], [r["measured_ttft_s"] for r in rows], 0.4, label="measured")
+    ax.bar([i + 0.2 for i in x], [r["predicted_ttft_s"] for r in rows], 0.4, label="simulated")
+    for i, r in enumerate(rows):
+        ax.annotate(f"{r['error']:+.0%}", (i + 0.2, r["predicted_ttft_s"]), ha="center",
+                    va="bottom", fontsize=8)  # fmt: skip
+    ax.set_xticks(list(x), labels, fontsize=8)
+    ax.set(ylabel="mean TTFT (s)", title="2 real replicas (CPU) against the simulator")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", help="JSON files of benchmarks/replicas_routing.py --json")
     p.add_argument("--cost", default="strata/sim/fits/smollm2_cpu1.json")
     p.add_argument("--out", default=None, help="also write the rows here as JSON")
+    p.add_argument("--plot", default=None, help="PNG of measured and predicted TTFT")
     args = p.parse_args()
     cost = StepCost.load(args.cost)
     rows = [row for path in args.runs for row in validate(path, cost)]
@@ -98,6 +123,8 @@ def main() -> None:
               f"{'/'.join(map(str, r['predicted_split']))} |")  # fmt: skip
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+    if args.plot:
+        plot(rows, args.plot)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,11 @@ import pytest
 from strata.sim.block_cache import BlockCache
 from strata.sim.cluster import SimResult, Simulator
 from strata.sim.config import SimConfig
-from strata.sim.costs import StepCost, StepSample, chunk_pairs, fit_step_cost
+from strata.sim.costs import FEATURES, StepCost, StepSample, StepWork, chunk_pairs, fit_step_cost
 from strata.sim.request import SimRequest, segment_keys
 from strata.sim.workloads import BurstGPTShape, ChatWorkload
 
-COST = StepCost(base_s=0.02, per_token_s=0.001, per_row_s=0.003, per_pair_s=1e-6)
+COST = StepCost(0.02, 0.001, 0.003, per_prefill_pair_s=1e-6, per_decode_pair_s=3e-6)
 BS = 16
 
 
@@ -41,9 +41,9 @@ def test_one_request_takes_the_fitted_prefill_and_decode_time() -> None:
     prompt, output = 100, 5
     result = Simulator(SimConfig(replicas=1), COST).run([request(0, 0.0, 1, prompt, output)])
     seq = result.seqs[0]
-    prefill = COST.seconds(prompt, 1, chunk_pairs(0, prompt))
+    prefill = COST.seconds(StepWork(prompt, 1, chunk_pairs(0, prompt), 0))
     contexts = range(prompt, prompt + output - 1)
-    decode = sum(COST.seconds(1, 1, chunk_pairs(c, c + 1)) for c in contexts)
+    decode = sum(COST.seconds(StepWork(1, 1, 0, chunk_pairs(c, c + 1))) for c in contexts)
     assert seq.first_token_s == prefill
     assert seq.finished_s == pytest.approx(prefill + decode, rel=1e-12)
     assert chunk_pairs(prompt, prompt + 1) == prompt + 1  # a decode attends the whole context
@@ -53,9 +53,9 @@ def test_request_overhead_and_transfer_add_their_time() -> None:
     config = SimConfig(replicas=2, prefill_replicas=1, request_overhead_s=0.5,
                        transfer_base_s=0.1, transfer_s_per_block=0.01)  # fmt: skip
     seq = Simulator(config, COST).run([request(0, 0.0, 1, 100, 3)]).seqs[0]
-    prefill = COST.seconds(100, 1, chunk_pairs(0, 100))
+    prefill = COST.seconds(StepWork(100, 1, chunk_pairs(0, 100), 0))
     assert seq.first_token_s == pytest.approx(0.5 + prefill)
-    decode = sum(COST.seconds(1, 1, chunk_pairs(c, c + 1)) for c in (100, 101))
+    decode = sum(COST.seconds(StepWork(1, 1, 0, chunk_pairs(c, c + 1))) for c in (100, 101))
     assert seq.finished_s == pytest.approx(0.5 + prefill + 0.1 + 7 * 0.01 + decode)
 
 
@@ -116,13 +116,14 @@ def test_arrivals_match_the_configured_gamma(shape: float) -> None:
 
 
 def test_fit_recovers_known_coefficients() -> None:
-    samples = [
-        StepSample(t, r, p, COST.seconds(t, r, p))
-        for t, r, p in [(1, 1, 50), (4, 4, 800), (100, 1, 5050), (300, 1, 45150), (8, 8, 2000)]
-    ]
-    fit = fit_step_cost(samples)
-    for name in ("base_s", "per_token_s", "per_row_s", "per_pair_s"):
+    works = [
+        StepWork(1, 1, 0, 50), StepWork(4, 4, 0, 800), StepWork(100, 1, 5050, 0),
+        StepWork(300, 1, 45150, 0), StepWork(8, 8, 0, 2000), StepWork(40, 2, 900, 0),
+    ]  # fmt: skip
+    fit = fit_step_cost([StepSample(w, COST.seconds(w)) for w in works for _ in range(3)])
+    for name in FEATURES:
         assert getattr(fit, name) == pytest.approx(getattr(COST, name), rel=1e-6)
+    assert fit.fit["kinds"] == len(works)  # repeats of a kind fit as their median
 
 
 def test_bad_values_raise_clear_errors() -> None:
@@ -130,8 +131,8 @@ def test_bad_values_raise_clear_errors() -> None:
         SimConfig(replicas=2, prefill_replicas=2)
     with pytest.raises(ValueError, match="unknown router"):
         SimConfig(router="random")
-    with pytest.raises(ValueError, match="per_pair_s"):
-        StepCost(0.0, 0.0, 0.0, -1.0)
+    with pytest.raises(ValueError, match="per_decode_pair_s"):
+        StepCost(0.0, 0.0, 0.0, 0.0, -1.0)
     with pytest.raises(ValueError, match="gamma_shape"):
         BurstGPTShape(gamma_shape=0)
     with pytest.raises(ValueError, match="output"):

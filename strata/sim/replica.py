@@ -19,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from strata.sim.block_cache import BlockCache, Key, Listener
-from strata.sim.costs import StepCost, chunk_pairs
+from strata.sim.costs import StepCost, StepWork, chunk_pairs
 from strata.sim.request import SimRequest
 
 ROLES = ("both", "prefill", "decode")
@@ -127,10 +127,7 @@ class SimReplica:
         if not chunks:
             return None
         self._step = chunks
-        tokens = sum(n for _, n in chunks)
-        rows = sum(1 for seq, n in chunks if seq.computed + n >= seq.prompt_len)
-        pairs = sum(chunk_pairs(seq.computed, seq.computed + n) for seq, n in chunks)
-        seconds = self.cost.seconds(tokens, rows, pairs)
+        seconds = self.cost.seconds(step_work(chunks))
         self.busy_s += seconds
         return seconds
 
@@ -193,3 +190,16 @@ class SimReplica:
                 break  # a duplicate: this block and the ones after it stay anonymous
             seq.anonymous -= 1
             seq.keyed.append(keys[i])
+
+
+def step_work(chunks: list[tuple[SimSeq, int]]) -> StepWork:
+    """What a step of these (sequence, tokens) chunks computes, as the cost model counts."""
+    rows = prefill_pairs = decode_pairs = 0
+    for seq, n in chunks:
+        pairs = chunk_pairs(seq.computed, seq.computed + n)
+        if seq.computed >= seq.prompt_len:
+            decode_pairs += pairs
+        else:
+            prefill_pairs += pairs
+        rows += seq.computed + n >= seq.prompt_len
+    return StepWork(sum(n for _, n in chunks), rows, prefill_pairs, decode_pairs)
