@@ -48,11 +48,11 @@ def work_of(plan: StepPlan) -> StepWork:
 def timed_steps(llm: LLM, prompts: list[list[int]], max_tokens: int) -> list[StepSample]:
     """Run the prompts to the end; each step that ran the model once, with its work."""
     engine = llm.engine
-    plans: list[StepPlan] = []
+    works: list[StepWork] = []
     execute = engine.runner.execute
 
     def recording(plan: StepPlan) -> Any:
-        plans.append(plan)
+        works.append(work_of(plan))  # before the step: `samples` reads the sequence's length
         return execute(plan)
 
     engine.runner.execute = recording  # type: ignore[method-assign]
@@ -61,12 +61,12 @@ def timed_steps(llm: LLM, prompts: list[list[int]], max_tokens: int) -> list[Ste
         engine.add_request(ids, params)
     samples = []
     while engine.has_unfinished():
-        before = len(plans)
+        before = len(works)
         start = time.perf_counter()
         engine.step()
         seconds = time.perf_counter() - start
-        if len(plans) == before + 1:  # exactly one model run in this step
-            samples.append(StepSample(work_of(plans[-1]), seconds))
+        if len(works) == before + 1:  # exactly one model run in this step
+            samples.append(StepSample(works[-1], seconds))
     engine.runner.execute = execute  # type: ignore[method-assign]
     return samples
 
