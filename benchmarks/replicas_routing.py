@@ -138,6 +138,7 @@ def run_router(args: argparse.Namespace, router: str, requests: list[Any]) -> di
         result = asyncio.run(run_load(url, requests, args.concurrency, args.max_tokens))
         metrics = httpx.get(f"{url}/metrics").text
         result["probe_ttfts_s"] = [] if probe is None else probe["ttfts_s"]
+        result["probe_replicas"] = [] if probe is None else probe["replicas"]
         result["decisions"] = [line for line in metrics.splitlines()
                                if line.startswith("strata_router_decisions_total")]  # fmt: skip
         return result

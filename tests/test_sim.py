@@ -59,6 +59,15 @@ def test_request_overhead_and_transfer_add_their_time() -> None:
     assert seq.finished_s == pytest.approx(0.5 + prefill + 0.1 + 7 * 0.01 + decode)
 
 
+def test_closed_loop_and_chat_turns_wait_for_the_answer_before() -> None:
+    closed = Simulator(SimConfig(replicas=2, concurrency=1), COST)
+    seqs = closed.run([request(i, 0.0, 1) for i in range(3)]).seqs
+    assert [s.sent_s for s in seqs[1:]] == [s.finished_s for s in seqs[:2]]
+    turns = [request(0, 0.0, 1), SimRequest(1, 2.5, 120, 5, (), follows=0)]
+    first, second = Simulator(SimConfig(replicas=2), COST).run(turns).seqs
+    assert first.finished_s is not None and second.sent_s == first.finished_s + 2.5
+
+
 def test_kv_aware_sends_a_repeated_prefix_to_the_replica_holding_it() -> None:
     # Four different system prompts spread over four replicas, then each again, later.
     first = [request(i, 0.0, 10 + i) for i in range(4)]
