@@ -34,7 +34,7 @@ class SimSeq:
     cached_tokens: int = 0  # prompt tokens reused from the cache when admitted
     first_token_s: float | None = None
     finished_s: float | None = None
-    replica: int = -1  # the replica that computed its prefill
+    replica: int | None = None  # the replica that computed its prefill, once admitted
     keyed: list[Key] = field(default_factory=list)  # blocks it references, prompt order
     anonymous: int = 0
 
@@ -152,7 +152,8 @@ class SimReplica:
             return False
         self.cache.allocate(need - held)
         seq.anonymous = need - held
-        seq.replica = seq.replica if seq.replica >= 0 else self.index
+        if seq.replica is None:
+            seq.replica = self.index
         return True
 
     def end_step(self, now: float) -> StepResult:
