@@ -56,8 +56,8 @@ def validate(path: str, cost: StepCost) -> list[dict]:
     probe_prefill = cost.seconds(StepWork(n, 1, chunk_pairs(0, n), 0))
     rows = []
     for router, real in run["results"].items():
-        probe = statistics.mean(real["probe_ttfts_s"])
-        overhead = max(0.0, probe - probe_prefill)
+        probes = real.get("probe_ttfts_s") or [probe_prefill]  # no probes: no overhead
+        overhead = max(0.0, statistics.mean(probes) - probe_prefill)
         config = SimConfig(
             replicas=args["replicas"], router=router, blocks_per_replica=blocks,
             block_size=block_size, request_overhead_s=overhead, concurrency=args["concurrency"],
