@@ -95,6 +95,11 @@ def summarize(results: list[dict], wall: float) -> dict:
         "ttft_p99_s": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))],
         "req_per_s": len(results) / wall, "out_tok_per_s": output / wall, "wall_s": wall,
         "per_replica": dict(sorted(per_replica.items())),
+        "ttfts_s": [r["ttft"] for r in results],  # in request order, for the simulator
+        "replicas": [r["replica"] for r in results],
+        "cached_tokens": [r["usage"].get("prompt_tokens_details", {}).get("cached_tokens", 0)
+                          for r in results],
+        "prompt_tokens_each": [r["usage"]["prompt_tokens"] for r in results],
     }  # fmt: skip
 
 
@@ -126,8 +131,14 @@ def run_router(args: argparse.Namespace, router: str, requests: list[Any]) -> di
         url = f"http://127.0.0.1:{port}"
         warm = [[{"role": "user", "content": f"Hello {i}"}] for i in range(2 * args.replicas)]
         asyncio.run(run_load(url, warm, args.concurrency, 2))  # shares no prefix with the run
+        # Alone on an idle cluster: the fixed cost of a request outside the engine's steps
+        # (HTTP, front, Ray hops, tokenizing), for the simulator (strata/sim).
+        probes = [[{"role": "user", "content": f"Hi {i}"}] for i in range(args.probes)]
+        probe = asyncio.run(run_load(url, probes, 1, 4)) if probes else None
         result = asyncio.run(run_load(url, requests, args.concurrency, args.max_tokens))
         metrics = httpx.get(f"{url}/metrics").text
+        result["probe_ttfts_s"] = [] if probe is None else probe["ttfts_s"]
+        result["probe_replicas"] = [] if probe is None else probe["replicas"]
         result["decisions"] = [line for line in metrics.splitlines()
                                if line.startswith("strata_router_decisions_total")]  # fmt: skip
         return result
@@ -148,6 +159,10 @@ def main() -> None:
     p.add_argument("--routers", default="kv-aware,round-robin")
     p.add_argument("--port", type=int, default=8137)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write every router's result here")
+    p.add_argument("--probes", type=int, default=0, help="before the load, time this many "
+                   "short requests sent one at a time (max_tokens 4): the per-request cost "
+                   "outside the engine's steps, for the simulator")
     p.add_argument("--server-args", default="", help="more `strata serve` flags, e.g. "
                    "'--kv-cache-memory 0.07' (a pool too small for every system prompt)")
     args = p.parse_args()
@@ -157,15 +172,19 @@ def main() -> None:
           f"{args.model or 'embedded SmolLM2-135M'}; {args.systems} system prompts x "
           f"{args.users} users, concurrency {args.concurrency}, {args.max_tokens} output "
           f"tokens; server args {args.server_args!r}")  # fmt: skip
+    results = {}
     print("| router | hit rate | TTFT mean (s) | TTFT p99 (s) | req/s | out tok/s | per replica |")
     print("|---|---|---|---|---|---|---|")
     for router in args.routers.split(","):
-        r = run_router(args, router, requests)
+        r = results[router] = run_router(args, router, requests)
         print(f"| {router} | {r['hit_rate']:.3f} | {r['ttft_mean_s']:.3f} | "
               f"{r['ttft_p99_s']:.3f} | {r['req_per_s']:.2f} | {r['out_tok_per_s']:.1f} | "
               f"{r['per_replica']} |", flush=True)  # fmt: skip
         for line in r["decisions"]:
             print(f"#   {line}")
+    if args.json is not None:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

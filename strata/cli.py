@@ -11,6 +11,8 @@ from dataclasses import replace
 
 from strata.bench.http_throughput import add_url_args
 from strata.bench.serve_cli import add_serve_args, cmd_bench_serve
+from strata.bench.sim_cli import DESCRIPTION as SIM_DESCRIPTION
+from strata.bench.sim_cli import add_sim_args, cmd_bench_sim
 from strata.bench.throughput import add_throughput_args
 from strata.bench.tiers_cli import DESCRIPTION as TIERS_DESCRIPTION
 from strata.bench.tiers_cli import add_tiers_args, cmd_bench_tiers
@@ -232,6 +234,12 @@ BENCH = Command("bench", "benchmarks", subcommands=(
         "KV tiers: TTFT of long-document QA with the context recomputed or loaded from "
         "the GPU pool, cpu, disk or remote tier, and multi-round chat with tiers off/on",
         (add_tiers_args,), cmd_bench_tiers, description=TIERS_DESCRIPTION,
+    ),
+    Command(
+        "sim",
+        "trace-driven simulation of many replicas: routers and prefill/decode ratios at "
+        "8, 64, 512 replicas, with step costs fitted from a real replica",
+        (add_sim_args,), cmd_bench_sim, description=SIM_DESCRIPTION,
     ),
 ))  # fmt: skip
 

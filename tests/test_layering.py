@@ -2,7 +2,7 @@
 own), so there are no import cycles between packages. Checked from the source with ast,
 including imports inside functions and under TYPE_CHECKING.
 
-    apps      cli, env_report, bench, eval, server
+    apps      cli, env_report, bench, eval, server, sim
     engine    engine
     moe       moe                 (expert offloading, over models and kv)
     models    models
@@ -27,7 +27,7 @@ LAYERS: list[set[str]] = [
     {"models"},
     {"moe"},
     {"engine"},
-    {"server", "bench", "eval", "cli", "env_report", "commands", "flags", "engine_flags"},
+    {"server", "bench", "eval", "cli", "env_report", "commands", "flags", "engine_flags", "sim"},
 ]
 # Within the base layer, the order of the modules themselves.
 BASE_ORDER = ["errors", "registry", "options", "config"]
