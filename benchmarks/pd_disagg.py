@@ -39,6 +39,8 @@ from typing import Any
 
 import httpx
 
+from strata.bench.server_process import wait_healthy
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SYSTEMS = {
@@ -113,17 +115,8 @@ def start_server(args: argparse.Namespace, system: str, redis_url: str) -> subpr
     # shared with other jobs they would get only the CPU those leave over.
     env = {**os.environ, "RAY_worker_niceness": str(args.worker_niceness)}
     server = subprocess.Popen(command, start_new_session=True, env=env)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{args.port}/health", timeout=1).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        if server.poll() is not None:
-            raise RuntimeError(f"the server exited with {server.returncode}")
-        time.sleep(0.5)
-    raise TimeoutError("the server did not become healthy")
+    wait_healthy(server, args.port)
+    return server
 
 
 def run_system(args: argparse.Namespace, system: str, redis_url: str) -> list[dict]:

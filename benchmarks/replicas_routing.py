@@ -27,6 +27,8 @@ from typing import Any
 
 import httpx
 
+from strata.bench.server_process import wait_healthy
+
 TOPICS = [
     "a bakery", "a bicycle repair shop", "a public library", "a train operator",
     "a dental clinic", "a garden centre", "a museum of clocks", "a ferry company",
@@ -111,17 +113,8 @@ def start_server(args: argparse.Namespace, router: str, port: int) -> subprocess
         *args.server_args.split(),
     ]  # fmt: skip
     server = subprocess.Popen(command, start_new_session=True)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        if server.poll() is not None:
-            raise RuntimeError(f"the server exited with {server.returncode}")
-        time.sleep(0.5)
-    raise TimeoutError("the server did not become healthy")
+    wait_healthy(server, port)
+    return server
 
 
 def run_router(args: argparse.Namespace, router: str, requests: list[Any]) -> dict:
