@@ -99,9 +99,11 @@ class ModelRunner:
     def _check_sampling_rows(self, plan: StepPlan) -> None:
         """SequenceFault for the first sampling request whose values do not fit the batch."""
         for chunk in plan.chunks:
-            if chunk.samples:
-                with blame(chunk.seq.request_id):
-                    check_sampling_row(chunk.seq.params, chunk.seq.seed)
+            seq = chunk.seq
+            if chunk.samples and not seq.sampling_checked:  # its values never change
+                with blame(seq.request_id):
+                    check_sampling_row(seq.params, seq.seed)
+                seq.sampling_checked = True
 
     def compute_logits(self, plan: StepPlan) -> torch.Tensor | None:
         """Run the model for one step; float32 logits of the sampling chunks, in order,

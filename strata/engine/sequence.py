@@ -55,6 +55,7 @@ class Sequence:
     # KV after a preemption leaves it exact); None: unconstrained.
     grammar: xgrammar.GrammarMatcher | None = None
     grammar_accepted: int = 0  # output tokens the matcher has accepted (grammar_mask.py)
+    sampling_checked: bool = False  # its sampling values fit the batch (runner.py)
 
     def __post_init__(self) -> None:
         if not self.token_ids:

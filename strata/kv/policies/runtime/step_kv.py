@@ -94,6 +94,25 @@ def chunk_slots(table: list[int], first: int, num_tokens: int, block_size: int) 
     return blocks[slots // block_size] * block_size + slots % block_size
 
 
+def _slot_mapping(chunks: Sequence[PolicyChunk], firsts: list[int], block_size: int) -> np.ndarray:
+    """Every chunk's slots, in order (chunk_slots each; a one-token chunk, the decode
+    steady state, without building arrays of its table)."""
+    if all(c.num_tokens == 1 for c in chunks):
+        return np.array(
+            [
+                c.block_table[f // block_size] * block_size + f % block_size
+                for c, f in zip(chunks, firsts, strict=True)
+            ],
+            dtype=np.int64,
+        )
+    return np.concatenate(
+        [
+            chunk_slots(c.block_table, f, c.num_tokens, block_size)
+            for c, f in zip(chunks, firsts, strict=True)
+        ]
+    )
+
+
 def planned_recall(chunk: PolicyChunk, first_row: int) -> RecallRows:
     """A recall sequence's chunk, planned by its store (which commits it)."""
     kv = chunk.seq.recall
@@ -129,19 +148,18 @@ class KVStepBuilder:
             return StepKV(empty, BatchLayout([], [], [], bs))
         firsts = []
         for c in chunks:
+            if c.seq.kv is None:  # no policy to ask: its slots are its positions
+                firsts.append(c.start)
+                continue
             with blame(c.seq.request_id):
                 firsts.append(first_slot(c))
-        slots = [
-            chunk_slots(c.block_table, f, c.num_tokens, bs)
-            for c, f in zip(chunks, firsts, strict=True)
-        ]
+        slot_mapping = _slot_mapping(chunks, firsts, bs)
         layout = BatchLayout(
             query_lens=[c.num_tokens for c in chunks],
             context_lens=[f + c.num_tokens for c, f in zip(chunks, firsts, strict=True)],
             block_tables=[c.block_table for c in chunks],
             block_size=bs,
         )
-        slot_mapping = np.concatenate(slots)
         if all(c.seq.kv is None for c in chunks):
             return StepKV(slot_mapping, layout)
         layer_layouts, layer_of = self._layer_layouts(chunks, firsts)
