@@ -69,7 +69,14 @@ class RequestFactory:
                     "prompt",
                 )
             self.check_text_length(len(prompt))
-            return prompt, list(self.tokenizer(prompt).input_ids)
+            ids = list(self.tokenizer(prompt).input_ids)
+            if ids and max(ids) >= self.vocab_size:  # a tokenizer larger than the model
+                raise InvalidRequestError(
+                    f"the prompt tokenizes to id {max(ids)}, outside model {self.model_name}'s "
+                    f"vocabulary of {self.vocab_size} ids: its tokenizer does not match it",
+                    "prompt",
+                )
+            return prompt, ids
         ids = list(prompt)
         bad = self._bad_token_ids(ids)
         if bad:
