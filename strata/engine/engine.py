@@ -44,7 +44,7 @@ class LLMEngine:
             self.tokenizer, parts.loaded.name, self.model_config.vocab_size, self.max_model_len,
             self.kv_policies, config.seed, parts.loaded.eos_token_ids,
         )  # fmt: skip
-        self.runner.grammar_masks.vocab = self.requests.grammars.grammar_vocab
+        self.runner.grammar_masks.grammars = self.requests.grammars
         # Tokenize and check a request without queueing it (prepare), or only its prompt.
         self.prepare = self.requests.prepare
         self.encode_prompt, self.validate = self.requests.encode_prompt, self.requests.validate

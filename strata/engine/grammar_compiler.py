@@ -18,6 +18,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Collection, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from strata.engine.structured_output import StructuredOutput
@@ -40,18 +41,21 @@ class GrammarCompiler:
     ) -> None:  # fmt: skip
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
-        # The ids grammars cover: the tokenizer's, when the model pads its vocabulary past
-        # them (xgrammar's matchers slow down with every padded id; the masks ban the
-        # padding, grammar_mask.py).
-        self.grammar_vocab = vocab_size
-        if tokenizer is not None:
-            self.grammar_vocab = min(vocab_size, max(tokenizer.get_vocab().values()) + 1)
         self.eos_token_ids = sorted(eos_token_ids)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="strata-grammar")
         self._lock = threading.Lock()  # guards the cache
         self._build_lock = threading.Lock()  # guards building the xgrammar compiler
         self._cache: OrderedDict[StructuredOutput, Future[xgrammar.CompiledGrammar]] = OrderedDict()
         self._compiler: xgrammar.GrammarCompiler | None = None
+
+    @cached_property
+    def grammar_vocab(self) -> int:
+        """The ids grammars cover: the tokenizer's, when the model pads its vocabulary past
+        them (xgrammar's matchers slow down with every padded id; the masks ban the
+        padding, grammar_mask.py). Read on first use: the vocabulary takes a moment."""
+        if self.tokenizer is None:
+            return self.vocab_size
+        return min(self.vocab_size, max(self.tokenizer.get_vocab().values()) + 1)
 
     def _xgr_compiler(self) -> xgrammar.GrammarCompiler:
         """Built on first use, on a compile thread: reading the vocabulary takes a moment

@@ -35,6 +35,8 @@ from strata.engine.sequence import Sequence
 if TYPE_CHECKING:
     import xgrammar
 
+    from strata.engine.grammar_compiler import GrammarCompiler
+
 logger = logging.getLogger("strata.engine")
 
 # id(sequence) -> (the sequence, its row of the host buffer), filled for the next build
@@ -80,20 +82,19 @@ class GrammarMaskBuilder:
         self._words = 0
         self._pool: ThreadPoolExecutor | None = None
         self._job: Future[FilledRows] | None = None
-        self.vocab: int | None = None  # ids the grammars cover (the engine sets it)
+        self.grammars: GrammarCompiler | None = None  # their ids cover (the engine sets it)
         self.late_rows = 0  # rows a build filled itself (the worker had not): first tokens
         self.worker_seconds: list[float] = []  # each advance's accept + fill, on the worker
 
     def advance(self, seqs: list[Sequence]) -> None:
-        """Start, on the worker, the next masks of `seqs` (each has just sampled a token and
-        goes on): their matchers accept the new tokens and fill their rows."""
-        constrained = [s for s in seqs if s.grammar is not None]
+        """Start, on the worker, the next masks of constrained `seqs` (each has just sampled
+        a token and goes on): their matchers accept the new tokens and fill their rows."""
         self._take_job()
-        if not constrained or not self._words:
+        if not seqs or not self._words:
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="strata-grammar")
-        self._job = self._pool.submit(self._timed_accept_and_fill, constrained)
+        self._job = self._pool.submit(self._timed_accept_and_fill, seqs)
 
     def build(self, seqs: list[Sequence], vocab: int) -> GrammarMasks | None:
         """Masks for sampling rows `seqs` of logits [rows, vocab]; None when no row is
@@ -101,7 +102,8 @@ class GrammarMaskBuilder:
         rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
         if not rows:
             return None
-        vocab = min(self.vocab or vocab, vocab)
+        if self.grammars is not None:
+            vocab = min(self.grammars.grammar_vocab, vocab)
         self._words = -(-vocab // 32)
         filled = self._take_job()
         late = [

@@ -148,8 +148,8 @@ class KVStepBuilder:
             return StepKV(empty, BatchLayout([], [], [], bs))
         firsts = []
         for c in chunks:
-            if c.seq.kv is None:  # no policy to ask: its slots are its positions
-                firsts.append(c.start)
+            if c.seq.kv is None:  # no policy to ask: nothing to blame
+                firsts.append(first_slot(c))
                 continue
             with blame(c.seq.request_id):
                 firsts.append(first_slot(c))
