@@ -364,6 +364,12 @@ class RecallConfig:
         "picks better at small budgets for twice the landmarks' GPU memory)",
         keyword="kv_recall_landmark_tokens", metavar="N",
     ))  # fmt: skip
+    quest_page_tokens: int | None = field(default=None, metadata=option(
+        "tokens per quest min/max page: a power of two below the block size keeps min and "
+        "max per page and scores a block by its best page (a tighter bound, for block_size "
+        "/ N times the summaries' GPU memory); default one page per block, as Quest",
+        keyword="kv_recall_quest_page_tokens", metavar="N",
+    ))  # fmt: skip
 
     def __post_init__(self) -> None:
         for name, value in (("kv_recall_host_memory", self.host_memory),
@@ -373,6 +379,8 @@ class RecallConfig:
         if self.dense_layers < 0:
             raise ValueError(f"kv_recall_dense_layers must be >= 0, got {self.dense_layers}")
         check_power_of_two("kv_recall_landmark_tokens", self.landmark_tokens)
+        if self.quest_page_tokens is not None:
+            check_power_of_two("kv_recall_quest_page_tokens", self.quest_page_tokens)
 
 
 @dataclass(frozen=True)

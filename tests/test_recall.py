@@ -48,21 +48,30 @@ def assert_recall_idle(llm: LLM) -> None:
 # ---- the parts ---------------------------------------------------------------------------
 
 
-def test_quest_scores_are_the_upper_bound_from_min_and_max() -> None:
+@pytest.mark.parametrize("page", [0, BLOCK, BLOCK // 2, 1])
+def test_quest_scores_are_the_upper_bound_from_min_and_max(page: int) -> None:
+    """page: quest_page_tokens (0 and BLOCK: one page per block, as Quest; smaller: a
+    block's bound is its best page's)."""
     torch.manual_seed(0)
     kv_heads, group, dim, blocks = 2, 3, 8, 5
     quest = QuestPolicy()
-    quest.allocate(SummaryRoom(1, kv_heads, blocks + 2, dim, BLOCK, torch.float32))
+    room = SummaryRoom(1, kv_heads, blocks + 2, dim, BLOCK, torch.float32, quest_page_tokens=page)
+    quest.allocate(room)
+    pages = BLOCK // (page or BLOCK)
+    assert quest.kmin is not None and quest.kmin.shape[2] == (blocks + 2) * pages
+    assert QuestPolicy.summary_bytes(room) == 2 * kv_heads * (blocks + 2) * pages * dim * 4
     keys = torch.randn(kv_heads, blocks, BLOCK, dim)
     quest.summarize(0, 0, keys[:, :2])
     quest.summarize(0, 2, keys[:, 2:])  # summaries arrive in pieces, as blocks retire
     q = torch.randn(kv_heads, group, dim)
-    bound = torch.zeros(kv_heads, group, blocks)
+    bound = torch.full((kv_heads, group, blocks), -torch.inf)
     for h in range(kv_heads):
         for b in range(blocks):
-            kmax, kmin = keys[h, b].amax(0), keys[h, b].amin(0)
-            for g in range(group):
-                bound[h, g, b] = torch.maximum(q[h, g] * kmax, q[h, g] * kmin).sum()
+            for part in keys[h, b].chunk(pages):
+                kmax, kmin = part.amax(0), part.amin(0)
+                for g in range(group):
+                    upper = torch.maximum(q[h, g] * kmax, q[h, g] * kmin).sum()
+                    bound[h, g, b] = torch.maximum(bound[h, g, b], upper)
     for b in range(blocks):  # the bound is an upper bound of q.k over the block's keys
         assert (bound[:, :, b, None] >= q @ keys[:, b].transpose(1, 2) - 1e-5).all()
     # the group's query heads: each one's softmax over the blocks, the largest share wins
@@ -75,7 +84,7 @@ def test_quest_scores_past_the_live_count_are_minus_infinity() -> None:
     those at or past the device count `live` at -inf, the others as over `live` blocks."""
     torch.manual_seed(0)
     quest = QuestPolicy()
-    quest.allocate(SummaryRoom(1, 2, 8, 8, BLOCK, torch.float32))
+    quest.allocate(SummaryRoom(1, 2, 8, 8, BLOCK, torch.float32, quest_page_tokens=2))
     quest.summarize(0, 0, torch.randn(2, 5, BLOCK, 8))
     q = torch.randn(2, 3, 8)
     scores = quest.scores(0, q, 8, live=torch.tensor(5))
@@ -117,6 +126,26 @@ def test_full_budget_equals_full_attention(recall_folder: Path, policy: str) -> 
     assert stats["recall_decode_steps"] == GREEDY["max_tokens"] - 1
     assert stats["recall_bytes_fetched"] > 0
     assert_recall_idle(llm)
+
+
+def test_quest_pages_reach_the_policy_and_its_memory(recall_folder: Path) -> None:
+    """kv_recall_quest_page_tokens 2 with blocks of 4: two min/max pages per block, so a
+    quest sequence's summaries take twice the GPU memory; the run leaks nothing."""
+    paged = recall_llm(recall_folder, kv_recall_quest_page_tokens=2)
+    whole = recall_llm(recall_folder)
+    managers = [llm.engine.parts.recall for llm in (paged, whole)]
+    assert managers[0] is not None and managers[1] is not None
+    assert managers[0].geometry.quest_page_tokens == 2
+    paged_kv, whole_kv = (m.kv_for("quest", 10, 200, 50, 150) for m in managers)
+    g = managers[1].geometry
+    quest_summaries = 2 * g.sparse_layers * g.num_kv_heads * 50 * g.head_dim * g.dtype.itemsize
+    assert paged_kv.gpu_bytes - whole_kv.gpu_bytes == quest_summaries
+    out = tokens(paged, [PROMPT], [SamplingParams(kv_policy="quest", kv_budget=40, **GREEDY)])
+    assert len(out[0]) == GREEDY["max_tokens"]
+    assert paged.stats()["recall_blocks_attended_per_step"] == 10
+    assert_recall_idle(paged)
+    with pytest.raises(ValueError, match="kv_recall_quest_page_tokens"):
+        recall_llm(recall_folder, kv_recall_quest_page_tokens=3)
 
 
 def test_prompt_longer_than_the_pool_prefills_exactly(recall_folder: Path) -> None:

@@ -42,6 +42,7 @@ def recall_geometry(cache: CacheConfig, model: ModelConfig, dtype: torch.dtype) 
         model.num_layers, min(cache.recall.dense_layers, model.num_layers), model.num_heads,
         model.num_kv_heads, model.head_dim, cache.block_size, dtype,
         landmark_tokens=cache.recall.landmark_tokens,
+        quest_page_tokens=cache.recall.quest_page_tokens or 0,
     )  # fmt: skip
 
 

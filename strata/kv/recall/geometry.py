@@ -38,6 +38,7 @@ class RecallGeometry:
     dtype: torch.dtype
     window_blocks: int = WINDOW_BLOCKS
     landmark_tokens: int = 8  # shadowkv's chunk (capped at one block)
+    quest_page_tokens: int = 0  # quest's min/max page (capped at one block); 0: the block
 
     def __post_init__(self) -> None:
         if not 0 <= self.dense_layers <= self.num_layers:

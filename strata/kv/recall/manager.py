@@ -110,6 +110,7 @@ class RecallManager:
             SummaryRoom(
                 g.sparse_layers, g.num_kv_heads, host_slots, g.head_dim, g.block_size, g.dtype,
                 budget_blocks, landmark_tokens=g.landmark_tokens, shard=self.shard,
+                quest_page_tokens=g.quest_page_tokens,
             )
         )
         if cls.selects:

@@ -41,6 +41,7 @@ class SummaryRoom:
     device: torch.device | None = None  # None: the CPU
     landmark_tokens: int = 8  # tokens per landmark, for policies that keep landmarks
     shard: HeadShard | None = None  # under tensor parallelism: kv_heads are this rank's
+    quest_page_tokens: int = 0  # tokens per quest min/max page; 0: one page per block
 
     @property
     def model_kv_heads(self) -> int:

@@ -4,6 +4,10 @@ post-RoPE keys; a query's score for a block is the upper bound of q.k over the b
     score(q, block) = sum_i max(q_i * max_i, q_i * min_i)
                     = relu(q) . max + min(q, 0) . min       (two matmuls)
 
+With pages smaller than a block (room.quest_page_tokens), min and max are kept per page
+and a block's bound is the largest of its pages' bounds: tighter, for twice the
+summaries' memory each time the page halves.
+
 A GQA group shares one selection: each query head's bounds become a softmax over the
 blocks (at the attention scale), and a block scores its largest share in the group, so
 a block one head needs is not outvoted by heads whose logits run larger.
@@ -17,38 +21,49 @@ from strata.attention.layer_inputs import Rotary
 from strata.kv.recall.policy import RecallPolicy, SummaryRoom, dead_blocks
 
 
+def pages_per_block(room: SummaryRoom) -> int:
+    """Min/max pages per block (both powers of two: a page covers at most one block)."""
+    return max(1, room.block_size // room.quest_page_tokens) if room.quest_page_tokens else 1
+
+
 class QuestPolicy(RecallPolicy):
     name = "quest"
 
     def __init__(self) -> None:
-        self.kmin: torch.Tensor | None = None  # [layers, kv_heads, max_blocks, head_dim]
+        self.kmin: torch.Tensor | None = None  # [layers, kv_heads, max_blocks * pages, dim]
         self.kmax: torch.Tensor | None = None
+        self.pages = 1  # per block
 
     def allocate(self, room: SummaryRoom, rope: Rotary | None = None) -> None:
-        shape = (room.layers, room.kv_heads, room.max_blocks, room.head_dim)
+        self.pages = pages_per_block(room)
+        shape = (room.layers, room.kv_heads, room.max_blocks * self.pages, room.head_dim)
         # device None: torch's default, the CPU
         self.kmin = torch.zeros(shape, dtype=room.dtype, device=room.device)
         self.kmax = torch.zeros(shape, dtype=room.dtype, device=room.device)
 
     @staticmethod
     def summary_bytes(room: SummaryRoom) -> int:
-        return room.nbytes(per_block_vectors=2)  # min and max
+        return room.nbytes(per_block_vectors=2 * pages_per_block(room))  # min and max
 
     def summarize(self, layer: int, first: int, keys: torch.Tensor) -> None:
         assert self.kmin is not None and self.kmax is not None
-        n = keys.shape[1]
-        self.kmin[layer, :, first : first + n] = keys.amin(dim=2)
-        self.kmax[layer, :, first : first + n] = keys.amax(dim=2)
+        kvh, n, bs, d = keys.shape
+        pages = keys.reshape(kvh, n * self.pages, bs // self.pages, d)
+        span = slice(first * self.pages, (first + n) * self.pages)
+        self.kmin[layer, :, span] = pages.amin(dim=2)
+        self.kmax[layer, :, span] = pages.amax(dim=2)
 
     def scores(
         self, layer: int, q: torch.Tensor, num_blocks: int, live: torch.Tensor | None = None
     ) -> torch.Tensor:
         assert self.kmin is not None and self.kmax is not None
-        kmin = self.kmin[layer, :, :num_blocks]  # [kv_heads, n, head_dim]
-        kmax = self.kmax[layer, :, :num_blocks]
+        kmin = self.kmin[layer, :, : num_blocks * self.pages]  # [kv_heads, n * pages, dim]
+        kmax = self.kmax[layer, :, : num_blocks * self.pages]
         qs = q.to(kmin.dtype)  # matmuls in the summaries' dtype: no copy of them per step
         pos = qs.clamp(min=0)
         upper = torch.baddbmm(pos @ kmax.transpose(1, 2), qs - pos, kmin.transpose(1, 2))
+        if self.pages > 1:  # a block's bound: its best page's
+            upper = upper.view(*upper.shape[:2], num_blocks, self.pages).amax(dim=-1)
         logits = upper.float() * kmin.shape[-1] ** -0.5  # [kv_heads, group, n]
         if live is None:
             return logits.softmax(dim=-1).amax(dim=1)

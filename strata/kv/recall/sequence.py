@@ -76,7 +76,7 @@ class RecallSequence:
         self.host_slots_t = torch.tensor(host_slots, dtype=torch.long, device=device)
         room = SummaryRoom(
             g.sparse_layers, kvh, len(host_slots), d, g.block_size, dt, budget_blocks, device,
-            g.landmark_tokens, shard,
+            g.landmark_tokens, shard, g.quest_page_tokens,
         )  # fmt: skip
         policy.allocate(room, rope)
         self.working_set: WorkingSet | None = None
