@@ -12,7 +12,10 @@ On CUDA a batch goes through a device staging buffer so that each host copy is o
 contiguous transfer per block (or per run of adjacent slots):
 
     store: pool --gather (side stream)--> stage --D2H--> pinned slots
-    load:  pinned slots --H2D--> stage --scatter (side stream)--> pool
+    load:  pinned slots --H2D (side stream)--> stage half --scatter (scatter stream)--> pool
+
+A load alternates between the stage's two halves, so the scatter of one chunk runs
+beside the H2D of the next; a half is refilled only after its scatter has finished.
 
 Every call runs on the KV mover thread and returns when its copies are complete, so
 the caller may publish slots or hand blocks to the scheduler right after. On CPU the
@@ -64,12 +67,19 @@ class BlockTransfer:
             (self.rows.recode_bytes, RECODE_BYTES) if self.rows.recode
             else (self.block_bytes, STAGE_BYTES)
         )  # fmt: skip
-        self.chunk = max(1, min(256, budget // per_block)) if self.cuda or self.rows.recode else 256
+        # on CUDA at least 2: a load alternates between the stage's halves
+        least = 2 if self.cuda else 1
+        capped = self.cuda or self.rows.recode
+        self.chunk = max(least, min(256, budget // per_block)) if capped else 256
         if self.cuda:
             self.stage = torch.empty(
                 (self.chunk, *self.block_shape), dtype=torch.uint8, device=self.device
             )
             self.stream = torch.cuda.Stream(self.device)
+            self.scatter_stream = torch.cuda.Stream(self.device)
+            # per stage half: its H2D landed / its scatter finished (the half is free)
+            self.copied = [torch.cuda.Event(), torch.cuda.Event()]
+            self.scattered = [torch.cuda.Event(), torch.cuda.Event()]
 
     def _slot(self, slot: int) -> torch.Tensor:
         return self.slab[slot].view(self.block_shape)
@@ -120,12 +130,11 @@ class BlockTransfer:
     # ---- slots -> pool --------------------------------------------------------------------
 
     def load(self, slots: Sequence[int], block_ids: Sequence[int]) -> None:
+        if self.cuda:
+            self._load_cuda(slots, block_ids)
+            return
         for lo in range(0, len(block_ids), self.chunk):
-            src, ids = slots[lo : lo + self.chunk], block_ids[lo : lo + self.chunk]
-            if self.cuda:
-                self._load_cuda(src, ids)
-            else:
-                self._load_cpu(src, ids)
+            self._load_cpu(slots[lo : lo + self.chunk], block_ids[lo : lo + self.chunk])
 
     def _load_cpu(self, slots: Sequence[int], ids: Sequence[int]) -> None:
         if self.rows.recode:  # runs of slots: index_select of uint8 rows is slow on CPU
@@ -140,13 +149,21 @@ class BlockTransfer:
                 part[:, block_id].copy_(block[:, a:b])
 
     def _load_cuda(self, slots: Sequence[int], ids: Sequence[int]) -> None:
-        n = len(ids)
-        with torch.cuda.stream(self.stream):
-            stage = self.stage[:n]
-            flat = stage.view(n, -1)
-            for start, first, length in _runs(slots):
-                flat[start : start + length].copy_(
-                    self.slab[first : first + length], non_blocking=True
-                )
-            self.rows.scatter(stage, self._index(ids))
-        self.stream.synchronize()
+        half = self.chunk // 2
+        for i, lo in enumerate(range(0, len(ids), half)):
+            src, dst = slots[lo : lo + half], ids[lo : lo + half]
+            n, h = len(dst), i % 2
+            stage = self.stage[h * half : h * half + n]
+            with torch.cuda.stream(self.stream):
+                self.stream.wait_event(self.scattered[h])  # the half's last scatter is done
+                flat = stage.view(n, -1)
+                for start, first, length in _runs(src):
+                    flat[start : start + length].copy_(
+                        self.slab[first : first + length], non_blocking=True
+                    )
+                self.copied[h].record(self.stream)
+            with torch.cuda.stream(self.scatter_stream):
+                self.scatter_stream.wait_event(self.copied[h])
+                self.rows.scatter(stage, self._index(dst))  # index made on this stream
+                self.scattered[h].record(self.scatter_stream)
+        self.scatter_stream.synchronize()
