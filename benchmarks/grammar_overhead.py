@@ -23,6 +23,7 @@ import os
 import platform
 import pstats
 import statistics
+import sys
 import time
 from importlib.metadata import version
 from typing import Any
@@ -190,7 +191,10 @@ def _kernel_profiler() -> Any:
     return profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
 
 
-def engine(model: str, device: str, num_requests: int, output_len: int, profile: bool) -> None:
+def engine(
+    model: str, device: str, num_requests: int, output_len: int, profile: bool,
+    serial: bool = False,
+) -> None:  # fmt: skip
     from strata import LLM, SamplingParams
     from strata.engine.structured_output import StructuredOutput
 
@@ -207,6 +211,8 @@ def engine(model: str, device: str, num_requests: int, output_len: int, profile:
         return out
 
     builder.build = timed  # type: ignore[method-assign]
+    if serial:
+        builder.advance = lambda seqs: None  # type: ignore[method-assign]
     so = StructuredOutput.json_schema(SCHEMA)
     prompts = [f"Write order number {i} as JSON." for i in range(num_requests)]
 
@@ -283,13 +289,27 @@ def main() -> None:
         "--profile", action="store_true",
         help="print host profiles and (on CUDA) device kernel times of both runs",
     )
+    e.add_argument(
+        "--serial", action="store_true",
+        help="no mask worker: every row is accepted and filled in the build, on the step's "
+        "serial path (to tell the worker's contention from its work)",
+    )
+    e.add_argument(
+        "--switch-interval", type=float, default=None, metavar="S",
+        help="sys.setswitchinterval for the run (default: Python's, 0.005 s)",
+    )
     args = p.parse_args()
     if args.what == "walks":
         walks(args.batch, args.tokenizer, args.steps, args.vocab)
     elif args.what == "masks":
         masks(args.batch)
     else:
-        engine(args.model, args.device, args.num_requests, args.output_len, args.profile)
+        if args.switch_interval is not None:
+            sys.setswitchinterval(args.switch_interval)
+        engine(
+            args.model, args.device, args.num_requests, args.output_len, args.profile,
+            args.serial,
+        )  # fmt: skip
 
 
 if __name__ == "__main__":
