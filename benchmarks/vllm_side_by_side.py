@@ -28,8 +28,14 @@ sampler is greedy anyway, so its top-k/top-p path is unused), VLLM_NO_USAGE_STAT
 DO_NOT_TRACK=1 (no network there), HF_HUB_OFFLINE=1, VLLM_CACHE_ROOT under /tmp. Its
 attention backend is vLLM's own choice on Hopper, FLASH_ATTN with FA3 (printed).
 
-On the GPU machine, after benchmarks/vllm_device_join.sh:
-  PYTHONPATH=.:/tmp/vllm-site python3 benchmarks/vllm_side_by_side.py --json $OUT/sbs.json
+On the GPU machine (the script puts /tmp/vllm-site on vLLM's path itself), in two calls
+on one warm machine, each under ten minutes: with .vllm-parts1 carried,
+  bash benchmarks/vllm_device_join.sh; PYTHONPATH=. python3 benchmarks/vllm_side_by_side.py \
+      --engines strata --json /tmp/sbs_strata.json
+then with .vllm-parts2 carried,
+  bash benchmarks/vllm_device_join.sh && PYTHONPATH=. python3 benchmarks/vllm_side_by_side.py \
+      --engines vllm --reuse /tmp/sbs_strata.json --json $OUT/sbs.json
+The --json file is rewritten after every engine run, so a killed call keeps what finished.
 Here (CPU): python3 benchmarks/vllm_side_by_side.py --smoke   (tiny Strata; vLLM skipped
 when it cannot be imported)
 """
@@ -433,6 +439,9 @@ def main() -> int:
                         help="Strata's KV pool in GiB (default: 0.9 of memory)")  # fmt: skip
     parser.add_argument("--decode-steps", type=int, default=64)
     parser.add_argument("--timeout", type=float, default=540, help="seconds per subprocess")
+    parser.add_argument("--reuse", default=None,
+                        help="a --json of an earlier run on the same machine: take its results "
+                        "without errors instead of running those engines again")  # fmt: skip
     parser.add_argument("--worker", choices=("strata", "vllm"), help=argparse.SUPPRESS)
     parser.add_argument("--job", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -456,6 +465,10 @@ def main() -> int:
             results["vllm_import_error"] = err
             engines.remove("vllm")
     groups = SMOKE_GROUPS if args.smoke else GROUPS
+    earlier: dict[str, Any] = {}
+    if args.reuse and os.path.isfile(args.reuse):
+        with open(args.reuse) as f:
+            earlier = json.load(f).get("groups", {})
     try:
         for group, spec in groups.items():
             sections = [s for s in spec["sections"] if s in only]
@@ -473,20 +486,28 @@ def main() -> int:
                                     "max_model_len": spec["max_model_len"],
                                     "prefix_caching": spec["prefix_caching"]}  # fmt: skip
             results["groups"][group] = pair
-            if "strata" in engines:
-                pair["strata"] = run_subprocess("strata", job, args.timeout)
-                job["tokenizer"] = bool(pair["strata"].get("tokenizer"))
-            else:
-                job["tokenizer"] = tok_dir is not None
-            if "vllm" in engines:
-                pair["vllm"] = run_subprocess("vllm", job, args.timeout)
+            for engine in ("strata", "vllm"):
+                old = earlier.get(group, {}).get(engine, {})
+                if not old.get("error") and all(x in old for x in sections):
+                    pair[engine] = dict(old, reused=args.reuse)
+                    print(f"--- {engine}: {group} taken from {args.reuse}")
+                elif engine in engines:
+                    pair[engine] = run_subprocess(engine, job, args.timeout)
+                    save(results, args.json)  # what is done survives a kill of this call
+                if engine == "strata":  # vLLM detokenizes only where Strata does
+                    strata = pair.get("strata")
+                    job["tokenizer"] = strata.get("tokenizer") if strata else tok_dir is not None
     finally:
-        results["features"] = features(results)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=1)
+        save(results, args.json)
     print_table(results)
     return 0
+
+
+def save(results: dict[str, Any], path: str | None) -> None:
+    results["features"] = features(results)
+    if path:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
 
 
 def features(results: dict[str, Any]) -> list[str]:
