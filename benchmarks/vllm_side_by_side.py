@@ -469,6 +469,7 @@ def main() -> int:
     if args.reuse and os.path.isfile(args.reuse):
         with open(args.reuse) as f:
             earlier = json.load(f).get("groups", {})
+        results["groups"].update(earlier)  # kept as they were unless run (or reused) below
     try:
         for group, spec in groups.items():
             sections = [s for s in spec["sections"] if s in only]
