@@ -181,9 +181,9 @@ def strata_worker(job: dict[str, Any]) -> dict[str, Any]:
         opts.update(device="cpu", dtype="float32", kv_cache_memory=0.25,
                     max_num_batched_tokens=512)  # fmt: skip
     elif job["group"] == "long-decode":
-        opts.update(max_num_batched_tokens=32768, max_num_seqs=32)
+        opts.update(dtype="bfloat16", max_num_batched_tokens=32768, max_num_seqs=32)
     else:
-        opts.update(max_num_batched_tokens=4096)
+        opts.update(dtype="bfloat16", max_num_batched_tokens=4096)
     if job.get("strata_kv_gib") and not smoke:
         opts["kv_cache_memory"] = job["strata_kv_gib"]
     t0 = time.perf_counter()
