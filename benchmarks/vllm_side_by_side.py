@@ -1,0 +1,531 @@
+"""Strata against vLLM 0.26.0 on the same GPU, the same requests, in one call.
+
+Each engine runs in its own subprocess, one after the other, so each has the whole GPU;
+a subprocess writes its numbers as JSON to a temporary file. Random weights on real shapes:
+Strata loads `random:/tmp/vllm-models/NAME/config.json`, vLLM the same folder with
+load_format="dummy"; the folder holds the Strata preset's config.json (plus
+architectures=LlamaForCausalLM, dtype=bfloat16) and, when the bundle carried it, the
+SmolLM2 tokenizer (49,152 ids; prompts use ids below that, outputs of a random model may
+not, and both engines' detokenizers return nothing for such ids).
+
+offline-1b  Llama-3.2-1B shape, 256 requests, input and output lengths uniform 100-1024
+offline-8b  Llama-3-8B shape, the same workload; output tok/s and wall time
+long        Llama-3-8B shape, 32 requests, input uniform 8k-16k, output 256
+decode      Llama-3-8B shape, batch 1, contexts 128 / 4096 / 32768: ms per decode step =
+            (time of prefill + N+1 tokens - time of prefill + 1 token) / N
+(long and decode share one engine per side: max_model_len 33280, prefix caching off.)
+
+Requests come from strata.bench.workload.random_workload (fixed seeds), greedy, ignore_eos,
+all submitted at once. Strata is built as benchmarks/gpu_speed.py builds it (offline:
+max_num_batched_tokens 4096, max_model_len 2048; decode: prefix caching off), its KV pool
+from gpu_memory_utilization 0.9 like vLLM's. vLLM: bf16, gpu_memory_utilization 0.9,
+max_model_len sized to the section, its default scheduler, CUDA graphs and
+torch.compile on (defaults), prefix caching as Strata's (on for offline, off for
+long/decode), and the tokenizer only when Strata has one too.
+
+vLLM's subprocess sets VLLM_USE_FLASHINFER_SAMPLER=0 (FlashInfer is not carried; the
+sampler is greedy anyway, so its top-k/top-p path is unused), VLLM_NO_USAGE_STATS=1 and
+DO_NOT_TRACK=1 (no network there), HF_HUB_OFFLINE=1, VLLM_CACHE_ROOT under /tmp. Its
+attention backend is vLLM's own choice on Hopper, FLASH_ATTN with FA3 (printed).
+
+On the GPU machine (the script puts /tmp/vllm-site on vLLM's path itself), in two calls
+on one warm machine, each under ten minutes: with .vllm-parts1 carried,
+  bash benchmarks/vllm_device_join.sh; PYTHONPATH=. python3 benchmarks/vllm_side_by_side.py \
+      --engines strata --json /tmp/sbs_strata.json
+then with .vllm-parts2 carried,
+  bash benchmarks/vllm_device_join.sh && PYTHONPATH=. python3 benchmarks/vllm_side_by_side.py \
+      --engines vllm --reuse /tmp/sbs_strata.json --json $OUT/sbs.json
+The --json file is rewritten after every engine run, so a killed call keeps what finished.
+Here (CPU): python3 benchmarks/vllm_side_by_side.py --smoke   (tiny Strata; vLLM skipped
+when it cannot be imported)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+SECTIONS = ("offline-1b", "offline-8b", "long", "decode")
+MODEL_ROOT = Path("/tmp/vllm-models")
+TOKENIZER_DIRS = ("/tmp/vllm-site/smollm2-tokenizer",)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+TOKENIZER_VOCAB = 49152
+DECODE_CONTEXTS = (128, 4096, 32768)
+
+# One engine per group; a group runs the sections it holds that --only names.
+GROUPS: dict[str, dict[str, Any]] = {
+    "offline-1b": {"preset": "llama-3.2-1b", "sections": ["offline-1b"], "max_model_len": 2048,
+                   "max_positions": None, "prefix_caching": True},
+    "offline-8b": {"preset": "llama-3-8b", "sections": ["offline-8b"], "max_model_len": 2048,
+                   "max_positions": None, "prefix_caching": True},
+    "long-decode": {"preset": "llama-3-8b", "sections": ["long", "decode"],
+                    "max_model_len": 33280, "max_positions": 33280, "prefix_caching": False},
+}  # fmt: skip
+SMOKE_GROUPS: dict[str, dict[str, Any]] = {
+    "offline-1b": {"preset": "smollm2-135m", "sections": ["offline-1b"], "max_model_len": 256,
+                   "max_positions": None, "prefix_caching": True, "layers": 2},
+    "long-decode": {"preset": "smollm2-135m", "sections": ["long", "decode"],
+                    "max_model_len": 512, "max_positions": 512, "prefix_caching": False,
+                    "layers": 2},
+}  # fmt: skip
+
+
+# ---- workloads ---------------------------------------------------------------------------
+
+
+def _random_workload() -> Any:
+    """strata.bench.workload.random_workload, loaded from its file: the vLLM worker must
+    not import the strata package (its __init__ pulls in the whole engine)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "strata" / "bench" / "workload.py"
+    spec = importlib.util.spec_from_file_location("_sbs_workload", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module.random_workload
+
+
+def workload(section: str, smoke: bool) -> Any:
+    random_workload = _random_workload()
+    vocab = TOKENIZER_VOCAB
+    if smoke:
+        if section == "long":
+            return random_workload(4, (200, 300), (8, 8), vocab, 2)
+        return random_workload(8, (10, 60), (5, 20), vocab, 0)
+    if section == "long":
+        return random_workload(32, (8192, 16384), (256, 256), vocab, 2)
+    return random_workload(256, (100, 1024), (100, 1024), vocab, 0)
+
+
+def warmup_workload() -> Any:
+    return _random_workload()(4, (16, 16), (4, 4), TOKENIZER_VOCAB, 1)
+
+
+def decode_prompt(ctx: int) -> list[int]:
+    import numpy as np
+
+    rng = np.random.default_rng(ctx)
+    return rng.integers(100, TOKENIZER_VOCAB, ctx).tolist()
+
+
+def decode_contexts(smoke: bool) -> tuple[int, ...]:
+    return (32, 128) if smoke else DECODE_CONTEXTS
+
+
+# ---- model folders -----------------------------------------------------------------------
+
+
+def model_folder(group: str, spec: dict[str, Any], tokenizer_dir: str | None) -> Path:
+    from strata.models.presets import PRESETS
+
+    cfg = dict(PRESETS[spec["preset"]])
+    if spec.get("max_positions"):
+        cfg["max_position_embeddings"] = spec["max_positions"]
+    if spec.get("layers"):
+        cfg["num_hidden_layers"] = spec["layers"]
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    cfg["dtype"] = "bfloat16"
+    cfg["torch_dtype"] = "bfloat16"
+    folder = MODEL_ROOT / group
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(cfg, indent=1))
+    if tokenizer_dir:
+        for name in TOKENIZER_FILES:
+            src = Path(tokenizer_dir) / name
+            if src.is_file():
+                shutil.copy(src, folder / name)
+    return folder
+
+
+def find_tokenizer_dir(explicit: str | None) -> str | None:
+    candidates = [explicit] if explicit else list(TOKENIZER_DIRS)
+    if not explicit:
+        cache = Path(os.environ.get("STRATA_CACHE_DIR", Path.home() / ".cache" / "strata"))
+        candidates += sorted(str(p.parent) for p in cache.glob("gguf/SmolLM2*/tokenizer.json"))
+    for c in candidates:
+        if c and (Path(c) / "tokenizer.json").is_file():
+            return c
+    return None
+
+
+# ---- Strata worker -----------------------------------------------------------------------
+
+
+def strata_worker(job: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from strata import LLM, SamplingParams
+    from strata.bench.throughput import run_strata
+
+    smoke = job["smoke"]
+    device = "cpu" if smoke else "cuda"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    spec = f"random:{job['folder']}/config.json"
+    opts: dict[str, Any] = {"max_model_len": job["max_model_len"],
+                            "enable_prefix_caching": job["prefix_caching"]}  # fmt: skip
+    if smoke:
+        opts.update(device="cpu", dtype="float32", kv_cache_memory=0.25,
+                    max_num_batched_tokens=512)  # fmt: skip
+    elif job["group"] == "long-decode":
+        opts.update(dtype="bfloat16", max_num_batched_tokens=32768, max_num_seqs=32)
+    else:
+        opts.update(dtype="bfloat16", max_num_batched_tokens=4096)
+    if job.get("strata_kv_gib") and not smoke:
+        opts["kv_cache_memory"] = job["strata_kv_gib"]
+    t0 = time.perf_counter()
+    llm = LLM(spec, **opts)
+    out: dict[str, Any] = {"engine": "strata", "startup_s": time.perf_counter() - t0,
+                           "options": {k: str(v) for k, v in opts.items()},
+                           "tokenizer": llm.engine.tokenizer is not None}  # fmt: skip
+    run_strata(llm, warmup_workload(), 4)
+
+    def timed(prompt: list[int], n: int) -> float:
+        params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+        sync()
+        start = time.perf_counter()
+        llm.generate([prompt], params)
+        sync()
+        return time.perf_counter() - start
+
+    for section in job["sections"]:
+        if section == "decode":
+            out[section] = decode_rows(timed, job)
+            continue
+        wl = workload(section, smoke)
+        res = run_strata(llm, wl, len(wl.prompts))
+        out[section] = {"seconds": res.seconds, "output_tok_s": res.output_tokens_per_s,
+                        "output_tokens": res.output_tokens, "input_tokens": res.input_tokens,
+                        "requests": res.num_requests}  # fmt: skip
+    llm.close()
+    return out
+
+
+def decode_rows(timed: Any, job: dict[str, Any]) -> list[dict[str, Any]]:
+    new = job["decode_steps"]
+    rows = []
+    for ctx in decode_contexts(job["smoke"]):
+        prompt = decode_prompt(ctx)
+        one = min(timed(prompt, 1) for _ in range(2))
+        many = min(timed(prompt, new + 1) for _ in range(2))
+        rows.append({"context": ctx, "step_ms": (many - one) / new * 1e3,
+                     "prefill_plus_one_s": one})  # fmt: skip
+    return rows
+
+
+# ---- vLLM worker -------------------------------------------------------------------------
+
+
+def vllm_worker(job: dict[str, Any]) -> dict[str, Any]:
+    import vllm
+    from vllm import LLM, SamplingParams
+
+    folder = job["folder"]
+    use_tokenizer = job.get("tokenizer", False) and (Path(folder) / "tokenizer.json").is_file()
+    kwargs: dict[str, Any] = {
+        "model": folder, "load_format": "dummy", "dtype": "bfloat16",
+        "gpu_memory_utilization": job["gpu_memory_utilization"],
+        "max_model_len": job["max_model_len"],
+        "enable_prefix_caching": job["prefix_caching"],
+        "skip_tokenizer_init": not use_tokenizer, "seed": 0,
+    }  # fmt: skip
+    t0 = time.perf_counter()
+    llm = LLM(**kwargs)
+    out: dict[str, Any] = {"engine": "vllm", "version": vllm.__version__,
+                           "startup_s": time.perf_counter() - t0,
+                           "options": {k: str(v) for k, v in kwargs.items()},
+                           "tokenizer": use_tokenizer}  # fmt: skip
+    out["effective"] = vllm_effective_config(llm)
+
+    def params(n: int) -> Any:
+        return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True,
+                              detokenize=use_tokenizer)  # fmt: skip
+
+    def run(prompts: list[list[int]], lens: list[int]) -> tuple[float, int]:
+        reqs = [{"prompt_token_ids": p} for p in prompts]
+        start = time.perf_counter()
+        outs = llm.generate(reqs, [params(n) for n in lens], use_tqdm=False)
+        seconds = time.perf_counter() - start
+        return seconds, sum(len(o.outputs[0].token_ids) for o in outs)
+
+    wu = warmup_workload()
+    run(wu.prompts, wu.output_lens)
+
+    def timed(prompt: list[int], n: int) -> float:
+        return run([prompt], [n])[0]
+
+    for section in job["sections"]:
+        if section == "decode":
+            out[section] = decode_rows(timed, job)
+            continue
+        wl = workload(section, job["smoke"])
+        seconds, produced = run(wl.prompts, wl.output_lens)
+        if produced != wl.num_output_tokens:
+            raise RuntimeError(f"vLLM produced {produced} tokens, expected "
+                               f"{wl.num_output_tokens}")  # fmt: skip
+        out[section] = {"seconds": seconds, "output_tok_s": produced / seconds,
+                        "output_tokens": produced, "input_tokens": wl.num_input_tokens,
+                        "requests": len(wl.prompts)}  # fmt: skip
+    try:  # stop the engine-core process; the parent also kills the whole process group
+        llm.llm_engine.engine_core.shutdown()
+    except Exception as e:
+        print(f"vLLM shutdown: {e!r}", file=sys.stderr)
+    return out
+
+
+def vllm_effective_config(llm: Any) -> dict[str, Any]:
+    """What vLLM chose: scheduler limits, CUDA graph mode, compile mode, attention."""
+    info: dict[str, Any] = {}
+    try:
+        cfg = llm.llm_engine.vllm_config
+        sc = cfg.scheduler_config
+        info["max_num_batched_tokens"] = sc.max_num_batched_tokens
+        info["max_num_seqs"] = sc.max_num_seqs
+        info["async_scheduling"] = getattr(sc, "async_scheduling", None)
+        info["enable_chunked_prefill"] = getattr(sc, "enable_chunked_prefill", None)
+        cc = cfg.compilation_config
+        info["compilation_mode"] = str(getattr(cc, "mode", None))
+        info["cudagraph_mode"] = str(getattr(cc, "cudagraph_mode", None))
+        info["attention_backend"] = str(cfg.attention_config.backend)
+        info["enforce_eager"] = cfg.model_config.enforce_eager
+        info["use_v2_model_runner"] = cfg.use_v2_model_runner
+        info["prefix_caching"] = cfg.cache_config.enable_prefix_caching
+    except Exception as e:  # informational only
+        info["error"] = repr(e)
+    return info
+
+
+# ---- orchestration -----------------------------------------------------------------------
+
+
+def run_subprocess(engine: str, job: dict[str, Any], timeout: float) -> dict[str, Any]:
+    fd, path = tempfile.mkstemp(prefix=f"sbs-{engine}-", suffix=".json")
+    os.close(fd)
+    env = dict(os.environ)
+    repo = str(Path(__file__).resolve().parent.parent)
+    paths = [repo] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if engine == "vllm":
+        if os.path.isdir(job["vllm_site"]):
+            paths.insert(1, job["vllm_site"])
+        env.update(VLLM_USE_FLASHINFER_SAMPLER="0", VLLM_NO_USAGE_STATS="1",
+                   DO_NOT_TRACK="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                   VLLM_CACHE_ROOT=env.get("VLLM_CACHE_ROOT", "/tmp/vllm-cache"),
+                   TOKENIZERS_PARALLELISM="false")  # fmt: skip
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    env["PYTHONUNBUFFERED"] = "1"
+    cmd = [sys.executable, __file__, "--worker", engine, "--job", json.dumps(job),
+           "--result", path]  # fmt: skip
+    print(f"\n--- {engine}: {job['group']} ({', '.join(job['sections'])})", flush=True)
+    start = time.perf_counter()
+    # Its own session, so that the engine's child processes (vLLM's engine core) can be
+    # killed with it and leave the GPU free for the next engine.
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        rc: int | str = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        rc = "timeout"
+    wall = time.perf_counter() - start
+    kill_group(proc)
+    try:
+        with open(path) as f:
+            result = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        result = {}
+    finally:
+        os.unlink(path)
+    if not result:
+        result = {"engine": engine, "error": f"worker exited with {rc}, no result"}
+    result["subprocess_s"] = wall
+    if result.get("error"):
+        print(f"--- {engine} FAILED: {result['error']}", flush=True)
+    return result
+
+
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """End whatever is left of the worker's process group (all of it on a timeout)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        time.sleep(3)
+    proc.wait()
+
+
+def worker_main(engine: str, job: dict[str, Any], result_path: str) -> int:
+    try:
+        out = strata_worker(job) if engine == "strata" else vllm_worker(job)
+    except BaseException:
+        tb = traceback.format_exc()
+        print(tb, file=sys.stderr, flush=True)
+        out = {"engine": engine, "error": tb.strip().splitlines()[-1], "traceback": tb}
+    with open(result_path, "w") as f:
+        json.dump(out, f, indent=1)
+    sys.stdout.flush()
+    os._exit(0)  # skip interpreter teardown: engine threads and child processes
+
+
+def vllm_importable(site: str) -> str | None:
+    """None when `from vllm import LLM` works in a fresh interpreter with `site` on the
+    path, else the error."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (site, env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run([sys.executable, "-c", "from vllm import LLM, SamplingParams"],
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    if proc.returncode == 0:
+        return None
+    return (proc.stderr.strip().splitlines() or ["import vllm failed"])[-1]
+
+
+def print_table(results: dict[str, Any]) -> None:
+    print("\n== Strata vs vLLM (same GPU, same requests) ==")
+    print(f"{'section':<12} {'metric':<22} {'Strata':>10} {'vLLM':>10} {'Strata/vLLM':>12}")
+    for pair in results["groups"].values():
+        s, v = pair.get("strata", {}), pair.get("vllm", {})
+        for section in pair["sections"]:
+            if section == "decode":
+                vrows = {r["context"]: r for r in v.get("decode", [])}
+                for row in s.get("decode", []):
+                    vr = vrows.get(row["context"])
+                    vms = vr["step_ms"] if vr else None
+                    # for a time, Strata/vLLM below 1 means Strata is faster
+                    print_row("decode", f"ms/step ctx {row['context']}", row["step_ms"], vms,
+                              ".3f")  # fmt: skip
+                if not s.get("decode"):
+                    for ctx, vr in vrows.items():
+                        print_row("decode", f"ms/step ctx {ctx}", None, vr["step_ms"], ".3f")
+                continue
+            sr, vr = s.get(section), v.get(section)
+            print_row(section, "output tok/s", sr and sr["output_tok_s"],
+                      vr and vr["output_tok_s"], ".0f")  # fmt: skip
+            print_row(section, "wall s", sr and sr["seconds"], vr and vr["seconds"], ".2f")
+        for eng, r in (("Strata", s), ("vLLM", v)):
+            if r.get("error"):
+                print(f"{'':<12} {eng} error: {r['error']}")
+    print("(ratios of tok/s above 1 and of times below 1 favour Strata)")
+    print("features: " + "; ".join(results["features"]))
+
+
+def print_row(section: str, metric: str, a: float | None, b: float | None, fmt: str) -> None:
+    fa = format(a, fmt) if a is not None else "-"
+    fb = format(b, fmt) if b is not None else "-"
+    ratio = f"{a / b:.2f}" if a is not None and b else "-"
+    print(f"{section:<12} {metric:<22} {fa:>10} {fb:>10} {ratio:>12}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
+    parser.add_argument("--json", default=None, help="write all numbers here")
+    parser.add_argument("--engines", default="strata,vllm")
+    parser.add_argument("--smoke", action="store_true", help="tiny CPU run of the logic")
+    parser.add_argument("--vllm-site", default="/tmp/vllm-site")
+    parser.add_argument("--tokenizer-dir", default=None)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--strata-kv-gib", type=float, default=None,
+                        help="Strata's KV pool in GiB (default: 0.9 of memory)")  # fmt: skip
+    parser.add_argument("--decode-steps", type=int, default=64)
+    parser.add_argument("--timeout", type=float, default=540, help="seconds per subprocess")
+    parser.add_argument("--reuse", default=None,
+                        help="a --json of an earlier run on the same machine: take its results "
+                        "without errors instead of running those engines again")  # fmt: skip
+    parser.add_argument("--worker", choices=("strata", "vllm"), help=argparse.SUPPRESS)
+    parser.add_argument("--job", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root
+    if args.worker:
+        return worker_main(args.worker, json.loads(args.job), args.result)
+
+    only = [s for s in args.only.split(",") if s]
+    unknown = set(only) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+    engines = [e for e in args.engines.split(",") if e]
+    tok_dir = find_tokenizer_dir(args.tokenizer_dir)
+    results: dict[str, Any] = {"smoke": args.smoke, "tokenizer_dir": tok_dir, "groups": {},
+                               "argv": sys.argv[1:]}  # fmt: skip
+    if "vllm" in engines:
+        err = vllm_importable(args.vllm_site)
+        if err is not None:
+            print(f"vLLM cannot be imported, skipped: {err}")
+            results["vllm_import_error"] = err
+            engines.remove("vllm")
+    groups = SMOKE_GROUPS if args.smoke else GROUPS
+    earlier: dict[str, Any] = {}
+    if args.reuse and os.path.isfile(args.reuse):
+        with open(args.reuse) as f:
+            earlier = json.load(f).get("groups", {})
+        results["groups"].update(earlier)  # kept as they were unless run (or reused) below
+    try:
+        for group, spec in groups.items():
+            sections = [s for s in spec["sections"] if s in only]
+            if not sections:
+                continue
+            folder = model_folder(group, spec, tok_dir)
+            job = {"group": group, "sections": sections, "folder": str(folder),
+                   "max_model_len": spec["max_model_len"],
+                   "prefix_caching": spec["prefix_caching"], "smoke": args.smoke,
+                   "decode_steps": 4 if args.smoke else args.decode_steps,
+                   "gpu_memory_utilization": args.gpu_memory_utilization,
+                   "strata_kv_gib": args.strata_kv_gib, "vllm_site": args.vllm_site,
+                   "tokenizer": False}  # fmt: skip
+            pair: dict[str, Any] = {"sections": sections, "preset": spec["preset"],
+                                    "max_model_len": spec["max_model_len"],
+                                    "prefix_caching": spec["prefix_caching"]}  # fmt: skip
+            results["groups"][group] = pair
+            for engine in ("strata", "vllm"):
+                old = earlier.get(group, {}).get(engine, {})
+                if not old.get("error") and all(x in old for x in sections):
+                    pair[engine] = dict(old, reused=args.reuse)
+                    print(f"--- {engine}: {group} taken from {args.reuse}")
+                elif engine in engines:
+                    pair[engine] = run_subprocess(engine, job, args.timeout)
+                    save(results, args.json)  # what is done survives a kill of this call
+                if engine == "strata":  # vLLM detokenizes only where Strata does
+                    strata = pair.get("strata")
+                    job["tokenizer"] = strata.get("tokenizer") if strata else tok_dir is not None
+    finally:
+        save(results, args.json)
+    print_table(results)
+    return 0
+
+
+def save(results: dict[str, Any], path: str | None) -> None:
+    results["features"] = features(results)
+    if path:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+def features(results: dict[str, Any]) -> list[str]:
+    notes = []
+    for group, pair in results["groups"].items():
+        v = pair.get("vllm", {}).get("effective", {})
+        s = pair.get("strata", {})
+        notes.append(
+            f"{group}: prefix caching {'on' if pair['prefix_caching'] else 'off'} (both), "
+            f"max_model_len {pair['max_model_len']}, "
+            f"tokenizer strata={s.get('tokenizer')} vllm={pair.get('vllm', {}).get('tokenizer')}"
+            + (f", vLLM mbt={v.get('max_num_batched_tokens')} seqs={v.get('max_num_seqs')} "
+               f"cudagraph={v.get('cudagraph_mode')} compile={v.get('compilation_mode')} "
+               f"v2_runner={v.get('use_v2_model_runner')}" if v else "")
+        )  # fmt: skip
+    return notes
+
+
+if __name__ == "__main__":
+    sys.exit(main())
