@@ -60,7 +60,8 @@ class GrammarMasks:
         xgrammar.apply_token_bitmask_inplace(masked, self.bitmask, vocab_size=covered, indices=rows)
         if covered < logits.shape[-1]:  # the model's padding past the tokenizer
             index = rows.long() if isinstance(rows, torch.Tensor) else torch.tensor(rows)
-            masked[index, covered:] = float("-inf")
+            # index_fill_ on the padding's view: advanced-index assignment syncs on CUDA
+            masked[:, covered:].index_fill_(0, index, float("-inf"))
         return masked
 
 
