@@ -13,6 +13,20 @@ offline-8b  Llama-3-8B shape, the same workload; output tok/s and wall time
 long        Llama-3-8B shape, 32 requests, input uniform 8k-16k, output 256
 decode      Llama-3-8B shape, batch 1, contexts 128 / 4096 / 32768: ms per decode step =
             (time of prefill + N+1 tokens - time of prefill + 1 token) / N
+serve       Llama-3.2-1B shape behind each engine's own OpenAI server (Strata: `strata serve
+            --model random:FOLDER/config.json`; vLLM: its openai.api_server on FOLDER,
+            --load-format dummy), driven by `strata bench serve --url` (a process of its
+            own, streaming, token-id prompts on /v1/completions, greedy, ignore_eos) at
+            Poisson rates 8, 32, 64 and inf req/s (--serve-rates), 256 requests a rate
+            (fresh prompts each rate), input 100-1024 and output 64-256 tokens: output
+            tok/s, TTFT p50/p99 and TPOT p50/p99 per rate. A warm-up of 32 requests runs
+            first. Each server starts on a free localhost port in a process group of its
+            own, logs to a temporary file (its tail printed on a failure), and is stopped
+            with SIGTERM (SIGKILL after 20-30 s); the script checks that no process of the
+            group is left and the port is free. --serve-timeout bounds one engine's start,
+            warm-up and rates (default 420 s). vLLM skips its tokenizer (token ids in, and
+            `return_token_ids` chunks out) unless Strata's server has one (it answers a
+            text prompt) and the folder holds it.
 (long and decode share one engine per side: max_model_len 33280, prefix caching off.)
 
 Requests come from strata.bench.workload.random_workload (fixed seeds), greedy, ignore_eos,
@@ -36,6 +50,13 @@ then with .vllm-parts2 carried,
   bash benchmarks/vllm_device_join.sh && PYTHONPATH=. python3 benchmarks/vllm_side_by_side.py \
       --engines vllm --reuse /tmp/sbs_strata.json --json $OUT/sbs.json
 The --json file is rewritten after every engine run, so a killed call keeps what finished.
+serve runs only when --only names it (vLLM's offline sections take ~5 of a call's 10
+minutes), best alone (Strata about 2 minutes, vLLM about 3-4 with its start), e.g.
+  PYTHONPATH=. python3 benchmarks/vllm_side_by_side.py --only serve --engines strata \
+      --json /tmp/sbs_serve.json
+then (vLLM unpacked) ... --only serve --engines vllm --reuse /tmp/sbs_serve.json --json ...
+A server that this script could not stop (the call was cut off) gets SIGTERM from the
+kernel when the script dies (PR_SET_PDEATHSIG), and its group is killed by the next run.
 Here (CPU): python3 benchmarks/vllm_side_by_side.py --smoke   (tiny Strata; vLLM skipped
 when it cannot be imported)
 """
@@ -43,6 +64,7 @@ when it cannot be imported)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -55,12 +77,16 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("offline-1b", "offline-8b", "long", "decode")
+SECTIONS = ("offline-1b", "offline-8b", "long", "decode", "serve")
+# serve is asked for by name: with it, one vLLM call of all sections would pass 600 s
+DEFAULT_SECTIONS = ("offline-1b", "offline-8b", "long", "decode")
 MODEL_ROOT = Path("/tmp/vllm-models")
 TOKENIZER_DIRS = ("/tmp/vllm-site/smollm2-tokenizer",)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 TOKENIZER_VOCAB = 49152
 DECODE_CONTEXTS = (128, 4096, 32768)
+REPO = Path(__file__).resolve().parent.parent
+SERVER_PGID_FILE = Path(tempfile.gettempdir()) / "sbs-serve-server.pgid"  # a server not stopped
 
 # One engine per group; a group runs the sections it holds that --only names.
 GROUPS: dict[str, dict[str, Any]] = {
@@ -70,6 +96,8 @@ GROUPS: dict[str, dict[str, Any]] = {
                    "max_positions": None, "prefix_caching": True},
     "long-decode": {"preset": "llama-3-8b", "sections": ["long", "decode"],
                     "max_model_len": 33280, "max_positions": 33280, "prefix_caching": False},
+    "serve": {"preset": "llama-3.2-1b", "sections": ["serve"], "max_model_len": 2048,
+              "max_positions": None, "prefix_caching": True},
 }  # fmt: skip
 SMOKE_GROUPS: dict[str, dict[str, Any]] = {
     "offline-1b": {"preset": "smollm2-135m", "sections": ["offline-1b"], "max_model_len": 256,
@@ -77,6 +105,8 @@ SMOKE_GROUPS: dict[str, dict[str, Any]] = {
     "long-decode": {"preset": "smollm2-135m", "sections": ["long", "decode"],
                     "max_model_len": 512, "max_positions": 512, "prefix_caching": False,
                     "layers": 2},
+    "serve": {"preset": "smollm2-135m", "sections": ["serve"], "max_model_len": 256,
+              "max_positions": None, "prefix_caching": True, "layers": 2},
 }  # fmt: skip
 
 
@@ -308,15 +338,339 @@ def vllm_effective_config(llm: Any) -> dict[str, Any]:
     return info
 
 
+# ---- serve section -----------------------------------------------------------------------
+# Each engine's own OpenAI server, started as a process group of its own on a free port,
+# driven by `strata bench serve` (a separate process) at each request rate, then stopped.
+
+
+def serve_plan(args: argparse.Namespace) -> dict[str, Any]:
+    """Rates, requests and lengths of the serve section. Inputs as offline (100-1024:
+    the prefill shape, which TTFT depends on); outputs 64-256, so a request lives 1-3 s at
+    low load and a rate-limited run lasts about requests/rate seconds (8 req/s: ~35 s)
+    instead of being dominated by 1024-token tails; TPOT still averages >= 63 gaps."""
+    if args.smoke:
+        return {"rates": ["4", "inf"], "requests": 8, "input_len": "10-60",
+                "output_len": "5-20", "warmup_requests": 4}  # fmt: skip
+    rates = [r.strip() for r in args.serve_rates.split(",") if r.strip()]
+    return {"rates": rates, "requests": args.serve_requests, "input_len": "100-1024",
+            "output_len": "64-256", "warmup_requests": 32}  # fmt: skip
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_free(port: int) -> bool:
+    """True when nothing listens on 127.0.0.1:port (TIME_WAIT connections do not count)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def server_command(engine: str, job: dict[str, Any], port: int) -> list[str]:
+    folder = job["folder"]
+    if engine == "strata":
+        cmd = [sys.executable, "-m", "strata.cli", "serve",
+               "--model", f"random:{folder}/config.json", "--host", "127.0.0.1",
+               "--port", str(port), "--max-model-len", str(job["max_model_len"]),
+               "--seed", "0"]  # fmt: skip
+        if not job["prefix_caching"]:
+            cmd.append("--no-prefix-caching")
+        if job["smoke"]:
+            return [*cmd, "--device", "cpu", "--dtype", "float32", "--kv-cache-memory", "0.25",
+                    "--max-num-batched-tokens", "512"]  # fmt: skip
+        cmd += ["--device", "cuda", "--dtype", "bfloat16", "--max-num-batched-tokens", "4096",
+                "--gpu-memory-utilization", str(job["gpu_memory_utilization"])]  # fmt: skip
+        if job.get("strata_kv_gib"):
+            cmd += ["--kv-cache-memory", str(job["strata_kv_gib"])]
+        return cmd
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", folder,
+           "--load-format", "dummy", "--dtype", "bfloat16", "--seed", "0",
+           "--gpu-memory-utilization", str(job["gpu_memory_utilization"]),
+           "--max-model-len", str(job["max_model_len"]),
+           "--enable-prefix-caching" if job["prefix_caching"] else "--no-enable-prefix-caching",
+           "--host", "127.0.0.1", "--port", str(port), "--disable-uvicorn-access-log"]  # fmt: skip
+    if not vllm_uses_tokenizer(job):
+        cmd.append("--skip-tokenizer-init")  # token-id prompts and token_ids in the chunks
+    return cmd
+
+
+def vllm_uses_tokenizer(job: dict[str, Any]) -> bool:
+    """vLLM detokenizes only where Strata does, and only with the folder's tokenizer."""
+    return bool(job.get("tokenizer")) and (Path(job["folder"]) / "tokenizer.json").is_file()
+
+
+def run_serve(engine: str, job: dict[str, Any], plan: dict[str, Any],
+              timeout: float) -> dict[str, Any]:  # fmt: skip
+    """Start the engine's server, bench it at every rate of `plan`, stop it. Never raises:
+    a failure is the result's "error", with the server log's tail printed."""
+    from strata.bench.server_process import wait_healthy
+
+    print(f"\n--- {engine}: serve ({len(plan['rates'])} rates x {plan['requests']} requests, "
+          f"in {plan['input_len']}, out {plan['output_len']})", flush=True)  # fmt: skip
+    start = time.perf_counter()
+    deadline = start + timeout
+    port = free_port()
+    cmd = server_command(engine, job, port)
+    out: dict[str, Any] = {"engine": engine, "port": port, "command": " ".join(cmd),
+                           "plan": plan}  # fmt: skip
+    if engine == "vllm":
+        out["tokenizer"] = vllm_uses_tokenizer(job)
+    fd, log_path = tempfile.mkstemp(prefix=f"sbs-serve-{engine}-", suffix=".log")
+    out["log"] = log_path
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        stop_leftover_server()
+        proc = subprocess.Popen(cmd, env=engine_env(engine, job), cwd=REPO, stdout=fd,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, preexec_fn=die_with_parent)  # fmt: skip
+        SERVER_PGID_FILE.write_text(f"{proc.pid}\n")
+        try:
+            wait_healthy(proc, port, timeout_s=max(1.0, deadline - time.perf_counter()))
+        except (RuntimeError, TimeoutError) as e:
+            why = str(e).replace("strata serve", "the server")
+            raise RuntimeError(f"{engine} server did not start: {why}") from None
+        out["startup_s"] = time.perf_counter() - start
+        print(f"{engine} server healthy on port {port} after {out['startup_s']:.1f} s", flush=True)
+        out.update(server_info(engine, port))
+        url = f"http://127.0.0.1:{port}"
+        t0 = time.perf_counter()
+        warm = {"rates": ["inf"], "requests": plan["warmup_requests"],
+                "input_len": plan["input_len"], "output_len": "8-8"}  # fmt: skip
+        bench(url, warm, 1000, deadline, quiet=True)  # first compiles stay out of the numbers
+        out["warmup_s"] = time.perf_counter() - t0
+        rows, client = bench(url, plan, 0, deadline)
+        out["serve"] = rows
+        out["client"] = client
+        bad = [f"rate {r['rate']}: {r['failed']} failed, {r['lost']} lost" for r in rows
+               if r["failed"] or r["lost"]]  # fmt: skip
+        if bad:
+            out["error"] = "; ".join(bad)
+    except Exception as e:
+        out["error"] = f"{type(e).__name__}: {e}"
+        print(f"--- {engine} serve FAILED: {out['error']}\nserver log tail ({log_path}):\n"
+              + log_tail(log_path, 40), flush=True)  # fmt: skip
+    finally:
+        os.close(fd)
+        if proc is not None:
+            out["stop"] = stop_server(proc, port)
+            if not out["stop"]["group_left"]:
+                SERVER_PGID_FILE.unlink(missing_ok=True)
+        out["subprocess_s"] = time.perf_counter() - start
+    out["effective"] = log_config(log_path)
+    for key, line in out["effective"].items():
+        print(f"{engine} {key}: {line[:400]}")
+    return out
+
+
+def log_config(path: str) -> dict[str, str]:
+    """vLLM's startup lines that name what it chose (non-default args, chunked-prefill
+    budget, the engine config, the attention backend)."""
+    keys = {"non_default_args": "non-default args:",
+            "chunked_prefill": "Chunked prefill is enabled",
+            "engine_config": "Initializing a V1 LLM engine",
+            "attention": "attention backend"}  # fmt: skip
+    found: dict[str, str] = {}
+    try:
+        with open(path, errors="replace") as f:
+            for line in f:
+                for key, needle in keys.items():
+                    if key not in found and needle in line:
+                        found[key] = line.strip()
+    except OSError:
+        pass
+    return found
+
+
+def die_with_parent() -> None:
+    """In the server's child before exec: SIGTERM it when this script dies (a device
+    call cut off at its limit), so that it does not hold the GPU for the next call."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+
+
+def stop_leftover_server() -> None:
+    """Kill the process group of a server that an earlier run of this script started and
+    could not stop (it was killed first), if that group still runs a server."""
+    try:
+        pgid = int(SERVER_PGID_FILE.read_text())
+    except (OSError, ValueError):
+        return
+    members = group_members(pgid)
+    cmdlines = []
+    for pid in members:
+        with contextlib.suppress(OSError):
+            cmdlines.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" "))
+    if any(b"strata.cli" in c or b"vllm" in c for c in cmdlines):
+        print(f"killing the process group {pgid} of an earlier run's server: {members}")
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+        for _ in range(20):
+            if not group_members(pgid):
+                break
+            time.sleep(0.5)
+    SERVER_PGID_FILE.unlink(missing_ok=True)
+
+
+def server_info(engine: str, port: int) -> dict[str, Any]:
+    """Whether the server takes text prompts (its tokenizer), and vLLM's version."""
+    import httpx
+
+    base = f"http://127.0.0.1:{port}"
+    info: dict[str, Any] = {}
+    try:
+        model = httpx.get(f"{base}/v1/models", timeout=10).json()["data"][0]["id"]
+        info["model"] = model
+        if engine == "strata":
+            body = {"model": model, "prompt": "hello there", "max_tokens": 1}
+            r = httpx.post(f"{base}/v1/completions", json=body, timeout=60)
+            info["tokenizer"] = r.status_code == 200
+        else:
+            info["version"] = httpx.get(f"{base}/version", timeout=10).json().get("version")
+    except Exception as e:  # informational only
+        info["info_error"] = repr(e)
+    return info
+
+
+def bench(url: str, plan: dict[str, Any], seed: int, deadline: float,
+          quiet: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:  # fmt: skip
+    """`strata bench serve` over every rate of `plan` (a process of its own, so a hang is
+    killed at `deadline`); one row per rate, and the client's CPU use (near 1 CPU-second
+    a second would mean the load generator, not the server, set the pace)."""
+    import resource
+
+    fd, path = tempfile.mkstemp(prefix="sbs-bench-", suffix=".json")
+    os.close(fd)
+    cmd = [sys.executable, "-m", "strata.cli", "bench", "serve", "--url", url,
+           "--num-requests", str(plan["requests"]), "--request-rate", *plan["rates"],
+           "--input-len", plan["input_len"], "--output-len", plan["output_len"],
+           "--vocab-size", str(TOKENIZER_VOCAB), "--seed", str(seed), "--no-progress",
+           "--request-timeout", "120", "--json", path]  # fmt: skip
+    env = engine_env("strata", {})
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True,
+                              timeout=max(1.0, deadline - time.perf_counter()))  # fmt: skip
+        wall = time.perf_counter() - t0
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        try:
+            with open(path) as f:
+                result = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            result = {}
+    finally:
+        os.unlink(path)
+    if not result.get("runs"):
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-20:])
+        raise RuntimeError(f"strata bench serve exited with {proc.returncode}:\n{tail}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    client = {"wall_s": wall, "cpu_s": cpu, "cpu_per_wall_s": cpu / wall if wall else None}
+    rows = []
+    for label, run in zip(plan["rates"], result["runs"], strict=True):
+        sm = run["summary"]
+        row = {"rate": label, "output_tok_s": sm["output_throughput"],
+               "request_s": sm["request_throughput"], "duration_s": sm["duration_s"],
+               "ttft_p50_ms": sm["ttft_ms"]["p50"], "ttft_p99_ms": sm["ttft_ms"]["p99"],
+               "tpot_p50_ms": sm["tpot_ms"]["p50"], "tpot_p99_ms": sm["tpot_ms"]["p99"],
+               "completed": sm["completed"], "failed": sm["failed"], "lost": sm["lost"],
+               "output_tokens": sm["output_tokens"], "input_tokens": sm["input_tokens"],
+               "output_len_mismatches": run["output_len_mismatches"],
+               "failures": run["failures"]}  # fmt: skip
+        rows.append(row)
+        if quiet:
+            continue
+        print(f"  rate {row['rate']:>4}: {row['output_tok_s']:8.0f} out tok/s  "
+              f"TTFT p50/p99 {fmt_ms(row['ttft_p50_ms'])}/{fmt_ms(row['ttft_p99_ms'])} ms  "
+              f"TPOT p50/p99 {fmt_ms(row['tpot_p50_ms'])}/{fmt_ms(row['tpot_p99_ms'])} ms  "
+              f"{row['completed']}/{sm['num_requests']} ok in {row['duration_s']:.1f} s",
+              flush=True)  # fmt: skip
+    return rows, client
+
+
+def fmt_ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def log_tail(path: str, lines: int) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError as e:
+        return repr(e)
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group `pgid`, from /proc."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def stop_server(proc: subprocess.Popen[bytes], port: int) -> dict[str, Any]:
+    """SIGTERM to the server's process group, SIGKILL after 20 s; then check that no
+    process of the group is left and that nothing listens on the port any more."""
+    t0 = time.perf_counter()
+    pgid = proc.pid  # start_new_session: the server leads its own group
+    signals = [signal.SIGTERM]
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=20)
+        for _ in range(20):  # the engine's children exit after the leader
+            if not group_members(pgid):
+                break
+            time.sleep(0.5)
+        if group_members(pgid):
+            os.killpg(pgid, signal.SIGKILL)
+            signals.append(signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    for _ in range(20):
+        left, free = group_members(pgid), port_free(port)
+        if not left and free:
+            break
+        time.sleep(0.5)
+    names = [s.name for s in signals]
+    out: dict[str, Any] = {"stop_s": time.perf_counter() - t0, "signals": names,
+                           "group_left": left, "port_free": free,
+                           "returncode": proc.returncode}  # fmt: skip
+    state = "stopped" if not left and free else "NOT CLEANLY STOPPED"
+    print(
+        f"server {state} in {out['stop_s']:.1f} s ({'+'.join(names)}, "
+        f"rc {proc.returncode}, group left {left}, port {port} free: {free})",
+        flush=True,
+    )
+    return out
+
+
 # ---- orchestration -----------------------------------------------------------------------
 
 
-def run_subprocess(engine: str, job: dict[str, Any], timeout: float) -> dict[str, Any]:
-    fd, path = tempfile.mkstemp(prefix=f"sbs-{engine}-", suffix=".json")
-    os.close(fd)
+def engine_env(engine: str, job: dict[str, Any]) -> dict[str, str]:
+    """The environment of an engine's process: the repository (and for vLLM the unpacked
+    site) first on PYTHONPATH, vLLM kept offline and off FlashInfer."""
     env = dict(os.environ)
-    repo = str(Path(__file__).resolve().parent.parent)
-    paths = [repo] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    paths = [str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     if engine == "vllm":
         if os.path.isdir(job["vllm_site"]):
             paths.insert(1, job["vllm_site"])
@@ -326,6 +680,13 @@ def run_subprocess(engine: str, job: dict[str, Any], timeout: float) -> dict[str
                    TOKENIZERS_PARALLELISM="false")  # fmt: skip
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_subprocess(engine: str, job: dict[str, Any], timeout: float) -> dict[str, Any]:
+    fd, path = tempfile.mkstemp(prefix=f"sbs-{engine}-", suffix=".json")
+    os.close(fd)
+    env = engine_env(engine, job)
     cmd = [sys.executable, __file__, "--worker", engine, "--job", json.dumps(job),
            "--result", path]  # fmt: skip
     print(f"\n--- {engine}: {job['group']} ({', '.join(job['sections'])})", flush=True)
@@ -408,6 +769,9 @@ def print_table(results: dict[str, Any]) -> None:
                     for ctx, vr in vrows.items():
                         print_row("decode", f"ms/step ctx {ctx}", None, vr["step_ms"], ".3f")
                 continue
+            if section == "serve":
+                print_serve_rows(s.get("serve") or [], v.get("serve") or [])
+                continue
             sr, vr = s.get(section), v.get(section)
             print_row(section, "output tok/s", sr and sr["output_tok_s"],
                       vr and vr["output_tok_s"], ".0f")  # fmt: skip
@@ -415,8 +779,26 @@ def print_table(results: dict[str, Any]) -> None:
         for eng, r in (("Strata", s), ("vLLM", v)):
             if r.get("error"):
                 print(f"{'':<12} {eng} error: {r['error']}")
-    print("(ratios of tok/s above 1 and of times below 1 favour Strata)")
+    print(
+        "(ratios of tok/s above 1 and of times below 1 favour Strata; serve: TTFT and TPOT "
+        "ratios are Strata ms / vLLM ms, so below 1 = Strata answers sooner)"
+    )
     print("features: " + "; ".join(results["features"]))
+
+
+def print_serve_rows(srows: list[dict[str, Any]], vrows: list[dict[str, Any]]) -> None:
+    """Per request rate: output tok/s, then TTFT and TPOT p50/p99 in ms."""
+    by_rate: dict[str, dict[str, dict[str, Any]]] = {}
+    for eng, rows in (("s", srows), ("v", vrows)):
+        for row in rows:
+            by_rate.setdefault(row["rate"], {})[eng] = row
+    metrics = (("output_tok_s", "output tok/s", ".0f"), ("ttft_p50_ms", "TTFT p50 ms", ".1f"),
+               ("ttft_p99_ms", "TTFT p99 ms", ".1f"), ("tpot_p50_ms", "TPOT p50 ms", ".2f"),
+               ("tpot_p99_ms", "TPOT p99 ms", ".2f"))  # fmt: skip
+    for rate, pair in by_rate.items():
+        for key, name, fmt in metrics:
+            a, b = (pair[e].get(key) if e in pair else None for e in ("s", "v"))
+            print_row("serve", f"r={rate} {name}", a, b, fmt)
 
 
 def print_row(section: str, metric: str, a: float | None, b: float | None, fmt: str) -> None:
@@ -428,7 +810,11 @@ def print_row(section: str, metric: str, a: float | None, b: float | None, fmt: 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
+    parser.add_argument(
+        "--only",
+        default=",".join(DEFAULT_SECTIONS),
+        help=f"comma-separated sections of {','.join(SECTIONS)} (default: all but serve)",
+    )
     parser.add_argument("--json", default=None, help="write all numbers here")
     parser.add_argument("--engines", default="strata,vllm")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run of the logic")
@@ -439,6 +825,15 @@ def main() -> int:
                         help="Strata's KV pool in GiB (default: 0.9 of memory)")  # fmt: skip
     parser.add_argument("--decode-steps", type=int, default=64)
     parser.add_argument("--timeout", type=float, default=540, help="seconds per subprocess")
+    parser.add_argument(
+        "--serve-rates",
+        default="8,32,64,inf",
+        help="serve: comma-separated request rates (req/s, or inf)",
+    )
+    parser.add_argument("--serve-requests", type=int, default=256, help="serve: requests per rate")
+    parser.add_argument("--serve-timeout", type=float, default=420,
+                        help="serve: seconds per engine for server start, warm-up and all "
+                        "rates (the server is stopped when it runs out)")  # fmt: skip
     parser.add_argument("--reuse", default=None,
                         help="a --json of an earlier run on the same machine: take its results "
                         "without errors instead of running those engines again")  # fmt: skip
@@ -493,7 +888,11 @@ def main() -> int:
                     pair[engine] = dict(old, reused=args.reuse)
                     print(f"--- {engine}: {group} taken from {args.reuse}")
                 elif engine in engines:
-                    pair[engine] = run_subprocess(engine, job, args.timeout)
+                    if group == "serve":
+                        pair[engine] = run_serve(engine, job, serve_plan(args),
+                                                 args.serve_timeout)  # fmt: skip
+                    else:
+                        pair[engine] = run_subprocess(engine, job, args.timeout)
                     save(results, args.json)  # what is done survives a kill of this call
                 if engine == "strata":  # vLLM detokenizes only where Strata does
                     strata = pair.get("strata")
@@ -524,7 +923,34 @@ def features(results: dict[str, Any]) -> list[str]:
                f"cudagraph={v.get('cudagraph_mode')} compile={v.get('compilation_mode')} "
                f"v2_runner={v.get('use_v2_model_runner')}" if v else "")
         )  # fmt: skip
+        if "serve" in pair["sections"]:
+            notes.append(serve_note(pair))
     return notes
+
+
+def serve_note(pair: dict[str, Any]) -> str:
+    """The serve plan and, per engine, how long the server took to start and stop, and
+    the load generator's CPU use."""
+    plan = next((pair[e]["plan"] for e in ("strata", "vllm") if "plan" in pair.get(e, {})), None)
+    parts = []
+    if plan:
+        parts.append(f"rates {','.join(plan['rates'])} req/s (Poisson), {plan['requests']} "
+                     f"requests each, in {plan['input_len']}, out {plan['output_len']}, "
+                     "token-id prompts, streamed")  # fmt: skip
+    for eng in ("strata", "vllm"):
+        r = pair.get(eng, {})
+        if not r:
+            continue
+        words = [f"startup {r['startup_s']:.0f} s"] if "startup_s" in r else ["no start"]
+        cpu = r.get("client", {}).get("cpu_per_wall_s")
+        if cpu is not None:
+            words.append(f"client {cpu:.2f} CPU-s/s")
+        stop = r.get("stop")
+        if stop:
+            clean = stop.get("port_free") and not stop.get("group_left")
+            words.append("stopped cleanly" if clean else "NOT stopped cleanly")
+        parts.append(f"{eng} " + ", ".join(words))
+    return "serve: " + "; ".join(parts)
 
 
 if __name__ == "__main__":
