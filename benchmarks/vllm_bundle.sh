@@ -11,7 +11,10 @@
 # loader) and vllm.entrypoints.openai.api_server needs and the device lacks.
 # That list was found by uninstalling everything the device lacks from a
 # venv holding torch 2.11.0 and the vllm wheel, then adding back, one round
-# at a time, only the distributions an import failed on.
+# at a time, only the distributions an import failed on. That import missed
+# prometheus-fastapi-instrumentator: the API server imports it only while
+# building its app (vllm.entrypoints.serve.instrumentator.metrics); added
+# after the 2026-12-06 bundle (see --extras).
 #
 # The vllm .so files need libcudart.so.13 and libcuda.so.1 (cu130 builds, as
 # the device's torch), and glibc 2.28; llguidance's wheel needs glibc 2.31.
@@ -28,10 +31,15 @@
 #   third_party/deep_gemm        FP8 block GEMMs (found with find_spec).
 #   third_party/fmha_sm100       SM100 sparse attention (MiniMax M3).
 #
-# Usage: benchmarks/vllm_bundle.sh [--out DIR] [--keep-fa2] [--keep-moe]
+# Usage: benchmarks/vllm_bundle.sh [--out DIR] [--keep-fa2] [--keep-moe] [--extras]
 #   --out DIR   where the .vllm-partsN/ folders go (default: the repository
 #               root of this checkout; the device tool sends the checkout
 #               the session was started in, so point it there)
+#   --extras    only download the pure-Python wheels that vLLM's API server
+#               imports while it builds its app and that bundles made before
+#               they were added lack (prometheus-fastapi-instrumentator), into
+#               DIR/.vllm-parts-extra/ (~20 KB); vllm_side_by_side.py unzips
+#               them onto vLLM's path when that folder is carried
 # Environment: VLLM_BUNDLE_WORK (scratch, default /tmp/vllm-bundle),
 #   VLLM_WHEEL (an already downloaded vllm wheel), PART_MIB (default 56).
 set -euo pipefail
@@ -40,9 +48,11 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 out=$here
 keep_fa2=0
 keep_moe=0
+extras_only=0
 while [ $# -gt 0 ]; do
     case $1 in
         --out) out=$2; shift 2 ;;
+        --extras) extras_only=1; shift ;;
         --keep-fa2) keep_fa2=1; shift ;;
         --keep-moe) keep_moe=1; shift ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
@@ -67,6 +77,7 @@ deps=(
     openai==3.63.0
     openai-harmony==0.0.8
     partial-json-parser==0.2.1.1.post7
+    prometheus-fastapi-instrumentator==8.1.0
     pybase64==1.5.1
     pydantic==2.14.4
     pydantic_core==2.50.5
@@ -89,6 +100,16 @@ download() {
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         --platform manylinux1_x86_64 -d "$1" "${@:2}"
 }
+
+# Imported by the API server only once it builds its app (after the engine started).
+extras=(prometheus-fastapi-instrumentator==8.1.0)
+if [ "$extras_only" = 1 ]; then
+    rm -rf "$out/.vllm-parts-extra"
+    mkdir -p "$out/.vllm-parts-extra"
+    download "$out/.vllm-parts-extra" "${extras[@]}"
+    ls -l "$out/.vllm-parts-extra"
+    exit 0
+fi
 
 mkdir -p "$work/wheels"
 if [ -n "${VLLM_WHEEL:-}" ]; then

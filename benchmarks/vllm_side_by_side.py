@@ -86,6 +86,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 TOKENIZER_VOCAB = 49152
 DECODE_CONTEXTS = (128, 4096, 32768)
 REPO = Path(__file__).resolve().parent.parent
+EXTRA_WHEELS = ".vllm-parts-extra"  # carried beside .vllm-partsN; see vllm_extra_site
+VLLM_SERVER_MODULES = ("prometheus_fastapi_instrumentator", "uvicorn", "fastapi")
 SERVER_PGID_FILE = Path(tempfile.gettempdir()) / "sbs-serve-server.pgid"  # a server not stopped
 
 # One engine per group; a group runs the sections it holds that --only names.
@@ -430,6 +432,13 @@ def run_serve(engine: str, job: dict[str, Any], plan: dict[str, Any],
     out["log"] = log_path
     proc: subprocess.Popen[bytes] | None = None
     try:
+        if engine == "vllm":
+            missing = vllm_server_missing(job)
+            if missing:
+                raise RuntimeError(
+                    f"vLLM's API server needs {', '.join(missing)}, not on its path: carry "
+                    f"{EXTRA_WHEELS}/ with their wheels (benchmarks/vllm_bundle.sh --extras)"
+                )
         stop_leftover_server()
         proc = subprocess.Popen(cmd, env=engine_env(engine, job), cwd=REPO, stdout=fd,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -678,9 +687,43 @@ def engine_env(engine: str, job: dict[str, Any]) -> dict[str, str]:
                    DO_NOT_TRACK="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                    VLLM_CACHE_ROOT=env.get("VLLM_CACHE_ROOT", "/tmp/vllm-cache"),
                    TOKENIZERS_PARALLELISM="false")  # fmt: skip
+        extra = vllm_extra_site()
+        if extra:
+            paths.insert(2, extra)
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def vllm_extra_site() -> str | None:
+    """Pure-Python wheels carried in .vllm-parts-extra/ (packages that vLLM's API server
+    needs and the bundle lacks: prometheus-fastapi-instrumentator), unzipped once into
+    a folder that joins vLLM's path; None when none are carried."""
+    import zipfile
+
+    wheels = sorted((REPO / EXTRA_WHEELS).glob("*.whl"))
+    if not wheels:
+        return None
+    target = Path(tempfile.gettempdir()) / "vllm-extra-site"
+    for wheel in wheels:
+        done = target / f".{wheel.name}.unpacked"
+        if not done.exists():
+            with zipfile.ZipFile(wheel) as zf:
+                zf.extractall(target)
+            done.touch()
+    return str(target)
+
+
+def vllm_server_missing(job: dict[str, Any]) -> list[str]:
+    """Modules that vLLM's API server imports only while it builds its app (after the
+    engine started) and that vLLM's path lacks."""
+    code = (
+        "import importlib.util as u, sys\nprint(*(m for m in sys.argv[1:] if not u.find_spec(m)))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, *VLLM_SERVER_MODULES],
+                          env=engine_env("vllm", job), capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    return proc.stdout.split()
 
 
 def run_subprocess(engine: str, job: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -831,6 +874,9 @@ def main() -> int:
         help="serve: comma-separated request rates (req/s, or inf)",
     )
     parser.add_argument("--serve-requests", type=int, default=256, help="serve: requests per rate")
+    parser.add_argument("--serve-tokenizer", action="store_true",
+                        help="serve: put the SmolLM2 tokenizer beside the model, so that both "
+                        "servers detokenize (default: token ids in and out)")  # fmt: skip
     parser.add_argument("--serve-timeout", type=float, default=420,
                         help="serve: seconds per engine for server start, warm-up and all "
                         "rates (the server is stopped when it runs out)")  # fmt: skip
@@ -870,7 +916,10 @@ def main() -> int:
             sections = [s for s in spec["sections"] if s in only]
             if not sections:
                 continue
-            folder = model_folder(group, spec, tok_dir)
+            # serve: token ids in and out unless asked (vLLM's detokenizer on the ids past
+            # the SmolLM2 vocabulary that a random 1B model emits is untested on the GPU)
+            serve_tok = tok_dir if args.serve_tokenizer else None
+            folder = model_folder(group, spec, serve_tok if group == "serve" else tok_dir)
             job = {"group": group, "sections": sections, "folder": str(folder),
                    "max_model_len": spec["max_model_len"],
                    "prefix_caching": spec["prefix_caching"], "smoke": args.smoke,
