@@ -74,6 +74,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -442,7 +443,7 @@ def run_serve(engine: str, job: dict[str, Any], plan: dict[str, Any],
         stop_leftover_server()
         proc = subprocess.Popen(cmd, env=engine_env(engine, job), cwd=REPO, stdout=fd,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, preexec_fn=die_with_parent)  # fmt: skip
+                                start_new_session=True, preexec_fn=die_with_parent())  # fmt: skip
         SERVER_PGID_FILE.write_text(f"{proc.pid}\n")
         try:
             wait_healthy(proc, port, timeout_s=max(1.0, deadline - time.perf_counter()))
@@ -501,13 +502,20 @@ def log_config(path: str) -> dict[str, str]:
     return found
 
 
-def die_with_parent() -> None:
-    """In the server's child before exec: SIGTERM it when this script dies (a device
-    call cut off at its limit), so that it does not hold the GPU for the next call."""
+def die_with_parent() -> Callable[[], None]:
+    """What the server's child runs before exec: SIGTERM it when this script dies (a device
+    call cut off at its limit), so that it does not hold the GPU for the next call. prctl
+    is looked up here, in the parent: dlopen in a forked child of a threaded process can
+    deadlock."""
     import ctypes
 
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    pr_set_pdeathsig, sigterm = 1, int(signal.SIGTERM)
+
+    def child() -> None:
+        prctl(pr_set_pdeathsig, sigterm)
+
+    return child
 
 
 def stop_leftover_server() -> None:
