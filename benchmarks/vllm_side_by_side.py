@@ -455,13 +455,14 @@ def run_serve(engine: str, job: dict[str, Any], plan: dict[str, Any],
         out.update(server_info(engine, port))
         url = f"http://127.0.0.1:{port}"
         t0 = time.perf_counter()
-        warm = {"rates": ["inf"], "requests": plan["warmup_requests"],
-                "input_len": plan["input_len"], "output_len": "8-8"}  # fmt: skip
-        bench(url, warm, 1000, deadline, quiet=True)  # first compiles stay out of the numbers
+        warm = {"requests": plan["warmup_requests"], "input_len": plan["input_len"],
+                "output_len": "8-8"}  # fmt: skip
+        bench(url, warm, "inf", 1000, deadline, quiet=True)  # first compiles stay out
         out["warmup_s"] = time.perf_counter() - t0
-        rows, client = bench(url, plan, 0, deadline)
-        out["serve"] = rows
-        out["client"] = client
+        rows: list[dict[str, Any]] = []
+        out["serve"] = rows  # the rates done so far survive a failure of a later one
+        for index, rate in enumerate(plan["rates"]):  # seeds as one sweep would use them
+            rows.append(bench(url, plan, rate, index, deadline))
         bad = [f"rate {r['rate']}: {r['failed']} failed, {r['lost']} lost" for r in rows
                if r["failed"] or r["lost"]]  # fmt: skip
         if bad:
@@ -561,60 +562,76 @@ def server_info(engine: str, port: int) -> dict[str, Any]:
     return info
 
 
-def bench(url: str, plan: dict[str, Any], seed: int, deadline: float,
-          quiet: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:  # fmt: skip
-    """`strata bench serve` over every rate of `plan` (a process of its own, so a hang is
-    killed at `deadline`); one row per rate, and the client's CPU use (near 1 CPU-second
-    a second would mean the load generator, not the server, set the pace)."""
-    import resource
-
+def bench(url: str, plan: dict[str, Any], rate: str, seed: int, deadline: float,
+          quiet: bool = False) -> dict[str, Any]:  # fmt: skip
+    """`strata bench serve` at one rate (a process of its own, so a hang is killed at
+    `deadline`): its numbers, and the client's CPU use (near 1 CPU-second a second
+    would mean the load generator, not the server, set the pace)."""
     fd, path = tempfile.mkstemp(prefix="sbs-bench-", suffix=".json")
     os.close(fd)
-    cmd = [sys.executable, "-m", "strata.cli", "bench", "serve", "--url", url,
-           "--num-requests", str(plan["requests"]), "--request-rate", *plan["rates"],
-           "--input-len", plan["input_len"], "--output-len", plan["output_len"],
-           "--vocab-size", str(TOKENIZER_VOCAB), "--seed", str(seed), "--no-progress",
-           "--request-timeout", "120", "--json", path]  # fmt: skip
-    env = engine_env("strata", {})
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
+    args = ["bench", "serve", "--url", url, "--num-requests", str(plan["requests"]),
+            "--request-rate", rate, "--input-len", plan["input_len"],
+            "--output-len", plan["output_len"], "--vocab-size", str(TOKENIZER_VOCAB),
+            "--seed", str(seed), "--no-progress", "--request-timeout", "120",
+            "--json", path]  # fmt: skip
     try:
-        proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True,
-                              timeout=max(1.0, deadline - time.perf_counter()))  # fmt: skip
-        wall = time.perf_counter() - t0
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        try:
-            with open(path) as f:
-                result = json.load(f)
-        except (OSError, json.JSONDecodeError):
-            result = {}
+        left = max(1.0, deadline - time.perf_counter())
+        proc = subprocess.run([sys.executable, "-c", BENCH_CHILD, path, *args],
+                              env=engine_env("strata", {}), cwd=REPO, capture_output=True,
+                              text=True, timeout=left)  # fmt: skip
+        result, usage = read_json(path), read_json(path + ".cpu")
+    except subprocess.TimeoutExpired:
+        raise TimeoutError(f"strata bench serve at rate {rate} passed --serve-timeout") from None
     finally:
-        os.unlink(path)
+        for name in (path, path + ".cpu"):
+            with contextlib.suppress(OSError):
+                os.unlink(name)
     if not result.get("runs"):
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-20:])
         raise RuntimeError(f"strata bench serve exited with {proc.returncode}:\n{tail}")
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    client = {"wall_s": wall, "cpu_s": cpu, "cpu_per_wall_s": cpu / wall if wall else None}
-    rows = []
-    for label, run in zip(plan["rates"], result["runs"], strict=True):
-        sm = run["summary"]
-        row = {"rate": label, "output_tok_s": sm["output_throughput"],
-               "request_s": sm["request_throughput"], "duration_s": sm["duration_s"],
-               "ttft_p50_ms": sm["ttft_ms"]["p50"], "ttft_p99_ms": sm["ttft_ms"]["p99"],
-               "tpot_p50_ms": sm["tpot_ms"]["p50"], "tpot_p99_ms": sm["tpot_ms"]["p99"],
-               "completed": sm["completed"], "failed": sm["failed"], "lost": sm["lost"],
-               "output_tokens": sm["output_tokens"], "input_tokens": sm["input_tokens"],
-               "output_len_mismatches": run["output_len_mismatches"],
-               "failures": run["failures"]}  # fmt: skip
-        rows.append(row)
-        if quiet:
-            continue
-        print(f"  rate {row['rate']:>4}: {row['output_tok_s']:8.0f} out tok/s  "
+    cpu, wall = usage.get("cpu_s", 0.0), usage.get("wall_s", 0.0)
+    run = result["runs"][0]
+    sm = run["summary"]
+    row = {"rate": rate, "output_tok_s": sm["output_throughput"],
+           "request_s": sm["request_throughput"], "duration_s": sm["duration_s"],
+           "ttft_p50_ms": sm["ttft_ms"]["p50"], "ttft_p99_ms": sm["ttft_ms"]["p99"],
+           "tpot_p50_ms": sm["tpot_ms"]["p50"], "tpot_p99_ms": sm["tpot_ms"]["p99"],
+           "completed": sm["completed"], "failed": sm["failed"], "lost": sm["lost"],
+           "output_tokens": sm["output_tokens"], "input_tokens": sm["input_tokens"],
+           "output_len_mismatches": run["output_len_mismatches"], "failures": run["failures"],
+           "client_wall_s": wall, "client_cpu_s": cpu}  # fmt: skip
+    if not quiet:
+        print(f"  rate {rate:>4}: {row['output_tok_s']:8.0f} out tok/s  "
               f"TTFT p50/p99 {fmt_ms(row['ttft_p50_ms'])}/{fmt_ms(row['ttft_p99_ms'])} ms  "
               f"TPOT p50/p99 {fmt_ms(row['tpot_p50_ms'])}/{fmt_ms(row['tpot_p99_ms'])} ms  "
-              f"{row['completed']}/{sm['num_requests']} ok in {row['duration_s']:.1f} s",
-              flush=True)  # fmt: skip
-    return rows, client
+              f"{row['completed']}/{sm['num_requests']} ok in {row['duration_s']:.1f} s  "
+              f"(client {cpu:.1f} CPU-s in {wall:.1f} s)", flush=True)  # fmt: skip
+    return row
+
+
+# `strata bench serve` with its CPU time and wall time measured around the run alone
+# (imports first), written to JSON_PATH.cpu; argv: JSON_PATH then the command's arguments.
+BENCH_CHILD = """
+import json, resource, sys, time
+import strata.bench.serve, strata.bench.serve_cli
+from strata.cli import main
+r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+rc = main(sys.argv[2:])
+r1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+cpu = r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime
+with open(sys.argv[1] + ".cpu", "w") as f:
+    json.dump({"rc": rc, "cpu_s": cpu, "wall_s": t1 - t0}, f)
+sys.exit(rc)
+"""
+
+
+def read_json(path: str) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def fmt_ms(value: float | None) -> str:
@@ -999,9 +1016,10 @@ def serve_note(pair: dict[str, Any]) -> str:
         if not r:
             continue
         words = [f"startup {r['startup_s']:.0f} s"] if "startup_s" in r else ["no start"]
-        cpu = r.get("client", {}).get("cpu_per_wall_s")
-        if cpu is not None:
-            words.append(f"client {cpu:.2f} CPU-s/s")
+        rows = r.get("serve") or []
+        if rows:  # the load generator's CPU per second of its run, at the busiest rate
+            busiest = max(row["client_cpu_s"] / row["client_wall_s"] for row in rows)
+            words.append(f"client up to {busiest:.2f} CPU-s/s")
         stop = r.get("stop")
         if stop:
             clean = stop.get("port_free") and not stop.get("group_left")
