@@ -24,9 +24,10 @@ serve       Llama-3.2-1B shape behind each engine's own OpenAI server (Strata: `
             own, logs to a temporary file (its tail printed on a failure), and is stopped
             with SIGTERM (SIGKILL after 20-30 s); the script checks that no process of the
             group is left and the port is free. --serve-timeout bounds one engine's start,
-            warm-up and rates (default 420 s). vLLM skips its tokenizer (token ids in, and
-            `return_token_ids` chunks out) unless Strata's server has one (it answers a
-            text prompt) and the folder holds it.
+            warm-up and rates (default 420 s). Token ids in and out: the folder holds no
+            tokenizer unless --serve-tokenizer, and vLLM runs --skip-tokenizer-init
+            (streaming `return_token_ids` chunks) unless Strata's server has a tokenizer
+            (it answers a text prompt) and the folder holds it.
 (long and decode share one engine per side: max_model_len 33280, prefix caching off.)
 
 Requests come from strata.bench.workload.random_workload (fixed seeds), greedy, ignore_eos,
@@ -54,7 +55,11 @@ serve runs only when --only names it (vLLM's offline sections take ~5 of a call'
 minutes), best alone (Strata about 2 minutes, vLLM about 3-4 with its start), e.g.
   PYTHONPATH=. python3 benchmarks/vllm_side_by_side.py --only serve --engines strata \
       --json /tmp/sbs_serve.json
-then (vLLM unpacked) ... --only serve --engines vllm --reuse /tmp/sbs_serve.json --json ...
+then, vLLM unpacked and .vllm-parts-extra/ carried (vLLM's API server needs
+prometheus-fastapi-instrumentator, which bundles before it was added lack; make the
+folder with benchmarks/vllm_bundle.sh --extras),
+  PYTHONPATH=. python3 benchmarks/vllm_side_by_side.py --only serve --engines vllm \
+      --reuse /tmp/sbs_serve.json --json $OUT/sbs_serve.json
 A server that this script could not stop (the call was cut off) gets SIGTERM from the
 kernel when the script dies (PR_SET_PDEATHSIG), and its group is killed by the next run.
 Here (CPU): python3 benchmarks/vllm_side_by_side.py --smoke   (tiny Strata; vLLM skipped
