@@ -90,6 +90,10 @@ class EngineFront:
 
     # ---- what the engine is (subclasses) --------------------------------------------------
 
+    def wait_loaded(self, timeout: float | None = None) -> object:
+        """Block until the engine has loaded; raises the error if loading failed."""
+        raise NotImplementedError
+
     @property
     def tokenizer(self) -> Any | None:
         raise NotImplementedError
