@@ -29,7 +29,7 @@ import shutil
 import tempfile
 import threading
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import zmq
@@ -43,6 +43,7 @@ from strata.engine.core.wire import (
     params_to_wire,
     unpack,
 )
+from strata.engine.engine import LLMEngine
 from strata.engine.front import EngineFront, EngineStoppedError, RequestStream
 from strata.engine.outputs import RequestOutput
 from strata.engine.prompt_encoder import PromptEncoder
@@ -56,11 +57,13 @@ EXIT_TIMEOUT_S = 30.0
 
 
 class ProcessEngine(EngineFront):
-    """Spawn the engine process for `config`; `wait_loaded` blocks until it has loaded."""
+    """Spawn the engine process for `config`; `wait_loaded` blocks until it has loaded.
+    make_engine builds the engine there from the config (tests pass a module-level
+    function that wraps LLMEngine: it is pickled by name)."""
 
     def __init__(
         self, config: EngineConfig, max_waiting_requests: int | None = None,
-        log_level: int | None = None,
+        log_level: int | None = None, make_engine: Callable[[EngineConfig], LLMEngine] = LLMEngine,
     ) -> None:  # fmt: skip
         super().__init__(max_waiting_requests)
         self._dir = tempfile.mkdtemp(prefix="strata-engine-")
@@ -83,7 +86,7 @@ class ProcessEngine(EngineFront):
         # Not daemonic: the engine may start processes of its own (tensor-parallel ranks).
         self._process = multiprocessing.get_context("spawn").Process(
             target=run_engine_process, name="strata-engine",
-            args=(config, to_engine, from_engine, os.getpid(), level),
+            args=(config, make_engine, to_engine, from_engine, os.getpid(), level),
         )  # fmt: skip
         self._process.start()
         atexit.register(self._kill)

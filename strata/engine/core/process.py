@@ -25,6 +25,7 @@ import pickle
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,8 +62,8 @@ class EngineInfo:
 
 
 def run_engine_process(
-    config: EngineConfig, inbox_address: str, outbox_address: str, parent_pid: int,
-    log_level: int,
+    config: EngineConfig, make_engine: Callable[[EngineConfig], LLMEngine],
+    inbox_address: str, outbox_address: str, parent_pid: int, log_level: int,
 ) -> None:  # fmt: skip
     """The spawned process's main: load, say hello (or why not), serve until told to exit."""
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -75,7 +76,7 @@ def run_engine_process(
     inbox = context.socket(zmq.PULL)
     inbox.connect(inbox_address)
     try:
-        engine = LLMEngine(config)
+        engine = make_engine(config)
     except BaseException as exc:
         outbox.send(pack(["load_error", _pickled_error(exc)]))
         outbox.close(linger=LINGER_MS)
