@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -72,7 +73,7 @@ class RequestStream:
             self.loop.call_soon_threadsafe(self._queue.put_nowait, out)
 
 
-class EngineFront:
+class EngineFront(ABC):
     """The asyncio side: submission, waiting counts, stopping; subclasses move the
     commands to the engine (`_send`, `_send_add`) and say what the engine is."""
 
@@ -90,44 +91,54 @@ class EngineFront:
 
     # ---- what the engine is (subclasses) --------------------------------------------------
 
+    @abstractmethod
     def wait_loaded(self, timeout: float | None = None) -> object:
         """Block until the engine has loaded; raises the error if loading failed."""
         raise NotImplementedError
 
     @property
+    @abstractmethod
     def tokenizer(self) -> Any | None:
         raise NotImplementedError
 
     @property
+    @abstractmethod
     def max_model_len(self) -> int:
         raise NotImplementedError
 
     @property
+    @abstractmethod
     def vocab_size(self) -> int:
         raise NotImplementedError
 
     @property
+    @abstractmethod
     def alive(self) -> bool:
         """The engine runs and no engine fault has stopped it."""
         raise NotImplementedError
 
+    @abstractmethod
     def check_text_length(self, num_chars: int, param: str = "prompt") -> None:
         """ContextLengthError if a text of num_chars characters cannot fit the context."""
         raise NotImplementedError
 
+    @abstractmethod
     async def prepare(
         self, prompt: str | Sequence[int], params: SamplingParams, request_id: str
     ) -> EngineSequence:
         """Tokenize and check a request; raises InvalidRequestError if it is bad."""
         raise NotImplementedError
 
+    @abstractmethod
     def shutdown(self) -> None:
         """Stop the engine after aborting whatever is still in flight."""
         raise NotImplementedError
 
+    @abstractmethod
     def _send(self, command: str, payload: Any) -> None:
         raise NotImplementedError
 
+    @abstractmethod
     def _send_add(self, seqs: Sequence[EngineSequence], streams: list[RequestStream]) -> None:
         raise NotImplementedError
 
