@@ -93,7 +93,14 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--port", type=int, default=8790)
+    p.add_argument(
+        "--torch-threads", type=int, default=None,
+        help="OMP_NUM_THREADS for every process (on a small CPU, an engine with more threads "
+        "than it has cores to itself waits for them: 1 on 2 cores leaves one for HTTP)",
+    )  # fmt: skip
     a = p.parse_args()
+    if a.torch_threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(a.torch_threads)
     results: dict[str, list[float]] = {mode: [] for mode in MODES}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.repeats):
@@ -103,8 +110,9 @@ def main() -> None:
                 results[mode].append(tok_s)
                 print(f"run {r + 1}: {mode:<10} {tok_s:9.0f} out tok/s", flush=True)
     offline = statistics.median(results["offline"])
-    print(f"\n{os.cpu_count()} CPUs; {a.model}; {a.num_requests} requests, input {a.input_len}, "
-          f"output {a.output_len}, concurrency {a.concurrency}")  # fmt: skip
+    print(f"\n{os.cpu_count()} CPUs, torch threads {a.torch_threads or 'default'}; {a.model}; "
+          f"{a.num_requests} requests, input {a.input_len}, output {a.output_len}, "
+          f"concurrency {a.concurrency}")  # fmt: skip
     print("| mode | out tok/s, median | runs | of offline |\n|---|---|---|---|")
     for mode, values in results.items():
         median = statistics.median(values)
