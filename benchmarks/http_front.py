@@ -37,7 +37,10 @@ def workload(a: argparse.Namespace) -> list[str]:
 
 
 def engine_flags(a: argparse.Namespace) -> list[str]:
-    return ["--model", a.model, "--device", a.device, "--kv-cache-memory", str(a.kv_cache_memory)]
+    flags = ["--model", a.model, "--device", a.device]
+    if a.kv_cache_memory is not None:
+        flags += ["--kv-cache-memory", str(a.kv_cache_memory)]
+    return flags
 
 
 def run_offline(a: argparse.Namespace, out: Path) -> float:
@@ -85,7 +88,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--kv-cache-memory", type=float, default=0.1)
+    p.add_argument(
+        "--kv-cache-memory", type=float, default=None, help="GiB (default: the engine's)"
+    )
     p.add_argument("--vocab-size", type=int, required=True, help="the model's vocabulary")
     p.add_argument("--num-requests", type=int, default=512)
     p.add_argument("--input-len", default="16-32")

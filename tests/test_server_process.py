@@ -5,6 +5,7 @@ faults, a dead engine process and shutdown end every request without a hang."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -24,6 +25,8 @@ import torch
 from strata.config import EngineConfig
 from strata.engine.engine import LLMEngine
 from strata.engine.llm import LLM
+from strata.engine.outputs import RequestOutput
+from strata.engine.sampling_params import SamplingParams
 from tests.server_utils import RunningServer, engine_factory, process_engine, start_server
 from tests.test_server import (  # noqa: F401  (collected here, against this module's server)
     LLM_KWARGS,
@@ -141,6 +144,28 @@ def test_answers_equal_the_in_process_server(tiny_chat_folder: Path) -> None:
         finally:
             running.stop()
     assert answers[1] == answers[0]
+
+
+def test_a_request_id_in_flight_is_refused_as_in_process(server: RunningServer) -> None:
+    """The in-process engine refuses a second request under an id in flight (its stream
+    ends with the error); the first runs on."""
+    engine = server.state.engine
+    assert engine is not None
+    params = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
+
+    async def run() -> tuple[RequestOutput, RequestOutput]:
+        first = await engine.prepare([5, 6], params, "dup")
+        second = await engine.prepare([7, 8], params, "dup")
+        [kept] = engine.submit([first])
+        [refused] = engine.submit([second])
+        refusal = [out async for out in refused]
+        outputs = [out async for out in kept]
+        return outputs[-1], refusal[-1]
+
+    final, refusal = asyncio.run(run())
+    assert (refusal.finish_reason, refusal.error) == ("error", "request id 'dup' is already in use")
+    assert (final.finish_reason, len(final.token_ids)) == ("length", 50)
+    server.assert_no_leaks()
 
 
 # ---- faults ----------------------------------------------------------------------------------

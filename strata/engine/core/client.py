@@ -168,13 +168,25 @@ class ProcessEngine(EngineFront):
     def _send_add(self, seqs: Sequence[EngineSequence], streams: list[RequestStream]) -> None:
         items = []
         for seq, stream in zip(seqs, streams, strict=True):
-            self._requests[seq.request_id] = (
-                stream,
-                ReceivedState(seq.prompt, seq.prompt_token_ids),
-            )
+            if seq.request_id in self._requests:  # the engine would refuse it, as in process
+                self._refuse_duplicate(seq, stream)
+                continue
+            state = ReceivedState(seq.prompt, seq.prompt_token_ids)
+            self._requests[seq.request_id] = (stream, state)
             fields = params_to_wire(seq.params)
             items.append([seq.request_id, seq.prompt, seq.prompt_token_ids, fields, seq.seed])
-        self._push(["add", items])
+        if items:
+            self._push(["add", items])
+
+    def _refuse_duplicate(self, seq: EngineSequence, stream: RequestStream) -> None:
+        """A second request under an id in flight ends at once with the engine's error;
+        the engine never sees it, so it is not waiting."""
+        with self._lock:
+            self._num_submitted -= 1
+        message = f"request id {seq.request_id!r} is already in use"
+        out = RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, finished=True)
+        out.finish_reason, out.error = "error", message
+        stream.put(out)
 
     def _push(self, message: list[Any]) -> None:
         data = pack(message)
@@ -189,9 +201,12 @@ class ProcessEngine(EngineFront):
             self._push(["exit"])
             self._process.join(EXIT_TIMEOUT_S)
         self._kill()
+        atexit.unregister(self._kill)
         self._receiver.join(timeout=5)
         with self._send_lock:
             self._outbox.close(linger=0)
+        if not self._receiver.is_alive():  # it has closed its socket
+            self._context.term()
         self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
         shutil.rmtree(self._dir, ignore_errors=True)
 

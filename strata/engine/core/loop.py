@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, Generic, TypeVar
 
@@ -44,7 +45,7 @@ def error_output(request_id: str, seq: EngineSequence | None, message: str) -> R
     return out
 
 
-class EngineLoop(Generic[H]):
+class EngineLoop(ABC, Generic[H]):
     """Commands: ("add", [(Sequence, handle)]), ("abort", request id), ("fail_all", message),
     ("exit", None); subclasses take more in `other_command`."""
 
@@ -60,13 +61,13 @@ class EngineLoop(Generic[H]):
 
     # ---- what a front end provides ------------------------------------------------------
 
+    @abstractmethod
     def deliver(self, outputs: list[tuple[H, RequestOutput]]) -> None:
         """Hand one step's outputs (or one command's) to the front end, in order."""
-        raise NotImplementedError
 
+    @abstractmethod
     def publish(self, stats: dict[str, Any], num_added: int) -> None:
         """The engine's stats after the outputs delivered so far."""
-        raise NotImplementedError
 
     def on_fault(self, message: str) -> None:
         """The engine stopped after a fault; requests still arriving end with `message`."""

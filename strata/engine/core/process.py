@@ -68,7 +68,10 @@ def run_engine_process(
     """The spawned process's main: load, say hello (or why not), serve until told to exit."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
-    logging.basicConfig(level=log_level, format="%(levelname)s %(name)s (engine): %(message)s")
+    logging.basicConfig(
+        level=log_level, datefmt="%H:%M:%S",
+        format="%(asctime)s %(levelname)s %(name)s (engine process): %(message)s",
+    )  # fmt: skip
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
     context = zmq.Context()
     outbox = context.socket(zmq.PUSH)
