@@ -2,8 +2,8 @@
 its own process (issue 19): `strata bench throughput` offline, then over HTTP against
 `strata serve` in each mode, alternating, `--repeats` times; prints one table.
 
-    python benchmarks/http_front.py --model random:/tmp/bench-tiny/config.json \\
-        --device cpu --vocab-size 2048 --repeats 3
+    python benchmarks/http_front.py --model random:benchmarks/configs/tiny_host_bound.json \\
+        --device cpu --vocab-size 2048 --kv-cache-memory 0.1 --torch-threads 1 --repeats 3
 
 Everything runs on this machine (server, engine and load generator share its cores).
 """
