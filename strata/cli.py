@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 from strata.bench.http_throughput import add_url_args
 from strata.bench.serve_cli import add_serve_args, cmd_bench_serve
@@ -25,6 +26,9 @@ from strata.eval.cli import EVAL
 from strata.flags import add_flags, keywords_from_args
 from strata.options import build, flatten
 from strata.server.config import ServeConfig
+
+if TYPE_CHECKING:
+    from strata.engine.front import EngineFront
 
 SERVE_OPTIONS = flatten(ServeConfig)
 
@@ -144,7 +148,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from strata.server.replicas.serve import serve_replicas
 
         return serve_replicas(kwargs, name, config, args.log_level)
-    return serve(lambda: LLM(**kwargs).engine, name, config, args.log_level)
+    return serve(_engine_front(kwargs, config, args.log_level), name, config, args.log_level)
+
+
+def _engine_front(kwargs: dict[str, Any], config: ServeConfig, log_level: str) -> EngineFront:
+    """The engine `strata serve` serves: in its own process unless --engine-in-process."""
+    from strata.config import EngineConfig
+    from strata.engine.async_engine import AsyncEngine
+    from strata.engine.core.client import ProcessEngine
+
+    waiting = config.max_waiting_requests
+    if config.engine_in_process:
+        return AsyncEngine(lambda: LLM(**kwargs).engine, waiting)
+    return ProcessEngine(
+        build(EngineConfig, kwargs), waiting, logging.getLevelName(log_level.upper())
+    )
 
 
 def cmd_bench_moe(args: argparse.Namespace) -> int:

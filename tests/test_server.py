@@ -266,7 +266,7 @@ def test_metrics_count_requests_and_tokens(server: RunningServer, client: openai
         for line in text.splitlines()
         if line and not line.startswith("#")
     }
-    stats = server.engine.stats()
+    stats = server.stats()
     assert values["strata_generation_tokens_total"] == stats["num_generated_tokens"]
     assert values["strata_prompt_tokens_total"] == stats["num_prompt_tokens"]
     assert values["strata_prefix_cache_queries_total"] == stats["prefix_cache_queried_tokens"]

@@ -171,25 +171,25 @@ def test_full_waiting_queue_is_429_with_retry_after(tiny_chat_folder: Path) -> N
 
 def test_client_disconnect_mid_stream_frees_blocks_at_once(server: RunningServer) -> None:
     body = {"model": MODEL, "prompt": "go", "max_tokens": 1000, "ignore_eos": True, "stream": True}
-    before = server.engine.stats()["num_generated_tokens"]
+    before = server.stats()["num_generated_tokens"]
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as r:
         lines = r.iter_lines()
         got = [next(lines) for _ in range(6)]
         assert all(line.startswith("data: ") or not line for line in got)
-        assert server.engine.stats()["kv_blocks_free"] < server.engine.stats()["kv_blocks_total"]
+        assert server.stats()["kv_blocks_free"] < server.stats()["kv_blocks_total"]
     server.wait_idle(timeout=5)
-    generated = server.engine.stats()["num_generated_tokens"] - before
+    generated = server.stats()["num_generated_tokens"] - before
     assert generated < 1000  # aborted, not run to the end
     server.assert_no_leaks()
 
 
 def test_non_streaming_disconnect_aborts(server: RunningServer) -> None:
     body = {"model": MODEL, "prompt": "go", "max_tokens": 1000, "ignore_eos": True}
-    before = server.engine.stats()["num_generated_tokens"]
+    before = server.stats()["num_generated_tokens"]
     with pytest.raises(httpx.ReadTimeout):
         post(server, "/v1/completions", body, timeout=0.3)
     server.wait_idle(timeout=5)
-    assert server.engine.stats()["num_generated_tokens"] - before < 1000
+    assert server.stats()["num_generated_tokens"] - before < 1000
     server.assert_no_leaks()
 
 

@@ -9,15 +9,17 @@ import httpx
 import pytest
 
 from strata import LLM
-from tests.server_utils import RunningServer, engine_factory, start_server
+from tests.server_utils import ENGINES, RunningServer, start_server
 
 MODEL = "tiny"
 LLM_KWARGS = {"kv_cache_memory": 0.02, "max_model_len": 512}
 
 
-@pytest.fixture(scope="module")
-def server(tiny_chat_folder: Path) -> Iterator[RunningServer]:
-    running = start_server(engine_factory(str(tiny_chat_folder), **LLM_KWARGS), model_name=MODEL)
+@pytest.fixture(scope="module", params=["thread", "process"])
+def server(request: pytest.FixtureRequest, tiny_chat_folder: Path) -> Iterator[RunningServer]:
+    running = start_server(
+        ENGINES[request.param](str(tiny_chat_folder), **LLM_KWARGS), model_name=MODEL
+    )
     yield running
     running.stop()
 

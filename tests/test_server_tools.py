@@ -15,7 +15,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from tests.server_utils import RunningServer, engine_factory, start_server
+from tests.server_utils import ENGINES, RunningServer, start_server
 
 MODEL = "smollm2-135m"
 WEATHER_PARAMS = {
@@ -39,10 +39,10 @@ REQUIRED = {"tool_choice": "required"}
 ASK: list[Any] = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[RunningServer]:
+@pytest.fixture(scope="module", params=["thread", "process"])
+def server(request: pytest.FixtureRequest) -> Iterator[RunningServer]:
     running = start_server(
-        engine_factory(None, kv_cache_memory=0.2, max_model_len=2048), model_name=MODEL
+        ENGINES[request.param](None, kv_cache_memory=0.2, max_model_len=2048), model_name=MODEL
     )
     yield running
     running.stop()

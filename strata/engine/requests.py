@@ -9,19 +9,19 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Sequence as Seq
-from functools import cached_property
 from typing import Any
 
 from strata.engine.detokenizer import Detokenizer
 from strata.engine.grammar_compiler import GrammarCompiler
 from strata.engine.logit_rules import logit_rules
+from strata.engine.prompt_encoder import PromptEncoder
 from strata.engine.sampling_params import SamplingParams
 from strata.engine.sequence import Sequence
 from strata.errors import ContextLengthError, InvalidRequestError
 from strata.kv.policies.runtime.driver import KVPolicyDriver
 
 
-class RequestFactory:
+class RequestFactory(PromptEncoder):
     def __init__(
         self,
         tokenizer: Any | None,
@@ -32,66 +32,12 @@ class RequestFactory:
         seed: int,
         eos_token_ids: frozenset[int] = frozenset(),
     ) -> None:
-        self.tokenizer = tokenizer
-        self.model_name = model_name
-        self.vocab_size = vocab_size
-        self.max_model_len = max_model_len
+        super().__init__(tokenizer, model_name, vocab_size, max_model_len)
         self.kv_policies = kv_policies  # attaches each sequence's KV policy, if any
         self._ids = itertools.count()
         self._rng = random.Random(seed)  # seeds of unseeded requests
         self.eos_token_ids = eos_token_ids  # banned before min_tokens
         self.grammars = GrammarCompiler(tokenizer, vocab_size, eos_token_ids)
-
-    @cached_property
-    def max_prompt_chars(self) -> int:
-        """No text longer than this fits the context, whatever it tokenizes to: each token
-        stands for at most `longest token` characters (a byte-level token's string has a
-        character per byte, and a text's character is at least one byte)."""
-        vocab = self.tokenizer.get_vocab() if self.tokenizer is not None else {}
-        longest = max((len(token) for token in vocab), default=1)
-        return self.max_model_len * max(longest, 1)
-
-    def check_text_length(self, num_chars: int, param: str = "prompt") -> None:
-        """The cheap bound before tokenizing: ContextLengthError if a text of num_chars
-        characters cannot fit the context."""
-        if num_chars > self.max_prompt_chars:
-            raise ContextLengthError(
-                f"the {param} has {num_chars} characters; no text over {self.max_prompt_chars} "
-                f"characters fits the context of {self.max_model_len} tokens (max_model_len)",
-                param,
-            )  # fmt: skip
-
-    def encode_prompt(self, prompt: str | Seq[int]) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise InvalidRequestError(
-                    f"model {self.model_name} has no tokenizer: pass prompts as token ids",
-                    "prompt",
-                )
-            self.check_text_length(len(prompt))
-            ids = list(self.tokenizer(prompt).input_ids)
-            if ids and max(ids) >= self.vocab_size:  # a tokenizer larger than the model
-                raise InvalidRequestError(
-                    f"the prompt tokenizes to id {max(ids)}, outside model {self.model_name}'s "
-                    f"vocabulary of {self.vocab_size} ids: its tokenizer does not match it",
-                    "prompt",
-                )
-            return prompt, ids
-        ids = list(prompt)
-        bad = self._bad_token_ids(ids)
-        if bad:
-            raise InvalidRequestError(
-                f"prompt token ids must be integers in [0, {self.vocab_size}); got {bad[:5]}",
-                "prompt",
-            )
-        return None, ids
-
-    def _bad_token_ids(self, ids: Seq[object]) -> list[object]:
-        """The entries of ids that are not token ids of this vocabulary (bools included)."""
-        vocab = self.vocab_size
-        return [
-            t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab
-        ]
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> int:
         """Check a request against the context; returns its resolved max_tokens."""
@@ -129,6 +75,14 @@ class RequestFactory:
         """Tokenize and check a request without queueing it."""
         params = params or SamplingParams()
         text, ids = self.encode_prompt(prompt)
+        return self.build(text, ids, params, request_id, stream)
+
+    def build(
+        self, text: str | None, ids: list[int], params: SamplingParams,
+        request_id: str | None = None, stream: bool = False, seed: int | None = None,
+    ) -> Sequence:  # fmt: skip
+        """The Sequence of an encoded prompt (encode_prompt's text and ids), checked.
+        `seed` is an unseeded request's drawn seed (None: draw one now)."""
         max_tokens = self.validate(ids, params)
         rules = logit_rules(params, self.tokenizer, self.vocab_size, self.eos_token_ids)
         so = params.structured_output
@@ -139,7 +93,10 @@ class RequestFactory:
             detokenizer = Detokenizer(
                 self.tokenizer, params.skip_special_tokens, params.stop, params.min_tokens
             )
-        seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
+        if params.seed is not None:
+            seed = params.seed
+        elif seed is None:
+            seed = self._rng.getrandbits(32)
         seq = Sequence(
             request_id=request_id,
             prompt=text,

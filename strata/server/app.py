@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP app: /v1/completions, /v1/chat/completions, /v1/models,
-/tokenize and /detokenize (tokenize.py), /health and /metrics, over one AsyncEngine.
+/tokenize and /detokenize (tokenize.py), /health and /metrics, over one EngineFront.
 
 Every request first passes the RequestGuard (guard.py): the API key, then the body size,
 from the headers alone.
@@ -20,7 +20,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from strata.engine.async_engine import AsyncEngine, EngineStoppedError, QueueFullError
+from strata.engine.front import EngineFront, EngineStoppedError, QueueFullError
 from strata.engine.grammar_compiler import GrammarCompileError
 from strata.engine.outputs import RequestOutput
 from strata.engine.sampling_params import SamplingParams
@@ -63,7 +63,7 @@ class ServerState:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     allow_special_tokens_in_content: bool = False
     tool_call_parser: str | None = None  # None: chosen from the chat template
-    engine: AsyncEngine | None = None
+    engine: EngineFront | None = None
     load_error: str | None = None
     started: float = field(default_factory=time.time)
     metrics: ServerMetrics = field(init=False)
@@ -80,11 +80,11 @@ class ServerState:
         """Shutting down: the engine refuses new requests while those in flight finish."""
         return self.engine is not None and self.engine.stopping
 
-    def set_engine(self, engine: AsyncEngine) -> None:
-        self.token_text = TokenText(engine.engine.tokenizer)
+    def set_engine(self, engine: EngineFront) -> None:
+        self.token_text = TokenText(engine.tokenizer)
         self.engine = engine
 
-    def ready_engine(self) -> AsyncEngine:
+    def ready_engine(self) -> EngineFront:
         if self.engine is not None and not self.engine.alive:
             raise unavailable("the engine stopped after a fault; see the server log")
         if self.draining:
@@ -140,7 +140,7 @@ def build_app(state: ServerState) -> FastAPI:
             "owned_by": "strata",
         }  # fmt: skip
         if state.engine is not None:
-            card["max_model_len"] = state.engine.engine.max_model_len
+            card["max_model_len"] = state.engine.max_model_len
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/completions", response_model=None)
@@ -231,7 +231,7 @@ def _choice_params(params: SamplingParams, k: int) -> SamplingParams:
 
 
 async def _prepare(
-    engine: AsyncEngine,
+    engine: EngineFront,
     prompts: list[Any],
     params: SamplingParams,
     body: CompletionRequest | ChatCompletionRequest,
@@ -257,7 +257,7 @@ async def _prepare(
 
 def _submit(
     state: ServerState,
-    engine: AsyncEngine,
+    engine: EngineFront,
     request_id: str,
     seqs: list[EngineSequence],
     arrival: float,
@@ -292,14 +292,14 @@ async def _collect(run: RequestRun, request: Request) -> list[RequestOutput]:
     return finals
 
 
-def _prompt_texts(engine: AsyncEngine, seqs: list[EngineSequence]) -> list[str]:
+def _prompt_texts(engine: EngineFront, seqs: list[EngineSequence]) -> list[str]:
     return [_prompt_text(engine, s) for s in seqs]
 
 
-def _prompt_text(engine: AsyncEngine, seq: EngineSequence) -> str:
+def _prompt_text(engine: EngineFront, seq: EngineSequence) -> str:
     if seq.prompt is not None:
         return seq.prompt
-    tokenizer = engine.engine.tokenizer
+    tokenizer = engine.tokenizer
     return "" if tokenizer is None else tokenizer.decode(seq.prompt_token_ids)
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from strata.engine.async_engine import AsyncEngine
 from strata.engine.chat import chat_prompt_ids
+from strata.engine.front import EngineFront
 from strata.errors import InvalidRequestError
 from strata.server.errors import invalid_request
 from strata.server.protocol import ChatCompletionRequest
@@ -35,17 +35,17 @@ def template_messages(
 
 
 async def chat_prompt(
-    engine: AsyncEngine, body: ChatCompletionRequest, model_name: str, parser: str | None,
+    engine: EngineFront, body: ChatCompletionRequest, model_name: str, parser: str | None,
     allow_special_tokens: bool = False,
 ) -> tuple[list[int], ToolCalls]:
     """The prompt's token ids, and the request's tool calling; InvalidRequestError -> 400.
     allow_special_tokens: message contents may produce control tokens (chat.py)."""
     mode, named = body.tool_mode()
-    tokenizer = engine.engine.tokenizer
+    tokenizer = engine.tokenizer
     messages, tools = template_messages(body, tokenizer, mode)
     try:
         chars = sum(len(str(m.get("content") or "")) for m in messages)
-        engine.engine.requests.check_text_length(chars, "messages")  # before templating
+        engine.check_text_length(chars, "messages")  # before templating
         ids = await engine.run_in_tokenizer_thread(
             chat_prompt_ids, tokenizer, messages, model_name, allow_special_tokens, True, tools
         )

@@ -58,6 +58,11 @@ class ServeConfig:
         "on SIGTERM, let requests in flight finish for this long (default 30)",
         flag="--shutdown-timeout", metavar="SECONDS",
     ))  # fmt: skip
+    engine_in_process: bool = field(default=False, metadata=option(
+        "run the engine on a thread of the HTTP server's process (default: in a process of "
+        "its own, so that HTTP work and the engine loop do not share one GIL); for "
+        "debugging, and for tests that reach the engine object",
+    ))  # fmt: skip
     replicas: int | None = field(default=None, metadata=option(
         "serve from N engine replicas on Ray Serve behind this one HTTP front (needs the "
         "ray extra); starts a local Ray cluster unless --ray-address names one (default: "

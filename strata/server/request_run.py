@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from starlette.requests import Request
 
-from strata.engine.async_engine import RequestStream
+from strata.engine.front import RequestStream
 from strata.engine.outputs import RequestOutput
 from strata.server.metrics import ServerMetrics
 

@@ -21,6 +21,7 @@ import uvicorn
 
 from strata.engine.async_engine import AsyncEngine
 from strata.engine.engine import LLMEngine
+from strata.engine.front import EngineFront
 from strata.server.app import ServerState, build_app
 from strata.server.config import ServeConfig
 
@@ -77,21 +78,27 @@ def start_loading(
     max_waiting_requests: int | None,
     on_error: Callable[[], None],
 ) -> threading.Thread:
-    """Build the engine on its own thread; the app serves 503 until it is ready."""
-    async_engine = AsyncEngine(make_engine, max_waiting_requests)
+    """Build the engine on a thread of this process; the app serves 503 until it is ready."""
+    return start_client(state, AsyncEngine(make_engine, max_waiting_requests), on_error)
+
+
+def start_client(
+    state: ServerState, engine: EngineFront, on_error: Callable[[], None]
+) -> threading.Thread:
+    """Wait on a thread for `engine` to load; the app serves 503 until it is ready."""
 
     def wait() -> None:
         try:
-            engine = async_engine.wait_loaded()
+            engine.wait_loaded()
         except BaseException as exc:
             state.load_error = f"the model failed to load: {type(exc).__name__}: {exc}"
             logger.error("%s", state.load_error)
             on_error()
             return
-        state.set_engine(async_engine)
+        state.set_engine(engine)
         logger.info(
             "ready: serving %s, max_model_len %d, max_waiting_requests %s",
-            state.model_name, engine.max_model_len, max_waiting_requests or "unlimited",
+            state.model_name, engine.max_model_len, engine.max_waiting_requests or "unlimited",
         )  # fmt: skip
 
     thread = threading.Thread(target=wait, name="strata-load", daemon=True)
@@ -99,10 +106,9 @@ def start_loading(
     return thread
 
 
-def serve(
-    make_engine: Callable[[], LLMEngine], model_name: str, config: ServeConfig, log_level: str
-) -> int:
-    """Serve until stopped; returns the process exit code."""
+def serve(engine: EngineFront, model_name: str, config: ServeConfig, log_level: str) -> int:
+    """Serve `engine` (loading: AsyncEngine or ProcessEngine) until stopped; returns the
+    process exit code."""
     host, port = config.host, config.port
     state = ServerState(
         model_name, tuple(config.api_keys), config.public_metrics, config.max_request_bytes,
@@ -120,9 +126,8 @@ def serve(
         failed.set()
         server.should_exit = True
 
-    start_loading(state, make_engine, config.max_waiting_requests, stop_on_error)
+    start_client(state, engine, stop_on_error)
     logger.info("listening on http://%s:%d (model %s loading)", host, port, model_name)
     server.run()
-    if state.engine is not None:
-        state.engine.shutdown()
+    engine.shutdown()
     return 1 if failed.is_set() else 0

@@ -13,9 +13,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from strata.engine.async_engine import AsyncEngine
 from strata.engine.chat import chat_prompt_ids
 from strata.engine.detokenizer import decode_ids
+from strata.engine.front import EngineFront
 from strata.errors import InvalidRequestError
 from strata.server.protocol import ChatMessage, ParameterError
 
@@ -38,14 +38,14 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
-def _tokenizer(engine: AsyncEngine, model_name: str) -> Any:
-    tokenizer = engine.engine.tokenizer
+def _tokenizer(engine: EngineFront, model_name: str) -> Any:
+    tokenizer = engine.tokenizer
     if tokenizer is None:
         raise InvalidRequestError(f"model {model_name} has no tokenizer")
     return tokenizer
 
 
-def _tokenize(engine: AsyncEngine, model_name: str, body: TokenizeRequest) -> list[int]:
+def _tokenize(engine: EngineFront, model_name: str, body: TokenizeRequest) -> list[int]:
     tokenizer = _tokenizer(engine, model_name)
     if (body.prompt is None) == (body.messages is None):
         raise ParameterError("prompt", "send exactly one of prompt and messages")
@@ -60,22 +60,22 @@ def _tokenize(engine: AsyncEngine, model_name: str, body: TokenizeRequest) -> li
         raise ParameterError("messages", str(exc)) from exc
 
 
-async def tokenize(engine: AsyncEngine, model_name: str, body: TokenizeRequest) -> dict[str, Any]:
+async def tokenize(engine: EngineFront, model_name: str, body: TokenizeRequest) -> dict[str, Any]:
     ids = await engine.run_in_tokenizer_thread(_tokenize, engine, model_name, body)
     strs = None
     if body.return_token_strs:
         strs = _tokenizer(engine, model_name).convert_ids_to_tokens(ids)
     return {
         "count": len(ids),
-        "max_model_len": engine.engine.max_model_len,
+        "max_model_len": engine.max_model_len,
         "tokens": ids,
         "token_strs": strs,
     }
 
 
-def _detokenize(engine: AsyncEngine, model_name: str, tokens: list[int]) -> str:
+def _detokenize(engine: EngineFront, model_name: str, tokens: list[int]) -> str:
     tokenizer = _tokenizer(engine, model_name)
-    vocab = engine.engine.model_config.vocab_size
+    vocab = engine.vocab_size
     bad = [t for t in tokens if not 0 <= t < vocab]
     if bad:
         raise ParameterError("tokens", f"token ids must be in [0, {vocab}), got {bad[:5]}")
@@ -83,7 +83,7 @@ def _detokenize(engine: AsyncEngine, model_name: str, tokens: list[int]) -> str:
 
 
 async def detokenize(
-    engine: AsyncEngine, model_name: str, body: DetokenizeRequest
+    engine: EngineFront, model_name: str, body: DetokenizeRequest
 ) -> dict[str, Any]:
     text = await engine.run_in_tokenizer_thread(_detokenize, engine, model_name, body.tokens)
     return {"prompt": text}

@@ -1,0 +1,129 @@
+"""HTTP throughput against offline throughput at saturation, engine in process and in
+its own process (issue 19): `strata bench throughput` offline, then over HTTP against
+`strata serve` in each mode, alternating, `--repeats` times; prints one table.
+
+    python benchmarks/http_front.py --model random:benchmarks/configs/tiny_host_bound.json \\
+        --device cpu --vocab-size 2048 --kv-cache-memory 0.1 --torch-threads 1 --repeats 3
+
+Everything runs on this machine (server, engine and load generator share its cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+MODES = {"offline": None, "in-process": ["--engine-in-process"], "process": []}
+
+
+def strata(*args: str) -> list[str]:
+    return [sys.executable, "-m", "strata.cli", *args]
+
+
+def workload(a: argparse.Namespace) -> list[str]:
+    return [
+        "--num-requests", str(a.num_requests), "--input-len", a.input_len,
+        "--output-len", a.output_len, "--concurrency", str(a.concurrency), "--seed", "0",
+    ]  # fmt: skip
+
+
+def engine_flags(a: argparse.Namespace) -> list[str]:
+    flags = ["--model", a.model, "--device", a.device]
+    if a.kv_cache_memory is not None:
+        flags += ["--kv-cache-memory", str(a.kv_cache_memory)]
+    return flags
+
+
+def run_offline(a: argparse.Namespace, out: Path) -> float:
+    cmd = strata("bench", "throughput", *engine_flags(a), *workload(a), "--json", str(out))
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return _tok_s(out)
+
+
+def run_http(a: argparse.Namespace, flags: list[str], out: Path) -> float:
+    url = f"http://127.0.0.1:{a.port}"
+    server = subprocess.Popen(
+        strata("serve", *engine_flags(a), "--port", str(a.port), "--log-level", "WARNING",
+               *flags),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("the server did not start")
+            time.sleep(0.2)
+        cmd = strata(
+            "bench", "throughput", "--url", url, "--vocab-size", str(a.vocab_size),
+            *workload(a), "--json", str(out),
+        )  # fmt: skip
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return _tok_s(out)
+    finally:
+        server.terminate()
+        server.wait(60)
+
+
+def _tok_s(path: Path) -> float:
+    data = json.loads(path.read_text())
+    rows = data["results"] if isinstance(data, dict) else data
+    return float(rows[-1]["output_tokens_per_s"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--kv-cache-memory", type=float, default=None, help="GiB (default: the engine's)"
+    )
+    p.add_argument("--vocab-size", type=int, required=True, help="the model's vocabulary")
+    p.add_argument("--num-requests", type=int, default=512)
+    p.add_argument("--input-len", default="16-32")
+    p.add_argument("--output-len", default="128-128")
+    p.add_argument("--concurrency", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--port", type=int, default=8790)
+    p.add_argument(
+        "--torch-threads", type=int, default=None,
+        help="OMP_NUM_THREADS for every process (on a small CPU, an engine with more threads "
+        "than it has cores to itself waits for them: 1 on 2 cores leaves one for HTTP)",
+    )  # fmt: skip
+    a = p.parse_args()
+    if a.torch_threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(a.torch_threads)
+    results: dict[str, list[float]] = {mode: [] for mode in MODES}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(a.repeats):
+            for mode, flags in MODES.items():
+                out = Path(tmp) / f"{mode}-{r}.json"
+                tok_s = run_offline(a, out) if flags is None else run_http(a, flags, out)
+                results[mode].append(tok_s)
+                print(f"run {r + 1}: {mode:<10} {tok_s:9.0f} out tok/s", flush=True)
+    offline = statistics.median(results["offline"])
+    print(f"\n{os.cpu_count()} CPUs, torch threads {a.torch_threads or 'default'}; {a.model}; "
+          f"{a.num_requests} requests, input {a.input_len}, output {a.output_len}, "
+          f"concurrency {a.concurrency}")  # fmt: skip
+    print("| mode | out tok/s, median | runs | of offline |\n|---|---|---|---|")
+    for mode, values in results.items():
+        median = statistics.median(values)
+        runs = ", ".join(f"{v:,.0f}" for v in values)
+        print(f"| {mode} | {median:,.0f} | {runs} | {median / offline:.0%} |")
+
+
+if __name__ == "__main__":
+    main()

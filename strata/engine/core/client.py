@@ -1,0 +1,315 @@
+"""ProcessEngine: the engine in a process of its own, served to the asyncio front end.
+
+The HTTP work (JSON, SSE, tokenization, chat templates) and the engine loop no longer
+share one GIL. The front end tokenizes (with the tokenizer the engine sends once it has
+loaded); the engine process checks each request as the in-process engine would (a
+prepare round trip: the same InvalidRequestError, type, message and param), steps, and
+sends each step's outputs in one message; a receiver thread here turns them into
+RequestOutputs on the requests' streams, one event-loop callback per message.
+
+Invariants:
+- Every request submitted and not yet finished has an entry in `_requests`; its entry
+  goes with its finished output (from the engine, or from here if the engine died).
+- The engine process dying unexpectedly is an engine fault: /health 503, every request
+  in flight ends with reason "error", every prepare waiting raises EngineStoppedError.
+- One socket each way; sends hold `_send_lock` (ZMQ sockets are not thread-safe).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import itertools
+import logging
+import multiprocessing
+import os
+import pickle
+import shutil
+import tempfile
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import zmq
+
+from strata.config import EngineConfig
+from strata.engine.core.process import EngineInfo, run_engine_process
+from strata.engine.core.wire import (
+    ReceivedState,
+    error_from_wire,
+    pack,
+    params_to_wire,
+    unpack,
+)
+from strata.engine.engine import LLMEngine
+from strata.engine.front import EngineFront, EngineStoppedError, RequestStream
+from strata.engine.outputs import RequestOutput
+from strata.engine.prompt_encoder import PromptEncoder
+from strata.engine.sampling_params import SamplingParams
+from strata.engine.sequence import Sequence as EngineSequence
+
+logger = logging.getLogger("strata.engine")
+
+POLL_MS = 200  # how often the receiver looks whether the engine process still runs
+EXIT_TIMEOUT_S = 30.0
+
+
+class ProcessEngine(EngineFront):
+    """Spawn the engine process for `config`; `wait_loaded` blocks until it has loaded.
+    make_engine builds the engine there from the config (tests pass a module-level
+    function that wraps LLMEngine: it is pickled by name)."""
+
+    def __init__(
+        self, config: EngineConfig, max_waiting_requests: int | None = None,
+        log_level: int | None = None, make_engine: Callable[[EngineConfig], LLMEngine] = LLMEngine,
+    ) -> None:  # fmt: skip
+        super().__init__(max_waiting_requests)
+        self._dir = tempfile.mkdtemp(prefix="strata-engine-")
+        to_engine, from_engine = f"ipc://{self._dir}/in", f"ipc://{self._dir}/out"
+        self._context = zmq.Context()
+        self._outbox = self._context.socket(zmq.PUSH)
+        self._outbox.bind(to_engine)
+        self._inbox = self._context.socket(zmq.PULL)
+        self._inbox.bind(from_engine)
+        self._send_lock = threading.Lock()
+        self._loaded = threading.Event()
+        self._load_error: BaseException | None = None
+        self._info: EngineInfo | None = None
+        self._encoder: PromptEncoder | None = None
+        self._requests: dict[str, tuple[RequestStream, ReceivedState]] = {}
+        self._calls: dict[int, asyncio.Future[Any]] = {}
+        self._call_ids = itertools.count()
+        self._closing = False  # shutdown asked: the engine process exits on purpose
+        level = log_level if log_level is not None else logging.getLogger().getEffectiveLevel()
+        # Not daemonic: the engine may start processes of its own (tensor-parallel ranks).
+        self._process = multiprocessing.get_context("spawn").Process(
+            target=run_engine_process, name="strata-engine",
+            args=(config, make_engine, to_engine, from_engine, os.getpid(), level),
+        )  # fmt: skip
+        self._process.start()
+        atexit.register(self._kill)
+        self._receiver = threading.Thread(
+            target=self._receive, name="strata-engine-rx", daemon=True
+        )
+        self._receiver.start()
+
+    # ---- what the engine is -------------------------------------------------------------
+
+    def wait_loaded(self, timeout: float | None = None) -> EngineInfo:
+        """Block until the engine has loaded; raises the engine's error if it did not."""
+        if not self._loaded.wait(timeout):
+            raise TimeoutError(f"the engine did not load within {timeout} s")
+        if self._load_error is not None:
+            raise self._load_error
+        assert self._info is not None
+        return self._info
+
+    @property
+    def info(self) -> EngineInfo:
+        if self._info is None:
+            raise RuntimeError("the engine has not loaded yet")
+        return self._info
+
+    @property
+    def tokenizer(self) -> Any | None:
+        return self.info.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.info.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.info.vocab_size
+
+    @property
+    def alive(self) -> bool:
+        return self._process.is_alive() and self._fault is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
+
+    def check_text_length(self, num_chars: int, param: str = "prompt") -> None:
+        assert self._encoder is not None
+        self._encoder.check_text_length(num_chars, param)
+
+    # ---- asyncio side ---------------------------------------------------------------------
+
+    async def prepare(
+        self, prompt: str | Sequence[int], params: SamplingParams, request_id: str
+    ) -> EngineSequence:
+        """Tokenize here (on the tokenizer thread), then let the engine check the request;
+        the Sequence returned carries what the engine resolved (seed, max_tokens)."""
+        assert self._encoder is not None
+        text, ids = await self.run_in_tokenizer_thread(self._encoder.encode_prompt, prompt)
+        seed, max_tokens = await self._call(
+            ["prepare", request_id, text, ids, params_to_wire(params)]
+        )
+        return EngineSequence(request_id, text, ids, params, seed, max_tokens)
+
+    async def _call(self, message: list[Any]) -> Any:
+        if self._fault is not None:
+            raise EngineStoppedError(self._fault)
+        call_id = next(self._call_ids)
+        future = asyncio.get_running_loop().create_future()
+        self._calls[call_id] = future
+        try:
+            self._push([message[0], call_id, *message[1:]])
+            return await future
+        finally:
+            self._calls.pop(call_id, None)
+
+    def _send(self, command: str, payload: Any) -> None:
+        self._push([command, payload])
+
+    def _send_add(self, seqs: Sequence[EngineSequence], streams: list[RequestStream]) -> None:
+        items = []
+        for seq, stream in zip(seqs, streams, strict=True):
+            if seq.request_id in self._requests:  # the engine would refuse it, as in process
+                self._refuse_duplicate(seq, stream)
+                continue
+            state = ReceivedState(seq.prompt, seq.prompt_token_ids)
+            self._requests[seq.request_id] = (stream, state)
+            fields = params_to_wire(seq.params)
+            items.append([seq.request_id, seq.prompt, seq.prompt_token_ids, fields, seq.seed])
+        if items:
+            self._push(["add", items])
+
+    def _refuse_duplicate(self, seq: EngineSequence, stream: RequestStream) -> None:
+        """A second request under an id in flight ends at once with the engine's error;
+        the engine never sees it, so it is not waiting."""
+        with self._lock:
+            self._num_submitted -= 1
+        message = f"request id {seq.request_id!r} is already in use"
+        out = RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, finished=True)
+        out.finish_reason, out.error = "error", message
+        stream.put(out)
+
+    def _push(self, message: list[Any]) -> None:
+        data = pack(message)
+        with self._send_lock:
+            if not self._outbox.closed:
+                self._outbox.send(data)
+
+    def shutdown(self) -> None:
+        """Ask the engine process to exit (it aborts what is in flight), and wait for it."""
+        self._stopping = self._closing = True
+        if self._process.is_alive():
+            self._push(["exit"])
+            self._process.join(EXIT_TIMEOUT_S)
+        self._kill()
+        atexit.unregister(self._kill)
+        self._receiver.join(timeout=5)
+        with self._send_lock:
+            self._outbox.close(linger=0)
+        if not self._receiver.is_alive():  # it has closed its socket
+            self._context.term()
+        self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def _kill(self) -> None:
+        self._closing = True
+        if self._process.is_alive():  # it ignores SIGTERM (process.py)
+            self._process.kill()
+            self._process.join(5)
+
+    # ---- receiver thread ------------------------------------------------------------------
+
+    def _receive(self) -> None:
+        try:
+            while True:
+                if self._inbox.poll(POLL_MS):
+                    self._handle(unpack(self._inbox.recv()))
+                elif not self._process.is_alive():
+                    self._engine_gone()
+                    return
+        finally:
+            self._inbox.close(linger=0)
+
+    def _handle(self, message: list[Any]) -> None:
+        kind = message[0]
+        if kind == "out":
+            _, items, stats, num_added = message
+            self._dispatch(items)
+            self._set_stats(stats, num_added)
+        elif kind == "reply":
+            _, call_id, error, result = message
+            future = self._calls.get(call_id)
+            if future is not None:
+                exc = None if error is None else error_from_wire(error)
+                future.get_loop().call_soon_threadsafe(_settle, future, result, exc)
+        elif kind == "hello":
+            self._loaded_with(pickle.loads(message[1]))
+        elif kind == "fault":
+            self._on_fault(message[1])
+        elif kind == "load_error":
+            self._load_error = pickle.loads(message[1])
+            self._loaded.set()
+
+    def _loaded_with(self, info: EngineInfo) -> None:
+        self._encoder = PromptEncoder(
+            info.tokenizer, info.model_name, info.vocab_size, info.max_model_len
+        )
+        self._set_stats(info.stats, 0)
+        self._info = info
+        self._loaded.set()
+
+    def _dispatch(self, items: list[list[Any]]) -> None:
+        """One step's outputs onto their streams: one event-loop callback per loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestOutput]]]
+        by_loop = defaultdict(list)
+        for item in items:
+            request_id = item[0]
+            entry = self._requests.get(request_id)
+            if entry is None:
+                continue
+            stream, state = entry
+            out = state.decode(item)
+            if out.finished:
+                del self._requests[request_id]
+            by_loop[stream.loop].append((stream, out))
+        for loop, outputs in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # a closed event loop: nobody listens
+                loop.call_soon_threadsafe(_put_all, outputs)
+
+    def _engine_gone(self) -> None:
+        """The engine process exited: on purpose (shutdown), or not (an engine fault)."""
+        code = self._process.exitcode
+        message = f"the engine process exited unexpectedly (exit code {code})"
+        if not self._loaded.is_set():
+            self._load_error = RuntimeError(message)
+            self._loaded.set()
+        if self._closing:
+            return
+        logger.critical("%s; failing every request in flight", message)
+        self._on_fault(message)
+        for call_id in list(self._calls):
+            future = self._calls.get(call_id)
+            if future is not None:
+                exc = EngineStoppedError(message)
+                future.get_loop().call_soon_threadsafe(_settle, future, None, exc)
+        items = []
+        for request_id, (_, state) in list(self._requests.items()):
+            kept = len(state.token_ids)
+            items.append([request_id, 1, "error", message, "", "", kept, [], [], None, None, 0])
+        self._dispatch(items)
+        with self._lock:  # nothing runs any more
+            stats = {**self.stats_snapshot, "num_running": 0, "num_waiting": 0}
+            self.stats_snapshot, self._num_added = stats, self._num_submitted
+
+
+def _put_all(outputs: list[tuple[RequestStream, RequestOutput]]) -> None:
+    for stream, out in outputs:
+        stream.put(out)
+
+
+def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
