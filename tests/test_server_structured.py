@@ -26,7 +26,9 @@ class City(BaseModel):
     continent: Literal["Europe", "Asia", "Africa", "America", "Oceania"]
 
 
-@pytest.fixture(scope="module", params=["thread", "process"])
+# the default placement only (slow: the embedded model); test_server_process.py compares
+# structured answers of both placements
+@pytest.fixture(scope="module", params=["process"])
 def server(request: pytest.FixtureRequest) -> Iterator[RunningServer]:
     running = start_server(
         ENGINES[request.param](None, kv_cache_memory=0.2, max_model_len=1024), model_name=MODEL

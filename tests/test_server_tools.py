@@ -39,7 +39,9 @@ REQUIRED = {"tool_choice": "required"}
 ASK: list[Any] = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
-@pytest.fixture(scope="module", params=["thread", "process"])
+# the default placement only (slow: the embedded model); test_server_process.py compares
+# structured answers of both placements
+@pytest.fixture(scope="module", params=["process"])
 def server(request: pytest.FixtureRequest) -> Iterator[RunningServer]:
     running = start_server(
         ENGINES[request.param](None, kv_cache_memory=0.2, max_model_len=2048), model_name=MODEL
