@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from strata.engine.engine import LLMEngine
-from tests.server_utils import RunningServer, engine_factory, start_server
+from tests.server_utils import ENGINES, RunningServer, engine_factory, start_server
 
 MODEL = "tiny"
 LLM_KWARGS = {"kv_cache_memory": 0.05, "max_model_len": 1024}
@@ -257,10 +257,11 @@ def test_health_is_503_until_the_model_has_loaded(tiny_chat_folder: Path) -> Non
         running.stop()
 
 
-def test_failed_load_is_reported_by_health(tmp_path: Path) -> None:
-    running = start_server(engine_factory(str(tmp_path / "missing")), wait_ready=False)
+@pytest.mark.parametrize("placement", ["thread", "process"])
+def test_failed_load_is_reported_by_health(tmp_path: Path, placement: str) -> None:
+    running = start_server(ENGINES[placement](str(tmp_path / "missing")), wait_ready=False)
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while running.state.load_error is None:
             assert time.monotonic() < deadline
             time.sleep(0.05)

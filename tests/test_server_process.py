@@ -239,19 +239,6 @@ def test_a_dead_engine_process_fails_requests_in_flight(tiny_chat_folder: Path) 
         running.stop()
 
 
-def test_failed_load_is_reported_by_health(tmp_path: Path) -> None:
-    running = start_server(process_engine(str(tmp_path / "missing")), wait_ready=False)
-    try:
-        deadline = time.monotonic() + 60
-        while running.state.load_error is None:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        health = httpx.get(f"{running.url}/health")
-        assert health.status_code == 503 and "does not exist" in health.json()["status"]
-    finally:
-        running.stop()
-
-
 # ---- exits -----------------------------------------------------------------------------------
 
 
