@@ -45,8 +45,6 @@ class AsyncEngine(EngineFront):
     ) -> None:
         super().__init__(max_waiting_requests)
         self._loop = _ThreadLoop(self)
-        self._loaded = threading.Event()
-        self._load_error: BaseException | None = None
         self._engine: LLMEngine | None = None
         self._thread = threading.Thread(
             target=self._main, args=(make_engine,), name="strata-engine", daemon=True
@@ -55,10 +53,7 @@ class AsyncEngine(EngineFront):
 
     def wait_loaded(self, timeout: float | None = None) -> LLMEngine:
         """Block until the engine is built; re-raises the error if building failed."""
-        if not self._loaded.wait(timeout):
-            raise TimeoutError(f"the engine did not load within {timeout} s")
-        if self._load_error is not None:
-            raise self._load_error
+        self._wait_for_load(timeout)
         assert self._engine is not None
         return self._engine
 

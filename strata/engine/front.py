@@ -88,6 +88,8 @@ class EngineFront(ABC):
         self._fault: str | None = None  # set by an engine fault: the engine is unusable
         self.stats_snapshot: dict[str, Any] = {}
         self._tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="strata-tokenize")
+        self._loaded = threading.Event()  # set once the engine has loaded or failed to
+        self._load_error: BaseException | None = None
 
     # ---- what the engine is (subclasses) --------------------------------------------------
 
@@ -143,6 +145,13 @@ class EngineFront(ABC):
         raise NotImplementedError
 
     # ---- shared ---------------------------------------------------------------------------
+
+    def _wait_for_load(self, timeout: float | None) -> None:
+        """Block until the engine has loaded; raises the error if loading failed."""
+        if not self._loaded.wait(timeout):
+            raise TimeoutError(f"the engine did not load within {timeout} s")
+        if self._load_error is not None:
+            raise self._load_error
 
     async def run_in_tokenizer_thread(self, fn: Any, *args: Any) -> Any:
         """Run tokenizer work (chat templates, say) on the tokenizer thread."""

@@ -35,10 +35,12 @@ from typing import Any
 import zmq
 
 from strata.config import EngineConfig
+from strata.engine.core.loop import error_output
 from strata.engine.core.process import EngineInfo, run_engine_process
 from strata.engine.core.wire import (
     ReceivedState,
     error_from_wire,
+    failed_item,
     pack,
     params_to_wire,
     unpack,
@@ -74,8 +76,6 @@ class ProcessEngine(EngineFront):
         self._inbox = self._context.socket(zmq.PULL)
         self._inbox.bind(from_engine)
         self._send_lock = threading.Lock()
-        self._loaded = threading.Event()
-        self._load_error: BaseException | None = None
         self._info: EngineInfo | None = None
         self._encoder: PromptEncoder | None = None
         self._requests: dict[str, tuple[RequestStream, ReceivedState]] = {}
@@ -99,10 +99,7 @@ class ProcessEngine(EngineFront):
 
     def wait_loaded(self, timeout: float | None = None) -> EngineInfo:
         """Block until the engine has loaded; raises the engine's error if it did not."""
-        if not self._loaded.wait(timeout):
-            raise TimeoutError(f"the engine did not load within {timeout} s")
-        if self._load_error is not None:
-            raise self._load_error
+        self._wait_for_load(timeout)
         assert self._info is not None
         return self._info
 
@@ -184,9 +181,7 @@ class ProcessEngine(EngineFront):
         with self._lock:
             self._num_submitted -= 1
         message = f"request id {seq.request_id!r} is already in use"
-        out = RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, finished=True)
-        out.finish_reason, out.error = "error", message
-        stream.put(out)
+        stream.put(error_output(seq.request_id, seq, message))
 
     def _push(self, message: list[Any]) -> None:
         data = pack(message)
@@ -291,11 +286,12 @@ class ProcessEngine(EngineFront):
             if future is not None:
                 exc = EngineStoppedError(message)
                 future.get_loop().call_soon_threadsafe(_settle, future, None, exc)
-        items = []
-        for request_id, (_, state) in list(self._requests.items()):
-            kept = len(state.token_ids)
-            items.append([request_id, 1, "error", message, "", "", kept, [], [], None, None, 0])
-        self._dispatch(items)
+        self._dispatch(
+            [
+                failed_item(request_id, message, len(state.token_ids))
+                for request_id, (_, state) in list(self._requests.items())
+            ]
+        )
         with self._lock:  # nothing runs any more
             stats = {**self.stats_snapshot, "num_running": 0, "num_waiting": 0}
             self.stats_snapshot, self._num_added = stats, self._num_submitted

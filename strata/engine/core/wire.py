@@ -69,6 +69,11 @@ def params_from_wire(fields: dict[str, Any]) -> SamplingParams:
     return SamplingParams(**fields)
 
 
+def failed_item(request_id: str, message: str, tokens_kept: int) -> list[Any]:
+    """The item that finishes a request with reason "error", keeping what it received."""
+    return [request_id, FINISHED, "error", message, "", "", tokens_kept, [], [], None, None, 0]
+
+
 def error_to_wire(exc: BaseException) -> list[Any]:
     return [type(exc).__name__, str(exc), getattr(exc, "param", None)]
 
