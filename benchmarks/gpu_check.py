@@ -65,13 +65,15 @@ def model_section() -> bool:
         hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
         params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
         ref = [hf_greedy(hf.to(device), p, 16, device) for p in PROMPTS]
-        for eager in (False, True):
+        for eager, overlap in ((False, "on"), (False, "off"), (True, "on")):
             with tempfile.TemporaryDirectory() as folder:
                 hf.save_pretrained(folder)
                 llm = LLM(folder, device=device, dtype="float32", kv_cache_memory=0.05,
-                          block_size=16, enforce_eager=eager)  # fmt: skip
+                          block_size=16, enforce_eager=eager,
+                          overlap_scheduling=overlap)  # fmt: skip
             engine = llm.engine
             mode = f"{engine.backend.name}{'+graphs' if engine.runner.graphs else ''}"
+            mode += "+overlap" if engine.overlap else ""
             ours = [o.token_ids for o in llm.generate(PROMPTS, params)]
             ok = ours == ref
             failed |= not ok
@@ -89,12 +91,38 @@ def model_section() -> bool:
         rows.append((f"llama-3.2-1b bf16 prompt {len(prompt)}", "tokens equal to HF", f"{same}/32"))
     llm.check_integrity()
 
+    rows += overlap_rows()
+    failed |= any(r[2] == "FAIL" for r in rows)
     rows += logits_rows()
     print(f"\nGPU check on {torch.cuda.get_device_name()}, torch {torch.__version__}")
     print(f"{'case':<34} {'check':<20} result")
     for case, check, result in rows:
         print(f"{case:<34} {check:<20} {result}")
     return not failed
+
+
+def overlap_rows() -> list[tuple[str, str, str]]:
+    """Overlap scheduling against synchronous steps on the 1B shape: greedy, seeded and
+    penalized requests of different lengths, tokens and logprobs equal exactly (the same
+    batches run in both)."""
+    prompts = [[(i * 7919 + j * 104729) % 120000 + 100 for j in range(n)] for i, n in
+               enumerate((16, 200, 700, 1500, 33, 90, 410, 5))]  # fmt: skip
+    params = [
+        SamplingParams(max_tokens=8 + 7 * i, temperature=0.0 if i % 2 else 0.8, seed=i,
+                       ignore_eos=True, frequency_penalty=0.5 * (i % 3), logprobs=i % 3)
+        for i in range(len(prompts))
+    ]  # fmt: skip
+    results = {}
+    for overlap in ("off", "on"):
+        llm = LLM("random:llama-3.2-1b", device="cuda", kv_cache_memory=4, max_model_len=4096,
+                  max_num_batched_tokens=512, overlap_scheduling=overlap)  # fmt: skip
+        outs = llm.generate(prompts, params)
+        llm.check_integrity()
+        results[overlap] = [(o.token_ids, o.logprobs) for o in outs]
+        del llm
+        torch.cuda.empty_cache()
+    same = "PASS" if results["on"] == results["off"] else "FAIL"
+    return [("1b bf16 overlap vs sync, 8 reqs", "tokens+logprobs equal", same)]
 
 
 def recorded_logits(
@@ -105,16 +133,16 @@ def recorded_logits(
     runner = llm.engine.runner
     logits: list[torch.Tensor] = []
     tokens: list[torch.Tensor] = []
-    compute, execute = runner.compute_logits, runner.execute
+    compute, sample = runner.compute_logits, runner.sample
 
-    def record_logits(plan: object) -> torch.Tensor | None:
-        out = compute(plan)  # type: ignore[arg-type]
+    def record_logits(plan: object, feed: object = None) -> torch.Tensor | None:
+        out = compute(plan, feed)  # type: ignore[arg-type]
         if out is not None:
             logits.append(out.clone())
         return out
 
-    def record_tokens(plan: object) -> object:
-        out = execute(plan)  # type: ignore[arg-type]
+    def record_tokens(*args: object) -> object:
+        out = sample(*args)  # type: ignore[arg-type]
         if out is not None:
             if forced is not None:
                 out = dataclasses.replace(out, token_ids=forced[len(tokens)])
@@ -122,11 +150,11 @@ def recorded_logits(
         return out
 
     runner.compute_logits = record_logits  # type: ignore[method-assign]
-    runner.execute = record_tokens  # type: ignore[method-assign]
+    runner.sample = record_tokens  # type: ignore[method-assign,assignment]
     try:
         llm.generate(prompts, SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True))
     finally:
-        del runner.compute_logits, runner.execute
+        del runner.compute_logits, runner.sample
     return logits, tokens
 
 

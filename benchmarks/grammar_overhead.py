@@ -193,12 +193,12 @@ def _kernel_profiler() -> Any:
 
 def engine(
     model: str, device: str, num_requests: int, output_len: int, profile: bool,
-    serial: bool = False,
+    serial: bool = False, overlap: str = "auto",
 ) -> None:  # fmt: skip
     from strata import LLM, SamplingParams
     from strata.engine.structured_output import StructuredOutput
 
-    llm = LLM(None if model == "embedded" else model, device=device)
+    llm = LLM(None if model == "embedded" else model, device=device, overlap_scheduling=overlap)
     builder = llm.engine.runner.grammar_masks
     original = builder.build
     mask_s: list[float] = []
@@ -258,7 +258,8 @@ def engine(
     mixed, lengths = run(True, [output_len] * num_requests)
     masked_steps = list(mask_s)
     base, _ = run(False, lengths)
-    print(f"{model} on {device}, {num_requests} requests, output up to {output_len} tokens "
+    print(f"{model} on {device} (overlap {llm.engine.overlap}), {num_requests} requests, "
+          f"output up to {output_len} tokens "
           f"({sum(lengths):,} in all, the constrained ones' own lengths in both runs)")
     print(f"unconstrained           {base:,.0f} output tokens/s")
     print(f"half JSON-constrained   {mixed:,.0f} output tokens/s ({mixed / base - 1:+.1%})")
@@ -295,6 +296,10 @@ def main() -> None:
         "serial path (to tell the worker's contention from its work)",
     )
     e.add_argument(
+        "--overlap", choices=("auto", "on", "off"), default="auto",
+        help="the engine's overlap_scheduling (default auto: on on CUDA)",
+    )
+    e.add_argument(
         "--switch-interval", type=float, default=None, metavar="S",
         help="sys.setswitchinterval for the run (default: Python's, 0.005 s)",
     )
@@ -308,7 +313,7 @@ def main() -> None:
             sys.setswitchinterval(args.switch_interval)
         engine(
             args.model, args.device, args.num_requests, args.output_len, args.profile,
-            args.serial,
+            args.serial, args.overlap,
         )  # fmt: skip
 
 

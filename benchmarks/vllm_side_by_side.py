@@ -224,6 +224,7 @@ def strata_worker(job: dict[str, Any]) -> dict[str, Any]:
         opts.update(dtype="bfloat16", max_num_batched_tokens=4096)
     if job.get("strata_kv_gib") and not smoke:
         opts["kv_cache_memory"] = job["strata_kv_gib"]
+    opts["overlap_scheduling"] = job.get("strata_overlap", "auto")
     t0 = time.perf_counter()
     llm = LLM(spec, **opts)
     out: dict[str, Any] = {"engine": "strata", "startup_s": time.perf_counter() - t0,
@@ -401,7 +402,7 @@ def server_command(engine: str, job: dict[str, Any], port: int) -> list[str]:
                 "--gpu-memory-utilization", str(job["gpu_memory_utilization"])]  # fmt: skip
         if job.get("strata_kv_gib"):
             cmd += ["--kv-cache-memory", str(job["strata_kv_gib"])]
-        return cmd
+        return [*cmd, "--overlap-scheduling", job.get("strata_overlap", "auto")]
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", folder,
            "--load-format", "dummy", "--dtype", "bfloat16", "--seed", "0",
            "--gpu-memory-utilization", str(job["gpu_memory_utilization"]),
@@ -896,6 +897,8 @@ def main() -> int:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--strata-kv-gib", type=float, default=None,
                         help="Strata's KV pool in GiB (default: 0.9 of memory)")  # fmt: skip
+    parser.add_argument("--strata-overlap", choices=("auto", "on", "off"), default="auto",
+                        help="Strata's overlap_scheduling (default auto: on on CUDA)")  # fmt: skip
     parser.add_argument("--decode-steps", type=int, default=64)
     parser.add_argument("--timeout", type=float, default=540, help="seconds per subprocess")
     parser.add_argument(
@@ -956,6 +959,7 @@ def main() -> int:
                    "decode_steps": 4 if args.smoke else args.decode_steps,
                    "gpu_memory_utilization": args.gpu_memory_utilization,
                    "strata_kv_gib": args.strata_kv_gib, "vllm_site": args.vllm_site,
+                   "strata_overlap": args.strata_overlap,
                    "tokenizer": False}  # fmt: skip
             pair: dict[str, Any] = {"sections": sections, "preset": spec["preset"],
                                     "max_model_len": spec["max_model_len"],

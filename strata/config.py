@@ -204,6 +204,7 @@ def _sliding_window(model_type: str, hf_config: Any) -> int | None:
 # that registry (tests/test_options.py checks it); "auto" and "full" are not entries.
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 AttentionBackendName = Literal["auto", "reference", "triton"]  # registry: attention BACKENDS
+OverlapMode = Literal["auto", "on", "off"]
 KVCacheDtype = Literal["auto", "fp8", "int8", "int4", "int2"]  # registry: kv.codec CODECS
 KVPolicyName = Literal[  # registry: kv.policies POLICIES, then kv.recall RECALL_POLICIES
     "full", "streaming", "h2o", "snapkv", "pyramidkv", "chunkkv", "tova", "treekv",
@@ -500,8 +501,15 @@ class SchedulerConfig:
     max_model_len: int | None = field(default=None, metadata=option(
         "longest sequence, prompt plus output (default: the model's context length)",
     ))  # fmt: skip
+    overlap: OverlapMode = field(default="auto", metadata=option(
+        "schedule and launch step k+1 while the GPU runs step k, so the host's scheduling "
+        "and output work hides behind the GPU's (a step's tokens reach the host one step "
+        "later): auto (on CUDA without tensor parallelism or expert offloading), on, off",
+        keyword="overlap_scheduling",
+    ))  # fmt: skip
 
     def __post_init__(self) -> None:
+        check_choices(self)
         if self.max_num_batched_tokens <= 0:
             raise ValueError(
                 f"max_num_batched_tokens must be > 0, got {self.max_num_batched_tokens}"
@@ -663,6 +671,9 @@ class EngineConfig:
         n = self.parallel.tensor_parallel_size
         refused = {
             "expert offloading (expert_gpu_memory / expert_slots)": self.moe.enabled,
+            "overlap_scheduling on (its workers take each step's ids from the host)": (
+                self.scheduler.overlap == "on"
+            ),
         }
         for what, on in refused.items():
             if on:

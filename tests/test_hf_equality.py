@@ -19,8 +19,8 @@ def _record_logits(llm: LLM) -> list[torch.Tensor]:
     runner = llm.engine.runner
     compute = runner.compute_logits
 
-    def recording(plan: Any) -> torch.Tensor | None:
-        logits = compute(plan)
+    def recording(plan: Any, feed: Any = None) -> torch.Tensor | None:
+        logits = compute(plan, feed)
         if logits is not None:
             seen.append(logits.clone())
         return logits

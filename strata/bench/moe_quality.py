@@ -19,6 +19,7 @@ import torch
 from strata.bench.moe import shape_spec
 from strata.config import CacheConfig, EngineConfig, MoEConfig, SchedulerConfig
 from strata.engine.engine import LLMEngine
+from strata.engine.overlap import SampledStep
 from strata.engine.plan import StepPlan
 from strata.engine.sampling_params import SamplingParams
 
@@ -32,8 +33,8 @@ def run(spec: str, moe: MoEConfig, prompts: list[list[int]], tokens: int):
     seen: list[torch.Tensor] = []
     compute = engine.runner.compute_logits
 
-    def recording(plan: StepPlan) -> torch.Tensor | None:
-        logits = compute(plan)
+    def recording(plan: StepPlan, feed: SampledStep | None = None) -> torch.Tensor | None:
+        logits = compute(plan, feed)
         if logits is not None:
             seen.append(logits.clone())
         return logits

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from strata.attention.backend import AttentionBackend, AttentionMetadata
+from strata.engine.feed import FeedGather
 from strata.engine.staging import PinnedStager
 from strata.kv.cache import KVCache
 from strata.models.llama import LlamaModel
@@ -103,10 +104,12 @@ class DecodeGraphs:
         positions: np.ndarray,
         slots: np.ndarray,
         tables: list[list[int]],
+        feed: FeedGather | None = None,
     ) -> torch.Tensor:
         """Replay for m = len(ids) decode rows; logits [m, vocab], valid until the next run.
 
         positions[i] is row i's new token position, so its context is positions[i] + 1.
+        `feed` writes the in-flight step's tokens over their rows' ids (engine/feed.py).
         """
         m = len(ids)
         n = self.padded_size(m)
@@ -120,9 +123,14 @@ class DecodeGraphs:
         for r, t in enumerate(tables):
             row = t[:width]
             table[r, : len(row)] = row
-        (tok_dev,) = self._ints.upload([tokens])
+        if feed is None:
+            (tok_dev,) = self._ints.upload([tokens])
+        else:
+            tok_dev, rows_dev, sources_dev = self._ints.upload([tokens, feed.rows, feed.sources])
         lens_dev, table_dev = self._int32.upload([lens, table])
         self.tokens[:, :n].copy_(tok_dev)
+        if feed is not None:
+            feed.apply(self.tokens[0], rows_dev, sources_dev)
         self.backend.fill_graph_metadata(self._meta[n], lens_dev, table_dev)
         self._graphs[n].replay()
         return self.logits[:m]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -19,10 +20,12 @@ from strata.engine.build import build_engine_parts
 from strata.engine.finishing import record_logprobs, request_output, stop_reason
 from strata.engine.integrity import check_engine_integrity
 from strata.engine.outputs import RequestOutput
+from strata.engine.overlap import PENDING, LaunchedStep, SampledStep, resolve_overlap, sampling_seqs
 from strata.engine.plan import StepPlan
 from strata.engine.requests import RequestFactory
+from strata.engine.sampler import SamplerOutput
 from strata.engine.sampling_params import SamplingParams
-from strata.engine.sequence import Sequence
+from strata.engine.sequence import Sequence, SequenceStatus
 from strata.errors import InvalidRequestError, is_engine_fault
 
 logger = logging.getLogger("strata.engine")
@@ -49,6 +52,9 @@ class LLMEngine:
         self.prepare = self.requests.prepare
         self.encode_prompt, self.validate = self.requests.encode_prompt, self.requests.validate
         self._seqs: dict[str, Sequence] = {}
+        self.overlap = resolve_overlap(config, self.device)
+        self._launched: LaunchedStep | None = None  # forward queued, not sampled
+        self._sampled: SampledStep | None = None  # sampled, tokens on their way
         self.num_prompt_tokens = 0
         self.num_generated_tokens = 0
 
@@ -78,6 +84,8 @@ class LLMEngine:
         seq = self._seqs.pop(request_id, None)
         if seq is None:
             return None
+        if seq.token_ids[-1] == PENDING:  # sampled by a step in flight: dropped
+            seq.token_ids.pop()
         self.scheduler.finish(seq, reason)
         return request_output(seq, self.tokenizer)
 
@@ -88,6 +96,9 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled step; returns outputs of the requests that got a token.
+
+        Under overlap scheduling (engine/overlap.py) a step's tokens come out of the next
+        call, while the GPU runs the step after it.
 
         A request whose own work raises (its sampling parameters, its KV policy:
         errors.SequenceFault) is finished alone with reason "error" (its blocks freed, the
@@ -102,26 +113,48 @@ class LLMEngine:
             self.rebalancer.step(
                 (s.num_tokens for s in seqs), self.scheduler.num_preemptions, self._preempt_ids
             )
+        start = time.perf_counter()  # overlapped, a call lasts about one GPU step
+        outputs = self._guarded(self._advance_in_flight, [])
         plan = self.scheduler.schedule()
-        failed = self._fail_faults(plan)
+        outputs += self._fail_faults(plan)
         if plan.is_empty:
-            if self.tiers is not None and self.scheduler.has_unfinished():
+            idle = not outputs and self._sampled is None
+            if idle and self.tiers is not None and self.scheduler.has_unfinished():
                 self.tiers.wait(0.01)  # only loads or lookups in flight: nothing to compute yet
-            return failed
-        try:
+            return outputs
+        if not self.overlap:
             start = time.perf_counter()
-            outputs = self._run_plan(plan)
-            self.swap_cost.observe_step(plan.num_tokens, time.perf_counter() - start)
-            if self.tiers is not None and plan.preempted:
-                self.swap_cost.observe_load_rate(self.tiers.load_bytes_per_s())
-            return failed + outputs
+        outputs += self._guarded(lambda: self._run_plan(plan), [c.seq for c in plan.chunks])
+        self.swap_cost.observe_step(plan.num_tokens, time.perf_counter() - start)
+        if self.tiers is not None and plan.preempted:
+            self.swap_cost.observe_load_rate(self.tiers.load_bytes_per_s())
+        return outputs
+
+    def _guarded(
+        self, work: Callable[[], list[RequestOutput]], involved: list[Sequence]
+    ) -> list[RequestOutput]:
+        """work(), or, if it raises (not an engine fault), the failure of the requests in
+        `involved` and in flight."""
+        try:
+            return work()
         except Exception as exc:
             if is_engine_fault(exc):
                 logger.critical("engine fault (not caused by one request): %r", exc)
                 raise
-            logger.exception("engine step failed; failing the %d requests in it", len(plan.chunks))
+            involved = involved + self._drop_in_flight()
+            logger.exception("engine step failed; failing the %d requests in it", len(involved))
             message = f"the engine failed while running this request: {type(exc).__name__}: {exc}"
-            return failed + self.fail([c.seq.request_id for c in plan.chunks], message)
+            return self.fail(list(dict.fromkeys(s.request_id for s in involved)), message)
+
+    def _drop_in_flight(self) -> list[Sequence]:
+        """Forget the steps in flight; their sequences."""
+        seqs: list[Sequence] = []
+        if self._sampled is not None:
+            seqs += self._sampled.seqs
+        if self._launched is not None:
+            seqs += [c.seq for c in self._launched.plan.chunks]
+        self._sampled = self._launched = None
+        return seqs
 
     def _fail_faults(self, plan: StepPlan) -> list[RequestOutput]:
         """Fail, each alone, the requests whose own work raised (plan.faults, emptied)."""
@@ -165,12 +198,85 @@ class LLMEngine:
         """Ids of every request queued or running."""
         return list(self._seqs)
 
+    # ---- running a plan, synchronously or overlapped -----------------------------------
+
     def _run_plan(self, plan: StepPlan) -> list[RequestOutput]:
-        plan, sampled = self.runner.execute(plan)  # without the chunks of faulty requests
+        if self._sampled is None and not self.overlap:
+            plan, sampled = self.runner.execute(plan)  # without the chunks of faulty requests
+            rows = sampling_seqs(plan)
+            outputs: list[RequestOutput] = []
+        else:
+            plan, logits = self.runner.launch(plan, self._sampled)
+            rows = sampling_seqs(plan)
+            if self._overlaps(plan):
+                self._launched = LaunchedStep(plan, logits, rows, self._record_step_event())
+                return self._fail_faults(plan)
+            outputs = self._take_sampled()  # tokens in flight come first
+            sampled = self.runner.sample(plan, logits, rows)
         # A step that samples nothing has no host sync: tier stores must wait for its KV.
         computed = self._record_step_event()
         tokens = [] if sampled is None else sampled.token_ids.tolist()  # the one host sync
-        got_token = self.scheduler.update(plan, tokens, computed)
+        self.scheduler.record_computed(plan, computed)
+        got_token = self.scheduler.append_tokens(list(rows), tokens)
+        return outputs + self._emit(plan, got_token, sampled)
+
+    def _overlaps(self, plan: StepPlan) -> bool:
+        """Whether the plan's tokens may reach the host a step late: not when a KV policy,
+        the recall store or prompt logprobs read them right after the step."""
+        return self.overlap and all(
+            c.seq.kv is None and c.seq.recall is None and c.seq.params.prompt_logprobs is None
+            for c in plan.chunks
+        )
+
+    def _advance_in_flight(self) -> list[RequestOutput]:
+        """Take the tokens of the step sampled last time, then sample the step launched
+        last time (its tokens come out of the next call)."""
+        outputs = self._take_sampled()
+        launched = self._launched
+        if launched is None:
+            return outputs
+        # Not the rows of sequences finished or preempted since the launch.
+        keep = [i for i, s in enumerate(launched.sampling) if s.status is SequenceStatus.RUNNING]
+        all_kept = len(keep) == len(launched.sampling)
+        sampled = self.runner.sample(
+            launched.plan, launched.logits, launched.sampling, None if all_kept else keep
+        )
+        self.scheduler.record_computed(launched.plan, launched.computed)
+        if sampled is not None:
+            seqs = [launched.sampling[i] for i in keep]
+            self._sampled = SampledStep(launched.plan, seqs, sampled)
+            for seq in seqs:
+                seq.token_ids.append(PENDING)
+        self._launched = None
+        return outputs
+
+    def _take_sampled(self) -> list[RequestOutput]:
+        """The outputs of the step whose tokens are on their way to the host."""
+        step = self._sampled
+        if step is None:
+            return []
+        host = step.wait()
+        got_token: list[Sequence] = []
+        rows: list[int] = []
+        for row, (seq, token) in enumerate(zip(step.seqs, host.token_ids.tolist(), strict=True)):
+            if seq.finished:
+                continue  # aborted or failed meanwhile: its placeholder went with it
+            assert seq.token_ids[-1] == PENDING, seq.request_id
+            seq.token_ids[-1] = token
+            got_token.append(seq)
+            rows.append(row)
+        self._sampled = None
+        return self._emit(step.plan, got_token, host, rows)
+
+    def _emit(
+        self,
+        plan: StepPlan,
+        got_token: list[Sequence],
+        sampled: SamplerOutput | None,
+        rows: list[int] | None = None,
+    ) -> list[RequestOutput]:
+        """Stop checks and outputs for the sequences that got a token; `rows`: their rows
+        of `sampled` (default 0, 1, ...)."""
         # Constrained sequences that go on get their next masks filled on a worker while
         # this step finishes and the next is scheduled (finishing reads no matcher).
         self.runner.grammar_masks.advance(
@@ -180,7 +286,7 @@ class LLMEngine:
         plan.faults.extend(self.kv_policies.after_step(plan))
         outputs += self._fail_faults(plan)
         if sampled is not None and sampled.logprobs is not None:
-            record_logprobs(got_token, sampled)
+            record_logprobs(got_token, sampled, rows)
         for seq in got_token:
             if seq.finished:
                 continue  # failed above; its output carries the error

@@ -51,14 +51,18 @@ def _nothing_allowed(seq: Sequence) -> str:
     return "stop"
 
 
-def record_logprobs(seqs: list[Sequence], sampled: SamplerOutput) -> None:
-    """Append row i's chosen and top-N log-probabilities to seqs[i] (if it asked)."""
+def record_logprobs(
+    seqs: list[Sequence], sampled: SamplerOutput, rows: list[int] | None = None
+) -> None:
+    """Append row rows[i]'s (default i's) chosen and top-N log-probabilities to seqs[i]
+    (if it asked)."""
     assert sampled.logprobs is not None and sampled.top_ids is not None
     assert sampled.top_logprobs is not None
     chosen = sampled.logprobs.tolist()
     top_ids = sampled.top_ids.tolist()
     top_lp = sampled.top_logprobs.tolist()
-    for row, seq in enumerate(seqs):
+    for i, seq in enumerate(seqs):
+        row = i if rows is None else rows[i]
         n = seq.params.logprobs
         if n is None:
             continue

@@ -22,11 +22,14 @@ import torch
 
 from strata.attention.backend import AttentionBackend, StepMetadata
 from strata.engine.cuda_graphs import DecodeGraphs
+from strata.engine.feed import FeedGather, FeedRows
 from strata.engine.grammar_mask import GrammarMaskBuilder
 from strata.engine.logits_adjust import build_adjustment
+from strata.engine.overlap import SampledStep, sampling_seqs
 from strata.engine.plan import StepPlan
 from strata.engine.prompt_logprobs import PromptRows
 from strata.engine.sampler import Sampler, SamplerOutput, SamplingBatch, check_sampling_row
+from strata.engine.sequence import Sequence
 from strata.engine.staging import PinnedStager
 from strata.engine.step_stats import StepStats
 from strata.engine.tp.parallel import TensorParallel
@@ -75,26 +78,48 @@ class ModelRunner:
         A request whose own parameters or KV policy raise before the model runs is left
         out of the plan it returns (its fault in `plan.faults`); one whose policy raises
         while observing stays in it, with its fault recorded (see StepPlan)."""
+        plan, logits = self.launch(plan)
+        return plan, self.sample(plan, logits, sampling_seqs(plan))
+
+    def launch(
+        self, plan: StepPlan, feed: SampledStep | None = None
+    ) -> tuple[StepPlan, torch.Tensor | None]:
+        """The first half of `execute`: the model's kernels, queued. Returns the plan it
+        ran and its logits (None when no row needs them). A position whose token is still
+        PENDING takes its id from `feed`, the step in flight that sampled it."""
         while True:
             try:
                 self._check_sampling_rows(plan)
-                logits = self.compute_logits(plan)
-                break
+                return plan, self.compute_logits(plan, feed)
             except SequenceFault as fault:
                 plan = plan.without(fault)
                 if plan.is_empty:
                     return plan, None
+
+    def sample(
+        self,
+        plan: StepPlan,
+        logits: torch.Tensor | None,
+        rows: tuple[Sequence, ...],
+        keep: list[int] | None = None,
+    ) -> SamplerOutput | None:
+        """The second half of `execute`: record the plan's prompt logprobs and sample its
+        rows (`rows`: the sampling sequences at launch); only rows `keep` if given."""
         if logits is None:
-            return plan, None
-        num_sampling = sum(c.samples for c in plan.chunks)
+            return None
         prompt = PromptRows.of(plan)
         if prompt is not None:
-            prompt.record(logits[num_sampling:])
-        if not num_sampling:
-            return plan, None
+            prompt.record(logits[len(rows) :])
+        seqs = list(rows)
+        if keep is not None:
+            index = torch.from_numpy(np.asarray(keep, np.int64))  # no sync: pageable, async
+            logits = logits.index_select(0, index.to(logits.device, non_blocking=True))
+            seqs = [rows[i] for i in keep]
+        if not seqs:
+            return None
         # Host work from here on (masks included) overlaps the model's kernels on a GPU.
-        batch = self._sampling_batch(plan, logits.shape[-1])
-        return plan, self.sampler(logits[:num_sampling], batch)
+        batch = self._sampling_batch(seqs, logits.shape[-1])
+        return self.sampler(logits[: len(seqs)], batch)
 
     def _check_sampling_rows(self, plan: StepPlan) -> None:
         """SequenceFault for the first sampling request whose values do not fit the batch."""
@@ -105,9 +130,12 @@ class ModelRunner:
                     check_sampling_row(seq.params, seq.seed)
                 seq.sampling_checked = True
 
-    def compute_logits(self, plan: StepPlan) -> torch.Tensor | None:
+    def compute_logits(
+        self, plan: StepPlan, feed: SampledStep | None = None
+    ) -> torch.Tensor | None:
         """Run the model for one step; float32 logits of the sampling chunks, in order,
-        then of the prompt positions to score (PromptRows.of(plan).rows).
+        then of the prompt positions to score (PromptRows.of(plan).rows). PENDING tokens
+        are gathered from `feed` on the device.
 
         From a graph replay the logits are a view valid until the next step. Raises
         SequenceFault, before the model runs, for a request whose KV policy raised."""
@@ -122,12 +150,13 @@ class ModelRunner:
         ):
             if self.step_log is not None:
                 self.step_log.append(StepStats.of(plan, graph=True))
-            return self._replay(graphs, plan)
+            return self._replay(graphs, plan, feed)
         if self.step_log is not None:
             self.step_log.append(StepStats.of(plan, graph=False))
         ids: list[int] = []
         positions: list[np.ndarray] = []
         logits_rows: list[int] = []
+        gather = FeedRows()
         offset = 0
         for chunk in plan.chunks:
             seq = chunk.seq
@@ -136,29 +165,36 @@ class ModelRunner:
             offset += chunk.num_tokens
             if chunk.samples:
                 logits_rows.append(offset - 1)
+                gather.add(feed, seq, offset - 1)
         prompt = PromptRows.of(plan)
         if prompt is not None:
             logits_rows.extend(prompt.rows)
         step = self.kv_step.build(plan)  # slot == position unless a policy evicted
+        ids_array = np.asarray(ids, dtype=np.int64)
+        ids_array[gather.rows] = 0  # PENDING: the feed's token replaces it on the device
         inputs = StepInputs(
-            np.asarray(ids, dtype=np.int64), np.concatenate(positions), step.slot_mapping,
+            ids_array, np.concatenate(positions), step.slot_mapping,
             np.asarray(logits_rows, dtype=np.int64), step.layout,
             layer_layouts=tuple(step.layer_layouts), layer_of=np.asarray(step.layer_of, np.int64),
         )  # fmt: skip
-        logits, observer = self._forward(step, inputs, plan)
+        logits, observer = self._forward(step, inputs, plan, gather.on(feed))
         if observer is not None:
             plan.faults.extend(observer.faults.values())
         return logits if logits_rows else None
 
     def _forward(
-        self, step: StepKV, inputs: StepInputs, plan: StepPlan
+        self, step: StepKV, inputs: StepInputs, plan: StepPlan, gather: FeedGather | None
     ) -> tuple[torch.Tensor, StepObserver | GatheredObserver | None]:
         """The model over the step's flat batch, and the observer it ran with; under tensor
         parallelism the workers get the same inputs first and run their shares alongside
         (strata/engine/tp), and a KV policy's scores are gathered (runtime/gathered.py)."""
-        ids_t, pos_t, slot_t, rows_t = self._ints.upload(
-            [inputs.ids, inputs.positions, inputs.slots, inputs.logits_rows]
-        )
+        parts = [inputs.ids, inputs.positions, inputs.slots, inputs.logits_rows]
+        if gather is not None:
+            parts += [gather.rows, gather.sources]
+        ids_t, pos_t, slot_t, rows_t, *feed_t = self._ints.upload(parts)
+        if gather is not None:
+            assert self.parallel is None, "the workers take their ids from rank 0's host"
+            gather.apply(ids_t, *feed_t)
         inner = self._metadata(step, slot_t)
         backend: AttentionBackend[Any] = self.backend
         meta: StepMetadata
@@ -214,7 +250,9 @@ class ModelRunner:
             return self.backend.prepare(step.layout, slots, self.device)
         return layer_metadata(self.backend, step.layer_layouts, step.layer_of, self.device)
 
-    def _replay(self, graphs: DecodeGraphs, plan: StepPlan) -> torch.Tensor:
+    def _replay(
+        self, graphs: DecodeGraphs, plan: StepPlan, feed: SampledStep | None
+    ) -> torch.Tensor:
         bs = self.kv.block_size
         positions = np.fromiter((c.start for c in plan.chunks), np.int64, len(plan.chunks))
         tables = [c.block_table for c in plan.chunks]
@@ -224,10 +262,15 @@ class ModelRunner:
             len(tables),
         )
         ids = [c.seq.token_ids[c.start] for c in plan.chunks]
-        return graphs.run(ids, positions, slots, tables)
+        gather = FeedRows()
+        for row, chunk in enumerate(plan.chunks):
+            gather.add(feed, chunk.seq, row)
+        for row in gather.rows:
+            ids[row] = 0  # PENDING: the feed's token replaces it on the device
+        return graphs.run(ids, positions, slots, tables, gather.on(feed))
 
-    def _sampling_batch(self, plan: StepPlan, vocab: int) -> SamplingBatch:
-        seqs = [c.seq for c in plan.chunks if c.samples]  # checked by _check_sampling_rows
+    def _sampling_batch(self, seqs: list[Sequence], vocab: int) -> SamplingBatch:
+        """The batch of sampling rows `seqs` (each checked by _check_sampling_rows)."""
         params = [s.params for s in seqs]
         wanted = [p.logprobs for p in params if p.logprobs is not None]
         floats = np.array([[p.temperature, p.top_p, p.min_p] for p in params], np.float32)

@@ -34,6 +34,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from strata.config import SchedulerConfig
+from strata.engine.overlap import PENDING
 from strata.engine.plan import ScheduledChunk, StepPlan
 from strata.engine.prompt_logprobs import next_unscored
 from strata.engine.sequence import Sequence, SequenceStatus
@@ -92,6 +93,9 @@ class Scheduler:
             if seq.recall is not None:  # its KV is in the recall store: no blocks to grow
                 budget -= self._recall_chunk(seq, budget, chunks)
                 i += 1
+                continue
+            if seq.token_ids[-1] == PENDING and seq.num_output_tokens >= seq.max_tokens:
+                i += 1  # its last token is on the way and ends it (overlap.py)
                 continue
             try:
                 with blame(seq.request_id):  # its KV policy's answers
@@ -296,18 +300,28 @@ class Scheduler:
         write-through of the blocks this step filled behind the kernels that wrote them.
         Returns the sequences that received a new token.
         """
-        got_token: list[Sequence] = []
-        tokens = iter(sampled)
+        rows = [c.seq for c in plan.chunks if c.samples]
+        self.record_computed(plan, computed)
+        return self.append_tokens(rows, sampled)
+
+    def record_computed(self, plan: StepPlan, computed: Any = None) -> None:
+        """The first half of `update`: the plan's tokens are computed (their full blocks
+        indexed). A sequence finished or preempted since the plan was made is left alone."""
         for chunk in plan.chunks:
             seq = chunk.seq
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
             seq.num_computed = chunk.end
             self._skip_reused(seq)
             self.kv.commit(seq.request_id, seq.token_ids, seq.num_computed)
-            if chunk.samples:
-                seq.token_ids.append(next(tokens))
-                got_token.append(seq)
         self.tier_loads.write_through(computed)
-        return got_token
+
+    @staticmethod
+    def append_tokens(rows: list[Sequence], sampled: list[int]) -> list[Sequence]:
+        """The second half of `update`: row i's token goes to rows[i]; returns them."""
+        for seq, token in zip(rows, sampled, strict=True):
+            seq.token_ids.append(token)
+        return rows
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Stop a sequence and free its blocks at once, wherever it is.

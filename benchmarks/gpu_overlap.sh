@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Overlap scheduling on the GPU machine (issues 19 and 23), each measure with the overlap
+# off (synchronous steps, the engine before) and on, in the same call. Results in $OUT.
+#   bash benchmarks/gpu_overlap.sh [check] [offline] [grammar] [decode] [http]
+#     check    gpu_check.py --only models: tiny models against HF (graphs, eager, overlap
+#              on and off) and overlap against synchronous steps on the 1B shape
+#     offline  vllm_side_by_side.py --engines strata, 1B and 8B offline workloads,
+#              overlap off then on (JSON: $OUT/sbs_off.json, $OUT/sbs_on.json)
+#     grammar  grammar_overhead.py engine (1B, 256 requests, half JSON-constrained),
+#              overlap off then on
+#     decode   vllm_side_by_side.py --only decode (8B, batch 1, 128/4k/32k), off then on
+#     http     http_front.py: offline against HTTP (engine in its own process and in
+#              process), 1B; needs fastapi, uvicorn and pyzmq (PYTHONPATH has
+#              /tmp/vllm-site after benchmarks/vllm_device_join.sh)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-out}"; mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+stages=" ${*:-check offline grammar} "
+has() { [[ "$stages" == *" $1 "* ]]; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+if has grammar && ! python3 -c "import xgrammar" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+    .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"  # xgrammar, pydantic (carried)
+fi
+if has check; then
+  python3 benchmarks/gpu_check.py --only models 2>&1 | tee "$OUT/gpu_check.log" | tail -25
+fi
+if has offline; then
+  for mode in off on; do
+    python3 benchmarks/vllm_side_by_side.py --engines strata --only offline-1b,offline-8b \
+      --strata-overlap "$mode" --json "$OUT/sbs_$mode.json" 2>&1 | tail -8
+  done
+fi
+if has grammar; then
+  for mode in off on; do
+    python3 benchmarks/grammar_overhead.py engine --overlap "$mode" 2>&1 \
+      | tee "$OUT/grammar_$mode.log" | tail -5
+  done
+fi
+if has decode; then
+  for mode in off on; do
+    python3 benchmarks/vllm_side_by_side.py --engines strata --only decode \
+      --strata-overlap "$mode" --json "$OUT/decode_$mode.json" 2>&1 | tail -6
+  done
+fi
+if has http; then
+  python3 benchmarks/http_front.py --model random:llama-3.2-1b --device cuda --vocab-size 128256 \
+    --num-requests 1024 --input-len 100-1024 --output-len 100-1024 --concurrency 256 \
+    --repeats 2 2>&1 | tee "$OUT/http_front.log" | tail -12
+fi
