@@ -31,9 +31,14 @@ def _params() -> list[SamplingParams]:
         SamplingParams(max_tokens=9, temperature=0.9, seed=11, ignore_eos=True, logprobs=2),
         SamplingParams(max_tokens=23, temperature=0, ignore_eos=True, frequency_penalty=1.2),
         SamplingParams(
-            max_tokens=14, temperature=0.7, top_p=0.8, seed=5, ignore_eos=True,
-            presence_penalty=0.5, logit_bias={40: 4.0},
-        ),  # fmt: skip
+            max_tokens=14,
+            temperature=0.7,
+            top_p=0.8,
+            seed=5,
+            ignore_eos=True,
+            presence_penalty=0.5,
+            logit_bias={40: 4.0},
+        ),
         SamplingParams(max_tokens=1, temperature=0, ignore_eos=True),
     ]
 

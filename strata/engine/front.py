@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from strata.engine.outputs import RequestOutput
+from strata.engine.outputs import RequestOutput, coalesce
 from strata.engine.sampling_params import SamplingParams
 from strata.engine.sequence import Sequence as EngineSequence
 from strata.errors import StrataError
@@ -47,14 +47,24 @@ class RequestStream:
         self._engine = engine
         self.loop = loop
         self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._held: RequestOutput | None = None  # taken from the queue, not yet returned
 
     def __aiter__(self) -> RequestStream:
         return self
 
     async def __anext__(self) -> RequestOutput:
+        """The next output; outputs that queued up meanwhile (a consumer slower than the
+        engine) come as one, with their deltas joined, so a stream never falls further
+        behind one step at a time."""
         if self.finished:
             raise StopAsyncIteration
-        out = await self._queue.get()
+        out, self._held = self._held or await self._queue.get(), None
+        while not out.finished and out.error is None and not self._queue.empty():
+            later = self._queue.get_nowait()
+            if later.error is not None:  # its own output: what came before is delivered
+                self._held = later
+                break
+            out = coalesce(out, later)
         self.finished = out.finished
         return out
 

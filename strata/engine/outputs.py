@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -38,3 +38,13 @@ class RequestOutput:
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
     error: str | None = None
+
+
+def coalesce(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """One output for two consecutive outputs of a request: the later one's state (text,
+    token_ids and logprobs are cumulative) with both deltas."""
+    return replace(
+        later,
+        delta_text=earlier.delta_text + later.delta_text,
+        delta_token_ids=earlier.delta_token_ids + later.delta_token_ids,
+    )
