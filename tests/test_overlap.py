@@ -120,6 +120,31 @@ def test_early_stops_drop_the_row_computed_after_them(folder: Path, reference: A
             assert [x.logprob for x in lp] == pytest.approx([x.logprob for x in expected_lp])
 
 
+def test_a_stop_found_while_a_synchronous_step_is_built(folder: Path, reference: Any) -> None:
+    """A KV-policy request makes every step synchronous; a request whose in-flight token
+    stops it is dropped from the step that was launched with it."""
+    params = _params()
+    params[0] = SamplingParams(max_tokens=17, temperature=0, stop_token_ids=[reference[0][0][4]])
+    params[4] = SamplingParams(
+        max_tokens=30, temperature=0, ignore_eos=True, kv_policy="streaming", kv_budget=8
+    )
+    expected = _generate(_llm(folder, "off", max_num_batched_tokens=5), params)
+    llm = _llm(folder, "on", max_num_batched_tokens=5)
+    sample = llm.engine.runner.sample
+    dropped: list[int] = []
+
+    def spy(plan: Any, logits: Any, rows: Any, keep: Any = None) -> Any:
+        if keep is not None:
+            dropped.append(len(rows) - len(keep))
+        return sample(plan, logits, rows, keep)
+
+    llm.engine.runner.sample = spy  # type: ignore[method-assign]
+    got = _generate(llm, params)
+    assert [(t, r) for t, _, r in got] == [(t, r) for t, _, r in expected]
+    assert got[0][2] == "stop" and len(got[0][0]) == 5
+    assert dropped == [1]  # the stopped request's row, launched before its stop was seen
+
+
 def test_abort_while_a_token_is_in_flight(folder: Path) -> None:
     llm = _llm(folder, "on")
     engine = llm.engine

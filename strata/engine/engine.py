@@ -212,13 +212,23 @@ class LLMEngine:
                 self._launched = LaunchedStep(plan, logits, rows, self._record_step_event())
                 return self._fail_faults(plan)
             outputs = self._take_sampled()  # tokens in flight come first
-            sampled = self.runner.sample(plan, logits, rows)
+            rows, sampled = self._sample_running(plan, logits, rows)
         # A step that samples nothing has no host sync: tier stores must wait for its KV.
         computed = self._record_step_event()
         tokens = [] if sampled is None else sampled.token_ids.tolist()  # the one host sync
         self.scheduler.record_computed(plan, computed)
         got_token = self.scheduler.append_tokens(list(rows), tokens)
         return outputs + self._emit(plan, got_token, sampled)
+
+    def _sample_running(
+        self, plan: StepPlan, logits: torch.Tensor | None, rows: tuple[Sequence, ...]
+    ) -> tuple[tuple[Sequence, ...], SamplerOutput | None]:
+        """Sample the rows of a launched plan whose sequences still run (not finished or
+        preempted since the launch); those sequences, and their tokens."""
+        keep = [i for i, s in enumerate(rows) if s.status is SequenceStatus.RUNNING]
+        if len(keep) == len(rows):
+            return rows, self.runner.sample(plan, logits, rows)
+        return tuple(rows[i] for i in keep), self.runner.sample(plan, logits, rows, keep)
 
     def _overlaps(self, plan: StepPlan) -> bool:
         """Whether the plan's tokens may reach the host a step late: not when a KV policy,
@@ -235,16 +245,10 @@ class LLMEngine:
         launched = self._launched
         if launched is None:
             return outputs
-        # Not the rows of sequences finished or preempted since the launch.
-        keep = [i for i, s in enumerate(launched.sampling) if s.status is SequenceStatus.RUNNING]
-        all_kept = len(keep) == len(launched.sampling)
-        sampled = self.runner.sample(
-            launched.plan, launched.logits, launched.sampling, None if all_kept else keep
-        )
+        seqs, sampled = self._sample_running(launched.plan, launched.logits, launched.sampling)
         self.scheduler.record_computed(launched.plan, launched.computed)
         if sampled is not None:
-            seqs = [launched.sampling[i] for i in keep]
-            self._sampled = SampledStep(launched.plan, seqs, sampled)
+            self._sampled = SampledStep(launched.plan, list(seqs), sampled)
             for seq in seqs:
                 seq.token_ids.append(PENDING)
         self._launched = None
