@@ -6,12 +6,13 @@
 #              on and off) and overlap against synchronous steps on the 1B shape
 #     offline  vllm_side_by_side.py --engines strata, 1B and 8B offline workloads,
 #              overlap off then on (JSON: $OUT/sbs_off.json, $OUT/sbs_on.json)
-#     grammar  grammar_overhead.py engine (1B, 256 requests, half JSON-constrained),
-#              overlap off then on
+#     grammar  grammar_overhead.py engine (1B shape with the SmolLM2 tokenizer from .gl_tok/,
+#              256 requests, half JSON-constrained), overlap off then on; carry .whl/
+#              (xgrammar, pydantic) and .gl_tok/ (the 1B config beside tokenizer files)
 #     decode   vllm_side_by_side.py --only decode (8B, batch 1, 128/4k/32k), off then on
 #     http     http_front.py: offline against HTTP (engine in its own process and in
-#              process), 1B; needs fastapi, uvicorn and pyzmq (PYTHONPATH has
-#              /tmp/vllm-site after benchmarks/vllm_device_join.sh)
+#              process), 1B; carry .srvwhl/ (fastapi, starlette, uvicorn, pyzmq wheels:
+#              pip download them as pinned in requirements/runtime.lock)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-out}"; mkdir -p "$OUT"
@@ -19,10 +20,12 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 stages=" ${*:-check offline grammar} "
 has() { [[ "$stages" == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-if has grammar && ! python3 -c "import xgrammar" 2>/dev/null; then
+wheels() {  # carried wheels into /tmp/site, on PYTHONPATH
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-    .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"  # xgrammar, pydantic (carried)
-fi
+    "$@" > /dev/null && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+}
+if has grammar && ! python3 -c "import xgrammar" 2>/dev/null; then wheels .whl/*.whl; fi
+if has http && ! python3 -c "import fastapi, uvicorn, zmq" 2>/dev/null; then wheels .srvwhl/*.whl; fi
 if has check; then
   python3 benchmarks/gpu_check.py --only models 2>&1 | tee "$OUT/gpu_check.log" | tail -25
 fi
@@ -34,7 +37,8 @@ if has offline; then
 fi
 if has grammar; then
   for mode in off on; do
-    python3 benchmarks/grammar_overhead.py engine --overlap "$mode" 2>&1 \
+    python3 benchmarks/grammar_overhead.py engine --model "random:$PWD/.gl_tok/config.json" \
+      --num-requests 256 --output-len 256 --overlap "$mode" 2>&1 \
       | tee "$OUT/grammar_$mode.log" | tail -5
   done
 fi

@@ -197,3 +197,21 @@ def test_overlap_setting() -> None:
             scheduler=SchedulerConfig(overlap="on"),
             parallel=ParallelConfig(tensor_parallel_size=2),
         )
+
+
+def test_final_only_requests_get_their_finished_output_alone(folder: Path) -> None:
+    """Offline generate wants finished outputs only: no output object per step."""
+    llm = _llm(folder, "off")
+    engine = llm.engine
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    quiet = engine.prepare(PROMPTS[0], params)
+    quiet.final_only = True
+    engine.enqueue(quiet)
+    loud = engine.add_request(PROMPTS[1], params)
+    seen: dict[str, list[bool]] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            seen.setdefault(out.request_id, []).append(out.finished)
+    assert seen[quiet.request_id] == [True]
+    assert seen[loud] == [False] * 5 + [True]
+    assert_no_leaks(llm)

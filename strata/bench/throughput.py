@@ -95,7 +95,9 @@ def run_strata(llm: LLM, workload: Workload, concurrency: int) -> ThroughputResu
         in_flight = 0
         while queue or in_flight:
             while queue and in_flight < concurrency:
-                engine.add_request(*queue.pop())
+                seq = engine.prepare(*queue.pop())
+                seq.final_only = True  # only finished outputs are read below
+                engine.enqueue(seq)
                 in_flight += 1
             for out in engine.step():
                 if out.finished:

@@ -305,6 +305,8 @@ class LLMEngine:
                     self.sessions.pin(seq.params.session_id, ttl, seq.request_id)
                 self.scheduler.finish(seq, reason)
                 del self._seqs[seq.request_id]
+            elif seq.final_only:
+                continue  # an output a step would cost O(tokens) for nobody
             outputs.append(request_output(seq, self.tokenizer, delta_tokens=1))
         return outputs
 

@@ -67,6 +67,8 @@ class LLM:
         param_list = _broadcast(params, len(batch))
         self.engine.requests.grammars.prefetch(p.structured_output for p in param_list)
         seqs = [self.engine.prepare(prompt, p) for prompt, p in zip(batch, param_list, strict=True)]
+        for seq in seqs:
+            seq.final_only = True  # _run reads finished outputs only
         return self._run([self.engine.enqueue(seq) for seq in seqs], use_tqdm)
 
     def chat(

@@ -97,16 +97,17 @@ class Scheduler:
             if seq.token_ids[-1] == PENDING and seq.num_output_tokens >= seq.max_tokens:
                 i += 1  # its last token is on the way and ends it (overlap.py)
                 continue
-            try:
-                with blame(seq.request_id):  # its KV policy's answers
-                    n = self._to_hole_end(seq, min(seq.num_tokens - seq.num_computed, budget))
-                    if seq.kv is not None:
+            n = self._to_hole_end(seq, min(seq.num_tokens - seq.num_computed, budget))
+            spare = 0
+            if seq.kv is not None:
+                try:
+                    with blame(seq.request_id):  # its KV policy's answers
                         n = seq.kv.chunk_limit(seq.num_computed, n)
-                    spare = self._spare_blocks(seq, n)
-            except SequenceFault as fault:
-                faults.append(fault)  # left out of the step; the engine fails it
-                i += 1
-                continue
+                        spare = self._spare_blocks(seq, n)
+                except SequenceFault as fault:
+                    faults.append(fault)  # left out of the step; the engine fails it
+                    i += 1
+                    continue
             slots = seq.num_kv_slots + n + spare * self.kv.block_size
             while not self.kv.grow(seq.request_id, slots):
                 if self.reclaim is not None and self.reclaim():

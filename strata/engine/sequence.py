@@ -56,6 +56,7 @@ class Sequence:
     grammar: xgrammar.GrammarMatcher | None = None
     grammar_accepted: int = 0  # output tokens the matcher has accepted (grammar_mask.py)
     sampling_checked: bool = False  # its sampling values fit the batch (runner.py)
+    final_only: bool = False  # only its finished output is wanted (offline generate)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
