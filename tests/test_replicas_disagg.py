@@ -87,6 +87,14 @@ def test_decode_loads_the_prefilled_blocks_and_equals_colocated(
     assert disagg.stats(0, "prefill")["kv_tier_remote_bytes_written"] > 0
 
 
+def test_metrics_hold_both_pools_replicas(disagg: RunningReplicas) -> None:
+    text = httpx.get(f"{disagg.url}/metrics").text
+    for name in ("prefill-0", "replica-0"):
+        assert f'strata_replica_up{{replica="{name}"}} 1.0' in text
+        assert f'strata_prompt_tokens_total{{replica="{name}"}}' in text  # its engine's
+    assert text.count("# TYPE strata_prompt_tokens_total counter") == 1
+
+
 def test_a_prefix_the_decode_replica_holds_skips_the_prefill(
     disagg: RunningReplicas, colocated: list[list[int]]
 ) -> None:

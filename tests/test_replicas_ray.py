@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from strata.cli import main
 from strata.errors import StrataError
@@ -90,6 +91,38 @@ def test_metrics_count_routing_decisions_by_reason(replicas: RunningReplicas) ->
     decisions = "strata_router_decisions_total"
     assert f'{decisions}{{reason="prefix",replica="replica-0",router="kv-aware"}}' in text
     assert 'reason="load",replica="replica-1"' in text
+
+
+def finished_by_replica(r: RunningReplicas) -> tuple[dict[str, float], dict[str, float]]:
+    """From the front's /metrics: requests finished per replica (all reasons), and up."""
+    text = httpx.get(f"{r.url}/metrics").text
+    finished: dict[str, float] = {}
+    up: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "strata_request_finished_total":
+                replica = s.labels["replica"]
+                finished[replica] = finished.get(replica, 0.0) + s.value
+            elif s.name == "strata_replica_up":
+                up[s.labels["replica"]] = s.value
+    return finished, up
+
+
+def test_metrics_hold_every_replicas_own_metrics(replicas: RunningReplicas) -> None:
+    before, _ = finished_by_replica(replicas)
+    sent = {"replica-0": 0, "replica-1": 0}
+    for system in (*SYSTEM, *SYSTEM):
+        sent[chat(replicas, system, "Metrics?").headers["x-strata-replica"]] += 1
+    deadline = time.monotonic() + 10  # a replica counts a request as its handler closes
+    while True:
+        after, up = finished_by_replica(replicas)
+        deltas = {name: after.get(name, 0.0) - before.get(name, 0.0) for name in sent}
+        if deltas == sent or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert deltas == sent and sum(deltas.values()) == 4
+    assert set(after) == {"replica-0", "replica-1"}  # earlier tests used both
+    assert up == {"replica-0": 1.0, "replica-1": 1.0}
 
 
 def test_a_dead_replica_cuts_its_streams_and_comes_back(replicas: RunningReplicas) -> None:

@@ -26,6 +26,8 @@ POLL_S = 0.25  # how often every replica's index events and load are fetched
 # A report is a dict copy: one that takes longer means the replica is gone (Serve's handle
 # holds calls to a dead replica until its successor is up, so they do not fail).
 REPORT_TIMEOUT_S = 2.0
+# A replica's metrics text for the front's /metrics: one that takes longer is left out.
+METRICS_TIMEOUT_S = 2.0
 
 
 class NoReplicaError(Exception):
@@ -116,6 +118,23 @@ class Front:
     async def sync(self) -> None:
         """Bring every replica's keys and load up to date (all events made so far)."""
         await asyncio.gather(*(self.refresh(i) for i in range(len(self.handles))))
+
+    async def replica_metrics(self) -> dict[str, str | None]:
+        """Each replica's own metrics text by name, f"{role}-{i}"; None for one that is down
+        or does not answer within METRICS_TIMEOUT_S (all are asked at once)."""
+        texts = await asyncio.gather(*(self._metrics(i) for i in range(len(self.handles))))
+        return {f"{self.role}-{i}": text for i, text in enumerate(texts)}
+
+    async def _metrics(self, replica: int) -> str | None:
+        if not self.up[replica]:  # its last report timed out: do not wait on it again
+            return None
+        response = self.handles[replica].metrics.remote()
+        try:
+            return str(await asyncio.wait_for(response, METRICS_TIMEOUT_S))
+        except Exception as exc:
+            response.cancel()
+            logger.warning("%s-%d: no metrics: %s", self.role, replica, exc)
+            return None
 
     async def _poll(self) -> None:
         while True:

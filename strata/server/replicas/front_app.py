@@ -1,6 +1,7 @@
 """The front's HTTP app: every route of app.py, relayed to the replica the router picks;
-/health and /metrics (routing decisions by reason) answer here. Disaggregated, a routed
-request is first prefilled by the prefill pool (prefill.py).
+/health and /metrics (routing decisions by reason, then every replica's own metrics
+labelled by replica: metrics_merge.py) answer here. Disaggregated, a routed request is
+first prefilled by the prefill pool (prefill.py).
 
 The prompt is tokenized for routing on one thread of the front, off the event loop.
 The front checks the API key and body size (guard.py) as a lone server does; the replica
@@ -23,6 +24,7 @@ from prometheus_client import generate_latest
 from strata.server.errors import install_error_handlers
 from strata.server.guard import RequestGuard, guard_options
 from strata.server.replicas.front import Front
+from strata.server.replicas.metrics_merge import render as render_replica_metrics
 from strata.server.replicas.prefill import PrefillStage
 from strata.server.replicas.prompt_keys import NO_PROMPT, RoutedPrompt
 from strata.server.replicas.relay import relay
@@ -63,8 +65,14 @@ def build_front_app(front: Front, prefill: PrefillStage | None = None) -> FastAP
     @app.get("/metrics")
     async def metrics() -> Response:
         text = generate_latest(front.metrics.registry)
+        pools = [front]
         if prefill is not None:
             text += generate_latest(prefill.metrics.registry)
+            pools.append(prefill.pool)
+        texts: dict[str, str | None] = {}
+        for named in await asyncio.gather(*(pool.replica_metrics() for pool in pools)):
+            texts.update(named)
+        text += render_replica_metrics(texts)  # every replica's families, once each
         return Response(text, media_type="text/plain")
 
     @app.api_route("/{path:path}", methods=["GET", "POST"])

@@ -2,10 +2,10 @@
 OpenAI app over it (app.py), and the events of its prefix index for the router.
 
 The front calls `handle` (streamed), `report` (drains index events, with load), `info`
-(once), `prefill` (disaggregated: on the prefill replicas only) and, in tests and
-benchmarks, `blocks`, `stats` and `check_integrity`. Serve calls `check_health` and
-restarts a replica that fails it or dies; a restarted replica has a new `incarnation`
-and an empty cache.
+(once), `metrics` (its app's metrics text, for the front's /metrics), `prefill`
+(disaggregated: on the prefill replicas only) and, in tests and benchmarks, `blocks`,
+`stats` and `check_integrity`. Serve calls `check_health` and restarts a replica that
+fails it or dies; a restarted replica has a new `incarnation` and an empty cache.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ class EngineReplica:
             config.allow_special_tokens_in_content, config.tool_call_parser,
         )  # fmt: skip
         state.set_engine(self.engine)
+        self.state = state
         self.app = build_app(state)
 
     async def handle(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
@@ -78,6 +79,10 @@ class EngineReplica:
         if not await asyncio.to_thread(tiers.written().wait, WRITE_TIMEOUT_S):
             raise RuntimeError(f"the prompt's blocks were not written within {WRITE_TIMEOUT_S} s")
         return {"prompt_tokens": len(token_ids), "cached_tokens": last.num_cached_tokens}
+
+    async def metrics(self) -> str:
+        """The text this replica's own /metrics serves (its app's registry)."""
+        return self.state.metrics.render().decode()
 
     def stats(self) -> dict[str, Any]:
         """The engine's last published stats (tier counters among them)."""
