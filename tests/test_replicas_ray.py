@@ -121,7 +121,7 @@ def test_metrics_hold_every_replicas_own_metrics(replicas: RunningReplicas) -> N
             break
         time.sleep(0.1)
     assert deltas == sent and sum(deltas.values()) == 4
-    assert set(after) == {"replica-0", "replica-1"}  # earlier tests used both
+    assert {name for name, n in sent.items() if n} <= set(after)
     assert up == {"replica-0": 1.0, "replica-1": 1.0}
 
 
