@@ -36,6 +36,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256, help="requests decoding together (256)")
     p.add_argument("--output-len", type=int, default=64, help="tokens per request (64)")
     p.add_argument("--profile", action="store_true", help="print the host profile")
+    p.add_argument(
+        "--final-only", action="store_true",
+        help="requests as offline generate makes them: no output until finished",
+    )  # fmt: skip
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         (Path(folder) / "config.json").write_text(json.dumps(CONFIG))
@@ -48,7 +52,9 @@ def main() -> None:
     llm.generate(prompts[:8], params)  # warm-up
     engine = llm.engine
     for prompt in prompts:
-        engine.add_request(prompt, params)
+        seq = engine.prepare(prompt, params)
+        seq.final_only = args.final_only
+        engine.enqueue(seq)
     profiler = cProfile.Profile() if args.profile else None
     steps = []
     while engine.has_unfinished():

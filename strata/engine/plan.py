@@ -14,21 +14,21 @@ class ScheduledChunk:
 
     block_table is the sequence's live table (read-only here); it covers every slot up
     to start + num_tokens. `samples` is set when the chunk reaches the sequence's last
-    token, so its logits choose the next token.
+    token as the chunk is made, so its logits choose the next token (fixed then: a token
+    appended later does not change what the chunk's row means).
     """
 
     seq: Sequence
     start: int
     num_tokens: int
     block_table: list[int]
+    end: int = field(init=False)
+    samples: bool = field(init=False)
 
-    @property
-    def end(self) -> int:
-        return self.start + self.num_tokens
-
-    @property
-    def samples(self) -> bool:
-        return self.end == self.seq.num_tokens
+    def __post_init__(self) -> None:
+        end = self.start + self.num_tokens
+        object.__setattr__(self, "end", end)
+        object.__setattr__(self, "samples", end == self.seq.num_tokens)
 
 
 @dataclass(frozen=True)
