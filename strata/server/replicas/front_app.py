@@ -64,16 +64,7 @@ def build_front_app(front: Front, prefill: PrefillStage | None = None) -> FastAP
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        text = generate_latest(front.metrics.registry)
-        pools = [front]
-        if prefill is not None:
-            text += generate_latest(prefill.metrics.registry)
-            pools.append(prefill.pool)
-        texts: dict[str, str | None] = {}
-        for named in await asyncio.gather(*(pool.replica_metrics() for pool in pools)):
-            texts.update(named)
-        text += render_replica_metrics(texts)  # every replica's families, once each
-        return Response(text, media_type="text/plain")
+        return Response(await _metrics_text(front, prefill), media_type="text/plain")
 
     @app.api_route("/{path:path}", methods=["GET", "POST"])
     async def forward(request: Request) -> Response:
@@ -95,6 +86,19 @@ def build_front_app(front: Front, prefill: PrefillStage | None = None) -> FastAP
         return await relay(front, call, list(prompt.keys))
 
     return app
+
+
+async def _metrics_text(front: Front, prefill: PrefillStage | None) -> bytes:
+    """The routers' metrics, then every replica's own families, once each."""
+    text = generate_latest(front.metrics.registry)
+    pools = [front]
+    if prefill is not None:
+        text += generate_latest(prefill.metrics.registry)
+        pools.append(prefill.pool)
+    texts: dict[str, str | None] = {}
+    for named in await asyncio.gather(*(pool.replica_metrics() for pool in pools)):
+        texts.update(named)
+    return text + render_replica_metrics(texts)
 
 
 def _prompt(front: Front, path: str, body: bytes, headers: dict[str, str]) -> RoutedPrompt:
