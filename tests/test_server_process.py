@@ -121,14 +121,29 @@ def _answers(url: str) -> list[Any]:
     return [one(*job) for job in jobs]
 
 
-def _by_choice(events: list[str]) -> dict[int, list[Any]]:
-    """Each choice's chunks in order (the choices of one step may interleave either way)."""
-    chunks: dict[int, list[Any]] = {}
+def _by_choice(events: list[str]) -> dict[int, dict[str, Any]]:
+    """Each choice's chunks joined into one (the choices of one step may interleave either
+    way, and a stream that lags gets several tokens in one chunk: where chunks part
+    depends on timing, not on the answer)."""
+    joined: dict[int, dict[str, Any]] = {}
     for event in events:
         data = json.loads(event[len("data: ") :])
         for choice in data["choices"]:
-            chunks.setdefault(choice["index"], []).append(choice)
-    return chunks
+            _join(joined.setdefault(choice["index"], {}), choice)
+    return joined
+
+
+def _join(into: dict[str, Any], part: dict[str, Any]) -> None:
+    """Append a chunk's texts and lists to the choice so far; later scalars win."""
+    for key, value in part.items():
+        if isinstance(value, dict):
+            if into.get(key) is None:
+                into[key] = {}
+            _join(into[key], value)
+        elif isinstance(value, str | list) and key != "finish_reason":
+            into[key] = (into.get(key) or type(value)()) + value
+        elif value is not None or key not in into:
+            into[key] = value
 
 
 def test_answers_equal_the_in_process_server(tiny_chat_folder: Path) -> None:
