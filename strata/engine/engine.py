@@ -53,6 +53,12 @@ class LLMEngine:
         self.encode_prompt, self.validate = self.requests.encode_prompt, self.requests.validate
         self._seqs: dict[str, Sequence] = {}
         self.overlap = resolve_overlap(config, self.device)
+        logger.info(
+            "overlap scheduling %s (overlap_scheduling %s): the host %s",
+            "on" if self.overlap else "off", config.scheduler.overlap,
+            "prepares step k+1 while the device runs step k" if self.overlap
+            else "waits for each step's tokens before the next",
+        )  # fmt: skip
         self._launched: LaunchedStep | None = None  # forward queued, not sampled
         self._sampled: SampledStep | None = None  # sampled, tokens on their way
         self.num_prompt_tokens = 0
