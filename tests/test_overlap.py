@@ -12,7 +12,7 @@ import pytest
 
 from strata import LLM, SamplingParams
 from strata.config import EngineConfig, ParallelConfig, SchedulerConfig
-from strata.engine.overlap import PENDING
+from strata.engine.overlap import PENDING, sampling_seqs
 from strata.engine.structured_output import StructuredOutput
 from tests.conftest import assert_no_leaks
 
@@ -133,10 +133,10 @@ def test_a_stop_found_while_a_synchronous_step_is_built(folder: Path, reference:
     sample = llm.engine.runner.sample
     dropped: list[int] = []
 
-    def spy(plan: Any, logits: Any, rows: Any, keep: Any = None) -> Any:
+    def spy(plan: Any, logits: Any, keep: Any = None) -> Any:
         if keep is not None:
-            dropped.append(len(rows) - len(keep))
-        return sample(plan, logits, rows, keep)
+            dropped.append(len(sampling_seqs(plan)) - len(keep))
+        return sample(plan, logits, keep)
 
     llm.engine.runner.sample = spy  # type: ignore[method-assign]
     got = _generate(llm, params)

@@ -10,6 +10,7 @@ from collections.abc import Sequence as Seq
 from typing import Any
 
 from strata.config import SchedulerConfig
+from strata.engine.overlap import sampling_seqs
 from strata.engine.plan import StepPlan
 from strata.engine.sampling_params import SamplingParams
 from strata.engine.scheduler import Scheduler
@@ -40,7 +41,9 @@ def _step(sched: Scheduler, token: int = 100) -> tuple[list[Chunk], StepPlan]:
     plan = sched.schedule()
     chunks = [(c.seq.request_id, c.start, c.end, list(c.block_table)) for c in plan.chunks]
     if not plan.is_empty:
-        sched.update(plan, [token] * sum(c.samples for c in plan.chunks))
+        sched.record_computed(plan)
+        rows = list(sampling_seqs(plan))
+        sched.append_tokens(rows, [token] * len(rows))
     sched.kv.check_integrity()
     return chunks, plan
 

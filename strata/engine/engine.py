@@ -213,12 +213,11 @@ class LLMEngine:
             outputs: list[RequestOutput] = []
         else:
             plan, logits = self.runner.launch(plan, self._sampled)
-            rows = sampling_seqs(plan)
             if self._overlaps(plan):
-                self._launched = LaunchedStep(plan, logits, rows, self._record_step_event())
+                self._launched = LaunchedStep(plan, logits, self._record_step_event())
                 return self._fail_faults(plan)
             outputs = self._take_sampled()  # tokens in flight come first
-            rows, sampled = self._sample_running(plan, logits, rows)
+            rows, sampled = self._sample_running(plan, logits)
         # A step that samples nothing has no host sync: tier stores must wait for its KV.
         computed = self._record_step_event()
         tokens = [] if sampled is None else sampled.token_ids.tolist()  # the one host sync
@@ -227,14 +226,15 @@ class LLMEngine:
         return outputs + self._emit(plan, got_token, sampled)
 
     def _sample_running(
-        self, plan: StepPlan, logits: torch.Tensor | None, rows: tuple[Sequence, ...]
+        self, plan: StepPlan, logits: torch.Tensor | None
     ) -> tuple[tuple[Sequence, ...], SamplerOutput | None]:
         """Sample the rows of a launched plan whose sequences still run (not finished or
         preempted since the launch); those sequences, and their tokens."""
+        rows = sampling_seqs(plan)
         keep = [i for i, s in enumerate(rows) if s.status is SequenceStatus.RUNNING]
         if len(keep) == len(rows):
-            return rows, self.runner.sample(plan, logits, rows)
-        return tuple(rows[i] for i in keep), self.runner.sample(plan, logits, rows, keep)
+            return rows, self.runner.sample(plan, logits)
+        return tuple(rows[i] for i in keep), self.runner.sample(plan, logits, keep)
 
     def _overlaps(self, plan: StepPlan) -> bool:
         """Whether the plan's tokens may reach the host a step late: not when a KV policy,
@@ -251,7 +251,7 @@ class LLMEngine:
         launched = self._launched
         if launched is None:
             return outputs
-        seqs, sampled = self._sample_running(launched.plan, launched.logits, launched.sampling)
+        seqs, sampled = self._sample_running(launched.plan, launched.logits)
         self.scheduler.record_computed(launched.plan, launched.computed)
         if sampled is not None:
             self._sampled = SampledStep(launched.plan, list(seqs), sampled)

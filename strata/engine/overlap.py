@@ -40,7 +40,6 @@ class LaunchedStep:
 
     plan: StepPlan
     logits: torch.Tensor | None  # its sampling rows, then its prompt rows; None: no row
-    sampling: tuple[Sequence, ...]  # row i's sequence, fixed at launch
     computed: torch.cuda.Event | None  # after its forward: tier stores wait on it
 
 
@@ -87,8 +86,8 @@ def copy_to_host(sampled: SamplerOutput) -> tuple[SamplerOutput, torch.cuda.Even
 
 
 def sampling_seqs(plan: StepPlan) -> tuple[Sequence, ...]:
-    """The sequences of the plan's sampling chunks, in row order (read at launch: a row's
-    meaning must not change when its sequence does)."""
+    """The sequences of the plan's sampling chunks, in row order (ScheduledChunk.samples is
+    fixed when the chunk is made, so a token appended since does not move a row)."""
     return tuple(c.seq for c in plan.chunks if c.samples)
 
 

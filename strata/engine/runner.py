@@ -79,7 +79,7 @@ class ModelRunner:
         out of the plan it returns (its fault in `plan.faults`); one whose policy raises
         while observing stays in it, with its fault recorded (see StepPlan)."""
         plan, logits = self.launch(plan)
-        return plan, self.sample(plan, logits, sampling_seqs(plan))
+        return plan, self.sample(plan, logits)
 
     def launch(
         self, plan: StepPlan, feed: SampledStep | None = None
@@ -97,16 +97,13 @@ class ModelRunner:
                     return plan, None
 
     def sample(
-        self,
-        plan: StepPlan,
-        logits: torch.Tensor | None,
-        rows: tuple[Sequence, ...],
-        keep: list[int] | None = None,
+        self, plan: StepPlan, logits: torch.Tensor | None, keep: list[int] | None = None
     ) -> SamplerOutput | None:
         """The second half of `execute`: record the plan's prompt logprobs and sample its
-        rows (`rows`: the sampling sequences at launch); only rows `keep` if given."""
+        rows (sampling_seqs(plan)); only rows `keep` if given."""
         if logits is None:
             return None
+        rows = sampling_seqs(plan)
         prompt = PromptRows.of(plan)
         if prompt is not None:
             prompt.record(logits[len(rows) :])

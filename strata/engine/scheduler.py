@@ -294,20 +294,10 @@ class Scheduler:
 
     # ---- after the step ----------------------------------------------------------------------
 
-    def update(self, plan: StepPlan, sampled: list[int], computed: Any = None) -> list[Sequence]:
-        """Record the step's computed tokens and append sampled ones, in chunk order.
-
-        `computed` (a CUDA event after the step's kernels, or None on CPU) orders the
-        write-through of the blocks this step filled behind the kernels that wrote them.
-        Returns the sequences that received a new token.
-        """
-        rows = [c.seq for c in plan.chunks if c.samples]
-        self.record_computed(plan, computed)
-        return self.append_tokens(rows, sampled)
-
     def record_computed(self, plan: StepPlan, computed: Any = None) -> None:
-        """The first half of `update`: the plan's tokens are computed (their full blocks
-        indexed). A sequence finished or preempted since the plan was made is left alone."""
+        """The plan's tokens are computed: their full blocks indexed and written through,
+        behind `computed` (a CUDA event after the step's kernels, or None on CPU). A
+        sequence finished or preempted since the plan was made is left alone."""
         for chunk in plan.chunks:
             seq = chunk.seq
             if seq.status is not SequenceStatus.RUNNING:
@@ -319,7 +309,7 @@ class Scheduler:
 
     @staticmethod
     def append_tokens(rows: list[Sequence], sampled: list[int]) -> list[Sequence]:
-        """The second half of `update`: row i's token goes to rows[i]; returns them."""
+        """Row i's sampled token goes to rows[i]; returns them."""
         for seq, token in zip(rows, sampled, strict=True):
             seq.token_ids.append(token)
         return rows
