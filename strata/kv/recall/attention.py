@@ -8,6 +8,12 @@
 
 Steps without recall rows never see this class: the runner hands the model the inner
 backend (and its CUDA graphs) then.
+
+On CUDA the decode rows of several recall sequences attend on side streams, one per
+sequence, forked from and joined back to the current stream around the layer's recall
+work: each sequence's work is some hundred small kernels (or their CUDA graph), bound by
+latency, so sequences run side by side instead of one after another. A sequence's state
+is its own, so the streams share nothing but the host link.
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ class RecallAttention(AttentionBackend[RecallMetadata]):
         self.inner = inner
         self.name = f"{inner.name}+recall"
         self._pending: tuple[Tensor, Tensor] | None = None  # this layer's k, v: write -> attend
+        self._streams: list[torch.cuda.Stream] = []  # side streams of decode rows (CUDA)
 
     def prepare(
         self, layout: BatchLayout, slot_mapping: Tensor, device: torch.device
@@ -91,7 +98,32 @@ class RecallAttention(AttentionBackend[RecallMetadata]):
             out[meta.ordinary] = self.inner.attend(
                 q[meta.ordinary], k_cache, v_cache, meta.inner, scale
             )
+        decode = [p for p in meta.recall if p.chunk.num_tokens == 1]
         for part in meta.recall:
-            rows = part.rows
-            out[rows] = part.state.attend(meta.layer, q[rows], k[rows], v[rows], part.chunk, scale)
+            if part.chunk.num_tokens > 1 or len(decode) < 2 or not q.is_cuda:
+                out[part.rows] = self._attend_one(part, meta.layer, q, k, v, scale)
+        if len(decode) >= 2 and q.is_cuda:
+            self._attend_side_by_side(decode, meta.layer, q, k, v, out, scale)
         return out
+
+    @staticmethod
+    def _attend_one(
+        part: RecallRows, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float
+    ) -> Tensor:
+        rows = part.rows
+        return part.state.attend(layer, q[rows], k[rows], v[rows], part.chunk, scale)
+
+    def _attend_side_by_side(
+        self, parts: list[RecallRows], layer: int, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+        scale: float,
+    ) -> None:  # fmt: skip
+        """Each part on its own side stream; the current stream waits for all of them."""
+        while len(self._streams) < len(parts):
+            self._streams.append(torch.cuda.Stream(q.device))
+        main = torch.cuda.current_stream(q.device)
+        for part, stream in zip(parts, self._streams, strict=False):
+            stream.wait_stream(main)
+            with torch.cuda.stream(stream):
+                out[part.rows] = self._attend_one(part, layer, q, k, v, scale)
+        for stream in self._streams[: len(parts)]:
+            main.wait_stream(stream)
