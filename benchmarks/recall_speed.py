@@ -135,18 +135,24 @@ def recall_deltas(before: dict[str, Any], after: dict[str, Any], tokens: int) ->
 
 def bench_decode(contexts: list[int], batch: int, steps: int, modes: list[str],
                  profile: bool, warmup: int, host_gib: float, pool_gib: float,
-                 eager: bool = False) -> None:  # fmt: skip
+                 eager: bool = False, recall_gpu_gib: float = 8.0,
+                 side_streams: tuple[bool, ...] = (True,)) -> None:  # fmt: skip
+    from strata.kv.recall.attention import RecallAttention
+
     longest = max(contexts) + steps + 64
     llm = LLM(
-        llama8b(longest + 64), max_model_len=longest, kv_cache_memory=pool_gib + 8.0,
-        kv_recall_gpu_memory=8.0, kv_recall_host_memory=host_gib,
+        llama8b(longest + 64), max_model_len=longest, kv_cache_memory=pool_gib + recall_gpu_gib,
+        kv_recall_gpu_memory=recall_gpu_gib, kv_recall_host_memory=host_gib,
         max_num_batched_tokens=16384, max_num_seqs=max(batch, 8), enforce_eager=eager,
     )  # fmt: skip
     g = torch.Generator().manual_seed(0)
     rows = []
     for ctx in contexts:
         prompts = [torch.randint(1000, 100000, (ctx,), generator=g).tolist() for _ in range(batch)]
-        for mode in modes:
+        for mode, side in [(m, on) for m in modes for on in side_streams]:
+            if mode == "full" and not side:
+                continue  # no recall rows: side streams change nothing
+            RecallAttention.side_streams = side
             policy, budget = MODES[mode]
             params = SamplingParams(
                 max_tokens=steps + warmup + 16, temperature=0, ignore_eos=True,
@@ -159,6 +165,7 @@ def bench_decode(contexts: list[int], batch: int, steps: int, modes: list[str],
                 print(rows[-1], flush=True)
                 continue
             rows.append({"context": ctx, "batch": batch, "mode": mode, "tok_s": rate,
+                         "side_streams": side,
                          "graph_replays": after.get("recall_graph_replays", 0)
                          - before.get("recall_graph_replays", 0),
                          **recall_deltas(before, after, steps * batch)})  # fmt: skip
@@ -210,6 +217,9 @@ def main() -> None:
                    help="decode steps run before timing (recall captures its graphs there)")
     p.add_argument("--host-gib", type=float, default=48.0, help="kv_recall_host_memory")
     p.add_argument("--pool-gib", type=float, default=32.0, help="the GPU pool (full attention)")
+    p.add_argument("--recall-gpu-gib", type=float, default=8.0, help="kv_recall_gpu_memory")
+    p.add_argument("--side-streams", choices=("on", "off", "both"), default="on",
+                   help="recall decode rows of several sequences on CUDA side streams")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table")
     p.add_argument("--eager", action="store_true",
                    help="no CUDA graphs (a profile then shows every kernel's CUDA time)")
@@ -224,7 +234,8 @@ def main() -> None:
     if "decode" in only:
         contexts = [int(c) for c in a.contexts.split(",")]
         bench_decode(contexts, a.batch, a.steps, a.modes.split(","), a.profile, a.warmup,
-                     a.host_gib, a.pool_gib, a.eager)
+                     a.host_gib, a.pool_gib, a.eager, a.recall_gpu_gib,
+                     {"on": (True,), "off": (False,), "both": (False, True)}[a.side_streams])
     if "beyond" in only:
         shape, policy = a.beyond.split(":")
         seqs, context = (int(x) for x in shape.split("x"))

@@ -65,6 +65,8 @@ class RecallMetadata(AttentionMetadata):
 
 
 class RecallAttention(AttentionBackend[RecallMetadata]):
+    side_streams = True  # CUDA decode rows of several sequences side by side (False: in turn)
+
     def __init__(self, inner: AttentionBackend[Any]) -> None:
         self.inner = inner
         self.name = f"{inner.name}+recall"
@@ -99,10 +101,11 @@ class RecallAttention(AttentionBackend[RecallMetadata]):
                 q[meta.ordinary], k_cache, v_cache, meta.inner, scale
             )
         decode = [p for p in meta.recall if p.chunk.num_tokens == 1]
+        side = len(decode) >= 2 and q.is_cuda and self.side_streams
         for part in meta.recall:
-            if part.chunk.num_tokens > 1 or len(decode) < 2 or not q.is_cuda:
+            if not side or part.chunk.num_tokens > 1:
                 out[part.rows] = self._attend_one(part, meta.layer, q, k, v, scale)
-        if len(decode) >= 2 and q.is_cuda:
+        if side:
             self._attend_side_by_side(decode, meta.layer, q, k, v, out, scale)
         return out
 

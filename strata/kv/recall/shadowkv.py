@@ -15,10 +15,10 @@ The host store keeps every block's exact keys and values.
 
 A decode step scores chunks per query head as softmax(q . landmark / sqrt(dim)), takes
 the max over the GQA group, and scores a block by its best chunk. The `outliers` blocks
-with the largest spread are always picked, and their keys come exact from the host; as
-every step picks them again they stay in the working set, which is how ShadowKV keeps
-outliers exact on the GPU. Any other picked block fetches only its values, and its keys
-are rebuilt on the GPU as RoPE(factors @ basis).
+with the largest spread (kept up to date as blocks retire) are always picked, and their
+keys come exact from the host; as every step picks them again they stay in the working
+set, which is how ShadowKV keeps outliers exact on the GPU. Any other picked block
+fetches only its values, and its keys are rebuilt on the GPU as RoPE(factors @ basis).
 
 The basis of a layer is fitted once, at the first step that selects: the prompt is then
 prefilled, and its keys are streamed from the host once (`take_all_keys`). Blocks that
@@ -57,7 +57,9 @@ class ShadowKVPolicy(RecallPolicy):
         self.room: SummaryRoom | None = None
         self.rope: Rotary | None = None
         self.fitted: list[bool] = []
-        self.outliers: list[torch.Tensor | None] = []  # per layer, [kv_heads, n] block ids
+        # [layers, kv_heads, num_outliers] the blocks of largest spread among those
+        # summarized (repeats where fewer exist); kept as blocks retire, read by each step
+        self.outliers = torch.zeros(0, dtype=torch.long)
 
     def allocate(self, room: SummaryRoom, rope: Rotary | None = None) -> None:
         if rope is None:
@@ -74,6 +76,9 @@ class ShadowKVPolicy(RecallPolicy):
         self.factors = torch.zeros((room.layers, rows, rank), dtype=room.dtype, device=dev)
         self.basis = torch.zeros(
             (room.layers, rank, room.model_kv_heads * d), dtype=room.dtype, device=dev
+        )
+        self.outliers = torch.zeros(
+            (room.layers, kvh, self.num_outliers(room)), dtype=torch.long, device=dev
         )
         self.reset()
 
@@ -97,7 +102,7 @@ class ShadowKVPolicy(RecallPolicy):
     def reset(self) -> None:
         assert self.room is not None
         self.fitted = [False] * self.room.layers
-        self.outliers = [None] * self.room.layers
+        self.outliers.zero_()
 
     # ---- summaries ------------------------------------------------------------------------------
 
@@ -112,11 +117,24 @@ class ShadowKVPolicy(RecallPolicy):
         self.landmarks[layer, :, span] = means.reshape(kvh, n * per_block, d).to(room.dtype)
         similarity = F.cosine_similarity(chunks, means[:, :, :, None], dim=-1)
         self.spread[layer, :, first : first + n] = 1 - similarity.amin(dim=(2, 3))
+        self._keep_outliers(layer, first + n)
         if self.fitted[layer]:
             pre = self._every_head(self._pre_rope(keys, first))
             self.factors[layer, first * bs : (first + n) * bs] = (
                 pre @ self.basis[layer].float().T
             ).to(room.dtype)
+
+    def _keep_outliers(self, layer: int, live: int) -> None:
+        """The outliers of `layer` among its first `live` blocks (all summarized)."""
+        room = self.room
+        assert room is not None
+        n = self.outliers.shape[-1]
+        if n == 0 or live == 0:
+            return
+        ids = torch.topk(self.spread[layer, :, :live], min(n, live)).indices
+        kept = self.outliers[layer]
+        kept[:, : ids.shape[1]] = ids
+        kept[:, ids.shape[1] :] = ids[:, :1]
 
     def wants_all_keys(self, layer: int) -> bool:
         return not self.fitted[layer]
@@ -175,24 +193,21 @@ class ShadowKVPolicy(RecallPolicy):
         per_block = chunks_per_block(room)
         landmarks = self.landmarks[layer, :, : num_blocks * per_block]
         logits = q.to(room.dtype) @ landmarks.transpose(1, 2)  # [KVH, G, chunks]
-        spread = self.spread[layer, :, :num_blocks]
         dead = None if live is None else dead_blocks(num_blocks, live)
         if dead is not None:  # dead chunks get no probability, dead blocks never win
             logits = logits.masked_fill(dead.repeat_interleave(per_block), float("-inf"))
-            spread = spread.masked_fill(dead, float("-inf"))
         chunk = (logits.float() / room.head_dim**0.5).softmax(dim=-1).amax(dim=1)
         block = chunk.view(room.kv_heads, num_blocks, per_block).amax(dim=-1)
         if dead is not None:
             block = block.masked_fill(dead, float("-inf"))
-        outliers = torch.topk(spread, self.num_outliers(room)).indices
-        self.outliers[layer] = outliers
-        return block.scatter(1, outliers, 2.0)  # above any probability: always picked
+        # above any probability: always picked (every outlier is a live block)
+        return block.scatter(1, self.outliers[layer], 2.0)
 
     def rebuilt_keys(
         self, layer: int, blocks: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         room, outliers = self.room, self.outliers[layer]
-        if room is None or outliers is None or not self.fitted[layer]:
+        if room is None or not self.fitted[layer]:
             return None
         kvh, n = blocks.shape
         bs, d, rank = room.block_size, room.head_dim, self.rank(room)

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Recall decode of several sequences on the GPU machine (issue 16), side streams off and on
+# in the same process. Results in $OUT.
+#   bash benchmarks/gpu_recall_batch.sh [check] [b32k] [b128k] [full128k]
+#     check     gpu_recall_check.py: exact at full budget, mixed batches equal solo runs,
+#               graphs equal eager (a mixed batch decodes on side streams)
+#     b32k      32k context: batch 1 (full, quest, shadowkv), then batch 8 with side streams
+#               off and on
+#     b128k     128k context, recall policies at batch $B128 (default 6: 90 GiB of host store)
+#     full128k  128k context, full attention in the GPU pool at batch 1 and 3
+#     profile   eager quest and shadowkv at 32k, batch 4, under torch.profiler
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-out}"; mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+stages=" ${*:-check b32k} "
+has() { [[ "$stages" == *" $1 "* ]]; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+free -g | tee -a "$OUT/gpu.txt"
+speed() { python3 benchmarks/recall_speed.py "$@" 2>&1 | grep -v '^ ' ; }
+if has check; then
+  python3 benchmarks/gpu_recall_check.py 2>&1 | tee "$OUT/check.log" | tail -12
+fi
+if has b32k; then
+  speed --only uva,decode --contexts 32768 --batch 1 --modes full,quest,shadowkv --steps 16 \
+    --json "$OUT/b32k_1.json"
+  speed --only decode --contexts 32768 --batch 8 --modes full,quest,shadowkv --steps 16 \
+    --side-streams both --pool-gib 36 --recall-gpu-gib 12 --host-gib 40 --json "$OUT/b32k_8.json"
+fi
+if has b128k; then
+  speed --only decode --contexts 131072 --batch "${B128:-6}" --modes quest,shadowkv --steps 12 \
+    --pool-gib 2 --recall-gpu-gib 20 --host-gib 96 --json "$OUT/b128k.json"
+fi
+if has profile; then  # eager, so the table shows each kernel's CUDA time
+  python3 benchmarks/recall_speed.py --only decode --contexts 32768 --batch 4 --eager --profile \
+    --modes quest,shadowkv --steps 4 --warmup 1 --recall-gpu-gib 8 --pool-gib 4 --host-gib 20 \
+    > "$OUT/profile.log" 2>&1; grep -E "^\{|Self CUDA time total|Self CPU time total" "$OUT/profile.log"
+fi
+if has full128k; then
+  for b in 1 3; do
+    speed --only decode --contexts 131072 --batch $b --modes full --steps 12 \
+      --pool-gib 52 --recall-gpu-gib 1 --host-gib 1 --json "$OUT/full128k_$b.json"
+  done
+fi
