@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Recall decode of several sequences on the GPU machine (issue 16), side streams off and on
-# in the same process. Results in $OUT.
+# Recall decode of several sequences on the GPU machine (issue 16): sequences decoding
+# alone (side by side on CUDA streams) against pages of several, in the same process.
+# Results in $OUT.
 #   bash benchmarks/gpu_recall_batch.sh [check] [b32k] [b128k] [full128k]
 #     check     gpu_recall_check.py: exact at full budget, mixed batches equal solo runs,
-#               graphs equal eager (a mixed batch decodes on side streams)
-#     b32k      32k context: batch 1 (full, quest, shadowkv), then batch 8 with side streams
-#               off and on
-#     b128k     128k context, recall policies at batch $B128 (default 6: 90 GiB of host store)
+#               pages equal solo runs, graphs equal eager
+#     b32k      32k context: batch 1 (full, quest, shadowkv), then batch 8 with pages of
+#               $ROWS32 rows (default 1,4,8; 1: each sequence decodes alone, side by side)
+#     b128k     128k context, recall policies at batch $B128 (default 4), pages of $ROWS128
+#               rows (default 1,4)
 #     full128k  128k context, full attention in the GPU pool at batch 1 and 3
 #     profile   eager quest and shadowkv at 32k, batch 4, under torch.profiler
 set -uo pipefail
@@ -17,7 +19,7 @@ stages=" ${*:-check b32k} "
 has() { [[ "$stages" == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 free -g | tee -a "$OUT/gpu.txt"
-speed() { python3 benchmarks/recall_speed.py "$@" 2>&1 | grep -v '^ ' ; }
+speed() { python3 benchmarks/recall_speed.py "$@" 2>&1 | grep -v '^  ' ; }
 if has check; then
   python3 benchmarks/gpu_recall_check.py 2>&1 | tee "$OUT/check.log" | tail -12
 fi
@@ -25,11 +27,14 @@ if has b32k; then
   speed --only uva,decode --contexts 32768 --batch 1 --modes full,quest,shadowkv --steps 16 \
     --json "$OUT/b32k_1.json"
   speed --only decode --contexts 32768 --batch 8 --modes full,quest,shadowkv --steps 16 \
-    --side-streams both --pool-gib 36 --recall-gpu-gib 12 --host-gib 40 --json "$OUT/b32k_8.json"
+    --page-rows "${ROWS32:-1,4,8}" --pool-gib 36 --recall-gpu-gib 12 --host-gib 40 \
+    --json "$OUT/b32k_8.json"
 fi
 if has b128k; then
-  speed --only decode --contexts 131072 --batch "${B128:-6}" --modes quest,shadowkv --steps 12 \
-    --pool-gib 2 --recall-gpu-gib 20 --host-gib 96 --json "$OUT/b128k.json"
+  b="${B128:-4}"  # 15 GiB of host store each; 6 (96 GiB pinned) failed on a 125 GiB host
+  speed --only decode --contexts 131072 --batch "$b" --modes quest,shadowkv --steps 12 \
+    --page-rows "${ROWS128:-1,4}" \
+    --pool-gib 17 --recall-gpu-gib $((3 * b + 2)) --host-gib $((16 * b)) --json "$OUT/b128k.json"
 fi
 if has profile; then  # eager, so the table shows each kernel's CUDA time
   python3 benchmarks/recall_speed.py --only decode --contexts 32768 --batch 4 --eager --profile \

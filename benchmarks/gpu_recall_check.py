@@ -3,8 +3,10 @@
 SmolLM2-135M shape with random weights in float32 on CUDA, Triton attention for the
 ordinary rows and CUDA graphs on: quest, shadowkv and full_offload at a budget covering
 every block give full attention's greedy tokens; a batch mixing quest and shadowkv (small
-budgets), full and full_offload equals each request run alone; selecting decode steps
-replayed from CUDA graphs give the tokens of an eager engine; nothing leaks.
+budgets), full and full_offload equals each request run alone; requests of one length
+share a page (strata/kv/recall/page.py) and its rows decoding together equal each alone;
+selecting decode steps replayed from CUDA graphs give the tokens of an eager engine;
+nothing leaks.
 
 python benchmarks/gpu_recall_check.py
 """
@@ -44,6 +46,9 @@ def main() -> None:
     rows.append(("mixed batch == solo runs", batch == solo))
     rows.append(("selecting steps replayed from graphs", llm.stats()["recall_graph_replays"] > 0))
     rows += graphs_equal_eager(prompts, greedy, llm)
+    same = [torch.randint(100, 40000, (1200,), generator=g).tolist() for _ in range(4)]
+    rows += pages_equal_solo(same, greedy, llm)
+    rows += [(f"one page: {name}", ok) for name, ok in graphs_equal_eager(same, greedy, llm)]
     llm.check_integrity()
     stats = llm.stats()
     rows.append(("no recall state left", stats["recall_sequences"] == 0))
@@ -55,6 +60,19 @@ def main() -> None:
         print(f"{'PASS' if ok else 'FAIL'}  {name}")
     if not all(ok for _, ok in rows):
         raise SystemExit(1)
+
+
+def pages_equal_solo(
+    prompts: list[list[int]], greedy: dict[str, Any], llm: LLM
+) -> list[tuple[str, bool]]:
+    """Prompts of one length share a page: decoding its rows together equals each alone."""
+    rows = []
+    for policy in ("quest", "shadowkv"):
+        params = SamplingParams(kv_policy=policy, kv_budget=256, **greedy)
+        solo = [llm.generate([p], params)[0].token_ids for p in prompts]
+        batch = [o.token_ids for o in llm.generate(prompts, params)]
+        rows.append((f"{policy}: a page of {len(prompts)} rows == each alone", batch == solo))
+    return rows
 
 
 def graphs_equal_eager(

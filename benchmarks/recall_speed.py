@@ -136,7 +136,8 @@ def recall_deltas(before: dict[str, Any], after: dict[str, Any], tokens: int) ->
 def bench_decode(contexts: list[int], batch: int, steps: int, modes: list[str],
                  profile: bool, warmup: int, host_gib: float, pool_gib: float,
                  eager: bool = False, recall_gpu_gib: float = 8.0,
-                 side_streams: tuple[bool, ...] = (True,)) -> None:  # fmt: skip
+                 side_streams: tuple[bool, ...] = (True,),
+                 page_rows: tuple[int, ...] = (4,)) -> None:  # fmt: skip
     from strata.kv.recall.attention import RecallAttention
 
     longest = max(contexts) + steps + 64
@@ -149,10 +150,14 @@ def bench_decode(contexts: list[int], batch: int, steps: int, modes: list[str],
     rows = []
     for ctx in contexts:
         prompts = [torch.randint(1000, 100000, (ctx,), generator=g).tolist() for _ in range(batch)]
-        for mode, side in [(m, on) for m in modes for on in side_streams]:
-            if mode == "full" and not side:
-                continue  # no recall rows: side streams change nothing
+        runs = [(m, on, r) for m in modes for on in side_streams for r in page_rows]
+        for mode, side, rows_per_page in runs:
+            if mode == "full" and (not side or rows_per_page != page_rows[0]):
+                continue  # no recall rows: side streams and pages change nothing
             RecallAttention.side_streams = side
+            recall = llm.engine.parts.recall
+            if recall is not None:  # pages are made as requests arrive: the next ones
+                recall.page_rows = rows_per_page
             policy, budget = MODES[mode]
             params = SamplingParams(
                 max_tokens=steps + warmup + 16, temperature=0, ignore_eos=True,
@@ -165,7 +170,7 @@ def bench_decode(contexts: list[int], batch: int, steps: int, modes: list[str],
                 print(rows[-1], flush=True)
                 continue
             rows.append({"context": ctx, "batch": batch, "mode": mode, "tok_s": rate,
-                         "side_streams": side,
+                         "side_streams": side, "page_rows": rows_per_page,
                          "graph_replays": after.get("recall_graph_replays", 0)
                          - before.get("recall_graph_replays", 0),
                          **recall_deltas(before, after, steps * batch)})  # fmt: skip
@@ -220,6 +225,9 @@ def main() -> None:
     p.add_argument("--recall-gpu-gib", type=float, default=8.0, help="kv_recall_gpu_memory")
     p.add_argument("--side-streams", choices=("on", "off", "both"), default="on",
                    help="recall decode rows of several sequences on CUDA side streams")
+    p.add_argument("--page-rows", default="4",
+                   help="kv_recall_page_rows values to run (comma-separated): 1 decodes each "
+                        "recall sequence on its own, N up to N of a kind together")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table")
     p.add_argument("--eager", action="store_true",
                    help="no CUDA graphs (a profile then shows every kernel's CUDA time)")
@@ -235,7 +243,8 @@ def main() -> None:
         contexts = [int(c) for c in a.contexts.split(",")]
         bench_decode(contexts, a.batch, a.steps, a.modes.split(","), a.profile, a.warmup,
                      a.host_gib, a.pool_gib, a.eager, a.recall_gpu_gib,
-                     {"on": (True,), "off": (False,), "both": (False, True)}[a.side_streams])
+                     {"on": (True,), "off": (False,), "both": (False, True)}[a.side_streams],
+                     tuple(int(r) for r in a.page_rows.split(",")))
     if "beyond" in only:
         shape, policy = a.beyond.split(":")
         seqs, context = (int(x) for x in shape.split("x"))

@@ -371,8 +371,16 @@ class RecallConfig:
         "/ N times the summaries' GPU memory); default one page per block, as Quest",
         keyword="kv_recall_quest_page_tokens", metavar="N",
     ))  # fmt: skip
+    page_rows: int = field(default=4, metadata=option(
+        "recall sequences of the same policy, budget and length that share one page of GPU "
+        "tensors and decode with one set of kernels per layer (default 4); a page's memory "
+        "is reserved whole while any of its rows is in use, so 1 reserves least",
+        keyword="kv_recall_page_rows", metavar="N",
+    ))  # fmt: skip
 
     def __post_init__(self) -> None:
+        if self.page_rows < 1:
+            raise ValueError(f"kv_recall_page_rows must be >= 1, got {self.page_rows}")
         for name, value in (("kv_recall_host_memory", self.host_memory),
                             ("kv_recall_gpu_memory", self.gpu_memory)):  # fmt: skip
             if value is not None and not value > 0:

@@ -17,6 +17,7 @@ import torch
 
 from strata import LLM, SamplingParams
 from strata.errors import InvalidRequestError
+from strata.kv.recall.page_decode import PageDecoder
 from strata.kv.recall.policy import SummaryRoom
 from strata.kv.recall.quest import QuestPolicy
 from strata.kv.recall.sequence import RecallSequence
@@ -189,20 +190,21 @@ def test_small_budget_attends_the_budget(recall_folder: Path) -> None:
 def test_fixed_shape_decode_equals_the_growing_one(
     recall_folder: Path, policy: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Selecting decode steps run the fixed-shape path CUDA graphs capture (the tail at
-    full capacity behind a mask, scores over the whole room past a device count, blocks
+    """Selecting decode steps run through the sequence's page, the fixed-shape path CUDA
+    graphs capture (every row of the page behind an active mask, the tail at full
+    capacity behind a mask, scores over the whole room past a device count, blocks
     retiring after attention); it gives the tokens of the path that gathers exactly
     what it attends."""
     params = SamplingParams(kv_policy=policy, kv_budget=40, **GREEDY)
     static_steps = 0
-    decode_static = RecallSequence._decode_static
+    decode_page = PageDecoder.decode
 
-    def counted(self: RecallSequence, *args: Any) -> torch.Tensor:
+    def counted(self: PageDecoder, *args: Any) -> torch.Tensor:
         nonlocal static_steps
         static_steps += 1
-        return decode_static(self, *args)
+        return decode_page(self, *args)
 
-    monkeypatch.setattr(RecallSequence, "_decode_static", counted)
+    monkeypatch.setattr(PageDecoder, "decode", counted)
     llm = recall_llm(recall_folder)
     fixed = tokens(llm, [PROMPT], [params])
     # every sparse layer (4 of 4 minus 2 dense) of every step but the first, which fits

@@ -40,6 +40,7 @@ from strata.kv.policies.runtime.gathered import GatheredObserver, ObservedRows
 from strata.kv.policies.runtime.observer import StepObserver
 from strata.kv.policies.runtime.step_kv import KVStepBuilder, StepKV, layer_metadata
 from strata.kv.recall.attention import RecallAttention, RecallMetadata
+from strata.kv.recall.page_decode import page_steps
 from strata.kv.recall.wire import encode_rows
 from strata.models.llama import LlamaModel
 
@@ -235,7 +236,8 @@ class ModelRunner:
     ) -> RecallMetadata:
         assert step.ordinary_rows is not None
         ordinary = torch.from_numpy(step.ordinary_rows).to(self.device, non_blocking=True)
-        return RecallMetadata(slots, inner, ordinary, step.recall)
+        pages = page_steps(step.recall, self.device)
+        return RecallMetadata(slots, inner, ordinary, step.recall, pages)
 
     def _metadata(self, step: StepKV, slots: torch.Tensor) -> StepMetadata | None:
         """The backend's metadata for the step (None when it has no pool rows); one per

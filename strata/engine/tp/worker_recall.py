@@ -24,6 +24,7 @@ from strata.engine.tp.step_wire import StepInputs
 from strata.kv.recall.attention import RecallAttention, RecallMetadata, ordinary_rows
 from strata.kv.recall.build import build_recall
 from strata.kv.recall.mirror import RecallMirror
+from strata.kv.recall.page_decode import page_steps
 from strata.kv.recall.ranks import HeadShard
 
 
@@ -57,5 +58,5 @@ class WorkerRecall:
         """The step's metadata: `inner` over its pool rows (None when it has none)."""
         rows = self.mirror.rows(step.recall)
         ordinary = torch.from_numpy(ordinary_rows(len(step.ids), rows)).to(slots.device)
-        return RecallMetadata(slots, inner, ordinary, rows)
+        return RecallMetadata(slots, inner, ordinary, rows, page_steps(rows, slots.device))
 

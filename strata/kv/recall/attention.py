@@ -4,21 +4,25 @@
     write_rope_kv            RoPE (torch) for all rows; ordinary rows' K/V into the pool
                              through the inner backend; recall rows' K/V kept for attend
     attend                   ordinary rows: the inner backend over the pool
-                             recall rows: each sequence's own store (RecallSequence.attend)
+                             recall rows: selecting decode rows through their page
+                             (page_decode.py), one unit per page; other rows through
+                             their sequence's own store (RecallSequence.attend)
 
 Steps without recall rows never see this class: the runner hands the model the inner
 backend (and its CUDA graphs) then.
 
-On CUDA the decode rows of several recall sequences attend on side streams, one per
-sequence, forked from and joined back to the current stream around the layer's recall
-work: each sequence's work is some hundred small kernels (or their CUDA graph), bound by
-latency, so sequences run side by side instead of one after another. A sequence's state
-is its own, so the streams share nothing but the host link.
+On CUDA the decode units (pages, lone decode rows) attend on side streams, one per
+unit, forked from and joined back to the current stream around the layer's recall work:
+each unit's work is some hundred small kernels (or their CUDA graph), bound by latency,
+so units run side by side instead of one after another. Units share no state, only the
+host link.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -27,7 +31,10 @@ from torch import Tensor
 
 from strata.attention.backend import AttentionBackend, AttentionMetadata, BatchLayout
 from strata.attention.layer_inputs import AttentionInputs, AttentionLayer
+from strata.kv.recall.page_decode import PageStep, page_steps, run_page_step
 from strata.kv.recall.sequence import RecallChunk, RecallSequence
+
+Unit = Callable[[], None]
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,7 @@ class RecallMetadata(AttentionMetadata):
     inner: Any  # the inner backend's StepMetadata over the ordinary rows, or None
     ordinary: Tensor  # [ordinary rows] their indices in the flat batch
     recall: tuple[RecallRows, ...]
+    pages: tuple[PageStep, ...] = ()  # the selecting decode rows, by page (page_steps)
     layer: int = -1  # set by for_layer
 
     def for_layer(self, layer: int) -> RecallMetadata:
@@ -100,14 +108,46 @@ class RecallAttention(AttentionBackend[RecallMetadata]):
             out[meta.ordinary] = self.inner.attend(
                 q[meta.ordinary], k_cache, v_cache, meta.inner, scale
             )
-        decode = [p for p in meta.recall if p.chunk.num_tokens == 1]
-        side = len(decode) >= 2 and q.is_cuda and self.side_streams
-        for part in meta.recall:
-            if not side or part.chunk.num_tokens > 1:
-                out[part.rows] = self._attend_one(part, meta.layer, q, k, v, scale)
-        if side:
-            self._attend_side_by_side(decode, meta.layer, q, k, v, out, scale)
+        prefill, decode = self._units(meta, q, k, v, out, scale)
+        for unit in prefill:
+            unit()
+        if len(decode) >= 2 and q.is_cuda and self.side_streams:
+            self._side_by_side(decode, q.device)
+        else:
+            for unit in decode:
+                unit()
         return out
+
+    def _units(
+        self, meta: RecallMetadata, q: Tensor, k: Tensor, v: Tensor, out: Tensor, scale: float
+    ) -> tuple[list[Unit], list[Unit]]:
+        """The layer's recall work as units that each write their rows of `out`: prefill
+        chunks, and decode units (each page's selecting rows together, other decode rows
+        one by one)."""
+        paged: set[int] = set()
+        decode: list[Unit] = []
+        s = meta.layer - meta.recall[0].state.geometry.dense_layers if meta.recall else -1
+        for step in meta.pages if s >= 0 else ():
+            if any(p.state.policy.wants_all_keys(s) for p in step.parts):  # they fit first
+                ready = tuple(p for p in step.parts if not p.state.policy.wants_all_keys(s))
+                step = next(iter(page_steps(ready, q.device)), None)  # type: ignore[assignment]
+                if step is None:
+                    continue
+            paged.update(id(p) for p in step.parts)
+            decode.append(partial(run_page_step, step, s, q, k, v, out, scale))
+        prefill: list[Unit] = []
+        for part in meta.recall:
+            if id(part) not in paged:
+                unit = partial(self._attend_into, part, meta.layer, q, k, v, out, scale)
+                (decode if part.chunk.num_tokens == 1 else prefill).append(unit)
+        return prefill, decode
+
+    @classmethod
+    def _attend_into(
+        cls, part: RecallRows, layer: int, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+        scale: float,
+    ) -> None:  # fmt: skip
+        out[part.rows] = cls._attend_one(part, layer, q, k, v, scale)
 
     @staticmethod
     def _attend_one(
@@ -116,17 +156,14 @@ class RecallAttention(AttentionBackend[RecallMetadata]):
         rows = part.rows
         return part.state.attend(layer, q[rows], k[rows], v[rows], part.chunk, scale)
 
-    def _attend_side_by_side(
-        self, parts: list[RecallRows], layer: int, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-        scale: float,
-    ) -> None:  # fmt: skip
-        """Each part on its own side stream; the current stream waits for all of them."""
-        while len(self._streams) < len(parts):
-            self._streams.append(torch.cuda.Stream(q.device))
-        main = torch.cuda.current_stream(q.device)
-        for part, stream in zip(parts, self._streams, strict=False):
+    def _side_by_side(self, units: list[Unit], device: torch.device) -> None:
+        """Each unit on its own side stream; the current stream waits for all of them."""
+        while len(self._streams) < len(units):
+            self._streams.append(torch.cuda.Stream(device))
+        main = torch.cuda.current_stream(device)
+        for unit, stream in zip(units, self._streams, strict=False):
             stream.wait_stream(main)
             with torch.cuda.stream(stream):
-                out[part.rows] = self._attend_one(part, layer, q, k, v, scale)
-        for stream in self._streams[: len(parts)]:
+                unit()
+        for stream in self._streams[: len(units)]:
             main.wait_stream(stream)

@@ -86,11 +86,15 @@ def build_recall(
     logger.info(
         "recall store: %s of %s host memory = %d blocks (%d tokens); %s of %s memory for "
         "recall sequences; %d dense layers, sink %d + window %d tokens + the open block on "
-        "the %s in the other %d; default policy %s; selecting decode steps %s",
+        "the %s in the other %d; default policy %s; selecting decode steps %s, up to %d "
+        "sequences of a kind per page",
         format_bytes(store.nbytes), "pinned" if device.type == "cuda" else "pageable",
         num_slots, num_slots * cache.block_size, format_bytes(gpu_bytes), device.type,
         geometry.dense_layers, SINK_BLOCKS * cache.block_size, WINDOW_BLOCKS * cache.block_size,
         device.type, geometry.sparse_layers, cache.kv_policy,
         "in CUDA graphs per layer" if graphs and device.type == "cuda" else "eager",
+        cache.recall.page_rows,
     )  # fmt: skip
-    return RecallManager(geometry, store, gpu_bytes, device, rope, graphs, shard)
+    return RecallManager(
+        geometry, store, gpu_bytes, device, rope, graphs, shard, cache.recall.page_rows
+    )

@@ -56,17 +56,26 @@ def decode_attention(
 ) -> torch.Tensor:  # fmt: skip
     """One query per head q [1, H, D] over keys [KVH, n, D], the first prefix_mask.shape[1]
     of them where prefix_mask [KVH, prefix] allows: a few kernels, whatever the key count
-    (SDPA's fused kernels would plan anew for every length). Scores in the KV dtype,
-    softmax in float32."""
-    kvh, n, d = keys.shape
-    grouped = q.view(kvh, -1, d).to(keys.dtype)  # [KVH, group, D]
-    scores = torch.matmul(grouped, keys.transpose(1, 2)).float() * scale
+    (SDPA's fused kernels would plan anew for every length)."""
+    kvh, n, _ = keys.shape
+    visible = torch.ones((kvh, n), dtype=torch.bool, device=q.device)
     if prefix_mask is not None:
-        visible = torch.ones((kvh, n), dtype=torch.bool, device=q.device)
         visible[:, : prefix_mask.shape[1]] = prefix_mask
-        scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
+    return masked_decode_attention(q, keys[None], values[None], visible[None], scale)
+
+
+def masked_decode_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:  # fmt: skip
+    """One query per head and row, q [rows, H, D], over keys [rows, KVH, n, D] where
+    visible [rows, KVH, n]. Scores in the KV dtype, softmax in float32; [rows, H, D]."""
+    rows, kvh, _, d = keys.shape
+    grouped = q.view(rows, kvh, -1, d).to(keys.dtype)  # [rows, KVH, group, D]
+    scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * scale
+    scores = scores.masked_fill(~visible[:, :, None, :], float("-inf"))
     out = torch.matmul(torch.softmax(scores, dim=-1).to(values.dtype), values)
-    return out.reshape(1, -1, d).to(q.dtype)
+    return out.reshape(rows, -1, d).to(q.dtype)
 
 
 def _sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: Any, scale: float

@@ -13,7 +13,9 @@ decides, and each admitted sequence gets a serial number by which the workers mi
 
 The sequence holds no block of the paged GPU pool: its KV lives in the host store and
 its own GPU state (sequence.py), so a recall sequence is never swapped and never waits
-for pool blocks.
+for pool blocks. That state is one row of a page (page.py) shared with sequences of the
+same policy, budget and length, which decode together; a page reserves its rows' GPU
+bytes while it holds any, and goes when its last row is released.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from strata.errors import InvalidRequestError
 from strata.kv.policies.budget import tokens_allowed
 from strata.kv.recall.geometry import RecallGeometry
 from strata.kv.recall.host_store import HostKVStore
-from strata.kv.recall.layer_graphs import LayerGraphs
+from strata.kv.recall.page import PageKey, RecallPage
+from strata.kv.recall.page_decode import PageDecoder
 from strata.kv.recall.policy import SummaryRoom
 from strata.kv.recall.ranks import HeadShard
 from strata.kv.recall.registry import RECALL_POLICIES
@@ -53,6 +56,7 @@ class RecallManager:
     def __init__(
         self, geometry: RecallGeometry, store: HostKVStore, gpu_budget: int, device: torch.device,
         rope: Rotary | None = None, graphs: bool = False, shard: HeadShard | None = None,
+        page_rows: int = 4,
     ) -> None:  # fmt: skip
         self.geometry, self.store, self.device = geometry, store, device
         self.shard = shard  # tensor parallelism: this rank's KV heads (ranks.py)
@@ -64,6 +68,8 @@ class RecallManager:
         self.gpu_budget = gpu_budget
         self.gpu_used = 0
         self._live: dict[str, RecallKV] = {}
+        self.page_rows = page_rows  # rows of a new page (page.py), as the budget allows
+        self._pages: list[RecallPage] = []
         self._serials = 0  # admissions so far: the next sequence's serial
         self.on_release: Callable[[int], None] | None = None  # the workers' mirrors
         self._retired = {
@@ -118,42 +124,76 @@ class RecallManager:
         return RecallKV(policy, budget_blocks, max_tokens, host_slots, gpu, num_prompt)
 
     def admit(self, request_id: str, kv: RecallKV, serial: int | None = None) -> bool:
-        """Allocate the sequence's GPU state and reserve its host slots; False (nothing
-        changed) if either is short now. serial: rank 0's, for a worker's mirror; by
-        default the next of this manager's own."""
+        """Give the sequence a row of a page (a new page if none of its kind has one free)
+        and reserve its host slots; False (nothing changed) if GPU memory or host slots are
+        short now. serial: rank 0's, for a worker's mirror; by default the next of this
+        manager's own."""
         if kv.state is not None:
             raise RuntimeError(f"recall sequence {request_id!r} admitted twice")
-        if self.gpu_used + kv.gpu_bytes > self.gpu_budget or kv.host_slots > self.store.num_free:
+        if kv.host_slots > self.store.num_free:
+            return False
+        dense = self.geometry.dense_bytes(kv.max_tokens)
+        page = self._page_with_room(kv, dense)
+        if page is None:
             return False
         if serial is None:
             serial, self._serials = self._serials, self._serials + 1
         slots = self.store.allocate(request_id, kv.host_slots)
-        policy = RECALL_POLICIES.get(kv.policy)()
-        graphs = None
-        if self._graph_stream is not None:
-            graphs = LayerGraphs(self._graph_stream)
+        row = page.free_row()
+        assert row is not None
         kv.state = RecallSequence(
-            self.geometry, policy, kv.budget_blocks, kv.max_tokens, self.store, slots, self.device,
-            self.rope, kv.prompt_tokens, graphs, serial, self.shard,
+            self.geometry, RECALL_POLICIES.get(kv.policy)(), kv.budget_blocks, kv.max_tokens,
+            self.store, slots, page, row, request_id, self.rope, kv.prompt_tokens, serial,
+            self.shard,
         )  # fmt: skip
-        self.gpu_used += kv.gpu_bytes
+        if page.decoder is None and kv.state.working_set is not None:
+            page.decoder = PageDecoder(
+                page, self.geometry, RECALL_POLICIES.get(kv.policy)(),
+                kv.state.room, self.rope, self.store, self.shard,
+            )  # fmt: skip
+        self.gpu_used += dense
         self._live[request_id] = kv
         return True
 
+    def _page_with_room(self, kv: RecallKV, dense: int) -> RecallPage | None:
+        """A page of kv's kind with a free row, a new one if the GPU budget allows (with as
+        many rows as page_rows and the budget allow), or None."""
+        free = self.gpu_budget - self.gpu_used - dense
+        key: PageKey = (kv.policy, kv.budget_blocks, kv.host_slots)
+        for page in self._pages:
+            if page.key == key and page.free_row() is not None:
+                return page if free >= 0 else None
+        # rows the budget could fill: each sequence in one also needs its dense layers
+        rows = min(self.page_rows, (self.gpu_budget - self.gpu_used) // max(1, kv.gpu_bytes))
+        if rows < 1:
+            return None
+        row_bytes = kv.gpu_bytes - dense
+        page = RecallPage(key, rows, row_bytes, self.device, self._graph_stream)
+        self._pages.append(page)
+        self.gpu_used += page.nbytes
+        return page
+
     def release(self, request_id: str) -> None:
-        """Give back a sequence's GPU state and host slots (a no-op if it holds none)."""
+        """Give back a sequence's row (its page, once empty) and host slots (a no-op if it
+        holds none)."""
         kv = self._live.pop(request_id, None)
         self.store.free(request_id)
         if kv is None or kv.state is None:
             return
         for name, value in self._counters(kv.state).items():
             self._retired[name] += value
-        if kv.state.graphs is not None:
-            kv.state.graphs.clear()
+        page = kv.state.page
+        page.give_back(request_id)
+        if page.empty:
+            if page.graphs is not None:
+                self._retired["graph_replays"] += page.graphs.replays
+            page.release()
+            self._pages.remove(page)
+            self.gpu_used -= page.nbytes
         if self.on_release is not None:
             self.on_release(kv.state.serial)
         kv.state = None
-        self.gpu_used -= kv.gpu_bytes
+        self.gpu_used -= self.geometry.dense_bytes(kv.max_tokens)
 
     # ---- observability -----------------------------------------------------------------------
 
@@ -166,7 +206,6 @@ class RecallManager:
             "bytes_fetched": int(state.bytes_fetched),
             "blocks_attended": int(state.blocks_attended),
             "decode_steps": state.decode_steps,
-            "graph_replays": state.graphs.replays if state.graphs is not None else 0,
         }
 
     def stats(self) -> dict[str, float]:
@@ -175,6 +214,7 @@ class RecallManager:
             if kv.state is not None:
                 for name, value in self._counters(kv.state).items():
                     totals[name] += value
+        totals["graph_replays"] += sum(p.graphs.replays for p in self._pages if p.graphs)
         selected = totals["hits"] + totals["misses"]
         g = self.geometry
         per_step = totals["decode_steps"] * g.sparse_layers * g.num_kv_heads
@@ -185,8 +225,9 @@ class RecallManager:
             "recall_blocks_attended_per_step": totals["blocks_attended"] / max(1, per_step),
             "recall_working_set_hit_rate": totals["hits"] / selected if selected else 0.0,
             "recall_bytes_fetched": totals["bytes_fetched"],
-            # sparse layers of decode steps replayed from CUDA graphs (layer_graphs.py)
+            # sparse layers of pages' decode steps replayed from CUDA graphs (layer_graphs.py)
             "recall_graph_replays": totals["graph_replays"],
+            "recall_pages": len(self._pages),
             "recall_host_bytes_used": self.store.used_bytes,
             "recall_host_bytes": self.store.nbytes,
             "recall_gpu_bytes_used": self.gpu_used,
@@ -206,11 +247,26 @@ class RecallManager:
         """The requests holding recall state now."""
         return set(self._live)
 
+    def _page_problems(self) -> list[str]:
+        """Every page holds a row, and each row's owner is a live sequence of that row."""
+        problems = []
+        for page in self._pages:
+            if page.empty:
+                problems.append(f"recall page {page.key} holds no row")
+            for row, owner in enumerate(page.owners):
+                kv = self._live.get(owner) if owner is not None else None
+                state = kv.state if kv is not None else None
+                if owner is not None and (state is None or (state.page, state.row) != (page, row)):
+                    problems.append(f"recall page {page.key}: row {row} of {owner!r}, not there")
+        return problems
+
     def check_integrity(self) -> list[str]:
         problems = self.store.check_integrity()
-        used = sum(kv.gpu_bytes for kv in self._live.values())
+        dense = sum(self.geometry.dense_bytes(kv.max_tokens) for kv in self._live.values())
+        used = dense + sum(page.nbytes for page in self._pages)
         if used != self.gpu_used:
             problems.append(f"recall GPU bytes: {self.gpu_used} counted, {used} held")
+        problems += self._page_problems()
         for request_id, kv in self._live.items():
             if len(self.store.owned(request_id)) != kv.host_slots:
                 problems.append(f"recall sequence {request_id!r} holds the wrong host slots")

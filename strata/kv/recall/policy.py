@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from strata.attention.layer_inputs import Rotary
+from strata.kv.recall.buffers import Buffers
 from strata.kv.recall.ranks import HeadShard
 
 
@@ -60,9 +61,12 @@ class RecallPolicy(ABC):
     selects: bool = True
 
     @abstractmethod
-    def allocate(self, room: SummaryRoom, rope: Rotary | None = None) -> None:
-        """Room for the summaries of a sequence's middle blocks, on room.device. `rope`:
-        the model's rotary tables (middle block j holds positions (j + 1) * block_size on)."""
+    def allocate(
+        self, room: SummaryRoom, rope: Rotary | None = None, buffers: Buffers | None = None
+    ) -> None:
+        """Room for the summaries of a sequence's middle blocks, on room.device, from
+        `buffers` (default: its own; buffers.py). `rope`: the model's rotary tables
+        (middle block j holds positions (j + 1) * block_size on)."""
 
     @abstractmethod
     def summarize(self, layer: int, first: int, keys: torch.Tensor) -> None:
@@ -73,10 +77,11 @@ class RecallPolicy(ABC):
     def scores(
         self, layer: int, q: torch.Tensor, num_blocks: int, live: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """[kv_heads, num_blocks] float32 scores of the first num_blocks middle blocks for
-        one query q [kv_heads, group, head_dim] (post-RoPE). `live`: a device scalar; when
-        given only the first `live` blocks exist and the others score -inf (a shape that
-        does not change as blocks retire, for CUDA graphs)."""
+        """[..., kv_heads, num_blocks] float32 scores of the first num_blocks middle blocks
+        for one query q [..., kv_heads, group, head_dim] (post-RoPE; the leading dimension,
+        if any, is a page's rows). `live` [...]: a device count; when given only the first
+        `live` blocks exist and the others score -inf (a shape that does not change as
+        blocks retire, for CUDA graphs)."""
 
     @staticmethod
     def summary_bytes(room: SummaryRoom) -> int:
@@ -98,15 +103,21 @@ class RecallPolicy(ABC):
     def rebuilt_keys(
         self, layer: int, blocks: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Post-RoPE keys of middle blocks [kv_heads, n] rebuilt on the GPU,
-        [kv_heads, n, bs, dim], and the [kv_heads, n] bool of those that must come exact
-        from the host instead; None: every key comes from the host."""
+        """Post-RoPE keys of middle blocks [..., kv_heads, n] rebuilt on the GPU,
+        [..., kv_heads, n, bs, dim], and the [..., kv_heads, n] bool of those that must
+        come exact from the host instead; None: every key comes from the host."""
+        return None
+
+    def for_page(self) -> None:
+        """This instance is bound to a page's whole buffers and scores its rows, all of
+        which are past what `wants_all_keys` asks for."""
         return None
 
 
 def dead_blocks(num_blocks: int, live: torch.Tensor) -> torch.Tensor:
-    """[num_blocks] bool: the blocks at or past the device count `live`."""
-    return torch.arange(num_blocks, device=live.device) >= live
+    """[..., 1, num_blocks] bool: the blocks at or past the device count `live` [...],
+    ready to broadcast over kv heads."""
+    return (torch.arange(num_blocks, device=live.device) >= live[..., None])[..., None, :]
 
 
 class FullOffloadPolicy(RecallPolicy):
@@ -115,7 +126,9 @@ class FullOffloadPolicy(RecallPolicy):
     name = "full_offload"
     selects = False
 
-    def allocate(self, room: SummaryRoom, rope: Rotary | None = None) -> None:
+    def allocate(
+        self, room: SummaryRoom, rope: Rotary | None = None, buffers: Buffers | None = None
+    ) -> None:
         return None
 
     def summarize(self, layer: int, first: int, keys: torch.Tensor) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from strata.attention.layer_inputs import Rotary
+from strata.kv.recall.buffers import Buffers, OwnBuffers
 from strata.kv.recall.policy import RecallPolicy, SummaryRoom, dead_blocks
 
 
@@ -34,12 +35,14 @@ class QuestPolicy(RecallPolicy):
         self.kmax: torch.Tensor | None = None
         self.pages = 1  # per block
 
-    def allocate(self, room: SummaryRoom, rope: Rotary | None = None) -> None:
+    def allocate(
+        self, room: SummaryRoom, rope: Rotary | None = None, buffers: Buffers | None = None
+    ) -> None:
+        buffers = buffers or OwnBuffers(room.device)
         self.pages = pages_per_block(room)
         shape = (room.layers, room.kv_heads, room.max_blocks * self.pages, room.head_dim)
-        # device None: torch's default, the CPU
-        self.kmin = torch.zeros(shape, dtype=room.dtype, device=room.device)
-        self.kmax = torch.zeros(shape, dtype=room.dtype, device=room.device)
+        self.kmin = buffers.tensor("quest.kmin", shape, room.dtype, layered=True)
+        self.kmax = buffers.tensor("quest.kmax", shape, room.dtype, layered=True)
 
     @staticmethod
     def summary_bytes(room: SummaryRoom) -> int:
@@ -50,23 +53,27 @@ class QuestPolicy(RecallPolicy):
         kvh, n, bs, d = keys.shape
         pages = keys.reshape(kvh, n * self.pages, bs // self.pages, d)
         span = slice(first * self.pages, (first + n) * self.pages)
-        self.kmin[layer, :, span] = pages.amin(dim=2)
-        self.kmax[layer, :, span] = pages.amax(dim=2)
+        self.kmin[layer][..., span, :] = pages.amin(dim=2)
+        self.kmax[layer][..., span, :] = pages.amax(dim=2)
 
     def scores(
         self, layer: int, q: torch.Tensor, num_blocks: int, live: torch.Tensor | None = None
     ) -> torch.Tensor:
         assert self.kmin is not None and self.kmax is not None
-        kmin = self.kmin[layer, :, : num_blocks * self.pages]  # [kv_heads, n * pages, dim]
-        kmax = self.kmax[layer, :, : num_blocks * self.pages]
+        span = slice(0, num_blocks * self.pages)
+        kmin = self.kmin[layer][..., span, :]  # [..., kv_heads, n * pages, dim]
+        kmax = self.kmax[layer][..., span, :]
         qs = q.to(kmin.dtype)  # matmuls in the summaries' dtype: no copy of them per step
         pos = qs.clamp(min=0)
-        upper = torch.baddbmm(pos @ kmax.transpose(1, 2), qs - pos, kmin.transpose(1, 2))
+        lanes = lambda x: x.flatten(0, -3)  # noqa: E731  [lanes = ... x kv_heads, *, dim]
+        upper = torch.baddbmm(
+            lanes(pos) @ lanes(kmax).transpose(1, 2), lanes(qs - pos), lanes(kmin).transpose(1, 2)
+        ).view(*q.shape[:-1], kmin.shape[-2])
         if self.pages > 1:  # a block's bound: its best page's
-            upper = upper.view(*upper.shape[:2], num_blocks, self.pages).amax(dim=-1)
-        logits = upper.float() * kmin.shape[-1] ** -0.5  # [kv_heads, group, n]
+            upper = upper.view(*upper.shape[:-1], num_blocks, self.pages).amax(dim=-1)
+        logits = upper.float() * kmin.shape[-1] ** -0.5  # [..., kv_heads, group, n]
         if live is None:
-            return logits.softmax(dim=-1).amax(dim=1)
-        dead = dead_blocks(num_blocks, live)
-        shares = logits.masked_fill(dead, float("-inf")).softmax(dim=-1).amax(dim=1)
-        return shares.masked_fill(dead, float("-inf"))
+            return logits.softmax(dim=-1).amax(dim=-2)
+        dead = dead_blocks(num_blocks, live)  # [..., 1, n]
+        logits = logits.masked_fill(dead[..., None, :], float("-inf"))
+        return logits.softmax(dim=-1).amax(dim=-2).masked_fill(dead, float("-inf"))

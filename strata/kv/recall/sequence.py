@@ -2,7 +2,9 @@
 
 Per step the host plans the chunk (`plan`: which blocks leave the tail, from the token
 counts alone); per layer the forward then writes the chunk's K/V and attends
-(`attend`), on the device only.
+(`attend`), on the device only. Its GPU tensors are one row of a RecallPage (page.py):
+a selecting decode step runs for the page's rows together (page_decode.py), and the
+sequence only retires what leaves its tail afterwards (`retire_after_decode`).
 """
 
 from __future__ import annotations
@@ -12,14 +14,16 @@ from dataclasses import dataclass
 import torch
 
 from strata.attention.layer_inputs import Rotary
-from strata.kv.recall.chunk_attention import chunk_attention, decode_attention
+from strata.kv.recall.chunk_attention import chunk_attention
+from strata.kv.recall.fetch import fill, flat_host, host_rows, picked_mask
 from strata.kv.recall.geometry import SINK_BLOCKS, RecallGeometry
 from strata.kv.recall.host_store import HostKVStore
-from strata.kv.recall.layer_graphs import LayerGraphs
+from strata.kv.recall.page import RecallPage
 from strata.kv.recall.policy import RecallPolicy, SummaryRoom
 from strata.kv.recall.ranks import HeadShard
 from strata.kv.recall.rows import copy_rows
-from strata.kv.recall.working_set import Moves, WorkingSet
+from strata.kv.recall.tensors import SequenceTensors
+from strata.kv.recall.working_set import WorkingSet
 
 
 @dataclass(frozen=True)
@@ -39,7 +43,7 @@ class RecallChunk:
 
 
 class RecallSequence:
-    static_decode = True  # selecting decode steps run _decode_static (False: tests compare)
+    static_decode = True  # selecting decode steps run through the page (False: tests compare)
 
     def __init__(
         self,
@@ -49,10 +53,11 @@ class RecallSequence:
         max_tokens: int,
         store: HostKVStore,
         host_slots: list[int],
-        device: torch.device,
+        page: RecallPage,
+        row: int,
+        owner: str,
         rope: Rotary | None = None,
         prompt_tokens: int = 0,
-        graphs: LayerGraphs | None = None,
         serial: int = 0,
         shard: HeadShard | None = None,
     ) -> None:
@@ -63,38 +68,34 @@ class RecallSequence:
         self.budget_blocks = budget_blocks
         self.max_tokens = max_tokens
         self.prompt_tokens = prompt_tokens  # its last chunk readies the policy's selection
-        kvh, d, dt = g.num_kv_heads, g.head_dim, g.dtype
+        self.page, self.row = page, row
+        buffers = page.take(row, owner)
+        kvh, d, dt, device = g.num_kv_heads, g.head_dim, g.dtype, page.device
         self.dense_k = torch.zeros((g.dense_layers, kvh, max_tokens, d), dtype=dt, device=device)
         self.dense_v = torch.zeros_like(self.dense_k)
-        sink = SINK_BLOCKS * g.block_size
-        self.sink_k = torch.zeros((g.sparse_layers, kvh, sink, d), dtype=dt, device=device)
-        self.sink_v = torch.zeros_like(self.sink_k)
-        tail = (g.sparse_layers, kvh, g.tail_capacity, d)
-        self.tail_k = torch.zeros(tail, dtype=dt, device=device)
-        self.tail_v = torch.zeros_like(self.tail_k)
+        t = SequenceTensors.of(buffers, g, len(host_slots))
+        self.sink_k, self.sink_v, self.tail_k, self.tail_v = t.sink_k, t.sink_v, t.tail_k, t.tail_v
+        # A selecting decode step's counts: the tail holds `held` tokens before it, and
+        # `middle` middle blocks exist.
+        self.held, self.middle = t.held, t.middle
+        self.bytes_fetched, self.blocks_attended = t.bytes_fetched, t.blocks_attended
         self.host_slots = host_slots  # middle block j lives in host slot host_slots[j]
-        self.host_slots_t = torch.tensor(host_slots, dtype=torch.long, device=device)
+        self.host_slots_t = t.host_slots
+        self.host_slots_t.copy_(torch.tensor(host_slots, dtype=torch.long))
         room = SummaryRoom(
             g.sparse_layers, kvh, len(host_slots), d, g.block_size, dt, budget_blocks, device,
             g.landmark_tokens, shard, g.quest_page_tokens,
         )  # fmt: skip
-        policy.allocate(room, rope)
+        self.room = room  # what its summaries and working set cover
+        policy.allocate(room, rope, buffers)
         self.working_set: WorkingSet | None = None
         if policy.selects:
             self.working_set = WorkingSet(
-                g.sparse_layers, kvh, budget_blocks, g.block_size, d, dt, device
+                g.sparse_layers, kvh, budget_blocks, g.block_size, d, dt, device, buffers
             )
         self.tail_start = 0  # the tail holds tokens [tail_start, computed)
         self.computed = 0
-        self.graphs = graphs  # None: _decode_static runs eagerly
-        # A selecting decode step's counts, on the device (_decode_static): the tail holds
-        # `held` tokens before it, and `middle` middle blocks exist.
-        self.held = torch.zeros((), dtype=torch.long, device=device)
-        self.middle = torch.zeros((), dtype=torch.long, device=device)
-        self.tail_index = torch.arange(g.tail_capacity, device=device)
         self.decode_steps = 0
-        self.bytes_fetched = torch.zeros((), dtype=torch.long, device=device)
-        self.blocks_attended = torch.zeros((), dtype=torch.long, device=device)
 
     # ---- host side, once per step -----------------------------------------------------------
 
@@ -111,14 +112,15 @@ class RecallSequence:
         chunk = RecallChunk(start, end, self.tail_start, new_tail_start, middle)
         self.tail_start, self.computed = new_tail_start, end
         self.decode_steps += end - start == 1
-        if self._selecting(chunk):
+        if self.selecting(chunk):
             self.held.fill_(start - chunk.tail_start)
             self.middle.fill_(middle)
         return chunk
 
-    def _selecting(self, chunk: RecallChunk) -> bool:
+    def selecting(self, chunk: RecallChunk) -> bool:
         """A decode step past the prompt that picks among more middle blocks than the
-        working set holds: the steady state _decode_static runs (the policy permitting)."""
+        working set holds: the steady state its page decodes (page_decode.py), in every
+        layer whose policy does not want all its keys first."""
         ws = self.working_set
         return (
             self.static_decode and ws is not None and chunk.num_tokens == 1
@@ -131,8 +133,6 @@ class RecallSequence:
         self.policy.reset()
         if self.working_set is not None:
             self.working_set.tag.fill_(-1)
-        if self.graphs is not None:
-            self.graphs.clear()
 
     # ---- device side, per layer ---------------------------------------------------------------
 
@@ -150,8 +150,8 @@ class RecallSequence:
                 q, dk[:, : chunk.end], dv[:, : chunk.end], None, 0, chunk.start, scale
             )
         s = layer - g.dense_layers
-        if self._selecting(chunk) and not self.policy.wants_all_keys(s):
-            return self._decode_selecting(s, q, k, v, chunk, scale)
+        if self.selecting(chunk) and not self.policy.wants_all_keys(s):
+            raise RuntimeError("a selecting decode step runs through the page (page_decode.py)")
         held = chunk.start - chunk.tail_start
         seg_k = torch.cat([self.tail_k[s, :, :held], k.transpose(0, 1).to(g.dtype)], dim=1)
         seg_v = torch.cat([self.tail_v[s, :, :held], v.transpose(0, 1).to(g.dtype)], dim=1)
@@ -165,41 +165,13 @@ class RecallSequence:
             self._ready_selection(s, chunk)
         return out
 
-    def _decode_selecting(
-        self, s: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: RecallChunk,
-        scale: float,
-    ) -> torch.Tensor:  # fmt: skip
-        """A selecting decode step of sparse layer s: _decode_static (from the layer's CUDA
-        graph where there is one), then the blocks leaving the tail retire."""
-        if self.graphs is None:
-            out = self._decode_static(s, q, k, v, scale)
-        else:
-            step = lambda q, k, v: self._decode_static(s, q, k, v, scale)  # noqa: E731
-            out = self.graphs.run(s, step, q, k, v)
+    def retire_after_decode(self, s: int, chunk: RecallChunk) -> None:
+        """After its page decoded sparse layer s (which wrote the token into the tail),
+        the blocks leaving the tail retire."""
         if chunk.new_tail_start > chunk.tail_start:
             n = chunk.end - chunk.tail_start  # the tail holds them all now, in order
             seg_k, seg_v = self.tail_k[s, :, :n].clone(), self.tail_v[s, :, :n].clone()
             self._retire(s, seg_k, seg_v, chunk)
-        return out
-
-    def _decode_static(
-        self, s: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-    ) -> torch.Tensor:
-        """Write the token's k, v [1, KVH, D] at tail position `held`, pick and fetch the
-        middle blocks for q [1, H, D], and attend sink + picks + tail. Every shape is fixed
-        by the sequence (the counts are device scalars), and nothing syncs: CUDA-graphable."""
-        g, ws = self.geometry, self.working_set
-        assert ws is not None
-        at = self.held.view(1)
-        self.tail_k[s].index_copy_(1, at, k.transpose(0, 1).to(g.dtype))
-        self.tail_v[s].index_copy_(1, at, v.transpose(0, 1).to(g.dtype))
-        held = self._recall(s, q[0], len(self.host_slots), live=self.middle)
-        kvh, d = g.num_kv_heads, g.head_dim
-        keys = torch.cat([self.sink_k[s], ws.k[s].reshape(kvh, -1, d), self.tail_k[s]], 1)
-        values = torch.cat([self.sink_v[s], ws.v[s].reshape(kvh, -1, d), self.tail_v[s]], 1)
-        tail = (self.tail_index <= self.held).expand(kvh, -1)
-        mask = torch.cat([self._picked_mask(held), tail], dim=1)
-        return decode_attention(q, keys, values, mask, scale)
 
     def _prefix(
         self, s: int, q: torch.Tensor, chunk: RecallChunk
@@ -217,7 +189,8 @@ class RecallSequence:
             ws = self.working_set
             keys.append(ws.k[s].reshape(kvh, -1, d))
             values.append(ws.v[s].reshape(kvh, -1, d))
-            mask = self._picked_mask(held)
+            sink = self.sink_k.shape[2]
+            mask = picked_mask(held, g.block_size, sink, self.blocks_attended)
         elif m > 0:
             keys.append(self._stream(s, m, self.store.k).view(kvh, -1, d))
             values.append(self._stream(s, m, self.store.v).view(kvh, -1, d))
@@ -242,72 +215,30 @@ class RecallSequence:
 
     def _host_rows(self, s: int, blocks: torch.Tensor) -> torch.Tensor:
         """Flat host-store rows of middle blocks [KVH, n] (row = layer, slot, head)."""
-        kvh = self.geometry.num_kv_heads
-        heads = torch.arange(kvh, device=blocks.device)[:, None]
-        return (s * self.store.num_slots + self.host_slots_t[blocks]) * kvh + heads
+        return host_rows(self.store, self.host_slots_t, s, blocks)
 
-    def _flat_host(self) -> tuple[torch.Tensor, torch.Tensor]:
-        row = self.geometry.block_size * self.geometry.head_dim
-        return self.store.k.view(-1, row), self.store.v.view(-1, row)
-
-    def _recall(
-        self, s: int, q: torch.Tensor, m: int, live: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def _recall(self, s: int, q: torch.Tensor, m: int) -> torch.Tensor:
         """Pick up to budget_blocks of the first m middle blocks per head for query q [H, D]
         and make the working set hold them; [KVH, budget_blocks] bool, the slots holding a
-        pick. `live` (_decode_static): m is the whole room, and only the first `live` (a
-        device scalar, more than the working set holds) exist."""
+        pick. The growing form of a page's decode (page_decode.py), for the first step
+        after the prompt and for steps with every block in budget (attended exactly)."""
         g, ws = self.geometry, self.working_set
         assert ws is not None
         n = ws.slots
-        exact = live is None and m <= n  # every block fits: attended exactly, keys from host
+        exact = m <= n  # every block fits: attended exactly, keys from host
         if exact:
             picks = torch.arange(n, device=q.device).expand(g.num_kv_heads, n)
             picks = torch.where(picks < m, picks, -1)
         else:
             self._give_all_keys(s, m)
             grouped = q.view(g.num_kv_heads, g.group_size, g.head_dim)
-            scores = self.policy.scores(s, grouped, m, live)
+            scores = self.policy.scores(s, grouped, m)
             if self.shard is not None:  # a replicated head's GQA group spans ranks
                 scores = self.shard.max_over_replicas(scores)
             picks = torch.topk(scores, n, dim=1, sorted=False).indices  # all live ones
         held, moves = ws.update(s, picks)
-        self._fill(s, moves, exact)
+        fill(ws, self.policy, self.store, self.host_slots_t, s, moves, exact, self.bytes_fetched)
         return held
-
-    def _picked_mask(self, held: torch.Tensor) -> torch.Tensor:
-        """[KVH, sink + working-set tokens] bool: the sink, then the tokens of the slots
-        holding a pick (`held`, from _recall), which count as attended."""
-        self.blocks_attended += held.sum()
-        g = self.geometry
-        sink = torch.ones(
-            (g.num_kv_heads, self.sink_k.shape[2]), dtype=torch.bool, device=held.device
-        )
-        return torch.cat([sink, held.repeat_interleave(g.block_size, dim=1)], dim=1)
-
-    def _fill(self, s: int, moves: Moves, exact: bool) -> None:
-        """Carry out a working-set update of sparse layer s: values from the host store;
-        keys from the host, or rebuilt by the policy (except those it wants exact)."""
-        ws = self.working_set
-        assert ws is not None
-        host_k, host_v = self._flat_host()
-        rows = self._host_rows(s, moves.blocks)
-        src = torch.where(moves.mask, rows, -1).flatten()
-        dst = moves.destination_rows(ws.slots)
-        copy_rows(host_v, ws.rows(s, ws.v), src, dst)
-        rebuilt = None if exact else self.policy.rebuilt_keys(s, moves.blocks)
-        keys_moved = moves.mask
-        if rebuilt is not None:
-            keys, from_host = rebuilt
-            index = moves.slots[:, :, None, None].expand_as(keys)
-            slots_k = ws.k[s]
-            held_k = slots_k.gather(1, index)
-            slots_k.scatter_(1, index, torch.where(moves.mask[:, :, None, None], keys, held_k))
-            keys_moved = moves.mask & from_host
-            src = torch.where(keys_moved, rows, -1).flatten()
-        copy_rows(host_k, ws.rows(s, ws.k), src, dst)
-        row_bytes = host_k.shape[1] * host_k.element_size()
-        self.bytes_fetched += (moves.mask.sum() + keys_moved.sum()) * row_bytes
 
     def _stream(self, s: int, m: int, part: torch.Tensor) -> torch.Tensor:
         """Middle blocks 0..m-1 of sparse layer s from the host store `part` (store.k or
@@ -341,7 +272,7 @@ class RecallSequence:
             middle = torch.arange(lo - SINK_BLOCKS, last - SINK_BLOCKS, device=seg_k.device)
             dst = self._host_rows(s, middle[None, :].expand(kvh, n)).flatten()
             src = torch.arange(kvh * n, device=seg_k.device)
-            host_k, host_v = self._flat_host()
+            host_k, host_v = flat_host(self.store)
             copy_rows(keys.reshape(kvh * n, bs * d), host_k, src, dst)
             copy_rows(values.reshape(kvh * n, bs * d), host_v, src, dst)
             self.policy.summarize(s, lo - SINK_BLOCKS, keys)

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from strata.attention.layer_inputs import Rotary
+from strata.kv.recall.buffers import Buffers, OwnBuffers
 from strata.kv.recall.geometry import SINK_BLOCKS
 from strata.kv.recall.policy import RecallPolicy, SummaryRoom, dead_blocks
 from strata.ops.rotate_half import rotate_half
@@ -61,26 +62,29 @@ class ShadowKVPolicy(RecallPolicy):
         # summarized (repeats where fewer exist); kept as blocks retire, read by each step
         self.outliers = torch.zeros(0, dtype=torch.long)
 
-    def allocate(self, room: SummaryRoom, rope: Rotary | None = None) -> None:
+    def allocate(
+        self, room: SummaryRoom, rope: Rotary | None = None, buffers: Buffers | None = None
+    ) -> None:
         if rope is None:
             raise ValueError("shadowkv rebuilds keys with RoPE: it needs the model's rotary")
+        buffers = buffers or OwnBuffers(room.device)
         self.room, self.rope = room, rope
-        kvh, d, dev = room.kv_heads, room.head_dim, room.device
-        rank = self.rank(room)
-        per_block = chunks_per_block(room)
-        self.landmarks = torch.zeros(
-            (room.layers, kvh, room.max_blocks * per_block, d), dtype=room.dtype, device=dev
-        )
-        self.spread = torch.zeros((room.layers, kvh, room.max_blocks), device=dev)
-        rows = room.max_blocks * room.block_size
-        self.factors = torch.zeros((room.layers, rows, rank), dtype=room.dtype, device=dev)
-        self.basis = torch.zeros(
-            (room.layers, rank, room.model_kv_heads * d), dtype=room.dtype, device=dev
-        )
-        self.outliers = torch.zeros(
-            (room.layers, kvh, self.num_outliers(room)), dtype=torch.long, device=dev
-        )
-        self.reset()
+        kvh, d, dt = room.kv_heads, room.head_dim, room.dtype
+        blocks, rank = room.max_blocks, self.rank(room)
+
+        def layered(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+            return buffers.tensor(f"shadowkv.{name}", (room.layers, *shape), dtype, layered=True)
+
+        self.landmarks = layered("landmarks", (kvh, blocks * chunks_per_block(room), d), dt)
+        self.spread = layered("spread", (kvh, blocks), torch.float32)
+        self.factors = layered("factors", (blocks * room.block_size, rank), dt)
+        self.basis = layered("basis", (rank, room.model_kv_heads * d), dt)
+        self.outliers = layered("outliers", (kvh, self.num_outliers(room)), torch.long)
+        self.fitted = [False] * room.layers  # buffers come zeroed: no outliers yet
+
+    def for_page(self) -> None:
+        assert self.room is not None
+        self.fitted = [True] * self.room.layers  # the page's rows are all fitted
 
     @staticmethod
     def rank(room: SummaryRoom) -> int:
@@ -114,13 +118,13 @@ class ShadowKVPolicy(RecallPolicy):
         chunks = keys.float().view(kvh, n, per_block, bs // per_block, d)
         means = chunks.mean(dim=3)
         span = slice(first * per_block, (first + n) * per_block)
-        self.landmarks[layer, :, span] = means.reshape(kvh, n * per_block, d).to(room.dtype)
+        self.landmarks[layer][..., span, :] = means.reshape(kvh, n * per_block, d).to(room.dtype)
         similarity = F.cosine_similarity(chunks, means[:, :, :, None], dim=-1)
-        self.spread[layer, :, first : first + n] = 1 - similarity.amin(dim=(2, 3))
+        self.spread[layer][..., first : first + n] = 1 - similarity.amin(dim=(2, 3))
         self._keep_outliers(layer, first + n)
         if self.fitted[layer]:
             pre = self._every_head(self._pre_rope(keys, first))
-            self.factors[layer, first * bs : (first + n) * bs] = (
+            self.factors[layer][first * bs : (first + n) * bs] = (
                 pre @ self.basis[layer].float().T
             ).to(room.dtype)
 
@@ -131,7 +135,7 @@ class ShadowKVPolicy(RecallPolicy):
         n = self.outliers.shape[-1]
         if n == 0 or live == 0:
             return
-        ids = torch.topk(self.spread[layer, :, :live], min(n, live)).indices
+        ids = torch.topk(self.spread[layer][:, :live], min(n, live)).indices
         kept = self.outliers[layer]
         kept[:, : ids.shape[1]] = ids
         kept[:, ids.shape[1] :] = ids[:, :1]
@@ -148,7 +152,7 @@ class ShadowKVPolicy(RecallPolicy):
         _, vectors = torch.linalg.eigh(pre.T @ pre)  # ascending eigenvalues
         basis = vectors[:, -self.rank(room) :].T
         self.basis[layer] = basis.to(room.dtype)
-        self.factors[layer, : pre.shape[0]] = (pre @ basis.T).to(room.dtype)
+        self.factors[layer][: pre.shape[0]] = (pre @ basis.T).to(room.dtype)
         self.fitted[layer] = True
 
     def _pre_rope(self, keys: torch.Tensor, first: int) -> torch.Tensor:
@@ -168,13 +172,14 @@ class ShadowKVPolicy(RecallPolicy):
         return rows if room.shard is None else room.shard.gather_heads(rows)
 
     def _own_basis(self, layer: int) -> torch.Tensor:
-        """The layer's basis for this rank's heads, [kv_heads, rank, dim]."""
+        """The layer's basis for this rank's heads, [..., kv_heads, rank, dim]."""
         room = self.room
         assert room is not None
-        basis = self.basis[layer].view(self.rank(room), room.model_kv_heads, room.head_dim)
+        basis = self.basis[layer]
+        basis = basis.view(*basis.shape[:-2], self.rank(room), room.model_kv_heads, room.head_dim)
         if room.shard is not None:
-            basis = basis[:, room.shard.own_heads(room.kv_heads)]
-        return basis.transpose(0, 1)
+            basis = basis[..., room.shard.own_heads(room.kv_heads), :]
+        return basis.transpose(-3, -2)
 
     def _tables(self, blocks: torch.Tensor, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [*blocks.shape, bs, dim] float32 at the positions of middle blocks."""
@@ -191,17 +196,18 @@ class ShadowKVPolicy(RecallPolicy):
         room = self.room
         assert room is not None
         per_block = chunks_per_block(room)
-        landmarks = self.landmarks[layer, :, : num_blocks * per_block]
-        logits = q.to(room.dtype) @ landmarks.transpose(1, 2)  # [KVH, G, chunks]
-        dead = None if live is None else dead_blocks(num_blocks, live)
+        landmarks = self.landmarks[layer][..., : num_blocks * per_block, :]
+        logits = q.to(room.dtype) @ landmarks.transpose(-1, -2)  # [..., KVH, G, chunks]
+        dead = None if live is None else dead_blocks(num_blocks, live)  # [..., 1, n]
         if dead is not None:  # dead chunks get no probability, dead blocks never win
-            logits = logits.masked_fill(dead.repeat_interleave(per_block), float("-inf"))
-        chunk = (logits.float() / room.head_dim**0.5).softmax(dim=-1).amax(dim=1)
-        block = chunk.view(room.kv_heads, num_blocks, per_block).amax(dim=-1)
+            chunk_dead = dead.repeat_interleave(per_block, dim=-1)[..., None, :]
+            logits = logits.masked_fill(chunk_dead, float("-inf"))
+        chunk = (logits.float() / room.head_dim**0.5).softmax(dim=-1).amax(dim=-2)
+        block = chunk.view(*chunk.shape[:-1], num_blocks, per_block).amax(dim=-1)
         if dead is not None:
             block = block.masked_fill(dead, float("-inf"))
         # above any probability: always picked (every outlier is a live block)
-        return block.scatter(1, self.outliers[layer], 2.0)
+        return block.scatter(-1, self.outliers[layer], 2.0)
 
     def rebuilt_keys(
         self, layer: int, blocks: torch.Tensor
@@ -209,12 +215,13 @@ class ShadowKVPolicy(RecallPolicy):
         room, outliers = self.room, self.outliers[layer]
         if room is None or not self.fitted[layer]:
             return None
-        kvh, n = blocks.shape
+        *lead, kvh, n = blocks.shape
         bs, d, rank = room.block_size, room.head_dim, self.rank(room)
-        rows = blocks[:, :, None] * bs + torch.arange(bs, device=blocks.device)
-        factors = self.factors[layer][rows].view(kvh, n * bs, rank)
-        pre = (factors @ self._own_basis(layer)).float().view(kvh, n, bs, d)
+        rows = blocks[..., None] * bs + torch.arange(bs, device=blocks.device)
+        index = rows.reshape(*lead, kvh * n * bs, 1).expand(*lead, kvh * n * bs, rank)
+        factors = self.factors[layer].gather(-2, index).view(*lead, kvh, n * bs, rank)
+        pre = (factors @ self._own_basis(layer)).float().view(*lead, kvh, n, bs, d)
         cos, sin = self._tables(blocks, bs)
         keys = (pre * cos + rotate_half(pre) * sin).to(room.dtype)
-        from_host = (blocks[:, :, None] == outliers[:, None, :]).any(-1)
+        from_host = (blocks[..., None] == outliers[..., None, :]).any(-1)
         return keys, from_host

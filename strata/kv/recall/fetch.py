@@ -1,0 +1,69 @@
+"""Carrying out a selection: host rows of picked blocks, working-set fills, attention
+masks; over one sequence's tensors or a page's rows (a leading rows dimension).
+
+A host-store row is one block of one head in one sparse layer: row (layer, slot, head),
+block_size x head_dim (host_store.py). Nothing here syncs with the host.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from strata.kv.recall.host_store import HostKVStore
+from strata.kv.recall.policy import RecallPolicy
+from strata.kv.recall.rows import copy_rows
+from strata.kv.recall.working_set import Moves, WorkingSet
+
+
+def host_rows(
+    store: HostKVStore, host_slots: torch.Tensor, s: int, blocks: torch.Tensor
+) -> torch.Tensor:
+    """Flat host-store rows of middle blocks [..., kv_heads, n] of sparse layer s, where
+    host_slots [..., room] names each middle block's slot."""
+    kvh = blocks.shape[-2]
+    slots = host_slots.gather(-1, blocks.flatten(-2)).view_as(blocks)
+    heads = torch.arange(kvh, device=blocks.device)[:, None]
+    return (s * store.num_slots + slots) * kvh + heads
+
+
+def flat_host(store: HostKVStore) -> tuple[torch.Tensor, torch.Tensor]:
+    """The store's keys and values as [rows, block_size * head_dim]."""
+    row = store.k.shape[-2] * store.k.shape[-1]
+    return store.k.view(-1, row), store.v.view(-1, row)
+
+
+def fill(
+    ws: WorkingSet, policy: RecallPolicy, store: HostKVStore, host_slots: torch.Tensor, s: int,
+    moves: Moves, exact: bool, bytes_fetched: torch.Tensor,
+) -> None:  # fmt: skip
+    """Carry out a working-set update of sparse layer s: values from the host store;
+    keys from the host, or rebuilt by the policy (except those it wants exact). exact:
+    every block is attended exactly (keys from the host). Counts the bytes moved."""
+    host_k, host_v = flat_host(store)
+    rows = host_rows(store, host_slots, s, moves.blocks)
+    src = torch.where(moves.mask, rows, -1).flatten()
+    dst = moves.destination_rows(ws.slots)
+    copy_rows(host_v, ws.rows(s, ws.v), src, dst)
+    rebuilt = None if exact else policy.rebuilt_keys(s, moves.blocks)
+    keys_moved = moves.mask
+    if rebuilt is not None:
+        keys, from_host = rebuilt
+        index = moves.slots[..., None, None].expand_as(keys)
+        slots_k = ws.k[s]
+        held_k = slots_k.gather(-3, index)
+        slots_k.scatter_(-3, index, torch.where(moves.mask[..., None, None], keys, held_k))
+        keys_moved = moves.mask & from_host
+        src = torch.where(keys_moved, rows, -1).flatten()
+    copy_rows(host_k, ws.rows(s, ws.k), src, dst)
+    row_bytes = host_k.shape[1] * host_k.element_size()
+    bytes_fetched += (moves.mask.sum(dim=(-1, -2)) + keys_moved.sum(dim=(-1, -2))) * row_bytes
+
+
+def picked_mask(
+    held: torch.Tensor, block_size: int, sink_tokens: int, blocks_attended: torch.Tensor
+) -> torch.Tensor:
+    """[..., kv_heads, sink + working-set tokens] bool: the sink, then the tokens of the
+    slots holding a pick (`held` [..., kv_heads, slots]), which count as attended."""
+    blocks_attended += held.sum(dim=(-1, -2))
+    sink = torch.ones((*held.shape[:-1], sink_tokens), dtype=torch.bool, device=held.device)
+    return torch.cat([sink, held.repeat_interleave(block_size, dim=-1)], dim=-1)

@@ -1,0 +1,132 @@
+"""A page's selecting decode step: every row of a RecallPage (page.py) at once, per layer.
+
+    inputs  q [rows, H, D], k, v [rows, KVH, D]; active [rows] bool: the rows decoding
+    per sparse layer s, over the page's whole buffers:
+      write k, v into each active row's tail at its `held`
+      scores (the policy's, bound to the page) -> top budget blocks per row and head
+      working-set update (inactive rows keep their slots) and fills from the host
+      attention over sink + working set + tail, per row
+    output  [rows, H, D]; inactive rows' outputs mean nothing
+
+Every shape is the page's, and the rows' counts are device tensors: nothing syncs, and
+the step is captured in a CUDA graph per layer (page.graphs) and replayed whatever rows
+take part. Blocks leaving a row's tail retire afterwards, per sequence, outside the graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from strata.attention.layer_inputs import Rotary
+from strata.kv.recall.chunk_attention import masked_decode_attention
+from strata.kv.recall.fetch import fill, picked_mask
+from strata.kv.recall.geometry import RecallGeometry
+from strata.kv.recall.host_store import HostKVStore
+from strata.kv.recall.page import RecallPage
+from strata.kv.recall.policy import RecallPolicy, SummaryRoom
+from strata.kv.recall.ranks import HeadShard
+from strata.kv.recall.tensors import SequenceTensors
+from strata.kv.recall.working_set import WorkingSet
+
+if TYPE_CHECKING:
+    from strata.kv.recall.attention import RecallRows
+
+
+class PageDecoder:
+    """The decode of one page, bound to its whole buffers (made once its first row has
+    allocated them)."""
+
+    def __init__(
+        self, page: RecallPage, geometry: RecallGeometry, policy: RecallPolicy,
+        room: SummaryRoom, rope: Rotary | None, store: HostKVStore, shard: HeadShard | None,
+    ) -> None:  # fmt: skip
+        g, whole = geometry, page.whole()
+        self.geometry, self.store, self.shard, self.room = g, store, shard, room
+        self.t = SequenceTensors.of(whole, g, room.max_blocks)
+        self.ws = WorkingSet(
+            g.sparse_layers, g.num_kv_heads, room.slots, g.block_size, g.head_dim, g.dtype,
+            page.device, whole,
+        )  # fmt: skip
+        policy.allocate(room, rope, whole)
+        policy.for_page()
+        self.policy = policy
+        self.tail_index = torch.arange(g.tail_capacity, device=page.device)
+
+    def decode(
+        self, s: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, active: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:  # fmt: skip
+        g, t, ws = self.geometry, self.t, self.ws
+        rows, kvh = q.shape[0], g.num_kv_heads
+        write = ((self.tail_index == t.held[:, None]) & active[:, None])[:, None, :, None]
+        tail_k, tail_v = t.tail_k[s], t.tail_v[s]  # [rows, KVH, tail, D]
+        tail_k.copy_(torch.where(write, k.to(g.dtype)[:, :, None, :], tail_k))
+        tail_v.copy_(torch.where(write, v.to(g.dtype)[:, :, None, :], tail_v))
+        grouped = q.view(rows, kvh, g.group_size, g.head_dim)
+        scores = self.policy.scores(s, grouped, self.room.max_blocks, live=t.middle)
+        if self.shard is not None:  # a replicated head's GQA group spans ranks
+            scores = self.shard.max_over_replicas(scores)
+        picks = torch.topk(scores, ws.slots, dim=-1, sorted=False).indices
+        held, moves = ws.update(s, picks, active)
+        fill(ws, self.policy, self.store, t.host_slots, s, moves, False, t.bytes_fetched)
+        keys = torch.cat([t.sink_k[s], ws.k[s].flatten(-3, -2), tail_k], dim=-2)
+        values = torch.cat([t.sink_v[s], ws.v[s].flatten(-3, -2), tail_v], dim=-2)
+        tail = (self.tail_index <= t.held[:, None])[:, None, :].expand(-1, kvh, -1)
+        sink = t.sink_k.shape[-2]
+        mask = torch.cat([picked_mask(held, g.block_size, sink, t.blocks_attended), tail], -1)
+        return masked_decode_attention(q, keys, values, mask, scale)
+
+
+@dataclass(frozen=True)
+class PageStep:
+    """The parts of a step that decode through one page, with their index tensors."""
+
+    page: RecallPage
+    parts: tuple[RecallRows, ...]
+    flat: torch.Tensor  # [n] each part's row of the flat batch
+    rows: torch.Tensor  # [n] its page row
+    active: torch.Tensor  # [capacity] bool
+
+
+def page_steps(parts: tuple[RecallRows, ...], device: torch.device) -> tuple[PageStep, ...]:
+    """The step's selecting decode parts, grouped by page (in order of first part)."""
+    groups: dict[int, list[RecallRows]] = {}
+    for part in parts:
+        if part.state.selecting(part.chunk):
+            groups.setdefault(id(part.state.page), []).append(part)
+    steps = []
+    for members in groups.values():
+        page = members[0].state.page
+        rows = [p.state.row for p in members]
+        active = torch.zeros(page.capacity, dtype=torch.bool)
+        active[rows] = True
+        flat = torch.tensor([p.first for p in members])
+        to = lambda x: x.to(device, non_blocking=True)  # noqa: E731  (as the runner's rows)
+        steps.append(PageStep(page, tuple(members), to(flat), to(torch.tensor(rows)), to(active)))
+    return tuple(steps)
+
+
+def run_page_step(
+    step: PageStep, s: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    out: torch.Tensor, scale: float,
+) -> None:  # fmt: skip
+    """Decode sparse layer s for the step's parts through their page (from its layer's
+    CUDA graph where there is one) into out's rows, then retire what leaves their tails."""
+    page, decoder = step.page, step.page.decoder
+    assert isinstance(decoder, PageDecoder)
+
+    def paged(x: torch.Tensor) -> torch.Tensor:
+        into = x.new_zeros((page.capacity, *x.shape[1:]))
+        into[step.rows] = x[step.flat]
+        return into
+
+    fn: Callable[..., torch.Tensor] = lambda q, k, v, a: decoder.decode(s, q, k, v, a, scale)  # noqa: E731
+    inputs = (paged(q), paged(k), paged(v), step.active)
+    result = page.graphs.run(s, fn, *inputs) if page.graphs is not None else fn(*inputs)
+    out[step.flat] = result[step.rows]
+    for part in step.parts:
+        part.state.retire_after_decode(s, part.chunk)

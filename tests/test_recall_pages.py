@@ -1,0 +1,134 @@
+"""Recall pages (strata/kv/recall/page.py, page_decode.py): sequences of one policy,
+budget and length share GPU tensors and decode together.
+
+Exact: a page decoding several rows gives each sequence the tokens it gets alone, and
+the tokens of pages of one row; rows are handed out first-free and reused with their
+state reset; a page's memory is reserved whole and given back with its last row.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from strata import SamplingParams
+from strata.kv.recall.geometry import RecallGeometry
+from strata.kv.recall.host_store import HostKVStore
+from strata.kv.recall.manager import RecallManager
+from strata.kv.recall.page_decode import PageDecoder
+from tests.test_recall import GREEDY, PROMPT, assert_recall_idle, recall_llm, tokens
+
+KIND = 150  # prompt tokens of every recall request below: one page kind per policy
+
+
+def prompts(n: int) -> list[list[int]]:
+    return [[3 + (i * (37 + 2 * j)) % 500 for i in range(KIND)] for j in range(n)]
+
+
+def test_a_page_decodes_its_rows_together_as_each_alone(
+    recall_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three quest and two shadowkv requests of one length (two pages) and an ordinary
+    one: the batch equals solo runs and runs with pages of one row; the quest page
+    decoded three rows at once."""
+    most_rows = 0
+    decode = PageDecoder.decode
+
+    def counted(self: PageDecoder, s: int, q: Any, k: Any, v: Any, active: Any, *rest: Any) -> Any:
+        nonlocal most_rows
+        most_rows = max(most_rows, int(active.sum()))
+        return decode(self, s, q, k, v, active, *rest)
+
+    monkeypatch.setattr(PageDecoder, "decode", counted)
+    quest = SamplingParams(kv_policy="quest", kv_budget=40, **GREEDY)
+    shadow = SamplingParams(kv_policy="shadowkv", kv_budget=40, **GREEDY)
+    params = [quest, shadow, quest, SamplingParams(**GREEDY), shadow, quest]
+    batch = prompts(len(params))
+    llm = recall_llm(recall_folder)
+    solo = [tokens(llm, [p], [sp])[0] for p, sp in zip(batch, params, strict=True)]
+    assert most_rows == 1
+    assert tokens(llm, batch, params) == solo
+    assert most_rows == 3
+    assert_recall_idle(llm)
+    single = recall_llm(recall_folder, kv_recall_page_rows=1)
+    assert tokens(single, batch, params) == solo
+    assert_recall_idle(single)
+
+
+def manager(page_rows: int, gpu_budget: int = 1 << 30) -> RecallManager:
+    geometry = RecallGeometry(4, 2, 4, 2, 8, 4, torch.float32)
+    store = HostKVStore(256, 2, 2, 4, 8, torch.float32, pin=False)
+    return RecallManager(geometry, store, gpu_budget, torch.device("cpu"), page_rows=page_rows)
+
+
+def test_rows_are_first_free_and_reused_reset() -> None:
+    recall = manager(page_rows=2)
+    plans = {name: recall.plan_for("quest", 16, 40, 8) for name in "abcd"}
+    for name in "abc":
+        assert recall.admit(name, plans[name])
+    states = {name: plans[name].state for name in "abc"}
+    assert [(s.row, s.page) for s in states.values() if s] == [
+        (0, states["a"].page), (1, states["a"].page), (0, states["c"].page),  # type: ignore[union-attr]
+    ]  # fmt: skip
+    assert states["a"].page is not states["c"].page  # type: ignore[union-attr]
+    assert recall.stats()["recall_pages"] == 2 and recall.check_integrity() == []
+    a = states["a"]
+    assert a is not None and a.working_set is not None
+    a.tail_k.fill_(7.0)
+    a.working_set.tag.fill_(3)
+    recall.release("a")
+    assert recall.admit("d", plans["d"])
+    d = plans["d"].state
+    assert d is not None and d.working_set is not None
+    assert (d.page, d.row) == (states["b"].page, 0)  # type: ignore[union-attr]
+    assert bool((d.tail_k == 0).all()) and bool((d.working_set.tag == -1).all())
+    assert recall.check_integrity() == []
+    for name in "bcd":
+        recall.release(name)
+    assert recall.stats()["recall_pages"] == 0 and recall.gpu_used == 0
+    assert recall.check_integrity() == []
+
+
+def test_a_page_reserves_its_rows_within_the_budget() -> None:
+    """page_rows 4, but the GPU budget holds two rows: the page gets two, and a third
+    request of the kind waits (admit is False, nothing changes) until one is released."""
+    probe = manager(page_rows=1)
+    kv = probe.plan_for("quest", 16, 40, 8)
+    dense = probe.geometry.dense_bytes(kv.max_tokens)
+    row = kv.gpu_bytes - dense
+    recall = manager(page_rows=4, gpu_budget=2 * row + 3 * dense)
+    plans = [recall.plan_for("quest", 16, 40, 8) for _ in range(3)]
+    assert recall.admit("a", plans[0]) and recall.admit("b", plans[1])
+    state = plans[0].state
+    assert state is not None and state.page.capacity == 2
+    assert recall.gpu_used == 2 * row + 2 * dense
+    free = recall.store.num_free
+    assert not recall.admit("c", plans[2]) and plans[2].state is None
+    assert recall.store.num_free == free and recall.check_integrity() == []
+    recall.release("a")
+    assert recall.admit("c", plans[2])
+    assert recall.check_integrity() == []
+
+
+def test_page_rows_must_be_positive(recall_folder: Path) -> None:
+    with pytest.raises(ValueError, match="kv_recall_page_rows"):
+        recall_llm(recall_folder, kv_recall_page_rows=0)
+
+
+def test_prompts_share_a_page_only_when_of_one_kind(recall_folder: Path) -> None:
+    """The room is the host slots of prompt + max_tokens in blocks of 4: 150 and 149
+    tokens (+ 24) round to 44 blocks and share a page, 100 tokens gets its own."""
+    llm = recall_llm(recall_folder)
+    params = SamplingParams(kv_policy="quest", kv_budget=40, **GREEDY)
+    engine = llm.engine
+    for prompt in (PROMPT, PROMPT[:100], PROMPT[1:]):
+        engine.add_request(prompt, params)
+    pages = 0
+    while engine.has_unfinished():
+        engine.step()
+        pages = max(pages, int(llm.stats()["recall_pages"]))
+    assert pages == 2
+    assert_recall_idle(llm)
