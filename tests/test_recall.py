@@ -139,7 +139,8 @@ def test_quest_pages_reach_the_policy_and_its_memory(recall_folder: Path) -> Non
     assert managers[0].geometry.quest_page_tokens == 2
     paged_kv, whole_kv = (m.kv_for("quest", 10, 200, 50, 150) for m in managers)
     g = managers[1].geometry
-    quest_summaries = 2 * g.sparse_layers * g.num_kv_heads * 50 * g.head_dim * g.dtype.itemsize
+    room = g.room_blocks(50)  # 52: rounded to a step of 4
+    quest_summaries = 2 * g.sparse_layers * g.num_kv_heads * room * g.head_dim * g.dtype.itemsize
     assert paged_kv.gpu_bytes - whole_kv.gpu_bytes == quest_summaries
     out = tokens(paged, [PROMPT], [SamplingParams(kv_policy="quest", kv_budget=40, **GREEDY)])
     assert len(out[0]) == GREEDY["max_tokens"]

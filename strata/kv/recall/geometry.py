@@ -66,6 +66,14 @@ class RecallGeometry:
     def max_blocks(self, max_tokens: int) -> int:
         return -(-max_tokens // self.block_size)
 
+    @staticmethod
+    def room_blocks(host_slots: int) -> int:
+        """The middle blocks a sequence's summaries and slot table cover: host_slots
+        rounded up to a step of an eighth of its power of two, at most 1/8 more, so that
+        sequences of nearby lengths share a page (page.py)."""
+        step = 1 << max(0, host_slots.bit_length() - 4)
+        return -(-host_slots // step) * step
+
     def dense_bytes(self, max_tokens: int) -> int:
         per_token = 2 * self.dense_layers * self.num_kv_heads * self.head_dim * self.dtype.itemsize
         return per_token * max_tokens

@@ -1,10 +1,10 @@
-"""LayerGraphs: one recall sequence's decode attention per sparse layer, as CUDA graphs.
+"""LayerGraphs: a recall page's decode attention per sparse layer, as CUDA graphs.
 
-A recall sequence's decode attention in a layer is some hundred small kernels (selection,
+A page's decode attention in a layer is some hundred small kernels (selection,
 working-set bookkeeping, fetches, attention), whose launches cost far more than their
-work. Its shapes do not change from step to step (sequence.py `_decode_static`: the
-step's counts live in device scalars), so each layer's kernels are captured once and
-replayed:
+work. Its shapes do not change from step to step (page_decode.py: every row of the page
+runs, the step's counts and active rows live in device tensors), so each layer's kernels
+are captured once and replayed:
 
     run 1 of a layer   eager: compiles kernels, allocates lazily (and is a real step)
     run 2              captured (nothing executes), then replayed
@@ -12,8 +12,8 @@ replayed:
 
 Invariants:
 - Every run's inputs have the shapes of the first: one set of static input buffers
-  serves every layer of the sequence.
-- The sequence's graphs share one memory pool, taken anew whenever it has no graph (a
+  serves every layer of the page.
+- The page's graphs share one memory pool, taken anew whenever it has no graph (a
   pool dies with its last graph). Only a graph's output outlives its replay, and it
   stays referenced here, so no graph's live memory is handed to another; replays run
   one after another on one stream. The caller copies the output out before the next run.
@@ -74,6 +74,6 @@ class LayerGraphs:
         return graph, out
 
     def clear(self) -> None:
-        """Drop every graph: the sequence's state is about to change shape or meaning."""
+        """Drop every graph: the page goes away."""
         self._graphs.clear()
         self._warm.clear()

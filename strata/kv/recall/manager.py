@@ -114,7 +114,8 @@ class RecallManager:
         gpu = g.dense_bytes(max_tokens) + g.resident_bytes()
         gpu += cls.summary_bytes(
             SummaryRoom(
-                g.sparse_layers, g.num_kv_heads, host_slots, g.head_dim, g.block_size, g.dtype,
+                g.sparse_layers, g.num_kv_heads, g.room_blocks(host_slots), g.head_dim,
+                g.block_size, g.dtype,
                 budget_blocks, landmark_tokens=g.landmark_tokens, shard=self.shard,
                 quest_page_tokens=g.quest_page_tokens,
             )
@@ -159,7 +160,7 @@ class RecallManager:
         """A page of kv's kind with a free row, a new one if the GPU budget allows (with as
         many rows as page_rows and the budget allow), or None."""
         free = self.gpu_budget - self.gpu_used - dense
-        key: PageKey = (kv.policy, kv.budget_blocks, kv.host_slots)
+        key: PageKey = (kv.policy, kv.budget_blocks, self.geometry.room_blocks(kv.host_slots))
         for page in self._pages:
             if page.key == key and page.free_row() is not None:
                 return page if free >= 0 else None

@@ -5,11 +5,11 @@ for all of them with one set of kernels per layer.
     rows      row r: the sequence whose state is [:, r] / [r] of every buffer, or free
 
 Sequences share a page when every buffer has the same shape for them: the same policy,
-budget (working-set slots) and room (host slots). The page's decode (page_decode.py)
-runs over all `capacity` rows with an `active` mask: a row that is free or not decoding
-this step computes, but nothing of its state changes, so every shape is fixed by the
-page and each layer's kernels are captured in a CUDA graph once and replayed whatever
-rows take part (LayerGraphs; the buffers never move).
+budget (working-set slots) and room (their host slots, rounded: geometry.room_blocks).
+The page's decode (page_decode.py) runs over all `capacity` rows with an `active` mask: a
+row that is free or not decoding this step computes, but nothing of its state changes,
+so every shape is fixed by the page and each layer's kernels are captured in a CUDA
+graph once and replayed whatever rows take part (LayerGraphs; the buffers never move).
 
 Invariants: a row belongs to at most one sequence; a sequence's buffers are zeroed (or
 given their fill) when it takes its row; the page's GPU bytes are reserved whole, while
@@ -26,7 +26,7 @@ import torch
 from strata.kv.recall.buffers import Buffers
 from strata.kv.recall.layer_graphs import LayerGraphs
 
-PageKey = tuple[str, int, int]  # policy, budget blocks, host slots
+PageKey = tuple[str, int, int]  # policy, budget blocks, room blocks (geometry.py)
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,8 @@ class RecallSequence:
         kvh, d, dt, device = g.num_kv_heads, g.head_dim, g.dtype, page.device
         self.dense_k = torch.zeros((g.dense_layers, kvh, max_tokens, d), dtype=dt, device=device)
         self.dense_v = torch.zeros_like(self.dense_k)
-        t = SequenceTensors.of(buffers, g, len(host_slots))
+        room_blocks = g.room_blocks(len(host_slots))
+        t = SequenceTensors.of(buffers, g, room_blocks)
         self.sink_k, self.sink_v, self.tail_k, self.tail_v = t.sink_k, t.sink_v, t.tail_k, t.tail_v
         # A selecting decode step's counts: the tail holds `held` tokens before it, and
         # `middle` middle blocks exist.
@@ -81,9 +82,9 @@ class RecallSequence:
         self.bytes_fetched, self.blocks_attended = t.bytes_fetched, t.blocks_attended
         self.host_slots = host_slots  # middle block j lives in host slot host_slots[j]
         self.host_slots_t = t.host_slots
-        self.host_slots_t.copy_(torch.tensor(host_slots, dtype=torch.long))
+        self.host_slots_t[: len(host_slots)] = torch.tensor(host_slots, dtype=torch.long)
         room = SummaryRoom(
-            g.sparse_layers, kvh, len(host_slots), d, g.block_size, dt, budget_blocks, device,
+            g.sparse_layers, kvh, room_blocks, d, g.block_size, dt, budget_blocks, device,
             g.landmark_tokens, shard, g.quest_page_tokens,
         )  # fmt: skip
         self.room = room  # what its summaries and working set cover
