@@ -8,15 +8,15 @@ are captured once and replayed:
 
     run 1 of a layer   eager: compiles kernels, allocates lazily (and is a real step)
     run 2              captured (nothing executes), then replayed
-    run 3...           inputs copied into the static inputs, replayed
+    run 3...           replayed
 
 Invariants:
-- Every run's inputs have the shapes of the first: one set of static input buffers
-  serves every layer of the page.
+- The function reads its inputs from tensors that never move (the page's buffers and
+  its decoder's input tensors, written before each run), so a replay sees the step's.
 - The page's graphs share one memory pool, taken anew whenever it has no graph (a
   pool dies with its last graph). Only a graph's output outlives its replay, and it
   stays referenced here, so no graph's live memory is handed to another; replays run
-  one after another on one stream. The caller copies the output out before the next run.
+  one after another in stream order. The caller copies the output out before the next run.
 - Graphs are captured on a side stream, in thread-local capture mode, so the engine's
   other threads (tier transfers) keep using CUDA meanwhile.
 """
@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-DecodeFn = Callable[..., torch.Tensor]
+DecodeFn = Callable[[], torch.Tensor]
 
 
 class LayerGraphs:
@@ -37,20 +37,15 @@ class LayerGraphs:
         self._pool: Any = None
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._warm: set[int] = set()
-        self._inputs: tuple[torch.Tensor, ...] = ()
         self.replays = 0
 
-    def run(self, layer: int, fn: DecodeFn, *inputs: torch.Tensor) -> torch.Tensor:
-        """fn(*inputs) for `layer`, eager the first time, from its graph after that; the
-        result is valid until the next run."""
+    def run(self, layer: int, fn: DecodeFn) -> torch.Tensor:
+        """fn() for `layer`, eager the first time, from its graph after that; the result
+        is valid until the next run."""
         captured = self._graphs.get(layer)
         if captured is None and layer not in self._warm:
             self._warm.add(layer)
-            return fn(*inputs)
-        if not self._inputs:
-            self._inputs = tuple(x.clone() for x in inputs)
-        for static, x in zip(self._inputs, inputs, strict=True):
-            static.copy_(x)
+            return fn()
         if captured is None:
             captured = self._capture(fn)
             self._graphs[layer] = captured
@@ -67,7 +62,7 @@ class LayerGraphs:
         with torch.cuda.stream(self.stream):
             graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
             try:
-                out = fn(*self._inputs)
+                out = fn()
             finally:
                 graph.capture_end()
         torch.cuda.current_stream().wait_stream(self.stream)

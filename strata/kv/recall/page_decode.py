@@ -55,6 +55,13 @@ class PageDecoder:
         policy.for_page()
         self.policy = policy
         self.tail_index = torch.arange(g.tail_capacity, device=page.device)
+        # the step's inputs, written in place for the decode (and its graphs) to read;
+        # inactive rows keep stale values, whose outputs mean nothing
+        rows, dev = page.capacity, page.device
+        self.q = torch.zeros((rows, g.num_heads, g.head_dim), dtype=g.dtype, device=dev)
+        self.k = torch.zeros((rows, g.num_kv_heads, g.head_dim), dtype=g.dtype, device=dev)
+        self.v = torch.zeros_like(self.k)
+        self.active = torch.zeros(rows, dtype=torch.bool, device=dev)
 
     def decode(
         self, s: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, active: torch.Tensor,
@@ -116,17 +123,13 @@ def run_page_step(
 ) -> None:  # fmt: skip
     """Decode sparse layer s for the step's parts through their page (from its layer's
     CUDA graph where there is one) into out's rows, then retire what leaves their tails."""
-    page, decoder = step.page, step.page.decoder
-    assert isinstance(decoder, PageDecoder)
-
-    def paged(x: torch.Tensor) -> torch.Tensor:
-        into = x.new_zeros((page.capacity, *x.shape[1:]))
-        into[step.rows] = x[step.flat]
-        return into
-
-    fn: Callable[..., torch.Tensor] = lambda q, k, v, a: decoder.decode(s, q, k, v, a, scale)  # noqa: E731
-    inputs = (paged(q), paged(k), paged(v), step.active)
-    result = page.graphs.run(s, fn, *inputs) if page.graphs is not None else fn(*inputs)
-    out[step.flat] = result[step.rows]
+    page, d = step.page, step.page.decoder
+    assert isinstance(d, PageDecoder)
+    for into, x in ((d.q, q), (d.k, k), (d.v, v)):
+        into[step.rows] = x[step.flat].to(into.dtype)
+    d.active.copy_(step.active)
+    fn: Callable[[], torch.Tensor] = lambda: d.decode(s, d.q, d.k, d.v, d.active, scale)  # noqa: E731
+    result = page.graphs.run(s, fn) if page.graphs is not None else fn()
+    out[step.flat] = result[step.rows].to(out.dtype)
     for part in step.parts:
         part.state.retire_after_decode(s, part.chunk)
