@@ -127,12 +127,7 @@ class RecallAttention(AttentionBackend[RecallMetadata]):
         paged: set[int] = set()
         decode: list[Unit] = []
         s = meta.layer - meta.recall[0].state.geometry.dense_layers if meta.recall else -1
-        for step in meta.pages if s >= 0 else ():
-            if any(p.state.policy.wants_all_keys(s) for p in step.parts):  # they fit first
-                ready = tuple(p for p in step.parts if not p.state.policy.wants_all_keys(s))
-                step = next(iter(page_steps(ready, q.device)), None)  # type: ignore[assignment]
-                if step is None:
-                    continue
+        for step in self._ready_pages(meta.pages, s, q.device) if s >= 0 else ():
             paged.update(id(p) for p in step.parts)
             decode.append(partial(run_page_step, step, s, q, k, v, out, scale))
         prefill: list[Unit] = []
@@ -141,6 +136,18 @@ class RecallAttention(AttentionBackend[RecallMetadata]):
                 unit = partial(self._attend_into, part, meta.layer, q, k, v, out, scale)
                 (decode if part.chunk.num_tokens == 1 else prefill).append(unit)
         return prefill, decode
+
+    @staticmethod
+    def _ready_pages(
+        pages: tuple[PageStep, ...], s: int, device: torch.device
+    ) -> list[PageStep]:
+        """The page steps of sparse layer s, less the parts whose policy wants every key of
+        the layer first (they fit their summaries in RecallSequence.attend)."""
+        ready: list[PageStep] = []
+        for step in pages:
+            parts = tuple(p for p in step.parts if not p.state.policy.wants_all_keys(s))
+            ready += [step] if len(parts) == len(step.parts) else page_steps(parts, device)
+        return ready
 
     @classmethod
     def _attend_into(

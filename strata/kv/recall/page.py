@@ -19,12 +19,15 @@ it holds any row.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from strata.kv.recall.buffers import Buffers
 from strata.kv.recall.layer_graphs import LayerGraphs
+
+if TYPE_CHECKING:
+    from strata.kv.recall.page_decode import PageDecoder
 
 PageKey = tuple[str, int, int]  # policy, budget blocks, room blocks (geometry.py)
 
@@ -57,7 +60,7 @@ class RecallPage:
         self._buffers: dict[str, torch.Tensor] = {}
         self.owners: list[str | None] = [None] * capacity  # request id of each row
         self.graphs = LayerGraphs(graph_stream) if graph_stream is not None else None
-        self.decoder: Any = None  # page_decode.PageDecoder, made at the first decode
+        self.decoder: PageDecoder | None = None  # made once the first row has allocated
 
     @property
     def nbytes(self) -> int:

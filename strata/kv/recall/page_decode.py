@@ -124,7 +124,7 @@ def run_page_step(
     """Decode sparse layer s for the step's parts through their page (from its layer's
     CUDA graph where there is one) into out's rows, then retire what leaves their tails."""
     page, d = step.page, step.page.decoder
-    assert isinstance(d, PageDecoder)
+    assert d is not None
     for into, x in ((d.q, q), (d.k, k), (d.v, v)):
         into[step.rows] = x[step.flat].to(into.dtype)
     d.active.copy_(step.active)
