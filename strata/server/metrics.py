@@ -88,10 +88,13 @@ RECALL_GAUGES = {
     "recall_host_bytes_used": "Host bytes of the recall store held by requests.",
     "recall_host_bytes": "Host bytes of the recall store.",
     "recall_gpu_bytes_used": "GPU bytes held by recall sequences.",
+    "recall_pages": "Recall pages: GPU tensors shared by sequences of one kind.",
 }
 RECALL_COUNTERS = {
     "recall_decode_steps": "Decode steps of recall sequences.",
     "recall_bytes_fetched": "Bytes fetched from the recall store to the GPU.",
+    "recall_working_set_hits": "Picked blocks already in the GPU working set.",
+    "recall_working_set_misses": "Picked blocks fetched into the GPU working set.",
     "recall_graph_replays": "Sparse layers of recall decode steps replayed from CUDA graphs.",
 }
 

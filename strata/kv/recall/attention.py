@@ -72,6 +72,11 @@ class RecallMetadata(AttentionMetadata):
         return replace(self, inner=inner, layer=layer)
 
 
+def _in_turn(units: list[Unit]) -> None:
+    for unit in units:
+        unit()
+
+
 class RecallAttention(AttentionBackend[RecallMetadata]):
     side_streams = True  # CUDA decode rows of several sequences side by side (False: in turn)
 
@@ -122,19 +127,28 @@ class RecallAttention(AttentionBackend[RecallMetadata]):
         self, meta: RecallMetadata, q: Tensor, k: Tensor, v: Tensor, out: Tensor, scale: float
     ) -> tuple[list[Unit], list[Unit]]:
         """The layer's recall work as units that each write their rows of `out`: prefill
-        chunks, and decode units (each page's selecting rows together, other decode rows
-        one by one)."""
-        paged: set[int] = set()
-        decode: list[Unit] = []
+        chunks, and decode units. A page's decode writes every row of the page (the
+        inactive ones unchanged), so the page's other decode rows join its unit, in turn:
+        no two units touch one page's tensors on two streams."""
         s = meta.layer - meta.recall[0].state.geometry.dense_layers if meta.recall else -1
+        by_page: dict[int, list[Unit]] = {}
+        paged: set[int] = set()
         for step in self._ready_pages(meta.pages, s, q.device) if s >= 0 else ():
+            by_page[id(step.page)] = [partial(run_page_step, step, s, q, k, v, out, scale)]
             paged.update(id(p) for p in step.parts)
-            decode.append(partial(run_page_step, step, s, q, k, v, out, scale))
         prefill: list[Unit] = []
+        decode: list[Unit] = []
         for part in meta.recall:
-            if id(part) not in paged:
-                unit = partial(self._attend_into, part, meta.layer, q, k, v, out, scale)
-                (decode if part.chunk.num_tokens == 1 else prefill).append(unit)
+            if id(part) in paged:
+                continue  # decoded by its page
+            unit = partial(self._attend_into, part, meta.layer, q, k, v, out, scale)
+            if part.chunk.num_tokens > 1:
+                prefill.append(unit)
+            elif id(part.state.page) in by_page:
+                by_page[id(part.state.page)].append(unit)
+            else:
+                decode.append(unit)
+        decode += [partial(_in_turn, units) for units in by_page.values()]
         return prefill, decode
 
     @staticmethod

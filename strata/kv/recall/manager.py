@@ -225,6 +225,8 @@ class RecallManager:
             # middle blocks a decode step attends, per sparse layer and KV head
             "recall_blocks_attended_per_step": totals["blocks_attended"] / max(1, per_step),
             "recall_working_set_hit_rate": totals["hits"] / selected if selected else 0.0,
+            "recall_working_set_hits": totals["hits"],
+            "recall_working_set_misses": totals["misses"],
             "recall_bytes_fetched": totals["bytes_fetched"],
             # sparse layers of pages' decode steps replayed from CUDA graphs (layer_graphs.py)
             "recall_graph_replays": totals["graph_replays"],
