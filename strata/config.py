@@ -372,9 +372,10 @@ class RecallConfig:
         keyword="kv_recall_quest_page_tokens", metavar="N",
     ))  # fmt: skip
     page_rows: int = field(default=4, metadata=option(
-        "recall sequences of the same policy, budget and length that share one page of GPU "
-        "tensors and decode with one set of kernels per layer (default 4); a page's memory "
-        "is reserved whole while any of its rows is in use, so 1 reserves least",
+        "most recall sequences of one policy, budget and length that share a page of GPU "
+        "tensors and decode with one set of kernels per layer (default 4); a new page gets "
+        "a row for each sequence of its kind live or waiting, up to this, and reserves "
+        "them while any is in use",
         keyword="kv_recall_page_rows", metavar="N",
     ))  # fmt: skip
 

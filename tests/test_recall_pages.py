@@ -67,8 +67,8 @@ def manager(page_rows: int, gpu_budget: int = 1 << 30) -> RecallManager:
 def test_rows_are_first_free_and_reused_reset() -> None:
     recall = manager(page_rows=2)
     plans = {name: recall.plan_for("quest", 16, 40, 8) for name in "abcd"}
-    for name in "abc":
-        assert recall.admit(name, plans[name])
+    for waiting, name in zip((3, 2, 1), "abc", strict=True):
+        assert recall.admit(name, plans[name], waiting=waiting)
     states = {name: plans[name].state for name in "abc"}
     assert [(s.row, s.page) for s in states.values() if s] == [
         (0, states["a"].page), (1, states["a"].page), (0, states["c"].page),  # type: ignore[union-attr]
@@ -101,7 +101,7 @@ def test_a_page_reserves_its_rows_within_the_budget() -> None:
     row = kv.gpu_bytes - dense
     recall = manager(page_rows=4, gpu_budget=2 * row + 3 * dense)
     plans = [recall.plan_for("quest", 16, 40, 8) for _ in range(3)]
-    assert recall.admit("a", plans[0]) and recall.admit("b", plans[1])
+    assert recall.admit("a", plans[0], waiting=3) and recall.admit("b", plans[1], waiting=2)
     state = plans[0].state
     assert state is not None and state.page.capacity == 2
     assert recall.gpu_used == 2 * row + 2 * dense
@@ -110,6 +110,23 @@ def test_a_page_reserves_its_rows_within_the_budget() -> None:
     assert recall.store.num_free == free and recall.check_integrity() == []
     recall.release("a")
     assert recall.admit("c", plans[2])
+    assert recall.check_integrity() == []
+
+
+def test_a_new_page_has_rows_for_its_kind_live_or_waiting() -> None:
+    """A lone sequence of its kind reserves one row; a page made while three wait has
+    three; the next page of the kind has rows for the live ones plus the one waiting."""
+    recall = manager(page_rows=8)
+    plans = {name: recall.plan_for("quest", 16, 40, 8) for name in "abcde"}
+    other = recall.plan_for("quest", 16, 200, 8)  # another room: another kind
+    assert recall.admit("lone", other, waiting=1) and other.state is not None
+    assert other.state.page.capacity == 1
+    for waiting, name in zip((3, 2, 1), "abc", strict=True):
+        assert recall.admit(name, plans[name], waiting=waiting)
+    first = plans["a"].state
+    assert first is not None and first.page.capacity == 3
+    assert recall.admit("d", plans["d"], waiting=2)
+    assert plans["d"].state is not None and plans["d"].state.page.capacity == 5
     assert recall.check_integrity() == []
 
 

@@ -40,7 +40,7 @@ from strata.engine.prompt_logprobs import next_unscored
 from strata.engine.sequence import Sequence, SequenceStatus
 from strata.errors import SequenceFault, blame
 from strata.kv.manager import KVManager, PrefixMatch
-from strata.kv.recall.manager import RecallManager
+from strata.kv.recall.manager import RecallKV, RecallManager
 from strata.kv.tiers.loads import TierLoads
 
 logger = logging.getLogger("strata.scheduler")
@@ -178,7 +178,9 @@ class Scheduler:
         if self.recall is None:
             raise RuntimeError("a recall sequence reached an engine without a recall store")
         resumed = seq.recall.state is not None  # preempted: its store state was kept
-        if not resumed and not self.recall.admit(seq.request_id, seq.recall):
+        if not resumed and not self.recall.admit(
+            seq.request_id, seq.recall, waiting=self._waiting_recall(seq.recall)
+        ):
             return False
         match = PrefixMatch((), (), self.kv.block_size, self.kv.root)
         self.kv.admit(seq.request_id, match, 0, num_prompt=0)
@@ -188,6 +190,13 @@ class Scheduler:
         seq.num_computed = computed
         self.running.append(seq)
         return True
+
+    def _waiting_recall(self, kv: RecallKV) -> int:
+        """Waiting sequences of kv's recall kind, not yet admitted (a new page's rows)."""
+        assert self.recall is not None
+        kind, recall = self.recall.kind(kv), self.recall
+        queued = [s.recall for s in self.waiting if s.recall is not None]
+        return sum(1 for q in queued if q.state is None and recall.kind(q) == kind)
 
     @staticmethod
     def _recall_chunk(seq: Sequence, budget: int, chunks: list[ScheduledChunk]) -> int:

@@ -124,17 +124,21 @@ class RecallManager:
             gpu += g.working_set_bytes(budget_blocks)
         return RecallKV(policy, budget_blocks, max_tokens, host_slots, gpu, num_prompt)
 
-    def admit(self, request_id: str, kv: RecallKV, serial: int | None = None) -> bool:
+    def admit(
+        self, request_id: str, kv: RecallKV, serial: int | None = None, waiting: int = 1,
+        capacity: int | None = None,
+    ) -> bool:  # fmt: skip
         """Give the sequence a row of a page (a new page if none of its kind has one free)
         and reserve its host slots; False (nothing changed) if GPU memory or host slots are
-        short now. serial: rank 0's, for a worker's mirror; by default the next of this
-        manager's own."""
+        short now. waiting: sequences of its kind waiting to be admitted, itself included
+        (they size a new page). serial, capacity: rank 0's, for a worker's mirror (its new
+        page's rows); by default the next serial of this manager's own."""
         if kv.state is not None:
             raise RuntimeError(f"recall sequence {request_id!r} admitted twice")
         if kv.host_slots > self.store.num_free:
             return False
         dense = self.geometry.dense_bytes(kv.max_tokens)
-        page = self._page_with_room(kv, dense)
+        page = self._page_with_room(kv, dense, waiting, capacity)
         if page is None:
             return False
         if serial is None:
@@ -156,20 +160,29 @@ class RecallManager:
         self._live[request_id] = kv
         return True
 
-    def _page_with_room(self, kv: RecallKV, dense: int) -> RecallPage | None:
-        """A page of kv's kind with a free row, a new one if the GPU budget allows (with as
-        many rows as page_rows and the budget allow), or None."""
+    def kind(self, kv: RecallKV) -> PageKey:
+        """What sequences sharing a page have in common (page.py)."""
+        return kv.policy, kv.budget_blocks, self.geometry.room_blocks(kv.host_slots)
+
+    def _page_with_room(
+        self, kv: RecallKV, dense: int, waiting: int, capacity: int | None
+    ) -> RecallPage | None:
+        """A page of kv's kind with a free row, or a new one if the GPU budget allows, or
+        None. A new page gets as many rows as its kind has sequences live or waiting (so
+        at most about half its rows sit empty), up to page_rows and what the budget fits
+        (each row with its sequence's dense layers)."""
         free = self.gpu_budget - self.gpu_used - dense
-        key: PageKey = (kv.policy, kv.budget_blocks, self.geometry.room_blocks(kv.host_slots))
+        key = self.kind(kv)
         for page in self._pages:
             if page.key == key and page.free_row() is not None:
                 return page if free >= 0 else None
-        # rows the budget could fill: each sequence in one also needs its dense layers
-        rows = min(self.page_rows, (self.gpu_budget - self.gpu_used) // max(1, kv.gpu_bytes))
-        if rows < 1:
+        fit = (self.gpu_budget - self.gpu_used) // max(1, kv.gpu_bytes)
+        if capacity is None:  # rank 0 (or alone): decide
+            live = sum(p.capacity for p in self._pages if p.key == key)  # all full
+            capacity = min(self.page_rows, live + waiting, fit)
+        if not 1 <= capacity <= fit:
             return None
-        row_bytes = kv.gpu_bytes - dense
-        page = RecallPage(key, rows, row_bytes, self.device, self._graph_stream)
+        page = RecallPage(key, capacity, kv.gpu_bytes - dense, self.device, self._graph_stream)
         self._pages.append(page)
         self.gpu_used += page.nbytes
         return page

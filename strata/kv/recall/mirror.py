@@ -65,7 +65,8 @@ class RecallMirror:
             return state
         kv = manager.kv_for(row.policy, row.budget_blocks, row.max_tokens, row.host_slots,
                             row.prompt_tokens)  # fmt: skip
-        if not manager.admit(request_id, kv, row.serial) or kv.state is None:
+        admitted = manager.admit(request_id, kv, row.serial, capacity=row.page_rows)
+        if not admitted or kv.state is None:
             raise RuntimeError(
                 f"recall sequence {row.serial}: rank 0 admitted it, this rank has no room"
             )

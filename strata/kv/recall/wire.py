@@ -5,10 +5,12 @@ KV heads (mirror.py). Per recall row of a step, FIELDS values:
 
     serial, policy, budget_blocks, max_tokens, host_slots, prompt_tokens,   the RecallKV
     start, end, tail_start, new_tail_start, num_middle,                     the RecallChunk
-    first_row                                                               in the batch
+    first_row,                                                              in the batch
+    page_rows                                                               its page's rows
 
 `policy` is the name's index in RECALL_POLICIES. The RecallKV numbers ride with every
-row, so a worker admits a sequence at its first row with no message of its own.
+row, so a worker admits a sequence at its first row with no message of its own; a new
+page there gets rank 0's rows, so the ranks' pages (and their decode steps) match.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from strata.kv.recall.attention import RecallRows
 from strata.kv.recall.registry import RECALL_POLICIES
 from strata.kv.recall.sequence import RecallChunk
 
-FIELDS = 12
+FIELDS = 13
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class WireRow:
     prompt_tokens: int
     chunk: RecallChunk
     first_row: int
+    page_rows: int
 
 
 def encode_rows(rows: Sequence[RecallRows]) -> np.ndarray:
@@ -46,7 +49,7 @@ def encode_rows(rows: Sequence[RecallRows]) -> np.ndarray:
         s, c = row.state, row.chunk
         values += [s.serial, names.index(s.policy.name), s.budget_blocks, s.max_tokens,
                    len(s.host_slots), s.prompt_tokens, c.start, c.end, c.tail_start,
-                   c.new_tail_start, c.num_middle, row.first]  # fmt: skip
+                   c.new_tail_start, c.num_middle, row.first, s.page.capacity]  # fmt: skip
     return np.asarray(values, np.int64)
 
 
@@ -54,7 +57,7 @@ def decode_rows(data: np.ndarray) -> list[WireRow]:
     names = RECALL_POLICIES.names()
     out = []
     for values in data.reshape(-1, FIELDS).tolist():
-        serial, policy, budget, max_tokens, slots, prompt, *chunk, first = values
+        serial, policy, budget, max_tokens, slots, prompt, *chunk, first, rows = values
         out.append(WireRow(serial, names[policy], budget, max_tokens, slots, prompt,
-                           RecallChunk(*chunk), first))  # fmt: skip
+                           RecallChunk(*chunk), first, rows))  # fmt: skip
     return out
