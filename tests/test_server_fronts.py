@@ -327,3 +327,59 @@ def test_bad_api_server_count_is_a_clear_error() -> None:
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert "strata: error: --api-server-count must be >= 1, got 0" in r.stderr
+
+
+def slow_engine(config: EngineConfig) -> LLMEngine:
+    """LLMEngine that takes a few seconds more to load (pickled by name to the engine)."""
+    time.sleep(4)
+    return LLMEngine(config)
+
+
+async def _health_round(url: str) -> list[tuple[int, Any, str]]:
+    """/health asked on 8 connections at once: (status, body, front) of each answer."""
+    async with httpx.AsyncClient(timeout=2) as client:
+        rs = await asyncio.gather(*(client.get(url) for _ in range(8)), return_exceptions=True)
+    answers = [r for r in rs if isinstance(r, httpx.Response)]
+    return [(r.status_code, r.json(), r.headers[FRONT]) for r in answers]
+
+
+def test_every_front_answers_503_until_the_engine_has_loaded(tiny_chat_folder: Path) -> None:
+    port = free_port()
+    script = f"""
+import logging, sys
+from strata.config import EngineConfig
+from strata.options import build
+from strata.server.api_fronts import serve_fronts
+from strata.server.config import ServeConfig
+from tests.test_server_fronts import slow_engine
+logging.basicConfig(level="INFO")
+engine = build(EngineConfig, {{"model": {str(tiny_chat_folder)!r}, "device": "cpu",
+                              "kv_cache_memory": 0.05, "max_model_len": 1024}})
+config = ServeConfig(port={port}, api_server_count=2)
+sys.exit(serve_fronts(engine, "tiny", config, "INFO", make_engine=slow_engine))
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}/health"
+    loading: set[str] = set()
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert time.monotonic() < deadline and proc.poll() is None
+            answers = asyncio.run(_health_round(url))
+            if not answers:
+                time.sleep(0.05)  # the fronts do not accept yet
+                continue
+            if any(status == 200 for status, _, _ in answers):
+                break
+            for status, body, front in answers:
+                assert (status, body) == (503, {"status": "loading"})
+                loading.add(front)
+        assert loading == {"0", "1"}  # both fronts answered while the engine loaded
+        pids = descendants(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert all_gone(pids, 5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+

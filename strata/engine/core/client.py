@@ -13,8 +13,9 @@ Invariants:
 - The engine process dying unexpectedly is an engine fault: /health 503, every request
   in flight ends with reason "error", every prepare waiting raises EngineStoppedError.
 - One socket each way; sends hold `_send_lock` (ZMQ sockets are not thread-safe).
-- The first message is "attach" with this process's pid: the engine watches it, and
-  aborts this front's requests if it dies.
+- Once the engine says hello, the front sends "attach" with its pid: the engine watches
+  it, and aborts this front's requests if it dies. "attach" and "bye" never block for
+  long (a PUSH socket with no engine connected would block forever).
 - One of several fronts (SharedEngine) never stops the engine: it says "bye" and goes.
 """
 
@@ -30,6 +31,7 @@ import pickle
 import shutil
 import tempfile
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -62,6 +64,8 @@ logger = logging.getLogger("strata.engine")
 POLL_MS = 200  # how often the receiver looks whether the engine process still runs
 EXIT_TIMEOUT_S = 30.0
 BYE_LINGER_MS = 1000  # for a leaving front's "bye" to reach the shared engine
+BYE_TIMEOUT_S = 1.0
+ATTACH_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -111,7 +115,6 @@ class ProcessEngine(EngineFront):
             assert self._process.pid is not None
             self._engine_pid = self._process.pid
             atexit.register(self._kill)
-        self._push(["attach", os.getpid()])
         self._receiver = threading.Thread(
             target=self._receive, name="strata-engine-rx", daemon=True
         )
@@ -225,12 +228,30 @@ class ProcessEngine(EngineFront):
             if not self._outbox.closed:
                 self._outbox.send(data)
 
+    def _push_soon(self, message: list[Any], timeout_s: float) -> bool:
+        """Send without blocking for long: False if the engine did not take it in time
+        (gone, or never connected); a plain send would wait for it forever."""
+        data = pack(message)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._send_lock:
+                if self._outbox.closed:
+                    return False
+                try:
+                    self._outbox.send(data, zmq.NOBLOCK)
+                    return True
+                except zmq.Again:
+                    pass
+            if time.monotonic() > deadline or not self._engine_alive():
+                return False
+            time.sleep(0.01)
+
     def shutdown(self) -> None:
         """Owning the engine: ask its process to exit (it aborts what is in flight), and
         wait for it. Sharing it: leave ("bye": the engine aborts this front's requests)."""
         self._stopping = self._closing = True
         if self._process is None:
-            self._push(["bye"])
+            self._push_soon(["bye"], BYE_TIMEOUT_S)
         elif self._process.is_alive():
             self._push(["exit"])
             self._process.join(EXIT_TIMEOUT_S)
@@ -290,6 +311,9 @@ class ProcessEngine(EngineFront):
             info.tokenizer, info.model_name, info.vocab_size, info.max_model_len
         )
         self._set_stats(info.stats, 0)
+        # The engine has connected (before loading): it can take "attach" now.
+        if not self._push_soon(["attach", os.getpid()], ATTACH_TIMEOUT_S):
+            logger.warning("the engine process did not take this front's attach")
         self._info = info
         self._loaded.set()
 
