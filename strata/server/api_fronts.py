@@ -107,29 +107,36 @@ def serve_fronts(
     control.bind(channels.control)
     level = logging.getLevelName(log_level.upper())
     engine = spawn_engine_process(engine_config, make_engine, channels, level)
-    assert engine.pid is not None
-    spawn = get_context("spawn")
     fronts: list[BaseProcess] = []
-    for k, channel in enumerate(channels.fronts):
-        args = (k, SharedEngine(channel, engine.pid), sock, model_name, config, log_level)
-        fronts.append(spawn.Process(
-            target=run_front, name=f"strata-front-{k}", args=(*args, os.getpid())
-        ))  # fmt: skip
     try:
-        for front in fronts:
-            front.start()
+        assert engine.pid is not None
+        _spawn_fronts(fronts, channels, engine.pid, sock, model_name, config, log_level)
         logger.info(
             "%d HTTP front processes on http://%s:%d (pids %s), one engine process (pid %d); "
             "model %s loading", n, config.host, config.port,
             ", ".join(str(f.pid) for f in fronts), engine.pid, model_name,
         )  # fmt: skip
         codes = _wait_forwarding_signals(fronts)
-    finally:
+    finally:  # whatever failed: nothing is left running
         _stop(fronts, engine, control)
         context.term()
         sock.close()
         shutil.rmtree(directory, ignore_errors=True)
     return 0 if all(code == 0 for code in codes) else 1
+
+
+def _spawn_fronts(
+    fronts: list[BaseProcess], channels: EngineChannels, engine_pid: int, sock: socket.socket,
+    model_name: str, config: ServeConfig, log_level: str,
+) -> None:  # fmt: skip
+    """Start a front per channel, each added to `fronts` as it starts (so that a failure
+    half-way still stops those started)."""
+    spawn = get_context("spawn")
+    for k, channel in enumerate(channels.fronts):
+        args = (k, SharedEngine(channel, engine_pid), sock, model_name, config, log_level)
+        front = spawn.Process(target=run_front, name=f"strata-front-{k}", args=(*args, os.getpid()))
+        front.start()
+        fronts.append(front)
 
 
 def _wait_forwarding_signals(fronts: list[BaseProcess]) -> list[int | None]:
