@@ -1,9 +1,11 @@
 """HTTP throughput against offline throughput at saturation, engine in process and in
-its own process (issue 19): `strata bench throughput` offline, then over HTTP against
+its own process (issue 19), the latter behind 1 or more HTTP front processes
+(--api-server-count): `strata bench throughput` offline, then over HTTP against
 `strata serve` in each mode, alternating, `--repeats` times; prints one table.
 
     python benchmarks/http_front.py --model random:benchmarks/configs/tiny_host_bound.json \\
-        --device cpu --vocab-size 2048 --kv-cache-memory 0.1 --torch-threads 1 --repeats 3
+        --device cpu --vocab-size 2048 --kv-cache-memory 0.1 --torch-threads 1 --repeats 3 \\
+        --api-server-count 1,2
 
 Everything runs on this machine (server, engine and load generator share its cores).
 """
@@ -22,7 +24,16 @@ from pathlib import Path
 
 import httpx
 
-MODES = {"offline": None, "in-process": ["--engine-in-process"], "process": []}
+
+def modes(counts: list[int], in_process: bool) -> dict[str, list[str] | None]:
+    """mode -> `strata serve` flags (None: offline). "process": the engine in its own
+    process behind one HTTP front; "fronts=N": behind N (--api-server-count N)."""
+    out: dict[str, list[str] | None] = {"offline": None}
+    if in_process:
+        out["in-process"] = ["--engine-in-process"]
+    for n in counts:
+        out["process" if n == 1 else f"fronts={n}"] = ["--api-server-count", str(n)]
+    return out
 
 
 def strata(*args: str) -> list[str]:
@@ -103,17 +114,26 @@ def main() -> None:
         help="OMP_NUM_THREADS for every process (on a small CPU, an engine with more threads "
         "than it has cores to itself waits for them: 1 on 2 cores leaves one for HTTP)",
     )  # fmt: skip
+    p.add_argument(
+        "--api-server-count", default="1",
+        help="HTTP front processes to measure the engine-process mode with, comma-separated "
+        "(default 1; e.g. 1,2,4)",
+    )  # fmt: skip
+    p.add_argument("--no-in-process", action="store_true", help="skip --engine-in-process")
     a = p.parse_args()
+    counts = [int(n) for n in a.api_server_count.split(",")]
     if a.torch_threads is not None:
         os.environ["OMP_NUM_THREADS"] = str(a.torch_threads)
-    results: dict[str, list[float]] = {mode: [] for mode in MODES}
+    runs = modes(counts, not a.no_in_process)
+    results: dict[str, list[float]] = {mode: [] for mode in runs}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.repeats):
-            for mode, flags in MODES.items():
+            for mode, flags in runs.items():
                 out = Path(tmp) / f"{mode}-{r}.json"
                 tok_s = run_offline(a, out) if flags is None else run_http(a, flags, out)
                 results[mode].append(tok_s)
                 print(f"run {r + 1}: {mode:<10} {tok_s:9.0f} out tok/s", flush=True)
+                time.sleep(1)  # the server's port and processes are released
     offline = statistics.median(results["offline"])
     print(f"\n{os.cpu_count()} CPUs, torch threads {a.torch_threads or 'default'}; {a.model}; "
           f"{a.num_requests} requests, input {a.input_len}, output {a.output_len}, "

@@ -148,6 +148,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from strata.server.replicas.serve import serve_replicas
 
         return serve_replicas(kwargs, name, config, args.log_level)
+    if config.api_server_count > 1:
+        from strata.config import EngineConfig
+        from strata.server.api_fronts import serve_fronts
+
+        return serve_fronts(build(EngineConfig, kwargs), name, config, args.log_level)
     return serve(_engine_front(kwargs, config, args.log_level), name, config, args.log_level)
 
 

@@ -35,6 +35,7 @@ from strata.server.errors import (
     server_error,
     unavailable,
 )
+from strata.server.front_header import FrontHeader
 from strata.server.guard import RequestGuard, guard_options
 from strata.server.metrics import ServerMetrics
 from strata.server.protocol import ChatCompletionRequest, CompletionRequest
@@ -63,6 +64,7 @@ class ServerState:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     allow_special_tokens_in_content: bool = False
     tool_call_parser: str | None = None  # None: chosen from the chat template
+    front: int | None = None  # one of several HTTP front processes: its index
     engine: EngineFront | None = None
     load_error: str | None = None
     started: float = field(default_factory=time.time)
@@ -70,7 +72,7 @@ class ServerState:
     token_text: TokenText | None = None
 
     def __post_init__(self) -> None:
-        self.metrics = ServerMetrics(self._stats)
+        self.metrics = ServerMetrics(self._stats, self.front)
 
     def _stats(self) -> dict[str, Any] | None:
         return None if self.engine is None else self.engine.stats_snapshot
@@ -119,6 +121,8 @@ def build_app(state: ServerState) -> FastAPI:
 
     guard = guard_options(list(state.api_keys), state.public_metrics, state.max_request_bytes)
     app.add_middleware(RequestGuard, **guard)
+    if state.front is not None:  # outermost: refusals carry it too
+        app.add_middleware(FrontHeader, front=state.front)
 
     @app.get("/health")
     async def health() -> JSONResponse:

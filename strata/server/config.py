@@ -63,6 +63,12 @@ class ServeConfig:
         "its own, so that HTTP work and the engine loop do not share one GIL); for "
         "debugging, and for tests that reach the engine object",
     ))  # fmt: skip
+    api_server_count: int = field(default=1, metadata=option(
+        "run N HTTP front-end processes (JSON, SSE, tokenization) on the one --host:--port, "
+        "all served by one engine process: for when one process's HTTP work, not the "
+        "engine, limits throughput (default 1; not with --engine-in-process or --replicas)",
+        metavar="N",
+    ))  # fmt: skip
     replicas: int | None = field(default=None, metadata=option(
         "serve from N engine replicas on Ray Serve behind this one HTTP front (needs the "
         "ray extra); starts a local Ray cluster unless --ray-address names one (default: "
@@ -126,6 +132,7 @@ class ServeConfig:
             raise ValueError(
                 f"--max-waiting-requests must be >= 1, got {self.max_waiting_requests}"
             )
+        self._check_api_server_count()
         if self.replicas is not None and self.replicas < 1:
             raise ValueError(f"--replicas must be >= 1, got {self.replicas}")
         if self.replica_cpus <= 0:
@@ -136,6 +143,17 @@ class ServeConfig:
                              "--decode-replicas D)")
         if not 0 < self.port < 65536:
             raise ValueError(f"--port must be in 1..65535, got {self.port}")
+
+    def _check_api_server_count(self) -> None:
+        n = self.api_server_count
+        if n < 1:
+            raise ValueError(f"--api-server-count must be >= 1, got {n}")
+        if n > 1 and self.engine_in_process:
+            raise ValueError("--api-server-count N > 1 needs the engine in a process of its "
+                             "own: leave out --engine-in-process")  # fmt: skip
+        if n > 1 and (self.replicas is not None or self.prefill_replicas is not None):
+            raise ValueError("--api-server-count N > 1 serves one engine; with --replicas "
+                             "(or --prefill-replicas) leave it out")  # fmt: skip
 
     def _check_disaggregation(self) -> None:
         p, d = self.prefill_replicas, self.decode_replicas

@@ -3,14 +3,25 @@
 Engine state (queues, KV blocks, prefix cache, token counters) is read from the engine
 thread's latest stats snapshot when scraped; request latencies are observed by the
 request handlers.
+
+With several HTTP front processes (--api-server-count N), a scrape reaches whichever
+front accepts it:
+- the engine's gauges and counters (everything from the stats snapshot: requests
+  running and waiting, KV blocks, prompt and generation tokens, ...) are engine-wide,
+  the same from every front (each front gets them with every engine step);
+- the request histograms and counters (strata_time_to_first_token_seconds, ...,
+  strata_request_finished, strata_request_rejected) count that front's requests only;
+  `strata_api_front_info{front, pid}` says which front answered. Summing them needs a
+  scrape of every front (they are not merged).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -163,9 +174,17 @@ def _moe_metrics(stats: dict[str, Any]) -> Iterator[Metric]:
 
 
 class ServerMetrics:
-    def __init__(self, snapshot: Callable[[], dict[str, Any] | None]) -> None:
+    def __init__(
+        self, snapshot: Callable[[], dict[str, Any] | None], front: int | None = None
+    ) -> None:
+        """front: this server is one of several HTTP fronts, with this index."""
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(snapshot))
+        if front is not None:
+            Gauge(
+                f"{PREFIX}_api_front_info", "The HTTP front process that answered this scrape.",
+                ["front", "pid"], registry=self.registry,
+            ).labels(front=str(front), pid=str(os.getpid())).set(1)  # fmt: skip
         self.ttft = Histogram(
             f"{PREFIX}_time_to_first_token_seconds", "Time from arrival to the first token.",
             registry=self.registry, buckets=LATENCY_BUCKETS,

@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import FrameType
 
 import uvicorn
@@ -106,20 +108,26 @@ def start_client(
     return thread
 
 
-def serve(engine: EngineFront, model_name: str, config: ServeConfig, log_level: str) -> int:
+def serve(
+    engine: EngineFront, model_name: str, config: ServeConfig, log_level: str,
+    front: FrontSpec | None = None,
+) -> int:  # fmt: skip
     """Serve `engine` (loading: AsyncEngine or ProcessEngine) until stopped; returns the
-    process exit code."""
+    process exit code. `front`: this process is one of several HTTP fronts (api_fronts.py)
+    on a listening socket its parent bound."""
     host, port = config.host, config.port
     state = ServerState(
         model_name, tuple(config.api_keys), config.public_metrics, config.max_request_bytes,
         config.allow_special_tokens_in_content, config.tool_call_parser,
+        front=None if front is None else front.index,
     )  # fmt: skip
     app = build_app(state)
     uvicorn_config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level.lower(), access_log=False,
         timeout_graceful_shutdown=1,  # the drain (DrainingServer) has emptied the server
     )  # fmt: skip
-    server = DrainingServer(uvicorn_config, state, config.shutdown_timeout_s)
+    server_class = DrainingServer if front is None else front.server_class
+    server = server_class(uvicorn_config, state, config.shutdown_timeout_s)
     failed = threading.Event()
 
     def stop_on_error() -> None:
@@ -127,7 +135,18 @@ def serve(engine: EngineFront, model_name: str, config: ServeConfig, log_level: 
         server.should_exit = True
 
     start_client(state, engine, stop_on_error)
-    logger.info("listening on http://%s:%d (model %s loading)", host, port, model_name)
-    server.run()
+    if front is None:
+        logger.info("listening on http://%s:%d (model %s loading)", host, port, model_name)
+    server.run(sockets=None if front is None else [front.socket])
     engine.shutdown()
     return 1 if failed.is_set() else 0
+
+
+@dataclass(frozen=True)
+class FrontSpec:
+    """One of several HTTP fronts: its index, the listening socket it shares, and the
+    server class that takes its drain signal from the parent."""
+
+    index: int
+    socket: socket.socket
+    server_class: type[DrainingServer]

@@ -13,6 +13,10 @@ Invariants:
 - The engine process dying unexpectedly is an engine fault: /health 503, every request
   in flight ends with reason "error", every prepare waiting raises EngineStoppedError.
 - One socket each way; sends hold `_send_lock` (ZMQ sockets are not thread-safe).
+- Once the engine says hello, the front sends "attach" with its pid: the engine watches
+  it, and aborts this front's requests if it dies. "attach" and "bye" never block for
+  long (a PUSH socket with no engine connected would block forever).
+- One of several fronts (SharedEngine) never stops the engine: it says "bye" and goes.
 """
 
 from __future__ import annotations
@@ -22,21 +26,24 @@ import atexit
 import contextlib
 import itertools
 import logging
-import multiprocessing
 import os
 import pickle
 import shutil
 import tempfile
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 import zmq
 
 from strata.config import EngineConfig
+from strata.engine.core.channels import EngineChannels, FrontChannel, pid_alive
 from strata.engine.core.loop import error_output
-from strata.engine.core.process import EngineInfo, run_engine_process
+from strata.engine.core.process import EngineInfo, spawn_engine_process
 from strata.engine.core.wire import (
     ReceivedState,
     error_from_wire,
@@ -56,40 +63,58 @@ logger = logging.getLogger("strata.engine")
 
 POLL_MS = 200  # how often the receiver looks whether the engine process still runs
 EXIT_TIMEOUT_S = 30.0
+BYE_LINGER_MS = 1000  # for a leaving front's "bye" to reach the shared engine
+BYE_TIMEOUT_S = 1.0
+ATTACH_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class SharedEngine:
+    """An engine process started elsewhere (by `strata serve --api-server-count N`'s
+    parent), that this front reaches over `channel` and watches by its pid."""
+
+    channel: FrontChannel
+    engine_pid: int
 
 
 class ProcessEngine(EngineFront):
-    """Spawn the engine process for `config`; `wait_loaded` blocks until it has loaded.
-    make_engine builds the engine there from the config (tests pass a module-level
-    function that wraps LLMEngine: it is pickled by name)."""
+    """The engine in a process of its own. Given an EngineConfig, it spawns that process
+    and owns it (its only front); given a SharedEngine, it is one front of several and
+    leaves the engine running when it shuts down. `wait_loaded` blocks until the engine
+    has loaded. make_engine builds the engine there from the config (tests pass a
+    module-level function that wraps LLMEngine: it is pickled by name)."""
 
     def __init__(
-        self, config: EngineConfig, max_waiting_requests: int | None = None,
+        self, engine: EngineConfig | SharedEngine, max_waiting_requests: int | None = None,
         log_level: int | None = None, make_engine: Callable[[EngineConfig], LLMEngine] = LLMEngine,
     ) -> None:  # fmt: skip
         super().__init__(max_waiting_requests)
-        self._dir = tempfile.mkdtemp(prefix="strata-engine-")
-        to_engine, from_engine = f"ipc://{self._dir}/in", f"ipc://{self._dir}/out"
+        self._dir: str | None = None
+        self._process: BaseProcess | None = None  # the engine process, when this front owns it
+        if isinstance(engine, SharedEngine):
+            channel, self._engine_pid = engine.channel, engine.engine_pid
+        else:
+            self._dir = tempfile.mkdtemp(prefix="strata-engine-")
+            channels = EngineChannels.in_dir(self._dir, 1)
+            channel = channels.fronts[0]
         self._context = zmq.Context()
         self._outbox = self._context.socket(zmq.PUSH)
-        self._outbox.bind(to_engine)
+        self._outbox.bind(channel.to_engine)
         self._inbox = self._context.socket(zmq.PULL)
-        self._inbox.bind(from_engine)
+        self._inbox.bind(channel.from_engine)
         self._send_lock = threading.Lock()
         self._info: EngineInfo | None = None
         self._encoder: PromptEncoder | None = None
         self._requests: dict[str, tuple[RequestStream, ReceivedState]] = {}
         self._calls: dict[int, asyncio.Future[Any]] = {}
         self._call_ids = itertools.count()
-        self._closing = False  # shutdown asked: the engine process exits on purpose
-        level = log_level if log_level is not None else logging.getLogger().getEffectiveLevel()
-        # Not daemonic: the engine may start processes of its own (tensor-parallel ranks).
-        self._process = multiprocessing.get_context("spawn").Process(
-            target=run_engine_process, name="strata-engine",
-            args=(config, make_engine, to_engine, from_engine, os.getpid(), level),
-        )  # fmt: skip
-        self._process.start()
-        atexit.register(self._kill)
+        self._closing = False  # shutdown asked: the engine process exits (or we leave it)
+        if not isinstance(engine, SharedEngine):
+            level = log_level if log_level is not None else logging.getLogger().getEffectiveLevel()
+            self._process = spawn_engine_process(engine, make_engine, channels, level)
+            assert self._process.pid is not None
+            self._engine_pid = self._process.pid
+            atexit.register(self._kill)
         self._receiver = threading.Thread(
             target=self._receive, name="strata-engine-rx", daemon=True
         )
@@ -123,11 +148,25 @@ class ProcessEngine(EngineFront):
 
     @property
     def alive(self) -> bool:
-        return self._process.is_alive() and self._fault is None
+        return self._engine_alive() and self._fault is None
 
     @property
-    def pid(self) -> int | None:
-        return self._process.pid
+    def pid(self) -> int:
+        """The engine process's."""
+        return self._engine_pid
+
+    @property
+    def num_in_flight(self) -> int:
+        """Sharing the engine: this front's own requests (the engine's counts are every
+        front's; a front drains its own)."""
+        if self._process is None:
+            return len(self._requests)
+        return super().num_in_flight
+
+    def _engine_alive(self) -> bool:
+        if self._process is not None:
+            return self._process.is_alive()
+        return pid_alive(self._engine_pid)
 
     def check_text_length(self, num_chars: int, param: str = "prompt") -> None:
         assert self._encoder is not None
@@ -189,36 +228,59 @@ class ProcessEngine(EngineFront):
             if not self._outbox.closed:
                 self._outbox.send(data)
 
+    def _push_soon(self, message: list[Any], timeout_s: float) -> bool:
+        """Send without blocking for long: False if the engine did not take it in time
+        (gone, or never connected); a plain send would wait for it forever."""
+        data = pack(message)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._send_lock:
+                if self._outbox.closed:
+                    return False
+                try:
+                    self._outbox.send(data, zmq.NOBLOCK)
+                    return True
+                except zmq.Again:
+                    pass
+            if time.monotonic() > deadline or not self._engine_alive():
+                return False
+            time.sleep(0.01)
+
     def shutdown(self) -> None:
-        """Ask the engine process to exit (it aborts what is in flight), and wait for it."""
+        """Owning the engine: ask its process to exit (it aborts what is in flight), and
+        wait for it. Sharing it: leave ("bye": the engine aborts this front's requests)."""
         self._stopping = self._closing = True
-        if self._process.is_alive():
+        if self._process is None:
+            self._push_soon(["bye"], BYE_TIMEOUT_S)
+        elif self._process.is_alive():
             self._push(["exit"])
             self._process.join(EXIT_TIMEOUT_S)
         self._kill()
-        atexit.unregister(self._kill)
         self._receiver.join(timeout=5)
         with self._send_lock:
-            self._outbox.close(linger=0)
+            self._outbox.close(linger=0 if self._process is not None else BYE_LINGER_MS)
         if not self._receiver.is_alive():  # it has closed its socket
             self._context.term()
         self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
-        shutil.rmtree(self._dir, ignore_errors=True)
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
 
     def _kill(self) -> None:
         self._closing = True
-        if self._process.is_alive():  # it ignores SIGTERM (process.py)
+        if self._process is not None and self._process.is_alive():  # it ignores SIGTERM
             self._process.kill()
             self._process.join(5)
+        if self._process is not None:
+            atexit.unregister(self._kill)
 
     # ---- receiver thread ------------------------------------------------------------------
 
     def _receive(self) -> None:
         try:
-            while True:
+            while not (self._closing and self._process is None):  # a front that left stops
                 if self._inbox.poll(POLL_MS):
                     self._handle(unpack(self._inbox.recv()))
-                elif not self._process.is_alive():
+                elif not self._engine_alive():
                     self._engine_gone()
                     return
         finally:
@@ -249,6 +311,9 @@ class ProcessEngine(EngineFront):
             info.tokenizer, info.model_name, info.vocab_size, info.max_model_len
         )
         self._set_stats(info.stats, 0)
+        # The engine has connected (before loading): it can take "attach" now.
+        if not self._push_soon(["attach", os.getpid()], ATTACH_TIMEOUT_S):
+            logger.warning("the engine process did not take this front's attach")
         self._info = info
         self._loaded.set()
 
@@ -272,7 +337,7 @@ class ProcessEngine(EngineFront):
 
     def _engine_gone(self) -> None:
         """The engine process exited: on purpose (shutdown), or not (an engine fault)."""
-        code = self._process.exitcode
+        code = "unknown" if self._process is None else self._process.exitcode
         message = f"the engine process exited unexpectedly (exit code {code})"
         if not self._loaded.is_set():
             self._load_error = RuntimeError(message)
