@@ -10,7 +10,8 @@
 #              256 requests, half JSON-constrained), overlap off then on; carry .whl/
 #              (xgrammar, pydantic) and .gl_tok/ (the 1B config beside tokenizer files)
 #     decode   vllm_side_by_side.py --only decode (8B, batch 1, 128/4k/32k), off then on
-#     http     http_front.py: offline against HTTP (engine in its own process and in
+#     http     http_front.py: offline against HTTP (engine in its own process behind
+#              $FRONTS HTTP front processes, default 1,2,4, and in
 #              process), 1B; carry .srvwhl/ (fastapi, starlette, uvicorn, pyzmq wheels:
 #              pip download them as pinned in requirements/runtime.lock)
 set -uo pipefail
@@ -51,5 +52,5 @@ fi
 if has http; then
   python3 benchmarks/http_front.py --model random:llama-3.2-1b --device cuda --vocab-size 128256 \
     --num-requests 1024 --input-len 100-1024 --output-len 100-1024 --concurrency 256 \
-    --repeats 2 2>&1 | tee "$OUT/http_front.log" | tail -12
+    --repeats 2 --api-server-count "${FRONTS:-1,2,4}" 2>&1 | tee "$OUT/http_front.log" | tail -12
 fi

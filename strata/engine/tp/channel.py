@@ -24,7 +24,6 @@ its answers are a few per load, which rank 0 reads as its own loads land.
 
 from __future__ import annotations
 
-import os
 import pickle
 from multiprocessing.connection import Connection
 from typing import TypeAlias
@@ -32,6 +31,7 @@ from typing import TypeAlias
 import numpy as np
 import torch
 
+from strata.engine.core.channels import pid_alive
 from strata.engine.tp.step_wire import StepInputs
 from strata.kv.policies.runtime.rank_compaction import CompactOp
 from strata.kv.recall.mirror import RecallRelease
@@ -92,18 +92,9 @@ def receive(conn: Connection, rank0_pid: int) -> bytes | None:
     its process no longer exists)."""
     try:
         while not conn.poll(POLL_S):
-            if not _alive(rank0_pid):
+            if not pid_alive(rank0_pid):
                 return None
         return conn.recv_bytes()
     except (EOFError, OSError):
         return None
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
