@@ -4,8 +4,8 @@ uva     copy_rows (strata/ops/triton_row_copy.py) from pinned host rows into the
         back: exact, and its GB/s against a pinned host-to-device memcpy in the same run
 decode  Llama-3-8B shape, random weights, bf16: decode tok/s of --batch requests at
         each context, for full attention in the GPU pool, full_offload, and quest and
-        shadowkv at a budget of 2048 tokens; bytes fetched per token against the measured
-        pinned H2D rate
+        shadowkv at a budget of 2048 tokens; bytes fetched per token, and the fetch rate
+        as a share of a pinned H2D memcpy measured in the same process
 beyond  --beyond SEQSxCONTEXT:POLICY: sequences whose KV is many times the GPU pool, all
         completing
 
@@ -69,6 +69,14 @@ def bench_uva() -> None:
         "pinned_h2d_memcpy_GBps": gbps(nbytes, t_memcpy),
     }  # fmt: skip
     print("uva", RESULTS["uva"], flush=True)
+
+
+def pinned_h2d_gbps() -> float:
+    """A pinned host-to-device memcpy of 256 MiB, GB/s: the host link's ceiling."""
+    host = torch.empty(1 << 27, dtype=torch.bfloat16).pin_memory()
+    dev = torch.empty_like(host, device="cuda")
+    seconds = timed(lambda: dev.copy_(host, non_blocking=True))
+    return gbps(host.numel() * host.element_size(), seconds)
 
 
 def llama8b(max_positions: int) -> str:
@@ -140,6 +148,8 @@ def bench_decode(contexts: list[int], batch: int, steps: int, modes: list[str],
                  page_rows: tuple[int, ...] = (4,)) -> None:  # fmt: skip
     from strata.kv.recall.attention import RecallAttention
 
+    link_gbps = pinned_h2d_gbps()
+    RESULTS["pinned_h2d_memcpy_GBps"] = link_gbps
     longest = max(contexts) + steps + 64
     llm = LLM(
         llama8b(longest + 64), max_model_len=longest, kv_cache_memory=pool_gib + recall_gpu_gib,
@@ -174,6 +184,9 @@ def bench_decode(contexts: list[int], batch: int, steps: int, modes: list[str],
                          "graph_replays": after.get("recall_graph_replays", 0)
                          - before.get("recall_graph_replays", 0),
                          **recall_deltas(before, after, steps * batch)})  # fmt: skip
+            if "fetched_MB_per_token" in rows[-1]:  # the host link's share of the step
+                rate_gbps = rows[-1]["fetched_MB_per_token"] * rate / 1e3
+                rows[-1]["fetch_share_of_pinned_h2d"] = rate_gbps / link_gbps
             print(rows[-1], flush=True)
     RESULTS["decode"] = rows
 
