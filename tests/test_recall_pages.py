@@ -149,3 +149,35 @@ def test_prompts_share_a_page_only_when_of_one_kind(recall_folder: Path) -> None
         pages = max(pages, int(llm.stats()["recall_pages"]))
     assert pages == 2
     assert_recall_idle(llm)
+
+
+def test_a_pages_other_decode_rows_join_its_unit(
+    recall_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two quest sequences of one room: A (150-token prompt) selects from its first
+    step, B (48 tokens, 126 to generate) attends all its few middle blocks, so for some
+    steps it decodes on its own while its page decodes A. A page's decode writes every
+    row, so B's work joins the page's unit (one CUDA stream): units holding two pieces
+    of work appear, and each sequence still gets its solo tokens."""
+    import strata.kv.recall.attention as attention
+
+    joined = 0
+    in_turn = attention._in_turn
+
+    def counted(units: list[Any]) -> None:
+        nonlocal joined
+        joined += len(units) > 1
+        in_turn(units)
+
+    monkeypatch.setattr(attention, "_in_turn", counted)
+    llm = recall_llm(recall_folder)
+    prompts = [PROMPT, PROMPT[:48]]
+    params = [
+        SamplingParams(kv_policy="quest", kv_budget=40, **{**GREEDY, "max_tokens": n})
+        for n in (24, 126)
+    ]
+    solo = [tokens(llm, [p], [sp])[0] for p, sp in zip(prompts, params, strict=True)]
+    joined = 0
+    assert tokens(llm, prompts, params) == solo
+    assert joined > 0
+    assert_recall_idle(llm)
