@@ -136,3 +136,28 @@ def test_recall_policies_tp2_equal_tp1(name: str, folders: dict[str, Path]) -> N
             assert mine[key] == theirs[key], key
         assert mine["recall_decode_steps"] == 3 * (greedy["max_tokens"] - 1)
         assert_recall_idle(tp)
+
+
+def test_recall_pages_tp2_equal_tp1(folders: dict[str, Path]) -> None:
+    """Three quest requests of one room (150, 149 and 148 tokens + 24) share a page of
+    three rows on every rank: the workers make rank 0's page from the rows it sends, and
+    with the model's one KV head replicated, each page step joins the ranks' scores. TP=2's
+    greedy tokens are TP=1's, and nothing stays held."""
+    prompts = [LONG, LONG[1:], LONG[2:]]
+    params = SamplingParams(kv_policy="quest", kv_budget=40, max_tokens=24, temperature=0,
+                            ignore_eos=True)  # fmt: skip
+    options = {**RECALL_ENGINE, "kv_recall_host_memory": (160 * RECALL_SLOT_BYTES + 1) / GIB}
+    ref = LLM(str(folders["llama-mqa-tied"]), **options)
+    want = [o.token_ids for o in ref.generate(prompts, params)]
+    with LLM(str(folders["llama-mqa-tied"]), **options, tensor_parallel_size=2) as tp:
+        seen = set()
+        engine = tp.engine
+        for prompt in prompts:
+            engine.add_request(prompt, params)
+        while engine.has_unfinished():
+            engine.step()
+            stats = tp.stats()
+            seen.add((int(stats["recall_pages"]), int(stats["recall_sequences"])))
+        assert (1, 3) in seen and max(pages for pages, _ in seen) == 1  # one page, 3 rows
+        assert [o.token_ids for o in tp.generate(prompts, params)] == want
+        assert_recall_idle(tp)
