@@ -130,8 +130,6 @@ class ShadowKVPolicy(RecallPolicy):
 
     def _keep_outliers(self, layer: int, live: int) -> None:
         """The outliers of `layer` among its first `live` blocks (all summarized)."""
-        room = self.room
-        assert room is not None
         n = self.outliers.shape[-1]
         if n == 0 or live == 0:
             return
