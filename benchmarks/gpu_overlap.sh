@@ -14,13 +14,8 @@
 #              $FRONTS HTTP front processes, default 1,2,4, and in
 #              process), 1B; carry .srvwhl/ (fastapi, starlette, uvicorn, pyzmq wheels:
 #              pip download them as pinned in requirements/runtime.lock)
-set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT="${OUT:-out}"; mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-stages=" ${*:-check offline grammar} "
-has() { [[ "$stages" == *" $1 "* ]]; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+# shellcheck source=benchmarks/gpu_stages.sh
+source "$(dirname "$0")/gpu_stages.sh" "check offline grammar" "$@"
 wheels() {  # carried wheels into /tmp/site, on PYTHONPATH
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
     "$@" > /dev/null && export PYTHONPATH="$PYTHONPATH:/tmp/site"

@@ -11,13 +11,8 @@
 #               rows (default 1,4)
 #     full128k  128k context, full attention in the GPU pool at batch 1 and 3
 #     profile   eager quest and shadowkv at 32k, batch 4, under torch.profiler
-set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT="${OUT:-out}"; mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-stages=" ${*:-check b32k} "
-has() { [[ "$stages" == *" $1 "* ]]; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+# shellcheck source=benchmarks/gpu_stages.sh
+source "$(dirname "$0")/gpu_stages.sh" "check b32k" "$@"
 free -g | tee -a "$OUT/gpu.txt"
 speed() { python3 benchmarks/recall_speed.py "$@" 2>&1 | grep -v '^  ' ; }
 if has check; then
