@@ -9,6 +9,10 @@
 #               $ROWS32 rows (default 1,4,8; 1: each sequence decodes alone, side by side)
 #     b128k     128k context, recall policies at batch $B128 (default 4), pages of $ROWS128
 #               rows (default 1,4)
+#     max128k   128k context, each recall policy at the largest batch the host holds:
+#               quest at $BQ (default 6: keys and values, 15 GiB a sequence), shadowkv at
+#               $BS (default 10: 7.5 GiB a sequence once its keys are fitted, 15 GiB
+#               while it prefills), in pages of up to 8 rows
 #     full128k  128k context, full attention in the GPU pool at batch 1 and 3
 #     profile   eager quest and shadowkv at 32k, batch 4, under torch.profiler
 # shellcheck source=benchmarks/gpu_stages.sh
@@ -30,6 +34,15 @@ if has b128k; then
   speed --only decode --contexts 131072 --batch "$b" --modes quest,shadowkv --steps 12 \
     --page-rows "${ROWS128:-1,4}" \
     --pool-gib 17 --recall-gpu-gib $((3 * b + 2)) --host-gib $((16 * b)) --json "$OUT/b128k.json"
+fi
+if has max128k; then
+  bq="${BQ:-6}" bs="${BS:-10}"
+  speed --only decode --contexts 131072 --batch "$bq" --modes quest --steps 8 --page-rows 8 --slack 200 \
+    --pool-gib 4 --recall-gpu-gib $((3 * bq + 2)) --host-gib $((15 * bq + 1)) \
+    --json "$OUT/max128k_quest.json"
+  speed --only decode --contexts 131072 --batch "$bs" --modes shadowkv --steps 8 --page-rows 8 --slack 200 \
+    --pool-gib 4 --recall-gpu-gib $((4 * bs + 2)) --host-gib $((15 * bs / 2 + 9)) \
+    --json "$OUT/max128k_shadowkv.json"
 fi
 if has profile; then  # eager, so the table shows each kernel's CUDA time
   python3 benchmarks/recall_speed.py --only decode --contexts 32768 --batch 4 --eager --profile \

@@ -44,6 +44,8 @@ def main() -> None:
     solo = [llm.generate([p], [sp])[0].token_ids for p, sp in zip(prompts, mixed, strict=True)]
     batch = [o.token_ids for o in llm.generate(prompts, mixed)]
     rows.append(("mixed batch == solo runs", batch == solo))
+    store = llm.engine.parts.recall.store
+    rows.append(("host store page-locked (strata/pinned.py)", store.data.is_pinned()))
     rows.append(("selecting steps replayed from graphs", llm.stats()["recall_graph_replays"] > 0))
     rows += graphs_equal_eager(prompts, greedy, llm)
     same = [torch.randint(100, 40000, (1200,), generator=g).tolist() for _ in range(4)]

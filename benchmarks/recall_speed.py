@@ -145,12 +145,12 @@ def bench_decode(contexts: list[int], batch: int, steps: int, modes: list[str],
                  profile: bool, warmup: int, host_gib: float, pool_gib: float,
                  eager: bool = False, recall_gpu_gib: float = 8.0,
                  side_streams: tuple[bool, ...] = (True,),
-                 page_rows: tuple[int, ...] = (4,)) -> None:  # fmt: skip
+                 page_rows: tuple[int, ...] = (4,), slack: int = 16) -> None:  # fmt: skip
     from strata.kv.recall.attention import RecallAttention
 
     link_gbps = pinned_h2d_gbps()
     RESULTS["pinned_h2d_memcpy_GBps"] = link_gbps
-    longest = max(contexts) + steps + 64
+    longest = max(contexts) + steps + warmup + slack + 64
     llm = LLM(
         llama8b(longest + 64), max_model_len=longest, kv_cache_memory=pool_gib + recall_gpu_gib,
         kv_recall_gpu_memory=recall_gpu_gib, kv_recall_host_memory=host_gib,
@@ -170,7 +170,7 @@ def bench_decode(contexts: list[int], batch: int, steps: int, modes: list[str],
                 recall.page_rows = rows_per_page
             policy, budget = MODES[mode]
             params = SamplingParams(
-                max_tokens=steps + warmup + 16, temperature=0, ignore_eos=True,
+                max_tokens=steps + warmup + slack, temperature=0, ignore_eos=True,
                 kv_policy=policy, kv_budget=budget,
             )  # fmt: skip
             try:
@@ -241,6 +241,9 @@ def main() -> None:
     p.add_argument("--page-rows", default="4",
                    help="kv_recall_page_rows values to run (comma-separated): 1 decodes each "
                         "recall sequence on its own, N up to N of a kind together")
+    p.add_argument("--slack", type=int, default=16,
+                   help="output tokens past warm-up and timed steps: the decode steps that "
+                        "early requests run while later ones are admitted and prefilled")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table")
     p.add_argument("--eager", action="store_true",
                    help="no CUDA graphs (a profile then shows every kernel's CUDA time)")
@@ -257,7 +260,7 @@ def main() -> None:
         bench_decode(contexts, a.batch, a.steps, a.modes.split(","), a.profile, a.warmup,
                      a.host_gib, a.pool_gib, a.eager, a.recall_gpu_gib,
                      {"on": (True,), "off": (False,), "both": (False, True)}[a.side_streams],
-                     tuple(int(r) for r in a.page_rows.split(",")))
+                     tuple(int(r) for r in a.page_rows.split(",")), a.slack)
     if "beyond" in only:
         shape, policy = a.beyond.split(":")
         seqs, context = (int(x) for x in shape.split("x"))

@@ -17,6 +17,7 @@ import torch
 
 from strata import LLM, SamplingParams
 from strata.errors import InvalidRequestError
+from strata.kv.recall.host_store import HostKVStore, HostStoreFullError
 from strata.kv.recall.page_decode import PageDecoder
 from strata.kv.recall.policy import SummaryRoom
 from strata.kv.recall.quest import QuestPolicy
@@ -47,6 +48,21 @@ def assert_recall_idle(llm: LLM) -> None:
 
 
 # ---- the parts ---------------------------------------------------------------------------
+
+
+def test_host_store_hands_out_slots_first_free_and_takes_some_back() -> None:
+    store = HostKVStore(6, 2, 1, BLOCK, 4, torch.float32, pin=False)
+    assert store.data.shape == (2, 6, 1, BLOCK, 4)
+    assert store.bytes_per_slot == 2 * BLOCK * 4 * 4  # one block's keys (or values)
+    assert store.allocate("a", 4) == [0, 1, 2, 3] and store.allocate("b", 1) == [4]
+    store.give_back("a", [2, 0])  # to the back of the free list, in that order
+    assert store.owned("a") == [1, 3] and store.allocate("c", 3) == [5, 2, 0]
+    with pytest.raises(RuntimeError, match="does not hold"):
+        store.give_back("a", [4])
+    with pytest.raises(HostStoreFullError, match="0 free slots of 6; 1 asked for"):
+        store.allocate("d", 1)
+    assert store.free("a") == 2 and store.check_integrity() == []
+    assert store.num_free == 2 and store.used_bytes == 4 * store.bytes_per_slot
 
 
 @pytest.mark.parametrize("page", [0, BLOCK, BLOCK // 2, 1])
@@ -230,7 +246,12 @@ def test_abort_frees_host_slots_and_preemption_keeps_the_store(recall_folder: Pa
     params = SamplingParams(kv_policy="quest", kv_budget=40, **GREEDY)
     first = engine.add_request(PROMPT, params)
     engine.step()
-    assert llm.stats()["recall_host_bytes_used"] > 0
+    kv, store = engine._seqs[first].recall, engine.parts.recall.store  # type: ignore[union-attr]
+    assert kv is not None and kv.state is not None
+    # a key slot and a value slot per block, first-free, kept while quest runs
+    assert kv.state.key_slots == list(range(kv.host_blocks))
+    assert kv.state.value_slots == list(range(kv.host_blocks, 2 * kv.host_blocks))
+    assert llm.stats()["recall_host_bytes_used"] == 2 * kv.host_blocks * store.bytes_per_slot
     engine.abort(first)
     assert llm.stats()["recall_host_bytes_used"] == 0
     solo = tokens(llm, [PROMPT], [params])[0]

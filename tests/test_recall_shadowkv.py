@@ -99,7 +99,8 @@ def test_scores_past_the_live_count_are_minus_infinity() -> None:
 def test_rebuilt_keys_equal_the_keys_when_their_rank_fits() -> None:
     """Two heads of 128 dims (256 > RANK columns), keys of rank 100: the basis fitted to
     the prompt keeps them whole, so rebuilt keys equal the real ones, also for a block that
-    retires after the fit (projected on the same basis); outliers come from the host."""
+    retires after the fit (projected on the same basis); outliers' keys are exact, from
+    the policy's own copy on the GPU, and no key comes from the host."""
     torch.manual_seed(1)
     kv_heads, dim, blocks, rank = 2, 128, 10, 100
     assert kv_heads * dim > RANK > rank
@@ -113,17 +114,33 @@ def test_rebuilt_keys_equal_the_keys_when_their_rank_fits() -> None:
     assert not policy.wants_all_keys(0)
     policy.summarize(0, 9, keys[:, 9:])
     policy.scores(0, torch.randn(kv_heads, 1, dim), blocks)
-    picks = torch.tensor([[9, 0, 4], [2, 9, 7]])
+    outliers = policy.outliers[0].tolist()  # one per head
+    picks = torch.tensor([[9, outliers[0][0], 4], [2, 9, outliers[1][0]]])
     rebuilt = policy.rebuilt_keys(0, picks)
     assert rebuilt is not None
     got, from_host = rebuilt
     expected = torch.stack([keys[h, picks[h]] for h in range(kv_heads)])
     torch.testing.assert_close(got, expected, atol=2e-3, rtol=2e-3)
-    outliers = policy.outliers[0]
-    assert outliers is not None
-    for h in range(kv_heads):
-        for i, block in enumerate(picks[h].tolist()):
-            assert bool(from_host[h, i]) == (block in outliers[h].tolist())
+    assert not from_host.any()
+    assert torch.equal(got[0, 1], keys[0, outliers[0][0]])  # exact, not rebuilt
+    assert torch.equal(got[1, 2], keys[1, outliers[1][0]])
+
+
+def test_outliers_keep_their_exact_keys_as_blocks_retire() -> None:
+    """Blocks summarized in pieces: the outliers are the top spreads among every block so
+    far (as a top-k over all of them), and each outlier's kept keys are its own."""
+    torch.manual_seed(0)
+    kv_heads, dim, blocks = 2, 8, 40
+    policy = shadowkv(kv_heads, dim, blocks, slots=32)  # 6 outliers
+    keys = torch.randn(kv_heads, blocks, BLOCK, dim)
+    for first, end in ((0, 1), (1, 3), (3, 10), (10, 11), (11, 40)):
+        policy.summarize(0, first, keys[:, first:end])
+        top = torch.topk(policy.spread[0][:, :end], min(6, end)).indices
+        kept = policy.outliers[0]
+        for h in range(kv_heads):
+            assert set(kept[h].tolist()) == set(top[h].tolist())
+            for i, block in enumerate(kept[h].tolist()):
+                assert torch.equal(policy.outlier_keys[0][h, i], keys[h, block])
 
 
 def test_full_budget_equals_full_attention(recall_folder: Path) -> None:
@@ -146,6 +163,7 @@ def test_rebuilt_keys_decode_as_fetched_keys(
     assert stats["recall_blocks_attended_per_step"] == 10
     assert_recall_idle(llm)
     monkeypatch.setattr(ShadowKVPolicy, "rebuilt_keys", lambda self, layer, blocks: None)
+    monkeypatch.setattr(ShadowKVPolicy, "needs_host_keys", lambda self: True)  # kept on host
     fetched = tokens(llm, [PROMPT], [params])
     assert fetched == rebuilt
     more = llm.stats()["recall_bytes_fetched"] - stats["recall_bytes_fetched"]
@@ -154,7 +172,8 @@ def test_rebuilt_keys_decode_as_fetched_keys(
 
 def test_the_basis_is_fitted_by_the_prefill(recall_folder: Path) -> None:
     """The prompt's last chunk fits every sparse layer's basis (streaming its keys once), so
-    the first decode step only selects."""
+    the first decode step only selects; the host store then holds only the sequence's
+    values: its key slots went back to the free list."""
     llm = recall_llm(recall_folder)
     engine = llm.engine
     params = SamplingParams(kv_policy="shadowkv", kv_budget=40, **GREEDY)
@@ -166,6 +185,13 @@ def test_the_basis_is_fitted_by_the_prefill(recall_folder: Path) -> None:
     policy = seq.recall.state.policy
     assert isinstance(policy, ShadowKVPolicy)
     assert policy.fitted == [True] * 2  # 4 layers, 2 dense
+    state, store = seq.recall.state, llm.engine.parts.recall.store  # type: ignore[union-attr]
+    blocks = seq.recall.host_blocks
+    assert state.key_slots == [] and len(state.value_slots) == blocks
+    assert store.owned(request_id) == state.value_slots
+    assert store.num_free == store.num_slots - blocks
+    assert llm.stats()["recall_host_bytes_used"] == blocks * store.bytes_per_slot
+    llm.check_integrity()
     engine.abort(request_id)
     assert_recall_idle(llm)
 

@@ -47,15 +47,16 @@ def recall_geometry(cache: CacheConfig, model: ModelConfig, dtype: torch.dtype) 
 
 
 def recall_slots(cache: CacheConfig, whole: ModelConfig, dtype: torch.dtype) -> int:
-    """Blocks the recall store holds: kv_recall_host_memory over a block of the whole
-    model. A tensor-parallel rank's store holds as many, of its own KV heads (its share
-    of the memory; a replicated head counts on every rank holding it)."""
+    """Slots of the recall store (a block's keys, or its values: host_store.py):
+    kv_recall_host_memory over a slot of the whole model. A tensor-parallel rank's store
+    holds as many, of its own KV heads (its share of the memory; a replicated head counts
+    on every rank holding it)."""
     geometry = recall_geometry(cache, whole, dtype)
     slot_bytes = geometry.host_slot_bytes()
     num_slots = host_bytes(cache) // slot_bytes if geometry.sparse_layers else 1
-    if num_slots < 1:
+    if geometry.sparse_layers and num_slots < 2:
         raise ValueError(
-            f"kv_recall_host_memory holds no block: one takes {format_bytes(slot_bytes)}"
+            f"kv_recall_host_memory holds no block: one takes {format_bytes(2 * slot_bytes)}"
         )
     return num_slots
 
@@ -84,12 +85,13 @@ def build_recall(
         model.head_dim, dtype, pin=device.type == "cuda",
     )  # fmt: skip
     logger.info(
-        "recall store: %s of %s host memory = %d blocks (%d tokens); %s of %s memory for "
-        "recall sequences; %d dense layers, sink %d + window %d tokens + the open block on "
+        "recall store: %s of %s host memory = keys and values of %d blocks (%d tokens; "
+        "shadowkv gives a sequence's keys back once fitted); %s of %s memory for recall "
+        "sequences; %d dense layers, sink %d + window %d tokens + the open block on "
         "the %s in the other %d; default policy %s; selecting decode steps %s, up to %d "
         "sequences of a kind per page",
         format_bytes(store.nbytes), "pinned" if device.type == "cuda" else "pageable",
-        num_slots, num_slots * cache.block_size, format_bytes(gpu_bytes), device.type,
+        num_slots // 2, num_slots // 2 * cache.block_size, format_bytes(gpu_bytes), device.type,
         geometry.dense_layers, SINK_BLOCKS * cache.block_size, WINDOW_BLOCKS * cache.block_size,
         device.type, geometry.sparse_layers, cache.kv_policy,
         "in CUDA graphs per layer" if graphs and device.type == "cuda" else "eager",

@@ -16,34 +16,28 @@ from strata.kv.recall.working_set import Moves, WorkingSet
 
 
 def host_rows(
-    store: HostKVStore, host_slots: torch.Tensor, s: int, blocks: torch.Tensor
+    store: HostKVStore, table: torch.Tensor, s: int, blocks: torch.Tensor
 ) -> torch.Tensor:
-    """Flat host-store rows of middle blocks [..., kv_heads, n] of sparse layer s, where
-    host_slots [..., room] names each middle block's slot."""
+    """Flat host-store rows (HostKVStore.flat) of middle blocks [..., kv_heads, n] of
+    sparse layer s, where `table` [..., room] names each middle block's key (or value)
+    slot."""
     kvh = blocks.shape[-2]
-    slots = host_slots.gather(-1, blocks.flatten(-2)).view_as(blocks)
+    slots = table.gather(-1, blocks.flatten(-2)).view_as(blocks)
     heads = torch.arange(kvh, device=blocks.device)[:, None]
     return (s * store.num_slots + slots) * kvh + heads
 
 
-def flat_host(store: HostKVStore) -> tuple[torch.Tensor, torch.Tensor]:
-    """The store's keys and values as [rows, block_size * head_dim]."""
-    row = store.k.shape[-2] * store.k.shape[-1]
-    return store.k.view(-1, row), store.v.view(-1, row)
-
-
 def fill(
-    ws: WorkingSet, policy: RecallPolicy, store: HostKVStore, host_slots: torch.Tensor, s: int,
-    moves: Moves, exact: bool, bytes_fetched: torch.Tensor,
+    ws: WorkingSet, policy: RecallPolicy, store: HostKVStore, key_slots: torch.Tensor,
+    value_slots: torch.Tensor, s: int, moves: Moves, exact: bool, bytes_fetched: torch.Tensor,
 ) -> None:  # fmt: skip
     """Carry out a working-set update of sparse layer s: values from the host store;
     keys from the host, or rebuilt by the policy (except those it wants exact). exact:
     every block is attended exactly (keys from the host). Counts the bytes moved."""
-    host_k, host_v = flat_host(store)
-    rows = host_rows(store, host_slots, s, moves.blocks)
-    src = torch.where(moves.mask, rows, -1).flatten()
+    host = store.flat()
     dst = moves.destination_rows(ws.slots)
-    copy_rows(host_v, ws.rows(s, ws.v), src, dst)
+    src = torch.where(moves.mask, host_rows(store, value_slots, s, moves.blocks), -1).flatten()
+    copy_rows(host, ws.rows(s, ws.v), src, dst)
     rebuilt = None if exact else policy.rebuilt_keys(s, moves.blocks)
     keys_moved = moves.mask
     if rebuilt is not None:
@@ -53,9 +47,9 @@ def fill(
         held_k = slots_k.gather(-3, index)
         slots_k.scatter_(-3, index, torch.where(moves.mask[..., None, None], keys, held_k))
         keys_moved = moves.mask & from_host
-        src = torch.where(keys_moved, rows, -1).flatten()
-    copy_rows(host_k, ws.rows(s, ws.k), src, dst)
-    row_bytes = host_k.shape[1] * host_k.element_size()
+    src = torch.where(keys_moved, host_rows(store, key_slots, s, moves.blocks), -1).flatten()
+    copy_rows(host, ws.rows(s, ws.k), src, dst)
+    row_bytes = host.shape[1] * host.element_size()
     bytes_fetched += (moves.mask.sum(dim=(-1, -2)) + keys_moved.sum(dim=(-1, -2))) * row_bytes
 
 

@@ -67,12 +67,12 @@ class RecallGeometry:
         return -(-max_tokens // self.block_size)
 
     @staticmethod
-    def room_blocks(host_slots: int) -> int:
-        """The middle blocks a sequence's summaries and slot table cover: host_slots
+    def room_blocks(host_blocks: int) -> int:
+        """The middle blocks a sequence's summaries and slot tables cover: host_blocks
         rounded up to a step of an eighth of its power of two, at most 1/8 more, so that
         sequences of nearby lengths share a page (page.py)."""
-        step = 1 << max(0, host_slots.bit_length() - 4)
-        return -(-host_slots // step) * step
+        step = 1 << max(0, host_blocks.bit_length() - 4)
+        return -(-host_blocks // step) * step
 
     def dense_bytes(self, max_tokens: int) -> int:
         per_token = 2 * self.dense_layers * self.num_kv_heads * self.head_dim * self.dtype.itemsize
@@ -89,6 +89,7 @@ class RecallGeometry:
         )  # fmt: skip
 
     def host_slot_bytes(self) -> int:
+        """Bytes of a host-store slot: one block's keys, or its values."""
         return HostKVStore.slot_bytes(
             self.sparse_layers, self.num_kv_heads, self.block_size, self.head_dim, self.dtype
         )

@@ -1,23 +1,27 @@
-"""HostKVStore: the recall store's pinned host slab of KV blocks, one slot per block.
+"""HostKVStore: the recall store's pinned host slab, one slot per block's keys or values.
 
-    k, v: [sparse layers, slots, kv_heads, block_size, head_dim]   (pinned on CUDA hosts)
+    data: [sparse layers, slots, kv_heads, block_size, head_dim]   (pinned on CUDA hosts)
 
-A slot holds one block of one sequence in every sparse layer (the layers a recall policy
-selects in); row (layer, slot, head) is one block of one head, block_size x head_dim
-contiguous: the unit a per-head recall fetches. Slots are handed out from an ordered
-free list and owned by one sequence until it is freed.
+A slot holds one block's keys, or its values, in every sparse layer (the layers a recall
+policy selects in); row (layer, slot, head) is one block of one head, block_size x
+head_dim contiguous: the unit a per-head recall fetches. A sequence takes a key slot and
+a value slot per block, and gives its key slots back early if its policy stops reading
+keys from the host (shadowkv, once its low-rank keys are fitted). Slots are handed out
+from an ordered free list and owned by one sequence until it gives them back.
 
 Invariants (`check_integrity`): every slot is either free or owned by exactly one
-sequence; the free list and the owners' lists partition range(num_slots).
+sequence; the free list and the owners' sets partition range(num_slots).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 
 import torch
 
 from strata.errors import StrataError
+from strata.pinned import pinned_zeros
 
 
 class HostStoreFullError(StrataError, RuntimeError):
@@ -38,8 +42,7 @@ class HostKVStore:
         if num_slots <= 0:
             raise ValueError(f"the recall store needs at least one slot, got {num_slots}")
         shape = (num_layers, num_slots, num_kv_heads, block_size, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, pin_memory=pin)
-        self.v = torch.zeros(shape, dtype=dtype, pin_memory=pin)
+        self.data = pinned_zeros(shape, dtype, pin)
         self.num_slots = num_slots
         self.bytes_per_slot = self.slot_bytes(num_layers, num_kv_heads, block_size, head_dim, dtype)
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_slots))
@@ -49,9 +52,13 @@ class HostKVStore:
     def slot_bytes(
         num_layers: int, num_kv_heads: int, block_size: int, head_dim: int, dtype: torch.dtype
     ) -> int:
-        """Bytes of one slot (K and V of one block in every sparse layer)."""
-        item = dtype.itemsize
-        return 2 * num_layers * num_kv_heads * block_size * head_dim * item
+        """Bytes of one slot (the keys or the values of one block in every sparse layer)."""
+        return num_layers * num_kv_heads * block_size * head_dim * dtype.itemsize
+
+    def flat(self) -> torch.Tensor:
+        """The slab as [rows, block_size * head_dim]; row (layer, slot, head) is
+        (layer * num_slots + slot) * kv_heads + head."""
+        return self.data.view(-1, self.data.shape[-2] * self.data.shape[-1])
 
     @property
     def num_free(self) -> int:
@@ -85,6 +92,16 @@ class HostKVStore:
         for slot in slots:
             self._free[slot] = None
         return len(slots)
+
+    def give_back(self, owner: str, slots: Iterable[int]) -> None:
+        """Return some of `owner`'s slots to the back of the free list, in order."""
+        gone = list(slots)
+        left, held = set(gone), self._owned.get(owner, [])
+        if len(left) != len(gone) or not left.issubset(held):
+            raise RuntimeError(f"{owner!r} gives back host slots it does not hold")
+        self._owned[owner] = [slot for slot in held if slot not in left]
+        for slot in gone:
+            self._free[slot] = None
 
     def check_integrity(self) -> list[str]:
         """Problems found (empty when the invariants hold)."""

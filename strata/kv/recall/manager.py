@@ -1,11 +1,14 @@
 """RecallManager: the engine's recall store and the recall sequences over it.
 
     attach   a request under a recall policy gets a RecallKV: its budget in blocks and
-             what it will need (host slots for every block it can have, GPU bytes);
+             what it will need (a key and a value host slot for every block it can
+             have, GPU bytes);
              a request that could never fit is refused at once, naming both numbers
     admit    (scheduler) its GPU state is allocated and its host slots reserved, or it
              waits while running sequences hold the memory
     release  (finish, abort) both are given back at once; a preempted sequence keeps them
+             (a sequence gives its key slots back early if its policy stops reading keys
+             from the host: sequence.py)
 
 Under tensor parallelism every rank holds such a manager over its own KV heads; rank 0's
 decides, and each admitted sequence gets a serial number by which the workers mirror it
@@ -46,10 +49,15 @@ class RecallKV:
     policy: str
     budget_blocks: int
     max_tokens: int
-    host_slots: int
+    host_blocks: int  # middle blocks it can have: a key slot and a value slot each
     gpu_bytes: int
     prompt_tokens: int
     state: RecallSequence | None = None
+
+    @property
+    def host_slots(self) -> int:
+        """Host slots it takes when admitted."""
+        return 2 * self.host_blocks
 
 
 class RecallManager:
@@ -85,12 +93,12 @@ class RecallManager:
         RECALL_POLICIES.check(policy)
         total = num_prompt + max_tokens
         # Room for every middle block it can have; none when every layer is dense.
-        host_slots = g.max_blocks(total) if g.sparse_layers else 0
-        budget_blocks = min(g.budget_blocks(tokens_allowed(budget, num_prompt)), host_slots)
-        kv = self.kv_for(policy, budget_blocks, total, host_slots, num_prompt)
+        host_blocks = g.max_blocks(total) if g.sparse_layers else 0
+        budget_blocks = min(g.budget_blocks(tokens_allowed(budget, num_prompt)), host_blocks)
+        kv = self.kv_for(policy, budget_blocks, total, host_blocks, num_prompt)
         gpu = kv.gpu_bytes
-        if host_slots > self.store.num_slots:
-            need = host_slots * self.store.bytes_per_slot
+        if kv.host_slots > self.store.num_slots:
+            need = kv.host_slots * self.store.bytes_per_slot
             raise InvalidRequestError(
                 f"kv_policy {policy!r}: {total} tokens (prompt + max_tokens) need "
                 f"{format_bytes(need)} of host memory, but the recall store holds "
@@ -106,7 +114,7 @@ class RecallManager:
         return kv
 
     def kv_for(
-        self, policy: str, budget_blocks: int, max_tokens: int, host_slots: int, num_prompt: int
+        self, policy: str, budget_blocks: int, max_tokens: int, host_blocks: int, num_prompt: int
     ) -> RecallKV:
         """A RecallKV of these numbers, with the GPU bytes it takes on this rank."""
         g = self.geometry
@@ -114,7 +122,7 @@ class RecallManager:
         gpu = g.dense_bytes(max_tokens) + g.resident_bytes()
         gpu += cls.summary_bytes(
             SummaryRoom(
-                g.sparse_layers, g.num_kv_heads, g.room_blocks(host_slots), g.head_dim,
+                g.sparse_layers, g.num_kv_heads, g.room_blocks(host_blocks), g.head_dim,
                 g.block_size, g.dtype,
                 budget_blocks, landmark_tokens=g.landmark_tokens, shard=self.shard,
                 quest_page_tokens=g.quest_page_tokens,
@@ -122,7 +130,7 @@ class RecallManager:
         )
         if cls.selects:
             gpu += g.working_set_bytes(budget_blocks)
-        return RecallKV(policy, budget_blocks, max_tokens, host_slots, gpu, num_prompt)
+        return RecallKV(policy, budget_blocks, max_tokens, host_blocks, gpu, num_prompt)
 
     def admit(
         self, request_id: str, kv: RecallKV, serial: int | None = None, waiting: int = 1,
@@ -146,10 +154,11 @@ class RecallManager:
         slots = self.store.allocate(request_id, kv.host_slots)
         row = page.free_row()
         assert row is not None
+        n = kv.host_blocks
         kv.state = RecallSequence(
             self.geometry, RECALL_POLICIES.get(kv.policy)(), kv.budget_blocks, kv.max_tokens,
-            self.store, slots, page, row, request_id, self.rope, kv.prompt_tokens, serial,
-            self.shard,
+            self.store, slots[:n], slots[n:], page, row, request_id, self.rope,
+            kv.prompt_tokens, serial, self.shard,
         )  # fmt: skip
         if page.decoder is None and kv.state.working_set is not None:
             page.decoder = PageDecoder(
@@ -162,7 +171,7 @@ class RecallManager:
 
     def kind(self, kv: RecallKV) -> PageKey:
         """What sequences sharing a page have in common (page.py)."""
-        return kv.policy, kv.budget_blocks, self.geometry.room_blocks(kv.host_slots)
+        return kv.policy, kv.budget_blocks, self.geometry.room_blocks(kv.host_blocks)
 
     def _page_with_room(
         self, kv: RecallKV, dense: int, waiting: int, capacity: int | None
@@ -283,15 +292,15 @@ class RecallManager:
         if used != self.gpu_used:
             problems.append(f"recall GPU bytes: {self.gpu_used} counted, {used} held")
         problems += self._page_problems()
+        held = 0
         for request_id, kv in self._live.items():
-            if len(self.store.owned(request_id)) != kv.host_slots:
+            state = kv.state
+            slots = [] if state is None else state.key_slots + state.value_slots
+            held += len(slots)
+            if sorted(self.store.owned(request_id)) != sorted(slots):
                 problems.append(f"recall sequence {request_id!r} holds the wrong host slots")
         owners = {o for o in self._live}
-        stray = (
-            self.store.num_slots
-            - self.store.num_free
-            - sum(kv.host_slots for kv in self._live.values())
-        )
+        stray = self.store.num_slots - self.store.num_free - held
         if stray:
             problems.append(f"{stray} host slots held by no live recall sequence ({owners})")
         return problems

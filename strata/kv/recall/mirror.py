@@ -63,7 +63,7 @@ class RecallMirror:
         state = manager.state_of(request_id)
         if state is not None:
             return state
-        kv = manager.kv_for(row.policy, row.budget_blocks, row.max_tokens, row.host_slots,
+        kv = manager.kv_for(row.policy, row.budget_blocks, row.max_tokens, row.host_blocks,
                             row.prompt_tokens)  # fmt: skip
         admitted = manager.admit(request_id, kv, row.serial, capacity=row.page_rows)
         if not admitted or kv.state is None:

@@ -79,7 +79,8 @@ class PageDecoder:
             scores = self.shard.max_over_replicas(scores)
         picks = torch.topk(scores, ws.slots, dim=-1, sorted=False).indices
         held, moves = ws.update(s, picks, active)
-        fill(ws, self.policy, self.store, t.host_slots, s, moves, False, t.bytes_fetched)
+        fill(ws, self.policy, self.store, t.key_slots, t.value_slots, s, moves, False,
+             t.bytes_fetched)  # fmt: skip
         keys = torch.cat([t.sink_k[s], ws.k[s].flatten(-3, -2), tail_k], dim=-2)
         values = torch.cat([t.sink_v[s], ws.v[s].flatten(-3, -2), tail_v], dim=-2)
         tail = (self.tail_index <= t.held[:, None])[:, None, :].expand(-1, kvh, -1)

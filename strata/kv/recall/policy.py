@@ -108,6 +108,11 @@ class RecallPolicy(ABC):
         come exact from the host instead; None: every key comes from the host."""
         return None
 
+    def needs_host_keys(self) -> bool:
+        """Whether the sequence's decode steps still read keys from the host store; once
+        False (after a `take_all_keys`), its key slots go back to the store."""
+        return True
+
     def for_page(self) -> None:
         """This instance is bound to a page's whole buffers and scores its rows, all of
         which are past what `wants_all_keys` asks for."""

@@ -15,7 +15,7 @@ import torch
 
 from strata.attention.layer_inputs import Rotary
 from strata.kv.recall.chunk_attention import chunk_attention
-from strata.kv.recall.fetch import fill, flat_host, host_rows, picked_mask
+from strata.kv.recall.fetch import fill, host_rows, picked_mask
 from strata.kv.recall.geometry import SINK_BLOCKS, RecallGeometry
 from strata.kv.recall.host_store import HostKVStore
 from strata.kv.recall.page import RecallPage
@@ -52,7 +52,8 @@ class RecallSequence:
         budget_blocks: int,
         max_tokens: int,
         store: HostKVStore,
-        host_slots: list[int],
+        key_slots: list[int],
+        value_slots: list[int],
         page: RecallPage,
         row: int,
         owner: str,
@@ -73,16 +74,19 @@ class RecallSequence:
         kvh, d, dt, device = g.num_kv_heads, g.head_dim, g.dtype, page.device
         self.dense_k = torch.zeros((g.dense_layers, kvh, max_tokens, d), dtype=dt, device=device)
         self.dense_v = torch.zeros_like(self.dense_k)
-        room_blocks = g.room_blocks(len(host_slots))
+        room_blocks = g.room_blocks(len(value_slots))
         t = SequenceTensors.of(buffers, g, room_blocks)
         self.sink_k, self.sink_v, self.tail_k, self.tail_v = t.sink_k, t.sink_v, t.tail_k, t.tail_v
         # A selecting decode step's counts: the tail holds `held` tokens before it, and
         # `middle` middle blocks exist.
         self.held, self.middle = t.held, t.middle
         self.bytes_fetched, self.blocks_attended = t.bytes_fetched, t.blocks_attended
-        self.host_slots = host_slots  # middle block j lives in host slot host_slots[j]
-        self.host_slots_t = t.host_slots
-        self.host_slots_t[: len(host_slots)] = torch.tensor(host_slots, dtype=torch.long)
+        # middle block j's keys live in host slot key_slots[j], its values in value_slots[j];
+        # the key slots go back to the store once the policy stops reading keys from it
+        self.owner, self.key_slots, self.value_slots = owner, key_slots, value_slots
+        self.key_slots_t, self.value_slots_t = t.key_slots, t.value_slots
+        self.key_slots_t[: len(key_slots)] = torch.tensor(key_slots, dtype=torch.long)
+        self.value_slots_t[: len(value_slots)] = torch.tensor(value_slots, dtype=torch.long)
         room = SummaryRoom(
             g.sparse_layers, kvh, room_blocks, d, g.block_size, dt, budget_blocks, device,
             g.landmark_tokens, shard, g.quest_page_tokens,
@@ -193,8 +197,8 @@ class RecallSequence:
             sink = self.sink_k.shape[2]
             mask = picked_mask(held, g.block_size, sink, self.blocks_attended)
         elif m > 0:
-            keys.append(self._stream(s, m, self.store.k).view(kvh, -1, d))
-            values.append(self._stream(s, m, self.store.v).view(kvh, -1, d))
+            keys.append(self._stream(s, m, keys=True).view(kvh, -1, d))
+            values.append(self._stream(s, m, keys=False).view(kvh, -1, d))
             if chunk.num_tokens == 1:
                 self.blocks_attended += m * kvh
         return torch.cat(keys, 1), torch.cat(values, 1), mask
@@ -212,11 +216,20 @@ class RecallSequence:
         """The keys of middle blocks 0..m-1 of sparse layer s, streamed from the host, to a
         policy that wants them all and has not had them."""
         if self.policy.wants_all_keys(s):
-            self.policy.take_all_keys(s, self._stream(s, m, self.store.k))
+            self.policy.take_all_keys(s, self._stream(s, m, keys=True))
+            if self.key_slots and not self.policy.needs_host_keys():
+                self.store.give_back(self.owner, self.key_slots)
+                self.key_slots = []
 
-    def _host_rows(self, s: int, blocks: torch.Tensor) -> torch.Tensor:
-        """Flat host-store rows of middle blocks [KVH, n] (row = layer, slot, head)."""
-        return host_rows(self.store, self.host_slots_t, s, blocks)
+    @property
+    def keys_on_host(self) -> bool:
+        """Whether the host store holds this sequence's keys (not only its values)."""
+        return bool(self.key_slots) or not self.value_slots
+
+    def _host_rows(self, s: int, blocks: torch.Tensor, keys: bool) -> torch.Tensor:
+        """Flat host-store rows of the keys (or values) of middle blocks [KVH, n]."""
+        table = self.key_slots_t if keys else self.value_slots_t
+        return host_rows(self.store, table, s, blocks)
 
     def _recall(self, s: int, q: torch.Tensor, m: int) -> torch.Tensor:
         """Pick up to budget_blocks of the first m middle blocks per head for query q [H, D]
@@ -238,18 +251,21 @@ class RecallSequence:
                 scores = self.shard.max_over_replicas(scores)
             picks = torch.topk(scores, n, dim=1, sorted=False).indices  # all live ones
         held, moves = ws.update(s, picks)
-        fill(ws, self.policy, self.store, self.host_slots_t, s, moves, exact, self.bytes_fetched)
+        fill(ws, self.policy, self.store, self.key_slots_t, self.value_slots_t, s, moves, exact,
+             self.bytes_fetched)  # fmt: skip
         return held
 
-    def _stream(self, s: int, m: int, part: torch.Tensor) -> torch.Tensor:
-        """Middle blocks 0..m-1 of sparse layer s from the host store `part` (store.k or
-        store.v), [KVH, m, bs, D] on the compute device."""
+    def _stream(self, s: int, m: int, keys: bool) -> torch.Tensor:
+        """The keys (or values) of middle blocks 0..m-1 of sparse layer s from the host
+        store, [KVH, m, bs, D] on the compute device."""
         g = self.geometry
-        device = self.host_slots_t.device
+        if keys and not self.keys_on_host:
+            raise RuntimeError("the host store no longer holds this sequence's keys")
+        device = self.value_slots_t.device
         blocks = torch.arange(m, device=device)
-        src = self._host_rows(s, blocks[None, :].expand(g.num_kv_heads, m)).flatten()
+        src = self._host_rows(s, blocks[None, :].expand(g.num_kv_heads, m), keys).flatten()
         dst = torch.arange(src.numel(), device=device)
-        host = part.view(-1, g.block_size * g.head_dim)
+        host = self.store.flat()
         scratch = host.new_empty((src.numel(), host.shape[1]), device=device)
         copy_rows(host, scratch, src, dst)
         self.bytes_fetched += src.numel() * host.shape[1] * host.element_size()
@@ -271,11 +287,13 @@ class RecallSequence:
             keys = seg_k[:, rel : rel + n * bs].reshape(kvh, n, bs, d)
             values = seg_v[:, rel : rel + n * bs].reshape(kvh, n, bs, d)
             middle = torch.arange(lo - SINK_BLOCKS, last - SINK_BLOCKS, device=seg_k.device)
-            dst = self._host_rows(s, middle[None, :].expand(kvh, n)).flatten()
+            blocks = middle[None, :].expand(kvh, n)
             src = torch.arange(kvh * n, device=seg_k.device)
-            host_k, host_v = flat_host(self.store)
-            copy_rows(keys.reshape(kvh * n, bs * d), host_k, src, dst)
-            copy_rows(values.reshape(kvh * n, bs * d), host_v, src, dst)
+            host = self.store.flat()
+            parts = ((keys, True), (values, False)) if self.keys_on_host else ((values, False),)
+            for part, are_keys in parts:
+                dst = self._host_rows(s, blocks, are_keys).flatten()
+                copy_rows(part.reshape(kvh * n, bs * d), host, src, dst)
             self.policy.summarize(s, lo - SINK_BLOCKS, keys)
         keep = chunk.new_tail_start - chunk.tail_start
         rest = seg_k.shape[1] - keep

@@ -10,15 +10,18 @@ Per sparse layer, on the GPU:
     factors   [blocks * block_size, rank]   pre-RoPE keys (every head side by side) in ...
     basis     [rank, model kv_heads * dim]  ... the top right singular vectors of the
                                             prompt's pre-RoPE keys
+    outliers      [kv_heads, n]            the n blocks of largest spread so far, ...
+    outlier_keys  [kv_heads, n, bs, dim]   ... and their exact post-RoPE keys
 
-The host store keeps every block's exact keys and values.
+The host store keeps every block's values, and its keys only until the basis is fitted
+(needs_host_keys): after that every key is rebuilt or an outlier's, on the GPU.
 
 A decode step scores chunks per query head as softmax(q . landmark / sqrt(dim)), takes
 the max over the GQA group, and scores a block by its best chunk. The `outliers` blocks
-with the largest spread (kept up to date as blocks retire) are always picked, and their
-keys come exact from the host; as every step picks them again they stay in the working
-set, which is how ShadowKV keeps outliers exact on the GPU. Any other picked block
-fetches only its values, and its keys are rebuilt on the GPU as RoPE(factors @ basis).
+with the largest spread (kept up to date as blocks retire, with their keys) are always
+picked, with their exact keys: ShadowKV keeps outliers exact on the GPU. Any other picked
+block fetches only its values, and its keys are rebuilt on the GPU as
+RoPE(factors @ basis).
 
 The basis of a layer is fitted once, at the first step that selects: the prompt is then
 prefilled, and its keys are streamed from the host once (`take_all_keys`). Blocks that
@@ -79,7 +82,9 @@ class ShadowKVPolicy(RecallPolicy):
         self.spread = layered("spread", (kvh, blocks), torch.float32)
         self.factors = layered("factors", (blocks * room.block_size, rank), dt)
         self.basis = layered("basis", (rank, room.model_kv_heads * d), dt)
-        self.outliers = layered("outliers", (kvh, self.num_outliers(room)), torch.long)
+        outliers = self.num_outliers(room)
+        self.outliers = layered("outliers", (kvh, outliers), torch.long)
+        self.outlier_keys = layered("outlier_keys", (kvh, outliers, room.block_size, d), dt)
         self.fitted = [False] * room.layers  # buffers come zeroed: no outliers yet
 
     def for_page(self) -> None:
@@ -101,7 +106,9 @@ class ShadowKVPolicy(RecallPolicy):
         spread = room.layers * room.kv_heads * room.max_blocks * 4
         factors = room.layers * room.max_blocks * room.block_size * rank * item
         basis = room.layers * rank * room.model_kv_heads * room.head_dim * item
-        return landmarks + spread + factors + basis
+        outliers = room.layers * room.kv_heads * ShadowKVPolicy.num_outliers(room)
+        outlier_keys = outliers * room.block_size * room.head_dim * item
+        return landmarks + spread + factors + basis + outliers * 8 + outlier_keys
 
     def reset(self) -> None:
         assert self.room is not None
@@ -121,25 +128,39 @@ class ShadowKVPolicy(RecallPolicy):
         self.landmarks[layer][..., span, :] = means.reshape(kvh, n * per_block, d).to(room.dtype)
         similarity = F.cosine_similarity(chunks, means[:, :, :, None], dim=-1)
         self.spread[layer][..., first : first + n] = 1 - similarity.amin(dim=(2, 3))
-        self._keep_outliers(layer, first + n)
+        self._keep_outliers(layer, first, keys.to(room.dtype))
         if self.fitted[layer]:
             pre = self._every_head(self._pre_rope(keys, first))
             self.factors[layer][first * bs : (first + n) * bs] = (
                 pre @ self.basis[layer].float().T
             ).to(room.dtype)
 
-    def _keep_outliers(self, layer: int, live: int) -> None:
-        """The outliers of `layer` among its first `live` blocks (all summarized)."""
+    def _keep_outliers(self, layer: int, first: int, keys: torch.Tensor) -> None:
+        """The outliers of `layer` and their keys, now that middle blocks first.. (keys
+        [kv_heads, n, bs, dim]) are summarized after blocks 0..first-1: the top of the
+        kept outliers and the new blocks (no other old block can outrank a kept one)."""
         n = self.outliers.shape[-1]
-        if n == 0 or live == 0:
+        if n == 0:
             return
-        ids = torch.topk(self.spread[layer][:, :live], min(n, live)).indices
-        kept = self.outliers[layer]
-        kept[:, : ids.shape[1]] = ids
-        kept[:, ids.shape[1] :] = ids[:, :1]
+        kvh, new = keys.shape[:2]
+        ids = torch.arange(first, first + new, device=keys.device).expand(kvh, new)
+        kept, kept_keys = self.outliers[layer], self.outlier_keys[layer]
+        if first > 0:  # the kept ones: distinct up to min(n, first), repeats after
+            ids, keys = torch.cat([kept, ids], -1), torch.cat([kept_keys, keys], 1)
+        spread = self.spread[layer].gather(-1, ids)
+        spread[:, min(n, first) : n if first > 0 else 0] = float("-inf")
+        k = min(n, first + new)
+        top = torch.topk(spread, k).indices
+        kept[:, :k] = ids.gather(-1, top)
+        kept_keys[:, :k] = keys.gather(1, top[..., None, None].expand(kvh, k, *keys.shape[2:]))
+        kept[:, k:] = kept[:, :1]
+        kept_keys[:, k:] = kept_keys[:, :1]
 
     def wants_all_keys(self, layer: int) -> bool:
         return not self.fitted[layer]
+
+    def needs_host_keys(self) -> bool:
+        return not all(self.fitted)
 
     def take_all_keys(self, layer: int, keys: torch.Tensor) -> None:
         """Fit the layer's basis to the pre-RoPE keys of every middle block so far (their
@@ -221,5 +242,9 @@ class ShadowKVPolicy(RecallPolicy):
         pre = (factors @ self._own_basis(layer)).float().view(*lead, kvh, n, bs, d)
         cos, sin = self._tables(blocks, bs)
         keys = (pre * cos + rotate_half(pre) * sin).to(room.dtype)
-        from_host = (blocks[..., None] == outliers[..., None, :]).any(-1)
-        return keys, from_host
+        if outliers.shape[-1] > 0:  # the outliers' exact keys instead
+            match = blocks[..., None] == outliers[..., None, :]  # [..., kvh, n, outliers]
+            which = match.int().argmax(-1)[..., None, None].expand(*blocks.shape, bs, d)
+            exact = self.outlier_keys[layer].gather(-3, which)
+            keys = torch.where(match.any(-1)[..., None, None], exact, keys)
+        return keys, torch.zeros_like(blocks, dtype=torch.bool)

@@ -5,7 +5,8 @@ set and summaries; or, over a page's whole buffers, those of every row (buffers.
     tail_k, tail_v   [layers, (rows,) kv_heads, tail_capacity, dim]  the window + open block
     held, middle     [(rows)]        a selecting decode step's counts: tokens the tail
                                      holds before it, middle blocks that exist
-    host_slots       [(rows,) room]  middle block j lives in host slot host_slots[j]
+    key_slots        [(rows,) room]  middle block j's keys live in host slot key_slots[j],
+    value_slots      [(rows,) room]  its values in value_slots[j] (host_store.py)
     bytes_fetched, blocks_attended  [(rows)]   counters, on the device
 """
 
@@ -27,7 +28,8 @@ class SequenceTensors:
     tail_v: torch.Tensor
     held: torch.Tensor
     middle: torch.Tensor
-    host_slots: torch.Tensor
+    key_slots: torch.Tensor
+    value_slots: torch.Tensor
     bytes_fetched: torch.Tensor
     blocks_attended: torch.Tensor
 
@@ -46,5 +48,6 @@ class SequenceTensors:
         return cls(
             layered("sink_k", sink), layered("sink_v", sink), layered("tail_k", tail),
             layered("tail_v", tail), count("held"), count("middle"),
-            count("host_slots", (room,)), count("bytes_fetched"), count("blocks_attended"),
+            count("key_slots", (room,)), count("value_slots", (room,)), count("bytes_fetched"),
+            count("blocks_attended"),
         )  # fmt: skip

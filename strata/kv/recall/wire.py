@@ -3,7 +3,7 @@
 Rank 0's RecallManager admits and plans; every worker keeps its own store over its own
 KV heads (mirror.py). Per recall row of a step, FIELDS values:
 
-    serial, policy, budget_blocks, max_tokens, host_slots, prompt_tokens,   the RecallKV
+    serial, policy, budget_blocks, max_tokens, host_blocks, prompt_tokens,  the RecallKV
     start, end, tail_start, new_tail_start, num_middle,                     the RecallChunk
     first_row,                                                              in the batch
     page_rows                                                               its page's rows
@@ -35,7 +35,7 @@ class WireRow:
     policy: str
     budget_blocks: int
     max_tokens: int
-    host_slots: int
+    host_blocks: int
     prompt_tokens: int
     chunk: RecallChunk
     first_row: int
@@ -48,7 +48,7 @@ def encode_rows(rows: Sequence[RecallRows]) -> np.ndarray:
     for row in rows:
         s, c = row.state, row.chunk
         values += [s.serial, names.index(s.policy.name), s.budget_blocks, s.max_tokens,
-                   len(s.host_slots), s.prompt_tokens, c.start, c.end, c.tail_start,
+                   len(s.value_slots), s.prompt_tokens, c.start, c.end, c.tail_start,
                    c.new_tail_start, c.num_middle, row.first, s.page.capacity]  # fmt: skip
     return np.asarray(values, np.int64)
 

@@ -18,6 +18,7 @@ import torch
 
 from strata.kv.tiers.base import BlockLayout, LockedPins, PinCounts, StoredBlock, TierStore, Timer
 from strata.kv.tiers.eviction import make_eviction_order
+from strata.pinned import pinned_zeros
 
 
 class CPUTier(LockedPins, TierStore):
@@ -34,7 +35,7 @@ class CPUTier(LockedPins, TierStore):
         """eviction: an EVICTION_ORDERS name; slope: its recompute cost slope (cost)."""
         super().__init__(layout, capacity_bytes)
         n = self.capacity_blocks
-        self.slab = torch.empty((n, layout.nbytes), dtype=torch.uint8, pin_memory=pin_memory)
+        self.slab = pinned_zeros((n, layout.nbytes), torch.uint8, pin_memory)
         self.pinned_memory = pin_memory
         self._slot_of: dict[bytes, int] = {}
         self._tokens_of: dict[bytes, tuple[int, ...]] = {}
