@@ -14,7 +14,9 @@
 #               $BS (default 10: 7.5 GiB a sequence once its keys are fitted, 15 GiB
 #               while it prefills), in pages of up to 8 rows
 #     full128k  128k context, full attention in the GPU pool at batch 1 and 3
-#     profile   eager quest and shadowkv at 32k, batch 4, under torch.profiler
+#     profile   quest and shadowkv ($PMODES) at $PCTX tokens (default 32768), batch $PBATCH
+#               (default 4), under torch.profiler: eager, or in CUDA graphs with one page of
+#               all rows when PGRAPHS=1
 # shellcheck source=benchmarks/gpu_stages.sh
 source "$(dirname "$0")/gpu_stages.sh" "check b32k" "$@"
 free -g | tee -a "$OUT/gpu.txt"
@@ -44,10 +46,14 @@ if has max128k; then
     --pool-gib 4 --recall-gpu-gib $((4 * bs + 2)) --host-gib $((15 * bs / 2 + 9)) \
     --json "$OUT/max128k_shadowkv.json"
 fi
-if has profile; then  # eager, so the table shows each kernel's CUDA time
-  python3 benchmarks/recall_speed.py --only decode --contexts 32768 --batch 4 --eager --profile \
-    --modes quest,shadowkv --steps 4 --warmup 1 --recall-gpu-gib 8 --pool-gib 4 --host-gib 20 \
-    > "$OUT/profile.log" 2>&1; grep -E "^\{|Self CUDA time total|Self CPU time total" "$OUT/profile.log"
+if has profile; then  # eager by default, so the table shows each kernel's CUDA time
+  ctx="${PCTX:-32768}" b="${PBATCH:-4}" how=(--eager)
+  [ -n "${PGRAPHS:-}" ] && how=(--page-rows "$b")
+  python3 benchmarks/recall_speed.py --only decode --contexts "$ctx" --batch "$b" "${how[@]}" \
+    --profile --modes "${PMODES:-quest,shadowkv}" \
+    --steps 4 --warmup 1 --recall-gpu-gib $((4 * b + 4)) --pool-gib 4 \
+    --host-gib $(( (ctx / 8192 + 1) * b + 4 )) > "$OUT/profile.log" 2>&1
+  grep -E "^\{|Self CUDA time total|Self CPU time total" "$OUT/profile.log"
 fi
 if has full128k; then
   for b in 1 3; do
