@@ -16,6 +16,7 @@ import json
 import time
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from strata import LLM, SamplingParams
@@ -23,7 +24,13 @@ from strata import LLM, SamplingParams
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
-def prompt_ids(llm: LLM, context: int) -> list[int]:
+def prompt_ids(llm: LLM, context: int, kind: str = "docs") -> list[int]:
+    """docs: this repository's docs, then a request to summarise them; random: token ids
+    drawn uniformly from [1000, min(vocab, 100000)), as the GPU speed runs' prompts."""
+    if kind == "random":
+        vocab = llm.engine.model_config.vocab_size
+        g = torch.Generator().manual_seed(0)
+        return torch.randint(1000, min(vocab, 100000), (context,), generator=g).tolist()
     tokenizer = llm.engine.tokenizer
     assert tokenizer is not None
     text = "\n\n".join(p.read_text() for p in sorted(DOCS.glob("*.md")))
@@ -67,12 +74,14 @@ def main() -> None:
     p.add_argument("--model", default=None,
                    help="default: the embedded model; e.g. random:smollm2-135m for its shape "
                         "with random weights (the tokenizer is the embedded model's)")
+    p.add_argument("--prompt", choices=("docs", "random"), default="docs",
+                   help="docs: real text; random: uniform random token ids (the speed runs')")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--json", default=None, help="write the rows here")
     a = p.parse_args()
     llm = LLM(a.model, device=a.device, dtype="float32" if a.device == "cpu" else "auto",
               kv_recall_host_memory=2.0, max_model_len=a.context + a.tokens + 64)  # fmt: skip
-    ids = prompt_ids(llm, a.context)
+    ids = prompt_ids(llm, a.context, a.prompt)
     runs = [(pol, float(b)) for pol in a.policies.split(",") for b in a.budgets.split(",")]
     rows = []
     for policy, budget in tqdm(runs, desc="recall runs"):
