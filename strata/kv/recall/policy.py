@@ -88,10 +88,6 @@ class RecallPolicy(ABC):
         """GPU bytes `allocate(room)` takes."""
         return 0
 
-    def reset(self) -> None:
-        """Forget every summary: the sequence recomputes its KV from token 0."""
-        return None
-
     def wants_all_keys(self, layer: int) -> bool:
         """True when `take_all_keys` must run for `layer` before its next `scores`."""
         return False

@@ -132,13 +132,6 @@ class RecallSequence:
             and chunk.start >= self.prompt_tokens and chunk.num_middle > ws.slots
         )  # fmt: skip
 
-    def reset(self) -> None:
-        """Back to no KV (preemption by recompute); buffers are kept."""
-        self.tail_start = self.computed = 0
-        self.policy.reset()
-        if self.working_set is not None:
-            self.working_set.tag.fill_(-1)
-
     # ---- device side, per layer ---------------------------------------------------------------
 
     def attend(

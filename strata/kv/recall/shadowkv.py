@@ -110,11 +110,6 @@ class ShadowKVPolicy(RecallPolicy):
         outlier_keys = outliers * room.block_size * room.head_dim * item
         return landmarks + spread + factors + basis + outliers * 8 + outlier_keys
 
-    def reset(self) -> None:
-        assert self.room is not None
-        self.fitted = [False] * self.room.layers
-        self.outliers.zero_()
-
     # ---- summaries ------------------------------------------------------------------------------
 
     def summarize(self, layer: int, first: int, keys: torch.Tensor) -> None:
