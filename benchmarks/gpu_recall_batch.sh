@@ -12,7 +12,8 @@
 #     max128k   128k context, each recall policy at the largest batch the host holds:
 #               quest at $BQ (default 6: keys and values, 15 GiB a sequence), shadowkv at
 #               $BS (default 10: 7.5 GiB a sequence once its keys are fitted, 15 GiB
-#               while it prefills), in pages of up to 8 rows
+#               while it prefills), in pages of up to 8 rows; WSF (default 1): the
+#               working-set factor of every recall run
 #     full128k  128k context, full attention in the GPU pool at batch 1 and 3
 #     profile   quest and shadowkv ($PMODES) at $PCTX tokens (default 32768), batch $PBATCH
 #               (default 4), under torch.profiler: eager, or in CUDA graphs with one page of
@@ -20,7 +21,9 @@
 # shellcheck source=benchmarks/gpu_stages.sh
 source "$(dirname "$0")/gpu_stages.sh" "check b32k" "$@"
 free -g | tee -a "$OUT/gpu.txt"
-speed() { python3 benchmarks/recall_speed.py "$@" 2>&1 | grep -v '^  ' ; }
+speed() {  # WSF: kv_recall_working_set_factor (default 1)
+  python3 benchmarks/recall_speed.py --working-set-factor "${WSF:-1}" "$@" 2>&1 | grep -v '^  '
+}
 if has check; then
   python3 benchmarks/gpu_recall_check.py 2>&1 | tee "$OUT/check.log" | tail -12
 fi
@@ -40,10 +43,10 @@ fi
 if has max128k; then
   bq="${BQ:-6}" bs="${BS:-10}"
   speed --only decode --contexts 131072 --batch "$bq" --modes quest --steps 8 --page-rows 8 --slack 200 \
-    --pool-gib 4 --recall-gpu-gib $((3 * bq + 2)) --host-gib $((15 * bq + 1)) \
+    --pool-gib 4 --recall-gpu-gib $(((2 + ${WSF:-1}) * bq + 2)) --host-gib $((15 * bq + 1)) \
     --json "$OUT/max128k_quest.json"
   speed --only decode --contexts 131072 --batch "$bs" --modes shadowkv --steps 8 --page-rows 8 --slack 200 \
-    --pool-gib 4 --recall-gpu-gib $((4 * bs + 2)) --host-gib $((15 * bs / 2 + 9)) \
+    --pool-gib 4 --recall-gpu-gib $(((3 + ${WSF:-1}) * bs + 2)) --host-gib $((15 * bs / 2 + 9)) \
     --json "$OUT/max128k_shadowkv.json"
 fi
 if has profile; then  # eager by default, so the table shows each kernel's CUDA time

@@ -76,11 +76,14 @@ def main() -> None:
                         "with random weights (the tokenizer is the embedded model's)")
     p.add_argument("--prompt", choices=("docs", "random"), default="docs",
                    help="docs: real text; random: uniform random token ids (the speed runs')")
+    p.add_argument("--working-set-factor", type=int, default=1,
+                   help="kv_recall_working_set_factor: working-set slots per picked block")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--json", default=None, help="write the rows here")
     a = p.parse_args()
     llm = LLM(a.model, device=a.device, dtype="float32" if a.device == "cpu" else "auto",
-              kv_recall_host_memory=2.0, max_model_len=a.context + a.tokens + 64)  # fmt: skip
+              kv_recall_host_memory=2.0, max_model_len=a.context + a.tokens + 64,
+              kv_recall_working_set_factor=a.working_set_factor)  # fmt: skip
     ids = prompt_ids(llm, a.context, a.prompt)
     runs = [(pol, float(b)) for pol in a.policies.split(",") for b in a.budgets.split(",")]
     rows = []

@@ -147,7 +147,8 @@ def bench_decode(contexts: list[int], batch: int, steps: int, modes: list[str],
                  profile: bool, warmup: int, host_gib: float, pool_gib: float,
                  eager: bool = False, recall_gpu_gib: float = 8.0,
                  side_streams: tuple[bool, ...] = (True,),
-                 page_rows: tuple[int, ...] = (4,), slack: int = 16) -> None:  # fmt: skip
+                 page_rows: tuple[int, ...] = (4,), slack: int = 16,
+                 working_set_factor: int = 1) -> None:  # fmt: skip
     from strata.kv.recall.attention import RecallAttention
 
     link_gbps = pinned_h2d_gbps()
@@ -157,6 +158,7 @@ def bench_decode(contexts: list[int], batch: int, steps: int, modes: list[str],
         llama8b(longest + 64), max_model_len=longest, kv_cache_memory=pool_gib + recall_gpu_gib,
         kv_recall_gpu_memory=recall_gpu_gib, kv_recall_host_memory=host_gib,
         max_num_batched_tokens=16384, max_num_seqs=max(batch, 8), enforce_eager=eager,
+        kv_recall_working_set_factor=working_set_factor,
     )  # fmt: skip
     g = torch.Generator().manual_seed(0)
     rows = []
@@ -246,6 +248,8 @@ def main() -> None:
     p.add_argument("--slack", type=int, default=16,
                    help="output tokens past warm-up and timed steps: the decode steps that "
                         "early requests run while later ones are admitted and prefilled")
+    p.add_argument("--working-set-factor", type=int, default=1,
+                   help="kv_recall_working_set_factor: working-set slots per picked block")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table")
     p.add_argument("--eager", action="store_true",
                    help="no CUDA graphs (a profile then shows every kernel's CUDA time)")
@@ -262,7 +266,8 @@ def main() -> None:
         bench_decode(contexts, a.batch, a.steps, a.modes.split(","), a.profile, a.warmup,
                      a.host_gib, a.pool_gib, a.eager, a.recall_gpu_gib,
                      {"on": (True,), "off": (False,), "both": (False, True)}[a.side_streams],
-                     tuple(int(r) for r in a.page_rows.split(",")), a.slack)
+                     tuple(int(r) for r in a.page_rows.split(",")), a.slack,
+                     a.working_set_factor)
     if "beyond" in only:
         shape, policy = a.beyond.split(":")
         seqs, context = (int(x) for x in shape.split("x"))

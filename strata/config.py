@@ -371,6 +371,13 @@ class RecallConfig:
         "/ N times the summaries' GPU memory); default one page per block, as Quest",
         keyword="kv_recall_quest_page_tokens", metavar="N",
     ))  # fmt: skip
+    working_set_factor: int = field(default=1, metadata=option(
+        "working-set slots per block a recall decode step picks, per layer and KV head "
+        "(default 1): above 1, blocks picked in earlier steps stay on the GPU, least "
+        "recently picked evicted first, so a block picked again soon is not fetched again; "
+        "each step still attends only its picks",
+        keyword="kv_recall_working_set_factor", metavar="N",
+    ))  # fmt: skip
     page_rows: int = field(default=4, metadata=option(
         "most recall sequences of one policy, budget and length that share a page of GPU "
         "tensors and decode with one set of kernels per layer (default 4); a new page gets "
@@ -382,6 +389,10 @@ class RecallConfig:
     def __post_init__(self) -> None:
         if self.page_rows < 1:
             raise ValueError(f"kv_recall_page_rows must be >= 1, got {self.page_rows}")
+        if self.working_set_factor < 1:
+            raise ValueError(
+                f"kv_recall_working_set_factor must be >= 1, got {self.working_set_factor}"
+            )
         for name, value in (("kv_recall_host_memory", self.host_memory),
                             ("kv_recall_gpu_memory", self.gpu_memory)):  # fmt: skip
             if value is not None and not value > 0:

@@ -130,6 +130,29 @@ def test_working_set_keeps_hits_and_moves_only_misses() -> None:
     assert moves.destination_rows(slots).view(kv_heads, slots)[moves.mask].tolist() == [2, 3, 4]
 
 
+def test_a_larger_working_set_keeps_earlier_picks_least_recent_out_first() -> None:
+    """Four slots for two picks a step: blocks picked earlier stay (a later pick of them
+    is a hit), a miss takes an empty slot, then the least recently picked; only the
+    step's picks are attended."""
+    ws = WorkingSet(1, 1, 4, BLOCK, 2, torch.float32, torch.device("cpu"))
+
+    def step(picks: list[int]) -> tuple[list[bool], list[tuple[int, int]]]:
+        attended, moves = ws.update(0, torch.tensor([picks]))
+        moved = [(int(s), int(b)) for s, b, m in
+                 zip(moves.slots[0], moves.blocks[0], moves.mask[0], strict=True) if m]  # fmt: skip
+        return attended[0].tolist(), moved
+
+    assert step([10, 11]) == ([True, True, False, False], [(0, 10), (1, 11)])
+    assert step([12, 13]) == ([False, False, True, True], [(2, 12), (3, 13)])
+    assert step([11, 14]) == ([True, True, False, False], [(0, 14)])  # 11 a hit
+    assert ws.tag[0, 0].tolist() == [14, 11, 12, 13]  # 10, picked longest ago, went
+    assert ws.age[0, 0].tolist() == [0, 0, 1, 1]
+    attended, moved = step([13, 10])  # 13 a hit; 10 back into 12's slot (older than 14)
+    assert moved == [(2, 10)] and attended == [False, False, True, True]
+    assert ws.tag[0, 0].tolist() == [14, 11, 10, 13]
+    assert (int(ws.hits), int(ws.misses)) == (2, 6)
+
+
 # ---- the engine ------------------------------------------------------------------------------
 
 
@@ -176,6 +199,35 @@ def test_prompt_longer_than_the_pool_prefills_exactly(recall_folder: Path) -> No
     )  # fmt: skip
     assert tokens(llm, [PROMPT], [SamplingParams(**GREEDY)]) == reference
     assert_recall_idle(llm)
+
+
+@pytest.mark.parametrize("policy", ["quest", "shadowkv"])
+def test_a_larger_working_set_attends_the_same_picks_and_fetches_less(
+    recall_folder: Path, policy: str
+) -> None:
+    """kv_recall_working_set_factor 3: each step attends the same picks (the same
+    tokens), more of them are hits and fewer bytes cross from the host; at full budget
+    it still equals full attention."""
+    params = [SamplingParams(kv_policy=policy, kv_budget=40, **GREEDY)] * 2
+    runs = {}
+    for factor in (1, 3):
+        llm = recall_llm(recall_folder, kv_recall_working_set_factor=factor)
+        runs[factor] = (tokens(llm, [PROMPT, PROMPT[20:]], params), llm.stats())
+        assert_recall_idle(llm)
+    assert runs[3][0] == runs[1][0]
+    one, three = runs[1][1], runs[3][1]
+    assert three["recall_working_set_hit_rate"] > one["recall_working_set_hit_rate"]
+    assert three["recall_bytes_fetched"] < one["recall_bytes_fetched"]
+    assert three["recall_blocks_attended_per_step"] == one["recall_blocks_attended_per_step"]
+    llm = recall_llm(recall_folder, kv_recall_working_set_factor=3)
+    full = tokens(llm, [PROMPT], [SamplingParams(**GREEDY)])
+    exact = SamplingParams(kv_policy=policy, kv_budget=10**6, **GREEDY)
+    assert tokens(llm, [PROMPT], [exact]) == full
+
+
+def test_working_set_factor_must_be_positive(recall_folder: Path) -> None:
+    with pytest.raises(ValueError, match="kv_recall_working_set_factor must be >= 1, got 0"):
+        recall_llm(recall_folder, kv_recall_working_set_factor=0)
 
 
 def test_mixed_batch_equals_solo_runs(recall_folder: Path) -> None:

@@ -43,6 +43,7 @@ def recall_geometry(cache: CacheConfig, model: ModelConfig, dtype: torch.dtype) 
         model.num_kv_heads, model.head_dim, cache.block_size, dtype,
         landmark_tokens=cache.recall.landmark_tokens,
         quest_page_tokens=cache.recall.quest_page_tokens or 0,
+        working_set_factor=cache.recall.working_set_factor,
     )  # fmt: skip
 
 
@@ -88,12 +89,12 @@ def build_recall(
         "recall store: %s of %s host memory = keys and values of %d blocks (%d tokens; "
         "shadowkv gives a sequence's keys back once fitted); %s of %s memory for recall "
         "sequences; %d dense layers, sink %d + window %d tokens + the open block on "
-        "the %s in the other %d; default policy %s; selecting decode steps %s, up to %d "
-        "sequences of a kind per page",
+        "the %s in the other %d; default policy %s; working sets of %d slots per picked "
+        "block; selecting decode steps %s, up to %d sequences of a kind per page",
         format_bytes(store.nbytes), "pinned" if device.type == "cuda" else "pageable",
         num_slots // 2, num_slots // 2 * cache.block_size, format_bytes(gpu_bytes), device.type,
         geometry.dense_layers, SINK_BLOCKS * cache.block_size, WINDOW_BLOCKS * cache.block_size,
-        device.type, geometry.sparse_layers, cache.kv_policy,
+        device.type, geometry.sparse_layers, cache.kv_policy, geometry.working_set_factor,
         "in CUDA graphs per layer" if graphs and device.type == "cuda" else "eager",
         cache.recall.page_rows,
     )  # fmt: skip

@@ -39,6 +39,7 @@ class RecallGeometry:
     window_blocks: int = WINDOW_BLOCKS
     landmark_tokens: int = 8  # shadowkv's chunk (capped at one block)
     quest_page_tokens: int = 0  # quest's min/max page (capped at one block); 0: the block
+    working_set_factor: int = 1  # working-set slots per picked block (working_set.py)
 
     def __post_init__(self) -> None:
         if not 0 <= self.dense_layers <= self.num_layers:
@@ -81,6 +82,10 @@ class RecallGeometry:
     def resident_bytes(self) -> int:
         per_token = 2 * self.sparse_layers * self.num_kv_heads * self.head_dim * self.dtype.itemsize
         return (SINK_BLOCKS * self.block_size + self.tail_capacity) * per_token
+
+    def working_set_slots(self, budget_blocks: int) -> int:
+        """Working-set slots per layer and head of a sequence picking budget_blocks."""
+        return budget_blocks * self.working_set_factor
 
     def working_set_bytes(self, slots: int) -> int:
         return WorkingSet.nbytes_for(

@@ -129,7 +129,7 @@ class RecallManager:
             )
         )
         if cls.selects:
-            gpu += g.working_set_bytes(budget_blocks)
+            gpu += g.working_set_bytes(g.working_set_slots(budget_blocks))
         return RecallKV(policy, budget_blocks, max_tokens, host_blocks, gpu, num_prompt)
 
     def admit(

@@ -48,8 +48,8 @@ class PageDecoder:
         self.geometry, self.store, self.shard, self.room = g, store, shard, room
         self.t = SequenceTensors.of(whole, g, room.max_blocks)
         self.ws = WorkingSet(
-            g.sparse_layers, g.num_kv_heads, room.slots, g.block_size, g.head_dim, g.dtype,
-            page.device, whole,
+            g.sparse_layers, g.num_kv_heads, g.working_set_slots(room.slots), g.block_size,
+            g.head_dim, g.dtype, page.device, whole,
         )  # fmt: skip
         policy.allocate(room, rope, whole)
         policy.for_page()
@@ -77,7 +77,7 @@ class PageDecoder:
         scores = self.policy.scores(s, grouped, self.room.max_blocks, live=t.middle)
         if self.shard is not None:  # a replicated head's GQA group spans ranks
             scores = self.shard.max_over_replicas(scores)
-        picks = torch.topk(scores, ws.slots, dim=-1, sorted=False).indices
+        picks = torch.topk(scores, self.room.slots, dim=-1, sorted=False).indices
         held, moves = ws.update(s, picks, active)
         fill(ws, self.policy, self.store, t.key_slots, t.value_slots, s, moves, False,
              t.bytes_fetched)  # fmt: skip

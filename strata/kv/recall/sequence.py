@@ -96,8 +96,9 @@ class RecallSequence:
         self.working_set: WorkingSet | None = None
         if policy.selects:
             self.working_set = WorkingSet(
-                g.sparse_layers, kvh, budget_blocks, g.block_size, d, dt, device, buffers
-            )
+                g.sparse_layers, kvh, g.working_set_slots(budget_blocks), g.block_size, d, dt,
+                device, buffers,
+            )  # fmt: skip
         self.tail_start = 0  # the tail holds tokens [tail_start, computed)
         self.computed = 0
         self.decode_steps = 0
@@ -129,7 +130,7 @@ class RecallSequence:
         ws = self.working_set
         return (
             self.static_decode and ws is not None and chunk.num_tokens == 1
-            and chunk.start >= self.prompt_tokens and chunk.num_middle > ws.slots
+            and chunk.start >= self.prompt_tokens and chunk.num_middle > self.budget_blocks
         )  # fmt: skip
 
     # ---- device side, per layer ---------------------------------------------------------------
@@ -202,7 +203,7 @@ class RecallSequence:
         then part of the prefill, not of the first decode step."""
         middle = max(0, chunk.new_tail_start // self.geometry.block_size - SINK_BLOCKS)
         ws = self.working_set
-        if ws is not None and middle > ws.slots:
+        if ws is not None and middle > self.budget_blocks:
             self._give_all_keys(s, middle)
 
     def _give_all_keys(self, s: int, m: int) -> None:
@@ -231,7 +232,7 @@ class RecallSequence:
         after the prompt and for steps with every block in budget (attended exactly)."""
         g, ws = self.geometry, self.working_set
         assert ws is not None
-        n = ws.slots
+        n = self.budget_blocks
         exact = m <= n  # every block fits: attended exactly, keys from host
         if exact:
             picks = torch.arange(n, device=q.device).expand(g.num_kv_heads, n)

@@ -2,15 +2,19 @@
 
     k, v:  [layers, kv_heads, slots, block_size, head_dim]
     tag:   [layers, kv_heads, slots]   the middle block a slot holds, -1 for none
+    age:   [layers, kv_heads, slots]   updates since the slot's block was last picked
 
 Over a page's whole buffers (buffers.py) every tensor has a rows dimension after the
 layer's, and `update` works on every row at once, changing only the `active` ones.
 
-A step's selection (`update`) names, per head, up to `slots` middle blocks. A selected
-block already held stays where it is (a hit); the others (misses) go into the slots
-whose blocks were not selected again, as `Moves` the sequence carries out (from the host
-store, or rebuilt on the GPU). Slot order means nothing: decode attention is over a set
-of post-RoPE keys. Everything happens on the device, so no host sync decides what moves.
+A step's selection (`update`) names, per head, up to `picks` middle blocks (the budget;
+picks <= slots). A selected block already held stays where it is (a hit); the others
+(misses) go into the slots holding no selected block, least recently picked first (empty
+slots before any), as `Moves` the sequence carries out (from the host store, or rebuilt
+on the GPU). With more slots than picks, blocks picked in earlier steps stay while room
+lasts, so a block picked again a few steps later is still a hit; only the selected
+blocks are attended. Slot order means nothing: decode attention is over a set of
+post-RoPE keys. Everything happens on the device, so no host sync decides what moves.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from dataclasses import dataclass
 import torch
 
 from strata.kv.recall.buffers import Buffers, OwnBuffers
+
+NEVER = 1 << 40  # the age of an empty slot: older than any block
 
 
 class WorkingSet:
@@ -32,6 +38,7 @@ class WorkingSet:
         self.k = buffers.tensor("ws.k", shape, dtype, layered=True)
         self.v = buffers.tensor("ws.v", shape, dtype, layered=True)
         self.tag = buffers.tensor("ws.tag", shape[:3], torch.long, layered=True, fill=-1)
+        self.age = buffers.tensor("ws.age", shape[:3], torch.long, layered=True, fill=NEVER)
         self.slots = slots
         # selected and already held; fetched
         self.hits = buffers.tensor("ws.hits", (), torch.long, layered=False)
@@ -42,37 +49,42 @@ class WorkingSet:
         layers: int, kv_heads: int, slots: int, block_size: int, head_dim: int, dtype: torch.dtype
     ) -> int:
         item = dtype.itemsize
-        return 2 * layers * kv_heads * slots * block_size * head_dim * item
+        return 2 * layers * kv_heads * slots * (block_size * head_dim * item + 8)
 
     def update(
         self, layer: int, selected: torch.Tensor, active: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, Moves]:
-        """Make the slots of `layer` hold `selected` ([..., kv_heads, slots] middle block
+        """Make the slots of `layer` hold `selected` ([..., kv_heads, picks] middle block
         ids, distinct per head, -1 for none). Returns ([..., kv_heads, slots] bool: the
         slots that hold a selected block, the moves the caller must carry out to fill
         them). `active` [rows] (a page): rows that are not keep their slots and move
         nothing."""
-        tag = self.tag[layer]
+        tag, age = self.tag[layer], self.age[layer]
+        picks = selected.shape[-1]
         wanted = selected >= 0
         held = (selected[..., :, None] == tag[..., None, :]).any(-1) & wanted
         kept = (tag[..., :, None] == selected[..., None, :]).any(-1) & (tag >= 0)
         need = wanted & ~held
-        free_first = torch.sort(kept.int(), dim=-1, stable=True).indices
+        # the slots a miss may take, oldest first (stable: lowest slot first among equals)
+        oldest = torch.sort(torch.where(kept, -1, age), dim=-1, descending=True, stable=True)
+        into = oldest.indices[..., :picks]
         need_first = torch.sort((~need).int(), dim=-1, stable=True).indices
-        order = torch.arange(self.slots, device=tag.device)
-        moving = order < need.sum(dim=-1, keepdim=True)  # [..., kv_heads, slots]
+        order = torch.arange(picks, device=tag.device)
+        moving = order < need.sum(dim=-1, keepdim=True)  # [..., kv_heads, picks]
         incoming = selected.gather(-1, need_first)
-        new_tag = torch.where(kept, tag, -1)
-        arriving = torch.where(moving, incoming, new_tag.gather(-1, free_first))
-        new_tag.scatter_(-1, free_first, arriving)
+        new_tag = tag.scatter(-1, into, torch.where(moving, incoming, tag.gather(-1, into)))
+        # past the misses `into` may name kept slots: those stay attended
+        attended = kept.scatter(-1, into, moving | kept.gather(-1, into))
+        new_age = torch.where(attended, 0, torch.where(new_tag >= 0, age + 1, NEVER))
         if active is not None:
             on = active[:, None, None]
-            new_tag = torch.where(on, new_tag, tag)
-            held, moving = held & on, moving & on
+            new_tag, new_age = torch.where(on, new_tag, tag), torch.where(on, new_age, age)
+            held, moving, attended = held & on, moving & on, attended & on
         tag.copy_(new_tag)
+        age.copy_(new_age)
         self.hits += held.sum(dim=(-1, -2))
         self.misses += moving.sum(dim=(-1, -2))
-        return new_tag >= 0, Moves(incoming.clamp(min=0), free_first, moving)
+        return attended, Moves(incoming.clamp(min=0), into, moving)
 
     def rows(self, layer: int, part: torch.Tensor) -> torch.Tensor:
         """`part` (self.k or self.v) of `layer` as [kv_heads * slots, block_size * head_dim]
