@@ -28,6 +28,11 @@ def check_power_of_two(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a positive power of two, got {value}")
 
 
+def check_at_least_one(name: str, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
 def check_budget(budget: float) -> None:
     """Raise ValueError unless `budget` is a fraction in (0, 1) or a whole number >= 1."""
     if isinstance(budget, bool) or not isinstance(budget, (int, float)):
@@ -316,8 +321,7 @@ class TierConfig:
             )
         if not self.remote_timeout_s > 0:
             raise ValueError(f"kv_remote_timeout_s must be > 0, got {self.remote_timeout_s}")
-        if self.io_threads < 1:
-            raise ValueError(f"kv_tier_io_threads must be >= 1, got {self.io_threads}")
+        check_at_least_one("kv_tier_io_threads", self.io_threads)
         if self.codec != "none" and not self.enabled:
             raise ValueError(
                 f"kv_tier_codec {self.codec!r} codes blocks for the KV tiers, but none is on: "
@@ -387,12 +391,8 @@ class RecallConfig:
     ))  # fmt: skip
 
     def __post_init__(self) -> None:
-        if self.page_rows < 1:
-            raise ValueError(f"kv_recall_page_rows must be >= 1, got {self.page_rows}")
-        if self.working_set_factor < 1:
-            raise ValueError(
-                f"kv_recall_working_set_factor must be >= 1, got {self.working_set_factor}"
-            )
+        check_at_least_one("kv_recall_page_rows", self.page_rows)
+        check_at_least_one("kv_recall_working_set_factor", self.working_set_factor)
         for name, value in (("kv_recall_host_memory", self.host_memory),
                             ("kv_recall_gpu_memory", self.gpu_memory)):  # fmt: skip
             if value is not None and not value > 0:
@@ -489,8 +489,8 @@ class CacheConfig:
                 "keep those bytes"
             )
         self._check_kv_budget()
-        if self.kv_evict_interval is not None and self.kv_evict_interval < 1:
-            raise ValueError(f"kv_evict_interval must be >= 1, got {self.kv_evict_interval}")
+        if self.kv_evict_interval is not None:
+            check_at_least_one("kv_evict_interval", self.kv_evict_interval)
 
     @property
     def evict_interval(self) -> int:
@@ -594,8 +594,8 @@ class MoEConfig:
     def __post_init__(self) -> None:
         if self.gpu_memory is not None and self.gpu_memory <= 0:
             raise ValueError(f"gpu_memory must be > 0 GiB, got {self.gpu_memory}")
-        if self.expert_slots is not None and self.expert_slots < 1:
-            raise ValueError(f"expert_slots must be >= 1, got {self.expert_slots}")
+        if self.expert_slots is not None:
+            check_at_least_one("expert_slots", self.expert_slots)
         if not 0.0 < self.expert_fraction < 1.0:
             raise ValueError(f"expert_fraction must be in (0, 1), got {self.expert_fraction}")
         check_choices(self)
