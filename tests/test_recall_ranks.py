@@ -108,7 +108,7 @@ def test_shadowkv_ranks_fit_the_single_ranks_basis(
         policy.scores(0, q[heads], blocks)
         rebuilt = policy.rebuilt_keys(0, picks[heads])
         assert rebuilt is not None
-        return policy.basis[0], policy.factors[0], rebuilt[0]
+        return policy.basis[0], policy.factors[0], rebuilt
 
     basis, factors, rebuilt = run(slice(0, model_kv_heads), None)
 

@@ -32,25 +32,25 @@ def fill(
     value_slots: torch.Tensor, s: int, moves: Moves, exact: bool, bytes_fetched: torch.Tensor,
 ) -> None:  # fmt: skip
     """Carry out a working-set update of sparse layer s: values from the host store;
-    keys from the host, or rebuilt by the policy (except those it wants exact). exact:
-    every block is attended exactly (keys from the host). Counts the bytes moved."""
+    keys from the host, or made by the policy on the GPU. exact: every block is attended
+    exactly (keys from the host). Counts the bytes moved."""
     host = store.flat()
     dst = moves.destination_rows(ws.slots)
     src = torch.where(moves.mask, host_rows(store, value_slots, s, moves.blocks), -1).flatten()
     copy_rows(host, ws.rows(s, ws.v), src, dst)
-    rebuilt = None if exact else policy.rebuilt_keys(s, moves.blocks)
-    keys_moved = moves.mask
-    if rebuilt is not None:
-        keys, from_host = rebuilt
-        index = moves.slots[..., None, None].expand_as(keys)
-        slots_k = ws.k[s]
-        held_k = slots_k.gather(-3, index)
-        slots_k.scatter_(-3, index, torch.where(moves.mask[..., None, None], keys, held_k))
-        keys_moved = moves.mask & from_host
-    src = torch.where(keys_moved, host_rows(store, key_slots, s, moves.blocks), -1).flatten()
-    copy_rows(host, ws.rows(s, ws.k), src, dst)
+    moved = moves.mask.sum(dim=(-1, -2))
     row_bytes = host.shape[1] * host.element_size()
-    bytes_fetched += (moves.mask.sum(dim=(-1, -2)) + keys_moved.sum(dim=(-1, -2))) * row_bytes
+    keys = None if exact else policy.rebuilt_keys(s, moves.blocks)
+    if keys is None:
+        src = torch.where(moves.mask, host_rows(store, key_slots, s, moves.blocks), -1).flatten()
+        copy_rows(host, ws.rows(s, ws.k), src, dst)
+        bytes_fetched += 2 * moved * row_bytes
+        return
+    index = moves.slots[..., None, None].expand_as(keys)
+    slots_k = ws.k[s]
+    held_k = slots_k.gather(-3, index)
+    slots_k.scatter_(-3, index, torch.where(moves.mask[..., None, None], keys, held_k))
+    bytes_fetched += moved * row_bytes
 
 
 def picked_mask(

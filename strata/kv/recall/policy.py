@@ -96,12 +96,9 @@ class RecallPolicy(ABC):
         """Every middle block's post-RoPE keys of `layer` so far, [kv_heads, n, bs, dim]."""
         return None
 
-    def rebuilt_keys(
-        self, layer: int, blocks: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Post-RoPE keys of middle blocks [..., kv_heads, n] rebuilt on the GPU,
-        [..., kv_heads, n, bs, dim], and the [..., kv_heads, n] bool of those that must
-        come exact from the host instead; None: every key comes from the host."""
+    def rebuilt_keys(self, layer: int, blocks: torch.Tensor) -> torch.Tensor | None:
+        """Post-RoPE keys of middle blocks [..., kv_heads, n], made on the GPU,
+        [..., kv_heads, n, bs, dim]; None: every key comes from the host."""
         return None
 
     def needs_host_keys(self) -> bool:

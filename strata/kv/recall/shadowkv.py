@@ -223,9 +223,7 @@ class ShadowKVPolicy(RecallPolicy):
         # above any probability: always picked (every outlier is a live block)
         return block.scatter(-1, self.outliers[layer], 2.0)
 
-    def rebuilt_keys(
-        self, layer: int, blocks: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def rebuilt_keys(self, layer: int, blocks: torch.Tensor) -> torch.Tensor | None:
         room, outliers = self.room, self.outliers[layer]
         if room is None or not self.fitted[layer]:
             return None
@@ -242,4 +240,4 @@ class ShadowKVPolicy(RecallPolicy):
             which = match.int().argmax(-1)[..., None, None].expand(*blocks.shape, bs, d)
             exact = self.outlier_keys[layer].gather(-3, which)
             keys = torch.where(match.any(-1)[..., None, None], exact, keys)
-        return keys, torch.zeros_like(blocks, dtype=torch.bool)
+        return keys
