@@ -183,7 +183,8 @@ class RecallSequence:
             return empty, empty, None
         keys, values = [self.sink_k[s]], [self.sink_v[s]]
         m, mask = chunk.num_middle, None  # mask None: every prefix key is attended
-        if m > 0 and chunk.num_tokens == 1 and self.working_set is not None:
+        decode = chunk.num_tokens == 1 and chunk.start >= self.prompt_tokens  # prefill: exact
+        if m > 0 and decode and self.working_set is not None:
             held = self._recall(s, q[0], m)
             ws = self.working_set
             keys.append(ws.k[s].reshape(kvh, -1, d))
