@@ -93,8 +93,21 @@ class RecallGeometry:
             self.dtype,
         )  # fmt: skip
 
-    def host_slot_bytes(self) -> int:
+    def host_layers(self, shared: bool) -> int:
+        """Layers a host-store slot spans: the sparse ones, and with shared prefixes the
+        dense ones too (a published block then holds every layer: prefix_copy.py)."""
+        return self.num_layers if shared else max(1, self.sparse_layers)
+
+    def host_layer(self, layer: int) -> int:
+        """The store's layer of model layer `layer`: sparse layers first (sparse layer s
+        is store layer s), then the dense ones."""
+        if layer < self.dense_layers:
+            return self.sparse_layers + layer
+        return layer - self.dense_layers
+
+    def host_slot_bytes(self, shared: bool = False) -> int:
         """Bytes of a host-store slot: one block's keys, or its values."""
         return HostKVStore.slot_bytes(
-            self.sparse_layers, self.num_kv_heads, self.block_size, self.head_dim, self.dtype
-        )
+            self.host_layers(shared), self.num_kv_heads, self.block_size, self.head_dim,
+            self.dtype,
+        )  # fmt: skip
