@@ -251,6 +251,8 @@ class RecallManager:
         slots (a no-op if it holds none): a slot nobody holds is free, or cached if
         published."""
         kv = self._live.pop(request_id, None)
+        if kv is not None and kv.state is not None:
+            self.store.give_back(request_id, kv.state.held_slots_deepest_first())
         self.store.free(request_id)
         if kv is None or kv.state is None:
             return

@@ -238,8 +238,15 @@ class RecallSequence:
     def give_back_keys(self) -> None:
         """Drop the key slots once the policy reads no key from the host any more."""
         if self.key_slots and not self.policy.needs_host_keys():
-            self.store.give_back(self.owner, self.key_slots)
+            self.store.give_back(self.owner, self.key_slots[::-1])  # deepest first
             self.key_slots = []
+
+    def held_slots_deepest_first(self) -> list[int]:
+        """The host slots it holds, from its last block to its first: released in this
+        order, a shared prefix's deepest blocks are evicted first (host_store.py), and
+        what stays cached is still a prefix, reusable from its first block."""
+        keys, values = self.key_slots, self.value_slots
+        return [s for b in reversed(range(len(values))) for s in (*keys[b : b + 1], values[b])]
 
     @property
     def keys_on_host(self) -> bool:
