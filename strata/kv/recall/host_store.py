@@ -218,11 +218,13 @@ class HostKVStore:
                 counted[slot] += 1
         if counted != self._refs:
             problems.append("host slot refcounts differ from their owners' references")
-        for slot in range(self.num_slots):
-            states = (slot in self._free, self._refs[slot] > 0, slot in self._cached)
-            published = self.index.block_of(slot) is not None
-            if sum(states) != 1:
-                problems.append(f"host slot {slot} is not exactly one of free, held, cached")
-            elif (states[0] and published) or (states[2] and not published):
-                problems.append(f"host slot {slot}: free and published, or cached and not")
+        free, cached = set(self._free), set(self._cached)
+        held = {slot for slot, refs in enumerate(self._refs) if refs > 0}
+        if free & held or free & cached or held & cached:
+            problems.append("a host slot is two of free, held and cached")
+        if len(free | held | cached) != self.num_slots:
+            problems.append("a host slot is none of free, held and cached")
+        published = {slot for block in self.index for slot in block.slots}
+        if free & published or cached - published:
+            problems.append("a free host slot is published, or a cached one is not")
         return problems
