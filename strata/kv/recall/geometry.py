@@ -9,6 +9,8 @@
 - Dense layers (the first `dense_layers`) keep every token on the GPU and attend fully.
 - In sparse layers, block 0 is the sink once full; the tail is the last `window_blocks`
   full blocks and the open block. A block that leaves the tail goes to the host store.
+- With shared prefixes the store also keeps every layer of each full prompt block
+  (prefix_copy.py), so that a request reusing them rebuilds its GPU regions from there.
 - A decode step attends the sink, the policy's picked middle blocks (at most
   `budget_blocks` per head, through the working set: the budget) and the tail; a prefill chunk
   attends every middle block (streamed from the host), so prefill is exact.
