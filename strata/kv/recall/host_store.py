@@ -64,6 +64,7 @@ class HostKVStore:
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_slots))
         self._cached: OrderedDict[int, None] = OrderedDict()  # least recently released first
         self._refs = [0] * num_slots
+        self._shared = 0  # slots whose refcount is above 1
         self._owned: dict[str, list[int]] = {}
         self.index = PublishedBlocks()
         self.num_evicted = 0  # cached slots taken by `allocate`
@@ -98,7 +99,7 @@ class HostKVStore:
     @property
     def num_shared(self) -> int:
         """Slots held by more than one sequence."""
-        return sum(1 for refs in self._refs if refs > 1)
+        return self._shared
 
     @property
     def nbytes(self) -> int:
@@ -159,6 +160,7 @@ class HostKVStore:
                 raise RuntimeError(f"{owner!r} cannot hold host slot {slot}")
             self._cached.pop(slot, None)
             self._refs[slot] += 1
+            self._shared += self._refs[slot] == 2
             held.append(slot)
 
     def owned(self, owner: str) -> list[int]:
@@ -187,6 +189,7 @@ class HostKVStore:
 
     def _drop(self, slot: int) -> None:
         self._refs[slot] -= 1
+        self._shared -= self._refs[slot] == 1
         if self._refs[slot] == 0:
             if self.index.block_of(slot) is None:
                 self._free[slot] = None
@@ -218,6 +221,8 @@ class HostKVStore:
                 counted[slot] += 1
         if counted != self._refs:
             problems.append("host slot refcounts differ from their owners' references")
+        if self._shared != sum(1 for refs in self._refs if refs > 1):
+            problems.append(f"{self._shared} host slots counted shared, not as many held so")
         free, cached = set(self._free), set(self._cached)
         held = {slot for slot, refs in enumerate(self._refs) if refs > 0}
         if free & held or free & cached or held & cached:

@@ -85,6 +85,7 @@ class RecallManager:
             if store.num_layers != geometry.num_layers:
                 raise ValueError("a recall store sharing prefixes keeps every layer")
             self.sharing = PrefixSharing(prefix_root, geometry.block_size)
+        self.blocks_reused = self.blocks_published = 0  # prompt blocks, so far
         self.shard = shard  # tensor parallelism: this rank's KV heads (ranks.py)
         # CUDA graphs of selecting decode steps (layer_graphs.py): one capture stream
         self._graph_stream: torch.cuda.Stream | None = None
@@ -195,8 +196,7 @@ class RecallManager:
         )  # fmt: skip
         if reused:
             load_prefix(kv.state, len(reused))
-            assert self.sharing is not None
-            self.sharing.blocks_reused += len(reused)
+            self.blocks_reused += len(reused)
         if page.decoder is None and kv.state.working_set is not None:
             page.decoder = PageDecoder(
                 page, self.geometry, RECALL_POLICIES.get(kv.policy)(),
@@ -242,7 +242,7 @@ class RecallManager:
         if kv is None or state is None:
             return
         if self.sharing is not None and not kv.published and state.computed >= kv.prompt_tokens:
-            self.sharing.publish(self.store, kv.prompt_blocks, state)
+            self.blocks_published += self.sharing.publish(self.store, kv.prompt_blocks, state)
             kv.published = True
         state.give_back_keys()
 
@@ -313,11 +313,11 @@ class RecallManager:
         }
 
     def _sharing_stats(self) -> dict[str, float]:
-        sharing, store = self.sharing, self.store
+        store = self.store
         return {
             # prompt blocks sequences reused from the store at admission (not computed)
-            "recall_prefix_blocks_reused": sharing.blocks_reused if sharing else 0,
-            "recall_prefix_blocks_published": sharing.blocks_published if sharing else 0,
+            "recall_prefix_blocks_reused": self.blocks_reused,
+            "recall_prefix_blocks_published": self.blocks_published,
             "recall_prefix_blocks_indexed": len(store.index),
             "recall_host_slots_shared": store.num_shared,  # held by two sequences or more
             "recall_host_bytes_cached": store.cached_bytes,  # published, unheld: evictable

@@ -35,8 +35,6 @@ if TYPE_CHECKING:
 class PrefixSharing:
     def __init__(self, root: bytes, block_size: int) -> None:
         self.root, self.block_size = root, block_size  # the engine's chain root (unsalted)
-        self.blocks_reused = 0  # at admissions, so far
-        self.blocks_published = 0
 
     def prompt_blocks(self, prompt: Sequence[int], salt: str | None) -> tuple[BlockRef, ...]:
         """Keys and tokens of the prompt's full blocks, in its cache partition."""
@@ -57,13 +55,15 @@ class PrefixSharing:
 
     def publish(
         self, store: HostKVStore, blocks: tuple[BlockRef, ...], state: RecallSequence
-    ) -> None:
+    ) -> int:
         """Index the full prompt blocks of a sequence that computed its prompt (its last
-        chunk wrote every layer of them: prefix_copy.py); from then on it never writes
-        them again."""
+        chunk wrote every layer of them: prefix_copy.py), from then on never written
+        again; how many were not indexed already."""
         if len(state.key_slots) < len(blocks):
             raise RuntimeError(f"recall sequence {state.owner!r} gave its keys back unpublished")
+        published = 0
         for b, ref in enumerate(blocks):
             block = PublishedBlock(ref.key, ref.token_ids, state.key_slots[b], state.value_slots[b])
-            self.blocks_published += store.publish(state.owner, block)
+            published += store.publish(state.owner, block)
         state.on_host = max(state.on_host, len(blocks))
+        return published
