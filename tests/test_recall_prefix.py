@@ -307,3 +307,17 @@ def test_tensor_parallelism_shares_no_prefix(tmp_path: Path) -> None:
         stats = tp.stats()
         assert stats["recall_prefix_blocks_reused"] == stats["recall_prefix_blocks_indexed"] == 0
         assert_recall_idle(tp)
+
+
+def test_prompt_logprobs_compute_the_positions_they_score(recall_folder: Path) -> None:
+    """A request asking for its prompt's logprobs reuses no position it has to score: it
+    computes its whole prompt, and scores it as alone."""
+    llm = recall_llm(recall_folder)
+    scored = params("quest", prompt_logprobs=0, max_tokens=2)
+    want = llm.generate([SECOND], replace(scored, cache_salt="alone"))[0]
+    tokens(llm, [FIRST], [params("quest")])
+    out = llm.generate([SECOND], scored)[0]
+    assert out.num_cached_tokens == 0 and llm.stats()["recall_prefix_blocks_reused"] == 0
+    assert out.token_ids == want.token_ids
+    assert out.prompt_logprobs == want.prompt_logprobs
+    assert_recall_idle(llm)

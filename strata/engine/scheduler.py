@@ -180,8 +180,9 @@ class Scheduler:
             raise RuntimeError("a recall sequence reached an engine without a recall store")
         resumed = seq.recall.state is not None  # preempted: its store state was kept
         if not resumed and not self.recall.admit(
-            seq.request_id, seq.recall, waiting=self._waiting_recall(seq.recall)
-        ):
+            seq.request_id, seq.recall, waiting=self._waiting_recall(seq.recall),
+            reuse_limit=next_unscored(seq),  # prompt positions to score are computed
+        ):  # fmt: skip
             return False
         match = PrefixMatch((), (), self.kv.block_size, self.kv.root)
         self.kv.admit(seq.request_id, match, 0, num_prompt=0)

@@ -159,7 +159,7 @@ class RecallManager:
 
     def admit(
         self, request_id: str, kv: RecallKV, serial: int | None = None, waiting: int = 1,
-        capacity: int | None = None,
+        capacity: int | None = None, reuse_limit: int | None = None,
     ) -> bool:  # fmt: skip
         """Give the sequence a row of a page (a new page if none of its kind has one free)
         and reserve its host slots, reusing the published blocks its prompt starts with
@@ -167,12 +167,16 @@ class RecallManager:
         GPU memory or host slots are short now. waiting: sequences of its kind waiting to
         be admitted, itself included (they size a new page). serial, capacity: rank 0's,
         for a worker's mirror (its new page's rows); by default the next serial of this
-        manager's own."""
+        manager's own. reuse_limit: the most prompt tokens it may reuse (prompt positions
+        it still has to score must be computed)."""
         if kv.state is not None:
             raise RuntimeError(f"recall sequence {request_id!r} admitted twice")
         reused = []
         if self.sharing is not None:
-            reused = self.sharing.reusable(self.store, kv.prompt_blocks, kv.prompt_tokens)
+            blocks = kv.prompt_blocks
+            if reuse_limit is not None:
+                blocks = blocks[: reuse_limit // self.geometry.block_size]
+            reused = self.sharing.reusable(self.store, blocks, kv.prompt_tokens)
         shared = [slot for block in reused for slot in block.slots]
         fresh = kv.host_slots - len(shared)  # holding a cached slot takes it from the rest
         if fresh > self.store.num_available - self.store.num_unheld(shared):
