@@ -90,8 +90,8 @@ def test_store_slots_are_refcounted_cached_and_evicted_deepest_first() -> None:
     assert store.allocate("a", 4) == [0, 1, 2, 3]  # blocks 0, 1: keys in 0, 1, values 2, 3
     refs = [BlockRef(bytes([i]) * 32, (i,) * BLOCK, i) for i in range(2)]
     blocks = [PublishedBlock(r.key, r.token_ids, i, i + 2) for i, r in enumerate(refs)]
-    assert [store.publish("a", b) for b in blocks] == [True, True]
-    assert not store.publish("a", blocks[0])  # indexed already: the first copy stays
+    assert store.publish("a", blocks) == 2
+    assert store.publish("a", blocks[:1]) == 0  # indexed already: the first copy stays
     assert store.leading(refs) == blocks
     assert store.leading([BlockRef(refs[0].key, (9,) * BLOCK)]) == []  # other tokens: a miss
     store.hold("b", [0, 2])  # b reuses block 0

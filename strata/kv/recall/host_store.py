@@ -155,9 +155,11 @@ class HostKVStore:
     def hold(self, owner: str, slots: Sequence[int]) -> None:
         """`owner` takes a reference on each of these published slots (held or cached)."""
         held = self._owned.setdefault(owner, [])
+        taken = set(held)
         for slot in slots:
-            if self.index.block_of(slot) is None or slot in held:
+            if self.index.block_of(slot) is None or slot in taken:
                 raise RuntimeError(f"{owner!r} cannot hold host slot {slot}")
+            taken.add(slot)
             self._cached.pop(slot, None)
             self._refs[slot] += 1
             self._shared += self._refs[slot] == 2
@@ -198,13 +200,13 @@ class HostKVStore:
 
     # ---- the prefix index --------------------------------------------------------------------
 
-    def publish(self, owner: str, block: PublishedBlock) -> bool:
-        """Index a full block whose two slots `owner` holds and has written in every
-        layer; False (no change) if its key or a slot is indexed already."""
-        held = self._owned.get(owner, [])
-        if block.key_slot not in held or block.value_slot not in held:
+    def publish(self, owner: str, blocks: Sequence[PublishedBlock]) -> int:
+        """Index full blocks whose two slots `owner` holds and has written in every layer;
+        how many were indexed (not one whose key or a slot is indexed already)."""
+        held = set(self._owned.get(owner, ()))
+        if any(slot not in held for block in blocks for slot in block.slots):
             raise RuntimeError(f"{owner!r} publishes host slots it does not hold")
-        return self.index.add(block)
+        return sum(self.index.add(block) for block in blocks)
 
     def leading(self, refs: Sequence[BlockRef]) -> list[PublishedBlock]:
         """The published blocks of the longest run of leading `refs` the store holds."""

@@ -61,9 +61,10 @@ class PrefixSharing:
         again; how many were not indexed already."""
         if len(state.key_slots) < len(blocks):
             raise RuntimeError(f"recall sequence {state.owner!r} gave its keys back unpublished")
-        published = 0
-        for b, ref in enumerate(blocks):
-            block = PublishedBlock(ref.key, ref.token_ids, state.key_slots[b], state.value_slots[b])
-            published += store.publish(state.owner, block)
+        keys, values = state.key_slots, state.value_slots
+        published = store.publish(state.owner, [
+            PublishedBlock(ref.key, ref.token_ids, keys[b], values[b])
+            for b, ref in enumerate(blocks)
+        ])  # fmt: skip
         state.on_host = max(state.on_host, len(blocks))
         return published
