@@ -91,17 +91,8 @@ class RecallSequence:
         # `middle` middle blocks exist.
         self.held, self.middle = t.held, t.middle
         self.bytes_fetched, self.blocks_attended = t.bytes_fetched, t.blocks_attended
-        # block b's keys live in host slot key_slots[b], its values in value_slots[b]; the
-        # key slots go back to the store once the policy stops reading keys from it. The
-        # device tables name the middle blocks' slots (middle block j: table entry j).
-        self.owner, self.key_slots, self.value_slots = owner, key_slots, value_slots
-        self.key_slots_t, self.value_slots_t = t.key_slots, t.value_slots
-        for table, slots in ((t.key_slots, key_slots), (t.value_slots, value_slots)):
-            middle = slots[SINK_BLOCKS:]
-            table[: len(middle)] = torch.tensor(middle, dtype=torch.long)
-        # every block's [key slot, value slot], on the device: its prompt's last chunk
-        # writes the blocks the store lacks with no host sync (prefix_copy.py)
-        self.block_slots_t = torch.tensor([key_slots, value_slots], device=device).view(2, -1)
+        self.owner = owner
+        self._hold_slots(t, key_slots, value_slots)
         room = SummaryRoom(
             g.sparse_layers, kvh, room_blocks, d, g.block_size, dt, budget_blocks, device,
             g.landmark_tokens, shard, g.quest_page_tokens,
@@ -118,6 +109,20 @@ class RecallSequence:
         self.computed = 0
         self.decode_steps = 0
         self.on_host = 0  # leading blocks the store holds in every layer (never rewritten)
+
+    def _hold_slots(self, t: SequenceTensors, key_slots: list[int], value_slots: list[int]) -> None:
+        """Block b's keys live in host slot key_slots[b], its values in value_slots[b]; the
+        key slots go back to the store once the policy stops reading keys from it. The
+        device tables name the middle blocks' slots (middle block j: table entry j), and
+        block_slots_t every block's [key slot, value slot], so that the prompt's last
+        chunk writes the blocks the store lacks with no host sync (prefix_copy.py)."""
+        self.key_slots, self.value_slots = key_slots, value_slots
+        self.key_slots_t, self.value_slots_t = t.key_slots, t.value_slots
+        for table, slots in ((t.key_slots, key_slots), (t.value_slots, value_slots)):
+            middle = slots[SINK_BLOCKS:]
+            table[: len(middle)] = torch.tensor(middle, dtype=torch.long)
+        device = t.key_slots.device
+        self.block_slots_t = torch.tensor([key_slots, value_slots], device=device).view(2, -1)
 
     # ---- host side, once per step -----------------------------------------------------------
 
