@@ -14,7 +14,9 @@
 #               $BS (default 10: 7.5 GiB a sequence once its keys are fitted, 15 GiB
 #               while it prefills), in pages of up to 8 rows; WSF (default 1): the
 #               working-set factor of every recall run
-#     full128k  128k context, full attention in the GPU pool at batch 1 and 3
+#     full128k  128k context, full attention in the GPU pool at batch $FULLB (default "1 3")
+#     dense128k 128k context, quest and shadowkv at batch $BD (default 4) in one page, with
+#               the dense layers' decode by batched matmuls, then by the split-K kernel
 #     profile   quest and shadowkv ($PMODES) at $PCTX tokens (default 32768), batch $PBATCH
 #               (default 4), under torch.profiler: eager, or in CUDA graphs with one page of
 #               all rows when PGRAPHS=1
@@ -53,13 +55,22 @@ if has profile; then  # eager by default, so the table shows each kernel's CUDA 
   ctx="${PCTX:-32768}" b="${PBATCH:-4}" how=(--eager)
   [ -n "${PGRAPHS:-}" ] && how=(--page-rows "$b")
   python3 benchmarks/recall_speed.py --only decode --contexts "$ctx" --batch "$b" "${how[@]}" \
-    --profile --modes "${PMODES:-quest,shadowkv}" \
-    --steps 4 --warmup 1 --recall-gpu-gib $((4 * b + 4)) --pool-gib 4 \
+    --profile --trace-dir "$OUT" --modes "${PMODES:-quest,shadowkv}" \
+    --steps 4 --warmup 1 --slack 200 --recall-gpu-gib $((4 * b + 4)) --pool-gib 4 \
     --host-gib $(( (ctx / 8192 + 1) * b + 4 )) > "$OUT/profile.log" 2>&1
   grep -E "^\{|Self CUDA time total|Self CPU time total" "$OUT/profile.log"
+  for trace in "$OUT"/*.json.gz; do
+    echo "== $trace"; python3 benchmarks/trace_summary.py "$trace" --top 30
+  done
+fi
+if has dense128k; then
+  b="${BD:-4}"
+  speed --only decode --contexts 131072 --batch "$b" --modes quest,shadowkv --steps 16 \
+    --page-rows "$b" --slack 200 --dense-kernel both --pool-gib 4 \
+    --recall-gpu-gib $((4 * b + 4)) --host-gib $((16 * b + 4)) --json "$OUT/dense128k.json"
 fi
 if has full128k; then
-  for b in 1 3; do
+  for b in ${FULLB:-1 3}; do
     speed --only decode --contexts 131072 --batch $b --modes full --steps 12 \
       --pool-gib 52 --recall-gpu-gib 1 --host-gib 1 --json "$OUT/full128k_$b.json"
   done

@@ -85,7 +85,7 @@ def llama8b(max_positions: int) -> str:
 
 def decode_rate(
     llm: LLM, prompts: list[list[int]], params: SamplingParams, steps: int, profile: bool,
-    warmup: int = 0,
+    warmup: int = 0, trace: str | None = None,
 ) -> tuple[float, dict[str, Any], dict[str, Any]]:
     """(decode tok/s, stats before, stats after) of a batch, timed from `warmup` steps
     after every prompt is prefilled (recall decode captures its CUDA graphs in the first
@@ -112,7 +112,8 @@ def decode_rate(
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
 
-        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+        with torch_profile(activities=activities, record_shapes=True, with_stack=True) as prof:
             for _ in range(3):
                 engine.step()
             torch.cuda.synchronize()
@@ -120,6 +121,14 @@ def decode_rate(
         # graphed steps: also what the host spends launching
         for sort in ["cuda_time_total"] + ([] if eager else ["cpu_time_total"]):
             print(prof.key_averages().table(sort_by=sort, row_limit=40), flush=True)
+        by_shape = prof.key_averages(group_by_input_shape=True)
+        print(by_shape.table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=40,
+                             max_shapes_column_width=80), flush=True)
+        by_stack = prof.key_averages(group_by_stack_n=6)
+        print(by_stack.table(sort_by="self_cuda_time_total", row_limit=25,
+                             max_src_column_width=200), flush=True)
+        if trace:
+            prof.export_chrome_trace(trace)
     for request_id in ids:
         engine.abort(request_id)
     return steps * len(prompts) / elapsed, before, after
@@ -148,8 +157,10 @@ def bench_decode(contexts: list[int], batch: int, steps: int, modes: list[str],
                  eager: bool = False, recall_gpu_gib: float = 8.0,
                  side_streams: tuple[bool, ...] = (True,),
                  page_rows: tuple[int, ...] = (4,), slack: int = 16,
-                 working_set_factor: int = 1) -> None:  # fmt: skip
+                 working_set_factor: int = 1, trace_dir: str | None = None,
+                 dense_kernel: tuple[bool, ...] = (True,)) -> None:  # fmt: skip
     from strata.kv.recall.attention import RecallAttention
+    from strata.kv.recall.sequence import RecallSequence
 
     link_gbps = pinned_h2d_gbps()
     RESULTS["pinned_h2d_memcpy_GBps"] = link_gbps
@@ -164,11 +175,13 @@ def bench_decode(contexts: list[int], batch: int, steps: int, modes: list[str],
     rows = []
     for ctx in contexts:
         prompts = [torch.randint(1000, 100000, (ctx,), generator=g).tolist() for _ in range(batch)]
-        runs = [(m, on, r) for m in modes for on in side_streams for r in page_rows]
-        for mode, side, rows_per_page in runs:
-            if mode == "full" and (not side or rows_per_page != page_rows[0]):
-                continue  # no recall rows: side streams and pages change nothing
+        runs = [(m, on, r, dk) for m in modes for on in side_streams for r in page_rows
+                for dk in dense_kernel]  # fmt: skip
+        for mode, side, rows_per_page, dense in runs:
+            if mode == "full" and (not side or rows_per_page != page_rows[0] or not dense):
+                continue  # no recall rows: side streams, pages and dense kernels change nothing
             RecallAttention.side_streams = side
+            RecallSequence.dense_kernel = RecallAttention.fused_rope = dense
             recall = llm.engine.parts.recall
             if recall is not None:  # pages are made as requests arrive: the next ones
                 recall.page_rows = rows_per_page
@@ -178,13 +191,17 @@ def bench_decode(contexts: list[int], batch: int, steps: int, modes: list[str],
                 kv_policy=policy, kv_budget=budget,
             )  # fmt: skip
             try:
-                rate, before, after = decode_rate(llm, prompts, params, steps, profile, warmup)
+                trace = f"{trace_dir}/{mode}_{ctx}x{batch}_dense{int(dense)}.json.gz"
+                rate, before, after = decode_rate(
+                    llm, prompts, params, steps, profile, warmup, trace if trace_dir else None
+                )
             except Exception as exc:  # a mode that does not fit is reported, not fatal
                 rows.append({"context": ctx, "mode": mode, "error": repr(exc)[:300]})
                 print(rows[-1], flush=True)
                 continue
             rows.append({"context": ctx, "batch": batch, "mode": mode, "tok_s": rate,
                          "side_streams": side, "page_rows": rows_per_page,
+                         "dense_kernel": dense,
                          "graph_replays": after.get("recall_graph_replays", 0)
                          - before.get("recall_graph_replays", 0),
                          **recall_deltas(before, after, steps * batch)})  # fmt: skip
@@ -248,9 +265,15 @@ def main() -> None:
     p.add_argument("--slack", type=int, default=16,
                    help="output tokens past warm-up and timed steps: the decode steps that "
                         "early requests run while later ones are admitted and prefilled")
+    p.add_argument("--dense-kernel", choices=("on", "off", "both"), default="on",
+                   help="recall steps' dense layers decode by the split-K Triton kernel and "
+                        "RoPE in one kernel (off: batched matmuls and torch RoPE, as before "
+                        "2026-12-06 evening; both: an A/B in one process)")
     p.add_argument("--working-set-factor", type=int, default=1,
                    help="kv_recall_working_set_factor: working-set slots per picked block")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table")
+    p.add_argument("--trace-dir", default=None,
+                   help="with --profile: write each run's Chrome trace (.json.gz) here")
     p.add_argument("--eager", action="store_true",
                    help="no CUDA graphs (a profile then shows every kernel's CUDA time)")
     p.add_argument("--beyond", default="8x32768:shadowkv",
@@ -267,7 +290,8 @@ def main() -> None:
                      a.host_gib, a.pool_gib, a.eager, a.recall_gpu_gib,
                      {"on": (True,), "off": (False,), "both": (False, True)}[a.side_streams],
                      tuple(int(r) for r in a.page_rows.split(",")), a.slack,
-                     a.working_set_factor)
+                     a.working_set_factor, a.trace_dir,
+                     {"on": (True,), "off": (False,), "both": (False, True)}[a.dense_kernel])
     if "beyond" in only:
         shape, policy = a.beyond.split(":")
         seqs, context = (int(x) for x in shape.split("x"))

@@ -1,7 +1,8 @@
 """RecallAttention: the backend of steps that hold recall sequences, around the engine's.
 
     rows of the flat batch   | ordinary ... | recall seq A | ordinary | recall seq B |
-    write_rope_kv            RoPE (torch) for all rows; ordinary rows' K/V into the pool
+    write_rope_kv            RoPE for all rows (one kernel on CUDA: rotary_rows.py);
+                             ordinary rows' K/V into the pool
                              through the inner backend; recall rows' K/V kept for attend
     attend                   ordinary rows: the inner backend over the pool
                              recall rows: selecting decode rows through their page
@@ -32,6 +33,7 @@ from torch import Tensor
 from strata.attention.backend import AttentionBackend, AttentionMetadata, BatchLayout
 from strata.attention.layer_inputs import AttentionInputs, AttentionLayer
 from strata.kv.recall.page_decode import PageStep, page_steps, run_page_step
+from strata.kv.recall.rotary_rows import fused_rotated_qkv
 from strata.kv.recall.sequence import RecallChunk, RecallSequence
 
 Unit = Callable[[], None]
@@ -79,6 +81,7 @@ def _in_turn(units: list[Unit]) -> None:
 
 class RecallAttention(AttentionBackend[RecallMetadata]):
     side_streams = True  # CUDA decode rows of several sequences side by side (False: in turn)
+    fused_rope = True  # CUDA: RoPE of the step's rows in one kernel (False: A/B runs)
 
     def __init__(self, inner: AttentionBackend[Any]) -> None:
         self.inner = inner
@@ -94,7 +97,10 @@ class RecallAttention(AttentionBackend[RecallMetadata]):
     def write_rope_kv(
         self, layer: AttentionLayer, qkv: Tensor, inputs: AttentionInputs, meta: RecallMetadata
     ) -> tuple[Tensor, Tensor, Tensor]:
-        q, k, v = inputs.rotated_qkv(qkv, layer.heads)
+        if layer.fused and qkv.is_cuda and self.fused_rope:
+            q, k, v = fused_rotated_qkv(qkv, inputs, layer.heads)
+        else:
+            q, k, v = inputs.rotated_qkv(qkv, layer.heads)
         i = layer.layer_index
         k_cache, v_cache = inputs.kv.k[i], inputs.kv.v[i]
         if meta.inner is not None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from strata.kv.recall.dense_decode import DENSE_TILE
 from strata.kv.recall.host_store import HostKVStore
 from strata.kv.recall.working_set import WorkingSet
 
@@ -77,9 +78,15 @@ class RecallGeometry:
         step = 1 << max(0, host_blocks.bit_length() - 4)
         return -(-host_blocks // step) * step
 
+    @staticmethod
+    def dense_tokens(max_tokens: int) -> int:
+        """Tokens a dense layer's buffers hold: max_tokens rounded up to whole pages of the
+        CUDA decode kernel's view (dense_decode.py)."""
+        return -(-max_tokens // DENSE_TILE) * DENSE_TILE
+
     def dense_bytes(self, max_tokens: int) -> int:
         per_token = 2 * self.dense_layers * self.num_kv_heads * self.head_dim * self.dtype.itemsize
-        return per_token * max_tokens
+        return per_token * self.dense_tokens(max_tokens)
 
     def resident_bytes(self) -> int:
         per_token = 2 * self.sparse_layers * self.num_kv_heads * self.head_dim * self.dtype.itemsize

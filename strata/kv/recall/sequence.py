@@ -22,6 +22,7 @@ import torch
 
 from strata.attention.layer_inputs import Rotary
 from strata.kv.recall.chunk_attention import chunk_attention
+from strata.kv.recall.dense_decode import DenseDecode
 from strata.kv.recall.fetch import fill, host_rows, picked_mask
 from strata.kv.recall.geometry import SINK_BLOCKS, RecallGeometry
 from strata.kv.recall.host_store import HostKVStore
@@ -52,6 +53,7 @@ class RecallChunk:
 
 class RecallSequence:
     static_decode = True  # selecting decode steps run through the page (False: tests compare)
+    dense_kernel = True  # CUDA: dense layers decode by the split-K kernel (False: A/B runs)
 
     def __init__(
         self,
@@ -81,8 +83,11 @@ class RecallSequence:
         self.page, self.row = page, row
         buffers = page.take(row, owner)
         kvh, d, dt, device = g.num_kv_heads, g.head_dim, g.dtype, page.device
-        self.dense_k = torch.zeros((g.dense_layers, kvh, max_tokens, d), dtype=dt, device=device)
+        dense_shape = (g.dense_layers, kvh, g.dense_tokens(max_tokens), d)
+        self.dense_k = torch.zeros(dense_shape, dtype=dt, device=device)
         self.dense_v = torch.zeros_like(self.dense_k)
+        on_cuda = device.type == "cuda" and self.dense_kernel
+        self.dense_decode = DenseDecode(dense_shape[2], device) if on_cuda else None
         room_blocks = g.room_blocks(len(value_slots))
         self.publishes = publishes  # its full prompt blocks go to the store in every layer
         t = SequenceTensors.of(buffers, g, room_blocks)
@@ -168,6 +173,8 @@ class RecallSequence:
             dv[:, chunk.start : chunk.end] = v.transpose(0, 1)
             if self.publishes and chunk.end == self.prompt_tokens:
                 write_prompt_blocks(self, layer, chunk)
+            if self.dense_decode is not None and chunk.num_tokens == 1:
+                return self.dense_decode.attend(q, dk, dv, chunk.end, scale)
             return chunk_attention(
                 q, dk[:, : chunk.end], dv[:, : chunk.end], None, 0, chunk.start, scale
             )
