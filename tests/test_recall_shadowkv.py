@@ -171,7 +171,8 @@ def test_rebuilt_keys_decode_as_fetched_keys(
 def test_the_basis_is_fitted_by_the_prefill(recall_folder: Path) -> None:
     """The prompt's last chunk fits every sparse layer's basis (streaming its keys once), so
     the first decode step only selects; the host store then holds only the sequence's
-    values: its key slots went back to the free list."""
+    values: its key slots went back, those of its full prompt blocks to the cache of
+    published blocks (a later request with the prompt reuses them), the others free."""
     llm = recall_llm(recall_folder)
     engine = llm.engine
     params = SamplingParams(kv_policy="shadowkv", kv_budget=40, **GREEDY)
@@ -187,7 +188,8 @@ def test_the_basis_is_fitted_by_the_prefill(recall_folder: Path) -> None:
     blocks = seq.recall.host_blocks
     assert state.key_slots == [] and len(state.value_slots) == blocks
     assert store.owned(request_id) == state.value_slots
-    assert store.num_free == store.num_slots - blocks
+    assert store.num_cached == len(PROMPT) // 4  # blocks of 4 tokens (recall_llm)
+    assert store.num_free == store.num_slots - blocks - store.num_cached
     assert llm.stats()["recall_host_bytes_used"] == blocks * store.bytes_per_slot
     llm.check_integrity()
     engine.abort(request_id)

@@ -153,8 +153,9 @@ def _build_parts(
         recall = build_recall(
             config.cache, placed.model_config, placed.dtype, placed.device, recall_bytes,
             placed.model.rope, graphs=not config.enforce_eager,
-            num_slots=recall_slots(config.cache, whole, placed.dtype),
+            num_slots=recall_slots(config.cache, whole, placed.dtype, parallel is not None),
             shard=None if parallel is None else HeadShard(parallel.comm, whole.num_kv_heads),
+            prefix_root=root,
         )  # fmt: skip
     scheduler = Scheduler(config.scheduler, kv, tier_loads, reclaim=sessions.reclaim, recall=recall)
     rebalancer = None

@@ -173,20 +173,26 @@ class Scheduler:
         return budget
 
     def _admit_recall(self, seq: Sequence) -> bool:
-        """Admit a recall sequence: its store state, and an empty, never indexed table."""
+        """Admit a recall sequence: its store state, and an empty, never indexed table. A
+        new one starts after the prompt blocks it reused from the store."""
         assert seq.recall is not None
         if self.recall is None:
             raise RuntimeError("a recall sequence reached an engine without a recall store")
         resumed = seq.recall.state is not None  # preempted: its store state was kept
         if not resumed and not self.recall.admit(
-            seq.request_id, seq.recall, waiting=self._waiting_recall(seq.recall)
-        ):
+            seq.request_id, seq.recall, waiting=self._waiting_recall(seq.recall),
+            reuse_limit=next_unscored(seq),  # prompt positions to score are computed
+        ):  # fmt: skip
             return False
         match = PrefixMatch((), (), self.kv.block_size, self.kv.root)
         self.kv.admit(seq.request_id, match, 0, num_prompt=0)
         self.kv.stop_indexing(seq.request_id)
-        computed = seq.num_computed
+        state = seq.recall.state
+        assert state is not None
+        computed = seq.num_computed if resumed else state.computed
         self._start(seq, match)
+        if not resumed:
+            seq.num_cached_tokens = computed  # the prompt tokens it reused
         seq.num_computed = computed
         self.running.append(seq)
         return True
@@ -314,6 +320,8 @@ class Scheduler:
             seq.num_computed = chunk.end
             self._skip_reused(seq)
             self.kv.commit(seq.request_id, seq.token_ids, seq.num_computed)
+            if seq.recall is not None and self.recall is not None:
+                self.recall.commit(seq.request_id)  # its prompt blocks, once computed
         self.tier_loads.write_through(computed)
 
     @staticmethod

@@ -100,6 +100,9 @@ RECALL_GAUGES = {
     "recall_host_bytes": "Host bytes of the recall store.",
     "recall_gpu_bytes_used": "GPU bytes held by recall sequences.",
     "recall_pages": "Recall pages: GPU tensors shared by sequences of one kind.",
+    "recall_prefix_blocks_indexed": "Prompt blocks published in the recall store's prefix index.",
+    "recall_host_slots_shared": "Recall store host slots held by two requests or more.",
+    "recall_host_bytes_cached": "Host bytes of published blocks no request holds (evictable).",
 }
 RECALL_COUNTERS = {
     "recall_decode_steps": "Decode steps of recall sequences.",
@@ -107,6 +110,9 @@ RECALL_COUNTERS = {
     "recall_working_set_hits": "Picked blocks already in the GPU working set.",
     "recall_working_set_misses": "Picked blocks fetched into the GPU working set.",
     "recall_graph_replays": "Sparse layers of recall decode steps replayed from CUDA graphs.",
+    "recall_prefix_blocks_reused": "Prompt blocks recall requests reused from the store.",
+    "recall_prefix_blocks_published": "Prompt blocks published in the recall store.",
+    "recall_host_slots_evicted": "Cached recall store slots taken for new blocks.",
 }
 
 # Tensor parallelism (present only when the engine is sharded); stats key -> help

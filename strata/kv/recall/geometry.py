@@ -9,6 +9,8 @@
 - Dense layers (the first `dense_layers`) keep every token on the GPU and attend fully.
 - In sparse layers, block 0 is the sink once full; the tail is the last `window_blocks`
   full blocks and the open block. A block that leaves the tail goes to the host store.
+- With shared prefixes the store also keeps every layer of each full prompt block
+  (prefix_copy.py), so that a request reusing them rebuilds its GPU regions from there.
 - A decode step attends the sink, the policy's picked middle blocks (at most
   `budget_blocks` per head, through the working set: the budget) and the tail; a prefill chunk
   attends every middle block (streamed from the host), so prefill is exact.
@@ -100,8 +102,21 @@ class RecallGeometry:
             self.dtype,
         )  # fmt: skip
 
-    def host_slot_bytes(self) -> int:
+    def host_layers(self, shared: bool) -> int:
+        """Layers a host-store slot spans: the sparse ones, and with shared prefixes the
+        dense ones too (a published block then holds every layer: prefix_copy.py)."""
+        return self.num_layers if shared else max(1, self.sparse_layers)
+
+    def host_layer(self, layer: int) -> int:
+        """The store's layer of model layer `layer`: sparse layers first (sparse layer s
+        is store layer s), then the dense ones."""
+        if layer < self.dense_layers:
+            return self.sparse_layers + layer
+        return layer - self.dense_layers
+
+    def host_slot_bytes(self, shared: bool = False) -> int:
         """Bytes of a host-store slot: one block's keys, or its values."""
         return HostKVStore.slot_bytes(
-            self.sparse_layers, self.num_kv_heads, self.block_size, self.head_dim, self.dtype
-        )
+            self.host_layers(shared), self.num_kv_heads, self.block_size, self.head_dim,
+            self.dtype,
+        )  # fmt: skip

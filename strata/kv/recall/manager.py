@@ -6,9 +6,15 @@
              a request that could never fit is refused at once, naming both numbers
     admit    (scheduler) its GPU state is allocated and its host slots reserved, or it
              waits while running sequences hold the memory
+    commit   (after each step) a sequence that computed its prompt publishes its full
+             prompt blocks (prefix_sharing.py), then gives its key slots back if its
+             policy stops reading keys from the host (shadowkv: sequence.py)
     release  (finish, abort) both are given back at once; a preempted sequence keeps them
-             (a sequence gives its key slots back early if its policy stops reading keys
-             from the host: sequence.py)
+
+With prefix sharing (`sharing`, off under tensor parallelism) a request's leading prompt
+blocks that the store has published are reused at admission: it holds references on
+their host slots and needs new slots only for the rest. Host slots nobody holds but
+that stay published are cached, and count as available: allocating evicts them.
 
 Under tensor parallelism every rank holds such a manager over its own KV heads; rank 0's
 decides, and each admitted sequence gets a serial number by which the workers mirror it
@@ -23,7 +29,7 @@ bytes while it holds any, and goes when its last row is released.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,11 +37,14 @@ import torch
 from strata.attention.layer_inputs import Rotary
 from strata.errors import InvalidRequestError
 from strata.kv.policies.budget import tokens_allowed
+from strata.kv.prefix import BlockRef
 from strata.kv.recall.geometry import RecallGeometry
 from strata.kv.recall.host_store import HostKVStore
 from strata.kv.recall.page import PageKey, RecallPage
 from strata.kv.recall.page_decode import PageDecoder
 from strata.kv.recall.policy import SummaryRoom
+from strata.kv.recall.prefix_copy import load_prefix
+from strata.kv.recall.prefix_sharing import PrefixSharing
 from strata.kv.recall.ranks import HeadShard
 from strata.kv.recall.registry import RECALL_POLICIES
 from strata.kv.recall.sequence import RecallSequence
@@ -49,10 +58,12 @@ class RecallKV:
     policy: str
     budget_blocks: int
     max_tokens: int
-    host_blocks: int  # middle blocks it can have: a key slot and a value slot each
+    host_blocks: int  # blocks it can have: a key slot and a value slot each
     gpu_bytes: int
     prompt_tokens: int
     state: RecallSequence | None = None
+    prompt_blocks: tuple[BlockRef, ...] = ()  # its full prompt blocks' keys (when sharing)
+    published: bool = False  # its prompt blocks went to the store's index
 
     @property
     def host_slots(self) -> int:
@@ -64,9 +75,17 @@ class RecallManager:
     def __init__(
         self, geometry: RecallGeometry, store: HostKVStore, gpu_budget: int, device: torch.device,
         rope: Rotary | None = None, graphs: bool = False, shard: HeadShard | None = None,
-        page_rows: int = 4,
+        page_rows: int = 4, prefix_root: bytes | None = None,
     ) -> None:  # fmt: skip
+        """prefix_root: the engine's block-key root, to share prompt blocks in the store
+        (whose slots must then span every layer); None: no sharing."""
         self.geometry, self.store, self.device = geometry, store, device
+        self.sharing: PrefixSharing | None = None
+        if prefix_root is not None and geometry.sparse_layers:
+            if store.num_layers != geometry.num_layers:
+                raise ValueError("a recall store sharing prefixes keeps every layer")
+            self.sharing = PrefixSharing(prefix_root, geometry.block_size)
+        self.blocks_reused = self.blocks_published = 0  # prompt blocks, so far
         self.shard = shard  # tensor parallelism: this rank's KV heads (ranks.py)
         # CUDA graphs of selecting decode steps (layer_graphs.py): one capture stream
         self._graph_stream: torch.cuda.Stream | None = None
@@ -87,8 +106,12 @@ class RecallManager:
 
     # ---- requests --------------------------------------------------------------------------
 
-    def plan_for(self, policy: str, budget: float, num_prompt: int, max_tokens: int) -> RecallKV:
-        """The RecallKV of a request, or InvalidRequestError if it can never fit."""
+    def plan_for(
+        self, policy: str, budget: float, num_prompt: int, max_tokens: int,
+        prompt: Sequence[int] = (), salt: str | None = None,
+    ) -> RecallKV:  # fmt: skip
+        """The RecallKV of a request, or InvalidRequestError if it can never fit. prompt,
+        salt: its prompt tokens and cache partition, to share its prefix in the store."""
         g = self.geometry
         RECALL_POLICIES.check(policy)
         total = num_prompt + max_tokens
@@ -96,6 +119,8 @@ class RecallManager:
         host_blocks = g.max_blocks(total) if g.sparse_layers else 0
         budget_blocks = min(g.budget_blocks(tokens_allowed(budget, num_prompt)), host_blocks)
         kv = self.kv_for(policy, budget_blocks, total, host_blocks, num_prompt)
+        if self.sharing is not None and prompt:
+            kv.prompt_blocks = self.sharing.prompt_blocks(prompt[:num_prompt], salt)
         gpu = kv.gpu_bytes
         if kv.host_slots > self.store.num_slots:
             need = kv.host_slots * self.store.bytes_per_slot
@@ -134,16 +159,27 @@ class RecallManager:
 
     def admit(
         self, request_id: str, kv: RecallKV, serial: int | None = None, waiting: int = 1,
-        capacity: int | None = None,
+        capacity: int | None = None, reuse_limit: int | None = None,
     ) -> bool:  # fmt: skip
         """Give the sequence a row of a page (a new page if none of its kind has one free)
-        and reserve its host slots; False (nothing changed) if GPU memory or host slots are
-        short now. waiting: sequences of its kind waiting to be admitted, itself included
-        (they size a new page). serial, capacity: rank 0's, for a worker's mirror (its new
-        page's rows); by default the next serial of this manager's own."""
+        and reserve its host slots, reusing the published blocks its prompt starts with
+        (its state then holds them: `state.computed` tokens); False (nothing changed) if
+        GPU memory or host slots are short now. waiting: sequences of its kind waiting to
+        be admitted, itself included (they size a new page). serial, capacity: rank 0's,
+        for a worker's mirror (its new page's rows); by default the next serial of this
+        manager's own. reuse_limit: the most prompt tokens it may reuse (prompt positions
+        it still has to score must be computed)."""
         if kv.state is not None:
             raise RuntimeError(f"recall sequence {request_id!r} admitted twice")
-        if kv.host_slots > self.store.num_free:
+        reused = []
+        if self.sharing is not None:
+            blocks = kv.prompt_blocks
+            if reuse_limit is not None:
+                blocks = blocks[: reuse_limit // self.geometry.block_size]
+            reused = self.sharing.reusable(self.store, blocks, kv.prompt_tokens)
+        shared = [slot for block in reused for slot in block.slots]
+        fresh = kv.host_slots - len(shared)  # holding a cached slot takes it from the rest
+        if fresh > self.store.num_available - self.store.num_unheld(shared):
             return False
         dense = self.geometry.dense_bytes(kv.max_tokens)
         page = self._page_with_room(kv, dense, waiting, capacity)
@@ -151,15 +187,20 @@ class RecallManager:
             return False
         if serial is None:
             serial, self._serials = self._serials, self._serials + 1
-        slots = self.store.allocate(request_id, kv.host_slots)
+        self.store.hold(request_id, shared)
+        slots = self.store.allocate(request_id, fresh)
         row = page.free_row()
         assert row is not None
-        n = kv.host_blocks
+        n = kv.host_blocks - len(reused)
         kv.state = RecallSequence(
             self.geometry, RECALL_POLICIES.get(kv.policy)(), kv.budget_blocks, kv.max_tokens,
-            self.store, slots[:n], slots[n:], page, row, request_id, self.rope,
-            kv.prompt_tokens, serial, self.shard,
+            self.store, shared[0::2] + slots[:n], shared[1::2] + slots[n:], page, row,
+            request_id, self.rope, kv.prompt_tokens, serial, self.shard,
+            publishes=self.sharing is not None,
         )  # fmt: skip
+        if reused:
+            load_prefix(kv.state, len(reused))
+            self.blocks_reused += len(reused)
         if page.decoder is None and kv.state.working_set is not None:
             page.decoder = PageDecoder(
                 page, self.geometry, RECALL_POLICIES.get(kv.policy)(),
@@ -196,10 +237,26 @@ class RecallManager:
         self.gpu_used += page.nbytes
         return page
 
+    def commit(self, request_id: str) -> None:
+        """After a step that computed some of the sequence's tokens: once its prompt is
+        computed, its full prompt blocks are published; then its key slots go back if its
+        policy reads no more keys from the host."""
+        kv = self._live.get(request_id)
+        state = None if kv is None else kv.state
+        if kv is None or state is None:
+            return
+        if self.sharing is not None and not kv.published and state.computed >= kv.prompt_tokens:
+            self.blocks_published += self.sharing.publish(self.store, kv.prompt_blocks, state)
+            kv.published = True
+        state.give_back_keys()
+
     def release(self, request_id: str) -> None:
-        """Give back a sequence's row (its page, once empty) and host slots (a no-op if it
-        holds none)."""
+        """Give back a sequence's row (its page, once empty) and its references on host
+        slots (a no-op if it holds none): a slot nobody holds is free, or cached if
+        published."""
         kv = self._live.pop(request_id, None)
+        if kv is not None and kv.state is not None:
+            self.store.give_back(request_id, kv.state.held_slots_deepest_first())
         self.store.free(request_id)
         if kv is None or kv.state is None:
             return
@@ -256,6 +313,19 @@ class RecallManager:
             "recall_host_bytes_used": self.store.used_bytes,
             "recall_host_bytes": self.store.nbytes,
             "recall_gpu_bytes_used": self.gpu_used,
+            **self._sharing_stats(),
+        }
+
+    def _sharing_stats(self) -> dict[str, float]:
+        store = self.store
+        return {
+            # prompt blocks sequences reused from the store at admission (not computed)
+            "recall_prefix_blocks_reused": self.blocks_reused,
+            "recall_prefix_blocks_published": self.blocks_published,
+            "recall_prefix_blocks_indexed": len(store.index),
+            "recall_host_slots_shared": store.num_shared,  # held by two sequences or more
+            "recall_host_bytes_cached": store.cached_bytes,  # published, unheld: evictable
+            "recall_host_slots_evicted": store.num_evicted,
         }
 
     def gpu_bytes_of(self, request_id: str) -> int:
@@ -292,15 +362,12 @@ class RecallManager:
         if used != self.gpu_used:
             problems.append(f"recall GPU bytes: {self.gpu_used} counted, {used} held")
         problems += self._page_problems()
-        held = 0
         for request_id, kv in self._live.items():
             state = kv.state
             slots = [] if state is None else state.key_slots + state.value_slots
-            held += len(slots)
             if sorted(self.store.owned(request_id)) != sorted(slots):
                 problems.append(f"recall sequence {request_id!r} holds the wrong host slots")
-        owners = {o for o in self._live}
-        stray = self.store.num_slots - self.store.num_free - held
+        stray = self.store.owners() - set(self._live)
         if stray:
-            problems.append(f"{stray} host slots held by no live recall sequence ({owners})")
+            problems.append(f"host slots held by no live recall sequence: {sorted(stray)}")
         return problems

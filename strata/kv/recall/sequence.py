@@ -5,6 +5,13 @@ counts alone); per layer the forward then writes the chunk's K/V and attends
 (`attend`), on the device only. Its GPU tensors are one row of a RecallPage (page.py):
 a selecting decode step runs for the page's rows together (page_decode.py), and the
 sequence only retires what leaves its tail afterwards (`retire_after_decode`).
+
+Host slots, per block b (sink, middle and tail alike): keys in key_slots[b], values in
+value_slots[b]; middle block j is block j + SINK_BLOCKS. With shared prefixes
+(`publishes`), the store holds every layer of its first `on_host` blocks (reused ones,
+published by another sequence, or its own prompt once published): the sequence never
+writes those slots again, and its prompt's last chunk writes what the store lacks of its
+full prompt blocks (prefix_copy.py) for the manager to publish after the step.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from strata.kv.recall.geometry import SINK_BLOCKS, RecallGeometry
 from strata.kv.recall.host_store import HostKVStore
 from strata.kv.recall.page import RecallPage
 from strata.kv.recall.policy import RecallPolicy, SummaryRoom
+from strata.kv.recall.prefix_copy import write_prompt_blocks
 from strata.kv.recall.ranks import HeadShard
 from strata.kv.recall.rows import copy_rows
 from strata.kv.recall.tensors import SequenceTensors
@@ -63,6 +71,7 @@ class RecallSequence:
         prompt_tokens: int = 0,
         serial: int = 0,
         shard: HeadShard | None = None,
+        publishes: bool = False,
     ) -> None:
         g = geometry
         self.shard = shard  # tensor parallelism: its heads are this rank's (ranks.py)
@@ -80,18 +89,15 @@ class RecallSequence:
         on_cuda = device.type == "cuda" and self.dense_kernel
         self.dense_decode = DenseDecode(dense_shape[2], device) if on_cuda else None
         room_blocks = g.room_blocks(len(value_slots))
+        self.publishes = publishes  # its full prompt blocks go to the store in every layer
         t = SequenceTensors.of(buffers, g, room_blocks)
         self.sink_k, self.sink_v, self.tail_k, self.tail_v = t.sink_k, t.sink_v, t.tail_k, t.tail_v
         # A selecting decode step's counts: the tail holds `held` tokens before it, and
         # `middle` middle blocks exist.
         self.held, self.middle = t.held, t.middle
         self.bytes_fetched, self.blocks_attended = t.bytes_fetched, t.blocks_attended
-        # middle block j's keys live in host slot key_slots[j], its values in value_slots[j];
-        # the key slots go back to the store once the policy stops reading keys from it
-        self.owner, self.key_slots, self.value_slots = owner, key_slots, value_slots
-        self.key_slots_t, self.value_slots_t = t.key_slots, t.value_slots
-        self.key_slots_t[: len(key_slots)] = torch.tensor(key_slots, dtype=torch.long)
-        self.value_slots_t[: len(value_slots)] = torch.tensor(value_slots, dtype=torch.long)
+        self.owner = owner
+        self._hold_slots(t, key_slots, value_slots)
         room = SummaryRoom(
             g.sparse_layers, kvh, room_blocks, d, g.block_size, dt, budget_blocks, device,
             g.landmark_tokens, shard, g.quest_page_tokens,
@@ -107,6 +113,21 @@ class RecallSequence:
         self.tail_start = 0  # the tail holds tokens [tail_start, computed)
         self.computed = 0
         self.decode_steps = 0
+        self.on_host = 0  # leading blocks the store holds in every layer (never rewritten)
+
+    def _hold_slots(self, t: SequenceTensors, key_slots: list[int], value_slots: list[int]) -> None:
+        """Block b's keys live in host slot key_slots[b], its values in value_slots[b]; the
+        key slots go back to the store once the policy stops reading keys from it. The
+        device tables name the middle blocks' slots (middle block j: table entry j), and
+        block_slots_t every block's [key slot, value slot], so that the prompt's last
+        chunk writes the blocks the store lacks with no host sync (prefix_copy.py)."""
+        self.key_slots, self.value_slots = key_slots, value_slots
+        self.key_slots_t, self.value_slots_t = t.key_slots, t.value_slots
+        for table, slots in ((t.key_slots, key_slots), (t.value_slots, value_slots)):
+            middle = slots[SINK_BLOCKS:]
+            table[: len(middle)] = torch.tensor(middle, dtype=torch.long)
+        device = t.key_slots.device
+        self.block_slots_t = torch.tensor([key_slots, value_slots], device=device).view(2, -1)
 
     # ---- host side, once per step -----------------------------------------------------------
 
@@ -150,6 +171,8 @@ class RecallSequence:
             dk, dv = self.dense_k[layer], self.dense_v[layer]
             dk[:, chunk.start : chunk.end] = k.transpose(0, 1)
             dv[:, chunk.start : chunk.end] = v.transpose(0, 1)
+            if self.publishes and chunk.end == self.prompt_tokens:
+                write_prompt_blocks(self, layer, chunk)
             if self.dense_decode is not None and chunk.num_tokens == 1:
                 return self.dense_decode.attend(q, dk, dv, chunk.end, scale)
             return chunk_attention(
@@ -168,6 +191,8 @@ class RecallSequence:
         )  # fmt: skip
         self._retire(s, seg_k, seg_v, chunk)
         if chunk.end == self.prompt_tokens:
+            if self.publishes:
+                write_prompt_blocks(self, layer, chunk)
             self._ready_selection(s, chunk)
         return out
 
@@ -190,7 +215,8 @@ class RecallSequence:
             return empty, empty, None
         keys, values = [self.sink_k[s]], [self.sink_v[s]]
         m, mask = chunk.num_middle, None  # mask None: every prefix key is attended
-        if m > 0 and chunk.num_tokens == 1 and self.working_set is not None:
+        decode = chunk.num_tokens == 1 and chunk.start >= self.prompt_tokens  # prefill: exact
+        if m > 0 and decode and self.working_set is not None:
             held = self._recall(s, q[0], m)
             ws = self.working_set
             keys.append(ws.k[s].reshape(kvh, -1, d))
@@ -218,14 +244,26 @@ class RecallSequence:
         policy that wants them all and has not had them."""
         if self.policy.wants_all_keys(s):
             self.policy.take_all_keys(s, self._stream(s, m, keys=True))
-            if self.key_slots and not self.policy.needs_host_keys():
-                self.store.give_back(self.owner, self.key_slots)
-                self.key_slots = []
+            if not self.publishes:  # else once its prompt is published (RecallManager.commit)
+                self.give_back_keys()
+
+    def give_back_keys(self) -> None:
+        """Drop the key slots once the policy reads no key from the host any more."""
+        if self.key_slots and not self.policy.needs_host_keys():
+            self.store.give_back(self.owner, self.key_slots[::-1])  # deepest first
+            self.key_slots = []
+
+    def held_slots_deepest_first(self) -> list[int]:
+        """The host slots it holds, from its last block to its first: released in this
+        order, a shared prefix's deepest blocks are evicted first (host_store.py), and
+        what stays cached is still a prefix, reusable from its first block."""
+        keys, values = self.key_slots, self.value_slots
+        return [s for b in reversed(range(len(values))) for s in (*keys[b : b + 1], values[b])]
 
     @property
     def keys_on_host(self) -> bool:
         """Whether the host store holds this sequence's keys (not only its values)."""
-        return bool(self.key_slots) or not self.value_slots
+        return bool(self.key_slots) and self.policy.needs_host_keys()
 
     def _host_rows(self, s: int, blocks: torch.Tensor, keys: bool) -> torch.Tensor:
         """Flat host-store rows of the keys (or values) of middle blocks [KVH, n]."""
@@ -272,6 +310,20 @@ class RecallSequence:
         self.bytes_fetched += src.numel() * host.shape[1] * host.element_size()
         return scratch.view(g.num_kv_heads, m, g.block_size, g.head_dim)
 
+    def _store_middle(self, s: int, first: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Blocks first.. (keys, values [KVH, n, bs, D]) of sparse layer s into their host
+        slots (only values once the policy reads no key from the host)."""
+        g = self.geometry
+        kvh, n = keys.shape[:2]
+        middle = torch.arange(first - SINK_BLOCKS, first + n - SINK_BLOCKS, device=keys.device)
+        blocks = middle[None, :].expand(kvh, n)
+        src = torch.arange(kvh * n, device=keys.device)
+        host = self.store.flat()
+        parts = ((keys, True), (values, False)) if self.keys_on_host else ((values, False),)
+        for part, are_keys in parts:
+            dst = self._host_rows(s, blocks, are_keys).flatten()
+            copy_rows(part.reshape(kvh * n, g.block_size * g.head_dim), host, src, dst)
+
     def _retire(self, s: int, seg_k: torch.Tensor, seg_v: torch.Tensor, chunk: RecallChunk) -> None:
         """Blocks leaving the tail go to the sink or the host store (with their summaries);
         the rest of seg becomes the tail. seg: tokens [tail_start, end), [KVH, n, D]."""
@@ -287,14 +339,9 @@ class RecallSequence:
             n = last - lo
             keys = seg_k[:, rel : rel + n * bs].reshape(kvh, n, bs, d)
             values = seg_v[:, rel : rel + n * bs].reshape(kvh, n, bs, d)
-            middle = torch.arange(lo - SINK_BLOCKS, last - SINK_BLOCKS, device=seg_k.device)
-            blocks = middle[None, :].expand(kvh, n)
-            src = torch.arange(kvh * n, device=seg_k.device)
-            host = self.store.flat()
-            parts = ((keys, True), (values, False)) if self.keys_on_host else ((values, False),)
-            for part, are_keys in parts:
-                dst = self._host_rows(s, blocks, are_keys).flatten()
-                copy_rows(part.reshape(kvh * n, bs * d), host, src, dst)
+            new = max(0, min(n, last - self.on_host))  # the store lacks the last `new`
+            if new > 0:
+                self._store_middle(s, last - new, keys[:, n - new :], values[:, n - new :])
             self.policy.summarize(s, lo - SINK_BLOCKS, keys)
         keep = chunk.new_tail_start - chunk.tail_start
         rest = seg_k.shape[1] - keep

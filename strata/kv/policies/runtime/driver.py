@@ -116,7 +116,9 @@ class KVPolicyDriver:
             )
         # kv_compress_prefix changes nothing here: a recall policy compresses no context,
         # it picks per decode step with that step's query (both protocols are one).
-        return self.recall.plan_for(name, budget, seq.num_prompt_tokens, seq.max_tokens)
+        return self.recall.plan_for(
+            name, budget, seq.num_prompt_tokens, seq.max_tokens, seq.token_ids, seq.cache_salt
+        )
 
     def _check_fits_pool(self, seq: PolicySequence) -> None:
         """A sequence outside the recall store must fit the pool at its longest."""

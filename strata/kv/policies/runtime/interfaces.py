@@ -41,6 +41,11 @@ class PolicySequence(Protocol):
     def num_prompt_tokens(self) -> int: ...
 
     @property
+    def cache_salt(self) -> str | None:
+        """Its prefix-cache partition (a tenant, a cache_salt)."""
+        ...
+
+    @property
     def params(self) -> PolicyParams: ...
 
 
