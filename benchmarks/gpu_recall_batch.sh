@@ -10,9 +10,10 @@
 #     b128k     128k context, recall policies at batch $B128 (default 4), pages of $ROWS128
 #               rows (default 1,4)
 #     max128k   128k context, each recall policy at the largest batch the host holds:
-#               quest at $BQ (default 6: keys and values, 15 GiB a sequence), shadowkv at
-#               $BS (default 10: 7.5 GiB a sequence once its keys are fitted, 15 GiB
-#               while it prefills), in pages of up to 8 rows; WSF (default 1): the
+#               quest at $BQ (default 6: keys and values, 16 GiB a sequence: with shared
+#               prefixes the store keeps the dense layers too), shadowkv at $BS (default
+#               10: 8 GiB a sequence once its keys are fitted, 16 GiB while it
+#               prefills), in pages of up to 8 rows; WSF (default 1): the
 #               working-set factor of every recall run
 #     full128k  128k context, full attention in the GPU pool at batch $FULLB (default "1 3")
 #     dense128k 128k context, quest and shadowkv at batch $BD (default 4) in one page, with
@@ -40,15 +41,15 @@ if has b128k; then
   b="${B128:-4}"  # 15 GiB of host store each; 6 (96 GiB pinned) failed on a 125 GiB host
   speed --only decode --contexts 131072 --batch "$b" --modes quest,shadowkv --steps 12 \
     --page-rows "${ROWS128:-1,4}" \
-    --pool-gib 17 --recall-gpu-gib $((3 * b + 2)) --host-gib $((16 * b)) --json "$OUT/b128k.json"
+    --pool-gib 17 --recall-gpu-gib $((3 * b + 2)) --host-gib $((17 * b)) --json "$OUT/b128k.json"
 fi
 if has max128k; then
   bq="${BQ:-6}" bs="${BS:-10}"
   speed --only decode --contexts 131072 --batch "$bq" --modes quest --steps 8 --page-rows 8 --slack 200 \
-    --pool-gib 4 --recall-gpu-gib $(((2 + ${WSF:-1}) * bq + 2)) --host-gib $((15 * bq + 1)) \
+    --pool-gib 4 --recall-gpu-gib $(((2 + ${WSF:-1}) * bq + 2)) --host-gib $((16 * bq + 1)) \
     --json "$OUT/max128k_quest.json"
   speed --only decode --contexts 131072 --batch "$bs" --modes shadowkv --steps 8 --page-rows 8 --slack 200 \
-    --pool-gib 4 --recall-gpu-gib $(((3 + ${WSF:-1}) * bs + 2)) --host-gib $((15 * bs / 2 + 9)) \
+    --pool-gib 4 --recall-gpu-gib $(((3 + ${WSF:-1}) * bs + 2)) --host-gib $((8 * bs + 9)) \
     --json "$OUT/max128k_shadowkv.json"
 fi
 if has profile; then  # eager by default, so the table shows each kernel's CUDA time
