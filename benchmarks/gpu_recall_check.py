@@ -6,7 +6,8 @@ every block give full attention's greedy tokens; a batch mixing quest and shadow
 budgets), full and full_offload equals each request run alone; requests of one length
 share a page (strata/kv/recall/page.py) and its rows decoding together equal each alone;
 selecting decode steps replayed from CUDA graphs give the tokens of an eager engine;
-nothing leaks.
+a request reusing another's prompt prefix from the store (shared prefixes) gives the
+tokens it gives salted apart (computing everything itself); nothing leaks.
 
 python benchmarks/gpu_recall_check.py
 """
@@ -51,6 +52,7 @@ def main() -> None:
     same = [torch.randint(100, 40000, (1200,), generator=g).tolist() for _ in range(4)]
     rows += pages_equal_solo(same, greedy, llm)
     rows += [(f"one page: {name}", ok) for name, ok in graphs_equal_eager(same, greedy, llm)]
+    rows += shared_prefix_equals_alone(g, greedy, llm)
     llm.check_integrity()
     stats = llm.stats()
     rows.append(("no recall state left", stats["recall_sequences"] == 0))
@@ -74,6 +76,28 @@ def pages_equal_solo(
         solo = [llm.generate([p], params)[0].token_ids for p in prompts]
         batch = [o.token_ids for o in llm.generate(prompts, params)]
         rows.append((f"{policy}: a page of {len(prompts)} rows == each alone", batch == solo))
+    return rows
+
+
+def shared_prefix_equals_alone(
+    g: torch.Generator, greedy: dict[str, Any], llm: LLM
+) -> list[tuple[str, bool]]:
+    """A document, then two questions: the second request reuses the first's published
+    prompt blocks, and gives the tokens it gives under its own cache_salt (no reuse)."""
+    document = torch.randint(100, 40000, (1400,), generator=g).tolist()
+    first, second = (document + torch.randint(100, 40000, (n,), generator=g).tolist()
+                     for n in (40, 70))  # fmt: skip
+    rows = []
+    for policy in ("quest", "shadowkv"):
+        salted = {salt: SamplingParams(kv_policy=policy, kv_budget=256, cache_salt=salt, **greedy)
+                  for salt in (f"alone:{policy}", policy)}  # fmt: skip
+        alone = llm.generate([second], salted[f"alone:{policy}"])[0].token_ids
+        llm.generate([first], salted[policy])
+        before = llm.stats()["recall_prefix_blocks_reused"]
+        shared = llm.generate([second], salted[policy])[0].token_ids
+        reused = llm.stats()["recall_prefix_blocks_reused"] - before
+        rows.append((f"{policy}: {reused} reused prompt blocks == alone", reused > 0 and
+                     shared == alone))  # fmt: skip
     return rows
 
 
