@@ -181,3 +181,28 @@ def test_a_pages_other_decode_rows_join_its_unit(
     assert tokens(llm, prompts, params) == solo
     assert joined > 0
     assert_recall_idle(llm)
+
+
+def test_paged_sequences_retire_once_per_run_of_consecutive_layers() -> None:
+    """After the step's last layer each page-decoded sequence retires its tails' leaving
+    blocks once per run of consecutive sparse layers its page decoded (a layer fitted
+    outside the page breaks the run), then nothing is left pending."""
+    from types import SimpleNamespace
+
+    from strata.attention.reference import ReferenceAttention
+    from strata.kv.recall.attention import RecallAttention
+
+    calls: list[tuple[str, slice]] = []
+
+    def part(name: str) -> Any:
+        def retire(layers: slice, chunk: object) -> None:
+            calls.append((name, layers))
+
+        return SimpleNamespace(state=SimpleNamespace(retire_after_decode=retire), chunk=None)
+
+    backend = RecallAttention(ReferenceAttention())
+    a, b = part("a"), part("b")
+    backend._paged = {1: (a, [0, 1, 2, 4, 5]), 2: (b, [3])}
+    backend.retire_paged()
+    assert calls == [("a", slice(0, 3)), ("a", slice(4, 6)), ("b", slice(3, 4))]
+    assert backend._paged == {}

@@ -88,6 +88,9 @@ class RecallAttention(AttentionBackend[RecallMetadata]):
         self.name = f"{inner.name}+recall"
         self._pending: tuple[Tensor, Tensor] | None = None  # this layer's k, v: write -> attend
         self._streams: list[torch.cuda.Stream] = []  # side streams of decode rows (CUDA)
+        # this forward's page-decoded parts and the sparse layers each was decoded in:
+        # their blocks leaving the tails retire after the last layer (retire_paged)
+        self._paged: dict[int, tuple[RecallRows, list[int]]] = {}
 
     def prepare(
         self, layout: BatchLayout, slot_mapping: Tensor, device: torch.device
@@ -119,6 +122,8 @@ class RecallAttention(AttentionBackend[RecallMetadata]):
             out[meta.ordinary] = self.inner.attend(
                 q[meta.ordinary], k_cache, v_cache, meta.inner, scale
             )
+        if meta.layer == 0:
+            self._paged.clear()
         prefill, decode = self._units(meta, q, k, v, out, scale)
         for unit in prefill:
             unit()
@@ -127,7 +132,21 @@ class RecallAttention(AttentionBackend[RecallMetadata]):
         else:
             for unit in decode:
                 unit()
+        if meta.recall and meta.layer == meta.recall[0].state.geometry.num_layers - 1:
+            self.retire_paged()
         return out
+
+    def retire_paged(self) -> None:
+        """After the step's last layer: each page-decoded sequence retires the blocks
+        leaving its tails, in every run of consecutive sparse layers its page decoded at
+        once (every sparse layer, but for a layer that still fitted its summaries)."""
+        for part, layers in self._paged.values():
+            start = layers[0]
+            for prev, s in zip(layers, [*layers[1:], -1], strict=True):
+                if s != prev + 1:
+                    part.state.retire_after_decode(slice(start, prev + 1), part.chunk)
+                    start = s
+        self._paged.clear()
 
     def _units(
         self, meta: RecallMetadata, q: Tensor, k: Tensor, v: Tensor, out: Tensor, scale: float
@@ -142,6 +161,8 @@ class RecallAttention(AttentionBackend[RecallMetadata]):
         for step in self._ready_pages(meta.pages, s, q.device) if s >= 0 else ():
             by_page[id(step.page)] = [partial(run_page_step, step, s, q, k, v, out, scale)]
             paged.update(id(p) for p in step.parts)
+            for part in step.parts:
+                self._paged.setdefault(id(part), (part, []))[1].append(s)
         prefill: list[Unit] = []
         decode: list[Unit] = []
         for part in meta.recall:

@@ -10,7 +10,8 @@
 
 Every shape is the page's, and the rows' counts are device tensors: nothing syncs, and
 the step is captured in a CUDA graph per layer (page.graphs) and replayed whatever rows
-take part. Blocks leaving a row's tail retire afterwards, per sequence, outside the graph.
+take part. Blocks leaving a row's tail retire after the step's last layer, per sequence
+and for all its paged layers at once, outside the graph (RecallAttention).
 """
 
 from __future__ import annotations
@@ -123,7 +124,8 @@ def run_page_step(
     out: torch.Tensor, scale: float,
 ) -> None:  # fmt: skip
     """Decode sparse layer s for the step's parts through their page (from its layer's
-    CUDA graph where there is one) into out's rows, then retire what leaves their tails."""
+    CUDA graph where there is one) into out's rows. What leaves their tails retires after
+    the step's last layer (RecallAttention)."""
     page, d = step.page, step.page.decoder
     assert d is not None
     for into, x in ((d.q, q), (d.k, k), (d.v, v)):
@@ -132,5 +134,3 @@ def run_page_step(
     fn: Callable[[], torch.Tensor] = lambda: d.decode(s, d.q, d.k, d.v, d.active, scale)  # noqa: E731
     result = page.graphs.run(s, fn) if page.graphs is not None else fn()
     out[step.flat] = result[step.rows].to(out.dtype)
-    for part in step.parts:
-        part.state.retire_after_decode(s, part.chunk)

@@ -4,7 +4,8 @@ Per step the host plans the chunk (`plan`: which blocks leave the tail, from the
 counts alone); per layer the forward then writes the chunk's K/V and attends
 (`attend`), on the device only. Its GPU tensors are one row of a RecallPage (page.py):
 a selecting decode step runs for the page's rows together (page_decode.py), and the
-sequence only retires what leaves its tail afterwards (`retire_after_decode`).
+sequence only retires what leaves its tails afterwards, every such layer at once, after
+the step's last layer (`retire_after_decode`, called by attention.py).
 
 Host slots, per block b (sink, middle and tail alike): keys in key_slots[b], values in
 value_slots[b]; middle block j is block j + SINK_BLOCKS. With shared prefixes
@@ -189,20 +190,21 @@ class RecallSequence:
             q, torch.cat([pk, seg_k], 1), torch.cat([pv, seg_v], 1), mask, chunk.tail_start,
             chunk.start, scale,
         )  # fmt: skip
-        self._retire(s, seg_k, seg_v, chunk)
+        self._retire(slice(s, s + 1), seg_k[None], seg_v[None], chunk)
         if chunk.end == self.prompt_tokens:
             if self.publishes:
                 write_prompt_blocks(self, layer, chunk)
             self._ready_selection(s, chunk)
         return out
 
-    def retire_after_decode(self, s: int, chunk: RecallChunk) -> None:
-        """After its page decoded sparse layer s (which wrote the token into the tail),
-        the blocks leaving the tail retire."""
+    def retire_after_decode(self, layers: slice, chunk: RecallChunk) -> None:
+        """After its page decoded sparse layers `layers` (each wrote the token into its
+        tail), the blocks leaving the tails retire, in every one of those layers at once."""
         if chunk.new_tail_start > chunk.tail_start:
             n = chunk.end - chunk.tail_start  # the tail holds them all now, in order
-            seg_k, seg_v = self.tail_k[s, :, :n].clone(), self.tail_v[s, :, :n].clone()
-            self._retire(s, seg_k, seg_v, chunk)
+            seg_k = self.tail_k[layers, :, :n].clone()
+            seg_v = self.tail_v[layers, :, :n].clone()
+            self._retire(layers, seg_k, seg_v, chunk)
 
     def _prefix(
         self, s: int, q: torch.Tensor, chunk: RecallChunk
@@ -310,40 +312,50 @@ class RecallSequence:
         self.bytes_fetched += src.numel() * host.shape[1] * host.element_size()
         return scratch.view(g.num_kv_heads, m, g.block_size, g.head_dim)
 
-    def _store_middle(self, s: int, first: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Blocks first.. (keys, values [KVH, n, bs, D]) of sparse layer s into their host
-        slots (only values once the policy reads no key from the host)."""
+    def _store_middle(
+        self, layers: slice, first: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> None:
+        """Blocks first.. (keys, values [L, KVH, n, bs, D]) of sparse layers `layers` into
+        their host slots (only values once the policy reads no key from the host). Sparse
+        layer s is store layer s, so a layer further is num_slots * KVH rows further."""
         g = self.geometry
-        kvh, n = keys.shape[:2]
+        num_layers, kvh, n = keys.shape[:3]
         middle = torch.arange(first - SINK_BLOCKS, first + n - SINK_BLOCKS, device=keys.device)
         blocks = middle[None, :].expand(kvh, n)
-        src = torch.arange(kvh * n, device=keys.device)
+        src = torch.arange(num_layers * kvh * n, device=keys.device)
         host = self.store.flat()
+        step = torch.arange(num_layers, device=keys.device) * (self.store.num_slots * kvh)
         parts = ((keys, True), (values, False)) if self.keys_on_host else ((values, False),)
         for part, are_keys in parts:
-            dst = self._host_rows(s, blocks, are_keys).flatten()
-            copy_rows(part.reshape(kvh * n, g.block_size * g.head_dim), host, src, dst)
+            rows = self._host_rows(layers.start, blocks, are_keys).flatten()
+            dst = (step[:, None] + rows[None, :]).flatten()
+            copy_rows(part.reshape(-1, g.block_size * g.head_dim), host, src, dst)
 
-    def _retire(self, s: int, seg_k: torch.Tensor, seg_v: torch.Tensor, chunk: RecallChunk) -> None:
-        """Blocks leaving the tail go to the sink or the host store (with their summaries);
-        the rest of seg becomes the tail. seg: tokens [tail_start, end), [KVH, n, D]."""
+    def _retire(
+        self, layers: slice, seg_k: torch.Tensor, seg_v: torch.Tensor, chunk: RecallChunk
+    ) -> None:  # fmt: skip
+        """Blocks leaving the tails of sparse layers `layers` go to the sink or the host
+        store (with their summaries); the rest of seg becomes the tails. seg: tokens
+        [tail_start, end) of each layer, [L, KVH, n, D]."""
         g = self.geometry
         bs, kvh, d = g.block_size, g.num_kv_heads, g.head_dim
         first, last = chunk.tail_start // bs, chunk.new_tail_start // bs
         if first < SINK_BLOCKS <= last:
-            self.sink_k[s] = seg_k[:, : SINK_BLOCKS * bs]
-            self.sink_v[s] = seg_v[:, : SINK_BLOCKS * bs]
+            self.sink_k[layers] = seg_k[:, :, : SINK_BLOCKS * bs]
+            self.sink_v[layers] = seg_v[:, :, : SINK_BLOCKS * bs]
         lo = max(first, SINK_BLOCKS)
         if lo < last:
             rel = (lo - first) * bs
             n = last - lo
-            keys = seg_k[:, rel : rel + n * bs].reshape(kvh, n, bs, d)
-            values = seg_v[:, rel : rel + n * bs].reshape(kvh, n, bs, d)
+            keys = seg_k[:, :, rel : rel + n * bs].reshape(-1, kvh, n, bs, d)
+            values = seg_v[:, :, rel : rel + n * bs].reshape(-1, kvh, n, bs, d)
             new = max(0, min(n, last - self.on_host))  # the store lacks the last `new`
             if new > 0:
-                self._store_middle(s, last - new, keys[:, n - new :], values[:, n - new :])
-            self.policy.summarize(s, lo - SINK_BLOCKS, keys)
+                self._store_middle(layers, last - new, keys[:, :, n - new :],
+                                   values[:, :, n - new :])  # fmt: skip
+            for i, s in enumerate(range(layers.start, layers.stop)):
+                self.policy.summarize(s, lo - SINK_BLOCKS, keys[i])
         keep = chunk.new_tail_start - chunk.tail_start
-        rest = seg_k.shape[1] - keep
-        self.tail_k[s, :, :rest] = seg_k[:, keep:]
-        self.tail_v[s, :, :rest] = seg_v[:, keep:]
+        rest = seg_k.shape[2] - keep
+        self.tail_k[layers, :, :rest] = seg_k[:, :, keep:]
+        self.tail_v[layers, :, :rest] = seg_v[:, :, keep:]
