@@ -18,9 +18,10 @@ from strata.kv.recall.working_set import Moves, WorkingSet
 def host_rows(
     store: HostKVStore, table: torch.Tensor, s: int, blocks: torch.Tensor
 ) -> torch.Tensor:
-    """Flat host-store rows (HostKVStore.flat) of middle blocks [..., kv_heads, n] of
-    sparse layer s, where `table` [..., room] names each middle block's key (or value)
-    slot."""
+    """Flat host-store rows (HostKVStore.flat) of blocks [..., kv_heads, n] in store
+    layer s (sparse layer s: geometry.host_layer), where `table` [..., room] names each
+    block's key (or value) slot: the middle blocks' tables, or a sequence's table of
+    every block (prefix_copy.py)."""
     kvh = blocks.shape[-2]
     slots = table.gather(-1, blocks.flatten(-2)).view_as(blocks)
     heads = torch.arange(kvh, device=blocks.device)[:, None]

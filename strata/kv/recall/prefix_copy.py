@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from strata.kv.recall.fetch import host_rows
 from strata.kv.recall.geometry import SINK_BLOCKS
 from strata.kv.recall.rows import copy_rows
 
@@ -31,12 +32,11 @@ if TYPE_CHECKING:
 
 def _host_rows(seq: RecallSequence, layer: int, first: int, last: int, keys: bool) -> torch.Tensor:
     """Flat store rows (HostKVStore.flat) of blocks first..last-1 of model layer `layer`,
-    [(last - first) * kv_heads], block-major."""
-    g, store = seq.geometry, seq.store
-    slots = seq.block_slots_t[0 if keys else 1, first:last]  # keys: as admitted
-    heads = torch.arange(g.num_kv_heads, device=slots.device)
-    rows = (g.host_layer(layer) * store.num_slots + slots[:, None]) * g.num_kv_heads + heads
-    return rows.flatten()
+    [kv_heads * (last - first)], head-major."""
+    g = seq.geometry
+    table = seq.block_slots_t[0 if keys else 1]  # keys: as admitted
+    blocks = torch.arange(first, last, device=table.device).expand(g.num_kv_heads, -1)
+    return host_rows(seq.store, table, g.host_layer(layer), blocks).flatten()
 
 
 def _write(seq: RecallSequence, layer: int, first: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -50,13 +50,15 @@ def _write(seq: RecallSequence, layer: int, first: int, k: torch.Tensor, v: torc
     host = seq.store.flat()
     src = torch.arange(n * kvh, device=k.device)
     for part, keys in ((k, True), (v, False)):
-        rows = part.reshape(kvh, n, bs * d).transpose(0, 1).reshape(n * kvh, bs * d)
-        copy_rows(rows.to(host.dtype), host, src, _host_rows(seq, layer, first, first + n, keys))
+        rows = part.reshape(kvh * n, bs * d).to(host.dtype)
+        copy_rows(rows, host, src, _host_rows(seq, layer, first, first + n, keys))
 
 
-def _read(seq: RecallSequence, layer: int, first: int, last: int, keys: bool) -> torch.Tensor:
-    """K (or V) of blocks first..last-1 of `layer` from the store, [kv_heads, n * bs, dim]
-    on the compute device; counts the bytes."""
+def read_blocks(
+    seq: RecallSequence, layer: int, first: int, last: int, keys: bool
+) -> torch.Tensor:  # fmt: skip
+    """K (or V) of blocks first..last-1 of model layer `layer` from the store,
+    [kv_heads, n * bs, dim] on the compute device; counts the bytes."""
     g = seq.geometry
     host = seq.store.flat()
     src = _host_rows(seq, layer, first, last, keys)
@@ -64,10 +66,7 @@ def _read(seq: RecallSequence, layer: int, first: int, last: int, keys: bool) ->
     scratch = host.new_empty((src.numel(), host.shape[1]), device=src.device)
     copy_rows(host, scratch, src, dst)
     seq.bytes_fetched += src.numel() * host.shape[1] * host.element_size()
-    n = last - first
-    return scratch.view(n, g.num_kv_heads, g.block_size, g.head_dim).transpose(0, 1).reshape(
-        g.num_kv_heads, n * g.block_size, g.head_dim
-    )
+    return scratch.view(g.num_kv_heads, (last - first) * g.block_size, g.head_dim)
 
 
 def write_prompt_blocks(seq: RecallSequence, layer: int, chunk: RecallChunk) -> None:
@@ -101,18 +100,18 @@ def load_prefix(seq: RecallSequence, blocks: int) -> None:
         raise RuntimeError(f"a recall sequence at {seq.computed} cannot load {blocks} blocks")
     tail_block = max(0, blocks - g.window_blocks)
     for layer in range(g.dense_layers):
-        seq.dense_k[layer][:, : blocks * bs] = _read(seq, layer, 0, blocks, keys=True)
-        seq.dense_v[layer][:, : blocks * bs] = _read(seq, layer, 0, blocks, keys=False)
+        seq.dense_k[layer][:, : blocks * bs] = read_blocks(seq, layer, 0, blocks, keys=True)
+        seq.dense_v[layer][:, : blocks * bs] = read_blocks(seq, layer, 0, blocks, keys=False)
     for s in range(g.sparse_layers):
         layer = g.dense_layers + s
         if tail_block >= SINK_BLOCKS:
-            seq.sink_k[s] = _read(seq, layer, 0, SINK_BLOCKS, keys=True)
-            seq.sink_v[s] = _read(seq, layer, 0, SINK_BLOCKS, keys=False)
+            seq.sink_k[s] = read_blocks(seq, layer, 0, SINK_BLOCKS, keys=True)
+            seq.sink_v[s] = read_blocks(seq, layer, 0, SINK_BLOCKS, keys=False)
         held = (blocks - tail_block) * bs
-        seq.tail_k[s][:, :held] = _read(seq, layer, tail_block, blocks, keys=True)
-        seq.tail_v[s][:, :held] = _read(seq, layer, tail_block, blocks, keys=False)
+        seq.tail_k[s][:, :held] = read_blocks(seq, layer, tail_block, blocks, keys=True)
+        seq.tail_v[s][:, :held] = read_blocks(seq, layer, tail_block, blocks, keys=False)
         middle = tail_block - SINK_BLOCKS
         if middle > 0 and seq.policy.selects:
-            keys = _read(seq, layer, SINK_BLOCKS, tail_block, keys=True)
+            keys = read_blocks(seq, layer, SINK_BLOCKS, tail_block, keys=True)
             seq.policy.summarize(s, 0, keys.view(g.num_kv_heads, middle, bs, g.head_dim))
     seq.tail_start, seq.computed, seq.on_host = tail_block * bs, blocks * bs, blocks

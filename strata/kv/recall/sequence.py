@@ -29,7 +29,7 @@ from strata.kv.recall.geometry import SINK_BLOCKS, RecallGeometry
 from strata.kv.recall.host_store import HostKVStore
 from strata.kv.recall.page import RecallPage
 from strata.kv.recall.policy import RecallPolicy, SummaryRoom
-from strata.kv.recall.prefix_copy import write_prompt_blocks
+from strata.kv.recall.prefix_copy import read_blocks, write_prompt_blocks
 from strata.kv.recall.ranks import HeadShard
 from strata.kv.recall.rows import copy_rows
 from strata.kv.recall.tensors import SequenceTensors
@@ -302,15 +302,8 @@ class RecallSequence:
         g = self.geometry
         if keys and not self.keys_on_host:
             raise RuntimeError("the host store no longer holds this sequence's keys")
-        device = self.value_slots_t.device
-        blocks = torch.arange(m, device=device)
-        src = self._host_rows(s, blocks[None, :].expand(g.num_kv_heads, m), keys).flatten()
-        dst = torch.arange(src.numel(), device=device)
-        host = self.store.flat()
-        scratch = host.new_empty((src.numel(), host.shape[1]), device=device)
-        copy_rows(host, scratch, src, dst)
-        self.bytes_fetched += src.numel() * host.shape[1] * host.element_size()
-        return scratch.view(g.num_kv_heads, m, g.block_size, g.head_dim)
+        rows = read_blocks(self, g.dense_layers + s, SINK_BLOCKS, SINK_BLOCKS + m, keys)
+        return rows.view(g.num_kv_heads, m, g.block_size, g.head_dim)
 
     def _store_middle(
         self, layers: slice, first: int, keys: torch.Tensor, values: torch.Tensor
