@@ -15,6 +15,8 @@
 #               10: 8 GiB a sequence once its keys are fitted, 16 GiB while it
 #               prefills), in pages of up to 8 rows; WSF (default 1): the
 #               working-set factor of every recall run
+#     steps128k 128k context, quest and shadowkv at batch $BSG (default 4) in one page, eager
+#               steps around per-layer page graphs, then whole steps from one CUDA graph each
 #     full128k  128k context, full attention in the GPU pool at batch $FULLB (default "1 3")
 #     dense128k 128k context, quest and shadowkv at batch $BD (default 4) in one page, with
 #               the dense layers' decode by batched matmuls, then by the split-K kernel
@@ -69,6 +71,12 @@ if has dense128k; then
   speed --only decode --contexts 131072 --batch "$b" --modes quest,shadowkv --steps 16 \
     --page-rows "$b" --slack 200 --dense-kernel both --pool-gib 4 \
     --recall-gpu-gib $((4 * b + 4)) --host-gib $((16 * b + 4)) --json "$OUT/dense128k.json"
+fi
+if has steps128k; then
+  b="${BSG:-4}"
+  speed --only decode --contexts 131072 --batch "$b" --modes quest,shadowkv --steps 16 \
+    --page-rows "$b" --slack 200 --step-graphs both --pool-gib 4 \
+    --recall-gpu-gib $((4 * b + 4)) --host-gib $((16 * b + 4)) --json "$OUT/steps128k.json"
 fi
 if has full128k; then
   for b in ${FULLB:-1 3}; do

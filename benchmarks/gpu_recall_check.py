@@ -5,7 +5,8 @@ ordinary rows and CUDA graphs on: quest, shadowkv and full_offload at a budget c
 every block give full attention's greedy tokens; a batch mixing quest and shadowkv (small
 budgets), full and full_offload equals each request run alone; requests of one length
 share a page (strata/kv/recall/page.py) and its rows decoding together equal each alone;
-selecting decode steps replayed from CUDA graphs give the tokens of an eager engine;
+selecting decode steps replayed from CUDA graphs give the tokens of an eager engine,
+and whole decode steps from one graph each give those of per-layer graphs;
 a request reusing another's prompt prefix from the store (shared prefixes) gives the
 tokens it gives salted apart (computing everything itself); nothing leaks.
 
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from strata import LLM, SamplingParams
+from strata.kv.recall.step_graphs import RecallStepGraphs
 
 
 def main() -> None:
@@ -47,11 +49,13 @@ def main() -> None:
     rows.append(("mixed batch == solo runs", batch == solo))
     store = llm.engine.parts.recall.store
     rows.append(("host store page-locked (strata/pinned.py)", store.data.is_pinned()))
-    rows.append(("selecting steps replayed from graphs", llm.stats()["recall_graph_replays"] > 0))
+    replays = llm.stats()["recall_graph_replays"] + llm.stats()["recall_step_graph_replays"]
+    rows.append(("selecting steps replayed from graphs", replays > 0))
     rows += graphs_equal_eager(prompts, greedy, llm)
     same = [torch.randint(100, 40000, (1200,), generator=g).tolist() for _ in range(4)]
     rows += pages_equal_solo(same, greedy, llm)
     rows += [(f"one page: {name}", ok) for name, ok in graphs_equal_eager(same, greedy, llm)]
+    rows += whole_steps_equal_layer_graphs(same, greedy, llm)
     rows += shared_prefix_equals_alone(g, greedy, llm)
     llm.check_integrity()
     stats = llm.stats()
@@ -98,6 +102,25 @@ def shared_prefix_equals_alone(
         reused = llm.stats()["recall_prefix_blocks_reused"] - before
         rows.append((f"{policy}: {reused} reused prompt blocks == alone", reused > 0 and
                      shared == alone))  # fmt: skip
+    return rows
+
+
+def whole_steps_equal_layer_graphs(
+    prompts: list[list[int]], greedy: dict[str, Any], llm: LLM
+) -> list[tuple[str, bool]]:
+    """One page of rows: whole decode steps from one graph each (step_graphs.py) against
+    eager steps around the page's per-layer graphs, in the same engine."""
+    rows = []
+    for policy in ("quest", "shadowkv"):
+        params = SamplingParams(kv_policy=policy, kv_budget=256, **greedy)
+        RecallStepGraphs.enabled = False
+        layered = [o.token_ids for o in llm.generate(prompts, params)]
+        RecallStepGraphs.enabled = True
+        before = llm.stats()["recall_step_graph_replays"]
+        whole = [o.token_ids for o in llm.generate(prompts, params)]
+        replays = llm.stats()["recall_step_graph_replays"] - before
+        rows.append((f"{policy}: {replays} whole steps from graphs == per-layer graphs",
+                     replays > 0 and whole == layered))  # fmt: skip
     return rows
 
 

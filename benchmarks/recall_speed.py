@@ -158,9 +158,11 @@ def bench_decode(contexts: list[int], batch: int, steps: int, modes: list[str],
                  side_streams: tuple[bool, ...] = (True,),
                  page_rows: tuple[int, ...] = (4,), slack: int = 16,
                  working_set_factor: int = 1, trace_dir: str | None = None,
-                 dense_kernel: tuple[bool, ...] = (True,)) -> None:  # fmt: skip
+                 dense_kernel: tuple[bool, ...] = (True,),
+                 step_graphs: tuple[bool, ...] = (True,)) -> None:  # fmt: skip
     from strata.kv.recall.attention import RecallAttention
     from strata.kv.recall.sequence import RecallSequence
+    from strata.kv.recall.step_graphs import RecallStepGraphs
 
     link_gbps = pinned_h2d_gbps()
     RESULTS["pinned_h2d_memcpy_GBps"] = link_gbps
@@ -175,13 +177,16 @@ def bench_decode(contexts: list[int], batch: int, steps: int, modes: list[str],
     rows = []
     for ctx in contexts:
         prompts = [torch.randint(1000, 100000, (ctx,), generator=g).tolist() for _ in range(batch)]
-        runs = [(m, on, r, dk) for m in modes for on in side_streams for r in page_rows
-                for dk in dense_kernel]  # fmt: skip
-        for mode, side, rows_per_page, dense in runs:
-            if mode == "full" and (not side or rows_per_page != page_rows[0] or not dense):
-                continue  # no recall rows: side streams, pages and dense kernels change nothing
+        runs = [(m, on, r, dk, sg) for m in modes for on in side_streams for r in page_rows
+                for dk in dense_kernel for sg in step_graphs]  # fmt: skip
+        for mode, side, rows_per_page, dense, whole in runs:
+            if mode == "full" and (side, rows_per_page, dense, whole) != (
+                side_streams[0], page_rows[0], dense_kernel[0], step_graphs[0]
+            ):
+                continue  # no recall rows: these options change nothing
             RecallAttention.side_streams = side
             RecallSequence.dense_kernel = RecallAttention.fused_rope = dense
+            RecallStepGraphs.enabled = whole
             recall = llm.engine.parts.recall
             if recall is not None:  # pages are made as requests arrive: the next ones
                 recall.page_rows = rows_per_page
@@ -191,7 +196,7 @@ def bench_decode(contexts: list[int], batch: int, steps: int, modes: list[str],
                 kv_policy=policy, kv_budget=budget,
             )  # fmt: skip
             try:
-                trace = f"{trace_dir}/{mode}_{ctx}x{batch}_dense{int(dense)}.json.gz"
+                trace = f"{trace_dir}/{mode}_{ctx}x{batch}_d{int(dense)}s{int(whole)}.json.gz"
                 rate, before, after = decode_rate(
                     llm, prompts, params, steps, profile, warmup, trace if trace_dir else None
                 )
@@ -201,9 +206,10 @@ def bench_decode(contexts: list[int], batch: int, steps: int, modes: list[str],
                 continue
             rows.append({"context": ctx, "batch": batch, "mode": mode, "tok_s": rate,
                          "side_streams": side, "page_rows": rows_per_page,
-                         "dense_kernel": dense,
-                         "graph_replays": after.get("recall_graph_replays", 0)
-                         - before.get("recall_graph_replays", 0),
+                         "dense_kernel": dense, "step_graphs": whole,
+                         **{f"{name}_replays": after.get(f"recall_{name}_replays", 0)
+                            - before.get(f"recall_{name}_replays", 0)
+                            for name in ("graph", "step_graph")},
                          **recall_deltas(before, after, steps * batch)})  # fmt: skip
             if "fetched_MB_per_token" in rows[-1]:  # the host link's share of the step
                 rate_gbps = rows[-1]["fetched_MB_per_token"] * rate / 1e3
@@ -269,6 +275,10 @@ def main() -> None:
                    help="recall steps' dense layers decode by the split-K Triton kernel and "
                         "RoPE in one kernel (off: batched matmuls and torch RoPE, as before "
                         "2026-12-06 evening; both: an A/B in one process)")
+    p.add_argument("--step-graphs", choices=("on", "off", "both"), default="on",
+                   help="a recall decode step whose rows repeat replays one CUDA graph of the "
+                        "whole forward (off: eager around per-layer page graphs, as before "
+                        "2026-12-06 night; both: an A/B in one process)")
     p.add_argument("--working-set-factor", type=int, default=1,
                    help="kv_recall_working_set_factor: working-set slots per picked block")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table")
@@ -291,7 +301,8 @@ def main() -> None:
                      {"on": (True,), "off": (False,), "both": (False, True)}[a.side_streams],
                      tuple(int(r) for r in a.page_rows.split(",")), a.slack,
                      a.working_set_factor, a.trace_dir,
-                     {"on": (True,), "off": (False,), "both": (False, True)}[a.dense_kernel])
+                     {"on": (True,), "off": (False,), "both": (False, True)}[a.dense_kernel],
+                     {"on": (True,), "off": (False,), "both": (False, True)}[a.step_graphs])
     if "beyond" in only:
         shape, policy = a.beyond.split(":")
         seqs, context = (int(x) for x in shape.split("x"))

@@ -41,7 +41,8 @@ def test_dense_decode_equals_direct_attention(kernel: ModuleType, length: int) -
     keys[:, length:] = float("nan")  # past the length: never read
     values[:, length:] = float("nan")
     q = torch.randn(1, kvh * group, d, generator=gen)
-    out = DenseDecode(capacity, torch.device("cpu")).attend(q, keys, values, length, d**-0.5)
+    at = torch.tensor([length])
+    out = DenseDecode(capacity, torch.device("cpu")).attend(q, keys, values, at, d**-0.5)
     torch.testing.assert_close(out, direct(q, keys, values, length, d**-0.5))
 
 

@@ -44,6 +44,7 @@ from strata.kv.recall.build import build_recall, recall_enabled, recall_gpu_shar
 from strata.kv.recall.manager import RecallManager
 from strata.kv.recall.ranks import HeadShard
 from strata.kv.recall.registry import is_recall_policy
+from strata.kv.recall.step_graphs import RecallStepGraphs
 from strata.kv.sessions import SessionPins
 from strata.kv.sizing import (
     GIB,
@@ -177,6 +178,8 @@ def _build_parts(
         kv_cache.tails.live_blocks = lambda: open_blocks(scheduler, kv)
     if parallel is None:
         capture_graphs(config, placed, runner)
+        if recall is not None:
+            _recall_step_graphs(config, placed, runner, recall)
     return EngineParts(
         loaded, placed, backend, codec, kv_cache, kv, tiers, sessions, swap_cost, scheduler,
         runner, kv_policies, moe, rebalancer, recall, parallel,
@@ -397,6 +400,24 @@ def open_blocks(scheduler: Scheduler, kv: KVManager) -> set[int]:
         for s in scheduler.running
         if s.num_kv_slots % bs and kv.has(s.request_id)
     }
+
+
+def _recall_step_graphs(
+    config: EngineConfig, placed: ModelPlacement, runner: ModelRunner, recall: RecallManager
+) -> None:
+    """Whole decode steps of recall sequences in CUDA graphs (kv/recall/step_graphs.py), on
+    CUDA unless eager, for a model whose forward never reads the device on the host."""
+    if config.enforce_eager or placed.device.type != "cuda":
+        return
+    if not getattr(placed.model, "supports_cuda_graphs", True):
+        return
+    rows = min(config.cuda_graph_max_batch, config.scheduler.max_num_seqs)
+    runner.recall_graphs = RecallStepGraphs(
+        placed.model, runner.kv, runner.recall_attention, placed.device, rows
+    )
+    recall.release_listeners.append(runner.recall_graphs.forget)
+    logger.info("recall: decode steps of up to %d recall rows, all selecting, replay one "
+                "CUDA graph each once their rows repeat", rows)  # fmt: skip
 
 
 def capture_graphs(config: EngineConfig, placed: ModelPlacement, runner: ModelRunner) -> None:

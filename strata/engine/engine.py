@@ -342,6 +342,7 @@ class LLMEngine:
             **self.scheduler.tier_loads.stats(),
             **(self.moe.stats() if self.moe is not None else {}),
             **(self.parts.recall.stats() if self.parts.recall is not None else {}),
+            **(graphs.stats() if (graphs := self.parts.runner.recall_graphs) else {}),
             **(self.parts.parallel.stats() if self.parts.parallel is not None else {}),
             "num_preemptions": self.scheduler.num_preemptions,
             "num_running": len(self.scheduler.running),

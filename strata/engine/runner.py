@@ -9,7 +9,9 @@ through persistent pinned buffers (staging.py) in one non-blocking copy per dtyp
 step's only host sync is the caller's read of the sampled tokens.
 
 A decode-only step (every chunk one token that samples) replays a CUDA graph when graphs
-were captured (cuda_graphs.py) and its batch fits; other steps run eagerly.
+were captured (cuda_graphs.py) and its batch fits; so does a step whose every row is a
+recall sequence decoding through its page, once the same rows decode twice in a row
+(kv/recall/step_graphs.py); other steps run eagerly.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from strata.kv.policies.runtime.observer import StepObserver
 from strata.kv.policies.runtime.step_kv import KVStepBuilder, StepKV, layer_metadata
 from strata.kv.recall.attention import RecallAttention, RecallMetadata
 from strata.kv.recall.page_decode import page_steps
+from strata.kv.recall.step_graphs import RecallStepGraphs
 from strata.kv.recall.wire import encode_rows
 from strata.models.llama import LlamaModel
 
@@ -62,6 +65,7 @@ class ModelRunner:
         self.kv_step = KVStepBuilder(kv)  # slots, layouts and observer under KV policies
         self.recall_attention = RecallAttention(backend)  # steps with recall sequences
         self.graphs: DecodeGraphs | None = None
+        self.recall_graphs: RecallStepGraphs | None = None  # whole recall decode steps
         self.parallel: TensorParallel | None = None  # set when the model is sharded
         self.step_log: list[StepStats] | None = None  # set to a list to record steps
 
@@ -202,6 +206,10 @@ class ModelRunner:
             assert inner is not None, "a step without recall rows has pool rows"
             meta = inner
         if self.parallel is None:
+            if isinstance(meta, RecallMetadata) and self.recall_graphs is not None:
+                graphed = self.recall_graphs.forward(meta, ids_t, pos_t, inputs.logits_rows)
+                if graphed is not None:
+                    return graphed, step.observer
             logits = self.model(ids_t, pos_t, self.kv, backend, meta, rows_t, step.observer)
             return logits, step.observer
         if step.recall:  # the workers mirror rank 0's recall sequences (tp/worker_recall.py)

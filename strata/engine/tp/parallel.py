@@ -98,7 +98,7 @@ class TensorParallel:
         size = None
         if recall is not None:
             peers = self.peers()
-            recall.on_release = lambda serial: peers.send(RecallRelease(serial))
+            recall.release_listeners.append(lambda serial: peers.send(RecallRelease(serial)))
             size = RecallSize(recall.store.num_slots, recall.gpu_budget,
                               self.layout.full.num_kv_heads)  # fmt: skip
         self.group.send_pool_size(num_blocks, size)

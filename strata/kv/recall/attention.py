@@ -21,7 +21,8 @@ host link.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
@@ -32,7 +33,7 @@ from torch import Tensor
 
 from strata.attention.backend import AttentionBackend, AttentionMetadata, BatchLayout
 from strata.attention.layer_inputs import AttentionInputs, AttentionLayer
-from strata.kv.recall.page_decode import PageStep, page_steps, run_page_step
+from strata.kv.recall.page_decode import LayerRows, PageStep, page_steps, run_page_step
 from strata.kv.recall.rotary_rows import fused_rotated_qkv
 from strata.kv.recall.sequence import RecallChunk, RecallSequence
 
@@ -82,11 +83,13 @@ def _in_turn(units: list[Unit]) -> None:
 class RecallAttention(AttentionBackend[RecallMetadata]):
     side_streams = True  # CUDA decode rows of several sequences side by side (False: in turn)
     fused_rope = True  # CUDA: RoPE of the step's rows in one kernel (False: A/B runs)
+    whole_step = False  # a whole step is being captured (whole_step_mode)
 
     def __init__(self, inner: AttentionBackend[Any]) -> None:
         self.inner = inner
         self.name = f"{inner.name}+recall"
-        self._pending: tuple[Tensor, Tensor] | None = None  # this layer's k, v: write -> attend
+        # this layer's k, v and the step's positions: write -> attend
+        self._pending: tuple[Tensor, Tensor, Tensor] | None = None
         self._streams: list[torch.cuda.Stream] = []  # side streams of decode rows (CUDA)
         # this forward's page-decoded parts and the sparse layers each was decoded in:
         # their blocks leaving the tails retire after the last layer (retire_paged)
@@ -108,14 +111,14 @@ class RecallAttention(AttentionBackend[RecallMetadata]):
         k_cache, v_cache = inputs.kv.k[i], inputs.kv.v[i]
         if meta.inner is not None:
             self.inner.write_kv(k_cache, v_cache, k[meta.ordinary], v[meta.ordinary], meta.inner)
-        self._pending = (k, v)
+        self._pending = (k, v, inputs.positions)
         return q, k_cache, v_cache
 
     def attend(
         self, q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: RecallMetadata, scale: float
     ) -> Tensor:
         assert self._pending is not None, "attend before write_rope_kv"
-        k, v = self._pending
+        k, v, positions = self._pending
         self._pending = None
         out = torch.empty_like(q)
         if meta.inner is not None:
@@ -124,16 +127,20 @@ class RecallAttention(AttentionBackend[RecallMetadata]):
             )
         if meta.layer == 0:
             self._paged.clear()
-        prefill, decode = self._units(meta, q, k, v, out, scale)
+        rows = LayerRows(q, k, v, positions, out, scale)
+        prefill, decode = self._units(meta, rows)
         for unit in prefill:
             unit()
-        if len(decode) >= 2 and q.is_cuda and self.side_streams:
+        if len(decode) >= 2 and q.is_cuda and self.side_streams and not self.whole_step:
             self._side_by_side(decode, q.device)
         else:
             for unit in decode:
                 unit()
         if meta.recall and meta.layer == meta.recall[0].state.geometry.num_layers - 1:
-            self.retire_paged()
+            if self.whole_step:  # the step's graph retires after each replay
+                self._paged.clear()
+            else:
+                self.retire_paged()
         return out
 
     def retire_paged(self) -> None:
@@ -148,18 +155,28 @@ class RecallAttention(AttentionBackend[RecallMetadata]):
                     start = s
         self._paged.clear()
 
-    def _units(
-        self, meta: RecallMetadata, q: Tensor, k: Tensor, v: Tensor, out: Tensor, scale: float
-    ) -> tuple[list[Unit], list[Unit]]:
-        """The layer's recall work as units that each write their rows of `out`: prefill
-        chunks, and decode units. A page's decode writes every row of the page (the
+    @contextmanager
+    def whole_step_mode(self) -> Iterator[None]:
+        """While a whole step is captured in a graph (step_graphs.py): pages decode
+        without their per-layer graphs, units run in turn, and nothing retires (the step
+        graph's caller retires after each replay)."""
+        self.whole_step = True
+        try:
+            yield
+        finally:
+            self.whole_step = False
+
+    def _units(self, meta: RecallMetadata, rows: LayerRows) -> tuple[list[Unit], list[Unit]]:
+        """The layer's recall work as units that each write their rows of `rows.out`:
+        prefill chunks, and decode units. A page's decode writes every row of the page (the
         inactive ones unchanged), so the page's other decode rows join its unit, in turn:
         no two units touch one page's tensors on two streams."""
         s = meta.layer - meta.recall[0].state.geometry.dense_layers if meta.recall else -1
         by_page: dict[int, list[Unit]] = {}
         paged: set[int] = set()
-        for step in self._ready_pages(meta.pages, s, q.device) if s >= 0 else ():
-            by_page[id(step.page)] = [partial(run_page_step, step, s, q, k, v, out, scale)]
+        layer_graphs = not self.whole_step
+        for step in self._ready_pages(meta.pages, s, rows.q.device) if s >= 0 else ():
+            by_page[id(step.page)] = [partial(run_page_step, step, s, rows, layer_graphs)]
             paged.update(id(p) for p in step.parts)
             for part in step.parts:
                 self._paged.setdefault(id(part), (part, []))[1].append(s)
@@ -168,7 +185,7 @@ class RecallAttention(AttentionBackend[RecallMetadata]):
         for part in meta.recall:
             if id(part) in paged:
                 continue  # decoded by its page
-            unit = partial(self._attend_into, part, meta.layer, q, k, v, out, scale)
+            unit = partial(self._attend_into, part, meta.layer, rows)
             if part.chunk.num_tokens > 1:
                 prefill.append(unit)
             elif id(part.state.page) in by_page:
@@ -190,19 +207,12 @@ class RecallAttention(AttentionBackend[RecallMetadata]):
             ready += [step] if len(parts) == len(step.parts) else page_steps(parts, device)
         return ready
 
-    @classmethod
-    def _attend_into(
-        cls, part: RecallRows, layer: int, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-        scale: float,
-    ) -> None:  # fmt: skip
-        out[part.rows] = cls._attend_one(part, layer, q, k, v, scale)
-
     @staticmethod
-    def _attend_one(
-        part: RecallRows, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float
-    ) -> Tensor:
-        rows = part.rows
-        return part.state.attend(layer, q[rows], k[rows], v[rows], part.chunk, scale)
+    def _attend_into(part: RecallRows, layer: int, rows: LayerRows) -> None:
+        r = part.rows
+        rows.out[r] = part.state.attend(
+            layer, rows.q[r], rows.k[r], rows.v[r], part.chunk, rows.scale, rows.positions[r]
+        )
 
     def _side_by_side(self, units: list[Unit], device: torch.device) -> None:
         """Each unit on its own side stream; the current stream waits for all of them."""

@@ -9,7 +9,9 @@ spreads the keys over every multiprocessor. It reads the buffer in place, as pag
 DENSE_TILE tokens: page p of head h starts at token p * DENSE_TILE of row h, which is a
 view (capacity is a multiple of DENSE_TILE: RecallGeometry.dense_tokens).
 
-Nothing here syncs: the attended length goes to the device by a fill.
+Nothing here syncs, and nothing depends on a host value that changes from step to step:
+the attended length comes from the token's position on the device, so a whole step's
+CUDA graph (step_graphs.py) replays it.
 """
 
 from __future__ import annotations
@@ -37,14 +39,14 @@ class DenseDecode:
         )
 
     def attend(
-        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: int,
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: torch.Tensor,
         scale: float,
     ) -> torch.Tensor:  # fmt: skip
-        """One query q [1, H, D] over the first `length` tokens of keys, values
-        [kv_heads, capacity, D]; [1, H, D] in q's dtype."""
+        """One query q [1, H, D] over the first `length` ([1] on the device) tokens of
+        keys, values [kv_heads, capacity, D]; [1, H, D] in q's dtype."""
         from strata.attention.triton_decode import decode_attention
 
-        self.meta.seq_lens.fill_(length)
+        self.meta.seq_lens.copy_(length)
         query = q.to(keys.dtype)
         out = torch.empty_like(query)
         decode_attention(

@@ -18,7 +18,7 @@ that stay published are cached, and count as available: allocating evicts them.
 
 Under tensor parallelism every rank holds such a manager over its own KV heads; rank 0's
 decides, and each admitted sequence gets a serial number by which the workers mirror it
-(wire.py, mirror.py): `on_release` tells them of each release, in order.
+(wire.py, mirror.py): `release_listeners` tells them of each release, in order.
 
 The sequence holds no block of the paged GPU pool: its KV lives in the host store and
 its own GPU state (sequence.py), so a recall sequence is never swapped and never waits
@@ -98,7 +98,8 @@ class RecallManager:
         self.page_rows = page_rows  # rows of a new page (page.py), as the budget allows
         self._pages: list[RecallPage] = []
         self._serials = 0  # admissions so far: the next sequence's serial
-        self.on_release: Callable[[int], None] | None = None  # the workers' mirrors
+        # told each release's serial, in order: the workers' mirrors, step graphs
+        self.release_listeners: list[Callable[[int], None]] = []
         self._retired = {
             "hits": 0, "misses": 0, "bytes_fetched": 0, "blocks_attended": 0, "decode_steps": 0,
             "graph_replays": 0,
@@ -270,8 +271,8 @@ class RecallManager:
             page.release()
             self._pages.remove(page)
             self.gpu_used -= page.nbytes
-        if self.on_release is not None:
-            self.on_release(kv.state.serial)
+        for listener in self.release_listeners:
+            listener(kv.state.serial)
         kv.state = None
         self.gpu_used -= self.geometry.dense_bytes(kv.max_tokens)
 

@@ -119,18 +119,30 @@ def page_steps(parts: tuple[RecallRows, ...], device: torch.device) -> tuple[Pag
     return tuple(steps)
 
 
-def run_page_step(
-    step: PageStep, s: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    out: torch.Tensor, scale: float,
-) -> None:  # fmt: skip
-    """Decode sparse layer s for the step's parts through their page (from its layer's
-    CUDA graph where there is one) into out's rows. What leaves their tails retires after
-    the step's last layer (RecallAttention)."""
+@dataclass(frozen=True)
+class LayerRows:
+    """A layer's recall work over the flat batch: each unit reads its rows of q [T, H, D],
+    k, v [T, KVH, D] and positions [T], and writes its rows of out [T, H, D]."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    positions: torch.Tensor
+    out: torch.Tensor
+    scale: float
+
+
+def run_page_step(step: PageStep, s: int, rows: LayerRows, layer_graphs: bool) -> None:
+    """Decode sparse layer s for the step's parts through their page into out's rows: from
+    the layer's CUDA graph where the page has them and `layer_graphs`, else eagerly (or
+    into a whole step's graph being captured: step_graphs.py). What leaves their tails
+    retires after the step's last layer (RecallAttention)."""
     page, d = step.page, step.page.decoder
     assert d is not None
-    for into, x in ((d.q, q), (d.k, k), (d.v, v)):
+    for into, x in ((d.q, rows.q), (d.k, rows.k), (d.v, rows.v)):
         into[step.rows] = x[step.flat].to(into.dtype)
     d.active.copy_(step.active)
-    fn: Callable[[], torch.Tensor] = lambda: d.decode(s, d.q, d.k, d.v, d.active, scale)  # noqa: E731
-    result = page.graphs.run(s, fn) if page.graphs is not None else fn()
-    out[step.flat] = result[step.rows].to(out.dtype)
+    fn: Callable[[], torch.Tensor] = lambda: d.decode(s, d.q, d.k, d.v, d.active, rows.scale)  # noqa: E731
+    graphs = page.graphs if layer_graphs else None
+    result = graphs.run(s, fn) if graphs is not None else fn()
+    rows.out[step.flat] = result[step.rows].to(rows.out.dtype)
