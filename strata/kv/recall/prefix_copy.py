@@ -79,7 +79,7 @@ def write_prompt_blocks(seq: RecallSequence, layer: int, chunk: RecallChunk) -> 
         return
     if layer < g.dense_layers:
         span = slice(first * bs, last * bs)
-        _write(seq, layer, first, seq.dense_k[layer][:, span], seq.dense_v[layer][:, span])
+        _write(seq, layer, first, seq.dense.k[layer][:, span], seq.dense.v[layer][:, span])
         return
     s = layer - g.dense_layers
     tail_block = chunk.new_tail_start // bs
@@ -100,8 +100,8 @@ def load_prefix(seq: RecallSequence, blocks: int) -> None:
         raise RuntimeError(f"a recall sequence at {seq.computed} cannot load {blocks} blocks")
     tail_block = max(0, blocks - g.window_blocks)
     for layer in range(g.dense_layers):
-        seq.dense_k[layer][:, : blocks * bs] = read_blocks(seq, layer, 0, blocks, keys=True)
-        seq.dense_v[layer][:, : blocks * bs] = read_blocks(seq, layer, 0, blocks, keys=False)
+        seq.dense.k[layer][:, : blocks * bs] = read_blocks(seq, layer, 0, blocks, keys=True)
+        seq.dense.v[layer][:, : blocks * bs] = read_blocks(seq, layer, 0, blocks, keys=False)
     for s in range(g.sparse_layers):
         layer = g.dense_layers + s
         if tail_block >= SINK_BLOCKS:

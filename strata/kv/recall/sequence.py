@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from strata.attention.layer_inputs import Rotary
-from strata.kv.recall.chunk_attention import chunk_attention, masked_decode_attention
-from strata.kv.recall.dense_decode import DenseDecode
+from strata.kv.recall.chunk_attention import chunk_attention
+from strata.kv.recall.dense_layers import DenseLayers
 from strata.kv.recall.fetch import fill, host_rows, picked_mask
 from strata.kv.recall.geometry import SINK_BLOCKS, RecallGeometry
 from strata.kv.recall.host_store import HostKVStore
@@ -84,12 +84,7 @@ class RecallSequence:
         self.page, self.row = page, row
         buffers = page.take(row, owner)
         kvh, d, dt, device = g.num_kv_heads, g.head_dim, g.dtype, page.device
-        dense_shape = (g.dense_layers, kvh, g.dense_tokens(max_tokens), d)
-        self.dense_k = torch.zeros(dense_shape, dtype=dt, device=device)
-        self.dense_v = torch.zeros_like(self.dense_k)
-        on_cuda = device.type == "cuda" and self.dense_kernel
-        self.dense_decode = DenseDecode(dense_shape[2], device) if on_cuda else None
-        self._dense_index = torch.arange(dense_shape[2], device=device)  # decode without it
+        self.dense = DenseLayers(g, max_tokens, device, self.dense_kernel)
         room_blocks = g.room_blocks(len(value_slots))
         self.publishes = publishes  # its full prompt blocks go to the store in every layer
         t = SequenceTensors.of(buffers, g, room_blocks)
@@ -171,7 +166,10 @@ class RecallSequence:
         device) and attend its queries q [T, H, D]."""
         g = self.geometry
         if layer < g.dense_layers:
-            return self._attend_dense(layer, q, k, v, chunk, scale, positions)
+            self.dense.write(layer, k, v, chunk.start, positions)
+            if self.publishes and chunk.end == self.prompt_tokens:
+                write_prompt_blocks(self, layer, chunk)
+            return self.dense.attend(layer, q, chunk.start, scale, positions)
         s = layer - g.dense_layers
         if self.selecting(chunk) and not self.policy.wants_all_keys(s):
             raise RuntimeError("a selecting decode step runs through the page (page_decode.py)")
@@ -189,34 +187,6 @@ class RecallSequence:
                 write_prompt_blocks(self, layer, chunk)
             self._ready_selection(s, chunk)
         return out
-
-    def _attend_dense(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: RecallChunk,
-        scale: float, positions: torch.Tensor,
-    ) -> torch.Tensor:  # fmt: skip
-        """A dense layer keeps every token. A decode token is written and attended at its
-        position on the device, whatever the host knows: a whole step's CUDA graph replays
-        it (step_graphs.py)."""
-        dk, dv = self.dense_k[layer], self.dense_v[layer]
-        if chunk.num_tokens == 1:
-            dk.index_copy_(1, positions, k.transpose(0, 1))
-            dv.index_copy_(1, positions, v.transpose(0, 1))
-        else:
-            dk[:, chunk.start : chunk.end] = k.transpose(0, 1)
-            dv[:, chunk.start : chunk.end] = v.transpose(0, 1)
-        if self.publishes and chunk.end == self.prompt_tokens:
-            write_prompt_blocks(self, layer, chunk)
-        if chunk.num_tokens > 1:
-            return chunk_attention(
-                q, dk[:, : chunk.end], dv[:, : chunk.end], None, 0, chunk.start, scale
-            )
-        if self.dense_decode is not None:
-            return self.dense_decode.attend(q, dk, dv, positions + 1, scale)
-        visible = self._dense_index <= positions  # [capacity]: tokens 0..position
-        kvh = self.geometry.num_kv_heads
-        return masked_decode_attention(
-            q, dk[None], dv[None], visible[None, None].expand(1, kvh, -1), scale
-        )
 
     def retire_after_decode(self, layers: slice, chunk: RecallChunk) -> None:
         """After its page decoded sparse layers `layers` (each wrote the token into its
