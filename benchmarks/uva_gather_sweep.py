@@ -2,7 +2,8 @@
 rows per call and how the buffer was pinned (issue 16: the recall store's fetches).
 
     python benchmarks/uva_gather_sweep.py [--sizes-gib 0.25,8,64] [--row-kib 4,8,16]
-        [--rows 4096,65536] [--pinning torch,register,hugepages] [--json F] [--png F]
+        [--rows 4096,65536] [--pinning torch,register,hugepages] [--kernels 1024x4,2048x4,2048x8]
+        [--json F] [--png F]
 
 A profile of a graphed recall step at 128k (docs/benchmarks.md) found the row gather
 (strata/ops/triton_row_copy.py) moving 4 KiB rows at about 30-34 GB/s inside the step,
@@ -11,6 +12,8 @@ The store is 60-100 GiB: if the GPU's translations of host pages are what limits
 4 KiB reads, the rate falls with the buffer's size and rises with the row size and with
 huge host pages. Each point gathers `rows` random rows (of `row` KiB) from a buffer of
 `size` GiB into the GPU, through the same kernel, and reports GB/s over the median of 7.
+`--kernels CHUNKxWARPS,...` runs the kernel with other elements per program and warps
+too (the engine's is 1024x4), at the first row size and the largest buffer.
 
 Pinning:
   torch       torch's pinned allocator (cudaHostAlloc; rounds up to a power of two)
@@ -32,7 +35,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from strata.ops.triton_row_copy import copy_rows
+from strata.ops.triton_row_copy import _copy_rows_kernel, _Pinned, copy_rows
 from strata.pinned import pinned_zeros
 
 GIB = 1 << 30
@@ -85,6 +88,43 @@ def gather_gbps(host: torch.Tensor, row_bytes: int, rows: int, repeat: int = 7) 
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     return rows * row_bytes / statistics.median(times) / 1e9
+
+
+def kernel_gbps(host: torch.Tensor, row_bytes: int, rows: int, chunk: int, warps: int) -> float:
+    """gather_gbps through the kernel with `chunk` elements a program and `warps` warps."""
+    elems = row_bytes // 2
+    table = host[: host.numel() // row_bytes * row_bytes].view(torch.bfloat16).view(-1, elems)
+    dev = torch.empty(rows, elems, dtype=torch.bfloat16, device="cuda")
+    dst = torch.arange(rows, device="cuda")
+    table[: min(rows, table.shape[0])].view(torch.int16).random_(-1000, 1000)  # rows to check
+    times = []
+    for _ in range(8):
+        pick = torch.randint(0, table.shape[0], (rows,), device="cuda")
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        _copy_rows_kernel[(rows, -(-elems // chunk))](
+            _Pinned(table), dev, pick, dst, ROW=elems, CHUNK=chunk, num_warps=warps
+        )
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    if not torch.equal(dev.cpu(), table[pick.cpu()]):
+        raise RuntimeError(f"kernel {chunk}x{warps} gathered wrong rows")
+    return rows * row_bytes / statistics.median(times[1:]) / 1e9
+
+
+def kernel_sweep(size: float, row_kib: int, counts: list[int], kernels: list[str]
+                 ) -> list[dict[str, Any]]:  # fmt: skip
+    host, release = host_buffer("register", int(size * GIB))
+    points = []
+    for spec in tqdm(kernels, desc="kernels"):
+        chunk, warps = (int(x) for x in spec.split("x"))
+        for rows in counts:
+            rate = kernel_gbps(host, row_kib << 10, rows, chunk, warps)
+            points.append({"kernel": spec, "size_GiB": size, "row_KiB": row_kib, "rows": rows,
+                           "GBps": rate})  # fmt: skip
+    release()
+    return points
 
 
 def sweep(sizes: list[float], row_kib: list[int], counts: list[int], kinds: list[str]
@@ -153,6 +193,9 @@ def main() -> None:
                    help="rows a call: 4096 is one layer's K (or V) misses of a 4-row page")
     p.add_argument("--pinning", default="torch,register,hugepages",
                    help="how the host buffer is pinned: torch, register, hugepages")
+    p.add_argument("--kernels", default="1024x4,2048x4,2048x8,512x2",
+                   help="CHUNKxWARPS kernel variants (registered buffer, first row size, "
+                        "largest buffer); empty: none")
     p.add_argument("--json", default=None, help="write the points here")
     p.add_argument("--png", default=None, help="plot GB/s against buffer size here")
     a = p.parse_args()
@@ -167,9 +210,16 @@ def main() -> None:
     for q in points:
         print(f"{q['pinning']:<10} {q['size_GiB']:>8g} {q['row_KiB']:>8} {q['rows']:>8} "
               f"{q['GBps']:>6.1f} {q['GBps'] / memcpy:>9.0%}")  # fmt: skip
+    kernels = []
+    if a.kernels:
+        kernels = kernel_sweep(max(floats(a.sizes_gib)), int(a.row_kib.split(",")[0]),
+                               [int(x) for x in a.rows.split(",")], a.kernels.split(","))
+    for q in kernels:
+        print(f"kernel {q['kernel']:<8} {q['size_GiB']:>6g} GiB {q['row_KiB']} KiB rows "
+              f"{q['rows']:>6} rows: {q['GBps']:.1f} GB/s")  # fmt: skip
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"memcpy_GBps": memcpy, "points": points}, f, indent=1)
+            json.dump({"memcpy_GBps": memcpy, "points": points, "kernels": kernels}, f, indent=1)
     if a.png:
         plot(points, memcpy, a.png)
 
