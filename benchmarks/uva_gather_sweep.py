@@ -96,7 +96,13 @@ def kernel_gbps(host: torch.Tensor, row_bytes: int, rows: int, chunk: int, warps
     table = host[: host.numel() // row_bytes * row_bytes].view(torch.bfloat16).view(-1, elems)
     dev = torch.empty(rows, elems, dtype=torch.bfloat16, device="cuda")
     dst = torch.arange(rows, device="cuda")
-    table[: min(rows, table.shape[0])].view(torch.int16).random_(-1000, 1000)  # rows to check
+    check = torch.randint(0, table.shape[0], (rows,))
+    table[check] = torch.randn(rows, elems, dtype=torch.bfloat16)  # the rows checked below
+    _copy_rows_kernel[(rows, -(-elems // chunk))](
+        _Pinned(table), dev, check.cuda(), dst, ROW=elems, CHUNK=chunk, num_warps=warps
+    )
+    if not torch.equal(dev.cpu(), table[check]):
+        raise RuntimeError(f"kernel {chunk}x{warps} gathered wrong rows")
     times = []
     for _ in range(8):
         pick = torch.randint(0, table.shape[0], (rows,), device="cuda")
@@ -108,8 +114,6 @@ def kernel_gbps(host: torch.Tensor, row_bytes: int, rows: int, chunk: int, warps
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
-    if not torch.equal(dev.cpu(), table[pick.cpu()]):
-        raise RuntimeError(f"kernel {chunk}x{warps} gathered wrong rows")
     return rows * row_bytes / statistics.median(times[1:]) / 1e9
 
 
