@@ -17,6 +17,8 @@
 #               working-set factor of every recall run
 #     steps128k 128k context, quest and shadowkv at batch $BSG (default 4) in one page, eager
 #               steps around per-layer page graphs, then whole steps from one CUDA graph each
+#     gather    the row fetch's rate by host buffer size, row size, pinning and kernel
+#               variant (uva_gather_sweep.py; plot in $OUT/gather.png)
 #     full128k  128k context, full attention in the GPU pool at batch $FULLB (default "1 3")
 #     dense128k 128k context, quest and shadowkv at batch $BD (default 4) in one page, with
 #               the dense layers' decode by batched matmuls, then by the split-K kernel
@@ -77,6 +79,10 @@ if has steps128k; then
   speed --only decode --contexts 131072 --batch "$b" --modes quest,shadowkv --steps 16 \
     --page-rows "$b" --slack 200 --step-graphs both --pool-gib 4 \
     --recall-gpu-gib $((4 * b + 4)) --host-gib $((16 * b + 4)) --json "$OUT/steps128k.json"
+fi
+if has gather; then
+  python3 benchmarks/uva_gather_sweep.py --json "$OUT/gather.json" --png "$OUT/gather.png" 2>&1 \
+    | grep -v "it/s"
 fi
 if has full128k; then
   for b in ${FULLB:-1 3}; do
