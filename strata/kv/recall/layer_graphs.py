@@ -57,18 +57,26 @@ class LayerGraphs:
     def _capture(self, fn: DecodeFn) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         if not self._graphs:
             self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
-            graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
-            try:
-                out = fn()
-            finally:
-                graph.capture_end()
-        torch.cuda.current_stream().wait_stream(self.stream)
-        return graph, out
+        return capture(fn, self.stream, self._pool)
 
     def clear(self) -> None:
         """Drop every graph: the page goes away."""
         self._graphs.clear()
         self._warm.clear()
+
+
+def capture(
+    fn: DecodeFn, stream: torch.cuda.Stream, pool: Any
+) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """fn() captured (not run) into a graph on `stream`, in thread-local capture mode (the
+    engine's tier threads use CUDA meanwhile), with memory from `pool`; and its output."""
+    graph = torch.cuda.CUDAGraph()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+        try:
+            out = fn()
+        finally:
+            graph.capture_end()
+    torch.cuda.current_stream().wait_stream(stream)
+    return graph, out

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from strata.kv.recall.attention import RecallAttention, RecallMetadata, RecallRows
+from strata.kv.recall.layer_graphs import capture
 
 logger = logging.getLogger("strata.engine")
 
@@ -55,8 +56,8 @@ class Recorder(Protocol):
 
 
 class CudaRecorder:
-    """CUDA graphs on a side stream in thread-local capture mode (the engine's tier threads
-    use CUDA meanwhile), in one memory pool taken anew whenever no graph holds it."""
+    """CUDA graphs on a side stream (layer_graphs.capture), in one memory pool taken anew
+    whenever no graph holds it."""
 
     def __init__(self, device: torch.device) -> None:
         self.stream = torch.cuda.Stream(device)
@@ -65,15 +66,7 @@ class CudaRecorder:
     def capture(self, forward: Forward) -> Forward:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
-            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
-            try:
-                out = forward()
-            finally:
-                graph.capture_end()
-        torch.cuda.current_stream().wait_stream(self.stream)
+        graph, out = capture(forward, self.stream, self.pool)
 
         def replay() -> torch.Tensor:
             graph.replay()
