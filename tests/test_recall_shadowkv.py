@@ -199,3 +199,32 @@ def test_the_basis_is_fitted_by_the_prefill(recall_folder: Path) -> None:
 def test_landmark_tokens_must_be_a_power_of_two(recall_folder: Path) -> None:
     with pytest.raises(ValueError, match="kv_recall_landmark_tokens"):
         recall_llm(recall_folder, kv_recall_landmark_tokens=6)
+
+
+@pytest.mark.parametrize("name", ["quest", "shadowkv"])
+def test_summaries_of_every_layer_at_once_equal_layer_by_layer(name: str) -> None:
+    """summarize_layers (a retiring step's blocks of all sparse layers, one set of kernels)
+    leaves every summary as summarize does layer by layer: landmarks, spread, outliers and
+    their keys, factors of fitted layers (quest: min and max)."""
+    from strata.kv.recall.quest import QuestPolicy
+
+    torch.manual_seed(4)
+    layers, kv_heads, dim, blocks = 3, 2, 8, 12
+    keys = torch.randn(layers, kv_heads, blocks, BLOCK, dim)
+    room = SummaryRoom(layers, kv_heads, blocks, dim, BLOCK, torch.float32, 6)
+    made = []
+    for _ in range(2):
+        policy = ShadowKVPolicy() if name == "shadowkv" else QuestPolicy()
+        policy.allocate(room, rotary(dim))
+        if isinstance(policy, ShadowKVPolicy):
+            for layer in (0, 2):  # layer 1 is not fitted yet: no factors
+                policy.take_all_keys(layer, keys[layer, :, :4])
+        made.append(policy)
+    one, every = made
+    for first, end in ((4, 7), (7, 8), (8, 12)):  # retiring steps, as blocks leave the tails
+        for layer in range(layers):
+            one.summarize(layer, first, keys[layer, :, first:end])
+        every.summarize_layers(slice(0, layers), first, keys[:, :, first:end])
+    names = ("landmarks", "spread", "factors", "outliers", "outlier_keys")
+    for attr in names if name == "shadowkv" else ("kmin", "kmax"):
+        assert torch.equal(getattr(one, attr), getattr(every, attr)), attr

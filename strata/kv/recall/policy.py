@@ -73,6 +73,12 @@ class RecallPolicy(ABC):
         """Record middle blocks first, first+1, ... of sparse layer `layer` from their
         post-RoPE keys [kv_heads, n blocks, block_size, head_dim]."""
 
+    def summarize_layers(self, layers: slice, first: int, keys: torch.Tensor) -> None:
+        """`summarize` for each of sparse layers `layers` (keys [L, kv_heads, n, bs, dim]);
+        a policy may do them all at once (one set of kernels, not L)."""
+        for i, layer in enumerate(range(layers.start, layers.stop)):
+            self.summarize(layer, first, keys[i])
+
     @abstractmethod
     def scores(
         self, layer: int, q: torch.Tensor, num_blocks: int, live: torch.Tensor | None = None

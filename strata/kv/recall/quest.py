@@ -49,12 +49,15 @@ class QuestPolicy(RecallPolicy):
         return room.nbytes(per_block_vectors=2 * pages_per_block(room))  # min and max
 
     def summarize(self, layer: int, first: int, keys: torch.Tensor) -> None:
+        self.summarize_layers(slice(layer, layer + 1), first, keys[None])
+
+    def summarize_layers(self, layers: slice, first: int, keys: torch.Tensor) -> None:
         assert self.kmin is not None and self.kmax is not None
-        kvh, n, bs, d = keys.shape
-        pages = keys.reshape(kvh, n * self.pages, bs // self.pages, d)
+        num_layers, kvh, n, bs, d = keys.shape
+        pages = keys.reshape(num_layers, kvh, n * self.pages, bs // self.pages, d)
         span = slice(first * self.pages, (first + n) * self.pages)
-        self.kmin[layer][..., span, :] = pages.amin(dim=2)
-        self.kmax[layer][..., span, :] = pages.amax(dim=2)
+        self.kmin[layers][..., span, :] = pages.amin(dim=3)
+        self.kmax[layers][..., span, :] = pages.amax(dim=3)
 
     def scores(
         self, layer: int, q: torch.Tensor, num_blocks: int, live: torch.Tensor | None = None

@@ -337,8 +337,7 @@ class RecallSequence:
             if new > 0:
                 self._store_middle(layers, last - new, keys[:, :, n - new :],
                                    values[:, :, n - new :])  # fmt: skip
-            for i, s in enumerate(range(layers.start, layers.stop)):
-                self.policy.summarize(s, lo - SINK_BLOCKS, keys[i])
+            self.policy.summarize_layers(layers, lo - SINK_BLOCKS, keys)
         keep = chunk.new_tail_start - chunk.tail_start
         rest = seg_k.shape[2] - keep
         self.tail_k[layers, :, :rest] = seg_k[:, :, keep:]

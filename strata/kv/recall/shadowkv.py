@@ -113,43 +113,56 @@ class ShadowKVPolicy(RecallPolicy):
     # ---- summaries ------------------------------------------------------------------------------
 
     def summarize(self, layer: int, first: int, keys: torch.Tensor) -> None:
+        self.summarize_layers(slice(layer, layer + 1), first, keys[None])
+
+    def summarize_layers(self, layers: slice, first: int, keys: torch.Tensor) -> None:
+        """Landmarks, spread and outliers of every layer at once; the factors of the
+        fitted layers at once too, unless heads are spread over ranks."""
         room = self.room
         assert room is not None
-        kvh, n, bs, d = keys.shape
+        num_layers, kvh, n, bs, d = keys.shape
         per_block = chunks_per_block(room)
-        chunks = keys.float().view(kvh, n, per_block, bs // per_block, d)
-        means = chunks.mean(dim=3)
+        chunks = keys.float().view(num_layers, kvh, n, per_block, bs // per_block, d)
+        means = chunks.mean(dim=4)
         span = slice(first * per_block, (first + n) * per_block)
-        self.landmarks[layer][..., span, :] = means.reshape(kvh, n * per_block, d).to(room.dtype)
-        similarity = F.cosine_similarity(chunks, means[:, :, :, None], dim=-1)
-        self.spread[layer][..., first : first + n] = 1 - similarity.amin(dim=(2, 3))
-        self._keep_outliers(layer, first, keys.to(room.dtype))
-        if self.fitted[layer]:
-            pre = self._every_head(self._pre_rope(keys, first))
-            self.factors[layer][first * bs : (first + n) * bs] = (
-                pre @ self.basis[layer].float().T
-            ).to(room.dtype)
+        landmarks = means.reshape(num_layers, kvh, n * per_block, d).to(room.dtype)
+        self.landmarks[layers][..., span, :] = landmarks
+        similarity = F.cosine_similarity(chunks, means[..., None, :], dim=-1)
+        self.spread[layers][..., first : first + n] = 1 - similarity.amin(dim=(3, 4))
+        self._keep_outliers(layers, first, keys.to(room.dtype))
+        rows = slice(first * bs, (first + n) * bs)
+        fitted = [self.fitted[s] for s in range(layers.start, layers.stop)]
+        if all(fitted) and room.shard is None:  # [L, n * bs, kv_heads * dim] @ [L, ., rank]
+            pre = self._pre_rope(keys, first)
+            basis = self.basis[layers].float().transpose(-1, -2)
+            self.factors[layers][:, rows] = (pre @ basis).to(room.dtype)
+            return
+        for i, layer in enumerate(range(layers.start, layers.stop)):
+            if fitted[i]:
+                pre = self._every_head(self._pre_rope(keys[i], first))
+                self.factors[layer][rows] = (pre @ self.basis[layer].float().T).to(room.dtype)
 
-    def _keep_outliers(self, layer: int, first: int, keys: torch.Tensor) -> None:
-        """The outliers of `layer` and their keys, now that middle blocks first.. (keys
-        [kv_heads, n, bs, dim]) are summarized after blocks 0..first-1: the top of the
+    def _keep_outliers(self, layers: slice, first: int, keys: torch.Tensor) -> None:
+        """The outliers of `layers` and their keys, now that middle blocks first.. (keys
+        [L, kv_heads, n, bs, dim]) are summarized after blocks 0..first-1: the top of the
         kept outliers and the new blocks (no other old block can outrank a kept one)."""
         n = self.outliers.shape[-1]
         if n == 0:
             return
-        kvh, new = keys.shape[:2]
-        ids = torch.arange(first, first + new, device=keys.device).expand(kvh, new)
-        kept, kept_keys = self.outliers[layer], self.outlier_keys[layer]
+        num_layers, kvh, new = keys.shape[:3]
+        ids = torch.arange(first, first + new, device=keys.device).expand(num_layers, kvh, new)
+        kept, kept_keys = self.outliers[layers], self.outlier_keys[layers]
         if first > 0:  # the kept ones: distinct up to min(n, first), repeats after
-            ids, keys = torch.cat([kept, ids], -1), torch.cat([kept_keys, keys], 1)
-        spread = self.spread[layer].gather(-1, ids)
-        spread[:, min(n, first) : n if first > 0 else 0] = float("-inf")
+            ids, keys = torch.cat([kept, ids], -1), torch.cat([kept_keys, keys], 2)
+        spread = self.spread[layers].gather(-1, ids)
+        spread[..., min(n, first) : n if first > 0 else 0] = float("-inf")
         k = min(n, first + new)
         top = torch.topk(spread, k).indices
-        kept[:, :k] = ids.gather(-1, top)
-        kept_keys[:, :k] = keys.gather(1, top[..., None, None].expand(kvh, k, *keys.shape[2:]))
-        kept[:, k:] = kept[:, :1]
-        kept_keys[:, k:] = kept_keys[:, :1]
+        kept[..., :k] = ids.gather(-1, top)
+        index = top[..., None, None].expand(num_layers, kvh, k, *keys.shape[3:])
+        kept_keys[:, :, :k] = keys.gather(2, index)
+        kept[..., k:] = kept[..., :1]
+        kept_keys[:, :, k:] = kept_keys[:, :, :1]
 
     def wants_all_keys(self, layer: int) -> bool:
         return not self.fitted[layer]
@@ -170,14 +183,14 @@ class ShadowKVPolicy(RecallPolicy):
         self.fitted[layer] = True
 
     def _pre_rope(self, keys: torch.Tensor, first: int) -> torch.Tensor:
-        """Post-RoPE keys [kv_heads, n, bs, dim] of middle blocks first.. back to pre-RoPE,
-        as [n * bs, kv_heads * dim] float32 rows."""
-        kvh, n, bs, d = keys.shape
+        """Post-RoPE keys [..., kv_heads, n, bs, dim] of middle blocks first.. back to
+        pre-RoPE, as [..., n * bs, kv_heads * dim] float32 rows."""
+        *lead, kvh, n, bs, d = keys.shape
         cos, sin = self._tables(torch.arange(first, first + n, device=keys.device), bs)
         y = keys.float()
         # RoPE scales by cos^2 + sin^2 (1 unless the rope type scales attention)
         pre = (y * cos - rotate_half(y) * sin) / (cos * cos + sin * sin)
-        return pre.permute(1, 2, 0, 3).reshape(n * bs, kvh * d)
+        return pre.movedim(-4, -2).reshape(*lead, n * bs, kvh * d)
 
     def _every_head(self, rows: torch.Tensor) -> torch.Tensor:
         """rows [n, kv_heads * dim] of this rank's heads -> of the model's (ranks.py)."""
