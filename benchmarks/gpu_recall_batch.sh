@@ -17,6 +17,8 @@
 #               working-set factor of every recall run
 #     steps128k 128k context, quest and shadowkv at batch $BSG (default 4) in one page, eager
 #               steps around per-layer page graphs, then whole steps from one CUDA graph each
+#     overlap128k  128k context, quest at batch $BSG (default 4) in one page, whole-step
+#               graphs, recall steps synchronous, then overlapped (--overlap-recall)
 #     gather    the row fetch's rate by host buffer size, row size, pinning and kernel
 #               variant (uva_gather_sweep.py; plot in $OUT/gather.png)
 #     full128k  128k context, full attention in the GPU pool at batch $FULLB (default "1 3")
@@ -79,6 +81,14 @@ if has steps128k; then
   speed --only decode --contexts 131072 --batch "$b" --modes quest,shadowkv --steps 16 \
     --page-rows "$b" --slack 200 --step-graphs both --pool-gib 4 \
     --recall-gpu-gib $((4 * b + 4)) --host-gib $((16 * b + 4)) --json "$OUT/steps128k.json"
+fi
+if has overlap128k; then
+  b="${BSG:-4}"
+  for how in "" --overlap-recall; do
+    speed --only decode --contexts 131072 --batch "$b" --modes quest --steps 16 --page-rows "$b" \
+      --slack 200 $how --pool-gib 4 --recall-gpu-gib $((4 * b + 4)) --host-gib $((16 * b + 4)) \
+      --json "$OUT/overlap128k${how:+_on}.json"
+  done
 fi
 if has gather; then
   python3 benchmarks/uva_gather_sweep.py --json "$OUT/gather.json" --png "$OUT/gather.png" 2>&1 \

@@ -6,7 +6,8 @@ every block give full attention's greedy tokens; a batch mixing quest and shadow
 budgets), full and full_offload equals each request run alone; requests of one length
 share a page (strata/kv/recall/page.py) and its rows decoding together equal each alone;
 selecting decode steps replayed from CUDA graphs give the tokens of an eager engine,
-and whole decode steps from one graph each give those of per-layer graphs;
+and whole decode steps from one graph each give those of per-layer graphs, overlapped
+or not;
 a request reusing another's prompt prefix from the store (shared prefixes) gives the
 tokens it gives salted apart (computing everything itself); nothing leaks.
 
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 from strata import LLM, SamplingParams
+from strata.engine.engine import LLMEngine
 from strata.kv.recall.step_graphs import RecallStepGraphs
 
 
@@ -56,6 +58,7 @@ def main() -> None:
     rows += pages_equal_solo(same, greedy, llm)
     rows += [(f"one page: {name}", ok) for name, ok in graphs_equal_eager(same, greedy, llm)]
     rows += whole_steps_equal_layer_graphs(same, greedy, llm)
+    rows += overlapped_equal_synchronous(same, greedy, llm)
     rows += shared_prefix_equals_alone(g, greedy, llm)
     llm.check_integrity()
     stats = llm.stats()
@@ -121,6 +124,29 @@ def whole_steps_equal_layer_graphs(
         replays = llm.stats()["recall_step_graph_replays"] - before
         rows.append((f"{policy}: {replays} whole steps from graphs == per-layer graphs",
                      replays > 0 and whole == layered))  # fmt: skip
+    return rows
+
+
+def overlapped_equal_synchronous(
+    prompts: list[list[int]], greedy: dict[str, Any], llm: LLM
+) -> list[tuple[str, bool]]:
+    """One page of rows ending at different lengths, whole-step graphs on: recall steps
+    launched before the last step's tokens reach the host (LLMEngine.overlap_recall)
+    against synchronous ones, in the same engine (overlap scheduling is on by default on
+    CUDA)."""
+    rows = []
+    lengths = [greedy["max_tokens"] - 8 * i for i in range(len(prompts))]
+    for policy in ("quest", "shadowkv"):
+        params = [SamplingParams(kv_policy=policy, kv_budget=256, **{**greedy, "max_tokens": n})
+                  for n in lengths]  # fmt: skip
+        LLMEngine.overlap_recall = False
+        synchronous = [o.token_ids for o in llm.generate(prompts, params)]
+        LLMEngine.overlap_recall = True
+        overlapped = [o.token_ids for o in llm.generate(prompts, params)]
+        LLMEngine.overlap_recall = False
+        mode = "on" if llm.engine.overlap else "off"
+        name = f"{policy}: overlapped steps == synchronous (overlap {mode})"
+        rows.append((name, overlapped == synchronous))
     return rows
 
 

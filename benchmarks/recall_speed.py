@@ -159,10 +159,14 @@ def bench_decode(contexts: list[int], batch: int, steps: int, modes: list[str],
                  page_rows: tuple[int, ...] = (4,), slack: int = 16,
                  working_set_factor: int = 1, trace_dir: str | None = None,
                  dense_kernel: tuple[bool, ...] = (True,),
-                 step_graphs: tuple[bool, ...] = (True,)) -> None:  # fmt: skip
+                 step_graphs: tuple[bool, ...] = (True,),
+                 overlap_recall: bool = False) -> None:  # fmt: skip
+    from strata.engine.engine import LLMEngine
     from strata.kv.recall.attention import RecallAttention
     from strata.kv.recall.sequence import RecallSequence
     from strata.kv.recall.step_graphs import RecallStepGraphs
+
+    LLMEngine.overlap_recall = overlap_recall
 
     link_gbps = pinned_h2d_gbps()
     RESULTS["pinned_h2d_memcpy_GBps"] = link_gbps
@@ -207,6 +211,7 @@ def bench_decode(contexts: list[int], batch: int, steps: int, modes: list[str],
             rows.append({"context": ctx, "batch": batch, "mode": mode, "tok_s": rate,
                          "side_streams": side, "page_rows": rows_per_page,
                          "dense_kernel": dense, "step_graphs": whole,
+                         "overlap_recall": overlap_recall,
                          **{f"{name}_replays": after.get(f"recall_{name}_replays", 0)
                             - before.get(f"recall_{name}_replays", 0)
                             for name in ("graph", "step_graph")},
@@ -279,6 +284,9 @@ def main() -> None:
                    help="a recall decode step whose rows repeat replays one CUDA graph of the "
                         "whole forward (off: eager around per-layer page graphs, as before "
                         "2026-12-06 night; both: an A/B in one process)")
+    p.add_argument("--overlap-recall", action="store_true",
+                   help="recall steps launch before the last step's tokens reach the host "
+                        "(LLMEngine.overlap_recall; off by default until checked on a GPU)")
     p.add_argument("--working-set-factor", type=int, default=1,
                    help="kv_recall_working_set_factor: working-set slots per picked block")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table")
@@ -302,7 +310,8 @@ def main() -> None:
                      tuple(int(r) for r in a.page_rows.split(",")), a.slack,
                      a.working_set_factor, a.trace_dir,
                      {"on": (True,), "off": (False,), "both": (False, True)}[a.dense_kernel],
-                     {"on": (True,), "off": (False,), "both": (False, True)}[a.step_graphs])
+                     {"on": (True,), "off": (False,), "both": (False, True)}[a.step_graphs],
+                     a.overlap_recall)
     if "beyond" in only:
         shape, policy = a.beyond.split(":")
         seqs, context = (int(x) for x in shape.split("x"))

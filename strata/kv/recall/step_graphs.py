@@ -20,13 +20,15 @@ Invariants:
 - A graph whose key names a released sequence would never be replayed again (serials
   never repeat); it is dropped at the release (`forget`). A CUDA graph keeps only the
   step's small index tensors alive, not the sequences.
+- A dropped graph (released, or the least recently replayed past MAX_GRAPHS) may still
+  run on the GPU when steps overlap: it is destroyed only two steps later.
 - The logits are the graph's own output, valid until its next replay (as DecodeGraphs').
 """
 
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -113,6 +115,7 @@ class RecallStepGraphs:
         self.rows = torch.arange(max_rows, device=device)  # logits rows: every row samples
         self._graphs: OrderedDict[Key, StepGraph] = OrderedDict()
         self._last: Key | None = None  # the last eager step's key
+        self._dropped: deque[list[StepGraph]] = deque([[], []])  # per step, destroyed last
         self.replays = self.captures = 0
 
     def key_of(self, meta: RecallMetadata, logits_rows: np.ndarray) -> Key | None:
@@ -138,6 +141,8 @@ class RecallStepGraphs:
     ) -> torch.Tensor | None:  # fmt: skip
         """The step's logits from its graph, or None: the step runs eagerly (its key is
         remembered, so a repeat is captured)."""
+        self._dropped.append([])
+        self._dropped.popleft()  # dropped two steps ago: no longer running
         key = self.key_of(meta, logits_rows) if self.enabled else None
         graph = None if key is None else self._graphs.get(key)
         if key is None or (graph is None and key != self._last):
@@ -157,7 +162,7 @@ class RecallStepGraphs:
 
     def _capture(self, key: Key, meta: RecallMetadata) -> StepGraph:
         while len(self._graphs) >= MAX_GRAPHS:
-            self._graphs.popitem(last=False)
+            self._dropped[-1].append(self._graphs.popitem(last=False)[1])
         if not self._graphs:
             self.recorder.forget_pool()  # no graph holds the old pool's memory
         n = len(key)
@@ -186,7 +191,7 @@ class RecallStepGraphs:
     def forget(self, serial: int) -> None:
         """A recall sequence was released: drop the graphs of steps it was a row of."""
         for key in [k for k in self._graphs if serial in k]:
-            del self._graphs[key]
+            self._dropped[-1].append(self._graphs.pop(key))
         if self._last is not None and serial in self._last:
             self._last = None
 
