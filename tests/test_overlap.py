@@ -145,13 +145,12 @@ def test_a_stop_found_while_a_synchronous_step_is_built(folder: Path, reference:
     assert dropped == [1]  # the stopped request's row, launched before its stop was seen
 
 
-def test_abort_while_a_token_is_in_flight(folder: Path) -> None:
-    llm = _llm(folder, "on")
+def abort_in_flight(llm: LLM, prompts: list[list[int]], params: SamplingParams, steps: int) -> None:
+    """Two requests; after `steps` engine steps the first is aborted while its token is in
+    flight: it ends without a PENDING token, and the second completes its max_tokens."""
     engine = llm.engine
-    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
-    first = engine.add_request(PROMPTS[0], params)
-    second = engine.add_request(PROMPTS[1], params)
-    for _ in range(4):
+    first, second = (engine.add_request(p, params) for p in prompts[:2])
+    for _ in range(steps):
         engine.step()
     assert engine._sampled is not None and engine._launched is not None
     aborted = engine.abort(first)
@@ -160,8 +159,13 @@ def test_abort_while_a_token_is_in_flight(folder: Path) -> None:
     done = {}
     while engine.has_unfinished():
         done.update({o.request_id: o for o in engine.step()})
-    assert first not in done and len(done[second].token_ids) == 30
+    assert first not in done and len(done[second].token_ids) == params.max_tokens
     assert_no_leaks(llm)
+
+
+def test_abort_while_a_token_is_in_flight(folder: Path) -> None:
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    abort_in_flight(_llm(folder, "on"), PROMPTS, params, steps=4)
 
 
 def test_kv_policy_and_constrained_requests_beside_overlapped_ones(tiny_chat_folder: Path) -> None:

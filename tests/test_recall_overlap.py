@@ -15,7 +15,7 @@ import pytest
 
 from strata import LLM, SamplingParams
 from strata.engine.engine import LLMEngine
-from strata.engine.overlap import PENDING
+from tests.test_overlap import abort_in_flight
 from tests.test_recall import assert_recall_idle, recall_llm
 from tests.test_recall_step_graphs import with_step_graphs
 
@@ -106,18 +106,7 @@ def test_abort_of_a_recall_request_with_a_token_in_flight(
     recall_folder: Path, overlap_recall: None
 ) -> None:
     llm: LLM = recall_llm(recall_folder, overlap_scheduling="on")
-    engine = llm.engine
     quest = SamplingParams(kv_policy="quest", kv_budget=40, **GREEDY)
-    first, second = (engine.add_request(p, quest) for p in prompts(2))
-    for _ in range(14):  # both prefilled, then decoding
-        engine.step()
-    assert engine._sampled is not None and engine._launched is not None
-    aborted = engine.abort(first)
-    assert aborted is not None and aborted.finish_reason == "abort"
-    assert PENDING not in aborted.token_ids
-    done = {}
-    while engine.has_unfinished():
-        done.update({o.request_id: o for o in engine.step()})
-    assert first not in done and len(done[second].token_ids) == 30
+    abort_in_flight(llm, prompts(2), quest, steps=14)  # both prefilled, then decoding
     llm.check_integrity()
     assert_recall_idle(llm)
