@@ -116,3 +116,16 @@ def test_key_names_rows_in_order(recall_folder: Path) -> None:
     keys = [k for k in seen if k is not None]
     assert keys[0] == (0, 1) and set(keys) == {(0, 1), (1,)}  # serials; the second ends last
     assert_recall_idle(llm)
+
+
+def test_metrics_count_steps_from_graphs(recall_folder: Path) -> None:
+    from strata.server.metrics import ServerMetrics
+
+    llm = recall_llm(recall_folder)
+    graphs = with_step_graphs(llm)
+    params = SamplingParams(kv_policy="quest", kv_budget=40, **GREEDY)
+    tokens(llm, prompts(2), [params] * 2)
+    text = ServerMetrics(llm.stats).render().decode()
+    assert f"strata_recall_step_graph_replays_total {float(graphs.replays)}" in text
+    assert f"strata_recall_step_graph_captures_total {float(graphs.captures)}" in text
+    assert "strata_recall_step_graphs 0.0" in text and graphs.replays > 0

@@ -114,6 +114,11 @@ RECALL_COUNTERS = {
     "recall_prefix_blocks_published": "Prompt blocks published in the recall store.",
     "recall_host_slots_evicted": "Cached recall store slots taken for new blocks.",
 }
+# Whole recall decode steps as CUDA graphs (present only when the engine captures them)
+RECALL_STEP_GRAPH_COUNTERS = {
+    "recall_step_graph_replays": "Recall decode steps replayed whole from one CUDA graph.",
+    "recall_step_graph_captures": "Recall decode steps captured as CUDA graphs.",
+}
 
 # Tensor parallelism (present only when the engine is sharded); stats key -> help
 TP_COUNTERS = {
@@ -150,6 +155,12 @@ class _EngineCollector(Collector):
             for key, doc in RECALL_GAUGES.items():
                 yield GaugeMetricFamily(f"{PREFIX}_{key}", doc, value=stats[key])
             for key, doc in RECALL_COUNTERS.items():
+                yield CounterMetricFamily(f"{PREFIX}_{key}", doc, value=stats[key])
+        if "recall_step_graphs" in stats:
+            kept = stats["recall_step_graphs"]
+            doc = "Recall decode-step CUDA graphs kept (sets of rows)."
+            yield GaugeMetricFamily(f"{PREFIX}_recall_step_graphs", doc, value=kept)
+            for key, doc in RECALL_STEP_GRAPH_COUNTERS.items():
                 yield CounterMetricFamily(f"{PREFIX}_{key}", doc, value=stats[key])
 
 
