@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from strata import LLM, SamplingParams
@@ -40,15 +41,16 @@ def with_step_graphs(llm: LLM) -> RecallStepGraphs:
     return graphs
 
 
-def test_steps_from_graphs_equal_eager_steps(recall_folder: Path) -> None:
-    """Three quest rows in one page, then two shadowkv rows: every decode step past the
-    first two selecting ones replays, and the tokens are the eager engine's."""
+@pytest.mark.parametrize("page_rows", [4, 1])
+def test_steps_from_graphs_equal_eager_steps(recall_folder: Path, page_rows: int) -> None:
+    """Three quest rows in one page (or a page each), then two shadowkv rows: every decode
+    step past the first two selecting ones replays, and the tokens are the eager engine's."""
     for policy, rows in (("quest", 3), ("shadowkv", 2)):
         params = SamplingParams(kv_policy=policy, kv_budget=40, **GREEDY)
         batch = prompts(rows)
-        eager = recall_llm(recall_folder)
+        eager = recall_llm(recall_folder, kv_recall_page_rows=page_rows)
         want = tokens(eager, batch, [params] * rows)
-        llm = recall_llm(recall_folder)
+        llm = recall_llm(recall_folder, kv_recall_page_rows=page_rows)
         graphs = with_step_graphs(llm)
         assert tokens(llm, batch, [params] * rows) == want
         stats = llm.stats()
