@@ -131,3 +131,24 @@ def test_metrics_count_steps_from_graphs(recall_folder: Path) -> None:
     assert f"strata_recall_step_graph_replays_total {float(graphs.replays)}" in text
     assert f"strata_recall_step_graph_captures_total {float(graphs.captures)}" in text
     assert "strata_recall_step_graphs 0.0" in text and graphs.replays > 0
+
+
+def test_a_step_that_cannot_be_captured_runs_eagerly(
+    recall_folder: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A capture that fails leaves the step, and every later one, to the eager path."""
+
+    class Failing(RerunRecorder):
+        def capture(self, forward):  # type: ignore[no-untyped-def]
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    params = SamplingParams(kv_policy="quest", kv_budget=40, **GREEDY)
+    want = tokens(recall_llm(recall_folder), prompts(2), [params] * 2)
+    llm = recall_llm(recall_folder)
+    graphs = with_step_graphs(llm)
+    graphs.recorder = Failing()
+    with caplog.at_level("WARNING", logger="strata.engine"):
+        assert tokens(llm, prompts(2), [params] * 2) == want
+    assert graphs.replays == 0 and not graphs.enabled and RecallStepGraphs.enabled
+    assert "capturing one failed" in caplog.text
+    assert_recall_idle(llm)

@@ -149,7 +149,13 @@ class RecallStepGraphs:
             self._last = key
             return None
         if graph is None:
-            graph = self._capture(key, meta)
+            try:
+                graph = self._capture(key, meta)
+            except RuntimeError as exc:  # the forward cannot be captured: run it eagerly
+                logger.warning("recall decode steps run eagerly from now on: capturing one "
+                               "failed (%s)", exc)  # fmt: skip
+                self.enabled = False
+                return None
         self._graphs.move_to_end(key)
         n = len(key)
         self.ids[:n].copy_(ids)
