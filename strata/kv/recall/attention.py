@@ -83,7 +83,7 @@ def _in_turn(units: list[Unit]) -> None:
 class RecallAttention(AttentionBackend[RecallMetadata]):
     side_streams = True  # CUDA decode rows of several sequences side by side (False: in turn)
     fused_rope = True  # CUDA: RoPE of the step's rows in one kernel (False: A/B runs)
-    whole_step = False  # a whole step is being captured (whole_step_mode)
+    whole_step = False  # a whole step is in a graph: captured, or rerun on CPU (whole_step_mode)
 
     def __init__(self, inner: AttentionBackend[Any]) -> None:
         self.inner = inner
