@@ -115,12 +115,16 @@ RECALL_COUNTERS = {
     "recall_host_slots_evicted": "Cached recall store slots taken for new blocks.",
 }
 # Whole recall decode steps as CUDA graphs (present only when the engine captures them)
+RECALL_STEP_GRAPH_GAUGES = {
+    "recall_step_graphs": "Recall decode-step CUDA graphs kept (sets of rows).",
+}
 RECALL_STEP_GRAPH_COUNTERS = {
     "recall_step_graph_replays": "Recall decode steps replayed whole from one CUDA graph.",
     "recall_step_graph_captures": "Recall decode steps captured as CUDA graphs.",
 }
 
 # Tensor parallelism (present only when the engine is sharded); stats key -> help
+TP_GAUGES = {"tensor_parallel_size": "Ranks the model is sharded over."}
 TP_COUNTERS = {
     "tp_steps": "Steps sent to the tensor-parallel workers.",
     "tp_step_send_seconds": "Rank 0's time sending steps to the workers (encode and send).",
@@ -146,22 +150,21 @@ class _EngineCollector(Collector):
         if "moe_expert_uses" in stats:
             yield from _moe_metrics(stats)
         if "tensor_parallel_size" in stats:
-            size = stats["tensor_parallel_size"]
-            doc = "Ranks the model is sharded over."
-            yield GaugeMetricFamily(f"{PREFIX}_tensor_parallel_size", doc, value=size)
-            for key, doc in TP_COUNTERS.items():
-                yield CounterMetricFamily(f"{PREFIX}_{key}", doc, value=stats[key])
+            yield from _named(stats, TP_GAUGES, TP_COUNTERS)
         if "recall_host_bytes" in stats:
-            for key, doc in RECALL_GAUGES.items():
-                yield GaugeMetricFamily(f"{PREFIX}_{key}", doc, value=stats[key])
-            for key, doc in RECALL_COUNTERS.items():
-                yield CounterMetricFamily(f"{PREFIX}_{key}", doc, value=stats[key])
+            yield from _named(stats, RECALL_GAUGES, RECALL_COUNTERS)
         if "recall_step_graphs" in stats:
-            kept = stats["recall_step_graphs"]
-            doc = "Recall decode-step CUDA graphs kept (sets of rows)."
-            yield GaugeMetricFamily(f"{PREFIX}_recall_step_graphs", doc, value=kept)
-            for key, doc in RECALL_STEP_GRAPH_COUNTERS.items():
-                yield CounterMetricFamily(f"{PREFIX}_{key}", doc, value=stats[key])
+            yield from _named(stats, RECALL_STEP_GRAPH_GAUGES, RECALL_STEP_GRAPH_COUNTERS)
+
+
+def _named(
+    stats: dict[str, Any], gauges: dict[str, str], counters: dict[str, str]
+) -> Iterator[Metric]:
+    """Gauges and counters named after their stats keys (stats key -> help)."""
+    for key, doc in gauges.items():
+        yield GaugeMetricFamily(f"{PREFIX}_{key}", doc, value=stats[key])
+    for key, doc in counters.items():
+        yield CounterMetricFamily(f"{PREFIX}_{key}", doc, value=stats[key])
 
 
 def _tier_metrics(stats: dict[str, Any]) -> Iterator[Metric]:
@@ -178,10 +181,7 @@ def _tier_metrics(stats: dict[str, Any]) -> Iterator[Metric]:
 
 
 def _moe_metrics(stats: dict[str, Any]) -> Iterator[Metric]:
-    for key, doc in MOE_GAUGES.items():
-        yield GaugeMetricFamily(f"{PREFIX}_{key}", doc, value=stats[key])
-    for key, doc in MOE_COUNTERS.items():
-        yield CounterMetricFamily(f"{PREFIX}_{key}", doc, value=stats[key])
+    yield from _named(stats, MOE_GAUGES, MOE_COUNTERS)
     per_layer = GaugeMetricFamily(
         f"{PREFIX}_moe_expert_hit_rate_layer", "Expert cache hit rate per layer.", labels=["layer"]
     )
