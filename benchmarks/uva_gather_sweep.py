@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from strata.ops.triton_row_copy import _copy_rows_kernel, _Pinned, copy_rows
+from strata.ops.triton_row_copy import CHUNK, _copy_rows_kernel, _Pinned
 from strata.pinned import pinned_zeros
 
 GIB = 1 << 30
@@ -70,51 +70,38 @@ def host_buffer(kind: str, nbytes: int) -> tuple[torch.Tensor, Callable[[], None
     return tensor, release
 
 
-def gather_gbps(host: torch.Tensor, row_bytes: int, rows: int, repeat: int = 7) -> float:
-    """GB/s of gathering `rows` random rows of row_bytes from host (as bf16 rows)."""
+def gather_gbps(
+    host: torch.Tensor, row_bytes: int, rows: int, chunk: int = CHUNK, warps: int = 4,
+    repeat: int = 7,
+) -> float:  # fmt: skip
+    """GB/s of gathering `rows` random rows of row_bytes from host (as bf16 rows) through
+    the engine's row-copy kernel, with `chunk` elements a program and `warps` warps (the
+    engine's: CHUNK and 4). The first call, checked row for row, also compiles."""
     elems = row_bytes // 2
     table = host[: host.numel() // row_bytes * row_bytes].view(torch.bfloat16).view(-1, elems)
     dev = torch.empty(rows, elems, dtype=torch.bfloat16, device="cuda")
-    pick = torch.randint(0, table.shape[0], (rows,), device="cuda")
     dst = torch.arange(rows, device="cuda")
-    copy_rows(table, dev, pick, dst)  # compiles; touches nothing it times
+
+    def launch(pick: torch.Tensor) -> None:
+        _copy_rows_kernel[(rows, -(-elems // chunk))](
+            _Pinned(table), dev, pick, dst, ROW=elems, CHUNK=chunk, num_warps=warps
+        )
+
+    check = torch.randint(0, table.shape[0], (rows,))
+    table[check] = torch.randn(rows, elems, dtype=torch.bfloat16)  # the rows checked below
+    launch(check.cuda())
+    if not torch.equal(dev.cpu(), table[check]):
+        raise RuntimeError(f"kernel {chunk}x{warps} gathered wrong rows")
     times = []
     for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         pick = torch.randint(0, table.shape[0], (rows,), device="cuda")
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        copy_rows(table, dev, pick, dst)
+        launch(pick)
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     return rows * row_bytes / statistics.median(times) / 1e9
-
-
-def kernel_gbps(host: torch.Tensor, row_bytes: int, rows: int, chunk: int, warps: int) -> float:
-    """gather_gbps through the kernel with `chunk` elements a program and `warps` warps."""
-    elems = row_bytes // 2
-    table = host[: host.numel() // row_bytes * row_bytes].view(torch.bfloat16).view(-1, elems)
-    dev = torch.empty(rows, elems, dtype=torch.bfloat16, device="cuda")
-    dst = torch.arange(rows, device="cuda")
-    check = torch.randint(0, table.shape[0], (rows,))
-    table[check] = torch.randn(rows, elems, dtype=torch.bfloat16)  # the rows checked below
-    _copy_rows_kernel[(rows, -(-elems // chunk))](
-        _Pinned(table), dev, check.cuda(), dst, ROW=elems, CHUNK=chunk, num_warps=warps
-    )
-    if not torch.equal(dev.cpu(), table[check]):
-        raise RuntimeError(f"kernel {chunk}x{warps} gathered wrong rows")
-    times = []
-    for _ in range(8):
-        pick = torch.randint(0, table.shape[0], (rows,), device="cuda")
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        _copy_rows_kernel[(rows, -(-elems // chunk))](
-            _Pinned(table), dev, pick, dst, ROW=elems, CHUNK=chunk, num_warps=warps
-        )
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return rows * row_bytes / statistics.median(times[1:]) / 1e9
 
 
 def kernel_sweep(size: float, row_kib: int, counts: list[int], kernels: list[str]
@@ -124,7 +111,7 @@ def kernel_sweep(size: float, row_kib: int, counts: list[int], kernels: list[str
     for spec in tqdm(kernels, desc="kernels"):
         chunk, warps = (int(x) for x in spec.split("x"))
         for rows in counts:
-            rate = kernel_gbps(host, row_kib << 10, rows, chunk, warps)
+            rate = gather_gbps(host, row_kib << 10, rows, chunk, warps)
             points.append({"kernel": spec, "size_GiB": size, "row_KiB": row_kib, "rows": rows,
                            "GBps": rate})  # fmt: skip
     release()
