@@ -10,17 +10,20 @@
 #     b128k     128k context, recall policies at batch $B128 (default 4), pages of $ROWS128
 #               rows (default 1,4)
 #     max128k   128k context, each recall policy at the largest batch the host holds:
-#               quest at $BQ (default 6: keys and values, 16 GiB a sequence: with shared
+#               quest at $BQ (default 6; 0: none; keys and values, 16 GiB a sequence: with shared
 #               prefixes the store keeps the dense layers too), shadowkv at $BS (default
 #               10: 8 GiB a sequence once its keys are fitted, 16 GiB while it
-#               prefills), in pages of up to 8 rows; WSF (default 1): the
+#               prefills), in pages of up to 8 rows ($PRS for shadowkv); WSF (default 1): the
 #               working-set factor of every recall run
 #     steps128k 128k context, quest and shadowkv at batch $BSG (default 4) in one page, eager
 #               steps around per-layer page graphs, then whole steps from one CUDA graph each
 #     overlap128k  128k context, quest at batch $BSG (default 4) in one page, whole-step
 #               graphs, recall steps synchronous, then overlapped (--overlap-recall)
+#     rebuild128k  shadowkv's rebuilt-keys kernel checked on the GPU, then 128k context at
+#               batch $BSG (default 4) in one page: keys rebuilt by the torch path, then by
+#               the kernel
 #     gather    the row fetch's rate by host buffer size, row size, pinning and kernel
-#               variant (uva_gather_sweep.py; plot in $OUT/gather.png)
+#               variant (uva_gather_sweep.py $GATHER_ARGS; plot in $OUT/gather.png)
 #     full128k  128k context, full attention in the GPU pool at batch $FULLB (default "1 3")
 #     dense128k 128k context, quest and shadowkv at batch $BD (default 4) in one page, with
 #               the dense layers' decode by batched matmuls, then by the split-K kernel
@@ -51,10 +54,10 @@ if has b128k; then
 fi
 if has max128k; then
   bq="${BQ:-6}" bs="${BS:-10}"
-  speed --only decode --contexts 131072 --batch "$bq" --modes quest --steps 8 --page-rows 8 --slack 200 \
-    --pool-gib 4 --recall-gpu-gib $(((2 + ${WSF:-1}) * bq + 2)) --host-gib $((16 * bq + 1)) \
-    --json "$OUT/max128k_quest.json"
-  speed --only decode --contexts 131072 --batch "$bs" --modes shadowkv --steps 8 --page-rows 8 --slack 200 \
+  [ "$bq" -gt 0 ] && speed --only decode --contexts 131072 --batch "$bq" --modes quest --steps 8 \
+    --page-rows 8 --slack 200 --pool-gib 4 --recall-gpu-gib $(((2 + ${WSF:-1}) * bq + 2)) \
+    --host-gib $((16 * bq + 1)) --json "$OUT/max128k_quest.json"
+  speed --only decode --contexts 131072 --batch "$bs" --modes shadowkv --steps 8 --page-rows "${PRS:-8}" --slack 200 \
     --pool-gib 4 --recall-gpu-gib $(((3 + ${WSF:-1}) * bs + 2)) --host-gib $((8 * bs + 9)) \
     --json "$OUT/max128k_shadowkv.json"
 fi
@@ -90,9 +93,17 @@ if has overlap128k; then
       --json "$OUT/overlap128k${how:+_on}.json"
   done
 fi
+if has rebuild128k; then
+  python3 -m pytest -q -p no:cacheprovider tests/test_recall_rebuild_kernel.py 2>&1 | tail -3
+  b="${BSG:-4}"
+  speed --only decode --contexts 131072 --batch "$b" --modes shadowkv --steps 16 --page-rows "$b" \
+    --slack 200 --rebuild-kernel both --pool-gib 4 --recall-gpu-gib $((4 * b + 4)) \
+    --host-gib $((16 * b + 4)) --json "$OUT/rebuild128k.json"
+fi
 if has gather; then
-  python3 benchmarks/uva_gather_sweep.py --json "$OUT/gather.json" --png "$OUT/gather.png" 2>&1 \
-    | grep -v "it/s"
+  # shellcheck disable=SC2086  # GATHER_ARGS: several arguments
+  python3 benchmarks/uva_gather_sweep.py ${GATHER_ARGS:-} --json "$OUT/gather.json" \
+    --png "$OUT/gather.png" 2>&1 | tr '\r' '\n' | grep -v "it/s"
 fi
 if has full128k; then
   for b in ${FULLB:-1 3}; do

@@ -16,6 +16,7 @@ python benchmarks/recall_speed.py [--only uva,decode] [--contexts 32768,65536,13
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -152,22 +153,48 @@ def recall_deltas(before: dict[str, Any], after: dict[str, Any], tokens: int) ->
     }
 
 
+def set_arm(name: str, on: bool) -> None:
+    """Turn one of the recall step's A/B switches (ARMS) on or off, process-wide."""
+    from strata.kv.recall.attention import RecallAttention
+    from strata.kv.recall.sequence import RecallSequence
+    from strata.kv.recall.shadowkv import ShadowKVPolicy
+    from strata.kv.recall.step_graphs import RecallStepGraphs
+
+    if name == "side_streams":
+        RecallAttention.side_streams = on
+    elif name == "dense_kernel":
+        RecallSequence.dense_kernel = RecallAttention.fused_rope = on
+    elif name == "step_graphs":
+        RecallStepGraphs.enabled = on
+    elif name == "rebuild_kernel":
+        ShadowKVPolicy.rebuild_kernel = on
+    else:
+        raise ValueError(f"unknown switch {name!r}")
+
+
+ARMS = {  # switch: what "on" means (off: what came before it)
+    "side_streams": "recall decode rows of several sequences on CUDA side streams",
+    "dense_kernel": "recall steps' dense layers decode by the split-K Triton kernel and RoPE "
+                    "in one kernel (off: batched matmuls and torch RoPE)",
+    "step_graphs": "a recall decode step whose rows repeat replays one CUDA graph of the "
+                   "whole forward (off: eager around per-layer page graphs)",
+    "rebuild_kernel": "shadowkv rebuilds fetched blocks' keys into the working set in one "
+                      "Triton kernel a layer (off: about 25 torch kernels)",
+}  # fmt: skip
+
+
 def bench_decode(contexts: list[int], batch: int, steps: int, modes: list[str],
                  profile: bool, warmup: int, host_gib: float, pool_gib: float,
                  eager: bool = False, recall_gpu_gib: float = 8.0,
-                 side_streams: tuple[bool, ...] = (True,),
                  page_rows: tuple[int, ...] = (4,), slack: int = 16,
                  working_set_factor: int = 1, trace_dir: str | None = None,
-                 dense_kernel: tuple[bool, ...] = (True,),
-                 step_graphs: tuple[bool, ...] = (True,),
+                 arms: dict[str, tuple[bool, ...]] | None = None,
                  overlap_recall: bool = False) -> None:  # fmt: skip
+    """Decode tok/s of each mode at each context, for every combination of page rows and
+    `arms` (switch name -> the values to run; a switch not named stays on)."""
     from strata.engine.engine import LLMEngine
-    from strata.kv.recall.attention import RecallAttention
-    from strata.kv.recall.sequence import RecallSequence
-    from strata.kv.recall.step_graphs import RecallStepGraphs
 
     LLMEngine.overlap_recall = overlap_recall
-
     link_gbps = pinned_h2d_gbps()
     RESULTS["pinned_h2d_memcpy_GBps"] = link_gbps
     longest = max(contexts) + steps + warmup + slack + 64
@@ -178,49 +205,49 @@ def bench_decode(contexts: list[int], batch: int, steps: int, modes: list[str],
         kv_recall_working_set_factor=working_set_factor,
     )  # fmt: skip
     g = torch.Generator().manual_seed(0)
+    combos = [dict(zip(ARMS, values, strict=True))
+              for values in itertools.product(*((arms or {}).get(n, (True,)) for n in ARMS))]
     rows = []
     for ctx in contexts:
         prompts = [torch.randint(1000, 100000, (ctx,), generator=g).tolist() for _ in range(batch)]
-        runs = [(m, on, r, dk, sg) for m in modes for on in side_streams for r in page_rows
-                for dk in dense_kernel for sg in step_graphs]  # fmt: skip
-        for mode, side, rows_per_page, dense, whole in runs:
-            if mode == "full" and (side, rows_per_page, dense, whole) != (
-                side_streams[0], page_rows[0], dense_kernel[0], step_graphs[0]
-            ):
+        runs = [(m, r, c) for m in modes for r in page_rows for c in combos]
+        for mode, rows_per_page, combo in runs:
+            if mode == "full" and (rows_per_page, combo) != (page_rows[0], combos[0]):
                 continue  # no recall rows: these options change nothing
-            RecallAttention.side_streams = side
-            RecallSequence.dense_kernel = RecallAttention.fused_rope = dense
-            RecallStepGraphs.enabled = whole
+            for name, on in combo.items():
+                set_arm(name, on)
             recall = llm.engine.parts.recall
             if recall is not None:  # pages are made as requests arrive: the next ones
                 recall.page_rows = rows_per_page
-            policy, budget = MODES[mode]
-            params = SamplingParams(
-                max_tokens=steps + warmup + slack, temperature=0, ignore_eos=True,
-                kv_policy=policy, kv_budget=budget,
-            )  # fmt: skip
-            try:
-                trace = f"{trace_dir}/{mode}_{ctx}x{batch}_d{int(dense)}s{int(whole)}.json.gz"
-                rate, before, after = decode_rate(
-                    llm, prompts, params, steps, profile, warmup, trace if trace_dir else None
-                )
-            except Exception as exc:  # a mode that does not fit is reported, not fatal
-                rows.append({"context": ctx, "mode": mode, "error": repr(exc)[:300]})
-                print(rows[-1], flush=True)
-                continue
-            rows.append({"context": ctx, "batch": batch, "mode": mode, "tok_s": rate,
-                         "side_streams": side, "page_rows": rows_per_page,
-                         "dense_kernel": dense, "step_graphs": whole,
-                         "overlap_recall": overlap_recall,
-                         **{f"{name}_replays": after.get(f"recall_{name}_replays", 0)
-                            - before.get(f"recall_{name}_replays", 0)
-                            for name in ("graph", "step_graph")},
-                         **recall_deltas(before, after, steps * batch)})  # fmt: skip
-            if "fetched_MB_per_token" in rows[-1]:  # the host link's share of the step
-                rate_gbps = rows[-1]["fetched_MB_per_token"] * rate / 1e3
-                rows[-1]["fetch_share_of_pinned_h2d"] = rate_gbps / link_gbps
-            print(rows[-1], flush=True)
+            row = decode_row(llm, prompts, mode, steps, warmup, slack, profile, trace_dir)
+            row.update({"context": ctx, "batch": batch, "page_rows": rows_per_page, **combo,
+                        "overlap_recall": overlap_recall})  # fmt: skip
+            if "fetched_MB_per_token" in row:  # the host link's share of the step
+                rate_gbps = row["fetched_MB_per_token"] * row["tok_s"] / 1e3
+                row["fetch_share_of_pinned_h2d"] = rate_gbps / link_gbps
+            rows.append(row)
+            print(row, flush=True)
     RESULTS["decode"] = rows
+
+
+def decode_row(llm: LLM, prompts: list[list[int]], mode: str, steps: int, warmup: int,
+               slack: int, profile: bool, trace_dir: str | None) -> dict[str, Any]:  # fmt: skip
+    """One timed decode of `prompts` under `mode`: its rate and recall counters, or the
+    error of a mode that does not fit (reported, not fatal)."""
+    policy, budget = MODES[mode]
+    params = SamplingParams(
+        max_tokens=steps + warmup + slack, temperature=0, ignore_eos=True,
+        kv_policy=policy, kv_budget=budget,
+    )  # fmt: skip
+    trace = f"{trace_dir}/{mode}_{len(prompts[0])}x{len(prompts)}.json.gz" if trace_dir else None
+    try:
+        rate, before, after = decode_rate(llm, prompts, params, steps, profile, warmup, trace)
+    except Exception as exc:
+        return {"mode": mode, "error": repr(exc)[:300]}
+    replays = {f"{name}_replays": after.get(f"recall_{name}_replays", 0)
+               - before.get(f"recall_{name}_replays", 0) for name in ("graph", "step_graph")}
+    return {"mode": mode, "tok_s": rate, **replays,
+            **recall_deltas(before, after, steps * len(prompts))}  # fmt: skip
 
 
 def bench_beyond(num_seqs: int, context: int, steps: int, policy: str) -> None:
@@ -268,22 +295,15 @@ def main() -> None:
     p.add_argument("--host-gib", type=float, default=48.0, help="kv_recall_host_memory")
     p.add_argument("--pool-gib", type=float, default=32.0, help="the GPU pool (full attention)")
     p.add_argument("--recall-gpu-gib", type=float, default=8.0, help="kv_recall_gpu_memory")
-    p.add_argument("--side-streams", choices=("on", "off", "both"), default="on",
-                   help="recall decode rows of several sequences on CUDA side streams")
     p.add_argument("--page-rows", default="4",
                    help="kv_recall_page_rows values to run (comma-separated): 1 decodes each "
                         "recall sequence on its own, N up to N of a kind together")
     p.add_argument("--slack", type=int, default=16,
                    help="output tokens past warm-up and timed steps: the decode steps that "
                         "early requests run while later ones are admitted and prefilled")
-    p.add_argument("--dense-kernel", choices=("on", "off", "both"), default="on",
-                   help="recall steps' dense layers decode by the split-K Triton kernel and "
-                        "RoPE in one kernel (off: batched matmuls and torch RoPE, as before "
-                        "2026-12-06 evening; both: an A/B in one process)")
-    p.add_argument("--step-graphs", choices=("on", "off", "both"), default="on",
-                   help="a recall decode step whose rows repeat replays one CUDA graph of the "
-                        "whole forward (off: eager around per-layer page graphs, as before "
-                        "2026-12-06 night; both: an A/B in one process)")
+    for name, meaning in ARMS.items():
+        p.add_argument(f"--{name.replace('_', '-')}", choices=("on", "off", "both"),
+                       default="on", help=f"on: {meaning}; both: an A/B in one process")
     p.add_argument("--overlap-recall", action="store_true",
                    help="recall steps launch before the last step's tokens reach the host "
                         "(LLMEngine.overlap_recall; off by default until checked on a GPU)")
@@ -304,14 +324,12 @@ def main() -> None:
         bench_uva()
     if "decode" in only:
         contexts = [int(c) for c in a.contexts.split(",")]
+        arms = {name: {"on": (True,), "off": (False,), "both": (False, True)}[
+            getattr(a, name)] for name in ARMS}  # fmt: skip
         bench_decode(contexts, a.batch, a.steps, a.modes.split(","), a.profile, a.warmup,
                      a.host_gib, a.pool_gib, a.eager, a.recall_gpu_gib,
-                     {"on": (True,), "off": (False,), "both": (False, True)}[a.side_streams],
                      tuple(int(r) for r in a.page_rows.split(",")), a.slack,
-                     a.working_set_factor, a.trace_dir,
-                     {"on": (True,), "off": (False,), "both": (False, True)}[a.dense_kernel],
-                     {"on": (True,), "off": (False,), "both": (False, True)}[a.step_graphs],
-                     a.overlap_recall)
+                     a.working_set_factor, a.trace_dir, arms, a.overlap_recall)
     if "beyond" in only:
         shape, policy = a.beyond.split(":")
         seqs, context = (int(x) for x in shape.split("x"))

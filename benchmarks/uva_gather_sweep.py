@@ -2,7 +2,7 @@
 rows per call and how the buffer was pinned (issue 16: the recall store's fetches).
 
     python benchmarks/uva_gather_sweep.py [--sizes-gib 0.25,8,64] [--row-kib 4,8,16]
-        [--rows 4096,65536] [--pinning torch,register,hugepages] [--kernels 1024x4,2048x4,2048x8]
+        [--rows 4096,65536] [--pinning register,hugepages,torch] [--kernels 1024x4,2048x4,2048x8]
         [--json F] [--png F]
 
 A profile of a graphed recall step at 128k (docs/benchmarks.md) found the row gather
@@ -57,8 +57,9 @@ def hugepage_pinned(nbytes: int) -> tuple[torch.Tensor, Any]:
 
 def host_buffer(kind: str, nbytes: int) -> tuple[torch.Tensor, Callable[[], None]]:
     """A pinned uint8 host buffer of nbytes, and what releases it."""
-    if kind == "torch":
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True), lambda: None
+    if kind == "torch":  # freed blocks stay in torch's pinned cache unless emptied
+        empty = getattr(torch._C, "_host_emptyCache", lambda: None)
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True), empty
     if kind == "register":
         return pinned_zeros((nbytes,), torch.uint8), lambda: None
     tensor, area = hugepage_pinned(nbytes)
@@ -130,9 +131,10 @@ def sweep(sizes: list[float], row_kib: list[int], counts: list[int], kinds: list
                     rate = gather_gbps(host, kib << 10, rows)
                     points.append({"pinning": kind, "size_GiB": size, "row_KiB": kib,
                                    "rows": rows, "GBps": rate})  # fmt: skip
+                    bar.write(f"{kind:<10} {size:>8g} {kib:>8} {rows:>8} {rate:>6.1f}")
                     bar.update()
+            del host  # before release: torch's cache can only empty a freed block
             release()
-            del host
     bar.close()
     return points
 
@@ -182,7 +184,7 @@ def main() -> None:
                    "block of one 128-dim head in bf16, the recall store's row")  # fmt: skip
     p.add_argument("--rows", default="4096,65536",
                    help="rows a call: 4096 is one layer's K (or V) misses of a 4-row page")
-    p.add_argument("--pinning", default="torch,register,hugepages",
+    p.add_argument("--pinning", default="register,hugepages,torch",
                    help="how the host buffer is pinned: torch, register, hugepages")
     p.add_argument("--kernels", default="1024x4,2048x4,2048x8,512x2",
                    help="CHUNKxWARPS kernel variants (registered buffer, first row size, "
@@ -194,6 +196,7 @@ def main() -> None:
         sys.exit("uva_gather_sweep needs a CUDA GPU")
     floats = lambda s: [float(x) for x in s.split(",")]  # noqa: E731
     memcpy = memcpy_gbps()
+    print("pinning    size GiB  row KiB     rows   GB/s (as measured)")
     points = sweep(floats(a.sizes_gib), [int(x) for x in a.row_kib.split(",")],
                    [int(x) for x in a.rows.split(",")], a.pinning.split(","))  # fmt: skip
     print(f"{torch.cuda.get_device_name()}: pinned memcpy {memcpy:.1f} GB/s")

@@ -41,17 +41,12 @@ def fill(
     copy_rows(host, ws.rows(s, ws.v), src, dst)
     moved = moves.mask.sum(dim=(-1, -2))
     row_bytes = host.shape[1] * host.element_size()
-    keys = None if exact else policy.rebuilt_keys(s, moves.blocks)
-    if keys is None:
-        src = torch.where(moves.mask, host_rows(store, key_slots, s, moves.blocks), -1).flatten()
-        copy_rows(host, ws.rows(s, ws.k), src, dst)
-        bytes_fetched += 2 * moved * row_bytes
+    if not exact and policy.write_rebuilt_keys(s, moves, ws.k[s]):
+        bytes_fetched += moved * row_bytes
         return
-    index = moves.slots[..., None, None].expand_as(keys)
-    slots_k = ws.k[s]
-    held_k = slots_k.gather(-3, index)
-    slots_k.scatter_(-3, index, torch.where(moves.mask[..., None, None], keys, held_k))
-    bytes_fetched += moved * row_bytes
+    src = torch.where(moves.mask, host_rows(store, key_slots, s, moves.blocks), -1).flatten()
+    copy_rows(host, ws.rows(s, ws.k), src, dst)
+    bytes_fetched += 2 * moved * row_bytes
 
 
 def picked_mask(

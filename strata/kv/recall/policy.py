@@ -10,7 +10,8 @@ one selection (each policy says how it combines them). One instance serves one s
 each step; no summaries, no working set.
 
 A policy may rebuild a fetched block's keys on the GPU instead of moving them
-(`rebuilt_keys`, ShadowKV); then only values cross from the host. A policy whose
+(`rebuilt_keys`, written into the working set by `write_rebuilt_keys`: ShadowKV); then
+only values cross from the host. A policy whose
 summaries need every key of a layer at once (a basis fitted to the whole prompt) says so
 in `wants_all_keys` and gets them, streamed from the host, in `take_all_keys`.
 """
@@ -25,6 +26,7 @@ import torch
 from strata.attention.layer_inputs import Rotary
 from strata.kv.recall.buffers import Buffers
 from strata.kv.recall.ranks import HeadShard
+from strata.kv.recall.working_set import Moves
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,18 @@ class RecallPolicy(ABC):
         """Post-RoPE keys of middle blocks [..., kv_heads, n], made on the GPU,
         [..., kv_heads, n, bs, dim]; None: every key comes from the host."""
         return None
+
+    def write_rebuilt_keys(self, layer: int, moves: Moves, slots_k: torch.Tensor) -> bool:
+        """Write the keys `rebuilt_keys` makes for the moves' blocks into their slots of
+        `slots_k` (a layer's working-set keys, [..., kv_heads, slots, bs, dim]) where
+        moves.mask; False, writing nothing, when every key comes from the host."""
+        keys = self.rebuilt_keys(layer, moves.blocks)
+        if keys is None:
+            return False
+        index = moves.slots[..., None, None].expand_as(keys)
+        held = slots_k.gather(-3, index)
+        slots_k.scatter_(-3, index, torch.where(moves.mask[..., None, None], keys, held))
+        return True
 
     def needs_host_keys(self) -> bool:
         """Whether the sequence's decode steps still read keys from the host store; once

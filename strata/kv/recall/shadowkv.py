@@ -35,6 +35,8 @@ own heads' keys from its columns of the basis.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -42,6 +44,7 @@ from strata.attention.layer_inputs import Rotary
 from strata.kv.recall.buffers import Buffers, OwnBuffers
 from strata.kv.recall.geometry import SINK_BLOCKS
 from strata.kv.recall.policy import RecallPolicy, SummaryRoom, dead_blocks
+from strata.kv.recall.working_set import Moves
 from strata.ops.rotate_half import rotate_half
 
 RANK = 160  # of the pre-RoPE keys' factorisation (capped at kv_heads * head_dim)
@@ -56,6 +59,7 @@ def chunks_per_block(room: SummaryRoom) -> int:
 
 class ShadowKVPolicy(RecallPolicy):
     name = "shadowkv"
+    rebuild_kernel = True  # CUDA: keys rebuilt into the working set by one kernel a layer
 
     def __init__(self) -> None:
         self.room: SummaryRoom | None = None
@@ -86,6 +90,8 @@ class ShadowKVPolicy(RecallPolicy):
         self.outliers = layered("outliers", (kvh, outliers), torch.long)
         self.outlier_keys = layered("outlier_keys", (kvh, outliers, room.block_size, d), dt)
         self.fitted = [False] * room.layers  # buffers come zeroed: no outliers yet
+        heads = room.shard.own_heads(kvh) if room.shard is not None else slice(0, kvh)
+        self.heads = torch.arange(heads.start, heads.stop, device=room.device)  # model's ids
 
     def for_page(self) -> None:
         assert self.room is not None
@@ -235,6 +241,35 @@ class ShadowKVPolicy(RecallPolicy):
             block = block.masked_fill(dead, float("-inf"))
         # above any probability: always picked (every outlier is a live block)
         return block.scatter(-1, self.outliers[layer], 2.0)
+
+    def write_rebuilt_keys(self, layer: int, moves: Moves, slots_k: torch.Tensor) -> bool:
+        """On CUDA, one kernel per layer rebuilds the moved blocks' keys straight into
+        their slots (`rebuild_into`); elsewhere the torch path."""
+        from strata.ops.triton_rebuild_keys import fits, rebuild_keys
+
+        room = self.room
+        if room is None or not self.fitted[layer]:
+            return False
+        kernel = self.rebuild_kernel and fits(room.block_size, room.head_dim)
+        if not (slots_k.is_cuda and kernel):
+            return super().write_rebuilt_keys(layer, moves, slots_k)
+        self.rebuild_into(rebuild_keys, layer, moves, slots_k)
+        return True
+
+    def rebuild_into(
+        self, kernel: Callable[..., None], layer: int, moves: Moves, slots_k: torch.Tensor
+    ) -> None:
+        """Run `kernel` (strata/ops/triton_rebuild_keys.py's rebuild_keys, or the same
+        interpreted, in tests) over the layer's summaries: the moved blocks' keys go into
+        their slots of slots_k."""
+        assert self.rope is not None
+        one = moves.blocks.dim() == 2  # a sequence's own buffers, not a page's rows
+        lead = (lambda x: x[None]) if one else (lambda x: x)
+        kernel(
+            lead(self.factors[layer]), lead(self.basis[layer]), self.rope.cos, self.rope.sin,
+            lead(self.outliers[layer]), lead(self.outlier_keys[layer]), lead(moves.blocks),
+            lead(moves.slots), lead(moves.mask), self.heads, lead(slots_k), SINK_BLOCKS,
+        )  # fmt: skip
 
     def rebuilt_keys(self, layer: int, blocks: torch.Tensor) -> torch.Tensor | None:
         room, outliers = self.room, self.outliers[layer]
