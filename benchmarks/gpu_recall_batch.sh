@@ -19,9 +19,11 @@
 #               steps around per-layer page graphs, then whole steps from one CUDA graph each
 #     overlap128k  128k context, quest at batch $BSG (default 4) in one page, whole-step
 #               graphs, recall steps synchronous, then overlapped (--overlap-recall)
-#     rebuild128k  shadowkv's rebuilt-keys kernel checked on the GPU, then 128k context at
-#               batch $BSG (default 4) in one page: keys rebuilt by the torch path, then by
-#               the kernel
+#     rebuild128k  the recall kernels' tests on the GPU (rebuilt keys, working-set update),
+#               then 128k context, shadowkv at batch $BSG (default 4) in one page: keys
+#               rebuilt by the torch path, then by the kernel
+#     update128k  128k context, quest and shadowkv at batch $BSG (default 4) in one page: the
+#               working set updated by torch ops, then by one kernel a layer
 #     gather    the row fetch's rate by host buffer size, row size, pinning and kernel
 #               variant (uva_gather_sweep.py $GATHER_ARGS; plot in $OUT/gather.png)
 #     full128k  128k context, full attention in the GPU pool at batch $FULLB (default "1 3")
@@ -94,11 +96,18 @@ if has overlap128k; then
   done
 fi
 if has rebuild128k; then
-  python3 -m pytest -q -p no:cacheprovider tests/test_recall_rebuild_kernel.py 2>&1 | tail -3
+  python3 -m pytest -q -p no:cacheprovider tests/test_recall_rebuild_kernel.py \
+    tests/test_recall_working_set_kernel.py 2>&1 | tail -3
   b="${BSG:-4}"
   speed --only decode --contexts 131072 --batch "$b" --modes shadowkv --steps 16 --page-rows "$b" \
     --slack 200 --rebuild-kernel both --pool-gib 4 --recall-gpu-gib $((4 * b + 4)) \
     --host-gib $((16 * b + 4)) --json "$OUT/rebuild128k.json"
+fi
+if has update128k; then
+  b="${BSG:-4}"
+  speed --only decode --contexts 131072 --batch "$b" --modes quest,shadowkv --steps 16 \
+    --page-rows "$b" --slack 200 --update-kernel both --pool-gib 4 \
+    --recall-gpu-gib $((4 * b + 4)) --host-gib $((16 * b + 4)) --json "$OUT/update128k.json"
 fi
 if has gather; then
   # shellcheck disable=SC2086  # GATHER_ARGS: several arguments

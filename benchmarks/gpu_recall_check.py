@@ -7,7 +7,7 @@ budgets), full and full_offload equals each request run alone; requests of one l
 share a page (strata/kv/recall/page.py) and its rows decoding together equal each alone;
 selecting decode steps replayed from CUDA graphs give the tokens of an eager engine,
 and whole decode steps from one graph each give those of per-layer graphs, overlapped
-or not;
+or not; the working-set update and rebuilt-keys kernels give their torch paths' tokens;
 a request reusing another's prompt prefix from the store (shared prefixes) gives the
 tokens it gives salted apart (computing everything itself); nothing leaks.
 
@@ -22,7 +22,9 @@ import torch
 
 from strata import LLM, SamplingParams
 from strata.engine.engine import LLMEngine
+from strata.kv.recall.shadowkv import ShadowKVPolicy
 from strata.kv.recall.step_graphs import RecallStepGraphs
+from strata.kv.recall.working_set import WorkingSet
 
 
 def main() -> None:
@@ -60,6 +62,7 @@ def main() -> None:
     rows += whole_steps_equal_layer_graphs(same, greedy, llm)
     rows += overlapped_equal_synchronous(same, greedy, llm)
     rows += shared_prefix_equals_alone(g, greedy, llm)
+    rows += kernels_equal_torch(same, greedy, llm)
     llm.check_integrity()
     stats = llm.stats()
     rows.append(("no recall state left", stats["recall_sequences"] == 0))
@@ -147,6 +150,29 @@ def overlapped_equal_synchronous(
         mode = "on" if llm.engine.overlap else "off"
         name = f"{policy}: overlapped steps == synchronous (overlap {mode})"
         rows.append((name, overlapped == synchronous))
+    return rows
+
+
+def kernels_equal_torch(
+    prompts: list[list[int]], greedy: dict[str, Any], llm: LLM
+) -> list[tuple[str, bool]]:
+    """One page of rows: the working-set update kernel (integer work: exact) and
+    shadowkv's rebuilt-keys kernel (float32 sums in another order) against their torch
+    paths, in the same engine; each switch is left as it was."""
+    rows = []
+    switches = {"working-set update": (WorkingSet, "update_kernel"),
+                "rebuilt-keys": (ShadowKVPolicy, "rebuild_kernel")}  # fmt: skip
+    for policy, kernel in (("quest", "working-set update"), ("shadowkv", "working-set update"),
+                           ("shadowkv", "rebuilt-keys")):  # fmt: skip
+        owner, flag = switches[kernel]
+        was = getattr(owner, flag)
+        params = SamplingParams(kv_policy=policy, kv_budget=256, **greedy)
+        setattr(owner, flag, False)
+        plain = [o.token_ids for o in llm.generate(prompts, params)]
+        setattr(owner, flag, True)
+        fused = [o.token_ids for o in llm.generate(prompts, params)]
+        setattr(owner, flag, was)
+        rows.append((f"{policy}: {kernel} kernel == torch path", fused == plain))
     return rows
 
 

@@ -153,23 +153,32 @@ def recall_deltas(before: dict[str, Any], after: dict[str, Any], tokens: int) ->
     }
 
 
-def set_arm(name: str, on: bool) -> None:
-    """Turn one of the recall step's A/B switches (ARMS) on or off, process-wide."""
+def switches() -> dict[str, tuple[tuple[Any, str], ...]]:
+    """Each A/B switch of the recall step (ARMS): the class attributes it sets."""
     from strata.kv.recall.attention import RecallAttention
     from strata.kv.recall.sequence import RecallSequence
     from strata.kv.recall.shadowkv import ShadowKVPolicy
     from strata.kv.recall.step_graphs import RecallStepGraphs
+    from strata.kv.recall.working_set import WorkingSet
 
-    if name == "side_streams":
-        RecallAttention.side_streams = on
-    elif name == "dense_kernel":
-        RecallSequence.dense_kernel = RecallAttention.fused_rope = on
-    elif name == "step_graphs":
-        RecallStepGraphs.enabled = on
-    elif name == "rebuild_kernel":
-        ShadowKVPolicy.rebuild_kernel = on
-    else:
-        raise ValueError(f"unknown switch {name!r}")
+    return {
+        "side_streams": ((RecallAttention, "side_streams"),),
+        "dense_kernel": ((RecallSequence, "dense_kernel"), (RecallAttention, "fused_rope")),
+        "step_graphs": ((RecallStepGraphs, "enabled"),),
+        "rebuild_kernel": ((ShadowKVPolicy, "rebuild_kernel"),),
+        "update_kernel": ((WorkingSet, "update_kernel"),),
+    }
+
+
+def set_arm(name: str, on: bool) -> None:
+    """Turn one of the recall step's A/B switches (ARMS) on or off, process-wide."""
+    for owner, attribute in switches()[name]:
+        setattr(owner, attribute, on)
+
+
+def engine_default(name: str) -> bool:
+    owner, attribute = switches()[name][0]
+    return bool(getattr(owner, attribute))
 
 
 ARMS = {  # switch: what "on" means (off: what came before it)
@@ -180,6 +189,8 @@ ARMS = {  # switch: what "on" means (off: what came before it)
                    "whole forward (off: eager around per-layer page graphs)",
     "rebuild_kernel": "shadowkv rebuilds fetched blocks' keys into the working set in one "
                       "Triton kernel a layer (off: about 25 torch kernels)",
+    "update_kernel": "the working set's update in one Triton kernel a layer (off: about "
+                     "45 torch kernels)",
 }  # fmt: skip
 
 
@@ -191,7 +202,8 @@ def bench_decode(contexts: list[int], batch: int, steps: int, modes: list[str],
                  arms: dict[str, tuple[bool, ...]] | None = None,
                  overlap_recall: bool = False) -> None:  # fmt: skip
     """Decode tok/s of each mode at each context, for every combination of page rows and
-    `arms` (switch name -> the values to run; a switch not named stays on)."""
+    `arms` (switch name -> the values to run; a switch not named keeps the engine's
+    default)."""
     from strata.engine.engine import LLMEngine
 
     LLMEngine.overlap_recall = overlap_recall
@@ -206,7 +218,8 @@ def bench_decode(contexts: list[int], batch: int, steps: int, modes: list[str],
     )  # fmt: skip
     g = torch.Generator().manual_seed(0)
     combos = [dict(zip(ARMS, values, strict=True))
-              for values in itertools.product(*((arms or {}).get(n, (True,)) for n in ARMS))]
+              for values in itertools.product(*((arms or {}).get(n, (engine_default(n),))
+                                                for n in ARMS))]  # fmt: skip
     rows = []
     for ctx in contexts:
         prompts = [torch.randint(1000, 100000, (ctx,), generator=g).tolist() for _ in range(batch)]
@@ -302,8 +315,9 @@ def main() -> None:
                    help="output tokens past warm-up and timed steps: the decode steps that "
                         "early requests run while later ones are admitted and prefilled")
     for name, meaning in ARMS.items():
-        p.add_argument(f"--{name.replace('_', '-')}", choices=("on", "off", "both"),
-                       default="on", help=f"on: {meaning}; both: an A/B in one process")
+        p.add_argument(f"--{name.replace('_', '-')}", choices=("on", "off", "both", "engine"),
+                       default="engine", help=f"on: {meaning}; both: an A/B in one process; "
+                       "engine (the default): as the engine has it")  # fmt: skip
     p.add_argument("--overlap-recall", action="store_true",
                    help="recall steps launch before the last step's tokens reach the host "
                         "(LLMEngine.overlap_recall; off by default until checked on a GPU)")
@@ -324,8 +338,8 @@ def main() -> None:
         bench_uva()
     if "decode" in only:
         contexts = [int(c) for c in a.contexts.split(",")]
-        arms = {name: {"on": (True,), "off": (False,), "both": (False, True)}[
-            getattr(a, name)] for name in ARMS}  # fmt: skip
+        values = {"on": (True,), "off": (False,), "both": (False, True)}
+        arms = {name: values[getattr(a, name)] for name in ARMS if getattr(a, name) in values}
         bench_decode(contexts, a.batch, a.steps, a.modes.split(","), a.profile, a.warmup,
                      a.host_gib, a.pool_gib, a.eager, a.recall_gpu_gib,
                      tuple(int(r) for r in a.page_rows.split(",")), a.slack,

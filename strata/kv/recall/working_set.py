@@ -14,7 +14,8 @@ slots before any), as `Moves` the sequence carries out (from the host store, or 
 on the GPU). With more slots than picks, blocks picked in earlier steps stay while room
 lasts, so a block picked again a few steps later is still a hit; only the selected
 blocks are attended. Slot order means nothing: decode attention is over a set of
-post-RoPE keys. Everything happens on the device, so no host sync decides what moves.
+post-RoPE keys. Everything happens on the device, so no host sync decides what moves; on
+CUDA one kernel does it (strata/ops/triton_working_set.py), elsewhere torch ops.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ NEVER = 1 << 40  # the age of an empty slot: older than any block
 
 
 class WorkingSet:
+    # CUDA: `update` in one Triton kernel a layer, giving the same tensors; off until
+    # benchmarks/gpu_recall_check.py has compared it with the torch path on a GPU
+    update_kernel = False
+
     def __init__(
         self, layers: int, kv_heads: int, slots: int, block_size: int, head_dim: int,
         dtype: torch.dtype, device: torch.device | None, buffers: Buffers | None = None,
@@ -60,6 +65,13 @@ class WorkingSet:
         them). `active` [rows] (a page): rows that are not keep their slots and move
         nothing."""
         tag, age = self.tag[layer], self.age[layer]
+        if tag.is_cuda and self.update_kernel:
+            from strata.ops.triton_working_set import update_slots
+
+            attended, incoming, into, moving = update_slots(
+                selected, tag, age, active, self.hits, self.misses, NEVER
+            )
+            return attended, Moves(incoming, into, moving)
         picks = selected.shape[-1]
         wanted = selected >= 0
         held = (selected[..., :, None] == tag[..., None, :]).any(-1) & wanted
