@@ -23,7 +23,7 @@
 #               then 128k context, shadowkv at batch $BSG (default 4) in one page: keys
 #               rebuilt by the torch path, then by the kernel
 #     update128k  128k context, quest and shadowkv at batch $BSG (default 4) in one page: the
-#               working set updated by torch ops, then by one kernel a layer
+#               working set updated and filled by torch ops, then by one kernel each a layer
 #     gather    the row fetch's rate by host buffer size, row size, pinning and kernel
 #               variant (uva_gather_sweep.py $GATHER_ARGS; plot in $OUT/gather.png)
 #     full128k  128k context, full attention in the GPU pool at batch $FULLB (default "1 3")
@@ -97,7 +97,7 @@ if has overlap128k; then
 fi
 if has rebuild128k; then
   python3 -m pytest -q -p no:cacheprovider tests/test_recall_rebuild_kernel.py \
-    tests/test_recall_working_set_kernel.py 2>&1 | tail -3
+    tests/test_recall_working_set_kernel.py tests/test_recall_fetch_kernel.py 2>&1 | tail -3
   b="${BSG:-4}"
   speed --only decode --contexts 131072 --batch "$b" --modes shadowkv --steps 16 --page-rows "$b" \
     --slack 200 --rebuild-kernel both --pool-gib 4 --recall-gpu-gib $((4 * b + 4)) \
@@ -106,7 +106,7 @@ fi
 if has update128k; then
   b="${BSG:-4}"
   speed --only decode --contexts 131072 --batch "$b" --modes quest,shadowkv --steps 16 \
-    --page-rows "$b" --slack 200 --update-kernel both --pool-gib 4 \
+    --page-rows "$b" --slack 200 --update-kernel both --fetch-kernel both --pool-gib 4 \
     --recall-gpu-gib $((4 * b + 4)) --host-gib $((16 * b + 4)) --json "$OUT/update128k.json"
 fi
 if has gather; then

@@ -7,7 +7,8 @@ budgets), full and full_offload equals each request run alone; requests of one l
 share a page (strata/kv/recall/page.py) and its rows decoding together equal each alone;
 selecting decode steps replayed from CUDA graphs give the tokens of an eager engine,
 and whole decode steps from one graph each give those of per-layer graphs, overlapped
-or not; the working-set update and rebuilt-keys kernels give their torch paths' tokens;
+or not; the working-set update, fetch and rebuilt-keys kernels give their torch paths'
+tokens;
 a request reusing another's prompt prefix from the store (shared prefixes) gives the
 tokens it gives salted apart (computing everything itself); nothing leaks.
 
@@ -22,6 +23,7 @@ import torch
 
 from strata import LLM, SamplingParams
 from strata.engine.engine import LLMEngine
+from strata.kv.recall import fetch
 from strata.kv.recall.shadowkv import ShadowKVPolicy
 from strata.kv.recall.step_graphs import RecallStepGraphs
 from strata.kv.recall.working_set import WorkingSet
@@ -156,13 +158,15 @@ def overlapped_equal_synchronous(
 def kernels_equal_torch(
     prompts: list[list[int]], greedy: dict[str, Any], llm: LLM
 ) -> list[tuple[str, bool]]:
-    """One page of rows: the working-set update kernel (integer work: exact) and
-    shadowkv's rebuilt-keys kernel (float32 sums in another order) against their torch
-    paths, in the same engine; each switch is left as it was."""
+    """One page of rows: the working-set update and fetch kernels (integer work and
+    copies: exact) and shadowkv's rebuilt-keys kernel (float32 sums in another order)
+    against their torch paths, in the same engine; each switch is left as it was."""
     rows = []
     switches = {"working-set update": (WorkingSet, "update_kernel"),
+                "fetch": (fetch, "fetch_kernel"),
                 "rebuilt-keys": (ShadowKVPolicy, "rebuild_kernel")}  # fmt: skip
     for policy, kernel in (("quest", "working-set update"), ("shadowkv", "working-set update"),
+                           ("quest", "fetch"), ("shadowkv", "fetch"),
                            ("shadowkv", "rebuilt-keys")):  # fmt: skip
         owner, flag = switches[kernel]
         was = getattr(owner, flag)

@@ -155,6 +155,7 @@ def recall_deltas(before: dict[str, Any], after: dict[str, Any], tokens: int) ->
 
 def switches() -> dict[str, tuple[tuple[Any, str], ...]]:
     """Each A/B switch of the recall step (ARMS): the class attributes it sets."""
+    from strata.kv.recall import fetch
     from strata.kv.recall.attention import RecallAttention
     from strata.kv.recall.sequence import RecallSequence
     from strata.kv.recall.shadowkv import ShadowKVPolicy
@@ -167,6 +168,7 @@ def switches() -> dict[str, tuple[tuple[Any, str], ...]]:
         "step_graphs": ((RecallStepGraphs, "enabled"),),
         "rebuild_kernel": ((ShadowKVPolicy, "rebuild_kernel"),),
         "update_kernel": ((WorkingSet, "update_kernel"),),
+        "fetch_kernel": ((fetch, "fetch_kernel"),),
     }
 
 
@@ -191,6 +193,8 @@ ARMS = {  # switch: what "on" means (off: what came before it)
                       "Triton kernel a layer (off: about 25 torch kernels)",
     "update_kernel": "the working set's update in one Triton kernel a layer (off: about "
                      "45 torch kernels)",
+    "fetch_kernel": "the moved blocks' host rows copied by one kernel that works out their "
+                    "indices (off: about 7 index kernels, then the copy)",
 }  # fmt: skip
 
 

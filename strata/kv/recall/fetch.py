@@ -36,17 +36,38 @@ def fill(
     keys from the host, or made by the policy on the GPU. exact: every block is attended
     exactly (keys from the host). Counts the bytes moved."""
     host = store.flat()
-    dst = moves.destination_rows(ws.slots)
-    src = torch.where(moves.mask, host_rows(store, value_slots, s, moves.blocks), -1).flatten()
-    copy_rows(host, ws.rows(s, ws.v), src, dst)
+    copy_moves(store, value_slots, s, moves, ws.rows(s, ws.v), ws.slots)
     moved = moves.mask.sum(dim=(-1, -2))
     row_bytes = host.shape[1] * host.element_size()
     if not exact and policy.write_rebuilt_keys(s, moves, ws.k[s]):
         bytes_fetched += moved * row_bytes
         return
-    src = torch.where(moves.mask, host_rows(store, key_slots, s, moves.blocks), -1).flatten()
-    copy_rows(host, ws.rows(s, ws.k), src, dst)
+    copy_moves(store, key_slots, s, moves, ws.rows(s, ws.k), ws.slots)
     bytes_fetched += 2 * moved * row_bytes
+
+
+# CUDA: copy_moves in one kernel; off until benchmarks/gpu_recall_check.py has compared
+# it with the index kernels on a GPU
+fetch_kernel = False
+
+
+def copy_moves(
+    store: HostKVStore, table: torch.Tensor, s: int, moves: Moves, dst: torch.Tensor,
+    ws_slots: int,
+) -> None:  # fmt: skip
+    """The moved blocks' rows (keys or values: `table` names their slots) of store layer
+    s into their working-set rows `dst` (WorkingSet.rows); on CUDA, with fetch_kernel
+    on, one kernel works out the rows as it copies."""
+    host = store.flat()
+    if moves.mask.is_cuda and fetch_kernel:
+        from strata.ops.triton_row_copy import fetch_blocks
+
+        lead = (lambda x: x[None]) if moves.blocks.dim() == 2 else (lambda x: x)
+        fetch_blocks(host, dst, lead(table), s * store.num_slots, lead(moves.blocks),
+                     lead(moves.slots), lead(moves.mask), ws_slots)  # fmt: skip
+        return
+    src = torch.where(moves.mask, host_rows(store, table, s, moves.blocks), -1).flatten()
+    copy_rows(host, dst, src, moves.destination_rows(ws_slots))
 
 
 def picked_mask(
