@@ -4,10 +4,12 @@ shadowkv's rebuilt keys (strata/ops/triton_rebuild_keys.py) and the working-set 
 heads of 128 dims, 16-token blocks, 128 picks of 8,192 blocks at 128k, rank 160).
 
     python benchmarks/recall_kernels.py [--rows 4] [--slots 128] [--json F]
+    python benchmarks/recall_kernels.py --count      (on the CPU)
 
 Times each way with CUDA events (median of 50 calls, after a warm-up; launches included,
 as the engine's eager steps pay them) and checks the kernel's result against the torch
-path's first.
+path's first. --count counts instead, on the CPU, the aten ops other than views (each a
+kernel launch on a GPU) that each torch path runs for one sparse layer.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import json
 import statistics
 import sys
 from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from transformers import LlamaConfig
@@ -27,6 +31,57 @@ from strata.kv.recall.working_set import NEVER, Moves, WorkingSet
 from strata.models.rope import RotaryEmbedding
 
 KVH, DIM, BS, BLOCKS, PICKS = 8, 128, 16, 8192, 128
+
+
+def count_ops(rows: int, slots: int, blocks: int = 1024) -> dict[str, int]:
+    """Aten ops other than views that one sparse layer's torch paths run (CPU)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from recall_summary_ops import OpCount
+
+    from strata.kv.recall.fetch import copy_moves
+
+    ws = WorkingSet(1, KVH, slots, BS, DIM, torch.float32, None)
+    ws.tag = torch.full((1, rows, KVH, slots), -1, dtype=torch.long)
+    ws.age = torch.full((1, rows, KVH, slots), NEVER, dtype=torch.long)
+    ws.hits, ws.misses = torch.zeros(rows, dtype=torch.long), torch.zeros(rows, dtype=torch.long)
+    selected = torch.stack([torch.randperm(blocks)[:PICKS] for _ in range(rows * KVH)])
+    counts, on = {}, torch.ones(rows, dtype=torch.bool)
+    selected = selected.view(rows, KVH, PICKS)
+    with OpCount() as count:
+        _, moves = ws.update(0, selected, on)
+    counts["update"] = count.kernels
+    policy = shadowkv_page(rows, slots, blocks, torch.float32, torch.device("cpu"))
+    keys = torch.zeros(rows, KVH, slots, BS, DIM)
+    with OpCount() as count:
+        RecallPolicy.write_rebuilt_keys(policy, 0, moves, keys)
+    counts["rebuild"] = count.kernels
+    store = SimpleNamespace(num_slots=blocks, flat=lambda: torch.zeros(2 * blocks * KVH, BS * DIM))
+    table = torch.stack([torch.randperm(blocks) for _ in range(rows)])
+    copy = torch.cuda.is_available()  # on the CPU the copy is 4 indexing ops, not one kernel
+    rows_out = torch.zeros(rows * KVH * slots, BS * DIM)
+    with OpCount() as count:
+        copy_moves(store, table, 1, moves, rows_out, slots)  # type: ignore[arg-type]
+    counts["fetch_indices"] = count.kernels - (1 if copy else 4)
+    return counts
+
+
+def shadowkv_page(
+    rows: int, slots: int, blocks: int, dtype: torch.dtype, device: torch.device
+) -> ShadowKVPolicy:
+    """A fitted shadowkv policy over a page of `rows` rows (every row the same summaries:
+    their values do not change the work)."""
+    config = LlamaConfig(hidden_size=DIM * 32, num_attention_heads=32, rope_theta=500000.0)
+    rope = RotaryEmbedding(config, DIM, max_positions=(blocks + 2) * BS).to(device)
+    room = SummaryRoom(1, KVH, blocks, DIM, BS, dtype, slots, device=device)
+    policy = ShadowKVPolicy()
+    policy.allocate(room, rope)
+    policy.fitted = [True]
+    policy.factors.normal_()
+    policy.basis.normal_(std=160**-0.5)
+    for name in ("factors", "basis", "outliers", "outlier_keys"):
+        one = getattr(policy, name)
+        setattr(policy, name, one[:, None].expand(1, rows, *one.shape[1:]).contiguous())
+    return policy
 
 
 def median_ms(fn: Callable[[], object], calls: int = 50) -> float:
@@ -49,18 +104,7 @@ def picks(rows: int, slots: int) -> torch.Tensor:
 
 
 def rebuild(rows: int, slots: int) -> dict[str, float]:
-    config = LlamaConfig(hidden_size=DIM * 32, num_attention_heads=32, rope_theta=500000.0)
-    rope = RotaryEmbedding(config, DIM, max_positions=(BLOCKS + 2) * BS).to("cuda")
-    room = SummaryRoom(1, KVH, BLOCKS, DIM, BS, torch.bfloat16, slots, device=torch.device("cuda"))
-    policy = ShadowKVPolicy()
-    policy.allocate(room, rope)
-    policy.fitted = [True]
-    policy.factors.normal_()
-    policy.basis.normal_(std=160**-0.5)
-    # a page of rows: the same summaries in every row (their values do not change the time)
-    for name in ("factors", "basis", "outliers", "outlier_keys"):
-        one = getattr(policy, name)
-        setattr(policy, name, one[:, None].expand(1, rows, *one.shape[1:]).contiguous())
+    policy = shadowkv_page(rows, slots, BLOCKS, torch.bfloat16, torch.device("cuda"))
     blocks = picks(rows, slots)
     moves = Moves(blocks, torch.stack([torch.randperm(slots, device="cuda")[:PICKS]
                                        for _ in range(rows * KVH)]).view(rows, KVH, PICKS),
@@ -103,7 +147,13 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=4, help="rows of the page")
     p.add_argument("--slots", type=int, default=128, help="working-set slots per head")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--count", action="store_true",
+                   help="count each torch path's ops for one layer on the CPU instead")
     a = p.parse_args()
+    if a.count:
+        counts = count_ops(a.rows, a.slots)
+        print(f"aten ops other than views, one sparse layer, a page of {a.rows} rows: {counts}")
+        return
     if not torch.cuda.is_available():
         sys.exit("recall_kernels needs a CUDA GPU")
     torch.manual_seed(0)

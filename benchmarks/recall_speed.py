@@ -194,7 +194,7 @@ ARMS = {  # switch: what "on" means (off: what came before it)
     "update_kernel": "the working set's update in one Triton kernel a layer (off: about "
                      "45 torch kernels)",
     "fetch_kernel": "the moved blocks' host rows copied by one kernel that works out their "
-                    "indices (off: about 7 index kernels, then the copy)",
+                    "indices (off: about 12 index kernels, then the copy)",
 }  # fmt: skip
 
 

@@ -26,14 +26,23 @@ from strata.kv.recall.quest import QuestPolicy
 from strata.kv.recall.shadowkv import ShadowKVPolicy
 from strata.models.rope import RotaryEmbedding
 
+VIEWS = {"view", "expand", "slice", "select", "unsqueeze", "squeeze", "_unsafe_view", "t",
+         "transpose", "permute", "as_strided", "alias", "detach", "unbind", "split",
+         "_reshape_alias", "lift_fresh"}  # fmt: skip
+
 
 class OpCount(TorchDispatchMode):
+    """Counts aten ops (`ops`), and those that are not views (`kernels`: on a GPU each
+    is a kernel launch)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.ops = 0
+        self.kernels = 0
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         self.ops += 1
+        self.kernels += func.overloadpacket.__name__ not in VIEWS
         return func(*args, **(kwargs or {}))
 
 
