@@ -25,9 +25,10 @@ from types import SimpleNamespace
 import torch
 from transformers import LlamaConfig
 
+from strata.kv.recall.buffers import OwnBuffers
 from strata.kv.recall.policy import RecallPolicy, SummaryRoom
 from strata.kv.recall.shadowkv import ShadowKVPolicy
-from strata.kv.recall.working_set import NEVER, Moves, WorkingSet
+from strata.kv.recall.working_set import Moves, WorkingSet
 from strata.models.rope import RotaryEmbedding
 
 KVH, DIM, BS, BLOCKS, PICKS = 8, 128, 16, 8192, 128
@@ -40,10 +41,7 @@ def count_ops(rows: int, slots: int, blocks: int = 1024) -> dict[str, int]:
 
     from strata.kv.recall.fetch import copy_moves
 
-    ws = WorkingSet(1, KVH, slots, BS, DIM, torch.float32, None)
-    ws.tag = torch.full((1, rows, KVH, slots), -1, dtype=torch.long)
-    ws.age = torch.full((1, rows, KVH, slots), NEVER, dtype=torch.long)
-    ws.hits, ws.misses = torch.zeros(rows, dtype=torch.long), torch.zeros(rows, dtype=torch.long)
+    ws = WorkingSet(1, KVH, slots, BS, DIM, torch.float32, None, OwnBuffers(None, rows))
     selected = torch.stack([torch.randperm(blocks)[:PICKS] for _ in range(rows * KVH)])
     counts, on = {}, torch.ones(rows, dtype=torch.bool)
     selected = selected.view(rows, KVH, PICKS)
@@ -68,19 +66,16 @@ def count_ops(rows: int, slots: int, blocks: int = 1024) -> dict[str, int]:
 def shadowkv_page(
     rows: int, slots: int, blocks: int, dtype: torch.dtype, device: torch.device
 ) -> ShadowKVPolicy:
-    """A fitted shadowkv policy over a page of `rows` rows (every row the same summaries:
-    their values do not change the work)."""
+    """A fitted shadowkv policy over a page of `rows` rows, random summaries (their values
+    do not change the work)."""
     config = LlamaConfig(hidden_size=DIM * 32, num_attention_heads=32, rope_theta=500000.0)
     rope = RotaryEmbedding(config, DIM, max_positions=(blocks + 2) * BS).to(device)
     room = SummaryRoom(1, KVH, blocks, DIM, BS, dtype, slots, device=device)
     policy = ShadowKVPolicy()
-    policy.allocate(room, rope)
-    policy.fitted = [True]
+    policy.allocate(room, rope, OwnBuffers(device, rows))
+    policy.for_page()
     policy.factors.normal_()
     policy.basis.normal_(std=160**-0.5)
-    for name in ("factors", "basis", "outliers", "outlier_keys"):
-        one = getattr(policy, name)
-        setattr(policy, name, one[:, None].expand(1, rows, *one.shape[1:]).contiguous())
     return policy
 
 
@@ -119,14 +114,9 @@ def rebuild(rows: int, slots: int) -> dict[str, float]:
 
 
 def update(rows: int, slots: int) -> dict[str, float]:
-    sets = []
-    for _ in range(2):
-        ws = WorkingSet(1, KVH, slots, BS, DIM, torch.bfloat16, torch.device("cuda"))
-        ws.tag = torch.full((1, rows, KVH, slots), -1, dtype=torch.long, device="cuda")
-        ws.age = torch.full((1, rows, KVH, slots), NEVER, dtype=torch.long, device="cuda")
-        ws.hits = torch.zeros(rows, dtype=torch.long, device="cuda")
-        ws.misses = torch.zeros(rows, dtype=torch.long, device="cuda")
-        sets.append(ws)
+    cuda = torch.device("cuda")
+    sets = [WorkingSet(1, KVH, slots, BS, DIM, torch.bfloat16, cuda, OwnBuffers(cuda, rows))
+            for _ in range(2)]  # fmt: skip
     selected, active = picks(rows, slots), torch.ones(rows, dtype=torch.bool, device="cuda")
 
     def run(ws: WorkingSet, kernel: bool) -> tuple[torch.Tensor, Moves]:

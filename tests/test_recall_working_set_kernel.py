@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from strata.kv.recall.buffers import OwnBuffers
 from strata.kv.recall.working_set import NEVER, WorkingSet
 from tests.triton_interpret import interpreted
 
@@ -33,14 +34,8 @@ def test_the_kernel_updates_as_the_torch_path(
     """rows 0: one sequence's working set (no rows dimension, no active rows)."""
     torch.manual_seed(rows * 100 + slots)
     lead = (rows,) if rows else ()
-    sets = [WorkingSet(1, kvh, slots, 16, 8, torch.float32, None) for _ in range(2)]
-    if rows:  # page buffers: a rows dimension after the layer's
-        for ws in sets:
-            ws.tag = torch.full((1, rows, kvh, slots), -1, dtype=torch.long)
-            ws.age = torch.full((1, rows, kvh, slots), NEVER, dtype=torch.long)
-            ws.hits = torch.zeros(rows, dtype=torch.long)
-            ws.misses = torch.zeros(rows, dtype=torch.long)
-    torch_ws, kernel_ws = sets
+    torch_ws, kernel_ws = (WorkingSet(1, kvh, slots, 16, 8, torch.float32, None,
+                                      OwnBuffers(None, rows)) for _ in range(2))  # fmt: skip
     with interpreted(KERNEL) as module:
         for step in range(6):
             selected = random_picks(lead, kvh, picks, blocks)
@@ -82,15 +77,9 @@ def test_the_compiled_kernel_on_the_8b_shape(slots: int) -> None:
 
     torch.manual_seed(3)
     rows, kvh, picks, blocks = 4, 8, 128, 8192
-    sets = []
-    for _ in range(2):
-        ws = WorkingSet(1, kvh, slots, 16, 8, torch.float32, torch.device("cuda"))
-        ws.tag = torch.full((1, rows, kvh, slots), -1, dtype=torch.long, device="cuda")
-        ws.age = torch.full((1, rows, kvh, slots), NEVER, dtype=torch.long, device="cuda")
-        ws.hits = torch.zeros(rows, dtype=torch.long, device="cuda")
-        ws.misses = torch.zeros(rows, dtype=torch.long, device="cuda")
-        sets.append(ws)
-    torch_ws, kernel_ws = sets
+    cuda = torch.device("cuda")
+    torch_ws, kernel_ws = (WorkingSet(1, kvh, slots, 16, 8, torch.float32, cuda,
+                                      OwnBuffers(cuda, rows)) for _ in range(2))  # fmt: skip
     torch_ws.update_kernel = False
     previous = random_picks((rows,), kvh, picks, blocks)
     for _ in range(8):

@@ -78,7 +78,7 @@ def _fetch_blocks_kernel(src_ptr, dst_ptr, table_ptr, blocks_ptr, slots_ptr, mas
         r = lane // (KVH * PICKS)
         h = lane // PICKS % KVH
         host_slot = tl.load(table_ptr + r * table_row + tl.load(blocks_ptr + lane))
-        src_row = (layer_base + host_slot) * KVH + h
+        src_row = (layer_base + host_slot.to(tl.int64)) * KVH + h  # the store passes 2^31
         dst_row = (r * KVH + h) * WS_SLOTS + tl.load(slots_ptr + lane)
         cols = part * CHUNK + tl.arange(0, CHUNK)
         mask = cols < ROW

@@ -31,13 +31,18 @@ class Buffers(ABC):
 
 
 class OwnBuffers(Buffers):
-    """Fresh tensors: one sequence alone (and the unit tests of the parts)."""
+    """Fresh tensors: one sequence alone (and the unit tests of the parts); with `rows`,
+    fresh tensors shaped as a page of that many rows (tests and benchmarks of a page's
+    work without a page)."""
 
-    def __init__(self, device: torch.device | None) -> None:
+    def __init__(self, device: torch.device | None, rows: int = 0) -> None:
         self.device = device  # None: torch's default, the CPU
+        self.rows = rows
 
     def tensor(
         self, name: str, shape: tuple[int, ...], dtype: torch.dtype, layered: bool,
         fill: float = 0,
     ) -> torch.Tensor:  # fmt: skip
+        if self.rows:
+            shape = (shape[0], self.rows, *shape[1:]) if layered else (self.rows, *shape)
         return torch.full(shape, fill, dtype=dtype, device=self.device)
