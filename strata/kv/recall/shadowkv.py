@@ -59,7 +59,9 @@ def chunks_per_block(room: SummaryRoom) -> int:
 
 class ShadowKVPolicy(RecallPolicy):
     name = "shadowkv"
-    rebuild_kernel = True  # CUDA: keys rebuilt into the working set by one kernel a layer
+    # CUDA: keys rebuilt into the working set by one kernel a layer; off until
+    # benchmarks/gpu_recall_check.py has compared it with the torch path on a GPU
+    rebuild_kernel = False
 
     def __init__(self) -> None:
         self.room: SummaryRoom | None = None
