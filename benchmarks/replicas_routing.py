@@ -117,13 +117,27 @@ def start_server(args: argparse.Namespace, router: str, port: int) -> subprocess
     return server
 
 
+def warm_every_replica(url: str, args: argparse.Namespace, each: int = 3) -> None:
+    """Short requests (sharing no prefix with the run) until every replica has answered
+    `each` of them, whatever the router: a replica's first steps are slow on CPU, and a
+    router that favours one replica while idle would otherwise leave another cold."""
+    served: dict[str, int] = {}
+    for batch in range(20):
+        warm = [[{"role": "user", "content": f"Hello {batch} {i}"}]
+                for i in range(2 * args.replicas)]  # fmt: skip
+        for replica in asyncio.run(run_load(url, warm, args.concurrency, 2))["replicas"]:
+            served[replica] = served.get(replica, 0) + 1
+        if len(served) == args.replicas and min(served.values()) >= each:
+            return
+    raise RuntimeError(f"warm-up reached only {served} of {args.replicas} replicas")
+
+
 def run_router(args: argparse.Namespace, router: str, requests: list[Any]) -> dict:
     port = args.port
     server = start_server(args, router, port)
     try:
         url = f"http://127.0.0.1:{port}"
-        warm = [[{"role": "user", "content": f"Hello {i}"}] for i in range(2 * args.replicas)]
-        asyncio.run(run_load(url, warm, args.concurrency, 2))  # shares no prefix with the run
+        warm_every_replica(url, args)
         # Alone on an idle cluster: the fixed cost of a request outside the engine's steps
         # (HTTP, front, Ray hops, tokenizing), for the simulator (strata/sim).
         probes = [[{"role": "user", "content": f"Hi {i}"}] for i in range(args.probes)]
