@@ -17,16 +17,17 @@ python benchmarks/gpu_recall_check.py
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from strata import LLM, SamplingParams
 from strata.engine.engine import LLMEngine
-from strata.kv.recall import fetch
-from strata.kv.recall.shadowkv import ShadowKVPolicy
-from strata.kv.recall.step_graphs import RecallStepGraphs
-from strata.kv.recall.working_set import WorkingSet
+
+sys.path.insert(0, str(Path(__file__).parent))
+from recall_switches import switched
 
 
 def main() -> None:
@@ -121,11 +122,11 @@ def whole_steps_equal_layer_graphs(
     rows = []
     for policy in ("quest", "shadowkv"):
         params = SamplingParams(kv_policy=policy, kv_budget=256, **greedy)
-        RecallStepGraphs.enabled = False
-        layered = [o.token_ids for o in llm.generate(prompts, params)]
-        RecallStepGraphs.enabled = True
+        with switched("step_graphs", False):
+            layered = [o.token_ids for o in llm.generate(prompts, params)]
         before = llm.stats()["recall_step_graph_replays"]
-        whole = [o.token_ids for o in llm.generate(prompts, params)]
+        with switched("step_graphs", True):
+            whole = [o.token_ids for o in llm.generate(prompts, params)]
         replays = llm.stats()["recall_step_graph_replays"] - before
         rows.append((f"{policy}: {replays} whole steps from graphs == per-layer graphs",
                      replays > 0 and whole == layered))  # fmt: skip
@@ -162,21 +163,15 @@ def kernels_equal_torch(
     copies: exact) and shadowkv's rebuilt-keys kernel (float32 sums in another order)
     against their torch paths, in the same engine; each switch is left as it was."""
     rows = []
-    switches = {"working-set update": (WorkingSet, "update_kernel"),
-                "fetch": (fetch, "fetch_kernel"),
-                "rebuilt-keys": (ShadowKVPolicy, "rebuild_kernel")}  # fmt: skip
-    for policy, kernel in (("quest", "working-set update"), ("shadowkv", "working-set update"),
-                           ("quest", "fetch"), ("shadowkv", "fetch"),
-                           ("shadowkv", "rebuilt-keys")):  # fmt: skip
-        owner, flag = switches[kernel]
-        was = getattr(owner, flag)
+    for policy, arm in (("quest", "update_kernel"), ("shadowkv", "update_kernel"),
+                        ("quest", "fetch_kernel"), ("shadowkv", "fetch_kernel"),
+                        ("shadowkv", "rebuild_kernel")):  # fmt: skip
         params = SamplingParams(kv_policy=policy, kv_budget=256, **greedy)
-        setattr(owner, flag, False)
-        plain = [o.token_ids for o in llm.generate(prompts, params)]
-        setattr(owner, flag, True)
-        fused = [o.token_ids for o in llm.generate(prompts, params)]
-        setattr(owner, flag, was)
-        rows.append((f"{policy}: {kernel} kernel == torch path", fused == plain))
+        outputs = []
+        for on in (False, True):
+            with switched(arm, on):
+                outputs.append([o.token_ids for o in llm.generate(prompts, params)])
+        rows.append((f"{policy}: {arm} == torch path", outputs[1] == outputs[0]))
     return rows
 
 

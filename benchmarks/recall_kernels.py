@@ -1,7 +1,9 @@
 """One sparse layer's recall work on the GPU, torch path against the fused Triton kernels:
-shadowkv's rebuilt keys (strata/ops/triton_rebuild_keys.py) and the working-set update
-(strata/ops/triton_working_set.py), on the Llama-3-8B shape as a page of --rows rows (8 KV
-heads of 128 dims, 16-token blocks, 128 picks of 8,192 blocks at 128k, rank 160).
+shadowkv's rebuilt keys (strata/ops/triton_rebuild_keys.py), the working-set update
+(strata/ops/triton_working_set.py) and the fetch from pinned host rows (fetch_blocks in
+strata/ops/triton_row_copy.py), on the Llama-3-8B shape as a page of --rows rows (8 KV
+heads of 128 dims, 16-token blocks, 128 picks of 8,192 blocks at 128k, rank 160). Each
+kernel's switch (recall_switches.py) is on only while its arm runs.
 
     python benchmarks/recall_kernels.py [--rows 4] [--slots 128] [--json F]
     python benchmarks/recall_kernels.py --count      (on the CPU)
@@ -21,25 +23,27 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
 import torch
 from transformers import LlamaConfig
 
+from strata.kv.recall import fetch
 from strata.kv.recall.buffers import OwnBuffers
 from strata.kv.recall.policy import RecallPolicy, SummaryRoom
 from strata.kv.recall.shadowkv import ShadowKVPolicy
 from strata.kv.recall.working_set import Moves, WorkingSet
 from strata.models.rope import RotaryEmbedding
 
+sys.path.insert(0, str(Path(__file__).parent))
+from recall_switches import switched
+
 KVH, DIM, BS, BLOCKS, PICKS = 8, 128, 16, 8192, 128
 
 
 def count_ops(rows: int, slots: int, blocks: int = 1024) -> dict[str, int]:
     """Aten ops other than views that one sparse layer's torch paths run (CPU)."""
-    sys.path.insert(0, str(Path(__file__).parent))
     from recall_summary_ops import OpCount
-
-    from strata.kv.recall.fetch import copy_moves
 
     ws = WorkingSet(1, KVH, slots, BS, DIM, torch.float32, None, OwnBuffers(None, rows))
     selected = torch.stack([torch.randperm(blocks)[:PICKS] for _ in range(rows * KVH)])
@@ -53,13 +57,14 @@ def count_ops(rows: int, slots: int, blocks: int = 1024) -> dict[str, int]:
     with OpCount() as count:
         RecallPolicy.write_rebuilt_keys(policy, 0, moves, keys)
     counts["rebuild"] = count.kernels
-    store = SimpleNamespace(num_slots=blocks, flat=lambda: torch.zeros(2 * blocks * KVH, BS * DIM))
+    host = torch.zeros(2 * blocks * KVH, BS * DIM)
+    store = SimpleNamespace(num_slots=blocks, flat=lambda: host)
     table = torch.stack([torch.randperm(blocks) for _ in range(rows)])
-    copy = torch.cuda.is_available()  # on the CPU the copy is 4 indexing ops, not one kernel
     rows_out = torch.zeros(rows * KVH * slots, BS * DIM)
-    with OpCount() as count:
-        copy_moves(store, table, 1, moves, rows_out, slots)  # type: ignore[arg-type]
-    counts["fetch_indices"] = count.kernels - (1 if copy else 4)
+    # the copy itself (one kernel on a GPU, indexing ops here) is left out: its indices only
+    with mock.patch.object(fetch, "copy_rows", lambda *_: None), OpCount() as count:
+        fetch.copy_moves(store, table, 1, moves, rows_out, slots)  # type: ignore[arg-type]
+    counts["fetch_indices"] = count.kernels
     return counts
 
 
@@ -93,43 +98,69 @@ def median_ms(fn: Callable[[], object], calls: int = 50) -> float:
     return statistics.median(times)
 
 
-def picks(rows: int, slots: int) -> torch.Tensor:
-    return torch.stack([torch.randperm(BLOCKS, device="cuda")[:PICKS]
+def distinct(rows: int, upto: int) -> torch.Tensor:
+    """[rows, KVH, PICKS] on the GPU: per head, PICKS distinct ids below `upto`."""
+    return torch.stack([torch.randperm(upto, device="cuda")[:PICKS]
                         for _ in range(rows * KVH)]).view(rows, KVH, PICKS)  # fmt: skip
+
+
+def moves_of(rows: int, slots: int) -> Moves:
+    """Random moves of a page: 80% of the picks missed."""
+    return Moves(distinct(rows, BLOCKS), distinct(rows, slots),
+                 torch.rand(rows, KVH, PICKS, device="cuda") < 0.8)  # fmt: skip
+
+
+def timed(arm: str, run: Callable[[], object]) -> dict[str, float]:
+    """`run` timed with the switch off (the torch path) and on (the kernel)."""
+    times = {}
+    for on, name in ((False, "torch_ms"), (True, "kernel_ms")):
+        with switched(arm, on):
+            times[name] = median_ms(run)
+    return times
 
 
 def rebuild(rows: int, slots: int) -> dict[str, float]:
     policy = shadowkv_page(rows, slots, BLOCKS, torch.bfloat16, torch.device("cuda"))
-    blocks = picks(rows, slots)
-    moves = Moves(blocks, torch.stack([torch.randperm(slots, device="cuda")[:PICKS]
-                                       for _ in range(rows * KVH)]).view(rows, KVH, PICKS),
-                  torch.rand(rows, KVH, PICKS, device="cuda") < 0.8)  # fmt: skip
-    slots_torch = torch.zeros(rows, KVH, slots, BS, DIM, dtype=torch.bfloat16, device="cuda")
-    slots_kernel = slots_torch.clone()
-    torch_path = lambda: RecallPolicy.write_rebuilt_keys(policy, 0, moves, slots_torch)  # noqa: E731
-    kernel_path = lambda: policy.write_rebuilt_keys(0, moves, slots_kernel)  # noqa: E731
-    torch_path(), kernel_path()
-    torch.testing.assert_close(slots_kernel.float(), slots_torch.float(), atol=3e-2, rtol=2e-2)
-    return {"torch_ms": median_ms(torch_path), "kernel_ms": median_ms(kernel_path)}
+    moves = moves_of(rows, slots)
+    out = [torch.zeros(rows, KVH, slots, BS, DIM, dtype=torch.bfloat16, device="cuda")
+           for _ in range(2)]  # fmt: skip
+    for on in (False, True):
+        with switched("rebuild_kernel", on):
+            policy.write_rebuilt_keys(0, moves, out[on])
+    torch.testing.assert_close(out[1].float(), out[0].float(), atol=3e-2, rtol=2e-2)
+    return timed("rebuild_kernel", lambda: policy.write_rebuilt_keys(0, moves, out[0]))
 
 
 def update(rows: int, slots: int) -> dict[str, float]:
     cuda = torch.device("cuda")
     sets = [WorkingSet(1, KVH, slots, BS, DIM, torch.bfloat16, cuda, OwnBuffers(cuda, rows))
             for _ in range(2)]  # fmt: skip
-    selected, active = picks(rows, slots), torch.ones(rows, dtype=torch.bool, device="cuda")
-
-    def run(ws: WorkingSet, kernel: bool) -> tuple[torch.Tensor, Moves]:
-        WorkingSet.update_kernel = kernel
-        return ws.update(0, selected, active)
-
-    plain, fused = run(sets[0], False), run(sets[1], True)
-    assert torch.equal(plain[0], fused[0]) and torch.equal(plain[1].slots, fused[1].slots)
+    selected, active = distinct(rows, BLOCKS), torch.ones(rows, dtype=torch.bool, device="cuda")
+    results = []
+    for on in (False, True):
+        with switched("update_kernel", on):
+            results.append(sets[on].update(0, selected, active))
+    (plain, plain_moves), (fused, fused_moves) = results
+    assert torch.equal(plain, fused) and torch.equal(plain_moves.slots, fused_moves.slots)
     assert torch.equal(sets[0].tag, sets[1].tag) and torch.equal(sets[0].age, sets[1].age)
-    result = {"torch_ms": median_ms(lambda: run(sets[0], False)),
-              "kernel_ms": median_ms(lambda: run(sets[1], True))}  # fmt: skip
-    WorkingSet.update_kernel = False
-    return result
+    return timed("update_kernel", lambda: sets[0].update(0, selected, active))
+
+
+def fetch_rows(rows: int, slots: int) -> dict[str, float]:
+    """The values of a page's moves from a pinned host store of 8,192 slots a layer."""
+    host = torch.randn(2 * BLOCKS * KVH, BS * DIM).to(torch.bfloat16).pin_memory()
+    store = SimpleNamespace(num_slots=BLOCKS, flat=lambda: host)
+    # each row's host slot of each block
+    table = torch.stack([torch.randperm(BLOCKS, device="cuda") for _ in range(rows)])
+    moves = moves_of(rows, slots)
+    out = [torch.zeros(rows * KVH * slots, BS * DIM, dtype=torch.bfloat16, device="cuda")
+           for _ in range(2)]  # fmt: skip
+    for on in (False, True):
+        with switched("fetch_kernel", on):
+            fetch.copy_moves(store, table, 1, moves, out[on], slots)  # type: ignore[arg-type]
+    assert torch.equal(out[0], out[1])
+    return timed("fetch_kernel",
+                 lambda: fetch.copy_moves(store, table, 1, moves, out[0], slots))  # type: ignore[arg-type]
 
 
 def main() -> None:
@@ -148,9 +179,10 @@ def main() -> None:
         sys.exit("recall_kernels needs a CUDA GPU")
     torch.manual_seed(0)
     results = {"gpu": torch.cuda.get_device_name(), "rows": a.rows, "slots": a.slots,
-               "rebuild": rebuild(a.rows, a.slots), "update": update(a.rows, a.slots)}  # fmt: skip
+               "rebuild": rebuild(a.rows, a.slots), "update": update(a.rows, a.slots),
+               "fetch": fetch_rows(a.rows, a.slots)}  # fmt: skip
     print(f"{results['gpu']}, a page of {a.rows} rows, {a.slots} slots, one sparse layer:")
-    for name in ("rebuild", "update"):
+    for name in ("rebuild", "update", "fetch"):
         r = results[name]
         print(f"  {name:<8} torch {r['torch_ms']:.3f} ms  kernel {r['kernel_ms']:.3f} ms  "
               f"({r['torch_ms'] / r['kernel_ms']:.1f}x)")  # fmt: skip

@@ -20,12 +20,16 @@ import itertools
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from strata import LLM, SamplingParams
 from strata.bench.moe import shape_spec
+
+sys.path.insert(0, str(Path(__file__).parent))
+from recall_switches import ARMS, engine_default, set_arm
 
 RESULTS: dict[str, Any] = {}
 ROW = 16 * 128  # one block of one head: 16 tokens x 128 dims
@@ -151,51 +155,6 @@ def recall_deltas(before: dict[str, Any], after: dict[str, Any], tokens: int) ->
         "hit_rate_cumulative": after["recall_working_set_hit_rate"],
         "blocks_per_step_cumulative": after["recall_blocks_attended_per_step"],
     }
-
-
-def switches() -> dict[str, tuple[tuple[Any, str], ...]]:
-    """Each A/B switch of the recall step (ARMS): the class attributes it sets."""
-    from strata.kv.recall import fetch
-    from strata.kv.recall.attention import RecallAttention
-    from strata.kv.recall.sequence import RecallSequence
-    from strata.kv.recall.shadowkv import ShadowKVPolicy
-    from strata.kv.recall.step_graphs import RecallStepGraphs
-    from strata.kv.recall.working_set import WorkingSet
-
-    return {
-        "side_streams": ((RecallAttention, "side_streams"),),
-        "dense_kernel": ((RecallSequence, "dense_kernel"), (RecallAttention, "fused_rope")),
-        "step_graphs": ((RecallStepGraphs, "enabled"),),
-        "rebuild_kernel": ((ShadowKVPolicy, "rebuild_kernel"),),
-        "update_kernel": ((WorkingSet, "update_kernel"),),
-        "fetch_kernel": ((fetch, "fetch_kernel"),),
-    }
-
-
-def set_arm(name: str, on: bool) -> None:
-    """Turn one of the recall step's A/B switches (ARMS) on or off, process-wide."""
-    for owner, attribute in switches()[name]:
-        setattr(owner, attribute, on)
-
-
-def engine_default(name: str) -> bool:
-    owner, attribute = switches()[name][0]
-    return bool(getattr(owner, attribute))
-
-
-ARMS = {  # switch: what "on" means (off: what came before it)
-    "side_streams": "recall decode rows of several sequences on CUDA side streams",
-    "dense_kernel": "recall steps' dense layers decode by the split-K Triton kernel and RoPE "
-                    "in one kernel (off: batched matmuls and torch RoPE)",
-    "step_graphs": "a recall decode step whose rows repeat replays one CUDA graph of the "
-                   "whole forward (off: eager around per-layer page graphs)",
-    "rebuild_kernel": "shadowkv rebuilds fetched blocks' keys into the working set in one "
-                      "Triton kernel a layer (off: about 25 torch kernels)",
-    "update_kernel": "the working set's update in one Triton kernel a layer (off: about "
-                     "45 torch kernels)",
-    "fetch_kernel": "the moved blocks' host rows copied by one kernel that works out their "
-                    "indices (off: about 12 index kernels, then the copy)",
-}  # fmt: skip
 
 
 def bench_decode(contexts: list[int], batch: int, steps: int, modes: list[str],

@@ -8,7 +8,7 @@ buffer's host pointer is also its device pointer). The row indices are device te
 so the rows to move may be chosen on the device without a host sync.
 
 `fetch_blocks` does the same for a recall working set's moves, working out each row's
-source and destination in the kernel (one launch instead of about twelve index kernels
+source and destination in the kernel (one launch instead of about ten index kernels
 and the copy):
 
     for each (r, h, i) with mask[r, h, i]:
