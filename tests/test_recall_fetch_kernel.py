@@ -46,6 +46,18 @@ def test_the_kernel_copies_the_torch_paths_rows(rows: int) -> None:
     assert torch.equal(got, expected)
 
 
+def test_rows_it_cannot_copy_are_refused() -> None:
+    from strata.ops.triton_row_copy import fetch_blocks
+
+    moves = (torch.zeros(1, 2, 3, dtype=torch.long),) * 2 + (torch.ones(1, 2, 3, dtype=torch.bool),)
+    table = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="rows of the same dtype and width"):
+        fetch_blocks(torch.zeros(8, 16), torch.zeros(8, 16, dtype=torch.float16), table, 0,
+                     *moves, 4)  # fmt: skip
+    with pytest.raises(ValueError, match="contiguous source and destination"):
+        fetch_blocks(torch.zeros(16, 8).T, torch.zeros(8, 16), table, 0, *moves, 4)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="reads pinned host memory on a GPU")
 def test_the_compiled_kernel_reads_pinned_host_rows() -> None:
     """The 8B shape's rows (16 tokens x 128 dims, bf16) from a pinned host store into a

@@ -117,3 +117,15 @@ def test_geometry_the_kernel_cannot_take_is_refused() -> None:
 
     assert fits(16, 128) and fits(16, 32)
     assert not fits(8, 128) and not fits(16, 16) and not fits(16, 96)
+
+
+def test_the_kernel_refuses_what_it_cannot_take() -> None:
+    """Before any launch: a geometry it does not fit, and a row it cannot address."""
+    from strata.ops.triton_rebuild_keys import rebuild_keys
+
+    a, _, _ = page_case(2, 2, 4, 32, 40, 5, 7, 3, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="power-of-two blocks >= 16 and dims >= 32, got 16 x 16"):
+        rebuild_keys(**{**a, "out": a["out"][..., :16]}, sink_blocks=SINK_BLOCKS)
+    with pytest.raises(ValueError, match="each row of factors contiguous"):
+        rebuild_keys(**{**a, "factors": a["factors"].transpose(1, 2).contiguous().transpose(1, 2)},
+                     sink_blocks=SINK_BLOCKS)  # fmt: skip

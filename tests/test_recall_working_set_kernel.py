@@ -59,13 +59,18 @@ def test_the_kernel_updates_as_the_torch_path(
     assert int(torch_ws.hits.sum()) > 0 and int(torch_ws.misses.sum()) > 0
 
 
-def test_more_picks_than_slots_are_refused() -> None:
+def test_more_picks_than_slots_and_strided_state_are_refused() -> None:
     from strata.ops.triton_working_set import update_slots
 
     tag = torch.full((2, 3), -1, dtype=torch.long)
+    counters = (torch.zeros((), dtype=torch.long), torch.zeros((), dtype=torch.long))
     with pytest.raises(ValueError, match="4 picks do not fit 3"):
-        update_slots(torch.zeros(2, 4, dtype=torch.long), tag, tag.clone(), None,
-                     torch.zeros((), dtype=torch.long), torch.zeros((), dtype=torch.long), NEVER)
+        update_slots(torch.zeros(2, 4, dtype=torch.long), tag, tag.clone(), None, *counters,
+                     NEVER)  # fmt: skip
+    strided = torch.full((3, 2), -1, dtype=torch.long).T
+    with pytest.raises(ValueError, match="tag and age in place: they must be contiguous"):
+        update_slots(torch.zeros(2, 2, dtype=torch.long), strided, tag.clone(), None,
+                     *counters, NEVER)  # fmt: skip
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiles the kernel for a GPU")
