@@ -24,6 +24,8 @@
 #               rebuilt by the torch path, then by the kernel
 #     update128k  128k context, quest and shadowkv at batch $BSG (default 4) in one page: the
 #               working set updated and filled by torch ops, then by one kernel each a layer
+#     kernels32k  32k context, quest and shadowkv at batch $BSG (default 4) in one page: the
+#               recall kernels (rebuilt keys, working-set update, fetch) all off, then all on
 #     gather    the row fetch's rate by host buffer size, row size, pinning and kernel
 #               variant (uva_gather_sweep.py $GATHER_ARGS; plot in $OUT/gather.png)
 #     full128k  128k context, full attention in the GPU pool at batch $FULLB (default "1 3")
@@ -108,6 +110,12 @@ if has update128k; then
   speed --only decode --contexts 131072 --batch "$b" --modes quest,shadowkv --steps 16 \
     --page-rows "$b" --slack 200 --update-kernel both --fetch-kernel both --pool-gib 4 \
     --recall-gpu-gib $((4 * b + 4)) --host-gib $((16 * b + 4)) --json "$OUT/update128k.json"
+fi
+if has kernels32k; then
+  b="${BSG:-4}"
+  speed --only decode --contexts 32768 --batch "$b" --modes quest,shadowkv --steps 16 \
+    --page-rows "$b" --slack 200 --recall-kernels both --pool-gib 4 \
+    --recall-gpu-gib $((4 * b + 4)) --host-gib $((5 * b + 4)) --json "$OUT/kernels32k.json"
 fi
 if has gather; then
   # shellcheck disable=SC2086  # GATHER_ARGS: several arguments

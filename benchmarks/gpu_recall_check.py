@@ -165,7 +165,8 @@ def kernels_equal_torch(
     rows = []
     for policy, arm in (("quest", "update_kernel"), ("shadowkv", "update_kernel"),
                         ("quest", "fetch_kernel"), ("shadowkv", "fetch_kernel"),
-                        ("shadowkv", "rebuild_kernel")):  # fmt: skip
+                        ("shadowkv", "rebuild_kernel"), ("quest", "recall_kernels"),
+                        ("shadowkv", "recall_kernels")):  # fmt: skip
         params = SamplingParams(kv_policy=policy, kv_budget=256, **greedy)
         outputs = []
         for on in (False, True):

@@ -29,7 +29,7 @@ from strata import LLM, SamplingParams
 from strata.bench.moe import shape_spec
 
 sys.path.insert(0, str(Path(__file__).parent))
-from recall_switches import ARMS, engine_default, set_arm
+from recall_switches import ARMS, COMBINED, engine_default, set_arm
 
 RESULTS: dict[str, Any] = {}
 ROW = 16 * 128  # one block of one head: 16 tokens x 128 dims
@@ -180,9 +180,9 @@ def bench_decode(contexts: list[int], batch: int, steps: int, modes: list[str],
         kv_recall_working_set_factor=working_set_factor,
     )  # fmt: skip
     g = torch.Generator().manual_seed(0)
-    combos = [dict(zip(ARMS, values, strict=True))
-              for values in itertools.product(*((arms or {}).get(n, (engine_default(n),))
-                                                for n in ARMS))]  # fmt: skip
+    named = list(arms or {})  # arms not named keep the engine's default
+    combos = [dict(zip(named, values, strict=True))
+              for values in itertools.product(*((arms or {})[n] for n in named))]
     rows = []
     for ctx in contexts:
         prompts = [torch.randint(1000, 100000, (ctx,), generator=g).tolist() for _ in range(batch)]
@@ -196,7 +196,8 @@ def bench_decode(contexts: list[int], batch: int, steps: int, modes: list[str],
             if recall is not None:  # pages are made as requests arrive: the next ones
                 recall.page_rows = rows_per_page
             row = decode_row(llm, prompts, mode, steps, warmup, slack, profile, trace_dir)
-            row.update({"context": ctx, "batch": batch, "page_rows": rows_per_page, **combo,
+            now = {n: engine_default(n) for n in ARMS if n not in COMBINED}
+            row.update({"context": ctx, "batch": batch, "page_rows": rows_per_page, **now,
                         "overlap_recall": overlap_recall})  # fmt: skip
             if "fetched_MB_per_token" in row:  # the host link's share of the step
                 rate_gbps = row["fetched_MB_per_token"] * row["tok_s"] / 1e3

@@ -25,7 +25,9 @@ ARMS = {  # switch: what "on" means (off: what came before it)
                      "45 torch kernels)",
     "fetch_kernel": "the moved blocks' host rows copied by one kernel that works out their "
                     "indices (off: about 10 index kernels, then the copy)",
+    "recall_kernels": "rebuild_kernel, update_kernel and fetch_kernel together",
 }  # fmt: skip
+COMBINED = {"recall_kernels"}  # arms that set others' attributes: not reported by row
 
 
 def switches() -> dict[str, tuple[tuple[Any, str], ...]]:
@@ -44,6 +46,8 @@ def switches() -> dict[str, tuple[tuple[Any, str], ...]]:
         "rebuild_kernel": ((ShadowKVPolicy, "rebuild_kernel"),),
         "update_kernel": ((WorkingSet, "update_kernel"),),
         "fetch_kernel": ((fetch, "fetch_kernel"),),
+        "recall_kernels": ((ShadowKVPolicy, "rebuild_kernel"), (WorkingSet, "update_kernel"),
+                           (fetch, "fetch_kernel")),
     }
 
 
