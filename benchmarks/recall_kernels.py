@@ -1,7 +1,8 @@
 """One sparse layer's recall work on the GPU, torch path against the fused Triton kernels:
 shadowkv's rebuilt keys (strata/ops/triton_rebuild_keys.py), the working-set update
-(strata/ops/triton_working_set.py) and the fetch from pinned host rows (fetch_blocks in
-strata/ops/triton_row_copy.py), on the Llama-3-8B shape as a page of --rows rows (8 KV
+(strata/ops/triton_working_set.py), the fetch from pinned host rows (fetch_blocks in
+strata/ops/triton_row_copy.py) and the page's decode attention
+(strata/ops/triton_page_attention.py), on the Llama-3-8B shape as a page of --rows rows (8 KV
 heads of 128 dims, 16-token blocks, 128 picks of 8,192 blocks at 128k, rank 160). Each
 kernel's switch (recall_switches.py) is on only while its arm runs.
 
@@ -30,6 +31,7 @@ from transformers import LlamaConfig
 
 from strata.kv.recall import fetch
 from strata.kv.recall.buffers import OwnBuffers
+from strata.kv.recall.page_decode import attend
 from strata.kv.recall.policy import RecallPolicy, SummaryRoom
 from strata.kv.recall.shadowkv import ShadowKVPolicy
 from strata.kv.recall.working_set import Moves, WorkingSet
@@ -163,6 +165,23 @@ def fetch_rows(rows: int, slots: int) -> dict[str, float]:
                  lambda: fetch.copy_moves(store, table, 1, moves, out[0], slots))  # type: ignore[arg-type]
 
 
+def attention(rows: int, slots: int) -> dict[str, float]:
+    """A page's decode attention over a one-block sink, the slots (90% attended) and a
+    48-token tail: concatenated and masked, against the kernel reading them in place."""
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+    q = torch.randn(rows, 4 * KVH, DIM, device=cuda, dtype=bf16)
+    sink = torch.randn(2, rows, KVH, BS, DIM, device=cuda, dtype=bf16).unbind(0)
+    ws = torch.randn(2, rows, KVH, slots, BS, DIM, device=cuda, dtype=bf16).unbind(0)
+    tail = torch.randn(2, rows, KVH, 48, DIM, device=cuda, dtype=bf16).unbind(0)
+    attended = torch.rand(rows, KVH, slots, device=cuda) < 0.9
+    held = torch.randint(0, 48, (rows,), device=cuda)
+    parts = (q, sink[0], sink[1], ws[0], ws[1], attended, tail[0], tail[1], held, DIM**-0.5)
+    plain, fused = (attend(*parts, kernel=on) for on in (False, True))
+    torch.testing.assert_close(fused.float(), plain.float(), atol=3e-2, rtol=2e-2)
+    return {"torch_ms": median_ms(lambda: attend(*parts, kernel=False)),
+            "kernel_ms": median_ms(lambda: attend(*parts, kernel=True))}  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--rows", type=int, default=4, help="rows of the page")
@@ -180,9 +199,10 @@ def main() -> None:
     torch.manual_seed(0)
     results = {"gpu": torch.cuda.get_device_name(), "rows": a.rows, "slots": a.slots,
                "rebuild": rebuild(a.rows, a.slots), "update": update(a.rows, a.slots),
-               "fetch": fetch_rows(a.rows, a.slots)}  # fmt: skip
+               "fetch": fetch_rows(a.rows, a.slots),
+               "attention": attention(a.rows, a.slots)}  # fmt: skip
     print(f"{results['gpu']}, a page of {a.rows} rows, {a.slots} slots, one sparse layer:")
-    for name in ("rebuild", "update", "fetch"):
+    for name in ("rebuild", "update", "fetch", "attention"):
         r = results[name]
         print(f"  {name:<8} torch {r['torch_ms']:.3f} ms  kernel {r['kernel_ms']:.3f} ms  "
               f"({r['torch_ms'] / r['kernel_ms']:.1f}x)")  # fmt: skip

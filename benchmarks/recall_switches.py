@@ -25,7 +25,10 @@ ARMS = {  # switch: what "on" means (off: what came before it)
                      "45 torch kernels)",
     "fetch_kernel": "the moved blocks' host rows copied by one kernel that works out their "
                     "indices (off: about 10 index kernels, then the copy)",
-    "recall_kernels": "rebuild_kernel, update_kernel and fetch_kernel together",
+    "attention_kernel": "a page's decode attention reads sink, working set and tail in place "
+                        "in one Triton kernel and its merge (off: concatenated, masked)",
+    "recall_kernels": "rebuild_kernel, update_kernel, fetch_kernel and attention_kernel "
+                      "together",
 }  # fmt: skip
 COMBINED = {"recall_kernels"}  # arms that set others' attributes: not reported by row
 
@@ -34,6 +37,7 @@ def switches() -> dict[str, tuple[tuple[Any, str], ...]]:
     """Each switch of ARMS: the attributes it sets."""
     from strata.kv.recall import fetch
     from strata.kv.recall.attention import RecallAttention
+    from strata.kv.recall.page_decode import PageDecoder
     from strata.kv.recall.sequence import RecallSequence
     from strata.kv.recall.shadowkv import ShadowKVPolicy
     from strata.kv.recall.step_graphs import RecallStepGraphs
@@ -46,8 +50,9 @@ def switches() -> dict[str, tuple[tuple[Any, str], ...]]:
         "rebuild_kernel": ((ShadowKVPolicy, "rebuild_kernel"),),
         "update_kernel": ((WorkingSet, "update_kernel"),),
         "fetch_kernel": ((fetch, "fetch_kernel"),),
+        "attention_kernel": ((PageDecoder, "attention_kernel"),),
         "recall_kernels": ((ShadowKVPolicy, "rebuild_kernel"), (WorkingSet, "update_kernel"),
-                           (fetch, "fetch_kernel")),
+                           (fetch, "fetch_kernel"), (PageDecoder, "attention_kernel")),
     }
 
 

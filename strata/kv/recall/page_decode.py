@@ -24,7 +24,7 @@ import torch
 
 from strata.attention.layer_inputs import Rotary
 from strata.kv.recall.chunk_attention import masked_decode_attention
-from strata.kv.recall.fetch import fill, picked_mask
+from strata.kv.recall.fetch import fill
 from strata.kv.recall.geometry import RecallGeometry
 from strata.kv.recall.host_store import HostKVStore
 from strata.kv.recall.page import RecallPage
@@ -40,6 +40,10 @@ if TYPE_CHECKING:
 class PageDecoder:
     """The decode of one page, bound to its whole buffers (made once its first row has
     allocated them)."""
+
+    # CUDA: attention over sink, working set and tail read in place by one Triton kernel
+    # (and its merge); off until benchmarks/gpu_recall_check.py has compared it on a GPU
+    attention_kernel = False
 
     def __init__(
         self, page: RecallPage, geometry: RecallGeometry, policy: RecallPolicy,
@@ -82,12 +86,33 @@ class PageDecoder:
         held, moves = ws.update(s, picks, active)
         fill(ws, self.policy, self.store, t.key_slots, t.value_slots, s, moves, False,
              t.bytes_fetched)  # fmt: skip
-        keys = torch.cat([t.sink_k[s], ws.k[s].flatten(-3, -2), tail_k], dim=-2)
-        values = torch.cat([t.sink_v[s], ws.v[s].flatten(-3, -2), tail_v], dim=-2)
-        tail = (self.tail_index <= t.held[:, None])[:, None, :].expand(-1, kvh, -1)
-        sink = t.sink_k.shape[-2]
-        mask = torch.cat([picked_mask(held, g.block_size, sink, t.blocks_attended), tail], -1)
-        return masked_decode_attention(q, keys, values, mask, scale)
+        t.blocks_attended.add_(held.sum(dim=(-1, -2)))
+        return attend(q, t.sink_k[s], t.sink_v[s], ws.k[s], ws.v[s], held, tail_k, tail_v,
+                      t.held, scale, self.attention_kernel)  # fmt: skip
+
+
+def attend(
+    q: torch.Tensor, sink_k: torch.Tensor, sink_v: torch.Tensor, ws_k: torch.Tensor,
+    ws_v: torch.Tensor, attended: torch.Tensor, tail_k: torch.Tensor, tail_v: torch.Tensor,
+    held: torch.Tensor, scale: float, kernel: bool,
+) -> torch.Tensor:  # fmt: skip
+    """A page's decode attention, q [rows, H, D] over each row's sink [rows, KVH, S, D], its
+    working-set slots [rows, KVH, slots, bs, D] where attended [rows, KVH, slots], and its
+    tail [rows, KVH, T, D] up to held [rows]: on CUDA with `kernel`, read in place by
+    triton_page_attention; else concatenated and masked."""
+    if q.is_cuda and kernel:
+        from strata.ops.triton_page_attention import page_attention
+
+        return page_attention(q, sink_k, sink_v, ws_k, ws_v, attended, tail_k, tail_v, held,
+                              scale)  # fmt: skip
+    rows, kvh, _, bs, _ = ws_k.shape
+    keys = torch.cat([sink_k, ws_k.flatten(-3, -2), tail_k], dim=-2)
+    values = torch.cat([sink_v, ws_v.flatten(-3, -2), tail_v], dim=-2)
+    tail_index = torch.arange(tail_k.shape[-2], device=q.device)
+    tail = (tail_index <= held[:, None])[:, None, :].expand(-1, kvh, -1)
+    sink = torch.ones((rows, kvh, sink_k.shape[-2]), dtype=torch.bool, device=q.device)
+    mask = torch.cat([sink, attended.repeat_interleave(bs, dim=-1), tail], -1)
+    return masked_decode_attention(q, keys, values, mask, scale)
 
 
 @dataclass(frozen=True)
