@@ -25,7 +25,9 @@
 #     update128k  128k context, quest and shadowkv at batch $BSG (default 4) in one page: the
 #               working set updated and filled by torch ops, then by one kernel each a layer
 #     kernels32k  32k context, quest and shadowkv at batch $BSG (default 4) in one page: the
-#               recall kernels (rebuilt keys, working-set update, fetch) all off, then all on
+#               recall kernels (rebuilt keys, working-set update, fetch, page attention) all
+#               off, then all on
+# SPEED_ARGS: arguments added to every recall_speed.py run (e.g. "--recall-kernels on")
 #     gather    the row fetch's rate by host buffer size, row size, pinning and kernel
 #               variant (uva_gather_sweep.py $GATHER_ARGS; plot in $OUT/gather.png)
 #     full128k  128k context, full attention in the GPU pool at batch $FULLB (default "1 3")
@@ -37,8 +39,10 @@
 # shellcheck source=benchmarks/gpu_stages.sh
 source "$(dirname "$0")/gpu_stages.sh" "check b32k" "$@"
 free -g | tee -a "$OUT/gpu.txt"
-speed() {  # WSF: kv_recall_working_set_factor (default 1)
-  python3 benchmarks/recall_speed.py --working-set-factor "${WSF:-1}" "$@" 2>&1 | grep -v '^  '
+speed() {  # WSF: kv_recall_working_set_factor (default 1); SPEED_ARGS: more arguments
+  # shellcheck disable=SC2086  # SPEED_ARGS: several arguments
+  python3 benchmarks/recall_speed.py --working-set-factor "${WSF:-1}" "$@" ${SPEED_ARGS:-} 2>&1 |
+    grep -v '^  '
 }
 if has check; then
   python3 benchmarks/gpu_recall_check.py 2>&1 | tee "$OUT/check.log" | tail -12
