@@ -7,8 +7,8 @@ budgets), full and full_offload equals each request run alone; requests of one l
 share a page (strata/kv/recall/page.py) and its rows decoding together equal each alone;
 selecting decode steps replayed from CUDA graphs give the tokens of an eager engine,
 and whole decode steps from one graph each give those of per-layer graphs, overlapped
-or not; the working-set update, fetch, rebuilt-keys and page attention kernels give
-their torch paths' tokens;
+or not; the working-set update, fetch, rebuilt-keys, page attention and block scores
+kernels give their torch paths' tokens;
 a request reusing another's prompt prefix from the store (shared prefixes) gives the
 tokens it gives salted apart (computing everything itself); nothing leaks.
 
@@ -160,15 +160,16 @@ def kernels_equal_torch(
     prompts: list[list[int]], greedy: dict[str, Any], llm: LLM
 ) -> list[tuple[str, bool]]:
     """One page of rows: the working-set update and fetch kernels (integer work and
-    copies: exact), shadowkv's rebuilt-keys kernel and the page attention kernel (float32
-    sums in another order), each alone and all together, against their torch paths, in
-    the same engine; each switch is left as it was."""
+    copies: exact), shadowkv's rebuilt-keys kernel, the page attention and the block
+    scores kernels (float32 sums in another order), each alone and all together, against
+    their torch paths, in the same engine; each switch is left as it was."""
     rows = []
     for policy, arm in (("quest", "update_kernel"), ("shadowkv", "update_kernel"),
                         ("quest", "fetch_kernel"), ("shadowkv", "fetch_kernel"),
                         ("shadowkv", "rebuild_kernel"), ("quest", "recall_kernels"),
                         ("shadowkv", "recall_kernels"), ("quest", "attention_kernel"),
-                        ("shadowkv", "attention_kernel")):  # fmt: skip
+                        ("shadowkv", "attention_kernel"), ("quest", "scores_kernel"),
+                        ("shadowkv", "scores_kernel")):  # fmt: skip
         params = SamplingParams(kv_policy=policy, kv_budget=256, **greedy)
         outputs = []
         for on in (False, True):

@@ -1,8 +1,9 @@
 """One sparse layer's recall work on the GPU, torch path against the fused Triton kernels:
 shadowkv's rebuilt keys (strata/ops/triton_rebuild_keys.py), the working-set update
 (strata/ops/triton_working_set.py), the fetch from pinned host rows (fetch_blocks in
-strata/ops/triton_row_copy.py) and the page's decode attention
-(strata/ops/triton_page_attention.py), on the Llama-3-8B shape as a page of --rows rows (8 KV
+strata/ops/triton_row_copy.py), the page's decode attention
+(strata/ops/triton_page_attention.py) and the policies' block scores
+(strata/ops/triton_block_scores.py), on the Llama-3-8B shape as a page of --rows rows (8 KV
 heads of 128 dims, 16-token blocks, 128 picks of 8,192 blocks at 128k, rank 160). Each
 kernel's switch (recall_switches.py) is on only while its arm runs.
 
@@ -32,7 +33,7 @@ from transformers import LlamaConfig
 from strata.kv.recall import fetch
 from strata.kv.recall.buffers import OwnBuffers
 from strata.kv.recall.page_decode import attend
-from strata.kv.recall.policy import RecallPolicy, SummaryRoom
+from strata.kv.recall.policy import RecallPolicy, SummaryRoom, block_probabilities
 from strata.kv.recall.shadowkv import ShadowKVPolicy
 from strata.kv.recall.working_set import Moves, WorkingSet
 from strata.models.rope import RotaryEmbedding
@@ -182,6 +183,19 @@ def attention(rows: int, slots: int) -> dict[str, float]:
             "kernel_ms": median_ms(lambda: attend(*parts, kernel=True))}  # fmt: skip
 
 
+def scores(rows: int, per_block: int) -> dict[str, float]:
+    """A page's block scores at 128k from bf16 logits: per_block 1 is quest's (8,192
+    blocks), 2 shadowkv's (16,384 chunks of 8 tokens)."""
+    cuda = torch.device("cuda")
+    logits = torch.randn(rows, KVH, 4, BLOCKS * per_block, device=cuda).to(torch.bfloat16)
+    live = torch.full((rows,), BLOCKS - 3, device=cuda)
+    plain, fused = (block_probabilities(logits, live, DIM**-0.5, per_block, on)
+                    for on in (False, True))  # fmt: skip
+    torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-9)
+    return {name: median_ms(lambda on=on: block_probabilities(logits, live, 0.1, per_block, on))
+            for on, name in ((False, "torch_ms"), (True, "kernel_ms"))}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--rows", type=int, default=4, help="rows of the page")
@@ -200,11 +214,12 @@ def main() -> None:
     results = {"gpu": torch.cuda.get_device_name(), "rows": a.rows, "slots": a.slots,
                "rebuild": rebuild(a.rows, a.slots), "update": update(a.rows, a.slots),
                "fetch": fetch_rows(a.rows, a.slots),
-               "attention": attention(a.rows, a.slots)}  # fmt: skip
+               "attention": attention(a.rows, a.slots), "scores_quest": scores(a.rows, 1),
+               "scores_shadowkv": scores(a.rows, 2)}  # fmt: skip
     print(f"{results['gpu']}, a page of {a.rows} rows, {a.slots} slots, one sparse layer:")
-    for name in ("rebuild", "update", "fetch", "attention"):
+    for name in ("rebuild", "update", "fetch", "attention", "scores_quest", "scores_shadowkv"):
         r = results[name]
-        print(f"  {name:<8} torch {r['torch_ms']:.3f} ms  kernel {r['kernel_ms']:.3f} ms  "
+        print(f"  {name:<16} torch {r['torch_ms']:.3f} ms  kernel {r['kernel_ms']:.3f} ms  "
               f"({r['torch_ms'] / r['kernel_ms']:.1f}x)")  # fmt: skip
     if a.json:
         with open(a.json, "w") as f:

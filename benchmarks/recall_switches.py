@@ -27,8 +27,10 @@ ARMS = {  # switch: what "on" means (off: what came before it)
                     "indices (off: about 10 index kernels, then the copy)",
     "attention_kernel": "a page's decode attention reads sink, working set and tail in place "
                         "in one Triton kernel and its merge (off: concatenated, masked)",
-    "recall_kernels": "rebuild_kernel, update_kernel, fetch_kernel and attention_kernel "
-                      "together",
+    "scores_kernel": "the policies' block scores (softmax over the summaries, maxima) in one "
+                     "Triton kernel a layer (off: about ten torch kernels)",
+    "recall_kernels": "rebuild_kernel, update_kernel, fetch_kernel, attention_kernel and "
+                      "scores_kernel together",
 }  # fmt: skip
 COMBINED = {"recall_kernels"}  # arms that set others' attributes: not reported by row
 
@@ -38,6 +40,7 @@ def switches() -> dict[str, tuple[tuple[Any, str], ...]]:
     from strata.kv.recall import fetch
     from strata.kv.recall.attention import RecallAttention
     from strata.kv.recall.page_decode import PageDecoder
+    from strata.kv.recall.policy import RecallPolicy
     from strata.kv.recall.sequence import RecallSequence
     from strata.kv.recall.shadowkv import ShadowKVPolicy
     from strata.kv.recall.step_graphs import RecallStepGraphs
@@ -51,8 +54,10 @@ def switches() -> dict[str, tuple[tuple[Any, str], ...]]:
         "update_kernel": ((WorkingSet, "update_kernel"),),
         "fetch_kernel": ((fetch, "fetch_kernel"),),
         "attention_kernel": ((PageDecoder, "attention_kernel"),),
+        "scores_kernel": ((RecallPolicy, "scores_kernel"),),
         "recall_kernels": ((ShadowKVPolicy, "rebuild_kernel"), (WorkingSet, "update_kernel"),
-                           (fetch, "fetch_kernel"), (PageDecoder, "attention_kernel")),
+                           (fetch, "fetch_kernel"), (PageDecoder, "attention_kernel"),
+                           (RecallPolicy, "scores_kernel")),
     }
 
 

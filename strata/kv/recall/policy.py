@@ -61,6 +61,9 @@ class SummaryRoom:
 class RecallPolicy(ABC):
     name: str = ""
     selects: bool = True
+    # CUDA: the scores' softmax and maxima in one Triton kernel (block_probabilities); off
+    # until benchmarks/gpu_recall_check.py has compared it with the torch path on a GPU
+    scores_kernel = False
 
     @abstractmethod
     def allocate(
@@ -130,6 +133,28 @@ class RecallPolicy(ABC):
         """This instance is bound to a page's whole buffers and scores its rows, all of
         which are past what `wants_all_keys` asks for."""
         return None
+
+
+def block_probabilities(
+    logits: torch.Tensor, live: torch.Tensor | None, scale: float, per_block: int, kernel: bool
+) -> torch.Tensor:
+    """[..., kv_heads, blocks] float32: from summaries' logits [..., kv_heads, group, n]
+    (per_block summaries a block), each query head's softmax over the live summaries of
+    logits * scale, its maximum over the group and the block's summaries; -inf for the
+    blocks at or past `live` [...] (None: every block lives). On CUDA with `kernel`, one
+    Triton kernel (triton_block_scores.py)."""
+    if kernel and logits.is_cuda:
+        from strata.ops.triton_block_scores import block_scores
+
+        return block_scores(logits.contiguous(), live, scale, per_block)
+    num_blocks = logits.shape[-1] // per_block
+    dead = None if live is None else dead_blocks(num_blocks, live)  # [..., 1, blocks]
+    if dead is not None:  # dead summaries get no probability
+        logits = logits.masked_fill(dead.repeat_interleave(per_block, dim=-1)[..., None, :],
+                                    float("-inf"))  # fmt: skip
+    chunk = (logits.float() * scale).softmax(dim=-1).amax(dim=-2)
+    block = chunk.view(*chunk.shape[:-1], num_blocks, per_block).amax(dim=-1)
+    return block if dead is None else block.masked_fill(dead, float("-inf"))
 
 
 def dead_blocks(num_blocks: int, live: torch.Tensor) -> torch.Tensor:

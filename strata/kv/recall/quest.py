@@ -19,7 +19,7 @@ import torch
 
 from strata.attention.layer_inputs import Rotary
 from strata.kv.recall.buffers import Buffers, OwnBuffers
-from strata.kv.recall.policy import RecallPolicy, SummaryRoom, dead_blocks
+from strata.kv.recall.policy import RecallPolicy, SummaryRoom, block_probabilities
 
 
 def pages_per_block(room: SummaryRoom) -> int:
@@ -74,9 +74,5 @@ class QuestPolicy(RecallPolicy):
         ).view(*q.shape[:-1], kmin.shape[-2])
         if self.pages > 1:  # a block's bound: its best page's
             upper = upper.view(*upper.shape[:-1], num_blocks, self.pages).amax(dim=-1)
-        logits = upper.float() * kmin.shape[-1] ** -0.5  # [..., kv_heads, group, n]
-        if live is None:
-            return logits.softmax(dim=-1).amax(dim=-2)
-        dead = dead_blocks(num_blocks, live)  # [..., 1, n]
-        logits = logits.masked_fill(dead[..., None, :], float("-inf"))
-        return logits.softmax(dim=-1).amax(dim=-2).masked_fill(dead, float("-inf"))
+        # [..., kv_heads, group, n]
+        return block_probabilities(upper, live, kmin.shape[-1] ** -0.5, 1, self.scores_kernel)

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from strata.attention.layer_inputs import Rotary
 from strata.kv.recall.buffers import Buffers, OwnBuffers
 from strata.kv.recall.geometry import SINK_BLOCKS
-from strata.kv.recall.policy import RecallPolicy, SummaryRoom, dead_blocks
+from strata.kv.recall.policy import RecallPolicy, SummaryRoom, block_probabilities
 from strata.kv.recall.working_set import Moves
 from strata.ops.rotate_half import rotate_half
 
@@ -233,14 +233,8 @@ class ShadowKVPolicy(RecallPolicy):
         per_block = chunks_per_block(room)
         landmarks = self.landmarks[layer][..., : num_blocks * per_block, :]
         logits = q.to(room.dtype) @ landmarks.transpose(-1, -2)  # [..., KVH, G, chunks]
-        dead = None if live is None else dead_blocks(num_blocks, live)  # [..., 1, n]
-        if dead is not None:  # dead chunks get no probability, dead blocks never win
-            chunk_dead = dead.repeat_interleave(per_block, dim=-1)[..., None, :]
-            logits = logits.masked_fill(chunk_dead, float("-inf"))
-        chunk = (logits.float() / room.head_dim**0.5).softmax(dim=-1).amax(dim=-2)
-        block = chunk.view(*chunk.shape[:-1], num_blocks, per_block).amax(dim=-1)
-        if dead is not None:
-            block = block.masked_fill(dead, float("-inf"))
+        block = block_probabilities(logits, live, room.head_dim**-0.5, per_block,
+                                    self.scores_kernel)  # fmt: skip
         # above any probability: always picked (every outlier is a live block)
         return block.scatter(-1, self.outliers[layer], 2.0)
 
