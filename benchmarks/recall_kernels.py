@@ -68,6 +68,17 @@ def count_ops(rows: int, slots: int, blocks: int = 1024) -> dict[str, int]:
     with mock.patch.object(fetch, "copy_rows", lambda *_: None), OpCount() as count:
         fetch.copy_moves(store, table, 1, moves, rows_out, slots)  # type: ignore[arg-type]
     counts["fetch_indices"] = count.kernels
+    parts = (torch.randn(rows, 4 * KVH, DIM), *torch.randn(2, rows, KVH, BS, DIM).unbind(0),
+             *torch.randn(2, rows, KVH, slots, BS, DIM).unbind(0),
+             torch.ones(rows, KVH, slots, dtype=torch.bool),
+             *torch.randn(2, rows, KVH, 48, DIM).unbind(0), torch.zeros(rows, dtype=torch.long))
+    with OpCount() as count:
+        attend(*parts, 0.1, kernel=False)
+    counts["attention"] = count.kernels
+    logits, live = torch.randn(rows, KVH, 4, 2 * blocks), torch.full((rows,), blocks)
+    with OpCount() as count:
+        block_probabilities(logits, live, 0.1, 2, kernel=False)
+    counts["scores"] = count.kernels
     return counts
 
 
