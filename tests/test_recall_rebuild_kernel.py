@@ -49,7 +49,7 @@ def page_case(
     """The kernel's arguments for random page rows (this rank's heads: every other one of
     the model's), the slots expected after it (by hand, rounding the low-rank product to
     `dtype` as the torch path does), and which slots it must leave untouched."""
-    room = 12
+    room = max(12, picks)  # blocks a row has (picks are distinct)
     rope = rotary(dim)
     a = {
         "factors": torch.randn(rows, room * BLOCK, rank),

@@ -21,21 +21,22 @@ import torch
 import triton
 import triton.language as tl
 
-HIDDEN = -1.0e30  # a dead summary's logit: exp of it less any real logit is 0, never NaN
+# a dead summary's logit: exp of it less any real logit is 0, never NaN (a constexpr:
+# kernels read only those globals)
+HIDDEN = tl.constexpr(-1.0e30)
 
 
 @triton.jit
 def _block_scores_kernel(
     logits_ptr, live_ptr, out_ptr, scale, KVH, N, NUM_BLOCKS,
     G: tl.constexpr, GP: tl.constexpr, PER_BLOCK: tl.constexpr, BLOCKS_PER_TILE: tl.constexpr,
-    HAS_LIVE: tl.constexpr,
+    TILE: tl.constexpr, HAS_LIVE: tl.constexpr,
 ):  # fmt: skip
     lane = tl.program_id(0)  # row * KVH + head
     live = NUM_BLOCKS
     if HAS_LIVE:
         live = tl.minimum(tl.load(live_ptr + lane // KVH), NUM_BLOCKS)
     live_n = live * PER_BLOCK
-    TILE: tl.constexpr = BLOCKS_PER_TILE * PER_BLOCK
     offs_g = tl.arange(0, GP)
     base = logits_ptr + lane.to(tl.int64) * G * N + offs_g[:, None] * N
     m = tl.full([GP], HIDDEN, dtype=tl.float32)
@@ -82,6 +83,7 @@ def block_scores(
     _block_scores_kernel[(lanes,)](
         logits, live if live is not None else out, out, scale, kvh, n, num_blocks,
         G=group, GP=triton.next_power_of_2(group), PER_BLOCK=per_block,
-        BLOCKS_PER_TILE=blocks_per_tile, HAS_LIVE=live is not None,
+        BLOCKS_PER_TILE=blocks_per_tile, TILE=blocks_per_tile * per_block,
+        HAS_LIVE=live is not None,
     )  # fmt: skip
     return out

@@ -27,7 +27,9 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-HIDDEN = -1.0e30  # a hidden key's score: exp2 of it less any real score is 0, never NaN
+# a hidden key's score: exp2 of it less any real score is 0, never NaN (a constexpr:
+# kernels read only those globals)
+HIDDEN = tl.constexpr(-1.0e30)
 PROGRAMS_PER_SM = 4
 
 

@@ -46,11 +46,11 @@ def _rebuild_keys_kernel(
         kept = tl.load(outliers_ptr + r * outliers_row + h * NUM_OUT + o, mask=o < NUM_OUT,
                        other=-1)  # fmt: skip
         first = tl.min(tl.where(kept == block, o, OUT_POW2))
+        # (names bound in both branches must keep one type: the compiler merges them)
         if first < OUT_POW2:  # an outlier: its exact keys
-            cols = tl.arange(0, D)
             src = outlier_keys_ptr + r * outlier_keys_row + (h * NUM_OUT + first) * BS * D
-            grid = t[:, None] * D + cols[None, :]
-            tl.store(dst + grid, tl.load(src + grid))
+            whole = t[:, None] * D + tl.arange(0, D)[None, :]
+            tl.store(dst + whole, tl.load(src + whole))
         else:
             head = tl.load(heads_ptr + h)
             lo = tl.zeros((BS, D // 2), dtype=tl.float32)
