@@ -30,7 +30,7 @@ def interpreted(module: str, drop_prefix: str | None = None) -> Iterator[ModuleT
         for name in [n for n in sys.modules if n.startswith(drop_prefix or module)]:
             del sys.modules[name]
 
-    with pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp, _language_restored(tl):
         mp.setenv("TRITON_INTERPRET", "1")
         for lang in (tl, tl.standard):
             for name, value in vars(lang).items():
@@ -41,3 +41,21 @@ def interpreted(module: str, drop_prefix: str | None = None) -> Iterator[ModuleT
             yield importlib.import_module(module)
         finally:
             drop()
+
+
+@contextlib.contextmanager
+def _language_restored(tl: ModuleType) -> Iterator[None]:
+    """Put back every attribute of triton.language's modules and classes as it was: a call
+    of an interpreted device function (the twins above) patches them for the interpreter
+    and leaves them so, which would break compiling kernels later in the process."""
+    owners = [tl, tl.core, tl.math, tl.standard, tl.tensor, tl.dtype]
+    owners.append(tl.core.tensor_descriptor_base)
+    owners += [tl.condition] if hasattr(tl, "condition") else []
+    before = [(owner, dict(vars(owner))) for owner in owners]
+    try:
+        yield
+    finally:
+        for owner, attributes in before:  # (names it added stay: rewritten kernels use them)
+            for name, value in list(vars(owner).items()):
+                if name in attributes and attributes[name] is not value:
+                    setattr(owner, name, attributes[name])

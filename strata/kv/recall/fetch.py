@@ -46,9 +46,9 @@ def fill(
     bytes_fetched += 2 * moved * row_bytes
 
 
-# CUDA: copy_moves in one kernel; off until benchmarks/gpu_recall_check.py has compared
-# it with the index kernels on a GPU
-fetch_kernel = False
+# CUDA: copy_moves in one kernel (off: index kernels, then the copy; both compared in
+# benchmarks/gpu_recall_check.py)
+fetch_kernel = True
 
 
 def copy_moves(

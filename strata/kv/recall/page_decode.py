@@ -42,8 +42,8 @@ class PageDecoder:
     allocated them)."""
 
     # CUDA: attention over sink, working set and tail read in place by one Triton kernel
-    # (and its merge); off until benchmarks/gpu_recall_check.py has compared it on a GPU
-    attention_kernel = False
+    # and its merge (off: concatenated and masked; both compared in gpu_recall_check.py)
+    attention_kernel = True
 
     def __init__(
         self, page: RecallPage, geometry: RecallGeometry, policy: RecallPolicy,

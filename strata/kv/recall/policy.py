@@ -61,9 +61,9 @@ class SummaryRoom:
 class RecallPolicy(ABC):
     name: str = ""
     selects: bool = True
-    # CUDA: the scores' softmax and maxima in one Triton kernel (block_probabilities); off
-    # until benchmarks/gpu_recall_check.py has compared it with the torch path on a GPU
-    scores_kernel = False
+    # CUDA: the scores' softmax and maxima in one Triton kernel (block_probabilities; off:
+    # about ten torch kernels; both compared in benchmarks/gpu_recall_check.py)
+    scores_kernel = True
 
     @abstractmethod
     def allocate(

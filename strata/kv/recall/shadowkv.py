@@ -59,9 +59,9 @@ def chunks_per_block(room: SummaryRoom) -> int:
 
 class ShadowKVPolicy(RecallPolicy):
     name = "shadowkv"
-    # CUDA: keys rebuilt into the working set by one kernel a layer; off until
-    # benchmarks/gpu_recall_check.py has compared it with the torch path on a GPU
-    rebuild_kernel = False
+    # CUDA: keys rebuilt into the working set by one kernel a layer (off: the torch path;
+    # both compared in benchmarks/gpu_recall_check.py)
+    rebuild_kernel = True
 
     def __init__(self) -> None:
         self.room: SummaryRoom | None = None

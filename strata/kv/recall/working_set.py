@@ -30,9 +30,9 @@ NEVER = 1 << 40  # the age of an empty slot: older than any block
 
 
 class WorkingSet:
-    # CUDA: `update` in one Triton kernel a layer, giving the same tensors; off until
-    # benchmarks/gpu_recall_check.py has compared it with the torch path on a GPU
-    update_kernel = False
+    # CUDA: `update` in one Triton kernel a layer, giving the same tensors (off: the torch
+    # path; both compared in benchmarks/gpu_recall_check.py)
+    update_kernel = True
 
     def __init__(
         self, layers: int, kv_heads: int, slots: int, block_size: int, head_dim: int,
