@@ -25,8 +25,8 @@
 #     update128k  128k context, quest and shadowkv at batch $BSG (default 4) in one page: the
 #               working set updated and filled by torch ops, then by one kernel each a layer
 #     kernels32k  32k context, quest and shadowkv at batch $BSG (default 4) in one page: the
-#               recall kernels (rebuilt keys, working-set update, fetch, page attention) all
-#               off, then all on
+#               recall kernels (block scores, working-set update, fetch, rebuilt keys, page
+#               attention) all off, then all on (on is the engine default on CUDA)
 # SPEED_ARGS: arguments added to every recall_speed.py run (e.g. "--recall-kernels on")
 #     gather    the row fetch's rate by host buffer size, row size, pinning and kernel
 #               variant (uva_gather_sweep.py $GATHER_ARGS; plot in $OUT/gather.png)
