@@ -27,7 +27,6 @@
 #     kernels32k  32k context, quest and shadowkv at batch $BSG (default 4) in one page: the
 #               recall kernels (block scores, working-set update, fetch, rebuilt keys, page
 #               attention) all off, then all on (on is the engine default on CUDA)
-# SPEED_ARGS: arguments added to every recall_speed.py run (e.g. "--recall-kernels on")
 #     gather    the row fetch's rate by host buffer size, row size, pinning and kernel
 #               variant (uva_gather_sweep.py $GATHER_ARGS; plot in $OUT/gather.png)
 #     full128k  128k context, full attention in the GPU pool at batch $FULLB (default "1 3")
@@ -36,6 +35,7 @@
 #     profile   quest and shadowkv ($PMODES) at $PCTX tokens (default 32768), batch $PBATCH
 #               (default 4), under torch.profiler: eager, or in CUDA graphs with one page of
 #               all rows when PGRAPHS=1
+# SPEED_ARGS: arguments added to every recall_speed.py run (e.g. "--recall-kernels on")
 # shellcheck source=benchmarks/gpu_stages.sh
 source "$(dirname "$0")/gpu_stages.sh" "check b32k" "$@"
 free -g | tee -a "$OUT/gpu.txt"
