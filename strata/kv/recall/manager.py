@@ -47,6 +47,7 @@ from strata.kv.recall.prefix_copy import load_prefix
 from strata.kv.recall.prefix_sharing import PrefixSharing
 from strata.kv.recall.ranks import HeadShard
 from strata.kv.recall.registry import RECALL_POLICIES
+from strata.kv.recall.report import integrity_problems, recall_stats, sequence_counters
 from strata.kv.recall.sequence import RecallSequence
 from strata.kv.sizing import format_bytes
 
@@ -94,13 +95,13 @@ class RecallManager:
         self.rope = rope  # the model's rotary tables, for policies that undo RoPE
         self.gpu_budget = gpu_budget
         self.gpu_used = 0
-        self._live: dict[str, RecallKV] = {}
+        self.live: dict[str, RecallKV] = {}  # by request id: attached, admitted or not
         self.page_rows = page_rows  # rows of a new page (page.py), as the budget allows
-        self._pages: list[RecallPage] = []
+        self.pages: list[RecallPage] = []  # each holding a row or more
         self._serials = 0  # admissions so far: the next sequence's serial
         # told each release's serial, in order: the workers' mirrors, step graphs
         self.release_listeners: list[Callable[[int], None]] = []
-        self._retired = {
+        self.retired = {  # the counters of released sequences (report.py adds the live ones)
             "hits": 0, "misses": 0, "bytes_fetched": 0, "blocks_attended": 0, "decode_steps": 0,
             "graph_replays": 0,
         }  # fmt: skip
@@ -208,7 +209,7 @@ class RecallManager:
                 kv.state.room, self.rope, self.store, self.shard,
             )  # fmt: skip
         self.gpu_used += dense
-        self._live[request_id] = kv
+        self.live[request_id] = kv
         return True
 
     def kind(self, kv: RecallKV) -> PageKey:
@@ -224,17 +225,17 @@ class RecallManager:
         (each row with its sequence's dense layers)."""
         free = self.gpu_budget - self.gpu_used - dense
         key = self.kind(kv)
-        for page in self._pages:
+        for page in self.pages:
             if page.key == key and page.free_row() is not None:
                 return page if free >= 0 else None
         fit = (self.gpu_budget - self.gpu_used) // max(1, kv.gpu_bytes)
         if capacity is None:  # rank 0 (or alone): decide
-            live = sum(p.capacity for p in self._pages if p.key == key)  # all full
+            live = sum(p.capacity for p in self.pages if p.key == key)  # all full
             capacity = min(self.page_rows, live + waiting, fit)
         if not 1 <= capacity <= fit:
             return None
         page = RecallPage(key, capacity, kv.gpu_bytes - dense, self.device, self._graph_stream)
-        self._pages.append(page)
+        self.pages.append(page)
         self.gpu_used += page.nbytes
         return page
 
@@ -242,7 +243,7 @@ class RecallManager:
         """After a step that computed some of the sequence's tokens: once its prompt is
         computed, its full prompt blocks are published; then its key slots go back if its
         policy reads no more keys from the host."""
-        kv = self._live.get(request_id)
+        kv = self.live.get(request_id)
         state = None if kv is None else kv.state
         if kv is None or state is None:
             return
@@ -255,120 +256,45 @@ class RecallManager:
         """Give back a sequence's row (its page, once empty) and its references on host
         slots (a no-op if it holds none): a slot nobody holds is free, or cached if
         published."""
-        kv = self._live.pop(request_id, None)
+        kv = self.live.pop(request_id, None)
         if kv is not None and kv.state is not None:
             self.store.give_back(request_id, kv.state.held_slots_deepest_first())
         self.store.free(request_id)
         if kv is None or kv.state is None:
             return
-        for name, value in self._counters(kv.state).items():
-            self._retired[name] += value
+        for name, value in sequence_counters(kv.state).items():
+            self.retired[name] += value
         page = kv.state.page
         page.give_back(request_id)
         if page.empty:
             if page.graphs is not None:
-                self._retired["graph_replays"] += page.graphs.replays
+                self.retired["graph_replays"] += page.graphs.replays
             page.release()
-            self._pages.remove(page)
+            self.pages.remove(page)
             self.gpu_used -= page.nbytes
         for listener in self.release_listeners:
             listener(kv.state.serial)
         kv.state = None
         self.gpu_used -= self.geometry.dense_bytes(kv.max_tokens)
 
-    # ---- observability -----------------------------------------------------------------------
-
-    @staticmethod
-    def _counters(state: RecallSequence) -> dict[str, int]:
-        ws = state.working_set
-        return {
-            "hits": int(ws.hits) if ws is not None else 0,
-            "misses": int(ws.misses) if ws is not None else 0,
-            "bytes_fetched": int(state.bytes_fetched),
-            "blocks_attended": int(state.blocks_attended),
-            "decode_steps": state.decode_steps,
-        }
+    # ---- observability (report.py) ------------------------------------------------------------
 
     def stats(self) -> dict[str, float]:
-        totals = dict(self._retired)
-        for kv in self._live.values():
-            if kv.state is not None:
-                for name, value in self._counters(kv.state).items():
-                    totals[name] += value
-        totals["graph_replays"] += sum(p.graphs.replays for p in self._pages if p.graphs)
-        selected = totals["hits"] + totals["misses"]
-        g = self.geometry
-        per_step = totals["decode_steps"] * g.sparse_layers * g.num_kv_heads
-        return {
-            "recall_sequences": len(self._live),
-            "recall_decode_steps": totals["decode_steps"],
-            # middle blocks a decode step attends, per sparse layer and KV head
-            "recall_blocks_attended_per_step": totals["blocks_attended"] / max(1, per_step),
-            "recall_working_set_hit_rate": totals["hits"] / selected if selected else 0.0,
-            "recall_working_set_hits": totals["hits"],
-            "recall_working_set_misses": totals["misses"],
-            "recall_bytes_fetched": totals["bytes_fetched"],
-            # sparse layers of pages' decode steps replayed from CUDA graphs (layer_graphs.py)
-            "recall_graph_replays": totals["graph_replays"],
-            "recall_pages": len(self._pages),
-            "recall_host_bytes_used": self.store.used_bytes,
-            "recall_host_bytes": self.store.nbytes,
-            "recall_gpu_bytes_used": self.gpu_used,
-            **self._sharing_stats(),
-        }
-
-    def _sharing_stats(self) -> dict[str, float]:
-        store = self.store
-        return {
-            # prompt blocks sequences reused from the store at admission (not computed)
-            "recall_prefix_blocks_reused": self.blocks_reused,
-            "recall_prefix_blocks_published": self.blocks_published,
-            "recall_prefix_blocks_indexed": len(store.index),
-            "recall_host_slots_shared": store.num_shared,  # held by two sequences or more
-            "recall_host_bytes_cached": store.cached_bytes,  # published, unheld: evictable
-            "recall_host_slots_evicted": store.num_evicted,
-        }
+        return recall_stats(self)
 
     def gpu_bytes_of(self, request_id: str) -> int:
         """GPU bytes a request's recall state holds now (0 if none): dense layers, sink,
         tail, summaries and working set."""
-        kv = self._live.get(request_id)
+        kv = self.live.get(request_id)
         return kv.gpu_bytes if kv is not None and kv.state is not None else 0
 
     def state_of(self, request_id: str) -> RecallSequence | None:
-        kv = self._live.get(request_id)
+        kv = self.live.get(request_id)
         return None if kv is None else kv.state
 
     def live_ids(self) -> set[str]:
         """The requests holding recall state now."""
-        return set(self._live)
-
-    def _page_problems(self) -> list[str]:
-        """Every page holds a row, and each row's owner is a live sequence of that row."""
-        problems = []
-        for page in self._pages:
-            if page.empty:
-                problems.append(f"recall page {page.key} holds no row")
-            for row, owner in enumerate(page.owners):
-                kv = self._live.get(owner) if owner is not None else None
-                state = kv.state if kv is not None else None
-                if owner is not None and (state is None or (state.page, state.row) != (page, row)):
-                    problems.append(f"recall page {page.key}: row {row} of {owner!r}, not there")
-        return problems
+        return set(self.live)
 
     def check_integrity(self) -> list[str]:
-        problems = self.store.check_integrity()
-        dense = sum(self.geometry.dense_bytes(kv.max_tokens) for kv in self._live.values())
-        used = dense + sum(page.nbytes for page in self._pages)
-        if used != self.gpu_used:
-            problems.append(f"recall GPU bytes: {self.gpu_used} counted, {used} held")
-        problems += self._page_problems()
-        for request_id, kv in self._live.items():
-            state = kv.state
-            slots = [] if state is None else state.key_slots + state.value_slots
-            if sorted(self.store.owned(request_id)) != sorted(slots):
-                problems.append(f"recall sequence {request_id!r} holds the wrong host slots")
-        stray = self.store.owners() - set(self._live)
-        if stray:
-            problems.append(f"host slots held by no live recall sequence: {sorted(stray)}")
-        return problems
+        return integrity_problems(self)
