@@ -177,6 +177,15 @@ def fetch_rows(rows: int, slots: int) -> dict[str, float]:
                  lambda: fetch.copy_moves(store, table, 1, moves, out[0], slots))  # type: ignore[arg-type]
 
 
+def checked_and_timed(run: Callable[[bool], torch.Tensor], atol: float, rtol: float
+                      ) -> dict[str, float]:  # fmt: skip
+    """`run(kernel)` (a path picked by argument, not by switch): the kernel's result
+    checked against the torch path's, then each timed."""
+    torch.testing.assert_close(run(True).float(), run(False).float(), atol=atol, rtol=rtol)
+    return {name: median_ms(lambda on=on: run(on))
+            for on, name in ((False, "torch_ms"), (True, "kernel_ms"))}  # fmt: skip
+
+
 def attention(rows: int, slots: int) -> dict[str, float]:
     """A page's decode attention over a one-block sink, the slots (90% attended) and a
     48-token tail: concatenated and masked, against the kernel reading them in place."""
@@ -188,10 +197,7 @@ def attention(rows: int, slots: int) -> dict[str, float]:
     attended = torch.rand(rows, KVH, slots, device=cuda) < 0.9
     held = torch.randint(0, 48, (rows,), device=cuda)
     parts = (q, sink[0], sink[1], ws[0], ws[1], attended, tail[0], tail[1], held, DIM**-0.5)
-    plain, fused = (attend(*parts, kernel=on) for on in (False, True))
-    torch.testing.assert_close(fused.float(), plain.float(), atol=3e-2, rtol=2e-2)
-    return {"torch_ms": median_ms(lambda: attend(*parts, kernel=False)),
-            "kernel_ms": median_ms(lambda: attend(*parts, kernel=True))}  # fmt: skip
+    return checked_and_timed(lambda on: attend(*parts, kernel=on), atol=3e-2, rtol=2e-2)
 
 
 def scores(rows: int, per_block: int) -> dict[str, float]:
@@ -200,11 +206,10 @@ def scores(rows: int, per_block: int) -> dict[str, float]:
     cuda = torch.device("cuda")
     logits = torch.randn(rows, KVH, 4, BLOCKS * per_block, device=cuda).to(torch.bfloat16)
     live = torch.full((rows,), BLOCKS - 3, device=cuda)
-    plain, fused = (block_probabilities(logits, live, DIM**-0.5, per_block, on)
-                    for on in (False, True))  # fmt: skip
-    torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-9)
-    return {name: median_ms(lambda on=on: block_probabilities(logits, live, 0.1, per_block, on))
-            for on, name in ((False, "torch_ms"), (True, "kernel_ms"))}
+    return checked_and_timed(
+        lambda on: block_probabilities(logits, live, DIM**-0.5, per_block, on), atol=1e-9,
+        rtol=1e-4,
+    )  # fmt: skip
 
 
 def main() -> None:

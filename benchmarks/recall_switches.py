@@ -29,10 +29,11 @@ ARMS = {  # switch: what "on" means (off: what came before it)
                         "in one Triton kernel and its merge (off: concatenated, masked)",
     "scores_kernel": "the policies' block scores (softmax over the summaries, maxima) in one "
                      "Triton kernel a layer (off: about ten torch kernels)",
-    "recall_kernels": "rebuild_kernel, update_kernel, fetch_kernel, attention_kernel and "
-                      "scores_kernel together",
 }  # fmt: skip
-COMBINED = {"recall_kernels"}  # arms that set others' attributes: not reported by row
+# arms that set the attributes of several others (not reported by row)
+COMBINED = {"recall_kernels": ("scores_kernel", "update_kernel", "fetch_kernel",
+                               "rebuild_kernel", "attention_kernel")}  # fmt: skip
+ARMS.update({name: f"{', '.join(parts)} together" for name, parts in COMBINED.items()})
 
 
 def switches() -> dict[str, tuple[tuple[Any, str], ...]]:
@@ -46,7 +47,7 @@ def switches() -> dict[str, tuple[tuple[Any, str], ...]]:
     from strata.kv.recall.step_graphs import RecallStepGraphs
     from strata.kv.recall.working_set import WorkingSet
 
-    return {
+    table: dict[str, tuple[tuple[Any, str], ...]] = {
         "side_streams": ((RecallAttention, "side_streams"),),
         "dense_kernel": ((RecallSequence, "dense_kernel"), (RecallAttention, "fused_rope")),
         "step_graphs": ((RecallStepGraphs, "enabled"),),
@@ -55,10 +56,10 @@ def switches() -> dict[str, tuple[tuple[Any, str], ...]]:
         "fetch_kernel": ((fetch, "fetch_kernel"),),
         "attention_kernel": ((PageDecoder, "attention_kernel"),),
         "scores_kernel": ((RecallPolicy, "scores_kernel"),),
-        "recall_kernels": ((ShadowKVPolicy, "rebuild_kernel"), (WorkingSet, "update_kernel"),
-                           (fetch, "fetch_kernel"), (PageDecoder, "attention_kernel"),
-                           (RecallPolicy, "scores_kernel")),
     }
+    for name, parts in COMBINED.items():
+        table[name] = tuple(owner for part in parts for owner in table[part])
+    return table
 
 
 def set_arm(name: str, on: bool) -> None:

@@ -74,5 +74,5 @@ class QuestPolicy(RecallPolicy):
         ).view(*q.shape[:-1], kmin.shape[-2])
         if self.pages > 1:  # a block's bound: its best page's
             upper = upper.view(*upper.shape[:-1], num_blocks, self.pages).amax(dim=-1)
-        # [..., kv_heads, group, n]
+        # upper: [..., kv_heads, group, n], one bound a block
         return block_probabilities(upper, live, kmin.shape[-1] ** -0.5, 1, self.scores_kernel)
