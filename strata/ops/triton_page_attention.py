@@ -20,15 +20,17 @@ row and layer on the Llama-3-8B shape), the mask's and the softmax's kernels.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from strata.attention.triton_decode import LOG2E, choose_num_splits
-
+LOG2E = 1.4426950408889634
 # a hidden key's score: exp2 of it less any real score is 0, never NaN (a constexpr:
 # kernels read only those globals)
 HIDDEN = tl.constexpr(-1.0e30)
+PROGRAMS_PER_SM = 4
 
 
 @triton.jit
@@ -120,6 +122,15 @@ def _merge_kernel(
              merged.to(out_ptr.dtype.element_ty))  # fmt: skip
 
 
+# (as strata/attention/triton_decode.py's: ops may not import the attention package above
+# them, so the SM count and split rule are kept here too)
+@functools.lru_cache(maxsize=8)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _tokens_contiguous(t: torch.Tensor) -> bool:
     """Each (row, head)'s tokens lie [n, D] contiguous (rows and heads may be strided)."""
     return t.stride(-1) == 1 and t.stride(-2) == t.shape[-1]
@@ -149,9 +160,10 @@ def page_attention(
         raise ValueError("page_attention needs contiguous q and attended, and one held a row")
     block_n = block_n or (32 if q.dtype == torch.float32 else 64)
     total = sink_k.shape[2] + slots * bs + tail_k.shape[2]
-    splits = choose_num_splits(rows, kvh, total, block_n, q.device)  # as paged decode's
+    want = PROGRAMS_PER_SM * _num_sms(q.device) // max(1, rows * kvh)
+    splits = max(1, min(want, triton.cdiv(total, block_n)))
     chunk = triton.cdiv(triton.cdiv(total, splits), block_n) * block_n
-    splits = triton.cdiv(total, chunk)  # none empty
+    splits = triton.cdiv(total, chunk)
     group = num_heads // kvh
     part_out = torch.empty((rows, num_heads, splits, d), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((rows, num_heads, splits), dtype=torch.float32, device=q.device)
