@@ -27,6 +27,9 @@
 #     kernels32k  32k context, quest and shadowkv at batch $BSG (default 4) in one page: the
 #               recall kernels (block scores, working-set update, fetch, rebuilt keys, page
 #               attention) all off, then all on (on is the engine default on CUDA)
+#     wsf128k   128k context, shadowkv at batch $BW (default 8) in one page, for each
+#               working-set factor of $WSFS (default "1 4"); FS ("both", default engine):
+#               the values fetched beside the rebuilt keys on a side stream, or not
 #     gather    the row fetch's rate by host buffer size, row size, pinning and kernel
 #               variant (uva_gather_sweep.py $GATHER_ARGS; plot in $OUT/gather.png)
 #     full128k  128k context, full attention in the GPU pool at batch $FULLB (default "1 3")
@@ -120,6 +123,15 @@ if has kernels32k; then
   speed --only decode --contexts 32768 --batch "$b" --modes quest,shadowkv --steps 16 \
     --page-rows "$b" --slack 200 --recall-kernels both --pool-gib 4 \
     --recall-gpu-gib $((4 * b + 4)) --host-gib $((5 * b + 4)) --json "$OUT/kernels32k.json"
+fi
+if has wsf128k; then
+  b="${BW:-8}"
+  for wsf in ${WSFS:-1 4}; do  # GPU: 3.75 GiB a sequence, and a quarter per factor
+    WSF="$wsf" speed --only decode --contexts 131072 --batch "$b" --modes shadowkv --steps 8 \
+      --page-rows "$b" --slack 200 --fetch-stream "${FS:-engine}" --pool-gib 4 \
+      --recall-gpu-gib $(((15 + wsf) * b / 4 + 2)) --host-gib $((8 * b + 9)) \
+      --json "$OUT/wsf128k_$wsf.json"
+  done
 fi
 if has gather; then
   # shellcheck disable=SC2086  # GATHER_ARGS: several arguments

@@ -161,15 +161,17 @@ def kernels_equal_torch(
 ) -> list[tuple[str, bool]]:
     """One page of rows: the working-set update and fetch kernels (integer work and
     copies: exact), shadowkv's rebuilt-keys kernel, the page attention and the block
-    scores kernels (float32 sums in another order), each alone and all together, against
-    their torch paths, in the same engine; each switch is left as it was."""
+    scores kernels (float32 sums in another order), each alone and all together, and the
+    values fetched on a side stream, against their torch paths (or the one stream), in
+    the same engine; each switch is left as it was."""
     rows = []
     for policy, arm in (("quest", "update_kernel"), ("shadowkv", "update_kernel"),
                         ("quest", "fetch_kernel"), ("shadowkv", "fetch_kernel"),
                         ("shadowkv", "rebuild_kernel"), ("quest", "recall_kernels"),
                         ("shadowkv", "recall_kernels"), ("quest", "attention_kernel"),
                         ("shadowkv", "attention_kernel"), ("quest", "scores_kernel"),
-                        ("shadowkv", "scores_kernel")):  # fmt: skip
+                        ("shadowkv", "scores_kernel"), ("quest", "fetch_stream"),
+                        ("shadowkv", "fetch_stream")):  # fmt: skip
         params = SamplingParams(kv_policy=policy, kv_budget=256, **greedy)
         outputs = []
         for on in (False, True):

@@ -27,6 +27,8 @@ ARMS = {  # switch: what "on" means (off: what came before it)
                     "indices (off: about 10 index kernels, then the copy)",
     "attention_kernel": "a page's decode attention reads sink, working set and tail in place "
                         "in one Triton kernel and its merge (off: concatenated, masked)",
+    "fetch_stream": "a page's values are fetched on a side stream while its keys are "
+                    "rebuilt (shadowkv) or copied (off: one after the other)",
     "scores_kernel": "the policies' block scores (softmax over the summaries, maxima) in one "
                      "Triton kernel a layer (off: about ten torch kernels)",
 }  # fmt: skip
@@ -56,6 +58,7 @@ def switches() -> dict[str, tuple[tuple[Any, str], ...]]:
         "fetch_kernel": ((fetch, "fetch_kernel"),),
         "attention_kernel": ((PageDecoder, "attention_kernel"),),
         "scores_kernel": ((RecallPolicy, "scores_kernel"),),
+        "fetch_stream": ((PageDecoder, "fetch_stream"),),
     }
     for name, parts in COMBINED.items():
         table[name] = tuple(owner for part in parts for owner in table[part])

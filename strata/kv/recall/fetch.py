@@ -7,6 +7,9 @@ block_size x head_dim (host_store.py). Nothing here syncs with the host.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from strata.kv.recall.host_store import HostKVStore
@@ -31,19 +34,41 @@ def host_rows(
 def fill(
     ws: WorkingSet, policy: RecallPolicy, store: HostKVStore, key_slots: torch.Tensor,
     value_slots: torch.Tensor, s: int, moves: Moves, exact: bool, bytes_fetched: torch.Tensor,
+    side: torch.cuda.Stream | None = None,
 ) -> None:  # fmt: skip
     """Carry out a working-set update of sparse layer s: values from the host store;
     keys from the host, or made by the policy on the GPU. exact: every block is attended
-    exactly (keys from the host). Counts the bytes moved."""
+    exactly (keys from the host). Counts the bytes moved. `side` (CUDA): the values come
+    on this stream, forked from and joined back to the current one, while the keys are
+    made or copied on the current stream (shadowkv's rebuild then overlaps the fetch)."""
     host = store.flat()
-    copy_moves(store, value_slots, s, moves, ws.rows(s, ws.v), ws.slots)
     moved = moves.mask.sum(dim=(-1, -2))
     row_bytes = host.shape[1] * host.element_size()
-    if not exact and policy.write_rebuilt_keys(s, moves, ws.k[s]):
-        bytes_fetched += moved * row_bytes
+    with forked(side):
+        copy_moves(store, value_slots, s, moves, ws.rows(s, ws.v), ws.slots)
+    try:
+        if not exact and policy.write_rebuilt_keys(s, moves, ws.k[s]):
+            bytes_fetched += moved * row_bytes
+            return
+        copy_moves(store, key_slots, s, moves, ws.rows(s, ws.k), ws.slots)
+        bytes_fetched += 2 * moved * row_bytes
+    finally:
+        if side is not None:
+            torch.cuda.current_stream(side.device).wait_stream(side)
+
+
+@contextmanager
+def forked(side: torch.cuda.Stream | None) -> Iterator[None]:
+    """Run the block on `side` after what the current stream has queued (nothing when
+    None). The caller joins it back (current.wait_stream(side)) before reading its
+    results; tensors made on the current stream stay valid on `side` until then, since
+    the allocator reuses their memory only for work queued after the join."""
+    if side is None:
+        yield
         return
-    copy_moves(store, key_slots, s, moves, ws.rows(s, ws.k), ws.slots)
-    bytes_fetched += 2 * moved * row_bytes
+    side.wait_stream(torch.cuda.current_stream(side.device))
+    with torch.cuda.stream(side):
+        yield
 
 
 # CUDA: copy_moves in one kernel (off: index kernels, then the copy; both compared in

@@ -44,6 +44,9 @@ class PageDecoder:
     # CUDA: attention over sink, working set and tail read in place by one Triton kernel
     # and its merge (off: concatenated and masked; both compared in gpu_recall_check.py)
     attention_kernel = True
+    # CUDA: a page's fetched values come on a side stream while the current stream makes
+    # or copies the keys (off: one after the other; both compared in gpu_recall_check.py)
+    fetch_stream = True
 
     def __init__(
         self, page: RecallPage, geometry: RecallGeometry, policy: RecallPolicy,
@@ -67,6 +70,7 @@ class PageDecoder:
         self.k = torch.zeros((rows, g.num_kv_heads, g.head_dim), dtype=g.dtype, device=dev)
         self.v = torch.zeros_like(self.k)
         self.active = torch.zeros(rows, dtype=torch.bool, device=dev)
+        self.side = torch.cuda.Stream(dev) if dev.type == "cuda" else None
 
     def decode(
         self, s: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, active: torch.Tensor,
@@ -84,8 +88,9 @@ class PageDecoder:
             scores = self.shard.max_over_replicas(scores)
         picks = torch.topk(scores, self.room.slots, dim=-1, sorted=False).indices
         held, moves = ws.update(s, picks, active)
+        side = self.side if self.fetch_stream else None
         fill(ws, self.policy, self.store, t.key_slots, t.value_slots, s, moves, False,
-             t.bytes_fetched)  # fmt: skip
+             t.bytes_fetched, side)  # fmt: skip
         t.blocks_attended.add_(held.sum(dim=(-1, -2)))
         return attend(q, t.sink_k[s], t.sink_v[s], ws.k[s], ws.v[s], held, tail_k, tail_v,
                       t.held, scale, self.attention_kernel)  # fmt: skip
