@@ -30,6 +30,8 @@
 #     wsf128k   128k context, shadowkv at batch $BW (default 8) in one page, for each
 #               working-set factor of $WSFS (default "1 4"); FS ("both", default engine):
 #               the values fetched beside the rebuilt keys on a side stream, or not
+#     prefetch128k  128k context, shadowkv at batch $BP (default 8) in one page: without,
+#               then with the cross-layer prefetch (--prefetch)
 #     gather    the row fetch's rate by host buffer size, row size, pinning and kernel
 #               variant (uva_gather_sweep.py $GATHER_ARGS; plot in $OUT/gather.png)
 #     full128k  128k context, full attention in the GPU pool at batch $FULLB (default "1 3")
@@ -131,6 +133,14 @@ if has wsf128k; then
       --page-rows "$b" --slack 200 --fetch-stream "${FS:-engine}" --pool-gib 4 \
       --recall-gpu-gib $(((15 + wsf) * b / 4 + 2)) --host-gib $((8 * b + 9)) \
       --json "$OUT/wsf128k_$wsf.json"
+  done
+fi
+if has prefetch128k; then
+  b="${BP:-8}"
+  for how in "" --prefetch; do
+    speed --only decode --contexts 131072 --batch "$b" --modes shadowkv --steps 8 --page-rows "$b" \
+      --slack 200 $how --pool-gib 4 --recall-gpu-gib $((4 * b + 2)) --host-gib $((8 * b + 9)) \
+      --json "$OUT/prefetch128k${how:+_on}.json"
   done
 fi
 if has gather; then

@@ -66,6 +66,7 @@ def main() -> None:
     rows += overlapped_equal_synchronous(same, greedy, llm)
     rows += shared_prefix_equals_alone(g, greedy, llm)
     rows += kernels_equal_torch(same, greedy, llm)
+    rows += prefetch_equals_without(same, greedy, llm)
     llm.check_integrity()
     stats = llm.stats()
     rows.append(("no recall state left", stats["recall_sequences"] == 0))
@@ -178,6 +179,29 @@ def kernels_equal_torch(
             with switched(arm, on):
                 outputs.append([o.token_ids for o in llm.generate(prompts, params)])
         rows.append((f"{policy}: {arm} == torch path", outputs[1] == outputs[0]))
+    return rows
+
+
+def prefetch_equals_without(
+    prompts: list[list[int]], greedy: dict[str, Any], llm: LLM
+) -> list[tuple[str, bool]]:
+    """One page of rows, in a second engine with the cross-layer prefetch (its guesses
+    fetched on their own stream a layer early, per-layer graphs, then whole steps from
+    one graph): the tokens of the first engine, without it."""
+    ahead = LLM(
+        "random:smollm2-135m", dtype="float32", kv_cache_memory=2.0,
+        kv_recall_host_memory=2.0, kv_recall_gpu_memory=1.0, max_num_batched_tokens=512,
+        kv_recall_prefetch=True,
+    )  # fmt: skip
+    rows = []
+    for policy in ("quest", "shadowkv"):
+        params = SamplingParams(kv_policy=policy, kv_budget=256, **greedy)
+        plain = [o.token_ids for o in llm.generate(prompts, params)]
+        guessed = [o.token_ids for o in ahead.generate(prompts, params)]
+        precision = ahead.stats()["recall_prefetch_precision"]
+        rows.append((f"{policy}: prefetch (precision {precision:.0%}) == without",
+                     guessed == plain and precision > 0))  # fmt: skip
+    ahead.check_integrity()
     return rows
 
 

@@ -53,7 +53,7 @@ def decode_locality(llm: LLM, ids: list[int], params: SamplingParams) -> dict[st
     after = llm.stats()
     delta = {k: after[k] - before[k] for k in (
         "recall_working_set_hits", "recall_working_set_misses", "recall_bytes_fetched",
-        "recall_decode_steps",
+        "recall_decode_steps", "recall_prefetch_bytes",
     )}  # fmt: skip
     picked = delta["recall_working_set_hits"] + delta["recall_working_set_misses"]
     steps = delta["recall_decode_steps"]
@@ -61,6 +61,9 @@ def decode_locality(llm: LLM, ids: list[int], params: SamplingParams) -> dict[st
         "decode_steps": steps,
         "hit_rate": delta["recall_working_set_hits"] / max(1, picked),
         "fetched_bytes_per_token": delta["recall_bytes_fetched"] / max(1, steps),
+        "prefetched_bytes_per_token": delta["recall_prefetch_bytes"] / max(1, steps),
+        # the whole run's (the prompt's prefill guesses nothing: decode steps only)
+        "prefetch_precision": after["recall_prefetch_precision"],
         "seconds": time.perf_counter() - start,
     }
 
@@ -78,25 +81,37 @@ def main() -> None:
                    help="docs: real text; random: uniform random token ids (the speed runs')")
     p.add_argument("--working-set-factor", type=int, default=1,
                    help="kv_recall_working_set_factor: working-set slots per picked block")
+    p.add_argument("--prefetch", action="store_true",
+                   help="kv_recall_prefetch: each sparse layer's picks guessed and fetched "
+                        "a layer early (the hit rate then counts the guesses' blocks)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--json", default=None, help="write the rows here")
     a = p.parse_args()
-    llm = LLM(a.model, device=a.device, dtype="float32" if a.device == "cpu" else "auto",
-              kv_recall_host_memory=2.0, max_model_len=a.context + a.tokens + 64,
-              kv_recall_working_set_factor=a.working_set_factor)  # fmt: skip
+
+    def engine() -> LLM:  # one per run: the prefetch's precision is the engine's whole run's
+        return LLM(a.model, device=a.device, dtype="float32" if a.device == "cpu" else "auto",
+                   kv_recall_host_memory=2.0, max_model_len=a.context + a.tokens + 64,
+                   kv_recall_working_set_factor=a.working_set_factor,
+                   kv_recall_prefetch=a.prefetch)  # fmt: skip
+
+    llm = engine()
     ids = prompt_ids(llm, a.context, a.prompt)
     runs = [(pol, float(b)) for pol in a.policies.split(",") for b in a.budgets.split(",")]
     rows = []
-    for policy, budget in tqdm(runs, desc="recall runs"):
+    for i, (policy, budget) in enumerate(tqdm(runs, desc="recall runs")):
         params = SamplingParams(max_tokens=a.tokens, temperature=0, ignore_eos=True,
                                 kv_policy=policy, kv_budget=budget)  # fmt: skip
+        llm = llm if i == 0 or not a.prefetch else engine()
         rows.append({"policy": policy, "budget": budget, **decode_locality(llm, ids, params)})
     print(f"{len(ids)} prompt tokens, {a.tokens} decode steps each")
-    print("| policy | budget | working-set hit rate | fetched per decode token |")
-    print("|---|---|---|---|")
+    print("| policy | budget | working-set hit rate | fetched per decode token | prefetched "
+          "per decode token | prefetch precision |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['policy']} | {r['budget']} | {r['hit_rate']:.1%} | "
-              f"{r['fetched_bytes_per_token'] / 1e6:.3f} MB |")  # fmt: skip
+              f"{r['fetched_bytes_per_token'] / 1e6:.3f} MB | "
+              f"{r['prefetched_bytes_per_token'] / 1e6:.3f} MB | "
+              f"{r['prefetch_precision']:.1%} |")  # fmt: skip
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
 

@@ -149,10 +149,13 @@ def recall_deltas(before: dict[str, Any], after: dict[str, Any], tokens: int) ->
     """What the recall store did over the timed decode steps."""
     if "recall_bytes_fetched" not in after:
         return {}
-    delta = {k: after[k] - before[k] for k in ("recall_bytes_fetched", "recall_decode_steps")}
+    names = ("recall_bytes_fetched", "recall_decode_steps", "recall_prefetch_bytes")
+    delta = {k: after[k] - before[k] for k in names}
     return {
         "fetched_MB_per_token": delta["recall_bytes_fetched"] / 1e6 / tokens,
+        "prefetched_MB_per_token": delta["recall_prefetch_bytes"] / 1e6 / tokens,
         "hit_rate_cumulative": after["recall_working_set_hit_rate"],
+        "prefetch_precision_cumulative": after["recall_prefetch_precision"],
         "blocks_per_step_cumulative": after["recall_blocks_attended_per_step"],
     }
 
@@ -163,7 +166,7 @@ def bench_decode(contexts: list[int], batch: int, steps: int, modes: list[str],
                  page_rows: tuple[int, ...] = (4,), slack: int = 16,
                  working_set_factor: int = 1, trace_dir: str | None = None,
                  arms: dict[str, tuple[bool, ...]] | None = None,
-                 overlap_recall: bool = False) -> None:  # fmt: skip
+                 overlap_recall: bool = False, prefetch: bool = False) -> None:  # fmt: skip
     """Decode tok/s of each mode at each context, for every combination of page rows and
     `arms` (switch name -> the values to run; a switch not named keeps the engine's
     default)."""
@@ -177,7 +180,7 @@ def bench_decode(contexts: list[int], batch: int, steps: int, modes: list[str],
         llama8b(longest + 64), max_model_len=longest, kv_cache_memory=pool_gib + recall_gpu_gib,
         kv_recall_gpu_memory=recall_gpu_gib, kv_recall_host_memory=host_gib,
         max_num_batched_tokens=16384, max_num_seqs=max(batch, 8), enforce_eager=eager,
-        kv_recall_working_set_factor=working_set_factor,
+        kv_recall_working_set_factor=working_set_factor, kv_recall_prefetch=prefetch,
     )  # fmt: skip
     g = torch.Generator().manual_seed(0)
     named = list(arms or {})  # arms not named keep the engine's default
@@ -198,7 +201,7 @@ def bench_decode(contexts: list[int], batch: int, steps: int, modes: list[str],
             row = decode_row(llm, prompts, mode, steps, warmup, slack, profile, trace_dir)
             now = {n: engine_default(n) for n in ARMS if n not in COMBINED}
             row.update({"context": ctx, "batch": batch, "page_rows": rows_per_page, **now,
-                        "overlap_recall": overlap_recall})  # fmt: skip
+                        "overlap_recall": overlap_recall, "prefetch": prefetch})  # fmt: skip
             if "fetched_MB_per_token" in row:  # the host link's share of the step
                 rate_gbps = row["fetched_MB_per_token"] * row["tok_s"] / 1e3
                 row["fetch_share_of_pinned_h2d"] = rate_gbps / link_gbps
@@ -285,6 +288,9 @@ def main() -> None:
     p.add_argument("--overlap-recall", action="store_true",
                    help="recall steps launch before the last step's tokens reach the host "
                         "(LLMEngine.overlap_recall; off by default until checked on a GPU)")
+    p.add_argument("--prefetch", action="store_true",
+                   help="kv_recall_prefetch: each sparse layer's picks guessed from the layer "
+                        "before's input and fetched a layer early")
     p.add_argument("--working-set-factor", type=int, default=1,
                    help="kv_recall_working_set_factor: working-set slots per picked block")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table")
@@ -307,7 +313,7 @@ def main() -> None:
         bench_decode(contexts, a.batch, a.steps, a.modes.split(","), a.profile, a.warmup,
                      a.host_gib, a.pool_gib, a.eager, a.recall_gpu_gib,
                      tuple(int(r) for r in a.page_rows.split(",")), a.slack,
-                     a.working_set_factor, a.trace_dir, arms, a.overlap_recall)
+                     a.working_set_factor, a.trace_dir, arms, a.overlap_recall, a.prefetch)
     if "beyond" in only:
         shape, policy = a.beyond.split(":")
         seqs, context = (int(x) for x in shape.split("x"))

@@ -382,6 +382,14 @@ class RecallConfig:
         "each step still attends only its picks",
         keyword="kv_recall_working_set_factor", metavar="N",
     ))  # fmt: skip
+    prefetch: bool = field(default=False, metadata=option(
+        "start each sparse layer's recall a layer early: the layer's query projection, applied "
+        "to the layer before's input, predicts its picks, which are fetched on a side stream "
+        "while the layer before runs; the layer still attends exactly its own picks, "
+        "fetching what the prediction missed, so outputs do not change (stats: "
+        "recall_prefetch_precision, per layer)",
+        keyword="kv_recall_prefetch",
+    ))  # fmt: skip
     page_rows: int = field(default=4, metadata=option(
         "most recall sequences of one policy, budget and length that share a page of GPU "
         "tensors and decode with one set of kernels per layer (default 4); a new page gets "
@@ -694,6 +702,8 @@ class EngineConfig:
             "overlap_scheduling on (its workers take each step's ids from the host)": (
                 self.scheduler.overlap == "on"
             ),
+            "kv_recall_prefetch (its predicted picks would need the ranks' all-reduce on a "
+            "side stream)": self.cache.recall.prefetch,
         }
         for what, on in refused.items():
             if on:

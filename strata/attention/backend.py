@@ -15,19 +15,22 @@ Per step and per layer:
              observer(layer, q, scale)                                   (KV policies)
              out = backend.attend(q, k_read, v_read, meta, scale)
              o_proj(out)
+
+A backend may also start a layer's work a layer early: `lookahead` (once per forward)
+returns a function the model calls with layer i+1 and layer i's input, before layer i.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic
 
 import torch
 from torch import Tensor
 
-from strata.attention.layer_inputs import AttentionInputs, AttentionLayer
+from strata.attention.layer_inputs import AttentionInputs, AttentionLayer, Rotary
 from strata.attention.metadata import AttentionMetadata, LayerwiseMetadata, M, StepMetadata
 from strata.registry import Registry
 
@@ -40,6 +43,12 @@ __all__ = [
     "choose_backend",
     "get_backend",
 ]
+
+
+# (layer, residual stream rows [n, hidden]) -> that layer's pre-RoPE queries [n, q_size]
+QueryOf = Callable[[int, Tensor], Tensor]
+# (layer j, x, residual): layer j-1's input is x + residual (x alone when residual is None)
+Lookahead = Callable[[int, Tensor, Tensor | None], None]
 
 
 @dataclass(frozen=True)
@@ -105,6 +114,15 @@ class AttentionBackend(ABC, Generic[M]):
         k_cache, v_cache = inputs.kv.k[layer.layer_index], inputs.kv.v[layer.layer_index]
         self.write_kv(k_cache, v_cache, k, v, meta)
         return q, k_cache, v_cache
+
+    def lookahead(
+        self, meta: Any, positions: Tensor, rope: Rotary, query_of: QueryOf
+    ) -> Lookahead | None:
+        """For this forward (its step's `meta`): what the model calls before each layer
+        i < last with layer i+1 and layer i's input, so the backend may start layer i+1's
+        work early (from layer i+1's queries of that input, `query_of`, rotated by `rope` at
+        `positions`); None, the default: nothing to start."""
+        return None
 
     def prepare_layers(
         self,

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from strata.attention.backend import AttentionBackend, AttentionMetadata, StepMetadata
@@ -86,6 +87,18 @@ class Attention(nn.Module):
         if self.clip_qkv is not None:
             qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
         return qkv
+
+    def query(self, h: torch.Tensor) -> torch.Tensor:
+        """Pre-RoPE queries [tokens, q_size] of the normed input h, as `forward` makes
+        them, without keys and values (a recall prefetch's guess of this layer's picks)."""
+        bias = self.qkv_proj.bias
+        q = F.linear(h, self.qkv_proj.weight[: self.q_size],
+                     None if bias is None else bias[: self.q_size])  # fmt: skip
+        if self.qk_norm == "full":
+            q = self.q_norm(q)[0]
+        elif self.qk_norm == "head":
+            q = self.q_norm(q.reshape(-1, self.head_dim))[0].view(q.shape)
+        return q if self.clip_qkv is None else q.clamp(-self.clip_qkv, self.clip_qkv)
 
     def forward(
         self,
@@ -186,12 +199,23 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(input_ids)
         residual = None
         inputs = AttentionInputs(positions, self.rope, kv)
+        # a backend may start layer i+1's work from layer i's input (recall prefetch)
+        ahead = backend.lookahead(meta, positions, self.rope, self._query_of)
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
+            if ahead is not None and i < last:
+                ahead(i + 1, x, residual)
             x, residual = layer(x, residual, inputs, backend, meta.for_layer(i), observer)
         if residual is not None:
             residual = residual[logits_rows]
         x, _ = self.norm(x[logits_rows], residual)
         return self.lm_head(x).float()
+
+    def _query_of(self, layer: int, stream: torch.Tensor) -> torch.Tensor:
+        """Layer `layer`'s pre-RoPE queries [tokens, q_size] of residual stream rows."""
+        block = self.layers[layer]
+        assert isinstance(block, DecoderLayer)
+        return block.self_attn.query(block.input_layernorm(stream)[0])
 
     def set_fused_ops(self, enabled: bool) -> None:
         """Use the fused CUDA kernels of strata/ops (default) or the torch ops: add+RMSNorm,

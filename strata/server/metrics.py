@@ -103,10 +103,12 @@ RECALL_GAUGES = {
     "recall_prefix_blocks_indexed": "Prompt blocks published in the recall store's prefix index.",
     "recall_host_slots_shared": "Recall store host slots held by two requests or more.",
     "recall_host_bytes_cached": "Host bytes of published blocks no request holds (evictable).",
+    "recall_prefetch_precision": "Picks of sparse layers their cross-layer prefetch guessed.",
 }
 RECALL_COUNTERS = {
     "recall_decode_steps": "Decode steps of recall sequences.",
     "recall_bytes_fetched": "Bytes fetched from the recall store to the GPU.",
+    "recall_prefetch_bytes": "Bytes the cross-layer prefetch fetched from the recall store.",
     "recall_working_set_hits": "Picked blocks already in the GPU working set.",
     "recall_working_set_misses": "Picked blocks fetched into the GPU working set.",
     "recall_graph_replays": "Sparse layers of recall decode steps replayed from CUDA graphs.",
@@ -153,6 +155,10 @@ class _EngineCollector(Collector):
             yield from _named(stats, TP_GAUGES, TP_COUNTERS)
         if "recall_host_bytes" in stats:
             yield from _named(stats, RECALL_GAUGES, RECALL_COUNTERS)
+            yield _per_layer(
+                stats["recall_prefetch_precision_per_layer"], "recall_prefetch_precision_layer",
+                "Picks of a sparse layer its cross-layer prefetch guessed.",
+            )
         if "recall_step_graphs" in stats:
             yield from _named(stats, RECALL_STEP_GRAPH_GAUGES, RECALL_STEP_GRAPH_COUNTERS)
 
@@ -182,12 +188,16 @@ def _tier_metrics(stats: dict[str, Any]) -> Iterator[Metric]:
 
 def _moe_metrics(stats: dict[str, Any]) -> Iterator[Metric]:
     yield from _named(stats, MOE_GAUGES, MOE_COUNTERS)
-    per_layer = GaugeMetricFamily(
-        f"{PREFIX}_moe_expert_hit_rate_layer", "Expert cache hit rate per layer.", labels=["layer"]
-    )
-    for layer, rate in stats["moe_expert_hit_rate_per_layer"].items():
-        per_layer.add_metric([str(layer)], rate)
-    yield per_layer
+    yield _per_layer(stats["moe_expert_hit_rate_per_layer"], "moe_expert_hit_rate_layer",
+                     "Expert cache hit rate per layer.")  # fmt: skip
+
+
+def _per_layer(values: dict[int, float], name: str, doc: str) -> Metric:
+    """A gauge with a `layer` label, one sample per layer of `values`."""
+    family = GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=["layer"])
+    for layer, value in values.items():
+        family.add_metric([str(layer)], value)
+    return family
 
 
 class ServerMetrics:

@@ -31,8 +31,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from strata.attention.backend import AttentionBackend, AttentionMetadata, BatchLayout
-from strata.attention.layer_inputs import AttentionInputs, AttentionLayer
+from strata.attention.backend import (
+    AttentionBackend,
+    AttentionMetadata,
+    BatchLayout,
+    Lookahead,
+    QueryOf,
+)
+from strata.attention.layer_inputs import AttentionInputs, AttentionLayer, Rotary
 from strata.kv.recall.page_decode import LayerRows, PageStep, page_steps, run_page_step
 from strata.kv.recall.rotary_rows import fused_rotated_qkv
 from strata.kv.recall.sequence import RecallChunk, RecallSequence
@@ -137,11 +143,44 @@ class RecallAttention(AttentionBackend[RecallMetadata]):
             for unit in decode:
                 unit()
         if meta.recall and meta.layer == meta.recall[0].state.geometry.num_layers - 1:
+            for step in meta.pages:
+                if step.page.decoder is not None and step.page.decoder.prefetch is not None:
+                    step.page.decoder.prefetch.settle()
             if self.whole_step:  # the step's graph retires after each replay
                 self._paged.clear()
             else:
                 self.retire_paged()
         return out
+
+    def lookahead(
+        self, meta: RecallMetadata, positions: Tensor, rope: Rotary, query_of: QueryOf
+    ) -> Lookahead | None:
+        """Pages with a cross-layer prefetch (prefetch.py): before layer i, layer i+1's
+        queries of layer i's input, for each such page's decoding rows, predict layer
+        i+1's picks, fetched while layer i runs."""
+        steps = tuple(
+            step for step in meta.pages
+            if step.page.decoder is not None and step.page.decoder.prefetch is not None
+        )  # fmt: skip
+        if not steps:
+            return None
+        dense = meta.recall[0].state.geometry.dense_layers
+
+        def ahead(layer: int, x: Tensor, residual: Tensor | None) -> None:
+            s = layer - dense
+            for step in self._ready_pages(steps, s, x.device) if s >= 0 else ():
+                if not any(step is mine for mine in steps):
+                    continue  # regrouped at this layer (a part still fits its summaries)
+                rows = step.flat
+                stream = x[rows] if residual is None else x[rows] + residual[rows]
+                decoder = step.page.decoder
+                assert decoder is not None and decoder.prefetch is not None
+                g = decoder.geometry
+                q = query_of(layer, stream).view(-1, g.num_heads, g.head_dim)
+                q, _ = rope(positions[rows], q, q[:, :1])
+                decoder.prefetch.issue(s, q, step.rows, step.active)
+
+        return ahead
 
     def retire_paged(self) -> None:
         """After the step's last layer: each page-decoded sequence retires the blocks

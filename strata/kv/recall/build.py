@@ -43,7 +43,7 @@ def recall_geometry(cache: CacheConfig, model: ModelConfig, dtype: torch.dtype) 
         model.num_kv_heads, model.head_dim, cache.block_size, dtype,
         landmark_tokens=cache.recall.landmark_tokens,
         quest_page_tokens=cache.recall.quest_page_tokens or 0,
-        working_set_factor=cache.recall.working_set_factor,
+        working_set_factor=cache.recall.working_set_factor, prefetch=cache.recall.prefetch,
     )  # fmt: skip
 
 
@@ -119,14 +119,16 @@ def build_recall(
         "shadowkv gives a sequence's keys back once fitted); %s of %s memory for recall "
         "sequences; %d dense layers, sink %d + window %d tokens + the open block on "
         "the %s in the other %d; default policy %s; working sets of %d slots per picked "
-        "block; selecting decode steps %s, up to %d sequences of a kind per page; prompt "
-        "prefixes %s",
+        "block; selecting decode steps %s, up to %d sequences of a kind per page; each "
+        "layer's picks %s; prompt prefixes %s",
         format_bytes(store.nbytes), "pinned" if device.type == "cuda" else "pageable",
         num_slots // 2, num_slots // 2 * cache.block_size, format_bytes(gpu_bytes), device.type,
         geometry.dense_layers, SINK_BLOCKS * cache.block_size, WINDOW_BLOCKS * cache.block_size,
         device.type, geometry.sparse_layers, cache.kv_policy, geometry.working_set_factor,
         "in CUDA graphs per layer" if graphs and device.type == "cuda" else "eager",
         cache.recall.page_rows,
+        "guessed and fetched a layer early (--kv-recall-prefetch)" if geometry.prefetch
+        else "fetched when the layer runs",
         "shared (published blocks keep every layer; unheld ones stay cached until evicted)"
         if off is None else f"not shared ({off})",
     )  # fmt: skip

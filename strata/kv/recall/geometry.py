@@ -43,6 +43,7 @@ class RecallGeometry:
     landmark_tokens: int = 8  # shadowkv's chunk (capped at one block)
     quest_page_tokens: int = 0  # quest's min/max page (capped at one block); 0: the block
     working_set_factor: int = 1  # working-set slots per picked block (working_set.py)
+    prefetch: bool = False  # pages fetch each sparse layer's predicted picks a layer early
 
     def __post_init__(self) -> None:
         if not 0 <= self.dense_layers <= self.num_layers:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -103,8 +104,10 @@ class RecallManager:
         self.release_listeners: list[Callable[[int], None]] = []
         self.retired = {  # the counters of released sequences (report.py adds the live ones)
             "hits": 0, "misses": 0, "bytes_fetched": 0, "blocks_attended": 0, "decode_steps": 0,
-            "graph_replays": 0,
+            "graph_replays": 0, "bytes_prefetched": 0,
         }  # fmt: skip
+        # theirs too: per sparse layer, picks the prefetch had guessed, and picks
+        self.retired_prefetch = torch.zeros((2, geometry.sparse_layers), dtype=torch.long)
 
     # ---- requests --------------------------------------------------------------------------
 
@@ -264,6 +267,7 @@ class RecallManager:
             return
         for name, value in sequence_counters(kv.state).items():
             self.retired[name] += value
+        self.retired_prefetch += kv.state.prefetch_counts.cpu()
         page = kv.state.page
         page.give_back(request_id)
         if page.empty:
@@ -279,7 +283,7 @@ class RecallManager:
 
     # ---- observability (report.py) ------------------------------------------------------------
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, Any]:
         return recall_stats(self)
 
     def gpu_bytes_of(self, request_id: str) -> int:

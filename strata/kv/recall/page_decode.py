@@ -29,6 +29,7 @@ from strata.kv.recall.geometry import RecallGeometry
 from strata.kv.recall.host_store import HostKVStore
 from strata.kv.recall.page import RecallPage
 from strata.kv.recall.policy import RecallPolicy, SummaryRoom
+from strata.kv.recall.prefetch import LayerPrefetch
 from strata.kv.recall.ranks import HeadShard
 from strata.kv.recall.tensors import SequenceTensors
 from strata.kv.recall.working_set import WorkingSet
@@ -71,6 +72,8 @@ class PageDecoder:
         self.v = torch.zeros_like(self.k)
         self.active = torch.zeros(rows, dtype=torch.bool, device=dev)
         self.side = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+        # cross-layer prefetch (prefetch.py); not across tensor-parallel ranks
+        self.prefetch = LayerPrefetch(self, dev) if g.prefetch and shard is None else None
 
     def decode(
         self, s: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, active: torch.Tensor,
@@ -87,6 +90,8 @@ class PageDecoder:
         if self.shard is not None:  # a replicated head's GQA group spans ranks
             scores = self.shard.max_over_replicas(scores)
         picks = torch.topk(scores, self.room.slots, dim=-1, sorted=False).indices
+        if self.prefetch is not None:
+            self.prefetch.picked.copy_(picks)
         held, moves = ws.update(s, picks, active)
         side = self.side if self.fetch_stream else None
         fill(ws, self.policy, self.store, t.key_slots, t.value_slots, s, moves, False,
@@ -172,7 +177,11 @@ def run_page_step(step: PageStep, s: int, rows: LayerRows, layer_graphs: bool) -
     for into, x in ((d.q, rows.q), (d.k, rows.k), (d.v, rows.v)):
         into[step.rows] = x[step.flat].to(into.dtype)
     d.active.copy_(step.active)
+    guessed = d.prefetch is not None and d.prefetch.join(s)
     fn: Callable[[], torch.Tensor] = lambda: d.decode(s, d.q, d.k, d.v, d.active, rows.scale)  # noqa: E731
     graphs = page.graphs if layer_graphs else None
     result = graphs.run(s, fn) if graphs is not None else fn()
+    if guessed:
+        assert d.prefetch is not None
+        d.prefetch.count(s, d.t)
     rows.out[step.flat] = result[step.rows].to(rows.out.dtype)

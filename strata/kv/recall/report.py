@@ -3,7 +3,7 @@ problems check_integrity() finds (host slots, GPU bytes, pages and their rows)."
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from strata.kv.recall.manager import RecallManager
@@ -17,12 +17,13 @@ def sequence_counters(state: RecallSequence) -> dict[str, int]:
         "hits": int(ws.hits) if ws is not None else 0,
         "misses": int(ws.misses) if ws is not None else 0,
         "bytes_fetched": int(state.bytes_fetched),
+        "bytes_prefetched": int(state.bytes_prefetched),
         "blocks_attended": int(state.blocks_attended),
         "decode_steps": state.decode_steps,
     }
 
 
-def recall_stats(m: RecallManager) -> dict[str, float]:
+def recall_stats(m: RecallManager) -> dict[str, Any]:
     totals = dict(m.retired)
     for kv in m.live.values():
         if kv.state is not None:
@@ -41,6 +42,7 @@ def recall_stats(m: RecallManager) -> dict[str, float]:
         "recall_working_set_hits": totals["hits"],
         "recall_working_set_misses": totals["misses"],
         "recall_bytes_fetched": totals["bytes_fetched"],
+        **_prefetch_stats(m, totals["bytes_prefetched"]),
         # sparse layers of pages' decode steps replayed from CUDA graphs (layer_graphs.py)
         "recall_graph_replays": totals["graph_replays"],
         "recall_pages": len(m.pages),
@@ -48,6 +50,25 @@ def recall_stats(m: RecallManager) -> dict[str, float]:
         "recall_host_bytes": m.store.nbytes,
         "recall_gpu_bytes_used": m.gpu_used,
         **_sharing_stats(m),
+    }
+
+
+def _prefetch_stats(m: RecallManager, moved: int) -> dict[str, Any]:
+    """The cross-layer prefetch's share of each sparse layer's picks it had guessed
+    (precision, equal to recall: it guesses as many blocks as a layer picks), by model
+    layer, and overall; and the bytes it moved."""
+    counts = m.retired_prefetch.clone()
+    for kv in m.live.values():
+        if kv.state is not None:
+            counts += kv.state.prefetch_counts.cpu()
+    right, picks = counts[0], counts[1]
+    dense = m.geometry.dense_layers
+    return {
+        "recall_prefetch_bytes": moved,
+        "recall_prefetch_precision": int(right.sum()) / max(1, int(picks.sum())),
+        "recall_prefetch_precision_per_layer": {
+            dense + s: int(right[s]) / int(picks[s]) for s in range(len(picks)) if picks[s]
+        },
     }
 
 

@@ -93,6 +93,9 @@ class RecallSequence:
         # `middle` middle blocks exist.
         self.held, self.middle = t.held, t.middle
         self.bytes_fetched, self.blocks_attended = t.bytes_fetched, t.blocks_attended
+        # cross-layer prefetch (prefetch.py): bytes it moved; per sparse layer, the picks
+        # it had guessed and the picks
+        self.bytes_prefetched, self.prefetch_counts = t.bytes_prefetched, t.prefetch
         self.owner = owner
         self._hold_slots(t, key_slots, value_slots)
         room = SummaryRoom(

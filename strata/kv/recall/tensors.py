@@ -8,6 +8,9 @@ set and summaries; or, over a page's whole buffers, those of every row (buffers.
     key_slots        [(rows,) room]  middle block j's keys live in host slot key_slots[j],
     value_slots      [(rows,) room]  its values in value_slots[j] (host_store.py)
     bytes_fetched, blocks_attended  [(rows)]   counters, on the device
+    bytes_prefetched  [(rows)]                 bytes a cross-layer prefetch moved
+    prefetch          [(rows,) 2, layers]      per sparse layer: picks the prefetch had
+                                               guessed, and picks (page_decode.py)
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ class SequenceTensors:
     value_slots: torch.Tensor
     bytes_fetched: torch.Tensor
     blocks_attended: torch.Tensor
+    bytes_prefetched: torch.Tensor
+    prefetch: torch.Tensor
 
     @classmethod
     def of(cls, buffers: Buffers, g: RecallGeometry, room: int) -> SequenceTensors:
@@ -49,5 +54,6 @@ class SequenceTensors:
             layered("sink_k", sink), layered("sink_v", sink), layered("tail_k", tail),
             layered("tail_v", tail), count("held"), count("middle"),
             count("key_slots", (room,)), count("value_slots", (room,)), count("bytes_fetched"),
-            count("blocks_attended"),
+            count("blocks_attended"), count("bytes_prefetched"),
+            count("prefetch", (2, g.sparse_layers)),
         )  # fmt: skip

@@ -57,19 +57,21 @@ class WorkingSet:
         return 2 * layers * kv_heads * slots * (block_size * head_dim * item + 8)
 
     def update(
-        self, layer: int, selected: torch.Tensor, active: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, Moves]:
+        self, layer: int, selected: torch.Tensor, active: torch.Tensor | None = None,
+        counters: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, Moves]:  # fmt: skip
         """Make the slots of `layer` hold `selected` ([..., kv_heads, picks] middle block
         ids, distinct per head, -1 for none). Returns ([..., kv_heads, slots] bool: the
         slots that hold a selected block, the moves the caller must carry out to fill
         them). `active` [rows] (a page): rows that are not keep their slots and move
-        nothing."""
+        nothing. `counters`: the (hits, misses) to count into, if not the set's own."""
         tag, age = self.tag[layer], self.age[layer]
+        hits, misses = counters if counters is not None else (self.hits, self.misses)
         if tag.is_cuda and self.update_kernel:
             from strata.ops.triton_working_set import update_slots
 
             attended, incoming, into, moving = update_slots(
-                selected, tag, age, active, self.hits, self.misses, NEVER
+                selected, tag, age, active, hits, misses, NEVER
             )
             return attended, Moves(incoming, into, moving)
         picks = selected.shape[-1]
@@ -94,8 +96,8 @@ class WorkingSet:
             held, moving, attended = held & on, moving & on, attended & on
         tag.copy_(new_tag)
         age.copy_(new_age)
-        self.hits += held.sum(dim=(-1, -2))
-        self.misses += moving.sum(dim=(-1, -2))
+        hits += held.sum(dim=(-1, -2))
+        misses += moving.sum(dim=(-1, -2))
         return attended, Moves(incoming.clamp(min=0), into, moving)
 
     def rows(self, layer: int, part: torch.Tensor) -> torch.Tensor:
