@@ -31,10 +31,7 @@ from recall_switches import switched
 
 
 def main() -> None:
-    llm = LLM(
-        "random:smollm2-135m", dtype="float32", kv_cache_memory=2.0,
-        kv_recall_host_memory=2.0, kv_recall_gpu_memory=1.0, max_num_batched_tokens=512,
-    )  # fmt: skip
+    llm = small_engine()
     g = torch.Generator().manual_seed(0)
     lengths = (1500, 900, 1200, 1300)
     prompts = [torch.randint(100, 40000, (n,), generator=g).tolist() for n in lengths]
@@ -188,16 +185,9 @@ def prefetch_equals_without(
     """One page of rows, in a second engine with the cross-layer prefetch (its guesses
     fetched on their own stream a layer early, per-layer graphs, then whole steps from
     one graph): the tokens of the first engine, without it."""
-    ahead = LLM(
-        "random:smollm2-135m", dtype="float32", kv_cache_memory=2.0,
-        kv_recall_host_memory=2.0, kv_recall_gpu_memory=1.0, max_num_batched_tokens=512,
-        kv_recall_prefetch=True,
-    )  # fmt: skip
+    ahead = small_engine(kv_recall_prefetch=True)
     rows = []
-    for policy in ("quest", "shadowkv"):
-        params = SamplingParams(kv_policy=policy, kv_budget=256, **greedy)
-        plain = [o.token_ids for o in llm.generate(prompts, params)]
-        guessed = [o.token_ids for o in ahead.generate(prompts, params)]
+    for policy, plain, guessed in both_engines(llm, ahead, prompts, greedy):
         precision = ahead.stats()["recall_prefetch_precision"]
         rows.append((f"{policy}: prefetch (precision {precision:.0%}) == without",
                      guessed == plain and precision > 0))  # fmt: skip
@@ -209,18 +199,32 @@ def graphs_equal_eager(
     prompts: list[list[int]], greedy: dict[str, Any], llm: LLM
 ) -> list[tuple[str, bool]]:
     """quest and shadowkv at a small budget: CUDA-graph replays against an eager engine."""
-    eager = LLM(
-        "random:smollm2-135m", dtype="float32", kv_cache_memory=2.0, enforce_eager=True,
-        kv_recall_host_memory=2.0, kv_recall_gpu_memory=1.0, max_num_batched_tokens=512,
-    )  # fmt: skip
-    rows = []
-    for policy in ("quest", "shadowkv"):
-        params = SamplingParams(kv_policy=policy, kv_budget=256, **greedy)
-        graphed = [o.token_ids for o in llm.generate(prompts, params)]
-        plain = [o.token_ids for o in eager.generate(prompts, params)]
-        rows.append((f"{policy}: graphs == eager", graphed == plain))
+    eager = small_engine(enforce_eager=True)
+    rows = [(f"{policy}: graphs == eager", graphed == plain)
+            for policy, graphed, plain in both_engines(llm, eager, prompts, greedy)]  # fmt: skip
     eager.check_integrity()
     return rows
+
+
+def small_engine(**options: Any) -> LLM:
+    """The SmolLM2-135M shape in float32 with a small pool and recall store."""
+    return LLM(
+        "random:smollm2-135m", dtype="float32", kv_cache_memory=2.0,
+        kv_recall_host_memory=2.0, kv_recall_gpu_memory=1.0, max_num_batched_tokens=512,
+        **options,
+    )  # fmt: skip
+
+
+def both_engines(
+    llm: LLM, other: LLM, prompts: list[list[int]], greedy: dict[str, Any]
+) -> list[tuple[str, list[list[int]], list[list[int]]]]:
+    """Per policy (quest, shadowkv at a budget of 256): each engine's tokens."""
+    runs = []
+    for policy in ("quest", "shadowkv"):
+        params = SamplingParams(kv_policy=policy, kv_budget=256, **greedy)
+        runs.append((policy, [o.token_ids for o in llm.generate(prompts, params)],
+                     [o.token_ids for o in other.generate(prompts, params)]))  # fmt: skip
+    return runs
 
 
 if __name__ == "__main__":
