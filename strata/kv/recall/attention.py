@@ -39,6 +39,7 @@ from strata.attention.backend import (
     QueryOf,
 )
 from strata.attention.layer_inputs import AttentionInputs, AttentionLayer, Rotary
+from strata.kv.recall.fetch import forked
 from strata.kv.recall.page_decode import LayerRows, PageStep, page_steps, run_page_step
 from strata.kv.recall.rotary_rows import fused_rotated_qkv
 from strata.kv.recall.sequence import RecallChunk, RecallSequence
@@ -259,8 +260,7 @@ class RecallAttention(AttentionBackend[RecallMetadata]):
             self._streams.append(torch.cuda.Stream(device))
         main = torch.cuda.current_stream(device)
         for unit, stream in zip(units, self._streams, strict=False):
-            stream.wait_stream(main)
-            with torch.cuda.stream(stream):
+            with forked(stream):
                 unit()
         for stream in self._streams[: len(units)]:
             main.wait_stream(stream)

@@ -46,15 +46,12 @@ def fill(
     row_bytes = host.shape[1] * host.element_size()
     with forked(side):
         copy_moves(store, value_slots, s, moves, ws.rows(s, ws.v), ws.slots)
-    try:
-        if not exact and policy.write_rebuilt_keys(s, moves, ws.k[s]):
-            bytes_fetched += moved * row_bytes
-            return
+    rebuilt = not exact and policy.write_rebuilt_keys(s, moves, ws.k[s])
+    if not rebuilt:
         copy_moves(store, key_slots, s, moves, ws.rows(s, ws.k), ws.slots)
-        bytes_fetched += 2 * moved * row_bytes
-    finally:
-        if side is not None:
-            torch.cuda.current_stream(side.device).wait_stream(side)
+    bytes_fetched += (1 if rebuilt else 2) * moved * row_bytes
+    if side is not None:
+        torch.cuda.current_stream(side.device).wait_stream(side)
 
 
 @contextmanager

@@ -63,7 +63,7 @@ class LayerPrefetch:
             grouped = self.q[p].view(-1, g.num_kv_heads, g.group_size, g.head_dim)
             scores = d.policy.scores(s, grouped, d.room.max_blocks, live=t.middle)
             picks = torch.topk(scores, d.room.slots, dim=-1, sorted=False).indices
-            self.guessed[p].copy_(torch.where(on[:, None, None], picks, -1))
+            self.guessed[p].copy_(picks)
             _, moves = ws.update(s, picks, on, self.scratch)
             fill(ws, d.policy, d.store, t.key_slots, t.value_slots, s, moves, False,
                  t.bytes_prefetched)  # fmt: skip
@@ -82,16 +82,15 @@ class LayerPrefetch:
         return True
 
     def count(self, s: int, t: SequenceTensors) -> None:
-        """After sparse layer s decoded (its picks in `picked`): count, per active row, the
-        picks its prefetch had guessed, and the picks."""
+        """After sparse layer s decoded (its picks in `picked`, top-k indices: none is -1):
+        count, per active row, the picks its prefetch had guessed, and the picks."""
         p = s % 2
         self.pending[p] = None
         picked, guessed = self.picked, self.guessed[p]
-        real = picked >= 0
-        right = (picked[..., :, None] == guessed[..., None, :]).any(-1) & real
+        right = (picked[..., :, None] == guessed[..., None, :]).any(-1)
         on = self.active[p]
         t.prefetch[:, 0, s] += torch.where(on, right.sum(dim=(-1, -2)), 0)
-        t.prefetch[:, 1, s] += torch.where(on, real.sum(dim=(-1, -2)), 0)
+        t.prefetch[:, 1, s] += on * picked[0].numel()
 
     def settle(self) -> None:
         """End of the forward: nothing of the prefetch stream is left unjoined (a guess no
