@@ -213,8 +213,12 @@ OverlapMode = Literal["auto", "on", "off"]
 KVCacheDtype = Literal["auto", "fp8", "int8", "int4", "int2"]  # registry: kv.codec CODECS
 KVPolicyName = Literal[  # registry: kv.policies POLICIES, then kv.recall RECALL_POLICIES
     "full", "streaming", "h2o", "snapkv", "pyramidkv", "chunkkv", "tova", "treekv",
-    "expected_attention", "kvzip", "quest", "shadowkv", "full_offload",
+    "expected_attention", "kvzip", "quest", "shadowkv", "clusterkv", "pqcache", "magicpig",
+    "full_offload",
 ]  # fmt: skip
+# A policy's budget when neither the request nor the engine gives one: its paper's default
+# (PQCache: 10% of the tokens attended besides the sink and the recent window)
+DEFAULT_BUDGETS: dict[str, float] = {"pqcache": 0.1}
 TierEviction = Literal["lru", "fifo", "cost"]  # registry: kv.tiers EVICTION_ORDERS
 KVEviction = Literal["lru", "cost"]  # registry: kv.pool_order FREE_BLOCK_ORDERS
 TierCodecName = Literal["none", "fp8", "int8", "int4"]  # kv.codec CODECS names, and none
@@ -348,8 +352,9 @@ class RecallConfig:
 
     host_memory: float | None = field(default=None, metadata=option(
         "GiB of pinned host memory for the recall store, which holds every block of the "
-        "sequences under a recall policy (quest, shadowkv, full_offload); default: a quarter "
-        "of the machine's RAM when --kv-policy is a recall policy, else no recall store",
+        "sequences under a recall policy (quest, shadowkv, clusterkv, pqcache, magicpig, "
+        "full_offload; magicpig's hash tables come on top of it); default: a quarter of the "
+        "machine's RAM when --kv-policy is a recall policy, else no recall store",
         keyword="kv_recall_host_memory", metavar="GIB",
     ))  # fmt: skip
     gpu_memory: float | None = field(default=None, metadata=option(
@@ -461,7 +466,8 @@ class CacheConfig:
         "HTTP bodies and SamplingParams may choose their own",
     ))  # fmt: skip
     kv_budget: float | None = field(default=None, metadata=option(
-        "KV the policy keeps: a fraction of the context if < 1, tokens if >= 1",
+        "KV the policy keeps: a fraction of the context if < 1, tokens if >= 1 (every policy "
+        "but full needs one, except pqcache: 0.1 by default, as PQCache)",
         metavar="B",
     ))  # fmt: skip
     kv_evict_interval: int | None = field(default=None, metadata=option(
@@ -509,7 +515,7 @@ class CacheConfig:
 
         if self.kv_budget is not None:
             check_budget(self.kv_budget)
-        elif self.kv_policy != "full":
+        elif self.kv_policy != "full" and self.kv_policy not in DEFAULT_BUDGETS:
             raise ValueError(
                 f"kv_policy {self.kv_policy!r} needs a kv_budget: a fraction of the context "
                 "in (0, 1) or a number of tokens >= 1"

@@ -21,9 +21,10 @@ ENGINE_GROUPS = (
     FlagGroup(
         ("cache", "recall"),
         "KV recall store",
-        "Recall policies (--kv-policy quest, shadowkv or full_offload) keep every block of a "
-        "sequence in pinned host memory and attend, each decode step, the blocks they pick; "
-        "so a sequence's KV may be larger than the GPU.",
+        "Recall policies (--kv-policy quest, shadowkv, clusterkv, pqcache, magicpig or "
+        "full_offload) keep every block of a sequence in pinned host memory and attend, each "
+        "decode step, the blocks they pick (magicpig: the keys it samples, on the host); so a "
+        "sequence's KV may be larger than the GPU.",
     ),
     FlagGroup(("moe",), "MoE expert offloading (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE)"),
 )

@@ -232,13 +232,17 @@ def test_working_set_factor_must_be_positive(recall_folder: Path) -> None:
 
 def test_mixed_batch_equals_solo_runs(recall_folder: Path) -> None:
     llm = recall_llm(recall_folder)
-    prompts = [PROMPT, PROMPT[:90], PROMPT[30:], PROMPT[:70], PROMPT[10:]]
+    prompts = [PROMPT, PROMPT[:90], PROMPT[30:], PROMPT[:70], PROMPT[10:], PROMPT[5:],
+               PROMPT[15:], PROMPT[20:]]  # fmt: skip
     params = [
         SamplingParams(kv_policy="quest", kv_budget=40, **GREEDY),
         SamplingParams(**GREEDY),
         SamplingParams(kv_policy="full_offload", kv_budget=1, **GREEDY),
         SamplingParams(kv_policy="snapkv", kv_budget=0.5, **GREEDY),
         SamplingParams(kv_policy="shadowkv", kv_budget=40, **GREEDY),
+        SamplingParams(kv_policy="clusterkv", kv_budget=40, **GREEDY),
+        SamplingParams(kv_policy="pqcache", kv_budget=40, **GREEDY),
+        SamplingParams(kv_policy="magicpig", kv_budget=40, **GREEDY),
     ]
     solo = [tokens(llm, [p], [sp])[0] for p, sp in zip(prompts, params, strict=True)]
     assert tokens(llm, prompts, params) == solo
@@ -255,7 +259,7 @@ def test_small_budget_attends_the_budget(recall_folder: Path) -> None:
     assert 0 < stats["recall_working_set_hit_rate"] <= 1
 
 
-@pytest.mark.parametrize("policy", ["quest", "shadowkv"])
+@pytest.mark.parametrize("policy", ["quest", "shadowkv", "pqcache"])
 def test_fixed_shape_decode_equals_the_growing_one(
     recall_folder: Path, policy: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -265,6 +269,19 @@ def test_fixed_shape_decode_equals_the_growing_one(
     retiring after attention); it gives the tokens of the path that gathers exactly
     what it attends."""
     params = SamplingParams(kv_policy=policy, kv_budget=40, **GREEDY)
+    steps = assert_fixed_equals_growing(recall_folder, [PROMPT, PROMPT[20:]], params, monkeypatch)
+    # every sparse layer (4 of 4 minus 2 dense) of every step but the first, which fits
+    # the policy's summaries or (quest) follows the prompt's last chunk
+    assert steps >= 2 * (GREEDY["max_tokens"] - 2)
+
+
+def assert_fixed_equals_growing(
+    folder: Path, prompts: list[list[int]], params: SamplingParams,
+    monkeypatch: pytest.MonkeyPatch,
+) -> int:  # fmt: skip
+    """Decode `prompts` through pages, then growing per sequence (static_decode off):
+    equal tokens, blocks attended and bytes fetched, nothing left held. Returns the
+    page decodes (sparse layers) of the first run."""
     static_steps = 0
     decode_page = PageDecoder.decode
 
@@ -274,20 +291,18 @@ def test_fixed_shape_decode_equals_the_growing_one(
         return decode_page(self, *args)
 
     monkeypatch.setattr(PageDecoder, "decode", counted)
-    llm = recall_llm(recall_folder)
-    fixed = tokens(llm, [PROMPT], [params])
-    # every sparse layer (4 of 4 minus 2 dense) of every step but the first, which fits
-    # shadowkv's basis or (quest) follows the prompt's last chunk
-    assert static_steps >= 2 * (GREEDY["max_tokens"] - 2)
+    llm = recall_llm(folder)
+    fixed = tokens(llm, prompts, [params] * len(prompts))
     fixed_stats = llm.stats()
     monkeypatch.setattr(RecallSequence, "static_decode", False)
-    growing = recall_llm(recall_folder)
-    assert tokens(growing, [PROMPT], [params]) == fixed
+    growing = recall_llm(folder)
+    assert tokens(growing, prompts, [params] * len(prompts)) == fixed
     stats = growing.stats()
     for name in ("recall_blocks_attended_per_step", "recall_bytes_fetched"):
-        assert stats[name] == fixed_stats[name]
+        assert stats[name] == fixed_stats[name], name
     assert_recall_idle(llm)
     assert_recall_idle(growing)
+    return static_steps
 
 
 def test_abort_frees_host_slots_and_preemption_keeps_the_store(recall_folder: Path) -> None:

@@ -1,7 +1,8 @@
 """Cross-layer prefetch of recall picks (--kv-recall-prefetch; strata/kv/recall/prefetch.py).
 
 Exact: each layer still attends its own picks, so outputs equal runs without the
-prefetch, for quest and shadowkv, alone and in a mixed batch with pages of several rows;
+prefetch, for every selecting policy (and magicpig beside them, which picks nothing),
+alone and in a mixed batch with pages of several rows;
 what the prefetch guessed is counted against each layer's picks, by hand here; it moves
 bytes of its own and leaves nothing behind.
 """
@@ -21,10 +22,11 @@ from tests.test_recall import GREEDY, PROMPT, assert_recall_idle, recall_llm, to
 
 
 def batch() -> tuple[list[list[int]], list[SamplingParams]]:
-    quest = SamplingParams(kv_policy="quest", kv_budget=40, **GREEDY)
-    shadow = SamplingParams(kv_policy="shadowkv", kv_budget=40, **GREEDY)
-    prompts = [PROMPT, PROMPT[20:], PROMPT[5:], PROMPT, PROMPT[:140]]
-    return prompts, [quest, shadow, quest, SamplingParams(**GREEDY), shadow]
+    quest, shadow, cluster, pq, pig = (SamplingParams(kv_policy=name, kv_budget=40, **GREEDY)
+        for name in ("quest", "shadowkv", "clusterkv", "pqcache", "magicpig"))  # fmt: skip
+    prompts = [PROMPT, PROMPT[20:], PROMPT[5:], PROMPT, PROMPT[:140], PROMPT[10:], PROMPT[15:],
+               PROMPT[25:]]  # fmt: skip
+    return prompts, [quest, shadow, quest, SamplingParams(**GREEDY), shadow, cluster, pq, pig]
 
 
 def test_prefetch_changes_no_token_and_reports_its_guesses(recall_folder: Path) -> None:
@@ -45,7 +47,7 @@ def test_prefetch_changes_no_token_and_reports_its_guesses(recall_folder: Path) 
     assert_recall_idle(llm)
 
 
-@pytest.mark.parametrize("policy", ["quest", "shadowkv"])
+@pytest.mark.parametrize("policy", ["quest", "shadowkv", "clusterkv", "pqcache"])
 def test_the_guesses_are_counted_against_each_layers_picks(
     recall_folder: Path, policy: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -14,6 +14,7 @@ import pytest
 
 from strata import LLM, SamplingParams
 from strata.engine.tp.step_wire import StepInputs
+from strata.errors import InvalidRequestError
 from strata.kv.policies.pyramidkv import PyramidKVPolicy
 from strata.kv.sizing import GIB
 from tests.conftest import assert_no_leaks, make_hf_model
@@ -161,4 +162,16 @@ def test_recall_pages_tp2_equal_tp1(folders: dict[str, Path]) -> None:
             seen.add((int(stats["recall_pages"]), int(stats["recall_sequences"])))
         assert (1, 3) in seen and max(pages for pages, _ in seen) == 1  # one page, 3 rows
         assert [o.token_ids for o in tp.generate(prompts, params)] == want
+        assert_recall_idle(tp)
+
+
+def test_magicpig_is_refused_under_tensor_parallelism(folders: dict[str, Path]) -> None:
+    """magicpig attends its samples on rank 0's host alone: a request for it gets a clear
+    error, and the engine serves the next request."""
+    options = {**RECALL_ENGINE, "kv_recall_host_memory": (64 * RECALL_SLOT_BYTES + 1) / GIB}
+    greedy = {"max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    with LLM(str(folders["llama-gqa"]), **options, tensor_parallel_size=2) as tp:
+        with pytest.raises(InvalidRequestError, match=r"magicpig.*tensor parallelism"):
+            tp.generate([LONG], SamplingParams(kv_policy="magicpig", kv_budget=40, **greedy))
+        assert len(tp.generate([LONG[:20]], SamplingParams(**greedy))[0].token_ids) == 4
         assert_recall_idle(tp)

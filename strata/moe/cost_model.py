@@ -15,14 +15,13 @@ A miss is computed on the CPU when its cpu cost is below its copy cost.
 from __future__ import annotations
 
 import itertools
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from strata.models.routed_experts import expert_forward
 from strata.moe.host_store import HostExpertStore
+from strata.timing import median_seconds
 
 TOKEN_COUNTS = (1, 2, 4, 8, 16, 32)
 
@@ -70,18 +69,6 @@ class OffloadCostModel:
         )
 
 
-def _median_seconds(fn: Callable[[], object], sync: Callable[[], None], repeats: int) -> float:
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
 def measure_cost_model(
     store: HostExpertStore, device: torch.device, repeats: int = 5
 ) -> OffloadCostModel:
@@ -97,13 +84,13 @@ def measure_cost_model(
         def sync() -> None:
             return None
 
-    copy_s = _median_seconds(lambda: store.copy_into(layer, 0, dst), sync, repeats)
+    copy_s = median_seconds(lambda: store.copy_into(layer, 0, dst), sync, repeats)
     gate_up, down = store.expert(layer, 0)
     points = []
     for n in TOKEN_COUNTS:
         x = torch.randn(n, store.hidden_size, dtype=store.dtype)
         run = lambda x=x: expert_forward(x, gate_up, down)  # noqa: E731
-        points.append((n, _median_seconds(run, lambda: None, repeats)))
+        points.append((n, median_seconds(run, lambda: None, repeats)))
     elt = store.dtype.itemsize
     return OffloadCostModel(
         h2d_bytes_per_s=store.expert_bytes / max(copy_s, 1e-9),

@@ -104,6 +104,10 @@ RECALL_GAUGES = {
     "recall_host_slots_shared": "Recall store host slots held by two requests or more.",
     "recall_host_bytes_cached": "Host bytes of published blocks no request holds (evictable).",
     "recall_prefetch_precision": "Picks of sparse layers their cross-layer prefetch guessed.",
+    "recall_keys_sampled_per_layer_head": "Keys a sampling policy attends per layer and head.",
+    "recall_sampled_on_host_share": "Sampled layers attended on the host (not the device).",
+    "recall_sampled_host_ms_per_layer": "Host worker ms per sampled layer (magicpig).",
+    "recall_sampled_wait_ms_per_layer": "Engine thread ms waiting per sampled layer (magicpig).",
 }
 RECALL_COUNTERS = {
     "recall_decode_steps": "Decode steps of recall sequences.",

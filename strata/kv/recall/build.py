@@ -10,6 +10,7 @@ import torch
 from strata.attention.layer_inputs import Rotary
 from strata.config import CacheConfig, ModelConfig
 from strata.kv.recall.geometry import SINK_BLOCKS, WINDOW_BLOCKS, RecallGeometry
+from strata.kv.recall.host_attention_cost import host_attention_cost
 from strata.kv.recall.host_store import HostKVStore
 from strata.kv.recall.manager import RecallManager
 from strata.kv.recall.ranks import HeadShard
@@ -132,7 +133,22 @@ def build_recall(
         "shared (published blocks keep every layer; unheld ones stay cached until evicted)"
         if off is None else f"not shared ({off})",
     )  # fmt: skip
+    if cache.kv_policy == "magicpig":
+        _log_sampling(geometry, device)
     return RecallManager(
         geometry, store, gpu_bytes, device, rope, graphs, shard, cache.recall.page_rows,
         prefix_root if off is None else None,
+    )  # fmt: skip
+
+
+def _log_sampling(geometry: RecallGeometry, device: torch.device) -> None:
+    """Measure the host's attention rate now (host_attention_cost.py), and say what
+    magicpig's tables take."""
+    from strata.kv.recall.magicpig import BITS, TABLES, MagicPIGPolicy
+
+    per_token = MagicPIGPolicy.host_bytes_per_token(geometry.num_kv_heads, geometry.sparse_layers)
+    logger.info(
+        "magicpig: SimHash %d bits x %d tables; its tables take %s of host memory per token "
+        "beside the store; %s", BITS, TABLES, format_bytes(per_token),
+        host_attention_cost(device).describe(),
     )  # fmt: skip

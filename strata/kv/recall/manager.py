@@ -104,7 +104,8 @@ class RecallManager:
         self.release_listeners: list[Callable[[int], None]] = []
         self.retired = {  # the counters of released sequences (report.py adds the live ones)
             "hits": 0, "misses": 0, "bytes_fetched": 0, "blocks_attended": 0, "decode_steps": 0,
-            "graph_replays": 0, "bytes_prefetched": 0,
+            "graph_replays": 0, "bytes_prefetched": 0, "keys_sampled": 0, "sampled_on_host": 0,
+            "sampled_on_device": 0, "sampled_host_seconds": 0.0, "sampled_wait_seconds": 0.0,
         }  # fmt: skip
         # theirs too: per sparse layer, picks the prefetch had guessed, and picks
         self.retired_prefetch = torch.zeros((2, geometry.sparse_layers), dtype=torch.long)
@@ -119,6 +120,11 @@ class RecallManager:
         salt: its prompt tokens and cache partition, to share its prefix in the store."""
         g = self.geometry
         RECALL_POLICIES.check(policy)
+        if self.shard is not None and RECALL_POLICIES.get(policy).samples:
+            raise InvalidRequestError(
+                f"kv_policy {policy!r} attends its samples on one host: it does not run under "
+                "tensor parallelism"
+            )
         total = num_prompt + max_tokens
         # Room for every middle block it can have; none when every layer is dense.
         host_blocks = g.max_blocks(total) if g.sparse_layers else 0

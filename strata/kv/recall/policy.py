@@ -7,7 +7,9 @@ sequence's middle blocks against the step's query; the top `budget_blocks` are a
 one selection (each policy says how it combines them). One instance serves one sequence.
 
 `selects` False (full_offload): every middle block is attended, streamed from the host
-each step; no summaries, no working set.
+each step; no summaries, no working set. `samples` (magicpig): so too while the middle
+fits the budget; past it, the policy samples middle keys, attended on the host
+(sampled_attention.py).
 
 A policy may rebuild a fetched block's keys on the GPU instead of moving them
 (`rebuilt_keys`, written into the working set by `write_rebuilt_keys`: ShadowKV); then
@@ -61,6 +63,9 @@ class SummaryRoom:
 class RecallPolicy(ABC):
     name: str = ""
     selects: bool = True
+    # True (magicpig): past the budget, a decode step samples middle keys and attends them on
+    # the host (sampled_attention.py); selects is then False
+    samples: bool = False
     # CUDA: the scores' softmax and maxima in one Triton kernel (block_probabilities; off:
     # about ten torch kernels; both compared in benchmarks/gpu_recall_check.py)
     scores_kernel = True
@@ -155,6 +160,20 @@ def block_probabilities(
     chunk = (logits.float() * scale).softmax(dim=-1).amax(dim=-2)
     block = chunk.view(*chunk.shape[:-1], num_blocks, per_block).amax(dim=-1)
     return block if dead is None else block.masked_fill(dead, float("-inf"))
+
+
+TIE = 2.0**-22  # prefer_earlier: block i's score is scaled by 1 - TIE * i
+
+
+def prefer_earlier(block: torch.Tensor) -> torch.Tensor:
+    """Block scores [..., blocks] with ties broken towards the earlier block: block i's
+    score scaled by 1 - TIE * i (exact factors while i < 2^21), so tied blocks end at
+    least two float32 roundings apart. topk breaks exact ties however its shape and device
+    happen to, so a page and a sequence alone could pick apart; a policy whose blocks tie
+    (tokens of one cluster, or of one code) scores through this. Blocks whose scores lie
+    within TIE * blocks (relative) of each other may swap: 0.05% at 2,048 blocks."""
+    index = torch.arange(block.shape[-1], device=block.device, dtype=torch.float32)
+    return block * (1 - TIE * index)
 
 
 def dead_blocks(num_blocks: int, live: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,9 @@ from strata.registry import Registry
 RECALL_POLICIES: Registry[type[RecallPolicy]] = Registry("kv_policy", {
     "quest": "strata.kv.recall.quest:QuestPolicy",
     "shadowkv": "strata.kv.recall.shadowkv:ShadowKVPolicy",
+    "clusterkv": "strata.kv.recall.clusterkv:ClusterKVPolicy",
+    "pqcache": "strata.kv.recall.pqcache:PQCachePolicy",
+    "magicpig": "strata.kv.recall.magicpig:MagicPIGPolicy",
     "full_offload": "strata.kv.recall.policy:FullOffloadPolicy",
 })  # fmt: skip
 

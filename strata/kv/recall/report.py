@@ -10,7 +10,7 @@ if TYPE_CHECKING:
     from strata.kv.recall.sequence import RecallSequence
 
 
-def sequence_counters(state: RecallSequence) -> dict[str, int]:
+def sequence_counters(state: RecallSequence) -> dict[str, float]:
     """A sequence's own counters (a released one's are kept in the manager's totals)."""
     ws = state.working_set
     return {
@@ -20,6 +20,11 @@ def sequence_counters(state: RecallSequence) -> dict[str, int]:
         "bytes_prefetched": int(state.bytes_prefetched),
         "blocks_attended": int(state.blocks_attended),
         "decode_steps": state.decode_steps,
+        "keys_sampled": state.sampled.keys,
+        "sampled_on_host": state.sampled.on_host,
+        "sampled_on_device": state.sampled.on_device,
+        "sampled_host_seconds": state.sampled.host_seconds,
+        "sampled_wait_seconds": state.sampled.wait_seconds,
     }
 
 
@@ -42,6 +47,7 @@ def recall_stats(m: RecallManager) -> dict[str, Any]:
         "recall_working_set_hits": totals["hits"],
         "recall_working_set_misses": totals["misses"],
         "recall_bytes_fetched": totals["bytes_fetched"],
+        **_sampling_stats(m, totals),
         **_prefetch_stats(m, totals["bytes_prefetched"]),
         # sparse layers of pages' decode steps replayed from CUDA graphs (layer_graphs.py)
         "recall_graph_replays": totals["graph_replays"],
@@ -53,7 +59,22 @@ def recall_stats(m: RecallManager) -> dict[str, Any]:
     }
 
 
-def _prefetch_stats(m: RecallManager, moved: int) -> dict[str, Any]:
+def _sampling_stats(m: RecallManager, totals: dict[str, float]) -> dict[str, Any]:
+    """A sampling policy's (magicpig) sampled keys per sparse layer and query head of the
+    layers that sampled, and the share of those layers attended on the host."""
+    layers = totals["sampled_on_host"] + totals["sampled_on_device"]
+    per_layer = 1e3 / max(1, layers)
+    return {
+        "recall_keys_sampled_per_layer_head": totals["keys_sampled"]
+        / max(1, layers * m.geometry.num_heads),
+        "recall_sampled_on_host_share": totals["sampled_on_host"] / layers if layers else 0.0,
+        # the host worker's time per sampled layer, and the engine thread's wait for it
+        "recall_sampled_host_ms_per_layer": totals["sampled_host_seconds"] * per_layer,
+        "recall_sampled_wait_ms_per_layer": totals["sampled_wait_seconds"] * per_layer,
+    }
+
+
+def _prefetch_stats(m: RecallManager, moved: float) -> dict[str, Any]:
     """The cross-layer prefetch's share of each sparse layer's picks it had guessed
     (precision, equal to recall: it guesses as many blocks as a layer picks), by model
     layer, and overall; and the bytes it moved."""
@@ -64,7 +85,7 @@ def _prefetch_stats(m: RecallManager, moved: int) -> dict[str, Any]:
     right, picks = counts[0], counts[1]
     dense = m.geometry.dense_layers
     return {
-        "recall_prefetch_bytes": moved,
+        "recall_prefetch_bytes": int(moved),
         "recall_prefetch_precision": int(right.sum()) / max(1, int(picks.sum())),
         "recall_prefetch_precision_per_layer": {
             dense + s: int(right[s]) / int(picks[s]) for s in range(len(picks)) if picks[s]

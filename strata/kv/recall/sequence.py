@@ -32,6 +32,7 @@ from strata.kv.recall.policy import RecallPolicy, SummaryRoom
 from strata.kv.recall.prefix_copy import read_blocks, write_prompt_blocks
 from strata.kv.recall.ranks import HeadShard
 from strata.kv.recall.rows import copy_rows
+from strata.kv.recall.sampled_attention import SampledCounters, sampled_decode
 from strata.kv.recall.tensors import SequenceTensors
 from strata.kv.recall.working_set import WorkingSet
 
@@ -98,12 +99,11 @@ class RecallSequence:
         self.bytes_prefetched, self.prefetch_counts = t.bytes_prefetched, t.prefetch
         self.owner = owner
         self._hold_slots(t, key_slots, value_slots)
-        room = SummaryRoom(
+        self.room = SummaryRoom(  # what its summaries and working set cover
             g.sparse_layers, kvh, room_blocks, d, g.block_size, dt, budget_blocks, device,
             g.landmark_tokens, shard, g.quest_page_tokens,
         )  # fmt: skip
-        self.room = room  # what its summaries and working set cover
-        policy.allocate(room, rope, buffers)
+        policy.allocate(self.room, rope, buffers)
         self.working_set: WorkingSet | None = None
         if policy.selects:
             self.working_set = WorkingSet(
@@ -113,6 +113,7 @@ class RecallSequence:
         self.tail_start = 0  # the tail holds tokens [tail_start, computed)
         self.computed = 0
         self.decode_steps = 0
+        self.sampled = SampledCounters()  # a sampling policy's decode steps (magicpig)
         self.on_host = 0  # leading blocks the store holds in every layer (never rewritten)
 
     def _hold_slots(self, t: SequenceTensors, key_slots: list[int], value_slots: list[int]) -> None:
@@ -122,6 +123,7 @@ class RecallSequence:
         block_slots_t every block's [key slot, value slot], so that the prompt's last
         chunk writes the blocks the store lacks with no host sync (prefix_copy.py)."""
         self.key_slots, self.value_slots = key_slots, value_slots
+        self.slots_on_host = torch.tensor([key_slots, value_slots]).view(2, -1)
         self.key_slots_t, self.value_slots_t = t.key_slots, t.value_slots
         for table, slots in ((t.key_slots, key_slots), (t.value_slots, value_slots)):
             middle = slots[SINK_BLOCKS:]
@@ -159,6 +161,14 @@ class RecallSequence:
             and chunk.start >= self.prompt_tokens and chunk.num_middle > self.budget_blocks
         )  # fmt: skip
 
+    def samples(self, chunk: RecallChunk) -> bool:
+        """A decode step past the prompt whose middle outgrows the budget, under a policy
+        that then samples the middle (magicpig: sampled_attention.py)."""
+        return (
+            self.policy.samples and chunk.num_tokens == 1 and chunk.start >= self.prompt_tokens
+            and chunk.num_middle > self.budget_blocks
+        )  # fmt: skip
+
     # ---- device side, per layer ---------------------------------------------------------------
 
     def attend(
@@ -179,11 +189,16 @@ class RecallSequence:
         held = chunk.start - chunk.tail_start
         seg_k = torch.cat([self.tail_k[s, :, :held], k.transpose(0, 1).to(g.dtype)], dim=1)
         seg_v = torch.cat([self.tail_v[s, :, :held], v.transpose(0, 1).to(g.dtype)], dim=1)
-        pk, pv, mask = self._prefix(s, q, chunk)
-        out = chunk_attention(
-            q, torch.cat([pk, seg_k], 1), torch.cat([pv, seg_v], 1), mask, chunk.tail_start,
-            chunk.start, scale,
-        )  # fmt: skip
+        if self.samples(chunk):  # the sink and tail here, a sample of the middle on the host
+            local_k = torch.cat([self.sink_k[s], seg_k], 1)
+            local_v = torch.cat([self.sink_v[s], seg_v], 1)
+            out = sampled_decode(self, s, q, local_k, local_v, chunk.num_middle, scale)
+        else:
+            pk, pv, mask = self._prefix(s, q, chunk)
+            out = chunk_attention(
+                q, torch.cat([pk, seg_k], 1), torch.cat([pv, seg_v], 1), mask, chunk.tail_start,
+                chunk.start, scale,
+            )  # fmt: skip
         self._retire(slice(s, s + 1), seg_k[None], seg_v[None], chunk)
         if chunk.end == self.prompt_tokens:
             if self.publishes:
@@ -231,11 +246,11 @@ class RecallSequence:
         basis fitted to the prompt) those keys, if the next step selects: the work is
         then part of the prefill, not of the first decode step."""
         middle = max(0, chunk.new_tail_start // self.geometry.block_size - SINK_BLOCKS)
-        ws = self.working_set
-        if ws is not None and middle > self.budget_blocks:
-            self._give_all_keys(s, middle)
+        picks = self.working_set is not None or self.policy.samples
+        if picks and middle > self.budget_blocks:
+            self.give_all_keys(s, middle)
 
-    def _give_all_keys(self, s: int, m: int) -> None:
+    def give_all_keys(self, s: int, m: int) -> None:
         """The keys of middle blocks 0..m-1 of sparse layer s, streamed from the host, to a
         policy that wants them all and has not had them."""
         if self.policy.wants_all_keys(s):
@@ -279,7 +294,7 @@ class RecallSequence:
             picks = torch.arange(n, device=q.device).expand(g.num_kv_heads, n)
             picks = torch.where(picks < m, picks, -1)
         else:
-            self._give_all_keys(s, m)
+            self.give_all_keys(s, m)
             grouped = q.view(g.num_kv_heads, g.group_size, g.head_dim)
             scores = self.policy.scores(s, grouped, m)
             if self.shard is not None:  # a replicated head's GQA group spans ranks

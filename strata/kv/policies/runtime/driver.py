@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from strata.config import DEFAULT_BUDGETS
 from strata.errors import InvalidRequestError, SequenceFault, blame
 from strata.kv.cache import KVCache
 from strata.kv.manager import KVManager
@@ -75,6 +76,7 @@ class KVPolicyDriver:
         params = seq.params
         name = params.kv_policy if params.kv_policy is not None else self.defaults.policy
         budget = params.kv_budget if params.kv_budget is not None else self.defaults.budget
+        budget = budget if budget is not None else DEFAULT_BUDGETS.get(name)
         prefix = params.kv_compress_prefix
         if prefix is not None and prefix > seq.num_prompt_tokens:
             raise InvalidRequestError(
@@ -127,7 +129,8 @@ class KVPolicyDriver:
         if total > held:
             raise InvalidRequestError(
                 f"prompt + max_tokens = {total} tokens do not fit the KV pool ({held} tokens); "
-                "lower max_tokens, or use a recall kv_policy (quest, shadowkv, full_offload)"
+                "lower max_tokens, or use a recall kv_policy (quest, shadowkv, clusterkv, pqcache, "
+                "magicpig, full_offload)"
             )
 
     def after_step(self, step: PolicyStep) -> list[SequenceFault]:

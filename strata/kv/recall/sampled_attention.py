@@ -1,0 +1,177 @@
+"""A sampling policy's decode of one sparse layer (magicpig.py): the middle's sampled keys
+attended on the host, the rest on the device, merged by log-sum-exp.
+
+    device  q's codes (hashed), copied to the host with q; then, while the host works,
+            attention over the sink and the tail: out_l, lse_l
+    host    (a worker thread) the middle tokens colliding with each query head in at
+            least two tables; their keys and values from the host store; attention over
+            them, each key's logit less log(its sampling probability): out_s, lse_s
+    merge   out = (out_l e^(lse_l - M) + out_s e^(lse_s - M)) / (e^(lse_l - M) + e^(lse_s - M))
+
+A head that samples nothing has lse_s = -inf and keeps out_l. Where the cost model
+(host_attention_cost.py) finds moving the sampled rows to the device cheaper than
+attending them on the host, the host only gathers them and the device attends.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from strata.kv.recall.geometry import SINK_BLOCKS
+from strata.kv.recall.host_attention_cost import host_attention_cost
+from strata.kv.recall.lsh import sampling_probability
+
+if TYPE_CHECKING:
+    from strata.kv.recall.magicpig import MagicPIGPolicy
+    from strata.kv.recall.sequence import RecallSequence
+
+_HOST = ThreadPoolExecutor(max_workers=1, thread_name_prefix="strata-sampled-attention")
+
+
+def attention_lse(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [H, D] over keys, values [KVH, n, D] (n >= 1): out [H, D], lse [H], float32."""
+    kvh, _, d = keys.shape
+    grouped = q.float().view(kvh, -1, d)
+    logits = grouped @ keys.float().transpose(-1, -2) * scale  # [KVH, G, n]
+    lse = logits.logsumexp(dim=-1)
+    out = (logits - lse[..., None]).exp() @ values.float()
+    return out.reshape(-1, d), lse.flatten()
+
+
+def sampled_part(
+    q: torch.Tensor, heads: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+    mean: torch.Tensor, group: int, scale: float, bits: int, tables: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Attention of queries q [H, D] over sampled keys, values [N, D] (sample i belongs to
+    query head heads[i], heads on the host, ascending), each logit less log of its
+    sampling probability, whose cosine is taken to the key centred on its KV head's mean
+    [KVH, D]: out [H, D], lse [H] float32 (-inf, with out 0, for a head with no sample).
+    The samples are laid out per head, padded to the most any head has, so every sum runs
+    in one order: the same result whatever else runs (no atomic adds)."""
+    num_heads, dim = q.shape
+    counts = torch.bincount(heads, minlength=num_heads)
+    width = max(1, int(counts.max())) if heads.numel() else 1
+    starts = counts.cumsum(0) - counts
+    places = (heads * width + torch.arange(heads.numel()) - starts[heads]).to(q.device)
+    padded = torch.zeros(2, num_heads * width, dim, device=q.device)
+    padded[0].index_copy_(0, places, keys.float())
+    padded[1].index_copy_(0, places, values.float())
+    valid = torch.zeros(num_heads * width, dtype=torch.bool, device=q.device)
+    valid = valid.index_fill_(0, places, True).view(num_heads, width)
+    k, v = padded.view(2, num_heads, width, dim).unbind(0)
+    qf = q.float()[:, None, :]
+    centred = k - mean.float().repeat_interleave(group, dim=0)[:, None, :]
+    cos = (qf * centred).sum(-1) / (qf.norm(dim=-1) * centred.norm(dim=-1)).clamp(min=1e-30)
+    logits = (qf * k).sum(-1) * scale - sampling_probability(cos, bits, tables).log()
+    logits = logits.masked_fill(~valid, float("-inf"))
+    lse = logits.logsumexp(dim=-1)  # -inf where a head has no sample
+    weights = torch.where(valid, (logits - lse[:, None]).exp(), 0.0)
+    return (weights[:, :, None] * v).sum(1), lse
+
+
+def merge(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> torch.Tensor:
+    """Attention over two disjoint key sets from each one's out [H, D] and lse [H]; lse_a
+    is finite (the device part always has keys)."""
+    top = torch.maximum(lse_a, lse_b)
+    wa, wb = (lse_a - top).exp(), (lse_b - top).exp()
+    return (out_a * wa[:, None] + out_b * wb[:, None]) / (wa + wb)[:, None]
+
+
+@dataclass
+class SampledCounters:
+    """A sequence's sampled decode so far: (query head, key) pairs sampled; sparse layers
+    whose samples were attended on the host, or on the device; the seconds the host
+    worker took (from the query on the host on) and those the engine thread waited."""
+
+    keys: int = 0
+    on_host: int = 0
+    on_device: int = 0
+    host_seconds: float = 0.0
+    wait_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Gathered:
+    """The host's part of a layer: attended there (out, lse), or gathered for the device."""
+
+    pairs: int  # sampled (query head, key) pairs
+    seconds: float  # the worker's time on it
+    out: torch.Tensor | None = None
+    lse: torch.Tensor | None = None
+    heads: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+
+
+def sampled_decode(
+    seq: RecallSequence, s: int, q: torch.Tensor, local_k: torch.Tensor,
+    local_v: torch.Tensor, m: int, scale: float,
+) -> torch.Tensor:  # fmt: skip
+    """q [1, H, D] of sparse layer s over the sink and tail (local_k, local_v [KVH, n, D])
+    and a sample of the m middle blocks; [1, H, D] in q's dtype."""
+    policy: MagicPIGPolicy = seq.policy  # type: ignore[assignment]
+    if policy.wants_all_keys(s):
+        seq.give_all_keys(s, m)
+    qs = q[0]
+    codes = policy.query_codes(s, qs)
+    q_host, codes_host = qs.float().to("cpu", non_blocking=True), codes.to("cpu", non_blocking=True)
+    ready = torch.cuda.Event() if q.is_cuda else None
+    if ready is not None:
+        ready.record()
+    host = _HOST.submit(_host_part, seq, policy, s, q_host, codes_host, ready, m, scale)
+    out_l, lse_l = attention_lse(qs, local_k, local_v, scale)  # the device works meanwhile
+    waited = time.perf_counter()
+    part = host.result()
+    counts = seq.sampled
+    counts.wait_seconds += time.perf_counter() - waited
+    counts.host_seconds += part.seconds
+    counts.keys += part.pairs
+    if part.out is not None and part.lse is not None:
+        counts.on_host += 1
+        out_s, lse_s = part.out.to(q.device), part.lse.to(q.device)
+    else:
+        assert part.heads is not None and part.keys is not None and part.values is not None
+        counts.on_device += 1
+        g = seq.geometry
+        out_s, lse_s = sampled_part(
+            qs, part.heads, part.keys.to(q.device), part.values.to(q.device), policy.mean[s],
+            g.group_size, scale, policy.bits, policy.num_tables,
+        )  # fmt: skip
+    return merge(out_l, lse_l, out_s, lse_s)[None].to(q.dtype)
+
+
+def _host_part(
+    seq: RecallSequence, policy: MagicPIGPolicy, s: int, q: torch.Tensor, codes: torch.Tensor,
+    ready: torch.cuda.Event | None, m: int, scale: float,
+) -> Gathered:  # fmt: skip
+    """On a worker: sample layer s's middle for q [H, D] (codes [H, tables]), gather the
+    samples' keys and values, and attend them here unless the device is cheaper."""
+    start = time.perf_counter()
+    if ready is not None:
+        ready.synchronize()
+    g, store = seq.geometry, seq.store
+    bs, kvh, group = g.block_size, g.num_kv_heads, g.group_size
+    found = policy.tables_of(s).candidates(codes, group)
+    inside = found.tokens < m * bs  # the tables hold no more than the middle; guard
+    heads, tokens = found.heads[inside], found.tokens[inside]
+    kv = heads // group
+    slots = seq.slots_on_host[:, SINK_BLOCKS + tokens // bs]  # [2, N] key, value slots
+    rows = ((s * store.num_slots + slots) * kvh + kv) * bs + tokens % bs
+    flat = store.data.view(-1, g.head_dim)
+    keys, values = flat[rows[0]], flat[rows[1]]
+    pairs = int(heads.numel())
+    cost = host_attention_cost(q.device if not seq.sink_k.is_cuda else seq.sink_k.device)
+    if cost.on_host(pairs, keys.element_size() * g.head_dim):
+        out, lse = sampled_part(q, heads, keys, values, policy.mean_on_host(s), group, scale,
+                                policy.bits, policy.num_tables)  # fmt: skip
+        return Gathered(pairs, time.perf_counter() - start, out=out, lse=lse)
+    return Gathered(pairs, time.perf_counter() - start, heads=heads, keys=keys, values=values)
