@@ -30,6 +30,12 @@
 #     wsf128k   128k context, shadowkv at batch $BW (default 8) in one page, for each
 #               working-set factor of $WSFS (default "1 4"); FS ("both", default engine):
 #               the values fetched beside the rebuilt keys on a side stream, or not
+#     policies128k  128k context, batch $BP128 (default 4) in one page: each selecting policy
+#               ($PMODES128) without, then with the cross-layer prefetch; then magicpig alone
+#               at batch 1 (its host time per layer against the step: recall_sampled_*)
+#     policies32k  32k context, batch $BPOL (default 4) in one page: full attention and
+#               each recall policy ($PMODES32; magicpig decodes each sequence alone), $PSTEPS
+#               timed steps (default 8)
 #     prefetch128k  128k context, shadowkv at batch $BP (default 8) in one page: without,
 #               then with the cross-layer prefetch (--prefetch)
 #     gather    the row fetch's rate by host buffer size, row size, pinning and kernel
@@ -142,6 +148,22 @@ if has prefetch128k; then
       --slack 200 $how --pool-gib 4 --recall-gpu-gib $((4 * b + 2)) --host-gib $((8 * b + 9)) \
       --json "$OUT/prefetch128k${how:+_on}.json"
   done
+fi
+if has policies128k; then  # issue 17's speed table: every recall policy, prefetch off and on
+  b="${BP128:-4}"
+  for how in "" --prefetch; do
+    speed --only decode --contexts 131072 --batch "$b" --steps "${PSTEPS:-8}" --page-rows "$b" \
+      --modes "${PMODES128:-quest,shadowkv,clusterkv,pqcache}" --slack 200 $how --pool-gib 4 \
+      --recall-gpu-gib $((4 * b + 2)) --host-gib $((16 * b + 9)) \
+      --json "$OUT/policies128k${how:+_prefetch}.json"
+  done
+  speed --only decode --contexts 131072 --batch 1 --steps 4 --modes magicpig --slack 200 \
+    --pool-gib 4 --recall-gpu-gib 6 --host-gib 25 --json "$OUT/magicpig128k.json"
+fi
+if has policies32k; then  # every recall policy beside full attention, one process
+  speed --only decode --contexts 32768 --batch "${BPOL:-4}" --steps "${PSTEPS:-8}" \
+    --modes "${PMODES32:-full,quest,shadowkv,clusterkv,pqcache,magicpig}" --page-rows "${BPOL:-4}" \
+    --pool-gib 20 --recall-gpu-gib 16 --host-gib 40 --json "$OUT/policies32k.json"
 fi
 if has gather; then
   # shellcheck disable=SC2086  # GATHER_ARGS: several arguments

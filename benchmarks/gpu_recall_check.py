@@ -1,9 +1,9 @@
 """The recall store on the GPU: exact at full budget, mixed batches equal solo runs.
 
 SmolLM2-135M shape with random weights in float32 on CUDA, Triton attention for the
-ordinary rows and CUDA graphs on: quest, shadowkv and full_offload at a budget covering
-every block give full attention's greedy tokens; a batch mixing quest and shadowkv (small
-budgets), full and full_offload equals each request run alone; requests of one length
+ordinary rows and CUDA graphs on: every recall policy at a budget covering every block
+gives full attention's greedy tokens; a batch mixing every recall policy (small budgets)
+and full equals each request run alone; requests of one length
 share a page (strata/kv/recall/page.py) and its rows decoding together equal each alone;
 selecting decode steps replayed from CUDA graphs give the tokens of an eager engine,
 and whole decode steps from one graph each give those of per-layer graphs, overlapped
@@ -29,6 +29,8 @@ from strata.engine.engine import LLMEngine
 sys.path.insert(0, str(Path(__file__).parent))
 from recall_switches import switched
 
+SELECTING = ("quest", "shadowkv", "clusterkv", "pqcache")  # policies that pick blocks
+
 
 def main() -> None:
     llm = small_engine()
@@ -38,7 +40,7 @@ def main() -> None:
     greedy = {"temperature": 0.0, "ignore_eos": True, "max_tokens": 48}
     full = [o.token_ids for o in llm.generate(prompts, SamplingParams(**greedy))]
     rows = []
-    for policy in ("quest", "shadowkv", "full_offload"):
+    for policy in (*SELECTING, "magicpig", "full_offload"):
         params = SamplingParams(kv_policy=policy, kv_budget=10**6, **greedy)
         got = [o.token_ids for o in llm.generate(prompts, params)]
         rows.append((f"{policy} at full budget == full", got == full))
@@ -47,10 +49,15 @@ def main() -> None:
         SamplingParams(**greedy),
         SamplingParams(kv_policy="full_offload", kv_budget=1, **greedy),
         SamplingParams(kv_policy="shadowkv", kv_budget=256, **greedy),
+        SamplingParams(kv_policy="clusterkv", kv_budget=256, **greedy),
+        SamplingParams(kv_policy="pqcache", kv_budget=256, **greedy),
+        SamplingParams(kv_policy="magicpig", kv_budget=256, **greedy),
     ]
-    solo = [llm.generate([p], [sp])[0].token_ids for p, sp in zip(prompts, mixed, strict=True)]
-    batch = [o.token_ids for o in llm.generate(prompts, mixed)]
-    rows.append(("mixed batch == solo runs", batch == solo))
+    seven = prompts + prompts[:3]
+    solo = [llm.generate([p], [sp])[0].token_ids for p, sp in zip(seven, mixed, strict=True)]
+    batch = [o.token_ids for o in llm.generate(seven, mixed)]
+    differ = [sp.kv_policy or "full" for sp, x, y in zip(mixed, batch, solo, strict=True) if x != y]
+    rows.append((f"mixed batch == solo runs{f' (not: {differ})' if differ else ''}", not differ))
     store = llm.engine.parts.recall.store
     rows.append(("host store page-locked (strata/pinned.py)", store.data.is_pinned()))
     replays = llm.stats()["recall_graph_replays"] + llm.stats()["recall_step_graph_replays"]
@@ -82,7 +89,7 @@ def pages_equal_solo(
 ) -> list[tuple[str, bool]]:
     """Prompts of one length share a page: decoding its rows together equals each alone."""
     rows = []
-    for policy in ("quest", "shadowkv"):
+    for policy in SELECTING:
         params = SamplingParams(kv_policy=policy, kv_budget=256, **greedy)
         solo = [llm.generate([p], params)[0].token_ids for p in prompts]
         batch = [o.token_ids for o in llm.generate(prompts, params)]
@@ -118,7 +125,7 @@ def whole_steps_equal_layer_graphs(
     """One page of rows: whole decode steps from one graph each (step_graphs.py) against
     eager steps around the page's per-layer graphs, in the same engine."""
     rows = []
-    for policy in ("quest", "shadowkv"):
+    for policy in SELECTING:
         params = SamplingParams(kv_policy=policy, kv_budget=256, **greedy)
         with switched("step_graphs", False):
             layered = [o.token_ids for o in llm.generate(prompts, params)]
@@ -198,7 +205,7 @@ def prefetch_equals_without(
 def graphs_equal_eager(
     prompts: list[list[int]], greedy: dict[str, Any], llm: LLM
 ) -> list[tuple[str, bool]]:
-    """quest and shadowkv at a small budget: CUDA-graph replays against an eager engine."""
+    """The selecting policies at a small budget: CUDA-graph replays against an eager engine."""
     eager = small_engine(enforce_eager=True)
     rows = [(f"{policy}: graphs == eager", graphed == plain)
             for policy, graphed, plain in both_engines(llm, eager, prompts, greedy)]  # fmt: skip
@@ -218,9 +225,9 @@ def small_engine(**options: Any) -> LLM:
 def both_engines(
     llm: LLM, other: LLM, prompts: list[list[int]], greedy: dict[str, Any]
 ) -> list[tuple[str, list[list[int]], list[list[int]]]]:
-    """Per policy (quest, shadowkv at a budget of 256): each engine's tokens."""
+    """Per selecting policy (at a budget of 256): each engine's tokens."""
     runs = []
-    for policy in ("quest", "shadowkv"):
+    for policy in SELECTING:
         params = SamplingParams(kv_policy=policy, kv_budget=256, **greedy)
         runs.append((policy, [o.token_ids for o in llm.generate(prompts, params)],
                      [o.token_ids for o in other.generate(prompts, params)]))  # fmt: skip

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Recall policies' RULER quality on one GPU (issue 16): the embedded model at 4k and 8k,
-# every task, N samples each, budgets 1/16 and 1/8, beside the full cache and chunkkv
-# (the best evicting policy) in both protocols. A recall policy ignores
+# Recall policies' RULER quality on one GPU (issues 16, 17): the embedded model at 4k and
+# 8k, every task, N samples each, budgets 1/16 and 1/8 ($BUDGETS), beside the full cache
+# and evicting policies (chunkkv by default) in both protocols. A recall policy ignores
 # kv_compress_prefix, so its query-agnostic requests equal its query-aware ones: it
 # runs query-aware only.
 #
@@ -19,21 +19,25 @@ mkdir -p "$OUT"
 python3 -c "from pathlib import Path; from strata.models.loader import gguf_to_folder
 print('model folder', gguf_to_folder(Path('$GGUF')))" || exit 1
 COMMON=(--model "$GGUF" --device cuda --samples "$N" --no-progress --kv-cache-memory 4)
-RECALL=(--budget 0.0625,0.125 --protocol query-aware --kv-recall-host-memory 6)
+BUDGETS=${BUDGETS:-0.0625,0.125}
+RECALL=(--budget "$BUDGETS" --protocol query-aware --kv-recall-host-memory 6)
 run() {
   local name=$1
   shift
   timeout "$SECONDS_LEFT" python3 -m strata.cli eval ruler "${COMMON[@]}" --output "$OUT/$name" \
     "$@" > "$OUT/$name.log" 2>&1 &
 }
-# Overridable: LENGTHS, POLICIES (of full, chunkkv, quest, shadowkv); LENGTHS="" runs
-# only the extra runs.
+# Overridable: LENGTHS, POLICIES (full, any recall policy, any eviction policy: those run
+# both protocols), BUDGETS (default 0.0625,0.125); LENGTHS="" runs only the extra runs.
+# The issue-17 sweep: BUDGETS=0.25,0.125,0.0625,0.03125 POLICIES="full chunkkv snapkv
+# pyramidkv quest shadowkv clusterkv pqcache magicpig".
 for L in ${LENGTHS-4096 8192}; do
   for P in ${POLICIES:-full chunkkv quest shadowkv}; do
     case $P in
       full) run "full_$L" --policy full --budget 1 --length "$L" ;;
-      chunkkv) run "chunkkv_$L" --policy chunkkv --budget 0.0625,0.125 --protocol both --length "$L" ;;
-      *) run "${P}_$L" --policy "$P" "${RECALL[@]}" --length "$L" ;;
+      quest|shadowkv|clusterkv|pqcache|magicpig|full_offload)
+        run "${P}_$L" --policy "$P" "${RECALL[@]}" --length "$L" ;;
+      *) run "${P}_$L" --policy "$P" --budget "$BUDGETS" --protocol both --length "$L" ;;
     esac
   done
 done

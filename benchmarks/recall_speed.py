@@ -141,7 +141,8 @@ def decode_rate(
 
 MODES = {
     "full": (None, None), "full_offload": ("full_offload", 1e9), "quest": ("quest", 2048),
-    "shadowkv": ("shadowkv", 2048),
+    "shadowkv": ("shadowkv", 2048), "clusterkv": ("clusterkv", 2048), "pqcache": ("pqcache", 0.1),
+    "magicpig": ("magicpig", 2048),
 }  # fmt: skip
 
 
@@ -151,7 +152,12 @@ def recall_deltas(before: dict[str, Any], after: dict[str, Any], tokens: int) ->
         return {}
     names = ("recall_bytes_fetched", "recall_decode_steps", "recall_prefetch_bytes")
     delta = {k: after[k] - before[k] for k in names}
+    sampled = {k: after[k] for k in ("recall_keys_sampled_per_layer_head",
+                                     "recall_sampled_host_ms_per_layer",
+                                     "recall_sampled_wait_ms_per_layer",
+                                     "recall_sampled_on_host_share")}  # fmt: skip
     return {
+        **({} if not after["recall_sampled_host_ms_per_layer"] else sampled),
         "fetched_MB_per_token": delta["recall_bytes_fetched"] / 1e6 / tokens,
         "prefetched_MB_per_token": delta["recall_prefetch_bytes"] / 1e6 / tokens,
         "hit_rate_cumulative": after["recall_working_set_hit_rate"],
@@ -226,7 +232,9 @@ def decode_row(llm: LLM, prompts: list[list[int]], mode: str, steps: int, warmup
         return {"mode": mode, "error": repr(exc)[:300]}
     replays = {f"{name}_replays": after.get(f"recall_{name}_replays", 0)
                - before.get(f"recall_{name}_replays", 0) for name in ("graph", "step_graph")}
-    return {"mode": mode, "tok_s": rate, **replays,
+    held = {"gpu_MB_per_sequence": after["recall_gpu_bytes_used"] / 1e6 / len(prompts)
+            } if policy is not None and "recall_gpu_bytes_used" in after else {}  # fmt: skip
+    return {"mode": mode, "tok_s": rate, **replays, **held,
             **recall_deltas(before, after, steps * len(prompts))}  # fmt: skip
 
 

@@ -1,0 +1,116 @@
+"""The recall and eviction policies side by side: quality against budget, and the trade
+of quality, speed and GPU memory in one table (issue 17).
+
+    python benchmarks/recall_tradeoff.py --quality Q [Q ...] [--speed S.json ...] --out OUT
+
+Q: folders holding `strata eval ruler` summaries (strata_ruler_*.json, searched below
+them; gpu_recall_quality.sh writes one a run). S: recall_speed.py --json outputs (their
+"decode" rows; with and without --prefetch). Writes OUT/recall_sweep_L<length>.png (score
+against budget, one line a policy and protocol, the full cache at budget 1) and prints
+OUT/tradeoff.md: each policy's score at every budget as a share of full, and, per policy,
+its score at 1/16, its decode tok/s, bytes fetched per token and GPU memory per sequence
+at the speed runs' context.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from strata.eval.report import plot_sweep
+
+RECALL = ("quest", "shadowkv", "clusterkv", "pqcache", "magicpig", "full_offload")
+
+
+def summaries(folders: list[Path]) -> list[dict[str, Any]]:
+    """Every ruler summary below `folders` (a setting found twice: the last one read)."""
+    found: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for folder in folders:
+        for path in sorted(folder.rglob("strata_ruler_*.json")):
+            s = json.loads(path.read_text())
+            found[(s["length"], s["policy"], s["budget"], s["protocol"])] = s
+    return list(found.values())
+
+
+def quality_table(runs: list[dict[str, Any]]) -> list[str]:
+    """Rows of length, policy, protocol: the average at each budget, % of full."""
+    budgets = sorted({s["budget"] for s in runs if s["policy"] != "full"}, reverse=True)
+    full = {s["length"]: s["average"] for s in runs if s["policy"] == "full"}
+    cells: dict[tuple[int, str, str], dict[float, float]] = defaultdict(dict)
+    for s in runs:
+        if s["policy"] != "full":
+            cells[(s["length"], s["policy"], s["protocol"])][s["budget"]] = s["average"]
+    head = "| L | policy | protocol | " + " | ".join(f"{b:g}" for b in budgets) + " |"
+    lines = [head, "|" + "---|" * (3 + len(budgets))]
+    for (length, policy, protocol), scores in sorted(cells.items()):
+        base = full.get(length)
+        shown = [_score(scores.get(b), base) for b in budgets]
+        lines.append(f"| {length} | {policy} | {protocol} | " + " | ".join(shown) + " |")
+    for length, score in sorted(full.items()):
+        lines.append(f"| {length} | full | - | {score:.1f} (100%) |")
+    return lines
+
+
+def _score(score: float | None, full: float | None) -> str:
+    if score is None:
+        return "-"
+    return f"{score:.1f}" + (f" ({100 * score / full:.0f}%)" if full else "")
+
+
+def trade_table(runs: list[dict[str, Any]], speed: list[dict[str, Any]]) -> list[str]:
+    """Per recall policy: its score at 1/16 at each length, and per speed row its tok/s,
+    MB fetched per token and GPU MB per sequence."""
+    at16 = defaultdict(dict)
+    for s in runs:
+        if s["policy"] in RECALL and s["budget"] == 0.0625:
+            at16[s["policy"]][s["length"]] = s["average"]
+    lines = ["| policy | RULER at 1/16 | context | batch | prefetch | tok/s | MB fetched / token "
+             "| GPU MB / sequence |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for policy in RECALL:
+        quality = ", ".join(f"{v:.1f} ({k // 1024}k)" for k, v in sorted(at16[policy].items()))
+        rows = [r for r in speed if r.get("mode") == policy and "tok_s" in r] or [{}]
+        for r in rows:
+            if not quality and not r:
+                continue
+            lines.append(
+                f"| {policy} | {quality or '-'} | {r.get('context', '-')} | {r.get('batch', '-')} "
+                f"| {r.get('prefetch', '-')} | {r.get('tok_s', float('nan')):.1f} "
+                f"| {r.get('fetched_MB_per_token', float('nan')):.1f} "
+                f"| {r.get('gpu_MB_per_sequence', float('nan')):.0f} |"
+            )
+    return lines
+
+
+def decode_rows(result: Any) -> list[dict[str, Any]]:
+    """The "decode" rows of a recall_speed.py result, also where it sits inside another
+    result file (as in the results_recall_*.json kept in benchmarks/)."""
+    if not isinstance(result, dict):
+        return []
+    rows = list(result.get("decode", []))
+    return rows + [r for v in result.values() if isinstance(v, dict) for r in decode_rows(v)]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quality", type=Path, nargs="+", required=True,
+                   help="folders with strata eval ruler summaries (searched below)")
+    p.add_argument("--speed", type=Path, nargs="*", default=[],
+                   help="recall_speed.py --json outputs (their decode rows)")
+    p.add_argument("--out", type=Path, required=True, help="folder for the PNGs and tradeoff.md")
+    a = p.parse_args()
+    runs = summaries(a.quality)
+    speed = [r for path in a.speed for r in decode_rows(json.loads(path.read_text()))]
+    a.out.mkdir(parents=True, exist_ok=True)
+    for length in sorted({s["length"] for s in runs}):
+        mine = [s for s in runs if s["length"] == length]
+        plot_sweep(mine, a.out / f"recall_sweep_L{length}.png", f"RULER at {length} tokens")
+    text = "\n".join([*quality_table(runs), "", *trade_table(runs, speed)]) + "\n"
+    (a.out / "tradeoff.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
