@@ -66,14 +66,20 @@ def sampled_part(
     valid = torch.zeros(num_heads * width, dtype=torch.bool, device=q.device)
     valid = valid.index_fill_(0, places, True).view(num_heads, width)
     k, v = padded.view(2, num_heads, width, dim).unbind(0)
-    qf = q.float()[:, None, :]
-    centred = k - mean.float().repeat_interleave(group, dim=0)[:, None, :]
-    cos = (qf * centred).sum(-1) / (qf.norm(dim=-1) * centred.norm(dim=-1)).clamp(min=1e-30)
-    logits = (qf * k).sum(-1) * scale - sampling_probability(cos, bits, tables).log()
+    qf = q.float()
+    centre = mean.float().repeat_interleave(group, dim=0)  # [H, D]: each head's KV mean
+    qk = torch.bmm(k, qf[:, :, None])[..., 0]  # [H, W]
+    kc = torch.bmm(k, centre[:, :, None])[..., 0]
+    # q . (k - c) and |k - c|, from q.k, k.c, |k|^2 and c: no centred copy of the keys
+    q_centred = qk - (qf * centre).sum(-1, keepdim=True)
+    norm2 = (k * k).sum(-1) - 2 * kc + (centre * centre).sum(-1, keepdim=True)
+    scale_cos = qf.norm(dim=-1, keepdim=True) * norm2.clamp(min=0).sqrt()
+    cos = q_centred / scale_cos.clamp(min=1e-30)
+    logits = qk * scale - sampling_probability(cos, bits, tables).log()
     logits = logits.masked_fill(~valid, float("-inf"))
     lse = logits.logsumexp(dim=-1)  # -inf where a head has no sample
     weights = torch.where(valid, (logits - lse[:, None]).exp(), 0.0)
-    return (weights[:, :, None] * v).sum(1), lse
+    return torch.bmm(weights[:, None, :], v)[:, 0], lse
 
 
 def merge(
