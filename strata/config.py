@@ -353,8 +353,9 @@ class RecallConfig:
     host_memory: float | None = field(default=None, metadata=option(
         "GiB of pinned host memory for the recall store, which holds every block of the "
         "sequences under a recall policy (quest, shadowkv, clusterkv, pqcache, magicpig, "
-        "full_offload; magicpig's hash tables come on top of it); default: a quarter of the "
-        "machine's RAM when --kv-policy is a recall policy, else no recall store",
+        "full_offload; magicpig's hash tables may take as much again beside it); default: a "
+        "quarter of the machine's RAM when --kv-policy is a recall policy, else no recall "
+        "store",
         keyword="kv_recall_host_memory", metavar="GIB",
     ))  # fmt: skip
     gpu_memory: float | None = field(default=None, metadata=option(

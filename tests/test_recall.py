@@ -45,6 +45,7 @@ def assert_recall_idle(llm: LLM) -> None:
     stats = llm.stats()
     assert stats["recall_sequences"] == 0
     assert stats["recall_host_bytes_used"] == 0 and stats["recall_gpu_bytes_used"] == 0
+    assert stats["recall_host_table_bytes_used"] == 0
 
 
 # ---- the parts ---------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from strata import SamplingParams
+from strata.errors import InvalidRequestError
 from strata.kv.recall import magicpig, sampled_attention
 from strata.kv.recall.host_attention_cost import HostAttentionCost, host_attention_cost
 from strata.kv.recall.lsh import (
@@ -184,3 +185,36 @@ def test_magicpig_in_a_mixed_batch_equals_solo_runs(recall_folder: Path) -> None
     solo = [tokens(llm, [p], [sp])[0] for p, sp in zip(prompts, params, strict=True)]
     assert tokens(llm, prompts, params) == solo
     assert_recall_idle(llm)
+
+
+def tables_bytes(folder: Path) -> int:
+    """Host bytes magicpig's tables reserve for PROMPT + max_tokens on the test engine."""
+    manager = recall_llm(folder).engine.parts.recall
+    assert manager is not None
+    return manager.plan_for("magicpig", 40, len(PROMPT), GREEDY["max_tokens"]).table_bytes
+
+
+def test_tables_are_reserved_and_bounded_by_the_store_size(recall_folder: Path) -> None:
+    """magicpig's tables (outside the store) reserve host bytes at admission, at most the
+    store's size in all: with room for one sequence's tables, a second waits for the
+    first to finish, and both give their tokens alone; a request whose tables could never
+    fit gets an error that says so."""
+    need = tables_bytes(recall_folder)
+    llm = recall_llm(recall_folder, kv_recall_host_memory=1.5 * need / 2**30)
+    manager = llm.engine.parts.recall
+    assert manager is not None and manager.table_budget < 2 * need
+    params = SamplingParams(kv_policy="magicpig", kv_budget=40, **GREEDY)
+    alone = tokens(llm, [PROMPT], [params])[0]
+    engine = llm.engine
+    ids = [engine.add_request(PROMPT, params) for _ in range(2)]
+    seqs = [engine._seqs[i] for i in ids]
+    while engine.has_unfinished():
+        engine.step()
+        assert len(manager.live) <= 1 and manager.table_used <= manager.table_budget
+        assert llm.stats()["recall_host_table_bytes_used"] in (0, need)
+    assert [list(s.output_token_ids) for s in seqs] == [alone, alone]
+    assert_recall_idle(llm)
+    small = recall_llm(recall_folder, kv_recall_host_memory=0.6 * need / 2**30)
+    with pytest.raises(InvalidRequestError, match="tables beside the store"):
+        small.generate([PROMPT], params)
+

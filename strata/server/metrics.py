@@ -98,6 +98,7 @@ RECALL_GAUGES = {
     "recall_working_set_hit_rate": "Picked blocks already in the GPU working set.",
     "recall_host_bytes_used": "Host bytes of the recall store held by requests.",
     "recall_host_bytes": "Host bytes of the recall store.",
+    "recall_host_table_bytes_used": "Host bytes reserved for magicpig's tables.",
     "recall_gpu_bytes_used": "GPU bytes held by recall sequences.",
     "recall_pages": "Recall pages: GPU tensors shared by sequences of one kind.",
     "recall_prefix_blocks_indexed": "Prompt blocks published in the recall store's prefix index.",

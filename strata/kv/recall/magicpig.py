@@ -82,6 +82,11 @@ class MagicPIGPolicy(RecallPolicy):
         """Host bytes of a token's codes and sorted ids, every head and sparse layer."""
         return layers * kv_heads * TABLES * (2 + 4)
 
+    @staticmethod
+    def host_bytes(room: SummaryRoom) -> int:
+        tokens = room.max_blocks * room.block_size
+        return tokens * MagicPIGPolicy.host_bytes_per_token(room.kv_heads, room.layers)
+
     def wants_all_keys(self, layer: int) -> bool:
         return self.tables[layer] is None and self.building[layer] is None
 

@@ -66,6 +66,7 @@ class RecallKV:
     state: RecallSequence | None = None
     prompt_blocks: tuple[BlockRef, ...] = ()  # its full prompt blocks' keys (when sharing)
     published: bool = False  # its prompt blocks went to the store's index
+    table_bytes: int = 0  # host bytes of the policy's own beside the store (magicpig)
 
     @property
     def host_slots(self) -> int:
@@ -96,6 +97,9 @@ class RecallManager:
         self.rope = rope  # the model's rotary tables, for policies that undo RoPE
         self.gpu_budget = gpu_budget
         self.gpu_used = 0
+        # host bytes of policies' own structures beside the store (magicpig's tables): at
+        # most as much as the store, reserved at admission like its slots
+        self.table_budget, self.table_used = store.nbytes, 0
         self.live: dict[str, RecallKV] = {}  # by request id: attached, admitted or not
         self.page_rows = page_rows  # rows of a new page (page.py), as the budget allows
         self.pages: list[RecallPage] = []  # each holding a row or more
@@ -141,6 +145,12 @@ class RecallManager:
                 f"{format_bytes(self.store.nbytes)} (kv_recall_host_memory); lower max_tokens "
                 "or raise --kv-recall-host-memory"
             )
+        if kv.table_bytes > self.table_budget:
+            raise InvalidRequestError(
+                f"kv_policy {policy!r}: {total} tokens need {format_bytes(kv.table_bytes)} of "
+                f"host memory for its tables beside the store, which may take "
+                f"{format_bytes(self.table_budget)} (as much as kv_recall_host_memory)"
+            )
         if gpu > self.gpu_budget:
             raise InvalidRequestError(
                 f"kv_policy {policy!r}: {total} tokens need {format_bytes(gpu)} of GPU memory "
@@ -155,18 +165,17 @@ class RecallManager:
         """A RecallKV of these numbers, with the GPU bytes it takes on this rank."""
         g = self.geometry
         cls = RECALL_POLICIES.get(policy)
-        gpu = g.dense_bytes(max_tokens) + g.resident_bytes()
-        gpu += cls.summary_bytes(
-            SummaryRoom(
-                g.sparse_layers, g.num_kv_heads, g.room_blocks(host_blocks), g.head_dim,
-                g.block_size, g.dtype,
-                budget_blocks, landmark_tokens=g.landmark_tokens, shard=self.shard,
-                quest_page_tokens=g.quest_page_tokens,
-            )
-        )
+        room = SummaryRoom(
+            g.sparse_layers, g.num_kv_heads, g.room_blocks(host_blocks), g.head_dim,
+            g.block_size, g.dtype, budget_blocks, landmark_tokens=g.landmark_tokens,
+            shard=self.shard, quest_page_tokens=g.quest_page_tokens,
+        )  # fmt: skip
+        gpu = g.dense_bytes(max_tokens) + g.resident_bytes() + cls.summary_bytes(room)
         if cls.selects:
             gpu += g.working_set_bytes(g.working_set_slots(budget_blocks))
-        return RecallKV(policy, budget_blocks, max_tokens, host_blocks, gpu, num_prompt)
+        kv = RecallKV(policy, budget_blocks, max_tokens, host_blocks, gpu, num_prompt)
+        kv.table_bytes = cls.host_bytes(room)
+        return kv
 
     def admit(
         self, request_id: str, kv: RecallKV, serial: int | None = None, waiting: int = 1,
@@ -191,6 +200,8 @@ class RecallManager:
         shared = [slot for block in reused for slot in block.slots]
         fresh = kv.host_slots - len(shared)  # holding a cached slot takes it from the rest
         if fresh > self.store.num_available - self.store.num_unheld(shared):
+            return False
+        if self.table_used + kv.table_bytes > self.table_budget:
             return False
         dense = self.geometry.dense_bytes(kv.max_tokens)
         page = self._page_with_room(kv, dense, waiting, capacity)
@@ -218,6 +229,7 @@ class RecallManager:
                 kv.state.room, self.rope, self.store, self.shard,
             )  # fmt: skip
         self.gpu_used += dense
+        self.table_used += kv.table_bytes
         self.live[request_id] = kv
         return True
 
@@ -286,6 +298,7 @@ class RecallManager:
             listener(kv.state.serial)
         kv.state = None
         self.gpu_used -= self.geometry.dense_bytes(kv.max_tokens)
+        self.table_used -= kv.table_bytes
 
     # ---- observability (report.py) ------------------------------------------------------------
 

@@ -104,6 +104,12 @@ class RecallPolicy(ABC):
         """GPU bytes `allocate(room)` takes."""
         return 0
 
+    @staticmethod
+    def host_bytes(room: SummaryRoom) -> int:
+        """Host bytes its own structures take at most, beside the store (magicpig's
+        tables), for room.max_blocks middle blocks."""
+        return 0
+
     def wants_all_keys(self, layer: int) -> bool:
         """True when `take_all_keys` must run for `layer` before its next `scores`."""
         return False

@@ -54,6 +54,8 @@ def recall_stats(m: RecallManager) -> dict[str, Any]:
         "recall_pages": len(m.pages),
         "recall_host_bytes_used": m.store.used_bytes,
         "recall_host_bytes": m.store.nbytes,
+        # host bytes reserved for policies' own structures beside the store (magicpig)
+        "recall_host_table_bytes_used": m.table_used,
         "recall_gpu_bytes_used": m.gpu_used,
         **_sharing_stats(m),
     }
@@ -114,6 +116,9 @@ def integrity_problems(m: RecallManager) -> list[str]:
     used = dense + sum(page.nbytes for page in m.pages)
     if used != m.gpu_used:
         problems.append(f"recall GPU bytes: {m.gpu_used} counted, {used} held")
+    tables = sum(kv.table_bytes for kv in m.live.values())
+    if tables != m.table_used:
+        problems.append(f"recall host table bytes: {m.table_used} counted, {tables} held")
     problems += _page_problems(m)
     for request_id, kv in m.live.items():
         state = kv.state
