@@ -9,7 +9,7 @@ including imports inside functions and under TYPE_CHECKING.
     kv        kv                  (blocks, prefix, tiers, policies, codecs)
     attention attention
     ops       ops                 (fused kernels: norms, activations, RoPE, grouped experts)
-    base      config, options, registry, errors, pinned
+    base      config, options, registry, errors, pinned, timing
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import strata
 
 LAYERS: list[set[str]] = [
-    {"pinned", "errors", "registry", "options", "config"},
+    {"timing", "pinned", "errors", "registry", "options", "config"},
     {"ops"},
     {"attention"},
     {"kv"},
@@ -30,7 +30,7 @@ LAYERS: list[set[str]] = [
     {"server", "bench", "eval", "cli", "env_report", "commands", "flags", "engine_flags", "sim"},
 ]
 # Within the base layer, the order of the modules themselves.
-BASE_ORDER = ["pinned", "errors", "registry", "options", "config"]
+BASE_ORDER = ["timing", "pinned", "errors", "registry", "options", "config"]
 ROOT = Path(strata.__file__).parent
 
 
