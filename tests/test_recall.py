@@ -40,6 +40,18 @@ def tokens(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -> 
     return [out.token_ids for out in llm.generate(prompts, params)]
 
 
+def prefilled(llm: LLM, params: SamplingParams) -> tuple[str, Any]:
+    """Add PROMPT under params and step until its first token: (request id, engine
+    sequence), its recall state in place."""
+    engine = llm.engine
+    request_id = engine.add_request(PROMPT, params)
+    seq = engine._seqs[request_id]
+    while seq.num_output_tokens == 0:
+        engine.step()
+    assert seq.recall is not None and seq.recall.state is not None
+    return request_id, seq
+
+
 def assert_recall_idle(llm: LLM) -> None:
     assert_no_leaks(llm)
     stats = llm.stats()

@@ -38,6 +38,7 @@ from tests.test_recall import (
     PROMPT,
     assert_fixed_equals_growing,
     assert_recall_idle,
+    prefilled,
     recall_llm,
     tokens,
 )
@@ -295,12 +296,7 @@ def test_the_prompt_is_clustered_by_the_prefill_and_the_budget_attended(
     layer's 34 middle blocks (136 tokens: a cluster each, under CLUSTERS), the keys stay
     on the host, and each decode step attends 10 middle blocks per layer and head."""
     llm = recall_llm(recall_folder)
-    params = SamplingParams(kv_policy="clusterkv", kv_budget=40, **GREEDY)
-    request_id = llm.engine.add_request(PROMPT, params)
-    seq = llm.engine._seqs[request_id]
-    while seq.num_output_tokens == 0:
-        llm.engine.step()
-    assert seq.recall is not None and seq.recall.state is not None
+    _, seq = prefilled(llm, SamplingParams(kv_policy="clusterkv", kv_budget=40, **GREEDY))
     policy = seq.recall.state.policy
     assert isinstance(policy, ClusterKVPolicy)
     assert policy.fitted == [True] * 2  # 4 layers, 2 dense

@@ -134,10 +134,10 @@ def test_tables_gather_retired_blocks_and_sort_them_in(monkeypatch: pytest.Monke
 
 def test_cost_model_attends_on_the_host_unless_copying_is_cheaper() -> None:
     assert host_attention_cost(torch.device("cpu")).h2d_bytes_per_s is None
-    assert HostAttentionCost(1e-6, None).on_host(10**6, 256)
+    assert HostAttentionCost(1e-6, None).on_host(256)
     fast_link = HostAttentionCost(1e-6, 1e12)  # 512 bytes cross in 0.5 ns: the device wins
     slow_link = HostAttentionCost(1e-9, 1e9)  # 512 bytes cross in 512 ns: the host wins
-    assert not fast_link.on_host(1, 256) and slow_link.on_host(1, 256)
+    assert not fast_link.on_host(256) and slow_link.on_host(256)
     assert "M sampled keys/s" in HostAttentionCost(1e-7, 2e10).describe()
 
 

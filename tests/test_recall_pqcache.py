@@ -21,7 +21,7 @@ from strata.kv.recall.buffers import Buffers, OwnBuffers
 from strata.kv.recall.kmeans import kmeans
 from strata.kv.recall.policy import TIE, SummaryRoom
 from strata.kv.recall.pqcache import CODEWORDS, ITERATIONS, SEED, SUBSPACES, PQCachePolicy
-from tests.test_recall import GREEDY, PROMPT, assert_recall_idle, recall_llm, tokens
+from tests.test_recall import GREEDY, PROMPT, assert_recall_idle, prefilled, recall_llm, tokens
 
 BLOCK = 16
 
@@ -249,12 +249,7 @@ def test_the_codebooks_are_fitted_by_the_prefill(recall_folder: Path) -> None:
     host (picked blocks fetch them exact); a small budget attends it and leaks nothing."""
     llm = recall_llm(recall_folder)
     engine = llm.engine
-    params = SamplingParams(kv_policy="pqcache", kv_budget=40, **GREEDY)
-    request_id = engine.add_request(PROMPT, params)
-    seq = engine._seqs[request_id]
-    while seq.num_output_tokens == 0:
-        engine.step()
-    assert seq.recall is not None and seq.recall.state is not None
+    _, seq = prefilled(llm, SamplingParams(kv_policy="pqcache", kv_budget=40, **GREEDY))
     state = seq.recall.state
     policy = state.policy
     assert isinstance(policy, PQCachePolicy)

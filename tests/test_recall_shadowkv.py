@@ -18,7 +18,7 @@ from strata import SamplingParams
 from strata.kv.recall.policy import SummaryRoom
 from strata.kv.recall.shadowkv import RANK, ShadowKVPolicy
 from strata.models.rope import RotaryEmbedding
-from tests.test_recall import GREEDY, PROMPT, assert_recall_idle, recall_llm, tokens
+from tests.test_recall import GREEDY, PROMPT, assert_recall_idle, prefilled, recall_llm, tokens
 
 BLOCK = 16  # two 8-token chunks per block
 
@@ -175,12 +175,7 @@ def test_the_basis_is_fitted_by_the_prefill(recall_folder: Path) -> None:
     published blocks (a later request with the prompt reuses them), the others free."""
     llm = recall_llm(recall_folder)
     engine = llm.engine
-    params = SamplingParams(kv_policy="shadowkv", kv_budget=40, **GREEDY)
-    request_id = engine.add_request(PROMPT, params)
-    seq = engine._seqs[request_id]
-    while seq.num_output_tokens == 0:
-        engine.step()
-    assert seq.recall is not None and seq.recall.state is not None
+    request_id, seq = prefilled(llm, SamplingParams(kv_policy="shadowkv", kv_budget=40, **GREEDY))
     policy = seq.recall.state.policy
     assert isinstance(policy, ShadowKVPolicy)
     assert policy.fitted == [True] * 2  # 4 layers, 2 dense

@@ -169,9 +169,9 @@ class RecallAttention(AttentionBackend[RecallMetadata]):
 
         def ahead(layer: int, x: Tensor, residual: Tensor | None) -> None:
             s = layer - dense
-            for step in self._ready_pages(steps, s, x.device) if s >= 0 else ():
-                if not any(step is mine for mine in steps):
-                    continue  # regrouped at this layer (a part still fits its summaries)
+            for step in steps if s >= 0 else ():
+                if any(p.state.policy.wants_all_keys(s) for p in step.parts):
+                    continue  # the layer regroups this page (a part still fits its summaries)
                 rows = step.flat
                 stream = x[rows] if residual is None else x[rows] + residual[rows]
                 decoder = step.page.decoder

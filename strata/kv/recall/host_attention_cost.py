@@ -34,8 +34,9 @@ class HostAttentionCost:
     seconds_per_pair: float
     h2d_bytes_per_s: float | None  # None: the compute device is the host
 
-    def on_host(self, pairs: int, row_bytes: int) -> bool:
-        """Whether `pairs` sampled pairs of row_bytes-long keys are cheaper on the host."""
+    def on_host(self, row_bytes: int) -> bool:
+        """Whether sampled pairs of row_bytes-long keys are cheaper on the host (both
+        costs grow with the pairs alike, so their count decides nothing)."""
         if self.h2d_bytes_per_s is None:
             return True
         return self.seconds_per_pair <= 2 * row_bytes / self.h2d_bytes_per_s
@@ -44,7 +45,7 @@ class HostAttentionCost:
         host = f"host attends {1 / self.seconds_per_pair / 1e6:.1f} M sampled keys/s"
         if self.h2d_bytes_per_s is None:
             return f"{host}; the device is the host"
-        side = "host" if self.on_host(1, 2 * HEAD_DIM) else "device"
+        side = "host" if self.on_host(2 * HEAD_DIM) else "device"
         return (f"{host}; H2D {self.h2d_bytes_per_s / 1e9:.1f} GB/s; bf16 head_dim "
                 f"{HEAD_DIM} samples attended on the {side}")  # fmt: skip
 

@@ -65,7 +65,7 @@ class HashTables:
         """codes [kv_heads, n, tables] int16 on the CPU, of tokens 0..n-1."""
         kvh, n, tables = codes.shape
         self.bits, self.num_tables, self.kv_heads = bits, tables, kvh
-        self.codes = codes  # every token's, kept for the next sort
+        self.sorted_codes = codes  # kept for the next sort
         by_table = codes.permute(0, 2, 1).contiguous()  # [kvh, tables, n]
         order = by_table.sort(dim=-1, stable=True).indices
         self.order = order.to(torch.int32).contiguous()  # flat below: row r at r * n
@@ -83,10 +83,20 @@ class HashTables:
     def num_tokens(self) -> int:
         return self.sorted_tokens + self.tail.shape[1]
 
+    @property
+    def codes(self) -> torch.Tensor:
+        """[kv_heads, num_tokens, tables] every token's codes (a copy: for a sort)."""
+        return torch.cat([self.sorted_codes, self.tail], dim=1)
+
+    def codes_from(self, first: int) -> torch.Tensor:
+        """The codes of tokens first.. (first >= sorted_tokens: from the tail alone)."""
+        if first < self.sorted_tokens:
+            raise ValueError(f"token {first} is among the {self.sorted_tokens} sorted ones")
+        return self.tail[:, first - self.sorted_tokens :]
+
     def append(self, codes: torch.Tensor) -> None:
-        """Codes [kv_heads, n, tables] of the next n tokens."""
+        """Codes [kv_heads, n, tables] of the next n tokens (copies only the tail)."""
         self.tail = torch.cat([self.tail, codes], dim=1)
-        self.codes = torch.cat([self.codes, codes], dim=1)
 
     def resorted(self) -> HashTables:
         """Tables with every token sorted (built from the kept codes)."""

@@ -129,7 +129,7 @@ class MagicPIGPolicy(RecallPolicy):
         assert tables is not None, "magicpig tables before take_all_keys"
         if resorting is not None and resorting.done():
             sorted_tables = resorting.result()
-            newer = tables.codes[:, sorted_tables.num_tokens :]
+            newer = tables.codes_from(sorted_tables.num_tokens)
             if newer.shape[1]:
                 sorted_tables.append(newer)
             self.tables[layer], self.resorting[layer] = sorted_tables, None

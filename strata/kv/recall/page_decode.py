@@ -80,16 +80,11 @@ class PageDecoder:
         scale: float,
     ) -> torch.Tensor:  # fmt: skip
         g, t, ws = self.geometry, self.t, self.ws
-        rows, kvh = q.shape[0], g.num_kv_heads
         write = ((self.tail_index == t.held[:, None]) & active[:, None])[:, None, :, None]
         tail_k, tail_v = t.tail_k[s], t.tail_v[s]  # [rows, KVH, tail, D]
         tail_k.copy_(torch.where(write, k.to(g.dtype)[:, :, None, :], tail_k))
         tail_v.copy_(torch.where(write, v.to(g.dtype)[:, :, None, :], tail_v))
-        grouped = q.view(rows, kvh, g.group_size, g.head_dim)
-        scores = self.policy.scores(s, grouped, self.room.max_blocks, live=t.middle)
-        if self.shard is not None:  # a replicated head's GQA group spans ranks
-            scores = self.shard.max_over_replicas(scores)
-        picks = torch.topk(scores, self.room.slots, dim=-1, sorted=False).indices
+        picks = self.pick(s, q)
         if self.prefetch is not None:
             self.prefetch.picked.copy_(picks)
         held, moves = ws.update(s, picks, active)
@@ -99,6 +94,16 @@ class PageDecoder:
         t.blocks_attended.add_(held.sum(dim=(-1, -2)))
         return attend(q, t.sink_k[s], t.sink_v[s], ws.k[s], ws.v[s], held, tail_k, tail_v,
                       t.held, scale, self.attention_kernel)  # fmt: skip
+
+    def pick(self, s: int, q: torch.Tensor) -> torch.Tensor:
+        """[rows, KVH, slots] the blocks each row's query q [rows, H, D] picks in sparse
+        layer s: the policy's top scores over the live middle blocks."""
+        g = self.geometry
+        grouped = q.view(q.shape[0], g.num_kv_heads, g.group_size, g.head_dim)
+        scores = self.policy.scores(s, grouped, self.room.max_blocks, live=self.t.middle)
+        if self.shard is not None:  # a replicated head's GQA group spans ranks
+            scores = self.shard.max_over_replicas(scores)
+        return torch.topk(scores, self.room.slots, dim=-1, sorted=False).indices
 
 
 def attend(

@@ -60,9 +60,7 @@ class LayerPrefetch:
         self.active[p].copy_(active)
         on = self.active[p]
         with forked(self.stream):
-            grouped = self.q[p].view(-1, g.num_kv_heads, g.group_size, g.head_dim)
-            scores = d.policy.scores(s, grouped, d.room.max_blocks, live=t.middle)
-            picks = torch.topk(scores, d.room.slots, dim=-1, sorted=False).indices
+            picks = d.pick(s, self.q[p])
             self.guessed[p].copy_(picks)
             _, moves = ws.update(s, picks, on, self.scratch)
             fill(ws, d.policy, d.store, t.key_slots, t.value_slots, s, moves, False,

@@ -175,8 +175,7 @@ def _host_part(
     flat = store.data.view(-1, g.head_dim)
     keys, values = flat[rows[0]], flat[rows[1]]
     pairs = int(heads.numel())
-    cost = host_attention_cost(q.device if not seq.sink_k.is_cuda else seq.sink_k.device)
-    if cost.on_host(pairs, keys.element_size() * g.head_dim):
+    if host_attention_cost(seq.sink_k.device).on_host(keys.element_size() * g.head_dim):
         out, lse = sampled_part(q, heads, keys, values, policy.mean_on_host(s), group, scale,
                                 policy.bits, policy.num_tables)  # fmt: skip
         return Gathered(pairs, time.perf_counter() - start, out=out, lse=lse)

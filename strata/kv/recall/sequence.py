@@ -155,17 +155,17 @@ class RecallSequence:
         """A decode step past the prompt that picks among more middle blocks than the
         working set holds: the steady state its page decodes (page_decode.py), in every
         layer whose policy does not want all its keys first."""
-        ws = self.working_set
-        return (
-            self.static_decode and ws is not None and chunk.num_tokens == 1
-            and chunk.start >= self.prompt_tokens and chunk.num_middle > self.budget_blocks
-        )  # fmt: skip
+        return self.static_decode and self.working_set is not None and self._past_budget(chunk)
 
     def samples(self, chunk: RecallChunk) -> bool:
         """A decode step past the prompt whose middle outgrows the budget, under a policy
         that then samples the middle (magicpig: sampled_attention.py)."""
+        return self.policy.samples and self._past_budget(chunk)
+
+    def _past_budget(self, chunk: RecallChunk) -> bool:
+        """A decode step past the prompt with more middle blocks than the budget picks."""
         return (
-            self.policy.samples and chunk.num_tokens == 1 and chunk.start >= self.prompt_tokens
+            chunk.num_tokens == 1 and chunk.start >= self.prompt_tokens
             and chunk.num_middle > self.budget_blocks
         )  # fmt: skip
 
