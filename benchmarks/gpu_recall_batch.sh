@@ -31,8 +31,8 @@
 #               working-set factor of $WSFS (default "1 4"); FS ("both", default engine):
 #               the values fetched beside the rebuilt keys on a side stream, or not
 #     policies128k  128k context, batch $BP128 (default 4) in one page: each selecting policy
-#               ($PMODES128) without, then with the cross-layer prefetch; then magicpig alone
-#               at batch 1 (its host time per layer against the step: recall_sampled_*)
+#               ($PMODES128) without the cross-layer prefetch, magicpig alone at batch 1
+#               (its host time per layer against the step: recall_sampled_*), then with it
 #     policies32k  32k context, batch $BPOL (default 4) in one page: full attention and
 #               each recall policy ($PMODES32; magicpig decodes each sequence alone), $PSTEPS
 #               timed steps (default 8)
@@ -151,14 +151,17 @@ if has prefetch128k; then
 fi
 if has policies128k; then  # issue 17's speed table: every recall policy, prefetch off and on
   b="${BP128:-4}"
-  for how in "" --prefetch; do
+  for how in "" magicpig --prefetch; do
+    if [ "$how" = magicpig ]; then
+      speed --only decode --contexts 131072 --batch 1 --steps 4 --modes magicpig --slack 200 \
+        --pool-gib 4 --recall-gpu-gib 6 --host-gib 25 --json "$OUT/magicpig128k.json"
+      continue
+    fi
     speed --only decode --contexts 131072 --batch "$b" --steps "${PSTEPS:-8}" --page-rows "$b" \
       --modes "${PMODES128:-quest,shadowkv,clusterkv,pqcache}" --slack 200 $how --pool-gib 4 \
       --recall-gpu-gib $((4 * b + 2)) --host-gib $((16 * b + 9)) \
       --json "$OUT/policies128k${how:+_prefetch}.json"
   done
-  speed --only decode --contexts 131072 --batch 1 --steps 4 --modes magicpig --slack 200 \
-    --pool-gib 4 --recall-gpu-gib 6 --host-gib 25 --json "$OUT/magicpig128k.json"
 fi
 if has policies32k; then  # every recall policy beside full attention, one process
   speed --only decode --contexts 32768 --batch "${BPOL:-4}" --steps "${PSTEPS:-8}" \

