@@ -154,12 +154,12 @@ if has policies128k; then  # issue 17's speed table: every recall policy, prefet
   for how in "" magicpig --prefetch; do
     if [ "$how" = magicpig ]; then
       speed --only decode --contexts 131072 --batch 1 --steps 4 --modes magicpig --slack 200 \
-        --pool-gib 4 --recall-gpu-gib 6 --host-gib 25 --json "$OUT/magicpig128k.json"
+        --pool-gib 4 --recall-gpu-gib 14 --host-gib 25 --json "$OUT/magicpig128k.json"
       continue
     fi
     speed --only decode --contexts 131072 --batch "$b" --steps "${PSTEPS:-8}" --page-rows "$b" \
       --modes "${PMODES128:-quest,shadowkv,clusterkv,pqcache}" --slack 200 $how --pool-gib 4 \
-      --recall-gpu-gib $((4 * b + 2)) --host-gib $((16 * b + 9)) \
+      --recall-gpu-gib $((4 * b + 2 > 14 ? 4 * b + 2 : 14)) --host-gib $((16 * b + 9)) \
       --json "$OUT/policies128k${how:+_prefetch}.json"
   done
 fi
