@@ -154,7 +154,7 @@ if has policies128k; then  # issue 17's speed table: every recall policy, prefet
   for how in "" magicpig --prefetch; do
     if [ "$how" = magicpig ]; then
       speed --only decode --contexts 131072 --batch 1 --steps 4 --modes magicpig --slack 200 \
-        --pool-gib 4 --recall-gpu-gib 14 --host-gib 25 --json "$OUT/magicpig128k.json"
+        --pool-gib 4 --recall-gpu-gib 14 --host-gib 32 --json "$OUT/magicpig128k.json"
       continue
     fi
     speed --only decode --contexts 131072 --batch "$b" --steps "${PSTEPS:-8}" --page-rows "$b" \

@@ -24,9 +24,10 @@ COMMON=(--model "$GGUF" --device cuda --samples "$N" --no-progress
         --kv-cache-memory "${KV_GIB:-2}")
 BUDGETS=${BUDGETS:-0.0625,0.125}
 RECALL=(--protocol query-aware --kv-recall-host-memory "${HOST_GIB:-3}" --kv-recall-page-rows 8)
-run() {
+run() {  # at most MAXJOBS (default 14) at once: ~3 GiB of GPU memory each
   local name=$1
   shift
+  while [ "$(jobs -rp | wc -l)" -ge "${MAXJOBS:-14}" ]; do wait -n; done
   timeout "$SECONDS_LEFT" python3 -m strata.cli eval ruler "${COMMON[@]}" --output "$OUT/$name" \
     "$@" > "$OUT/$name.log" 2>&1 &
 }
