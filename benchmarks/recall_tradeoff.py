@@ -2,14 +2,17 @@
 of quality, speed and GPU memory in one table (issue 17).
 
     python benchmarks/recall_tradeoff.py --quality Q [Q ...] [--speed S.json ...] --out OUT
+        [--kvpress L:BUDGET:SCORE:LABEL ...] [--keep RESULTS.json]
 
 Q: folders holding `strata eval ruler` summaries (strata_ruler_*.json, searched below
-them; gpu_recall_quality.sh writes one a run). S: recall_speed.py --json outputs (their
-"decode" rows; with and without --prefetch). Writes OUT/recall_sweep_L<length>.png (score
-against budget, one line a policy and protocol, the full cache at budget 1) and prints
-OUT/tradeoff.md: each policy's score at every budget as a share of full, and, per policy,
-its score at 1/16, its decode tok/s, bytes fetched per token and GPU memory per sequence
-at the speed runs' context.
+them; gpu_recall_quality.sh writes one a run), or a RESULTS.json this script kept. S:
+recall_speed.py --json outputs (their "decode" rows; with and without --prefetch).
+--kvpress: a score measured with kvpress on the same samples, drawn as a star. Writes
+OUT/recall_sweep_L<length>.png (score against budget: recall policies solid, evicting
+ones dashed, query-agnostic hollow; the full cache at budget 1) and prints OUT/tradeoff.md:
+each policy's score at every budget as a share of full, and, per policy, its score at
+1/16, its decode tok/s, bytes fetched per token and GPU memory per sequence at the speed
+runs' context. --keep writes the summaries (without per-sample answers) and speed rows.
 """
 
 from __future__ import annotations
@@ -21,8 +24,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from strata.eval.report import plot_sweep
-
 RECALL = ("quest", "shadowkv", "shadowkv4", "clusterkv", "pqcache", "magicpig", "full_offload")
 
 
@@ -32,8 +33,13 @@ def summaries(folders: list[Path]) -> list[dict[str, Any]]:
     4-token landmarks) names the policy in the tables and plots."""
     found: dict[tuple[Any, ...], dict[str, Any]] = {}
     for folder in folders:
+        if folder.is_file():  # kept by --keep: already named
+            for s in json.loads(folder.read_text())["runs"]:
+                found[(s["length"], s["policy"], s["budget"], s["protocol"])] = s
+            continue
         for path in sorted(folder.rglob("strata_ruler_*.json")):
             s = json.loads(path.read_text())
+            s.pop("samples", None)
             s["policy"] = _variant(path, s["policy"])
             found[(s["length"], s["policy"], s["budget"], s["protocol"])] = s
     return list(found.values())
@@ -105,22 +111,76 @@ def decode_rows(result: Any) -> list[dict[str, Any]]:
     return rows + [r for v in result.values() if isinstance(v, dict) for r in decode_rows(v)]
 
 
+def plot(runs: list[dict[str, Any]], kvpress: list[tuple[float, float, str]], path: Path,
+         title: str) -> None:  # fmt: skip
+    """Score against budget (log scale), a line per policy and protocol."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    full = next((s["average"] for s in runs if s["policy"] == "full"), None)
+    lines: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
+    for s in runs:
+        if s["policy"] != "full":
+            lines[(s["policy"], s["protocol"])].append((s["budget"], s["average"]))
+    colours = plt.get_cmap("tab10")
+    policies = sorted({policy for policy, _ in lines})
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for (policy, protocol), points in sorted(lines.items()):
+        points = sorted([*points, *([(1.0, full)] if full is not None else [])])
+        recall = policy in RECALL
+        ax.plot([b for b, _ in points], [v for _, v in points], "-" if recall else "--",
+                color=colours(policies.index(policy) % 10), marker="o",
+                markerfacecolor="none" if protocol == "query-agnostic" else None,
+                label=f"{policy} ({protocol}{', recall' if recall else ''})")  # fmt: skip
+    for budget, score, label in kvpress:
+        ax.plot([budget], [score], "k*", markersize=12, label=f"kvpress {label}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("KV budget (fraction of the context attended)")
+    ax.set_ylabel("RULER average score (full cache at 1)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def kvpress_points(specs: list[str]) -> dict[int, list[tuple[float, float, str]]]:
+    """L:BUDGET:SCORE:LABEL specs, by length."""
+    points: dict[int, list[tuple[float, float, str]]] = defaultdict(list)
+    for spec in specs:
+        length, budget, score, label = spec.split(":", 3)
+        points[int(length)].append((float(budget), float(score), label))
+    return points
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quality", type=Path, nargs="+", required=True,
-                   help="folders with strata eval ruler summaries (searched below)")
+                   help="folders with strata eval ruler summaries (searched below), or a "
+                        "--keep file")
     p.add_argument("--speed", type=Path, nargs="*", default=[],
-                   help="recall_speed.py --json outputs (their decode rows)")
+                   help="recall_speed.py --json outputs (their decode rows), or a --keep file")
+    p.add_argument("--kvpress", nargs="*", default=[], metavar="L:BUDGET:SCORE:LABEL",
+                   help="kvpress scores on the same samples, drawn as stars")
     p.add_argument("--out", type=Path, required=True, help="folder for the PNGs and tradeoff.md")
+    p.add_argument("--keep", type=Path, help="write the summaries and speed rows here")
     a = p.parse_args()
     runs = summaries(a.quality)
     speed = [r for path in a.speed for r in decode_rows(json.loads(path.read_text()))]
+    stars = kvpress_points(a.kvpress)
     a.out.mkdir(parents=True, exist_ok=True)
     for length in sorted({s["length"] for s in runs}):
         mine = [s for s in runs if s["length"] == length]
-        plot_sweep(mine, a.out / f"recall_sweep_L{length}.png", f"RULER at {length} tokens")
+        plot(mine, stars[length], a.out / f"recall_sweep_L{length}.png",
+             f"RULER at {length} tokens, SmolLM2-135M")
     text = "\n".join([*quality_table(runs), "", *trade_table(runs, speed)]) + "\n"
     (a.out / "tradeoff.md").write_text(text)
+    if a.keep is not None:
+        kept = {"runs": runs, "kvpress": a.kvpress, "speed": {"decode": speed}}
+        a.keep.write_text(json.dumps(kept, indent=1))
     print(text)
 
 
