@@ -60,6 +60,28 @@ def test_candidates_are_the_tokens_colliding_in_two_tables() -> None:
     assert built.resorted().tail.shape[1] == 0 and built.num_tokens == n
 
 
+@pytest.mark.parametrize("workers", [1, 2, 3, 8])
+def test_candidates_of_head_runs_on_threads_equal_one_call(
+    monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    """Query heads split into runs of whole KV heads (first_head), found on worker
+    threads and concatenated, give exactly the candidates of one call."""
+    torch.manual_seed(1)
+    kv_heads, n, tables, bits, group = 5, 90, 8, 2, 3
+    codes = torch.randint(0, 1 << bits, (kv_heads, n, tables), dtype=torch.int16)
+    q = torch.randint(0, 1 << bits, (kv_heads * group, tables), dtype=torch.int16)
+    built = HashTables(codes[:, :70], bits)
+    built.append(codes[:, 70:])
+    whole = built.candidates(q, group)
+    part = built.candidates(q[6:12], group, first_head=6)
+    inside = (whole.heads >= 6) & (whole.heads < 12)
+    assert torch.equal(part.heads, whole.heads[inside])
+    assert torch.equal(part.tokens, whole.tokens[inside])
+    monkeypatch.setattr(sampled_attention, "CANDIDATE_WORKERS", workers)
+    found = sampled_attention._candidates(built, q, group)
+    assert torch.equal(found.heads, whole.heads) and torch.equal(found.tokens, whole.tokens)
+
+
 def test_sampling_probability_is_two_or_more_collisions() -> None:
     """w = P(at least 2 of L tables collide), each with probability (1 - angle/pi)^K."""
     bits, tables = 4, 7

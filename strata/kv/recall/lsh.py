@@ -102,12 +102,13 @@ class HashTables:
         """Tables with every token sorted (built from the kept codes)."""
         return HashTables(self.codes, self.bits)
 
-    def candidates(self, query_codes: torch.Tensor, group: int) -> Candidates:
+    def candidates(self, query_codes: torch.Tensor, group: int, first_head: int = 0) -> Candidates:
         """Every (query head, token) colliding in at least MIN_COLLISIONS tables, for the
-        codes [heads, tables] of queries whose KV head is head // group; sorted by head,
-        then token."""
+        codes [heads, tables] of query heads first_head.., whose KV head is head // group;
+        sorted by head, then token. Heads split into runs give, concatenated, what they
+        give together."""
         heads = query_codes.shape[0]
-        kv = torch.arange(heads) // group
+        kv = (torch.arange(heads) + first_head) // group
         total = self.num_tokens
         hits = torch.zeros(heads * total, dtype=torch.int32)
         if self.sorted_tokens:
@@ -118,7 +119,7 @@ class HashTables:
             same = (self.tail[kv] == query_codes[:, None, :]).sum(-1, dtype=torch.int32)
             hits.view(heads, total)[:, self.sorted_tokens :] += same
         picked = (hits >= MIN_COLLISIONS).nonzero().flatten()
-        return Candidates(picked // total, picked % total)
+        return Candidates(picked // total + first_head, picked % total)
 
     def _bucket_members(
         self, query_codes: torch.Tensor, kv: torch.Tensor

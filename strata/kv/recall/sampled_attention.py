@@ -4,17 +4,20 @@ attended on the host, the rest on the device, merged by log-sum-exp.
     device  q's codes (hashed), copied to the host with q; then, while the host works,
             attention over the sink and the tail: out_l, lse_l
     host    (a worker thread) the middle tokens colliding with each query head in at
-            least two tables; their keys and values from the host store; attention over
-            them, each key's logit less log(its sampling probability): out_s, lse_s
+            least two tables (KV heads' query heads side by side on CANDIDATE_WORKERS
+            threads); their keys and values from the host store; attention over them,
+            each key's logit less log(its sampling probability): out_s, lse_s
     merge   out = (out_l e^(lse_l - M) + out_s e^(lse_s - M)) / (e^(lse_l - M) + e^(lse_s - M))
 
 A head that samples nothing has lse_s = -inf and keeps out_l. Where the cost model
 (host_attention_cost.py) finds moving the sampled rows to the device cheaper than
-attending them on the host, the host only gathers them and the device attends.
+attending them on the host, the host only names their store rows: the device reads them
+from the pinned store in place (rows.py) and attends.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,13 +27,18 @@ import torch
 
 from strata.kv.recall.geometry import SINK_BLOCKS
 from strata.kv.recall.host_attention_cost import host_attention_cost
-from strata.kv.recall.lsh import sampling_probability
+from strata.kv.recall.lsh import Candidates, HashTables, sampling_probability
+from strata.kv.recall.rows import copy_rows
 
 if TYPE_CHECKING:
     from strata.kv.recall.magicpig import MagicPIGPolicy
     from strata.kv.recall.sequence import RecallSequence
 
 _HOST = ThreadPoolExecutor(max_workers=1, thread_name_prefix="strata-sampled-attention")
+CANDIDATE_WORKERS = min(8, os.cpu_count() or 1)
+# torch's CPU ops let go of the GIL: KV heads' candidates are found side by side
+_CANDIDATES = ThreadPoolExecutor(max_workers=CANDIDATE_WORKERS,
+                                 thread_name_prefix="strata-lsh-candidates")  # fmt: skip
 
 
 def attention_lse(
@@ -114,8 +122,7 @@ class Gathered:
     out: torch.Tensor | None = None
     lse: torch.Tensor | None = None
     heads: torch.Tensor | None = None
-    keys: torch.Tensor | None = None
-    values: torch.Tensor | None = None
+    rows: torch.Tensor | None = None  # [2, pairs] flat store rows of keys, values
 
 
 def sampled_decode(
@@ -145,14 +152,41 @@ def sampled_decode(
         counts.on_host += 1
         out_s, lse_s = part.out.to(q.device), part.lse.to(q.device)
     else:
-        assert part.heads is not None and part.keys is not None and part.values is not None
+        assert part.heads is not None and part.rows is not None
         counts.on_device += 1
         g = seq.geometry
+        keys, values = _rows_on_device(seq.store.data.view(-1, g.head_dim), part.rows, q.device)
         out_s, lse_s = sampled_part(
-            qs, part.heads, part.keys.to(q.device), part.values.to(q.device), policy.mean[s],
-            g.group_size, scale, policy.bits, policy.num_tables,
+            qs, part.heads, keys, values, policy.mean[s], g.group_size, scale, policy.bits,
+            policy.num_tables,
         )  # fmt: skip
     return merge(out_l, lse_l, out_s, lse_s)[None].to(q.dtype)
+
+
+def _rows_on_device(
+    flat: torch.Tensor, rows: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [pairs, head_dim] of the store rows [2, pairs], on `device`, read
+    from the (pinned) store in place on CUDA."""
+    picked = rows.flatten().to(device, non_blocking=True)
+    out = torch.empty(picked.numel(), flat.shape[1], dtype=flat.dtype, device=device)
+    copy_rows(flat, out, picked, torch.arange(picked.numel(), device=device))
+    keys, values = out.view(2, -1, flat.shape[1]).unbind(0)
+    return keys, values
+
+
+def _candidates(tables: HashTables, codes: torch.Tensor, group: int) -> Candidates:
+    """tables.candidates of every query head, runs of whole KV heads on worker threads."""
+    kv_heads = codes.shape[0] // group
+    runs = min(CANDIDATE_WORKERS, kv_heads)
+    if runs <= 1:
+        return tables.candidates(codes, group)
+    per_run = -(-kv_heads // runs) * group
+    parts = list(_CANDIDATES.map(
+        lambda first: tables.candidates(codes[first : first + per_run], group, first),
+        range(0, codes.shape[0], per_run),
+    ))  # fmt: skip
+    return Candidates(torch.cat([c.heads for c in parts]), torch.cat([c.tokens for c in parts]))
 
 
 def _host_part(
@@ -166,17 +200,16 @@ def _host_part(
         ready.synchronize()
     g, store = seq.geometry, seq.store
     bs, kvh, group = g.block_size, g.num_kv_heads, g.group_size
-    found = policy.tables_of(s).candidates(codes, group)
+    found = _candidates(policy.tables_of(s), codes, group)
     inside = found.tokens < m * bs  # the tables hold no more than the middle; guard
     heads, tokens = found.heads[inside], found.tokens[inside]
     kv = heads // group
     slots = seq.slots_on_host[:, SINK_BLOCKS + tokens // bs]  # [2, N] key, value slots
     rows = ((s * store.num_slots + slots) * kvh + kv) * bs + tokens % bs
     flat = store.data.view(-1, g.head_dim)
-    keys, values = flat[rows[0]], flat[rows[1]]
     pairs = int(heads.numel())
-    if host_attention_cost(seq.sink_k.device).on_host(keys.element_size() * g.head_dim):
-        out, lse = sampled_part(q, heads, keys, values, policy.mean_on_host(s), group, scale,
-                                policy.bits, policy.num_tables)  # fmt: skip
+    if host_attention_cost(seq.sink_k.device).on_host(flat.element_size() * g.head_dim):
+        out, lse = sampled_part(q, heads, flat[rows[0]], flat[rows[1]], policy.mean_on_host(s),
+                                group, scale, policy.bits, policy.num_tables)  # fmt: skip
         return Gathered(pairs, time.perf_counter() - start, out=out, lse=lse)
-    return Gathered(pairs, time.perf_counter() - start, heads=heads, keys=keys, values=values)
+    return Gathered(pairs, time.perf_counter() - start, heads=heads, rows=rows)
