@@ -59,18 +59,20 @@ def clusterkv(
 
 
 def direct_scores(
-    q: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor, blocks: int
-) -> torch.Tensor:
+    q: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor, blocks: int,
+    mass: bool = False,
+) -> torch.Tensor:  # fmt: skip
     """[kv_heads, blocks]: per head, each query head's softmax over the clusters
     (centroids [kv_heads, live, dim]), the group's max, a token's cluster's, a block's
-    best token (labels [kv_heads, tokens]), block b's scaled by 1 - TIE * b."""
+    best token (or, with `mass`, the sum over its tokens; labels [kv_heads, tokens]),
+    block b's scaled by 1 - TIE * b."""
     kv_heads, _, dim = q.shape
     out = torch.empty(kv_heads, blocks)
     for h in range(kv_heads):
         share = torch.softmax(q[h] @ centroids[h].T / dim**0.5, dim=-1).amax(dim=0)
         for b in range(blocks):
-            best = max(share[int(c)] for c in labels[h, b * BLOCK : (b + 1) * BLOCK])
-            out[h, b] = best * (1 - TIE * b)
+            tokens_ = [share[int(c)] for c in labels[h, b * BLOCK : (b + 1) * BLOCK]]
+            out[h, b] = (sum(tokens_) if mass else max(tokens_)) * (1 - TIE * b)
     return out
 
 
@@ -100,13 +102,15 @@ def test_the_prompt_clusters_are_a_direct_kmeans(blocks: int) -> None:
             assert sorted(policy.labels[0, h, :tokens_].tolist()) == list(range(k))
 
 
+@pytest.mark.parametrize("mass", [False, True])
 def test_scores_equal_their_definition_for_a_sequence_and_a_page(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, mass: bool
 ) -> None:
     """Two sequences on rows of a page (one with fewer tokens than CLUSTERS: fewer
     clusters), and the page's own instance scoring both rows at once past each row's
     live count, as page_decode.py does."""
     monkeypatch.setattr(module, "CLUSTERS", 6)
+    monkeypatch.setattr(ClusterKVPolicy, "block_mass", mass)
     torch.manual_seed(1)
     kv_heads, group, dim, blocks = 2, 3, 8, 12
     page = RecallPage(("clusterkv", 4, blocks), 2, 0, torch.device("cpu"), None)
@@ -125,7 +129,7 @@ def test_scores_equal_their_definition_for_a_sequence_and_a_page(
     assert paged.shape == (2, kv_heads, blocks)
     for r, (policy, n) in enumerate(zip(rows, lengths, strict=True)):
         k = int(policy.clusters[0])
-        want = direct_scores(q[r], policy.centroids[0, :, :k], policy.labels[0], n)
+        want = direct_scores(q[r], policy.centroids[0, :, :k], policy.labels[0], n, mass)
         torch.testing.assert_close(policy.scores(0, q[r], n), want)
         torch.testing.assert_close(paged[r, :, :n], want)
         assert torch.isneginf(paged[r, :, n:]).all()
@@ -143,10 +147,14 @@ def whole_clusters(labels: list[list[int]], order: list[int]) -> list[int]:
     return taken
 
 
-def test_the_top_blocks_are_whole_clusters_in_order_of_score() -> None:
-    """Four clusters scripted along the axes, q scoring them 2 > 0 > 3 > 1: the top
-    `budget` blocks are those of cluster 2, then 0, 3 and 1, until the budget is full;
-    blocks of one cluster tie, and the earlier one goes first."""
+def test_the_top_blocks_are_whole_clusters_in_order_of_score(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Scoring a block by its best token (block_mass off), ClusterKV's pick: four
+    clusters scripted along the axes, q scoring them 2 > 0 > 3 > 1: the top `budget`
+    blocks are those of cluster 2, then 0, 3 and 1, until the budget is full; blocks of
+    one cluster tie, and the earlier one goes first."""
+    monkeypatch.setattr(ClusterKVPolicy, "block_mass", False)
     dim, blocks = 4, 6
     policy = clusterkv(1, dim, blocks)
     labels = [[1, 1, 1, 1], [0, 0, 3, 3], [2, 1, 1, 1], [3, 3, 3, 3], [0, 2, 0, 0], [1, 3, 1, 1]]
@@ -162,6 +170,24 @@ def test_the_top_blocks_are_whole_clusters_in_order_of_score() -> None:
         assert sorted(picks) == sorted(order[:budget]), budget
 
 
+def test_the_top_blocks_hold_the_most_attention_by_centroid() -> None:
+    """By default a block scores the sum of its tokens' cluster shares: block 4 (three
+    tokens of cluster 0, one of the best cluster 2) outranks block 2 (one of cluster 2,
+    three of the worst cluster 1), which the best-token rule put first."""
+    dim, blocks = 4, 6
+    policy = clusterkv(1, dim, blocks)
+    assert policy.block_mass
+    labels = [[1, 1, 1, 1], [0, 0, 3, 3], [2, 1, 1, 1], [3, 3, 3, 3], [0, 2, 0, 0], [1, 3, 1, 1]]
+    policy.centroids[0, 0, :4] = torch.diag(torch.tensor([3.0, 1.0, 4.0, 2.0]))
+    policy.labels[0, 0, : blocks * BLOCK] = torch.tensor(labels).flatten()
+    policy.clusters[0].fill_(4)
+    scores = policy.scores(0, torch.ones(1, 1, dim), blocks)[0]
+    share = torch.softmax(torch.tensor([3.0, 1.0, 4.0, 2.0]) / dim**0.5, dim=0)
+    mass = torch.stack([share[torch.tensor(row)].sum() for row in labels])
+    torch.testing.assert_close(scores, mass * (1 - TIE * torch.arange(blocks)))
+    assert torch.topk(scores, blocks).indices.tolist() == [4, 1, 2, 3, 5, 0]
+
+
 def test_ties_go_to_the_earlier_block_whatever_the_shape() -> None:
     """Every token in one cluster: every block ties on its share, and the scaling by
     1 - TIE * index orders them earliest first, alike over `live` blocks of a fixed
@@ -175,7 +201,7 @@ def test_ties_go_to_the_earlier_block_whatever_the_shape() -> None:
     alone = policy.scores(0, q, blocks)[0]
     fixed = policy.scores(0, q, blocks + 100, live=torch.tensor(blocks))[0]
     assert torch.equal(fixed[:blocks], alone) and torch.isneginf(fixed[blocks:]).all()
-    assert bool((alone[1:] < alone[:-1]).all()) and float(alone[0]) == 1.0
+    assert bool((alone[1:] < alone[:-1]).all()) and float(alone[0]) == BLOCK  # all share 1
     assert torch.topk(fixed, 40, sorted=False).indices.sort().values.tolist() == list(range(40))
 
 

@@ -69,15 +69,19 @@ def reconstructed(policy: PQCachePolicy, layer: int, tokens: int) -> torch.Tenso
     return torch.cat(parts, dim=-1)
 
 
-def expected_scores(keys: torch.Tensor, q: torch.Tensor, live: int, blocks: int) -> torch.Tensor:
+def expected_scores(
+    keys: torch.Tensor, q: torch.Tensor, live: int, blocks: int, mass: bool = False
+) -> torch.Tensor:
     """[kv_heads, blocks]: per head, softmax over the live tokens of q . keys [kv_heads,
-    tokens, dim] / sqrt(dim), the max over the group and each block's tokens, block b's
-    scaled by 1 - TIE * b (ties to the earlier block); -inf past live."""
+    tokens, dim] / sqrt(dim), the max over the group, then each block's max (or, with
+    `mass`, sum) over its tokens, block b's scaled by 1 - TIE * b (ties to the earlier
+    block); -inf past live."""
     kvh, _, dim = q.shape
     out = torch.full((kvh, blocks), float("-inf"))
     for h in range(kvh):
         probs = torch.softmax(q[h] @ keys[h, : live * BLOCK].T / dim**0.5, dim=-1)
-        best = probs.amax(dim=0).view(live, BLOCK).amax(dim=-1)
+        per_token = probs.amax(dim=0).view(live, BLOCK)
+        best = per_token.sum(dim=-1) if mass else per_token.amax(dim=-1)
         out[h, :live] = best * (1 - TIE * torch.arange(live, dtype=torch.float32))
     return out
 
@@ -150,11 +154,13 @@ def test_every_layer_at_once_equals_layer_by_layer() -> None:
         assert torch.equal(alone.codes[layer].long(), codes)
 
 
+@pytest.mark.parametrize("mass", [False, True])
 @pytest.mark.parametrize("live", [None, 5])
-def test_scores_are_the_softmax_of_q_dot_reconstructed_keys(live: int | None) -> None:
+def test_scores_are_the_softmax_of_q_dot_reconstructed_keys(live: int | None, mass: bool) -> None:
     torch.manual_seed(3)
     kv_heads, group, dim, blocks = 2, 3, 8, 8
     policy = pqcache(kv_heads, dim, blocks)
+    policy.block_mass = mass
     keys = torch.randn(kv_heads, blocks, BLOCK, dim)
     policy.take_all_keys(0, keys[:, :6])
     policy.summarize(0, 6, keys[:, 6:])
@@ -162,7 +168,7 @@ def test_scores_are_the_softmax_of_q_dot_reconstructed_keys(live: int | None) ->
     count = None if live is None else torch.tensor(live)
     got = policy.scores(0, q, blocks, live=count)
     approx = reconstructed(policy, 0, blocks * BLOCK)
-    torch.testing.assert_close(got, expected_scores(approx, q, live or blocks, blocks))
+    torch.testing.assert_close(got, expected_scores(approx, q, live or blocks, blocks, mass))
 
 
 def test_a_page_scores_its_rows_as_each_sequence_alone() -> None:
@@ -191,10 +197,13 @@ def test_a_page_scores_its_rows_as_each_sequence_alone() -> None:
 
 def test_the_top_blocks_hold_the_top_tokens() -> None:
     """Four blocks of 16 tokens, every key its own codeword (64 tokens, 64 codewords): the
-    approximate logits are exact. Head 0 of the group wants block 3 most, then block 2;
-    head 1 wants block 1: blocks rank 3, 1, 2, 0."""
+    approximate logits are exact. Scoring a block by its best token (block_mass off):
+    head 0 of the group wants block 3 most, then block 2; head 1 wants block 1: blocks
+    rank 3, 1, 2, 0. By default a block scores its tokens' summed shares."""
     dim, blocks = 4, 4
     policy = pqcache(1, dim, blocks)
+    assert policy.block_mass
+    policy.block_mass = False
     keys = torch.zeros(1, blocks, BLOCK, dim)
     keys[0, 3, 7] = torch.tensor([8.0, 0, 0, 0])
     keys[0, 1, 0] = torch.tensor([0, 0, 6.0, 0])
@@ -205,6 +214,9 @@ def test_the_top_blocks_hold_the_top_tokens() -> None:
     scores = policy.scores(0, q, blocks)
     torch.testing.assert_close(scores, expected_scores(keys.view(1, -1, dim), q, blocks, blocks))
     assert torch.topk(scores[0], 3).indices.tolist() == [3, 1, 2]
+    policy.block_mass = True
+    mass = expected_scores(keys.view(1, -1, dim), q, blocks, blocks, mass=True)
+    torch.testing.assert_close(policy.scores(0, q, blocks), mass)
 
 
 def test_summary_bytes_are_what_allocate_takes() -> None:

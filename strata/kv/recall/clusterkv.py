@@ -28,12 +28,16 @@ Clustering is k-means by angle (kmeans.py, "cosine", seed SEED), per KV head:
 
 A decode step scores each live cluster per query head as softmax(q . centroid /
 sqrt(dim)) over the live clusters; the GQA group shares the max over its heads; a token
-scores its cluster's share and a block the max over its tokens; blocks at or past `live`
-score -inf. So the top budget_blocks blocks are ClusterKV's pick mapped onto blocks:
-whole clusters in order of score, each bringing every block that holds one of its tokens
-(once), until the budget is full, the last cluster's blocks partly: its earliest ones.
+scores its cluster's share and a block the sum over its tokens (`block_mass`: the
+block's share of the attention with every key taken as its centroid); blocks at or past
+`live` score -inf. The budget then goes to the blocks that hold the most of the likely
+clusters' tokens (measured by benchmarks/recall_selection_mass.py). With block_mass
+off, a block scores its best token, and the top budget_blocks blocks are ClusterKV's
+pick mapped onto blocks: whole clusters in order of score, each bringing every block
+that holds one of its tokens (once), until the budget is full, the last cluster's blocks
+partly: its earliest ones.
 
-Blocks with the same best cluster tie; ties go to the earlier block (policy.py's
+Blocks of the same clusters tie; ties go to the earlier block (policy.py's
 prefer_earlier), as ClusterKV fills the budget with a cluster's first tokens.
 
 The host store keeps every key (needs_host_keys): picked blocks are attended exactly,
@@ -87,6 +91,9 @@ class Progress:
 
 class ClusterKVPolicy(RecallPolicy):
     name = "clusterkv"
+    # a block's score: the sum of its tokens' shares, its estimated attention mass (True),
+    # or its best token's share (False)
+    block_mass = True
 
     def __init__(self) -> None:
         self.room: SummaryRoom | None = None
@@ -219,7 +226,8 @@ class ClusterKVPolicy(RecallPolicy):
                                     self.scores_kernel)  # fmt: skip
         labels = self.labels[layer][..., : num_blocks * bs].long()  # [..., KVH, tokens]
         tokens = share.gather(-1, labels)
-        block = tokens.view(*tokens.shape[:-1], num_blocks, bs).amax(dim=-1)
+        per = tokens.view(*tokens.shape[:-1], num_blocks, bs)
+        block = per.sum(dim=-1) if self.block_mass else per.amax(dim=-1)
         block = prefer_earlier(block)
         if live is not None:
             block = block.masked_fill(dead_blocks(num_blocks, live), float("-inf"))

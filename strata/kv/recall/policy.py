@@ -147,14 +147,16 @@ class RecallPolicy(ABC):
 
 
 def block_probabilities(
-    logits: torch.Tensor, live: torch.Tensor | None, scale: float, per_block: int, kernel: bool
-) -> torch.Tensor:
+    logits: torch.Tensor, live: torch.Tensor | None, scale: float, per_block: int, kernel: bool,
+    mass: bool = False,
+) -> torch.Tensor:  # fmt: skip
     """[..., kv_heads, blocks] float32: from summaries' logits [..., kv_heads, group, n]
     (per_block summaries a block), each query head's softmax over the live summaries of
-    logits * scale, its maximum over the group and the block's summaries; -inf for the
-    blocks at or past `live` [...] (None: every block lives). On CUDA with `kernel`, one
-    Triton kernel (triton_block_scores.py)."""
-    if kernel and logits.is_cuda:
+    logits * scale, its maximum over the group, then the maximum over the block's
+    summaries (or, with `mass`, their sum: the block's share of the attention when each
+    summary is a token); -inf for the blocks at or past `live` [...] (None: every block
+    lives). On CUDA with `kernel`, the maximum is one Triton kernel (triton_block_scores.py)."""
+    if kernel and logits.is_cuda and not mass:
         from strata.ops.triton_block_scores import block_scores
 
         return block_scores(logits.contiguous(), live, scale, per_block)
@@ -164,7 +166,8 @@ def block_probabilities(
         logits = logits.masked_fill(dead.repeat_interleave(per_block, dim=-1)[..., None, :],
                                     float("-inf"))  # fmt: skip
     chunk = (logits.float() * scale).softmax(dim=-1).amax(dim=-2)
-    block = chunk.view(*chunk.shape[:-1], num_blocks, per_block).amax(dim=-1)
+    per = chunk.view(*chunk.shape[:-1], num_blocks, per_block)
+    block = per.sum(dim=-1) if mass else per.amax(dim=-1)
     return block if dead is None else block.masked_fill(dead, float("-inf"))
 
 

@@ -1,5 +1,5 @@
 """PQCache (Zhang et al., SIGMOD'25) on the recall store: product-quantised keys on the
-GPU rank tokens by an approximate q.k; a step attends the blocks of the top tokens.
+GPU rank tokens by an approximate q.k; a step attends the blocks they weigh most.
 
 Per sparse layer, on the GPU:
 
@@ -20,10 +20,13 @@ blocks fetch their exact keys.
 A decode step builds per query head a table of q_sub . codeword [.., SUBSPACES,
 CODEWORDS]; a token's approximate logit is the sum over subspaces of its codes' entries
 (q . its reconstructed key). Each query head takes a softmax of those over the
-live tokens, a block scores the largest probability of its tokens over the GQA group,
-so the top `budget_blocks` blocks are the blocks of the top tokens, in order. Tokens
-sharing their codes tie exactly, and so may blocks: the earlier block wins
-(prefer_earlier), whatever the shape scored.
+live tokens; a token scores its largest probability over the GQA group, and a block the
+sum over its tokens (`block_mass`): its estimated share of the attention, so a block of
+several likely tokens outranks one that holds a single one (measured by
+benchmarks/recall_selection_mass.py). With block_mass off, a block scores its best
+token, and the top blocks are the blocks of the top tokens, in order. Tokens sharing
+their codes tie exactly, and so may blocks: the earlier block wins (prefer_earlier),
+whatever the shape scored.
 
 Under tensor parallelism each rank quantises its own KV heads: nothing is shared.
 """
@@ -53,6 +56,9 @@ SEED = 0  # of k-means' starting points
 
 class PQCachePolicy(RecallPolicy):
     name = "pqcache"
+    # a block's score: the sum of its tokens' shares, its estimated attention mass (True),
+    # or its best token's share (False)
+    block_mass = True
 
     def __init__(self) -> None:
         self.room: SummaryRoom | None = None
@@ -163,7 +169,8 @@ class PQCachePolicy(RecallPolicy):
         logits = entries(0)  # then q . each token's reconstructed key
         for s in range(1, SUBSPACES):
             logits = logits + entries(s)
-        block = block_probabilities(logits, live, d**-0.5, room.block_size, self.scores_kernel)
+        block = block_probabilities(logits, live, d**-0.5, room.block_size, self.scores_kernel,
+                                    mass=self.block_mass)  # fmt: skip
         return prefer_earlier(block)  # tokens sharing their codes tie
 
 
