@@ -58,6 +58,7 @@ from strata.kv.recall.policy import (
     SummaryRoom,
     block_probabilities,
     dead_blocks,
+    per_block_score,
     prefer_earlier,
 )
 
@@ -225,10 +226,7 @@ class ClusterKVPolicy(RecallPolicy):
         share = block_probabilities(logits, self.clusters[layer], room.head_dim**-0.5, 1,
                                     self.scores_kernel)  # fmt: skip
         labels = self.labels[layer][..., : num_blocks * bs].long()  # [..., KVH, tokens]
-        tokens = share.gather(-1, labels)
-        per = tokens.view(*tokens.shape[:-1], num_blocks, bs)
-        block = per.sum(dim=-1) if self.block_mass else per.amax(dim=-1)
-        block = prefer_earlier(block)
+        block = prefer_earlier(per_block_score(share.gather(-1, labels), bs, self.block_mass))
         if live is not None:
             block = block.masked_fill(dead_blocks(num_blocks, live), float("-inf"))
         return block

@@ -166,9 +166,15 @@ def block_probabilities(
         logits = logits.masked_fill(dead.repeat_interleave(per_block, dim=-1)[..., None, :],
                                     float("-inf"))  # fmt: skip
     chunk = (logits.float() * scale).softmax(dim=-1).amax(dim=-2)
-    per = chunk.view(*chunk.shape[:-1], num_blocks, per_block)
-    block = per.sum(dim=-1) if mass else per.amax(dim=-1)
+    block = per_block_score(chunk, per_block, mass)
     return block if dead is None else block.masked_fill(dead, float("-inf"))
+
+
+def per_block_score(scores: torch.Tensor, per_block: int, mass: bool) -> torch.Tensor:
+    """[..., blocks]: scores [..., blocks * per_block] of a block's summaries (or tokens)
+    reduced to the block's: their maximum, or with `mass` their sum."""
+    per = scores.view(*scores.shape[:-1], -1, per_block)
+    return per.sum(dim=-1) if mass else per.amax(dim=-1)
 
 
 TIE = 2.0**-22  # prefer_earlier: block i's score is scaled by 1 - TIE * i
