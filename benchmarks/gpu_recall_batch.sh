@@ -151,17 +151,17 @@ if has prefetch128k; then
 fi
 if has policies128k; then  # issue 17's speed table: every recall policy, prefetch off and on
   b="${BP128:-4}"
-  for how in "" magicpig --prefetch; do
-    if [ "$how" = magicpig ]; then
-      speed --only decode --contexts 131072 --batch 1 --steps 4 --modes magicpig --slack 200 \
-        --pool-gib 4 --recall-gpu-gib 14 --host-gib 32 --json "$OUT/magicpig128k.json"
-      continue
-    fi
+  selecting() {  # $1: "" or --prefetch; the pool holds one 128k sequence at any batch
+    # shellcheck disable=SC2086  # an empty $1 adds no argument
     speed --only decode --contexts 131072 --batch "$b" --steps "${PSTEPS:-8}" --page-rows "$b" \
-      --modes "${PMODES128:-quest,shadowkv,clusterkv,pqcache}" --slack 200 $how --pool-gib 4 \
+      --modes "${PMODES128:-quest,shadowkv,clusterkv,pqcache}" --slack 200 $1 --pool-gib 4 \
       --recall-gpu-gib $((4 * b + 2 > 14 ? 4 * b + 2 : 14)) --host-gib $((16 * b + 9)) \
-      --json "$OUT/policies128k${how:+_prefetch}.json"
-  done
+      --json "$OUT/policies128k${1:+_prefetch}.json"
+  }
+  selecting ""
+  speed --only decode --contexts 131072 --batch 1 --steps 4 --modes magicpig --slack 200 \
+    --pool-gib 4 --recall-gpu-gib 14 --host-gib 32 --json "$OUT/magicpig128k.json"
+  selecting --prefetch
 fi
 if has policies32k; then  # every recall policy beside full attention, one process
   speed --only decode --contexts 32768 --batch "${BPOL:-4}" --steps "${PSTEPS:-8}" \

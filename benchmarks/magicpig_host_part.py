@@ -6,7 +6,8 @@ their keys and values from a host store, and attending them on the host.
 
 Llama-3-8B's attention shape by default (32 query heads, 8 KV heads, head_dim 128), the
 engine's K=10 x L=150 tables over keys that lean one way per head (a shared direction
-plus noise, as real keys do: about 2k samples a query head at 128k). Median of --repeats.
+plus noise, as real keys do: about 2k samples a query head at 128k). Median of --repeats
+after one untimed call.
 Since the device reads the sampled rows from the pinned store in place, the host's part
 of a step that attends on the device is the candidates alone.
 """
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,15 +25,12 @@ from tqdm.auto import tqdm
 from strata.kv.recall import sampled_attention
 from strata.kv.recall.lsh import HashTables, hash_codes, projection
 from strata.kv.recall.magicpig import BITS, TABLES
+from strata.timing import median_seconds
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * sorted(times)[len(times) // 2]
+    """Milliseconds: the median of `repeats` timed calls after one untimed."""
+    return 1e3 * median_seconds(fn, lambda: None, repeats)
 
 
 def main() -> None:
