@@ -31,6 +31,8 @@ ARMS = {  # switch: what "on" means (off: what came before it)
                     "rebuilt (shadowkv) or copied (off: one after the other)",
     "scores_kernel": "the policies' block scores (softmax over the summaries, maxima) in one "
                      "Triton kernel a layer (off: about ten torch kernels)",
+    "block_mass": "clusterkv and pqcache score a block by the sum of its tokens' estimated "
+                  "attention shares (off: its best token's), by torch ops on CUDA too",
 }  # fmt: skip
 # arms that set the attributes of several others (not reported by row)
 COMBINED = {"recall_kernels": ("scores_kernel", "update_kernel", "fetch_kernel",
@@ -42,8 +44,10 @@ def switches() -> dict[str, tuple[tuple[Any, str], ...]]:
     """Each switch of ARMS: the attributes it sets."""
     from strata.kv.recall import fetch
     from strata.kv.recall.attention import RecallAttention
+    from strata.kv.recall.clusterkv import ClusterKVPolicy
     from strata.kv.recall.page_decode import PageDecoder
     from strata.kv.recall.policy import RecallPolicy
+    from strata.kv.recall.pqcache import PQCachePolicy
     from strata.kv.recall.sequence import RecallSequence
     from strata.kv.recall.shadowkv import ShadowKVPolicy
     from strata.kv.recall.step_graphs import RecallStepGraphs
@@ -59,6 +63,7 @@ def switches() -> dict[str, tuple[tuple[Any, str], ...]]:
         "attention_kernel": ((PageDecoder, "attention_kernel"),),
         "scores_kernel": ((RecallPolicy, "scores_kernel"),),
         "fetch_stream": ((PageDecoder, "fetch_stream"),),
+        "block_mass": ((ClusterKVPolicy, "block_mass"), (PQCachePolicy, "block_mass")),
     }
     for name, parts in COMBINED.items():
         table[name] = tuple(owner for part in parts for owner in table[part])
