@@ -28,7 +28,8 @@ RECALL = ("quest", "shadowkv", "shadowkv4", "clusterkv", "pqcache", "magicpig", 
 
 
 def summaries(folders: list[Path]) -> list[dict[str, Any]]:
-    """Every ruler summary below `folders` (a setting found twice: the last one read). A
+    """Every ruler summary below `folders` (a setting found twice: the last one read, unless
+    the two hold different tasks, as runs split one process a task do: then joined). A
     run folder named for a variant of its policy (shadowkv4_4096_0.0625: shadowkv with
     4-token landmarks) names the policy in the tables and plots."""
     found: dict[tuple[Any, ...], dict[str, Any]] = {}
@@ -41,8 +42,24 @@ def summaries(folders: list[Path]) -> list[dict[str, Any]]:
             s = json.loads(path.read_text())
             s.pop("samples", None)
             s["policy"] = _variant(path, s["policy"])
-            found[(s["length"], s["policy"], s["budget"], s["protocol"])] = s
+            key = (s["length"], s["policy"], s["budget"], s["protocol"])
+            found[key] = joined(found[key], s) if key in found else s
     return list(found.values())
+
+
+def joined(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """One summary of a setting from two over disjoint tasks (run side by side: the wall
+    time is the longer); b alone if they share a task (b replaces a)."""
+    if set(a["tasks"]) & set(b["tasks"]):
+        return b
+    n = a["num_samples"] + b["num_samples"]
+    tasks = {**a["tasks"], **b["tasks"]}
+    per_sample = {k: (a[k] * a["num_samples"] + b[k] * b["num_samples"]) / n
+                  for k in ("peak_kv_mib", "final_kv_mib")}  # fmt: skip
+    average = sum(tasks.values()) / len(tasks)
+    wall = max(a["wall_s"], b["wall_s"])
+    return {**a, **per_sample, "tasks": tasks, "num_samples": n, "average": average,
+            "wall_s": wall}  # fmt: skip
 
 
 def _variant(path: Path, policy: str) -> str:
