@@ -209,6 +209,38 @@ def test_magicpig_in_a_mixed_batch_equals_solo_runs(recall_folder: Path) -> None
     assert_recall_idle(llm)
 
 
+def test_sequences_sampling_together_start_their_host_parts_first(
+    recall_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three magicpig sequences decoding together: a layer's host parts start before any
+    of them decodes it, each decode uses its own (one host part per sampled decode), and
+    the tokens equal solo runs'."""
+    from strata.kv.recall import attention, sequence
+
+    llm = recall_llm(recall_folder)
+    prompts = [PROMPT, PROMPT[30:], PROMPT[:90]]
+    params = [SamplingParams(kv_policy="magicpig", kv_budget=40, **GREEDY)] * 3
+    solo = [tokens(llm, [p], [sp])[0] for p, sp in zip(prompts, params, strict=True)]
+    calls = {"ahead": 0, "submitted": 0, "decoded": 0}
+    start_host_part, submit = sampled_attention.start_host_part, sampled_attention._submit
+    sampled_decode = sequence.sampled_decode
+
+    def count(name, fn, returns_ok=False):  # type: ignore[no-untyped-def]
+        def counted(*args):  # type: ignore[no-untyped-def]
+            out = fn(*args)
+            calls[name] += bool(out) if returns_ok else 1
+            return out
+
+        return counted
+
+    monkeypatch.setattr(attention, "start_host_part", count("ahead", start_host_part, True))
+    monkeypatch.setattr(sampled_attention, "_submit", count("submitted", submit))
+    monkeypatch.setattr(sequence, "sampled_decode", count("decoded", sampled_decode))
+    assert tokens(llm, prompts, params) == solo
+    assert 0 < calls["ahead"] <= calls["decoded"] == calls["submitted"]
+    assert_recall_idle(llm)
+
+
 def tables_bytes(folder: Path) -> int:
     """Host bytes magicpig's tables reserve for PROMPT + max_tokens on the test engine."""
     manager = recall_llm(folder).engine.parts.recall

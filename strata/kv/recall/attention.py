@@ -42,6 +42,7 @@ from strata.attention.layer_inputs import AttentionInputs, AttentionLayer, Rotar
 from strata.kv.recall.fetch import forked
 from strata.kv.recall.page_decode import LayerRows, PageStep, page_steps, run_page_step
 from strata.kv.recall.rotary_rows import fused_rotated_qkv
+from strata.kv.recall.sampled_attention import start_host_part
 from strata.kv.recall.sequence import RecallChunk, RecallSequence
 
 Unit = Callable[[], None]
@@ -80,6 +81,18 @@ class RecallMetadata(AttentionMetadata):
     def for_layer(self, layer: int) -> RecallMetadata:
         inner = self.inner.for_layer(layer) if self.inner is not None else None
         return replace(self, inner=inner, layer=layer)
+
+
+def _start_sampled(meta: RecallMetadata, rows: LayerRows) -> None:
+    """Two or more sequences sampling this layer: each one's host part starts before any
+    decodes, so that they run side by side (sampled_attention.start_host_part)."""
+    s = meta.layer - meta.recall[0].state.geometry.dense_layers if meta.recall else -1
+    sampling = [p for p in meta.recall if s >= 0 and p.state.samples(p.chunk)]
+    if len(sampling) >= 2:
+        for part in sampling:
+            r = part.rows
+            chunk = part.chunk
+            start_host_part(part.state, s, rows.q[r], chunk.num_middle, rows.scale, chunk.start)
 
 
 def _in_turn(units: list[Unit]) -> None:
@@ -138,6 +151,7 @@ class RecallAttention(AttentionBackend[RecallMetadata]):
         prefill, decode = self._units(meta, rows)
         for unit in prefill:
             unit()
+        _start_sampled(meta, rows)
         if len(decode) >= 2 and q.is_cuda and self.side_streams and not self.whole_step:
             self._side_by_side(decode, q.device)
         else:

@@ -9,6 +9,10 @@ attended on the host, the rest on the device, merged by log-sum-exp.
             each key's logit less log(its sampling probability): out_s, lse_s
     merge   out = (out_l e^(lse_l - M) + out_s e^(lse_s - M)) / (e^(lse_l - M) + e^(lse_s - M))
 
+When a layer decodes several sampling sequences, every one's host part is started
+(`start_host_part`) before any waits for its own, so their host parts run side by side on
+HOST_WORKERS threads while the device attends their sinks and tails.
+
 A head that samples nothing has lse_s = -inf and keeps out_l. Where the cost model
 (host_attention_cost.py) finds moving the sampled rows to the device cheaper than
 attending them on the host, the host only names their store rows: the device reads them
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -34,7 +38,8 @@ if TYPE_CHECKING:
     from strata.kv.recall.magicpig import MagicPIGPolicy
     from strata.kv.recall.sequence import RecallSequence
 
-_HOST = ThreadPoolExecutor(max_workers=1, thread_name_prefix="strata-sampled-attention")
+HOST_WORKERS = min(4, os.cpu_count() or 1)  # sequences' host parts side by side
+_HOST = ThreadPoolExecutor(max_workers=HOST_WORKERS, thread_name_prefix="strata-sampled-attention")
 CANDIDATE_WORKERS = min(8, os.cpu_count() or 1)
 # torch's CPU ops let go of the GIL: KV heads' candidates are found side by side
 _CANDIDATES = ThreadPoolExecutor(max_workers=CANDIDATE_WORKERS,
@@ -104,13 +109,15 @@ def merge(
 class SampledCounters:
     """A sequence's sampled decode so far: (query head, key) pairs sampled; sparse layers
     whose samples were attended on the host, or on the device; the seconds the host
-    worker took (from the query on the host on) and those the engine thread waited."""
+    worker took (from the query on the host on) and those the engine thread waited. And
+    the host part started ahead for one sparse layer (start_host_part), if any."""
 
     keys: int = 0
     on_host: int = 0
     on_device: int = 0
     host_seconds: float = 0.0
     wait_seconds: float = 0.0
+    ahead: tuple[tuple[int, int], Future[Gathered]] | None = None  # (layer, token), its part
 
 
 @dataclass(frozen=True)
@@ -127,20 +134,18 @@ class Gathered:
 
 def sampled_decode(
     seq: RecallSequence, s: int, q: torch.Tensor, local_k: torch.Tensor,
-    local_v: torch.Tensor, m: int, scale: float,
+    local_v: torch.Tensor, m: int, scale: float, token: int,
 ) -> torch.Tensor:  # fmt: skip
-    """q [1, H, D] of sparse layer s over the sink and tail (local_k, local_v [KVH, n, D])
-    and a sample of the m middle blocks; [1, H, D] in q's dtype."""
+    """q [1, H, D] of sparse layer s for the token at position `token` over the sink and
+    tail (local_k, local_v [KVH, n, D]) and a sample of the m middle blocks; [1, H, D] in
+    q's dtype."""
     policy: MagicPIGPolicy = seq.policy  # type: ignore[assignment]
     if policy.wants_all_keys(s):
         seq.give_all_keys(s, m)
     qs = q[0]
-    codes = policy.query_codes(s, qs)
-    q_host, codes_host = qs.float().to("cpu", non_blocking=True), codes.to("cpu", non_blocking=True)
-    ready = torch.cuda.Event() if q.is_cuda else None
-    if ready is not None:
-        ready.record()
-    host = _HOST.submit(_host_part, seq, policy, s, q_host, codes_host, ready, m, scale)
+    ahead, seq.sampled.ahead = seq.sampled.ahead, None
+    started = ahead is not None and ahead[0] == (s, token)
+    host = ahead[1] if ahead is not None and started else _submit(seq, s, qs, m, scale)
     out_l, lse_l = attention_lse(qs, local_k, local_v, scale)  # the device works meanwhile
     waited = time.perf_counter()
     part = host.result()
@@ -161,6 +166,34 @@ def sampled_decode(
             policy.num_tables,
         )  # fmt: skip
     return merge(out_l, lse_l, out_s, lse_s)[None].to(q.dtype)
+
+
+def start_host_part(
+    seq: RecallSequence, s: int, q: torch.Tensor, m: int, scale: float, token: int
+) -> bool:
+    """Start the host part of sparse layer s's coming sampled_decode for the token at
+    `token` (q [1, H, D], m middle blocks), so that it runs beside other sequences'.
+    False, starting nothing, where the layer's policy first wants all its keys
+    (sampled_decode gives them, then starts it)."""
+    policy: MagicPIGPolicy = seq.policy  # type: ignore[assignment]
+    if policy.wants_all_keys(s):
+        return False
+    seq.sampled.ahead = ((s, token), _submit(seq, s, q[0], m, scale))
+    return True
+
+
+def _submit(
+    seq: RecallSequence, s: int, q: torch.Tensor, m: int, scale: float
+) -> Future[Gathered]:
+    """Hash q [H, D] on its device, copy it and its codes to the host, and submit the host
+    part, which starts once they are there."""
+    policy: MagicPIGPolicy = seq.policy  # type: ignore[assignment]
+    codes = policy.query_codes(s, q)
+    q_host, codes_host = q.float().to("cpu", non_blocking=True), codes.to("cpu", non_blocking=True)
+    ready = torch.cuda.Event() if q.is_cuda else None
+    if ready is not None:
+        ready.record()
+    return _HOST.submit(_host_part, seq, policy, s, q_host, codes_host, ready, m, scale)
 
 
 def _rows_on_device(

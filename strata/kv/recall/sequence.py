@@ -192,7 +192,9 @@ class RecallSequence:
         if self.samples(chunk):  # the sink and tail here, a sample of the middle on the host
             local_k = torch.cat([self.sink_k[s], seg_k], 1)
             local_v = torch.cat([self.sink_v[s], seg_v], 1)
-            out = sampled_decode(self, s, q, local_k, local_v, chunk.num_middle, scale)
+            out = sampled_decode(
+                self, s, q, local_k, local_v, chunk.num_middle, scale, chunk.start
+            )  # fmt: skip
         else:
             pk, pv, mask = self._prefix(s, q, chunk)
             out = chunk_attention(
