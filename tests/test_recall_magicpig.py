@@ -44,11 +44,12 @@ def test_codes_are_the_signs_of_the_projections() -> None:
                 assert int(codes[i, t, table]) == want
 
 
-def test_candidates_are_the_tokens_colliding_in_two_tables() -> None:
+@pytest.mark.parametrize(("n", "bits"), [(60, 3), (30, 8)])  # full buckets, mostly empty
+def test_candidates_are_the_tokens_colliding_in_two_tables(n: int, bits: int) -> None:
     """Sorted tables, appended codes and re-sorted tables all give the tokens sharing the
     query's code in at least MIN_COLLISIONS tables, per query head, by its KV head."""
     torch.manual_seed(0)
-    kv_heads, n, tables, bits, heads = 2, 60, 6, 3, 4
+    kv_heads, tables, heads = 2, 6, 4
     codes = torch.randint(0, 1 << bits, (kv_heads, n, tables), dtype=torch.int16)
     q = torch.randint(0, 1 << bits, (heads, tables), dtype=torch.int16)
     same = (codes[torch.arange(heads) // 2] == q[:, None, :]).sum(-1)  # [heads, n]
@@ -58,6 +59,11 @@ def test_candidates_are_the_tokens_colliding_in_two_tables() -> None:
     for found in (built.candidates(q, 2), built.resorted().candidates(q, 2)):
         assert torch.equal(torch.stack([found.heads, found.tokens], 1), direct)
     assert built.resorted().tail.shape[1] == 0 and built.num_tokens == n
+    unseen = sorted(set(range(1 << bits)) - set(codes.flatten().tolist()))
+    assert bool(unseen) == (bits == 8)  # 8 bits: codes no token has, in no bucket
+    for code in unseen[:1]:
+        nothing = built.resorted().candidates(torch.full_like(q, code), 2)
+        assert nothing.heads.numel() == 0 and nothing.tokens.numel() == 0
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3, 8])

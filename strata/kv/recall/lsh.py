@@ -110,29 +110,36 @@ class HashTables:
         heads = query_codes.shape[0]
         kv = (torch.arange(heads) + first_head) // group
         total = self.num_tokens
-        hits = torch.zeros(heads * total, dtype=torch.int32)
+        # collisions of each (query head, token): at most num_tables, so a byte holds them
+        hits = torch.zeros(heads * total, dtype=torch.uint8)
         if self.sorted_tokens:
-            head_of, token_of = self._bucket_members(query_codes.to(torch.int64), kv)
-            ones = torch.ones_like(token_of, dtype=torch.int32)
-            hits.index_add_(0, head_of * total + token_of, ones)
+            keys = self._bucket_keys(query_codes.to(torch.int64), kv, total)
+            one = torch.ones(1, dtype=torch.uint8).expand(keys.numel())
+            hits.index_put_((keys,), one, accumulate=True)
         if self.tail.shape[1]:
             same = (self.tail[kv] == query_codes[:, None, :]).sum(-1, dtype=torch.int32)
-            hits.view(heads, total)[:, self.sorted_tokens :] += same
+            hits.view(heads, total)[:, self.sorted_tokens :] += same.to(torch.uint8)
         picked = (hits >= MIN_COLLISIONS).nonzero().flatten()
         return Candidates(picked // total + first_head, picked % total)
 
-    def _bucket_members(
-        self, query_codes: torch.Tensor, kv: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(query head, token) for every sorted token in a query's bucket of each table."""
+    def _bucket_keys(self, query_codes: torch.Tensor, kv: torch.Tensor, total: int) -> torch.Tensor:
+        """head * total + token for every sorted token in a query head's bucket of each
+        table, head by head and table by table. Each bucket is a run of `order`: the runs'
+        places and heads are cumulative sums of steps of 1 (and 0) that jump at each
+        run's first element, so no index is repeated per element."""
         heads, tables = query_codes.shape
-        table_ids = torch.arange(tables)
-        bucket = ((kv[:, None] * tables + table_ids) << self.bits) + query_codes
-        starts, ends = self.offsets[bucket], self.offsets[bucket + 1]
-        lengths = (ends - starts).flatten()
-        first = lengths.cumsum(0) - lengths  # each range's place in the flat list
-        span = torch.arange(int(lengths.sum())) - first.repeat_interleave(lengths)
-        places = starts.flatten().repeat_interleave(lengths) + span  # flat index into order
-        tokens = self.order.flatten()[places]  # row (head, table) fills n places of it
-        head_of = torch.arange(heads).repeat_interleave(tables).repeat_interleave(lengths)
-        return head_of, tokens.to(torch.int64)
+        bucket = ((kv[:, None] * tables + torch.arange(tables)) << self.bits) + query_codes
+        starts, ends = self.offsets[bucket].flatten(), self.offsets[bucket + 1].flatten()
+        filled = ends > starts
+        if not filled.any():
+            return starts.new_zeros(0)
+        starts, lengths = starts[filled], (ends - starts)[filled]
+        base = torch.arange(heads).repeat_interleave(tables)[filled] * total
+        first = lengths.cumsum(0) - lengths  # each run's place in the result
+        pairs = int(lengths.sum())
+        zero = starts.new_zeros(1)
+        place_steps = torch.ones(pairs, dtype=torch.int64)  # from the run before's last place
+        place_steps[first] = starts - torch.cat([zero, (starts + lengths - 1)[:-1]])
+        base_steps = torch.zeros(pairs, dtype=torch.int64)
+        base_steps[first] = base - torch.cat([zero, base[:-1]])
+        return base_steps.cumsum(0) + self.order.flatten()[place_steps.cumsum(0)]
