@@ -5,7 +5,8 @@ of quality, speed and GPU memory in one table (issue 17).
         [--kvpress L:BUDGET:SCORE:LABEL ...] [--keep RESULTS.json]
 
 Q: folders holding `strata eval ruler` summaries (strata_ruler_*.json, searched below
-them; gpu_recall_quality.sh writes one a run), or a RESULTS.json this script kept. S:
+them; gpu_recall_quality.sh writes one a run), such a folder packed as .tgz (as
+gpu_recall_quality.sh packs OUT), or a RESULTS.json this script kept. S:
 recall_speed.py --json outputs (their "decode" rows; with and without --prefetch).
 --kvpress: a score measured with kvpress on the same samples, drawn as a star. Writes
 OUT/recall_sweep_L<length>.png (score against budget: recall policies solid, evicting
@@ -20,6 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import tarfile
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -33,8 +36,13 @@ def summaries(folders: list[Path]) -> list[dict[str, Any]]:
     run folder named for a variant of its policy (shadowkv4_4096_0.0625: shadowkv with
     4-token landmarks) names the policy in the tables and plots."""
     found: dict[tuple[Any, ...], dict[str, Any]] = {}
+    unpacked = tempfile.TemporaryDirectory()
     for folder in folders:
-        if folder.is_file():  # kept by --keep: already named
+        if folder.name.endswith(".tgz"):
+            with tarfile.open(folder) as packed:
+                packed.extractall(Path(unpacked.name) / folder.name, filter="data")
+            folder = Path(unpacked.name) / folder.name
+        elif folder.is_file():  # kept by --keep: already named
             for s in json.loads(folder.read_text())["runs"]:
                 found[(s["length"], s["policy"], s["budget"], s["protocol"])] = s
             continue
@@ -44,6 +52,7 @@ def summaries(folders: list[Path]) -> list[dict[str, Any]]:
             s["policy"] = _variant(path, s["policy"])
             key = (s["length"], s["policy"], s["budget"], s["protocol"])
             found[key] = joined(found[key], s) if key in found else s
+    unpacked.cleanup()
     return list(found.values())
 
 
