@@ -36,23 +36,22 @@ def summaries(folders: list[Path]) -> list[dict[str, Any]]:
     run folder named for a variant of its policy (shadowkv4_4096_0.0625: shadowkv with
     4-token landmarks) names the policy in the tables and plots."""
     found: dict[tuple[Any, ...], dict[str, Any]] = {}
-    unpacked = tempfile.TemporaryDirectory()
-    for folder in folders:
-        if folder.name.endswith(".tgz"):
-            with tarfile.open(folder) as packed:
-                packed.extractall(Path(unpacked.name) / folder.name, filter="data")
-            folder = Path(unpacked.name) / folder.name
-        elif folder.is_file():  # kept by --keep: already named
-            for s in json.loads(folder.read_text())["runs"]:
-                found[(s["length"], s["policy"], s["budget"], s["protocol"])] = s
-            continue
-        for path in sorted(folder.rglob("strata_ruler_*.json")):
-            s = json.loads(path.read_text())
-            s.pop("samples", None)
-            s["policy"] = _variant(path, s["policy"])
-            key = (s["length"], s["policy"], s["budget"], s["protocol"])
-            found[key] = joined(found[key], s) if key in found else s
-    unpacked.cleanup()
+    with tempfile.TemporaryDirectory() as unpacked:
+        for folder in folders:
+            if folder.name.endswith(".tgz"):
+                with tarfile.open(folder) as packed:
+                    packed.extractall(Path(unpacked) / folder.name, filter="data")
+                folder = Path(unpacked) / folder.name
+            elif folder.is_file():  # kept by --keep: already named
+                for s in json.loads(folder.read_text())["runs"]:
+                    found[(s["length"], s["policy"], s["budget"], s["protocol"])] = s
+                continue
+            for path in sorted(folder.rglob("strata_ruler_*.json")):
+                s = json.loads(path.read_text())
+                s.pop("samples", None)
+                s["policy"] = _variant(path, s["policy"])
+                key = (s["length"], s["policy"], s["budget"], s["protocol"])
+                found[key] = joined(found[key], s) if key in found else s
     return list(found.values())
 
 

@@ -83,10 +83,16 @@ class RecallMetadata(AttentionMetadata):
         return replace(self, inner=inner, layer=layer)
 
 
+def _sparse_layer(meta: RecallMetadata) -> int:
+    """The layer's index among the sparse layers: negative for a dense one, or without
+    recall rows."""
+    return meta.layer - meta.recall[0].state.geometry.dense_layers if meta.recall else -1
+
+
 def _start_sampled(meta: RecallMetadata, rows: LayerRows) -> None:
     """Two or more sequences sampling this layer: each one's host part starts before any
     decodes, so that they run side by side (sampled_attention.start_host_part)."""
-    s = meta.layer - meta.recall[0].state.geometry.dense_layers if meta.recall else -1
+    s = _sparse_layer(meta)
     sampling = [p for p in meta.recall if s >= 0 and p.state.samples(p.chunk)]
     if len(sampling) >= 2:
         for part in sampling:
@@ -225,7 +231,7 @@ class RecallAttention(AttentionBackend[RecallMetadata]):
         prefill chunks, and decode units. A page's decode writes every row of the page (the
         inactive ones unchanged), so the page's other decode rows join its unit, in turn:
         no two units touch one page's tensors on two streams."""
-        s = meta.layer - meta.recall[0].state.geometry.dense_layers if meta.recall else -1
+        s = _sparse_layer(meta)
         by_page: dict[int, list[Unit]] = {}
         paged: set[int] = set()
         layer_graphs = not self.whole_step

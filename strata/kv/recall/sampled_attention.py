@@ -144,8 +144,10 @@ def sampled_decode(
         seq.give_all_keys(s, m)
     qs = q[0]
     ahead, seq.sampled.ahead = seq.sampled.ahead, None
-    started = ahead is not None and ahead[0] == (s, token)
-    host = ahead[1] if ahead is not None and started else _submit(seq, s, qs, m, scale)
+    if ahead is not None and ahead[0] == (s, token):
+        host = ahead[1]
+    else:  # none started for this layer and token
+        host = _submit(seq, s, qs, m, scale)
     out_l, lse_l = attention_lse(qs, local_k, local_v, scale)  # the device works meanwhile
     waited = time.perf_counter()
     part = host.result()
