@@ -68,11 +68,7 @@ def main() -> None:
         SamplingParams(kv_policy="pqcache", kv_budget=256, **greedy),
         SamplingParams(kv_policy="magicpig", kv_budget=256, **greedy),
     ]
-    seven = prompts + prompts[:3]
-    solo = [llm.generate([p], [sp])[0].token_ids for p, sp in zip(seven, mixed, strict=True)]
-    batch = [o.token_ids for o in llm.generate(seven, mixed)]
-    differ = [sp.kv_policy or "full" for sp, x, y in zip(mixed, batch, solo, strict=True) if x != y]
-    rows.append((f"mixed batch == solo runs{f' (not: {differ})' if differ else ''}", not differ))
+    rows += mixed_batch_equals_solo(prompts + prompts[:3], mixed, llm)
     store = llm.engine.parts.recall.store
     rows.append(("host store page-locked (strata/pinned.py)", store.data.is_pinned()))
     replays = llm.stats()["recall_graph_replays"] + llm.stats()["recall_step_graph_replays"]
@@ -96,6 +92,30 @@ def main() -> None:
     print(f"{sum(ok for _, ok in rows)} of {len(rows)} PASS")
     if not all(ok for _, ok in rows):
         raise SystemExit(1)
+
+
+def mixed_batch_equals_solo(
+    prompts: list[list[int]], mixed: list[SamplingParams], llm: LLM
+) -> list[tuple[str, bool]]:
+    """A batch mixing every policy gives each request's solo tokens, and twice the same.
+    magicpig hashes keys and queries by the signs of projections, so a last-bit change
+    in a key can move a token in or out of its sample. Where the GPU's matmuls give other
+    last bits in a batch than alone (full attention's logprobs differ bitwise), magicpig
+    is held to run-to-run equality only."""
+    solo = [llm.generate([p], [sp])[0].token_ids for p, sp in zip(prompts, mixed, strict=True)]
+    batch = [o.token_ids for o in llm.generate(prompts, mixed)]
+    again = [o.token_ids for o in llm.generate(prompts, mixed)]
+    logprobs = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=8, logprobs=1)
+    alone = llm.generate([prompts[-1]], logprobs)[0].logprobs
+    among = llm.generate(prompts, logprobs)[-1].logprobs
+    invariant = alone == among
+    print(f"INFO  full attention's logprobs in a batch {'==' if invariant else '!='} alone")
+    differ = [sp.kv_policy or "full" for sp, x, y in zip(mixed, batch, solo, strict=True)
+              if x != y and (invariant or sp.kv_policy != "magicpig")]  # fmt: skip
+    return [
+        (f"mixed batch == solo runs{f' (not: {differ})' if differ else ''}", not differ),
+        ("mixed batch run twice: the same tokens", batch == again),
+    ]
 
 
 def pages_equal_solo(
