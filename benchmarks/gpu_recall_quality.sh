@@ -25,7 +25,7 @@ print('model folder', gguf_to_folder(Path('$GGUF')))" || exit 1
 COMMON=(--model "$GGUF" --device cuda --samples "$N" --no-progress
         --kv-cache-memory "${KV_GIB:-2}")
 BUDGETS=${BUDGETS:-0.0625,0.125}
-TASKS="niah_single_1 niah_single_2 niah_multikey_1 niah_multivalue niah_multiquery vt cwe fwe"
+TASKS=${TASKS:-"niah_single_1 niah_single_2 niah_multikey_1 niah_multivalue niah_multiquery vt cwe fwe"}
 RECALL=(--protocol query-aware --kv-recall-host-memory "${HOST_GIB:-3}" --kv-recall-page-rows 8)
 run() {  # at most MAXJOBS (default 14) at once: ~3 GiB of GPU memory each
   local name=$1
@@ -38,7 +38,8 @@ run() {  # at most MAXJOBS (default 14) at once: ~3 GiB of GPU memory each
 # any eviction policy: those run both protocols, all budgets in one process), BUDGETS
 # (default 0.0625,0.125), SPLIT_TASKS (recall policies run one process per task, for
 # policies whose sequences decode one at a time: recall_tradeoff.py joins the tasks
-# back into one summary); LENGTHS="" runs only the extra runs. The issue-17 sweep:
+# back into one summary; TASKS, default all eight, names the tasks it runs); LENGTHS=""
+# runs only the extra runs. The issue-17 sweep:
 # BUDGETS=0.25,0.125,0.0625,0.03125 POLICIES="full chunkkv snapkv pyramidkv quest shadowkv
 # shadowkv4 clusterkv pqcache magicpig".
 for L in ${LENGTHS-4096 8192}; do
