@@ -202,6 +202,19 @@ def test_device_attention_of_the_samples_equals_the_hosts(
     assert_recall_idle(llm)
 
 
+def test_magicpig_past_the_budget_does_not_depend_on_it(recall_folder: Path) -> None:
+    """The budget only says where sampling starts: every budget the prompt's middle
+    outgrows gives the same tokens (so one RULER run stands for all such budgets)."""
+    runs = []
+    for budget in (40, 20):
+        llm = recall_llm(recall_folder)
+        params = [SamplingParams(kv_policy="magicpig", kv_budget=budget, **GREEDY)]
+        runs.append(tokens(llm, [PROMPT], params)[0])
+        assert llm.stats()["recall_keys_sampled_per_layer_head"] > 0  # it sampled
+    full = tokens(recall_llm(recall_folder), [PROMPT], [SamplingParams(**GREEDY)])[0]
+    assert runs[0] == runs[1] != full
+
+
 def test_magicpig_in_a_mixed_batch_equals_solo_runs(recall_folder: Path) -> None:
     llm = recall_llm(recall_folder)
     prompts = [PROMPT, PROMPT[30:], PROMPT[:90]]
