@@ -128,7 +128,7 @@ def mixed_batch_equals_solo(
 ) -> list[tuple[str, bool]]:
     """A batch mixing every policy gives each request's solo tokens, and twice the same.
     magicpig hashes keys and queries by the signs of projections, so a last-bit change
-    in a key can move a token in or out of its sample. Where the GPU's matmuls give other
+    in a key can move a token in or out of its sample. Where the device's matmuls give other
     last bits in a batch than alone (full attention's logprobs differ bitwise), magicpig
     is held to run-to-run equality only."""
     solo = [llm.generate([p], [sp])[0].token_ids for p, sp in zip(prompts, mixed, strict=True)]

