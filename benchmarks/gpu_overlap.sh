@@ -12,8 +12,8 @@
 #     decode   vllm_side_by_side.py --only decode (8B, batch 1, 128/4k/32k), off then on
 #     http     http_front.py: offline against HTTP (engine in its own process behind
 #              $FRONTS HTTP front processes, default 1,2,4, and in
-#              process), 1B; carry .srvwhl/ (fastapi, starlette, uvicorn, pyzmq wheels:
-#              pip download them as pinned in requirements/runtime.lock)
+#              process), 1B; carry .srvwhl/ (the server's packages the device lacks:
+#              bash scripts/device_server_wheels.sh)
 # shellcheck source=benchmarks/gpu_stages.sh
 source "$(dirname "$0")/gpu_stages.sh" "check offline grammar" "$@"
 wheels() {  # carried wheels into /tmp/site, on PYTHONPATH

@@ -56,37 +56,56 @@ def engine_flags(a: argparse.Namespace) -> list[str]:
 
 def run_offline(a: argparse.Namespace, out: Path) -> float:
     cmd = strata("bench", "throughput", *engine_flags(a), *workload(a), "--json", str(out))
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_quiet(cmd)
     return _tok_s(out)
 
 
 def run_http(a: argparse.Namespace, flags: list[str], out: Path) -> float:
     url = f"http://127.0.0.1:{a.port}"
-    server = subprocess.Popen(
-        strata("serve", *engine_flags(a), "--port", str(a.port), "--log-level", "WARNING",
-               *flags),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    log = out.with_suffix(".server.log")
+    with log.open("wb") as sink:
+        server = subprocess.Popen(
+            strata("serve", *engine_flags(a), "--port", str(a.port), "--log-level", "WARNING",
+                   *flags),
+            stdout=sink, stderr=subprocess.STDOUT,
+        )  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("the server did not start")
-            time.sleep(0.2)
+        wait_until_healthy(url, server, log)
         cmd = strata(
             "bench", "throughput", "--url", url, "--vocab-size", str(a.vocab_size),
             *workload(a), "--json", str(out),
         )  # fmt: skip
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        run_quiet(cmd)
         return _tok_s(out)
     finally:
         server.terminate()
         server.wait(60)
+
+
+def run_quiet(cmd: list[str]) -> None:
+    """Runs `cmd` with its output held back; raises with the end of it if it fails."""
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
+    if done.returncode != 0:
+        tail = done.stdout.decode(errors="replace").splitlines()[-25:]
+        raise RuntimeError(f"{' '.join(cmd[2:5])} failed ({done.returncode}):\n" +
+                           "\n".join(tail))  # fmt: skip
+
+
+def wait_until_healthy(url: str, server: subprocess.Popen[bytes], log: Path) -> None:
+    """Returns once /health answers 200; raises at once if the server exits first, and
+    after 120 s if it never answers, with the end of its log either way."""
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            why = "exited" if server.returncode is not None else "did not answer in 120 s"
+            tail = log.read_text(errors="replace").splitlines()[-25:]
+            raise RuntimeError(f"the server {why}; the end of its log:\n" + "\n".join(tail))
+        time.sleep(0.2)
 
 
 def _tok_s(path: Path) -> float:
