@@ -86,9 +86,8 @@ def run_quiet(cmd: list[str]) -> None:
     """Runs `cmd` with its output held back; raises with the end of it if it fails."""
     done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
     if done.returncode != 0:
-        tail = done.stdout.decode(errors="replace").splitlines()[-25:]
-        raise RuntimeError(f"{' '.join(cmd[2:5])} failed ({done.returncode}):\n" +
-                           "\n".join(tail))  # fmt: skip
+        output = done.stdout.decode(errors="replace")
+        raise RuntimeError(f"{' '.join(cmd[2:5])} failed ({done.returncode}):\n{_end(output)}")
 
 
 def wait_until_healthy(url: str, server: subprocess.Popen[bytes], log: Path) -> None:
@@ -103,9 +102,14 @@ def wait_until_healthy(url: str, server: subprocess.Popen[bytes], log: Path) -> 
             pass
         if server.poll() is not None or time.monotonic() > deadline:
             why = "exited" if server.returncode is not None else "did not answer in 120 s"
-            tail = log.read_text(errors="replace").splitlines()[-25:]
-            raise RuntimeError(f"the server {why}; the end of its log:\n" + "\n".join(tail))
+            output = log.read_text(errors="replace")
+            raise RuntimeError(f"the server {why}; the end of its log:\n{_end(output)}")
         time.sleep(0.2)
+
+
+def _end(output: str) -> str:
+    """The last 25 lines of a process's output."""
+    return "\n".join(output.splitlines()[-25:])
 
 
 def _tok_s(path: Path) -> float:
