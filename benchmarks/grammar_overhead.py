@@ -11,7 +11,7 @@ with half the requests constrained by a JSON schema.
         then with none constrained and each request held to the length it had, so both
         runs step through the same batches. Prints output tokens/s for both, the time a
         build of the step's masks takes on the serial path (waiting for the worker,
-        upload) and the worker's accept + fill per step.
+        upload) and the worker's fill per step.
 """
 
 from __future__ import annotations
@@ -265,7 +265,7 @@ def engine(
     print(f"half JSON-constrained   {mixed:,.0f} output tokens/s ({mixed / base - 1:+.1%})")
     if builder.worker_seconds:
         worker = statistics.median(builder.worker_seconds)
-        print(f"accept + fill on worker median {_ms(worker)} per step (off the serial path)")
+        print(f"fill on the worker      median {_ms(worker)} per step (off the serial path)")
     if masked_steps:
         print(f"mask build (serial)     median {_ms(statistics.median(masked_steps))} per step "
               f"over {len(masked_steps)} steps")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -233,3 +234,34 @@ def test_a_rejected_token_leaves_its_row_only_the_stop_tokens(llm: LLM) -> None:
     assert masks is not None and masks.rows == [0]
     allowed = ((masks.bitmask[0, :, None] >> torch.arange(32)) & 1).flatten()
     assert torch.nonzero(allowed).flatten().tolist() == sorted(llm.engine.loaded.eos_token_ids)
+
+
+def test_matchers_accept_before_advance_returns_and_fill_on_the_worker(llm: LLM) -> None:
+    # advance: the matcher accepts the new token on the calling (engine) thread; the
+    # worker fills the row, and the next build takes it without filling it late.
+    builder = llm.engine.runner.grammar_masks
+    so = StructuredOutput.regex("ab[0-9]+")
+    seq = llm.engine.requests.prepare(PROMPT, SamplingParams(structured_output=so))
+    assert seq.grammar is not None
+    assert builder.build([seq], 49152) is not None  # the first mask, filled late
+    late = builder.late_rows
+    fills: list[threading.Thread] = []
+    fill = builder._fill
+
+    def recording(*args: Any) -> None:
+        fills.append(threading.current_thread())
+        fill(*args)
+
+    builder._fill = recording  # type: ignore[method-assign]
+    try:
+        seq.token_ids.append(llm.get_tokenizer().encode("a", add_special_tokens=False)[0])
+        builder.advance([seq])
+        assert seq.grammar_accepted == 1 and not seq.grammar.is_terminated()
+        masks = builder.build([seq], 49152)
+    finally:
+        del builder._fill
+    assert masks is not None and builder.late_rows == late
+    assert len(fills) == 1 and fills[0] is not threading.current_thread()
+    allowed = ((masks.bitmask[0, :, None] >> torch.arange(32)) & 1).flatten()
+    texts = {llm.get_tokenizer().decode([t]) for t in torch.nonzero(allowed).flatten().tolist()}
+    assert "b" in texts and all(text.startswith("b") for text in texts)

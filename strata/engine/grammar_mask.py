@@ -9,12 +9,17 @@ step's serial path:
 
     step N synced     engine: finishing decides from the token alone (a stop token ends a
                       grammar: the mask allowed it only where the grammar may end)
-                      engine -> advance(sequences that go on)
-                          a worker thread: each matcher accepts its new tokens, then fills
-                          its row of the host buffer (xgrammar fills without the GIL)
+                      engine -> advance(sequences that go on): each matcher accepts its
+                          new tokens (one batch call, here), then a worker thread fills
+                          their rows of the host buffer (xgrammar fills without the GIL)
     step N+1          engine schedules, the runner launches the model, then build(rows):
                       waits for the worker, fills the rows it did not (a sequence's first
                       sampled token), uploads, and gathers them into sampling-row order
+
+advance waits until the worker holds the GIL and is entering the fill. A thread woken
+while the engine's thread runs Python gets the GIL only at the interpreter's next forced
+switch (5 ms by default), so without the handover the fill would start only when the
+engine's thread blocks, at the build: serially.
 
 Constrained and unconstrained rows share one step and one sampler call; a row's mask
 depends only on its own matcher.
@@ -23,6 +28,7 @@ depends only on its own matcher.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -83,19 +89,27 @@ class GrammarMaskBuilder:
         self._words = 0
         self._pool: ThreadPoolExecutor | None = None
         self._job: Future[FilledRows] | None = None
+        self._started = threading.Event()  # the worker has the GIL and enters a fill
         self.grammars: GrammarCompiler | None = None  # their ids cover (the engine sets it)
         self.late_rows = 0  # rows a build filled itself (the worker had not): first tokens
-        self.worker_seconds: list[float] = []  # each advance's accept + fill, on the worker
+        self.worker_seconds: list[float] = []  # each advance's fill, on the worker
 
     def advance(self, seqs: list[Sequence]) -> None:
-        """Start, on the worker, the next masks of constrained `seqs` (each has just sampled
-        a token and goes on): their matchers accept the new tokens and fill their rows."""
+        """The next masks of constrained `seqs` (each has just sampled a token and goes
+        on): their matchers accept the new tokens now; a worker fills their rows."""
         self._take_job()
         if not seqs or not self._words:
             return
+        filled, matchers, indices = self._accept(seqs, 0)
+        if not matchers:
+            self._job = Future()
+            self._job.set_result(filled)
+            return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="strata-grammar")
-        self._job = self._pool.submit(self._timed_accept_and_fill, seqs)
+        self._started.clear()
+        self._job = self._pool.submit(self._timed_fill, filled, matchers, indices)
+        self._started.wait()
 
     def build(self, seqs: list[Sequence], vocab: int) -> GrammarMasks | None:
         """Masks for sampling rows `seqs` of logits [rows, vocab]; None when no row is
@@ -142,17 +156,33 @@ class GrammarMaskBuilder:
         job, self._job = self._job, None
         return {} if job is None else job.result()
 
-    def _timed_accept_and_fill(self, seqs: list[Sequence]) -> FilledRows:
+    def _timed_fill(
+        self, filled: FilledRows, matchers: list[xgrammar.GrammarMatcher], indices: list[int]
+    ) -> FilledRows:
+        self._started.set()
         start = time.perf_counter()
-        filled = self._accept_and_fill(seqs, 0)
+        self._fill(matchers, indices)
         self.worker_seconds.append(time.perf_counter() - start)
         del self.worker_seconds[:-1024]  # the recent ones
         return filled
 
     def _accept_and_fill(self, seqs: list[Sequence], first_row: int) -> FilledRows:
-        """Each matcher of `seqs` accepts its sequence's new output tokens, then fills host
-        row first_row + i. A matcher that rejects a token (an engine fault: the mask allowed
-        it) gets a row of its stop tokens only, so its sequence ends at the next step."""
+        filled, matchers, indices = self._accept(seqs, first_row)
+        self._fill(matchers, indices)
+        return filled
+
+    def _fill(self, matchers: list[xgrammar.GrammarMatcher], indices: list[int]) -> None:
+        if matchers:
+            assert self._batch is not None and self._host is not None
+            self._batch.batch_fill_next_token_bitmask(matchers, self._host, indices=indices)
+
+    def _accept(
+        self, seqs: list[Sequence], first_row: int
+    ) -> tuple[FilledRows, list[xgrammar.GrammarMatcher], list[int]]:
+        """Each matcher of `seqs` accepts its sequence's new output tokens; host row
+        first_row + i is its row, to be filled by the matchers returned (with their rows).
+        A matcher that rejects a token (an engine fault: the mask allowed it) gets a row of
+        its stop tokens only, here, so its sequence ends at the next step."""
         import xgrammar
 
         if self._batch is None:
@@ -172,9 +202,7 @@ class GrammarMaskBuilder:
                 host[row] = 0
                 for stop in matcher.stop_token_ids:
                     host[row, stop // 32] |= _bit(stop % 32)
-        if matchers:
-            self._batch.batch_fill_next_token_bitmask(matchers, host, indices=indices)
-        return filled
+        return filled, matchers, indices
 
     def _reserve(self, rows: int) -> torch.Tensor:
         """The host buffer, grown (its rows kept) to hold `rows` rows."""
