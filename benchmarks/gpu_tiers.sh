@@ -2,6 +2,7 @@
 # `strata bench tiers` on the GPU machine (issue 4): Llama-3-8B shape with random weights
 # and a 32k context, documents of 8k/16k/32k tokens, and multi-round chat.
 #   bash benchmarks/gpu_tiers.sh [extra strata bench tiers flags]     results in $OUT (or ./out)
+#   CODECS="none int4 fp8" TIER_IO=0 bash benchmarks/gpu_tiers.sh --skip-chat   # the codec table
 # Carried (git-excluded): .whl/ with the xxhash and redis wheels (and hiredis, optional), and .redis/ with a
 # redis-server binary and the shared libraries `ldd` lists (started with LD_LIBRARY_PATH).
 set -uo pipefail
@@ -67,11 +68,18 @@ if [ "${TIER_IO:-1}" = 1 ]; then
     | tee "$OUT/tier_io.txt"
 fi
 
-python3 -m strata.cli bench tiers --model "random:$config" \
-  --lengths 8192 16384 32000 --docs-per-length 2 --questions 3 \
-  --kv-disk-dir "$disk" --kv-disk-size 40 "${remote[@]}" \
-  --output "$OUT/tiers.json" --plot "$OUT/tiers.png" "$@" 2>&1 | tee "$OUT/tiers.log"
-status=$?
+# one run per tier codec (CODECS, default "none"), each on an emptied disk tier; the
+# remote keys of one codec never match another's (the codec is in the namespace)
+status=0
+for codec in ${CODECS:-none}; do
+  rm -rf "$disk"
+  [ ${#remote[@]} -gt 0 ] && python3 -c "import redis; redis.Redis(port=$port).flushall()"
+  python3 -m strata.cli bench tiers --model "random:$config" \
+    --lengths 8192 16384 32000 --docs-per-length 2 --questions 3 \
+    --kv-disk-dir "$disk" --kv-disk-size 40 "${remote[@]}" --kv-tier-codec "$codec" \
+    --output "$OUT/tiers_$codec.json" --plot "$OUT/tiers_$codec.png" "$@" 2>&1 \
+    | tee "$OUT/tiers_$codec.log" || status=1
+done
 [ -n "${server:-}" ] && kill "$server"
 du -sh "$disk" 2>/dev/null
 exit $status
