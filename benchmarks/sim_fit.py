@@ -1,6 +1,9 @@
 """Measure a real replica's engine steps and fit the simulator's step cost (issue 24).
 
     python benchmarks/sim_fit.py [--threads 1] [--out strata/sim/fits/smollm2_cpu1.json]
+    python benchmarks/sim_fit.py --model random:llama-3.2-1b --device cuda \
+        --prefill-lengths 128 512 1024 2048 --decode-batches 1 16 64 256 \
+        --decode-contexts 512 2048 --out strata/sim/fits/llama1b_h100.json
 
 Runs the embedded model (or --model) in-process with torch on --threads threads (a
 replica of `strata serve --replicas N --replica-cpus 1` has one), and times every
@@ -13,6 +16,9 @@ fit (strata/sim/costs.py) of the step seconds is written as JSON with its residu
 --twins K starts K more copies of the same measurement in the background while this one
 measures (and ends them after): the other replicas of a run, each stepping on its own
 core, slow this one's steps through shared caches, memory bandwidth and the scheduler.
+
+Steps run synchronously (overlap scheduling off), so each `engine.step()` is one model
+run from launch to sampled tokens on the host, the unit the simulator's replica steps in.
 """
 
 from __future__ import annotations
@@ -74,6 +80,7 @@ def timed_steps(llm: LLM, prompts: list[list[int]], max_tokens: int) -> list[Ste
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: the engine's)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--prefill-lengths", type=int, nargs="+",
                    default=[16, 48, 96, 160, 256, 320, 384, 512])  # fmt: skip
@@ -102,7 +109,10 @@ def measure(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]  # a shared machine: other jobs slow every step
     rng = np.random.default_rng(args.seed)
-    llm = LLM(args.model) if args.model else LLM()
+    options = {"overlap_scheduling": "off"}
+    if args.device is not None:
+        options["device"] = args.device
+    llm = LLM(args.model, **options)
     vocab = len(llm.get_tokenizer())
 
     def prompt(n: int) -> list[int]:  # random ids: no prefix-cache hit between prompts
@@ -119,7 +129,8 @@ def measure(args: argparse.Namespace) -> None:
     if args.twin:
         while True:  # keep loading the machine until the measuring copy ends this one
             timed_steps(llm, [prompt(n) for n in args.prefill_lengths[:4]], args.decode_steps)
-    note = (f"{args.model or 'embedded SmolLM2-135M'} on {platform.node()} "
+    where = torch.cuda.get_device_name() if llm.engine.device.type == "cuda" else "cpu"
+    note = (f"{args.model or 'embedded SmolLM2-135M'} on {platform.node()}, {where} "
             f"({os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} thread(s), "
             f"{args.twins} twin(s)), "
             f"{time.strftime('%Y-%m-%d')}: {len(samples)} steps")  # fmt: skip
@@ -134,13 +145,14 @@ def measure(args: argparse.Namespace) -> None:
         f"pair + {cost.per_decode_pair_s * 1e9:.1f} ns/decode pair; mean |rel error| "
         f"{cost.fit['mean_abs_rel_error']:.3f}, max {cost.fit['max_abs_rel_error']:.3f}"
     )
-    for n in (16, 256, 512):
+    for n in sorted({args.prefill_lengths[0], args.prefill_lengths[-1]}):
         work = StepWork(n, 1, chunk_pairs(0, n), 0)
         measured = [s.seconds for s in samples if s.work == work]
         print(
             f"  prefill {n}: measured {np.median(measured):.4f} s, fit {cost.seconds(work):.4f} s"
         )
-    for b, c in ((1, 320), (8, 320)):
+    for b, c in ((args.decode_batches[0], args.decode_contexts[-1]),
+                 (args.decode_batches[-1], args.decode_contexts[-1])):
         work = StepWork(b, b, 0, b * (c + 1))
         print(f"  decode {b} rows at {c}: fit {cost.seconds(work):.4f} s")
 
