@@ -398,7 +398,8 @@ def server_command(engine: str, job: dict[str, Any], port: int) -> list[str]:
         if job["smoke"]:
             return [*cmd, "--device", "cpu", "--dtype", "float32", "--kv-cache-memory", "0.25",
                     "--max-num-batched-tokens", "512"]  # fmt: skip
-        cmd += ["--device", "cuda", "--dtype", "bfloat16", "--max-num-batched-tokens", "4096",
+        batched = str(job.get("strata_serve_batched_tokens") or 4096)
+        cmd += ["--device", "cuda", "--dtype", "bfloat16", "--max-num-batched-tokens", batched,
                 "--gpu-memory-utilization", str(job["gpu_memory_utilization"])]  # fmt: skip
         if job.get("strata_kv_gib"):
             cmd += ["--kv-cache-memory", str(job["strata_kv_gib"])]
@@ -899,6 +900,8 @@ def main() -> int:
                         help="Strata's KV pool in GiB (default: 0.9 of memory)")  # fmt: skip
     parser.add_argument("--strata-overlap", choices=("auto", "on", "off"), default="auto",
                         help="Strata's overlap_scheduling (default auto: on on CUDA)")  # fmt: skip
+    parser.add_argument("--strata-serve-batched-tokens", type=int, default=4096,
+                        help="serve: Strata's --max-num-batched-tokens (default 4096)")  # fmt: skip
     parser.add_argument("--decode-steps", type=int, default=64)
     parser.add_argument("--timeout", type=float, default=540, help="seconds per subprocess")
     parser.add_argument(
@@ -960,6 +963,7 @@ def main() -> int:
                    "gpu_memory_utilization": args.gpu_memory_utilization,
                    "strata_kv_gib": args.strata_kv_gib, "vllm_site": args.vllm_site,
                    "strata_overlap": args.strata_overlap,
+                   "strata_serve_batched_tokens": args.strata_serve_batched_tokens,
                    "tokenizer": False}  # fmt: skip
             pair: dict[str, Any] = {"sections": sections, "preset": spec["preset"],
                                     "max_model_len": spec["max_model_len"],
