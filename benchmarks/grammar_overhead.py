@@ -5,6 +5,9 @@ with half the requests constrained by a JSON schema.
         CPU only, no model: the embedded model's tokenizer (49,152 tokens). Prints the
         tokenizer-info build time, the compile time of a realistic schema (cold), and the
         time to fill one token bitmask per step, alone and for a batch of matchers.
+    python benchmarks/grammar_overhead.py gil [--batch 128] [--host-ms 2.5]
+        CPU only: a mask worker beside an engine thread that runs Python (the step time
+        with the fill serial, on a plain worker, and on a worker handed the GIL).
     python benchmarks/grammar_overhead.py engine --model random:llama-3.2-1b --device cuda
         The GPU run (the issue's goal: <= 5% lower throughput): N requests; once with
         every other one constrained by the schema (a document ends with its grammar),
@@ -184,6 +187,83 @@ def walks(batch: int, tokenizer_path: str | None, steps: int, vocab: int | None)
               f"{accept / batch * 1e6:.2f} us |")
 
 
+def gil(batch: int, host_ms: float, steps: int) -> None:
+    """What a grammar worker thread costs an engine thread that runs Python: per step, the
+    engine thread spends `host_ms` of pure Python (scheduling, outputs) and the step's
+    masks are filled for `batch` matchers walking the document, (serial) on the engine
+    thread, (worker) submitted to a worker thread, (handover) submitted, then waiting until
+    the worker runs, as GrammarMaskBuilder.advance does. The step ends when both are done."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import xgrammar
+    from transformers import AutoTokenizer
+
+    from strata.models.embedded import embedded_model_path
+    from strata.models.loader import gguf_to_folder
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_to_folder(embedded_model_path()))
+    info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=len(tokenizer))
+    compiled = xgrammar.GrammarCompiler(info).compile_json_schema(
+        json.dumps(SCHEMA), any_whitespace=False
+    )
+    document = tokenizer.encode(json.dumps(DOCUMENT), add_special_tokens=False)
+    steps = min(steps, len(document) // 2)
+    offsets = [i % (len(document) - steps) for i in range(batch)]
+    bitmask = xgrammar.allocate_token_bitmask(batch, len(tokenizer))
+    batcher = xgrammar.BatchGrammarMatcher()
+    pool = ThreadPoolExecutor(1)
+    started = threading.Event()
+
+    def python(n: int) -> int:  # the engine thread's own work: a fixed amount of bytecode
+        total = 0
+        for i in range(n):
+            total += i
+        return total
+
+    start = time.perf_counter()
+    python(1_000_000)
+    per_ms = int(1_000 / (time.perf_counter() - start))
+    host_n = int(per_ms * host_ms)
+
+    def fill(matchers: list[Any]) -> None:
+        started.set()
+        batcher.batch_fill_next_token_bitmask(matchers, bitmask)
+
+    def walk(mode: str) -> float:
+        matchers = [xgrammar.GrammarMatcher(compiled) for _ in range(batch)]
+        for matcher, offset in zip(matchers, offsets, strict=True):
+            assert all(matcher.accept_token(t) for t in document[:offset])
+        begin = time.perf_counter()
+        for step in range(steps):
+            if mode == "serial":
+                fill(matchers)
+            job = pool.submit(fill, matchers) if mode in ("worker", "handover") else None
+            if mode == "handover":
+                started.wait()
+            python(host_n)
+            if job is not None:
+                job.result()
+            started.clear()
+            if mode != "none":
+                tokens = [document[offset + step] for offset in offsets]
+                assert all(xgrammar.BatchGrammarMatcher.batch_accept_token(matchers, tokens))
+        return (time.perf_counter() - begin) / steps
+
+    print(f"CPU: {platform.machine()}, {os.cpu_count()} cores, xgrammar {version('xgrammar')}, "
+          f"switch interval {sys.getswitchinterval() * 1e3:.1f} ms")
+    print(f"{batch} matchers walking the document from {len(set(offsets))} offsets "
+          f"({steps} steps); {host_ms} ms of Python on the engine thread a step; best of 3 walks")
+    print("| fill | step | over the Python alone |")
+    print("|---|---|---|")
+    alone = min(walk("none") for _ in range(3))
+    print(f"| none | {_ms(alone)} | |")
+    for mode in ("serial", "worker", "handover"):
+        step = min(walk(mode) for _ in range(3))
+        print(f"| {mode} | {_ms(step)} | +{_ms(step - alone)} |")
+    pool.shutdown()
+
+
 def _kernel_profiler() -> Any:
     """A torch profiler of CPU ops and CUDA kernels (not started)."""
     from torch.profiler import ProfilerActivity, profile
@@ -281,6 +361,10 @@ def main() -> None:
     w.add_argument("--tokenizer", default=None, help="tokenizer folder (default: embedded)")
     w.add_argument("--steps", type=int, default=60, help="steps walked (default 60)")
     w.add_argument("--vocab", type=int, default=None, help="model vocabulary (default: tokenizer)")
+    g = sub.add_parser("gil", help="a mask worker beside an engine thread running Python")
+    g.add_argument("--batch", type=int, default=128, help="matchers (default 128)")
+    g.add_argument("--host-ms", type=float, default=2.5, help="engine Python a step (2.5)")
+    g.add_argument("--steps", type=int, default=40, help="document tokens walked (default 40)")
     e = sub.add_parser("engine", help="engine throughput, unconstrained vs half constrained")
     e.add_argument("--model", default="random:llama-3.2-1b", help="or 'embedded'")
     e.add_argument("--device", default="cuda")
@@ -308,6 +392,8 @@ def main() -> None:
         walks(args.batch, args.tokenizer, args.steps, args.vocab)
     elif args.what == "masks":
         masks(args.batch)
+    elif args.what == "gil":
+        gil(args.batch, args.host_ms, args.steps)
     else:
         if args.switch_interval is not None:
             sys.setswitchinterval(args.switch_interval)
