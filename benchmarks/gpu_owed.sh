@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The device runs that issues 18, 19, 23 and 24 still owe, as named stages, each timed,
+# with one summary table at the end. Results in $OUT (or ./out).
+#   bash benchmarks/gpu_owed.sh [grammar] [http] [fit] [serve] [tiers]   (default: grammar http fit)
+#
+# Made on the development machine first: `bash scripts/device_owed_carry.sh` (see it for
+# what each stage carries; grammar's xgrammar wheel and tiers' redis-server do not fit
+# one call together, so tiers goes in a call of its own).
+#   grammar  issue 23: grammar_overhead.py engine, 1B shape with the SmolLM2 tokenizer
+#            (.gl_tok/), 256 requests, half JSON-constrained, overlap on; the tree in
+#            .before/ too when carried (git archive of the commit to compare against);
+#            then the 8B shape, where steps are GPU-bound. Carry .gwhl .srvwhl .gl_tok
+#            [.before]
+#   http     issue 19: http_front.py, offline against HTTP behind 1, 2 and 4 front
+#            processes (--api-server-count), 1B shape. Carry .srvwhl
+#   fit      issue 24: sim_fit.py on the GPU, 1B shape: the simulator's step cost of a
+#            GPU replica (for P:D ratios). No carry
+#   serve    issue 19: vllm_side_by_side.py --only serve --engines strata at 4,096 and
+#            8,192 batched tokens a step (the TTFT tail under load). Carry .srvwhl
+#   tiers    issue 18: gpu_tiers.sh with CODECS="none int4 fp8", QA only. Carry .whl
+#            .redis
+# shellcheck source=benchmarks/gpu_stages.sh
+source "$(dirname "$0")/gpu_stages.sh" "grammar http fit" "$@"
+site=()
+for dir in .gwhl .srvwhl; do
+  [ -d "$dir" ] && site+=("$dir"/*.whl)
+done
+if [ ${#site[@]} -gt 0 ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site "${site[@]}" && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+summary=()
+stage() {  # stage NAME COMMAND...: run it, time it, note its exit status
+  local name=$1 start=$SECONDS status
+  shift
+  echo "== $name"
+  "$@"
+  status=$?
+  [ $status = 0 ] && status=ok || status="exit $status"
+  summary+=("| $name | $((SECONDS - start)) s | $status |")
+}
+grammar() {  # grammar TAG TREE CONFIG
+  PYTHONPATH="$2:${PYTHONPATH#"$PWD":}" python3 benchmarks/grammar_overhead.py engine \
+    --model "random:$PWD/.gl_tok/$3" --num-requests 256 --output-len 256 --overlap on 2>&1 \
+    | tee "$OUT/grammar_$1.log" | tail -4
+}
+if has grammar; then
+  stage "grammar 1B" grammar 1b "$PWD" config.json
+  [ -d .before ] && stage "grammar 1B, .before" grammar 1b_before "$PWD/.before" config.json
+  [ -f .gl_tok/config_8b.json ] && stage "grammar 8B" grammar 8b "$PWD" config_8b.json
+fi
+http() {
+  python3 benchmarks/http_front.py --model random:llama-3.2-1b --device cuda \
+    --vocab-size 128256 --num-requests 1024 --input-len 100-1024 --output-len 100-1024 \
+    --concurrency 256 --repeats 1 --api-server-count 1,2,4 --no-in-process 2>&1 \
+    | tee "$OUT/http_front.log" | tail -8
+}
+fit() {
+  python3 benchmarks/sim_fit.py --model random:llama-3.2-1b --device cuda \
+    --prefill-lengths 128 512 1024 2048 --decode-batches 1 16 64 256 \
+    --decode-contexts 512 2048 --repeats 1 --out "$OUT/llama1b_gpu_fit.json" 2>&1 | tail -6
+}
+serve() {  # serve BUDGET
+  python3 benchmarks/vllm_side_by_side.py --only serve --engines strata \
+    --strata-serve-batched-tokens "$1" --json "$OUT/serve_$1.json" 2>&1 | tail -22
+}
+has http && stage http http
+has fit && stage fit fit
+if has serve; then
+  for budget in 4096 8192; do stage "serve $budget" serve "$budget"; done
+fi
+if has tiers; then
+  stage tiers env CODECS="none int4 fp8" TIER_IO=0 bash benchmarks/gpu_tiers.sh --skip-chat
+fi
+printf '\n| stage | wall | status |\n|---|---|---|\n'
+printf '%s\n' "${summary[@]}"

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The carried folders of benchmarks/gpu_owed.sh, made here (all ignored by git):
+#   .srvwhl/  the server's packages the device lacks (scripts/device_server_wheels.sh)
+#   .gwhl/    xgrammar and apache-tvm-ffi at the lock's versions (46 MiB)
+#   .gl_tok/  the Llama-3.2-1B config (config.json) and the Llama-3-8B one (config_8b.json)
+#             beside the embedded model's tokenizer
+#   .whl/     redis and hiredis at the lock's versions
+#   .redis/   this machine's redis-server and the shared libraries it loads
+#   .before/  with REV given: REV's strata/ package, which grammar's stage compares against
+#
+#   bash scripts/device_owed_carry.sh [REV]
+#
+# A device call carries at most 64 MiB: grammar (.gwhl .srvwhl .gl_tok [.before]) and
+# tiers (.whl .redis) go in separate calls. Each call's command (one archive comes back):
+#   R=$OUT; OUT=/tmp/o bash benchmarks/gpu_owed.sh STAGES; tar czf $R/owed.tgz -C /tmp/o .
+set -euo pipefail
+cd "$(dirname "$0")/.."
+for dir in .gwhl .gl_tok .redis .before; do
+  grep -qx "/$dir/" .git/info/exclude 2>/dev/null || echo "/$dir/" >> .git/info/exclude
+done
+bash scripts/device_server_wheels.sh
+download() {  # download DIR NAME...: wheels for the device's Python at the lock's pins
+  local dir=$1 pins=()
+  shift
+  for name in "$@"; do
+    pins+=("$(grep -E "^${name}==" requirements/runtime.lock)")
+  done
+  mkdir -p "$dir"
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+    --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 -d "$dir" "${pins[@]}" 2>&1 | grep -v '^WARNING' || true
+}
+download .gwhl xgrammar apache-tvm-ffi
+download .whl redis hiredis
+PYTHONPATH=. python3 scripts/shape_with_tokenizer.py .gl_tok
+PYTHONPATH=. python3 -c "
+import json
+from strata.models.presets import PRESETS
+json.dump(PRESETS['llama-3-8b'], open('.gl_tok/config_8b.json', 'w'))"
+server=$(command -v redis-server || command -v valkey-server)
+rm -rf .redis && mkdir -p .redis/lib
+cp "$server" .redis/redis-server
+ldd "$server" | awk '/=> \// {print $3}' | grep -v -E '/(libc|libm|ld-linux[^/]*)\.so' \
+  | xargs -r -I{} cp -L {} .redis/lib/
+if [ $# -gt 0 ]; then
+  rm -rf .before && mkdir .before
+  git archive "$1" strata | tar -x -C .before  # the benchmarks are this checkout's
+  git rev-parse --short "$1" > .before/.rev
+fi
+du -sh .srvwhl .gwhl .gl_tok .whl .redis .before 2>/dev/null
