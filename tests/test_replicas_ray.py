@@ -156,6 +156,10 @@ def test_a_dead_replica_cuts_its_streams_and_comes_back(replicas: RunningReplica
     (["--replicas", "0"], "--replicas must be >= 1, got 0"),
     (["--ray-address", "127.0.0.1:9"], "--ray-address needs --replicas N"),
     (["--replicas", "1", "--ray-address", "127.0.0.1:9"], "cannot reach the Ray cluster at"),
+    (["--replicas", "2", "--replica-gpus", "1"],
+     "2 replicas of --replica-gpus 1 need 2 GPUs; the Ray cluster has 0"),
+    (["--replicas", "2", "--replica-gpus", "-1"], "--replica-gpus must be a fraction in [0, 1]"),
+    (["--replicas", "2", "--replica-gpus", "1.5"], "or a whole number of GPUs, got 1.5"),
 ])  # fmt: skip
 def test_bad_replica_options_fail_clearly(
     argv: list[str], message: str, capsys: pytest.CaptureFixture[str]

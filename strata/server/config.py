@@ -85,6 +85,13 @@ class ServeConfig:
         "its torch threads (default 1)",
         metavar="N",
     ))  # fmt: skip
+    replica_gpus: float | None = field(default=None, metadata=option(
+        "with --replicas (or --prefill-replicas): GPUs each replica reserves from Ray "
+        "(default: 1 when the engine runs on CUDA, else 0); a fraction below 1 shares a GPU "
+        "(0.5: two replicas on one), each replica then held to that share of its memory "
+        "with --gpu-memory-utilization",
+        metavar="N",
+    ))  # fmt: skip
     prefill_replicas: int | None = field(default=None, metadata=option(
         "serve disaggregated on Ray Serve: P replicas compute each prompt's KV and write "
         "its blocks to the shared --kv-remote tier, then a decode replica (--decode-replicas) "
@@ -137,6 +144,10 @@ class ServeConfig:
             raise ValueError(f"--replicas must be >= 1, got {self.replicas}")
         if self.replica_cpus <= 0:
             raise ValueError(f"--replica-cpus must be > 0, got {self.replica_cpus}")
+        gpus = self.replica_gpus
+        if gpus is not None and (gpus < 0 or (gpus > 1 and gpus != int(gpus))):
+            raise ValueError(f"--replica-gpus must be a fraction in [0, 1] or a whole "
+                             f"number of GPUs, got {gpus:g}")  # fmt: skip
         self._check_disaggregation()
         if self.ray_address is not None and self.num_replicas is None:
             raise ValueError("--ray-address needs --replicas N (or --prefill-replicas P "
