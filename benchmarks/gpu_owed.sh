@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The device runs that issues 18, 19, 23 and 24 still owe, as named stages, each timed,
 # with one summary table at the end. Results in $OUT (or ./out).
-#   bash benchmarks/gpu_owed.sh [grammar] [http] [fit] [serve] [tiers]   (default: grammar http fit)
+#   bash benchmarks/gpu_owed.sh [grammar] [http] [fit] [serve] [replicas] [tiers]
+#       (default: grammar http fit)
 #
 # Made on the development machine first: `bash scripts/device_owed_carry.sh` (see it for
 # what each stage carries; grammar's xgrammar wheel and tiers' redis-server do not fit
@@ -19,6 +20,11 @@
 #            8,192 batched tokens a step (the TTFT tail under load). Carry .srvwhl
 #   tiers    issue 18: gpu_tiers.sh with CODECS="none int4 fp8", QA only. Carry .whl
 #            .redis
+#   replicas issue 24: replicas_routing.py, two replicas of the 1B shape sharing the GPU
+#            (--replica-gpus 0.5), kv-aware against round-robin. Needs Ray Serve, which
+#            the device image lacks: ray 2.60's wheel alone is 76 MB, over one call's
+#            64 MiB, so it must travel in parts as vLLM's does (benchmarks/vllm_bundle.sh);
+#            not yet scripted. With it unpacked on PYTHONPATH, the stage runs
 # shellcheck source=benchmarks/gpu_stages.sh
 source "$(dirname "$0")/gpu_stages.sh" "grammar http fit" "$@"
 site=()
@@ -64,11 +70,19 @@ serve() {  # serve BUDGET
   python3 benchmarks/vllm_side_by_side.py --only serve --engines strata \
     --strata-serve-batched-tokens "$1" --json "$OUT/serve_$1.json" 2>&1 | tail -22
 }
+replicas() {
+  python3 -c "import ray.serve" || { echo "no Ray Serve here (see the header)"; return 1; }
+  python3 benchmarks/replicas_routing.py --model "random:$PWD/.gl_tok/config.json" \
+    --routers kv-aware,round-robin --json "$OUT/replicas_gpu.json" \
+    --server-args "--device cuda --replica-gpus 0.5 --gpu-memory-utilization 0.4" 2>&1 \
+    | tail -12
+}
 has http && stage http http
 has fit && stage fit fit
 if has serve; then
   for budget in 4096 8192; do stage "serve $budget" serve "$budget"; done
 fi
+has replicas && stage replicas replicas
 if has tiers; then
   stage tiers env CODECS="none int4 fp8" TIER_IO=0 bash benchmarks/gpu_tiers.sh --skip-chat
 fi
