@@ -120,7 +120,11 @@ class ReplicaSet:
 
         if self.config.ray_address is not None:
             ray.init(address=self.config.ray_address, log_to_driver=True)
-            check_gpus(ray.cluster_resources().get("GPU", 0.0), self.gpus, replicas)
+            try:
+                check_gpus(ray.cluster_resources().get("GPU", 0.0), self.gpus, replicas)
+            except StrataError:
+                ray.shutdown()  # nothing of ours runs there yet: leave the cluster as it was
+                raise
             return
         gpus = 0
         if self.gpus:
