@@ -21,10 +21,11 @@
 #   tiers    issue 18: gpu_tiers.sh with CODECS="none int4 fp8", QA only. Carry .whl
 #            .redis
 #   replicas issue 24: replicas_routing.py, two replicas of the 1B shape sharing the GPU
-#            (--replica-gpus 0.5), kv-aware against round-robin. Needs Ray Serve, which
-#            the device image lacks: ray 2.60's wheel alone is 76 MB, over one call's
-#            64 MiB, so it must travel in parts as vLLM's does (benchmarks/vllm_bundle.sh);
-#            not yet scripted. With it unpacked on PYTHONPATH, the stage runs
+#            (--replica-gpus 0.5), kv-aware against round-robin. Needs Ray Serve in
+#            /tmp/ray-site, which the device image lacks (about 100 MB of wheels, over one
+#            call's 64 MiB): scripts/device_ray_wheels.sh here, then two calls on one warm
+#            machine carrying .raywhl1 and then .raywhl2 (with .srvwhl .gl_tok), each
+#            starting with `bash benchmarks/device_ray_join.sh`
 # shellcheck source=benchmarks/gpu_stages.sh
 source "$(dirname "$0")/gpu_stages.sh" "grammar http fit" "$@"
 site=()
@@ -71,6 +72,7 @@ serve() {  # serve BUDGET
     --strata-serve-batched-tokens "$1" --json "$OUT/serve_$1.json" 2>&1 | tail -22
 }
 replicas() {
+  [ -d /tmp/ray-site ] && export PYTHONPATH="$PYTHONPATH:/tmp/ray-site"
   python3 -c "import ray.serve" || { echo "no Ray Serve here (see the header)"; return 1; }
   python3 benchmarks/replicas_routing.py --model "random:$PWD/.gl_tok/config.json" \
     --routers kv-aware,round-robin --json "$OUT/replicas_gpu.json" \
