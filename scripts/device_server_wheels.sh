@@ -12,32 +12,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 CARRIED=(fastapi starlette uvicorn pyzmq pydantic pydantic-core annotated-types
          typing-inspection typing-extensions opentelemetry-api)
-DEVICE_HAS=" anyio annotated-doc click h11 cffi "
-pins=()
-for name in "${CARRIED[@]}"; do
-  pin=$(grep -E "^${name}==" requirements/runtime.lock) || {
-    echo "$name is not pinned in requirements/runtime.lock" >&2
-    exit 1
-  }
-  pins+=("$pin")
-done
+# shellcheck source=scripts/device_wheels.sh
+source scripts/device_wheels.sh
 rm -rf .srvwhl
-python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
-  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-  --platform manylinux2014_x86_64 -d .srvwhl "${pins[@]}"
-carried=" ${CARRIED[*]} "
-missing=()
-for wheel in .srvwhl/*.whl; do
-  # Requires-Dist lines that hold without extras, by name (normalised as pip does)
-  while read -r need; do
-    [[ -z $need || $carried == *" $need "* || $DEVICE_HAS == *" $need "* ]] && continue
-    missing+=("$(basename "$wheel"): $need")
-  done < <(unzip -p "$wheel" '*.dist-info/METADATA' | grep '^Requires-Dist:' \
-           | grep -v 'extra ==' | sed -E 's/^Requires-Dist: *([A-Za-z0-9._-]+).*/\1/' \
-           | tr 'A-Z_.' 'a-z--')
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  printf 'needed, neither carried nor on the device: %s\n' "${missing[@]}" >&2
-  exit 1
-fi
+device_wheels_download requirements/runtime.lock .srvwhl "${CARRIED[@]}"
+device_wheels_check .srvwhl "${CARRIED[@]}"
 du -sh .srvwhl
