@@ -22,7 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, run as a script
+
+from strata.bench.server_process import last_lines, wait_healthy
 
 
 def modes(counts: list[int], in_process: bool) -> dict[str, list[str] | None]:
@@ -70,7 +72,7 @@ def run_http(a: argparse.Namespace, flags: list[str], out: Path) -> float:
             stdout=sink, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
-        wait_until_healthy(url, server, log)
+        wait_healthy(server, a.port, timeout_s=120, poll_s=0.2, log=log)
         cmd = strata(
             "bench", "throughput", "--url", url, "--vocab-size", str(a.vocab_size),
             *workload(a), "--json", str(out),
@@ -87,29 +89,8 @@ def run_quiet(cmd: list[str]) -> None:
     done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
     if done.returncode != 0:
         output = done.stdout.decode(errors="replace")
-        raise RuntimeError(f"{' '.join(cmd[2:5])} failed ({done.returncode}):\n{_end(output)}")
-
-
-def wait_until_healthy(url: str, server: subprocess.Popen[bytes], log: Path) -> None:
-    """Returns once /health answers 200; raises at once if the server exits first, and
-    after 120 s if it never answers, with the end of its log either way."""
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            why = "exited" if server.returncode is not None else "did not answer in 120 s"
-            output = log.read_text(errors="replace")
-            raise RuntimeError(f"the server {why}; the end of its log:\n{_end(output)}")
-        time.sleep(0.2)
-
-
-def _end(output: str) -> str:
-    """The last 25 lines of a process's output."""
-    return "\n".join(output.splitlines()[-25:])
+        failed = f"{' '.join(cmd[2:5])} failed ({done.returncode})"
+        raise RuntimeError(f"{failed}:\n{last_lines(output)}")
 
 
 def _tok_s(path: Path) -> float:

@@ -1,5 +1,6 @@
 """benchmarks/http_front.py's failure paths: a server or benchmark process that fails
-stops the run at once, with the end of its output in the error."""
+stops the run at once, with the end of its output in the error (the server's wait is
+strata.bench.server_process.wait_healthy, given its log)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from strata.bench.server_process import wait_healthy
 
 
 def http_front() -> ModuleType:
@@ -30,10 +33,10 @@ def test_a_server_that_exits_fails_the_wait_at_once_with_its_log(tmp_path: Path)
                                   stderr=subprocess.STDOUT)  # fmt: skip
     start = time.monotonic()
     with pytest.raises(RuntimeError) as failed:
-        http_front().wait_until_healthy("http://127.0.0.1:9", server, log)
+        wait_healthy(server, 9, timeout_s=120, poll_s=0.2, log=log)
     assert time.monotonic() - start < 30  # not the 120 s a silent server gets
     lines = str(failed.value).splitlines()
-    assert lines[0] == "the server exited; the end of its log:"
+    assert lines[0] == "strata serve exited with 3 before it was ready; the end of its log:"
     assert lines[1:] == [f"line {i}" for i in range(15, 40)]
 
 
