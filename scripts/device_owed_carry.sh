@@ -15,12 +15,10 @@
 #   R=$OUT; OUT=/tmp/o bash benchmarks/gpu_owed.sh STAGES; tar czf $R/owed.tgz -C /tmp/o .
 set -euo pipefail
 cd "$(dirname "$0")/.."
-for dir in .gwhl .gl_tok .redis .before; do
-  grep -qx "/$dir/" .git/info/exclude 2>/dev/null || echo "/$dir/" >> .git/info/exclude
-done
-bash scripts/device_server_wheels.sh
 # shellcheck source=scripts/device_wheels.sh
 source scripts/device_wheels.sh
+device_wheels_ignore .gwhl .gl_tok .redis .before
+bash scripts/device_server_wheels.sh
 device_wheels_download requirements/runtime.lock .gwhl xgrammar apache-tvm-ffi
 device_wheels_download requirements/runtime.lock .whl redis hiredis
 # what they need beside the device image: each other, and .srvwhl's pydantic

@@ -38,7 +38,5 @@ parts=("$work"/part_*)
 [ ${#parts[@]} = 2 ] || { echo "expected 2 parts, got ${#parts[@]}" >&2; exit 1; }
 mv "${parts[0]}" .raywhl1/ && mv "${parts[1]}" .raywhl2/
 cp "$work/sha256" .raywhl1/ && cp "$work/sha256" .raywhl2/
-for dir in .raywhl1 .raywhl2; do
-  grep -qx "/$dir/" .git/info/exclude 2>/dev/null || echo "/$dir/" >> .git/info/exclude
-done
+device_wheels_ignore .raywhl1 .raywhl2
 du -sh .raywhl1 .raywhl2

@@ -1,7 +1,8 @@
 # Sourced by the scripts that make wheels for a device call (device_server_wheels.sh,
 # device_ray_wheels.sh, device_owed_carry.sh): wheels at a lock's pins for the device's
-# Python (3.12, manylinux x86_64), and a check, before any device time is spent, that
-# every package a carried wheel needs is carried too or in the device image.
+# Python (3.12, manylinux x86_64), a check, before any device time is spent, that every
+# package a carried wheel needs is carried too or in the device image, and the carried
+# folders kept out of git.
 
 # The packages of the device image (/work/.library/device/KINDS.md) that carried wheels
 # need; a name missing here and from a carry set stops device_wheels_check.
@@ -50,4 +51,12 @@ device_wheels_check() {
     printf 'needed, neither carried nor on the device: %s\n' "${missing[@]}" >&2
     return 1
   fi
+}
+
+# device_wheels_ignore DIR...: keep these carried folders out of git (.git/info/exclude)
+device_wheels_ignore() {
+  local dir
+  for dir in "$@"; do
+    grep -qx "/$dir/" .git/info/exclude 2>/dev/null || echo "/$dir/" >> .git/info/exclude
+  done
 }
