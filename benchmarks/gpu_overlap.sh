@@ -16,10 +16,6 @@
 #              bash scripts/device_server_wheels.sh)
 # shellcheck source=benchmarks/gpu_stages.sh
 source "$(dirname "$0")/gpu_stages.sh" "check offline grammar" "$@"
-wheels() {  # carried wheels into /tmp/site, on PYTHONPATH
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-    "$@" > /dev/null && export PYTHONPATH="$PYTHONPATH:/tmp/site"
-}
 if has grammar && ! python3 -c "import xgrammar" 2>/dev/null; then wheels .whl/*.whl; fi
 if has http && ! python3 -c "import fastapi, uvicorn, zmq" 2>/dev/null; then wheels .srvwhl/*.whl; fi
 if has check; then

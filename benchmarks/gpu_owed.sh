@@ -32,10 +32,7 @@ site=()
 for dir in .gwhl .srvwhl; do
   [ -d "$dir" ] && site+=("$dir"/*.whl)
 done
-if [ ${#site[@]} -gt 0 ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site "${site[@]}" && export PYTHONPATH="$PYTHONPATH:/tmp/site"
-fi
+[ ${#site[@]} -gt 0 ] && wheels "${site[@]}"
 summary=()
 stage() {  # stage NAME COMMAND...: run it, time it, note its exit status
   local name=$1 start=$SECONDS status
