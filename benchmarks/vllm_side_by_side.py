@@ -359,10 +359,12 @@ def serve_plan(args: argparse.Namespace) -> dict[str, Any]:
     instead of being dominated by 1024-token tails; TPOT still averages >= 63 gaps."""
     if args.smoke:
         return {"rates": ["4", "inf"], "requests": 8, "input_len": "10-60",
-                "output_len": "5-20", "warmup_requests": 4}  # fmt: skip
+                "output_len": "5-20", "warmup_requests": 4,
+                "client_processes": args.serve_client_processes}  # fmt: skip
     rates = [r.strip() for r in args.serve_rates.split(",") if r.strip()]
     return {"rates": rates, "requests": args.serve_requests, "input_len": "100-1024",
-            "output_len": "64-256", "warmup_requests": 32}  # fmt: skip
+            "output_len": "64-256", "warmup_requests": 32,
+            "client_processes": args.serve_client_processes}  # fmt: skip
 
 
 def free_port() -> int:
@@ -463,7 +465,7 @@ def run_serve(engine: str, job: dict[str, Any], plan: dict[str, Any],
         url = f"http://127.0.0.1:{port}"
         t0 = time.perf_counter()
         warm = {"requests": plan["warmup_requests"], "input_len": plan["input_len"],
-                "output_len": "8-8"}  # fmt: skip
+                "output_len": "8-8", "client_processes": 1}  # fmt: skip
         bench(url, warm, "inf", 1000, deadline, quiet=True)  # first compiles stay out
         out["warmup_s"] = time.perf_counter() - t0
         rows: list[dict[str, Any]] = []
@@ -571,16 +573,16 @@ def server_info(engine: str, port: int) -> dict[str, Any]:
 
 def bench(url: str, plan: dict[str, Any], rate: str, seed: int, deadline: float,
           quiet: bool = False) -> dict[str, Any]:  # fmt: skip
-    """`strata bench serve` at one rate (a process of its own, so a hang is killed at
-    `deadline`): its numbers, and the client's CPU use (near 1 CPU-second a second
-    would mean the load generator, not the server, set the pace)."""
+    """`strata bench serve` at one rate (processes of its own, so a hang is killed at
+    `deadline`): its numbers, the CPU use of its main process, and its event loops' lag
+    (a p99 past 10 ms means the load generator's delays are in the latencies)."""
     fd, path = tempfile.mkstemp(prefix="sbs-bench-", suffix=".json")
     os.close(fd)
     args = ["bench", "serve", "--url", url, "--num-requests", str(plan["requests"]),
             "--request-rate", rate, "--input-len", plan["input_len"],
             "--output-len", plan["output_len"], "--vocab-size", str(TOKENIZER_VOCAB),
             "--seed", str(seed), "--no-progress", "--request-timeout", "120",
-            "--json", path]  # fmt: skip
+            "--client-processes", str(plan["client_processes"]), "--json", path]  # fmt: skip
     try:
         left = max(1.0, deadline - time.perf_counter())
         proc = subprocess.run([sys.executable, "-c", BENCH_CHILD, path, *args],
@@ -606,13 +608,15 @@ def bench(url: str, plan: dict[str, Any], rate: str, seed: int, deadline: float,
            "completed": sm["completed"], "failed": sm["failed"], "lost": sm["lost"],
            "output_tokens": sm["output_tokens"], "input_tokens": sm["input_tokens"],
            "output_len_mismatches": run["output_len_mismatches"], "failures": run["failures"],
-           "client_wall_s": wall, "client_cpu_s": cpu}  # fmt: skip
+           "client_wall_s": wall, "client_cpu_s": cpu,
+           "client": run.get("client", {})}  # fmt: skip
     if not quiet:
         print(f"  rate {rate:>4}: {row['output_tok_s']:8.0f} out tok/s  "
               f"TTFT p50/p99 {fmt_ms(row['ttft_p50_ms'])}/{fmt_ms(row['ttft_p99_ms'])} ms  "
               f"TPOT p50/p99 {fmt_ms(row['tpot_p50_ms'])}/{fmt_ms(row['tpot_p99_ms'])} ms  "
               f"{row['completed']}/{sm['num_requests']} ok in {row['duration_s']:.1f} s  "
-              f"(client {cpu:.1f} CPU-s in {wall:.1f} s)", flush=True)  # fmt: skip
+              f"(client {cpu:.1f} CPU-s in {wall:.1f} s, loop lag p99 "
+              f"{row['client'].get('lag_p99_ms', float('nan')):.1f} ms)", flush=True)  # fmt: skip
     return row
 
 
@@ -910,6 +914,10 @@ def main() -> int:
         help="serve: comma-separated request rates (req/s, or inf)",
     )
     parser.add_argument("--serve-requests", type=int, default=256, help="serve: requests per rate")
+    parser.add_argument("--serve-client-processes", type=int, default=4,
+                        help="serve: processes of the load generator (strata bench serve "
+                        "--client-processes; default 4, so its own event loop's delays stay "
+                        "out of the latencies)")  # fmt: skip
     parser.add_argument("--serve-tokenizer", action="store_true",
                         help="serve: put the SmolLM2 tokenizer beside the model, so that both "
                         "servers detokenize (default: token ids in and out)")  # fmt: skip
@@ -1030,9 +1038,11 @@ def serve_note(pair: dict[str, Any]) -> str:
             continue
         words = [f"startup {r['startup_s']:.0f} s"] if "startup_s" in r else ["no start"]
         rows = r.get("serve") or []
-        if rows:  # the load generator's CPU per second of its run, at the busiest rate
-            busiest = max(row["client_cpu_s"] / row["client_wall_s"] for row in rows)
-            words.append(f"client up to {busiest:.2f} CPU-s/s")
+        if rows:  # the load generator's event-loop lag, at the most lagged rate
+            lags = [row["client"]["lag_p99_ms"] for row in rows if row.get("client")]
+            if lags:
+                words.append(f"client loop lag p99 up to {max(lags):.1f} ms "
+                             f"({rows[0]['client']['processes']} processes)")  # fmt: skip
         stop = r.get("stop")
         if stop:
             clean = stop.get("port_free") and not stop.get("group_left")

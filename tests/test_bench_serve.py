@@ -16,7 +16,17 @@ from pathlib import Path
 
 import pytest
 
-from strata.bench.client import BenchRequest, RequestRecord, ServerTarget, http_client, send_request
+from strata.bench.arrivals import arrival_offsets
+from strata.bench.client import (
+    BenchmarkError,
+    BenchRequest,
+    RequestRecord,
+    ServerTarget,
+    http_client,
+    send_request,
+)
+from strata.bench.client_load import ClientLoad, LagMonitor
+from strata.bench.client_pool import ClientPool, split_cap
 from strata.bench.latency import SLO, summarize
 from strata.bench.requests import bench_requests
 from strata.bench.serve import ServeBenchConfig, run_serve_bench
@@ -181,3 +191,77 @@ def test_a_request_past_its_timeout_is_lost_and_the_server_frees_it(
     summary = summarize([], num_requests=1, failed=0, duration_s=1.0, slo=SLO())
     assert (summary.completed, summary.failed, summary.lost) == (0, 0, 1)
     tiny_server.assert_no_leaks()  # the server aborted it when the client went away
+
+
+def test_two_client_processes_send_each_request_once_at_its_arrival(
+    tiny_server: RunningServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "pool.json"
+    code = main([
+        "bench", "serve", "--url", tiny_server.url, "--num-requests", "12",
+        "--request-rate", "40", "--input-len", "8-16", "--output-len", "4-8",
+        "--client-processes", "2", "--max-concurrency", "3", "--json", str(out),
+        "--no-progress",
+    ])  # fmt: skip
+    assert code == 0
+    assert "client: 2 processes" in capsys.readouterr().out
+    run = json.loads(out.read_text())["runs"][0]
+    sent = bench_requests(12, (8, 16), (4, 8), "token-ids", seed=0)
+    offsets = arrival_offsets(12, 40.0, 1.0, seed=0)
+    records = run["requests"]
+    assert [r["index"] for r in records] == list(range(12))  # merged in request order
+    for record, request, offset in zip(records, sent, offsets, strict=True):
+        assert record["outcome"] == "ok", record["error"]
+        assert record["output_tokens"] == request.output_len
+        assert record["input_tokens"] == request.prompt_len
+        assert record["sent_s"] >= offset  # one clock and one start for both processes
+    client = run["client"]
+    assert client["processes"] == 2 and client["wall_s"] > 0 and client["cpu_s"] > 0
+    assert run["summary"]["completed"] == 12
+    tiny_server.assert_no_leaks()
+
+
+def test_a_dead_client_process_stops_the_run(tiny_server: RunningServer) -> None:
+    target = ServerTarget(tiny_server.url, "tiny")
+    pool = ClientPool(2, target, None, timeout_s=60)
+    try:
+        worker, _ = pool._workers[1]
+        worker.kill()
+        worker.join(5)
+        requests = bench_requests(4, (8, 8), (4, 4), "token-ids", seed=0)
+        with pytest.raises(BenchmarkError, match="client process 1 exited"):
+            asyncio.run(pool.run(requests, [0.0] * 4, lambda done: None))
+    finally:
+        pool.close()
+    assert pool._workers == []
+    tiny_server.assert_no_leaks()
+
+
+def test_client_processes_flags_are_checked() -> None:
+    base = {"url": "http://127.0.0.1:1"}
+    with pytest.raises(ValueError, match="--client-processes must be >= 1, got 0"):
+        ServeBenchConfig(**base, client_processes=0)
+    with pytest.raises(ValueError, match="--max-concurrency 1 is split over the client"):
+        ServeBenchConfig(**base, client_processes=2, max_concurrency=1)
+    assert split_cap(5, 2) == [3, 2] and split_cap(4, 4) == [1, 1, 1, 1]
+    assert split_cap(None, 3) == [None, None, None]
+
+
+def test_the_lag_monitor_sees_a_blocked_loop() -> None:
+    async def block() -> LagMonitor:
+        async with LagMonitor() as monitor:
+            await asyncio.sleep(0.02)
+            time.sleep(0.06)  # the loop cannot wake the monitor for 60 ms
+            await asyncio.sleep(0.02)
+        return monitor
+
+    monitor = asyncio.run(block())
+    load = ClientLoad.of([monitor])
+    assert load.lag_max_ms >= 50 and load.processes == 1 and load.wall_s >= 0.1
+    quiet = ClientLoad(processes=2, cpu_s=1.0, wall_s=2.0, lag_p99_ms=3.0, lag_max_ms=9.0)
+    assert quiet.cpu_share == 0.25 and not quiet.lagged
+    assert quiet.describe() == (
+        "2 processes, CPU 25% of a core each, loop lag p99 3.0 ms, max 9.0 ms"
+    )
+    busy = ClientLoad(processes=1, cpu_s=1.0, wall_s=1.0, lag_p99_ms=12.0, lag_max_ms=40.0)
+    assert busy.lagged and "THE CLIENT LAGGED" in busy.describe()

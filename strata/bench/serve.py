@@ -27,7 +27,6 @@ from tqdm.auto import tqdm
 from strata.bench.arrivals import arrival_offsets, rate_label
 from strata.bench.client import (
     BenchmarkError,
-    BenchRequest,
     Endpoint,
     RequestRecord,
     ServerTarget,
@@ -35,6 +34,8 @@ from strata.bench.client import (
     send_request,
     served_model,
 )
+from strata.bench.client_load import ClientLoad
+from strata.bench.client_pool import ClientPool, run_shard
 from strata.bench.latency import SLO, Summary, summarize
 from strata.bench.requests import DEFAULT_VOCAB_SIZE, PromptKind, bench_requests
 from strata.bench.serve_report import format_report, report_title
@@ -76,6 +77,12 @@ class ServeBenchConfig:
     ))  # fmt: skip
     max_concurrency: int | None = field(default=None, metadata=option(
         "at most N requests in flight; later arrivals wait for a slot (default: no cap)",
+        metavar="N",
+    ))  # fmt: skip
+    client_processes: int = field(default=1, metadata=option(
+        "send and time the requests from N processes, each with its own event loop and "
+        "HTTP client, request k from process k mod N; --max-concurrency is split over "
+        "them. Use more when the report says the client lagged (default 1)",
         metavar="N",
     ))  # fmt: skip
     input_len: tuple[int, int] = field(default=(100, 1024), metadata=option(
@@ -137,6 +144,13 @@ class ServeBenchConfig:
             arrival_offsets(0, rate, self.burstiness, self.seed)  # validates rate and burstiness
         if self.max_concurrency is not None and self.max_concurrency < 1:
             raise ValueError(f"--max-concurrency must be >= 1, got {self.max_concurrency}")
+        if self.client_processes < 1:
+            raise ValueError(f"--client-processes must be >= 1, got {self.client_processes}")
+        if self.max_concurrency is not None and self.max_concurrency < self.client_processes:
+            raise ValueError(
+                f"--max-concurrency {self.max_concurrency} is split over the client "
+                f"processes: it must be >= --client-processes ({self.client_processes})"
+            )
         if self.endpoint == "chat" and self.prompts == "token-ids":
             raise ValueError("the chat endpoint takes text; use --prompts text")
         if self.seed < 0:
@@ -175,6 +189,7 @@ class RateRun:
     request_rate: float
     summary: Summary
     records: list[RequestRecord]
+    client: ClientLoad
 
     @property
     def passed(self) -> bool:
@@ -198,6 +213,7 @@ class RateRun:
             "cached_tokens": self.cached_tokens(),
             "output_len_mismatches": self.output_len_mismatches(),
             "failures": dict(self.failure_reasons()),
+            "client": self.client.as_dict(),
             "requests": [r.as_dict() for r in self.records],
         }
 
@@ -250,18 +266,20 @@ async def _run_all(config: ServeBenchConfig) -> ServeBenchResult:
             config.url, model, config.endpoint, config.api_key, config.temperature
         )
         await _check_server(client, target, config)
-        runs = []
-        for index, rate in enumerate(config.request_rates):
-            requests = bench_requests(
-                config.num_requests, config.input_len, config.output_len, config.prompt_kind,
-                config.seed + index, config.vocab_size,
+        pool = None
+        if config.client_processes > 1:
+            pool = ClientPool(
+                config.client_processes, target, config.max_concurrency,
+                config.request_timeout_s,
             )  # fmt: skip
-            offsets = arrival_offsets(len(requests), rate, config.burstiness, config.seed + index)
-            records, duration = await _run_rate(client, target, requests, offsets, rate, config)
-            completed = [r.completed() for r in records if r.outcome == "ok"]
-            failed = sum(r.outcome == "failed" for r in records)
-            summary = summarize(completed, len(requests), failed, duration, config.slo)
-            runs.append(RateRun(rate, summary, records))
+        try:
+            runs = [
+                await _run_rate(client, pool, target, config, index, rate)
+                for index, rate in enumerate(config.request_rates)
+            ]
+        finally:
+            if pool is not None:
+                pool.close()
     return ServeBenchResult(config, model, started_at, runs)
 
 
@@ -279,27 +297,32 @@ async def _check_server(
 
 async def _run_rate(
     client: httpx.AsyncClient,
+    pool: ClientPool | None,
     target: ServerTarget,
-    requests: list[BenchRequest],
-    offsets: list[float],
-    rate: float,
     config: ServeBenchConfig,
-) -> tuple[list[RequestRecord], float]:
-    """Send each request at its offset (waiting for a --max-concurrency slot if set);
-    returns the records in request order and the seconds from the first send to the
-    last answer."""
-    gate = asyncio.Semaphore(config.max_concurrency or len(requests))
+    index: int,
+    rate: float,
+) -> RateRun:
+    """The run at the `index`-th rate, from this process or the pool's."""
+    requests = bench_requests(
+        config.num_requests, config.input_len, config.output_len, config.prompt_kind,
+        config.seed + index, config.vocab_size,
+    )  # fmt: skip
+    offsets = arrival_offsets(len(requests), rate, config.burstiness, config.seed + index)
     desc = f"rate {rate_label(rate)} req/s"
     with tqdm(total=len(requests), desc=desc, disable=not config.progress) as bar:
-        start = time.perf_counter()
-
-        async def one(request: BenchRequest, offset: float) -> RequestRecord:
-            await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
-            async with gate:
-                record = await send_request(client, target, request, start)
-            bar.update(1)
-            return record
-
-        records = await asyncio.gather(*map(one, requests, offsets))
-        duration = time.perf_counter() - start
-    return list(records), duration
+        if pool is None:
+            start = time.perf_counter()
+            records, end, monitor = await run_shard(
+                client, target, requests, offsets, start, config.max_concurrency,
+                lambda: bar.update(1),
+            )  # fmt: skip
+            duration, load = end - start, ClientLoad.of([monitor])
+        else:
+            records, duration, load = await pool.run(
+                requests, offsets, lambda done: bar.update(done - bar.n)
+            )
+    completed = [r.completed() for r in records if r.outcome == "ok"]
+    failed = sum(r.outcome == "failed" for r in records)
+    summary = summarize(completed, len(requests), failed, duration, config.slo)
+    return RateRun(rate, summary, records, load)

@@ -57,6 +57,7 @@ def format_run(run: RateRun, slo: SLO) -> str:
         lines.append(_stats_row(name, stats))
     for reason, count in run.failure_reasons().most_common(5):
         lines.append(f"  {count} x {reason}")
+    lines.append(f"client: {run.client.describe()}")
     return "\n".join(lines)
 
 
