@@ -17,7 +17,9 @@
 #   fit      issue 24: sim_fit.py on the GPU, 1B shape: the simulator's step cost of a
 #            GPU replica (for P:D ratios). No carry
 #   serve    issue 19: vllm_side_by_side.py --only serve --engines strata at 4,096 and
-#            8,192 batched tokens a step (the TTFT tail under load). Carry .srvwhl
+#            8,192 batched tokens a step (the TTFT tail under load), the load generator in
+#            4 processes; and at 4,096 from one process, as the earlier runs measured, to
+#            show how much of the tail was the client's. Carry .srvwhl
 #   tiers    issue 18: gpu_tiers.sh with CODECS="none int4 fp8", QA only. Carry .whl
 #            .redis
 #   replicas issue 24: replicas_routing.py, two replicas of the 1B shape sharing the GPU
@@ -64,9 +66,10 @@ fit() {
     --prefill-lengths 128 512 1024 2048 --decode-batches 1 16 64 256 \
     --decode-contexts 512 2048 --repeats 1 --out "$OUT/llama1b_gpu_fit.json" 2>&1 | tail -6
 }
-serve() {  # serve BUDGET
+serve() {  # serve BUDGET CLIENT_PROCESSES
   python3 benchmarks/vllm_side_by_side.py --only serve --engines strata \
-    --strata-serve-batched-tokens "$1" --json "$OUT/serve_$1.json" 2>&1 | tail -22
+    --strata-serve-batched-tokens "$1" --serve-client-processes "$2" \
+    --json "$OUT/serve_$1_c$2.json" 2>&1 | tail -22
 }
 replicas() {
   [ -d /tmp/ray-site ] && export PYTHONPATH="$PYTHONPATH:/tmp/ray-site"
@@ -79,7 +82,10 @@ replicas() {
 has http && stage http http
 has fit && stage fit fit
 if has serve; then
-  for budget in 4096 8192; do stage "serve $budget" serve "$budget"; done
+  for run in "4096 4" "8192 4" "4096 1"; do
+    read -r budget procs <<< "$run"
+    stage "serve $budget, $procs client processes" serve "$budget" "$procs"
+  done
 fi
 has replicas && stage replicas replicas
 if has tiers; then

@@ -13,9 +13,12 @@ error); "lost" (the server went silent past the timeout, or the run ended first)
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import ssl
 import time
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -280,8 +283,52 @@ async def served_model(client: httpx.AsyncClient, base_url: str, api_key: str | 
         raise BenchmarkError(f"GET {url} listed no model: {response.text[:200]}") from None
 
 
-def http_client(max_connections: int | None, timeout_s: float) -> httpx.AsyncClient:
+def http_client(
+    max_connections: int | None, timeout_s: float, verify: ssl.SSLContext | bool = True
+) -> httpx.AsyncClient:
     """No pool wait limit: requests queue at the server, where latency is measured."""
     timeout = httpx.Timeout(timeout_s, pool=None)
     limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=None)
-    return httpx.AsyncClient(timeout=timeout, limits=limits)
+    return httpx.AsyncClient(timeout=timeout, limits=limits, verify=verify)
+
+
+class ClientSet:
+    """Single-connection HTTP clients, one per request in flight, reused as requests end.
+
+    One httpx client holding N connections costs O(N) per request event (httpcore scans
+    its pool): with hundreds of streams the load generator, not the server, sets the pace.
+    The clients share one SSL context: building one per client costs about 20 ms each.
+    """
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._ssl = ssl.create_default_context()
+        self._free: list[httpx.AsyncClient] = []
+        self._all: list[httpx.AsyncClient] = []
+
+    def reserve(self, count: int) -> None:
+        """Build clients until there are `count` (before a clock starts)."""
+        while len(self._all) < count:
+            self._free.append(self._new())
+
+    def _new(self) -> httpx.AsyncClient:
+        client = http_client(1, self.timeout_s, self._ssl)
+        self._all.append(client)
+        return client
+
+    @contextlib.asynccontextmanager
+    async def client(self) -> AsyncIterator[httpx.AsyncClient]:
+        """A client no other request is using, for the length of one request."""
+        client = self._free.pop() if self._free else self._new()
+        try:
+            yield client
+        finally:
+            self._free.append(client)
+
+    async def __aenter__(self) -> ClientSet:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for client in self._all:
+            await client.aclose()
+        self._all, self._free = [], []

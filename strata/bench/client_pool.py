@@ -6,7 +6,7 @@ times them, with the event loop's lag sampled throughout (client_load.py).
 
 One event loop parses every chunk of every stream. Hundreds of fast streams keep it busy,
 and its delays land in the latencies it reports. `ClientPool` spreads a rate's requests
-over worker processes, each with its own loop and HTTP client: worker k sends requests
+over worker processes, each with its own loop and HTTP clients: worker k sends requests
 k, k + n, k + 2n, ... at their own offsets, so the arrival process is unchanged, and the
 records come back merged in request order.
 
@@ -23,6 +23,7 @@ import contextlib
 import multiprocessing as mp
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from multiprocessing.sharedctypes import Synchronized
@@ -31,9 +32,9 @@ from typing import Any
 from strata.bench.client import (
     BenchmarkError,
     BenchRequest,
+    ClientSet,
     RequestRecord,
     ServerTarget,
-    http_client,
     send_request,
 )
 from strata.bench.client_load import ClientLoad, LagMonitor
@@ -44,23 +45,39 @@ POLL_S = 0.1
 STOP_TIMEOUT_S = 5.0
 
 
+@dataclass
+class Shard:
+    """What one event loop sent: its records in the order given, the start their offsets
+    count from, when the last answer came, and the loop's lag throughout."""
+
+    records: list[RequestRecord]
+    start: float
+    end: float
+    monitor: LagMonitor
+
+
 async def run_shard(
-    client: Any,
+    clients: ClientSet,
     target: ServerTarget,
     requests: Sequence[BenchRequest],
     offsets: Sequence[float],
-    start: float,
+    start: float | None,
     max_concurrency: int | None,
     on_done: Callable[[], None],
-) -> tuple[list[RequestRecord], float, LagMonitor]:
-    """Send each request at start + its offset (waiting for a concurrency slot if capped);
-    the records in the order given, when the last answer came, and the loop's lag."""
-    gate = asyncio.Semaphore(max_concurrency or max(1, len(requests)))
+) -> Shard:
+    """Send each request at start + its offset (waiting for a concurrency slot if capped).
+    `start` None: as soon as the clients are built."""
+    in_flight = min(len(requests), max_concurrency or len(requests))
+    gate = asyncio.Semaphore(max(1, in_flight))
+    clients.reserve(in_flight)
+    if start is None:
+        start = time.perf_counter()
     await asyncio.sleep(max(0.0, start - time.perf_counter()))
 
     async def one(request: BenchRequest, offset: float) -> RequestRecord:
+        assert start is not None
         await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
-        async with gate:
+        async with gate, clients.client() as client:
             record = await send_request(client, target, request, start)
         on_done()
         return record
@@ -68,7 +85,7 @@ async def run_shard(
     async with LagMonitor() as monitor:
         records = await asyncio.gather(*map(one, requests, offsets))
         end = time.perf_counter()
-    return list(records), end, monitor
+    return Shard(list(records), start, end, monitor)
 
 
 def split_cap(total: int | None, parts: int) -> list[int | None]:
@@ -137,9 +154,9 @@ class ClientPool:
                 elif results[k] is None and not proc.is_alive():
                     raise BenchmarkError(f"client process {k} exited with {proc.exitcode}")
         on_progress(self._done.value)
-        records = sorted((r for shard, _, _ in results for r in shard), key=lambda r: r.index)
-        end = max(shard_end for _, shard_end, _ in results)
-        return records, end - start, ClientLoad.of([m for _, _, m in results])
+        records = sorted((r for shard in results for r in shard.records), key=lambda r: r.index)
+        end = max(shard.end for shard in results)
+        return records, end - start, ClientLoad.of([shard.monitor for shard in results])
 
     def close(self) -> None:
         for _, conn in self._workers:
@@ -195,7 +212,7 @@ async def _serve_shards(
         with done.get_lock():
             done.value += 1
 
-    async with http_client(max_concurrency, timeout_s) as client:
+    async with ClientSet(timeout_s) as clients:
         conn.send(("ready", None))
         while True:
             job = await loop.run_in_executor(None, conn.recv)
@@ -203,6 +220,6 @@ async def _serve_shards(
                 return
             requests, offsets, start = job
             result = await run_shard(
-                client, target, requests, offsets, start, max_concurrency, tick
+                clients, target, requests, offsets, start, max_concurrency, tick
             )
             conn.send(("shard", result))

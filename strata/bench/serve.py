@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from strata.bench.arrivals import arrival_offsets, rate_label
 from strata.bench.client import (
     BenchmarkError,
+    ClientSet,
     Endpoint,
     RequestRecord,
     ServerTarget,
@@ -266,7 +267,8 @@ async def _run_all(config: ServeBenchConfig) -> ServeBenchResult:
             config.url, model, config.endpoint, config.api_key, config.temperature
         )
         await _check_server(client, target, config)
-        pool = None
+    pool = None
+    async with ClientSet(config.request_timeout_s) as clients:
         if config.client_processes > 1:
             pool = ClientPool(
                 config.client_processes, target, config.max_concurrency,
@@ -274,7 +276,7 @@ async def _run_all(config: ServeBenchConfig) -> ServeBenchResult:
             )  # fmt: skip
         try:
             runs = [
-                await _run_rate(client, pool, target, config, index, rate)
+                await _run_rate(clients, pool, target, config, index, rate)
                 for index, rate in enumerate(config.request_rates)
             ]
         finally:
@@ -296,7 +298,7 @@ async def _check_server(
 
 
 async def _run_rate(
-    client: httpx.AsyncClient,
+    clients: ClientSet,
     pool: ClientPool | None,
     target: ServerTarget,
     config: ServeBenchConfig,
@@ -312,12 +314,12 @@ async def _run_rate(
     desc = f"rate {rate_label(rate)} req/s"
     with tqdm(total=len(requests), desc=desc, disable=not config.progress) as bar:
         if pool is None:
-            start = time.perf_counter()
-            records, end, monitor = await run_shard(
-                client, target, requests, offsets, start, config.max_concurrency,
+            shard = await run_shard(
+                clients, target, requests, offsets, None, config.max_concurrency,
                 lambda: bar.update(1),
             )  # fmt: skip
-            duration, load = end - start, ClientLoad.of([monitor])
+            records, duration = shard.records, shard.end - shard.start
+            load = ClientLoad.of([shard.monitor])
         else:
             records, duration, load = await pool.run(
                 requests, offsets, lambda done: bar.update(done - bar.n)
