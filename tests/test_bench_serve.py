@@ -20,6 +20,7 @@ from strata.bench.arrivals import arrival_offsets
 from strata.bench.client import (
     BenchmarkError,
     BenchRequest,
+    ClientSet,
     RequestRecord,
     ServerTarget,
     http_client,
@@ -265,3 +266,20 @@ def test_the_lag_monitor_sees_a_blocked_loop() -> None:
     )
     busy = ClientLoad(processes=1, cpu_s=1.0, wall_s=1.0, lag_p99_ms=12.0, lag_max_ms=40.0)
     assert busy.lagged and "THE CLIENT LAGGED" in busy.describe()
+
+
+def test_client_set_gives_each_request_in_flight_its_own_client() -> None:
+    async def use() -> None:
+        async with ClientSet(timeout_s=5) as clients:
+            clients.reserve(2)
+            async with clients.client() as a, clients.client() as b:
+                assert a is not b
+                async with clients.client() as c:  # a third request in flight: a new one
+                    assert c is not a and c is not b
+            async with clients.client() as again:  # released clients are reused
+                assert again in (a, b, c)
+            clients.reserve(2)  # there are 3 already: nothing is built
+            assert len({id(x) for x in clients._all}) == 3
+        assert a.is_closed and b.is_closed and c.is_closed
+
+    asyncio.run(use())
