@@ -26,15 +26,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, 
 
 from strata.bench.server_process import last_lines, wait_healthy
 
+Mode = tuple[list[str], int] | None  # (`strata serve` flags, client processes); None: offline
 
-def modes(counts: list[int], in_process: bool) -> dict[str, list[str] | None]:
-    """mode -> `strata serve` flags (None: offline). "process": the engine in its own
-    process behind one HTTP front; "fronts=N": behind N (--api-server-count N)."""
-    out: dict[str, list[str] | None] = {"offline": None}
+
+def modes(counts: list[int], in_process: bool, clients: list[int]) -> dict[str, Mode]:
+    """mode name -> how it runs. "process": the engine in its own process behind one HTTP
+    front; "fronts=N": behind N (--api-server-count N); each HTTP mode once per number of
+    load-generator processes, named with it when there are several."""
+    servers: dict[str, list[str]] = {}
     if in_process:
-        out["in-process"] = ["--engine-in-process"]
+        servers["in-process"] = ["--engine-in-process"]
     for n in counts:
-        out["process" if n == 1 else f"fronts={n}"] = ["--api-server-count", str(n)]
+        servers["process" if n == 1 else f"fronts={n}"] = ["--api-server-count", str(n)]
+    out: dict[str, Mode] = {"offline": None}
+    for name, flags in servers.items():
+        for c in clients:
+            out[name if len(clients) == 1 else f"{name}, {c} clients"] = (flags, c)
     return out
 
 
@@ -62,7 +69,7 @@ def run_offline(a: argparse.Namespace, out: Path) -> float:
     return _tok_s(out)
 
 
-def run_http(a: argparse.Namespace, flags: list[str], out: Path) -> float:
+def run_http(a: argparse.Namespace, flags: list[str], clients: int, out: Path) -> float:
     url = f"http://127.0.0.1:{a.port}"
     log = out.with_suffix(".server.log")
     with log.open("wb") as sink:
@@ -75,7 +82,7 @@ def run_http(a: argparse.Namespace, flags: list[str], out: Path) -> float:
         wait_healthy(server, a.port, timeout_s=120, poll_s=0.2, log=log)
         cmd = strata(
             "bench", "throughput", "--url", url, "--vocab-size", str(a.vocab_size),
-            *workload(a), "--json", str(out),
+            *workload(a), "--client-processes", str(clients), "--json", str(out),
         )  # fmt: skip
         run_quiet(cmd)
         return _tok_s(out)
@@ -123,18 +130,24 @@ def main() -> None:
         help="HTTP front processes to measure the engine-process mode with, comma-separated "
         "(default 1; e.g. 1,2,4)",
     )  # fmt: skip
+    p.add_argument(
+        "--client-processes", default="1",
+        help="processes of the load generator (strata bench throughput --client-processes), "
+        "comma-separated: each HTTP mode runs once with each (default 1)",
+    )  # fmt: skip
     p.add_argument("--no-in-process", action="store_true", help="skip --engine-in-process")
     a = p.parse_args()
     counts = [int(n) for n in a.api_server_count.split(",")]
+    clients = [int(n) for n in a.client_processes.split(",")]
     if a.torch_threads is not None:
         os.environ["OMP_NUM_THREADS"] = str(a.torch_threads)
-    runs = modes(counts, not a.no_in_process)
+    runs = modes(counts, not a.no_in_process, clients)
     results: dict[str, list[float]] = {mode: [] for mode in runs}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.repeats):
-            for mode, flags in runs.items():
-                out = Path(tmp) / f"{mode}-{r}.json"
-                tok_s = run_offline(a, out) if flags is None else run_http(a, flags, out)
+            for mode, how in runs.items():
+                out = Path(tmp) / f"{mode.replace(', ', '_')}-{r}.json"
+                tok_s = run_offline(a, out) if how is None else run_http(a, *how, out)
                 results[mode].append(tok_s)
                 print(f"run {r + 1}: {mode:<10} {tok_s:9.0f} out tok/s", flush=True)
                 time.sleep(1)  # the server's port and processes are released

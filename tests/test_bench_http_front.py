@@ -45,3 +45,17 @@ def test_a_failed_benchmark_command_raises_with_its_output() -> None:
     with pytest.raises(RuntimeError) as failed:
         http_front().run_quiet([sys.executable, "-c", code, "x", "y"])
     assert str(failed.value) == f"{code} x y failed (2):\nbad flag"
+
+
+def test_modes_run_each_http_mode_with_each_number_of_client_processes() -> None:
+    modes = http_front().modes
+    fronts = ["--api-server-count", "1"]
+    assert modes([1, 2], True, [1]) == {
+        "offline": None,
+        "in-process": (["--engine-in-process"], 1),
+        "process": (fronts, 1),
+        "fronts=2": (["--api-server-count", "2"], 1),
+    }
+    assert modes([1], False, [1, 4]) == {
+        "offline": None, "process, 1 clients": (fronts, 1), "process, 4 clients": (fronts, 4),
+    }  # fmt: skip

@@ -283,3 +283,29 @@ def test_client_set_gives_each_request_in_flight_its_own_client() -> None:
         assert a.is_closed and b.is_closed and c.is_closed
 
     asyncio.run(use())
+
+
+def test_throughput_over_http_from_two_client_processes(
+    tiny_server: RunningServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "tp2.json"
+    code = main([
+        "bench", "throughput", "--url", tiny_server.url, "--num-requests", "10",
+        "--input-len", "8-16", "--output-len", "4-8", "--concurrency", "2", "5",
+        "--client-processes", "2", "--json", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    sent = bench_requests(10, (8, 16), (4, 8), "token-ids", seed=0)
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["concurrency"], r["num_requests"]) for r in rows] == [(2, 10), (5, 10)]
+    for row in rows:
+        assert row["output_tokens"] == sum(r.output_len for r in sent)
+        assert row["input_tokens"] == sum(r.prompt_len for r in sent)
+    assert "2 client process(es)" in capsys.readouterr().out
+    bad = main([
+        "bench", "throughput", "--url", tiny_server.url, "--concurrency", "1",
+        "--client-processes", "2",
+    ])  # fmt: skip
+    assert bad == 2
+    assert "--concurrency 1 is split over the client processes" in capsys.readouterr().err
+    tiny_server.assert_no_leaks()
