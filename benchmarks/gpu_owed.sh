@@ -12,8 +12,9 @@
 #            .before/ too when carried (git archive of the commit to compare against);
 #            then the 8B shape, where steps are GPU-bound. Carry .gwhl .srvwhl .gl_tok
 #            [.before]
-#   http     issue 19: http_front.py, offline against HTTP behind 1, 2 and 4 front
-#            processes (--api-server-count), 1B shape. Carry .srvwhl
+#   http     issue 19: http_front.py, offline against HTTP behind 1 and 4 front
+#            processes (--api-server-count), each driven from 1 and from 4 load-generator
+#            processes (--client-processes), 1B shape. Carry .srvwhl
 #   fit      issue 24: sim_fit.py on the GPU, 1B shape: the simulator's step cost of a
 #            GPU replica (for P:D ratios). No carry
 #   serve    issue 19: vllm_side_by_side.py --only serve --engines strata at 4,096 and
@@ -58,8 +59,9 @@ fi
 http() {
   python3 benchmarks/http_front.py --model random:llama-3.2-1b --device cuda \
     --vocab-size 128256 --num-requests 1024 --input-len 100-1024 --output-len 100-1024 \
-    --concurrency 256 --repeats 1 --api-server-count 1,2,4 --no-in-process 2>&1 \
-    | tee "$OUT/http_front.log" | tail -8
+    --concurrency 256 --repeats 1 --api-server-count 1,4 --client-processes 1,4 \
+    --no-in-process 2>&1 \
+    | tee "$OUT/http_front.log" | tail -10
 }
 fit() {
   python3 benchmarks/sim_fit.py --model random:llama-3.2-1b --device cuda \
