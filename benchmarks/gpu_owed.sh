@@ -29,6 +29,8 @@
 #            call's 64 MiB): scripts/device_ray_wheels.sh here, then two calls on one warm
 #            machine carrying .raywhl1 and then .raywhl2 (with .srvwhl .gl_tok), each
 #            starting with `bash benchmarks/device_ray_join.sh`
+# Shorter runs, for a call with little device time left: GRAMMAR_8B=0 skips the 8B grammar
+# run; HTTP_FRONTS and HTTP_CLIENTS (default 1,4 each) choose the HTTP modes.
 # shellcheck source=benchmarks/gpu_stages.sh
 source "$(dirname "$0")/gpu_stages.sh" "grammar http fit" "$@"
 site=()
@@ -54,12 +56,14 @@ grammar() {  # grammar TAG TREE CONFIG
 if has grammar; then
   stage "grammar 1B" grammar 1b "$PWD" config.json
   [ -d .before ] && stage "grammar 1B, .before" grammar 1b_before "$PWD/.before" config.json
-  [ -f .gl_tok/config_8b.json ] && stage "grammar 8B" grammar 8b "$PWD" config_8b.json
+  [ -f .gl_tok/config_8b.json ] && [ "${GRAMMAR_8B:-1}" = 1 ] \
+    && stage "grammar 8B" grammar 8b "$PWD" config_8b.json
 fi
 http() {
   python3 benchmarks/http_front.py --model random:llama-3.2-1b --device cuda \
     --vocab-size 128256 --num-requests 1024 --input-len 100-1024 --output-len 100-1024 \
-    --concurrency 256 --repeats 1 --api-server-count 1,4 --client-processes 1,4 \
+    --concurrency 256 --repeats 1 --api-server-count "${HTTP_FRONTS:-1,4}" \
+    --client-processes "${HTTP_CLIENTS:-1,4}" \
     --no-in-process 2>&1 \
     | tee "$OUT/http_front.log" | tail -10
 }
