@@ -108,7 +108,7 @@ class ClientPool:
             for k, cap in enumerate(split_cap(max_concurrency, processes)):
                 ours, theirs = ctx.Pipe()
                 worker = ctx.Process(
-                    target=_worker, args=(theirs, target, cap, timeout_s, self._done),
+                    target=_worker, args=(theirs, WorkerSpec(target, cap, timeout_s), self._done),
                     name=f"strata-bench-client-{k}", daemon=True,
                 )  # fmt: skip
                 worker.start()
@@ -183,28 +183,25 @@ def _reply(k: int, proc: BaseProcess, conn: Connection) -> Any:
     return payload
 
 
-def _worker(
-    conn: Connection,
-    target: ServerTarget,
-    max_concurrency: int | None,
-    timeout_s: float,
-    done: Synchronized[int],
-) -> None:
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker process sends to, and how: its concurrency cap and request timeout."""
+
+    target: ServerTarget
+    max_concurrency: int | None
+    timeout_s: float
+
+
+def _worker(conn: Connection, spec: WorkerSpec, done: Synchronized[int]) -> None:
     try:
-        asyncio.run(_serve_shards(conn, target, max_concurrency, timeout_s, done))
+        asyncio.run(_serve_shards(conn, spec, done))
     except BaseException as exc:  # reported to the parent, which stops the run
         with contextlib.suppress(BrokenPipeError, OSError):
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
         raise
 
 
-async def _serve_shards(
-    conn: Connection,
-    target: ServerTarget,
-    max_concurrency: int | None,
-    timeout_s: float,
-    done: Synchronized[int],
-) -> None:
+async def _serve_shards(conn: Connection, spec: WorkerSpec, done: Synchronized[int]) -> None:
     """Run each shard the parent sends until it sends None."""
     loop = asyncio.get_running_loop()
 
@@ -212,7 +209,7 @@ async def _serve_shards(
         with done.get_lock():
             done.value += 1
 
-    async with ClientSet(timeout_s) as clients:
+    async with ClientSet(spec.timeout_s) as clients:
         conn.send(("ready", None))
         while True:
             job = await loop.run_in_executor(None, conn.recv)
@@ -220,6 +217,6 @@ async def _serve_shards(
                 return
             requests, offsets, start = job
             result = await run_shard(
-                clients, target, requests, offsets, start, max_concurrency, tick
+                clients, spec.target, requests, offsets, start, spec.max_concurrency, tick
             )
             conn.send(("shard", result))
