@@ -51,7 +51,7 @@ stage() {  # stage NAME COMMAND...: run it, time it, note its exit status
 grammar() {  # grammar TAG TREE CONFIG
   PYTHONPATH="$2:${PYTHONPATH#"$PWD":}" python3 benchmarks/grammar_overhead.py engine \
     --model "random:$PWD/.gl_tok/$3" --num-requests 256 --output-len 256 --overlap on 2>&1 \
-    | tee "$OUT/grammar_$1.log" | tail -4
+    | tee "$OUT/grammar_$1.log" | tail -5
 }
 if has grammar; then
   stage "grammar 1B" grammar 1b "$PWD" config.json

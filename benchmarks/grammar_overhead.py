@@ -75,6 +75,10 @@ DOCUMENT = {
 }
 
 
+def _runs(values: list[float]) -> str:
+    return ", ".join(f"{v:,.0f}" for v in values)
+
+
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.3f} ms"
 
@@ -273,7 +277,7 @@ def _kernel_profiler() -> Any:
 
 def engine(
     model: str, device: str, num_requests: int, output_len: int, profile: bool,
-    serial: bool = False, overlap: str = "auto",
+    serial: bool = False, overlap: str = "auto", repeats: int = 1,
 ) -> None:  # fmt: skip
     from strata import LLM, SamplingParams
     from strata.engine.structured_output import StructuredOutput
@@ -334,15 +338,26 @@ def engine(
 
     # The constrained run first: a JSON document ends when its grammar does, so the
     # unconstrained run then produces exactly its lengths, request by request, and both
-    # runs step through the same batch sizes; only the grammar's work differs.
+    # runs step through the same batch sizes; only the grammar's work differs. Repeats
+    # alternate the two (seeded requests: a constrained repeat has the same lengths).
     mixed, lengths = run(True, [output_len] * num_requests)
     masked_steps = list(mask_s)
-    base, _ = run(False, lengths)
+    mixed_runs, base_runs = [mixed], []
+    for r in range(repeats):
+        base_runs.append(run(False, lengths)[0])
+        if r + 1 < repeats:
+            again, got = run(True, [output_len] * num_requests)
+            if got != lengths:
+                print("note: a constrained repeat produced other lengths")
+            mixed_runs.append(again)
+    base, mixed = statistics.median(base_runs), statistics.median(mixed_runs)
     print(f"{model} on {device} (overlap {llm.engine.overlap}), {num_requests} requests, "
           f"output up to {output_len} tokens "
-          f"({sum(lengths):,} in all, the constrained ones' own lengths in both runs)")
-    print(f"unconstrained           {base:,.0f} output tokens/s")
-    print(f"half JSON-constrained   {mixed:,.0f} output tokens/s ({mixed / base - 1:+.1%})")
+          f"({sum(lengths):,} in all, the constrained ones' own lengths in both runs), "
+          f"median of {repeats} run(s) each")
+    print(f"unconstrained           {base:,.0f} output tokens/s  ({_runs(base_runs)})")
+    print(f"half JSON-constrained   {mixed:,.0f} output tokens/s ({mixed / base - 1:+.1%})  "
+          f"({_runs(mixed_runs)})")
     if builder.worker_seconds:
         worker = statistics.median(builder.worker_seconds)
         print(f"fill on the worker      median {_ms(worker)} per step (off the serial path)")
@@ -384,6 +399,11 @@ def main() -> None:
         help="the engine's overlap_scheduling (default auto: on on CUDA)",
     )
     e.add_argument(
+        "--repeats", type=int, default=3,
+        help="runs of each kind, alternating; medians reported (default 3: one unconstrained "
+        "run lasts about a second on an H100, too short to time alone)",
+    )
+    e.add_argument(
         "--switch-interval", type=float, default=None, metavar="S",
         help="sys.setswitchinterval for the run (default: Python's, 0.005 s)",
     )
@@ -399,7 +419,7 @@ def main() -> None:
             sys.setswitchinterval(args.switch_interval)
         engine(
             args.model, args.device, args.num_requests, args.output_len, args.profile,
-            args.serial, args.overlap,
+            args.serial, args.overlap, args.repeats,
         )  # fmt: skip
 
 
