@@ -8,7 +8,8 @@ One event loop parses every chunk of every stream. Hundreds of fast streams keep
 and its delays land in the latencies it reports. `ClientPool` spreads a rate's requests
 over worker processes, each with its own loop and HTTP clients: worker k sends requests
 k, k + n, k + 2n, ... at their own offsets, so the arrival process is unchanged, and the
-records come back merged in request order.
+records come back merged in request order. `send_all` runs a rate either way, for
+`strata bench serve` and for `strata bench throughput --url`.
 
 Invariants:
 - Workers start before the first rate and stay until `close`; a worker that dies or
@@ -86,6 +87,32 @@ async def run_shard(
         records = await asyncio.gather(*map(one, requests, offsets))
         end = time.perf_counter()
     return Shard(list(records), start, end, monitor)
+
+
+async def send_all(
+    clients: ClientSet,
+    pool: ClientPool | None,
+    target: ServerTarget,
+    requests: Sequence[BenchRequest],
+    offsets: Sequence[float],
+    max_concurrency: int | None,
+    on_progress: Callable[[int], None],
+) -> tuple[list[RequestRecord], float, ClientLoad]:
+    """Every request at its offset, from this process (`pool` None, capped at
+    `max_concurrency`) or from the pool's workers (capped as the pool was made): the records
+    in request order, the seconds from the start to the last answer, and the client's load.
+    `on_progress` gets the number of requests answered so far."""
+    if pool is not None:
+        return await pool.run(requests, offsets, on_progress)
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        on_progress(done)
+
+    shard = await run_shard(clients, target, requests, offsets, None, max_concurrency, tick)
+    return shard.records, shard.end - shard.start, ClientLoad.of([shard.monitor])
 
 
 def split_cap(total: int | None, parts: int) -> list[int | None]:

@@ -26,7 +26,7 @@ from strata.bench.client import (
     served_model,
 )
 from strata.bench.client_load import ClientLoad
-from strata.bench.client_pool import ClientPool, run_shard
+from strata.bench.client_pool import ClientPool, send_all
 from strata.bench.requests import DEFAULT_VOCAB_SIZE, bench_requests
 from strata.bench.throughput import ThroughputResult
 
@@ -148,11 +148,8 @@ async def closed_loop(
     """`concurrency` clients take the next request as each finishes (from this process,
     or from the pool's, which split `concurrency`); returns the records in request order,
     the wall seconds of the whole loop, and the client's load."""
-    offsets = [0.0] * len(requests)
     with tqdm(total=len(requests), desc=f"server (concurrency {concurrency})") as bar:
-        if pool is not None:
-            return await pool.run(requests, offsets, lambda done: bar.update(done - bar.n))
-        shard = await run_shard(
-            clients, target, requests, offsets, None, concurrency, lambda: bar.update(1)
+        return await send_all(
+            clients, pool, target, requests, [0.0] * len(requests), concurrency,
+            lambda done: bar.update(done - bar.n),
         )
-    return shard.records, shard.end - shard.start, ClientLoad.of([shard.monitor])

@@ -36,7 +36,7 @@ from strata.bench.client import (
     served_model,
 )
 from strata.bench.client_load import ClientLoad
-from strata.bench.client_pool import ClientPool, run_shard
+from strata.bench.client_pool import ClientPool, send_all
 from strata.bench.latency import SLO, Summary, summarize
 from strata.bench.requests import DEFAULT_VOCAB_SIZE, PromptKind, bench_requests
 from strata.bench.serve_report import format_report, report_title
@@ -313,17 +313,10 @@ async def _run_rate(
     offsets = arrival_offsets(len(requests), rate, config.burstiness, config.seed + index)
     desc = f"rate {rate_label(rate)} req/s"
     with tqdm(total=len(requests), desc=desc, disable=not config.progress) as bar:
-        if pool is None:
-            shard = await run_shard(
-                clients, target, requests, offsets, None, config.max_concurrency,
-                lambda: bar.update(1),
-            )  # fmt: skip
-            records, duration = shard.records, shard.end - shard.start
-            load = ClientLoad.of([shard.monitor])
-        else:
-            records, duration, load = await pool.run(
-                requests, offsets, lambda done: bar.update(done - bar.n)
-            )
+        records, duration, load = await send_all(
+            clients, pool, target, requests, offsets, config.max_concurrency,
+            lambda done: bar.update(done - bar.n),
+        )  # fmt: skip
     completed = [r.completed() for r in records if r.outcome == "ok"]
     failed = sum(r.outcome == "failed" for r in records)
     summary = summarize(completed, len(requests), failed, duration, config.slo)
