@@ -30,7 +30,8 @@
 #            machine carrying .raywhl1 and then .raywhl2 (with .srvwhl .gl_tok), each
 #            starting with `bash benchmarks/device_ray_join.sh`
 # Shorter runs, for a call with little device time left: GRAMMAR_8B=0 skips the 8B grammar
-# run; HTTP_FRONTS and HTTP_CLIENTS (default 1,4 each) choose the HTTP modes.
+# run; HTTP_FRONTS and HTTP_CLIENTS (default 1,4 each) choose the HTTP modes; SERVE_RUNS
+# ("BUDGET PROCESSES" pairs joined by ';', default "4096 4;8192 4;4096 1") the serve runs.
 # shellcheck source=benchmarks/gpu_stages.sh
 source "$(dirname "$0")/gpu_stages.sh" "grammar http fit" "$@"
 site=()
@@ -88,7 +89,8 @@ replicas() {
 has http && stage http http
 has fit && stage fit fit
 if has serve; then
-  for run in "4096 4" "8192 4" "4096 1"; do
+  IFS=';' read -r -a runs <<< "${SERVE_RUNS:-4096 4;8192 4;4096 1}"
+  for run in "${runs[@]}"; do
     read -r budget procs <<< "$run"
     stage "serve $budget, $procs client processes" serve "$budget" "$procs"
   done

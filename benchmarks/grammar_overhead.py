@@ -28,6 +28,10 @@ import pstats
 import statistics
 import sys
 import time
+import warnings
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from importlib.metadata import version
 from typing import Any
 
@@ -275,9 +279,90 @@ def _kernel_profiler() -> Any:
     return profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
 
 
+class PhaseTimer:
+    """Host seconds of named engine methods, summed per engine step (an `Engine.step`
+    call), wrapped on the instances: `phases(steps)` gives each phase's median."""
+
+    def __init__(self, llm: Any) -> None:
+        engine = llm.engine
+        self.steps: list[dict[str, float]] = []
+        self._current: dict[str, float] = defaultdict(float)
+        targets = (
+            ("take tokens (wait + outputs)", engine, "_take_sampled"),
+            ("sample (masks + sampler launch)", engine, "_sample_running"),
+            ("schedule", engine.scheduler, "schedule"),
+            ("launch forward", engine.runner, "launch"),
+            ("masks: advance", engine.runner.grammar_masks, "advance"),
+            ("masks: build", engine.runner.grammar_masks, "build"),
+            ("sampling batch", engine.runner, "_sampling_batch"),
+            ("sampler", engine.runner, "sampler"),
+        )
+        for name, owner, attr in targets:
+            setattr(owner, attr, self._timed(name, getattr(owner, attr)))
+        step = engine.step
+
+        def timed_step() -> Any:
+            start = time.perf_counter()
+            out = step()
+            self._current["step"] = time.perf_counter() - start
+            self.steps.append(dict(self._current))
+            self._current.clear()
+            return out
+
+        engine.step = timed_step
+
+    def _timed(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._current[name] += time.perf_counter() - start
+
+        return timed
+
+    def report(self, first: int, title: str) -> None:
+        """Medians over the steps since index `first`, in ms."""
+        steps = self.steps[first:]
+        names = list(dict.fromkeys(k for s in steps for k in s))
+        print(f"--- host time per engine step, {title} ({len(steps)} steps), median / mean ms")
+        for name in sorted(names, key=lambda n: n != "step"):
+            values = [s.get(name, 0.0) * 1e3 for s in steps]
+            print(f"  {name:<34} {statistics.median(values):7.3f} / {statistics.mean(values):7.3f}")
+
+
+@contextmanager
+def sync_warnings(title: str) -> Iterator[None]:
+    """Print where the host waited for the device inside the block (CUDA only)."""
+    import torch
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    where = Counter(f"{os.path.basename(w.filename)}:{w.lineno}" for w in caught)
+    print(f"--- host syncs, {title}: {len(caught)} warnings")
+    for place, n in where.most_common(12):
+        print(f"  {n:>6}  {place}")
+
+
+# Two names for one call, so that a profile of the process (py-spy, spy_summary.py
+# --scope) tells the two runs apart.
+def generate_constrained(llm: Any, prompts: list[str], params: list[Any]) -> Any:
+    return llm.generate(prompts, params)
+
+
+def generate_unconstrained(llm: Any, prompts: list[str], params: list[Any]) -> Any:
+    return llm.generate(prompts, params)
+
+
 def engine(
     model: str, device: str, num_requests: int, output_len: int, profile: bool,
-    serial: bool = False, overlap: str = "auto", repeats: int = 1,
+    serial: bool = False, overlap: str = "auto", repeats: int = 1, phases: bool = False,
+    sync_debug: bool = False, fill_threads: int = 0, accept_on_worker: bool = False,
 ) -> None:  # fmt: skip
     from strata import LLM, SamplingParams
     from strata.engine.structured_output import StructuredOutput
@@ -295,10 +380,13 @@ def engine(
         return out
 
     builder.build = timed  # type: ignore[method-assign]
+    builder.fill_threads = fill_threads
+    builder.accept_on_worker = accept_on_worker
     if serial:
         builder.advance = lambda seqs: None  # type: ignore[method-assign]
     so = StructuredOutput.json_schema(SCHEMA)
     prompts = [f"Write order number {i} as JSON." for i in range(num_requests)]
+    timer = PhaseTimer(llm) if phases else None
 
     def run(constrained: bool, lengths: list[int]) -> tuple[float, list[int]]:
         params = [
@@ -316,13 +404,21 @@ def engine(
         profiler = cProfile.Profile() if profile else None
         kernels = _kernel_profiler() if profile and device == "cuda" else None
         steps_before = len(mask_s)
+        timed_before = 0 if timer is None else len(timer.steps)
         start = time.perf_counter()
         if profiler is not None:
             profiler.enable()
         if kernels is not None:
             kernels.start()
-        outs = llm.generate(prompts, params)
+        generate = generate_constrained if constrained else generate_unconstrained
+        if sync_debug and device == "cuda":
+            with sync_warnings(f"{name} run"):
+                outs = generate(llm, prompts, params)
+        else:
+            outs = generate(llm, prompts, params)
         seconds = time.perf_counter() - start
+        if timer is not None:
+            timer.report(timed_before, f"{name} run")
         if kernels is not None:
             kernels.stop()
             print(f"--- device kernels, {name} run ({len(mask_s) - steps_before} masked steps)")
@@ -366,6 +462,83 @@ def engine(
               f"over {len(masked_steps)} steps")
 
 
+def _side_fills(tokenizer_path: str, batch: int, threads: int, period_ms: float) -> None:
+    """Another process's grammar work: `batch` matchers walk random allowed tokens, one fill
+    and one accept every `period_ms`, until killed."""
+    import random
+
+    import torch
+    import xgrammar
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    vocab = len(tokenizer)
+    info = xgrammar.TokenizerInfo.from_huggingface(
+        tokenizer, vocab_size=vocab, stop_token_ids=[tokenizer.eos_token_id]
+    )
+    compiled = xgrammar.GrammarCompiler(info).compile_json_schema(json.dumps(SCHEMA))
+    bitmask = xgrammar.allocate_token_bitmask(batch, vocab)
+    batcher = xgrammar.BatchGrammarMatcher(threads)
+    rng = random.Random(0)
+    while True:
+        matchers = [xgrammar.GrammarMatcher(compiled) for _ in range(batch)]
+        for _ in range(60):
+            start = time.perf_counter()
+            batcher.batch_fill_next_token_bitmask(matchers, bitmask)
+            bits = (bitmask[:, :, None] >> torch.arange(32)) & 1
+            allowed = bits.flatten(1)[:, :vocab]
+            allowed[:, tokenizer.eos_token_id] = 0
+            tokens = [rng.choice(torch.nonzero(row).flatten().tolist()) for row in allowed]
+            xgrammar.BatchGrammarMatcher.batch_accept_token(matchers, tokens)
+            time.sleep(max(0.0, period_ms / 1e3 - (time.perf_counter() - start)))
+
+
+def contention(
+    model: str, device: str, num_requests: int, output_len: int, threads: list[int],
+    period_ms: float,
+) -> None:  # fmt: skip
+    """Unconstrained engine throughput alone and beside another process that fills 128
+    grammar masks every `period_ms` on each of `threads` thread counts: what the grammar's
+    threads cost the engine's thread through the machine's cores alone (no GIL shared)."""
+    import multiprocessing
+
+    from strata import LLM, SamplingParams
+
+    path = model.removeprefix("random:")
+    tokenizer_path = os.path.dirname(path) if path.endswith(".json") else path
+    llm = LLM(None if model == "embedded" else model, device=device, overlap_scheduling="on")
+    timer = PhaseTimer(llm)
+    prompts = [f"Write order number {i} as JSON." for i in range(num_requests)]
+    params = [
+        SamplingParams(max_tokens=output_len, temperature=0.8, seed=i, ignore_eos=True)
+        for i in range(num_requests)
+    ]
+    llm.generate(prompts[:8], params[:8])
+    rows = []
+    for n in [0, *threads, 0]:
+        side = None
+        if n:
+            ctx = multiprocessing.get_context("spawn")
+            side = ctx.Process(target=_side_fills, args=(tokenizer_path, 128, n, period_ms))
+            side.start()
+            time.sleep(8.0)  # its imports and compile
+        first = len(timer.steps)
+        start = time.perf_counter()
+        outs = generate_unconstrained(llm, prompts, params)
+        seconds = time.perf_counter() - start
+        if side is not None:
+            side.kill()
+            side.join()
+        tokens = sum(len(o.token_ids) for o in outs)
+        title = f"beside fills on {n} threads" if n else "alone"
+        timer.report(first, title)
+        rows.append((title, tokens / seconds))
+    print(f"unconstrained engine, {num_requests} requests x {output_len} tokens; the other "
+          f"process fills 128 masks every {period_ms} ms")
+    for title, rate in rows:
+        print(f"  {title:<28} {rate:,.0f} output tokens/s")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -407,8 +580,40 @@ def main() -> None:
         "--switch-interval", type=float, default=None, metavar="S",
         help="sys.setswitchinterval for the run (default: Python's, 0.005 s)",
     )
+    e.add_argument(
+        "--phases", action="store_true",
+        help="print the host time of each part of an engine step (schedule, launch, masks, "
+        "sampling, outputs), median per step, for both runs",
+    )
+    e.add_argument(
+        "--fill-threads", type=int, default=0,
+        help="threads of xgrammar's batch fill (default 0: xgrammar's own, half the cores)",
+    )
+    e.add_argument(
+        "--accept-on-worker", action="store_true",
+        help="the matchers accept each step's tokens on the mask worker too (default: on the "
+        "engine's thread, before the worker fills)",
+    )
+    e.add_argument(
+        "--sync-debug", action="store_true",
+        help="list where the host waits for the device in both runs "
+        "(torch.cuda.set_sync_debug_mode('warn'); slows the runs)",
+    )
+    c = sub.add_parser("contention", help="engine throughput beside another process's fills")
+    c.add_argument("--model", default="random:llama-3.2-1b", help="random:PATH/config.json "
+                   "with its tokenizer beside it")
+    c.add_argument("--device", default="cuda")
+    c.add_argument("--num-requests", type=int, default=256)
+    c.add_argument("--output-len", type=int, default=256)
+    c.add_argument("--threads", default="1,4,8", help="fill threads to try (default 1,4,8)")
+    c.add_argument("--period-ms", type=float, default=3.0, help="a fill every (default 3)")
     args = p.parse_args()
-    if args.what == "walks":
+    if args.what == "contention":
+        threads = [int(t) for t in args.threads.split(",")]
+        contention(
+            args.model, args.device, args.num_requests, args.output_len, threads, args.period_ms
+        )
+    elif args.what == "walks":
         walks(args.batch, args.tokenizer, args.steps, args.vocab)
     elif args.what == "masks":
         masks(args.batch)
@@ -419,7 +624,8 @@ def main() -> None:
             sys.setswitchinterval(args.switch_interval)
         engine(
             args.model, args.device, args.num_requests, args.output_len, args.profile,
-            args.serial, args.overlap, args.repeats,
+            args.serial, args.overlap, args.repeats, args.phases, args.sync_debug,
+            args.fill_threads, args.accept_on_worker,
         )  # fmt: skip
 
 

@@ -8,6 +8,9 @@ its own process (issue 19), the latter behind 1 or more HTTP front processes
         --api-server-count 1,2
 
 Everything runs on this machine (server, engine and load generator share its cores).
+`--spy DIR` records each run's engine under py-spy (the offline benchmark's process; the
+engine process behind the HTTP front), as raw collapsed stacks that
+benchmarks/spy_summary.py reads: where the engine's thread spends a step in each mode.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -65,8 +70,29 @@ def engine_flags(a: argparse.Namespace) -> list[str]:
 
 def run_offline(a: argparse.Namespace, out: Path) -> float:
     cmd = strata("bench", "throughput", *engine_flags(a), *workload(a), "--json", str(out))
+    if a.spy is not None:
+        cmd = [*spy_command(a.spy / f"spy_{out.stem}.txt"), "--", *cmd]
     run_quiet(cmd)
     return _tok_s(out)
+
+
+def spy_command(path: Path) -> list[str]:
+    """py-spy recording every thread, waits included, as raw collapsed stacks."""
+    spy = shutil.which("py-spy") or "py-spy"
+    return [spy, "record", "--nonblocking", "--idle", "--threads", "--rate", "100",
+            "--format", "raw", "-o", str(path)]  # fmt: skip
+
+
+def spy_engine(server: subprocess.Popen[bytes], path: Path) -> subprocess.Popen[bytes]:
+    """py-spy on the server's engine process (its spawned child), until interrupted."""
+    import psutil
+
+    children = psutil.Process(server.pid).children(recursive=True)
+    engines = [c for c in children if "spawn_main" in " ".join(c.cmdline())]
+    if not engines:
+        raise RuntimeError("no engine process found under the server (--engine-in-process?)")
+    cmd = [*spy_command(path), "--pid", str(engines[0].pid)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
 
 def run_http(a: argparse.Namespace, flags: list[str], clients: int, out: Path) -> float:
@@ -80,11 +106,15 @@ def run_http(a: argparse.Namespace, flags: list[str], clients: int, out: Path) -
         )  # fmt: skip
     try:
         wait_healthy(server, a.port, timeout_s=120, poll_s=0.2, log=log)
+        spy = None if a.spy is None else spy_engine(server, a.spy / f"spy_{out.stem}.txt")
         cmd = strata(
             "bench", "throughput", "--url", url, "--vocab-size", str(a.vocab_size),
             *workload(a), "--client-processes", str(clients), "--json", str(out),
         )  # fmt: skip
         run_quiet(cmd)
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its file when interrupted
+            spy.wait(60)
         return _tok_s(out)
     finally:
         server.terminate()
@@ -136,7 +166,14 @@ def main() -> None:
         "comma-separated: each HTTP mode runs once with each (default 1)",
     )  # fmt: skip
     p.add_argument("--no-in-process", action="store_true", help="skip --engine-in-process")
+    p.add_argument(
+        "--spy", type=Path, default=None, metavar="DIR",
+        help="record each run's engine under py-spy into DIR (py-spy on PATH): the offline "
+        "process, and the engine process behind the HTTP front",
+    )  # fmt: skip
     a = p.parse_args()
+    if a.spy is not None:
+        a.spy.mkdir(parents=True, exist_ok=True)
     counts = [int(n) for n in a.api_server_count.split(",")]
     clients = [int(n) for n in a.client_processes.split(",")]
     if a.torch_threads is not None:

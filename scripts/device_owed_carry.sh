@@ -7,6 +7,7 @@
 #   .whl/     redis and hiredis at the lock's versions
 #   .redis/   this machine's redis-server and the shared libraries it loads
 #   .before/  with REV given: REV's strata/ package, which grammar's stage compares against
+#   .spy/     py-spy's wheel, for benchmarks/gpu_profiles.sh
 #
 #   bash scripts/device_owed_carry.sh [REV]
 #
@@ -17,10 +18,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/device_wheels.sh
 source scripts/device_wheels.sh
-device_wheels_ignore .gwhl .gl_tok .redis .before
+device_wheels_ignore .gwhl .gl_tok .redis .before .spy
 bash scripts/device_server_wheels.sh
 device_wheels_download requirements/runtime.lock .gwhl xgrammar apache-tvm-ffi
 device_wheels_download requirements/runtime.lock .whl redis hiredis
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+  --platform manylinux_2_5_x86_64 -d .spy "py-spy==0.4.1"  # a profiler; Strata does not import it
 # what they need beside the device image: each other, and .srvwhl's pydantic
 device_wheels_check .gwhl xgrammar apache-tvm-ffi pydantic typing-extensions
 device_wheels_check .whl redis hiredis
@@ -39,4 +42,4 @@ if [ $# -gt 0 ]; then
   git archive "$1" strata | tar -x -C .before  # the benchmarks are this checkout's
   git rev-parse --short "$1" > .before/.rev
 fi
-du -sh .srvwhl .gwhl .gl_tok .whl .redis .before 2>/dev/null
+du -sh .srvwhl .gwhl .gl_tok .whl .redis .before .spy 2>/dev/null

@@ -79,8 +79,12 @@ class GrammarMaskBuilder:
     upload is ordered before that sync, so no copy reads a row being written. A step's
     masks are valid until the next advance."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(
+        self, device: torch.device, fill_threads: int = 0, accept_on_worker: bool = False
+    ) -> None:
         self.device = device
+        self.fill_threads = fill_threads  # xgrammar's batch fill threads; 0: its default
+        self.accept_on_worker = accept_on_worker  # the matchers accept on the worker too
         self._cuda = device.type == "cuda"
         self._batch: xgrammar.BatchGrammarMatcher | None = None
         self._host: torch.Tensor | None = None  # [capacity, words]
@@ -100,14 +104,20 @@ class GrammarMaskBuilder:
         self._take_job()
         if not seqs or not self._words:
             return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="strata-grammar")
+        self._started.clear()
+        if self.accept_on_worker:
+            new = _new_tokens(seqs)  # here: the engine appends to token_ids meanwhile
+            self._reserve(len(seqs))
+            self._job = self._pool.submit(self._timed_accept_fill, seqs, new)
+            self._started.wait()
+            return
         filled, matchers, indices = self._accept(seqs, 0)
         if not matchers:
             self._job = Future()
             self._job.set_result(filled)
             return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="strata-grammar")
-        self._started.clear()
         self._job = self._pool.submit(self._timed_fill, filled, matchers, indices)
         self._started.wait()
 
@@ -166,6 +176,15 @@ class GrammarMaskBuilder:
         del self.worker_seconds[:-1024]  # the recent ones
         return filled
 
+    def _timed_accept_fill(self, seqs: list[Sequence], new: list[list[int]]) -> FilledRows:
+        self._started.set()
+        start = time.perf_counter()
+        filled, matchers, indices = self._accept(seqs, 0, new)
+        self._fill(matchers, indices)
+        self.worker_seconds.append(time.perf_counter() - start)
+        del self.worker_seconds[:-1024]
+        return filled
+
     def _accept_and_fill(self, seqs: list[Sequence], first_row: int) -> FilledRows:
         filled, matchers, indices = self._accept(seqs, first_row)
         self._fill(matchers, indices)
@@ -177,20 +196,22 @@ class GrammarMaskBuilder:
             self._batch.batch_fill_next_token_bitmask(matchers, self._host, indices=indices)
 
     def _accept(
-        self, seqs: list[Sequence], first_row: int
+        self, seqs: list[Sequence], first_row: int, new: list[list[int]] | None = None
     ) -> tuple[FilledRows, list[xgrammar.GrammarMatcher], list[int]]:
-        """Each matcher of `seqs` accepts its sequence's new output tokens; host row
-        first_row + i is its row, to be filled by the matchers returned (with their rows).
-        A matcher that rejects a token (an engine fault: the mask allowed it) gets a row of
-        its stop tokens only, here, so its sequence ends at the next step."""
+        """Each matcher of `seqs` accepts its sequence's new output tokens (`new`, or read
+        here); host row first_row + i is its row, to be filled by the matchers returned
+        (with their rows). A matcher that rejects a token (an engine fault: the mask
+        allowed it) gets a row of its stop tokens only, here, so its sequence ends at the
+        next step."""
         import xgrammar
 
         if self._batch is None:
-            self._batch = xgrammar.BatchGrammarMatcher()
+            threads: int | str = self.fill_threads or "auto"
+            self._batch = xgrammar.BatchGrammarMatcher(threads)  # type: ignore[arg-type]
         host = self._reserve(first_row + len(seqs))
         rows = range(first_row, first_row + len(seqs))
         filled: FilledRows = {id(seq): (seq, row) for seq, row in zip(seqs, rows, strict=True)}
-        accepted = _catch_up(seqs)
+        accepted = _feed(seqs, _new_tokens(seqs) if new is None else new)
         matchers, indices = [], []
         for seq, row, ok in zip(seqs, rows, accepted, strict=True):
             matcher = seq.grammar
@@ -225,26 +246,35 @@ class GrammarMaskBuilder:
         return self._row_map, self._rows
 
 
-def _catch_up(seqs: list[Sequence]) -> list[bool]:
-    """Feed each matcher its sequence's output tokens it has not accepted (one batch call
-    for those with a single new token, the usual case); False where it rejects one."""
+def _new_tokens(seqs: list[Sequence]) -> list[list[int]]:
+    """Each sequence's output tokens its matcher has not accepted (counted as accepted
+    from here on)."""
+    new = []
+    for seq in seqs:
+        first = len(seq.prompt_token_ids) + seq.grammar_accepted
+        tokens = seq.token_ids[first:]
+        seq.grammar_accepted += len(tokens)
+        new.append(tokens)
+    return new
+
+
+def _feed(seqs: list[Sequence], new: list[list[int]]) -> list[bool]:
+    """Each matcher accepts its sequence's `new` tokens (one batch call for those with a
+    single new token, the usual case); False where it rejects one."""
     import xgrammar
 
     ok = [True] * len(seqs)
     single: list[int] = []
-    for i, seq in enumerate(seqs):
-        first = len(seq.prompt_token_ids) + seq.grammar_accepted
-        new = seq.token_ids[first:]
-        seq.grammar_accepted += len(new)
-        if len(new) == 1:
+    for i, (seq, tokens) in enumerate(zip(seqs, new, strict=True)):
+        if len(tokens) == 1:
             single.append(i)
             continue
         matcher = seq.grammar
         assert matcher is not None
-        ok[i] = all(matcher.accept_token(token) for token in new)
+        ok[i] = all(matcher.accept_token(token) for token in tokens)
     if single:
         matchers = [seqs[i].grammar for i in single]
-        tokens = [seqs[i].token_ids[-1] for i in single]
+        tokens = [new[i][0] for i in single]
         results = xgrammar.BatchGrammarMatcher.batch_accept_token(matchers, tokens)  # type: ignore[arg-type]
         for i, accepted in zip(single, results, strict=True):
             ok[i] = accepted
