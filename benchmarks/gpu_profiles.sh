@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Where the host time goes, on the GPU machine (issues 23 and 19):
-#   bash benchmarks/gpu_profiles.sh [grammar] [knobs] [big] [http]   (default: grammar http)
+#   bash benchmarks/gpu_profiles.sh [grammar] [knobs] [contention] [big] [http]
+#       (default: grammar http)
 #
 #   grammar  grammar_overhead.py engine, 1B shape with the SmolLM2 tokenizer (.gl_tok/),
 #            256 requests, half JSON-constrained, overlap on: the host time of each part
 #            of a step (--phases), the host's waits for the device (--sync-debug), and a
 #            py-spy profile of each run's threads. Carry .gwhl .srvwhl .gl_tok .spy
-#   knobs    the grammar's host cost against xgrammar's fill threads (2 and 4, --phases)
-#            and the matchers accepting on the worker,
-#            and the unconstrained engine beside another process that fills 128 masks
-#            every 3 ms on 2 and 8 threads (the cores' contention alone, no GIL shared).
-#            Carry .gwhl .srvwhl .gl_tok
+#   knobs    the grammar's host cost (--phases) with the engine's order before (sampling,
+#            then scheduling) and now, xgrammar's fill on 4 threads, and the matchers
+#            accepting on the worker too. Carry .gwhl .srvwhl .gl_tok
+#   contention  the unconstrained engine beside another process that fills 128 masks
+#            every 3 ms on 2 and 8 threads (the cores' contention alone, no GIL shared)
 #   big      the grammar run on the Llama-3-8B shape (GPU-bound steps), --phases
 #   http     http_front.py --spy, 1B shape, the engine in its own process behind one front,
 #            4 load-generator processes: py-spy on the engine offline and behind the front.
@@ -52,13 +53,15 @@ if has grammar; then
   done
 fi
 if has knobs; then
-  for knob in "--fill-threads 2" "--fill-threads 4" "--fill-threads 4 --accept-on-worker"; do
-    echo "== grammar: $knob"
+  for knob in "--sample-before-schedule" "" "--fill-threads 4" "--fill-threads 4 --accept-on-worker"; do
+    echo "== grammar: ${knob:-defaults}"
+    name=${knob:-defaults}
     # shellcheck disable=SC2086
     engine --num-requests 256 --output-len 256 --repeats 2 --phases $knob 2>&1 \
-      | tee "$OUT/knob_${knob//[^a-z0-9]/_}.log" | tail -24
+      | tee "$OUT/knob_${name//[^a-z0-9]/_}.log" | tail -24
   done
-  echo "== grammar: contention"
+fi
+if has contention; then
   python3 benchmarks/grammar_overhead.py contention --model "random:$PWD/.gl_tok/config.json" \
     --threads 2,8 2>&1 | tee "$OUT/contention.log" | grep -v "masks:"
 fi

@@ -130,15 +130,15 @@ def test_a_stop_found_while_a_synchronous_step_is_built(folder: Path, reference:
     )
     expected = _generate(_llm(folder, "off", max_num_batched_tokens=5), params)
     llm = _llm(folder, "on", max_num_batched_tokens=5)
-    sample = llm.engine.runner.sample
+    prepare = llm.engine.runner.prepare_sampling
     dropped: list[int] = []
 
     def spy(plan: Any, logits: Any, keep: Any = None) -> Any:
         if keep is not None:
             dropped.append(len(sampling_seqs(plan)) - len(keep))
-        return sample(plan, logits, keep)
+        return prepare(plan, logits, keep)
 
-    llm.engine.runner.sample = spy  # type: ignore[method-assign]
+    llm.engine.runner.prepare_sampling = spy  # type: ignore[method-assign]
     got = _generate(llm, params)
     assert [(t, r) for t, _, r in got] == [(t, r) for t, _, r in expected]
     assert got[0][2] == "stop" and len(got[0][0]) == 5

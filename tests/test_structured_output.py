@@ -265,3 +265,32 @@ def test_matchers_accept_before_advance_returns_and_fill_on_the_worker(llm: LLM)
     allowed = ((masks.bitmask[0, :, None] >> torch.arange(32)) & 1).flatten()
     texts = {llm.get_tokenizer().decode([t]) for t in torch.nonzero(allowed).flatten().tolist()}
     assert "b" in texts and all(text.startswith("b") for text in texts)
+
+
+@pytest.mark.parametrize("after_schedule", [True, False])
+def test_overlapped_steps_give_the_synchronous_outputs(
+    tiny_chat_folder: Path, llm: LLM, after_schedule: bool
+) -> None:
+    # Under the overlap, a step's sampling waits for the previous step's tokens, and (by
+    # default) for the next step's scheduling, with a PENDING token appended meanwhile:
+    # the masks follow the seen tokens only, and every row but a first token's is filled
+    # on the worker. With a small pool, preempted requests resume exactly too.
+    specs = [StructuredOutput.json_schema(SCHEMA), None, StructuredOutput.regex("[a-z]{2,40}")]
+    params = [
+        SamplingParams(max_tokens=40, temperature=0.9, seed=i, structured_output=specs[i % 3])
+        for i in range(6)
+    ]
+    prompts = [f"{PROMPT} number {i} " * 3 for i in range(6)]
+    expected = [o.token_ids for o in llm.generate(prompts, params)]
+    for blocks, preempts in ((64, False), (10, True)):
+        overlapped = LLM(
+            str(tiny_chat_folder), device="cpu", num_kv_blocks=blocks, max_model_len=160,
+            overlap_scheduling="on",
+        )  # fmt: skip
+        overlapped.engine.sample_after_schedule = after_schedule
+        outs = overlapped.generate(prompts, params)
+        assert (overlapped.stats()["num_preemptions"] > 0) == preempts
+        assert [o.token_ids for o in outs] == expected
+        if not preempts:  # a resumed request's next row is filled late too
+            assert overlapped.engine.runner.grammar_masks.late_rows == 4  # first tokens
+        assert_no_leaks(overlapped)

@@ -23,6 +23,7 @@ from strata.engine.outputs import RequestOutput
 from strata.engine.overlap import PENDING, LaunchedStep, SampledStep, resolve_overlap, sampling_seqs
 from strata.engine.plan import StepPlan
 from strata.engine.requests import RequestFactory
+from strata.engine.runner import PreparedSampling
 from strata.engine.sampler import SamplerOutput
 from strata.engine.sampling_params import SamplingParams
 from strata.engine.sequence import Sequence, SequenceStatus
@@ -36,6 +37,10 @@ class LLMEngine:
     # what a step writes for a row found finished a step late is released in stream
     # order). Off until a GPU run of gpu_recall_check.py has compared it; CPU tests pass.
     overlap_recall = False
+    # Under the overlap, the step launched last time is sampled after the next step is
+    # scheduled: the grammar masks of its constrained rows (filled on a worker from the
+    # tokens just taken) get the scheduling's time to be ready. Off: sampled before.
+    sample_after_schedule = True
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -65,6 +70,7 @@ class LLMEngine:
             else "waits for each step's tokens before the next",
         )  # fmt: skip
         self._launched: LaunchedStep | None = None  # forward queued, not sampled
+        self._to_sample: tuple[StepPlan, PreparedSampling] | None = None  # within a step
         self._sampled: SampledStep | None = None  # sampled, tokens on their way
         self.num_prompt_tokens = 0
         self.num_generated_tokens = 0
@@ -127,6 +133,7 @@ class LLMEngine:
         start = time.perf_counter()  # overlapped, a call lasts about one GPU step
         outputs = self._guarded(self._advance_in_flight, [])
         plan = self.scheduler.schedule()
+        outputs += self._guarded(self._sample_prepared, self._prepared_seqs())
         outputs += self._fail_faults(plan)
         if plan.is_empty:
             idle = not outputs and self._sampled is None
@@ -159,12 +166,12 @@ class LLMEngine:
 
     def _drop_in_flight(self) -> list[Sequence]:
         """Forget the steps in flight; their sequences."""
-        seqs: list[Sequence] = []
+        seqs: list[Sequence] = self._prepared_seqs()
         if self._sampled is not None:
             seqs += self._sampled.seqs
         if self._launched is not None:
             seqs += [c.seq for c in self._launched.plan.chunks]
-        self._sampled = self._launched = None
+        self._sampled = self._launched = self._to_sample = None
         return seqs
 
     def _fail_faults(self, plan: StepPlan) -> list[RequestOutput]:
@@ -258,14 +265,36 @@ class LLMEngine:
         launched = self._launched
         if launched is None:
             return outputs
-        seqs, sampled = self._sample_running(launched.plan, launched.logits)
+        if not self.sample_after_schedule:
+            seqs, sampled = self._sample_running(launched.plan, launched.logits)
+            if sampled is not None:
+                self._sampled = SampledStep(launched.plan, list(seqs), sampled)
+        else:
+            rows = sampling_seqs(launched.plan)
+            keep = [i for i, s in enumerate(rows) if s.status is SequenceStatus.RUNNING]
+            prepared = self.runner.prepare_sampling(
+                launched.plan, launched.logits, None if len(keep) == len(rows) else keep
+            )
+            seqs = () if prepared is None else tuple(prepared.seqs)
+            if prepared is not None:
+                self._to_sample = (launched.plan, prepared)
         self.scheduler.record_computed(launched.plan, launched.computed)
-        if sampled is not None:
-            self._sampled = SampledStep(launched.plan, list(seqs), sampled)
-            for seq in seqs:
-                seq.token_ids.append(PENDING)
+        for seq in seqs:  # the scheduler sees the token to come (the next step's input)
+            seq.token_ids.append(PENDING)
         self._launched = None
         return outputs
+
+    def _sample_prepared(self) -> list[RequestOutput]:
+        """Sample the step launched last time (prepared by _advance_in_flight), once the
+        next step is scheduled; its tokens come out of the next call."""
+        if self._to_sample is not None:
+            (plan, prepared), self._to_sample = self._to_sample, None
+            sampled = self.runner.sample_prepared(prepared)
+            self._sampled = SampledStep(plan, prepared.seqs, sampled)
+        return []
+
+    def _prepared_seqs(self) -> list[Sequence]:
+        return [] if self._to_sample is None else list(self._to_sample[1].seqs)
 
     def _take_sampled(self) -> list[RequestOutput]:
         """The outputs of the step whose tokens are on their way to the host."""

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from strata.engine.sequence import Sequence
+from strata.engine.sequence import PENDING, Sequence
 
 if TYPE_CHECKING:
     import xgrammar
@@ -136,7 +136,7 @@ class GrammarMaskBuilder:
             for s in (seqs[i] for i in rows)
             if (entry := filled.get(id(s))) is None
             or entry[0] is not s
-            or s.grammar_accepted != s.num_output_tokens
+            or s.grammar_accepted != s.num_known_output_tokens
         ]
         if late:
             self.late_rows += len(late)
@@ -253,6 +253,8 @@ def _new_tokens(seqs: list[Sequence]) -> list[list[int]]:
     for seq in seqs:
         first = len(seq.prompt_token_ids) + seq.grammar_accepted
         tokens = seq.token_ids[first:]
+        if tokens and tokens[-1] == PENDING:  # sampled on the device, not seen yet
+            tokens.pop()
         seq.grammar_accepted += len(tokens)
         new.append(tokens)
     return new

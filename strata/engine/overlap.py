@@ -29,9 +29,11 @@ import torch
 from strata.config import EngineConfig
 from strata.engine.plan import StepPlan
 from strata.engine.sampler import SamplerOutput
-from strata.engine.sequence import Sequence
+from strata.engine.sequence import PENDING, Sequence
 
-PENDING = -2  # a token sampled on the device that the host has not seen yet (never a vocab id)
+__all__ = [
+    "PENDING", "LaunchedStep", "SampledStep", "copy_to_host", "resolve_overlap", "sampling_seqs",
+]
 
 
 @dataclass(frozen=True)

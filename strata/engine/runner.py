@@ -16,7 +16,7 @@ recall sequence decoding through its page, once the same rows decode twice in a 
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -46,6 +46,15 @@ from strata.kv.recall.page_decode import page_steps
 from strata.kv.recall.step_graphs import RecallStepGraphs
 from strata.kv.recall.wire import encode_rows
 from strata.models.llama import LlamaModel
+
+
+@dataclass(frozen=True)
+class PreparedSampling:
+    """A step's sampling rows, ready for their grammar masks and the sampler."""
+
+    logits: torch.Tensor  # [rows, vocab] float32
+    seqs: list[Sequence]  # row i's sequence
+    batch: SamplingBatch  # without grammar masks
 
 
 class ModelRunner:
@@ -106,6 +115,15 @@ class ModelRunner:
     ) -> SamplerOutput | None:
         """The second half of `execute`: record the plan's prompt logprobs and sample its
         rows (sampling_seqs(plan)); only rows `keep` if given."""
+        prepared = self.prepare_sampling(plan, logits, keep)
+        return None if prepared is None else self.sample_prepared(prepared)
+
+    def prepare_sampling(
+        self, plan: StepPlan, logits: torch.Tensor | None, keep: list[int] | None = None
+    ) -> PreparedSampling | None:
+        """`sample` up to the grammar masks: the prompt logprobs recorded and the sampling
+        batch built from the sequences as they are now (their output so far); None when
+        no row is sampled. The engine may append to the sequences before sample_prepared."""
         if logits is None:
             return None
         rows = sampling_seqs(plan)
@@ -120,8 +138,15 @@ class ModelRunner:
         if not seqs:
             return None
         # Host work from here on (masks included) overlaps the model's kernels on a GPU.
-        batch = self._sampling_batch(seqs, logits.shape[-1])
-        return self.sampler(logits[: len(seqs)], batch)
+        return PreparedSampling(logits[: len(seqs)], seqs, self._sampling_batch(seqs))
+
+    def sample_prepared(self, prepared: PreparedSampling) -> SamplerOutput:
+        """Sample a prepared batch: its grammar masks (from the tokens the host has seen),
+        then the sampler's kernels."""
+        logits, seqs = prepared.logits, prepared.seqs
+        masks = self.grammar_masks.build(seqs, logits.shape[-1])
+        batch = prepared.batch if masks is None else replace(prepared.batch, grammar=masks)
+        return self.sampler(logits, batch)
 
     def _check_sampling_rows(self, plan: StepPlan) -> None:
         """SequenceFault for the first sampling request whose values do not fit the batch."""
@@ -276,8 +301,9 @@ class ModelRunner:
             ids[row] = 0  # PENDING: the feed's token replaces it on the device
         return graphs.run(ids, positions, slots, tables, gather.on(feed))
 
-    def _sampling_batch(self, seqs: list[Sequence], vocab: int) -> SamplingBatch:
-        """The batch of sampling rows `seqs` (each checked by _check_sampling_rows)."""
+    def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
+        """The batch of sampling rows `seqs` (each checked by _check_sampling_rows), without
+        grammar masks (sample_prepared adds them)."""
         params = [s.params for s in seqs]
         wanted = [p.logprobs for p in params if p.logprobs is not None]
         floats = np.array([[p.temperature, p.top_p, p.min_p] for p in params], np.float32)
@@ -305,5 +331,4 @@ class ModelRunner:
             max_logprobs=max(wanted, default=-1),
             min_p=min_p if any(p.min_p > 0 for p in params) else None,
             adjust=build_adjustment(seqs, self.device),
-            grammar=self.grammar_masks.build(seqs, vocab),
         )

@@ -26,6 +26,11 @@ if TYPE_CHECKING:
     from strata.kv.recall.manager import RecallKV
 
 
+# Under overlap scheduling (overlap.py), the placeholder of a token sampled on the device
+# that the host has not seen yet: a sequence's last token at most, never a vocabulary id.
+PENDING = -2
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -85,6 +90,11 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def num_known_output_tokens(self) -> int:
+        """Output tokens the host has seen (a last PENDING one not counted)."""
+        return self.num_output_tokens - (self.token_ids[-1] == PENDING)
 
     @property
     def output_token_ids(self) -> list[int]:
