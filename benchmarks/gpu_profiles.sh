@@ -53,7 +53,10 @@ if has grammar; then
   done
 fi
 if has knobs; then
-  for knob in "--sample-before-schedule" "" "--fill-threads 4" "--fill-threads 4 --accept-on-worker"; do
+  # KNOBS: flag sets joined by ';' (an empty one: the defaults)
+  IFS=';' read -r -a knobs \
+    <<< "${KNOBS:---sample-before-schedule;;--fill-threads 4;--fill-threads 4 --accept-on-worker}"
+  for knob in "${knobs[@]}"; do
     echo "== grammar: ${knob:-defaults}"
     name=${knob:-defaults}
     # shellcheck disable=SC2086
