@@ -17,17 +17,15 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import sys
 import time
-import warnings
-from collections import Counter
 from typing import Any
 
 import torch
 from roofline import Ceilings, ModelWork, measure_ceilings
 
 from strata import LLM, SamplingParams
+from strata.bench.host_syncs import host_syncs
 from strata.bench.moe import shape_spec
 from strata.bench.throughput import load_hf_twin, run_hf, run_strata
 from strata.bench.workload import Workload, random_workload
@@ -135,20 +133,14 @@ def section_syncs(llm: LLM) -> None:
     for i in range(4):
         engine.add_request(prompt_of(300 + 50 * i, i), params)
     steps = 0
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            while engine.has_unfinished():
-                engine.step()
-                steps += 1
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    where = Counter(f"{os.path.basename(w.filename)}:{w.lineno}" for w in caught)
-    print(f"\n== host syncs: {len(caught)} warnings over {steps} steps ==")
+    with host_syncs() as where:
+        while engine.has_unfinished():
+            engine.step()
+            steps += 1
+    print(f"\n== host syncs: {where.total()} warnings over {steps} steps ==")
     for loc, n in where.most_common(10):
         print(f"  {n:>4}  {loc}")
-    RESULTS["syncs"] = {"steps": steps, "warnings": len(caught), "where": dict(where)}
+    RESULTS["syncs"] = {"steps": steps, "warnings": where.total(), "where": dict(where)}
 
 
 def section_profile(llm: LLM) -> None:

@@ -28,8 +28,7 @@ import pstats
 import statistics
 import sys
 import time
-import warnings
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib.metadata import version
@@ -334,17 +333,11 @@ class PhaseTimer:
 @contextmanager
 def sync_warnings(title: str) -> Iterator[None]:
     """Print where the host waited for the device inside the block (CUDA only)."""
-    import torch
+    from strata.bench.host_syncs import host_syncs
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            yield
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    where = Counter(f"{os.path.basename(w.filename)}:{w.lineno}" for w in caught)
-    print(f"--- host syncs, {title}: {len(caught)} warnings")
+    with host_syncs() as where:
+        yield
+    print(f"--- host syncs, {title}: {where.total()} warnings")
     for place, n in where.most_common(12):
         print(f"  {n:>6}  {place}")
 
