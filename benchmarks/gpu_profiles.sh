@@ -7,9 +7,10 @@
 #            256 requests, half JSON-constrained, overlap on: the host time of each part
 #            of a step (--phases), the host's waits for the device (--sync-debug), and a
 #            py-spy profile of each run's threads. Carry .gwhl .srvwhl .gl_tok .spy
-#   knobs    the grammar's host cost (--phases) with the engine's order before (sampling,
-#            then scheduling) and now, xgrammar's fill on 4 threads, and the matchers
-#            accepting on the worker too. Carry .gwhl .srvwhl .gl_tok
+#   knobs    the grammar's host cost (--phases) with the engine's defaults, sampling after
+#            the next step's scheduling (--sample-after-schedule), xgrammar's fill on 4
+#            threads, and the matchers accepting on the worker too. Carry .gwhl .srvwhl
+#            .gl_tok
 #   contention  the unconstrained engine beside another process that fills 128 masks
 #            every 3 ms on 2 and 8 threads (the cores' contention alone, no GIL shared)
 #   big      the grammar run on the Llama-3-8B shape (GPU-bound steps), --phases
@@ -55,7 +56,7 @@ fi
 if has knobs; then
   # KNOBS: flag sets joined by ';' (an empty one: the defaults)
   IFS=';' read -r -a knobs \
-    <<< "${KNOBS:---sample-before-schedule;;--fill-threads 4;--fill-threads 4 --accept-on-worker}"
+    <<< "${KNOBS:-;--sample-after-schedule;--fill-threads 4;--fill-threads 4 --accept-on-worker}"
   for knob in "${knobs[@]}"; do
     echo "== grammar: ${knob:-defaults}"
     name=${knob:-defaults}

@@ -356,7 +356,7 @@ def engine(
     model: str, device: str, num_requests: int, output_len: int, profile: bool,
     serial: bool = False, overlap: str = "auto", repeats: int = 1, phases: bool = False,
     sync_debug: bool = False, fill_threads: int = 0, accept_on_worker: bool = False,
-    sample_before_schedule: bool = False,
+    sample_after_schedule: bool = False,
 ) -> None:  # fmt: skip
     from strata import LLM, SamplingParams
     from strata.engine.structured_output import StructuredOutput
@@ -376,7 +376,7 @@ def engine(
     builder.build = timed  # type: ignore[method-assign]
     builder.fill_threads = fill_threads
     builder.accept_on_worker = accept_on_worker
-    llm.engine.sample_after_schedule = not sample_before_schedule
+    llm.engine.sample_after_schedule = sample_after_schedule
     if serial:
         builder.advance = lambda seqs: None  # type: ignore[method-assign]
     so = StructuredOutput.json_schema(SCHEMA)
@@ -590,9 +590,9 @@ def main() -> None:
         "engine's thread, before the worker fills)",
     )
     e.add_argument(
-        "--sample-before-schedule", action="store_true",
-        help="sample the launched step before scheduling the next (the engine's order before "
-        "LLMEngine.sample_after_schedule)",
+        "--sample-after-schedule", action="store_true",
+        help="sample the launched step after scheduling the next (LLMEngine."
+        "sample_after_schedule; default: before, the engine's default)",
     )
     e.add_argument(
         "--sync-debug", action="store_true",
@@ -625,7 +625,7 @@ def main() -> None:
         engine(
             args.model, args.device, args.num_requests, args.output_len, args.profile,
             args.serial, args.overlap, args.repeats, args.phases, args.sync_debug,
-            args.fill_threads, args.accept_on_worker, args.sample_before_schedule,
+            args.fill_threads, args.accept_on_worker, args.sample_after_schedule,
         )  # fmt: skip
 
 

@@ -37,10 +37,12 @@ class LLMEngine:
     # what a step writes for a row found finished a step late is released in stream
     # order). Off until a GPU run of gpu_recall_check.py has compared it; CPU tests pass.
     overlap_recall = False
-    # Under the overlap, the step launched last time is sampled after the next step is
-    # scheduled: the grammar masks of its constrained rows (filled on a worker from the
-    # tokens just taken) get the scheduling's time to be ready. Off: sampled before.
-    sample_after_schedule = True
+    # Under the overlap, sample the step launched last time after scheduling the next one
+    # (not before): the grammar masks of its constrained rows, filled on a worker from the
+    # tokens just taken, get the scheduling's time to be ready. Off until a GPU run of
+    # grammar_overhead.py (gpu_profiles.sh knobs) has compared the two orders; CPU tests
+    # pass with both.
+    sample_after_schedule = False
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
