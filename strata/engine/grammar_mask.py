@@ -172,8 +172,7 @@ class GrammarMaskBuilder:
         self._started.set()
         start = time.perf_counter()
         self._fill(matchers, indices)
-        self.worker_seconds.append(time.perf_counter() - start)
-        del self.worker_seconds[:-1024]  # the recent ones
+        self._worker_took(start)
         return filled
 
     def _timed_accept_fill(self, seqs: list[Sequence], new: list[list[int]]) -> FilledRows:
@@ -181,9 +180,12 @@ class GrammarMaskBuilder:
         start = time.perf_counter()
         filled, matchers, indices = self._accept(seqs, 0, new)
         self._fill(matchers, indices)
-        self.worker_seconds.append(time.perf_counter() - start)
-        del self.worker_seconds[:-1024]
+        self._worker_took(start)
         return filled
+
+    def _worker_took(self, start: float) -> None:
+        self.worker_seconds.append(time.perf_counter() - start)
+        del self.worker_seconds[:-1024]  # the recent ones
 
     def _accept_and_fill(self, seqs: list[Sequence], first_row: int) -> FilledRows:
         filled, matchers, indices = self._accept(seqs, first_row)
