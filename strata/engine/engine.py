@@ -244,11 +244,19 @@ class LLMEngine:
     ) -> tuple[tuple[Sequence, ...], SamplerOutput | None]:
         """Sample the rows of a launched plan whose sequences still run (not finished or
         preempted since the launch); those sequences, and their tokens."""
+        prepared = self._prepare_running(plan, logits)
+        if prepared is None:
+            return (), None
+        return tuple(prepared.seqs), self.runner.sample_prepared(prepared)
+
+    def _prepare_running(
+        self, plan: StepPlan, logits: torch.Tensor | None
+    ) -> PreparedSampling | None:
+        """The sampling of a launched plan's rows whose sequences still run, up to the
+        grammar masks (runner.prepare_sampling); None when no row is sampled."""
         rows = sampling_seqs(plan)
         keep = [i for i, s in enumerate(rows) if s.status is SequenceStatus.RUNNING]
-        if len(keep) == len(rows):
-            return rows, self.runner.sample(plan, logits)
-        return tuple(rows[i] for i in keep), self.runner.sample(plan, logits, keep)
+        return self.runner.prepare_sampling(plan, logits, None if len(keep) == len(rows) else keep)
 
     def _overlaps(self, plan: StepPlan) -> bool:
         """Whether the plan's tokens may reach the host a step late: not when a KV policy
@@ -267,22 +275,14 @@ class LLMEngine:
         launched = self._launched
         if launched is None:
             return outputs
-        if not self.sample_after_schedule:
-            seqs, sampled = self._sample_running(launched.plan, launched.logits)
-            if sampled is not None:
-                self._sampled = SampledStep(launched.plan, list(seqs), sampled)
-        else:
-            rows = sampling_seqs(launched.plan)
-            keep = [i for i, s in enumerate(rows) if s.status is SequenceStatus.RUNNING]
-            prepared = self.runner.prepare_sampling(
-                launched.plan, launched.logits, None if len(keep) == len(rows) else keep
-            )
-            seqs = () if prepared is None else tuple(prepared.seqs)
-            if prepared is not None:
-                self._to_sample = (launched.plan, prepared)
+        prepared = self._prepare_running(launched.plan, launched.logits)
+        if prepared is not None:
+            self._to_sample = (launched.plan, prepared)
+            if not self.sample_after_schedule:
+                self._sample_prepared()  # now, before the placeholders are appended
         self.scheduler.record_computed(launched.plan, launched.computed)
-        for seq in seqs:  # the scheduler sees the token to come (the next step's input)
-            seq.token_ids.append(PENDING)
+        for seq in [] if prepared is None else prepared.seqs:
+            seq.token_ids.append(PENDING)  # the scheduler sees the token to come
         self._launched = None
         return outputs
 
