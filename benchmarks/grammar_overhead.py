@@ -140,13 +140,22 @@ def masks(batch: int) -> None:
           f"({_ms(statistics.median(batch_s) / batch)} per row)")
 
 
+def random_allowed(bitmask: Any, vocab: int, stop: int, rng: Any) -> list[int]:
+    """For each row of a filled bitmask, one token it allows (not `stop`), drawn by rng."""
+    import torch
+
+    bits = (bitmask[:, :, None] >> torch.arange(32)) & 1
+    allowed = bits.flatten(1)[:, :vocab]
+    allowed[:, stop] = 0
+    return [rng.choice(torch.nonzero(row).flatten().tolist()) for row in allowed]
+
+
 def walks(batch: int, tokenizer_path: str | None, steps: int, vocab: int | None) -> None:
     """Accept and fill per step for `batch` matchers walking the valid document (the tokens a
     model that writes the document produces) against walking random allowed tokens (what
     random weights sample), on one tokenizer."""
     import random
 
-    import torch
     import xgrammar
     from transformers import AutoTokenizer
 
@@ -181,10 +190,7 @@ def walks(batch: int, tokenizer_path: str | None, steps: int, vocab: int | None)
             if name == "valid document":
                 tokens = [document[step]] * batch
             else:
-                bits = (bitmask[:, :, None] >> torch.arange(32)) & 1
-                allowed = bits.flatten(1)[:, :vocab]
-                allowed[:, stop] = 0
-                tokens = [rng.choice(torch.nonzero(row).flatten().tolist()) for row in allowed]
+                tokens = random_allowed(bitmask, vocab, stop, rng)
             start = time.perf_counter()
             ok = xgrammar.BatchGrammarMatcher.batch_accept_token(matchers, tokens)
             accept_s.append(time.perf_counter() - start)
@@ -462,7 +468,6 @@ def _side_fills(tokenizer_path: str, batch: int, threads: int, period_ms: float)
     and one accept every `period_ms`, until killed."""
     import random
 
-    import torch
     import xgrammar
     from transformers import AutoTokenizer
 
@@ -480,10 +485,7 @@ def _side_fills(tokenizer_path: str, batch: int, threads: int, period_ms: float)
         for _ in range(60):
             start = time.perf_counter()
             batcher.batch_fill_next_token_bitmask(matchers, bitmask)
-            bits = (bitmask[:, :, None] >> torch.arange(32)) & 1
-            allowed = bits.flatten(1)[:, :vocab]
-            allowed[:, tokenizer.eos_token_id] = 0
-            tokens = [rng.choice(torch.nonzero(row).flatten().tolist()) for row in allowed]
+            tokens = random_allowed(bitmask, vocab, tokenizer.eos_token_id, rng)
             xgrammar.BatchGrammarMatcher.batch_accept_token(matchers, tokens)
             time.sleep(max(0.0, period_ms / 1e3 - (time.perf_counter() - start)))
 
